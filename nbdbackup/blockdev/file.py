@@ -1,0 +1,275 @@
+"""A raw image file or block device as a `BlockDev`.
+
+Role: the live disk of most exports and the usual local backup target.
+
+I/O model: small requests (<= ``inline_limit`` bytes) are done inline on the
+event loop thread (a page-cache hit costs a few microseconds, far less than a
+thread hand-off); larger ones go to a small thread pool so that two cores can
+copy in parallel (preadv/pwritev release the GIL).  Durability: FUA writes use
+``RWF_DSYNC``; FLUSH is ``fdatasync``.  TRIM punches holes
+(``FALLOC_FL_PUNCH_HOLE``, ``BLKDISCARD`` on block devices); WRITE_ZEROES uses
+``FALLOC_FL_PUNCH_HOLE`` when trimming is allowed, else
+``FALLOC_FL_ZERO_RANGE``/``BLKZEROOUT``, falling back to writing zeroes unless
+the request asked to be fast.  Extents come from SEEK_DATA/SEEK_HOLE.
+
+Invariant: the file offset is never used (only positional I/O), so any number
+of requests may run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from .base import (
+    BASE_ALLOCATION,
+    HOLE_ZERO,
+    BlockDev,
+    BlockSize,
+    Buffer,
+    Capabilities,
+    Extent,
+    merge_extents,
+    write_zeroes_slowly,
+)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+BLKGETSIZE64 = 0x80081272
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+BLKSSZGET = 0x1268
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate64
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbdbackup-io")
+    return _executor
+
+
+class FileDev(BlockDev):
+    """A raw file or block device.
+
+    Fields: ``path``; ``fd`` (owned, closed by `close`); ``read_only``;
+    ``is_block`` (block device, not a regular file); ``_size``;
+    ``inline_limit``; ``_punch_ok`` / ``_zero_range_ok`` (cleared the first
+    time the filesystem says EOPNOTSUPP, so later calls skip the attempt).
+    """
+
+    def __init__(self, path: str, *, read_only: bool = False, inline_limit: int = 128 * 1024,
+                 create_size: int | None = None) -> None:
+        self.path = path
+        self.read_only = read_only
+        self.inline_limit = inline_limit
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if create_size is not None and not read_only:
+            flags |= os.O_CREAT
+        self.fd = os.open(path, flags, 0o644)
+        try:
+            st = os.fstat(self.fd)
+            self.is_block = stat.S_ISBLK(st.st_mode)
+            if not (self.is_block or stat.S_ISREG(st.st_mode)):
+                raise OSError(errno.EINVAL, f"{path}: not a regular file or block device")
+            if self.is_block:
+                buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
+                self._size = struct.unpack("Q", buf)[0]
+            else:
+                if create_size is not None and st.st_size == 0 and create_size:
+                    os.ftruncate(self.fd, create_size)
+                self._size = os.fstat(self.fd).st_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._punch_ok = True
+        self._zero_range_ok = True
+        self._sector = 512
+        if self.is_block:
+            try:
+                self._sector = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
+            except OSError:
+                pass
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def capabilities(self) -> Capabilities:
+        ro = self.read_only
+        return Capabilities(
+            read_only=ro,
+            can_flush=not ro,
+            can_fua=not ro,
+            can_trim=not ro,
+            can_zero=not ro,
+            can_fast_zero=not ro,
+            can_cache=True,
+            can_multi_conn=True,  # one fd, fdatasync covers every connection's writes
+            can_extents=not self.is_block,
+            block_size=BlockSize(1, 4096, 32 * 1024 * 1024),
+        )
+
+    def meta_contexts(self) -> Sequence[str]:
+        return (BASE_ALLOCATION,)
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _run(self, length: int, fn, *args):
+        if length <= self.inline_limit:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(_pool(), fn, *args)
+
+    def _preadv_all(self, buf: memoryview, offset: int) -> None:
+        done, n = 0, len(buf)
+        while done < n:
+            got = os.preadv(self.fd, [buf[done:]], offset + done)
+            if got == 0:
+                # Past EOF of a file that shrank under us: read zeroes.
+                buf[done:] = bytes(n - done)
+                return
+            done += got
+
+    def _pwritev_all(self, buf: memoryview, offset: int, flags: int) -> None:
+        done, n = 0, len(buf)
+        while done < n:
+            done += os.pwritev(self.fd, [buf[done:]], offset + done, flags)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise OSError(errno.EPERM, "read-only export")
+
+    # -- BlockDev ---------------------------------------------------------
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        await self._run(len(buf), self._preadv_all, buf, offset)
+
+    async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
+        self._check_writable()
+        mv = memoryview(buf).cast("B")
+        await self._run(len(mv), self._pwritev_all, mv, offset, os.RWF_DSYNC if fua else 0)
+
+    def _zero_sync(self, offset: int, length: int, may_trim: bool, fast: bool) -> bool:
+        """Zero with the cheapest kernel primitive; False when none applies."""
+        if self.is_block:
+            if may_trim:
+                # BLKDISCARD does not guarantee zeroes; use BLKZEROOUT.
+                pass
+            try:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY):
+                    raise
+                return False
+        if may_trim and self._punch_ok:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return True
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._punch_ok = False
+        if self._zero_range_ok:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return True
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._zero_range_ok = False
+        return False
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool = False,
+                   fua: bool = False, fast: bool = False) -> None:
+        self._check_writable()
+        if self._zero_sync(offset, length, may_trim, fast):
+            if fua:
+                await self.flush()
+            return
+        if fast:
+            raise OSError(errno.ENOTSUP, "zeroing cannot be fast here")
+        await write_zeroes_slowly(self, offset, length, fua=fua)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check_writable()
+        try:
+            if self.is_block:
+                fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
+            elif self._punch_ok:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            # TRIM is advisory: a filesystem without hole punching ignores it.
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
+                raise
+            self._punch_ok = False
+        if fua:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.read_only:
+            return
+        await asyncio.get_running_loop().run_in_executor(_pool(), os.fdatasync, self.fd)
+
+    async def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def extents_sync(self, offset: int, length: int) -> list[Extent]:
+        end = offset + length
+        if self.is_block:
+            return [Extent(offset, length, 0)]
+        out: list[Extent] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos: hole to EOF
+                    data = end
+                else:
+                    return [Extent(offset, length, 0)]
+            if data > pos:
+                hole_end = min(data, end)
+                out.append(Extent(pos, hole_end - pos, HOLE_ZERO))
+                pos = hole_end
+                continue
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            data_end = min(max(hole, pos + 1), end)
+            out.append(Extent(pos, data_end - pos, 0))
+            pos = data_end
+        return merge_extents(out)
+
+    async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
+        if context != BASE_ALLOCATION:
+            raise OSError(errno.EINVAL, f"unknown meta context {context!r}")
+        return self.extents_sync(offset, length)
+
+    async def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
