@@ -1,0 +1,61 @@
+"""The `nbdbackup` command line: a thin dispatcher.
+
+Each subcommand lives in its own module under `nbdbackup.commands` exposing
+``register(subparsers)``, which adds its parser and sets ``func`` (a callable
+taking the parsed namespace and returning an exit code).  Errors the user can
+fix (`ConfigError`, refused control commands) print one clear line and exit 1;
+they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import NBDBackupError
+
+#: Subcommand modules, in help order.  A module missing from the tree is skipped
+#: (work in progress never breaks the other commands).
+COMMAND_MODULES = ["serve", "info", "backup", "job", "bitmap", "export"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nbdbackup", description="Point-in-time backup exports over NBD.")
+    p.add_argument("--version", action="version", version=f"nbdbackup {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"nbdbackup.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"nbdbackup.commands.{name}":
+                continue
+            raise
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    if args.command == "serve":
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except NBDBackupError as e:
+        print(f"nbdbackup: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
