@@ -1,0 +1,107 @@
+"""Shared test helpers and fixtures for every test directory.
+
+Role: make test images with known content (through qemu-img / qemu-io, so the
+expected content never depends on our own code) and hash files.
+
+Fixtures:
+- ``short_tmp``: a fresh directory directly under /tmp (Unix socket paths
+  must stay < 108 bytes; pytest's tmp_path is too deep).  Removed afterwards.
+- ``make_image``: the `make_image` function below.
+- ``blake3_file``: the `blake3_file` function below.
+- ``qemu_io``: the `qemu_io` function below.
+
+The plain functions are importable too (``import conftest`` is not reliable
+with several conftest.py files, so tests use the fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pytest
+
+#: (pattern byte, offset, length) -- one ``qemu-io write -P`` command.
+Write = tuple[int, int, int]
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run scripts/setup (apt-get install qemu-utils)", pytrace=False)
+    return path
+
+
+def qemu_io(image: str | os.PathLike, *commands: str, fmt: str = "raw") -> str:
+    """Run ``qemu-io -f FMT -c CMD...`` on an image; return its stdout.
+
+    Fails the test (with qemu-io's output) when qemu-io reports an error:
+    qemu-io exits 0 even when a command fails, so its output is checked too.
+    """
+    argv = [_tool("qemu-io"), "-f", fmt]
+    for c in commands:
+        argv += ["-c", c]
+    argv.append(os.fspath(image))
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    if r.returncode != 0 or "error" in out.lower() or "failed" in out.lower():
+        pytest.fail(f"qemu-io {' '.join(commands)} on {image} failed:\n{out}", pytrace=False)
+    return r.stdout
+
+
+def make_image(path: str | os.PathLike, size: int, writes: Iterable[Write] = (),
+               fmt: str = "raw") -> Path:
+    """Create a sparse image of ``size`` bytes and write patterns into it.
+
+    ``writes`` are ``(pattern, offset, length)``; pattern 0 writes real zero
+    bytes (allocated data, not a hole).
+    """
+    path = Path(path)
+    subprocess.run([_tool("qemu-img"), "create", "-q", "-f", fmt, os.fspath(path), str(size)],
+                   check=True, timeout=60)
+    cmds = [f"write -P {pat:#x} {off} {length}" for pat, off, length in writes]
+    if cmds:
+        qemu_io(path, *cmds, fmt=fmt)
+    return path
+
+
+def blake3_file(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
+    """Hex blake3 digest of a file's bytes."""
+    import blake3
+
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def short_tmp() -> Iterable[Path]:
+    d = tempfile.mkdtemp(prefix="nbdt-", dir="/tmp")
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(name="make_image")
+def make_image_fixture():
+    return make_image
+
+
+@pytest.fixture(name="blake3_file")
+def blake3_file_fixture():
+    return blake3_file
+
+
+@pytest.fixture(name="qemu_io")
+def qemu_io_fixture():
+    return qemu_io
