@@ -1,0 +1,124 @@
+"""`nbdbackup serve`: serve exports over NBD (Unix socket and/or TCP).
+
+``nbdbackup serve --socket PATH [--listen HOST:PORT] [--read-only] NAME=SPEC ...``
+where SPEC is a raw image path or block device, ``memory:SIZE`` or an NBD
+URI, and a ``ro:`` prefix makes one export read-only (``disk=ro:/img``).
+
+Lifecycle: every argument is validated before anything listens (a missing
+file, a bad size, a duplicate name or a busy socket is one clear error line
+and exit 1).  SIGINT/SIGTERM stop accepting, let in-flight requests finish,
+flush every writable export and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+from ..errors import ConfigError
+
+log = logging.getLogger("nbdbackup.serve")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve exports over NBD",
+                       description="Serve one or more exports over NBD.")
+    p.add_argument("exports", nargs="+", metavar="NAME=SPEC",
+                   help="export NAME serving SPEC: a raw file or block device path, memory:SIZE, "
+                        "or an NBD URI; prefix SPEC with ro: for a read-only export")
+    p.add_argument("--socket", "-k", action="append", default=[], metavar="PATH",
+                   help="listen on this Unix socket (repeatable)")
+    p.add_argument("--listen", "-l", action="append", default=[], metavar="HOST:PORT",
+                   help="listen on TCP (repeatable; use 127.0.0.1:10809 or [::1]:10809)")
+    p.add_argument("--read-only", "-r", action="store_true", help="make every export read-only")
+    p.add_argument("--control", metavar="PATH", help="QMP-compatible control socket")
+    p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state (dirty bitmaps)")
+    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--handshake-timeout", type=float, default=10.0)
+    p.set_defaults(func=run)
+
+
+def parse_export_args(items: list[str], all_read_only: bool) -> list[tuple[str, str, bool]]:
+    """[(name, spec, read_only)] from NAME=SPEC arguments, with clear errors."""
+    out: list[tuple[str, str, bool]] = []
+    seen: set[str] = set()
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise ConfigError(f"bad export {item!r}: expected NAME=SPEC")
+        if name in seen:
+            raise ConfigError(f"export name {name!r} given twice")
+        read_only = all_read_only
+        if spec.startswith("ro:"):
+            spec, read_only = spec[3:], True
+        if not spec:
+            raise ConfigError(f"export {name!r}: empty SPEC")
+        seen.add(name)
+        out.append((name, spec, read_only))
+    return out
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"bad --listen {text!r}: expected HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def run(args: argparse.Namespace) -> int:
+    exports = parse_export_args(args.exports, args.read_only)
+    listens = [parse_listen(x) for x in args.listen]
+    if not args.socket and not listens:
+        raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT")
+    runner_kw = {}
+    if not os.environ.get("NBDBACKUP_NO_UVLOOP"):
+        try:
+            import uvloop
+
+            runner_kw["loop_factory"] = uvloop.new_event_loop
+        except ImportError:
+            pass
+    with asyncio.Runner(**runner_kw) as runner:
+        return runner.run(_serve(args, exports, listens))
+
+
+async def _serve(args: argparse.Namespace, exports, listens) -> int:
+    from ..blockdev import open_spec
+    from ..nbd.server import Server
+    from .. import daemon
+
+    server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout)
+    opened = []
+    try:
+        for name, spec, ro in exports:
+            dev = await open_spec(spec, read_only=ro)
+            opened.append(dev)
+            server.add_export(name, daemon.wrap_live(dev, ro), read_only=ro, description=spec)
+        app = await daemon.start(server, args)
+        for path in args.socket:
+            await server.start_unix(path)
+        for host, port in listens:
+            try:
+                await server.start_tcp(host, port)
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    except BaseException:
+        for dev in opened:
+            await dev.close()
+        await server.shutdown()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving %d export(s); pid %d", len(exports), os.getpid())
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests")
+    await daemon.stop(app)
+    await server.shutdown()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,696 @@
+"""Sans-IO NBD server protocol: bytes in, events out; replies as bytes.
+
+Role: everything the server knows about the NBD protocol (proto.md) that
+does not need I/O: the fixed-newstyle handshake with all its options, request
+parsing and validation, and reply encoding.  `nbd.server` only moves bytes
+and runs requests against block devices.  Tests feed bytes in tiny slices.
+
+Receiving (zero-copy, shaped like `asyncio.BufferedProtocol`):
+``get_buffer(hint)`` returns memory to receive into and
+``buffer_updated(n)`` says how much arrived.  Small messages are parsed from
+an internal ring buffer; a WRITE payload is received straight into its own
+`bytearray` once its header has been parsed, so payload bytes are copied at
+most once (only the part that arrived together with headers).
+``receive_data(b)`` is the convenience form for tests.
+
+Events (`next_event`): `HandshakeDone`, `Request` (validated: ``error`` is
+set when the request must be answered with an error without running it),
+`Disconnect` (CMD_DISC or ABORT), `ProtocolViolation` (the peer broke the
+protocol: the connection must be closed; nothing after it is parsed).
+
+Sending: handshake replies accumulate in an outgoing buffer drained by
+``data_to_send()``; transmission replies are built by the ``reply_*``
+methods, which the I/O layer writes whole (a reply is never interleaved with
+another).
+
+Invariants:
+- Nothing is parsed after `ProtocolViolation`, `Disconnect` or ABORT.
+- A Request event with ``error == 0`` is within the export, has only flags
+  the negotiated state allows, and (WRITE) carries exactly ``length``
+  payload bytes.
+- Option data is always consumed whole before the next option is parsed,
+  even when the option is refused (proto.md: unknown options get
+  ERR_UNSUP and negotiation goes on).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Callable, Sequence
+
+from . import wire
+from .wire import (
+    Cmd,
+    CmdFlag,
+    HandshakeFlag,
+    ClientFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyFlag,
+    ReplyType,
+    TransmissionFlag,
+)
+
+
+# --------------------------------------------------------------------------- #
+# What the protocol needs to know about an export (no device, no I/O).
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """A snapshot of an export's properties, as the handshake advertises them.
+
+    ``meta_contexts``: exact names of the meta contexts this export answers.
+    ``block_size``: (minimum, preferred, maximum).
+    """
+
+    name: str
+    size: int
+    flags: TransmissionFlag
+    block_size: tuple[int, int, int] = (1, 4096, wire.MAX_PAYLOAD)
+    description: str = ""
+    meta_contexts: Sequence[str] = ("base:allocation",)
+
+
+ExportLookup = Callable[[str], "ExportInfo | None"]
+ExportLister = Callable[[], "list[ExportInfo]"]
+
+
+# --------------------------------------------------------------------------- #
+# Events
+
+
+@dataclass
+class HandshakeDone:
+    """Transmission begins for ``export``; ``contexts`` maps id -> meta context."""
+
+    export: ExportInfo
+    structured: bool
+    contexts: dict[int, str]
+
+
+@dataclass
+class Request:
+    """A transmission request.
+
+    ``payload`` is the WRITE data (a bytearray owned by the event) or None.
+    ``error`` is an errno to answer with instead of running the request
+    (0 = valid).  ``message`` explains an error for logs/structured replies.
+    """
+
+    cookie: int
+    cmd: int
+    flags: CmdFlag
+    offset: int
+    length: int
+    payload: bytearray | None = None
+    error: int = 0
+    message: str = ""
+
+
+@dataclass
+class Disconnect:
+    """The client asked to disconnect (CMD_DISC, OPT_ABORT)."""
+
+    reason: str
+
+
+@dataclass
+class ProtocolViolation:
+    """The client broke the protocol; close the connection after logging ``message``."""
+
+    message: str
+
+
+Event = HandshakeDone | Request | Disconnect | ProtocolViolation
+
+
+class State(Enum):
+    CLIENT_FLAGS = auto()
+    OPTION_HEADER = auto()
+    OPTION_DATA = auto()
+    TRANSMISSION = auto()
+    PAYLOAD = auto()
+    CLOSED = auto()
+
+
+_RECV_BUF = 256 * 1024
+
+#: Command flags each command may carry (before checking what was negotiated).
+_ALLOWED_FLAGS = {
+    Cmd.READ: CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.DISC: CmdFlag(0),
+    Cmd.FLUSH: CmdFlag(0),
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag(0),
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+}
+
+
+def _match_contexts(query: str, available: Sequence[str], *, listing: bool) -> list[str]:
+    """Contexts selected by one query (proto.md "Metadata querying").
+
+    For LIST, a namespace-only query (``base:``) or a leaf prefix ending in
+    ``:`` (``qemu:dirty-bitmap:``) lists every context under it.  For SET, only
+    exact names select a context.
+    """
+    if not listing:
+        return [c for c in available if c == query]
+    if query.endswith(":"):
+        return [c for c in available if c.startswith(query)]
+    return [c for c in available if c == query]
+
+
+class ServerConnection:
+    """The server side of one NBD connection, without I/O.
+
+    Fields (all private to this object; the I/O layer reads only the public
+    properties):
+    - ``_state``: where parsing is (see `State`).
+    - ``_buf``/``_start``/``_end``: receive ring; valid bytes are
+      ``_buf[_start:_end]``.
+    - ``_out``: handshake bytes waiting to be sent.
+    - ``_events``: parsed events waiting for `next_event`.
+    - ``_opt``/``_opt_len``: the option whose data is being received.
+    - ``_pending``/``_payload``/``_payload_filled``: the WRITE request whose
+      payload is being received, its buffer and how much has arrived.
+    - ``no_zeroes``, ``structured``, ``fixed``: negotiated handshake state.
+    - ``_meta_export``/``_meta``: the export named by the last
+      SET_META_CONTEXT and the contexts it selected (ids are indexes).
+    - ``export``: the export of the transmission phase.
+    """
+
+    def __init__(self, lookup: ExportLookup, lister: ExportLister, *, max_payload: int = wire.MAX_PAYLOAD) -> None:
+        self._lookup = lookup
+        self._lister = lister
+        self.max_payload = max_payload
+        self._state = State.CLIENT_FLAGS
+        self._buf = bytearray(_RECV_BUF)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._out = bytearray()
+        self._events: deque[Event] = deque()
+        self._opt = 0
+        self._opt_len = 0
+        self._pending: Request | None = None
+        self._payload: bytearray | None = None
+        self._payload_filled = 0
+        self.no_zeroes = False
+        self.fixed = False
+        self.structured = False
+        self._meta_export: str | None = None
+        self._meta: list[str] = []
+        self.export: ExportInfo | None = None
+        self.contexts: dict[int, str] = {}
+        self._out += wire.SERVER_GREETING.pack(
+            wire.NBDMAGIC, wire.IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+        )
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def in_transmission(self) -> bool:
+        return self._state in (State.TRANSMISSION, State.PAYLOAD)
+
+    def data_to_send(self) -> bytes:
+        """Handshake bytes to send now (empty when none)."""
+        if not self._out:
+            return b""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def close(self) -> None:
+        self._state = State.CLOSED
+
+    # ------------------------------------------------------------- receiving
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Memory to receive the next bytes into (never empty)."""
+        if self._state is State.PAYLOAD:
+            assert self._payload is not None
+            return memoryview(self._payload)[self._payload_filled:]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < 4096:
+            # Compact: move the unparsed tail to the front.
+            n = self._end - self._start
+            self._buf[0:n] = self._buf[self._start:self._end]
+            self._start, self._end = 0, n
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._state is State.PAYLOAD:
+            self._payload_filled += nbytes
+            assert self._payload is not None
+            if self._payload_filled == len(self._payload):
+                self._finish_payload()
+            self._parse()
+            return
+        self._end += nbytes
+        self._parse()
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed ``data`` (any slicing) -- for tests and simple callers."""
+        mv = memoryview(data)
+        while mv and self._state is not State.CLOSED:
+            buf = self.get_buffer(len(mv))
+            n = min(len(buf), len(mv))
+            buf[:n] = mv[:n]
+            mv = mv[n:]
+            self.buffer_updated(n)
+
+    def _avail(self) -> int:
+        return self._end - self._start
+
+    def _take(self, n: int) -> memoryview:
+        mv = self._view[self._start:self._start + n]
+        self._start += n
+        return mv
+
+    def _violation(self, message: str) -> None:
+        self._events.append(ProtocolViolation(message))
+        self._state = State.CLOSED
+
+    def _parse(self) -> None:
+        while True:
+            st = self._state
+            if st is State.CLIENT_FLAGS:
+                if self._avail() < 4:
+                    return
+                self._client_flags(wire.CLIENT_FLAGS.unpack(self._take(4))[0])
+            elif st is State.OPTION_HEADER:
+                if self._avail() < wire.OPTION_HEADER.size:
+                    return
+                magic, opt, length = wire.OPTION_HEADER.unpack(self._take(wire.OPTION_HEADER.size))
+                if magic != wire.IHAVEOPT:
+                    self._violation(f"bad option magic {magic:#x}")
+                    return
+                if length > wire.MAX_OPTION_LENGTH:
+                    self._violation(f"option {opt} data too long ({length} bytes)")
+                    return
+                self._opt, self._opt_len = opt, length
+                self._state = State.OPTION_DATA
+            elif st is State.OPTION_DATA:
+                if self._avail() < self._opt_len:
+                    if self._opt_len > len(self._buf):  # cannot happen with the limit above
+                        self._violation("option too long")
+                    return
+                data = bytes(self._take(self._opt_len))
+                self._state = State.OPTION_HEADER
+                self._option(self._opt, data)
+            elif st is State.TRANSMISSION:
+                if self._avail() < wire.REQUEST_SIZE:
+                    return
+                self._request(*wire.REQUEST.unpack(self._take(wire.REQUEST_SIZE)))
+            elif st is State.PAYLOAD:
+                # Copy what already sits in the ring, then receive directly.
+                assert self._payload is not None
+                n = min(self._avail(), len(self._payload) - self._payload_filled)
+                if n:
+                    self._payload[self._payload_filled:self._payload_filled + n] = self._take(n)
+                    self._payload_filled += n
+                if self._payload_filled == len(self._payload):
+                    self._finish_payload()
+                    continue
+                return
+            else:
+                return
+
+    # ------------------------------------------------------------ handshake
+
+    def _client_flags(self, flags: int) -> None:
+        known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+        if flags & ~known:
+            # proto.md: a server MUST close if it sees unknown client flags.
+            self._violation(f"unknown client flags {flags:#x}")
+            return
+        self.fixed = bool(flags & ClientFlag.C_FIXED_NEWSTYLE)
+        self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+        self._state = State.OPTION_HEADER
+
+    def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
+        self._out += wire.pack_option_reply(opt, rep, data)
+
+    def _error(self, opt: int, rep: Rep, message: str) -> None:
+        self._reply(opt, rep, message.encode("utf-8")[: wire.MAX_STRING])
+
+    def _option(self, opt: int, data: bytes) -> None:
+        if opt == Opt.EXPORT_NAME:
+            self._opt_export_name(data)
+        elif not self.fixed:
+            # Non-fixed newstyle clients may only send EXPORT_NAME (and ABORT).
+            if opt == Opt.ABORT:
+                self._events.append(Disconnect("client sent ABORT"))
+                self._state = State.CLOSED
+            else:
+                self._violation(f"option {opt} from a client without fixed newstyle")
+        elif opt == Opt.ABORT:
+            self._reply(opt, Rep.ACK)
+            self._events.append(Disconnect("client sent ABORT"))
+            self._state = State.CLOSED
+        elif opt == Opt.LIST:
+            if data:
+                self._error(opt, Rep.ERR_INVALID, "LIST takes no data")
+                return
+            for e in self._lister():
+                self._reply(opt, Rep.SERVER, wire.pack_string(e.name) + e.description.encode())
+            self._reply(opt, Rep.ACK)
+        elif opt == Opt.STARTTLS:
+            if data:
+                self._error(opt, Rep.ERR_INVALID, "STARTTLS takes no data")
+            else:
+                # A server without TLS support MUST answer ERR_UNSUP.
+                self._error(opt, Rep.ERR_UNSUP, "TLS is not supported by this server")
+        elif opt in (Opt.INFO, Opt.GO):
+            self._opt_info_go(opt, data)
+        elif opt == Opt.STRUCTURED_REPLY:
+            if data:
+                self._error(opt, Rep.ERR_INVALID, "STRUCTURED_REPLY takes no data")
+            elif self.structured:
+                self._error(opt, Rep.ERR_INVALID, "structured replies already negotiated")
+            else:
+                self.structured = True
+                self._reply(opt, Rep.ACK)
+        elif opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            self._opt_meta_context(opt, data)
+        else:
+            self._error(opt, Rep.ERR_UNSUP, f"option {opt} is not supported")
+
+    def _resolve(self, name: str) -> ExportInfo | None:
+        info = self._lookup(name)
+        if info is None and name == "":
+            exports = self._lister()
+            info = exports[0] if exports else None
+        return info
+
+    def _opt_export_name(self, data: bytes) -> None:
+        try:
+            name = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._violation("export name is not UTF-8")
+            return
+        info = self._resolve(name)
+        if info is None:
+            # No error reply exists for EXPORT_NAME: the server must close.
+            self._violation(f"EXPORT_NAME for unknown export {name!r}")
+            return
+        self._out += wire.EXPORT_NAME_REPLY.pack(info.size, int(info.flags))
+        if not self.no_zeroes:
+            self._out += bytes(124)
+        self._start_transmission(info)
+
+    def _opt_info_go(self, opt: int, data: bytes) -> None:
+        if len(data) < 4:
+            self._error(opt, Rep.ERR_INVALID, "truncated INFO/GO request")
+            return
+        nlen = wire.U32.unpack_from(data, 0)[0]
+        if nlen > wire.MAX_STRING or 4 + nlen + 2 > len(data):
+            self._error(opt, Rep.ERR_INVALID, "bad export name length")
+            return
+        try:
+            name = data[4:4 + nlen].decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(opt, Rep.ERR_INVALID, "export name is not UTF-8")
+            return
+        pos = 4 + nlen
+        nreq = wire.U16.unpack_from(data, pos)[0]
+        pos += 2
+        if len(data) != pos + 2 * nreq:
+            self._error(opt, Rep.ERR_INVALID, "information request count does not match length")
+            return
+        requests = {wire.U16.unpack_from(data, pos + 2 * i)[0] for i in range(nreq)}
+        info = self._resolve(name)
+        if info is None:
+            self._error(opt, Rep.ERR_UNKNOWN, f"unknown export {name!r}")
+            return
+        minimum, preferred, maximum = info.block_size
+        if minimum > 1 and Info.BLOCK_SIZE not in requests and opt == Opt.GO:
+            self._error(opt, Rep.ERR_BLOCK_SIZE_REQD, f"export needs {minimum}-byte aligned requests")
+            return
+        if Info.NAME in requests:
+            self._reply(opt, Rep.INFO, wire.U16.pack(Info.NAME) + info.name.encode())
+        if Info.DESCRIPTION in requests and info.description:
+            self._reply(opt, Rep.INFO, wire.U16.pack(Info.DESCRIPTION) + info.description.encode())
+        # Always tell clients the constraints (QEMU and nbdkit do the same).
+        self._reply(opt, Rep.INFO, wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum))
+        self._reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, info.size, int(info.flags)))
+        self._reply(opt, Rep.ACK)
+        if opt == Opt.GO:
+            self._start_transmission(info)
+
+    def _parse_meta_request(self, data: bytes) -> tuple[str, list[str]] | str:
+        """(export name, queries) or an error message."""
+        if len(data) < 8:
+            return "truncated meta context request"
+        nlen = wire.U32.unpack_from(data, 0)[0]
+        if nlen > wire.MAX_STRING or 4 + nlen + 4 > len(data):
+            return "bad export name length"
+        try:
+            name = data[4:4 + nlen].decode("utf-8")
+        except UnicodeDecodeError:
+            return "export name is not UTF-8"
+        pos = 4 + nlen
+        count = wire.U32.unpack_from(data, pos)[0]
+        pos += 4
+        queries = []
+        for _ in range(count):
+            if pos + 4 > len(data):
+                return "truncated query list"
+            qlen = wire.U32.unpack_from(data, pos)[0]
+            pos += 4
+            if qlen > wire.MAX_STRING or pos + qlen > len(data):
+                return "bad query length"
+            try:
+                queries.append(data[pos:pos + qlen].decode("utf-8"))
+            except UnicodeDecodeError:
+                return "query is not UTF-8"
+            pos += qlen
+        if pos != len(data):
+            return "trailing bytes after the query list"
+        return name, queries
+
+    def _opt_meta_context(self, opt: int, data: bytes) -> None:
+        listing = opt == Opt.LIST_META_CONTEXT
+        if not self.structured:
+            self._error(opt, Rep.ERR_INVALID, "negotiate STRUCTURED_REPLY first")
+            return
+        parsed = self._parse_meta_request(data)
+        if isinstance(parsed, str):
+            self._error(opt, Rep.ERR_INVALID, parsed)
+            return
+        name, queries = parsed
+        info = self._resolve(name)
+        if info is None:
+            self._error(opt, Rep.ERR_UNKNOWN, f"unknown export {name!r}")
+            return
+        available = list(info.meta_contexts)
+        if listing and not queries:
+            selected = available
+        else:
+            selected = []
+            for q in queries:
+                for c in _match_contexts(q, available, listing=listing):
+                    if c not in selected:
+                        selected.append(c)
+        if not listing:
+            self._meta_export = name
+            self._meta = selected
+        for i, ctx in enumerate(selected):
+            cid = i if not listing else 0
+            self._reply(opt, Rep.META_CONTEXT, wire.META_CONTEXT_ID.pack(cid) + ctx.encode())
+        self._reply(opt, Rep.ACK)
+
+    def _start_transmission(self, info: ExportInfo) -> None:
+        self.export = info
+        if self._meta_export is not None and self._resolve(self._meta_export) == info:
+            self.contexts = dict(enumerate(self._meta))
+        else:
+            self.contexts = {}
+        self._state = State.TRANSMISSION
+        self._events.append(HandshakeDone(info, self.structured, dict(self.contexts)))
+
+    # --------------------------------------------------------- transmission
+
+    def _request(self, magic: int, flags: int, cmd: int, cookie: int, offset: int, length: int) -> None:
+        if magic != wire.REQUEST_MAGIC:
+            self._violation(f"bad request magic {magic:#x}")
+            return
+        req = Request(cookie, cmd, CmdFlag(flags), offset, length)
+        if cmd == Cmd.WRITE:
+            if length > self.max_payload:
+                # We cannot skip an oversize payload safely: end the connection.
+                self._violation(f"WRITE payload of {length} bytes exceeds {self.max_payload}")
+                return
+            self._pending = req
+            self._payload = bytearray(length)
+            self._payload_filled = 0
+            self._state = State.PAYLOAD
+            if length == 0:
+                self._finish_payload()
+            return
+        if cmd == Cmd.DISC:
+            self._events.append(Disconnect("client sent DISC"))
+            self._state = State.CLOSED
+            return
+        self._validate(req)
+        self._events.append(req)
+
+    def _finish_payload(self) -> None:
+        req = self._pending
+        assert req is not None and self._payload is not None
+        req.payload = self._payload
+        self._pending = None
+        self._payload = None
+        self._state = State.TRANSMISSION
+        self._validate(req)
+        self._events.append(req)
+
+    def _validate(self, req: Request) -> None:
+        """Set ``req.error`` per proto.md's request rules (nbdkit's validate_request)."""
+        info = self.export
+        assert info is not None
+        tflags = info.flags
+        cmd = req.cmd
+
+        def fail(err: int, msg: str) -> None:
+            req.error, req.message = err, msg
+
+        try:
+            c = Cmd(cmd)
+        except ValueError:
+            return fail(errno.EINVAL, f"unknown command {cmd}")
+        allowed = _ALLOWED_FLAGS.get(c)
+        if allowed is None:
+            return fail(errno.EINVAL, f"command {c.name} is not supported")
+        if req.flags & ~allowed:
+            return fail(errno.EINVAL, f"flags {int(req.flags):#x} not allowed on {c.name}")
+        if req.flags & CmdFlag.FUA and not tflags & TransmissionFlag.SEND_FUA:
+            return fail(errno.EINVAL, "FUA was not advertised")
+        if req.flags & CmdFlag.DF and not self.structured:
+            return fail(errno.EINVAL, "DF needs structured replies")
+        if req.flags & CmdFlag.FAST_ZERO and not tflags & TransmissionFlag.SEND_FAST_ZERO:
+            return fail(errno.EINVAL, "FAST_ZERO was not advertised")
+        ro = bool(tflags & TransmissionFlag.READ_ONLY)
+        size = info.size
+        end = req.offset + req.length
+        writes = c in (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
+        if c == Cmd.FLUSH:
+            if not tflags & TransmissionFlag.SEND_FLUSH:
+                return fail(errno.EINVAL, "FLUSH was not advertised")
+            return
+        if c == Cmd.TRIM and not tflags & TransmissionFlag.SEND_TRIM:
+            return fail(errno.EINVAL, "TRIM was not advertised")
+        if c == Cmd.WRITE_ZEROES and not tflags & TransmissionFlag.SEND_WRITE_ZEROES:
+            return fail(errno.EINVAL, "WRITE_ZEROES was not advertised")
+        if c == Cmd.CACHE and not tflags & TransmissionFlag.SEND_CACHE:
+            return fail(errno.EINVAL, "CACHE was not advertised")
+        if writes and ro:
+            return fail(errno.EPERM, "export is read-only")
+        if c == Cmd.BLOCK_STATUS:
+            if not self.structured or not self.contexts:
+                return fail(errno.EINVAL, "BLOCK_STATUS needs a negotiated meta context")
+            if req.length == 0:
+                return fail(errno.EINVAL, "BLOCK_STATUS of zero length")
+        if c == Cmd.READ and req.length > self.max_payload:
+            return fail(errno.EINVAL, f"READ of {req.length} bytes exceeds {self.max_payload}")
+        if end > size:
+            if c in (Cmd.WRITE, Cmd.WRITE_ZEROES):
+                return fail(errno.ENOSPC, f"request ends at {end}, past the export size {size}")
+            return fail(errno.EINVAL, f"request ends at {end}, past the export size {size}")
+        minimum = info.block_size[0]
+        if minimum > 1 and c in (Cmd.READ, Cmd.WRITE) and (req.offset % minimum or req.length % minimum):
+            return fail(errno.EINVAL, f"request not aligned to {minimum} bytes")
+
+    # --------------------------------------------------------------- replies
+
+    def reply_ok(self, cookie: int) -> bytes:
+        if self.structured:
+            return wire.pack_structured_header(cookie, ReplyType.NONE, 0, ReplyFlag.DONE)
+        return wire.pack_simple_reply(cookie, 0)
+
+    def reply_error(self, cookie: int, err: int, message: str = "") -> bytes:
+        nbd_err = wire.errno_to_nbd(err)
+        if self.structured:
+            return wire.pack_structured_error(cookie, nbd_err, message)
+        return wire.pack_simple_reply(cookie, nbd_err)
+
+    def read_header(self, cookie: int, offset: int, length: int, *, done: bool = True) -> bytes:
+        """Header before ``length`` bytes of READ data at ``offset``."""
+        if self.structured:
+            return wire.pack_structured_header(
+                cookie, ReplyType.OFFSET_DATA, 8 + length, ReplyFlag.DONE if done else 0
+            ) + wire.OFFSET.pack(offset)
+        return wire.pack_simple_reply(cookie, 0)
+
+    def read_hole(self, cookie: int, offset: int, length: int, *, done: bool = False) -> bytes:
+        assert self.structured
+        return wire.pack_structured_header(
+            cookie, ReplyType.OFFSET_HOLE, 12, ReplyFlag.DONE if done else 0
+        ) + wire.OFFSET_HOLE.pack(offset, length)
+
+    def reply_block_status(self, cookie: int, chunks: list[tuple[int, list[tuple[int, int]]]]) -> bytes:
+        """One BLOCK_STATUS chunk per (context id, [(length, flags), ...]); DONE on the last."""
+        assert self.structured and chunks
+        out = bytearray()
+        for i, (cid, descs) in enumerate(chunks):
+            body = bytearray(wire.BLOCK_STATUS_ID.pack(cid))
+            for length, flags in descs:
+                body += wire.BLOCK_DESCRIPTOR.pack(length, flags)
+            last = i == len(chunks) - 1
+            out += wire.pack_structured_header(
+                cookie, ReplyType.BLOCK_STATUS, len(body), ReplyFlag.DONE if last else 0
+            )
+            out += body
+        return bytes(out)
+
+
+def transmission_flags(
+    *,
+    read_only: bool,
+    can_flush: bool,
+    can_fua: bool,
+    can_trim: bool,
+    can_zero: bool,
+    can_fast_zero: bool,
+    can_cache: bool,
+    can_multi_conn: bool,
+    rotational: bool = False,
+) -> TransmissionFlag:
+    """Turn capabilities into transmission flags (the one place this happens)."""
+    f = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_DF
+    if read_only:
+        f |= TransmissionFlag.READ_ONLY
+    if can_flush and not read_only:
+        f |= TransmissionFlag.SEND_FLUSH
+    if can_fua and not read_only:
+        f |= TransmissionFlag.SEND_FUA
+    if can_trim and not read_only:
+        f |= TransmissionFlag.SEND_TRIM
+    if not read_only:
+        # WRITE_ZEROES is always possible: a device without a cheap primitive
+        # writes zero buffers.
+        f |= TransmissionFlag.SEND_WRITE_ZEROES
+        if can_fast_zero:
+            f |= TransmissionFlag.SEND_FAST_ZERO
+    if can_cache:
+        f |= TransmissionFlag.SEND_CACHE
+    if can_multi_conn:
+        f |= TransmissionFlag.CAN_MULTI_CONN
+    if rotational:
+        f |= TransmissionFlag.ROTATIONAL
+    return f

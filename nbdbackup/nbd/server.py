@@ -1,0 +1,568 @@
+"""The asyncio NBD server: moves bytes, runs requests against block devices.
+
+Role: owns listeners, connections and the export table.  All protocol logic
+is in `nbd.protocol` (sans-IO); this module only feeds it bytes, runs the
+`Request` events it yields against the export's `BlockDev`, and writes the
+replies it encodes.
+
+Data path (why it is shaped this way): each connection is an
+`asyncio.BufferedProtocol`, so the kernel copies received bytes straight into
+the protocol's buffer (WRITE payloads land in their own buffer, see
+`ServerConnection.get_buffer`).  Every request runs as its own task, so
+requests are served concurrently and answered out of order.  A reply is
+written with consecutive ``transport.write`` calls and no await between them,
+so replies never interleave.  Back-pressure: when the transport's send buffer
+is above its high-water mark, or too many requests are in flight, the
+connection stops reading from the socket until both drain; memory per
+connection is therefore bounded by ``max_inflight`` requests of at most
+``MAX_PAYLOAD`` bytes plus the transport's high-water mark.
+
+Invariants:
+- One bad client never harms another: a protocol violation closes only its
+  connection (logged); a device error becomes an NBD error reply.
+- CAN_MULTI_CONN is advertised only when the device says a FLUSH on one
+  connection covers writes completed on every connection (one device object
+  is shared by all connections of an export, so this holds for file and
+  memory devices; a remote NBD device passes the remote server's promise on).
+- After `remove_export`, requests on connections to it get ESHUTDOWN; after
+  `shutdown` begins, new requests get ESHUTDOWN, in-flight ones finish, every
+  export is flushed, then connections close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+
+from ..blockdev.base import BASE_ALLOCATION, BlockDev
+from ..errors import ConfigError
+from . import protocol as proto
+from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection
+from .wire import Cmd, CmdFlag, StateFlag
+
+log = logging.getLogger("nbdbackup.server")
+
+HOLE = int(StateFlag.HOLE)
+#: Reads at least this long are split into data/hole chunks on structured
+#: connections (one extents query; cheaper than sending zeroes).
+SPARSE_READ_MIN = 64 * 1024
+
+
+@dataclass(eq=False)
+class Export:
+    """One export.
+
+    Fields: ``name``; ``dev`` (the device served; owned by the export and
+    closed when the export is removed, unless ``owns_dev`` is False);
+    ``read_only``; ``description``; ``inflight`` (requests running against
+    ``dev`` now); ``removed`` (set once `Server.remove_export` began: new
+    requests get ESHUTDOWN); ``_idle`` (set whenever ``inflight`` is 0).
+    """
+
+    name: str
+    dev: BlockDev
+    read_only: bool = False
+    description: str = ""
+    owns_dev: bool = True
+    inflight: int = 0
+    removed: bool = False
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+        caps = self.dev.capabilities()
+        self.read_only = self.read_only or caps.read_only
+        self._flags = proto.transmission_flags(
+            read_only=self.read_only,
+            can_flush=caps.can_flush,
+            can_fua=caps.can_fua,
+            can_trim=caps.can_trim,
+            can_zero=caps.can_zero,
+            can_fast_zero=caps.can_fast_zero,
+            can_cache=caps.can_cache,
+            can_multi_conn=caps.can_multi_conn,
+            rotational=caps.rotational,
+        )
+        bs = caps.block_size
+        self._block_size = (bs.minimum, bs.preferred, bs.maximum)
+        self.can_extents = caps.can_extents
+
+    def info(self) -> ExportInfo:
+        """What the handshake advertises (meta contexts are read live)."""
+        return ExportInfo(
+            name=self.name,
+            size=self.dev.size,
+            flags=self._flags,
+            block_size=self._block_size,
+            description=self.description,
+            meta_contexts=tuple(self.dev.meta_contexts()),
+        )
+
+    def begin(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class Server:
+    """An NBD server with a mutable export table.
+
+    Fields: ``exports`` (name -> Export, in insertion order: the first is the
+    default export for an empty name); ``connections`` (live
+    `NBDConnection`s); ``_servers`` (asyncio listeners); ``stopping`` (set by
+    `shutdown`); limits ``max_connections``, ``handshake_timeout``,
+    ``max_inflight``.
+    """
+
+    def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
+                 max_inflight: int = 64) -> None:
+        self.exports: dict[str, Export] = {}
+        self.connections: set[NBDConnection] = set()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._unix_paths: list[str] = []
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.max_inflight = max_inflight
+        self.stopping = False
+
+    # ----------------------------------------------------------- exports
+
+    def add_export(self, name: str, dev: BlockDev, *, read_only: bool = False,
+                   description: str = "", owns_dev: bool = True) -> Export:
+        if name in self.exports:
+            raise ConfigError(f"export {name!r} already exists")
+        if len(name.encode()) > 4096:
+            raise ConfigError("export name longer than 4096 bytes")
+        exp = Export(name, dev, read_only=read_only, description=description, owns_dev=owns_dev)
+        self.exports[name] = exp
+        log.info("export %r added: %d bytes%s", name, dev.size, " read-only" if exp.read_only else "")
+        return exp
+
+    def get(self, name: str) -> Export:
+        try:
+            return self.exports[name]
+        except KeyError:
+            raise ConfigError(f"no export named {name!r}") from None
+
+    def add(self, name: str, dev: BlockDev, read_only: bool = True, description: str = "") -> Export:
+        """`ExportTable` protocol form of `add_export` (used by the backup engine)."""
+        return self.add_export(name, dev, read_only=read_only, description=description)
+
+    async def remove(self, name: str) -> None:
+        await self.remove_export(name)
+
+    async def remove_export(self, name: str) -> None:
+        """Remove an export: its connections get ESHUTDOWN from now on."""
+        exp = self.get(name)
+        exp.removed = True
+        del self.exports[name]
+        await exp.wait_idle()
+        if exp.owns_dev:
+            await exp.dev.close()
+        log.info("export %r removed", name)
+
+    def _lookup(self, name: str) -> ExportInfo | None:
+        exp = self.exports.get(name)
+        return exp.info() if exp else None
+
+    def _list(self) -> list[ExportInfo]:
+        return [e.info() for e in self.exports.values()]
+
+    def export_for(self, name: str) -> Export | None:
+        exp = self.exports.get(name)
+        if exp is None and name == "" and self.exports:
+            exp = next(iter(self.exports.values()))
+        return exp
+
+    # --------------------------------------------------------- listeners
+
+    def _factory(self) -> "NBDConnection":
+        return NBDConnection(self)
+
+    async def start_unix(self, path: str) -> None:
+        prepare_unix_socket(path)
+        srv = await asyncio.get_running_loop().create_unix_server(self._factory, path, backlog=128)
+        self._servers.append(srv)
+        self._unix_paths.append(path)
+        log.info("listening on unix:%s", path)
+
+    async def start_tcp(self, host: str, port: int) -> int:
+        srv = await asyncio.get_running_loop().create_server(
+            self._factory, host, port, backlog=128, reuse_address=True
+        )
+        self._servers.append(srv)
+        bound = srv.sockets[0].getsockname()[1]
+        log.info("listening on tcp:%s:%d", host, bound)
+        return bound
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting, finish in-flight requests, flush, close everything."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for srv in self._servers:
+            srv.close()
+        for path in self._unix_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        conns = list(self.connections)
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(c.drain_requests()) for c in conns], timeout=timeout)
+        for exp in list(self.exports.values()):
+            if not exp.read_only:
+                try:
+                    await exp.dev.flush()
+                except OSError as e:
+                    log.error("flush of export %r at shutdown failed: %s", exp.name, e)
+        for c in conns:
+            c.close("server shutting down")
+        for srv in self._servers:
+            await srv.wait_closed()
+        for exp in list(self.exports.values()):
+            if exp.owns_dev:
+                await exp.dev.close()
+        self.exports.clear()
+
+
+def prepare_unix_socket(path: str) -> None:
+    """Remove a stale socket file left by a crash; refuse one a live process owns."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: nobody listens
+        return
+    except OSError as e:
+        raise ConfigError(f"socket {path} is not usable: {e.strerror}") from None
+    finally:
+        s.close()
+    raise ConfigError(f"socket {path} is busy: another server is listening on it")
+
+
+class NBDConnection(asyncio.BufferedProtocol):
+    """One client connection.
+
+    Fields: ``server``; ``proto`` (the sans-IO state); ``transport``;
+    ``export`` (after the handshake); ``tasks`` (request tasks running);
+    ``peer`` (for logs); ``_paused_writing`` (transport above high water);
+    ``_reading_paused``; ``_closing``; ``_idle`` (set when no task runs);
+    ``_handshake_timer``.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.proto = ServerConnection(server._lookup, server._list)
+        self.transport: asyncio.Transport | None = None
+        self.export: Export | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.peer = "?"
+        self._paused_writing = False
+        self._reading_paused = False
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._drain_waiters: list[asyncio.Future] = []
+
+    # ------------------------------------------------------ asyncio hooks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if self.server.stopping or len(self.server.connections) >= self.server.max_connections:
+            log.warning("connection from %s refused: %s", self.peer,
+                        "server stopping" if self.server.stopping else "too many connections")
+            transport.abort()
+            return
+        self.server.connections.add(self)
+        transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_timeout
+        )
+        self._flush_handshake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._handshake_timer:
+            self._handshake_timer.cancel()
+        self._closing = True
+        self.proto.close()
+        for f in self._drain_waiters:
+            if not f.done():
+                f.set_result(None)
+        log.info("connection %s closed (%s)", self.peer,
+                 f"export {self.export.name!r}" if self.export else "during handshake")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.proto.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.proto.buffer_updated(nbytes)
+        self._process_events()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        self._update_reading()
+
+    # ----------------------------------------------------------- helpers
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or self._closing:
+            return
+        want_pause = self._paused_writing or len(self.tasks) >= self.server.max_inflight
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            t.pause_reading()
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            t.resume_reading()
+
+    def _handshake_timeout(self) -> None:
+        if not self.proto.in_transmission and not self._closing:
+            log.warning("connection %s: handshake timed out", self.peer)
+            self.close("handshake timeout")
+
+    def _flush_handshake(self) -> None:
+        data = self.proto.data_to_send()
+        if data and self.transport and not self._closing:
+            self.transport.write(data)
+
+    def close(self, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.proto.close()
+        if self.transport:
+            self.transport.close()
+
+    def _process_events(self) -> None:
+        proto_ = self.proto
+        while True:
+            ev = proto_.next_event()
+            if ev is None:
+                break
+            if isinstance(ev, Request):
+                self._start(ev)
+            elif isinstance(ev, HandshakeDone):
+                if self._handshake_timer:
+                    self._handshake_timer.cancel()
+                    self._handshake_timer = None
+                self._flush_handshake()
+                self.export = self.server.export_for(ev.export.name)
+                log.info("connection %s: export %r, %s replies, contexts %s", self.peer, ev.export.name,
+                         "structured" if ev.structured else "simple", list(ev.contexts.values()) or "none")
+            elif isinstance(ev, Disconnect):
+                self._flush_handshake()
+                asyncio.ensure_future(self._close_when_idle(ev.reason))
+                break
+            elif isinstance(ev, ProtocolViolation):
+                self._flush_handshake()
+                log.warning("connection %s: protocol error: %s; closing", self.peer, ev.message)
+                asyncio.ensure_future(self._close_when_idle(ev.message))
+                break
+        self._flush_handshake()
+
+    async def _close_when_idle(self, reason: str) -> None:
+        await self.drain_requests()
+        self.close(reason)
+
+    async def drain_requests(self) -> None:
+        while self.tasks:
+            await asyncio.wait(list(self.tasks))
+
+    def _start(self, req: Request) -> None:
+        task = asyncio.ensure_future(self._handle(req))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        self._update_reading()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self._update_reading()
+
+    def _write(self, *parts) -> None:
+        t = self.transport
+        if t is None or self._closing or t.is_closing():
+            return
+        for p in parts:
+            t.write(p)
+
+    # ---------------------------------------------------------- requests
+
+    async def _handle(self, req: Request) -> None:
+        p = self.proto
+        exp = self.export
+        if req.error:
+            self._write(p.reply_error(req.cookie, req.error, req.message))
+            return
+        if exp is None or exp.removed or self.server.stopping:
+            self._write(p.reply_error(req.cookie, errno.ESHUTDOWN, "export is shutting down"))
+            return
+        exp.begin()
+        try:
+            await self._run(req, exp)
+        except OSError as e:
+            err = e.errno or errno.EIO
+            if err not in (errno.ENOSPC, errno.EINVAL, errno.EPERM, errno.ENOTSUP, errno.ESHUTDOWN):
+                log.warning("export %r: %s at (%d, %d) failed: %s", exp.name,
+                            _cmd_name(req.cmd), req.offset, req.length, e)
+            self._write(p.reply_error(req.cookie, err, e.strerror or str(e)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug: answer EIO, keep serving
+            log.exception("export %r: internal error in %s", exp.name, _cmd_name(req.cmd))
+            self._write(p.reply_error(req.cookie, errno.EIO, f"internal error: {e}"))
+        finally:
+            exp.end()
+
+    async def _run(self, req: Request, exp: Export) -> None:
+        p = self.proto
+        dev = exp.dev
+        cmd = req.cmd
+        fua = bool(req.flags & CmdFlag.FUA)
+        if cmd == Cmd.READ:
+            await self._read(req, exp)
+            return
+        if req.length == 0 and cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM, Cmd.CACHE):
+            if fua:
+                await dev.flush()
+            self._write(p.reply_ok(req.cookie))
+            return
+        if cmd == Cmd.WRITE:
+            assert req.payload is not None
+            await dev.pwrite(req.payload, req.offset, fua=fua)
+        elif cmd == Cmd.FLUSH:
+            await dev.flush()
+        elif cmd == Cmd.WRITE_ZEROES:
+            await dev.zero(req.offset, req.length, may_trim=not req.flags & CmdFlag.NO_HOLE,
+                           fua=fua, fast=bool(req.flags & CmdFlag.FAST_ZERO))
+        elif cmd == Cmd.TRIM:
+            await dev.trim(req.offset, req.length, fua=fua)
+        elif cmd == Cmd.CACHE:
+            await dev.cache(req.offset, req.length)
+        elif cmd == Cmd.BLOCK_STATUS:
+            await self._block_status(req, exp)
+            return
+        else:  # validated by the protocol layer
+            raise OSError(errno.EINVAL, f"command {cmd} not supported")
+        self._write(p.reply_ok(req.cookie))
+
+    async def _read(self, req: Request, exp: Export) -> None:
+        p = self.proto
+        dev = exp.dev
+        offset, length = req.offset, req.length
+        if length == 0:
+            self._write(p.reply_ok(req.cookie))
+            return
+        if (p.structured and not req.flags & CmdFlag.DF and exp.can_extents
+                and length >= SPARSE_READ_MIN):
+            extents = await _extents_covering(dev, offset, length, BASE_ALLOCATION)
+            if any(e.flags & HOLE and e.flags & StateFlag.ZERO for e in extents):
+                await self._sparse_read(req, dev, extents)
+                return
+        buf = bytearray(length)
+        await dev.pread(memoryview(buf), offset)
+        self._write(p.read_header(req.cookie, offset, length), buf)
+
+    async def _sparse_read(self, req: Request, dev: BlockDev, extents) -> None:
+        """Structured read: OFFSET_HOLE for zero holes, OFFSET_DATA for the rest."""
+        p = self.proto
+        chunks: list = []
+        for e in extents:
+            if e.flags & HOLE and e.flags & StateFlag.ZERO:
+                chunks.append((e.offset, e.length, None))
+            else:
+                buf = bytearray(e.length)
+                await dev.pread(memoryview(buf), e.offset)
+                chunks.append((e.offset, e.length, buf))
+        parts = []
+        for i, (off, n, buf) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if buf is None:
+                parts.append(p.read_hole(req.cookie, off, n, done=last))
+            else:
+                parts.append(p.read_header(req.cookie, off, n, done=last))
+                parts.append(buf)
+        self._write(*parts)
+
+    async def _block_status(self, req: Request, exp: Export) -> None:
+        p = self.proto
+        one = bool(req.flags & CmdFlag.REQ_ONE)
+        chunks = []
+        for cid, ctx in self.proto.contexts.items():
+            extents = await exp.dev.extents(req.offset, req.length, ctx)
+            descs: list[tuple[int, int]] = []
+            end = req.offset + req.length
+            for e in extents:
+                n = min(e.end, end) - e.offset
+                if n <= 0:
+                    break
+                descs.append((n, e.flags))
+                if one:
+                    break
+            if not descs:
+                raise OSError(errno.EIO, f"device returned no extents for {ctx}")
+            chunks.append((cid, descs))
+        self._write(p.reply_block_status(req.cookie, chunks))
+
+
+async def _extents_covering(dev: BlockDev, offset: int, length: int, ctx: str):
+    """Extents covering all of ``(offset, length)`` (asking again after short answers)."""
+    out = []
+    end = offset + length
+    pos = offset
+    while pos < end:
+        got = await dev.extents(pos, end - pos, ctx)
+        if not got:
+            raise OSError(errno.EIO, "device returned no extents")
+        for e in got:
+            if e.offset >= end:
+                break
+            if e.end > end:
+                e = type(e)(e.offset, end - e.offset, e.flags)
+            out.append(e)
+            pos = e.end
+    return out
+
+
+def _cmd_name(cmd: int) -> str:
+    try:
+        return Cmd(cmd).name
+    except ValueError:
+        return f"command {cmd}"
