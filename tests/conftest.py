@@ -92,16 +92,16 @@ def short_tmp() -> Iterable[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(name="make_image")
+@pytest.fixture(name="make_image", scope="session")
 def make_image_fixture():
     return make_image
 
 
-@pytest.fixture(name="blake3_file")
+@pytest.fixture(name="blake3_file", scope="session")
 def blake3_file_fixture():
     return blake3_file
 
 
-@pytest.fixture(name="qemu_io")
+@pytest.fixture(name="qemu_io", scope="session")
 def qemu_io_fixture():
     return qemu_io
