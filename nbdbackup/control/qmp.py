@@ -1,0 +1,436 @@
+"""The control socket: an asyncio QMP server on a Unix socket.
+
+Role: lets operators and scripts drive nbdbackup exactly as they drive QEMU --
+any QMP client (``qemu.qmp.QMPClient``, ``socat``, libvirt-style code) works
+unchanged.  The engine registers one handler per command (`QMPServer.register`)
+and reports progress with `QMPServer.emit`; the command list, argument schemas,
+return shapes and events are documented in `nbdbackup.control.schema`.
+
+Protocol (QEMU's, see `control.framing` for the byte level):
+- On connect the server sends the greeting ``{"QMP": {"version": {"qemu":
+  {"major", "minor", "micro"}, "package": "nbdbackup X"}, "capabilities": []}}``
+  (no capabilities: we never offer ``oob``).
+- Until ``qmp_capabilities`` succeeds every other command fails with class
+  ``CommandNotFound``, desc ``Expecting capabilities negotiation with
+  'qmp_capabilities'``; afterwards ``qmp_capabilities`` itself fails with
+  ``CommandNotFound``.  Only negotiated clients receive events.
+- ``{"execute": NAME, "arguments": {...}, "id": ANY}`` -> ``{"return": ...,
+  "id": ANY}`` or ``{"id": ANY, "error": {"class", "desc"}}``.  Unknown
+  commands: ``CommandNotFound`` ``The command NAME has not been found``.
+- Malformed input gets a ``GenericError`` reply and the connection carries on
+  (except past the hard limits of `framing.JSONSplitter`).
+- Events: ``{"timestamp": {"seconds", "microseconds"}, "event": NAME, "data": {...}}``.
+
+Concurrency invariants:
+- Each client is a `_Session` with three tasks: the reader (parses input,
+  answers malformed input, queues requests, at most `MAX_QUEUED` ahead so a
+  flooding client is throttled by TCP backpressure), the dispatcher (runs that
+  client's commands ONE AT A TIME, in order, so replies come back in request
+  order, as QEMU does) and the writer (the only task that writes to the
+  socket; replies and events are queued to it and never block their producer).
+- Clients are independent: a slow command of one client delays only that
+  client's later commands; events are delivered while commands run.
+- A client that stops reading is disconnected once `MAX_OUTPUT_BACKLOG`
+  messages wait for it; a client that disconnects has its command in flight
+  run to completion (handlers are never cancelled by a disconnect -- a
+  half-done ``backup-start`` would be worse) and its reply dropped.  Requests
+  queued after a read EOF still run (``printf ... | socat`` scripts work);
+  after a write failure they are dropped.
+- A handler exception never takes the server down: `CommandError` keeps its
+  class, other `NBDBackupError` and `OSError` become ``GenericError`` with
+  their message, anything else is logged with its traceback and becomes
+  ``GenericError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import logging
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from .. import __version__
+from ..errors import ConfigError, NBDBackupError
+from . import framing, schema
+from .schema import CommandError, Struct
+
+__all__ = ["QMPServer", "CommandError", "Handler"]
+
+log = logging.getLogger(__name__)
+
+#: Requests read ahead of the one running, per client.
+MAX_QUEUED = 8
+#: Messages waiting to be written to one client before it is dropped as stuck.
+MAX_OUTPUT_BACKLOG = 10_000
+#: Bytes read per socket read.
+READ_CHUNK = 64 * 1024
+
+Handler = Callable[..., Awaitable[Any]]
+
+_USE_TABLE = object()
+
+
+def _version_triple(version: str) -> dict:
+    parts = [int(p) if p.isdigit() else 0 for p in version.split(".")[:3]]
+    parts += [0] * (3 - len(parts))
+    return {"major": parts[0], "minor": parts[1], "micro": parts[2]}
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    name: str
+    handler: Handler
+    args: Struct
+
+
+class QMPServer:
+    """A QMP server: a command registry plus a Unix-socket listener.
+
+    Typical use (the ``serve`` command)::
+
+        server = QMPServer()
+        server.register("query-jobs", engine.query_jobs)   # schema from schema.COMMANDS
+        await server.start(path)
+        ...
+        server.emit("JOB_STATUS_CHANGE", {"id": "j0", "status": "running"})
+        ...
+        await server.close()
+    """
+
+    def __init__(self, *, version: str = __version__, package: str | None = None) -> None:
+        #: name -> registered command (built-ins included).
+        self._commands: dict[str, _Command] = {}
+        #: Live client sessions.
+        self._sessions: set[_Session] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._path: str | None = None
+        self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
+        self.version = {"qemu": _version_triple(version), "package": package or f"nbdbackup {version}"}
+        self.register("query-commands", self._query_commands)
+        self.register("query-version", self._query_version)
+
+    # -- registry ---------------------------------------------------------
+
+    def register(self, name: str, handler: Handler, *, args: Struct | dict | None | object = _USE_TABLE) -> None:
+        """Register ``async def handler(**kwargs)`` for command NAME.
+
+        ``args`` is the argument schema: a `schema.Struct`, a dict for
+        `schema.struct`, None for "no arguments"; omitted, the schema comes
+        from `schema.COMMANDS` (no arguments if NAME is not in the table).
+        Handler keywords are the member names with ``-`` -> ``_``; absent
+        optional members are not passed.  Re-registering replaces.
+        """
+        if name == "qmp_capabilities":
+            raise ValueError("qmp_capabilities is built into the server")
+        if args is _USE_TABLE:
+            args = schema.COMMANDS.get(name, schema.NO_ARGS)
+        elif args is None:
+            args = schema.NO_ARGS
+        elif isinstance(args, dict):
+            args = schema.struct(args)
+        assert isinstance(args, Struct)
+        if not inspect.iscoroutinefunction(handler) and not inspect.iscoroutinefunction(getattr(handler, "__call__", None)):
+            raise TypeError(f"handler for {name} must be an async function")
+        _check_signature(name, handler, args)
+        self._commands[name] = _Command(name, handler, args)
+
+    def unregister(self, name: str) -> None:
+        self._commands.pop(name, None)
+
+    @property
+    def commands(self) -> list[str]:
+        """Names of the commands clients can execute (``qmp_capabilities`` included)."""
+        return ["qmp_capabilities", *self._commands]
+
+    async def _query_commands(self) -> list:
+        return [{"name": n} for n in self.commands]
+
+    async def _query_version(self) -> dict:
+        return self.version
+
+    # -- events -----------------------------------------------------------
+
+    def emit(self, event: str, data: dict | None = None) -> None:
+        """Send an event to every negotiated client now (never blocks, never raises)."""
+        try:
+            msg = framing.encode(framing.event_message(event, data, time.time()))
+        except (TypeError, ValueError):
+            log.exception("event %s has data that is not JSON: %r", event, data)
+            return
+        for session in list(self._sessions):
+            if session.negotiated:
+                session.send(msg)
+
+    # -- listener ---------------------------------------------------------
+
+    @property
+    def path(self) -> str | None:
+        return self._path
+
+    @property
+    def client_count(self) -> int:
+        return len(self._sessions)
+
+    async def start(self, path: str | os.PathLike) -> None:
+        """Listen on the Unix socket PATH (mode 0600); a stale socket file is replaced.
+
+        Raises `ConfigError` if PATH is in use by a live server, is not a
+        socket, or cannot be bound.
+        """
+        assert self._server is None, "already started"
+        path = os.fspath(path)
+        _clear_stale_socket(path)
+        try:
+            self._server = await asyncio.start_unix_server(self._on_connect, path=path)
+        except OSError as e:
+            raise ConfigError(f"control socket {path}: cannot listen: {e.strerror or e}") from e
+        os.chmod(path, 0o600)
+        st = os.stat(path)
+        self._path = path
+        self._inode = (st.st_dev, st.st_ino)
+        log.info("control socket listening on %s", path)
+
+    async def close(self) -> None:
+        """Stop listening, disconnect every client, remove the socket file."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for session in list(self._sessions):
+            session.abort()
+        tasks = [s.task for s in self._sessions if s.task is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                st = os.stat(self._path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self._path)
+            self._path = None
+
+    async def __aenter__(self) -> "QMPServer":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = _Session(self, reader, writer)
+        session.task = asyncio.current_task()
+        self._sessions.add(session)
+        try:
+            await session.run()
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # pragma: no cover - a bug; keep the server up
+            log.exception("control client session failed")
+        finally:
+            self._sessions.discard(session)
+            session.abort()
+
+    # -- dispatch ---------------------------------------------------------
+
+    async def dispatch(self, session: "_Session", req: framing.Request) -> dict:
+        """Run one request for SESSION; returns the reply message."""
+        rid, has_id = req.id, req.has_id
+        if req.name == "qmp_capabilities":
+            if session.negotiated:
+                return framing.reply_error(
+                    "CommandNotFound", "Capabilities negotiation is already complete, command ignored", rid, has_id)
+            try:
+                args = schema.COMMANDS["qmp_capabilities"].check(req.arguments)
+            except CommandError as e:
+                return framing.reply_error(e.class_, e.desc, rid, has_id)
+            for cap in args.get("enable", []):
+                return framing.reply_error("GenericError", f"Capability '{cap}' not available", rid, has_id)
+            session.negotiated = True
+            return framing.reply_return({}, rid, has_id)
+        if not session.negotiated:
+            return framing.reply_error(
+                "CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'", rid, has_id)
+        cmd = self._commands.get(req.name)
+        if cmd is None:
+            return framing.reply_error("CommandNotFound", f"The command {req.name} has not been found", rid, has_id)
+        try:
+            args = cmd.args.check(req.arguments)
+            result = await cmd.handler(**{k.replace("-", "_"): v for k, v in args.items()})
+            reply = framing.reply_return(result, rid, has_id)
+            framing.encode(reply)  # fail here, not in the writer, if not JSON-able
+            return reply
+        except CommandError as e:
+            return framing.reply_error(e.class_, e.desc, rid, has_id)
+        except NBDBackupError as e:
+            return framing.reply_error("GenericError", str(e) or type(e).__name__, rid, has_id)
+        except OSError as e:
+            return framing.reply_error("GenericError", _oserror_text(e), rid, has_id)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return framing.reply_error("GenericError", f"command {req.name} was cancelled", rid, has_id)
+        except Exception as e:
+            log.exception("control command %s failed", req.name)
+            return framing.reply_error("GenericError", f"internal error in {req.name}: {e or type(e).__name__}", rid, has_id)
+
+
+def _oserror_text(e: OSError) -> str:
+    if e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if e.errno:
+        return os.strerror(e.errno)
+    return str(e) or "I/O error"
+
+
+def _check_signature(name: str, handler: Handler, args: Struct) -> None:
+    """Fail at registration, not at first use, if HANDLER cannot take ARGS."""
+    try:
+        sig = inspect.signature(handler)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for member in args.members:
+        kw = member.replace("-", "_")
+        p = params.get(kw)
+        if p is None or p.kind not in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            raise TypeError(f"handler for {name} does not accept keyword {kw!r}")
+    for kw, p in params.items():
+        if p.default is inspect.Parameter.empty and p.kind in (
+                inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            member = next((m for m in args.members if m.replace("-", "_") == kw), None)
+            if member is None or args.members[member][1]:
+                raise TypeError(f"handler for {name}: parameter {kw!r} needs a default (optional or unknown member)")
+
+
+def _clear_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"control socket {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # nobody listens: stale
+        return
+    except OSError as e:
+        raise ConfigError(f"control socket {path}: {e.strerror or e}") from e
+    finally:
+        probe.close()
+    raise ConfigError(f"control socket {path}: already in use by a running server")
+
+
+class _Session:
+    """One connected client.  Fields:
+
+    - ``negotiated``: ``qmp_capabilities`` succeeded (commands and events allowed);
+    - ``_requests``: parsed requests waiting for the dispatcher (bounded), None = stop;
+    - ``_out``: encoded messages waiting for the writer, None = stop;
+    - ``_dead``: the socket failed or was aborted -- nothing more is read,
+      run or written;
+    - ``task``: the connection task running `run` (cancelled by server close).
+    """
+
+    def __init__(self, server: QMPServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.negotiated = False
+        self.task: asyncio.Task | None = None
+        self._requests: asyncio.Queue[framing.Request | None] = asyncio.Queue(MAX_QUEUED)
+        self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._dead = False
+
+    def send(self, data: bytes) -> None:
+        if self._dead:
+            return
+        if self._out.qsize() >= MAX_OUTPUT_BACKLOG:
+            log.warning("control client is not reading; disconnecting it")
+            self.abort()
+            return
+        self._out.put_nowait(data)
+
+    def abort(self) -> None:
+        if not self._dead:
+            self._dead = True
+            self.writer.transport.abort()
+        self._out.put_nowait(None)
+
+    async def run(self) -> None:
+        self.send(framing.encode({"QMP": {"version": self.server.version, "capabilities": []}}))
+        writer_task = asyncio.create_task(self._write_loop(), name="qmp-writer")
+        dispatch_task = asyncio.create_task(self._dispatch_loop(), name="qmp-dispatch")
+        try:
+            await self._read_loop()
+            await self._requests.put(None)
+            await dispatch_task
+            self._out.put_nowait(None)
+            await writer_task
+        finally:
+            for t in (writer_task, dispatch_task):
+                t.cancel()
+            await asyncio.gather(writer_task, dispatch_task, return_exceptions=True)
+            self.writer.close()
+
+    async def _read_loop(self) -> None:
+        splitter = framing.JSONSplitter()
+        while not self._dead:
+            try:
+                data = await self.reader.read(READ_CHUNK)
+            except (ConnectionError, OSError):
+                return
+            if not data:
+                return
+            for item in splitter.feed(data):
+                if isinstance(item, framing.ParseError):
+                    self.send(framing.encode(framing.reply_error("GenericError", item.desc)))
+                    continue
+                try:
+                    req = framing.check_request(item)
+                except framing.RequestError as e:
+                    self.send(framing.encode(framing.reply_error(e.class_, e.desc, e.id, e.has_id)))
+                    continue
+                await self._requests.put(req)
+            if splitter.broken:
+                self._out.put_nowait(None)  # the error reply goes out, then we hang up
+                return
+
+    async def _dispatch_loop(self) -> None:
+        # Runs until the reader's None, even once dead (then dropping requests),
+        # so that the reader can never block on a full queue.
+        while (req := await self._requests.get()) is not None:
+            if self._dead:
+                continue
+            reply = await self.server.dispatch(self, req)
+            self.send(framing.encode(reply))
+
+    async def _write_loop(self) -> None:
+        while True:
+            data = await self._out.get()
+            if data is None or self._dead:
+                break
+            try:
+                self.writer.write(data)
+                await self.writer.drain()
+            except (ConnectionError, OSError):
+                self._dead = True
+                break
+        with contextlib.suppress(Exception):
+            if not self._dead and self.writer.can_write_eof():
+                self.writer.write_eof()
