@@ -1,0 +1,591 @@
+"""Asyncio NBD client: moves bytes between a socket and `client_protocol`.
+
+Role: `connect` opens one connection to an export (``nbd://`` or
+``nbd+unix://``), runs the sans-IO `Handshake`, and returns a `Client` whose
+methods send requests and await their replies.  `list_exports` and
+`list_meta_contexts` run a handshake that ends with OPT_ABORT.
+
+Design (after qemu.qmp's protocol base):
+- One `asyncio.BufferedProtocol` per connection is the only reader: the
+  transport receives straight into the buffers `Transmission.get_buffer`
+  hands out, so READ payloads land in the caller's memory with no copy.
+- Writes are serialised: a request is written whole (header, then payload)
+  by one synchronous ``transport.write`` sequence, so requests never
+  interleave on the wire; WRITE requests wait for ``resume_writing`` when
+  the transport buffer is full.
+- Requests in flight are bounded by a semaphore (``max_in_flight``); each
+  has a future in ``_futures`` keyed by cookie.
+- Errors: a server error reply raises `OSError(errno)` for that request only;
+  a dead connection fails every pending request with `ConnectionClosed`; a
+  protocol violation by the server fails them with `RemoteProtocolError` and
+  closes the connection.  `asyncio.CancelledError` is never wrapped.  A
+  cancelled or timed-out request is abandoned (its reply is parsed and
+  dropped; it never writes into the caller's buffer afterwards) and the
+  connection stays usable.
+
+Block sizes (proto.md "Block size constraints"): requests are split at the
+server's maximum (32 MiB when it gives none).  With a minimum above 1,
+unaligned READs are widened to aligned bounds through a bounce buffer
+(harmless); unaligned WRITE and WRITE_ZEROES fail with EINVAL (a
+read-modify-write would race with other writers); TRIM, being advisory, is
+shrunk to its aligned interior; BLOCK_STATUS and CACHE are widened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Sequence
+
+from ..blockdev.base import BASE_ALLOCATION, Buffer, Extent
+from ..errors import ConnectionClosed, LocalProtocolError, NBDBackupError, RemoteProtocolError
+from . import client_protocol as cp
+from .client_protocol import BlockSizes, ExportInfo, Handshake, HandshakePlan, Mode, Reply, Transmission
+from .uri import NBDURI, parse_uri
+from .wire import Cmd, CmdFlag, TransmissionFlag
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+__all__ = [
+    "Client",
+    "connect",
+    "list_exports",
+    "list_meta_contexts",
+    "ExportInfo",
+    "BlockSizes",
+]
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """The per-connection asyncio protocol.
+
+    Fields: ``transport``; ``hs`` (the `Handshake`, until done);
+    ``hs_done`` (future: the handshake's outcome); ``tx`` (the
+    `Transmission`, after the handshake); ``futures`` (cookie -> future of a
+    `Reply`); ``closed`` (future set when the connection is lost);
+    ``error`` (why the connection is unusable, or None); ``_can_write``
+    (event, cleared while the transport pauses writing).
+    """
+
+    def __init__(self, hs: Handshake) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.hs: Handshake | None = hs
+        self.hs_done: asyncio.Future[None] = loop.create_future()
+        self.tx: Transmission | None = None
+        self.futures: dict[int, asyncio.Future[Reply]] = {}
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.error: BaseException | None = None
+        self._hsbuf = bytearray(64 * 1024)
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    # -- asyncio callbacks ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._flush_handshake()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.tx is not None:
+            return self.tx.get_buffer(sizehint)
+        return memoryview(self._hsbuf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        tx = self.tx
+        try:
+            if tx is None:
+                self._handshake_data(bytes(self._hsbuf[:nbytes]))
+                return
+            tx.buffer_updated(nbytes)
+        except (RemoteProtocolError, LocalProtocolError) as e:
+            self._fail(e if isinstance(e, RemoteProtocolError) else RemoteProtocolError(str(e)))
+            return
+        except NBDBackupError as e:  # OptionError during the handshake
+            self._fail(e)
+            return
+        if tx.events:
+            self._dispatch(tx.events)
+
+    def eof_received(self) -> bool | None:
+        try:
+            if self.tx is not None:
+                self.tx.receive_eof()
+            elif self.hs is not None:
+                self.hs.receive_data(b"")
+        except NBDBackupError as e:
+            self._fail(e)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            msg = "connection closed by the server" if exc is None else f"connection lost: {exc}"
+            self.error = ConnectionClosed(msg)
+            if exc is not None:
+                self.error.__cause__ = exc
+        if not self.hs_done.done():
+            self.hs_done.set_exception(_clone(self.error))
+        for fut in self.futures.values():
+            if not fut.done():
+                fut.set_exception(_clone(self.error))
+        self.futures.clear()
+        self._can_write.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _dispatch(self, events: list[Reply]) -> None:
+        futures = self.futures
+        for ev in events:
+            fut = futures.pop(ev.cookie, None)
+            if fut is None or fut.done():
+                continue  # abandoned
+            if ev.error:
+                fut.set_exception(OSError(ev.error, ev.message or errno.errorcode.get(ev.error, "error")))
+            else:
+                fut.set_result(ev)
+        events.clear()
+
+    def _flush_handshake(self) -> None:
+        assert self.hs is not None and self.transport is not None
+        out = self.hs.data_to_send()
+        if out:
+            self.transport.write(out)
+
+    def _handshake_data(self, data: bytes) -> None:
+        hs = self.hs
+        assert hs is not None
+        hs.receive_data(data)
+        self._flush_handshake()
+        if hs.done and not self.hs_done.done():
+            self.hs_done.set_result(None)
+
+    def _fail(self, err: BaseException) -> None:
+        """The connection is unusable: remember why and close it."""
+        if self.error is None:
+            self.error = err
+        if not self.hs_done.done():
+            self.hs_done.set_exception(_clone(err))
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _clone(err: BaseException) -> BaseException:
+    """A fresh exception like ``err`` for each waiter (tracebacks don't pile up)."""
+    if isinstance(err, ConnectionClosed):
+        new: BaseException = ConnectionClosed(str(err))
+    elif isinstance(err, RemoteProtocolError):
+        new = RemoteProtocolError(str(err))
+    else:
+        return err
+    new.__cause__ = err.__cause__ if err.__cause__ is not None else None
+    return new
+
+
+async def _open(uri: str | NBDURI, plan_export: str | None, make_plan, connect_timeout: float | None) -> tuple[_Conn, NBDURI, Handshake]:
+    u = parse_uri(uri) if isinstance(uri, str) else uri
+    export = u.export if plan_export is None else plan_export
+    hs = Handshake(make_plan(export))
+    loop = asyncio.get_running_loop()
+    conn_holder: list[_Conn] = []
+
+    def factory() -> _Conn:
+        c = _Conn(hs)
+        conn_holder.append(c)
+        return c
+
+    async def run() -> _Conn:
+        if u.transport == "unix":
+            _, conn = await loop.create_unix_connection(factory, u.socket)
+        else:
+            _, conn = await loop.create_connection(factory, u.host, u.port)
+        await conn.hs_done
+        return conn
+
+    try:
+        conn = await asyncio.wait_for(run(), connect_timeout)
+    except asyncio.TimeoutError:
+        for c in conn_holder:
+            if c.transport is not None:
+                c.transport.abort()
+        raise TimeoutError(f"{u}: connect/handshake timed out after {connect_timeout} s") from None
+    except BaseException:
+        for c in conn_holder:
+            if c.transport is not None:
+                c.transport.abort()
+        raise
+    return conn, u, hs
+
+
+class Client:
+    """One connection in the transmission phase.
+
+    Fields (read-only for users): ``uri``; ``export`` (`ExportInfo`:
+    ``name``, ``size``, ``flags``, ``block_sizes``, ``description``);
+    ``meta_contexts`` (agreed context name -> id); ``structured``;
+    ``request_timeout``; ``_conn``; ``_tx``; ``_sem`` (bounds requests in
+    flight); ``_max`` (largest READ/WRITE/CACHE length); ``_closing``.
+    """
+
+    def __init__(self, conn: _Conn, uri: NBDURI, hs: Handshake, request_timeout: float | None, max_in_flight: int) -> None:
+        res = hs.result
+        assert res.export is not None and res.export.size is not None and res.export.flags is not None
+        self.uri = uri
+        self.export: ExportInfo = res.export
+        self.meta_contexts: dict[str, int] = dict(res.meta_contexts)
+        self.structured = res.structured
+        self.fallback = res.fallback
+        self.request_timeout = request_timeout
+        self._conn = conn
+        self._tx = Transmission(res.structured, res.meta_contexts.values())
+        conn.tx = self._tx
+        conn.hs = None
+        self._sem = asyncio.Semaphore(max_in_flight)
+        bs = self.export.block_sizes
+        self._min = bs.minimum
+        mx = min(bs.maximum, cp.DEFAULT_MAX_BLOCK if not bs.advertised else bs.maximum)
+        self._max = max(bs.minimum, mx - mx % bs.minimum)
+        self._closing = False
+
+    # -- properties -------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        assert self.export.size is not None
+        return self.export.size
+
+    @property
+    def flags(self) -> TransmissionFlag:
+        assert self.export.flags is not None
+        return self.export.flags
+
+    @property
+    def block_sizes(self) -> BlockSizes:
+        return self.export.block_sizes
+
+    def can(self, flag: TransmissionFlag) -> bool:
+        return bool(self.flags & flag)
+
+    @property
+    def read_only(self) -> bool:
+        return self.can(TransmissionFlag.READ_ONLY)
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.error is not None or self._closing
+
+    # -- core -------------------------------------------------------------------
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._conn.error is not None:
+            raise _clone(self._conn.error)
+        if self._closing:
+            raise ConnectionClosed("client disconnected")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"range ({offset}, {length}) outside the export of {self.size} bytes")
+
+    async def _submit(self, cmd: int, flags: int, offset: int, length: int,
+                      buf: memoryview | None = None, payload: Buffer | None = None) -> Reply:
+        async with self._sem:
+            conn = self._conn
+            if conn.error is not None:
+                raise _clone(conn.error)
+            if payload is not None and not conn._can_write.is_set():
+                await conn._can_write.wait()
+                if conn.error is not None:
+                    raise _clone(conn.error)
+            fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            cookie, hdr = self._tx.request(cmd, flags, offset, length, buf)
+            conn.futures[cookie] = fut
+            transport = conn.transport
+            assert transport is not None
+            if payload is None:
+                transport.write(hdr)
+            elif length <= 64 * 1024:
+                transport.write(hdr + bytes(payload))
+            else:
+                transport.write(hdr)
+                transport.write(payload)
+            try:
+                if self.request_timeout is None:
+                    return await fut
+                try:
+                    return await asyncio.wait_for(fut, self.request_timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"NBD request {Cmd(cmd).name} ({offset}, {length}) timed out "
+                                       f"after {self.request_timeout} s") from None
+            finally:
+                if not fut.done() or fut.cancelled():
+                    self._tx.abandon(cookie)
+                    fut.cancel()
+
+    def _check_cmd(self, flag: TransmissionFlag, what: str) -> None:
+        if not self.can(flag):
+            raise OSError(errno.ENOTSUP, f"server does not support {what}")
+
+    def _check_write(self) -> None:
+        if self.read_only:
+            raise OSError(errno.EPERM, "export is read-only")
+
+    # -- public API ---------------------------------------------------------------
+
+    async def pread(self, buf: Buffer | int, offset: int, flags: int = 0) -> Buffer:
+        """Read into ``buf`` (or a new bytearray of ``buf`` bytes) at ``offset``; return it."""
+        out: Buffer = bytearray(buf) if isinstance(buf, int) else buf
+        mv = memoryview(out).cast("B")
+        if mv.readonly:
+            raise TypeError("pread needs a writable buffer")
+        length = len(mv)
+        self._check(offset, length)
+        if length == 0:
+            return out
+        m = self._min
+        if offset % m or length % m:
+            # Widen to aligned bounds through a bounce buffer.
+            start = offset - offset % m
+            end = min(-(-(offset + length) // m) * m, self.size)
+            bounce = memoryview(bytearray(end - start))
+            await self._pread_aligned(bounce, start, flags)
+            mv[:] = bounce[offset - start : offset - start + length]
+            return out
+        await self._pread_aligned(mv, offset, flags)
+        return out
+
+    async def _pread_aligned(self, mv: memoryview, offset: int, flags: int) -> None:
+        step = self._max
+        length = len(mv)
+        if length <= step:
+            await self._submit(Cmd.READ, flags, offset, length, mv)
+            return
+        await asyncio.gather(*(self._submit(Cmd.READ, flags, offset + p, min(step, length - p), mv[p : p + step])
+                               for p in range(0, length, step)))
+
+    async def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
+        """Write all of ``buf`` at ``offset`` (FUA: durable on return)."""
+        mv = memoryview(buf).cast("B")
+        length = len(mv)
+        self._check(offset, length)
+        self._check_write()
+        if length == 0:
+            return
+        flags = self._fua(fua)
+        self._aligned_or_einval(offset, length)
+        step = self._max
+        if length <= step:
+            await self._submit(Cmd.WRITE, flags, offset, length, payload=mv)
+            return
+        await asyncio.gather(*(self._submit(Cmd.WRITE, flags, offset + p, min(step, length - p), payload=mv[p : p + step])
+                               for p in range(0, length, step)))
+
+    def _fua(self, fua: bool) -> int:
+        if not fua:
+            return 0
+        if self.can(TransmissionFlag.SEND_FUA):
+            return CmdFlag.FUA
+        raise OSError(errno.ENOTSUP, "server does not support FUA")
+
+    def _aligned_or_einval(self, offset: int, length: int) -> None:
+        m = self._min
+        if offset % m or length % m:
+            raise OSError(errno.EINVAL, f"request ({offset}, {length}) not aligned to the server's minimum block size {m}")
+
+    def _big_steps(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Split a range for commands without payload (u32 length limit)."""
+        step = cp.MAX_LENGTH - cp.MAX_LENGTH % max(self._min, 1 << 20)
+        return [(offset + p, min(step, length - p)) for p in range(0, length, step)]
+
+    async def zero(self, offset: int, length: int, no_hole: bool = False, fast: bool = False, fua: bool = False) -> None:
+        """WRITE_ZEROES; ``no_hole``: keep it allocated; ``fast``: fail with ENOTSUP unless cheap."""
+        self._check(offset, length)
+        self._check_write()
+        self._check_cmd(TransmissionFlag.SEND_WRITE_ZEROES, "WRITE_ZEROES")
+        if length == 0:
+            return
+        flags = self._fua(fua)
+        if no_hole:
+            flags |= CmdFlag.NO_HOLE
+        if fast:
+            self._check_cmd(TransmissionFlag.SEND_FAST_ZERO, "fast zero")
+            flags |= CmdFlag.FAST_ZERO
+        self._aligned_or_einval(offset, length)
+        await asyncio.gather(*(self._submit(Cmd.WRITE_ZEROES, flags, o, n) for o, n in self._big_steps(offset, length)))
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """TRIM (advisory); an unaligned range is shrunk to its aligned interior."""
+        self._check(offset, length)
+        self._check_write()
+        self._check_cmd(TransmissionFlag.SEND_TRIM, "TRIM")
+        m = self._min
+        start = -(-offset // m) * m
+        end = (offset + length) // m * m
+        if end <= start:
+            return
+        flags = self._fua(fua)
+        await asyncio.gather(*(self._submit(Cmd.TRIM, flags, o, n) for o, n in self._big_steps(start, end - start)))
+
+    async def flush(self) -> None:
+        self._check(0, 0)
+        self._check_cmd(TransmissionFlag.SEND_FLUSH, "FLUSH")
+        await self._submit(Cmd.FLUSH, 0, 0, 0)
+
+    async def cache(self, offset: int, length: int) -> None:
+        """CACHE (advisory prefetch); widened to aligned bounds."""
+        self._check(offset, length)
+        self._check_cmd(TransmissionFlag.SEND_CACHE, "CACHE")
+        start, end = self._widen(offset, length)
+        step = self._max
+        await asyncio.gather(*(self._submit(Cmd.CACHE, 0, o, min(step, end - o)) for o in range(start, end, step)))
+
+    def _widen(self, offset: int, length: int) -> tuple[int, int]:
+        m = self._min
+        return offset - offset % m, min(-(-(offset + length) // m) * m, self.size)
+
+    async def block_status(self, offset: int, length: int, context: str = BASE_ALLOCATION,
+                           req_one: bool = False) -> list[Extent]:
+        """Extents of ``context`` covering ``(offset, length)``, merged.
+
+        Short replies are continued with further requests; an extent running
+        past the range (allowed for the last one) is clipped.  With
+        ``req_one`` only the first extent is returned.
+
+        ::
+
+            request       [offset ........................ end)
+            reply 1       [e1  ][e2    ][e3 ]                        (short)
+            reply 2                         [e4        ][e5 .........](long)
+            result        [e1  ][e2+e3 ....][e4        ][e5 ....]    (equal flags merged,
+                                                                      last clipped)
+        """
+        self._check(offset, length)
+        cid = self.meta_contexts.get(context)
+        if cid is None:
+            raise OSError(errno.ENOTSUP if not self.meta_contexts else errno.EINVAL,
+                          f"meta context {context!r} was not negotiated")
+        out: list[Extent] = []
+        end = offset + length
+        pos = offset
+        flags = CmdFlag.REQ_ONE if req_one else 0
+        while pos < end:
+            start, stop = self._widen(pos, min(end - pos, cp.MAX_LENGTH - cp.MAX_LENGTH % max(self._min, 1 << 20)))
+            reply = await self._submit(Cmd.BLOCK_STATUS, flags, start, stop - start)
+            assert reply.extents is not None
+            descs = reply.extents.get(cid)
+            if not descs:
+                raise OSError(errno.EIO, f"server sent no extents for {context!r}")
+            at = start
+            for n, f in descs:
+                if n == 0:
+                    continue
+                e_start, e_end = max(at, pos), min(at + n, end)
+                at += n
+                if e_end > e_start:
+                    if out and out[-1].flags == f and out[-1].end == e_start:
+                        out[-1] = Extent(out[-1].offset, out[-1].length + e_end - e_start, f)
+                    else:
+                        out.append(Extent(e_start, e_end - e_start, f))
+                if at >= end:
+                    break
+            if at <= pos:
+                raise OSError(errno.EIO, f"server made no progress in BLOCK_STATUS at {pos}")
+            pos = at
+            if req_one:
+                break
+        return out
+
+    async def disconnect(self) -> None:
+        """Wait for requests in flight, send CMD_DISC and close."""
+        if self._closing:
+            await self._conn.closed
+            return
+        self._closing = True
+        conn = self._conn
+        pending = [f for f in conn.futures.values() if not f.done()]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if conn.error is None and conn.transport is not None:
+            try:
+                _, hdr = self._tx.request(Cmd.DISC, 0, 0, 0)
+                conn.transport.write(hdr)
+                if conn.transport.can_write_eof():
+                    conn.transport.write_eof()
+            except (LocalProtocolError, OSError, RuntimeError):
+                pass
+            conn.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.closed), 5)
+        except asyncio.TimeoutError:
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    close = disconnect
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.disconnect()
+
+
+async def connect(
+    uri: str | NBDURI,
+    *,
+    export: str | None = None,
+    meta_contexts: Sequence[str] = (),
+    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    request_timeout: float | None = None,
+    max_in_flight: int = 64,
+) -> Client:
+    """Connect to ``uri`` and enter transmission on its export.
+
+    ``export`` overrides the URI's export name.  ``meta_contexts``: names to
+    select (a name ending in ':' is a query listed first, e.g.
+    ``qemu:dirty-bitmap:``); ``Client.meta_contexts`` says what the server
+    agreed to.  Raises `OptionError` if the server refuses the export,
+    `RemoteProtocolError`, `ConnectionClosed`, `TimeoutError` or `OSError`.
+    """
+    if max_in_flight < 1:
+        raise ValueError("max_in_flight must be >= 1")
+    metas = tuple(meta_contexts)
+    conn, u, hs = await _open(uri, export, lambda e: HandshakePlan(Mode.GO, e, metas), connect_timeout)
+    return Client(conn, u, hs, request_timeout, max_in_flight)
+
+
+async def _run_and_close(conn: _Conn) -> None:
+    if conn.transport is not None:
+        conn.transport.close()
+    try:
+        await asyncio.wait_for(asyncio.shield(conn.closed), 5)
+    except asyncio.TimeoutError:
+        if conn.transport is not None:
+            conn.transport.abort()
+
+
+async def list_exports(uri: str | NBDURI, *, connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT) -> list[ExportInfo]:
+    """OPT_LIST, then OPT_INFO for each export (size, flags, block sizes, description)."""
+    conn, _, hs = await _open(uri, "", lambda e: HandshakePlan(Mode.LIST, e), connect_timeout)
+    await _run_and_close(conn)
+    return hs.result.exports
+
+
+async def list_meta_contexts(uri: str | NBDURI, queries: Sequence[str] = (), *, export: str | None = None,
+                             connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT) -> list[str]:
+    """OPT_LIST_META_CONTEXT for the URI's export (``queries`` empty = the server's default list)."""
+    qs = tuple(queries)
+    conn, _, hs = await _open(uri, export, lambda e: HandshakePlan(Mode.META, e, qs), connect_timeout)
+    await _run_and_close(conn)
+    return hs.result.listed_meta_contexts
