@@ -1,0 +1,62 @@
+"""``nbdbackup export list|add|del``: the exports of a running server.
+
+Maps onto QMP ``query-block-exports``, ``block-export-add`` and
+``block-export-del`` (see `nbdbackup.control.schema`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..control import cliutil
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="list, add and remove exports of a running server",
+                       description="List, add and remove the NBD exports of a running 'nbdbackup serve'.")
+    esub = p.add_subparsers(dest="export_command", metavar="ACTION", required=True)
+
+    q = esub.add_parser("list", help="list exports (query-block-exports)")
+    cliutil.add_control_arguments(q)
+    q.set_defaults(func=cmd_list)
+
+    a = esub.add_parser("add", help="export a disk (block-export-add)")
+    a.add_argument("name", metavar="NAME", help="export name clients will ask for")
+    a.add_argument("spec", metavar="SPEC", help="a raw file path, memory:SIZE or an NBD URI")
+    a.add_argument("--read-only", "-r", action="store_true", default=None, help="refuse writes")
+    cliutil.add_control_arguments(a)
+    a.set_defaults(func=cmd_add)
+
+    d = esub.add_parser("del", help="remove an export (block-export-del)")
+    d.add_argument("name", metavar="NAME", help="export name")
+    cliutil.add_control_arguments(d)
+    d.set_defaults(func=cmd_del)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    exports = cliutil.call(args, "query-block-exports")
+    if args.json:
+        cliutil.print_json(exports)
+        return 0
+    rows = []
+    for e in exports:
+        row = dict(e)
+        if isinstance(e.get("size"), int):
+            row["size"] = cliutil.fmt_size(e["size"])
+        rows.append(row)
+    cliutil.print_table(rows, [("name", "NAME"), ("spec", "SPEC"), ("size", "SIZE"), ("read-only", "READ-ONLY"),
+                               ("snapshot", "SNAPSHOT")])
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    arguments = {"name": args.name, "spec": args.spec}
+    if args.read_only is not None:
+        arguments["read-only"] = args.read_only
+    result = cliutil.call(args, "block-export-add", arguments)
+    return cliutil.done(args, result, f"export {args.name} added")
+
+
+def cmd_del(args: argparse.Namespace) -> int:
+    result = cliutil.call(args, "block-export-del", {"name": args.name})
+    return cliutil.done(args, result, f"export {args.name} removed")
