@@ -334,7 +334,8 @@ class ServerConnection:
     # ------------------------------------------------------------ handshake
 
     def _client_flags(self, flags: int) -> None:
-        known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+        known = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
+        # int masks: ~ on an IntFlag only inverts within its defined members.
         if flags & ~known:
             # proto.md: a server MUST close if it sees unknown client flags.
             self._violation(f"unknown client flags {flags:#x}")
@@ -530,7 +531,7 @@ class ServerConnection:
         if magic != wire.REQUEST_MAGIC:
             self._violation(f"bad request magic {magic:#x}")
             return
-        req = Request(cookie, cmd, CmdFlag(flags), offset, length)
+        req = Request(cookie, cmd, CmdFlag(flags & 0xFFFF), offset, length)
         if cmd == Cmd.WRITE:
             if length > self.max_payload:
                 # We cannot skip an oversize payload safely: end the connection.
@@ -577,7 +578,7 @@ class ServerConnection:
         allowed = _ALLOWED_FLAGS.get(c)
         if allowed is None:
             return fail(errno.EINVAL, f"command {c.name} is not supported")
-        if req.flags & ~allowed:
+        if int(req.flags) & ~int(allowed):
             return fail(errno.EINVAL, f"flags {int(req.flags):#x} not allowed on {c.name}")
         if req.flags & CmdFlag.FUA and not tflags & TransmissionFlag.SEND_FUA:
             return fail(errno.EINVAL, "FUA was not advertised")
@@ -593,14 +594,14 @@ class ServerConnection:
             if not tflags & TransmissionFlag.SEND_FLUSH:
                 return fail(errno.EINVAL, "FLUSH was not advertised")
             return
+        if writes and ro:
+            return fail(errno.EPERM, "export is read-only")
         if c == Cmd.TRIM and not tflags & TransmissionFlag.SEND_TRIM:
             return fail(errno.EINVAL, "TRIM was not advertised")
         if c == Cmd.WRITE_ZEROES and not tflags & TransmissionFlag.SEND_WRITE_ZEROES:
             return fail(errno.EINVAL, "WRITE_ZEROES was not advertised")
         if c == Cmd.CACHE and not tflags & TransmissionFlag.SEND_CACHE:
             return fail(errno.EINVAL, "CACHE was not advertised")
-        if writes and ro:
-            return fail(errno.EPERM, "export is read-only")
         if c == Cmd.BLOCK_STATUS:
             if not self.structured or not self.contexts:
                 return fail(errno.EINVAL, "BLOCK_STATUS needs a negotiated meta context")

@@ -1,0 +1,372 @@
+"""Unit tests of the sans-IO server protocol (no I/O): bytes in small slices, events out."""
+
+from __future__ import annotations
+
+import errno
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nbdbackup.nbd import wire
+from nbdbackup.nbd.protocol import (
+    Disconnect,
+    ExportInfo,
+    HandshakeDone,
+    ProtocolViolation,
+    Request,
+    ServerConnection,
+    State,
+    transmission_flags,
+)
+from nbdbackup.nbd.wire import Cmd, CmdFlag, Info, Opt, Rep, TransmissionFlag
+
+RW_FLAGS = transmission_flags(read_only=False, can_flush=True, can_fua=True, can_trim=True, can_zero=True,
+                              can_fast_zero=False, can_cache=True, can_multi_conn=True)
+RO_FLAGS = transmission_flags(read_only=True, can_flush=True, can_fua=True, can_trim=True, can_zero=True,
+                              can_fast_zero=False, can_cache=True, can_multi_conn=True)
+
+EXPORTS = {
+    "disk": ExportInfo("disk", 1 << 20, RW_FLAGS, description="the disk",
+                       meta_contexts=("base:allocation", "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1")),
+    "ro": ExportInfo("ro", 4096, RO_FLAGS),
+}
+
+
+def make() -> ServerConnection:
+    return ServerConnection(EXPORTS.get, lambda: list(EXPORTS.values()))
+
+
+def feed(conn: ServerConnection, data: bytes, rng: random.Random | None = None) -> None:
+    """Feed ``data`` in random 1..10-byte slices (h11's habit)."""
+    rng = rng or random.Random(len(data))
+    pos = 0
+    while pos < len(data):
+        n = rng.randint(1, 10)
+        conn.receive_data(data[pos:pos + n])
+        pos += n
+
+
+def events(conn: ServerConnection) -> list:
+    out = []
+    while (ev := conn.next_event()) is not None:
+        out.append(ev)
+    return out
+
+
+def parse_option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        magic, opt, rep, length = wire.OPTION_REPLY.unpack_from(data, pos)
+        assert magic == wire.OPTION_REPLY_MAGIC
+        pos += wire.OPTION_REPLY.size
+        out.append((opt, rep, data[pos:pos + length]))
+        pos += length
+    assert pos == len(data)
+    return out
+
+
+def greet(conn: ServerConnection, flags: int = 3) -> None:
+    greeting = conn.data_to_send()
+    assert greeting == wire.SERVER_GREETING.pack(wire.NBDMAGIC, wire.IHAVEOPT, 3)
+    feed(conn, struct.pack(">I", flags))
+
+
+def go_payload(name: str, infos=(Info.BLOCK_SIZE,)) -> bytes:
+    return wire.pack_string(name) + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos)
+
+
+def meta_payload(name: str, queries: list[str]) -> bytes:
+    return wire.pack_string(name) + struct.pack(">I", len(queries)) + b"".join(wire.pack_string(q) for q in queries)
+
+
+def to_transmission(structured: bool = True, export: str = "disk", contexts=("base:allocation",)) -> ServerConnection:
+    conn = make()
+    greet(conn)
+    msgs = b""
+    if structured:
+        msgs += wire.pack_option(Opt.STRUCTURED_REPLY)
+        if contexts:
+            msgs += wire.pack_option(Opt.SET_META_CONTEXT, meta_payload(export, list(contexts)))
+    msgs += wire.pack_option(Opt.GO, go_payload(export))
+    feed(conn, msgs)
+    evs = events(conn)
+    assert isinstance(evs[-1], HandshakeDone)
+    conn.data_to_send()
+    return conn
+
+
+def test_greeting_and_go_in_tiny_slices():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.GO, go_payload("disk", (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE))))
+    evs = events(conn)
+    assert len(evs) == 1 and isinstance(evs[0], HandshakeDone)
+    assert evs[0].export.name == "disk" and not evs[0].structured
+    replies = parse_option_replies(conn.data_to_send())
+    assert [r[1] for r in replies] == [Rep.INFO] * 4 + [Rep.ACK]
+    infos = {struct.unpack(">H", r[2][:2])[0]: r[2] for r in replies[:-1]}
+    assert infos[Info.NAME][2:] == b"disk"
+    assert infos[Info.DESCRIPTION][2:] == b"the disk"
+    _, size, flags = wire.INFO_EXPORT.unpack(infos[Info.EXPORT])
+    assert size == 1 << 20 and flags == RW_FLAGS
+    assert wire.INFO_BLOCK_SIZE.unpack(infos[Info.BLOCK_SIZE])[1:] == (1, 4096, wire.MAX_PAYLOAD)
+    assert conn.state is State.TRANSMISSION
+
+
+def test_unknown_client_flags_close():
+    conn = make()
+    greet(conn, flags=0x80)
+    assert isinstance(events(conn)[0], ProtocolViolation)
+    assert conn.state is State.CLOSED
+
+
+def test_unknown_option_gets_unsup_and_negotiation_goes_on():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(200, b"xyz") + wire.pack_option(Opt.STARTTLS)
+         + wire.pack_option(Opt.EXTENDED_HEADERS) + wire.pack_option(Opt.LIST))
+    replies = parse_option_replies(conn.data_to_send())
+    assert replies[0][:2] == (200, Rep.ERR_UNSUP)
+    assert replies[1][:2] == (Opt.STARTTLS, Rep.ERR_UNSUP)
+    assert replies[2][:2] == (Opt.EXTENDED_HEADERS, Rep.ERR_UNSUP)
+    servers = [r for r in replies[3:] if r[1] == Rep.SERVER]
+    names = [r[2][4:4 + struct.unpack(">I", r[2][:4])[0]].decode() for r in servers]
+    assert names == ["disk", "ro"]
+    assert replies[-1][:2] == (Opt.LIST, Rep.ACK)
+    assert events(conn) == []
+
+
+def test_list_with_data_and_starttls_with_data_are_invalid():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.LIST, b"x") + wire.pack_option(Opt.STARTTLS, b"y"))
+    replies = parse_option_replies(conn.data_to_send())
+    assert [r[1] for r in replies] == [Rep.ERR_INVALID, Rep.ERR_INVALID]
+
+
+def test_info_unknown_export_and_malformed_payloads():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.INFO, go_payload("nope"))
+         + wire.pack_option(Opt.GO, b"\x00\x00\x00\x09ab")  # name longer than payload
+         + wire.pack_option(Opt.GO, wire.pack_string("disk") + b"\x00\x02\x00\x03"))  # count mismatch
+    replies = parse_option_replies(conn.data_to_send())
+    assert [r[1] for r in replies] == [Rep.ERR_UNKNOWN, Rep.ERR_INVALID, Rep.ERR_INVALID]
+    assert conn.state is State.OPTION_HEADER
+
+
+def test_info_does_not_enter_transmission_and_empty_name_is_default():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.INFO, go_payload("")))
+    assert events(conn) == []
+    replies = parse_option_replies(conn.data_to_send())
+    assert replies[-1][1] == Rep.ACK
+    feed(conn, wire.pack_option(Opt.GO, go_payload("")))
+    ev = events(conn)[0]
+    assert isinstance(ev, HandshakeDone) and ev.export.name == "disk"
+
+
+def test_bad_option_magic_and_oversize_option_close():
+    conn = make()
+    greet(conn)
+    feed(conn, struct.pack(">QII", 0x1234, Opt.LIST, 0))
+    assert isinstance(events(conn)[0], ProtocolViolation)
+    conn = make()
+    greet(conn)
+    feed(conn, struct.pack(">QII", wire.IHAVEOPT, Opt.GO, wire.MAX_OPTION_LENGTH + 1))
+    assert isinstance(events(conn)[0], ProtocolViolation)
+
+
+def test_abort_acks_and_disconnects():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.ABORT) + wire.pack_option(Opt.LIST))
+    assert isinstance(events(conn)[0], Disconnect)
+    replies = parse_option_replies(conn.data_to_send())
+    assert replies == [(Opt.ABORT, Rep.ACK, b"")]  # nothing parsed after ABORT
+
+
+@pytest.mark.parametrize("no_zeroes", [True, False])
+def test_export_name(no_zeroes):
+    conn = make()
+    greet(conn, flags=3 if no_zeroes else 1)
+    feed(conn, wire.pack_option(Opt.EXPORT_NAME, b"ro"))
+    out = conn.data_to_send()
+    assert len(out) == (10 if no_zeroes else 134)
+    assert wire.EXPORT_NAME_REPLY.unpack(out[:10]) == (4096, RO_FLAGS)
+    assert isinstance(events(conn)[0], HandshakeDone)
+
+
+def test_export_name_unknown_closes():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.EXPORT_NAME, b"nope"))
+    assert isinstance(events(conn)[0], ProtocolViolation)
+
+
+def test_meta_contexts_need_structured_replies():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.SET_META_CONTEXT, meta_payload("disk", ["base:allocation"])))
+    assert parse_option_replies(conn.data_to_send())[0][1] == Rep.ERR_INVALID
+
+
+def test_list_meta_context_wildcards():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.STRUCTURED_REPLY))
+    feed(conn, wire.pack_option(Opt.STRUCTURED_REPLY))  # twice: invalid
+    conn_out = parse_option_replies(conn.data_to_send())
+    assert [r[1] for r in conn_out] == [Rep.ACK, Rep.ERR_INVALID]
+
+    def listed(queries):
+        feed(conn, wire.pack_option(Opt.LIST_META_CONTEXT, meta_payload("disk", queries)))
+        reps = parse_option_replies(conn.data_to_send())
+        assert reps[-1][1] == Rep.ACK
+        return [r[2][4:].decode() for r in reps[:-1]]
+
+    assert listed([]) == ["base:allocation", "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]
+    assert listed(["base:"]) == ["base:allocation"]
+    assert listed(["qemu:"]) == ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]
+    assert listed(["qemu:dirty-bitmap:"]) == ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]
+    assert listed(["qemu:dirty-bitmap:b1", "nope:x"]) == ["qemu:dirty-bitmap:b1"]
+
+
+def test_set_meta_context_ids_and_go_to_other_export_resets():
+    conn = make()
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.STRUCTURED_REPLY)
+         + wire.pack_option(Opt.SET_META_CONTEXT, meta_payload("disk", ["qemu:dirty-bitmap:b1", "base:allocation", "base:"])))
+    reps = parse_option_replies(conn.data_to_send())[1:]
+    ctx = {struct.unpack(">I", r[2][:4])[0]: r[2][4:].decode() for r in reps if r[1] == Rep.META_CONTEXT}
+    assert ctx == {0: "qemu:dirty-bitmap:b1", 1: "base:allocation"}  # "base:" selects nothing in SET
+    feed(conn, wire.pack_option(Opt.GO, go_payload("ro")))
+    ev = events(conn)[0]
+    assert isinstance(ev, HandshakeDone) and ev.contexts == {}
+
+
+def req(cmd, offset=0, length=0, flags=0, cookie=7, payload=b""):
+    return wire.pack_request(cmd, flags, cookie, offset, length) + payload
+
+
+def test_write_payload_arrives_whole_in_slices():
+    conn = to_transmission()
+    data = bytes(range(256)) * 64
+    feed(conn, req(Cmd.WRITE, 4096, len(data), payload=data) + req(Cmd.FLUSH, cookie=8))
+    evs = events(conn)
+    assert [type(e) for e in evs] == [Request, Request]
+    assert evs[0].cmd == Cmd.WRITE and evs[0].payload == data and evs[0].error == 0
+    assert evs[1].cmd == Cmd.FLUSH and evs[1].cookie == 8 and evs[1].error == 0
+
+
+def test_large_write_payload_received_in_place():
+    conn = to_transmission()
+    data = random.Random(1).randbytes(1 << 20)
+    conn.receive_data(req(Cmd.WRITE, 0, len(data)) + data[:100])
+    buf = conn.get_buffer(-1)
+    assert len(buf) == len(data) - 100  # the payload's own buffer, not the ring
+    buf[:] = data[100:]
+    conn.buffer_updated(len(data) - 100)
+    ev = events(conn)[0]
+    assert ev.payload == data
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        (req(Cmd.READ, (1 << 20) - 10, 20), errno.EINVAL),
+        (req(Cmd.WRITE, (1 << 20) - 1, 2, payload=b"ab"), errno.ENOSPC),
+        (req(Cmd.WRITE_ZEROES, 1 << 20, 1), errno.ENOSPC),
+        (req(Cmd.TRIM, 1 << 20, 1), errno.EINVAL),
+        (req(Cmd.READ, 0, 1, flags=CmdFlag.FUA), errno.EINVAL),
+        (req(Cmd.WRITE_ZEROES, 0, 1, flags=CmdFlag.FAST_ZERO), errno.EINVAL),  # not advertised here
+        (req(Cmd.READ, 0, wire.MAX_PAYLOAD + 1), errno.EINVAL),
+        (req(99, 0, 1), errno.EINVAL),
+        (req(Cmd.RESIZE, 0, 1), errno.EINVAL),
+        (req(Cmd.BLOCK_STATUS, 0, 0), errno.EINVAL),
+        (req(Cmd.READ, 0, 1, flags=0x40), errno.EINVAL),
+    ],
+)
+def test_request_validation(message, expected):
+    conn = to_transmission()
+    feed(conn, message)
+    ev = events(conn)[0]
+    assert isinstance(ev, Request) and ev.error == expected and ev.message
+
+
+def test_read_only_export_refuses_writes_with_eperm():
+    conn = to_transmission(export="ro")
+    feed(conn, req(Cmd.WRITE, 0, 2, payload=b"ab") + req(Cmd.TRIM, 0, 1) + req(Cmd.WRITE_ZEROES, 0, 1)
+         + req(Cmd.READ, 0, 1))
+    errs = [e.error for e in events(conn)]
+    assert errs == [errno.EPERM, errno.EPERM, errno.EPERM, 0]
+
+
+def test_block_status_needs_a_context_and_df_needs_structured():
+    conn = to_transmission(contexts=())
+    feed(conn, req(Cmd.BLOCK_STATUS, 0, 512))
+    assert events(conn)[0].error == errno.EINVAL
+    conn = to_transmission(structured=False)
+    feed(conn, req(Cmd.READ, 0, 512, flags=CmdFlag.DF))
+    assert events(conn)[0].error == errno.EINVAL
+    conn = to_transmission()
+    feed(conn, req(Cmd.BLOCK_STATUS, 0, 512, flags=CmdFlag.REQ_ONE))
+    assert events(conn)[0].error == 0
+
+
+def test_bad_request_magic_and_oversize_write_close():
+    conn = to_transmission()
+    feed(conn, struct.pack(">IHHQQI", 0xDEADBEEF, 0, 0, 1, 0, 1))
+    assert isinstance(events(conn)[0], ProtocolViolation)
+    conn = to_transmission()
+    feed(conn, req(Cmd.WRITE, 0, wire.MAX_PAYLOAD + 1) + req(Cmd.READ, 0, 1))
+    evs = events(conn)
+    assert len(evs) == 1 and isinstance(evs[0], ProtocolViolation)
+
+
+def test_disc_stops_parsing():
+    conn = to_transmission()
+    feed(conn, req(Cmd.DISC) + req(Cmd.READ, 0, 1))
+    evs = events(conn)
+    assert len(evs) == 1 and isinstance(evs[0], Disconnect)
+
+
+def test_replies_encoding():
+    conn = to_transmission()
+    assert conn.reply_ok(5) == wire.STRUCTURED_REPLY.pack(wire.STRUCTURED_REPLY_MAGIC, 1, 0, 5, 0)
+    err = conn.reply_error(5, errno.ENOSPC, "full")
+    magic, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack_from(err)
+    assert (rtype, cookie, flags) == (wire.ReplyType.ERROR, 5, 1)
+    assert wire.ERROR_CHUNK.unpack_from(err, 20) == (wire.Err.ENOSPC, 4) and err.endswith(b"full")
+    bs = conn.reply_block_status(9, [(0, [(4096, 3), (512, 0)]), (1, [(4608, 1)])])
+    first = wire.STRUCTURED_REPLY.unpack_from(bs)
+    assert first[1] == 0 and first[2] == wire.ReplyType.BLOCK_STATUS and first[4] == 4 + 16
+    second = wire.STRUCTURED_REPLY.unpack_from(bs, 20 + 20)
+    assert second[1] == 1  # DONE on the last chunk only
+    simple = to_transmission(structured=False)
+    assert simple.reply_error(3, errno.EROFS) == wire.pack_simple_reply(3, wire.Err.EPERM)
+    assert simple.read_header(3, 0, 10) == wire.pack_simple_reply(3, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.integers(min_value=0, max_value=2**32 - 1))
+def test_garbage_never_raises(garbage, seed):
+    """Any bytes at any point: the protocol yields events, never raises."""
+    for phase in ("flags", "options", "transmission"):
+        if phase == "flags":
+            conn = make()
+            conn.data_to_send()
+        elif phase == "options":
+            conn = make()
+            greet(conn)
+        else:
+            conn = to_transmission()
+        feed(conn, garbage, random.Random(seed))
+        for ev in events(conn):
+            assert isinstance(ev, (HandshakeDone, Request, Disconnect, ProtocolViolation))
+        conn.data_to_send()
