@@ -1,0 +1,463 @@
+"""The backup engine: the control-plane face of `nbdbackup.backup`.
+
+Role: `Engine` validates backup requests at the edge (raising `ConfigError`
+with a message a user can act on), builds `BackupJob`s over the server's
+exports, publishes their snapshot exports and answers the job commands.
+`register_commands` maps QMP command names and kebab-case arguments onto it.
+
+`backup_start` order (why it is safe):
+1. validate everything that can be validated without I/O;
+2. open the target (created sparse, with the source's size, when missing);
+3. attach copy-before-write to the live device -- the point in time of the
+   backup is this instant: every later live write first saves old content;
+4. compute ``pump_todo`` (full: all clusters; top: allocated in the source's
+   top layer; incremental/bitmap: the frozen dirty bitmap; none: nothing),
+   which may await extents queries -- clusters CBW copied meanwhile are done
+   already and left out;
+5. publish the snapshot export; 6. start the job; return ``{}``.
+A failure in 2-5 undoes the earlier steps.
+
+The export table (`ExportTable`) is the server's: ``get(name)`` returns an
+export-like object with ``.dev`` (a `LiveDev` when writable) and
+``.read_only`` (or None when unknown); ``add(name, dev, read_only=True,
+description=...)``; ``async remove(name)``.  `MemoryExportTable` is a simple
+implementation for tests.
+
+Dirty bitmaps (sync incremental/bitmap, ``bitmap=``) need a `BitmapSource`
+(the dirty-bitmap work provides it); without one those requests are refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+from ..bitmap.core import Bitmap
+from ..blockdev.base import ALLOCATION_DEPTH, BASE_ALLOCATION, BlockDev, FilterDev
+from ..errors import ConfigError
+from .cbw import ON_CBW_ERROR
+from .copystate import CopyState
+from .job import ERROR_POLICIES, SYNC_MODES, BackupJob, Emit, JobStatus
+from .live import LiveDev
+from .snapshot import ExtentProvider
+
+BITMAP_MODES = ("on-success", "never", "always")
+DEFAULT_CLUSTER = 64 * 1024
+MAX_CLUSTER = 64 * 1024 * 1024
+DEFAULT_MAX_CHUNK = 4 * 1024 * 1024
+MAX_WORKERS = 64
+
+
+class ExportTable(Protocol):
+    def get(self, name: str) -> Any | None: ...
+
+    def add(self, name: str, dev: BlockDev, read_only: bool = True, description: str = "") -> Any: ...
+
+    async def remove(self, name: str) -> None: ...
+
+
+@dataclass
+class SimpleExport:
+    name: str
+    dev: BlockDev
+    read_only: bool
+    description: str = ""
+
+
+class MemoryExportTable:
+    """A dict of `SimpleExport`s implementing `ExportTable` (tests, embedding)."""
+
+    def __init__(self) -> None:
+        self.exports: dict[str, SimpleExport] = {}
+
+    def get(self, name: str) -> SimpleExport | None:
+        return self.exports.get(name)
+
+    def add(self, name: str, dev: BlockDev, read_only: bool = True, description: str = "") -> SimpleExport:
+        if name in self.exports:
+            raise ConfigError(f"export {name!r} already exists")
+        e = self.exports[name] = SimpleExport(name, dev, read_only, description)
+        return e
+
+    async def remove(self, name: str) -> None:
+        self.exports.pop(name, None)
+
+
+class BitmapLease(Protocol):
+    """A dirty bitmap frozen for one backup (see `BitmapSource`)."""
+
+    #: the frozen bitmap's dirty clusters, at the job's cluster size
+    clusters: Bitmap
+    #: optional meta context to add to the snapshot export: (name, provider)
+    context: tuple[str, ExtentProvider] | None
+
+    def end(self, success: bool) -> None:
+        """The job concluded: apply bitmap_mode (reclaim / abdicate)."""
+
+
+class BitmapSource(Protocol):
+    def begin_backup(self, export: str, name: str, mode: str, cluster_size: int,
+                     nclusters: int) -> BitmapLease:
+        """Freeze bitmap ``name`` of ``export``; raise ConfigError if unknown/busy."""
+
+
+def _innermost(dev: BlockDev) -> BlockDev:
+    while isinstance(dev, FilterDev):
+        dev = dev.inner
+    return dev
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{name} must be an integer {rng}, got {value!r}")
+    return value
+
+
+class Engine:
+    """Fields: ``exports`` (`ExportTable`); ``emit`` (event callback
+    ``emit(name, data)``); ``bitmaps`` (`BitmapSource` or None); ``jobs``
+    (job id -> `BackupJob`, until dismissed)."""
+
+    def __init__(self, exports: ExportTable, emit: Emit | None = None,
+                 bitmaps: BitmapSource | None = None) -> None:
+        self.exports = exports
+        self.emit = emit or (lambda name, data: None)
+        self.bitmaps = bitmaps
+        self.jobs: dict[str, BackupJob] = {}
+
+    # -- backup-start -------------------------------------------------------
+
+    async def backup_start(self, export: str, job_id: str, sync: str, target: str | BlockDev,
+                           snapshot: str | None = None, speed: int = 0,
+                           cluster_size: int | None = None, compress: bool = False,
+                           max_workers: int = 4, max_chunk: int = DEFAULT_MAX_CHUNK,
+                           on_source_error: str = "report", on_target_error: str = "report",
+                           on_cbw_error: str = "break-guest-write",
+                           cbw_timeout: float | None = None, auto_dismiss: bool = False,
+                           bitmap: str | None = None, bitmap_mode: str | None = None) -> dict:
+        """Start a backup of ``export`` to ``target``; see the module docstring."""
+        # 1. validation without I/O
+        if not isinstance(job_id, str) or not job_id:
+            raise ConfigError("job-id must be a non-empty string")
+        if job_id in self.jobs:
+            raise ConfigError(f"a job with id {job_id!r} already exists")
+        exp = self.exports.get(export)
+        if exp is None:
+            raise ConfigError(f"unknown export {export!r}")
+        if sync not in SYNC_MODES:
+            raise ConfigError(f"bad sync mode {sync!r}: expected one of {', '.join(SYNC_MODES)}")
+        _check_int("speed", speed, 0)
+        _check_int("max-workers", max_workers, 1, MAX_WORKERS)
+        _check_int("max-chunk", max_chunk, 512)
+        for name, val in (("on-source-error", on_source_error), ("on-target-error", on_target_error)):
+            if val not in ERROR_POLICIES:
+                raise ConfigError(f"bad {name} {val!r}: expected one of {', '.join(ERROR_POLICIES)}")
+        if on_cbw_error not in ON_CBW_ERROR:
+            raise ConfigError(f"bad on-cbw-error {on_cbw_error!r}: expected one of {', '.join(ON_CBW_ERROR)}")
+        if cbw_timeout is not None and (isinstance(cbw_timeout, bool) or not isinstance(cbw_timeout, (int, float))
+                                        or cbw_timeout <= 0):
+            raise ConfigError(f"cbw-timeout must be a number of seconds > 0, got {cbw_timeout!r}")
+        if sync in ("incremental", "bitmap") and bitmap is None:
+            raise ConfigError(f"sync={sync} needs a bitmap")
+        if sync == "none" and bitmap is not None:
+            raise ConfigError("sync=none cannot take a bitmap")
+        if bitmap_mode is not None and bitmap is None:
+            raise ConfigError("bitmap-mode needs a bitmap")
+        if bitmap_mode is not None and bitmap_mode not in BITMAP_MODES:
+            raise ConfigError(f"bad bitmap-mode {bitmap_mode!r}: expected one of {', '.join(BITMAP_MODES)}")
+        if sync == "incremental" and bitmap_mode not in (None, "on-success"):
+            raise ConfigError("sync=incremental requires bitmap-mode on-success")
+        if sync in ("full", "top") and bitmap is not None and bitmap_mode is None:
+            raise ConfigError(f"sync={sync} with a bitmap needs bitmap-mode")
+        if bitmap is not None and self.bitmaps is None:
+            raise ConfigError("dirty bitmaps are not available on this server")
+        if sync == "none" and snapshot is None:
+            raise ConfigError("sync=none (fleecing) needs a snapshot export name")
+        if snapshot is not None:
+            if not isinstance(snapshot, str) or not snapshot:
+                raise ConfigError("snapshot must be a non-empty export name")
+            if self.exports.get(snapshot) is not None:
+                raise ConfigError(f"export {snapshot!r} already exists")
+        src: BlockDev = exp.dev
+        live = src if isinstance(src, LiveDev) else None
+        ro = getattr(exp, "read_only", None)
+        if live is None and not (ro or src.capabilities().read_only):
+            raise ConfigError(f"export {export!r} is writable but not served through a LiveDev")
+        size = src.size
+        if isinstance(target, str):
+            self._check_not_source(src, target)
+
+        # 2. open the target
+        if isinstance(target, str):
+            from ..blockdev import open_spec
+
+            tdev = await open_spec(target, create_size=size)
+        else:
+            tdev = target
+        job: BackupJob | None = None
+        published = False
+        lease: BitmapLease | None = None
+        try:
+            self._check_target(src, tdev, target, compress)
+            cs = self._cluster_size(tdev, cluster_size)
+            if max_chunk < cs:
+                max_chunk = cs
+            state = CopyState(src, tdev, cs)
+            if bitmap is not None:
+                assert self.bitmaps is not None
+                lease = self.bitmaps.begin_backup(export, bitmap, bitmap_mode or "on-success",
+                                                  cs, state.nclusters)
+            on_end = lease.end if lease is not None else None
+            job = BackupJob(job_id, device=export, sync=sync, state=state, live=live, target=tdev,
+                            emit=self.emit, speed=speed, max_workers=max_workers, max_chunk=max_chunk,
+                            on_source_error=on_source_error, on_target_error=on_target_error,
+                            on_cbw_error=on_cbw_error, cbw_timeout=cbw_timeout,
+                            auto_dismiss=auto_dismiss, on_dismiss=self._dismissed, on_end=on_end)
+            job.snapshot_name = snapshot  # type: ignore[attr-defined]
+            self.jobs[job_id] = job
+            # 3. the point in time
+            job.attach()
+            # 4. what the pump copies
+            state.set_pump_todo(await self._todo(sync, state, lease))
+            if lease is not None and lease.context is not None:
+                job.snapshot.add_context(*lease.context)
+            # 5. publish
+            if snapshot is not None:
+                self.exports.add(snapshot, job.snapshot, read_only=True,
+                                 description=f"point-in-time snapshot of {export} (backup job {job_id})")
+                published = True
+            # 6. run
+            job.start()
+        except BaseException:
+            if job is not None:
+                job.detach()
+                self.jobs.pop(job_id, None)
+            if published and snapshot is not None:
+                await self.exports.remove(snapshot)
+            if lease is not None:
+                lease.end(False)
+            await tdev.close()
+            raise
+        return {}
+
+    def _check_not_source(self, src: BlockDev, target: str) -> None:
+        from ..blockdev import is_nbd_uri
+
+        inner = _innermost(src)
+        if is_nbd_uri(target):
+            for attr in ("uri", "spec"):
+                val = getattr(inner, attr, None)
+                if isinstance(val, str) and val == target:
+                    raise ConfigError(f"target {target!r} is the source export's own disk")
+            return
+        path = getattr(inner, "path", None)
+        fd = getattr(inner, "fd", None)
+        if path is not None and os.path.abspath(path) == os.path.abspath(target):
+            raise ConfigError(f"target {target!r} is the source export's own disk")
+        try:
+            st = os.stat(target)
+        except OSError:
+            return
+        if isinstance(fd, int) and fd >= 0:
+            sst = os.fstat(fd)
+            if (sst.st_dev, sst.st_ino) == (st.st_dev, st.st_ino):
+                raise ConfigError(f"target {target!r} is the source export's own disk (same file)")
+
+    @staticmethod
+    def _check_target(src: BlockDev, tdev: BlockDev, target: Any, compress: bool) -> None:
+        if tdev is src or _innermost(tdev) is _innermost(src):
+            raise ConfigError("the target is the source export's own disk")
+        caps = tdev.capabilities()
+        if caps.read_only:
+            raise ConfigError(f"target {target!r} is read-only")
+        if tdev.size < src.size:
+            raise ConfigError(f"target {target!r} is smaller ({tdev.size} bytes) than the source ({src.size} bytes)")
+        if compress and not getattr(caps, "can_compress", False):
+            raise ConfigError(f"target {target!r} does not support compression (compress=true refused)")
+
+    @staticmethod
+    def _cluster_size(tdev: BlockDev, cluster_size: int | None) -> int:
+        bs = tdev.capabilities().block_size
+        if cluster_size is None:
+            cs = max(DEFAULT_CLUSTER, bs.preferred)
+            return min(cs, MAX_CLUSTER)
+        if isinstance(cluster_size, bool) or not isinstance(cluster_size, int) or not _is_pow2(cluster_size) \
+                or cluster_size < 512:
+            raise ConfigError(f"cluster-size must be a power of two >= 512, got {cluster_size!r}")
+        if cluster_size > MAX_CLUSTER:
+            raise ConfigError(f"cluster-size {cluster_size} is larger than the limit {MAX_CLUSTER}")
+        if cluster_size < bs.minimum:
+            raise ConfigError(f"cluster-size {cluster_size} is smaller than the target's minimum block size {bs.minimum}")
+        return cluster_size
+
+    async def _todo(self, sync: str, state: CopyState, lease: "BitmapLease | None") -> Bitmap | None:
+        n = state.nclusters
+        if sync == "none":
+            return None
+        if sync in ("incremental", "bitmap"):
+            assert lease is not None
+            return lease.clusters
+        if sync == "full":
+            return Bitmap(n, fill=True)
+        # top: the source's top layer, as at the start
+        src = state.source
+        todo = Bitmap(n)
+        if not src.capabilities().can_extents:
+            todo.set_all()
+            return todo
+        ctx = ALLOCATION_DEPTH if ALLOCATION_DEPTH in src.meta_contexts() else BASE_ALLOCATION
+        pos, size, cs = 0, state.size, state.cluster_size
+        while pos < size:
+            exts = await src.extents(pos, min(size - pos, 1 << 30), ctx)
+            if not exts:
+                raise OSError(errno.EIO, "source returned no extents")
+            for e in exts:
+                end = min(e.end, size)
+                if end <= pos:
+                    continue
+                top = (e.flags == 1) if ctx == ALLOCATION_DEPTH else not (e.flags & 1)
+                if top:
+                    first, last = pos // cs, (end - 1) // cs
+                    todo.set(first, last - first + 1)
+                pos = end
+        return todo
+
+    # -- job verbs --------------------------------------------------------------
+
+    def _job(self, job_id: str) -> BackupJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ConfigError(f"no job with id {job_id!r}")
+        return job
+
+    async def _dismissed(self, job: BackupJob) -> None:
+        self.jobs.pop(job.id, None)
+        name = getattr(job, "snapshot_name", None)
+        if name is not None and self.exports.get(name) is not None:
+            await self.exports.remove(name)
+
+    def query_jobs(self) -> list[dict]:
+        return [j.query() for j in self.jobs.values()]
+
+    def job_pause(self, job_id: str) -> dict:
+        self._job(job_id).pause()
+        return {}
+
+    def job_resume(self, job_id: str) -> dict:
+        self._job(job_id).resume()
+        return {}
+
+    def job_cancel(self, job_id: str) -> dict:
+        self._job(job_id).cancel()
+        return {}
+
+    async def job_dismiss(self, job_id: str) -> dict:
+        await self._job(job_id).dismiss()
+        return {}
+
+    def job_set_speed(self, job_id: str, speed: int) -> dict:
+        self._job(job_id).set_speed(speed)
+        return {}
+
+    async def shutdown(self) -> None:
+        """Cancel every job, wait for it, dismiss it."""
+        for job in list(self.jobs.values()):
+            if job.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
+                try:
+                    job.cancel()
+                except ConfigError:
+                    pass
+        for job in list(self.jobs.values()):
+            await job.wait()
+            if job.status is JobStatus.CONCLUDED:
+                await job.dismiss()
+
+
+# -- QMP mapping ----------------------------------------------------------------
+
+#: QMP argument name -> backup_start keyword.
+_START_ARGS = {
+    "export": "export", "device": "export", "job-id": "job_id", "sync": "sync", "target": "target",
+    "snapshot": "snapshot", "speed": "speed", "cluster-size": "cluster_size", "compress": "compress",
+    "max-workers": "max_workers", "max-chunk": "max_chunk", "on-source-error": "on_source_error",
+    "on-target-error": "on_target_error", "on-cbw-error": "on_cbw_error", "cbw-timeout": "cbw_timeout",
+    "auto-dismiss": "auto_dismiss", "bitmap": "bitmap", "bitmap-mode": "bitmap_mode",
+}
+
+
+def _kw(args: dict | None, table: dict[str, str]) -> dict:
+    out = {}
+    for k, v in (args or {}).items():
+        if k not in table:
+            raise ConfigError(f"unknown argument {k!r}")
+        out[table[k]] = v
+    return out
+
+
+def register_commands(qmp: Any, engine: Engine) -> None:
+    """Register the backup commands on ``qmp`` (``register(name, handler, args=...)``).
+
+    Commands: ``backup-start`` (args as `_START_ARGS`, kebab-case; ``device``
+    is an alias of ``export``), ``query-jobs``, ``job-pause``, ``job-resume``,
+    ``job-cancel``, ``job-dismiss`` ({id}), ``block-job-set-speed``
+    ({device, speed}, QEMU's name; ``device`` is the job id) and
+    ``job-set-speed`` ({id, speed}).
+    """
+
+    async def backup_start(args: dict | None = None) -> dict:
+        kw = _kw(args, _START_ARGS)
+        for need in ("export", "job_id", "sync", "target"):
+            if need not in kw:
+                raise ConfigError(f"backup-start: missing argument {need.replace('_', '-')!r}")
+        return await engine.backup_start(**kw)
+
+    async def query_jobs(args: dict | None = None) -> list:
+        return engine.query_jobs()
+
+    def by_id(fn: Callable) -> Callable:
+        async def handler(args: dict | None = None) -> Any:
+            args = args or {}
+            if "id" not in args:
+                raise ConfigError("missing argument 'id'")
+            extra = set(args) - {"id"}
+            if extra:
+                raise ConfigError(f"unknown argument {sorted(extra)[0]!r}")
+            r = fn(args["id"])
+            return await r if inspect.isawaitable(r) else r
+        return handler
+
+    async def set_speed(args: dict | None = None) -> dict:
+        args = dict(args or {})
+        jid = args.pop("device", None) if "device" in args else args.pop("id", None)
+        if jid is None or "speed" not in args:
+            raise ConfigError("block-job-set-speed needs 'device' (the job id) and 'speed'")
+        speed = args.pop("speed")
+        if args:
+            raise ConfigError(f"unknown argument {sorted(args)[0]!r}")
+        return engine.job_set_speed(jid, speed)
+
+    start_schema = {k: Any for k in _START_ARGS}
+    _register(qmp, "backup-start", backup_start, start_schema)
+    _register(qmp, "query-jobs", query_jobs, {})
+    _register(qmp, "job-pause", by_id(engine.job_pause), {"id": str})
+    _register(qmp, "job-resume", by_id(engine.job_resume), {"id": str})
+    _register(qmp, "job-cancel", by_id(engine.job_cancel), {"id": str})
+    _register(qmp, "job-dismiss", by_id(engine.job_dismiss), {"id": str})
+    _register(qmp, "block-job-set-speed", set_speed, {"device": str, "speed": int})
+    _register(qmp, "job-set-speed", set_speed, {"id": str, "speed": int})
+
+
+def _register(qmp: Any, name: str, handler: Callable, args: dict) -> None:
+    qmp.register(name, handler, args=args)
+
+
+__all__: Sequence[str] = ("Engine", "ExportTable", "MemoryExportTable", "register_commands",
+                          "BitmapSource", "BitmapLease")

@@ -1,0 +1,130 @@
+"""The live view of a writable export: a filter that runs write hooks.
+
+Role: the NBD server serves EVERY writable export through one `LiveDev`.  A
+backup job (copy-before-write, `cbw.CBWHook`) and dirty tracking attach to it
+as *write hooks*; with no hook attached a call costs one truthiness test.
+
+Hook protocol (`WriteHook`):
+- ``async before_write(offset, length)`` -- called for every pwrite, zero and
+  trim, in hook order, BEFORE the inner device is called.  It may raise
+  `OSError`: the live request then fails with that errno and does NOT reach
+  the device (later hooks are not called).
+- ``async on_durable()`` -- called, in hook order, after the inner FLUSH (or
+  the inner FUA write) succeeded and before the request is acknowledged.  The
+  dirty-bitmap work uses it to make bitmaps durable together with the data.
+- ``after_write(offset, length)`` (optional, synchronous) -- called only when
+  the hook object has the attribute ``after_write`` and only after the inner
+  device call SUCCEEDED.  Being synchronous it cannot reorder with other
+  requests' completions.
+
+Invariant (ordering): for every hook H and every write W, H.before_write(W)
+has completed before any byte of W reaches the inner device.  This is what
+copy-before-write relies on: the old content is safe in the backup target
+before the live disk changes.
+
+The hook list is replaced, never mutated in place (``add_hook`` and
+``remove_hook`` build a new tuple), so a request iterates over the hooks that
+were attached when it started even if the list changes while it awaits.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from ..blockdev.base import BlockDev, Buffer, FilterDev
+
+
+@runtime_checkable
+class WriteHook(Protocol):
+    async def before_write(self, offset: int, length: int) -> None: ...
+
+    async def on_durable(self) -> None: ...
+
+
+class LiveDev(FilterDev):
+    """A writable export's device with write hooks.
+
+    Fields: ``inner`` (the real disk, see `FilterDev`); ``_hooks`` (tuple of
+    attached hooks, in call order; replaced, never mutated); ``_after`` (the
+    subset of ``_hooks`` that have ``after_write``).
+    """
+
+    def __init__(self, inner: BlockDev, *, owns_inner: bool = True) -> None:
+        super().__init__(inner, owns_inner=owns_inner)
+        self._hooks: tuple[WriteHook, ...] = ()
+        self._after: tuple = ()
+
+    # -- hooks ----------------------------------------------------------
+
+    @property
+    def hooks(self) -> tuple[WriteHook, ...]:
+        return self._hooks
+
+    def add_hook(self, hook: WriteHook) -> None:
+        """Attach ``hook`` after the existing ones (a hook is attached at most once)."""
+        assert hook not in self._hooks, "hook attached twice"
+        self._set_hooks(self._hooks + (hook,))
+
+    def remove_hook(self, hook: WriteHook) -> None:
+        """Detach ``hook``; no-op if it is not attached."""
+        self._set_hooks(tuple(h for h in self._hooks if h is not hook))
+
+    def _set_hooks(self, hooks: tuple) -> None:
+        self._hooks = hooks
+        self._after = tuple(h for h in hooks if hasattr(h, "after_write"))
+
+    async def _before(self, hooks: tuple, offset: int, length: int) -> None:
+        for h in hooks:
+            await h.before_write(offset, length)
+
+    def _after_write(self, hooks: tuple, offset: int, length: int) -> None:
+        for h in hooks:
+            if hasattr(h, "after_write"):
+                h.after_write(offset, length)
+
+    async def _durable(self, hooks: tuple) -> None:
+        for h in hooks:
+            await h.on_durable()
+
+    # -- BlockDev ---------------------------------------------------------
+
+    async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
+        hooks = self._hooks
+        if not hooks:
+            await self.inner.pwrite(buf, offset, fua=fua)
+            return
+        length = memoryview(buf).nbytes
+        await self._before(hooks, offset, length)
+        await self.inner.pwrite(buf, offset, fua=fua)
+        self._after_write(hooks, offset, length)
+        if fua:
+            await self._durable(hooks)
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool = False,
+                   fua: bool = False, fast: bool = False) -> None:
+        hooks = self._hooks
+        if not hooks:
+            await self.inner.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+            return
+        await self._before(hooks, offset, length)
+        await self.inner.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+        self._after_write(hooks, offset, length)
+        if fua:
+            await self._durable(hooks)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        hooks = self._hooks
+        if not hooks:
+            await self.inner.trim(offset, length, fua=fua)
+            return
+        await self._before(hooks, offset, length)
+        await self.inner.trim(offset, length, fua=fua)
+        self._after_write(hooks, offset, length)
+        if fua:
+            await self._durable(hooks)
+
+    async def flush(self) -> None:
+        hooks = self._hooks
+        await self.inner.flush()
+        if hooks:
+            await self._durable(hooks)

@@ -1,0 +1,153 @@
+"""The point-in-time snapshot view of a disk under backup (QEMU's snapshot-access).
+
+Role: `SnapshotDev` is the read-only device behind a backup's snapshot export
+(fleecing).  It reads each cluster from the backup target when the cluster's
+point-in-time content is already there (``done``), else from the live source
+while registered as a reader, so that copy-before-write holds the live write
+back until the read is over (`copystate` rule 2).
+
+Invariant: every byte read from a live `SnapshotDev` equals the source's
+content at the moment the backup started, whatever live writes run
+concurrently.
+
+States: alive; broken (the job's ``on-cbw-error=break-snapshot`` fired: every
+call fails with EIO, because the point-in-time content may be lost); closed
+(the job was dismissed: every call fails with ESHUTDOWN).
+
+Extents: `base:allocation` describes the point-in-time image (source extents
+for not-done clusters, target extents for done ones, merged).  Further
+contexts (e.g. ``qemu:dirty-bitmap:NAME`` for the job's frozen bitmap) are
+plugged in with `add_context(name, provider)`, ``provider(offset, length) ->
+awaitable list[Extent]``.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Awaitable, Callable, Sequence
+
+from ..blockdev.base import (
+    BASE_ALLOCATION,
+    BlockDev,
+    BlockSize,
+    Buffer,
+    Capabilities,
+    Extent,
+    merge_extents,
+)
+from .copystate import CopyState
+
+ExtentProvider = Callable[[int, int], Awaitable[list[Extent]]]
+
+
+class SnapshotDev(BlockDev):
+    """Read-only point-in-time view.
+
+    Fields: ``state`` (the job's `CopyState`); ``_contexts`` (extra meta
+    context name -> provider); ``_closed`` (set by `close_view`).
+    """
+
+    def __init__(self, state: CopyState) -> None:
+        self.state = state
+        self._contexts: dict[str, ExtentProvider] = {}
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self.state.size
+
+    def capabilities(self) -> Capabilities:
+        src = self.state.source.capabilities().block_size
+        tgt = self.state.target.capabilities().block_size
+        return Capabilities(
+            read_only=True, can_flush=False, can_fua=False, can_trim=False, can_zero=False,
+            can_fast_zero=False, can_cache=False, can_multi_conn=True, can_extents=True,
+            block_size=BlockSize(max(src.minimum, tgt.minimum),
+                                 max(src.preferred, tgt.preferred, src.minimum, tgt.minimum),
+                                 min(src.maximum, tgt.maximum)),
+        )
+
+    def meta_contexts(self) -> Sequence[str]:
+        return (BASE_ALLOCATION, *self._contexts)
+
+    def add_context(self, name: str, provider: ExtentProvider) -> None:
+        """Answer meta context ``name`` with ``provider`` (e.g. the frozen dirty bitmap)."""
+        self._contexts[name] = provider
+
+    def close_view(self) -> None:
+        """The job was dismissed: every later call fails with ESHUTDOWN."""
+        self._closed = True
+
+    def _check(self) -> None:
+        if self._closed:
+            raise OSError(errno.ESHUTDOWN, "the backup job of this snapshot was dismissed")
+        if self.state.broken is not None:
+            raise OSError(errno.EIO, f"snapshot broken by a copy-before-write error: {self.state.broken}")
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        self._check()
+        n = len(buf)
+        if n == 0:
+            return
+        st = self.state
+        segs = st.begin_read(offset, n)
+        try:
+            for off, ln, from_target in segs:
+                dev = st.target if from_target else st.source
+                await dev.pread(buf[off - offset: off - offset + ln], off)
+        finally:
+            st.end_read(segs)
+        # A break during the read may have let a live write through: recheck.
+        self._check()
+
+    async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
+        self._check()
+        raise OSError(errno.EPERM, "the snapshot export is read-only")
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool = False,
+                   fua: bool = False, fast: bool = False) -> None:
+        self._check()
+        raise OSError(errno.EPERM, "the snapshot export is read-only")
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check()
+        raise OSError(errno.EPERM, "the snapshot export is read-only")
+
+    async def flush(self) -> None:
+        self._check()
+
+    async def cache(self, offset: int, length: int) -> None:
+        self._check()
+
+    async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
+        self._check()
+        if context != BASE_ALLOCATION:
+            provider = self._contexts.get(context)
+            if provider is None:
+                raise OSError(errno.EINVAL, f"unknown meta context {context!r}")
+            return await provider(offset, length)
+        st = self.state
+        segs = st.begin_read(offset, length)
+        out: list[Extent] = []
+        try:
+            for off, ln, from_target in segs:
+                dev = st.target if from_target else st.source
+                pos, end = off, off + ln
+                while pos < end:
+                    got = await dev.extents(pos, end - pos, BASE_ALLOCATION)
+                    before = pos
+                    for e in got:
+                        e_end = min(e.end, end)
+                        if e_end > pos and e.offset <= pos:
+                            out.append(Extent(pos, e_end - pos, e.flags))
+                            pos = e_end
+                    if pos == before:  # a device that said nothing useful: data
+                        out.append(Extent(pos, end - pos, 0))
+                        pos = end
+        finally:
+            st.end_read(segs)
+        self._check()
+        return merge_extents(out)
+
+    async def close(self) -> None:
+        self._closed = True
