@@ -258,7 +258,8 @@ class Client:
         self._sem = asyncio.Semaphore(max_in_flight)
         bs = self.export.block_sizes
         self._min = bs.minimum
-        mx = min(bs.maximum, cp.DEFAULT_MAX_BLOCK if not bs.advertised else bs.maximum)
+        # Never more than 32 MiB per request, even if the server allows it.
+        mx = min(bs.maximum, cp.DEFAULT_MAX_BLOCK)
         self._max = max(bs.minimum, mx - mx % bs.minimum)
         self._closing = False
 

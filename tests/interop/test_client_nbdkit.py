@@ -1,0 +1,283 @@
+"""Interop: our NBD client (`nbd.client`, `blockdev.nbd.NBDDev`) against nbdkit.
+
+Each test starts its own nbdkit on a Unix socket in a fresh temp dir and
+kills it by PID at teardown.  libnbd (Python ``nbd``) serves as the
+reference reader where the plugin's data or extents are not known in
+closed form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from nbdbackup.blockdev.base import BASE_ALLOCATION, HOLE_ZERO, Extent
+from nbdbackup.errors import ConnectionClosed
+from nbdbackup.nbd.client import connect, list_exports
+from nbdbackup.nbd.wire import TransmissionFlag as TF
+
+
+@contextlib.contextmanager
+def nbdkit(*args: str, timeout: float = 10.0):
+    """Run ``nbdkit -f -U SOCK ARGS``; yield (uri, tmpdir)."""
+    d = tempfile.mkdtemp(dir="/tmp", prefix="nbdc-kit-")
+    sock = os.path.join(d, "s.sock")
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"nbdkit {' '.join(args)} exited: {proc.stderr.read().decode()}", pytrace=False)
+            if os.path.exists(sock):
+                with socket.socket(socket.AF_UNIX) as s:
+                    try:
+                        s.connect(sock)
+                        break
+                    except OSError:
+                        pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"nbdkit {' '.join(args)} did not start", pytrace=False)
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={sock}", d
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def libnbd_handle(uri: str, contexts=()):
+    import nbd
+
+    h = nbd.NBD()
+    for c in contexts:
+        h.add_meta_context(c)
+    h.connect_uri(uri)
+    return h
+
+
+def libnbd_extents(h, offset: int, length: int, context: str) -> list[Extent]:
+    """All extents of (offset, length) as libnbd reports them, merged and clipped."""
+    out: list[Extent] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        got: list[tuple[int, int]] = []
+
+        def cb(metacontext, off, entries, err):
+            if metacontext == context:
+                got.extend(zip(entries[0::2], entries[1::2]))
+            return 0
+
+        h.block_status(min(end - pos, 1 << 30), pos, cb)
+        at = pos
+        for n, f in got:
+            s, e = at, min(at + n, end)
+            at += n
+            if e <= s:
+                break
+            if out and out[-1].flags == f and out[-1].end == s:
+                out[-1] = Extent(out[-1].offset, out[-1].length + e - s, f)
+            else:
+                out.append(Extent(s, e - s, f))
+        pos = min(at, end)
+    return out
+
+
+def test_memory_read_write_zero_trim_extents():
+    with nbdkit("memory", "64M") as (uri, _):
+        async def main():
+            c = await connect(uri, meta_contexts=[BASE_ALLOCATION])
+            try:
+                assert c.size == 64 << 20
+                assert c.can(TF.SEND_TRIM) and c.can(TF.SEND_WRITE_ZEROES) and c.can(TF.CAN_MULTI_CONN)
+                assert c.meta_contexts.keys() == {BASE_ALLOCATION}
+                data = os.urandom(3 << 20)
+                await c.pwrite(data, 1 << 20)
+                await c.pwrite(b"tail", c.size - 4, fua=True)
+                assert await c.pread(3 << 20, 1 << 20) == data
+                assert await c.pread(4, c.size - 4) == b"tail"
+                assert await c.pread(10, (1 << 20) - 5) == bytes(5) + data[:5]  # unaligned, across a boundary
+                await c.zero(2 << 20, 1 << 20)
+                await c.trim(3 << 20, 1 << 20)
+                await c.flush()
+                await c.cache(0, 1 << 20)
+                got = await c.pread(3 << 20, 1 << 20)
+                assert got[: 1 << 20] == data[: 1 << 20] and got[1 << 20 :] == bytes(2 << 20)
+                ext = await c.block_status(0, c.size)
+                # nbdkit memory allocates in 32K pages and reports zeroed/trimmed as holes
+                assert ext[0] == Extent(0, 1 << 20, HOLE_ZERO)
+                assert ext[1] == Extent(1 << 20, 1 << 20, 0)
+                assert ext[2].offset == 2 << 20 and ext[2].flags == HOLE_ZERO
+                assert ext[-1].end == c.size and ext[-1].flags == 0  # the 4-byte tail page
+                assert all(a.end == b.offset and a.flags != b.flags for a, b in zip(ext, ext[1:]))
+                first = await c.block_status(0, c.size, req_one=True)
+                assert first == [Extent(0, 1 << 20, HOLE_ZERO)]
+            finally:
+                await c.disconnect()
+            assert c.closed
+            with pytest.raises(ConnectionClosed):
+                await c.pread(1, 0)
+
+        run(main())
+
+
+def test_many_requests_in_flight():
+    with nbdkit("memory", "64M") as (uri, _):
+        async def main():
+            c = await connect(uri, max_in_flight=16)
+            try:
+                blocks = {i: os.urandom(65536) for i in range(200)}
+                await asyncio.gather(*(c.pwrite(b, i * 65536) for i, b in blocks.items()))
+                bufs = {i: bytearray(65536) for i in blocks}
+                await asyncio.gather(*(c.pread(bufs[i], i * 65536) for i in blocks))
+                assert all(bufs[i] == blocks[i] for i in blocks)
+            finally:
+                await c.disconnect()
+
+        run(main())
+
+
+def test_sparse_random_data_and_extents_match_libnbd():
+    with nbdkit("sparse-random", "64M", "seed=7", "percent=20", "runlength=65536") as (uri, _):
+        h = libnbd_handle(uri, [BASE_ALLOCATION])
+        try:
+            ref = h.pread(h.get_size(), 0)
+            ref_ext = libnbd_extents(h, 0, h.get_size(), BASE_ALLOCATION)
+        finally:
+            h.shutdown()
+
+        async def main():
+            c = await connect(uri, meta_contexts=[BASE_ALLOCATION], max_in_flight=8)
+            try:
+                buf = bytearray(c.size)
+                await c.pread(buf, 0)  # split at the 32M default maximum
+                ext = await c.block_status(0, c.size)
+                part = await c.block_status(12345, 3 << 20)
+                return buf, ext, part
+            finally:
+                await c.disconnect()
+
+        buf, ext, part = run(main())
+        assert buf == ref
+        assert ext == ref_ext and len(ext) > 10
+        assert part[0].offset == 12345 and part[-1].end == 12345 + (3 << 20)
+        for e in ext:  # data extents hold data, holes read as zeroes
+            if e.flags & 2:
+                assert buf[e.offset : e.end] == bytes(e.length)
+
+
+def test_pattern_plugin():
+    with nbdkit("pattern", "1G") as (uri, _):
+        async def main():
+            c = await connect(uri)
+            try:
+                assert c.read_only or not c.can(TF.SEND_TRIM)
+                got = await c.pread(1 << 20, (1 << 29) + 8)
+                odd = await c.pread(13, 5)
+                return got, odd
+            finally:
+                await c.disconnect()
+
+        got, odd = run(main())
+        base = (1 << 29) + 8
+        assert got == b"".join(struct.pack(">Q", base + 8 * i) for i in range((1 << 20) // 8))
+        assert odd == b"".join(struct.pack(">Q", o) for o in range(0, 24, 8))[5:18]
+
+
+def test_error_filter_read_error_then_connection_still_usable():
+    d = tempfile.mkdtemp(dir="/tmp", prefix="nbdc-err-")
+    inject = os.path.join(d, "inject")
+    try:
+        with nbdkit("--filter=error", "memory", "16M", "error-pread=EIO", "error-pread-rate=1",
+                    f"error-pread-file={inject}", "error-pwrite=ENOSPC", "error-pwrite-rate=1",
+                    f"error-pwrite-file={inject}") as (uri, _):
+            async def main():
+                c = await connect(uri)
+                try:
+                    await c.pwrite(b"x" * 4096, 0)
+                    open(inject, "w").close()
+                    with pytest.raises(OSError) as ei:
+                        await c.pread(4096, 0)
+                    assert ei.value.errno == errno.EIO
+                    with pytest.raises(OSError) as ei:
+                        await c.pwrite(b"y" * 4096, 0)
+                    assert ei.value.errno == errno.ENOSPC
+                    # many failing requests at once, all reported, none lost
+                    res = await asyncio.gather(*(c.pread(512, i * 512) for i in range(20)), return_exceptions=True)
+                    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in res)
+                    os.unlink(inject)
+                    assert await c.pread(4096, 0) == b"x" * 4096  # same connection
+                finally:
+                    await c.disconnect()
+
+            run(main())
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_blocksize_policy_minimum_and_maximum_are_honoured():
+    """With blocksize-error-policy=error nbdkit rejects any violation with EINVAL."""
+    with nbdkit("--filter=blocksize-policy", "memory", "16M", "blocksize-minimum=4096",
+                "blocksize-preferred=16384", "blocksize-maximum=65536", "blocksize-error-policy=error") as (uri, _):
+        async def main():
+            c = await connect(uri, meta_contexts=[BASE_ALLOCATION])
+            try:
+                bs = c.block_sizes
+                assert (bs.minimum, bs.preferred, bs.maximum, bs.advertised) == (4096, 16384, 65536, True)
+                data = os.urandom(1 << 20)
+                await c.pwrite(data, 0)  # split into 16 x 64K
+                assert await c.pread(1 << 20, 0) == data  # split into 16 x 64K
+                assert await c.pread(100, 4000) == data[4000:4100]  # widened to 4K bounds
+                assert await c.pread(70000, 1) == data[1:70001]  # widened and split
+                with pytest.raises(OSError) as ei:
+                    await c.pwrite(b"z" * 100, 10)  # we refuse unaligned writes ourselves
+                assert ei.value.errno == errno.EINVAL
+                with pytest.raises(OSError) as ei:
+                    await c.zero(4096, 100)
+                assert ei.value.errno == errno.EINVAL
+                await c.trim(100, 8192)  # shrunk to (4096, 4096): accepted
+                await c.zero(8192, 2 << 20)  # larger than maximum: no payload, fine
+                ext = await c.block_status(1, 10000)
+                assert ext[0].offset == 1 and ext[-1].end == 10001
+            finally:
+                await c.disconnect()
+
+        run(main())
+
+
+def test_small_maximum_splits_reads():
+    with nbdkit("--filter=blocksize-policy", "pattern", "16M", "blocksize-maximum=64K",
+                "blocksize-error-policy=error") as (uri, _):
+        async def main():
+            c = await connect(uri)
+            try:
+                return c.block_sizes, await c.pread(1 << 20, 1 << 20)
+            finally:
+                await c.disconnect()
+
+        bs, got = run(main())
+        assert bs.maximum == 65536 and bs.advertised
+        assert got == b"".join(struct.pack(">Q", (1 << 20) + 8 * i) for i in range((1 << 20) // 8))
+
+
+def test_list_exports_and_descriptions():
+    with nbdkit("--filter=exportname", "memory", "1M", "exportname=a", "exportname=b",
+                "exportdesc=fixed:hello", "exportname-list=explicit") as (uri, _):
+        exports = run(list_exports(uri))
+        assert [e.name for e in exports] == ["a", "b"]
+        assert all(e.size == 1 << 20 and e.description == "hello" for e in exports)
