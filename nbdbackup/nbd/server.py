@@ -277,6 +277,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.export: Export | None = None
         self.tasks: set[asyncio.Task] = set()
         self.peer = "?"
+        #: Small replies waiting to go out in one write at the end of this
+        #: loop iteration (``_flush_soon`` scheduled while non-empty).
+        self._wbuf: list[bytes] = []
         self._paused_writing = False
         self._reading_paused = False
         self._closing = False
@@ -454,11 +457,27 @@ class NBDConnection(asyncio.BufferedProtocol):
             free.append(buf)
 
     def _write(self, *parts) -> None:
+        """Queue one whole reply.  Small replies are batched into one send."""
         t = self.transport
         if t is None or self._closing or t.is_closing():
             return
+        if len(parts) == 1 and len(parts[0]) <= 4096:
+            if not self._wbuf:
+                asyncio.get_running_loop().call_soon(self._flush_wbuf)
+            self._wbuf.append(parts[0])
+            return
+        self._flush_wbuf()
         for p in parts:
             t.write(p)
+
+    def _flush_wbuf(self) -> None:
+        if not self._wbuf:
+            return
+        data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
+        self._wbuf.clear()
+        t = self.transport
+        if t is not None and not self._closing and not t.is_closing():
+            t.write(data)
 
     # ---------------------------------------------------------- requests
 
@@ -487,6 +506,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._write(p.reply_error(req.cookie, errno.EIO, f"internal error: {e}"))
         finally:
             exp.end()
+            if req.payload is not None:
+                self.proto.release(req.payload)
 
     async def _run(self, req: Request, exp: Export) -> None:
         p = self.proto
