@@ -1,0 +1,350 @@
+#!/usr/bin/env python3
+"""NBD server throughput: `nbdbackup serve` against nbdkit, qemu-nbd, qemu-storage-daemon.
+
+Role: serve the SAME raw image (random data, page cache warm) from each
+server in turn and measure what a backup client sees:
+
+- ``read-seq``        full sequential read, ``nbdcopy URI null:`` (nbdcopy's
+                      default: 4 connections if the server offers multi-conn, else 1)
+- ``read-seq-1conn``  the same with ``nbdcopy --connections=1``
+- ``write-seq``       full write, ``nbdcopy SRC URI`` (SRC a second random,
+                      cached image; no ``--flush``: we time the server path into
+                      the page cache, not the disk -- the image is fsync'ed
+                      outside the timed section before each write round)
+- ``randread-4k``     4 KiB random reads, 32 in flight, one libnbd connection, IOPS
+- ``randwrite-4k``    4 KiB random writes, 32 in flight, one libnbd connection, IOPS
+- ``read-seq-tcp``    ``read-seq`` over TCP on 127.0.0.1
+
+Rounds alternate servers (A B C A B C ...) so drift (thermal, page cache,
+other load) spreads over all of them; each (round, server) slot starts a
+fresh server process, warms the cache, runs every selected metric in a fixed
+order, and stops it by PID.  The table shows medians and ratios
+nbdbackup/other (> 1.0x: nbdbackup is faster).
+
+Usage: ``bench/servers.py [--size 1G] [--rounds 3] [--only METRIC,...]
+[--servers nbdbackup,nbdkit,qemu-nbd,qsd] [--duration 3] [--keep]``
+``--profile DIR`` instead runs only nbdbackup under py-spy for each metric
+and prints where its time goes.
+
+Invariant: every process started here is stopped by PID and the temp dir is
+removed, on success, error and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import Metric, Procs, Results, Workspace  # noqa: E402
+
+OURS = "nbdbackup"
+EXPORT = "disk"
+
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric("read-seq", "MB/s", description="nbdcopy URI null: (default connections), Unix socket"),
+    Metric("read-seq-1conn", "MB/s", description="nbdcopy --connections=1 URI null:, Unix socket"),
+    Metric("write-seq", "MB/s", description="nbdcopy SRC URI (no --flush), Unix socket"),
+    Metric("randread-4k", "IOPS", description="libnbd aio_pread 4 KiB random, 32 in flight, 1 conn"),
+    Metric("randwrite-4k", "IOPS", description="libnbd aio_pwrite 4 KiB random, 32 in flight, 1 conn"),
+    Metric("read-seq-tcp", "MB/s", description="nbdcopy URI null: (default connections), TCP 127.0.0.1"),
+]}
+DEFAULT_METRICS = list(METRICS)
+TCP_METRICS = {"read-seq-tcp"}
+
+
+# --------------------------------------------------------------------------
+# servers
+
+@dataclass
+class Endpoint:
+    """Where a started server listens: the NBD URI and how to wait for it."""
+    uri: str
+    unix: str | None = None
+    tcp: tuple[str, int] | None = None
+
+
+def server_argv(name: str, img: str, ws: Workspace, tcp_port: int | None) -> tuple[list[str], Endpoint]:
+    """argv and endpoint for one server; Unix socket unless ``tcp_port``.
+
+    Configurations (chosen to be each server's sensible default for a
+    writable raw file export through the page cache):
+    - nbdbackup: ``serve --socket S disk=IMG`` (uvloop when installed).
+    - nbdkit: ``file`` plugin, foreground, default 16 threads, default cache.
+    - qemu-nbd: ``-f raw --cache=writeback --aio=threads --shared=16 -t``.
+    - qsd: qemu-storage-daemon, file node (cache.direct=off, aio=threads) +
+      raw node, NBD export writable=on (multi-conn left at its default).
+    """
+    sock = ws.socket(name)
+    host = "127.0.0.1"
+    ep = (Endpoint(f"nbd://{host}:{tcp_port}/{EXPORT}", tcp=(host, tcp_port)) if tcp_port
+          else Endpoint(f"nbd+unix:///{EXPORT}?socket={sock}", unix=sock))
+    if name == "nbdbackup":
+        where = ["--listen", f"{host}:{tcp_port}"] if tcp_port else ["--socket", sock]
+        return [common.VENV_PYTHON, "-m", "nbdbackup.cli", "serve", *where, f"{EXPORT}={img}"], ep
+    if name == "nbdkit":
+        where = ["-i", host, "-p", str(tcp_port)] if tcp_port else ["-U", sock]
+        return ["nbdkit", *where, "-f", "file", img], ep
+    if name == "qemu-nbd":
+        where = ["-b", host, "-p", str(tcp_port)] if tcp_port else ["-k", sock]
+        return ["qemu-nbd", *where, "-f", "raw", "-x", EXPORT, "--shared=16", "-t",
+                "--cache=writeback", "--aio=threads", img], ep
+    if name == "qsd":
+        addr = (f"addr.type=inet,addr.host={host},addr.port={tcp_port}" if tcp_port
+                else f"addr.type=unix,addr.path={sock}")
+        return ["qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=file0,filename={img},cache.direct=off,aio=threads",
+                "--blockdev", "driver=raw,node-name=disk0,file=file0",
+                "--nbd-server", addr,
+                "--export", f"type=nbd,id=exp0,node-name=disk0,name={EXPORT},writable=on"], ep
+    raise ValueError(f"unknown server {name!r}")
+
+
+SERVERS = ["nbdbackup", "nbdkit", "qemu-nbd", "qsd"]
+DEFAULT_SERVERS = ["nbdbackup", "nbdkit", "qemu-nbd", "qsd"]
+
+
+def start_server(procs: Procs, name: str, img: str, ws: Workspace, tcp_port: int | None = None):
+    argv, ep = server_argv(name, img, ws, tcp_port)
+    if ep.unix and os.path.exists(ep.unix):
+        os.unlink(ep.unix)
+    env = dict(os.environ, PYTHONPATH=str(common.REPO_DIR))
+    p = procs.start(name, argv, log_path=ws.path / f"{name}.log", env=env)
+    if ep.unix:
+        common.wait_for_unix(ep.unix, proc=p)
+    else:
+        common.wait_for_tcp(*ep.tcp, proc=p)
+    return p, ep
+
+
+def server_info(uri: str) -> dict:
+    """Selected nbdinfo --json fields (what each server advertises)."""
+    try:
+        r = subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True, timeout=30)
+        exp = json.loads(r.stdout)["exports"][0]
+        keys = ("can_multi_conn", "can_flush", "can_fua", "can_zero", "can_trim", "can_cache",
+                "block_size_preferred", "block_size_maximum")
+        return {k: exp.get(k) for k in keys} | {"protocol": json.loads(r.stdout).get("protocol")}
+    except (OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError) as e:
+        return {"error": str(e)}
+
+
+# --------------------------------------------------------------------------
+# measurements
+
+def nbdcopy_read(uri: str, size: int, connections: int | None = None) -> float:
+    argv = ["nbdcopy"] + ([f"--connections={connections}"] if connections else []) + [uri, "null:"]
+    return size / common.run_timed(argv) / 1e6
+
+
+def nbdcopy_write(src: str, uri: str, size: int) -> float:
+    return size / common.run_timed(["nbdcopy", src, uri]) / 1e6
+
+
+def rand_io(uri: str, size: int, write: bool, qd: int = 32, duration: float = 3.0,
+            block: int = 4096, seed: int = 1) -> float:
+    """IOPS of 4 KiB random reads or writes with ``qd`` requests in flight.
+
+    One libnbd handle; the loop keeps ``qd`` commands queued and calls
+    ``poll(-1)``; completion callbacks count and auto-retire commands.
+    A 0.3 s warm-up precedes the timed ``duration``.
+    """
+    import nbd
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        rng = random.Random(seed)
+        nblocks = size // block
+        offsets = [rng.randrange(nblocks) * block for _ in range(1 << 16)]
+        mask = len(offsets) - 1
+        buf = nbd.Buffer.from_bytearray(bytearray(os.urandom(block))) if write else nbd.Buffer(block)
+        done = [0]
+        errors = [0]
+
+        def cb(err):
+            done[0] += 1
+            if err.value:
+                errors[0] += 1
+            return 1  # auto-retire
+
+        issue = h.aio_pwrite if write else h.aio_pread
+        i = 0
+        for phase_len in (0.3, duration):
+            start_done = done[0]
+            t0 = time.perf_counter()
+            end = t0 + phase_len
+            while True:
+                while h.aio_in_flight() < qd:
+                    issue(buf, offsets[i & mask], completion=cb)
+                    i += 1
+                h.poll(-1)
+                if time.perf_counter() >= end:
+                    break
+            elapsed = time.perf_counter() - t0
+            ops = done[0] - start_done
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        if errors[0]:
+            raise RuntimeError(f"{errors[0]} requests failed")
+        return ops / elapsed
+    finally:
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
+        del h
+
+
+def measure(metric: str, uri: str, size: int, src: str, img: str, duration: float) -> float:
+    if metric in ("read-seq", "read-seq-tcp"):
+        return nbdcopy_read(uri, size)
+    if metric == "read-seq-1conn":
+        return nbdcopy_read(uri, size, connections=1)
+    if metric == "write-seq":
+        common.fsync_file(img)
+        return nbdcopy_write(src, uri, size)
+    if metric == "randread-4k":
+        return rand_io(uri, size, write=False, duration=duration)
+    if metric == "randwrite-4k":
+        common.fsync_file(img)
+        return rand_io(uri, size, write=True, duration=duration)
+    raise ValueError(metric)
+
+
+# --------------------------------------------------------------------------
+# driver
+
+def run_bench(args, ws: Workspace, procs: Procs, img: str, src: str) -> Results:
+    res = Results("servers")
+    for m in args.metrics:
+        res.add_metric(METRICS[m])
+    res.meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "commit": common.git_commit(), "machine": common.machine_info(),
+        "size": args.size, "rounds": args.rounds, "duration": args.duration,
+        "servers": args.servers, "metrics": args.metrics,
+        "versions": {"nbdkit": common.tool_version(["nbdkit", "--version"]),
+                     "qemu-nbd": common.tool_version(["qemu-nbd", "--version"]),
+                     "nbdcopy": common.tool_version(["nbdcopy", "--version"])},
+        "argv": {s: server_argv(s, "IMG", ws, None)[0] for s in args.servers},
+        "advertised": {},
+    }
+    unix_metrics = [m for m in args.metrics if m not in TCP_METRICS]
+    tcp_metrics = [m for m in args.metrics if m in TCP_METRICS]
+    for rnd in range(args.rounds):
+        for srv in args.servers:
+            for transport, metrics in (("unix", unix_metrics), ("tcp", tcp_metrics)):
+                if not metrics:
+                    continue
+                common.warm_cache(img)
+                common.warm_cache(src)
+                port = common.free_tcp_port() if transport == "tcp" else None
+                p, ep = start_server(procs, srv, img, ws, port)
+                try:
+                    if rnd == 0 and transport == "unix":
+                        res.meta["advertised"][srv] = server_info(ep.uri)
+                    for m in metrics:
+                        try:
+                            v = measure(m, ep.uri, args.size, src, img, args.duration)
+                        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                            res.add_error(m, srv, str(e)[:500])
+                            print(f"  round {rnd + 1} {srv:10} {m:15} ERROR {e}", file=sys.stderr)
+                            continue
+                        res.add(m, srv, v)
+                        print(f"  round {rnd + 1} {srv:10} {m:15} {v:12,.1f} {METRICS[m].unit}",
+                              flush=True)
+                finally:
+                    procs.stop(p)
+    return res
+
+
+def run_profile(args, ws: Workspace, procs: Procs, img: str, src: str) -> None:
+    """py-spy on nbdbackup while each metric runs in a loop for --duration s."""
+    outdir = Path(args.profile)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for m in args.metrics:
+        common.warm_cache(img)
+        port = common.free_tcp_port() if m in TCP_METRICS else None
+        p, ep = start_server(procs, OURS, img, ws, port)
+        try:
+            out = outdir / f"{m}.txt"
+            spy = common.py_spy_start(procs, p.pid, args.duration, out, native=args.native)
+            time.sleep(0.3)
+            n = 0
+            while spy.alive():
+                measure(m, ep.uri, args.size, src, img, min(args.duration, 2.0))
+                n += 1
+            procs.stop(spy)
+        finally:
+            procs.stop(p)
+        print(f"=== {m} ({n} runs while sampling) -> {out}")
+        if out.exists():
+            agg = common.aggregate_collapsed(out)
+            print(common.format_profile(agg, top=args.top))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1G", help="image size (default 1G)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per server (default 3; median reported)")
+    ap.add_argument("--only", default=",".join(DEFAULT_METRICS),
+                    help="comma-separated metrics: " + ",".join(METRICS))
+    ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                    help="comma-separated servers: " + ",".join(SERVERS))
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds per random-I/O run (default 3)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (images, logs)")
+    ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
+    ap.add_argument("--profile", metavar="DIR", help="profile nbdbackup with py-spy instead of comparing")
+    ap.add_argument("--native", action="store_true", help="with --profile: include native frames")
+    ap.add_argument("--top", type=int, default=25, help="with --profile: frames shown")
+    args = ap.parse_args(argv)
+    args.size = common.parse_size(args.size)
+    args.metrics = [m.strip() for m in args.only.split(",") if m.strip()]
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    for m in args.metrics:
+        if m not in METRICS:
+            ap.error(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
+    for s in args.servers:
+        if s not in SERVERS:
+            ap.error(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
+    if args.size % 4096:
+        ap.error("--size must be a multiple of 4096")
+
+    common.sigterm_as_interrupt()
+    try:
+        with Workspace("nbdbench-", keep=args.keep) as ws, Procs() as procs:
+            img, src = str(ws.path / "disk.img"), str(ws.path / "src.img")
+            print(f"making {args.size / common.MiB:.0f} MiB random images in {ws.path}", flush=True)
+            common.make_random_file(img, args.size)
+            common.make_random_file(src, args.size)
+            common.warm_cache(img)
+            common.warm_cache(src)
+            if args.profile:
+                run_profile(args, ws, procs, img, src)
+                return 0
+            res = run_bench(args, ws, procs, img, src)
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped, temp files removed", file=sys.stderr)
+        return 130
+    print()
+    print(f"servers bench: {args.size / common.MiB:.0f} MiB image, {args.rounds} rounds, median; "
+          f"commit {res.meta['commit']}")
+    print(common.format_table(res, args.servers, OURS))
+    if not args.no_json:
+        print(f"results: {common.write_json(res, OURS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
