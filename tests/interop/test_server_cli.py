@@ -1,0 +1,193 @@
+"""The `nbdbackup serve` command line: errors, signals, listeners.
+
+Contract: ``python -m nbdbackup.cli serve --socket PATH [--listen HOST:PORT]
+[--read-only] NAME=SPEC...``; a user error exits non-zero with ONE clear line
+on stderr (no traceback); SIGTERM flushes and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+import pytest
+
+import peers
+
+nbd = pytest.importorskip("nbd")
+
+pytestmark = pytest.mark.interop
+
+MiB = 1024 * 1024
+
+
+def run_serve(sock: str, *exports: str, extra=(), timeout: float = 20) -> subprocess.CompletedProcess:
+    argv = peers.nbdbackup_argv(sock, *exports, extra=extra)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=str(peers.REPO))
+
+
+def error_line(r: subprocess.CompletedProcess) -> str:
+    """The single error line of a failed run (asserts there is exactly one, and no traceback)."""
+    assert r.returncode != 0, f"expected failure, got 0\n{r.stderr}"
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, r.stderr
+    return errors[0].lower()
+
+
+def test_missing_file(short_tmp):
+    r = run_serve(str(short_tmp / "s.sock"), f"disk={short_tmp}/nope.img")
+    line = error_line(r)
+    assert "nope.img" in line and "no such file" in line, line
+    assert not (short_tmp / "s.sock").exists()
+
+
+def test_bad_size(short_tmp):
+    line = error_line(run_serve(str(short_tmp / "s.sock"), "mem=memory:12Q"))
+    assert "size" in line and "12q" in line, line
+
+
+@pytest.mark.parametrize("arg", ["noequals", "disk="])
+def test_malformed_export_argument(short_tmp, arg):
+    line = error_line(run_serve(str(short_tmp / "s.sock"), arg))
+    assert "name=spec" in line or "spec" in line, line
+
+
+def test_empty_name_is_the_default_export(serve):
+    with serve("=memory:1M") as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri)  # nbd+unix:///?socket=... asks for ""
+        assert h.get_size() == 1 * MiB
+        h.shutdown()
+
+
+def test_name_given_twice(short_tmp):
+    line = error_line(run_serve(str(short_tmp / "s.sock"), "a=memory:1M", "a=memory:2M"))
+    assert "'a'" in line or '"a"' in line or " a " in line, line
+    assert any(w in line for w in ("twice", "duplicate", "already")), line
+
+
+def test_nothing_to_listen_on():
+    argv = [str(peers.VENV_PYTHON), "-m", "nbdbackup.cli", "serve", "a=memory:1M"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=20, cwd=str(peers.REPO))
+    line = error_line(r)
+    assert "listen" in line or "socket" in line, line
+
+
+def test_busy_socket_is_refused_and_first_server_unharmed(serve):
+    with serve("a=memory:1M") as first:
+        r = run_serve(first.socket, "b=memory:1M")
+        line = error_line(r)
+        assert first.socket in line or "socket" in line, line
+        assert any(w in line for w in ("in use", "busy", "already", "another")), line
+        # The refused second server must not have removed the first one's socket.
+        assert os.path.exists(first.socket)
+        h = nbd.NBD()
+        h.connect_uri(first.uri_for("a"))
+        h.pwrite(b"ok", 0)
+        assert h.pread(2, 0) == b"ok"
+        h.shutdown()
+        assert first.alive()
+
+
+def test_stale_socket_file_is_replaced(short_tmp):
+    """A socket file nobody listens on (a crashed server's) is not 'busy'."""
+    path = str(short_tmp / "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()  # the file stays, no listener
+    argv = peers.nbdbackup_argv(path, "a=memory:1M")
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=str(peers.REPO))
+    try:
+        peer = peers.Peer(proc=proc, socket=path, dir=str(short_tmp), log_path="/dev/null", argv=argv)
+        peers.wait_until_listening(peer)
+        h = nbd.NBD()
+        h.connect_uri(peers.nbd_uri(path, "a"))
+        assert h.get_size() == 1 * MiB
+        h.shutdown()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_sigterm_flushes_and_exits_zero(short_tmp, serve):
+    image = short_tmp / "disk.img"
+    image.write_bytes(bytes(2 * MiB))
+    with serve(f"disk={image}") as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("disk"))
+        h.pwrite(b"\x42" * 65536, 1 * MiB)  # no FUA, no FLUSH
+        # A request is still in flight when the signal arrives.
+        buf = nbd.Buffer(1 * MiB)
+        cookie = h.aio_pread(buf, 0)
+        rc = peers.stop(srv, signal.SIGTERM)
+        assert rc == 0, srv.log()
+        try:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+        except nbd.Error:
+            pass  # the server may close before or after answering; it must not hang
+        log = srv.log()
+    assert "Traceback" not in log, log
+    assert image.read_bytes()[1 * MiB:1 * MiB + 65536] == b"\x42" * 65536
+    assert not os.path.exists(srv.socket), "socket file left behind after a clean exit"
+
+
+def test_sigint_exits_cleanly(serve):
+    with serve("a=memory:1M") as srv:
+        rc = peers.stop(srv, signal.SIGINT)
+        assert rc in (0, 130), srv.log()
+        assert "Traceback" not in srv.log()
+
+
+def test_global_read_only(short_tmp, serve):
+    image = short_tmp / "disk.img"
+    image.write_bytes(b"\x11" * MiB)
+    with serve(f"disk={image}", "mem=memory:1M", extra=["--read-only"]) as srv:
+        for name in ("disk", "mem"):
+            h = nbd.NBD()
+            h.set_strict_mode(0)
+            h.connect_uri(srv.uri_for(name))
+            assert h.is_read_only(), name
+            with pytest.raises(nbd.Error) as ei:
+                h.pwrite(b"x", 0)
+            assert ei.value.errnum == 1, ei.value  # EPERM
+            h.shutdown()
+    assert image.read_bytes() == b"\x11" * MiB
+
+
+def test_ro_prefix_only_affects_its_export(short_tmp, serve):
+    image = short_tmp / "disk.img"
+    image.write_bytes(bytes(MiB))
+    with serve(f"ro=ro:{image}", "rw=memory:1M") as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("ro"))
+        assert h.is_read_only()
+        h.shutdown()
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("rw"))
+        assert not h.is_read_only()
+        h.pwrite(b"w", 0)
+        h.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_listen_tcp_loopback(serve):
+    port = _free_port()
+    with serve("a=memory:1M", extra=["--listen", f"127.0.0.1:{port}"]) as srv:
+        h = nbd.NBD()
+        h.connect_uri(f"nbd://127.0.0.1:{port}/a")
+        h.pwrite(b"tcp", 100)
+        h.shutdown()
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("a"))  # the Unix socket serves the same export
+        assert h.pread(3, 100) == b"tcp"
+        h.shutdown()
