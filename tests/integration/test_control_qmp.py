@@ -428,3 +428,87 @@ def test_control_client_refuses_a_non_qmp_server(short_tmp):
             await srv.wait_closed()
 
     run(main())
+
+
+# -- differential: the same bytes to qemu-storage-daemon and to us ----------
+
+#: Inputs whose replies must match QEMU's exactly (JSON parse error details aside).
+DIFFERENTIAL_INPUTS = [
+    '{"execute": "query-jobs", "id": 1}',  # before negotiation
+    '{"exec-oob": "query-jobs", "id": 2}',
+    '{"execute": "qmp_capabilities", "arguments": {"enable": "oob"}, "id": 3}',
+    '{"execute": "qmp_capabilities", "id": 4}',
+    '{"execute": "qmp_capabilities", "id": 5}',
+    '{"execute": "nope", "id": 6}',
+    '{"execute": "query-jobs", "id": 7, "foo": 1}',
+    '[1, 2]',
+    '"abc"',
+    '{"id": 8}',
+    '{"execute": 5, "id": 9}',
+    '{"execute": "query-jobs", "arguments": [], "id": 10}',
+    '{"execute": "query-jobs", "exec-oob": "query-jobs", "id": 11}',
+    '{"execute": "query-jobs", "id": 12}{"execute": "query-jobs", "id": 13}',
+    '{"execute":\n "query-jobs",\n "id": 14}\n',
+    '{"execute": "query-jobs"}',
+    '{"execute": "query-jobs", "id": null}',
+    '{"execute": "query-jobs", "id": {"x": [1, "y"]}}',
+    '{"execute": "query-jobs", "arguments": {"a": 1}, "id": 15}',
+    '{"execute": "job-dismiss", "id": 16}',
+    '{"execute": "job-dismiss", "arguments": {"id": 5}, "id": 17}',
+    '{"execute": "job-dismiss", "arguments": {"id": "j", "zz": 1}, "id": 18}',
+    '{"execute": "job-dismiss", "arguments": {"id": "nope"}, "id": 19}',
+    '{"execute": "query-jobs" xx}',
+    '}',
+    '{"execute": "query-jobs", "id": 20}',
+]
+
+
+async def replies_for(path: str, inputs: list[str]) -> list[dict]:
+    r, w = await asyncio.open_unix_connection(path)
+    await asyncio.wait_for(r.readline(), 5)  # greeting
+    out = []
+    try:
+        for text in inputs:
+            w.write(text.encode())
+            await w.drain()
+            # Every input above yields one reply except the two-request line.
+            for _ in range(2 if text.count('"execute"') == 2 else 1):
+                msg = json.loads(await asyncio.wait_for(r.readline(), 5))
+                err = msg.get("error")
+                if err and err["desc"].startswith("JSON parse error"):
+                    err["desc"] = "JSON parse error"
+                out.append(msg)
+    finally:
+        w.close()
+    return out
+
+
+@pytest.mark.interop
+def test_framing_matches_qemu_storage_daemon(short_tmp):
+    import peers
+
+    async def ours():
+        server = QMPServer()
+
+        async def query_jobs():
+            return []
+
+        async def job_dismiss(*, id):
+            raise CommandError("GenericError", "Job not found")
+
+        server.register("query-jobs", query_jobs)
+        server.register("job-dismiss", job_dismiss)
+        path = str(short_tmp / "ours.sock")
+        await server.start(path)
+        try:
+            return await replies_for(path, DIFFERENTIAL_INPUTS)
+        finally:
+            await server.close()
+
+    with peers.qemu_storage_daemon([]) as qsd:
+        theirs = run(replies_for(qsd.qmp_socket, DIFFERENTIAL_INPUTS))
+    mine = run(ours())
+    assert len(mine) == len(theirs)
+    for text, a, b in zip([t for t in DIFFERENTIAL_INPUTS for _ in range(2 if t.count('"execute"') == 2 else 1)],
+                          mine, theirs):
+        assert a == b, f"input {text!r}: ours {a} != qemu {b}"
