@@ -31,7 +31,7 @@ import errno
 import itertools
 from typing import Sequence
 
-from ..errors import ConfigError, OptionError
+from ..errors import ConfigError, ConnectionClosed, OptionError, RemoteProtocolError
 from ..nbd.client import Client, connect
 from ..nbd.uri import NBDURI, parse_uri
 from ..nbd.wire import MAX_PAYLOAD, TransmissionFlag as TF
@@ -99,8 +99,9 @@ class NBDDev(BlockDev):
     ) -> "NBDDev":
         """Connect; ``connections`` (default 1) is honoured only with CAN_MULTI_CONN.
 
-        Raises `ConfigError` for a bad URI or an export the server refuses,
-        `OSError`/`ConnectionClosed`/`TimeoutError` for connection failures.
+        Raises `ConfigError` for a bad URI, a server that cannot be reached
+        or that refuses the export (the first connection); failures of the
+        extra connections raise what `connect` raises.
         """
         u = parse_uri(uri) if isinstance(uri, str) else uri
         n = 1 if connections is None else connections
@@ -112,6 +113,9 @@ class NBDDev(BlockDev):
             first = await connect(u, **kw)  # type: ignore[arg-type]
         except OptionError as e:
             raise ConfigError(f"{u}: server refused the export: {e.message or e}") from e
+        except (OSError, TimeoutError, ConnectionClosed, RemoteProtocolError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(f"{u}: cannot connect: {why}") from e
         clients = [first]
         try:
             if n > 1 and first.can(TF.CAN_MULTI_CONN):

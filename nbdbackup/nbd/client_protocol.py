@@ -47,7 +47,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Generator, Iterable, Sequence
 
-from ..errors import LocalProtocolError, OptionError, RemoteProtocolError
+from ..errors import ConnectionClosed, LocalProtocolError, OptionError, RemoteProtocolError
 from . import wire
 from .wire import (
     ClientFlag,
@@ -227,7 +227,7 @@ class Handshake:
         if not data:
             if not self.done:
                 self.broken = True
-                raise RemoteProtocolError("server closed the connection during the handshake")
+                raise ConnectionClosed("server closed the connection during the handshake")
             return
         if self.done:
             if self.plan.mode is not Mode.GO:

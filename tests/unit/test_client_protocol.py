@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from nbdbackup.errors import LocalProtocolError, OptionError, RemoteProtocolError
+from nbdbackup.errors import ConnectionClosed, LocalProtocolError, OptionError, RemoteProtocolError
 from nbdbackup.nbd import wire
 from nbdbackup.nbd.client_protocol import (
     DIRECT_MIN,
@@ -187,7 +187,7 @@ def test_handshake_protocol_violations(server, match):
 def test_handshake_eof_is_a_protocol_error():
     hs = Handshake(HandshakePlan(Mode.GO, ""))
     feed(hs, greeting()[:10])
-    with pytest.raises(RemoteProtocolError, match="closed"):
+    with pytest.raises(ConnectionClosed, match="closed"):
         hs.receive_data(b"")
 
 

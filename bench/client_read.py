@@ -1,0 +1,169 @@
+"""Benchmark: sequential read of a whole export, our client vs ``nbdcopy ... null:``.
+
+Role: measure `nbd.client` read throughput against libnbd's nbdcopy under the
+same conditions: one server (nbdkit file plugin, or qemu-nbd) over a Unix
+socket, a file of random data in the page cache, N connections, M requests
+in flight per connection (nbdcopy's --requests is per connection), the same
+request size (nbdcopy's default, 256 KiB).  Rounds alternate (nbdcopy, ours,
+nbdcopy, ours...) so drift hits both alike.  Prints MB/s per round, the best
+and median of each, and the ratio ours/nbdcopy.
+
+Our reader: N `Client` connections; N*M tasks, each bound to one connection,
+take the next offset from a shared counter and read it into their own
+reusable buffer (data discarded, like ``null:``).
+
+Usage: .venv/bin/python bench/client_read.py [--size 1G] [--connections 4]
+       [--requests 64] [--request-size 256K] [--rounds 3] [--server nbdkit|qemu-nbd]
+       [--loop asyncio|uvloop] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nbdbackup.blockdev import parse_size  # noqa: E402
+from nbdbackup.nbd.client import connect  # noqa: E402
+
+
+def make_image(path: str, size: int) -> None:
+    chunk = os.urandom(16 << 20)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, len(chunk))
+            f.write(chunk[:n])
+            left -= n
+    with open(path, "rb") as f:  # warm the page cache
+        while f.read(64 << 20):
+            pass
+
+
+def start_server(kind: str, image: str, sock: str, connections: int) -> subprocess.Popen:
+    if kind == "nbdkit":
+        argv = ["nbdkit", "-f", "-U", sock, "file", image]
+    else:
+        argv = ["qemu-nbd", "-k", sock, "-f", "raw", "-t", f"--shared={max(connections, 1) + 1}", image]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if os.path.exists(sock):
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(sock)
+                    return proc
+                except OSError:
+                    pass
+        time.sleep(0.02)
+    proc.kill()
+    raise SystemExit(f"{kind} did not start")
+
+
+def run_nbdcopy(uri: str, conns: int, reqs: int, rsize: int) -> float:
+    t = time.perf_counter()
+    subprocess.run(["nbdcopy", f"--connections={conns}", f"--requests={reqs}", f"--request-size={rsize}",
+                    uri, "null:"], check=True)
+    return time.perf_counter() - t
+
+
+async def read_all(uri: str, conns: int, reqs: int, rsize: int) -> float:
+    clients = [await connect(uri, max_in_flight=reqs) for _ in range(conns)]
+    size = clients[0].size
+    t = time.perf_counter()
+    next_off = 0
+
+    async def worker(c) -> None:
+        nonlocal next_off
+        buf = bytearray(rsize)
+        mv = memoryview(buf)
+        while next_off < size:
+            off = next_off
+            next_off += rsize
+            n = min(rsize, size - off)
+            await c.pread(mv if n == rsize else mv[:n], off)
+
+    await asyncio.gather(*(worker(clients[i % conns]) for i in range(conns * reqs)))
+    dt = time.perf_counter() - t
+    for c in clients:
+        await c.disconnect()
+    return dt
+
+
+def run_ours(uri: str, conns: int, reqs: int, rsize: int, loop: str, profile: bool = False) -> float:
+    coro = read_all(uri, conns, reqs, rsize)
+    if loop == "uvloop":
+        import uvloop
+
+        runner = uvloop.run
+    else:
+        runner = asyncio.run
+    if profile:
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        dt = runner(coro)
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(15)
+        return dt
+    return runner(coro)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--request-size", default="256K")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--server", choices=["nbdkit", "qemu-nbd"], default="nbdkit")
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    ap.add_argument("--profile", action="store_true", help="cProfile one extra run of our client")
+    a = ap.parse_args()
+    size, rsize = parse_size(a.size), parse_size(a.request_size)
+    d = tempfile.mkdtemp(dir="/tmp", prefix="bench-client-")
+    proc = None
+    try:
+        image = os.path.join(d, "disk.raw")
+        make_image(image, size)
+        sock = os.path.join(d, "s.sock")
+        proc = start_server(a.server, image, sock, a.connections)
+        uri = f"nbd+unix:///?socket={sock}"
+        mb = size / 1e6
+        theirs, ours = [], []
+        print(f"# {a.server}, {size >> 20} MiB, {a.connections} connections x {a.requests} requests, "
+              f"{rsize >> 10} KiB requests, loop={a.loop}")
+        for r in range(a.rounds):
+            dt = run_nbdcopy(uri, a.connections, a.requests, rsize)
+            theirs.append(mb / dt)
+            print(f"round {r + 1}: nbdcopy {mb / dt:8.0f} MB/s")
+            dt = run_ours(uri, a.connections, a.requests, rsize, a.loop)
+            ours.append(mb / dt)
+            print(f"round {r + 1}: ours    {mb / dt:8.0f} MB/s")
+        print(f"nbdcopy: best {max(theirs):.0f} MB/s, median {statistics.median(theirs):.0f} MB/s")
+        print(f"ours:    best {max(ours):.0f} MB/s, median {statistics.median(ours):.0f} MB/s")
+        print(f"ratio ours/nbdcopy: best {max(ours) / max(theirs):.2f}x, "
+              f"median {statistics.median(ours) / statistics.median(theirs):.2f}x")
+        if a.profile:
+            run_ours(uri, a.connections, a.requests, rsize, a.loop, profile=True)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
