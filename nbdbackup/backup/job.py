@@ -153,7 +153,9 @@ class BackupJob:
         self._unpaused.set()
         self._cancel_requested = False
         self._failure: JobFailure | None = None
+        self._pump_failed = False  # a copy error was reported: workers claim no more
         self._task: asyncio.Task | None = None
+        self._started = False  # _run began (before that, cancel only sets flags)
         self._on_dismiss = on_dismiss
         self._on_end = on_end
         self._attached = False
@@ -210,8 +212,12 @@ class BackupJob:
             await asyncio.shield(self._task)
 
     async def _run(self) -> None:
+        self._started = True
         try:
             try:
+                if self._cancel_requested or self._failure is not None:
+                    # cancel()/a CBW break came before this task first ran.
+                    raise asyncio.CancelledError
                 if self.sync == "none":
                     await asyncio.get_running_loop().create_future()  # until cancelled
                 else:
@@ -224,7 +230,7 @@ class BackupJob:
             if not self._cancel_requested and self._failure is None:
                 raise  # not ours (loop shutdown): propagate
             task = asyncio.current_task()
-            if task is not None:
+            if task is not None and task.cancelling():
                 task.uncancel()
             if self._failure is not None:
                 await self._conclude_failed(self._failure)
@@ -287,7 +293,7 @@ class BackupJob:
     async def _gate(self) -> bool:
         while not self._unpaused.is_set():
             await self._unpaused.wait()
-        return not self._cancel_requested
+        return not (self._cancel_requested or self._pump_failed)
 
     def _pause_now(self) -> None:
         self._unpaused.clear()
@@ -300,6 +306,8 @@ class BackupJob:
         self._unpaused.set()
 
     async def _on_copy_error(self, err: CopyError, start: int, count: int) -> str:
+        if self._pump_failed:
+            raise JobFailure(err)  # another worker reported already
         policy = self.on_source_error if err.operation == "read" else self.on_target_error
         action = policy
         if policy == "enospc":
@@ -307,6 +315,7 @@ class BackupJob:
         self._emit("BLOCK_JOB_ERROR", {"device": self.id, "id": self.id,
                                        "operation": err.operation, "action": action})
         if action == "report":
+            self._pump_failed = True
             raise JobFailure(err)
         if action == "ignore":
             self.state.ignore(start, count)
@@ -324,7 +333,8 @@ class BackupJob:
             self._unpaused.set()
             if self.status is S.PAUSED:
                 self._set(S.RUNNING)
-            self._task.cancel()
+            if self._started:
+                self._task.cancel()
 
     # -- verbs (QMP commands) -------------------------------------------------
 
@@ -356,7 +366,7 @@ class BackupJob:
             self._user_paused = self._error_paused = False
             self._resume_now()
         self._unpaused.set()
-        if self._task is not None:
+        if self._task is not None and self._started:
             self._task.cancel()
 
     async def dismiss(self) -> None:

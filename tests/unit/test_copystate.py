@@ -1,0 +1,218 @@
+"""CopyState rules 1-5 on memory devices, with gates to freeze copies mid-flight."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+import pytest
+
+from nbdbackup.backup.copystate import CopyError, CopyState
+from nbdbackup.backup.testing import Fault, FaultDev
+from nbdbackup.bitmap.core import Bitmap
+from nbdbackup.blockdev.memory import MemoryDev
+
+CS = 4096
+SIZE = 10 * CS + 1000  # last cluster is partial
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make(size=SIZE, cs=CS):
+    src = MemoryDev(size)
+    data = bytes(os.urandom(size))
+    src.write_sync(data, 0)
+    fsrc = FaultDev(src)
+    tgt = MemoryDev(size)
+    ftgt = FaultDev(tgt)
+    st = CopyState(fsrc, ftgt, cs)
+    return st, src, fsrc, tgt, ftgt, data
+
+
+def read(dev: MemoryDev, off=0, n=None):
+    n = dev.size - off if n is None else n
+    b = bytearray(n)
+    dev.read_sync(memoryview(b), off)
+    return bytes(b)
+
+
+def test_geometry_partial_last_cluster():
+    async def main():
+        st, *_ = make()
+        assert st.nclusters == 11
+        assert st.clusters_of(0, 1) == (0, 1)
+        assert st.clusters_of(CS - 1, 2) == (0, 2)
+        assert st.clusters_of(SIZE - 1, 1) == (10, 11)
+        assert st.span(10, 1) == (10 * CS, 1000)
+        st.set_pump_todo(Bitmap(11, fill=True))
+        assert st.total == SIZE
+    run(main())
+
+
+def test_protect_copies_each_cluster_once_and_marks_done():
+    async def main():
+        st, src, fsrc, tgt, ftgt, data = make()
+        await st.protect(CS + 10, 2 * CS)  # touches clusters 1, 2, 3
+        assert [st.done.get(i) for i in range(5)] == [False, True, True, True, False]
+        assert read(tgt, CS, 3 * CS) == data[CS:4 * CS]
+        n_reads = len([c for c in fsrc.calls if c[0] == "read"])
+        await st.protect(CS, CS)  # done already: no copy
+        assert len([c for c in fsrc.calls if c[0] == "read"]) == n_reads
+        assert st.bytes_copied_by_cbw == 3 * CS
+        assert not st.inflight
+    run(main())
+
+
+def test_second_copier_waits_for_inflight_copy():
+    async def main():
+        st, src, fsrc, tgt, ftgt, data = make()
+        ftgt.gate = asyncio.Event()
+        t1 = asyncio.create_task(st.protect(0, CS))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert 0 in st.inflight
+        t2 = asyncio.create_task(st.protect(100, 10))
+        await asyncio.sleep(0.01)
+        assert not t1.done() and not t2.done()
+        ftgt.gate.set()
+        await asyncio.gather(t1, t2)
+        assert [c[0] for c in fsrc.calls].count("read") == 1  # copied once
+        assert st.done.get(0) and not st.inflight
+    run(main())
+
+
+def test_failed_copy_leaves_cluster_not_done_not_inflight_and_waiter_retries():
+    async def main():
+        st, src, fsrc, tgt, ftgt, data = make()
+        ftgt.gate = asyncio.Event()
+        ftgt.faults.append(Fault("write", 0, CS, errno.ENOSPC, times=1))
+        owner = asyncio.create_task(st.protect(0, CS))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(st.protect(0, CS))
+        await asyncio.sleep(0)
+        ftgt.gate.set()
+        with pytest.raises(CopyError) as ei:
+            await owner
+        assert ei.value.errno == errno.ENOSPC and ei.value.operation == "write"
+        await waiter  # retried on its own after the owner failed
+        assert st.done.get(0) and not st.inflight
+        assert read(tgt, 0, CS) == data[:CS]
+    run(main())
+
+
+def test_read_error_is_classified_as_read():
+    async def main():
+        st, src, fsrc, tgt, ftgt, data = make()
+        fsrc.faults.append(Fault("read", 2 * CS, 1))
+        with pytest.raises(CopyError) as ei:
+            await st.protect(2 * CS, CS)
+        assert ei.value.operation == "read" and ei.value.errno == errno.EIO
+        assert not st.done.get(2) and 2 not in st.inflight
+    run(main())
+
+
+def test_cancelled_copy_leaves_state_valid():
+    async def main():
+        st, src, fsrc, tgt, ftgt, data = make()
+        ftgt.gate = asyncio.Event()
+        t = asyncio.create_task(st.protect(0, 3 * CS))
+        await asyncio.sleep(0.01)
+        assert st.inflight
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert not st.inflight and not st.done.any()
+        ftgt.gate.set()
+        await st.protect(0, 3 * CS)  # resume is free
+        assert st.done.all(0, 3)
+    run(main())
+
+
+def test_writer_waits_for_snapshot_readers():
+    async def main():
+        st, src, fsrc, tgt, ftgt, data = make()
+        segs = st.begin_read(CS + 5, 10)  # reader on cluster 1 (source)
+        assert segs == [(CS + 5, 10, False)] and st.readers == {1: 1}
+        w = asyncio.create_task(st.protect(CS, CS))
+        await asyncio.sleep(0.01)
+        assert st.done.get(1)  # copied already ...
+        assert not w.done()  # ... but held back until the reader leaves
+        st.end_read(segs)
+        await asyncio.wait_for(w, 1)
+        assert not st.readers
+    run(main())
+
+
+def test_begin_read_splits_done_and_not_done_partial_clusters():
+    async def main():
+        st, src, fsrc, tgt, ftgt, data = make()
+        await st.protect(CS, CS)  # cluster 1 done
+        segs = st.begin_read(100, 3 * CS)  # clusters 0 (partial), 1, 2, 3 (partial)
+        assert segs == [(100, CS - 100, False), (CS, CS, True), (2 * CS, CS + 100, False)]
+        assert st.readers == {0: 1, 2: 1, 3: 1}
+        st.end_read(segs)
+        assert st.readers == {}
+        segs = st.begin_read(SIZE - 10, 10)
+        assert segs == [(SIZE - 10, 10, False)]
+        st.end_read(segs)
+    run(main())
+
+
+def test_pump_claim_skips_done_and_inflight_and_counts_progress():
+    async def main():
+        st, src, fsrc, tgt, ftgt, data = make()
+        todo = Bitmap(st.nclusters)
+        todo.set(0, 6)
+        st.set_pump_todo(todo)
+        assert st.total == 6 * CS
+        await st.protect(2 * CS, 1)  # CBW copies cluster 2 (in todo)
+        assert st.current == CS and not st.pump_todo.get(2)
+        await st.protect(8 * CS, 1)  # not in todo: no progress
+        assert st.current == CS and st.bytes_copied_by_cbw == 2 * CS
+        got = st.claim(0, st.nclusters, 8, todo_only=True)
+        assert got == (0, 2)  # stops at done cluster 2
+        got2 = st.claim(0, st.nclusters, 2, todo_only=True)
+        assert got2 == (3, 2)  # skips in-flight 0, 1; max 2
+        await st.copy(*got, "pump")
+        await st.copy(*got2, "pump")
+        got3 = st.claim(0, st.nclusters, 8, todo_only=True)
+        assert got3 == (5, 1)
+        await st.copy(*got3, "pump")
+        assert st.claim(0, st.nclusters, 8, todo_only=True) is None
+        assert st.current == st.total == 6 * CS
+        assert st.bytes_copied_by_pump == 5 * CS
+        assert read(tgt, 0, 6 * CS) == data[:6 * CS]
+        assert read(tgt, 8 * CS, CS) == data[8 * CS:9 * CS]
+        assert read(tgt, 6 * CS, CS) == bytes(CS)  # never copied
+    run(main())
+
+
+def test_zero_clusters_become_target_zero():
+    async def main():
+        src = MemoryDev(8 * CS)
+        src.write_sync(b"a" * CS, 0)
+        src.write_sync(b"b" * CS, 3 * CS)
+        tgt = MemoryDev(8 * CS)
+        tgt.write_sync(b"\xff" * 8 * CS, 0)  # stale content must be overwritten
+        ftgt = FaultDev(tgt)
+        st = CopyState(src, ftgt, CS)
+        await st.protect(0, 8 * CS)
+        assert read(tgt) == read(src)
+        assert st.clusters_skipped_zero == 6
+        ops = [c[0] for c in ftgt.calls]
+        assert ops.count("write") == 4  # a, zero run, b, zero run
+    run(main())
+
+
+def test_ignore_drops_todo_without_done():
+    async def main():
+        st, *_ = make()
+        st.set_pump_todo(Bitmap(st.nclusters, fill=True))
+        st.ignore(10, 1)
+        assert st.bytes_ignored == 1000 and st.current == 1000
+        assert not st.pump_todo.get(10) and not st.done.get(10)
+    run(main())
