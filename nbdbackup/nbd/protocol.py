@@ -104,7 +104,7 @@ class Request:
 
     cookie: int
     cmd: int
-    flags: CmdFlag
+    flags: int  # CmdFlag bits (a plain int: enum construction costs per request)
     offset: int
     length: int
     payload: bytearray | None = None
@@ -157,6 +157,19 @@ _ALLOWED_FLAGS = {
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
 }
+
+
+_ALLOWED_FLAGS_INT = {int(k): int(v) for k, v in _ALLOWED_FLAGS.items()}
+_FUA, _DF, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.FAST_ZERO)
+_SEND_FUA, _SEND_FAST_ZERO = int(TransmissionFlag.SEND_FUA), int(TransmissionFlag.SEND_FAST_ZERO)
+
+
+class _TF:
+    """Transmission flag bits as plain ints for the per-request path."""
+
+
+for _m in TransmissionFlag:
+    setattr(_TF, _m.name, int(_m))
 
 
 def _match_contexts(query: str, available: Sequence[str], *, listing: bool) -> list[str]:
@@ -538,7 +551,7 @@ class ServerConnection:
         if magic != wire.REQUEST_MAGIC:
             self._violation(f"bad request magic {magic:#x}")
             return
-        req = Request(cookie, cmd, CmdFlag(flags & 0xFFFF), offset, length)
+        req = Request(cookie, cmd, flags, offset, length)
         if cmd == Cmd.WRITE:
             if length > self.max_payload:
                 # We cannot skip an oversize payload safely: end the connection.
@@ -573,42 +586,40 @@ class ServerConnection:
         """Set ``req.error`` per proto.md's request rules (nbdkit's validate_request)."""
         info = self.export
         assert info is not None
-        tflags = info.flags
+        tflags = int(info.flags)
         cmd = req.cmd
 
         def fail(err: int, msg: str) -> None:
             req.error, req.message = err, msg
 
-        try:
-            c = Cmd(cmd)
-        except ValueError:
-            return fail(errno.EINVAL, f"unknown command {cmd}")
-        allowed = _ALLOWED_FLAGS.get(c)
+        allowed = _ALLOWED_FLAGS_INT.get(cmd)
         if allowed is None:
-            return fail(errno.EINVAL, f"command {c.name} is not supported")
-        if int(req.flags) & ~int(allowed):
-            return fail(errno.EINVAL, f"flags {int(req.flags):#x} not allowed on {c.name}")
-        if req.flags & CmdFlag.FUA and not tflags & TransmissionFlag.SEND_FUA:
+            return fail(errno.EINVAL, f"unknown or unsupported command {cmd}")
+        c = cmd
+        flags = req.flags
+        if flags & ~allowed:
+            return fail(errno.EINVAL, f"flags {flags:#x} not allowed on command {cmd}")
+        if flags & _FUA and not tflags & _SEND_FUA:
             return fail(errno.EINVAL, "FUA was not advertised")
-        if req.flags & CmdFlag.DF and not self.structured:
+        if flags & _DF and not self.structured:
             return fail(errno.EINVAL, "DF needs structured replies")
-        if req.flags & CmdFlag.FAST_ZERO and not tflags & TransmissionFlag.SEND_FAST_ZERO:
+        if flags & _FAST_ZERO and not tflags & _SEND_FAST_ZERO:
             return fail(errno.EINVAL, "FAST_ZERO was not advertised")
-        ro = bool(tflags & TransmissionFlag.READ_ONLY)
+        ro = bool(tflags & _TF.READ_ONLY)
         size = info.size
         end = req.offset + req.length
         writes = c in (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
         if c == Cmd.FLUSH:
-            if not tflags & TransmissionFlag.SEND_FLUSH:
+            if not tflags & _TF.SEND_FLUSH:
                 return fail(errno.EINVAL, "FLUSH was not advertised")
             return
         if writes and ro:
             return fail(errno.EPERM, "export is read-only")
-        if c == Cmd.TRIM and not tflags & TransmissionFlag.SEND_TRIM:
+        if c == Cmd.TRIM and not tflags & _TF.SEND_TRIM:
             return fail(errno.EINVAL, "TRIM was not advertised")
-        if c == Cmd.WRITE_ZEROES and not tflags & TransmissionFlag.SEND_WRITE_ZEROES:
+        if c == Cmd.WRITE_ZEROES and not tflags & _TF.SEND_WRITE_ZEROES:
             return fail(errno.EINVAL, "WRITE_ZEROES was not advertised")
-        if c == Cmd.CACHE and not tflags & TransmissionFlag.SEND_CACHE:
+        if c == Cmd.CACHE and not tflags & _TF.SEND_CACHE:
             return fail(errno.EINVAL, "CACHE was not advertised")
         if c == Cmd.BLOCK_STATUS:
             if not self.structured or not self.contexts:

@@ -45,6 +45,10 @@ from . import protocol as proto
 from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection
 from .wire import Cmd, CmdFlag, StateFlag
 
+_FUA, _DF, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.NO_HOLE),
+                                            int(CmdFlag.FAST_ZERO), int(CmdFlag.REQ_ONE))
+_ZERO = int(StateFlag.ZERO)
+
 log = logging.getLogger("nbdbackup.server")
 
 HOLE = int(StateFlag.HOLE)
@@ -461,10 +465,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self._closing or t.is_closing():
             return
-        if len(parts) == 1 and len(parts[0]) <= 4096:
+        # Batch small replies (parts under 16 KiB are never recycled buffers,
+        # see `_put_buf`, so holding them until the flush is safe).
+        if all(len(p) < 16 * 1024 for p in parts):
             if not self._wbuf:
                 asyncio.get_running_loop().call_soon(self._flush_wbuf)
-            self._wbuf.append(parts[0])
+            self._wbuf.extend(parts)
             return
         self._flush_wbuf()
         for p in parts:
@@ -513,7 +519,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         p = self.proto
         dev = exp.dev
         cmd = req.cmd
-        fua = bool(req.flags & CmdFlag.FUA)
+        fua = bool(req.flags & _FUA)
         if cmd == Cmd.READ:
             await self._read(req, exp)
             return
@@ -528,8 +534,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         elif cmd == Cmd.FLUSH:
             await dev.flush()
         elif cmd == Cmd.WRITE_ZEROES:
-            await dev.zero(req.offset, req.length, may_trim=not req.flags & CmdFlag.NO_HOLE,
-                           fua=fua, fast=bool(req.flags & CmdFlag.FAST_ZERO))
+            await dev.zero(req.offset, req.length, may_trim=not req.flags & _NO_HOLE,
+                           fua=fua, fast=bool(req.flags & _FAST_ZERO))
         elif cmd == Cmd.TRIM:
             await dev.trim(req.offset, req.length, fua=fua)
         elif cmd == Cmd.CACHE:
@@ -548,10 +554,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         if length == 0:
             self._write(p.reply_ok(req.cookie))
             return
-        if (p.structured and not req.flags & CmdFlag.DF and exp.can_extents
+        if (p.structured and not req.flags & _DF and exp.can_extents
                 and length >= SPARSE_READ_MIN):
             extents = await _extents_covering(dev, offset, length, BASE_ALLOCATION)
-            if any(e.flags & HOLE and e.flags & StateFlag.ZERO for e in extents):
+            if any(e.flags & HOLE and e.flags & _ZERO for e in extents):
                 await self._sparse_read(req, dev, extents)
                 return
         buf = self._get_buf(length)
@@ -568,7 +574,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         p = self.proto
         chunks: list = []
         for e in extents:
-            if e.flags & HOLE and e.flags & StateFlag.ZERO:
+            if e.flags & HOLE and e.flags & _ZERO:
                 chunks.append((e.offset, e.length, None))
             else:
                 buf = bytearray(e.length)
@@ -586,7 +592,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     async def _block_status(self, req: Request, exp: Export) -> None:
         p = self.proto
-        one = bool(req.flags & CmdFlag.REQ_ONE)
+        one = bool(req.flags & _REQ_ONE)
         chunks = []
         for cid, ctx in self.proto.contexts.items():
             extents = await exp.dev.extents(req.offset, req.length, ctx)
