@@ -158,7 +158,11 @@ class QMPServer:
     # -- events -----------------------------------------------------------
 
     def emit(self, event: str, data: dict | None = None) -> None:
-        """Send an event to every negotiated client now (never blocks, never raises)."""
+        """Send an event to every negotiated client now (never blocks, never raises).
+
+        Call it from the event loop's thread (from another thread use
+        ``loop.call_soon_threadsafe(server.emit, event, data)``).
+        """
         try:
             msg = framing.encode(framing.event_message(event, data, time.time()))
         except (TypeError, ValueError):

@@ -153,3 +153,20 @@ def test_replies_and_events_shapes():
     assert ev == {"timestamp": {"seconds": 1700000000, "microseconds": 250000},
                   "event": "JOB_STATUS_CHANGE", "data": {"id": "j", "status": "running"}}
     assert "data" not in framing.event_message("STOP", None, 1.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 17))
+def test_arbitrary_bytes_never_raise(data, size):
+    """Garbage yields JSON values and ParseErrors only (never an exception), and
+    `check_request` answers every value with a Request or a RequestError."""
+    s = JSONSplitter(max_message=200, max_depth=16)
+    out = feed_in_slices(data, size, s)
+    assert all(isinstance(x, ParseError) or x is None or isinstance(x, (dict, list, str, int, float, bool))
+               for x in out)
+    for x in out:
+        if not isinstance(x, ParseError):
+            try:
+                check_request(x)
+            except RequestError:
+                pass
