@@ -5,9 +5,13 @@ NBD `Server`, the live-export filter, the backup `Engine`, the QMP control
 socket, the bitmap store), so the CLI stays thin and tests can build the same
 application in-process with `start`.
 
-Invariant: every writable export is served through a `LiveDev`, so that
-backups and dirty bitmaps can hook live writes at any time without swapping
-the device under open connections.
+Invariants:
+- Every writable export is served through a `LiveDev`, so that backups and
+  dirty bitmaps can hook live writes at any time without swapping the device
+  under open connections.
+- The control socket is opened only after every piece it drives exists, and
+  closed first at stop, so no command runs against a half-built or
+  half-stopped application.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from .blockdev import open_spec
 from .blockdev.base import BlockDev
+from .errors import ConfigError
 
 log = logging.getLogger("nbdbackup.daemon")
 
@@ -26,27 +32,133 @@ def wrap_live(dev: BlockDev, read_only: bool) -> BlockDev:
     """The device an export serves: writable ones go through `LiveDev`."""
     if read_only:
         return dev
-    try:
-        from .backup.live import LiveDev
-    except ImportError:  # engine not present in this tree yet
-        return dev
+    from .backup.live import LiveDev
+
     return LiveDev(dev)
 
 
 @dataclass
 class App:
-    """What `start` built.  Fields: ``server``; ``engine`` and ``control`` when enabled."""
+    """What `start` built.
+
+    Fields: ``server`` (the NBD `Server`, owner of the export table);
+    ``engine`` (the backup `Engine`); ``control`` (the `QMPServer`, None
+    without ``--control``); ``specs`` (export name -> SPEC it was opened from,
+    for ``query-block-exports``).
+    """
 
     server: Any
     engine: Any = None
     control: Any = None
-    extra: dict = field(default_factory=dict)
+    specs: dict = field(default_factory=dict)
+
+
+async def add_export(app: App, name: str, spec: str, read_only: bool = False) -> None:
+    """Open SPEC and publish it as export NAME (CLI start-up and block-export-add)."""
+    if name in app.server.exports:
+        raise ConfigError(f"export {name!r} already exists")
+    dev = await open_spec(spec, read_only=read_only)
+    try:
+        app.server.add_export(name, wrap_live(dev, read_only), read_only=read_only, description=spec)
+    except BaseException:
+        await dev.close()
+        raise
+    app.specs[name] = spec
+
+
+def register_export_commands(qmp: Any, app: App) -> None:
+    """``query-block-exports``, ``block-export-add``, ``block-export-del``."""
+
+    async def query_block_exports() -> list:
+        out = []
+        for name, exp in app.server.exports.items():
+            out.append({
+                "id": name,
+                "name": name,
+                "type": "nbd",
+                "spec": app.specs.get(name, exp.description),
+                "size": exp.dev.size,
+                "read-only": exp.read_only,
+                "shutting-down": exp.removed,
+                "connections": sum(1 for c in app.server.connections if c.export is exp),
+            })
+        return out
+
+    async def block_export_add(name: str, spec: str, read_only: bool = False) -> dict:
+        await add_export(app, name, spec, read_only)
+        return {}
+
+    async def block_export_del(name: str) -> dict:
+        if app.server.get(name) is None:
+            raise ConfigError(f"no export named {name!r}")
+        if app.engine is not None and hasattr(app.engine, "export_in_use"):
+            job = app.engine.export_in_use(name)
+            if job:
+                raise ConfigError(f"export {name!r} is in use by job {job!r}; cancel and dismiss it first")
+        await app.server.remove_export(name)
+        app.specs.pop(name, None)
+        return {}
+
+    qmp.register("query-block-exports", query_block_exports)
+    qmp.register("block-export-add", block_export_add)
+    qmp.register("block-export-del", block_export_del)
+
+
+def register_engine_commands(qmp: Any, engine: Any) -> None:
+    """Backup and job commands, with the schemas of `control.schema.COMMANDS`.
+
+    Handlers take the schema's members as keywords (``job-id`` -> ``job_id``),
+    which are exactly `Engine.backup_start`'s parameters.
+    """
+
+    async def query_jobs() -> list:
+        return engine.query_jobs()
+
+    def by_id(method):
+        async def handler(id: str) -> Any:  # noqa: A002 - QMP's member name
+            r = method(id)
+            if hasattr(r, "__await__"):
+                r = await r
+            return r if r is not None else {}
+        return handler
+
+    async def job_set_speed(id: str, speed: int) -> dict:  # noqa: A002
+        engine.job_set_speed(id, speed)
+        return {}
+
+    qmp.register("backup-start", engine.backup_start)
+    qmp.register("query-jobs", query_jobs)
+    qmp.register("job-pause", by_id(engine.job_pause))
+    qmp.register("job-resume", by_id(engine.job_resume))
+    qmp.register("job-cancel", by_id(engine.job_cancel))
+    qmp.register("job-dismiss", by_id(engine.job_dismiss))
+    qmp.register("job-set-speed", job_set_speed)
 
 
 async def start(server, args: argparse.Namespace | None = None) -> App:
+    """Build the engine and (with ``args.control``) open the control socket."""
+    from .backup.engine import Engine
+
     app = App(server)
+    control_path = getattr(args, "control", None)
+    qmp = None
+    if control_path:
+        from .control.qmp import QMPServer
+
+        qmp = QMPServer()
+    app.engine = Engine(server, emit=qmp.emit if qmp else None)
+    if qmp is not None:
+        register_engine_commands(qmp, app.engine)
+        register_export_commands(qmp, app)
+        await qmp.start(control_path)
+        app.control = qmp
+        log.info("control socket on %s", control_path)
     return app
 
 
 async def stop(app: App) -> None:
-    pass
+    """Close the control socket, then stop every job (snapshot exports go away)."""
+    if app.control is not None:
+        await app.control.close()
+    if app.engine is not None:
+        await app.engine.shutdown()

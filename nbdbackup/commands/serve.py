@@ -87,18 +87,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, exports, listens) -> int:
-    from ..blockdev import open_spec
-    from ..nbd.server import Server
     from .. import daemon
+    from ..nbd.server import Server
 
     server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout)
-    opened = []
+    app = daemon.App(server)
     try:
-        for name, spec, ro in exports:
-            dev = await open_spec(spec, read_only=ro)
-            opened.append(dev)
-            server.add_export(name, daemon.wrap_live(dev, ro), read_only=ro, description=spec)
         app = await daemon.start(server, args)
+        for name, spec, ro in exports:
+            await daemon.add_export(app, name, spec, ro)
         for path in args.socket:
             await server.start_unix(path)
         for host, port in listens:
@@ -107,8 +104,7 @@ async def _serve(args: argparse.Namespace, exports, listens) -> int:
             except OSError as e:
                 raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     except BaseException:
-        for dev in opened:
-            await dev.close()
+        await daemon.stop(app)
         await server.shutdown()
         raise
     stop = asyncio.Event()

@@ -154,11 +154,15 @@ class Server:
         log.info("export %r added: %d bytes%s", name, dev.size, " read-only" if exp.read_only else "")
         return exp
 
-    def get(self, name: str) -> Export:
-        try:
-            return self.exports[name]
-        except KeyError:
-            raise ConfigError(f"no export named {name!r}") from None
+    def get(self, name: str) -> Export | None:
+        """The export called ``name``, or None (`ExportTable` protocol)."""
+        return self.exports.get(name)
+
+    def require(self, name: str) -> Export:
+        exp = self.exports.get(name)
+        if exp is None:
+            raise ConfigError(f"no export named {name!r}")
+        return exp
 
     def add(self, name: str, dev: BlockDev, read_only: bool = True, description: str = "") -> Export:
         """`ExportTable` protocol form of `add_export` (used by the backup engine)."""
@@ -169,7 +173,7 @@ class Server:
 
     async def remove_export(self, name: str) -> None:
         """Remove an export: its connections get ESHUTDOWN from now on."""
-        exp = self.get(name)
+        exp = self.require(name)
         exp.removed = True
         del self.exports[name]
         await exp.wait_idle()
