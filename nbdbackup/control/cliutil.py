@@ -21,7 +21,7 @@ import sys
 from typing import Any, Awaitable, Callable
 
 from ..blockdev import parse_size
-from ..errors import ConfigError, ConnectionClosed, NBDBackupError, RemoteProtocolError
+from ..errors import ConfigError, ConnectionClosed, RemoteProtocolError
 from .client import ControlClient
 
 ENV_CONTROL = "NBDBACKUP_CONTROL"
@@ -143,5 +143,5 @@ def done(args: argparse.Namespace, result: Any, message: str) -> int:
 
 __all__ = [
     "ENV_CONTROL", "add_control_arguments", "size_arg", "uint_arg", "control_path", "connect", "run", "call",
-    "print_json", "fmt_size", "print_table", "done", "NBDBackupError",
+    "print_json", "fmt_size", "print_table", "done",
 ]

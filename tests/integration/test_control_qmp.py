@@ -11,7 +11,7 @@ import os
 import socket
 
 import pytest
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from nbdbackup.control import qmp as qmp_mod
 from nbdbackup.control.client import ControlClient
