@@ -512,3 +512,51 @@ def test_framing_matches_qemu_storage_daemon(short_tmp):
     for text, a, b in zip([t for t in DIFFERENTIAL_INPUTS for _ in range(2 if t.count('"execute"') == 2 else 1)],
                           mine, theirs):
         assert a == b, f"input {text!r}: ours {a} != qemu {b}"
+
+
+@pytest.mark.interop
+def test_control_client_speaks_to_qemu_storage_daemon():
+    import peers
+
+    async def main(path):
+        async with ControlClient(path) as c:
+            assert c.greeting["QMP"]["capabilities"] == ["oob"]  # offered, not enabled by us
+            version = await c.execute("query-version")
+            assert version["qemu"]["major"] >= 7
+            with pytest.raises(CommandError) as ei:
+                await c.execute("job-dismiss", {"id": "nope"})
+            assert (ei.value.class_, ei.value.desc) == ("GenericError", "Job not found")
+            assert await c.execute("query-jobs") == []
+
+    with peers.qemu_storage_daemon([]) as qsd:
+        run(main(qsd.qmp_socket))
+
+
+def test_many_clients_at_once(short_tmp):
+    """40 clients run commands concurrently while events are broadcast: every
+    client gets every reply and every event, in emission order."""
+    async def main():
+        server, engine, path = await started(short_tmp)
+        clients = [ControlClient(path) for _ in range(40)]
+        await asyncio.gather(*(c.connect() for c in clients))
+        try:
+            async def work(c, k):
+                for i in range(10):
+                    r = await c.execute("job-set-speed", {"id": f"{k}.{i}", "speed": 0})
+                    assert r == {"id": f"{k}.{i}", "speed": 0}
+
+            async def emitter():
+                for n in range(50):
+                    server.emit("TICK", {"n": n})
+                    await asyncio.sleep(0)
+
+            await asyncio.gather(emitter(), *(work(c, k) for k, c in enumerate(clients)))
+            for c in clients:
+                got = [(await c.next_event(timeout=5))["data"]["n"] for _ in range(50)]
+                assert got == list(range(50))
+            assert server.client_count == 40
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+            await server.close()
+
+    run(main())
