@@ -6,7 +6,9 @@ socket, a file of random data in the page cache, N connections, M requests
 in flight per connection (nbdcopy's --requests is per connection), the same
 request size (nbdcopy's default, 256 KiB).  Rounds alternate (nbdcopy, ours,
 nbdcopy, ours...) so drift hits both alike.  Prints MB/s per round, the best
-and median of each, and the ratio ours/nbdcopy.
+and median of each, and the ratio ours/nbdcopy; also the client's CPU time
+(user+sys) per run, which stays meaningful on a loaded machine where wall
+clock throughput mostly measures the neighbours.
 
 Our reader: N `Client` connections; N*M tasks, each bound to one connection,
 take the next offset from a shared counter and read it into their own
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -69,11 +72,15 @@ def start_server(kind: str, image: str, sock: str, connections: int) -> subproce
     raise SystemExit(f"{kind} did not start")
 
 
-def run_nbdcopy(uri: str, conns: int, reqs: int, rsize: int) -> float:
+def run_nbdcopy(uri: str, conns: int, reqs: int, rsize: int) -> tuple[float, float]:
+    """Return (wall seconds, CPU seconds of nbdcopy)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(["nbdcopy", f"--connections={conns}", f"--requests={reqs}", f"--request-size={rsize}",
                     uri, "null:"], check=True)
-    return time.perf_counter() - t
+    dt = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 async def read_all(uri: str, conns: int, reqs: int, rsize: int) -> float:
@@ -99,7 +106,14 @@ async def read_all(uri: str, conns: int, reqs: int, rsize: int) -> float:
     return dt
 
 
-def run_ours(uri: str, conns: int, reqs: int, rsize: int, loop: str, profile: bool = False) -> float:
+def run_ours(uri: str, conns: int, reqs: int, rsize: int, loop: str, profile: bool = False) -> tuple[float, float]:
+    """Return (wall seconds, CPU seconds of this process)."""
+    t0 = time.process_time()
+    dt = _run_ours(uri, conns, reqs, rsize, loop, profile)
+    return dt, time.process_time() - t0
+
+
+def _run_ours(uri: str, conns: int, reqs: int, rsize: int, loop: str, profile: bool) -> float:
     coro = read_all(uri, conns, reqs, rsize)
     if loop == "uvloop":
         import uvloop
@@ -141,20 +155,25 @@ def main() -> int:
         proc = start_server(a.server, image, sock, a.connections)
         uri = f"nbd+unix:///?socket={sock}"
         mb = size / 1e6
-        theirs, ours = [], []
+        theirs, ours, cpu_theirs, cpu_ours = [], [], [], []
         print(f"# {a.server}, {size >> 20} MiB, {a.connections} connections x {a.requests} requests, "
               f"{rsize >> 10} KiB requests, loop={a.loop}")
         for r in range(a.rounds):
-            dt = run_nbdcopy(uri, a.connections, a.requests, rsize)
+            dt, cpu = run_nbdcopy(uri, a.connections, a.requests, rsize)
             theirs.append(mb / dt)
-            print(f"round {r + 1}: nbdcopy {mb / dt:8.0f} MB/s")
-            dt = run_ours(uri, a.connections, a.requests, rsize, a.loop)
+            cpu_theirs.append(cpu)
+            print(f"round {r + 1}: nbdcopy {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s)")
+            dt, cpu = run_ours(uri, a.connections, a.requests, rsize, a.loop)
             ours.append(mb / dt)
-            print(f"round {r + 1}: ours    {mb / dt:8.0f} MB/s")
+            cpu_ours.append(cpu)
+            print(f"round {r + 1}: ours    {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s)")
         print(f"nbdcopy: best {max(theirs):.0f} MB/s, median {statistics.median(theirs):.0f} MB/s")
         print(f"ours:    best {max(ours):.0f} MB/s, median {statistics.median(ours):.0f} MB/s")
         print(f"ratio ours/nbdcopy: best {max(ours) / max(theirs):.2f}x, "
               f"median {statistics.median(ours) / statistics.median(theirs):.2f}x")
+        print(f"client CPU seconds (median): nbdcopy {statistics.median(cpu_theirs):.2f} s, "
+              f"ours {statistics.median(cpu_ours):.2f} s  (load average {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} CPUs)")
         if a.profile:
             run_ours(uri, a.connections, a.requests, rsize, a.loop, profile=True)
     finally:

@@ -355,6 +355,9 @@ class Client:
         if length == 0:
             return out
         m = self._min
+        if length <= self._max and m == 1:  # the common case, one request
+            await self._submit(Cmd.READ, flags, offset, length, mv)
+            return out
         if offset % m or length % m:
             # Widen to aligned bounds through a bounce buffer.
             start = offset - offset % m

@@ -516,6 +516,10 @@ class _St(enum.Enum):
 
 #: Internal receive buffer size: headers and small payloads land here.
 RBUF_SIZE = 256 * 1024
+#: At most this much is received into the internal buffer at once: enough
+#: for many small replies, small enough that a header read does not pull in
+#: (and so force a copy of) most of a large READ payload behind it.
+RECV_WINDOW = 16 * 1024
 #: Targets at least this large are filled directly by the transport
 #: (`get_buffer` returns them); smaller ones are copied from the internal
 #: buffer, which saves event-loop rounds for tiny payloads.
@@ -614,11 +618,11 @@ class Transmission:
                 return self._fill[self._fill_pos :]
         if self._rpos == self._rend:
             self._rpos = self._rend = 0
-        elif RBUF_SIZE - self._rend < 4096:
+        elif RBUF_SIZE - self._rend < RECV_WINDOW:
             n = self._rend - self._rpos
             self._rmv[:n] = self._rmv[self._rpos : self._rend]
             self._rpos, self._rend = 0, n
-        return self._rmv[self._rend :]
+        return self._rmv[self._rend : self._rend + RECV_WINDOW]
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written into the last `get_buffer` result."""
