@@ -75,7 +75,8 @@ Return shapes the CLI relies on (extra members are fine, shown as-is):
   "current-progress": int, "total-progress": int, "speed"?: int,
   "error"?: str}``; JobStatus is QEMU's: undefined, created, running, paused,
   ready, standby, waiting, pending, aborting, concluded, null.  ``error`` is
-  present exactly when a concluded job failed (or was cancelled).
+  present exactly when a concluded job failed or was cancelled (QEMU says
+  ``Operation canceled`` for the latter).
 - ExportInfo: ``{"name": str, "spec"?: str, "read-only": bool, "size"?: int,
   "snapshot"?: bool}``.
 - BitmapInfo: ``{"name": str, "granularity": int, "count": int,
@@ -87,8 +88,12 @@ Events the engine emits (`QMPServer.emit`), QEMU's names and members:
 - ``BLOCK_JOB_COMPLETED`` ``{"device": job id, "id": job id, "type": "backup",
   "len", "offset", "speed", "error"?}`` when a job finishes (error iff it failed),
   emitted BEFORE its ``JOB_STATUS_CHANGE`` to ``concluded``.
-- ``BLOCK_JOB_CANCELLED`` ``{"device", "id", "type", "len", "offset", "speed"}``,
+- ``BLOCK_JOB_CANCELLED`` ``{"device", "type", "len", "offset", "speed"}``,
   same position, for a cancelled job.
+- QEMU 7.2's order for a cancelled job, which ``nbdbackup job wait`` is tested
+  against: JOB_STATUS_CHANGE aborting, BLOCK_JOB_CANCELLED, JOB_STATUS_CHANGE
+  concluded (then null once dismissed).  Consumers match BLOCK_JOB_* events by
+  ``id``, falling back to ``device``.
 - ``BLOCK_JOB_ERROR`` ``{"device", "id", "operation": "read"|"write",
   "action": "ignore"|"report"|"stop"}`` when an I/O error meets an error policy.
 """

@@ -318,3 +318,47 @@ def test_cli_without_a_server(short_tmp):
         assert rc == 1 and "give --control PATH or set NBDBACKUP_CONTROL" in err
 
     asyncio.run(main())
+
+
+@pytest.mark.interop
+def test_job_commands_against_qemu_storage_daemon(short_tmp, make_image):
+    """The job commands speak QEMU's QMP: drive real QEMU backup jobs with them."""
+    import subprocess
+
+    import peers
+
+    src, dst = short_tmp / "src.raw", short_tmp / "dst.raw"
+    make_image(src, 4 << 20, [(0x5A, 0, 4 << 20)])
+    make_image(dst, 4 << 20)
+
+    def nb(*argv):
+        r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *argv, "--control", qsd.qmp_socket],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        return r.returncode, r.stdout, r.stderr
+
+    args = ["--blockdev", f"driver=file,filename={src},node-name=src",
+            "--blockdev", f"driver=file,filename={dst},node-name=dst"]
+    with peers.qemu_storage_daemon(args) as qsd:
+        qsd.qmp("blockdev-backup", **{"job-id": "j1", "device": "src", "target": "dst", "sync": "full",
+                                      "speed": 1 << 20, "auto-dismiss": False})
+        rc, out, err = nb("job", "list", "--json")
+        assert rc == 0, err
+        [job] = json.loads(out)
+        assert (job["id"], job["type"], job["status"]) == ("j1", "backup", "running")
+        assert nb("job", "pause", "j1")[0] == 0
+        assert json.loads(nb("job", "list", "--json")[1])[0]["status"] in ("paused", "standby")
+        assert nb("job", "resume", "j1")[0] == 0
+        qsd.qmp("block-job-set-speed", device="j1", speed=0)
+        rc, out, err = nb("job", "wait", "j1", "--dismiss")
+        assert (rc, out.strip()) == (0, "job j1: completed"), err
+        assert json.loads(nb("job", "list", "--json")[1]) == []
+        assert dst.read_bytes() == src.read_bytes()
+        # A cancelled job: wait exits 1 with QEMU's error.
+        qsd.qmp("blockdev-backup", **{"job-id": "j2", "device": "src", "target": "dst", "sync": "full",
+                                      "speed": 1 << 20, "auto-dismiss": False})
+        assert nb("job", "cancel", "j2")[0] == 0
+        rc, out, err = nb("job", "wait", "j2", "--json")
+        assert rc == 1 and json.loads(out)["status"] == "concluded"
+        assert "job j2 failed: Operation canceled" in err
+        rc, out, err = nb("job", "pause", "nope")
+        assert rc == 1 and err.startswith("nbdbackup: error: ") and "Traceback" not in err
