@@ -252,6 +252,22 @@ def wait_for_tcp(host: str, port: int, timeout: float = 15.0, proc: Proc | None 
                f"TCP {host}:{port}")
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds used so far by process ``pid`` (all its threads).
+
+    Under contention (other jobs on the same cores) wall-clock throughput is
+    noisy, but CPU spent per byte or per request is a stable cost measure.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # fields[0] is field 3 (state); utime/stime are fields 14/15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
 def run_timed(argv: Sequence[str], timeout: float = 600.0) -> float:
     """Run a command to completion; wall seconds.  Raises on non-zero exit."""
     t0 = time.perf_counter()
@@ -419,15 +435,21 @@ def py_spy_start(procs: Procs, pid: int, duration: float, out: str | os.PathLike
 
 
 def aggregate_collapsed(path: str | os.PathLike, strip_prefix: str = "") -> dict:
-    """Self and inclusive sample counts per frame from a collapsed-stack file.
+    """`aggregate_collapsed_text` of a py-spy ``-f raw`` output file."""
+    return aggregate_collapsed_text(Path(path).read_text(errors="replace"), strip_prefix)
+
+
+def aggregate_collapsed_text(text: str, strip_prefix: str = "") -> dict:
+    """Self and inclusive sample counts per frame from collapsed stacks.
 
     Each line is ``frame;frame;...;leaf COUNT``; a frame is counted once per
-    stack for inclusive time (recursion is not double-counted).
+    stack for inclusive time (recursion is not double-counted).  Returns
+    ``{"total": N, "self": {frame: n}, "inclusive": {frame: n}}``.
     """
     self_c: dict[str, int] = {}
     incl: dict[str, int] = {}
     total = 0
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue

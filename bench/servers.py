@@ -60,6 +60,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
 ]}
 DEFAULT_METRICS = list(METRICS)
 TCP_METRICS = {"read-seq-tcp"}
+WRITE_METRICS = {"write-seq", "randwrite-4k"}
 
 
 # --------------------------------------------------------------------------
@@ -151,8 +152,8 @@ def nbdcopy_write(src: str, uri: str, size: int) -> float:
 
 
 def rand_io(uri: str, size: int, write: bool, qd: int = 32, duration: float = 3.0,
-            block: int = 4096, seed: int = 1) -> float:
-    """IOPS of 4 KiB random reads or writes with ``qd`` requests in flight.
+            block: int = 4096, seed: int = 1) -> tuple[float, int]:
+    """(IOPS, requests completed incl. warm-up) of 4 KiB random reads or writes with ``qd`` requests in flight.
 
     One libnbd handle; the loop keeps ``qd`` commands queued and calls
     ``poll(-1)``; completion callbacks count and auto-retire commands.
@@ -196,7 +197,7 @@ def rand_io(uri: str, size: int, write: bool, qd: int = 32, duration: float = 3.
             h.poll(-1)
         if errors[0]:
             raise RuntimeError(f"{errors[0]} requests failed")
-        return ops / elapsed
+        return ops / elapsed, done[0]
     finally:
         try:
             h.shutdown()
@@ -205,20 +206,35 @@ def rand_io(uri: str, size: int, write: bool, qd: int = 32, duration: float = 3.
         del h
 
 
-def measure(metric: str, uri: str, size: int, src: str, img: str, duration: float) -> float:
+def measure(metric: str, uri: str, size: int, src: str, img: str, duration: float) -> tuple[float, float]:
+    """(value in the metric's unit, work done: bytes for MB/s metrics, requests for IOPS)."""
     if metric in ("read-seq", "read-seq-tcp"):
-        return nbdcopy_read(uri, size)
+        return nbdcopy_read(uri, size), size
     if metric == "read-seq-1conn":
-        return nbdcopy_read(uri, size, connections=1)
+        return nbdcopy_read(uri, size, connections=1), size
     if metric == "write-seq":
-        common.fsync_file(img)
-        return nbdcopy_write(src, uri, size)
+        return nbdcopy_write(src, uri, size), size
     if metric == "randread-4k":
         return rand_io(uri, size, write=False, duration=duration)
     if metric == "randwrite-4k":
-        common.fsync_file(img)
         return rand_io(uri, size, write=True, duration=duration)
     raise ValueError(metric)
+
+
+def cpu_metric(metric: str) -> Metric:
+    """The server-CPU-cost companion of a metric (lower is better)."""
+    m = METRICS[metric]
+    if m.unit == "IOPS":
+        return Metric(f"{metric}:cpu", "cpu-us/op", higher_is_better=False,
+                      description=f"server user+sys CPU per request during {metric} (incl. warm-up)")
+    return Metric(f"{metric}:cpu", "cpu-s/GiB", higher_is_better=False,
+                  description=f"server user+sys CPU seconds per GiB moved during {metric}")
+
+
+def cpu_value(metric: str, cpu_s: float, work: float) -> float:
+    if METRICS[metric].unit == "IOPS":
+        return cpu_s / work * 1e6 if work else float("nan")
+    return cpu_s / (work / common.GiB)
 
 
 # --------------------------------------------------------------------------
@@ -228,6 +244,8 @@ def run_bench(args, ws: Workspace, procs: Procs, img: str, src: str) -> Results:
     res = Results("servers")
     for m in args.metrics:
         res.add_metric(METRICS[m])
+    for m in args.metrics:
+        res.add_metric(cpu_metric(m))
     res.meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "commit": common.git_commit(), "machine": common.machine_info(),
@@ -238,6 +256,7 @@ def run_bench(args, ws: Workspace, procs: Procs, img: str, src: str) -> Results:
                      "nbdcopy": common.tool_version(["nbdcopy", "--version"])},
         "argv": {s: server_argv(s, "IMG", ws, None)[0] for s in args.servers},
         "advertised": {},
+        "loadavg_start": os.getloadavg(),
     }
     unix_metrics = [m for m in args.metrics if m not in TCP_METRICS]
     tcp_metrics = [m for m in args.metrics if m in TCP_METRICS]
@@ -254,17 +273,25 @@ def run_bench(args, ws: Workspace, procs: Procs, img: str, src: str) -> Results:
                     if rnd == 0 and transport == "unix":
                         res.meta["advertised"][srv] = server_info(ep.uri)
                     for m in metrics:
+                        if m in WRITE_METRICS:
+                            common.fsync_file(img)  # same clean page-cache state for everyone
                         try:
-                            v = measure(m, ep.uri, args.size, src, img, args.duration)
+                            cpu0 = common.proc_cpu_seconds(p.pid)
+                            v, work = measure(m, ep.uri, args.size, src, img, args.duration)
+                            cpu = common.proc_cpu_seconds(p.pid) - cpu0
                         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                             res.add_error(m, srv, str(e)[:500])
                             print(f"  round {rnd + 1} {srv:10} {m:15} ERROR {e}", file=sys.stderr)
                             continue
                         res.add(m, srv, v)
-                        print(f"  round {rnd + 1} {srv:10} {m:15} {v:12,.1f} {METRICS[m].unit}",
-                              flush=True)
+                        c = cpu_value(m, cpu, work)
+                        res.add(f"{m}:cpu", srv, c)
+                        print(f"  round {rnd + 1} {srv:10} {m:15} {v:12,.1f} {METRICS[m].unit:5}"
+                              f"  server cpu {c:8.2f} {cpu_metric(m).unit}"
+                              f"  load {os.getloadavg()[0]:.1f}", flush=True)
                 finally:
                     procs.stop(p)
+    res.meta["loadavg_end"] = os.getloadavg()
     return res
 
 
