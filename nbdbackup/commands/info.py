@@ -91,11 +91,11 @@ async def _info(args: argparse.Namespace) -> int:
             for d in ds:
                 _print_export(d)
         return 0
-    contexts = await nbdclient.list_meta_contexts(args.uri)
+    # One connection only: qemu-nbd without --persistent serves just one.
     wanted = (args.map,) if args.map else ()
-    c = await nbdclient.connect(args.uri, meta_contexts=wanted)
+    c = await nbdclient.connect(args.uri, meta_contexts=wanted, list_meta_contexts_first=())
     try:
-        d = _export_dict(c.export, contexts)
+        d = _export_dict(c.export, c.listed_meta_contexts)
         d["structured_replies"] = c.structured
         if args.map and args.map not in c.meta_contexts:
             raise ConfigError(f"{args.uri}: the server does not offer meta context {args.map!r}")

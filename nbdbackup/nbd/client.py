@@ -236,7 +236,8 @@ class Client:
 
     Fields (read-only for users): ``uri``; ``export`` (`ExportInfo`:
     ``name``, ``size``, ``flags``, ``block_sizes``, ``description``);
-    ``meta_contexts`` (agreed context name -> id); ``structured``;
+    ``meta_contexts`` (agreed context name -> id); ``listed_meta_contexts``
+    (see `connect`); ``structured``; ``fallback`` (OPT_EXPORT_NAME used);
     ``request_timeout``; ``_conn``; ``_tx``; ``_sem`` (bounds requests in
     flight); ``_max`` (largest READ/WRITE/CACHE length); ``_closing``.
     """
@@ -247,6 +248,7 @@ class Client:
         self.uri = uri
         self.export: ExportInfo = res.export
         self.meta_contexts: dict[str, int] = dict(res.meta_contexts)
+        self.listed_meta_contexts: list[str] = list(res.listed_meta_contexts)
         self.structured = res.structured
         self.fallback = res.fallback
         self.request_timeout = request_timeout
@@ -552,6 +554,7 @@ async def connect(
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     request_timeout: float | None = None,
     max_in_flight: int = 64,
+    list_meta_contexts_first: Sequence[str] | None = None,
 ) -> Client:
     """Connect to ``uri`` and enter transmission on its export.
 
@@ -560,11 +563,16 @@ async def connect(
     ``qemu:dirty-bitmap:``); ``Client.meta_contexts`` says what the server
     agreed to.  Raises `OptionError` if the server refuses the export,
     `RemoteProtocolError`, `ConnectionClosed`, `TimeoutError` or `OSError`.
+    ``list_meta_contexts_first``: also list these queries (``()`` = the
+    server's default list) on this connection, into
+    ``Client.listed_meta_contexts``.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be >= 1")
     metas = tuple(meta_contexts)
-    conn, u, hs = await _open(uri, export, lambda e: HandshakePlan(Mode.GO, e, metas), connect_timeout)
+    lf = None if list_meta_contexts_first is None else tuple(list_meta_contexts_first)
+    conn, u, hs = await _open(uri, export, lambda e: HandshakePlan(Mode.GO, e, metas, list_first=lf),
+                              connect_timeout)
     return Client(conn, u, hs, request_timeout, max_in_flight)
 
 

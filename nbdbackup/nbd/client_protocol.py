@@ -105,6 +105,11 @@ class HandshakePlan:
     meta_contexts: Sequence[str] = ()
     structured: bool = True
     block_size: bool = True
+    #: GO mode: first list these queries (empty = the server's default list)
+    #: into ``listed_meta_contexts`` on the same connection (for ``info``,
+    #: which must not need a second connection: qemu-nbd without --persistent
+    #: serves only one).  None = do not list.
+    list_first: Sequence[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +265,8 @@ class Handshake:
                 return
             if plan.structured:
                 yield from self._structured_reply()
+            if self.result.structured and plan.list_first is not None:
+                self.result.listed_meta_contexts = yield from self._list_meta_context(plan.list_first)
             if self.result.structured and plan.meta_contexts:
                 yield from self._set_meta_context()
             yield from self._go()

@@ -429,3 +429,27 @@ def test_cookies_are_unique_among_pending():
     tx = Transmission(structured=True)
     cookies = {tx.request(Cmd.FLUSH, 0, 0, 0)[0] for _ in range(1000)}
     assert len(cookies) == 1000 == len(tx.pending)
+
+
+def test_handshake_go_lists_contexts_first_on_the_same_connection():
+    hs = Handshake(HandshakePlan(Mode.GO, "e", ("base:allocation",), list_first=()))
+    feed(hs, greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK)
+         + rep(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT, meta(0, "base:allocation"))
+         + rep(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT, meta(0, "qemu:allocation-depth"))
+         + rep(Opt.LIST_META_CONTEXT, Rep.ACK)
+         + rep(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, meta(1, "base:allocation"))
+         + rep(Opt.SET_META_CONTEXT, Rep.ACK)
+         + rep(Opt.GO, Rep.INFO, info_export(512, 1)) + rep(Opt.GO, Rep.ACK), 5)
+    assert hs.done
+    assert hs.result.listed_meta_contexts == ["base:allocation", "qemu:allocation-depth"]
+    assert hs.result.meta_contexts == {"base:allocation": 1}
+    _, opts = parse_options(hs.data_to_send())
+    assert [o for o, _ in opts] == [Opt.STRUCTURED_REPLY, Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT, Opt.GO]
+    assert strings(opts[1][1]) == ("e", [])
+
+
+def test_server_selecting_an_unrequested_context_is_a_violation():
+    hs = Handshake(HandshakePlan(Mode.GO, "e", ("base:allocation",)))
+    with pytest.raises(RemoteProtocolError, match="did not ask for"):
+        feed(hs, greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK)
+             + rep(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, meta(1, "qemu:allocation-depth")))
