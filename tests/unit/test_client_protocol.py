@@ -452,4 +452,5 @@ def test_server_selecting_an_unrequested_context_is_a_violation():
     hs = Handshake(HandshakePlan(Mode.GO, "e", ("base:allocation",)))
     with pytest.raises(RemoteProtocolError, match="did not ask for"):
         feed(hs, greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK)
-             + rep(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, meta(1, "qemu:allocation-depth")))
+             + rep(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, meta(1, "qemu:allocation-depth"))
+             + rep(Opt.SET_META_CONTEXT, Rep.ACK))
