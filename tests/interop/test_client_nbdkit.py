@@ -281,3 +281,34 @@ def test_list_exports_and_descriptions():
         exports = run(list_exports(uri))
         assert [e.name for e in exports] == ["a", "b"]
         assert all(e.size == 1 << 20 and e.description == "hello" for e in exports)
+
+
+def test_tcp_loopback():
+    with socket.socket() as s:  # a free port (racy, but only against ourselves)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "pattern", "1M"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nbdkit did not start"
+                time.sleep(0.02)
+
+        async def main():
+            c = await connect(f"nbd://127.0.0.1:{port}")
+            try:
+                return await c.pread(16, 8)
+            finally:
+                await c.disconnect()
+
+        assert run(main()) == struct.pack(">QQ", 8, 16)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
