@@ -10,9 +10,13 @@ Design (after qemu.qmp's protocol base):
   transport receives straight into the buffers `Transmission.get_buffer`
   hands out, so READ payloads land in the caller's memory with no copy.
 - Writes are serialised: a request is written whole (header, then payload)
-  by one synchronous ``transport.write`` sequence, so requests never
-  interleave on the wire; WRITE requests wait for ``resume_writing`` when
-  the transport buffer is full.
+  synchronously, so requests never interleave on the wire.  Small requests
+  are corked: those issued in one loop iteration leave in one ``send``
+  (`_Conn.write_corked`).  WRITE requests wait for ``resume_writing`` when
+  the transport buffer is full.  With asyncio's transports a WRITE payload
+  is copied if it cannot be sent at once; other transports (uvloop) may
+  keep a reference until sent, which matters only if a WRITE is cancelled
+  and its buffer reused before the bytes left.
 - Requests in flight are bounded by a semaphore (``max_in_flight``); each
   has a future in ``_futures`` keyed by cookie.
 - Errors: a server error reply raises `OSError(errno)` for that request only;
@@ -83,6 +87,9 @@ class _Conn(asyncio.BufferedProtocol):
         self._hsbuf = bytearray(64 * 1024)
         self._can_write = asyncio.Event()
         self._can_write.set()
+        #: Corked writes (see `write_corked`) and whether a flush is scheduled.
+        self._wq: list[bytes] = []
+        self._wq_scheduled = False
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -145,6 +152,37 @@ class _Conn(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._can_write.set()
+
+    # -- writing ------------------------------------------------------------------
+
+    def write_corked(self, data: bytes) -> None:
+        """Queue ``data``; everything queued in one loop iteration goes out in one write.
+
+        Many small requests issued together (a burst of READ headers) then
+        cost one send() instead of one each; order is kept because every
+        write goes through the queue or flushes it first.
+        """
+        self._wq.append(data)
+        if not self._wq_scheduled:
+            self._wq_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_wq)
+
+    def write_now(self, *parts: Buffer) -> None:
+        """Write ``parts`` at once, after anything queued."""
+        self._flush_wq()
+        transport = self.transport
+        assert transport is not None
+        for p in parts:
+            transport.write(p)
+
+    def _flush_wq(self) -> None:
+        self._wq_scheduled = False
+        if not self._wq:
+            return
+        data = b"".join(self._wq) if len(self._wq) > 1 else self._wq[0]
+        self._wq.clear()
+        if self.error is None and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     # -- helpers ----------------------------------------------------------------
 
@@ -314,15 +352,12 @@ class Client:
             fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             cookie, hdr = self._tx.request(cmd, flags, offset, length, buf)
             conn.futures[cookie] = fut
-            transport = conn.transport
-            assert transport is not None
             if payload is None:
-                transport.write(hdr)
+                conn.write_corked(hdr)
             elif length <= 64 * 1024:
-                transport.write(hdr + bytes(payload))
+                conn.write_corked(hdr + bytes(payload))
             else:
-                transport.write(hdr)
-                transport.write(payload)
+                conn.write_now(hdr, payload)
             try:
                 if self.request_timeout is None:
                     return await fut
@@ -525,7 +560,7 @@ class Client:
         if conn.error is None and conn.transport is not None:
             try:
                 _, hdr = self._tx.request(Cmd.DISC, 0, 0, 0)
-                conn.transport.write(hdr)
+                conn.write_now(hdr)
                 if conn.transport.can_write_eof():
                     conn.transport.write_eof()
             except (LocalProtocolError, OSError, RuntimeError):

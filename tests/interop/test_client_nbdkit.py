@@ -312,3 +312,26 @@ def test_tcp_loopback():
         proc.kill()
         proc.wait()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("args, fallback", [
+    (["--no-sr"], False),  # OPT_GO, simple replies only
+    (["--no-sr", "--mask-handshake=0"], True),  # not fixed newstyle: OPT_EXPORT_NAME + 124 zeroes
+])
+def test_old_servers_simple_replies_and_export_name(args, fallback):
+    with nbdkit(*args, "memory", "4M") as (uri, _):
+        async def main():
+            c = await connect(uri, meta_contexts=[BASE_ALLOCATION])
+            try:
+                assert not c.structured and c.fallback is fallback
+                assert c.meta_contexts == {}
+                data = os.urandom(300000)
+                await c.pwrite(data, 12345)
+                got = await asyncio.gather(*(c.pread(1000, 12345 + i * 1000) for i in range(300)))
+                assert b"".join(got) == data
+                with pytest.raises(OSError):
+                    await c.block_status(0, 4096)
+            finally:
+                await c.disconnect()
+
+        run(main())
