@@ -69,7 +69,9 @@ class NBDDev(BlockDev):
         bs = c.block_sizes
         mx = min(bs.maximum, MAX_PAYLOAD)
         mx -= mx % bs.minimum
-        pref = min(max(bs.preferred, bs.minimum), mx)
+        pref = max(bs.preferred, bs.minimum)
+        while pref > mx:  # keep it a power of 2 (minimum <= maximum, both checked)
+            pref >>= 1
         self._caps = Capabilities(
             read_only=self._read_only,
             can_flush=c.can(TF.SEND_FLUSH),

@@ -335,3 +335,32 @@ def test_old_servers_simple_replies_and_export_name(args, fallback):
                 await c.disconnect()
 
         run(main())
+
+
+def test_nbddev_capabilities_and_block_sizes():
+    with nbdkit("--filter=blocksize-policy", "--filter=nozero", "memory", "16M", "blocksize-minimum=4096",
+                "blocksize-preferred=8K", "blocksize-maximum=12K", "blocksize-error-policy=error") as (uri, _):
+        from nbdbackup.blockdev.base import BlockSize
+        from nbdbackup.blockdev.nbd import NBDDev
+
+        async def main():
+            dev = await NBDDev.open(uri, connections=3)
+            try:
+                caps = dev.capabilities()
+                assert caps.block_size == BlockSize(4096, 8192, 12288)  # max not a power of 2
+                assert caps.can_multi_conn and len(dev.clients) == 3
+                assert caps.can_trim and caps.can_flush and not caps.can_fast_zero
+                assert dev.meta_contexts() == (BASE_ALLOCATION,)
+                data = os.urandom(64 * 1024)
+                await dev.pwrite(data, 4096)
+                await dev.zero(4096, 8192)  # no WRITE_ZEROES on the server: emulated with writes
+                with pytest.raises(OSError) as ei:
+                    await dev.zero(4096, 8192, fast=True)
+                assert ei.value.errno == errno.ENOTSUP
+                buf = memoryview(bytearray(64 * 1024))
+                await dev.pread(buf, 4096)
+                assert bytes(buf) == bytes(8192) + data[8192:]
+            finally:
+                await dev.close()
+
+        run(main())
