@@ -54,14 +54,16 @@ WANTED_CONTEXTS = (BASE_ALLOCATION, ALLOCATION_DEPTH, DIRTY_BITMAP_PREFIX)
 class NBDDev(BlockDev):
     """A remote export over one or more NBD connections.
 
-    Fields: ``uri`` (parsed); ``clients`` (connections, all to the same
+    Fields: ``uri`` (parsed); ``spec`` (the URI string as given, for
+    messages and "is this the same disk" checks); ``clients`` (connections, all to the same
     export); ``_rr`` (round-robin iterator over them); ``_read_only``
     (forced by the caller or by the server); ``_caps``.
     """
 
-    def __init__(self, uri: NBDURI, clients: list[Client], *, read_only: bool = False) -> None:
+    def __init__(self, uri: NBDURI, clients: list[Client], *, read_only: bool = False, spec: str | None = None) -> None:
         assert clients
         self.uri = uri
+        self.spec = spec if spec is not None else str(uri)
         self.clients = clients
         self._rr = itertools.cycle(clients)
         c = clients[0]
@@ -129,7 +131,7 @@ class NBDDev(BlockDev):
         except BaseException:
             await asyncio.gather(*(c.disconnect() for c in clients), return_exceptions=True)
             raise
-        return cls(u, clients, read_only=read_only)
+        return cls(u, clients, read_only=read_only, spec=uri if isinstance(uri, str) else None)
 
     # -- BlockDev ---------------------------------------------------------------
 
