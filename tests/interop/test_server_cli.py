@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -183,6 +184,15 @@ def _free_port() -> int:
 def test_listen_tcp_loopback(serve):
     port = _free_port()
     with serve("a=memory:1M", extra=["--listen", f"127.0.0.1:{port}"]) as srv:
+        # `serve` opens the Unix socket first: wait for the TCP listener too.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert srv.alive() and time.monotonic() < deadline, srv.log()
+                time.sleep(0.02)
         h = nbd.NBD()
         h.connect_uri(f"nbd://127.0.0.1:{port}/a")
         h.pwrite(b"tcp", 100)
