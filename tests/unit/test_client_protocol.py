@@ -454,3 +454,54 @@ def test_server_selecting_an_unrequested_context_is_a_violation():
         feed(hs, greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK)
              + rep(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, meta(1, "qemu:allocation-depth"))
              + rep(Opt.SET_META_CONTEXT, Rep.ACK))
+
+
+# --------------------------------------------------------------------------
+# Fuzz: whatever a server sends, the only exceptions are ours.
+# --------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_HS_PREFIX = greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tail=st.binary(max_size=200), cut=st.integers(0, 60))
+def test_fuzz_handshake_raises_only_protocol_errors(tail, cut):
+    hs = Handshake(HandshakePlan(Mode.GO, "e", ("base:allocation", "qemu:dirty-bitmap:")))
+    try:
+        feed(hs, _HS_PREFIX[: len(_HS_PREFIX) - cut] + tail)
+    except (RemoteProtocolError, OptionError):
+        assert hs.broken
+
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.builds(lambda c, o, d: data_chunk(c, o, d, False), st.integers(0, 3), st.integers(0, 80), st.binary(max_size=40)),
+            st.builds(lambda c, o, n: hole_chunk(c, o, n, False), st.integers(0, 3), st.integers(0, 80), st.integers(0, 80)),
+            st.builds(lambda c, e, m: error_chunk(c, e, m, False), st.integers(0, 3), st.integers(0, 200), st.binary(max_size=10)),
+            st.builds(lambda c: none_chunk(c), st.integers(0, 3)),
+            st.builds(lambda c, e: wire.pack_simple_reply(c, e), st.integers(0, 3), st.integers(0, 30)),
+            st.binary(max_size=30),
+        ),
+        max_size=8,
+    )
+)
+def test_fuzz_replies_raise_only_protocol_errors(pieces):
+    tx = Transmission(structured=True, context_ids=[1])
+    bufs = []
+    for _ in range(3):
+        c, b = read_req(tx, 0, 64)
+        bufs.append(b)
+    tx.request(Cmd.BLOCK_STATUS, 0, 0, 4096)
+    try:
+        feed(tx, b"".join(pieces), 11)
+    except RemoteProtocolError:
+        assert tx.broken
+    for ev in tx.events:
+        assert ev.error >= 0
+    assert all(len(b) == 64 for b in bufs)
