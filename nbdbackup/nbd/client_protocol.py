@@ -52,7 +52,6 @@ from . import wire
 from .wire import (
     ClientFlag,
     Cmd,
-    CmdFlag,
     HandshakeFlag,
     Info,
     Opt,
