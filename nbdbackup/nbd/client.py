@@ -554,8 +554,15 @@ class Client:
             return
         self._closing = True
         conn = self._conn
-        pending = [f for f in conn.futures.values() if not f.done()]
-        if pending:
+        # New calls are refused from now on (`_check`), but calls already
+        # queued on the semaphore still go out: wait until none is left.
+        while True:
+            pending = [f for f in conn.futures.values() if not f.done()]
+            if not pending:
+                await asyncio.sleep(0)  # let released semaphore waiters submit
+                pending = [f for f in conn.futures.values() if not f.done()]
+                if not pending:
+                    break
             await asyncio.gather(*pending, return_exceptions=True)
         if conn.error is None and conn.transport is not None:
             try:

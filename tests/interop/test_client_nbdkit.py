@@ -364,3 +364,18 @@ def test_nbddev_capabilities_and_block_sizes():
                 await dev.close()
 
         run(main())
+
+
+def test_disconnect_lets_queued_requests_finish_then_refuses_new_ones():
+    with nbdkit("memory", "1M") as (uri, _):
+        async def main():
+            c = await connect(uri, max_in_flight=2)
+            tasks = [asyncio.ensure_future(c.pread(4096, i * 4096)) for i in range(50)]
+            await asyncio.sleep(0)  # all 50 started: 2 in flight, 48 queued on the semaphore
+            await c.disconnect()
+            res = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(r == bytes(4096) for r in res), [r for r in res if not isinstance(r, bytearray)][:3]
+            with pytest.raises(ConnectionClosed):
+                await c.pread(1, 0)
+
+        run(main())
