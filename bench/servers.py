@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -306,15 +307,28 @@ def run_profile(args, ws: Workspace, procs: Procs, img: str, src: str) -> None:
         try:
             out = outdir / f"{m}.txt"
             spy = common.py_spy_start(procs, p.pid, args.duration, out, native=args.native)
+            perf = None
+            if shutil.which("perf"):
+                perf = procs.start("perf", ["perf", "stat", "-p", str(p.pid), "-e",
+                                            "task-clock,context-switches,cpu-migrations,page-faults",
+                                            "--", "sleep", str(args.duration)],
+                                   log_path=outdir / f"{m}.perf-stat.txt")
             time.sleep(0.3)
             n = 0
+            cpu0, t0 = common.proc_cpu_seconds(p.pid), time.perf_counter()
             while spy.alive():
                 measure(m, ep.uri, args.size, src, img, min(args.duration, 2.0))
                 n += 1
+            util = (common.proc_cpu_seconds(p.pid) - cpu0) / (time.perf_counter() - t0)
             procs.stop(spy)
+            if perf is not None:
+                perf.popen.wait(args.duration + 10)
+                procs.stop(perf)
         finally:
             procs.stop(p)
-        print(f"=== {m} ({n} runs while sampling) -> {out}")
+        print(f"=== {m} ({n} runs while sampling; server used {util:.2f} CPUs) -> {out}")
+        if perf is not None and perf.log_path and perf.log_path.exists():
+            print(perf.log_tail(14))
         if out.exists():
             agg = common.aggregate_collapsed(out)
             print(common.format_profile(agg, top=args.top))
