@@ -358,3 +358,54 @@ def test_block_status_past_end_and_zero_length(connect):
         extents_of(h, 4096, DISK_SIZE)
     assert ei.value.errnum == errno.EINVAL
     assert h.pread(2, 0) == b"\xab\xab"
+
+
+def test_df_read_is_one_data_chunk(connect):
+    h = connect("disk")
+    assert h.can_df(), "structured replies negotiated but SEND_DF not advertised"
+    chunks = []
+    h.pread_structured(2 * MiB, 0, lambda buf, off, status, err: chunks.append((off, len(buf), status)) or 0,
+                       nbd.CMD_FLAG_DF)
+    assert chunks == [(0, 2 * MiB, nbd.READ_DATA)]
+
+
+def test_simple_replies_without_structured(server):
+    h = nbd.NBD()
+    h.set_request_structured_replies(False)
+    h.add_meta_context("base:allocation")
+    h.connect_uri(server.uri_for("disk"))
+    assert not h.get_structured_replies_negotiated()
+    assert not h.can_meta_context("base:allocation")  # contexts need structured replies
+    assert h.pread(4, 0) == b"\xab" * 4
+    assert h.pread(4, 64 * KiB) == bytes(4)
+    h.set_strict_mode(0)
+    expect_error(errno.EINVAL, h.pread, 8, DISK_SIZE - 4)  # simple error reply
+    assert h.pread(4, 1 * MiB) == b"\xcd" * 4
+    h.shutdown()
+
+
+def test_two_meta_contexts_at_once(connect):
+    h = connect("mem", contexts=("base:allocation", "qemu:allocation-depth"))
+    assert h.can_meta_context("base:allocation") and h.can_meta_context("qemu:allocation-depth")
+    h.pwrite(b"\x01" * (64 * KiB), 7 * MiB)  # 6M..8M is untouched by earlier tests
+    seen = {}
+
+    def cb(metacontext, off, entries, err):
+        seen[metacontext] = list(entries)
+        return 0
+
+    h.block_status(192 * KiB, 7 * MiB - 64 * KiB, cb)
+    assert set(seen) == {"base:allocation", "qemu:allocation-depth"}
+    assert seen["base:allocation"] == [64 * KiB, HOLE_ZERO, 64 * KiB, 0, 64 * KiB, HOLE_ZERO]
+    assert seen["qemu:allocation-depth"] == [64 * KiB, 0, 64 * KiB, 1, 64 * KiB, 0]
+
+
+def test_max_size_requests(connect):
+    h = connect("mem")
+    mx = h.get_block_size(nbd.SIZE_MAXIMUM)
+    n = min(mx, 8 * MiB)
+    data = bytes([7]) * n
+    h.pwrite(data, 0)
+    assert h.pread(n, 0) == data
+    h.zero(8 * MiB, 0)  # WRITE_ZEROES is not limited by the payload maximum
+    assert h.pread(n, 0) == bytes(n)

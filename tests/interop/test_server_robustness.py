@@ -347,7 +347,54 @@ def abuse_structured_then_garbage(r: Raw):
     assert closed_by_server(r.s)
 
 
+def abuse_unknown_export_via_export_name(r: Raw):
+    """OPT_EXPORT_NAME cannot carry an error reply: an unknown name closes the connection."""
+    r.greeting()
+    r.client_flags()
+    r.option(OPT_EXPORT_NAME, b"no-such-export")
+    assert closed_by_server(r.s)
+
+
 ABUSES = [v for k, v in sorted(globals().items()) if k.startswith("abuse_")]
+
+
+@pytest.mark.parametrize("client_flags", [FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, FLAG_FIXED_NEWSTYLE, 0],
+                         ids=["fixed-nozeroes", "fixed", "plain-newstyle"])
+def test_export_name_handshake(server, client_flags):
+    """The oldest newstyle path (OPT_EXPORT_NAME), with and without NO_ZEROES padding."""
+    r = Raw(server.socket)
+    try:
+        r.greeting()
+        r.client_flags(client_flags)
+        r.option(OPT_EXPORT_NAME, b"mem")
+        size, tflags = struct.unpack(">QH", recv_exact(r.s, 10))
+        assert size == SIZE and tflags & 1  # HAS_FLAGS
+        if not client_flags & FLAG_NO_ZEROES:
+            assert recv_exact(r.s, 124) == bytes(124)
+        # Transmission works with simple replies.
+        r.request(CMD_WRITE, 65536, 5, cookie=41)
+        r.send(b"hello")
+        assert r.simple_reply() == (0, 41)
+        r.request(CMD_READ, 65536, 5, cookie=42)
+        assert r.simple_reply() == (0, 42)
+        assert recv_exact(r.s, 5) == b"hello"
+        r.request(CMD_DISC, 0, 0, cookie=43)
+        assert closed_by_server(r.s)
+    finally:
+        r.close()
+    assert_healthy(server)
+
+
+def test_plain_newstyle_client_may_only_send_export_name(server):
+    r = Raw(server.socket)
+    try:
+        r.greeting()
+        r.client_flags(0)
+        r.option(OPT_LIST)
+        assert closed_by_server(r.s)
+    finally:
+        r.close()
+    assert_healthy(server)
 
 
 @pytest.mark.parametrize("abuse", ABUSES, ids=[f.__name__[len("abuse_"):] for f in ABUSES])
