@@ -222,8 +222,11 @@ class BackupJob:
                     await asyncio.get_running_loop().create_future()  # until cancelled
                 else:
                     await self.pump.run()
+                    await self._wait_unpaused()
                     self._check_failure()
                     await self._flush_target()
+                    await self._wait_unpaused()
+                    self._check_failure()
             except BaseExceptionGroup as eg:
                 raise _unwrap(eg) from None
         except asyncio.CancelledError:
@@ -249,6 +252,13 @@ class BackupJob:
             self._set(S.CONCLUDED)
         if self.auto_dismiss:
             await self.dismiss()
+
+    async def _wait_unpaused(self) -> None:
+        # A job paused while its last copies (or the final flush) finished
+        # stays paused: it completes only once resumed (as in QEMU, a job
+        # leaves "paused" only for "running").
+        while not self._unpaused.is_set():
+            await self._unpaused.wait()
 
     def _check_failure(self) -> None:
         if self._failure is not None:
