@@ -75,6 +75,14 @@ class Endpoint:
     tcp: tuple[str, int] | None = None
 
 
+#: Command prefix that runs nbdbackup's CLI; ``--ours-cmd`` replaces it (e.g. a
+#: wrapper script that patches an experiment in, or another checkout).
+OURS_CMD = [common.VENV_PYTHON, "-m", "nbdbackup.cli"]
+#: Extra nbdbackup variants, ``--variant NAME=CMD``: NAME -> command prefix,
+#: served exactly like nbdbackup (to compare an experiment side by side).
+VARIANTS: dict[str, list[str]] = {}
+
+
 def server_argv(name: str, img: str, ws: Workspace, tcp_port: int | None) -> tuple[list[str], Endpoint]:
     """argv and endpoint for one server; Unix socket unless ``tcp_port``.
 
@@ -90,9 +98,9 @@ def server_argv(name: str, img: str, ws: Workspace, tcp_port: int | None) -> tup
     host = "127.0.0.1"
     ep = (Endpoint(f"nbd://{host}:{tcp_port}/{EXPORT}", tcp=(host, tcp_port)) if tcp_port
           else Endpoint(f"nbd+unix:///{EXPORT}?socket={sock}", unix=sock))
-    if name == "nbdbackup":
+    if name == "nbdbackup" or name in VARIANTS:
         where = ["--listen", f"{host}:{tcp_port}"] if tcp_port else ["--socket", sock]
-        return [common.VENV_PYTHON, "-m", "nbdbackup.cli", "serve", *where, f"{EXPORT}={img}"], ep
+        return [*VARIANTS.get(name, OURS_CMD), "serve", *where, f"{EXPORT}={img}"], ep
     if name == "nbdkit":
         where = ["-i", host, "-p", str(tcp_port)] if tcp_port else ["-U", sock]
         return ["nbdkit", *where, "-f", "file", img], ep
@@ -344,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                     help="comma-separated servers: " + ",".join(SERVERS))
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per random-I/O run (default 3)")
+    ap.add_argument("--ours-cmd", metavar="CMD",
+                    help="command (split on spaces) replacing 'python -m nbdbackup.cli' for nbdbackup")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=CMD",
+                    help="also run nbdbackup through CMD under the name NAME (repeatable; "
+                         "add NAME to --servers or it is appended)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (images, logs)")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     ap.add_argument("--profile", metavar="DIR", help="profile nbdbackup with py-spy instead of comparing")
@@ -351,13 +364,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25, help="with --profile: frames shown")
     args = ap.parse_args(argv)
     args.size = common.parse_size(args.size)
+    if args.ours_cmd:
+        OURS_CMD[:] = args.ours_cmd.split()
     args.metrics = [m.strip() for m in args.only.split(",") if m.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     for m in args.metrics:
         if m not in METRICS:
             ap.error(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
+    for v in args.variant:
+        name, sep, cmd = v.partition("=")
+        if not sep or not name or not cmd or name in SERVERS:
+            ap.error(f"bad --variant {v!r}: expected NAME=CMD with a new NAME")
+        VARIANTS[name] = cmd.split()
+        if name not in args.servers:
+            args.servers.append(name)
     for s in args.servers:
-        if s not in SERVERS:
+        if s not in SERVERS and s not in VARIANTS:
             ap.error(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
     if args.size % 4096:
         ap.error("--size must be a multiple of 4096")
