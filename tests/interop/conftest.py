@@ -4,8 +4,9 @@ Every test collected here is marked ``interop``.  Peers are started by the
 context managers in ``peers.py`` (importable as ``peers``: pytest puts this
 directory on sys.path); a missing peer fails the test loudly.
 
-Fixtures:
-- ``serve``: the `peers.nbdbackup_serve` context manager.
+Fixtures (each returns the context manager of the same name in ``peers``):
+- ``serve`` (= `peers.nbdbackup_serve`), ``qemu_nbd``, ``nbdkit``,
+  ``qemu_storage_daemon``.
 - ``libnbd``: a factory ``libnbd(uri, **opts) -> nbd.NBD`` connected to
   ``uri``; every handle is shut down at teardown.
 """
@@ -26,6 +27,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def serve():
     return peers.nbdbackup_serve
+
+
+@pytest.fixture(name="qemu_nbd")
+def qemu_nbd_fixture():
+    return peers.qemu_nbd
+
+
+@pytest.fixture(name="nbdkit")
+def nbdkit_fixture():
+    return peers.nbdkit
+
+
+@pytest.fixture(name="qemu_storage_daemon")
+def qemu_storage_daemon_fixture():
+    return peers.qemu_storage_daemon
 
 
 @pytest.fixture

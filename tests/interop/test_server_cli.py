@@ -201,3 +201,20 @@ def test_listen_tcp_loopback(serve):
         h.connect_uri(srv.uri_for("a"))  # the Unix socket serves the same export
         assert h.pread(3, 100) == b"tcp"
         h.shutdown()
+
+
+def test_sigterm_with_idle_and_half_open_clients_exits_promptly(serve):
+    """Neither a client stuck in the handshake nor an idle connected one delays exit."""
+    with serve("a=memory:1M") as srv:
+        half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        half.connect(srv.socket)
+        half.recv(18)  # greeting; never answer it
+        idle = nbd.NBD()
+        idle.connect_uri(srv.uri_for("a"))
+        idle.pwrite(b"i", 0)
+        t0 = time.monotonic()
+        rc = peers.stop(srv, signal.SIGTERM, timeout=8)
+        elapsed = time.monotonic() - t0
+        half.close()
+        assert rc == 0, srv.log()
+        assert elapsed < 5, f"exit took {elapsed:.1f}s"
