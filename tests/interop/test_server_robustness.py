@@ -355,6 +355,67 @@ def abuse_unknown_export_via_export_name(r: Raw):
     assert closed_by_server(r.s)
 
 
+def abuse_go_with_missing_info_requests(r: Raw):
+    """OPT_GO announcing 5 info requests but carrying none: ERR_INVALID, keep negotiating."""
+    r.greeting()
+    r.client_flags()
+    r.option(OPT_GO, struct.pack(">I", 3) + b"mem" + struct.pack(">H", 5))
+    opt, rep, _ = r.option_reply()
+    assert opt == OPT_GO and rep & (1 << 31), hex(rep)
+    n = b"mem"
+    r.option(OPT_GO, struct.pack(">I", len(n)) + n + struct.pack(">H", 0))
+    while True:
+        opt, rep, _ = r.option_reply()
+        assert not rep & (1 << 31), hex(rep)
+        if rep == REP_ACK:
+            break
+
+
+def abuse_structured_reply_with_payload(r: Raw):
+    r.greeting()
+    r.client_flags()
+    r.option(OPT_STRUCTURED_REPLY, b"junk")
+    opt, rep, _ = r.option_reply()
+    assert opt == OPT_STRUCTURED_REPLY and rep & (1 << 31), hex(rep)
+
+
+def abuse_set_meta_context_before_structured(r: Raw):
+    """SET_META_CONTEXT needs structured replies first (proto.md): an error reply."""
+    r.greeting()
+    r.client_flags()
+    n, q = b"mem", b"base:allocation"
+    r.option(10, struct.pack(">I", len(n)) + n + struct.pack(">I", 1) + struct.pack(">I", len(q)) + q)
+    opt, rep, _ = r.option_reply()
+    assert opt == 10 and rep & (1 << 31), hex(rep)
+
+
+def abuse_export_name_too_long(r: Raw):
+    r.greeting()
+    r.client_flags()
+    name = b"x" * 5000
+    r.option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    try:
+        opt, rep, _ = r.option_reply()
+    except ConnectionError:
+        return  # closing is acceptable
+    assert rep & (1 << 31), hex(rep)
+
+
+def abuse_pipelined_burst(r: Raw):
+    """500 requests in one send, replies read afterwards: all answered, by cookie."""
+    r.go()
+    burst = b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, 1000 + i, (i * 512) % SIZE, 512)
+                     for i in range(500))
+    r.send(burst)
+    cookies = set()
+    for _ in range(500):
+        error, cookie = r.simple_reply()
+        assert error == 0
+        recv_exact(r.s, 512)
+        cookies.add(cookie)
+    assert cookies == set(range(1000, 1500))
+
+
 ABUSES = [v for k, v in sorted(globals().items()) if k.startswith("abuse_")]
 
 
@@ -422,3 +483,44 @@ def test_data_written_by_good_clients_survives_abuse(server):
     assert h.pread(65536, 512 * 1024) == b"\x5a" * 65536  # the open connection is unharmed
     h.shutdown()
     assert_healthy(server)
+
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_replies_is_bounded():
+    """2 GiB of READ replies requested in one burst, none read: memory stays bounded.
+
+    The server's own contract (nbd/server.py docstring): memory per connection
+    is bounded by ``max_inflight`` requests plus the transport's high-water mark
+    (64 x 1 MiB + 4 MiB here), even when the requests arrive in one segment.
+    """
+    with peers.nbdbackup_serve("mem=memory:1M") as server:
+        assert_healthy(server)
+        before = _rss_mib(server.pid)
+        r = Raw(server.socket)
+        try:
+            r.go()
+            reqs = b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, i, 0, SIZE) for i in range(2048))
+            r.s.settimeout(5)
+            try:
+                r.send(reqs)
+            except socket.timeout:
+                pass  # the server stopped reading: back-pressure works
+            peak = before
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                peak = max(peak, _rss_mib(server.pid))
+                time.sleep(0.05)
+            grown = peak - before
+            assert grown < 256, f"server RSS grew by {grown:.0f} MiB for a client that reads nothing"
+            assert_healthy(server)  # other clients are served meanwhile
+        finally:
+            r.close()
+        assert_healthy(server)
