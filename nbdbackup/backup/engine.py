@@ -157,14 +157,19 @@ class Engine:
         _check_int("speed", speed, 0)
         _check_int("max-workers", max_workers, 1, MAX_WORKERS)
         _check_int("max-chunk", max_chunk, 512)
+        # QEMU's "auto" (inherit the backend's policy) means "report" here.
+        on_source_error = "report" if on_source_error == "auto" else on_source_error
+        on_target_error = "report" if on_target_error == "auto" else on_target_error
         for name, val in (("on-source-error", on_source_error), ("on-target-error", on_target_error)):
             if val not in ERROR_POLICIES:
                 raise ConfigError(f"bad {name} {val!r}: expected one of {', '.join(ERROR_POLICIES)}")
         if on_cbw_error not in ON_CBW_ERROR:
             raise ConfigError(f"bad on-cbw-error {on_cbw_error!r}: expected one of {', '.join(ON_CBW_ERROR)}")
         if cbw_timeout is not None and (isinstance(cbw_timeout, bool) or not isinstance(cbw_timeout, (int, float))
-                                        or cbw_timeout <= 0):
-            raise ConfigError(f"cbw-timeout must be a number of seconds > 0, got {cbw_timeout!r}")
+                                        or cbw_timeout < 0):
+            raise ConfigError(f"cbw-timeout must be a number of seconds >= 0 (0 = no limit), got {cbw_timeout!r}")
+        if cbw_timeout == 0:
+            cbw_timeout = None
         if sync in ("incremental", "bitmap") and bitmap is None:
             raise ConfigError(f"sync={sync} needs a bitmap")
         if sync == "none" and bitmap is not None:
@@ -383,80 +388,52 @@ class Engine:
 
 # -- QMP mapping ----------------------------------------------------------------
 
-#: QMP argument name -> backup_start keyword.
-_START_ARGS = {
-    "export": "export", "device": "export", "job-id": "job_id", "sync": "sync", "target": "target",
-    "snapshot": "snapshot", "speed": "speed", "cluster-size": "cluster_size", "compress": "compress",
-    "max-workers": "max_workers", "max-chunk": "max_chunk", "on-source-error": "on_source_error",
-    "on-target-error": "on_target_error", "on-cbw-error": "on_cbw_error", "cbw-timeout": "cbw_timeout",
-    "auto-dismiss": "auto_dismiss", "bitmap": "bitmap", "bitmap-mode": "bitmap_mode",
-}
-
-
-def _kw(args: dict | None, table: dict[str, str]) -> dict:
-    out = {}
-    for k, v in (args or {}).items():
-        if k not in table:
-            raise ConfigError(f"unknown argument {k!r}")
-        out[table[k]] = v
-    return out
-
 
 def register_commands(qmp: Any, engine: Engine) -> None:
-    """Register the backup commands on ``qmp`` (``register(name, handler, args=...)``).
+    """Register the job commands on ``qmp`` (a `nbdbackup.control.qmp.QMPServer`).
 
-    Commands: ``backup-start`` (args as `_START_ARGS`, kebab-case; ``device``
-    is an alias of ``export``), ``query-jobs``, ``job-pause``, ``job-resume``,
-    ``job-cancel``, ``job-dismiss`` ({id}), ``block-job-set-speed``
-    ({device, speed}, QEMU's name; ``device`` is the job id) and
-    ``job-set-speed`` ({id, speed}).
+    Argument schemas come from `nbdbackup.control.schema.COMMANDS` (the server
+    checks them and passes kebab-case members as snake_case keywords):
+    ``backup-start``, ``query-jobs``, ``job-pause``, ``job-resume``,
+    ``job-cancel``, ``job-dismiss``, ``job-set-speed`` {id, speed}; plus QEMU's
+    ``block-job-set-speed`` {device, speed} (device = the job id).
     """
 
-    async def backup_start(args: dict | None = None) -> dict:
-        kw = _kw(args, _START_ARGS)
-        for need in ("export", "job_id", "sync", "target"):
-            if need not in kw:
-                raise ConfigError(f"backup-start: missing argument {need.replace('_', '-')!r}")
-        return await engine.backup_start(**kw)
+    async def backup_start(export: str, job_id: str, sync: str, target: str, **kw: Any) -> dict:
+        return await engine.backup_start(export, job_id, sync, target, **kw)
 
-    async def query_jobs(args: dict | None = None) -> list:
+    async def query_jobs() -> list:
         return engine.query_jobs()
 
-    def by_id(fn: Callable) -> Callable:
-        async def handler(args: dict | None = None) -> Any:
-            args = args or {}
-            if "id" not in args:
-                raise ConfigError("missing argument 'id'")
-            extra = set(args) - {"id"}
-            if extra:
-                raise ConfigError(f"unknown argument {sorted(extra)[0]!r}")
-            r = fn(args["id"])
-            return await r if inspect.isawaitable(r) else r
-        return handler
+    async def job_pause(id: str) -> dict:
+        return engine.job_pause(id)
 
-    async def set_speed(args: dict | None = None) -> dict:
-        args = dict(args or {})
-        jid = args.pop("device", None) if "device" in args else args.pop("id", None)
-        if jid is None or "speed" not in args:
-            raise ConfigError("block-job-set-speed needs 'device' (the job id) and 'speed'")
-        speed = args.pop("speed")
-        if args:
-            raise ConfigError(f"unknown argument {sorted(args)[0]!r}")
-        return engine.job_set_speed(jid, speed)
+    async def job_resume(id: str) -> dict:
+        return engine.job_resume(id)
 
-    start_schema = {k: Any for k in _START_ARGS}
-    _register(qmp, "backup-start", backup_start, start_schema)
-    _register(qmp, "query-jobs", query_jobs, {})
-    _register(qmp, "job-pause", by_id(engine.job_pause), {"id": str})
-    _register(qmp, "job-resume", by_id(engine.job_resume), {"id": str})
-    _register(qmp, "job-cancel", by_id(engine.job_cancel), {"id": str})
-    _register(qmp, "job-dismiss", by_id(engine.job_dismiss), {"id": str})
-    _register(qmp, "block-job-set-speed", set_speed, {"device": str, "speed": int})
-    _register(qmp, "job-set-speed", set_speed, {"id": str, "speed": int})
+    async def job_cancel(id: str) -> dict:
+        return engine.job_cancel(id)
 
+    async def job_dismiss(id: str) -> dict:
+        return await engine.job_dismiss(id)
 
-def _register(qmp: Any, name: str, handler: Callable, args: dict) -> None:
-    qmp.register(name, handler, args=args)
+    async def job_set_speed(id: str, speed: int) -> dict:
+        return engine.job_set_speed(id, speed)
+
+    async def block_job_set_speed(device: str, speed: int) -> dict:
+        return engine.job_set_speed(device, speed)
+
+    qmp.register("backup-start", backup_start)
+    qmp.register("query-jobs", query_jobs)
+    qmp.register("job-pause", job_pause)
+    qmp.register("job-resume", job_resume)
+    qmp.register("job-cancel", job_cancel)
+    qmp.register("job-dismiss", job_dismiss)
+    qmp.register("job-set-speed", job_set_speed)
+    from ..control import schema
+
+    qmp.register("block-job-set-speed", block_job_set_speed,
+                 args=schema.struct({"device": schema.STR, "speed": schema.UINT64}))
 
 
 __all__: Sequence[str] = ("Engine", "ExportTable", "MemoryExportTable", "register_commands",

@@ -24,7 +24,8 @@ Ending semantics (QEMU's):
   error.
 - cancel: aborting, BLOCK_JOB_CANCELLED {device, id, len, offset, speed,
   type}, concluded.  A cancelled full/top/incremental job leaves a PARTIAL
-  target: `query` says so in ``error`` ("Operation cancelled: ...").  For
+  target: `query` says so in ``error`` ("Operation canceled (...)", QEMU's
+  wording plus the byte counts).  For
   ``sync=none`` (fleecing) cancel is the normal way to end the job: the same
   event is sent (QEMU sends BLOCK_JOB_CANCELLED too) but no error is recorded.
 - Copy-before-write keeps protecting the snapshot after the job concluded
@@ -289,8 +290,8 @@ class BackupJob:
 
     async def _conclude_cancelled(self) -> None:
         if self.sync != "none":
-            self.error = (f"Operation cancelled: the target is incomplete "
-                          f"({self.state.current} of {self.state.total} bytes copied)")
+            self.error = (f"Operation canceled (the target is incomplete: "
+                          f"{self.state.current} of {self.state.total} bytes copied)")
         else:
             self.error = None
         self._set(S.ABORTING)

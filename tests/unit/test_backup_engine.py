@@ -447,7 +447,7 @@ def test_cancel_full_leaves_partial_target_and_dismiss_removes_snapshot(paused):
         r.engine.job_cancel("j")
         await job.wait()
         assert job.status.value == "concluded"
-        assert job.error and job.error.startswith("Operation cancelled")
+        assert job.error and job.error.startswith("Operation canceled")
         assert 0 < job.state.current < job.state.total
         assert [n for n in r.names() if n.startswith("BLOCK_JOB")] == ["BLOCK_JOB_CANCELLED"]
         assert r.statuses()[-2:] == ["aborting", "concluded"]
@@ -568,7 +568,7 @@ def test_validation_errors():
         await bad("bitmap-mode needs", "disk", "j", "full", MemoryDev(SIZE), bitmap_mode="never")
         await bad("on-source-error", "disk", "j", "full", MemoryDev(SIZE), on_source_error="explode")
         await bad("on-cbw-error", "disk", "j", "full", MemoryDev(SIZE), on_cbw_error="x")
-        await bad("cbw-timeout", "disk", "j", "full", MemoryDev(SIZE), cbw_timeout=0)
+        await bad("cbw-timeout", "disk", "j", "full", MemoryDev(SIZE), cbw_timeout=-1)
         await bad("max-workers", "disk", "j", "full", MemoryDev(SIZE), max_workers=0)
         await bad("needs a snapshot", "disk", "j", "none", MemoryDev(SIZE), snapshot=None)
         await bad("already exists", "disk", "j", "full", MemoryDev(SIZE), snapshot="disk")
@@ -602,42 +602,58 @@ def test_read_only_export_backup_without_live_dev():
 
 # -- QMP mapping ---------------------------------------------------------------------------
 
-class FakeQMP:
-    def __init__(self):
-        self.handlers = {}
-
-    def register(self, name, handler, args=None):
-        self.handlers[name] = (handler, args)
-
-    async def call(self, name, args=None):
-        return await self.handlers[name][0](args)
+class FakeSession:
+    negotiated = True
 
 
-def test_register_commands_maps_kebab_case():
+async def qmp_call(server, name, args=None):
+    from nbdbackup.control.framing import Request
+
+    reply = await server.dispatch(FakeSession(), Request(name, args or {}, 1, True))
+    if "error" in reply:
+        raise ConfigError(reply["error"]["desc"])
+    return reply["return"]
+
+
+def test_register_commands_on_the_qmp_server():
+    from nbdbackup.control.qmp import QMPServer
+
     async def main():
-        r = Rig()
-        q = FakeQMP()
+        r = Rig(size=32 * CS)
+        q = QMPServer()
         register_commands(q, r.engine)
         assert {"backup-start", "query-jobs", "job-pause", "job-resume", "job-cancel", "job-dismiss",
-                "block-job-set-speed"} <= set(q.handlers)
-        assert await q.call("backup-start", {"export": "disk", "job-id": "j", "sync": "full",
-                                             "target": r.ftgt, "snapshot": "snap", "speed": 10 * CS,
-                                             "on-source-error": "stop", "max-chunk": CS,
-                                             "cluster-size": CS}) == {}
+                "job-set-speed", "block-job-set-speed"} <= set(q.commands)
+        # A path target is opened with open_spec: use memory:SIZE (no I/O).
+        assert await qmp_call(q, "backup-start", {
+            "export": "disk", "job-id": "j", "sync": "full", "target": f"memory:{32 * CS}",
+            "snapshot": "snap", "speed": 10 * CS, "on-source-error": "stop", "max-chunk": CS,
+            "cluster-size": CS, "cbw-timeout": 0, "on-target-error": "auto"}) == {}
         job = r.engine.jobs["j"]
-        assert job.on_source_error == "stop" and job.speed == 10 * CS
-        jobs = await q.call("query-jobs")
-        assert jobs[0]["id"] == "j" and jobs[0]["type"] == "backup"
-        await q.call("job-pause", {"id": "j"})
+        assert job.on_source_error == "stop" and job.on_target_error == "report"
+        assert job.speed == 10 * CS and job.hook.cbw_timeout is None
+        jobs = await qmp_call(q, "query-jobs")
+        assert jobs[0]["id"] == "j" and jobs[0]["type"] == "backup" and jobs[0]["status"] == "running"
+        await qmp_call(q, "job-pause", {"id": "j"})
         assert job.status.value == "paused"
-        await q.call("block-job-set-speed", {"device": "j", "speed": 0})
-        await q.call("job-resume", {"id": "j"})
+        await qmp_call(q, "block-job-set-speed", {"device": "j", "speed": 5})
+        assert job.speed == 5
+        await qmp_call(q, "job-set-speed", {"id": "j", "speed": 0})
+        await qmp_call(q, "job-resume", {"id": "j"})
         await job.wait()
-        await q.call("job-dismiss", {"id": "j"})
-        assert r.engine.jobs == {}
-        with pytest.raises(ConfigError, match="unknown argument"):
-            await q.call("backup-start", {"export": "disk", "job-id": "k", "sync": "full",
-                                          "target": r.ftgt, "bogus": 1})
+        assert job.error is None
+        with pytest.raises(ConfigError, match="cannot be cancelled"):
+            await qmp_call(q, "job-cancel", {"id": "j"})
+        await qmp_call(q, "job-dismiss", {"id": "j"})
+        assert r.engine.jobs == {} and r.table.get("snap") is None
+        with pytest.raises(ConfigError, match="unexpected"):
+            await qmp_call(q, "backup-start", {"export": "disk", "job-id": "k", "sync": "full",
+                                               "target": "memory:1M", "bogus": 1})
         with pytest.raises(ConfigError, match="missing"):
-            await q.call("backup-start", {"export": "disk"})
+            await qmp_call(q, "backup-start", {"export": "disk"})
+        with pytest.raises(ConfigError, match="smaller"):
+            await qmp_call(q, "backup-start", {"export": "disk", "job-id": "k", "sync": "full",
+                                               "target": "memory:64K"})
+        with pytest.raises(ConfigError, match="no job"):
+            await qmp_call(q, "job-cancel", {"id": "nope"})
     run(main())
