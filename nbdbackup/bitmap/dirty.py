@@ -54,7 +54,9 @@ Fields of `DirtyBitmap` (shared state; single-threaded, asyncio loop only):
   records nothing, answers nothing, and can only be removed;
 - ``successor``: the anonymous bitmap recording during a freeze, or None;
 - ``backing``: the store's handle (``before_set()`` is called before any bit
-  is set, ``bits_replaced`` is not needed by callers), or None.
+  is set), or None;
+- ``store_path``: the file of a persistent bitmap (set by the store), or None;
+- ``inconsistent_reason``: why the store loaded it as inconsistent, or None.
 """
 
 from __future__ import annotations
@@ -164,7 +166,8 @@ class DirtyBitmap:
         self.inconsistent = inconsistent
         self.successor: DirtyBitmap | None = None
         self.backing: Backing | None = None
-        # Granule run of the last `copied` call (always mode); not state.
+        self.store_path: str | None = None
+        self.inconsistent_reason: str | None = None
 
     def __repr__(self) -> str:
         flags = [
