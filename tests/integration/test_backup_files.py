@@ -1,0 +1,112 @@
+"""The backup engine on real files: copy offload, sparse targets, target checks.
+
+The source image is written by qemu-io (so the expected content does not
+depend on our code); the target is compared with blake3 and `qemu-img compare`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import subprocess
+
+import pytest
+
+from nbdbackup.backup import copystate
+from nbdbackup.backup.engine import Engine, MemoryExportTable
+from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.file import FileDev
+from nbdbackup.errors import ConfigError
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+WRITES = [(0x11, 0, MiB), (0x22, 3 * MiB, 64 * 1024), (0x00, 4 * MiB, 128 * 1024), (0x33, SIZE - 4096, 4096)]
+
+
+def allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def backup(src_path, target, *, sync="full", during=None, **kw):
+    dev = FileDev(os.fspath(src_path))
+    table = MemoryExportTable()
+    live = LiveDev(dev)
+    table.add("disk", live, read_only=False)
+    events = []
+    engine = Engine(table, lambda n, d: events.append((n, d)))
+    await engine.backup_start("disk", "j", sync, os.fspath(target), snapshot="snap", **kw)
+    job = engine.jobs["j"]
+    if during is not None:
+        await during(live, table.get("snap").dev)
+    await job.wait()
+    info = engine.query_jobs()[0]
+    await engine.job_dismiss("j")
+    await live.close()
+    return job, info, events
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_full_backup_to_new_sparse_file(short_tmp, make_image, blake3_file, qemu_io, offload, monkeypatch):
+    src = make_image(short_tmp / "src.raw", SIZE, WRITES)
+    orig = short_tmp / "orig.raw"
+    subprocess.run(["cp", "--sparse=always", src, orig], check=True)
+    tgt = short_tmp / "tgt.raw"
+    if not offload:
+        def broken(*a, **k):
+            raise OSError(errno.EXDEV, "no copy offload here")
+        monkeypatch.setattr(copystate.os, "copy_file_range", broken)
+
+    async def during(live, snap):
+        # Overwrite data and holes while the pump runs; the snapshot must not move.
+        await live.pwrite(b"\x99" * 5000, 3 * MiB - 100)
+        await live.zero(0, 64 * 1024, may_trim=True)
+        await live.pwrite(b"\x77" * 4096, 6 * MiB)  # was a hole
+        buf = bytearray(SIZE)
+        await snap.pread(memoryview(buf), 0)
+        with open(orig, "rb") as f:
+            assert bytes(buf) == f.read()
+
+    job, info, events = run(backup(src, tgt, during=during, max_workers=2, speed=0))
+    assert info["status"] == "concluded" and "error" not in info, info
+    assert os.path.getsize(tgt) == SIZE
+    assert blake3_file(tgt) == blake3_file(orig)
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", os.fspath(orig), os.fspath(tgt)],
+                   check=True)
+    # Holes stay holes: far less than the whole disk is allocated.
+    assert allocated(tgt) < 2 * MiB, allocated(tgt)
+    assert job.state.offload is offload
+    qemu_io(src, "read -P 0x99 3145628 5000", "read -P 0x77 6291456 4096", "read -P 0 0 65536")
+
+
+def test_top_backup_copies_only_allocated(short_tmp, make_image, blake3_file):
+    src = make_image(short_tmp / "src.raw", SIZE, WRITES)
+    tgt = short_tmp / "tgt.raw"
+    job, info, _ = run(backup(src, tgt, sync="top"))
+    assert info["status"] == "concluded" and "error" not in info
+    # Data extents of the source, in 64 KiB clusters: 1 MiB + 64K + 128K + 64K (the last 4K).
+    assert info["total-progress"] == MiB + 64 * 1024 + 128 * 1024 + 64 * 1024
+    assert blake3_file(tgt) == blake3_file(src)
+
+
+def test_target_checks(short_tmp, make_image):
+    src = make_image(short_tmp / "src.raw", SIZE, WRITES)
+    os.link(src, short_tmp / "hardlink.raw")
+    small = make_image(short_tmp / "small.raw", SIZE // 2)
+
+    async def main():
+        dev = FileDev(os.fspath(src))
+        table = MemoryExportTable()
+        table.add("disk", LiveDev(dev), read_only=False)
+        engine = Engine(table)
+        for target, match in ((src, "own disk"), (short_tmp / "hardlink.raw", "same file"),
+                              (small, "smaller"), (short_tmp / "nodir" / "x.raw", "no such file")):
+            with pytest.raises(ConfigError, match=match):
+                await engine.backup_start("disk", "j", "full", os.fspath(target), snapshot="s")
+            assert engine.jobs == {} and table.get("s") is None
+        await dev.close()
+    run(main())
