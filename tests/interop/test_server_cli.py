@@ -218,3 +218,75 @@ def test_sigterm_with_idle_and_half_open_clients_exits_promptly(serve):
         half.close()
         assert rc == 0, srv.log()
         assert elapsed < 5, f"exit took {elapsed:.1f}s"
+
+
+def test_sigterm_with_a_client_stuck_mid_payload(serve):
+    """A WRITE whose payload never completes must not block shutdown."""
+    with serve("a=memory:1M") as srv:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(srv.socket)
+        s.recv(18)
+        s.sendall(b"\0\0\0\3")  # FIXED_NEWSTYLE | NO_ZEROES
+        s.sendall(b"IHAVEOPT" + (1).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"a")  # OPT_EXPORT_NAME "a"
+        s.recv(10)
+        s.sendall((0x25609513).to_bytes(4, "big") + b"\0\0" + b"\0\1" + (5).to_bytes(8, "big")
+                  + (0).to_bytes(8, "big") + (65536).to_bytes(4, "big") + b"x" * 1000)
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        rc = peers.stop(srv, signal.SIGTERM, timeout=8)
+        elapsed = time.monotonic() - t0
+        s.close()
+        assert rc == 0, srv.log()
+        assert elapsed < 5, f"exit took {elapsed:.1f}s"
+
+
+def test_max_connections(serve):
+    with serve("a=memory:1M", extra=["--max-connections", "2"]) as srv:
+        h1, h2 = nbd.NBD(), nbd.NBD()
+        h1.connect_uri(srv.uri_for("a"))
+        h2.connect_uri(srv.uri_for("a"))
+        h3 = nbd.NBD()
+        with pytest.raises(nbd.Error):
+            h3.connect_uri(srv.uri_for("a"))
+        h1.shutdown()
+        deadline = time.monotonic() + 5
+        while True:  # the slot frees once the server has seen h1 go
+            h4 = nbd.NBD()
+            try:
+                h4.connect_uri(srv.uri_for("a"))
+                break
+            except nbd.Error:
+                assert time.monotonic() < deadline, "a freed connection slot is never reused"
+                time.sleep(0.05)
+        assert h4.pread(1, 0) == b"\0"
+        h4.shutdown()
+        h2.shutdown()
+
+
+def test_handshake_timeout(serve):
+    with serve("a=memory:1M", extra=["--handshake-timeout", "0.5"]) as srv:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(srv.socket)
+        assert len(s.recv(18)) == 18
+        t0 = time.monotonic()
+        assert s.recv(1) == b""  # closed by the server
+        assert 0.3 < time.monotonic() - t0 < 4
+        s.close()
+        assert srv.alive()
+
+
+def test_export_names_with_spaces_and_unicode(serve):
+    names = ["with space", "é-ü-漢字", "a/b:c?d"]
+    with serve(*(f"{n}=memory:1M" for n in names)) as srv:
+        for n in names:
+            h = nbd.NBD()
+            h.set_export_name(n)
+            h.connect_unix(srv.socket)
+            assert h.get_size() == 1 * MiB
+            h.pwrite(n.encode(), 0)
+            h.shutdown()
+            h = nbd.NBD()
+            h.connect_uri(peers.nbd_uri(srv.socket, n))  # percent-encoded URI
+            assert h.pread(len(n.encode()), 0) == n.encode()
+            h.shutdown()
