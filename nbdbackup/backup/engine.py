@@ -24,7 +24,8 @@ description=...)``; ``async remove(name)``.  `MemoryExportTable` is a simple
 implementation for tests.
 
 Dirty bitmaps (sync incremental/bitmap, ``bitmap=``) need a `BitmapSource`
-(the dirty-bitmap work provides it); without one those requests are refused.
+(`bitmaps.RegistryBitmapSource` over the server's per-export
+`BitmapRegistry`s); without one those requests are refused.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ class BitmapLease(Protocol):
     #: optional meta context to add to the snapshot export: (name, provider)
     context: tuple[str, ExtentProvider] | None
 
-    def end(self, success: bool) -> None:
-        """The job concluded: apply bitmap_mode (reclaim / abdicate)."""
+    def end(self, success: bool) -> Any:
+        """The job concluded: apply bitmap_mode (reclaim / abdicate); may be async."""
 
 
 class BitmapSource(Protocol):
@@ -220,6 +221,8 @@ class Engine:
                 assert self.bitmaps is not None
                 lease = self.bitmaps.begin_backup(export, bitmap, bitmap_mode or "on-success",
                                                   cs, state.nclusters)
+                if hasattr(lease, "bind"):
+                    lease.bind(state)
             on_end = lease.end if lease is not None else None
             job = BackupJob(job_id, device=export, sync=sync, state=state, live=live, target=tdev,
                             emit=self.emit, speed=speed, max_workers=max_workers, max_chunk=max_chunk,
@@ -248,7 +251,9 @@ class Engine:
             if published and snapshot is not None:
                 await self.exports.remove(snapshot)
             if lease is not None:
-                lease.end(False)
+                r = lease.end(False)
+                if inspect.isawaitable(r):
+                    await r
             await tdev.close()
             raise
         return {}

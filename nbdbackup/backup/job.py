@@ -248,7 +248,7 @@ class BackupJob:
         else:
             self._set(S.WAITING)
             self._set(S.PENDING)
-            self._end(True)
+            await self._end(True)
             self._emit("BLOCK_JOB_COMPLETED", self._progress_event())
             self._set(S.CONCLUDED)
         if self.auto_dismiss:
@@ -273,10 +273,12 @@ class BackupJob:
                                            "operation": "write", "action": "report"})
             raise JobFailure(OSError(e.errno, f"flushing the target failed: {e.strerror or e}")) from e
 
-    def _end(self, success: bool) -> None:
+    async def _end(self, success: bool) -> None:
         if self._on_end is not None:
             try:
-                self._on_end(success)
+                r = self._on_end(success)
+                if inspect.isawaitable(r):
+                    await r
             except Exception:
                 log.exception("job %s: end callback failed", self.id)
 
@@ -284,7 +286,7 @@ class BackupJob:
         err = f.error
         self.error = (err.strerror or str(err)) if isinstance(err, OSError) else str(err)
         self._set(S.ABORTING)
-        self._end(False)
+        await self._end(False)
         self._emit("BLOCK_JOB_COMPLETED", {**self._progress_event(), "error": self.error})
         self._set(S.CONCLUDED)
 
@@ -295,7 +297,7 @@ class BackupJob:
         else:
             self.error = None
         self._set(S.ABORTING)
-        self._end(False)
+        await self._end(False)
         self._emit("BLOCK_JOB_CANCELLED", self._progress_event())
         self._set(S.CONCLUDED)
 

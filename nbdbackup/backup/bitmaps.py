@@ -1,0 +1,86 @@
+"""Dirty bitmaps as a backup's source of work: the `BitmapSource` adapter.
+
+Role: connects `nbdbackup.bitmap.dirty.BitmapRegistry` (one per export) to
+the engine for ``sync=incremental|bitmap`` and for ``bitmap``/``bitmap-mode``
+with full/top.  `RegistryBitmapSource.begin_backup` freezes the named bitmap
+(QEMU's successor protocol) and takes, synchronously, right after the freeze:
+- ``clusters``: the frozen dirty set at the job's cluster size (pump_todo);
+- ``context``: ``qemu:dirty-bitmap:NAME`` for the snapshot export, answered
+  from a private copy of the frozen bits (later writes do not show).
+The engine calls `begin_backup` and attaches copy-before-write with no await
+in between, so the bitmap's freeze and the snapshot's point in time are the
+same instant.
+
+End (`BitmapLease.end`, awaited by the job when it concludes): the bitmap's
+``finish(mode, success)`` (bitmap-mode table in `bitmap.dirty`).  For
+``always`` after a failure the clusters already copied are first reported
+with ``copied`` -- but only if a target flush succeeds (the data must be safe
+on the target before the bitmap forgets it); otherwise nothing is forgotten,
+which is never less than the truth.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..bitmap.dirty import BitmapRegistry, DirtyBitmap
+from ..blockdev.base import DIRTY_BITMAP_PREFIX, Extent
+from ..errors import ConfigError
+from .copystate import CopyState
+
+
+class RegistryLease:
+    """Fields: ``bitmap`` (the frozen DirtyBitmap); ``mode``; ``clusters``;
+    ``context`` ((name, provider)); ``state`` (the job's CopyState, set by
+    the engine through `bind`; used by mode ``always``); ``_ended``."""
+
+    def __init__(self, bitmap: DirtyBitmap, mode: str, cluster_size: int, nclusters: int) -> None:
+        self.bitmap = bitmap
+        self.mode = mode
+        bitmap.freeze()
+        # Before any await: the frozen content (see bitmap.dirty "Consequence for readers").
+        self.clusters = bitmap.to_clusters(cluster_size, nclusters)
+        frozen = DirtyBitmap("frozen", bitmap.size, bitmap.granularity, bits=bitmap.bits.copy())
+
+        async def provider(offset: int, length: int) -> list[Extent]:
+            return frozen.extents(offset, length)
+
+        self.context = (DIRTY_BITMAP_PREFIX + bitmap.name, provider)
+        self.state: CopyState | None = None
+        self._ended = False
+
+    def bind(self, state: CopyState) -> None:
+        self.state = state
+
+    async def end(self, success: bool) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self.mode == "always" and not success and self.state is not None:
+            st = self.state
+            try:
+                await st.target.flush()
+            except OSError:
+                pass  # not safe on the target: forget nothing
+            else:
+                for start, count, done in st.done.runs():
+                    if done:
+                        self.bitmap.copied(*st.span(start, count))
+        self.bitmap.finish(self.mode, success)
+
+
+class RegistryBitmapSource:
+    """`BitmapSource` over per-export registries: ``lookup(export)`` returns the
+    export's `BitmapRegistry` or None."""
+
+    def __init__(self, lookup: Callable[[str], BitmapRegistry | None]) -> None:
+        self.lookup = lookup
+
+    def begin_backup(self, export: str, name: str, mode: str, cluster_size: int,
+                     nclusters: int) -> RegistryLease:
+        reg = self.lookup(export)
+        if reg is None:
+            raise ConfigError(f"export {export!r} has no dirty bitmaps")
+        bm = reg.get(name)  # BitmapError if unknown
+        bm._require_usable()  # busy / inconsistent: QEMU's wording
+        return RegistryLease(bm, mode, cluster_size, nclusters)

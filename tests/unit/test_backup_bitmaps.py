@@ -1,0 +1,119 @@
+"""Incremental/bitmap backups through `RegistryBitmapSource` (dirty-bitmap successor protocol)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from nbdbackup.backup.bitmaps import RegistryBitmapSource
+from nbdbackup.backup.engine import Engine, MemoryExportTable
+from nbdbackup.backup.live import LiveDev
+from nbdbackup.bitmap.dirty import BitmapError, BitmapRegistry
+from nbdbackup.blockdev.memory import MemoryDev
+from nbdbackup.errors import ConfigError
+
+CS = 64 * 1024
+SIZE = 16 * CS
+
+
+class MarkHook:
+    """What the dirty-tracking work attaches to the LiveDev: mark before writing."""
+
+    def __init__(self, reg):
+        self.reg = reg
+
+    async def before_write(self, offset, length):
+        self.reg.mark(offset, length)
+
+    async def on_durable(self):
+        pass
+
+
+def setup(seed=0):
+    rng = random.Random(seed)
+    mem = MemoryDev(SIZE)
+    mem.write_sync(rng.randbytes(SIZE), 0)
+    orig = bytearray(SIZE)
+    mem.read_sync(memoryview(orig), 0)
+    live = LiveDev(mem)
+    reg = BitmapRegistry("disk", SIZE)
+    live.add_hook(MarkHook(reg))
+    table = MemoryExportTable()
+    table.add("disk", live, read_only=False)
+    events = []
+    engine = Engine(table, lambda n, d: events.append((n, d)),
+                    bitmaps=RegistryBitmapSource(lambda e: reg if e == "disk" else None))
+    return mem, bytes(orig), live, reg, table, engine, events
+
+
+def read(dev):
+    b = bytearray(dev.size)
+    dev.read_sync(memoryview(b), 0)
+    return bytes(b)
+
+
+def test_incremental_copies_dirty_clusters_and_abdicates():
+    async def main():
+        mem, orig, live, reg, table, engine, _ = setup()
+        bm = reg.add("b", granularity=CS)
+        bm.mark(2 * CS + 5, 10)
+        bm.mark(7 * CS, 2 * CS)
+        tmem = MemoryDev(SIZE)
+        await engine.backup_start("disk", "j", "incremental", tmem, snapshot="snap", bitmap="b")
+        job = engine.jobs["j"]
+        assert bm.busy and job.state.total == 3 * CS
+        snap = table.get("snap").dev
+        assert "qemu:dirty-bitmap:b" in snap.meta_contexts()
+        await live.pwrite(b"x" * 10, 12 * CS)  # after the freeze: the successor's
+        ext = await snap.extents(0, SIZE, "qemu:dirty-bitmap:b")
+        assert [(e.offset, e.length) for e in ext if e.flags & 1] == [(2 * CS, CS), (7 * CS, 2 * CS)]
+        await job.wait()
+        assert job.error is None and not bm.busy
+        assert bm.dirty_ranges() == [(12 * CS, CS)]  # abdicated: only post-freeze writes
+        tgt = read(tmem)
+        for c in range(16):
+            want = orig[c * CS:(c + 1) * CS] if c in (2, 7, 8, 12) else bytes(CS)
+            assert tgt[c * CS:(c + 1) * CS] == want, c  # 12: copied by CBW
+        await engine.job_dismiss("j")
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode,left", [("on-success", [(2 * CS, CS), (7 * CS, 2 * CS), (12 * CS, CS)]),
+                                       ("always", [(7 * CS, 2 * CS), (12 * CS, CS)])])
+def test_cancelled_bitmap_backup_reclaims(mode, left):
+    async def main():
+        mem, orig, live, reg, table, engine, _ = setup()
+        bm = reg.add("b", granularity=CS)
+        bm.mark(2 * CS, CS)
+        bm.mark(7 * CS, 2 * CS)
+        tgt = MemoryDev(SIZE)
+        await engine.backup_start("disk", "j", "bitmap", tgt, snapshot="snap", bitmap="b",
+                                  bitmap_mode=mode, max_chunk=CS, max_workers=1, speed=1)
+        job = engine.jobs["j"]
+        await asyncio.sleep(0.01)  # the first chunk (cluster 2) is copied, then the limiter stalls
+        assert job.state.done.get(2) and not job.state.done.get(7)
+        await live.pwrite(b"y", 12 * CS)
+        job.cancel()
+        await job.wait()
+        assert not bm.busy
+        assert bm.dirty_ranges() == left
+    asyncio.run(main())
+
+
+def test_bitmap_errors():
+    async def main():
+        mem, orig, live, reg, table, engine, _ = setup()
+        with pytest.raises(BitmapError, match="not found"):
+            await engine.backup_start("disk", "j", "incremental", MemoryDev(SIZE), snapshot="s", bitmap="nope")
+        bm = reg.add("b")
+        await engine.backup_start("disk", "j", "incremental", MemoryDev(SIZE), snapshot="s", bitmap="b")
+        with pytest.raises(BitmapError, match="in use"):
+            await engine.backup_start("disk", "k", "incremental", MemoryDev(SIZE), snapshot="s2", bitmap="b")
+        assert engine.jobs.keys() == {"j"} and table.get("s2") is None
+        with pytest.raises(ConfigError, match="bitmap-mode"):
+            await engine.backup_start("disk", "k", "full", MemoryDev(SIZE), snapshot="s2", bitmap="b")
+        await engine.shutdown()
+        assert not bm.busy
+    asyncio.run(main())
