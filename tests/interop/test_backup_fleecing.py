@@ -1,0 +1,159 @@
+"""Fleecing through the real server: `nbdbackup serve --control`, QMP from
+qemu.qmp, live overwrites and snapshot checks from qemu-io, nbdcopy and qemu-img.
+
+For each sync mode (full, top, none): a raw image with known patterns is
+served; a backup with a snapshot export starts over QMP (slowed to 1 B/s so
+the overwrites race the pump); qemu-io overwrites the live export (whole
+clusters, partial-left, partial-right, adjacent, spanning, zero-writes,
+discards, a former hole, the last bytes); the snapshot export must still show
+the original image (qemu-io -P per pattern, then nbdcopy + blake3 of the whole
+disk); after completion (none: after cancel) the target equals the original
+(`qemu-img compare`; for none only the clusters CBW saved), the live export
+equals the same writes applied to a copy of the original by local qemu-io, and
+dismissing the job removes the snapshot export.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from qemu.qmp import QMPClient
+
+import peers
+
+KiB = 1024
+MiB = 1 << 20
+CS = 64 * KiB
+SIZE = 4 * MiB
+#: (pattern, offset, length) written by qemu-io before serving.
+INITIAL = [(0x11, 0, MiB), (0x22, MiB, 512 * KiB), (0x00, 2 * MiB, CS), (0x33, 3 * MiB - CS, CS)]
+#: qemu-io commands run on the live export during the backup.
+OVERWRITES = [
+    f"write -P 0xa1 {CS} {2 * CS}",                 # whole clusters 1-2
+    f"write -P 0xa2 {5 * CS} 4096",                 # partial-left of cluster 5
+    f"write -P 0xa3 {7 * CS - 4096} 4096",          # partial-right of cluster 6
+    f"write -P 0xa4 {8 * CS} {CS}",                 # adjacent clusters 8 ...
+    f"write -P 0xa5 {9 * CS} {CS}",                 # ... and 9
+    f"write -P 0xa6 {11 * CS - 1000} 2000",         # spanning clusters 10-11
+    f"write -z {MiB + CS} {2 * CS}",                # zero-write inside the 0x22 area
+    f"discard {MiB + 4 * CS} {CS}",                 # discard inside the 0x22 area
+    f"write -P 0xa7 {MiB + 768 * KiB} 4096",        # into a former hole
+    f"write -P 0xa8 {SIZE - 512} 512",              # the last bytes
+    f"write -P 0xa9 {CS} 100",                      # a cluster CBW already saved
+]
+#: clusters touched by OVERWRITES (CBW must have saved them).
+TOUCHED = sorted({1, 2, 5, 6, 8, 9, 10, 11, 17, 18, 20, 28, 63})
+
+
+def original_checks() -> list[str]:
+    """qemu-io read -P commands that hold for the original image."""
+    cmds = [f"read -P {p:#x} {o} {n}" for p, o, n in INITIAL]
+    cmds += [f"read -P 0 {MiB + 512 * KiB} {512 * KiB}", f"read -P 0 {2 * MiB + CS} {MiB - 2 * CS}",
+             f"read -P 0 {3 * MiB} {MiB}"]
+    return cmds
+
+
+def qio(uri: str, *commands: str, read_only: bool = False) -> str:
+    """qemu-io on an NBD URI; fails the test on any error (qemu-io exits 0 on failed commands)."""
+    argv = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
+    for c in commands:
+        argv += ["-c", c]
+    r = subprocess.run(argv + [uri], capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "error" not in out.lower() and "fail" not in out.lower() \
+        and "mismatch" not in out.lower(), f"qemu-io {commands} on {uri}:\n{out}"
+    return out
+
+
+def run_tool(*argv: str) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}"
+    return r.stdout
+
+
+async def qmp_session(path: str):
+    qmp = QMPClient("fleecing-test")
+    await qmp.connect(path)
+    return qmp
+
+
+async def wait_concluded(qmp, job_id: str, timeout: float = 60) -> dict:
+    end = time.monotonic() + timeout
+    while True:
+        jobs = {j["id"]: j for j in await qmp.execute("query-jobs")}
+        if jobs[job_id]["status"] == "concluded":
+            return jobs[job_id]
+        assert time.monotonic() < end, f"job still {jobs[job_id]}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sync", ["full", "top", "none"])
+def test_fleecing(sync, serve, short_tmp, make_image, qemu_io, blake3_file):
+    disk = make_image(short_tmp / "disk.raw", SIZE, INITIAL)
+    orig = short_tmp / "orig.raw"
+    shutil.copyfile(disk, orig)
+    expected = short_tmp / "expected.raw"
+    shutil.copyfile(disk, expected)
+    qemu_io(expected, *OVERWRITES)
+    target = short_tmp / "target.raw"
+    ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
+    nbdcopy = peers.require("nbdcopy")
+
+    with serve(f"disk={disk}", extra=["--control", ctl]) as peer:
+        live_uri, snap_uri = peer.uri_for("disk"), peer.uri_for("snap")
+
+        async def scenario():
+            qmp = await qmp_session(ctl)
+            try:
+                assert await qmp.execute("backup-start", {
+                    "export": "disk", "job-id": "j", "sync": sync, "target": os.fspath(target),
+                    "snapshot": "snap", "speed": 1}) == {}
+                qio(snap_uri, *original_checks(), read_only=True)
+                qio(live_uri, *OVERWRITES)
+                # The snapshot still shows the original, pattern by pattern and as a whole.
+                qio(snap_uri, *original_checks(), read_only=True)
+                copy = short_tmp / "snap-copy.raw"
+                run_tool(nbdcopy, snap_uri, os.fspath(copy))
+                assert blake3_file(copy) == blake3_file(orig)
+                jobs = await qmp.execute("query-jobs")
+                assert jobs[0]["status"] == "running", jobs
+                if sync == "none":
+                    await qmp.execute("job-cancel", {"id": "j"})
+                else:
+                    await qmp.execute("job-set-speed", {"id": "j", "speed": 0})
+                info = await wait_concluded(qmp, "j")
+                assert "error" not in info, info
+                if sync != "none":
+                    assert info["current-progress"] == info["total-progress"] > 0
+                # Concluded, not dismissed: the snapshot export is still there and right.
+                qio(snap_uri, *original_checks(), read_only=True)
+                await qmp.execute("job-dismiss", {"id": "j"})
+                assert await qmp.execute("query-jobs") == []
+            finally:
+                await qmp.disconnect()
+
+        asyncio.run(asyncio.wait_for(scenario(), 150))
+
+        # The live export is the original plus the overwrites.
+        run_tool("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", os.fspath(expected), live_uri)
+        # The snapshot export is gone.
+        r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 512", snap_uri],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 or "error" in (r.stdout + r.stderr).lower() \
+            or "fail" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+
+    if sync in ("full", "top"):
+        run_tool("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", os.fspath(orig), os.fspath(target))
+    else:
+        with open(orig, "rb") as f:
+            o = f.read()
+        with open(target, "rb") as f:
+            t = f.read()
+        for c in TOUCHED:
+            assert t[c * CS:(c + 1) * CS] == o[c * CS:(c + 1) * CS], f"cluster {c} not saved by CBW"
