@@ -9,17 +9,17 @@ context (`extents`, flag 1 = dirty) and feeds incremental backups.
 
 Successor protocol (what a backup job does with its bitmap, as in QEMU)::
 
-    freeze()      the bitmap becomes busy and stops recording; a new anonymous
+    freeze(mode)  the bitmap becomes busy and stops recording; a new anonymous
                   successor (same granularity, recording iff the parent was)
                   takes new writes; `mark` on the parent forwards to it.
     abdicate()    job succeeded and the bitmap is to be synced: the parent's
                   bits become exactly the successor's; unfreeze.
     reclaim()     job failed / bitmap-mode=never: parent |= successor; unfreeze.
-    copied(o, l)  bitmap-mode=always only: the job has copied ``(o, l)``; the
+    copied(o, l)  the job has copied ``(o, l)``; with mode ``always`` the
                   parent forgets the granules entirely inside it that were not
-                  written since the freeze.
+                  written since the freeze (no-op for other modes).
 
-`finish(mode, success)` applies QEMU's bitmap-mode table:
+`finish(success)` applies QEMU's bitmap-mode table (mode given to `freeze`):
 
     ==========  ==================  ============================================
     mode        job succeeded       job failed / cancelled
@@ -53,6 +53,7 @@ Fields of `DirtyBitmap` (shared state; single-threaded, asyncio loop only):
 - ``inconsistent``: loaded from a file that may miss writes; such a bitmap
   records nothing, answers nothing, and can only be removed;
 - ``successor``: the anonymous bitmap recording during a freeze, or None;
+- ``sync_mode``: the bitmap-mode given to `freeze` (None when not frozen);
 - ``backing``: the store's handle (``before_set()`` is called before any bit
   is set), or None;
 - ``store_path``: the file of a persistent bitmap (set by the store), or None;
@@ -165,6 +166,7 @@ class DirtyBitmap:
         self.persistent = persistent
         self.inconsistent = inconsistent
         self.successor: DirtyBitmap | None = None
+        self.sync_mode: str | None = None
         self.backing: Backing | None = None
         self.store_path: str | None = None
         self.inconsistent_reason: str | None = None
@@ -375,11 +377,15 @@ class DirtyBitmap:
 
     # --- successor protocol -------------------------------------------------
 
-    def freeze(self) -> "DirtyBitmap":
-        """Make the bitmap busy; return the anonymous successor now recording new writes."""
+    def freeze(self, mode: str = "on-success") -> "DirtyBitmap":
+        """Make the bitmap busy for a job with ``bitmap-mode`` ``mode``; return
+        the anonymous successor now recording new writes."""
         self._require_usable()
+        if mode not in BITMAP_MODES:
+            raise BitmapError(f"unknown bitmap mode {mode!r}")
         succ = DirtyBitmap("", self.size, self.granularity, recording=self._recording)
         self.successor = succ
+        self.sync_mode = mode
         return succ
 
     def _unfreeze(self) -> DirtyBitmap:
@@ -387,6 +393,7 @@ class DirtyBitmap:
         if succ is None:
             raise BitmapError(f"Bitmap '{self.name}' is not frozen")
         self.successor = None
+        self.sync_mode = None
         self._recording = succ._recording
         return succ
 
@@ -406,16 +413,20 @@ class DirtyBitmap:
             self.bits.merge(succ.bits)  # already a subset (crash-record union): idempotent
 
     def copied(self, offset: int, length: int) -> None:
-        """bitmap-mode=always: ``(offset, length)`` reached the target.
+        """The job copied ``(offset, length)`` to the target (call it only once
+        the data is safely there).
 
-        Clears the granules entirely inside it from the parent, except those
-        written since the freeze (the successor's bits).  Call it only after
-        the copied data is safely on the target.
+        With bitmap-mode ``always``, clears the granules entirely inside it
+        from the parent, except those written since the freeze (the
+        successor's bits).  Other modes: no-op (their failure outcome needs
+        the parent's freeze-time bits intact).
         """
         succ = self.successor
         if succ is None:
             raise BitmapError(f"Bitmap '{self.name}' is not frozen")
         self._check_bytes(offset, length)
+        if self.sync_mode != "always":
+            return
         first, count = self._inward(offset, length)
         if count == 0:
             return
@@ -430,10 +441,11 @@ class DirtyBitmap:
             self._set_bits(s, e - s)
             pos = e
 
-    def finish(self, mode: str, success: bool) -> None:
-        """Apply ``bitmap-mode`` at the end of a job (table in the module docstring)."""
-        if mode not in BITMAP_MODES:
-            raise BitmapError(f"unknown bitmap mode {mode!r}")
+    def finish(self, success: bool) -> None:
+        """The job ended: apply the freeze's bitmap-mode (table in the module docstring)."""
+        mode = self.sync_mode
+        if self.successor is None:
+            raise BitmapError(f"Bitmap '{self.name}' is not frozen")
         if mode == "never":
             self.reclaim()
         elif success:
