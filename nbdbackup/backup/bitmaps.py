@@ -12,7 +12,8 @@ in between, so the bitmap's freeze and the snapshot's point in time are the
 same instant.
 
 End (`BitmapLease.end`, awaited by the job when it concludes): the bitmap's
-``finish(mode, success)`` (bitmap-mode table in `bitmap.dirty`).  For
+``finish(success)`` applies the mode given at ``freeze(mode)`` (bitmap-mode
+table in `bitmap.dirty`).  For
 ``always`` after a failure the clusters already copied are first reported
 with ``copied`` -- but only if a target flush succeeds (the data must be safe
 on the target before the bitmap forgets it); otherwise nothing is forgotten,
@@ -37,7 +38,7 @@ class RegistryLease:
     def __init__(self, bitmap: DirtyBitmap, mode: str, cluster_size: int, nclusters: int) -> None:
         self.bitmap = bitmap
         self.mode = mode
-        bitmap.freeze()
+        bitmap.freeze(mode)
         # Before any await: the frozen content (see bitmap.dirty "Consequence for readers").
         self.clusters = bitmap.to_clusters(cluster_size, nclusters)
         frozen = DirtyBitmap("frozen", bitmap.size, bitmap.granularity, bits=bitmap.bits.copy())
@@ -66,7 +67,7 @@ class RegistryLease:
                 for start, count, done in st.done.runs():
                     if done:
                         self.bitmap.copied(*st.span(start, count))
-        self.bitmap.finish(self.mode, success)
+        self.bitmap.finish(success)
 
 
 class RegistryBitmapSource:

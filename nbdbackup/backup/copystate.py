@@ -61,7 +61,7 @@ import os
 from typing import Literal
 
 from ..bitmap.core import Bitmap
-from ..blockdev.base import BlockDev, Extent, FilterDev, is_zero, merge_extents
+from ..blockdev.base import BlockDev, Extent, FilterDev, merge_extents
 
 Copier = Literal["pump", "cbw"]
 
@@ -78,6 +78,22 @@ class CopyError(OSError):
         if isinstance(e, CopyError):
             return e
         return cls(e.errno or errno.EIO, e.strerror or str(e), operation)
+
+
+_Z1M = bytes(1 << 20)
+
+
+def is_zero(mv: memoryview) -> bool:
+    """All bytes zero?  (``tobytes() ==`` is a memcmp: ~25x faster than
+    comparing memoryviews, which unpacks element by element.)"""
+    n = len(mv)
+    pos = 0
+    while pos < n:
+        k = min(n - pos, len(_Z1M))
+        if mv[pos:pos + k].tobytes() != (_Z1M if k == len(_Z1M) else bytes(k)):
+            return False
+        pos += k
+    return True
 
 
 def _retrieve(fut: asyncio.Future) -> None:

@@ -198,13 +198,17 @@ class Engine:
         if live is None and not (ro or src.capabilities().read_only):
             raise ConfigError(f"export {export!r} is writable but not served through a LiveDev")
         size = src.size
+        created: str | None = None
         if isinstance(target, str):
             self._check_not_source(src, target)
+            self._check_not_busy_target(target)
 
         # 2. open the target
         if isinstance(target, str):
-            from ..blockdev import open_spec
+            from ..blockdev import is_nbd_uri, open_spec
 
+            if not (is_nbd_uri(target) or target.startswith("memory:") or os.path.lexists(target)):
+                created = target
             tdev = await open_spec(target, create_size=size)
         else:
             tdev = target
@@ -230,6 +234,7 @@ class Engine:
                             on_cbw_error=on_cbw_error, cbw_timeout=cbw_timeout,
                             auto_dismiss=auto_dismiss, on_dismiss=self._dismissed, on_end=on_end)
             job.snapshot_name = snapshot  # type: ignore[attr-defined]
+            job.target_spec = target if isinstance(target, str) else None  # type: ignore[attr-defined]
             self.jobs[job_id] = job
             # 3. the point in time
             job.attach()
@@ -255,8 +260,31 @@ class Engine:
                 if inspect.isawaitable(r):
                     await r
             await tdev.close()
+            if created is not None:
+                try:
+                    os.unlink(created)  # we created it for this backup: leave no litter
+                except OSError:
+                    pass
             raise
         return {}
+
+    def _check_not_busy_target(self, target: str) -> None:
+        """Two jobs writing one target would corrupt both backups."""
+        from ..blockdev import is_nbd_uri
+
+        for job in self.jobs.values():
+            other = getattr(job, "target_spec", None)
+            if other is None or other.startswith("memory:"):
+                continue
+            same = other == target
+            if not same and not is_nbd_uri(target) and not is_nbd_uri(other):
+                try:
+                    a, b = os.stat(other), os.stat(target)
+                    same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+                except OSError:
+                    same = os.path.abspath(other) == os.path.abspath(target)
+            if same:
+                raise ConfigError(f"target {target!r} is already the target of job {job.id!r}")
 
     def _check_not_source(self, src: BlockDev, target: str) -> None:
         from ..blockdev import is_nbd_uri
@@ -353,6 +381,14 @@ class Engine:
         name = getattr(job, "snapshot_name", None)
         if name is not None and self.exports.get(name) is not None:
             await self.exports.remove(name)
+
+    def export_in_use(self, name: str) -> str | None:
+        """Id of a job (not yet dismissed) backing up export ``name`` or serving
+        it as its snapshot, else None (the server refuses to remove such an export)."""
+        for job in self.jobs.values():
+            if job.device == name or getattr(job, "snapshot_name", None) == name:
+                return job.id
+        return None
 
     def query_jobs(self) -> list[dict]:
         return [j.query() for j in self.jobs.values()]

@@ -110,3 +110,29 @@ def test_target_checks(short_tmp, make_image):
             assert engine.jobs == {} and table.get("s") is None
         await dev.close()
     run(main())
+
+
+def test_busy_target_and_no_litter(short_tmp, make_image):
+    src = make_image(short_tmp / "src.raw", SIZE, WRITES)
+
+    async def main():
+        dev = FileDev(os.fspath(src))
+        table = MemoryExportTable()
+        table.add("disk", LiveDev(dev), read_only=False)
+        engine = Engine(table)
+        tgt = short_tmp / "t.raw"
+        await engine.backup_start("disk", "a", "none", os.fspath(tgt), snapshot="s")
+        os.link(tgt, short_tmp / "t2.raw")
+        for other in (tgt, short_tmp / "t2.raw"):
+            with pytest.raises(ConfigError, match="already the target of job 'a'"):
+                await engine.backup_start("disk", "b", "full", os.fspath(other))
+        # A target created for a refused backup is removed again.
+        new = short_tmp / "new.raw"
+        with pytest.raises(ConfigError, match="cluster-size"):
+            await engine.backup_start("disk", "b", "full", os.fspath(new), cluster_size=1000)
+        assert not new.exists()
+        assert engine.export_in_use("disk") == "a" and engine.export_in_use("s") == "a"
+        assert engine.export_in_use("x") is None
+        await engine.shutdown()
+        await dev.close()
+    run(main())
