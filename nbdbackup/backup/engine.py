@@ -144,7 +144,15 @@ class Engine:
                            on_cbw_error: str = "break-guest-write",
                            cbw_timeout: float | None = None, auto_dismiss: bool = False,
                            bitmap: str | None = None, bitmap_mode: str | None = None) -> dict:
-        """Start a backup of ``export`` to ``target``; see the module docstring."""
+        """Start a backup of ``export`` to ``target``; see the module docstring.
+
+        ``target``: a SPEC (`blockdev.open_spec`; a missing file is created
+        sparse with the source's size) or an open `BlockDev`; either way the
+        job owns it from here on (closed at dismiss, or at once on failure).
+        ``max_chunk`` is rounded down to whole clusters and capped by both
+        ends' maximum request size.  Returns ``{}`` once the snapshot export
+        (if ``snapshot``) is published and the job is running.
+        """
         # 1. validation without I/O
         if not isinstance(job_id, str) or not job_id:
             raise ConfigError("job-id must be a non-empty string")
@@ -218,8 +226,12 @@ class Engine:
         try:
             self._check_target(src, tdev, target, compress)
             cs = self._cluster_size(tdev, cluster_size)
-            if max_chunk < cs:
-                max_chunk = cs
+            # One copy request must fit both ends' maximum request size.
+            limit = min(src.capabilities().block_size.maximum, tdev.capabilities().block_size.maximum)
+            if cs > limit:
+                raise ConfigError(f"cluster-size {cs} is larger than the largest request the source "
+                                  f"or target accepts ({limit} bytes)")
+            max_chunk = max(cs, min(max_chunk, limit) // cs * cs)
             state = CopyState(src, tdev, cs)
             if bitmap is not None:
                 assert self.bitmaps is not None

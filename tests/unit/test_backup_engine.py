@@ -537,7 +537,12 @@ def test_cluster_size_rules():
         with pytest.raises(ConfigError, match="minimum block size"):
             await r.engine.backup_start("disk", "c", "none", BigBlocks(MemoryDev(SIZE), 4096, 4096),
                                         snapshot="s3", cluster_size=2048)
-        await r.engine.backup_start("disk", "c", "none", MemoryDev(SIZE), snapshot="s3", cluster_size=512)
+        with pytest.raises(ConfigError, match="largest request"):
+            await r.engine.backup_start("disk", "c", "none", MemoryDev(SIZE), snapshot="s3",
+                                        cluster_size=64 << 20)
+        await r.engine.backup_start("disk", "c", "none", MemoryDev(SIZE), snapshot="s3", cluster_size=512,
+                                    max_chunk=100_000)
+        assert r.engine.jobs["c"].pump.max_chunk_clusters == 195  # rounded down to whole clusters
         assert r.engine.jobs["c"].state.cluster_size == 512
         assert r.live.hooks and len(r.live.hooks) == 3
         await r.engine.shutdown()
