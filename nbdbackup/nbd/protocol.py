@@ -251,6 +251,11 @@ class ServerConnection:
         self._out.clear()
         return out
 
+    @property
+    def has_events(self) -> bool:
+        """Parsed events are waiting (the I/O layer may hold them back)."""
+        return bool(self._events)
+
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 

@@ -12,10 +12,13 @@ the protocol's buffer (WRITE payloads land in their own buffer, see
 requests are served concurrently and answered out of order.  A reply is
 written with consecutive ``transport.write`` calls and no await between them,
 so replies never interleave.  Back-pressure: when the transport's send buffer
-is above its high-water mark, or too many requests are in flight, the
-connection stops reading from the socket until both drain; memory per
-connection is therefore bounded by ``max_inflight`` requests of at most
-``MAX_PAYLOAD`` bytes plus the transport's high-water mark.
+is above its high-water mark, or ``max_inflight`` requests run, the
+connection neither starts the requests already parsed (they wait, a few
+dozen bytes each, in the protocol's queue) nor reads from the socket, until
+both drain; memory per connection is therefore bounded by ``max_inflight``
+requests of at most ``MAX_PAYLOAD`` bytes, the transport's high-water mark and
+one receive buffer -- even for a client that pipelines thousands of requests
+and never reads a reply.
 
 Invariants:
 - One bad client never harms another: a protocol violation closes only its
@@ -352,6 +355,8 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        if self.proto.has_events and not self._closing:
+            self._process_events()
         self._update_reading()
 
     # ----------------------------------------------------------- helpers
@@ -360,7 +365,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self._closing:
             return
-        want_pause = self._paused_writing or len(self.tasks) >= self.server.max_inflight
+        want_pause = (self._paused_writing or len(self.tasks) >= self.server.max_inflight
+                      or self.proto.has_events)
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             t.pause_reading()
@@ -389,6 +395,11 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _process_events(self) -> None:
         proto_ = self.proto
         while True:
+            # Bound: at most max_inflight requests run; the rest stay parsed
+            # (small) in the protocol's queue until a task finishes, and the
+            # socket stays paused meanwhile (`_update_reading`).
+            if len(self.tasks) >= self.server.max_inflight or self._paused_writing:
+                break
             ev = proto_.next_event()
             if ev is None:
                 break
@@ -429,6 +440,8 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _task_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
+        if self.proto.has_events and not self._closing:
+            self._process_events()
         self._update_reading()
 
     def _get_buf(self, n: int) -> bytearray:
