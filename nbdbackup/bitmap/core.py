@@ -351,16 +351,37 @@ class Bitmap:
         The first run starts at ``start`` and the last ends at ``end`` (runs
         are clipped to the range, so "maximal" is within the range).  The
         bitmap must not change while the iterator is in use.
+
+        Walks summary blocks: a uniform block extends the current run in O(1);
+        a mixed block is unpacked and its transitions found with numpy.
         """
         end = self._check_search(start, end)
+        if start >= end:
+            return
+        run_start, run_value = start, self.get(start)
         pos = start
+        block_bits = BLOCK_WORDS * 64
         while pos < end:
-            value = self.get(pos)
-            nxt = self.next_clear(pos, end) if value else self.next_set(pos, end)
-            if nxt < 0:
-                nxt = end
-            yield (pos, nxt - pos, value)
-            pos = nxt
+            b = pos // block_bits
+            bend = min((b + 1) * block_bits, end)
+            if self._full[b] or not self._nz[b]:
+                value = bool(self._full[b])
+                if value != run_value:
+                    yield (run_start, pos - run_start, run_value)
+                    run_start, run_value = pos, value
+                pos = bend
+                continue
+            w0 = pos >> 6
+            bits = np.unpackbits(self._w[w0 : words_for(bend)].view(np.uint8), bitorder="little")
+            bits = bits[pos - (w0 << 6) : bend - (w0 << 6)]
+            if bool(bits[0]) != run_value:
+                yield (run_start, pos - run_start, run_value)
+                run_start, run_value = pos, not run_value
+            for c in (np.flatnonzero(bits[1:] != bits[:-1]) + (pos + 1)).tolist():
+                yield (run_start, c - run_start, run_value)
+                run_start, run_value = c, not run_value
+            pos = bend
+        yield (run_start, end - run_start, run_value)
 
     def any(self, start: int = 0, count: int | None = None) -> bool:
         """True if some bit of ``[start, start + count)`` is set (False for an empty range)."""
