@@ -12,24 +12,31 @@ Layout::
         <id>.bitmap          one per bitmap (<id>: 32 random hex digits)
         <id>.bitmap.tmp      a rewrite in progress (deleted at load)
 
-File format (little-endian; the header is < 512 bytes and every in-place
-update touches only its first 96 bytes, i.e. one sector)::
+File format (little-endian).  Bytes [0, 4096) hold two header slots, A at 0
+and B at 2048; each is::
 
     0   8  magic  b"NBDBKBMP"
     8   4  version (1)
-    12  4  CRC32 of the header bytes [0, 82 + name_len) with this field zeroed
+    12  4  CRC32 of the slot's bytes [0, 90 + name_len) with this field zeroed
     16  4  state: 1 clean, 2 in-use-synced, 3 in-use-dirty
     20  4  flags: bit 0 = recording (enabled)
     24  8  disk size (bytes)
     32  8  granularity (bytes)
-    40  8  generation: +1 at every atomic rewrite (create = 1)
-    48  8  nbits = ceil(size / granularity)
-    56  8  data offset (4096)
-    64 16  boot id (/proc/sys/kernel/random/boot_id) of the writer, when in use
-    80  2  name length n (<= 1023)
-    82  n  name (UTF-8)
-    4096   the bits: ceil(nbits / 64) little-endian 64-bit words, bit i of
-           the bitmap = bit i % 64 of word i // 64 (`core` layout)
+    40  8  generation: +1 at every atomic rewrite of the file (create = 1)
+    48  8  seq: +1 at every in-place state update
+    56  8  nbits = ceil(size / granularity)
+    64  8  data offset (4096)
+    72 16  boot id (/proc/sys/kernel/random/boot_id) of the writer, when in use
+    88  2  name length n (<= 1023)
+    90  n  name (UTF-8)
+
+and at 4096 the bits: ceil(nbits / 64) little-endian 64-bit words, bit i of
+the bitmap = bit i % 64 of word i // 64 (`core` layout).  The header in force
+is the valid slot (magic, version, CRC, fields) with the highest seq.  A
+rewrite writes slot A only (B zero).  An in-place state update writes the
+whole new header into the slot NOT in force and msync()s it, so a torn update
+(process killed mid-copy, power lost mid-sector) damages only the slot being
+written and the previous state stays in force.
 
 States.  ``clean``: closed after a final sync; nobody has the file open.
 ``in-use-synced``: open for writing, and every bit set so far is durable.
@@ -58,21 +65,26 @@ Why an acknowledged write's bit is never lost:
      first bit set after a sync is preceded by a durable ``in-use-dirty``
      header.  So ``in-use-synced`` (any boot) and ``clean`` are complete;
      ``in-use-dirty`` from another boot may miss writes: it is inconsistent.
-4. Metadata changes (create, clear, enable, disable, rename) write a whole
+4. A torn state update leaves the previous state in force (A/B slots).  That
+   is the truth: dirty -> synced is written only after the data msync, so
+   falling back to dirty is merely conservative; synced -> dirty is torn
+   only before `before_set` returned, so no bit was set after it.
+5. Metadata changes (create, clear, enable, disable, rename) write a whole
    new file (header + bits), fsync it, rename it over the old one, fsync the
    directory: after any failure there is either the old file or the new one.
    Remove unlinks and fsyncs the directory.
 
 Precisely, `load_all` marks a bitmap **inconsistent** (it is listed, keeps
 its file, can only be removed; incremental backups from it are refused) when
-its file: is shorter than its header or its bits; has a bad magic, an
-unknown version, a bad header CRC (e.g. a torn header write), an unknown state,
-an invalid name or granularity, or nbits/data offset not matching; was made
+its file: is shorter than its header or its bits; has no valid header slot
+(bad magic, unknown version, bad CRC, unknown state, invalid name or
+granularity, nbits/data offset not matching -- in both slots); was made
 for a disk of another size; or is ``in-use-dirty`` with a boot id other than
 the current one (or no boot id can be read).
 
-Invariant: every open handle's ``state`` field mirrors its header on disk
-(in memory only after the msync that made it durable returned).
+Invariant: an open handle's ``header`` (state, seq, slot) is the header in
+force on disk whenever no `_write_header` call is in progress (it returns
+only after the msync).
 Concurrency: single-threaded (the asyncio loop); one process per export
 directory (flock).  `sync` and `before_set` block the loop for an msync.
 """
@@ -108,11 +120,14 @@ STATE_DIRTY = 3
 _STATES = (STATE_CLEAN, STATE_SYNCED, STATE_DIRTY)
 FLAG_RECORDING = 1
 DATA_OFFSET = 4096
-#: magic, version, crc, state, flags, size, granularity, generation, nbits,
-#: data_offset, boot_id, name_len
-_HDR = struct.Struct("<8sIIIIQQQQQ16sH")
-assert _HDR.size == 82
+#: magic, version, crc, state, flags, size, granularity, generation, seq,
+#: nbits, data_offset, boot_id, name_len
+_HDR = struct.Struct("<8sIIIIQQQQQQ16sH")
+assert _HDR.size == 90
 _CRC_AT = 12
+#: The two header slots (A/B): byte offsets, and the room each one has.
+SLOTS = (0, 2048)
+SLOT_SIZE = 2048
 _SUFFIX = ".bitmap"
 _TMP = ".tmp"
 
@@ -138,14 +153,17 @@ class Header:
     nbits: int
     boot_id: bytes
     name: str
+    seq: int = 1
     version: int = VERSION
     data_offset: int = DATA_OFFSET
+    #: the slot (0 or 1) this header was read from / last written to
+    slot: int = 0
 
     def pack(self) -> bytes:
         name = self.name.encode("utf-8")
         raw = bytearray(
             _HDR.pack(MAGIC, self.version, 0, self.state, FLAG_RECORDING if self.recording else 0,
-                      self.size, self.granularity, self.generation, self.nbits,
+                      self.size, self.granularity, self.generation, self.seq, self.nbits,
                       self.data_offset, self.boot_id, len(name))
             + name
         )
@@ -154,10 +172,29 @@ class Header:
 
 
 def read_header(raw: bytes) -> Header:
-    """Decode and check a header; raise ValueError saying what is wrong."""
+    """Decode the file's first 4096 bytes: the valid slot with the highest
+    ``seq`` (slot 0 on a tie); raise ValueError saying what is wrong when no
+    slot is valid."""
+    found: list[Header] = []
+    errors: list[str] = []
+    for k, at in enumerate(SLOTS):
+        try:
+            h = read_slot(raw[at : at + SLOT_SIZE])
+        except ValueError as e:
+            errors.append(f"slot {k}: {e}")
+            continue
+        h.slot = k
+        found.append(h)
+    if not found:
+        raise ValueError("; ".join(errors))
+    return max(found, key=lambda h: (h.seq, -h.slot))
+
+
+def read_slot(raw: bytes) -> Header:
+    """Decode and check one header slot; raise ValueError saying what is wrong."""
     if len(raw) < _HDR.size:
         raise ValueError("file shorter than its header")
-    magic, version, crc, state, flags, size, gran, gen, nbits, doff, boot, nlen = _HDR.unpack_from(raw)
+    magic, version, crc, state, flags, size, gran, gen, seq, nbits, doff, boot, nlen = _HDR.unpack_from(raw)
     if magic != MAGIC:
         raise ValueError("bad magic")
     if version != VERSION:
@@ -179,7 +216,7 @@ def read_header(raw: bytes) -> Header:
         raise ValueError("nbits does not match size and granularity")
     if doff != DATA_OFFSET:
         raise ValueError("bad data offset")
-    return Header(state, bool(flags & FLAG_RECORDING), size, gran, gen, nbits, boot, name)
+    return Header(state, bool(flags & FLAG_RECORDING), size, gran, gen, nbits, boot, name, seq)
 
 
 class _Handle:
@@ -198,9 +235,18 @@ class _Handle:
         self.bitmap = bitmap
 
     def _write_header(self, state: int) -> None:
-        self.header.state = state
-        raw = self.header.pack()
-        self.mm[: len(raw)] = raw
+        """Write the new state into the OTHER slot (seq + 1) and msync it.
+
+        A write torn by process death or power loss damages only that slot;
+        the reader then falls back to the current one (module docstring).
+        """
+        h = self.header
+        h.state = state
+        h.seq += 1
+        h.slot ^= 1
+        raw = h.pack()
+        at = SLOTS[h.slot]
+        self.mm[at : at + len(raw)] = raw
         self.mm.flush(0, mmap.PAGESIZE)  # msync(MS_SYNC) of the header page
 
     def before_set(self) -> None:
@@ -367,7 +413,8 @@ class BitmapStore:
         nbytes = words_for(header.nbits) * 8
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            raw = header.pack()
+            header.slot = 0
+            raw = header.pack()  # slot 0; slot 1 stays zero (invalid)
             os.pwrite(fd, raw + bytes(DATA_OFFSET - len(raw)), 0)
             if bits is not None and bits.any():
                 data = bits.to_bytes()
@@ -394,7 +441,7 @@ class BitmapStore:
 
     def _header_for(self, bm: DirtyBitmap, generation: int) -> Header:
         return Header(STATE_SYNCED, bm._recording, bm.size, bm.granularity, generation,
-                      bm.nbits, self.boot_id, bm.name)
+                      bm.nbits, self.boot_id, bm.name, seq=1)
 
     def create(self, export: str, bm: DirtyBitmap) -> None:
         """Persist a new bitmap (its current bits) and move its bits into the file's map."""

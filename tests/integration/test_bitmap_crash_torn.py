@@ -16,6 +16,7 @@ import pytest
 from nbdbackup.bitmap.dirty import BitmapError, BitmapRegistry
 from nbdbackup.bitmap.store import (
     DATA_OFFSET,
+    SLOTS,
     STATE_CLEAN,
     STATE_DIRTY,
     STATE_SYNCED,
@@ -142,23 +143,63 @@ def test_unknown_boot_id_with_unsynced_marks_is_inconsistent(short_tmp) -> None:
     assert_inconsistent(reload(short_tmp, boot_id=bytes(16)))
 
 
-@pytest.mark.parametrize("cut", [0, 10, 81, 90, DATA_OFFSET, DATA_OFFSET + 8])
+@pytest.mark.parametrize("cut", [0, 10, 89, 100, 3000, DATA_OFFSET, DATA_OFFSET + 8])
 def test_truncated_file(short_tmp, cut: int) -> None:
     _, _, path = make(short_tmp)
     os.truncate(path, cut)
-    assert_inconsistent(reload(short_tmp), name="" if cut < 90 else "b")
+    assert_inconsistent(reload(short_tmp), name="" if cut < 91 else "b")
 
 
-@pytest.mark.parametrize("offset", [0, 7, 8, 12, 16, 20, 24, 33, 40, 48, 56, 64, 80, 82])
-def test_flipped_header_byte(short_tmp, offset: int) -> None:
-    _, _, path = make(short_tmp)
+def flip(path: str, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x10]))
+
+
+HEADER_BYTES = [0, 7, 8, 12, 16, 20, 24, 33, 40, 48, 56, 64, 72, 80, 88, 90]
+
+
+@pytest.mark.parametrize("offset", HEADER_BYTES)
+def test_flipped_byte_in_both_slots(short_tmp, offset: int) -> None:
+    _, _, path = make(short_tmp)
+    for at in SLOTS:
+        flip(path, at + offset)
     # The CRC catches it (or the magic check does first).
     assert_inconsistent(reload(short_tmp), name="")
+
+
+def newest_slot(path: str) -> int:
+    with open(path, "rb") as f:
+        return read_header(f.read(DATA_OFFSET)).slot
+
+
+@pytest.mark.parametrize("synced", [False, True])
+@pytest.mark.parametrize("offset", [12, 16, 64, 90])
+def test_torn_state_update_falls_back_to_the_other_slot(short_tmp, synced: bool, offset: int) -> None:
+    """An in-place state update torn by a crash (here: the newest slot
+    damaged) leaves the previous state, which is the truth: the update was
+    not complete, so nothing that relied on it happened."""
+    store, reg, path = make(short_tmp, close=False, sync=synced)
+    # Newest: synced (after sync) or dirty (after the marks).  Tear it.
+    want = STATE_SYNCED if synced else STATE_DIRTY
+    assert state_of(path) == want
+    die(store)
+    flip(path, SLOTS[newest_slot(path)] + offset)
+    older = state_of(path)
+    assert older != want  # fell back to the previous slot
+    # After a reboot: the older slot is "dirty" when the torn update was the
+    # sync's -> inconsistent; "synced" when it was the first mark's -> complete.
+    reg2 = reload(short_tmp, boot_id=b"\x03" * 16)
+    if older == STATE_DIRTY:
+        assert_inconsistent(reg2)
+    else:
+        # The marks in make() happened after the (torn) dirty update in this
+        # simulation, which real code never does (bits are set only after the
+        # dirty state is durable); so only check the bitmap loads.
+        assert not reg2.get("b").inconsistent
+        reg2.close()
 
 
 def rewrite_header(path: str, **changes) -> None:
@@ -166,8 +207,9 @@ def rewrite_header(path: str, **changes) -> None:
         h = read_header(f.read(DATA_OFFSET))
         for k, v in changes.items():
             setattr(h, k, v)
-        f.seek(0)
-        f.write(h.pack())
+        for at in SLOTS:
+            f.seek(at)
+            f.write(h.pack())
 
 
 def test_unknown_version_with_valid_crc(short_tmp) -> None:
