@@ -1,4 +1,8 @@
-"""Incremental/bitmap backups through `RegistryBitmapSource` (dirty-bitmap successor protocol)."""
+"""Incremental/bitmap backups through a `BitmapSource` (dirty-bitmap successor protocol).
+
+Run against both adapters: ours (`backup.bitmaps.RegistryBitmapSource`) and
+the bitmap package's (`bitmap.lease.RegistrySource`).
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,18 @@ class MarkHook:
         pass
 
 
-def setup(seed=0):
+SOURCES = ["backup", "bitmap"]
+
+
+def make_source(kind, lookup):
+    if kind == "backup":
+        return RegistryBitmapSource(lookup)
+    from nbdbackup.bitmap.lease import RegistrySource
+
+    return RegistrySource(lookup)
+
+
+def setup(seed=0, kind="backup"):
     rng = random.Random(seed)
     mem = MemoryDev(SIZE)
     mem.write_sync(rng.randbytes(SIZE), 0)
@@ -44,7 +59,7 @@ def setup(seed=0):
     table.add("disk", live, read_only=False)
     events = []
     engine = Engine(table, lambda n, d: events.append((n, d)),
-                    bitmaps=RegistryBitmapSource(lambda e: reg if e == "disk" else None))
+                    bitmaps=make_source(kind, lambda e: reg if e == "disk" else None))
     return mem, bytes(orig), live, reg, table, engine, events
 
 
@@ -54,9 +69,10 @@ def read(dev):
     return bytes(b)
 
 
-def test_incremental_copies_dirty_clusters_and_abdicates():
+@pytest.mark.parametrize("kind", SOURCES)
+def test_incremental_copies_dirty_clusters_and_abdicates(kind):
     async def main():
-        mem, orig, live, reg, table, engine, _ = setup()
+        mem, orig, live, reg, table, engine, _ = setup(kind=kind)
         bm = reg.add("b", granularity=CS)
         bm.mark(2 * CS + 5, 10)
         bm.mark(7 * CS, 2 * CS)
@@ -82,9 +98,10 @@ def test_incremental_copies_dirty_clusters_and_abdicates():
 
 @pytest.mark.parametrize("mode,left", [("on-success", [(2 * CS, CS), (7 * CS, 2 * CS), (12 * CS, CS)]),
                                        ("always", [(7 * CS, 2 * CS), (12 * CS, CS)])])
-def test_cancelled_bitmap_backup_reclaims(mode, left):
+@pytest.mark.parametrize("kind", SOURCES)
+def test_cancelled_bitmap_backup_reclaims(mode, left, kind):
     async def main():
-        mem, orig, live, reg, table, engine, _ = setup()
+        mem, orig, live, reg, table, engine, _ = setup(kind=kind)
         bm = reg.add("b", granularity=CS)
         bm.mark(2 * CS, CS)
         bm.mark(7 * CS, 2 * CS)
@@ -102,14 +119,15 @@ def test_cancelled_bitmap_backup_reclaims(mode, left):
     asyncio.run(main())
 
 
-def test_bitmap_errors():
+@pytest.mark.parametrize("kind", SOURCES)
+def test_bitmap_errors(kind):
     async def main():
-        mem, orig, live, reg, table, engine, _ = setup()
-        with pytest.raises(BitmapError, match="not found"):
+        mem, orig, live, reg, table, engine, _ = setup(kind=kind)
+        with pytest.raises((BitmapError, ConfigError), match="not found"):
             await engine.backup_start("disk", "j", "incremental", MemoryDev(SIZE), snapshot="s", bitmap="nope")
         bm = reg.add("b")
         await engine.backup_start("disk", "j", "incremental", MemoryDev(SIZE), snapshot="s", bitmap="b")
-        with pytest.raises(BitmapError, match="in use"):
+        with pytest.raises((BitmapError, ConfigError), match="in use"):
             await engine.backup_start("disk", "k", "incremental", MemoryDev(SIZE), snapshot="s2", bitmap="b")
         assert engine.jobs.keys() == {"j"} and table.get("s2") is None
         with pytest.raises(ConfigError, match="bitmap-mode"):
