@@ -229,7 +229,7 @@ class CopyState:
                     fut.set_exception(e)
                 else:
                     fut.set_exception(OSError(errno.ECANCELED, "copy cancelled"))
-            if isinstance(e, OSError):
+            if isinstance(e, OSError) and not isinstance(e, CopyError):
                 raise CopyError.wrap(e, "read") from e
             raise
         nbytes = self.span(start, count)[1]
