@@ -24,7 +24,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 
 from nbdbackup.bitmap.dirty import BitmapRegistry
 from nbdbackup.bitmap.store import BitmapStore
@@ -119,7 +118,6 @@ def test_kill9_keeps_every_reported_mark(short_tmp) -> None:
     # dies counts as a failed job (reclaim: nothing dropped).
     want: dict[str, list[tuple[int, int]]] = {"coarse": [], "fine": []}
     jobs = 0
-    t0 = time.monotonic()
     for trial in range(TRIALS):
         frozen_at: int | None = None
         for line in run_trial(root, trial, rnd):
@@ -149,4 +147,3 @@ def test_kill9_keeps_every_reported_mark(short_tmp) -> None:
             reg.close()
     assert len(want["fine"]) > 10 * TRIALS, "the child hardly marked anything: the test proves little"
     assert jobs > 0
-    assert time.monotonic() - t0 < 20

@@ -9,7 +9,6 @@ a power loss from a process death at load time).
 from __future__ import annotations
 
 import os
-import struct
 
 import pytest
 
