@@ -12,9 +12,12 @@ protocol, `dirty`) with the requested bitmap-mode and returns a `Lease`:
   bitmap's own granularity;
 - ``bind(state)``: the engine hands over the job's `CopyState`; its ``done``
   clusters are what reached the target;
-- ``end(success)``: for bitmap-mode ``always`` reports every done cluster as
-  `DirtyBitmap.copied` first, then `DirtyBitmap.finish` applies the mode.
-  Idempotent: a second call does nothing.
+- ``end(success)`` (a coroutine; the job awaits it): for bitmap-mode
+  ``always`` after a failure, flushes the target and, only if that worked
+  (the data must be durable on the target before the bitmap forgets it),
+  reports every done cluster as `DirtyBitmap.copied`; then
+  `DirtyBitmap.finish` applies the mode.  Idempotent: a second call does
+  nothing.
 
 Invariant: between `begin_backup` and `end` the bitmap is busy (frozen).
 """
@@ -54,19 +57,24 @@ class Lease:
         """Remember the job's CopyState (its ``done`` bitmap and ``cluster_range``)."""
         self.state = state
 
-    def end(self, success: bool) -> None:
+    async def end(self, success: bool) -> None:
         if self.ended:
             return
         self.ended = True
         bm = self.bitmap
-        if bm.sync_mode == "always" and not success and self.state is not None:
-            done = self.state.done
-            cs = self.cluster_size
-            for start, count, value in done.runs():
-                if value:
-                    off = start * cs
-                    bm.copied(off, min((start + count) * cs, bm.size) - off)
-        bm.finish(success)
+        try:
+            if bm.sync_mode == "always" and not success and self.state is not None:
+                await self.state.target.flush()
+                done = self.state.done
+                cs = self.cluster_size
+                for start, count, value in done.runs():
+                    if value:
+                        off = start * cs
+                        bm.copied(off, min((start + count) * cs, bm.size) - off)
+        except OSError:
+            pass  # not durable on the target: forget nothing (never less than the truth)
+        finally:
+            bm.finish(success)
 
 
 class RegistrySource:

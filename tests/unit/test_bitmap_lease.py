@@ -41,23 +41,35 @@ def test_clusters_context_and_refusals() -> None:
     assert name == "qemu:dirty-bitmap:b"
     ext = asyncio.run(provider(0, 2 * CS))
     assert [(e.offset, e.length, e.flags) for e in ext] == [(0, CS, 0), (CS, G, 1), (CS + G, CS - G, 0)]
-    lease.end(False)
-    lease.end(False)  # idempotent
+    asyncio.run(lease.end(False))
+    asyncio.run(lease.end(False))  # idempotent
     b = reg.get("b")
     assert not b.busy and b.get(0) and b.get(CS)
 
 
-@pytest.mark.parametrize("success", [True, False])
-def test_always_mode_keeps_only_uncopied_and_new(success: bool) -> None:
+class Target:
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    async def flush(self) -> None:
+        if self.fail:
+            raise OSError(5, "flush failed")
+
+
+@pytest.mark.parametrize("success,flush_fails", [(True, False), (False, False), (False, True)])
+def test_always_mode_keeps_only_uncopied_and_new(success: bool, flush_fails: bool) -> None:
     reg, src = setup()
     lease = src.begin_backup("e", "b", "always", CS, 11)
     done = Bitmap(11)
     done.set(3)  # copied cluster 3 only
-    lease.bind(SimpleNamespace(done=done))
+    lease.bind(SimpleNamespace(done=done, target=Target(flush_fails)))
     reg.mark(3 * CS + 100, 1)  # written after the freeze
-    lease.end(success)
+    asyncio.run(lease.end(success))
     b = reg.get("b")
+    assert not b.busy
     if success:
         assert b.dirty_ranges() == [(3 * CS, G)]
+    elif flush_fails:  # nothing forgotten
+        assert b.dirty_ranges() == [(CS, G), (3 * CS, 2 * CS), (10 * CS, 100)]
     else:
         assert b.dirty_ranges() == [(CS, G), (3 * CS, G), (4 * CS, CS), (10 * CS, 100)]
