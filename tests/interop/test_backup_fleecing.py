@@ -157,3 +157,46 @@ def test_fleecing(sync, serve, short_tmp, make_image, qemu_io, blake3_file):
             t = f.read()
         for c in TOUCHED:
             assert t[c * CS:(c + 1) * CS] == o[c * CS:(c + 1) * CS], f"cluster {c} not saved by CBW"
+
+
+@pytest.mark.timeout(120)
+def test_snapshot_copy_races_live_writes(serve, short_tmp, blake3_file):
+    """nbdcopy pulls the snapshot while qemu-io rewrites the live disk in parallel."""
+    size = 64 * MiB
+    disk = short_tmp / "disk.raw"
+    with open(disk, "wb") as f:
+        f.write(os.urandom(size // 2))
+        f.truncate(size)  # second half: a hole
+    orig = short_tmp / "orig.raw"
+    shutil.copyfile(disk, orig)
+    ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
+    nbdcopy = peers.require("nbdcopy")
+    with serve(f"disk={disk}", extra=["--control", ctl]) as peer:
+        live_uri, snap_uri = peer.uri_for("disk"), peer.uri_for("snap")
+
+        async def scenario():
+            qmp = await qmp_session(ctl)
+            try:
+                await qmp.execute("backup-start", {"export": "disk", "job-id": "j", "sync": "none",
+                                                   "target": os.fspath(short_tmp / "t.raw"), "snapshot": "snap"})
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {size}", "-c", f"aio_write -P 0x6b 4096 {MiB}",
+                    "-c", "aio_flush", live_uri,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                reader = await asyncio.create_subprocess_exec(
+                    nbdcopy, snap_uri, os.fspath(short_tmp / "copy.raw"),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                wout, _ = await writer.communicate()
+                rout, _ = await reader.communicate()
+                assert writer.returncode == 0 and b"error" not in wout.lower(), wout
+                assert reader.returncode == 0, rout
+                await qmp.execute("job-cancel", {"id": "j"})
+                await wait_concluded(qmp, "j")
+                await qmp.execute("job-dismiss", {"id": "j"})
+            finally:
+                await qmp.disconnect()
+
+        asyncio.run(asyncio.wait_for(scenario(), 100))
+        qio(live_uri, "read -P 0x5a 0 4096", f"read -P 0x6b 4096 {MiB}",
+            f"read -P 0x5a {MiB + 4096} {size - MiB - 4096}", read_only=True)
+    assert blake3_file(short_tmp / "copy.raw") == blake3_file(orig)
