@@ -281,7 +281,8 @@ class BitmapStore:
     """Persistent bitmaps under ``root`` (see the module docstring).
 
     Fields: ``root``; ``boot_id`` (this boot's); ``_exports``: export name ->
-    (directory, lock fd, {bitmap name -> _Handle}) for loaded exports.
+    (directory, lock fd, {id(DirtyBitmap) -> _Handle}) for open exports;
+    ``_loaded``: exports whose files `load_all` has opened.
     ``fsync``: the function used to make files and directories durable
     (tests may count calls).
     """
@@ -291,6 +292,7 @@ class BitmapStore:
         self.boot_id = current_boot_id()
         self.fsync = fsync
         self._exports: dict[str, tuple[str, int, dict[int, _Handle]]] = {}
+        self._loaded: set[str] = set()
         os.makedirs(root, exist_ok=True)
 
     # --- directories --------------------------------------------------------
@@ -335,8 +337,13 @@ class BitmapStore:
     # --- loading ------------------------------------------------------------
 
     def load_all(self, export: str, disk_size: int) -> list[DirtyBitmap]:
-        """Open every bitmap of ``export`` (consistent ones for writing, in-use)."""
+        """Open every bitmap of ``export`` (consistent ones for writing, in-use).
+
+        Once per export per store (until `close_clean`)."""
+        if export in self._loaded:
+            raise BitmapError(f"bitmaps of export {export!r} are already loaded")
         d, _, handles = self._open_export(export)
+        self._loaded.add(export)
         out: list[DirtyBitmap] = []
         for fn in sorted(os.listdir(d)):
             path = os.path.join(d, fn)
@@ -485,6 +492,7 @@ class BitmapStore:
             if name not in self._exports:
                 continue
             _, lock, handles = self._exports.pop(name)
+            self._loaded.discard(name)
             for h in handles.values():
                 h.close(clean=True)
             handles.clear()
