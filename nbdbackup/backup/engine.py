@@ -34,7 +34,7 @@ import errno
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from ..bitmap.core import Bitmap
 from ..blockdev.base import ALLOCATION_DEPTH, BASE_ALLOCATION, BlockDev, FilterDev
