@@ -579,6 +579,7 @@ class BitmapRegistry:
             self.store.sync(self.export)
 
     def close(self) -> None:
-        """Clean shutdown: persistent bitmaps are synced and marked clean."""
+        """Clean shutdown: persistent bitmaps are synced, marked clean and
+        unmapped (the DirtyBitmaps keep working, in memory only)."""
         if self.store is not None:
             self.store.close_clean(self.export)
