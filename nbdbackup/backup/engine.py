@@ -5,17 +5,23 @@ with a message a user can act on), builds `BackupJob`s over the server's
 exports, publishes their snapshot exports and answers the job commands.
 `register_commands` maps QMP command names and kebab-case arguments onto it.
 
-`backup_start` order (why it is safe):
-1. validate everything that can be validated without I/O;
-2. open the target (created sparse, with the source's size, when missing);
-3. attach copy-before-write to the live device -- the point in time of the
-   backup is this instant: every later live write first saves old content;
-4. compute ``pump_todo`` (full: all clusters; top: allocated in the source's
-   top layer; incremental/bitmap: the frozen dirty bitmap; none: nothing),
-   which may await extents queries -- clusters CBW copied meanwhile are done
-   already and left out;
-5. publish the snapshot export; 6. start the job; return ``{}``.
-A failure in 2-5 undoes the earlier steps.
+`backup_start` order (why it is safe), in three phases so that a
+``transaction`` can run phase 2 of several backups (and bitmap commands) with
+no ``await`` in between, i.e. at one point in time:
+
+- `Engine.prepare_backup`: (1) validate everything that can be validated
+  without I/O; (2) open the target (created sparse, with the source's size,
+  when missing) and check it; build the job (status created).
+- `PreparedBackup.commit` (synchronous): (3) freeze the dirty bitmap, if any,
+  and attach copy-before-write to the live device -- the point in time of
+  the backup is this instant: every later live write first saves old content.
+- `PreparedBackup.start`: (4) compute ``pump_todo`` (full: all clusters;
+  top: allocated in the source's top layer; incremental/bitmap: the frozen
+  dirty bitmap; none: nothing), which may await extents queries -- clusters
+  CBW copied meanwhile are done already and left out; (5) publish the
+  snapshot export; (6) start the job.
+`PreparedBackup.abort` undoes any of this before the job runs; `backup_start`
+does all three and aborts on any failure, then returns ``{}``.
 
 The export table (`ExportTable`) is the server's: ``get(name)`` returns an
 export-like object with ``.dev`` (a `LiveDev` when writable) and
@@ -137,21 +143,40 @@ class Engine:
     # -- backup-start -------------------------------------------------------
 
     async def backup_start(self, export: str, job_id: str, sync: str, target: str | BlockDev,
+                           **kw: Any) -> dict:
+        """Start a backup of ``export`` to ``target`` (QMP ``backup-start``).
+
+        `prepare_backup` (every check, every await that can fail), then
+        `PreparedBackup.commit` (the point in time) and `PreparedBackup.start`;
+        any failure undoes everything.  Returns ``{}`` once the snapshot export
+        (if ``snapshot``) is published and the job is running.
+        """
+        prepared = await self.prepare_backup(export, job_id, sync, target, **kw)
+        try:
+            prepared.commit()
+            await prepared.start()
+        except BaseException:
+            await prepared.abort()
+            raise
+        return {}
+
+    async def prepare_backup(self, export: str, job_id: str, sync: str, target: str | BlockDev,
                            snapshot: str | None = None, speed: int = 0,
                            cluster_size: int | None = None, compress: bool = False,
                            max_workers: int = 4, max_chunk: int = DEFAULT_MAX_CHUNK,
                            on_source_error: str = "report", on_target_error: str = "report",
                            on_cbw_error: str = "break-guest-write",
                            cbw_timeout: float | None = None, auto_dismiss: bool = False,
-                           bitmap: str | None = None, bitmap_mode: str | None = None) -> dict:
-        """Start a backup of ``export`` to ``target``; see the module docstring.
+                           bitmap: str | None = None, bitmap_mode: str | None = None) -> "PreparedBackup":
+        """Phase 1 of a backup: validate, open the target, build the job (status
+        created, visible in query-jobs); nothing touches the live disk yet.
 
         ``target``: a SPEC (`blockdev.open_spec`; a missing file is created
         sparse with the source's size) or an open `BlockDev`; either way the
         job owns it from here on (closed at dismiss, or at once on failure).
         ``max_chunk`` is rounded down to whole clusters and capped by both
-        ends' maximum request size.  Returns ``{}`` once the snapshot export
-        (if ``snapshot``) is published and the job is running.
+        ends' maximum request size.  The caller must then either
+        `PreparedBackup.commit` + ``await start()``, or ``await abort()``.
         """
         # 1. validation without I/O
         if not isinstance(job_id, str) or not job_id:
@@ -220,9 +245,6 @@ class Engine:
             tdev = await open_spec(target, create_size=size)
         else:
             tdev = target
-        job: BackupJob | None = None
-        published = False
-        lease: BitmapLease | None = None
         try:
             self._check_target(src, tdev, target, compress)
             cs = self._cluster_size(tdev, cluster_size)
@@ -232,53 +254,23 @@ class Engine:
                 raise ConfigError(f"cluster-size {cs} is larger than the largest request the source "
                                   f"or target accepts ({limit} bytes)")
             max_chunk = max(cs, min(max_chunk, limit) // cs * cs)
+            if job_id in self.jobs:  # another prepare got there during our await
+                raise ConfigError(f"a job with id {job_id!r} already exists")
             state = CopyState(src, tdev, cs)
-            if bitmap is not None:
-                assert self.bitmaps is not None
-                lease = self.bitmaps.begin_backup(export, bitmap, bitmap_mode or "on-success",
-                                                  cs, state.nclusters)
-                if hasattr(lease, "bind"):
-                    lease.bind(state)
-            on_end = lease.end if lease is not None else None
             job = BackupJob(job_id, device=export, sync=sync, state=state, live=live, target=tdev,
                             emit=self.emit, speed=speed, max_workers=max_workers, max_chunk=max_chunk,
                             on_source_error=on_source_error, on_target_error=on_target_error,
                             on_cbw_error=on_cbw_error, cbw_timeout=cbw_timeout,
-                            auto_dismiss=auto_dismiss, on_dismiss=self._dismissed, on_end=on_end)
-            job.snapshot_name = snapshot  # type: ignore[attr-defined]
-            job.target_spec = target if isinstance(target, str) else None  # type: ignore[attr-defined]
-            self.jobs[job_id] = job
-            # 3. the point in time
-            job.attach()
-            # 4. what the pump copies
-            state.set_pump_todo(await self._todo(sync, state, lease))
-            if lease is not None and lease.context is not None:
-                job.snapshot.add_context(*lease.context)
-            # 5. publish
-            if snapshot is not None:
-                self.exports.add(snapshot, job.snapshot, read_only=True,
-                                 description=f"point-in-time snapshot of {export} (backup job {job_id})")
-                published = True
-            # 6. run
-            job.start()
+                            auto_dismiss=auto_dismiss, on_dismiss=self._dismissed)
         except BaseException:
-            if job is not None:
-                job.detach()
-                self.jobs.pop(job_id, None)
-            if published and snapshot is not None:
-                await self.exports.remove(snapshot)
-            if lease is not None:
-                r = lease.end(False)
-                if inspect.isawaitable(r):
-                    await r
             await tdev.close()
-            if created is not None:
-                try:
-                    os.unlink(created)  # we created it for this backup: leave no litter
-                except OSError:
-                    pass
+            _unlink_quietly(created)
             raise
-        return {}
+        job.snapshot_name = snapshot  # type: ignore[attr-defined]
+        job.target_spec = target if isinstance(target, str) else None  # type: ignore[attr-defined]
+        self.jobs[job_id] = job
+        return PreparedBackup(self, job, export=export, bitmap=bitmap,
+                              bitmap_mode=bitmap_mode or "on-success", created=created)
 
     def _check_not_busy_target(self, target: str) -> None:
         """Two jobs writing one target would corrupt both backups."""
@@ -437,6 +429,91 @@ class Engine:
             await job.wait()
             if job.status is JobStatus.CONCLUDED:
                 await job.dismiss()
+
+
+def _unlink_quietly(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)  # we created it for this backup: leave no litter
+        except OSError:
+            pass
+
+
+class PreparedBackup:
+    """A backup between `Engine.prepare_backup` and its start (two-phase, for
+    ``transaction``: prepare every action, commit them all with no ``await``
+    in between -- one point in time across exports and bitmap operations --
+    then start them, or abort them all).
+
+    Fields: ``engine``, ``job`` (status created), ``export``, ``bitmap`` /
+    ``bitmap_mode``, ``lease`` (after commit, when a bitmap is used),
+    ``created`` (target path we created, removed on abort), ``committed``,
+    ``published`` (snapshot export added), ``started``.
+    """
+
+    def __init__(self, engine: Engine, job: BackupJob, *, export: str, bitmap: str | None,
+                 bitmap_mode: str, created: str | None) -> None:
+        self.engine = engine
+        self.job = job
+        self.export = export
+        self.bitmap = bitmap
+        self.bitmap_mode = bitmap_mode
+        self.created = created
+        self.lease: BitmapLease | None = None
+        self.committed = False
+        self.published = False
+        self.started = False
+
+    def commit(self) -> None:
+        """Synchronously take the point in time: freeze the bitmap, attach CBW."""
+        assert not self.committed
+        job = self.job
+        if self.bitmap is not None:
+            assert self.engine.bitmaps is not None
+            self.lease = self.engine.bitmaps.begin_backup(
+                self.export, self.bitmap, self.bitmap_mode, job.state.cluster_size, job.state.nclusters)
+            if hasattr(self.lease, "bind"):
+                self.lease.bind(job.state)
+            job._on_end = self.lease.end
+        job.attach()
+        self.committed = True
+
+    async def start(self) -> None:
+        """Compute what the pump copies, publish the snapshot export, run the job."""
+        assert self.committed and not self.started
+        job, eng = self.job, self.engine
+        job.state.set_pump_todo(await eng._todo(job.sync, job.state, self.lease))
+        if self.lease is not None and self.lease.context is not None:
+            job.snapshot.add_context(*self.lease.context)
+        name = getattr(job, "snapshot_name", None)
+        if name is not None:
+            eng.exports.add(name, job.snapshot, read_only=True,
+                            description=f"point-in-time snapshot of {self.export} (backup job {job.id})")
+            self.published = True
+        job.start()
+        self.started = True
+
+    async def abort(self) -> None:
+        """Undo everything (before `start` returned): no job, no export, no hook."""
+        job, eng = self.job, self.engine
+        if self.started:
+            return  # a running job is cancelled through the job verbs instead
+        job.detach()
+        if eng.jobs.get(job.id) is job:
+            del eng.jobs[job.id]
+        name = getattr(job, "snapshot_name", None)
+        if self.published and name is not None:
+            await eng.exports.remove(name)
+            self.published = False
+        if self.lease is not None:
+            r = self.lease.end(False)
+            if inspect.isawaitable(r):
+                await r
+            self.lease = None
+        if job.status is JobStatus.CREATED:
+            job._set(JobStatus.NULL)
+        await job.target.close()
+        _unlink_quietly(self.created)
 
 
 # -- QMP mapping ----------------------------------------------------------------

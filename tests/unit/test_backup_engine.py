@@ -662,3 +662,42 @@ def test_register_commands_on_the_qmp_server():
         with pytest.raises(ConfigError, match="no job"):
             await qmp_call(q, "job-cancel", {"id": "nope"})
     run(main())
+
+
+# -- two-phase start (transactions) ----------------------------------------------------------
+
+def test_prepare_commit_start_and_abort():
+    async def main():
+        r = Rig()
+        e = r.engine
+        p1 = await e.prepare_backup("disk", "a", "full", MemoryDev(SIZE), snapshot="sa", cluster_size=CS)
+        p2 = await e.prepare_backup("disk", "b", "none", MemoryDev(SIZE), snapshot="sb", cluster_size=CS)
+        assert {j["id"]: j["status"] for j in e.query_jobs()} == {"a": "created", "b": "created"}
+        assert r.live.hooks == ()  # nothing touches the live disk before commit
+        with pytest.raises(ConfigError, match="already exists"):
+            await e.prepare_backup("disk", "a", "full", MemoryDev(SIZE))
+        p1.commit()
+        p2.commit()  # same instant: no await in between
+        await r.write(0, 10)  # both snapshots must keep the old data
+        await p1.start()
+        await p2.start()
+        for name in ("sa", "sb"):
+            b = bytearray(SIZE)
+            await r.table.get(name).dev.pread(memoryview(b), 0)
+            assert bytes(b) == r.orig
+        # Abort before start: no job, no hook, no export, target closed.
+        closed = []
+        tgt = MemoryDev(SIZE)
+
+        async def close():
+            closed.append(True)
+        tgt.close = close
+        p3 = await e.prepare_backup("disk", "c", "full", tgt, snapshot="sc", cluster_size=CS)
+        p3.commit()
+        assert len(r.live.hooks) == 3
+        await p3.abort()
+        assert "c" not in e.jobs and len(r.live.hooks) == 2 and r.table.get("sc") is None and closed
+        assert ("JOB_STATUS_CHANGE", {"id": "c", "status": "null"}) in r.events
+        await e.shutdown()
+        assert r.live.hooks == ()
+    run(main())
