@@ -218,8 +218,9 @@ class Engine:
             raise ConfigError(f"sync={sync} with a bitmap needs bitmap-mode")
         if bitmap is not None and self.bitmaps is None:
             raise ConfigError("dirty bitmaps are not available on this server")
-        if sync == "none" and snapshot is None:
-            raise ConfigError("sync=none (fleecing) needs a snapshot export name")
+        if snapshot is None:
+            # Every backup publishes its point-in-time view (issue 4's default name).
+            snapshot = f"{export}@{job_id}"
         if snapshot is not None:
             if not isinstance(snapshot, str) or not snapshot:
                 raise ConfigError("snapshot must be a non-empty export name")

@@ -163,10 +163,10 @@ async def wait_job(client: ControlClient, job_id: str, *, progress: TextIO | Non
                 if bar is not None:
                     bar.update(info)
                 if info.get("status") == "concluded":
-                    final = dict(info)
-                    if "error" not in final and outcome is not None and "error" in outcome:
-                        final["error"] = outcome["error"]
-                    return final
+                    # query-jobs is authoritative: ``error`` there iff the job
+                    # failed.  (A cancelled fleecing job, sync=none, ended
+                    # normally: its BLOCK_JOB_CANCELLED event is no failure.)
+                    return dict(info)
             else:
                 final = {"id": job_id, "status": "null"}
                 if outcome is None:

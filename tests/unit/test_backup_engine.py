@@ -575,7 +575,6 @@ def test_validation_errors():
         await bad("on-cbw-error", "disk", "j", "full", MemoryDev(SIZE), on_cbw_error="x")
         await bad("cbw-timeout", "disk", "j", "full", MemoryDev(SIZE), cbw_timeout=-1)
         await bad("max-workers", "disk", "j", "full", MemoryDev(SIZE), max_workers=0)
-        await bad("needs a snapshot", "disk", "j", "none", MemoryDev(SIZE), snapshot=None)
         await bad("already exists", "disk", "j", "full", MemoryDev(SIZE), snapshot="disk")
         ro = MemoryDev(SIZE)
         ro.read_only = True
@@ -586,6 +585,22 @@ def test_validation_errors():
         with pytest.raises(ConfigError, match="no job"):
             e.job_pause("zzz")
         await e.shutdown()
+    run(main())
+
+
+def test_snapshot_export_name_defaults_to_export_at_job_id():
+    async def main():
+        r = Rig()
+        await r.engine.backup_start("disk", "j7", "none", MemoryDev(SIZE))
+        snap = r.table.get("disk@j7")
+        assert snap is not None and snap.read_only
+        assert snap.dev is r.engine.jobs["j7"].snapshot
+        r.engine.job_cancel("j7")
+        await wait_status(r.engine.jobs["j7"], "concluded")
+        assert r.table.get("disk@j7") is not None  # stays until dismiss
+        await r.engine.job_dismiss("j7")
+        assert r.table.get("disk@j7") is None
+        await r.engine.shutdown()
     run(main())
 
 
