@@ -28,10 +28,14 @@ from .errors import ConfigError
 log = logging.getLogger("nbdbackup.daemon")
 
 
-def wrap_live(dev: BlockDev, read_only: bool) -> BlockDev:
-    """The device an export serves: writable ones go through `LiveDev`."""
+def wrap_live(dev: BlockDev, read_only: bool, name: str = "", bitmaps: Any = None) -> BlockDev:
+    """The device an export serves: writable ones go through `LiveDev` (a
+    `bitmap.hook.BitmapLiveDev` with dirty tracking when ``bitmaps``, the
+    `BitmapManager`, is given)."""
     if read_only:
         return dev
+    if bitmaps is not None:
+        return bitmaps.wrap(name, dev)
     from .backup.live import LiveDev
 
     return LiveDev(dev)
@@ -44,13 +48,15 @@ class App:
     Fields: ``server`` (the NBD `Server`, owner of the export table);
     ``engine`` (the backup `Engine`); ``control`` (the `QMPServer`, None
     without ``--control``); ``specs`` (export name -> SPEC it was opened from,
-    for ``query-block-exports``).
+    for ``query-block-exports``); ``bitmaps`` (the `bitmap.manager.BitmapManager`:
+    per-export dirty bitmaps, persistent under ``--state-dir``).
     """
 
     server: Any
     engine: Any = None
     control: Any = None
     specs: dict = field(default_factory=dict)
+    bitmaps: Any = None
 
 
 async def add_export(app: App, name: str, spec: str, read_only: bool = False) -> None:
@@ -58,10 +64,15 @@ async def add_export(app: App, name: str, spec: str, read_only: bool = False) ->
     if name in app.server.exports:
         raise ConfigError(f"export {name!r} already exists")
     dev = await open_spec(spec, read_only=read_only)
+    live = None
     try:
-        app.server.add_export(name, wrap_live(dev, read_only), read_only=read_only, description=spec)
+        live = wrap_live(dev, read_only, name, app.bitmaps)
+        app.server.add_export(name, live, read_only=read_only, description=spec)
     except BaseException:
-        await dev.close()
+        if live is not None and live is not dev:
+            await live.close()  # closes the bitmaps (cleanly) and the disk
+        else:
+            await dev.close()
         raise
     app.specs[name] = spec
 
@@ -95,6 +106,8 @@ def register_export_commands(qmp: Any, app: App) -> None:
             job = app.engine.export_in_use(name)
             if job:
                 raise ConfigError(f"export {name!r} is in use by job {job!r}; cancel and dismiss it first")
+        if app.bitmaps is not None:
+            app.bitmaps.check_removable(name)
         await app.server.remove_export(name)
         app.specs.pop(name, None)
         return {}
@@ -126,7 +139,13 @@ def register_engine_commands(qmp: Any, engine: Any) -> None:
         engine.job_set_speed(id, speed)
         return {}
 
-    qmp.register("backup-start", engine.backup_start)
+    from .bitmap.manager import check_backup_bitmap_args
+
+    async def backup_start(export: str, job_id: str, sync: str, target: str, **kw: Any) -> dict:
+        check_backup_bitmap_args(sync, kw.get("bitmap"), kw.get("bitmap_mode"))
+        return await engine.backup_start(export, job_id, sync, target, **kw)
+
+    qmp.register("backup-start", backup_start)
     qmp.register("query-jobs", query_jobs)
     qmp.register("job-pause", by_id(engine.job_pause))
     qmp.register("job-resume", by_id(engine.job_resume))
@@ -136,20 +155,34 @@ def register_engine_commands(qmp: Any, engine: Any) -> None:
 
 
 async def start(server, args: argparse.Namespace | None = None) -> App:
-    """Build the engine and (with ``args.control``) open the control socket."""
+    """Build the bitmaps, the engine and (with ``args.control``) open the control socket.
+
+    With ``args.state_dir`` persistent bitmaps live there (`bitmap.store`);
+    exports added later (`add_export`) load theirs when they open.
+    """
+    from .backup.bitmaps import RegistryBitmapSource
     from .backup.engine import Engine
+    from .bitmap.manager import BitmapManager
+    from .bitmap.manager import register_commands as register_bitmap_commands
 
     app = App(server)
+    try:
+        app.bitmaps = BitmapManager(getattr(args, "state_dir", None))
+    except OSError as e:
+        raise ConfigError(f"--state-dir {args.state_dir}: {e.strerror or e}") from None
     control_path = getattr(args, "control", None)
     qmp = None
     if control_path:
         from .control.qmp import QMPServer
 
         qmp = QMPServer()
-    app.engine = Engine(server, emit=qmp.emit if qmp else None)
+    app.engine = Engine(server, emit=qmp.emit if qmp else None,
+                        bitmaps=RegistryBitmapSource(app.bitmaps.lookup))
+    app.bitmaps.engine = app.engine
     if qmp is not None:
         register_engine_commands(qmp, app.engine)
         register_export_commands(qmp, app)
+        register_bitmap_commands(qmp, app.bitmaps)
         await qmp.start(control_path)
         app.control = qmp
         log.info("control socket on %s", control_path)
