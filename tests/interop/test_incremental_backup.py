@@ -122,7 +122,7 @@ async def refused(qmp: QMPClient, cmd: str, args: dict) -> str:
     try:
         r = await qmp.execute(cmd, args)
     except ExecuteError as e:
-        return e.error.desc
+        return str(e)
     raise AssertionError(f"{cmd} {args} was accepted: {r}")
 
 
