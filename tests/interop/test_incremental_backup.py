@@ -209,3 +209,109 @@ def test_three_incremental_rounds(serve, short_tmp, make_image):
                 await qmp.disconnect()
 
         asyncio.run(asyncio.wait_for(scenario(), 50))
+
+
+@pytest.mark.timeout(60)
+def test_transaction_all_or_nothing(serve, short_tmp):
+    size = 2 * MiB
+    ctl = ctl_path()
+    with serve(f"disk=memory:{size}", extra=["--control", ctl]) as peer:
+        live = peer.uri_for("disk")
+
+        async def scenario():
+            qmp = await qmp_connect(ctl)
+            try:
+                await qmp.execute("block-dirty-bitmap-add", {"export": "disk", "name": "b"})
+                qio(live, *writes_for({2, 5}, 0x61))
+                names = lambda: qmp.execute("query-bitmaps", {"export": "disk"})  # noqa: E731
+                # Refused while preparing (abort action; a target that cannot be opened).
+                msg = await refused(qmp, "transaction", {"actions": [
+                    {"type": "block-dirty-bitmap-add", "data": {"export": "disk", "name": "x"}},
+                    {"type": "abort", "data": {}}]})
+                assert "abort" in msg.lower()
+                target = short_tmp / "no" / "such" / "dir.raw"
+                msg = await refused(qmp, "transaction", {"actions": [
+                    {"type": "block-dirty-bitmap-add", "data": {"export": "disk", "name": "x"}},
+                    {"type": "block-dirty-bitmap-clear", "data": {"export": "disk", "name": "b"}},
+                    {"type": "backup-start", "data": {"export": "disk", "job-id": "j", "sync": "full",
+                                                      "target": os.fspath(target)}}]})
+                assert [b["name"] for b in await names()] == ["b"]
+                assert dirty_clusters(live, "b") == {2, 5}
+                # Refused at the point in time (the backup's bitmap does not exist): the
+                # add, the clear and the merge before it are undone, the prepared job is gone.
+                await qmp.execute("block-dirty-bitmap-add", {"export": "disk", "name": "c"})
+                qio(live, *writes_for({9}, 0x62))
+                tgt = short_tmp / "t.raw"
+                msg = await refused(qmp, "transaction", {"actions": [
+                    {"type": "block-dirty-bitmap-add", "data": {"export": "disk", "name": "x"}},
+                    {"type": "block-dirty-bitmap-clear", "data": {"export": "disk", "name": "b"}},
+                    {"type": "block-dirty-bitmap-merge",
+                     "data": {"export": "disk", "target": "c", "bitmaps": ["b"]}},
+                    {"type": "block-dirty-bitmap-remove", "data": {"export": "disk", "name": "c"}},
+                    {"type": "backup-start", "data": {"export": "disk", "job-id": "j", "sync": "incremental",
+                                                      "bitmap": "missing", "target": os.fspath(tgt)}}]})
+                assert "missing" in msg, msg
+                assert [b["name"] for b in await names()] == ["b", "c"]
+                assert dirty_clusters(live, "b") == {2, 5, 9}
+                assert dirty_clusters(live, "c") == {9}
+                assert await qmp.execute("query-jobs") == []
+                assert not tgt.exists()
+                # The same without the bad action: everything applies at one instant.
+                await qmp.execute("transaction", {"actions": [
+                    {"type": "backup-start", "data": {"export": "disk", "job-id": "j", "sync": "incremental",
+                                                      "bitmap": "b", "target": os.fspath(tgt), "snapshot": "s"}},
+                    {"type": "block-dirty-bitmap-add", "data": {"export": "disk", "name": "x"}},
+                    {"type": "block-dirty-bitmap-remove", "data": {"export": "disk", "name": "c"}}]})
+                assert "error" not in await wait_job(qmp, "j")
+                assert dirty_clusters(peer.uri_for("s"), "b") == {2, 5, 9}
+                await qmp.execute("job-dismiss", {"id": "j"})
+                assert [(b["name"], b["count"]) for b in await names()] == [("b", 0), ("x", 0)]
+            finally:
+                await qmp.disconnect()
+
+        asyncio.run(asyncio.wait_for(scenario(), 50))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["grouped", "individual"])
+def test_transaction_two_exports_one_target_fails(mode, serve, nbdkit, short_tmp):
+    """grouped: neither bitmap is committed; individual: only the failed job's bitmap is kept."""
+    size = 2 * MiB
+    ctl = ctl_path()
+    a1, a2 = {0, 3, 6, 9, 12, 15}, {1, 2, 30}
+    errfile = short_tmp / "err"
+    errfile.touch()
+    with serve(f"d1=memory:{size}", f"d2=memory:{size}", extra=["--control", ctl]) as peer, \
+            nbdkit("memory", str(size), "error-pwrite-rate=1", f"error-file={errfile}",
+                   filters=["error"]) as bad:
+
+        async def scenario():
+            qmp = await qmp_connect(ctl)
+            try:
+                for exp, bm, dirty in (("d1", "b1", a1), ("d2", "b2", a2)):
+                    await qmp.execute("block-dirty-bitmap-add", {"export": exp, "name": bm})
+                    qio(peer.uri_for(exp), *writes_for(dirty, 0x44))
+                await qmp.execute("transaction", {
+                    "actions": [
+                        {"type": "backup-start", "data": {"export": "d1", "job-id": "j1", "sync": "incremental",
+                                                          "bitmap": "b1", "target": os.fspath(short_tmp / "t1.raw")}},
+                        {"type": "backup-start", "data": {"export": "d2", "job-id": "j2", "sync": "incremental",
+                                                          "bitmap": "b2", "target": bad.uri}}],
+                    "properties": {"completion-mode": mode}})
+                j1, j2 = await wait_job(qmp, "j1"), await wait_job(qmp, "j2")
+                assert "error" in j2, j2
+                if mode == "individual":
+                    assert "error" not in j1, j1
+                for j in ("j1", "j2"):
+                    await qmp.execute("job-dismiss", {"id": j})
+                b1, b2 = await bitmap_info(qmp, "d1", "b1"), await bitmap_info(qmp, "d2", "b2")
+                assert not b1["busy"] and not b2["busy"]
+                assert b2["count"] == len(a2) * CS
+                assert dirty_clusters(peer.uri_for("d2"), "b2") == a2
+                want1 = a1 if mode == "grouped" else set()
+                assert b1["count"] == len(want1) * CS, (mode, b1, j1)
+                assert dirty_clusters(peer.uri_for("d1"), "b1") == want1
+            finally:
+                await qmp.disconnect()
+
+        asyncio.run(asyncio.wait_for(scenario(), 50))
