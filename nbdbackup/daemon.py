@@ -117,7 +117,7 @@ def register_export_commands(qmp: Any, app: App) -> None:
     qmp.register("block-export-del", block_export_del)
 
 
-def register_engine_commands(qmp: Any, engine: Any) -> None:
+def register_engine_commands(qmp: Any, engine: Any, bitmaps: Any = None) -> None:
     """Backup and job commands, with the schemas of `control.schema.COMMANDS`.
 
     Handlers take the schema's members as keywords (``job-id`` -> ``job_id``),
@@ -142,7 +142,10 @@ def register_engine_commands(qmp: Any, engine: Any) -> None:
     from .bitmap.manager import check_backup_bitmap_args
 
     async def backup_start(export: str, job_id: str, sync: str, target: str, **kw: Any) -> dict:
-        check_backup_bitmap_args(sync, kw.get("bitmap"), kw.get("bitmap_mode"))
+        if bitmaps is not None:
+            bitmaps.check_backup(export, sync, kw.get("bitmap"), kw.get("bitmap_mode"))
+        else:
+            check_backup_bitmap_args(sync, kw.get("bitmap"), kw.get("bitmap_mode"))
         return await engine.backup_start(export, job_id, sync, target, **kw)
 
     qmp.register("backup-start", backup_start)
@@ -180,7 +183,7 @@ async def start(server, args: argparse.Namespace | None = None) -> App:
                         bitmaps=RegistryBitmapSource(app.bitmaps.lookup))
     app.bitmaps.engine = app.engine
     if qmp is not None:
-        register_engine_commands(qmp, app.engine)
+        register_engine_commands(qmp, app.engine, app.bitmaps)
         register_export_commands(qmp, app)
         register_bitmap_commands(qmp, app.bitmaps)
         await qmp.start(control_path)

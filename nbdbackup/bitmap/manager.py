@@ -207,6 +207,19 @@ class BitmapManager:
         for reg in list(self.registries.values()):
             reg.close()
 
+    def check_backup(self, export: str, sync: str, bitmap: str | None, bitmap_mode: str | None) -> None:
+        """Refusals a backup-start gets before the engine sees it: QEMU's
+        combination rules (`check_backup_bitmap_args`), and an inconsistent
+        bitmap (a possibly incomplete one is never used: take a full backup)."""
+        check_backup_bitmap_args(sync, bitmap, bitmap_mode)
+        reg = self.registries.get(export)
+        if bitmap is not None and reg is not None and bitmap in reg and reg.get(bitmap).inconsistent:
+            bm = reg.get(bitmap)
+            why = f" ({bm.inconsistent_reason})" if bm.inconsistent_reason else ""
+            raise BitmapError(
+                f"Bitmap '{bitmap}' is inconsistent{why}: it may miss writes, so no backup can use it; "
+                f"remove it, add a new bitmap and take a full backup")
+
     def _registry(self, export: str) -> BitmapRegistry:
         reg = self.registries.get(export)
         if reg is None:
@@ -354,7 +367,7 @@ class BitmapManager:
             if self.engine is None:
                 raise ConfigError("backups are not available")
             kw = {k.replace("-", "_"): v for k, v in data.items()}
-            check_backup_bitmap_args(kw.get("sync"), kw.get("bitmap"), kw.get("bitmap_mode"))
+            self.check_backup(kw.get("export"), kw.get("sync"), kw.get("bitmap"), kw.get("bitmap_mode"))
             return await self.engine.prepare_backup(kw.pop("export"), kw.pop("job_id"),
                                                     kw.pop("sync"), kw.pop("target"), **kw)
         export = data["export"]
