@@ -52,9 +52,10 @@ ratios).  Server CPU time (user+sys, all threads) is recorded next to each
 figure: on a shared machine it is steadier than wall-clock throughput.
 
 Usage: ``bench/backup_bench.py [--size 1G] [--rounds 3] [--only live,snap,pump]
-[--dir /dev/shm] [--keep] [--no-json]``;
-``--profile DIR`` runs only nbdbackup's sessions under py-spy and prints
-where its time goes per measurement.
+[--servers qemu,nbdbackup] [--dir /tmp] [--max-seconds 4] [--keep] [--no-json]
+[--markdown]``; ``--ours-cmd CMD`` runs nbdbackup through another command (an
+experiment wrapper); ``--profile DIR`` runs only nbdbackup's "with a backup"
+sessions (1 round) under py-spy and prints where its time goes per measurement.
 
 Invariant: every process started here is stopped by PID and the temp dir
 (images, sockets, logs) is removed, on success, error and Ctrl-C.
@@ -531,15 +532,16 @@ class Bench:
         self.res.meta = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "commit": common.git_commit(), "machine": common.machine_info(),
-            "size": a.size, "rounds": a.rounds, "only": a.only, "dir": str(self.ws),
+            "size": a.size, "rounds": a.rounds, "only": sorted(a.only), "dir": str(self.ws),
             "versions": {"qemu-storage-daemon": common.tool_version(["qemu-storage-daemon", "--version"]),
                          "qemu-img": common.tool_version(["qemu-img", "--version"]),
                          "nbdcopy": common.tool_version(["nbdcopy", "--version"])},
             "qsd_argv_fleecing": qsd_argv(Path("WS"), "IMG", "TGT"),
+            "ours_cmd": OURS_CMD,
             "loadavg_start": os.getloadavg(), "loadavg_rounds": [],
         }
         img = str(self.ws / "work.img")
-        servers = [OURS] if self.spy_dir is not None else [QEMU, OURS]
+        servers = [OURS] if self.spy_dir is not None else a.servers
         for rnd in range(a.rounds):
             order = servers if rnd % 2 == 0 else servers[::-1]
             for server in order:
@@ -550,7 +552,7 @@ class Bench:
                     self.snap_pump(rnd, server, img)
                 if "pump" in a.only:
                     self.pump(rnd, server, img)
-            if "pump" in a.only and self.spy_dir is None:
+            if "pump" in a.only and self.spy_dir is None and QEMU in a.servers:
                 self.qemu_img(rnd, img)
             self.res.meta["loadavg_rounds"].append(os.getloadavg())
         rm(img)
@@ -634,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the images live (default /tmp; see the README about tmpfs)")
     ap.add_argument("--max-seconds", type=float, default=4.0,
                     help="live-4k-uncopied: stop issuing writes after this many seconds (default 4)")
+    ap.add_argument("--servers", default=f"{QEMU},{OURS}", help=f"comma-separated: {QEMU},{OURS}")
+    ap.add_argument("--ours-cmd", metavar="CMD",
+                    help="command (split on spaces) replacing 'python -m nbdbackup.cli' (an experiment)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
@@ -641,9 +646,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25, help="with --profile: frames shown")
     args = ap.parse_args(argv)
     args.size = common.parse_size(args.size)
+    if args.ours_cmd:
+        OURS_CMD[:] = args.ours_cmd.split()
     args.only = {x.strip() for x in args.only.split(",") if x.strip()}
     if not args.only <= {"live", "snap", "pump"}:
         ap.error("--only takes live, snap, pump")
+    args.servers = [x.strip() for x in args.servers.split(",") if x.strip()]
+    if not args.servers or not set(args.servers) <= {QEMU, OURS}:
+        ap.error(f"--servers takes {QEMU}, {OURS}")
     if args.size % (1 << 20):
         ap.error("--size must be a multiple of 1 MiB")
     if args.profile:
