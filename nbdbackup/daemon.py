@@ -12,6 +12,13 @@ Invariants:
 - The control socket is opened only after every piece it drives exists, and
   closed first at stop, so no command runs against a half-built or
   half-stopped application.
+- Dirty bitmaps (`bitmap.manager.BitmapManager`, ``app.bitmaps``): every
+  writable export, at start or added later, is a `bitmap.hook.BitmapLiveDev`
+  whose dirty hook is attached before the export is published; its persistent
+  bitmaps load when it opens (``--state-dir``, file exports only) and are
+  closed cleanly when the export's device closes (after the server drained
+  and flushed it, at shutdown or block-export-del), never earlier.  The
+  engine reaches the registries through `backup.bitmaps.RegistryBitmapSource`.
 """
 
 from __future__ import annotations

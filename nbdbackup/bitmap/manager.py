@@ -4,8 +4,11 @@ Role: `BitmapManager` owns one `BitmapRegistry` per writable export (backed
 by the `BitmapStore` of ``--state-dir`` when the export's disk is a file),
 builds the export's `hook.BitmapLiveDev`, answers the ``block-dirty-bitmap-*``
 and ``query-bitmaps`` commands (QEMU's names, ``export`` where QEMU says
-``node``) and runs ``transaction``.  `check_backup_bitmap_args` adds QEMU's
-bitmap/sync validation the engine does not do itself.
+``node``) and runs ``transaction``.  `BitmapManager.check_backup` (used by
+the daemon's backup-start and by transaction) adds QEMU's bitmap/sync
+refusals the engine does not make itself (`check_backup_bitmap_args`) and
+refuses an inconsistent bitmap with a message that says to take a full
+backup.
 
 Fields of `BitmapManager` (asyncio loop only):
 - ``store``: the `BitmapStore`, or None without ``--state-dir``;
@@ -319,7 +322,9 @@ class BitmapManager:
         if failed is None:
             try:
                 for export, name in removals:
-                    self._registry(export).get(name)._require_usable()
+                    if self._registry(export).get(name).busy:  # inconsistent ones may be removed
+                        raise BitmapError(f"Bitmap '{name}' is currently in use by another operation "
+                                          f"and cannot be used")
             except Exception as e:
                 failed, fail_msg = e, f"transaction: block-dirty-bitmap-remove: {e}"
         if failed is not None:

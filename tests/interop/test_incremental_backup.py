@@ -126,6 +126,22 @@ async def refused(qmp: QMPClient, cmd: str, args: dict) -> str:
     raise AssertionError(f"{cmd} {args} was accepted: {r}")
 
 
+def list_contexts(uri: str, query: str) -> list[str]:
+    """NBD_OPT_LIST_META_CONTEXT with one query (libnbd)."""
+    import nbd
+
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(uri)
+    try:
+        h.add_meta_context(query)
+        found: list[str] = []
+        h.opt_list_meta_context(lambda name: found.append(name) or 0)
+        return sorted(found)
+    finally:
+        h.opt_abort()
+
+
 def ctl_path() -> str:
     return os.path.join(peers.short_tempdir(), "ctl.sock")
 
@@ -168,6 +184,7 @@ def test_three_incremental_rounds(serve, short_tmp, make_image):
                 # The live export offers its bitmap (LIST wildcard) and maps it.
                 lst = run_tool(peers.require("nbdinfo"), "--list", "--content", "--json", peer.uri)
                 assert "qemu:dirty-bitmap:b0" in lst
+                assert list_contexts(live, "qemu:dirty-bitmap:") == ["qemu:dirty-bitmap:b0"]
                 assert dirty_clusters(live, "b0") == set()
 
                 carried: set[int] = set()  # written during the previous job
