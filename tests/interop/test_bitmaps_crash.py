@@ -4,7 +4,8 @@ A raw file export with ``--state-dir``; a full backup and a persistent
 bitmap in one transaction; then many trials: a libnbd writer (random
 writes, some FUA, FLUSH every few writes; it records which writes were
 acknowledged) runs while the server is killed with SIGKILL at a random
-moment; the server restarts on the same state directory.  After each
+moment (every third trial in the middle of an incremental backup job, its
+bitmap frozen); the server restarts on the same state directory.  After each
 restart the bitmap must be either consistent and cover every acknowledged
 write, or ``inconsistent`` with incrementals refused -- never silently
 incomplete.  At the end: a clean stop (SIGTERM) and restart keeps the bitmap
@@ -136,6 +137,12 @@ def test_kill9_then_clean_restart(serve, short_tmp, make_image):
                         assert "full backup" in msg, msg
                         return False
                     assert info["persistent"] and info["recording"] and not info["busy"], info
+                    if trials % 3 == 2:
+                        # Die in the middle of an incremental: the frozen bitmap must lose nothing.
+                        await qmp.execute("backup-start", {
+                            "export": "disk", "job-id": "mid", "sync": "incremental", "bitmap": "b",
+                            "target": os.fspath(short_tmp / f"mid{trials}.raw"), "speed": 1})
+                        assert (await bitmap_info(qmp, "disk", "b"))["busy"]
                     return True
                 finally:
                     await qmp.disconnect()
