@@ -5,8 +5,9 @@ One ``nbdbackup serve --control`` serves a 64 MiB raw file.  Each run (seeded,
 so a failure names its seed and replays) starts a ``sync=full`` backup with a
 random pump speed, worker count and chunk size, then at the same time:
 
-- WRITERS libnbd clients (one thread each) do random writes of random sizes
-  (and some WRITE_ZEROES and TRIMs) on the live export.  Writer ``i`` owns
+- WRITERS libnbd clients (one thread each, aio with several requests in
+  flight) do random writes of random sizes (and some WRITE_ZEROES and TRIMs)
+  on the live export.  Writer ``i`` owns
   the stripes ``k`` with ``k % WRITERS == i`` (``STRIPE`` bytes each), so the
   final live image is known: the test keeps a model (numpy) of every
   acknowledged request; after a TRIM the content is unspecified by the NBD
@@ -86,13 +87,18 @@ def close(h) -> None:
 
 
 class Writer(threading.Thread):
-    """Random requests on the stripes this writer owns; updates the shared model."""
+    """Random requests (libnbd aio, up to ``DEPTH`` in flight, never two
+    overlapping ones) on the stripes this writer owns; each acknowledged
+    request is applied to the shared model."""
+
+    DEPTH = 8
 
     def __init__(self, idx: int, uri: str, seed: int, model: np.ndarray, known: np.ndarray,
                  deadline: float) -> None:
         super().__init__(name=f"writer-{idx}")
         self.idx, self.uri, self.rng = idx, uri, random.Random(seed)
         self.model, self.known, self.deadline = model, known, deadline
+        self.stripes = [k for k in range(SIZE // STRIPE) if k % WRITERS == idx]
         self.ops = {"write": 0, "zero": 0, "trim": 0}
         self.error: BaseException | None = None
 
@@ -100,34 +106,58 @@ class Writer(threading.Thread):
         try:
             h = connect(self.uri)
             try:
-                stripes = [k for k in range(SIZE // STRIPE) if k % WRITERS == self.idx]
-                while time.monotonic() < self.deadline:
-                    self.one(h, self.rng.choice(stripes))
+                self.loop(h)
             finally:
                 close(h)
         except BaseException as e:  # reported by the test
             self.error = e
 
-    def one(self, h, stripe: int) -> None:
+    def pick(self) -> tuple[str, int, int]:
         rng = self.rng
         length = rng.choice([512, 4096, 65536, rng.randint(1, 256 * KiB), rng.randrange(512, 128 * KiB, 512)])
-        off = stripe * STRIPE + rng.randrange(0, STRIPE - length + 1)
+        off = rng.choice(self.stripes) * STRIPE + rng.randrange(0, STRIPE - length + 1)
         if rng.random() < 0.5:
             off -= off % 512  # mostly sector-aligned, sometimes not
-        kind = rng.choices(["write", "zero", "trim"], [8, 1, 1])[0]
-        if kind == "write":
-            data = rng.randbytes(length)
-            h.pwrite(data, off)
-            self.model[off:off + length] = np.frombuffer(data, dtype=np.uint8)
-            self.known[off:off + length] = True
-        elif kind == "zero":
-            h.zero(length, off)
-            self.model[off:off + length] = 0
-            self.known[off:off + length] = True
-        else:
-            h.trim(length, off)
-            self.known[off:off + length] = False  # unspecified after TRIM (proto.md)
-        self.ops[kind] += 1
+        return rng.choices(["write", "zero", "trim"], [8, 1, 1])[0], off, length
+
+    def loop(self, h) -> None:
+        import nbd
+
+        pending: list[tuple[int, str, int, int, bytes | None]] = []
+        while True:
+            more = time.monotonic() < self.deadline
+            while more and len(pending) < self.DEPTH:
+                kind, off, length = self.pick()
+                if any(off < o + n and o < off + length for _, _, o, n, _ in pending):
+                    break  # would overlap a request in flight: wait for some
+                data = None
+                if kind == "write":
+                    data = self.rng.randbytes(length)
+                    cookie = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off)
+                elif kind == "zero":
+                    cookie = h.aio_zero(length, off)
+                else:
+                    cookie = h.aio_trim(length, off)
+                pending.append((cookie, kind, off, length, data))
+            if not pending:
+                return
+            h.poll(-1)
+            still = []
+            for req in pending:
+                cookie, kind, off, length, data = req
+                if not h.aio_command_completed(cookie):  # raises if the request failed
+                    still.append(req)
+                    continue
+                if kind == "write":
+                    self.model[off:off + length] = np.frombuffer(data, dtype=np.uint8)
+                    self.known[off:off + length] = True
+                elif kind == "zero":
+                    self.model[off:off + length] = 0
+                    self.known[off:off + length] = True
+                else:
+                    self.known[off:off + length] = False  # unspecified after TRIM (proto.md)
+                self.ops[kind] += 1
+            pending = still
 
 
 class Reader(threading.Thread):
