@@ -16,8 +16,9 @@ Successor protocol (what a backup job does with its bitmap, as in QEMU)::
                   bits become exactly the successor's; unfreeze.
     reclaim()     job failed / bitmap-mode=never: parent |= successor; unfreeze.
     copied(o, l)  the job has copied ``(o, l)``; with mode ``always`` the
-                  parent forgets the granules entirely inside it that were not
-                  written since the freeze (no-op for other modes).
+                  granules entirely inside it are remembered, and a failed
+                  `finish` forgets those not written since the freeze (no-op
+                  for other modes).
 
 `finish(success)` applies QEMU's bitmap-mode table (mode given to `freeze`):
 
@@ -33,9 +34,9 @@ Invariant while frozen (the crash record): the parent's own bits are the
 union of its bits at freeze time and every granule marked since (a frozen
 parent's `mark` sets both the successor and the parent).  So if the process
 dies mid-job, what survives in the parent's storage (memory-mapped for
-persistent bitmaps) is exactly what `reclaim` would have produced, or for
-``always`` what the failure column says for the copies reported so far:
-never less than the truth.  Consequence for readers: take the job's copy
+persistent bitmaps) is exactly what `reclaim` would have produced: never
+less than the truth (copies reported with `copied` are forgotten only when
+the job ends).  Consequence for readers: take the job's copy
 manifest (`dirty_ranges`, `to_clusters`) right after `freeze`, before any
 ``await``; later, the parent's bits also contain post-freeze writes.
 `count`/`dirty_count` of a frozen parent include them too.
@@ -167,6 +168,8 @@ class DirtyBitmap:
         self.inconsistent = inconsistent
         self.successor: DirtyBitmap | None = None
         self.sync_mode: str | None = None
+        #: Granules a job in mode ``always`` reported copied (applied at finish).
+        self._copied: Bitmap | None = None
         self.backing: Backing | None = None
         self.store_path: str | None = None
         self.inconsistent_reason: str | None = None
@@ -394,6 +397,7 @@ class DirtyBitmap:
             raise BitmapError(f"Bitmap '{self.name}' is not frozen")
         self.successor = None
         self.sync_mode = None
+        self._copied = None
         self._recording = succ._recording
         return succ
 
@@ -416,10 +420,12 @@ class DirtyBitmap:
         """The job copied ``(offset, length)`` to the target (call it only once
         the data is safely there).
 
-        With bitmap-mode ``always``, clears the granules entirely inside it
-        from the parent, except those written since the freeze (the
-        successor's bits).  Other modes: no-op (their failure outcome needs
-        the parent's freeze-time bits intact).
+        With bitmap-mode ``always``, the granules entirely inside it are
+        remembered (``_copied``) and forgotten from the parent only by
+        ``finish(False)`` -- except those written since the freeze (the
+        successor's bits).  Nothing is cleared before the job's outcome is
+        known, so `reclaim` (forget nothing) stays correct whatever was
+        reported.  Other modes: no-op.
         """
         succ = self.successor
         if succ is None:
@@ -430,16 +436,28 @@ class DirtyBitmap:
         first, count = self._inward(offset, length)
         if count == 0:
             return
-        self.bits.clear(first, count)
-        pos, end = first, first + count
-        while pos < end:
-            s = succ.bits.next_set(pos, end)
-            if s < 0:
-                break
-            e = succ.bits.next_clear(s, end)
-            e = end if e < 0 else e
-            self._set_bits(s, e - s)
-            pos = e
+        if self._copied is None:
+            self._copied = Bitmap(self.bits.nbits)
+        self._copied.set(first, count)
+
+    def _forget_copied(self) -> None:
+        """Parent -= copied granules not rewritten since the freeze (mode always, failure)."""
+        copied, succ = self._copied, self.successor
+        if copied is None or succ is None:
+            return
+        for start, count, value in copied.runs():
+            if not value:
+                continue
+            self.bits.clear(start, count)
+            pos, end = start, start + count
+            while pos < end:
+                s = succ.bits.next_set(pos, end)
+                if s < 0:
+                    break
+                e = succ.bits.next_clear(s, end)
+                e = end if e < 0 else e
+                self._set_bits(s, e - s)
+                pos = e
 
     def finish(self, success: bool) -> None:
         """The job ended: apply the freeze's bitmap-mode (table in the module docstring)."""
@@ -452,7 +470,8 @@ class DirtyBitmap:
             self.abdicate()
         elif mode == "on-success":
             self.reclaim()
-        else:  # always, failed: parent already = successor | not-yet-copied
+        else:  # always, failed: parent = successor | not-yet-copied
+            self._forget_copied()
             self._unfreeze()
 
 

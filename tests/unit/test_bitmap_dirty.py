@@ -141,9 +141,14 @@ class DirtyMachine(RuleBasedStateMachine):
             self.P |= granules(lo, n, self.g)
 
     def stored(self) -> set[int]:
-        """What the parent must hold: while frozen, the crash record."""
+        """What the parent must hold: while frozen, the crash record.
+
+        Copied granules (mode always) are forgotten only when the job ends
+        (``finish(False)``): until then nothing is cleared, so a crash or a
+        `reclaim` never loses a dirty bit.
+        """
         if self.frozen:
-            return self.W | (self.P0 - self.K)
+            return self.W | self.P0
         return self.P
 
     @invariant()
