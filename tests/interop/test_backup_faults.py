@@ -397,22 +397,24 @@ def test_cbw_break_guest_write(side, short_tmp):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("sync", ["none", "full"])
-def test_cbw_break_snapshot(sync, short_tmp):
+@pytest.mark.parametrize("sync,side", [("none", "target"), ("full", "target"), ("none", "source")])
+def test_cbw_break_snapshot(sync, side, short_tmp):
     """break-snapshot: the live write goes on; the snapshot export then
-    answers EIO; the job fails (BLOCK_JOB_COMPLETED with error)."""
+    answers EIO (also once the fault is gone); the job fails
+    (BLOCK_JOB_COMPLETED with error)."""
     with environment(short_tmp) as env:
         async def scenario(env: Env) -> None:
             kw = {"speed": 1} if sync == "full" else {}
             await env.start("j", sync=sync, **{"on-cbw-error": "break-snapshot"}, **kw)
             snap_uri = env.snap_uri("j")
             assert await env.read(snap_uri, 9 * CS, CS) == env.orig(9)
-            env.tgt_flag.touch()
+            flag = env.src_flag if side == "source" else env.tgt_flag
+            flag.touch()
             assert await env.live_write(b"\x81" * 4096, 9 * CS) is None
             assert await env.live_write(b"\x82" * CS, 50 * CS) is None
             info = await env.wait_status("j", "concluded")
             assert "error" in info and info["snapshot-broken"], info
-            env.tgt_flag.unlink()
+            flag.unlink()
             await env.drain_events()
             done = env.named("BLOCK_JOB_COMPLETED")
             assert len(done) == 1 and "error" in done[0], env.events

@@ -14,6 +14,9 @@ itself allocates; a ``top`` backup must copy exactly those:
   still reads the point-in-time image, pattern by pattern (qemu-io -P), and
   as a whole (nbdcopy + blake3 against ``qemu-img convert`` of the overlay
   taken before the job).
+
+Without ``qemu:allocation-depth`` (qemu-nbd without ``-A``) top falls back
+to ``base:allocation``: every cluster with data anywhere in the chain.
 """
 
 from __future__ import annotations
@@ -130,17 +133,58 @@ async def wait_concluded(qmp: QMPClient, job_id: str, timeout: float = 30) -> di
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.timeout(120)
-def test_top_copies_only_overlay_clusters(serve, qemu_nbd, short_tmp, make_image, blake3_file):
+def make_chain(short_tmp, make_image):
+    """base.qcow2 <- top.qcow2 with BASE and TOP written; returns (top, pit):
+    pit is the overlay's image flattened to raw by qemu-img convert."""
     base = make_image(short_tmp / "base.qcow2", SIZE, BASE, fmt="qcow2")
     top = short_tmp / "top.qcow2"
     run_tool("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}",
              "-b", os.fspath(base), "-F", "qcow2", os.fspath(top))
     qio(os.fspath(top), *(f"write -P {p:#x} {o} {n}" for p, o, n in TOP), fmt="qcow2")
-    # The point-in-time image as a flat raw file, made by QEMU itself.
     pit = short_tmp / "pit.raw"
     run_tool("qemu-img", "convert", "-f", "qcow2", "-O", "raw", os.fspath(top), os.fspath(pit))
     qio(os.fspath(pit), *point_in_time_checks(), read_only=True)
+    return top, pit
+
+
+@pytest.mark.timeout(60)
+def test_top_without_allocation_depth_uses_base_allocation(serve, qemu_nbd, short_tmp, make_image):
+    """Without ``qemu:allocation-depth`` (qemu-nbd without -A) top falls back to
+    ``base:allocation``: every cluster with data anywhere in the chain."""
+    top, pit = make_chain(short_tmp, make_image)
+    ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
+    with qemu_nbd(top, fmt="qcow2") as q:
+        out = run_tool(peers.require("nbdinfo"), "--map", q.uri)
+        data = []
+        for line in out.splitlines():
+            off, length, flags = (int(x) for x in line.split()[:3])
+            if not flags & 1:
+                data += range(off // CS, (off + length + CS - 1) // CS)
+        assert set(TOP_CLUSTERS) < set(data), out
+        with serve(f"disk={q.uri}", extra=["--control", ctl]):
+            async def scenario() -> dict:
+                qmp = QMPClient("top-test")
+                await qmp.connect(ctl)
+                try:
+                    await qmp.execute("backup-start", {"export": "disk", "job-id": "j", "sync": "top",
+                                                       "target": os.fspath(short_tmp / "t.raw")})
+                    info = await wait_concluded(qmp, "j")
+                    await qmp.execute("job-dismiss", {"id": "j"})
+                    return info
+                finally:
+                    await qmp.disconnect()
+
+            info = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert "error" not in info, info
+    assert info["bytes-copied-by-pump"] == len(data) * CS, (info, data)
+    t, p = (short_tmp / "t.raw").read_bytes(), pit.read_bytes()
+    for c in range(SIZE // CS):
+        assert t[c * CS:(c + 1) * CS] == (p[c * CS:(c + 1) * CS] if c in data else bytes(CS)), c
+
+
+@pytest.mark.timeout(120)
+def test_top_copies_only_overlay_clusters(serve, qemu_nbd, short_tmp, make_image, blake3_file):
+    top, pit = make_chain(short_tmp, make_image)
     ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
     nbdinfo, nbdcopy = peers.require("nbdinfo"), peers.require("nbdcopy")
 
