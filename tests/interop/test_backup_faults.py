@@ -285,6 +285,15 @@ def test_ignore(side, short_tmp):
             else:
                 # the failing clusters are exactly those with data
                 assert ignored == [c for c in range(NCL) if c not in HOLES], ignored
+            # The snapshot still reads the point-in-time image (ignored
+            # clusters come from the unchanged source), also after a live
+            # write to an ignored cluster, which CBW now saves.
+            snap_uri = env.snap_uri("j")
+            assert await env.read(snap_uri) == env.original
+            c = ignored[len(ignored) // 2]
+            assert await env.live_write(b"\xd4" * 1000, c * CS + 10) is None
+            assert await env.read(snap_uri) == env.original
+            assert env.target_clusters()[c] == env.orig(c)
             await env.qmp("job-dismiss", {"id": "j"})
             await env.check_live()
         run(env, scenario)
@@ -460,4 +469,36 @@ def test_resume_refused_while_running(short_tmp):
             await env.qmp("job-cancel", {"id": "j"})
             await env.wait_status("j", "concluded")
             await env.qmp("job-dismiss", {"id": "j"})
+        run(env, scenario)
+
+
+@pytest.mark.timeout(60)
+def test_stop_many_workers_then_cancel(short_tmp):
+    """stop with several workers failing at once: one pause; a cancel while
+    paused by the error ends the job as cancelled with a partial target;
+    the snapshot stays valid until dismiss."""
+    with environment(short_tmp) as env:
+        async def scenario(env: Env) -> None:
+            env.tgt_flag.touch()
+            await env.start("j", sync="full", **{"on-target-error": "stop", "max-workers": 4,
+                                                 "max-chunk": 4 * CS})
+            info = await env.wait_status("j", "paused")
+            assert info.get("error"), info
+            await asyncio.sleep(0.2)
+            await env.drain_events()
+            statuses = [e["status"] for e in env.named("JOB_STATUS_CHANGE")]
+            assert statuses.count("paused") == 1, statuses
+            await env.qmp("job-cancel", {"id": "j"})
+            info = await env.wait_status("j", "concluded")
+            assert "error" in info and info["current-progress"] < SIZE, info
+            await env.drain_events()
+            assert len(env.named("BLOCK_JOB_CANCELLED")) == 1, env.events
+            assert not env.named("BLOCK_JOB_COMPLETED"), env.events
+            env.tgt_flag.unlink()
+            assert await env.live_write(b"\xe5" * CS, 20 * CS) is None
+            assert await env.read(env.snap_uri("j")) == env.original
+            await env.qmp("job-dismiss", {"id": "j"})
+            r = await env.read(env.snap_uri("j"), 0, 512)
+            assert isinstance(r, OSError), "the snapshot export outlived its job"
+            await env.check_live()
         run(env, scenario)
