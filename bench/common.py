@@ -61,10 +61,13 @@ def parse_size(text: str) -> int:
 
 
 def sigterm_as_interrupt() -> None:
-    """Make SIGTERM raise KeyboardInterrupt so `finally`/context exits run."""
+    """Make SIGTERM (and SIGINT, even if inherited as ignored, as for a
+    background job of a non-interactive shell) raise KeyboardInterrupt so
+    `finally` blocks and context exits stop every started process."""
     def _h(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, _h)
+    signal.signal(signal.SIGINT, _h)
 
 
 # --------------------------------------------------------------------------

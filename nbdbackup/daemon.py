@@ -146,13 +146,9 @@ def register_engine_commands(qmp: Any, engine: Any, bitmaps: Any = None) -> None
         engine.job_set_speed(id, speed)
         return {}
 
-    from .bitmap.manager import check_backup_bitmap_args
-
     async def backup_start(export: str, job_id: str, sync: str, target: str, **kw: Any) -> dict:
         if bitmaps is not None:
             bitmaps.check_backup(export, sync, kw.get("bitmap"), kw.get("bitmap_mode"))
-        else:
-            check_backup_bitmap_args(sync, kw.get("bitmap"), kw.get("bitmap_mode"))
         return await engine.backup_start(export, job_id, sync, target, **kw)
 
     qmp.register("backup-start", backup_start)

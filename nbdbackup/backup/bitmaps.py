@@ -83,5 +83,10 @@ class RegistryBitmapSource:
         if reg is None:
             raise ConfigError(f"export {export!r} has no dirty bitmaps")
         bm = reg.get(name)  # BitmapError if unknown
-        bm._require_usable()  # busy / inconsistent: QEMU's wording
+        if bm.inconsistent:
+            why = f" ({bm.inconsistent_reason})" if bm.inconsistent_reason else ""
+            raise ConfigError(
+                f"Bitmap '{name}' is inconsistent{why}: it may miss writes, so no backup can use it; "
+                f"remove it, add a new bitmap and take a full backup")
+        bm._require_usable()  # busy: QEMU's wording
         return RegistryLease(bm, mode, cluster_size, nclusters)

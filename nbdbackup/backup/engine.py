@@ -216,6 +216,11 @@ class Engine:
             raise ConfigError("sync=incremental requires bitmap-mode on-success")
         if sync in ("full", "top") and bitmap is not None and bitmap_mode is None:
             raise ConfigError(f"sync={sync} with a bitmap needs bitmap-mode")
+        if sync == "bitmap" and bitmap is not None and bitmap_mode is None:
+            raise ConfigError("Bitmap sync mode must be given when providing a bitmap")
+        if bitmap_mode == "never" and sync in ("full", "top"):
+            raise ConfigError(f"Bitmap sync mode 'never' has no meaningful effect when combined "
+                              f"with sync mode '{sync}'")
         if bitmap is not None and self.bitmaps is None:
             raise ConfigError("dirty bitmaps are not available on this server")
         if snapshot is None:
@@ -475,7 +480,7 @@ class PreparedBackup:
                 self.export, self.bitmap, self.bitmap_mode, job.state.cluster_size, job.state.nclusters)
             if hasattr(self.lease, "bind"):
                 self.lease.bind(job.state)
-            job._on_end = self.lease.end
+            job.on_end = self.lease.end
         job.attach()
         self.committed = True
 

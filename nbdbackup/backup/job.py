@@ -113,8 +113,11 @@ class BackupJob:
       neither); ``_cancel_requested``; ``_failure`` (a JobFailure set by CBW
       break-snapshot before cancelling the task); ``_task``;
     - ``_on_dismiss`` (async engine callback: remove the export and the job),
-      ``_on_end`` (called with success: bool when the job concludes; the
-      dirty-bitmap lease uses it), ``emit``.
+      ``on_end`` (public: ``callable(success: bool)`` returning None or an
+      awaitable, called once when the job concludes, before its completion
+      event; the dirty-bitmap lease sets it, and a grouped transaction
+      wraps it so that the group's bitmaps commit only if every job
+      succeeded), ``emit``.
     """
 
     def __init__(self, job_id: str, *, device: str, sync: str, state: CopyState,
@@ -158,7 +161,7 @@ class BackupJob:
         self._task: asyncio.Task | None = None
         self._started = False  # _run began (before that, cancel only sets flags)
         self._on_dismiss = on_dismiss
-        self._on_end = on_end
+        self.on_end = on_end
         self._attached = False
         self._emit("JOB_STATUS_CHANGE", {"id": self.id, "status": self.status.value})
 
@@ -274,9 +277,9 @@ class BackupJob:
             raise JobFailure(OSError(e.errno, f"flushing the target failed: {e.strerror or e}")) from e
 
     async def _end(self, success: bool) -> None:
-        if self._on_end is not None:
+        if self.on_end is not None:
             try:
-                r = self._on_end(success)
+                r = self.on_end(success)
                 if inspect.isawaitable(r):
                     await r
             except Exception:

@@ -5,10 +5,9 @@ by the `BitmapStore` of ``--state-dir`` when the export's disk is a file),
 builds the export's `hook.BitmapLiveDev`, answers the ``block-dirty-bitmap-*``
 and ``query-bitmaps`` commands (QEMU's names, ``export`` where QEMU says
 ``node``) and runs ``transaction``.  `BitmapManager.check_backup` (used by
-the daemon's backup-start and by transaction) adds QEMU's bitmap/sync
-refusals the engine does not make itself (`check_backup_bitmap_args`) and
-refuses an inconsistent bitmap with a message that says to take a full
-backup.
+the daemon's backup-start and by transaction) refuses an inconsistent bitmap
+early, with a message that says to take a full backup (the sync x bitmap x
+bitmap-mode rules are the engine's).
 
 Fields of `BitmapManager` (asyncio loop only):
 - ``store``: the `BitmapStore`, or None without ``--state-dir``;
@@ -38,7 +37,7 @@ Transaction (``actions`` in order; QEMU's three phases):
    its snapshot export and starts.
 
 ``completion-mode: grouped``: each job's conclusion callback (the engine's
-``job._on_end``, which ends the dirty-bitmap lease) is wrapped so that it
+``job.on_end``, which ends the dirty-bitmap lease) is wrapped so that it
 waits until every job of the group concluded, and the lease ends with
 success only if ALL jobs succeeded; the first failure cancels the other
 jobs still running.  So the bitmaps of a group are committed (abdicated)
@@ -61,30 +60,13 @@ from .hook import BitmapLiveDev
 
 log = logging.getLogger("nbdbackup.bitmap")
 
-__all__ = ["BitmapManager", "check_backup_bitmap_args", "register_commands"]
+__all__ = ["BitmapManager", "register_commands"]
 
 
 def _innermost(dev: BlockDev) -> BlockDev:
     while isinstance(dev, FilterDev):
         dev = dev.inner
     return dev
-
-
-def check_backup_bitmap_args(sync: str, bitmap: str | None, bitmap_mode: str | None) -> None:
-    """QEMU's refusals for sync x bitmap x bitmap-mode (iotest 257's table).
-
-    The engine refuses: no bitmap with sync incremental/bitmap; a bitmap with
-    sync none; bitmap-mode without bitmap; incremental with a mode other than
-    on-success; full/top/bitmap with a bitmap but no mode.  This adds the
-    ones it does not (yet) check, with QEMU's wording.
-    """
-    if bitmap is None:
-        return
-    if sync == "bitmap" and bitmap_mode is None:
-        raise ConfigError("Bitmap sync mode must be given when providing a bitmap")
-    if bitmap_mode == "never" and sync in ("full", "top"):
-        raise ConfigError(f"Bitmap sync mode 'never' has no meaningful effect when combined "
-                          f"with sync mode '{sync}'")
 
 
 class _Group:
@@ -99,7 +81,7 @@ class _Group:
         self.done = asyncio.Event()
 
     def add(self, job: Any) -> None:
-        orig: Callable[[bool], Any] | None = job._on_end
+        orig: Callable[[bool], Any] | None = job.on_end
         self.jobs[job.id] = job
         self.pending.add(job.id)
 
@@ -119,7 +101,7 @@ class _Group:
                 if inspect.isawaitable(r):
                     await r
 
-        job._on_end = on_end
+        job.on_end = on_end
 
     def drop(self, job_id: str) -> None:
         """A job that will never run (aborted before start) leaves the group as a failure."""
@@ -211,10 +193,9 @@ class BitmapManager:
             reg.close()
 
     def check_backup(self, export: str, sync: str, bitmap: str | None, bitmap_mode: str | None) -> None:
-        """Refusals a backup-start gets before the engine sees it: QEMU's
-        combination rules (`check_backup_bitmap_args`), and an inconsistent
-        bitmap (a possibly incomplete one is never used: take a full backup)."""
-        check_backup_bitmap_args(sync, bitmap, bitmap_mode)
+        """Refusal a backup-start gets before the engine prepares anything: an
+        inconsistent bitmap (a possibly incomplete one is never used: take a
+        full backup).  The sync x bitmap x bitmap-mode rules are the engine's."""
         reg = self.registries.get(export)
         if bitmap is not None and reg is not None and bitmap in reg and reg.get(bitmap).inconsistent:
             bm = reg.get(bitmap)
