@@ -48,7 +48,8 @@ Method: rounds alternate the order of the two servers; each (round, server)
 gets a fresh copy of the base image; each session starts a fresh server
 process and a fresh sparse target, and is stopped by PID.  Medians over the
 rounds; ratios with/without are paired per round (median of per-round
-ratios).  Server CPU time (user+sys, all threads) is recorded next to each
+ratios); ``cpu-ratio`` is the same ratio computed from server CPU per unit of
+work (without / with), steadier than wall clock on a shared machine.  Server CPU time (user+sys, all threads) is recorded next to each
 figure: on a shared machine it is steadier than wall-clock throughput.
 
 Usage: ``bench/backup_bench.py [--size 1G] [--rounds 3] [--only live,snap,pump]
@@ -102,6 +103,8 @@ def build_metrics() -> dict[str, Metric]:
         ms.append(Metric(f"{name}:without", unit, description=f"{what}; no backup"))
         ms.append(Metric(f"{name}:with", unit, description=f"{what}; during a sync=none backup"))
         ms.append(Metric(f"{name}:ratio", "x", description="with/without, paired per round"))
+        ms.append(Metric(f"{name}:cpu-ratio", "x", description="server CPU per unit without / with, "
+                         "paired per round (the throughput ratio a CPU-bound server would reach)"))
         cpu_unit = "cpu-us/op" if unit == "IOPS" else "cpu-s/GiB"
         ms.append(Metric(f"{name}:cpu-without", cpu_unit, higher_is_better=False,
                          description="server CPU per unit of work, no backup"))
@@ -419,6 +422,7 @@ class Bench:
             self.record(f"{name}:with", server, w)
             self.record(f"{name}:without", server, wo)
             self.record(f"{name}:ratio", server, w / wo)
+            self.record(f"{name}:cpu-ratio", server, cwo / cw)
             self.record(f"{name}:cpu-with", server, cw)
             self.record(f"{name}:cpu-without", server, cwo)
 
@@ -598,9 +602,10 @@ def report(res: Results, markdown: bool = False) -> str:
                       _f(med(f"{name}:without", QEMU)), _f(med(f"{name}:with", QEMU)), _f(rq, "x"),
                       _f(med(f"{name}:without", OURS)), _f(med(f"{name}:with", OURS)), _f(ro, "x"),
                       f">= {GOALS[name]:.1f}x", f"{QEMU72_ISSUE[name]:.2f}x",
+                      _f(med(f"{name}:cpu-ratio", QEMU), "x"), _f(med(f"{name}:cpu-ratio", OURS), "x"),
                       _f(med(f"{name}:cpu-with", OURS)) + " / " + _f(med(f"{name}:cpu-without", OURS))])
     head1 = ["live writes", "unit", "qemu w/o", "qemu with", "qemu ratio", "ours w/o", "ours with",
-             "ours ratio", "goal", "issue qemu", "ours cpu with/w/o"]
+             "ours ratio", "goal", "issue qemu", "qemu cpu-ratio", "ours cpu-ratio", "ours cpu with/w/o"]
     rows2 = []
     for name, others in (("snap-read-idle", [QEMU]), ("snap-read-pump", [QEMU]),
                          ("pump-full", [QEMU, QEMU_IMG])):
