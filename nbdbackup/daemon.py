@@ -125,39 +125,20 @@ def register_export_commands(qmp: Any, app: App) -> None:
 
 
 def register_engine_commands(qmp: Any, engine: Any, bitmaps: Any = None) -> None:
-    """Backup and job commands, with the schemas of `control.schema.COMMANDS`.
+    """Backup and job commands: the engine's own table (`backup.engine.register_commands`),
+    with ``backup-start`` first asking the bitmap manager to refuse an
+    inconsistent bitmap early."""
+    from .backup.engine import register_commands
 
-    Handlers take the schema's members as keywords (``job-id`` -> ``job_id``),
-    which are exactly `Engine.backup_start`'s parameters.
-    """
-
-    async def query_jobs() -> list:
-        return engine.query_jobs()
-
-    def by_id(method):
-        async def handler(id: str) -> Any:  # noqa: A002 - QMP's member name
-            r = method(id)
-            if hasattr(r, "__await__"):
-                r = await r
-            return r if r is not None else {}
-        return handler
-
-    async def job_set_speed(id: str, speed: int) -> dict:  # noqa: A002
-        engine.job_set_speed(id, speed)
-        return {}
+    register_commands(qmp, engine)
+    if bitmaps is None:
+        return
 
     async def backup_start(export: str, job_id: str, sync: str, target: str, **kw: Any) -> dict:
-        if bitmaps is not None:
-            bitmaps.check_backup(export, sync, kw.get("bitmap"), kw.get("bitmap_mode"))
+        bitmaps.check_backup(export, sync, kw.get("bitmap"), kw.get("bitmap_mode"))
         return await engine.backup_start(export, job_id, sync, target, **kw)
 
     qmp.register("backup-start", backup_start)
-    qmp.register("query-jobs", query_jobs)
-    qmp.register("job-pause", by_id(engine.job_pause))
-    qmp.register("job-resume", by_id(engine.job_resume))
-    qmp.register("job-cancel", by_id(engine.job_cancel))
-    qmp.register("job-dismiss", by_id(engine.job_dismiss))
-    qmp.register("job-set-speed", job_set_speed)
 
 
 async def start(server, args: argparse.Namespace | None = None) -> App:

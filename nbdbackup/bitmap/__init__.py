@@ -7,7 +7,11 @@ Modules:
   and `BitmapRegistry` (the bitmaps of one export);
 - `store`: `BitmapStore`, persistent bitmaps in memory-mapped files that stay
   complete after ``kill -9`` (the argument is in its docstring);
-- `lease`: `RegistrySource`, the backup engine's `BitmapSource`.
+- `hook`: `DirtyHook` (marks before every live write, syncs before every
+  FLUSH/FUA acknowledgement) and `BitmapLiveDev` (a live export's device with
+  its bitmaps' ``qemu:dirty-bitmap:NAME`` contexts);
+- `manager`: `BitmapManager`, the bitmaps of a running server (per-export
+  registries, QMP commands, ``transaction``).
 """
 
 from .core import Bitmap

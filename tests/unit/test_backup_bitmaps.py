@@ -1,7 +1,6 @@
 """Incremental/bitmap backups through a `BitmapSource` (dirty-bitmap successor protocol).
 
-Run against both adapters: ours (`backup.bitmaps.RegistryBitmapSource`) and
-the bitmap package's (`bitmap.lease.RegistrySource`).
+Through `backup.bitmaps.RegistryBitmapSource`, the engine's adapter.
 """
 
 from __future__ import annotations
@@ -35,15 +34,12 @@ class MarkHook:
         pass
 
 
-SOURCES = ["backup", "bitmap"]
+SOURCES = ["backup"]
 
 
 def make_source(kind, lookup):
-    if kind == "backup":
-        return RegistryBitmapSource(lookup)
-    from nbdbackup.bitmap.lease import RegistrySource
-
-    return RegistrySource(lookup)
+    assert kind == "backup"
+    return RegistryBitmapSource(lookup)
 
 
 def setup(seed=0, kind="backup"):

@@ -1,4 +1,4 @@
-"""RegistrySource/Lease: what the backup engine gets for ``bitmap=NAME``."""
+"""`backup.bitmaps.RegistryBitmapSource`: what the backup engine gets for ``bitmap=NAME``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from nbdbackup.bitmap.core import Bitmap
 from nbdbackup.bitmap.dirty import BitmapRegistry
-from nbdbackup.bitmap.lease import RegistrySource
-from nbdbackup.errors import ConfigError
+from nbdbackup.backup.bitmaps import RegistryBitmapSource as RegistrySource
+from nbdbackup.errors import NBDBackupError
 
 G = 4096
 CS = 65536
@@ -28,13 +28,13 @@ def setup() -> tuple[BitmapRegistry, RegistrySource]:
 
 def test_clusters_context_and_refusals() -> None:
     reg, src = setup()
-    with pytest.raises(ConfigError):
+    with pytest.raises(NBDBackupError):
         src.begin_backup("nope", "b", "on-success", CS, 11)
-    with pytest.raises(ConfigError):
+    with pytest.raises(NBDBackupError):
         src.begin_backup("e", "nope", "on-success", CS, 11)
     lease = src.begin_backup("e", "b", "on-success", CS, 11)
     assert [i for i in range(11) if lease.clusters.get(i)] == [1, 3, 4, 10]
-    with pytest.raises(ConfigError):
+    with pytest.raises(NBDBackupError):
         src.begin_backup("e", "b", "on-success", CS, 11)  # busy
     reg.mark(0, 1)  # after the freeze: not in the snapshot's context
     name, provider = lease.context
@@ -62,7 +62,8 @@ def test_always_mode_keeps_only_uncopied_and_new(success: bool, flush_fails: boo
     lease = src.begin_backup("e", "b", "always", CS, 11)
     done = Bitmap(11)
     done.set(3)  # copied cluster 3 only
-    lease.bind(SimpleNamespace(done=done, target=Target(flush_fails)))
+    lease.bind(SimpleNamespace(done=done, target=Target(flush_fails),
+                               span=lambda s, n: (s * CS, min((s + n) * CS, SIZE) - s * CS)))
     reg.mark(3 * CS + 100, 1)  # written after the freeze
     asyncio.run(lease.end(success))
     b = reg.get("b")
