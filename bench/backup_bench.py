@@ -14,8 +14,9 @@ before each timed section, outside it):
                            k*64K, random order), 32 in flight, one connection;
    c. ``live-seq-copied``  a. repeated on the same range (every cluster is
                            already copied: no CBW work is left).
-   b. stops issuing writes after ``--max-seconds`` (default 4 s): it reports
-   IOPS over the writes done (at least 4 s of them), not over all clusters.
+   b. stops issuing writes after ``--max-seconds`` (default 4 s), then
+   reports IOPS over the writes done, not over all clusters (so a slow
+   server does not blow the run time).
 2. Snapshot export sequential read, ``nbdcopy SNAP_URI null:`` (default
    connections), nbdbackup vs QEMU, on the same files:
    - ``snap-read-idle``  the snapshot right after the backup started, nothing
@@ -48,9 +49,10 @@ Method: rounds alternate the order of the two servers; each (round, server)
 gets a fresh copy of the base image; each session starts a fresh server
 process and a fresh sparse target, and is stopped by PID.  Medians over the
 rounds; ratios with/without are paired per round (median of per-round
-ratios); ``cpu-ratio`` is the same ratio computed from server CPU per unit of
-work (without / with), steadier than wall clock on a shared machine.  Server CPU time (user+sys, all threads) is recorded next to each
-figure: on a shared machine it is steadier than wall-clock throughput.
+ratios).  Server CPU time (user+sys, all threads) is recorded next to each
+figure; ``cpu-ratio`` is the with/without ratio computed from server CPU per
+unit of work (without / with): on a shared machine it is steadier than the
+wall-clock ratio.
 
 Usage: ``bench/backup_bench.py [--size 1G] [--rounds 3] [--only live,snap,pump]
 [--servers qemu,nbdbackup] [--dir /tmp] [--max-seconds 4] [--keep] [--no-json]
