@@ -65,9 +65,22 @@ def sigterm_as_interrupt() -> None:
     background job of a non-interactive shell) raise KeyboardInterrupt so
     `finally` blocks and context exits stop every started process."""
     def _h(signum, frame):
+        _interrupted.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, _h)
     signal.signal(signal.SIGINT, _h)
+
+
+#: Signals received (see `sigterm_as_interrupt`); a KeyboardInterrupt raised
+#: inside a C library's callback (libnbd completion callbacks) may be
+#: swallowed there, so long loops also poll `check_interrupted`.
+_interrupted: list[int] = []
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if a stop signal arrived (even if swallowed)."""
+    if _interrupted:
+        raise KeyboardInterrupt(f"signal {_interrupted[0]}")
 
 
 # --------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def rand_io(uri: str, size: int, write: bool, qd: int = 32, duration: float = 3.
             return 1  # auto-retire
 
         issue = h.aio_pwrite if write else h.aio_pread
-        i = 0
+        i = polls = 0
         for phase_len in (0.3, duration):
             start_done = done[0]
             t0 = time.perf_counter()
@@ -200,10 +200,14 @@ def rand_io(uri: str, size: int, write: bool, qd: int = 32, duration: float = 3.
                 h.poll(-1)
                 if time.perf_counter() >= end:
                     break
+                polls += 1
+                if polls & 255 == 0:
+                    common.check_interrupted()
             elapsed = time.perf_counter() - t0
             ops = done[0] - start_done
         while h.aio_in_flight() > 0:
             h.poll(-1)
+        common.check_interrupted()
         if errors[0]:
             raise RuntimeError(f"{errors[0]} requests failed")
         return ops / elapsed, done[0]
