@@ -65,6 +65,9 @@ from ..blockdev.base import BlockDev, Extent, FilterDev, merge_extents
 
 Copier = Literal["pump", "cbw"]
 
+#: Offloaded copies up to this size run inline on the event loop (see `_copy_offload`).
+INLINE_COPY = 1024 * 1024
+
 
 class CopyError(OSError):
     """A cluster copy failed; ``operation`` is "read" (source) or "write" (target)."""
@@ -393,7 +396,18 @@ class CopyState:
             await self.target.pwrite(bytes(length), offset)
 
     async def _copy_offload(self, src, dst, offset: int, length: int) -> None:
-        """copy_file_range for data extents, target.zero for source holes."""
+        """copy_file_range for data extents, target.zero for source holes.
+
+        Copies up to `INLINE_COPY` bytes (copy-before-write's usual size) run
+        inline with no hole probing: a thread hand-off cost more than the
+        page-cache copy itself, and SEEK_HOLE can be slow (tmpfs scans the
+        file); such a copy writes a source hole as zeroes, which is the same
+        content.  Larger copies (the pump's chunks) skip holes and run in a
+        worker thread.
+        """
+        if length <= INLINE_COPY:
+            _copy_range(src.fd, dst.fd, offset, length)
+            return
         loop = asyncio.get_running_loop()
         exts: list[Extent] = merge_extents(src.extents_sync(offset, length))
         for e in exts:
