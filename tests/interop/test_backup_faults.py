@@ -438,21 +438,31 @@ def test_cbw_break_snapshot(sync, side, short_tmp):
 
 
 @pytest.mark.timeout(60)
-def test_cbw_timeout(short_tmp):
+@pytest.mark.parametrize("mode", ["break-guest-write", "break-snapshot"])
+def test_cbw_timeout(mode, short_tmp):
     """cbw-timeout: a target slower than the timeout counts as a CBW error:
     with break-guest-write the live write fails with EIO and the disk is
-    unchanged."""
+    unchanged; with break-snapshot it succeeds and the snapshot breaks."""
     with environment(short_tmp, tgt_filters=("delay",), tgt_args=("delay-write=3",)) as env:
         async def scenario(env: Env) -> None:
-            await env.start("j", sync="none", **{"cbw-timeout": 1, "on-cbw-error": "break-guest-write"})
+            await env.start("j", sync="none", **{"cbw-timeout": 1, "on-cbw-error": mode})
             t0 = time.monotonic()
             e = await env.live_write(b"\x91" * 4096, 2 * CS)
-            assert isinstance(e, OSError) and e.errno == errno.EIO, e
             assert time.monotonic() - t0 < 2.8
-            assert await env.read(env.live_uri, 2 * CS, CS) == env.orig(2)
-            assert await env.read(env.snap_uri("j"), 0, 4 * CS) == env.original[:4 * CS]
-            await env.qmp("job-cancel", {"id": "j"})
-            await env.wait_status("j", "concluded")
+            if mode == "break-guest-write":
+                assert isinstance(e, OSError) and e.errno == errno.EIO, e
+                assert await env.read(env.live_uri, 2 * CS, CS) == env.orig(2)
+                assert await env.read(env.snap_uri("j"), 0, 4 * CS) == env.original[:4 * CS]
+                assert (await env.job("j"))["status"] == "running"
+                await env.qmp("job-cancel", {"id": "j"})
+                info = await env.wait_status("j", "concluded")
+                assert "error" not in info, info
+            else:
+                assert e is None
+                info = await env.wait_status("j", "concluded")
+                assert "error" in info and info["snapshot-broken"], info
+                r = await env.read(env.snap_uri("j"), 0, 4096)
+                assert isinstance(r, OSError) and r.errno == errno.EIO, r
             await env.qmp("job-dismiss", {"id": "j"})
             await env.check_live()
         run(env, scenario, timeout=40)
