@@ -25,6 +25,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -450,16 +451,22 @@ def py_spy_start(procs: Procs, pid: int, duration: float, out: str | os.PathLike
     return procs.start("py-spy", argv, log_path=str(out) + ".log")
 
 
-def aggregate_collapsed(path: str | os.PathLike, strip_prefix: str = "") -> dict:
+def aggregate_collapsed(path: str | os.PathLike, strip_prefix: str = "",
+                        by_function: bool = False) -> dict:
     """`aggregate_collapsed_text` of a py-spy ``-f raw`` output file."""
-    return aggregate_collapsed_text(Path(path).read_text(errors="replace"), strip_prefix)
+    return aggregate_collapsed_text(Path(path).read_text(errors="replace"), strip_prefix, by_function)
 
 
-def aggregate_collapsed_text(text: str, strip_prefix: str = "") -> dict:
+_LINE_NO = re.compile(r":\d+\)$")
+
+
+def aggregate_collapsed_text(text: str, strip_prefix: str = "", by_function: bool = False) -> dict:
     """Self and inclusive sample counts per frame from collapsed stacks.
 
     Each line is ``frame;frame;...;leaf COUNT``; a frame is counted once per
-    stack for inclusive time (recursion is not double-counted).  Returns
+    stack for inclusive time (recursion is not double-counted).  py-spy
+    frames read ``func (file.py:LINE)``; ``by_function`` drops the line so
+    all lines of a function add up.  Returns
     ``{"total": N, "self": {frame: n}, "inclusive": {frame: n}}``.
     """
     self_c: dict[str, int] = {}
@@ -472,6 +479,8 @@ def aggregate_collapsed_text(text: str, strip_prefix: str = "") -> dict:
         n_i = int(n)
         total += n_i
         frames = [f.replace(strip_prefix, "") for f in stack.split(";")]
+        if by_function:
+            frames = [_LINE_NO.sub(")", f) for f in frames]
         self_c[frames[-1]] = self_c.get(frames[-1], 0) + n_i
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n_i

@@ -342,8 +342,10 @@ def run_profile(args, ws: Workspace, procs: Procs, img: str, src: str) -> None:
         if perf is not None and perf.log_path and perf.log_path.exists():
             print(perf.log_tail(14))
         if out.exists():
-            agg = common.aggregate_collapsed(out)
-            print(common.format_profile(agg, top=args.top))
+            for by_function in (True, False):
+                print(f"--- by {'function' if by_function else 'line'}")
+                agg = common.aggregate_collapsed(out, by_function=by_function)
+                print(common.format_profile(agg, top=args.top))
 
 
 def main(argv: list[str] | None = None) -> int:

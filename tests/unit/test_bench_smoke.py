@@ -95,6 +95,13 @@ def test_profile_aggregation(bench):
     assert agg["inclusive"]["rec"] == 1  # recursion counted once per stack
     out = common.format_profile(agg, top=2)
     assert "60.0%  read" in out
+    lines = ("main (a.py:1);f (a.py:10) 2\n"
+             "main (a.py:1);f (a.py:12) 3\n")
+    by_line = common.aggregate_collapsed_text(lines)
+    assert by_line["self"] == {"f (a.py:10)": 2, "f (a.py:12)": 3}
+    by_fn = common.aggregate_collapsed_text(lines, by_function=True)
+    assert by_fn["self"] == {"f (a.py)": 5}
+    assert by_fn["inclusive"]["main (a.py)"] == 5
 
 
 def test_server_command_lines(bench, tmp_path):
