@@ -19,8 +19,13 @@ random pump speed, worker count and chunk size, then at the same time:
 
 After each run: the snapshot export read in full hashes (blake3) to the
 original; the job completes without error with all bytes accounted; the
-target file equals the original; the live export equals the model.  The
-live image at the end of a run is the next run's original.
+target file equals the original; the live export equals the model; what
+the snapshot's ``base:allocation`` calls zero is zero in the original.  The
+live image at the end of a run is the next run's original.  Set
+``NBDBACKUP_TEST_SEED`` to explore other seeds.
+
+Also: disks whose size is no multiple of the cluster (a short last cluster),
+and a cancel + dismiss while writers and snapshot readers are running.
 """
 
 from __future__ import annotations
