@@ -399,13 +399,22 @@ class CopyState:
         """copy_file_range for data extents, target.zero for source holes.
 
         Copies up to `INLINE_COPY` bytes (copy-before-write's usual size) run
-        inline with no hole probing: a thread hand-off cost more than the
-        page-cache copy itself, and SEEK_HOLE can be slow (tmpfs scans the
-        file); such a copy writes a source hole as zeroes, which is the same
-        content.  Larger copies (the pump's chunks) skip holes and run in a
-        worker thread.
+        inline: a thread hand-off cost more than the page-cache copy itself.
+        They probe holes with one SEEK_DATA only (SEEK_HOLE can be slow: tmpfs
+        scans the cached file), so a range that is all hole stays a hole in
+        the target; a partly-hole range is copied whole (same content).
+        Larger copies (the pump's chunks) skip every hole and run in a worker
+        thread.
         """
         if length <= INLINE_COPY:
+            try:
+                data = os.lseek(src.fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                data = offset + length if e.errno == errno.ENXIO else offset
+            if data >= offset + length:
+                await self._zero_target(offset, length)
+                self.clusters_skipped_zero += (length + self.cluster_size - 1) // self.cluster_size
+                return
             _copy_range(src.fd, dst.fd, offset, length)
             return
         loop = asyncio.get_running_loop()

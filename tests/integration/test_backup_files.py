@@ -136,3 +136,32 @@ def test_busy_target_and_no_litter(short_tmp, make_image):
         await engine.shutdown()
         await dev.close()
     run(main())
+
+
+def test_cbw_keeps_source_holes_sparse_in_a_file_target(short_tmp):
+    """A copy-before-write of a cluster that is a hole in the source leaves a hole
+    in the target (zero detection), while a data cluster is copied."""
+    src_path, tgt_path = short_tmp / "s.img", short_tmp / "t.img"
+    with open(src_path, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(os.urandom(65536))
+    with open(tgt_path, "wb") as f:
+        f.truncate(8 << 20)
+
+    async def main():
+        src, tgt = FileDev(str(src_path)), FileDev(str(tgt_path))
+        st = copystate.CopyState(src, tgt, 65536)
+        assert st.offload
+        await st.protect(2 << 20, 4096)  # inside a source hole
+        await st.protect(0, 4096)  # inside data
+        data = [(e.offset, e.length) for e in tgt.extents_sync(0, 8 << 20) if not e.flags]
+        assert data == [(0, 65536)]
+        assert st.clusters_skipped_zero == 1 and st.done.get(32) and st.done.get(0)
+        buf = bytearray(65536)
+        await tgt.pread(memoryview(buf), 0)
+        with open(src_path, "rb") as f:
+            assert bytes(buf) == f.read(65536)
+        await src.close()
+        await tgt.close()
+
+    run(main())
