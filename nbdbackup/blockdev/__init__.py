@@ -10,8 +10,6 @@ the CLI and the control socket parse SPECs:
 
 from __future__ import annotations
 
-import errno
-import os
 import re
 
 from ..errors import ConfigError

@@ -49,14 +49,13 @@ import contextlib
 import inspect
 import logging
 import os
-import socket
-import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from .. import __version__
 from ..errors import ConfigError, NBDBackupError
+from ..sockets import prepare_unix_socket
 from . import framing, schema
 from .schema import CommandError, Struct
 
@@ -189,7 +188,7 @@ class QMPServer:
         """
         assert self._server is None, "already started"
         path = os.fspath(path)
-        _clear_stale_socket(path)
+        prepare_unix_socket(path, "control socket")
         try:
             self._server = await asyncio.start_unix_server(self._on_connect, path=path)
         except OSError as e:
@@ -315,28 +314,6 @@ def _check_signature(name: str, handler: Handler, args: Struct) -> None:
             member = next((m for m in args.members if m.replace("-", "_") == kw), None)
             if member is None or args.members[member][1]:
                 raise TypeError(f"handler for {name}: parameter {kw!r} needs a default (optional or unknown member)")
-
-
-def _clear_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"control socket {path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # nobody listens: stale
-        return
-    except OSError as e:
-        raise ConfigError(f"control socket {path}: {e.strerror or e}") from e
-    finally:
-        probe.close()
-    raise ConfigError(f"control socket {path}: already in use by a running server")
 
 
 class _Session:

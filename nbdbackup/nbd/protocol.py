@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import errno
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Callable, Sequence
 

@@ -39,11 +39,11 @@ import errno
 import logging
 import os
 import socket
-import stat
 from dataclasses import dataclass, field
 
 from ..blockdev.base import BASE_ALLOCATION, BlockDev
 from ..errors import ConfigError
+from ..sockets import prepare_unix_socket
 from . import protocol as proto
 from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection
 from .wire import Cmd, CmdFlag, StateFlag
@@ -203,7 +203,7 @@ class Server:
         return NBDConnection(self)
 
     async def start_unix(self, path: str) -> None:
-        prepare_unix_socket(path)
+        prepare_unix_socket(path, "NBD socket")
         srv = await asyncio.get_running_loop().create_unix_server(self._factory, path, backlog=128)
         self._servers.append(srv)
         self._unix_paths.append(path)
@@ -247,28 +247,6 @@ class Server:
             if exp.owns_dev:
                 await exp.dev.close()
         self.exports.clear()
-
-
-def prepare_unix_socket(path: str) -> None:
-    """Remove a stale socket file left by a crash; refuse one a live process owns."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1.0)
-        s.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # stale: nobody listens
-        return
-    except OSError as e:
-        raise ConfigError(f"socket {path} is not usable: {e.strerror}") from None
-    finally:
-        s.close()
-    raise ConfigError(f"socket {path} is busy: another server is listening on it")
 
 
 class NBDConnection(asyncio.BufferedProtocol):
