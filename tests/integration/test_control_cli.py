@@ -49,7 +49,7 @@ class FakeEngine:
         async def handler(**kw):
             self.calls.append((name, kw))
             if kw.get("id") == "nope" or kw.get("name") == "nope":
-                raise CommandError("DeviceNotActive", f"'nope' not found")
+                raise CommandError("DeviceNotActive", "'nope' not found")
             if name == "job-dismiss":
                 self.jobs.pop(kw["id"], None)
         return handler

@@ -18,7 +18,6 @@ import threading
 import blake3
 import pytest
 
-import peers
 
 nbd = pytest.importorskip("nbd")
 

@@ -21,7 +21,7 @@ from nbdbackup.nbd.protocol import (
     State,
     transmission_flags,
 )
-from nbdbackup.nbd.wire import Cmd, CmdFlag, Info, Opt, Rep, TransmissionFlag
+from nbdbackup.nbd.wire import Cmd, CmdFlag, Info, Opt, Rep
 
 RW_FLAGS = transmission_flags(read_only=False, can_flush=True, can_fua=True, can_trim=True, can_zero=True,
                               can_fast_zero=False, can_cache=True, can_multi_conn=True)
