@@ -158,6 +158,20 @@ class BlockDev(abc.ABC):
     async def close(self) -> None:
         """Release resources.  Further calls are a bug."""
 
+    # -- optional synchronous fast paths ------------------------------------
+    #
+    # The server answers a READ without creating a task when the data is at
+    # hand (page cache, RAM).  A device that cannot tell keeps the defaults:
+    # the normal async path is always correct.
+
+    def pread_now(self, buf: memoryview, offset: int) -> bool:
+        """Fill ``buf`` now if that cannot block; True when done (else nothing is promised)."""
+        return False
+
+    def extents_now(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent] | None:
+        """`extents` computed now if that is cheap and cannot block, else None."""
+        return None
+
 
 _ZERO_CHUNK = bytes(1024 * 1024)
 
@@ -233,6 +247,20 @@ class FilterDev(BlockDev):
     async def close(self) -> None:
         if self.owns_inner:
             await self.inner.close()
+
+    # A filter that changes reads (or extents) overrides `pread` (`extents`);
+    # the synchronous fast paths then must not bypass it, so they forward to
+    # the inner device only while the async method is the plain forwarder.
+
+    def pread_now(self, buf: memoryview, offset: int) -> bool:
+        if type(self).pread is not FilterDev.pread:
+            return False
+        return self.inner.pread_now(buf, offset)
+
+    def extents_now(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent] | None:
+        if type(self).extents is not FilterDev.extents:
+            return None
+        return self.inner.extents_now(offset, length, context)
 
 
 HOLE_ZERO = int(StateFlag.HOLE | StateFlag.ZERO)

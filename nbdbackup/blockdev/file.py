@@ -167,6 +167,25 @@ class FileDev(BlockDev):
 
     # -- BlockDev ---------------------------------------------------------
 
+    def pread_now(self, buf: memoryview, offset: int) -> bool:
+        """One ``preadv(RWF_NOWAIT)``: done now iff the page cache holds it all."""
+        if not self._nowait:
+            return False
+        try:
+            return os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT) == len(buf)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False
+            return False
+
+    def extents_now(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent] | None:
+        if context != BASE_ALLOCATION:
+            return None
+        return self.extents_sync(offset, length)
+
     async def pread(self, buf: memoryview, offset: int) -> None:
         n = len(buf)
         if self._nowait:

@@ -100,6 +100,10 @@ class MemoryDev(BlockDev):
     async def pread(self, buf: memoryview, offset: int) -> None:
         self.read_sync(buf, offset)
 
+    def pread_now(self, buf: memoryview, offset: int) -> bool:
+        self.read_sync(buf, offset)
+        return True
+
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
         if self.read_only:
             raise OSError(1, "read-only device")
@@ -120,6 +124,9 @@ class MemoryDev(BlockDev):
         pass
 
     async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
+        return self.extents_now(offset, length, context)
+
+    def extents_now(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
         self._check(offset, length)
         if context not in (BASE_ALLOCATION, ALLOCATION_DEPTH):
             raise OSError(22, f"unknown meta context {context!r}")

@@ -280,6 +280,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._pool: dict[int, list[bytearray]] = {}
         #: Buffers written while the send buffer was not empty.
         self._pending_bufs: list[bytearray] = []
+        self._writev = False
 
     # ------------------------------------------------------ asyncio hooks
 
@@ -294,7 +295,17 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         self.server.connections.add(self)
         transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
+        # uvloop's writelines is one writev; asyncio's (3.11) joins, i.e. copies.
+        self._writev = type(transport).__module__.startswith("uvloop")
         sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            # The default Unix send buffer (~208 KiB) is smaller than one
+            # 256 KiB reply: every large reply became a partial send plus an
+            # epoll round trip.  Measured: far fewer wake-ups, +15-70% reads.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            except OSError:
+                pass
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -411,6 +422,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             await asyncio.wait(list(self.tasks))
 
     def _start(self, req: Request) -> None:
+        if req.cmd == Cmd.READ and self._read_now(req):
+            return
         task = asyncio.ensure_future(self._handle(req))
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -421,6 +434,39 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.proto.has_events and not self._closing:
             self._process_events()
         self._update_reading()
+
+    def _read_now(self, req: Request) -> bool:
+        """Answer a valid READ at once, without a task, when the device has
+        the data at hand (`BlockDev.pread_now`: page cache, RAM).
+
+        Same replies as `_read`: a structured read that may contain holes
+        (`extents_now` says so, or cannot say) takes the normal path, which
+        sends OFFSET_HOLE chunks.  False: nothing was sent; use the task path.
+        """
+        exp = self.export
+        if req.error or exp is None or exp.removed or self.server.stopping or req.length == 0:
+            return False
+        dev = exp.dev
+        offset, length = req.offset, req.length
+        p = self.proto
+        if (p.structured and not req.flags & _DF and exp.can_extents
+                and length >= SPARSE_READ_MIN):
+            extents = dev.extents_now(offset, length, BASE_ALLOCATION)
+            if extents is None or sum(e.length for e in extents) < length or any(
+                    e.flags & HOLE and e.flags & _ZERO for e in extents):
+                return False
+        buf = self._get_buf(length)
+        try:
+            done = dev.pread_now(memoryview(buf), offset)
+        except OSError:
+            done = False  # the task path reports the error properly
+        if not done:
+            if len(buf) >= 16 * 1024:
+                self._free_buf(buf)
+            return False
+        self._write(p.read_header(req.cookie, offset, length), buf)
+        self._put_buf(buf)
+        return True
 
     def _get_buf(self, n: int) -> bytearray:
         if self._pending_bufs and self.transport is not None and not self.transport.get_write_buffer_size():
@@ -468,8 +514,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._wbuf.extend(parts)
             return
         self._flush_wbuf()
-        for p in parts:
-            t.write(p)
+        if self._writev:
+            t.writelines(parts)
+        else:
+            for p in parts:
+                t.write(p)
 
     def _flush_wbuf(self) -> None:
         if not self._wbuf:

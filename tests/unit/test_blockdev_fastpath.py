@@ -1,0 +1,60 @@
+"""The synchronous read fast paths (`pread_now`, `extents_now`) never bypass a filter."""
+
+from __future__ import annotations
+
+import os
+
+from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.base import BASE_ALLOCATION, HOLE_ZERO, FilterDev
+from nbdbackup.blockdev.file import FileDev
+from nbdbackup.blockdev.memory import MemoryDev
+
+
+class Upper(FilterDev):
+    """A filter that changes what reads return."""
+
+    async def pread(self, buf, offset):
+        await self.inner.pread(buf, offset)
+        buf[:] = bytes(buf).upper()
+
+
+class NoHoles(FilterDev):
+    async def extents(self, offset, length, context=BASE_ALLOCATION):
+        return await super().extents(offset, length, context)
+
+
+def test_memory_and_plain_filters_read_now():
+    mem = MemoryDev(1 << 20)
+    mem.write_sync(b"abc", 4096)
+    for dev in (mem, FilterDev(mem), LiveDev(mem)):
+        buf = bytearray(3)
+        assert dev.pread_now(memoryview(buf), 4096) and buf == b"abc"
+        ext = dev.extents_now(0, 1 << 20)
+        assert ext is not None and ext[0].flags == HOLE_ZERO and sum(e.length for e in ext) == 1 << 20
+
+
+def test_a_filter_that_changes_reads_is_never_bypassed():
+    mem = MemoryDev(1 << 20)
+    mem.write_sync(b"abc", 0)
+    buf = bytearray(3)
+    assert not Upper(mem).pread_now(memoryview(buf), 0)
+    assert not LiveDev(Upper(mem)).pread_now(memoryview(buf), 0)  # nor from above
+    assert NoHoles(mem).extents_now(0, 4096) is None
+
+
+def test_file_pread_now_is_a_page_cache_hit(tmp_path):
+    path = tmp_path / "f.img"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        f.read()  # cached
+    dev = FileDev(str(path), read_only=True)
+    try:
+        buf = bytearray(65536)
+        if dev._nowait:  # RWF_NOWAIT supported here
+            assert dev.pread_now(memoryview(buf), 65536) and buf == data[65536:131072]
+        ext = dev.extents_now(0, 1 << 20)
+        assert [(e.offset, e.length, e.flags) for e in ext] == [(0, 1 << 20, 0)]
+        assert dev.extents_now(0, 4096, "qemu:allocation-depth") is None
+    finally:
+        os.close(dev.fd)
