@@ -77,6 +77,13 @@ class BitmapLiveDev(LiveDev):
         own = [DIRTY_BITMAP_PREFIX + bm.name for bm in self.registry if not bm.inconsistent]
         return tuple(self.inner.meta_contexts()) + tuple(own)
 
+    def extents_now(self, offset: int, length: int, context: str = "base:allocation") -> list[Extent] | None:
+        # Only the bitmap contexts are ours; the rest is the inner device's
+        # (this keeps the server's synchronous read path open for big reads).
+        if context.startswith(DIRTY_BITMAP_PREFIX):
+            return None
+        return self.inner.extents_now(offset, length, context)
+
     async def extents(self, offset: int, length: int, context: str = "base:allocation") -> list[Extent]:
         if not context.startswith(DIRTY_BITMAP_PREFIX):
             return await self.inner.extents(offset, length, context)

@@ -130,7 +130,7 @@ class Server:
     default export for an empty name); ``connections`` (live
     `NBDConnection`s); ``_servers`` (asyncio listeners); ``stopping`` (set by
     `shutdown`); limits ``max_connections``, ``handshake_timeout``,
-    ``max_inflight``.
+    ``max_inflight``; ``read_pool`` (free read buffers by size).
     """
 
     def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
@@ -143,6 +143,9 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.max_inflight = max_inflight
         self.stopping = False
+        #: size -> free read buffers, shared by all connections so a new
+        #: connection does not fault in a pool of its own.
+        self.read_pool: dict[int, list[bytearray]] = {}
 
     # ----------------------------------------------------------- exports
 
@@ -276,8 +279,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._idle.set()
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._drain_waiters: list[asyncio.Future] = []
-        #: Read buffers of one size, free for reuse (see `_get_buf`).
-        self._pool: dict[int, list[bytearray]] = {}
+        #: Free read buffers, shared by the server's connections (see `_get_buf`).
+        self._pool = server.read_pool
         #: Buffers written while the send buffer was not empty.
         self._pending_bufs: list[bytearray] = []
         self._writev = False
@@ -298,10 +301,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         # uvloop's writelines is one writev; asyncio's (3.11) joins, i.e. copies.
         self._writev = type(transport).__module__.startswith("uvloop")
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family == socket.AF_UNIX:
-            # The default Unix send buffer (~208 KiB) is smaller than one
-            # 256 KiB reply: every large reply became a partial send plus an
-            # epoll round trip.  Measured: far fewer wake-ups, +15-70% reads.
+        if sock is not None:
+            # The default send buffer (~208 KiB on Unix sockets) is smaller
+            # than one 256 KiB reply: every large reply became a partial send
+            # plus an epoll round trip, and read buffers could not be
+            # recycled.  Measured: far fewer wake-ups, +15-70% on reads.
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
             except OSError:
