@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sync", required=True, choices=SYNC_MODE.values, help="what to copy")
     s.add_argument("--target", "-t", required=True, metavar="SPEC",
                    help="where to copy: a raw file path, memory:SIZE or an NBD URI")
-    s.add_argument("--snapshot", metavar="NAME", help="also export the frozen snapshot under this name")
+    s.add_argument("--snapshot", metavar="NAME", help="name of the snapshot export (default: EXPORT@JOB-ID)")
     s.add_argument("--speed", type=cliutil.size_arg, metavar="BPS", help="rate limit, bytes/s (64M; 0 = unlimited)")
     s.add_argument("--cluster-size", type=cliutil.size_arg, metavar="N", help="copy granularity (64K)")
     s.add_argument("--compress", action=argparse.BooleanOptionalAction, default=None,
