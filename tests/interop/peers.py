@@ -358,3 +358,19 @@ def nbdbackup_serve(*export_args: str, extra: Sequence[str] = (),
 def stop(peer: Peer, sig: int = signal.SIGTERM, timeout: float | None = None) -> int:
     """Stop ``peer`` now (by PID) and return its exit status."""
     return _stop(peer, sig, timeout)
+
+
+async def wait_concluded(qmp, job_id: str, timeout: float = 60, poll: float = 0.02) -> dict:
+    """Poll ``query-jobs`` over a QMP client (``qemu.qmp.QMPClient`` or our
+    ``ControlClient``: anything with ``await execute(name)``) until JOB_ID is
+    ``concluded``; return its JobInfo.  Fails the test after ``timeout`` s."""
+    import asyncio
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        jobs = {j["id"]: j for j in await qmp.execute("query-jobs")}
+        if jobs[job_id]["status"] == "concluded":
+            return jobs[job_id]
+        assert time.monotonic() < end, f"job still {jobs[job_id]}"
+        await asyncio.sleep(poll)

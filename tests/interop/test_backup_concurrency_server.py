@@ -44,6 +44,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.qmp_client import ExecuteError
 
 import peers
+from peers import wait_concluded
 
 KiB = 1024
 MiB = 1 << 20
@@ -226,16 +227,6 @@ class Reader(threading.Thread):
                 close(h)
         except BaseException as e:
             self.error = e
-
-
-async def wait_concluded(qmp: QMPClient, job_id: str, timeout: float = 60) -> dict:
-    end = time.monotonic() + timeout
-    while True:
-        jobs = {j["id"]: j for j in await qmp.execute("query-jobs")}
-        if jobs[job_id]["status"] == "concluded":
-            return jobs[job_id]
-        assert time.monotonic() < end, f"job still {jobs[job_id]}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.timeout(170)

@@ -19,12 +19,12 @@ import asyncio
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 from qemu.qmp import QMPClient
 
 import peers
+from peers import wait_concluded
 
 KiB = 1024
 MiB = 1 << 20
@@ -80,16 +80,6 @@ async def qmp_session(path: str):
     qmp = QMPClient("fleecing-test")
     await qmp.connect(path)
     return qmp
-
-
-async def wait_concluded(qmp, job_id: str, timeout: float = 60) -> dict:
-    end = time.monotonic() + timeout
-    while True:
-        jobs = {j["id"]: j for j in await qmp.execute("query-jobs")}
-        if jobs[job_id]["status"] == "concluded":
-            return jobs[job_id]
-        assert time.monotonic() < end, f"job still {jobs[job_id]}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.timeout(180)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import time
 
 import pytest
 from qemu.qmp import QMPClient
 
 import peers
+from peers import wait_concluded
 
 KiB = 1024
 MiB = 1 << 20
@@ -121,16 +121,6 @@ def runs(clusters: list[int]) -> list[tuple[int, int]]:
         else:
             out.append([c * CS, (c + 1) * CS])
     return [(a, b - a) for a, b in out]
-
-
-async def wait_concluded(qmp: QMPClient, job_id: str, timeout: float = 30) -> dict:
-    end = time.monotonic() + timeout
-    while True:
-        jobs = {j["id"]: j for j in await qmp.execute("query-jobs")}
-        if jobs[job_id]["status"] == "concluded":
-            return jobs[job_id]
-        assert time.monotonic() < end, f"job still {jobs[job_id]}"
-        await asyncio.sleep(0.05)
 
 
 def make_chain(short_tmp, make_image):

@@ -25,13 +25,13 @@ import os
 import random
 import shutil
 import subprocess
-import time
 
 import pytest
 from qemu.qmp import QMPClient
 from qemu.qmp.qmp_client import ExecuteError
 
 import peers
+from peers import wait_concluded as wait_job
 
 KiB = 1024
 MiB = 1 << 20
@@ -98,16 +98,6 @@ async def qmp_connect(path: str) -> QMPClient:
     qmp = QMPClient("bitmap-test")
     await qmp.connect(path)
     return qmp
-
-
-async def wait_job(qmp: QMPClient, job_id: str, timeout: float = 30) -> dict:
-    end = time.monotonic() + timeout
-    while True:
-        jobs = {j["id"]: j for j in await qmp.execute("query-jobs")}
-        if jobs[job_id]["status"] == "concluded":
-            return jobs[job_id]
-        assert time.monotonic() < end, f"job still {jobs[job_id]}"
-        await asyncio.sleep(0.02)
 
 
 async def bitmap_info(qmp: QMPClient, export: str, name: str) -> dict:
