@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 from nbdbackup.backup.live import LiveDev
 from nbdbackup.blockdev.base import BASE_ALLOCATION, HOLE_ZERO, FilterDev
-from nbdbackup.blockdev.file import FileDev
 from nbdbackup.blockdev.memory import MemoryDev
 
 
@@ -41,21 +38,3 @@ def test_a_filter_that_changes_reads_is_never_bypassed():
     assert not Upper(mem).pread_now(memoryview(buf), 0)
     assert not LiveDev(Upper(mem)).pread_now(memoryview(buf), 0)  # nor from above
     assert NoHoles(mem).extents_now(0, 4096) is None
-
-
-def test_file_pread_now_is_a_page_cache_hit(tmp_path):
-    path = tmp_path / "f.img"
-    data = os.urandom(1 << 20)
-    path.write_bytes(data)
-    with open(path, "rb") as f:
-        f.read()  # cached
-    dev = FileDev(str(path), read_only=True)
-    try:
-        buf = bytearray(65536)
-        if dev._nowait:  # RWF_NOWAIT supported here
-            assert dev.pread_now(memoryview(buf), 65536) and buf == data[65536:131072]
-        ext = dev.extents_now(0, 1 << 20)
-        assert [(e.offset, e.length, e.flags) for e in ext] == [(0, 1 << 20, 0)]
-        assert dev.extents_now(0, 4096, "qemu:allocation-depth") is None
-    finally:
-        os.close(dev.fd)
