@@ -302,14 +302,16 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._writev = type(transport).__module__.startswith("uvloop")
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            # The default send buffer (~208 KiB on Unix sockets) is smaller
-            # than one 256 KiB reply: every large reply became a partial send
-            # plus an epoll round trip, and read buffers could not be
-            # recycled.  Measured: far fewer wake-ups, +15-70% on reads.
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-            except OSError:
-                pass
+            # The default buffers (~208 KiB on Unix sockets) are smaller than
+            # one 256 KiB request or reply: every large reply became a partial
+            # send plus an epoll round trip (and read buffers could not be
+            # recycled), every large WRITE payload several receives.
+            # Measured: +15-70% on reads; -19% CPU per GiB written.
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+                except OSError:
+                    pass
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
