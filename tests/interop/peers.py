@@ -253,6 +253,20 @@ def _running(peer: Peer) -> Iterator[Peer]:
 
 
 @contextlib.contextmanager
+def started(argv: Sequence[str], sock: str, *, cwd: str | None = None,
+            timeout: float = READY_TIMEOUT) -> Iterator[Peer]:
+    """Run ``argv``, a server listening on the Unix socket ``sock`` (a path the
+    caller chose); yield once it accepts connections; stop it by PID at the end.
+
+    Its output goes to a log in a fresh temp dir, quoted if it fails to start.
+    """
+    peer = _spawn(argv, short_tempdir("nbdb-log-"), sock, cwd=cwd)
+    with _running(peer):
+        wait_until_listening(peer, timeout=timeout)
+        yield peer
+
+
+@contextlib.contextmanager
 def qemu_nbd(image: str | os.PathLike, fmt: str = "raw", read_only: bool = False,
              bitmap: str | None = None, extra: Sequence[str] = (), name: str = "") -> Iterator[Peer]:
     """qemu-nbd serving ``image`` on a Unix socket (persistent, 8 clients).

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import pytest
+import peers
 
 from nbdbackup.blockdev.base import BASE_ALLOCATION, HOLE_ZERO, Extent
 from nbdbackup.errors import ConnectionClosed
@@ -32,28 +33,10 @@ def nbdkit(*args: str, timeout: float = 10.0):
     """Run ``nbdkit -f -U SOCK ARGS``; yield (uri, tmpdir)."""
     d = tempfile.mkdtemp(dir="/tmp", prefix="nbdc-kit-")
     sock = os.path.join(d, "s.sock")
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"nbdkit {' '.join(args)} exited: {proc.stderr.read().decode()}", pytrace=False)
-            if os.path.exists(sock):
-                with socket.socket(socket.AF_UNIX) as s:
-                    try:
-                        s.connect(sock)
-                        break
-                    except OSError:
-                        pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"nbdkit {' '.join(args)} did not start", pytrace=False)
-            time.sleep(0.02)
-        yield f"nbd+unix:///?socket={sock}", d
+        with peers.started(["nbdkit", "-f", "-U", sock, *args], sock, timeout=timeout):
+            yield f"nbd+unix:///?socket={sock}", d
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -10,17 +10,15 @@ end to end with qemu-io.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
+import peers
 
 from nbdbackup.blockdev.base import ALLOCATION_DEPTH, BASE_ALLOCATION, HOLE_ZERO, Extent
 from nbdbackup.blockdev.nbd import NBDDev
@@ -41,30 +39,9 @@ def tmp():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def peer(argv: list[str], sock: str, timeout: float = 15.0):
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{argv[:4]} exited: {proc.stderr.read().decode()}", pytrace=False)
-            if os.path.exists(sock):
-                with socket.socket(socket.AF_UNIX) as s:
-                    try:
-                        s.connect(sock)
-                        break
-                    except OSError:
-                        pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{argv[:4]} did not start", pytrace=False)
-            time.sleep(0.05)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
+def peer(argv: list[str], sock: str):
+    """Start ``argv`` (a server listening on ``sock``); stop it by PID on exit."""
+    return peers.started(argv, sock, cwd=ROOT)
 
 
 def serve(tmp: str, *exports: str):

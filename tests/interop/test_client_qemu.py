@@ -14,13 +14,13 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
+import peers
 
 from nbdbackup.blockdev.base import ALLOCATION_DEPTH, BASE_ALLOCATION, HOLE_ZERO, Extent
 from nbdbackup.blockdev.nbd import NBDDev
@@ -38,31 +38,9 @@ def tmp():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def peer(argv: list[str], sock: str, timeout: float = 10.0):
-    """Start ``argv`` (a server listening on ``sock``); kill it by PID on exit."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{argv[0]} exited: {proc.stderr.read().decode()}", pytrace=False)
-            if os.path.exists(sock):
-                with socket.socket(socket.AF_UNIX) as s:
-                    try:
-                        s.connect(sock)
-                        break
-                    except OSError:
-                        pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{argv[0]} did not start", pytrace=False)
-            time.sleep(0.02)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
+def peer(argv: list[str], sock: str):
+    """Start ``argv`` (a server listening on ``sock``); stop it by PID on exit."""
+    return peers.started(argv, sock)
 
 
 @contextlib.contextmanager
