@@ -8,7 +8,7 @@ Fixtures:
   must stay < 108 bytes; pytest's tmp_path is too deep).  Removed afterwards.
 - ``make_image``: the `make_image` function below.
 - ``blake3_file``: the `blake3_file` function below.
-- ``qemu_io``: the `qemu_io` function below.
+- ``qemu_io``: `qemutools.qemu_io` (interop tests may import `qemutools` directly).
 
 The plain functions are importable too (``import conftest`` is not reliable
 with several conftest.py files, so tests use the fixtures).
@@ -24,33 +24,13 @@ from pathlib import Path
 from typing import Iterable
 
 import pytest
+from qemutools import qemu_io, tool
 
 #: (pattern byte, offset, length) -- one ``qemu-io write -P`` command.
 Write = tuple[int, int, int]
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: run scripts/setup (apt-get install qemu-utils)", pytrace=False)
-    return path
-
-
-def qemu_io(image: str | os.PathLike, *commands: str, fmt: str = "raw") -> str:
-    """Run ``qemu-io -f FMT -c CMD...`` on an image; return its stdout.
-
-    Fails the test (with qemu-io's output) when qemu-io reports an error:
-    qemu-io exits 0 even when a command fails, so its output is checked too.
-    """
-    argv = [_tool("qemu-io"), "-f", fmt]
-    for c in commands:
-        argv += ["-c", c]
-    argv.append(os.fspath(image))
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    out = r.stdout + r.stderr
-    if r.returncode != 0 or "error" in out.lower() or "failed" in out.lower():
-        pytest.fail(f"qemu-io {' '.join(commands)} on {image} failed:\n{out}", pytrace=False)
-    return r.stdout
+_tool = tool
 
 
 def make_image(path: str | os.PathLike, size: int, writes: Iterable[Write] = (),

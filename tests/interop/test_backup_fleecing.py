@@ -25,6 +25,7 @@ from qemu.qmp import QMPClient
 
 import peers
 from peers import wait_concluded
+from qemutools import qemu_io
 
 KiB = 1024
 MiB = 1 << 20
@@ -58,16 +59,7 @@ def original_checks() -> list[str]:
     return cmds
 
 
-def qio(uri: str, *commands: str, read_only: bool = False) -> str:
-    """qemu-io on an NBD URI; fails the test on any error (qemu-io exits 0 on failed commands)."""
-    argv = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
-    for c in commands:
-        argv += ["-c", c]
-    r = subprocess.run(argv + [uri], capture_output=True, text=True, timeout=120)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "error" not in out.lower() and "fail" not in out.lower() \
-        and "mismatch" not in out.lower(), f"qemu-io {commands} on {uri}:\n{out}"
-    return out
+qio = qemu_io  # on an NBD URI; fails the test on any qemu-io error
 
 
 def run_tool(*argv: str) -> str:

@@ -30,6 +30,7 @@ from qemu.qmp import QMPClient
 
 import peers
 from peers import wait_concluded
+from qemutools import qemu_io
 
 KiB = 1024
 MiB = 1 << 20
@@ -79,15 +80,7 @@ LIVE_WRITES = [
 ]
 
 
-def qio(uri: str, *commands: str, read_only: bool = False, fmt: str = "raw") -> str:
-    argv = ["qemu-io", "-f", fmt] + (["-r"] if read_only else [])
-    for c in commands:
-        argv += ["-c", c]
-    r = subprocess.run(argv + [uri], capture_output=True, text=True, timeout=60)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "error" not in out.lower() and "fail" not in out.lower() \
-        and "mismatch" not in out.lower(), f"qemu-io {commands} on {uri}:\n{out}"
-    return out
+qio = qemu_io
 
 
 def run_tool(*argv: str) -> str:

@@ -21,6 +21,7 @@ import time
 
 import pytest
 import peers
+from qemutools import qemu_io as _qemu_io
 
 from nbdbackup.blockdev.base import ALLOCATION_DEPTH, BASE_ALLOCATION, HOLE_ZERO, Extent
 from nbdbackup.blockdev.nbd import NBDDev
@@ -56,13 +57,8 @@ def sh(*argv: str) -> str:
     return r.stdout
 
 
-def qemu_io(fmt: str, image: str, *cmds: str) -> str:
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    out = sh(*args, image)
-    assert "fail" not in out.lower(), out
-    return out
+def qemu_io(fmt: str, image: str, *cmds: str) -> str:  # this file's argument order
+    return _qemu_io(image, *cmds, fmt=fmt)
 
 
 def run(coro):

@@ -32,6 +32,7 @@ from qemu.qmp.qmp_client import ExecuteError
 
 import peers
 from peers import wait_concluded as wait_job
+from qemutools import qemu_io
 
 KiB = 1024
 MiB = 1 << 20
@@ -41,15 +42,7 @@ CS = 64 * KiB
 # -- helpers (also imported by the other bitmap test files) --------------------
 
 
-def qio(uri: str, *commands: str) -> str:
-    argv = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        argv += ["-c", c]
-    r = subprocess.run(argv + [uri], capture_output=True, text=True, timeout=60)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "error" not in out.lower() and "fail" not in out.lower(), \
-        f"qemu-io {commands} on {uri}:\n{out}"
-    return out
+qio = qemu_io  # (imported by the other bitmap test files)
 
 
 def run_tool(*argv: str) -> str:
