@@ -8,7 +8,10 @@ request size (nbdcopy's default, 256 KiB).  Rounds alternate (nbdcopy, ours,
 nbdcopy, ours...) so drift hits both alike.  Prints MB/s per round, the best
 and median of each, and the ratio ours/nbdcopy; also the client's CPU time
 (user+sys) per run, which stays meaningful on a loaded machine where wall
-clock throughput mostly measures the neighbours.
+clock throughput mostly measures the neighbours; and the server's CPU time
+per run (read from /proc), since a client that drains sockets late makes
+the server work harder.  The server runs in a session of its own (see
+`start_server`).
 
 Our reader: N `Client` connections; N*M tasks, each bound to one connection,
 take the next offset from a shared counter and read it into their own
@@ -16,7 +19,7 @@ reusable buffer (data discarded, like ``null:``).
 
 Usage: .venv/bin/python bench/client_read.py [--size 1G] [--connections 4]
        [--requests 64] [--request-size 256K] [--rounds 3] [--server nbdkit|qemu-nbd]
-       [--loop asyncio|uvloop] [--profile]
+       [--loop asyncio|uvloop] [--profile] [--same-session]
 """
 
 from __future__ import annotations
@@ -52,12 +55,21 @@ def make_image(path: str, size: int) -> None:
             pass
 
 
-def start_server(kind: str, image: str, sock: str, connections: int) -> subprocess.Popen:
+def start_server(kind: str, image: str, sock: str, connections: int, same_session: bool) -> subprocess.Popen:
+    """Start the server; by default in a session of its own, as a daemon runs.
+
+    The session matters here: with ``kernel.sched_autogroup_enabled=1`` the
+    scheduler shares CPU time between sessions first and between threads
+    second.  In one session nbdkit's 16 threads per connection outnumber a
+    one-thread client and get most of a loaded CPU, so the result measures
+    the thread count as much as the client (``--same-session`` shows it).
+    """
     if kind == "nbdkit":
         argv = ["nbdkit", "-f", "-U", sock, "file", image]
     else:
         argv = ["qemu-nbd", "-k", sock, "-f", "raw", "-t", f"--shared={max(connections, 1) + 1}", image]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=not same_session)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if os.path.exists(sock):
@@ -70,6 +82,13 @@ def start_server(kind: str, image: str, sock: str, connections: int) -> subproce
         time.sleep(0.02)
     proc.kill()
     raise SystemExit(f"{kind} did not start")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user+sys) used so far by process ``pid`` (the server)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_nbdcopy(uri: str, conns: int, reqs: int, rsize: int) -> tuple[float, float]:
@@ -144,6 +163,8 @@ def main() -> int:
     ap.add_argument("--server", choices=["nbdkit", "qemu-nbd"], default="nbdkit")
     ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra run of our client")
+    ap.add_argument("--same-session", action="store_true",
+                    help="run the server in the benchmark's own session (see start_server)")
     a = ap.parse_args()
     size, rsize = parse_size(a.size), parse_size(a.request_size)
     d = tempfile.mkdtemp(dir="/tmp", prefix="bench-client-")
@@ -152,21 +173,25 @@ def main() -> int:
         image = os.path.join(d, "disk.raw")
         make_image(image, size)
         sock = os.path.join(d, "s.sock")
-        proc = start_server(a.server, image, sock, a.connections)
+        proc = start_server(a.server, image, sock, a.connections, a.same_session)
         uri = f"nbd+unix:///?socket={sock}"
         mb = size / 1e6
         theirs, ours, cpu_theirs, cpu_ours = [], [], [], []
         print(f"# {a.server}, {size >> 20} MiB, {a.connections} connections x {a.requests} requests, "
-              f"{rsize >> 10} KiB requests, loop={a.loop}")
+              f"{rsize >> 10} KiB requests, loop={a.loop}, server in "
+              f"{'the same session' if a.same_session else 'its own session'}")
         for r in range(a.rounds):
+            s0 = proc_cpu(proc.pid)
             dt, cpu = run_nbdcopy(uri, a.connections, a.requests, rsize)
+            s1 = proc_cpu(proc.pid)
             theirs.append(mb / dt)
             cpu_theirs.append(cpu)
-            print(f"round {r + 1}: nbdcopy {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s)")
+            print(f"round {r + 1}: nbdcopy {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s, server CPU {s1 - s0:.2f} s)")
             dt, cpu = run_ours(uri, a.connections, a.requests, rsize, a.loop)
+            s2 = proc_cpu(proc.pid)
             ours.append(mb / dt)
             cpu_ours.append(cpu)
-            print(f"round {r + 1}: ours    {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s)")
+            print(f"round {r + 1}: ours    {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s, server CPU {s2 - s1:.2f} s)")
         print(f"nbdcopy: best {max(theirs):.0f} MB/s, median {statistics.median(theirs):.0f} MB/s")
         print(f"ours:    best {max(ours):.0f} MB/s, median {statistics.median(ours):.0f} MB/s")
         print(f"ratio ours/nbdcopy: best {max(ours) / max(theirs):.2f}x, "
