@@ -38,6 +38,7 @@ shrunk to its aligned interior; BLOCK_STATUS and CACHE are widened.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import socket
@@ -52,6 +53,8 @@ from .wire import Cmd, CmdFlag, TransmissionFlag
 
 log = logging.getLogger(__name__)
 
+_READ = int(Cmd.READ)
+
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
 __all__ = [
@@ -62,6 +65,48 @@ __all__ = [
     "ExportInfo",
     "BlockSizes",
 ]
+
+
+class _Slots:
+    """A FIFO counting semaphore whose uncontended acquire costs no coroutine.
+
+    `Client._submit` runs once per request; ``asyncio.Semaphore`` made it
+    build and run an extra coroutine each time.  Use: ``if s.free and not
+    s.waiters: s.free -= 1`` else ``await s.acquire_slow()``; then always
+    `release`.  A released slot goes straight to the oldest live waiter, so
+    a newcomer cannot overtake it.
+
+    Fields: ``free`` (slots nobody holds or was handed); ``waiters``
+    (futures of waiting tasks, oldest first; cancelled ones are skipped).
+    """
+
+    __slots__ = ("free", "waiters")
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire_slow(self) -> None:
+        if self.free and not self.waiters:
+            self.free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot, then cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            w = waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+        self.free += 1
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -276,8 +321,8 @@ class Client:
     ``name``, ``size``, ``flags``, ``block_sizes``, ``description``);
     ``meta_contexts`` (agreed context name -> id); ``listed_meta_contexts``
     (see `connect`); ``structured``; ``fallback`` (OPT_EXPORT_NAME used);
-    ``request_timeout``; ``_conn``; ``_tx``; ``_sem`` (bounds requests in
-    flight); ``_max`` (largest READ/WRITE/CACHE length); ``_closing``.
+    ``request_timeout``; ``_conn``; ``_tx``; ``_slots`` (bounds requests
+    in flight); ``_loop``; ``_max`` (largest READ/WRITE/CACHE length); ``_closing``.
     """
 
     def __init__(self, conn: _Conn, uri: NBDURI, hs: Handshake, request_timeout: float | None, max_in_flight: int) -> None:
@@ -294,7 +339,8 @@ class Client:
         self._tx = Transmission(res.structured, res.meta_contexts.values())
         conn.tx = self._tx
         conn.hs = None
-        self._sem = asyncio.Semaphore(max_in_flight)
+        self._slots = _Slots(max_in_flight)
+        self._loop = asyncio.get_running_loop()
         bs = self.export.block_sizes
         self._min = bs.minimum
         # Never more than 32 MiB per request, even if the server allows it.
@@ -341,7 +387,12 @@ class Client:
 
     async def _submit(self, cmd: int, flags: int, offset: int, length: int,
                       buf: memoryview | None = None, payload: Buffer | None = None) -> Reply:
-        async with self._sem:
+        slots = self._slots
+        if slots.free and not slots.waiters:
+            slots.free -= 1
+        else:
+            await slots.acquire_slow()
+        try:
             conn = self._conn
             if conn.error is not None:
                 raise _clone(conn.error)
@@ -349,7 +400,7 @@ class Client:
                 await conn._can_write.wait()
                 if conn.error is not None:
                     raise _clone(conn.error)
-            fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[Reply] = self._loop.create_future()
             cookie, hdr = self._tx.request(cmd, flags, offset, length, buf)
             conn.futures[cookie] = fut
             if payload is None:
@@ -370,6 +421,8 @@ class Client:
                 if not fut.done() or fut.cancelled():
                     self._tx.abandon(cookie)
                     fut.cancel()
+        finally:
+            slots.release()
 
     def _check_cmd(self, flag: TransmissionFlag, what: str) -> None:
         if not self.can(flag):
@@ -384,7 +437,9 @@ class Client:
     async def pread(self, buf: Buffer | int, offset: int, flags: int = 0) -> Buffer:
         """Read into ``buf`` (or a new bytearray of ``buf`` bytes) at ``offset``; return it."""
         out: Buffer = bytearray(buf) if isinstance(buf, int) else buf
-        mv = memoryview(out).cast("B")
+        mv = memoryview(out)
+        if mv.format != "B" or mv.ndim != 1 or not mv.c_contiguous:
+            mv = mv.cast("B")  # TypeError unless C-contiguous
         if mv.readonly:
             raise TypeError("pread needs a writable buffer")
         length = len(mv)
@@ -393,7 +448,7 @@ class Client:
             return out
         m = self._min
         if length <= self._max and m == 1:  # the common case, one request
-            await self._submit(Cmd.READ, flags, offset, length, mv)
+            await self._submit(_READ, flags, offset, length, mv)
             return out
         if offset % m or length % m:
             # Widen to aligned bounds through a bounce buffer.
