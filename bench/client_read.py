@@ -161,7 +161,8 @@ def main() -> int:
     ap.add_argument("--request-size", default="256K")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--server", choices=["nbdkit", "qemu-nbd"], default="nbdkit")
-    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    # uvloop is what nbdbackup's own commands run on (see commands/serve.py).
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra run of our client")
     ap.add_argument("--same-session", action="store_true",
                     help="run the server in the benchmark's own session (see start_server)")
