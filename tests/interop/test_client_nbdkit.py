@@ -8,6 +8,7 @@ closed form.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
@@ -123,6 +124,16 @@ def test_many_requests_in_flight():
     with nbdkit("memory", "64M") as (uri, _):
         async def main():
             c = await connect(uri, max_in_flight=16)
+            peak = 0
+            stop = False
+
+            async def watch():  # the bound: never more than 16 requests on the wire
+                nonlocal peak
+                while not stop:
+                    peak = max(peak, len(c._tx.pending))
+                    await asyncio.sleep(0)
+
+            w = asyncio.create_task(watch())
             try:
                 blocks = {i: os.urandom(65536) for i in range(200)}
                 await asyncio.gather(*(c.pwrite(b, i * 65536) for i, b in blocks.items()))
@@ -130,7 +141,34 @@ def test_many_requests_in_flight():
                 await asyncio.gather(*(c.pread(bufs[i], i * 65536) for i in blocks))
                 assert all(bufs[i] == blocks[i] for i in blocks)
             finally:
+                stop = True
+                await w
                 await c.disconnect()
+            assert 8 <= peak <= 16, peak
+
+
+def test_pread_buffer_kinds():
+    """Any writable C-contiguous buffer is filled in place; others are refused before sending."""
+    with nbdkit("pattern", "1M") as (uri, _):
+        async def main():
+            c = await connect(uri)
+            try:
+                want = b"".join(struct.pack(">Q", o) for o in range(4096, 4096 + 512, 8))
+                arr = array.array("I", bytes(512))  # itemsize 4: cast to bytes
+                assert await c.pread(arr, 4096) is arr and arr.tobytes() == want
+                grid = memoryview(bytearray(512)).cast("B", (16, 32))  # 2-D, contiguous
+                await c.pread(grid, 4096)
+                assert grid.tobytes() == want
+                with pytest.raises(TypeError):
+                    await c.pread(memoryview(bytearray(1024))[::2], 4096)  # not contiguous
+                with pytest.raises(TypeError):
+                    await c.pread(b"x" * 512, 4096)  # read-only
+                assert await c.pread(8, 8) == struct.pack(">Q", 8)  # connection still fine
+                assert not c._tx.pending
+            finally:
+                await c.disconnect()
+
+        run(main())
 
         run(main())
 
