@@ -17,8 +17,11 @@ Design (after qemu.qmp's protocol base):
   is copied if it cannot be sent at once; other transports (uvloop) may
   keep a reference until sent, which matters only if a WRITE is cancelled
   and its buffer reused before the bytes left.
-- Requests in flight are bounded by a semaphore (``max_in_flight``); each
-  has a future in ``_futures`` keyed by cookie.
+- Requests in flight are bounded (``max_in_flight``, `_Slots`); each has a
+  future in ``_Conn.futures`` keyed by cookie.  An abandoned request (see
+  below) keeps its slot until its reply arrives or the connection dies:
+  callers that time out against a stuck server cannot pile up requests on
+  it without bound.
 - Errors: a server error reply raises `OSError(errno)` for that request only;
   a dead connection fails every pending request with `ConnectionClosed`; a
   protocol violation by the server fails them with `RemoteProtocolError` and
@@ -42,7 +45,7 @@ import collections
 import errno
 import logging
 import socket
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..blockdev.base import BASE_ALLOCATION, Buffer, Extent
 from ..errors import ConnectionClosed, LocalProtocolError, NBDBackupError, RemoteProtocolError
@@ -117,7 +120,10 @@ class _Conn(asyncio.BufferedProtocol):
     `Transmission`, after the handshake); ``futures`` (cookie -> future of a
     `Reply`); ``closed`` (future set when the connection is lost);
     ``error`` (why the connection is unusable, or None); ``_can_write``
-    (event, cleared while the transport pauses writing).
+    (event, cleared while the transport pauses writing); ``orphans``
+    (cookies of abandoned requests still on the wire, each holding a slot)
+    and ``release_slot`` (called once per orphan when its reply arrives or
+    the connection is lost; set by `Client`).
     """
 
     def __init__(self, hs: Handshake) -> None:
@@ -135,6 +141,8 @@ class _Conn(asyncio.BufferedProtocol):
         #: Corked writes (see `write_corked`) and whether a flush is scheduled.
         self._wq: list[bytes] = []
         self._wq_scheduled = False
+        self.orphans: set[int] = set()
+        self.release_slot: Callable[[], None] = _noop
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -188,6 +196,10 @@ class _Conn(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_exception(_clone(self.error))
         self.futures.clear()
+        orphans = len(self.orphans)
+        self.orphans.clear()
+        for _ in range(orphans):
+            self.release_slot()
         self._can_write.set()
         if not self.closed.done():
             self.closed.set_result(None)
@@ -235,8 +247,11 @@ class _Conn(asyncio.BufferedProtocol):
         futures = self.futures
         for ev in events:
             fut = futures.pop(ev.cookie, None)
-            if fut is None or fut.done():
-                continue  # abandoned
+            if fut is None or fut.done():  # abandoned
+                if ev.cookie in self.orphans:
+                    self.orphans.discard(ev.cookie)
+                    self.release_slot()
+                continue
             if ev.error:
                 fut.set_exception(OSError(ev.error, ev.message or errno.errorcode.get(ev.error, "error")))
             else:
@@ -265,6 +280,10 @@ class _Conn(asyncio.BufferedProtocol):
             self.hs_done.set_exception(_clone(err))
         if self.transport is not None:
             self.transport.abort()
+
+
+def _noop() -> None:
+    pass
 
 
 def _clone(err: BaseException) -> BaseException:
@@ -340,6 +359,7 @@ class Client:
         conn.tx = self._tx
         conn.hs = None
         self._slots = _Slots(max_in_flight)
+        conn.release_slot = self._slots.release
         self._loop = asyncio.get_running_loop()
         bs = self.export.block_sizes
         self._min = bs.minimum
@@ -392,6 +412,7 @@ class Client:
             slots.free -= 1
         else:
             await slots.acquire_slow()
+        release = True
         try:
             conn = self._conn
             if conn.error is not None:
@@ -421,8 +442,12 @@ class Client:
                 if not fut.done() or fut.cancelled():
                     self._tx.abandon(cookie)
                     fut.cancel()
+                    if conn.error is None and cookie in conn.futures:
+                        conn.orphans.add(cookie)  # the slot is freed by its reply
+                        release = False
         finally:
-            slots.release()
+            if release:
+                slots.release()
 
     def _check_cmd(self, flag: TransmissionFlag, what: str) -> None:
         if not self.can(flag):

@@ -173,6 +173,50 @@ def test_request_timeout_abandons_and_keeps_connection():
     run(main())
 
 
+def test_abandoned_requests_keep_their_slots_until_answered():
+    """Timed-out requests still occupy the server: the bound counts them until
+    their replies arrive, and a lost connection frees them (nobody hangs)."""
+
+    async def main():
+        answer = asyncio.Event()
+        hang_up = asyncio.Event()
+
+        async def script(r, w):
+            reqs = [await read_request(r) for _ in range(2)]
+            await answer.wait()
+            for _, cookie, off, n in reqs:  # late replies to the two timed-out READs
+                w.write(data_reply(cookie, off, b"\xee" * n))
+            _, cookie, off, n = await read_request(r)
+            w.write(data_reply(cookie, off, b"\x01" * n))
+            await hang_up.wait()
+            reqs = [await read_request(r) for _ in range(2)]  # never answered
+            await r.read(1)
+
+        async with Fake(script) as f:
+            c = await connect(f.uri, max_in_flight=2, request_timeout=0.2)
+            for res in await asyncio.gather(c.pread(512, 0), c.pread(512, 512), return_exceptions=True):
+                assert isinstance(res, TimeoutError)
+            assert c._slots.free == 0  # both still on the wire
+            third = asyncio.ensure_future(c.pread(512, 1024))
+            await asyncio.sleep(0.05)
+            assert not third.done()  # waits for a slot, does not exceed the bound
+            answer.set()
+            assert await third == b"\x01" * 512
+            assert c._slots.free == 2 and not c._conn.orphans
+            hang_up.set()
+            for res in await asyncio.gather(c.pread(512, 0), c.pread(512, 512), return_exceptions=True):
+                assert isinstance(res, TimeoutError)
+            fourth = asyncio.ensure_future(c.pread(512, 0))
+            await asyncio.sleep(0.05)
+            assert not fourth.done()
+            c._conn.transport.abort()  # the connection dies: orphans free their slots
+            with pytest.raises(ConnectionClosed):
+                await fourth
+            assert c._slots.free == 2 and not c._conn.orphans
+
+    run(main())
+
+
 def test_cancelled_read_is_not_wrapped_and_connection_survives():
     async def main():
         go = asyncio.Event()
