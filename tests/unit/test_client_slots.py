@@ -54,13 +54,19 @@ def test_bound_and_fifo_handover() -> None:
     asyncio.run(main())
 
 
+async def _held_with_two_waiters() -> tuple[_Slots, asyncio.Task, asyncio.Task]:
+    """One slot, held; tasks ``a`` then ``b`` queued for it."""
+    s = _Slots(1)
+    await _acquire(s)
+    a = asyncio.create_task(_acquire(s))
+    b = asyncio.create_task(_acquire(s))
+    await asyncio.sleep(0)
+    return s, a, b
+
+
 def test_cancelled_waiter_loses_nothing() -> None:
     async def main() -> None:
-        s = _Slots(1)
-        await _acquire(s)
-        a = asyncio.create_task(_acquire(s))
-        b = asyncio.create_task(_acquire(s))
-        await asyncio.sleep(0)
+        s, a, b = await _held_with_two_waiters()
         a.cancel()  # cancelled while waiting: must not take the next slot
         await asyncio.sleep(0)
         s.release()
@@ -74,11 +80,7 @@ def test_cancelled_waiter_loses_nothing() -> None:
 
 def test_waiter_cancelled_after_handover_passes_slot_on() -> None:
     async def main() -> None:
-        s = _Slots(1)
-        await _acquire(s)
-        a = asyncio.create_task(_acquire(s))
-        b = asyncio.create_task(_acquire(s))
-        await asyncio.sleep(0)
+        s, a, b = await _held_with_two_waiters()
         s.release()  # handed to a ...
         a.cancel()  # ... which is cancelled before it runs
         await asyncio.gather(a, return_exceptions=True)
