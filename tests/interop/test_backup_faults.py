@@ -173,9 +173,9 @@ def close(h) -> None:
         h.shutdown()
 
 
-@contextlib.contextmanager
-def environment(short_tmp: Path, *, src_errno: str = "EIO", tgt_errno: str = "EIO",
-                tgt_filters: tuple[str, ...] = (), tgt_args: tuple[str, ...] = ()):
+def make_disks(short_tmp: Path) -> tuple[bytearray, Path, Path]:
+    """Write the source image (sparse where it has holes) and the FILL-ed
+    target under ``short_tmp``; return (image, disk path, target path)."""
     img = source_image()
     disk = short_tmp / "disk.raw"
     with open(disk, "wb") as f:
@@ -186,6 +186,13 @@ def environment(short_tmp: Path, *, src_errno: str = "EIO", tgt_errno: str = "EI
         f.truncate(SIZE)
     target = short_tmp / "target.raw"
     target.write_bytes(bytes([FILL]) * SIZE)
+    return img, disk, target
+
+
+@contextlib.contextmanager
+def environment(short_tmp: Path, *, src_errno: str = "EIO", tgt_errno: str = "EIO",
+                tgt_filters: tuple[str, ...] = (), tgt_args: tuple[str, ...] = ()):
+    img, disk, target = make_disks(short_tmp)
     src_flag, tgt_flag = short_tmp / "src.flag", short_tmp / "tgt.flag"
     ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
     with peers.nbdkit("file", os.fspath(disk), "error-pread-rate=1", f"error-pread={src_errno}",
