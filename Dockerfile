@@ -22,6 +22,7 @@ RUN apt-get update -q \
         libnbd-bin \
         python3-libnbd \
         python3-venv \
+        openssl \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/nbdbackup

@@ -4,6 +4,12 @@
 where SPEC is a raw image path or block device, ``memory:SIZE`` or an NBD
 URI, and a ``ro:`` prefix makes one export read-only (``disk=ro:/img``).
 
+TLS: ``--tls-creds DIR`` (``ca-cert.pem``, ``server-cert.pem``,
+``server-key.pem``: QEMU's and nbdkit's layout) turns on NBD_OPT_STARTTLS;
+``--tls require`` (the default with credentials: every client must upgrade
+before anything else) or ``--tls on`` (clients may upgrade);
+``--tls-verify-peer`` also requires a client certificate signed by the CA.
+
 Lifecycle: every argument is validated before anything listens (a missing
 file, a bad size, a duplicate name or a busy socket is one clear error line
 and exit 1).  SIGINT/SIGTERM stop accepting, let in-flight requests finish,
@@ -38,7 +44,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state (dirty bitmaps)")
     p.add_argument("--max-connections", type=int, default=256)
     p.add_argument("--handshake-timeout", type=float, default=10.0)
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="X.509 credentials directory (ca-cert.pem, server-cert.pem, server-key.pem)")
+    p.add_argument("--tls", choices=["off", "on", "require"],
+                   help="TLS mode (default: require with --tls-creds, else off)")
+    p.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate signed by the credentials' CA")
     p.set_defaults(func=run)
+
+
+def tls_config(args: argparse.Namespace):
+    """The `ServerTLS` the options ask for (validated, not yet loaded)."""
+    from ..nbd.tls import ServerTLS
+
+    mode = args.tls or ("require" if args.tls_creds else "off")
+    if mode != "off" and not args.tls_creds:
+        raise ConfigError(f"--tls {mode} needs --tls-creds DIR")
+    if mode == "off" and (args.tls_creds or args.tls_verify_peer):
+        raise ConfigError("--tls off contradicts --tls-creds / --tls-verify-peer")
+    return ServerTLS(mode, args.tls_creds or "", args.tls_verify_peer)
 
 
 def parse_export_args(items: list[str], all_read_only: bool) -> list[tuple[str, str, bool]]:
@@ -90,7 +114,8 @@ async def _serve(args: argparse.Namespace, exports, listens) -> int:
     from .. import daemon
     from ..nbd.server import Server
 
-    server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout)
+    server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
+                    tls=tls_config(args))
     app = daemon.App(server)
     try:
         app = await daemon.start(server, args)

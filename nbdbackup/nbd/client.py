@@ -30,6 +30,13 @@ Design (after qemu.qmp's protocol base):
   dropped; it never writes into the caller's buffer afterwards) and the
   connection stays usable.
 
+TLS (``nbds://``, ``nbds+unix://``; see `nbd.uri` and `nbd.tls`): STARTTLS
+is the first option; on its ACK the connection pauses reading, hands its
+transport to ``loop.start_tls`` and the handshake goes on over TLS.  A
+server that refuses TLS, or a failed TLS handshake, fails the connect (no
+downgrade).  A server that requires TLS from a plain client fails it with
+a hint to use an ``nbds`` URI.
+
 Block sizes (proto.md "Block size constraints"): requests are split at the
 server's maximum (32 MiB when it gives none).  With a minimum above 1,
 unaligned READs are widened to aligned bounds through a bounce buffer
@@ -42,17 +49,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import errno
 import logging
 import socket
+import ssl
 from typing import Callable, Sequence
 
 from ..blockdev.base import BASE_ALLOCATION, Buffer, Extent
-from ..errors import ConnectionClosed, LocalProtocolError, NBDBackupError, RemoteProtocolError
+from ..errors import ConnectionClosed, LocalProtocolError, NBDBackupError, OptionError, RemoteProtocolError
 from . import client_protocol as cp
 from .client_protocol import BlockSizes, ExportInfo, Handshake, HandshakePlan, Mode, Reply, Transmission
 from .uri import NBDURI, parse_uri
-from .wire import Cmd, CmdFlag, TransmissionFlag
+from .tls import client_context
+from .wire import Cmd, CmdFlag, Rep, TransmissionFlag
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +133,12 @@ class _Conn(asyncio.BufferedProtocol):
     (event, cleared while the transport pauses writing); ``orphans``
     (cookies of abandoned requests still on the wire, each holding a slot)
     and ``release_slot`` (called once per orphan when its reply arrives or
-    the connection is lost; set by `Client`).
+    the connection is lost; set by `Client`); ``tls_context`` /
+    ``tls_hostname`` (for the STARTTLS upgrade, None without TLS).
     """
 
-    def __init__(self, hs: Handshake) -> None:
+    def __init__(self, hs: Handshake, tls_context: ssl.SSLContext | None = None,
+                 tls_hostname: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.hs: Handshake | None = hs
@@ -143,6 +155,9 @@ class _Conn(asyncio.BufferedProtocol):
         self._wq_scheduled = False
         self.orphans: set[int] = set()
         self.release_slot: Callable[[], None] = _noop
+        self.tls_context = tls_context
+        self.tls_hostname = tls_hostname
+        self._tls_task: asyncio.Task | None = None
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -269,6 +284,36 @@ class _Conn(asyncio.BufferedProtocol):
         assert hs is not None
         hs.receive_data(data)
         self._flush_handshake()
+        if hs.tls_wanted and self._tls_task is None:
+            assert self.transport is not None
+            self.transport.pause_reading()  # what follows is the TLS handshake
+            self._tls_task = asyncio.ensure_future(self._start_tls())
+        if hs.done and not self.hs_done.done():
+            self.hs_done.set_result(None)
+
+    async def _start_tls(self) -> None:
+        hs, raw = self.hs, self.transport
+        assert hs is not None and raw is not None
+        if self.tls_context is None:  # cannot happen: the plan asks for TLS only with a context
+            self._fail(LocalProtocolError("STARTTLS accepted without a TLS context"))
+            return
+        try:
+            new = await asyncio.get_running_loop().start_tls(
+                raw, self, self.tls_context, server_side=False, server_hostname=self.tls_hostname)
+        except (ssl.SSLError, ssl.CertificateError, OSError, ConnectionError) as e:
+            err = ConnectionClosed(f"TLS handshake with the server failed: {e}")
+            err.__cause__ = e
+            self._fail(err)
+            return
+        if new is None or self.error is not None:
+            return
+        self.transport = new  # type: ignore[assignment]
+        try:
+            hs.tls_started()
+        except NBDBackupError as e:
+            self._fail(e)
+            return
+        self._flush_handshake()
         if hs.done and not self.hs_done.done():
             self.hs_done.set_result(None)
 
@@ -301,12 +346,18 @@ def _clone(err: BaseException) -> BaseException:
 async def _open(uri: str | NBDURI, plan_export: str | None, make_plan, connect_timeout: float | None) -> tuple[_Conn, NBDURI, Handshake]:
     u = parse_uri(uri) if isinstance(uri, str) else uri
     export = u.export if plan_export is None else plan_export
-    hs = Handshake(make_plan(export))
+    plan = make_plan(export)
+    tls_ctx = None
+    if u.tls:
+        plan = dataclasses.replace(plan, tls=True)
+        tls_ctx = client_context(u.tls_certificates or None, verify_peer=u.tls_verify_peer,
+                                 hostname=u.server_hostname)
+    hs = Handshake(plan)
     loop = asyncio.get_running_loop()
     conn_holder: list[_Conn] = []
 
     def factory() -> _Conn:
-        c = _Conn(hs)
+        c = _Conn(hs, tls_ctx, u.server_hostname if u.tls_verify_peer else None)
         conn_holder.append(c)
         return c
 
@@ -325,6 +376,14 @@ async def _open(uri: str | NBDURI, plan_export: str | None, make_plan, connect_t
             if c.transport is not None:
                 c.transport.abort()
         raise TimeoutError(f"{u}: connect/handshake timed out after {connect_timeout} s") from None
+    except OptionError as e:
+        for c in conn_holder:
+            if c.transport is not None:
+                c.transport.abort()
+        if e.reply == Rep.ERR_TLS_REQD and not u.tls:
+            raise OptionError(e.option, e.reply, f"{e.message or 'TLS required'} (the server requires TLS: use an nbds:// or "
+                              "nbds+unix:// URI with ?tls-certificates=DIR)") from None
+        raise
     except BaseException:
         for c in conn_holder:
             if c.transport is not None:

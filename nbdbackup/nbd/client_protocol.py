@@ -14,6 +14,11 @@ generator that yields the number of bytes it needs next and receives exactly
 that many; `Handshake.receive_data` feeds it, `Handshake.data_to_send`
 collects what it wrote.  When it is finished ``done`` is true and ``result``
 holds a `HandshakeResult`.  What to negotiate is a `HandshakePlan`.
+With ``plan.tls`` the first option is NBD_OPT_STARTTLS; on its ACK the
+handshake stops with ``tls_wanted`` set: the caller runs the TLS handshake
+on its transport, then calls `Handshake.tls_started` and feeds decrypted
+bytes from then on.  A refusal ends the handshake (no silent downgrade,
+proto.md: a client that requires TLS SHOULD terminate).
 
 `Transmission` -- the transmission phase.  `request` allocates a cookie and
 returns the 28-byte request header; replies are parsed from bytes given to
@@ -109,6 +114,8 @@ class HandshakePlan:
     #: which must not need a second connection: qemu-nbd without --persistent
     #: serves only one).  None = do not list.
     list_first: Sequence[str] | None = None
+    #: Upgrade to TLS (NBD_OPT_STARTTLS) before any other option.
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +163,7 @@ class HandshakeResult:
     exports: list[ExportInfo] = field(default_factory=list)
     listed_meta_contexts: list[str] = field(default_factory=list)
     fallback: bool = False
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,13 +206,18 @@ def parse_block_size(data: bytes) -> BlockSizes:
     return BlockSizes(mn, pref, mx, True)
 
 
+#: `Handshake._need` while the transport is being upgraded to TLS.
+_TLS_UPGRADE = -1
+
+
 class Handshake:
     """Client side of the fixed newstyle handshake (sans-IO).
 
     Fields: ``plan``; ``result`` (filled in as the steps run); ``done``;
-    ``broken`` (a RemoteProtocolError was raised); ``_out`` (bytes to send);
-    ``_in`` (received, not yet consumed); ``_need`` (bytes the generator
-    waits for); ``_gen`` (the steps).
+    ``broken`` (a RemoteProtocolError was raised); ``tls_wanted`` (the
+    server ACKed STARTTLS: upgrade the transport, then `tls_started`);
+    ``_out`` (bytes to send); ``_in`` (received, not yet consumed); ``_need``
+    (bytes the generator waits for, or ``_TLS_UPGRADE``); ``_gen`` (the steps).
     """
 
     def __init__(self, plan: HandshakePlan) -> None:
@@ -212,6 +225,7 @@ class Handshake:
         self.result = HandshakeResult()
         self.done = False
         self.broken = False
+        self.tls_wanted = False
         self._out = bytearray()
         self._in = bytearray()
         self._gen: _Steps = self._steps()
@@ -239,16 +253,34 @@ class Handshake:
             self.broken = True
             raise RemoteProtocolError("unexpected data from server after the handshake")
         self._in += data
-        while not self.done and len(self._in) >= self._need:
+        self._run()
+
+    def tls_started(self) -> None:
+        """The transport now runs TLS: go on with the handshake."""
+        assert self.tls_wanted and self._need == _TLS_UPGRADE
+        self.tls_wanted = False
+        self._step(b"")
+        self._run()
+
+    def _step(self, chunk: bytes) -> None:
+        try:
+            self._need = self._gen.send(chunk)
+        except StopIteration:
+            self.done = True
+        except (RemoteProtocolError, OptionError):
+            self.broken = True
+            raise
+        if self._need == _TLS_UPGRADE:
+            self.tls_wanted = True
+
+    def _run(self) -> None:
+        while not self.done and self._need != _TLS_UPGRADE and len(self._in) >= self._need:
             chunk = bytes(self._in[: self._need])
             del self._in[: self._need]
-            try:
-                self._need = self._gen.send(chunk)
-            except StopIteration:
-                self.done = True
-            except (RemoteProtocolError, OptionError):
-                self.broken = True
-                raise
+            self._step(chunk)
+        if self._need == _TLS_UPGRADE and self._in:
+            self.broken = True
+            raise RemoteProtocolError("server sent data after the STARTTLS ACK, before the TLS handshake")
         if self.done and self._in and self.plan.mode is Mode.GO:
             self.broken = True
             raise RemoteProtocolError("unexpected data from server after the handshake")
@@ -258,6 +290,10 @@ class Handshake:
     def _steps(self) -> _Steps:
         fixed = yield from self._greeting()
         plan = self.plan
+        if plan.tls:
+            if not fixed:
+                raise OptionError(Opt.STARTTLS, Rep.ERR_UNSUP, "the server is not fixed-newstyle, so it has no TLS")
+            yield from self._starttls()
         if plan.mode is Mode.GO:
             if not fixed:
                 yield from self._export_name()
@@ -306,6 +342,17 @@ class Handshake:
             self.result.no_zeroes = True
         self._out += wire.CLIENT_FLAGS.pack(cflags)
         return fixed
+
+    def _starttls(self) -> Generator[int, bytes, None]:
+        self._send_option(Opt.STARTTLS)
+        r = yield from self._reply(Opt.STARTTLS)
+        if r.rep != Rep.ACK:
+            if wire.rep_is_error(r.rep):
+                e = self._error(r)
+                raise OptionError(Opt.STARTTLS, r.rep, f"the server refused TLS: {e.message or 'no reason given'}")
+            raise RemoteProtocolError(f"unexpected reply {r.rep:#x} to OPT_STARTTLS")
+        yield _TLS_UPGRADE
+        self.result.tls = True
 
     def _send_option(self, opt: Opt, data: bytes = b"") -> None:
         self._out += wire.pack_option(opt, data)

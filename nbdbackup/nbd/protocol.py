@@ -16,7 +16,18 @@ most once (only the part that arrived together with headers).
 Events (`next_event`): `HandshakeDone`, `Request` (validated: ``error`` is
 set when the request must be answered with an error without running it),
 `Disconnect` (CMD_DISC or ABORT), `ProtocolViolation` (the peer broke the
-protocol: the connection must be closed; nothing after it is parsed).
+protocol: the connection must be closed; nothing after it is parsed),
+`StartTLS` (the ACK to NBD_OPT_STARTTLS is in ``data_to_send``: send it in
+clear, then run the TLS handshake; every later byte, both ways, goes
+through TLS and is fed back here decrypted).
+
+TLS (proto.md "TLS support"), by ``tls`` mode: ``off`` (NOTLS) refuses
+STARTTLS with ERR_POLICY; ``on`` (SELECTIVETLS, no TLS-only export) accepts
+it; ``require`` (FORCEDTLS) answers every option but STARTTLS and ABORT with
+ERR_TLS_REQD until TLS is up, and closes on EXPORT_NAME.  A second STARTTLS,
+or one with data, gets ERR_INVALID; bytes pipelined behind STARTTLS (before
+the TLS handshake) are a violation.  Negotiated state (structured replies,
+meta contexts) does not survive the upgrade.
 
 Sending: handshake replies accumulate in an outgoing buffer drained by
 ``data_to_send()``; transmission replies are built by the ``reply_*``
@@ -126,7 +137,12 @@ class ProtocolViolation:
     message: str
 
 
-Event = HandshakeDone | Request | Disconnect | ProtocolViolation
+@dataclass
+class StartTLS:
+    """Upgrade the connection to TLS now (after sending ``data_to_send()`` in clear)."""
+
+
+Event = HandshakeDone | Request | Disconnect | ProtocolViolation | StartTLS
 
 
 class State(Enum):
@@ -200,12 +216,18 @@ class ServerConnection:
     - ``_pending``/``_payload``/``_payload_filled``: the WRITE request whose
       payload is being received, its buffer and how much has arrived.
     - ``no_zeroes``, ``structured``, ``fixed``: negotiated handshake state.
+    - ``tls_mode`` ("off", "on", "require"; fixed); ``tls_active`` (STARTTLS
+      was accepted: everything after it runs over TLS).
     - ``_meta_export``/``_meta``: the export named by the last
       SET_META_CONTEXT and the contexts it selected (ids are indexes).
     - ``export``: the export of the transmission phase.
     """
 
-    def __init__(self, lookup: ExportLookup, lister: ExportLister, *, max_payload: int = wire.MAX_PAYLOAD) -> None:
+    def __init__(self, lookup: ExportLookup, lister: ExportLister, *, max_payload: int = wire.MAX_PAYLOAD,
+                 tls: str = "off") -> None:
+        assert tls in ("off", "on", "require")
+        self.tls_mode = tls
+        self.tls_active = False
         self._lookup = lookup
         self._lister = lister
         self.max_payload = max_payload
@@ -376,7 +398,12 @@ class ServerConnection:
         self._reply(opt, rep, message.encode("utf-8")[: wire.MAX_STRING])
 
     def _option(self, opt: int, data: bytes) -> None:
+        tls_missing = self.tls_mode == "require" and not self.tls_active
         if opt == Opt.EXPORT_NAME:
+            if tls_missing:
+                # proto.md FORCEDTLS: EXPORT_NAME cannot be refused, so close.
+                self._violation("TLS is required, but the client chose an export without NBD_OPT_STARTTLS")
+                return
             self._opt_export_name(data)
         elif not self.fixed:
             # Non-fixed newstyle clients may only send EXPORT_NAME (and ABORT).
@@ -389,6 +416,10 @@ class ServerConnection:
             self._reply(opt, Rep.ACK)
             self._events.append(Disconnect("client sent ABORT"))
             self._state = State.CLOSED
+        elif opt == Opt.STARTTLS:
+            self._opt_starttls(data)
+        elif tls_missing:
+            self._error(opt, Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
         elif opt == Opt.LIST:
             if data:
                 self._error(opt, Rep.ERR_INVALID, "LIST takes no data")
@@ -396,12 +427,6 @@ class ServerConnection:
             for e in self._lister():
                 self._reply(opt, Rep.SERVER, wire.pack_string(e.name) + e.description.encode())
             self._reply(opt, Rep.ACK)
-        elif opt == Opt.STARTTLS:
-            if data:
-                self._error(opt, Rep.ERR_INVALID, "STARTTLS takes no data")
-            else:
-                # A server without TLS support MUST answer ERR_UNSUP.
-                self._error(opt, Rep.ERR_UNSUP, "TLS is not supported by this server")
         elif opt in (Opt.INFO, Opt.GO):
             self._opt_info_go(opt, data)
         elif opt == Opt.STRUCTURED_REPLY:
@@ -416,6 +441,26 @@ class ServerConnection:
             self._opt_meta_context(opt, data)
         else:
             self._error(opt, Rep.ERR_UNSUP, f"option {opt} is not supported")
+
+    def _opt_starttls(self, data: bytes) -> None:
+        opt = Opt.STARTTLS
+        if data:
+            self._error(opt, Rep.ERR_INVALID, "STARTTLS takes no data")
+        elif self.tls_mode == "off":
+            self._error(opt, Rep.ERR_POLICY, "TLS is not configured on this server")
+        elif self.tls_active:
+            self._error(opt, Rep.ERR_INVALID, "TLS is already active")
+        elif self._avail():
+            # The client must wait for our ACK before its TLS handshake.
+            self._violation("data sent after NBD_OPT_STARTTLS before the TLS handshake")
+        else:
+            self._reply(opt, Rep.ACK)
+            self.tls_active = True
+            # Nothing negotiated in clear carries over into TLS.
+            self.structured = False
+            self._meta_export = None
+            self._meta = []
+            self._events.append(StartTLS())
 
     def _resolve(self, name: str) -> ExportInfo | None:
         info = self._lookup(name)

@@ -20,6 +20,14 @@ requests of at most ``MAX_PAYLOAD`` bytes, the transport's high-water mark and
 one receive buffer -- even for a client that pipelines thousands of requests
 and never reads a reply.
 
+TLS (``Server(tls=ServerTLS(...))``): on the protocol's `StartTLS` event the
+connection sends the ACK in clear, stops reading, and hands its transport
+to ``loop.start_tls``; the TLS layer then feeds decrypted bytes back into the
+same protocol object.  Until the upgraded transport is in place nothing is
+written and no event is acted on (decrypted bytes can arrive before
+``start_tls`` returns), so no byte leaves in clear after the ACK.  A failed
+TLS handshake closes the connection; the handshake timeout covers it.
+
 Invariants:
 - One bad client never harms another: a protocol violation closes only its
   connection (logged); a device error becomes an NBD error reply.
@@ -39,13 +47,15 @@ import errno
 import logging
 import os
 import socket
+import ssl
 from dataclasses import dataclass, field
 
 from ..blockdev.base import BASE_ALLOCATION, BlockDev
 from ..errors import ConfigError
 from ..sockets import prepare_unix_socket
 from . import protocol as proto
-from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection
+from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection, StartTLS
+from .tls import ServerTLS
 from .wire import Cmd, CmdFlag, StateFlag
 
 _FUA, _DF, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.NO_HOLE),
@@ -130,11 +140,15 @@ class Server:
     default export for an empty name); ``connections`` (live
     `NBDConnection`s); ``_servers`` (asyncio listeners); ``stopping`` (set by
     `shutdown`); limits ``max_connections``, ``handshake_timeout``,
-    ``max_inflight``; ``read_pool`` (free read buffers by size).
+    ``max_inflight``; ``read_pool`` (free read buffers by size); ``tls``
+    (a `ServerTLS`, mode "off" without one) and ``tls_context`` (built once,
+    at construction, so bad credentials fail at start).
     """
 
     def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
-                 max_inflight: int = 64) -> None:
+                 max_inflight: int = 64, tls: ServerTLS | None = None) -> None:
+        self.tls = tls if tls is not None else ServerTLS("off")
+        self.tls_context: ssl.SSLContext | None = self.tls.context() if self.tls.enabled else None
         self.exports: dict[str, Export] = {}
         self.connections: set[NBDConnection] = set()
         self._servers: list[asyncio.base_events.Server] = []
@@ -259,12 +273,14 @@ class NBDConnection(asyncio.BufferedProtocol):
     ``export`` (after the handshake); ``tasks`` (request tasks running);
     ``peer`` (for logs); ``_paused_writing`` (transport above high water);
     ``_reading_paused``; ``_closing``; ``_idle`` (set when no task runs);
-    ``_handshake_timer``.
+    ``_handshake_timer``; ``_tls_upgrading`` (between the STARTTLS ACK and
+    the upgraded transport: nothing is written, no event is acted on).
     """
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.proto = ServerConnection(server._lookup, server._list)
+        self.proto = ServerConnection(server._lookup, server._list, tls=server.tls.mode)
+        self._tls_upgrading = False
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -358,7 +374,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _update_reading(self) -> None:
         t = self.transport
-        if t is None or self._closing:
+        if t is None or self._closing or self._tls_upgrading:
             return
         want_pause = (self._paused_writing or len(self.tasks) >= self.server.max_inflight
                       or self.proto.has_events)
@@ -375,6 +391,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.close("handshake timeout")
 
     def _flush_handshake(self) -> None:
+        if self._tls_upgrading:
+            return  # stays in the protocol's buffer until TLS is up
         data = self.proto.data_to_send()
         if data and self.transport and not self._closing:
             self.transport.write(data)
@@ -388,6 +406,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.transport.close()
 
     def _process_events(self) -> None:
+        if self._tls_upgrading:
+            return  # acted on once the TLS transport is in place
         proto_ = self.proto
         while True:
             # Bound: at most max_inflight requests run; the rest stay parsed
@@ -406,8 +426,16 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self._handshake_timer = None
                 self._flush_handshake()
                 self.export = self.server.export_for(ev.export.name)
-                log.info("connection %s: export %r, %s replies, contexts %s", self.peer, ev.export.name,
-                         "structured" if ev.structured else "simple", list(ev.contexts.values()) or "none")
+                log.info("connection %s: export %r, %s replies, contexts %s%s", self.peer, ev.export.name,
+                         "structured" if ev.structured else "simple", list(ev.contexts.values()) or "none",
+                         ", TLS" if self.proto.tls_active else "")
+            elif isinstance(ev, StartTLS):
+                self._flush_handshake()  # the ACK, in clear
+                assert self.transport is not None
+                self.transport.pause_reading()  # the ClientHello is for the TLS layer
+                self._tls_upgrading = True
+                asyncio.ensure_future(self._start_tls())
+                return
             elif isinstance(ev, Disconnect):
                 self._flush_handshake()
                 asyncio.ensure_future(self._close_when_idle(ev.reason))
@@ -418,6 +446,33 @@ class NBDConnection(asyncio.BufferedProtocol):
                 asyncio.ensure_future(self._close_when_idle(ev.message))
                 break
         self._flush_handshake()
+
+    async def _start_tls(self) -> None:
+        raw = self.transport
+        assert raw is not None and self.server.tls_context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(raw, self, self.server.tls_context, server_side=True,
+                                       ssl_handshake_timeout=self.server.handshake_timeout)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
+            log.warning("connection %s: TLS handshake failed: %s; closing", self.peer, e)
+            self._tls_upgrading = False
+            self._closing = True
+            self.proto.close()
+            raw.abort()
+            return
+        if new is None or self._closing:
+            return
+        self.transport = new  # type: ignore[assignment]
+        new.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
+        self._writev = type(new).__module__.startswith("uvloop")
+        self._reading_paused = False
+        self._tls_upgrading = False
+        log.info("connection %s: TLS %s, %s", self.peer, new.get_extra_info("ssl_object").version(),
+                 new.get_extra_info("cipher", ("?",))[0])
+        self._flush_handshake()
+        self._process_events()
+        self._update_reading()
 
     async def _close_when_idle(self, reason: str) -> None:
         await self.drain_requests()

@@ -18,6 +18,7 @@ from nbdbackup.nbd.protocol import (
     ProtocolViolation,
     Request,
     ServerConnection,
+    StartTLS,
     State,
     transmission_flags,
 )
@@ -35,8 +36,8 @@ EXPORTS = {
 }
 
 
-def make() -> ServerConnection:
-    return ServerConnection(EXPORTS.get, lambda: list(EXPORTS.values()))
+def make(tls: str = "off") -> ServerConnection:
+    return ServerConnection(EXPORTS.get, lambda: list(EXPORTS.values()), tls=tls)
 
 
 def feed(conn: ServerConnection, data: bytes, rng: random.Random | None = None) -> None:
@@ -131,7 +132,7 @@ def test_unknown_option_gets_unsup_and_negotiation_goes_on():
          + wire.pack_option(Opt.EXTENDED_HEADERS) + wire.pack_option(Opt.LIST))
     replies = parse_option_replies(conn.data_to_send())
     assert replies[0][:2] == (200, Rep.ERR_UNSUP)
-    assert replies[1][:2] == (Opt.STARTTLS, Rep.ERR_UNSUP)
+    assert replies[1][:2] == (Opt.STARTTLS, Rep.ERR_POLICY)  # NOTLS: TLS not configured
     assert replies[2][:2] == (Opt.EXTENDED_HEADERS, Rep.ERR_UNSUP)
     servers = [r for r in replies[3:] if r[1] == Rep.SERVER]
     names = [r[2][4:4 + struct.unpack(">I", r[2][:4])[0]].decode() for r in servers]
@@ -370,3 +371,74 @@ def test_garbage_never_raises(garbage, seed):
         for ev in events(conn):
             assert isinstance(ev, (HandshakeDone, Request, Disconnect, ProtocolViolation))
         conn.data_to_send()
+
+
+# -- TLS (proto.md "TLS support") -------------------------------------------------
+
+
+def test_forcedtls_refuses_options_until_starttls_then_resets_state():
+    conn = make("require")
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.LIST) + wire.pack_option(Opt.STRUCTURED_REPLY)
+         + wire.pack_option(Opt.GO, go_payload("disk")) + wire.pack_option(200)
+         + wire.pack_option(Opt.STARTTLS))
+    replies = parse_option_replies(conn.data_to_send())
+    assert [r[1] for r in replies] == [Rep.ERR_TLS_REQD] * 4 + [Rep.ACK]
+    assert replies[-1][0] == Opt.STARTTLS
+    assert [type(e) for e in events(conn)] == [StartTLS]
+    assert conn.tls_active
+    # (decrypted bytes from here on)
+    feed(conn, wire.pack_option(Opt.STARTTLS) + wire.pack_option(Opt.STRUCTURED_REPLY)
+         + wire.pack_option(Opt.GO, go_payload("disk")))
+    replies = parse_option_replies(conn.data_to_send())
+    assert replies[0][:2] == (Opt.STARTTLS, Rep.ERR_INVALID)  # already active
+    assert replies[1][:2] == (Opt.STRUCTURED_REPLY, Rep.ACK)
+    assert replies[-1][:2] == (Opt.GO, Rep.ACK)
+    evs = events(conn)
+    assert len(evs) == 1 and isinstance(evs[0], HandshakeDone) and evs[0].structured
+
+
+def test_state_negotiated_in_clear_does_not_survive_starttls():
+    conn = make("on")
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.STRUCTURED_REPLY) + wire.pack_option(Opt.STARTTLS))
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [Rep.ACK, Rep.ACK]
+    assert [type(e) for e in events(conn)] == [StartTLS]
+    feed(conn, wire.pack_option(Opt.GO, go_payload("disk")))
+    evs = events(conn)
+    assert isinstance(evs[0], HandshakeDone) and not evs[0].structured
+
+
+def test_selective_tls_allows_clear_text():
+    conn = make("on")
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.GO, go_payload("disk")))
+    assert parse_option_replies(conn.data_to_send())[-1][1] == Rep.ACK
+    assert isinstance(events(conn)[0], HandshakeDone) and not conn.tls_active
+
+
+def test_forcedtls_export_name_without_tls_closes():
+    conn = make("require")
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.EXPORT_NAME, b"disk"))
+    evs = events(conn)
+    assert len(evs) == 1 and isinstance(evs[0], ProtocolViolation) and "TLS" in evs[0].message
+    assert conn.state is State.CLOSED
+
+
+def test_forcedtls_abort_is_allowed():
+    conn = make("require")
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.ABORT))
+    assert parse_option_replies(conn.data_to_send())[0][1] == Rep.ACK
+    assert isinstance(events(conn)[0], Disconnect)
+
+
+def test_bytes_pipelined_after_starttls_are_a_violation():
+    conn = make("require")
+    greet(conn)
+    conn.receive_data(wire.pack_option(Opt.STARTTLS) + b"\x16\x03\x01")  # a ClientHello too early
+    evs = events(conn)
+    assert [type(e) for e in evs] == [ProtocolViolation]
+    assert conn.state is State.CLOSED
+    assert parse_option_replies(conn.data_to_send()) == []  # no ACK: nothing to upgrade

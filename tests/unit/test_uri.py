@@ -24,6 +24,11 @@ from nbdbackup.nbd.uri import NBDURI, parse_uri
         ("nbd+unix:///exp?socket=%2Ftmp%2Fa%20b", NBDURI("unix", "exp", socket="/tmp/a b")),
         ("nbd+unix:///e?socket=/s&tls=off", NBDURI("unix", "e", socket="/s")),  # unknown params ignored
         ("nbd+unix:?socket=/s", NBDURI("unix", "", socket="/s")),
+        ("nbds://h/e", NBDURI("tcp", "e", "h", 10809, tls=True)),
+        ("nbds+unix:///e?socket=/s&tls-certificates=/etc/pki/nbd",
+         NBDURI("unix", "e", socket="/s", tls=True, tls_certificates="/etc/pki/nbd")),
+        ("nbds://h:1/e?tls-verify-peer=false&tls-hostname=srv.example",
+         NBDURI("tcp", "e", "h", 1, tls=True, tls_verify_peer=False, tls_hostname="srv.example")),
     ],
 )
 def test_parse(uri, expect):
@@ -34,7 +39,11 @@ def test_parse(uri, expect):
     "uri, match",
     [
         ("http://h/e", "scheme"),
-        ("nbds://h/e", "TLS"),
+        ("nbds+vsock://1/e", "vsock"),
+        ("nbds://h/e?tls-psk-file=/k", "TLS-PSK"),
+        ("nbds://alice@h/e", "TLS-PSK"),
+        ("nbd://h/e?tls-certificates=/d", "need the nbds"),
+        ("nbds://h/e?tls-verify-peer=maybe", "true or false"),
         ("nbd+vsock://1/e", "vsock"),
         ("nbd+unix:///e", "socket=PATH"),
         ("nbd+unix://host/e?socket=/s", "takes no host"),
@@ -55,8 +64,15 @@ def test_reject(uri, match):
 
 @pytest.mark.parametrize(
     "uri",
-    ["nbd://h/e", "nbd://h:1/e%20x", "nbd://[::1]/e", "nbd+unix:///e?socket=/tmp/x.sock", "nbd+unix:///?socket=/s"],
+    ["nbd://h/e", "nbd://h:1/e%20x", "nbd://[::1]/e", "nbd+unix:///e?socket=/tmp/x.sock", "nbd+unix:///?socket=/s",
+     "nbds+unix:///e?socket=/s&tls-certificates=/d", "nbds://h/e?tls-verify-peer=false&tls-hostname=x"],
 )
 def test_str_round_trips(uri):
     u = parse_uri(uri)
     assert parse_uri(str(u)) == u
+
+
+def test_server_hostname():
+    assert parse_uri("nbds://srv:1/e").server_hostname == "srv"
+    assert parse_uri("nbds+unix:///e?socket=/s").server_hostname is None
+    assert parse_uri("nbds+unix:///e?socket=/s&tls-hostname=srv").server_hostname == "srv"
