@@ -505,3 +505,42 @@ def test_fuzz_replies_raise_only_protocol_errors(pieces):
     for ev in tx.events:
         assert ev.error >= 0
     assert all(len(b) == 64 for b in bufs)
+
+
+# -- STARTTLS ---------------------------------------------------------------------
+
+
+def test_handshake_starttls_first_then_continues_after_upgrade():
+    hs = Handshake(HandshakePlan(Mode.GO, "disk", structured=True, tls=True))
+    feed(hs, greeting() + rep(Opt.STARTTLS, Rep.ACK))
+    assert hs.tls_wanted and not hs.done
+    _, opts = parse_options(hs.data_to_send())
+    assert opts == [(Opt.STARTTLS, b"")]  # nothing else goes out in clear
+    hs.tls_started()
+    assert not hs.tls_wanted
+    # (from here on the bytes are what TLS decrypted)
+    out = hs.data_to_send()
+    assert wire.OPTION_HEADER.unpack_from(out)[1] == Opt.STRUCTURED_REPLY
+    feed(hs, rep(Opt.STRUCTURED_REPLY, Rep.ACK) + rep(Opt.GO, Rep.INFO, info_export(4096, GO_FLAGS))
+         + rep(Opt.GO, Rep.ACK))
+    assert hs.done and hs.result.tls and hs.result.structured
+
+
+@pytest.mark.parametrize("reply", [Rep.ERR_UNSUP, Rep.ERR_POLICY])
+def test_handshake_starttls_refused_is_fatal(reply):
+    hs = Handshake(HandshakePlan(Mode.GO, "disk", tls=True))
+    with pytest.raises(OptionError, match="refused TLS") as ei:
+        feed(hs, greeting() + rep(Opt.STARTTLS, reply, b"no TLS here"))
+    assert ei.value.reply == reply and hs.broken and not hs.tls_wanted
+
+
+def test_handshake_data_after_starttls_ack_is_a_violation():
+    hs = Handshake(HandshakePlan(Mode.LIST, tls=True))
+    with pytest.raises(RemoteProtocolError, match="after the STARTTLS ACK"):
+        hs.receive_data(greeting() + rep(Opt.STARTTLS, Rep.ACK) + b"\x16\x03")
+
+
+def test_handshake_tls_needs_fixed_newstyle():
+    hs = Handshake(HandshakePlan(Mode.GO, "disk", tls=True))
+    with pytest.raises(OptionError, match="not fixed-newstyle"):
+        feed(hs, greeting(0))
