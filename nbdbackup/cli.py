@@ -19,7 +19,7 @@ from .errors import NBDBackupError
 
 #: Subcommand modules, in help order.  A module missing from the tree is skipped
 #: (work in progress never breaks the other commands).
-COMMAND_MODULES = ["serve", "info", "backup", "job", "bitmap", "export"]
+COMMAND_MODULES = ["serve", "info", "backup", "job", "bitmap", "export", "pull"]
 
 
 def build_parser() -> argparse.ArgumentParser:

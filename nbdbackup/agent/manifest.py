@@ -1,0 +1,139 @@
+"""Chunk manifests: blake3 digests of a disk image, chunk by chunk.
+
+Role: the proof that a copy holds what its source held.  A pull computes
+each chunk's digest from the bytes it read from the snapshot export (never
+from what it wrote), so `verify` of the target against the manifest proves
+target == snapshot, and `verify` of the snapshot URI proves the manifest
+describes it.  Chunks are also the unit the planned deduplicating chunk
+repository will store.
+
+Format (JSON, one object)::
+
+    {"format": "nbdbackup-manifest", "version": 1, "algorithm": "blake3",
+     "size": BYTES, "chunk_size": BYTES, "chunks": ["<64 hex>", ...],
+     "root": "<64 hex>"}
+
+Chunk ``i`` covers ``(i * chunk_size, min(chunk_size, size - i * chunk_size))``;
+``root`` is the blake3 of the concatenated 32-byte chunk digests, so two
+images are equal iff their roots are (with the same size and chunk size).
+
+Invariants: ``len(chunks) == ceil(size / chunk_size)``; a manifest is
+written atomically (temporary file, fsync, rename); `load` validates every
+field and raises `ConfigError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import blake3
+
+from ..errors import ConfigError
+
+FORMAT = "nbdbackup-manifest"
+VERSION = 1
+DEFAULT_CHUNK = 4 << 20
+
+_zero_cache: dict[int, bytes] = {}
+
+
+def digest(data) -> bytes:
+    """blake3 of ``data`` (any buffer); large inputs hash on several threads."""
+    n = len(data)
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO if n >= 1 << 20 else 1).digest()
+
+
+def zero_digest(length: int) -> bytes:
+    """Digest of ``length`` zero bytes (cached: every hole chunk has one)."""
+    d = _zero_cache.get(length)
+    if d is None:
+        d = _zero_cache[length] = digest(bytes(length))
+    return d
+
+
+@dataclass
+class Manifest:
+    """Per-chunk digests of an image of ``size`` bytes (see the module doc)."""
+
+    size: int
+    chunk_size: int = DEFAULT_CHUNK
+    chunks: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.size < 0 or self.chunk_size <= 0 or self.chunk_size % 4096:
+            raise ConfigError(f"bad manifest geometry: size {self.size}, chunk size {self.chunk_size} "
+                              "(a positive multiple of 4096)")
+        if not self.chunks:
+            self.chunks = [b""] * self.count
+
+    @property
+    def count(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        off = i * self.chunk_size
+        return off, min(self.chunk_size, self.size - off)
+
+    def chunks_of(self, offset: int, length: int) -> range:
+        """Indexes of the chunks that ``(offset, length)`` touches."""
+        if length <= 0:
+            return range(0)
+        return range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1)
+
+    @property
+    def root(self) -> bytes:
+        assert all(len(c) == 32 for c in self.chunks), "manifest incomplete"
+        return digest(b"".join(self.chunks))
+
+    def differences(self, other: "Manifest") -> list[int]:
+        """Indexes of chunks whose digests differ (geometry must match)."""
+        if (self.size, self.chunk_size) != (other.size, other.chunk_size):
+            raise ConfigError(f"manifests differ in geometry: {self.size}/{self.chunk_size} vs "
+                              f"{other.size}/{other.chunk_size}")
+        return [i for i, (a, b) in enumerate(zip(self.chunks, other.chunks)) if a != b]
+
+    # -- files ----------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "algorithm": "blake3", "size": self.size,
+                "chunk_size": self.chunk_size, "chunks": [c.hex() for c in self.chunks],
+                "root": self.root.hex()}
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, separators=(",", ":"))
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Manifest":
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such manifest") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable manifest: {e}") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("version") != VERSION \
+                or raw.get("algorithm") != "blake3":
+            raise ConfigError(f"{path}: not an {FORMAT} version {VERSION} (blake3) file")
+        size, chunk, chunks = raw.get("size"), raw.get("chunk_size"), raw.get("chunks")
+        if not isinstance(size, int) or not isinstance(chunk, int) or not isinstance(chunks, list):
+            raise ConfigError(f"{path}: size, chunk_size and chunks are required")
+        m = cls(size, chunk)
+        if len(chunks) != m.count:
+            raise ConfigError(f"{path}: {len(chunks)} chunk digests for {m.count} chunks")
+        try:
+            m.chunks = [bytes.fromhex(c) for c in chunks]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: a chunk digest is not hex") from None
+        if any(len(c) != 32 for c in m.chunks):
+            raise ConfigError(f"{path}: a chunk digest is not 32 bytes")
+        if raw.get("root") != m.root.hex():
+            raise ConfigError(f"{path}: root digest does not match the chunk digests (file damaged?)")
+        return m

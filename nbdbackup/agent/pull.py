@@ -1,0 +1,212 @@
+"""Pull agent: copy an NBD export (a snapshot export) into a local image, reading only what matters.
+
+Role: the remote side of a pull-mode backup.  Given a source `BlockDev`
+(normally an `NBDDev` on the snapshot export, several connections) and a
+target (`FileDev`: a raw file or a block device):
+
+- full (``bitmap=None``): the source's ``base:allocation`` says where data
+  is; only data is read; holes stay holes in a fresh target file (on a block
+  device or a reused file they are zeroed with ``may_trim``);
+- incremental (``bitmap="NAME"``): only ranges that
+  ``qemu:dirty-bitmap:NAME`` marks dirty are read, and patched into the
+  target, which must already hold the previous backup of the same size
+  (incremental forever onto one image); dirty holes are punched/zeroed.
+
+Work is done chunk by chunk (`Manifest` chunks, 4 MiB by default): a chunk
+that needs nothing is skipped; otherwise its pieces are read concurrently
+into one chunk buffer (in incremental mode pre-filled from the target), its
+blake3 digest is taken from that buffer -- what the source held, not what
+was written -- and the read pieces are written to the target.  ``workers``
+chunks are in flight at once, spread over the source's connections.
+
+The manifest of the result: digests of worked chunks come from the source;
+other chunks are zero digests (full) or come from ``base`` (the previous
+pull's manifest, incremental) or, without it, from reading the target.
+
+Invariants: the target is flushed (fdatasync) before `pull` returns; a
+failure leaves the target partly updated and raises (the manifest is only
+produced on success, so a failed pull is never mistaken for a good one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from dataclasses import dataclass
+
+from ..blockdev.base import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, HOLE_ZERO, BlockDev, Extent
+from ..errors import ConfigError
+from .manifest import DEFAULT_CHUNK, Manifest, digest, zero_digest
+
+#: Largest single read request (the NBD client splits further at the
+#: server's maximum block size).
+MAX_READ = 4 << 20
+
+
+@dataclass
+class PullStats:
+    """What a pull did: bytes read from the source, written to and zeroed in
+    the target, chunks worked / skipped, seconds."""
+
+    size: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    chunks_worked: int = 0
+    chunks_skipped: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Intersection of two sorted lists of disjoint ``(offset, length)`` ranges."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        s = max(a[i][0], b[j][0])
+        e = min(a[i][0] + a[i][1], b[j][0] + b[j][1])
+        if e > s:
+            out.append((s, e - s))
+        if a[i][0] + a[i][1] < b[j][0] + b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _ranges(extents: list[Extent], want) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the extents whose flags satisfy ``want``, merged."""
+    out: list[tuple[int, int]] = []
+    for e in extents:
+        if e.length and want(e.flags):
+            if out and out[-1][0] + out[-1][1] == e.offset:
+                out[-1] = (out[-1][0], out[-1][1] + e.length)
+            else:
+                out.append((e.offset, e.length))
+    return out
+
+
+def _split(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` inside ``[start, end)``."""
+    return _intersect(ranges, [(start, end - start)])
+
+
+async def pull(src: BlockDev, dst: BlockDev, *, bitmap: str | None = None, fresh: bool = False,
+               chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
+               progress=None) -> tuple[Manifest, PullStats]:
+    """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
+
+    ``fresh``: ``dst`` is a new, all-hole file (holes need no zeroing).
+    ``progress(done_bytes, total_bytes)`` is called as chunks finish.
+    """
+    t0 = time.monotonic()
+    size = src.size
+    if dst.size < size or (bitmap is not None and dst.size != size):
+        raise ConfigError(f"target is {dst.size} bytes, the source {size}"
+                          + (" (an incremental pull needs the previous backup, same size)" if bitmap else ""))
+    man = Manifest(size, chunk_size)
+    if base is not None and (base.size, base.chunk_size) != (size, chunk_size):
+        raise ConfigError(f"base manifest is for {base.size} bytes in {base.chunk_size}-byte chunks, "
+                          f"this pull is {size} in {chunk_size}")
+    alloc = await src.extents(0, size, BASE_ALLOCATION) if size else []
+    data = _ranges(alloc, lambda f: (f & HOLE_ZERO) != HOLE_ZERO)
+    zero = _ranges(alloc, lambda f: (f & HOLE_ZERO) == HOLE_ZERO)
+    if bitmap is None:
+        wanted_data, wanted_zero = data, ([] if fresh else zero)
+        work = sorted({i for o, n in data for i in man.chunks_of(o, n)}
+                      | {i for o, n in wanted_zero for i in man.chunks_of(o, n)})
+    else:
+        ctx = DIRTY_BITMAP_PREFIX + bitmap
+        if ctx not in src.meta_contexts():
+            raise ConfigError(f"the source offers no {ctx!r} (offered: {', '.join(src.meta_contexts()) or 'none'})")
+        dirty = _ranges(await src.extents(0, size, ctx), lambda f: f & 1)
+        wanted_data, wanted_zero = _intersect(dirty, data), _intersect(dirty, zero)
+        work = sorted({i for o, n in dirty for i in man.chunks_of(o, n)})
+    stats = PullStats(size=size)
+    work_set = set(work)
+    queue = iter(work)
+    done_bytes = 0
+
+    async def do_chunk(i: int) -> None:
+        nonlocal done_bytes
+        c_off, c_len = man.chunk_range(i)
+        c_end = c_off + c_len
+        buf = bytearray(c_len)
+        mv = memoryview(buf)
+        if bitmap is not None:
+            await dst.pread(mv, c_off)  # the previous backup, patched below
+        pieces = []
+        for o, n in _split(wanted_data, c_off, c_end):
+            for p in range(o, o + n, MAX_READ):
+                pieces.append((p, min(MAX_READ, o + n - p)))
+        await asyncio.gather(*(src.pread(mv[p - c_off : p - c_off + n], p) for p, n in pieces))
+        zeros = _split(wanted_zero, c_off, c_end)
+        for o, n in zeros:
+            mv[o - c_off : o - c_off + n] = bytes(n)
+        man.chunks[i] = await asyncio.to_thread(digest, mv) if c_len >= 1 << 20 else digest(mv)
+        for p, n in pieces:
+            await dst.pwrite(mv[p - c_off : p - c_off + n], p)
+        for o, n in zeros:
+            await dst.zero(o, n, may_trim=True)
+        stats.bytes_read += sum(n for _, n in pieces)
+        stats.bytes_written += sum(n for _, n in pieces)
+        stats.bytes_zeroed += sum(n for _, n in zeros)
+        done_bytes += c_len
+        if progress is not None:
+            progress(done_bytes, len(work) * chunk_size)
+
+    async def worker() -> None:
+        for i in queue:
+            await do_chunk(i)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    stats.chunks_worked = len(work)
+    stats.chunks_skipped = man.count - len(work)
+    # Digests of the chunks not read from the source.
+    for i in range(man.count):
+        if i in work_set:
+            continue
+        if bitmap is None:
+            man.chunks[i] = zero_digest(man.chunk_range(i)[1])
+        elif base is not None:
+            man.chunks[i] = base.chunks[i]
+        else:
+            off, n = man.chunk_range(i)
+            buf = bytearray(n)
+            await dst.pread(memoryview(buf), off)
+            man.chunks[i] = digest(buf)
+    await dst.flush()
+    stats.seconds = time.monotonic() - t0
+    return man, stats
+
+
+async def manifest_of(dev: BlockDev, chunk_size: int = DEFAULT_CHUNK, workers: int = 8) -> Manifest:
+    """The manifest of ``dev``'s current content (holes hashed without reading)."""
+    size = dev.size
+    man = Manifest(size, chunk_size)
+    try:
+        alloc = await dev.extents(0, size, BASE_ALLOCATION) if size else []
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        alloc = [Extent(0, size, 0)]
+    data = _ranges(alloc, lambda f: (f & HOLE_ZERO) != HOLE_ZERO)
+    queue = iter(range(man.count))
+
+    async def worker() -> None:
+        for i in queue:
+            off, n = man.chunk_range(i)
+            if not _split(data, off, off + n):
+                man.chunks[i] = zero_digest(n)
+                continue
+            buf = bytearray(n)
+            mv = memoryview(buf)
+            await asyncio.gather(*(dev.pread(mv[p - off : p - off + k], p)
+                                   for o, m in _split(data, off, off + n)
+                                   for p, k in ((q, min(MAX_READ, o + m - q)) for q in range(o, o + m, MAX_READ))))
+            man.chunks[i] = await asyncio.to_thread(digest, mv) if n >= 1 << 20 else digest(mv)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    return man

@@ -1,0 +1,146 @@
+"""``nbdbackup pull`` and ``nbdbackup verify``: the pull agent's command line.
+
+``pull URI TARGET [--bitmap NAME] [--connections N] [--chunk-size SIZE]
+[--manifest OUT] [--base-manifest IN] [--json]`` copies an export (usually
+a snapshot export, ``<export>@<job-id>``) into TARGET (a raw file, created
+sparse, or a block device), reading only allocated data; with ``--bitmap``
+only what ``qemu:dirty-bitmap:NAME`` marks dirty is read and patched into
+TARGET, which holds the previous backup.  ``--manifest`` writes the blake3
+chunk manifest of the result (see `agent.manifest`).
+
+``verify SOURCE --manifest FILE`` recomputes the manifest of SOURCE (a file,
+a block device or an NBD URI) and exits 1 naming the chunks that differ.
+
+Failures (unreachable server, missing bitmap, wrong target size, bad
+manifest) are one `ConfigError` line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import stat
+import sys
+
+from ..blockdev import parse_size
+from ..errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pull", help="copy an export (a snapshot) into a local image, full or incremental",
+                       description="Copy an NBD export into a local raw image, reading only what matters.")
+    p.add_argument("uri", metavar="URI", help="the export to copy (nbd://, nbd+unix://, nbds://, nbds+unix://)")
+    p.add_argument("target", metavar="TARGET", help="raw image file (created or replaced) or block device")
+    p.add_argument("--bitmap", metavar="NAME",
+                   help="incremental: copy only what qemu:dirty-bitmap:NAME marks dirty into TARGET, "
+                        "which holds the previous backup")
+    p.add_argument("--connections", type=int, default=4, help="NBD connections (if the server allows multi-conn)")
+    p.add_argument("--workers", type=int, default=8, help="chunks in flight")
+    p.add_argument("--chunk-size", default="4M", help="manifest chunk size (default 4M)")
+    p.add_argument("--manifest", metavar="OUT", help="write the blake3 chunk manifest of the result here")
+    p.add_argument("--base-manifest", metavar="IN", help="incremental: the previous pull's manifest")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=run_pull)
+
+    v = sub.add_parser("verify", help="check an image or export against a blake3 chunk manifest",
+                       description="Recompute the blake3 chunk manifest of SOURCE and compare.")
+    v.add_argument("source", metavar="SOURCE", help="raw image file, block device or NBD URI")
+    v.add_argument("--manifest", required=True, metavar="FILE")
+    v.add_argument("--connections", type=int, default=4)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=run_verify)
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    chunk = parse_size(args.chunk_size)
+    if args.base_manifest and not args.bitmap:
+        raise ConfigError("--base-manifest is for incremental pulls (--bitmap NAME)")
+    return asyncio.run(_pull(args, chunk))
+
+
+async def _pull(args: argparse.Namespace, chunk: int) -> int:
+    from ..agent.manifest import Manifest
+    from ..agent.pull import pull
+    from ..blockdev.file import FileDev
+    from ..blockdev.nbd import NBDDev
+
+    base = Manifest.load(args.base_manifest) if args.base_manifest else None
+    src = await NBDDev.open(args.uri, read_only=True, connections=args.connections)
+    try:
+        fresh = False
+        path = args.target
+        is_block = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
+        if args.bitmap:
+            if not os.path.exists(path):
+                raise ConfigError(f"{path}: no such file: an incremental pull patches the previous backup")
+        elif not is_block:
+            # A full pull starts from an empty sparse file.
+            with open(path, "wb") as f:
+                f.truncate(src.size)
+            fresh = True
+        try:
+            dst = FileDev(path)
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror or e}") from None
+        try:
+            man, stats = await pull(src, dst, bitmap=args.bitmap, fresh=fresh, chunk_size=chunk,
+                                    workers=args.workers, base=base)
+        finally:
+            await dst.close()
+    finally:
+        await src.close()
+    if args.manifest:
+        man.save(args.manifest)
+    out = stats.to_json()
+    out["root"] = man.root.hex()
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        mbs = stats.bytes_read / stats.seconds / 1e6 if stats.seconds else 0.0
+        print(f"pulled {stats.size} bytes: read {stats.bytes_read}, zeroed {stats.bytes_zeroed}, "
+              f"{stats.chunks_worked} of {stats.chunks_worked + stats.chunks_skipped} chunks, "
+              f"{stats.seconds:.2f} s ({mbs:.0f} MB/s read)")
+        print(f"blake3 root {out['root']}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    return asyncio.run(_verify(args))
+
+
+async def _verify(args: argparse.Namespace) -> int:
+    from ..agent.manifest import Manifest
+    from ..agent.pull import manifest_of
+    from ..blockdev import is_nbd_uri, open_spec
+    from ..blockdev.nbd import NBDDev
+
+    want = Manifest.load(args.manifest)
+    if is_nbd_uri(args.source):
+        dev = await NBDDev.open(args.source, read_only=True, connections=args.connections)
+    else:
+        dev = await open_spec(args.source, read_only=True)
+    try:
+        if dev.size != want.size:
+            raise ConfigError(f"{args.source} is {dev.size} bytes; the manifest describes {want.size}")
+        got = await manifest_of(dev, want.chunk_size)
+    finally:
+        await dev.close()
+    bad = want.differences(got)
+    if args.json:
+        json.dump({"ok": not bad, "root": got.root.hex(), "expected_root": want.root.hex(),
+                   "bad_chunks": [{"index": i, "offset": want.chunk_range(i)[0], "length": want.chunk_range(i)[1]}
+                                  for i in bad]}, sys.stdout, indent=2)
+        print()
+    elif bad:
+        for i in bad[:20]:
+            off, n = want.chunk_range(i)
+            print(f"chunk {i} ({off}, {n}) differs")
+        if len(bad) > 20:
+            print(f"... and {len(bad) - 20} more")
+        print(f"FAILED: {len(bad)} of {want.count} chunks differ")
+    else:
+        print(f"OK: {want.count} chunks, blake3 root {got.root.hex()}")
+    return 1 if bad else 0
