@@ -88,6 +88,18 @@ def _ranges(extents: list[Extent], want) -> list[tuple[int, int]]:
     return out
 
 
+def _gaps(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``[start, end)`` that sorted, disjoint ``ranges`` leave uncovered."""
+    out, pos = [], start
+    for o, n in ranges:
+        if o > pos:
+            out.append((pos, o - pos))
+        pos = max(pos, o + n)
+    if pos < end:
+        out.append((pos, end - pos))
+    return out
+
+
 def _split(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
     """The parts of ``ranges`` inside ``[start, end)``."""
     return _intersect(ranges, [(start, end - start)])
@@ -129,12 +141,13 @@ async def pull(src: BlockDev, dst: BlockDev, *, bitmap: str | None = None, fresh
     queue = iter(work)
     done_bytes = 0
 
-    async def do_chunk(i: int) -> None:
+    zero_chunk = bytes(chunk_size)
+
+    async def do_chunk(i: int, whole: memoryview) -> None:
         nonlocal done_bytes
         c_off, c_len = man.chunk_range(i)
         c_end = c_off + c_len
-        buf = bytearray(c_len)
-        mv = memoryview(buf)
+        mv = whole[:c_len]
         if bitmap is not None:
             await dst.pread(mv, c_off)  # the previous backup, patched below
         pieces = []
@@ -143,8 +156,10 @@ async def pull(src: BlockDev, dst: BlockDev, *, bitmap: str | None = None, fresh
                 pieces.append((p, min(MAX_READ, o + n - p)))
         await asyncio.gather(*(src.pread(mv[p - c_off : p - c_off + n], p) for p, n in pieces))
         zeros = _split(wanted_zero, c_off, c_end)
-        for o, n in zeros:
-            mv[o - c_off : o - c_off + n] = bytes(n)
+        # The chunk buffer is reused: every byte not read must be set.
+        blank = zeros if bitmap is not None else _gaps(pieces, c_off, c_end)
+        for o, n in blank:
+            mv[o - c_off : o - c_off + n] = zero_chunk[:n]
         man.chunks[i] = await asyncio.to_thread(digest, mv) if c_len >= 1 << 20 else digest(mv)
         for p, n in pieces:
             await dst.pwrite(mv[p - c_off : p - c_off + n], p)
@@ -158,8 +173,9 @@ async def pull(src: BlockDev, dst: BlockDev, *, bitmap: str | None = None, fresh
             progress(done_bytes, len(work) * chunk_size)
 
     async def worker() -> None:
+        whole = memoryview(bytearray(chunk_size))  # one buffer per worker, reused
         for i in queue:
-            await do_chunk(i)
+            await do_chunk(i, whole)
 
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     stats.chunks_worked = len(work)
@@ -195,17 +211,22 @@ async def manifest_of(dev: BlockDev, chunk_size: int = DEFAULT_CHUNK, workers: i
     data = _ranges(alloc, lambda f: (f & HOLE_ZERO) != HOLE_ZERO)
     queue = iter(range(man.count))
 
+    zero_chunk = bytes(chunk_size)
+
     async def worker() -> None:
+        whole = memoryview(bytearray(chunk_size))  # one buffer per worker, reused
         for i in queue:
             off, n = man.chunk_range(i)
-            if not _split(data, off, off + n):
+            parts = _split(data, off, off + n)
+            if not parts:
                 man.chunks[i] = zero_digest(n)
                 continue
-            buf = bytearray(n)
-            mv = memoryview(buf)
+            mv = whole[:n]
             await asyncio.gather(*(dev.pread(mv[p - off : p - off + k], p)
-                                   for o, m in _split(data, off, off + n)
+                                   for o, m in parts
                                    for p, k in ((q, min(MAX_READ, o + m - q)) for q in range(o, o + m, MAX_READ))))
+            for o, m in _gaps(parts, off, off + n):
+                mv[o - off : o - off + m] = zero_chunk[:m]
             man.chunks[i] = await asyncio.to_thread(digest, mv) if n >= 1 << 20 else digest(mv)
 
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
