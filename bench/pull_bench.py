@@ -1,0 +1,115 @@
+"""Benchmark: ``nbdbackup pull`` vs ``nbdcopy --flush`` copying an export into a fresh local file.
+
+Role: the pull agent's speed, side by side with libnbd's nbdcopy under the
+same conditions: one nbdkit (``file`` plugin, its own session) serving a
+random image from the page cache over a Unix socket; both tools write a new
+sparse file on the same file system and make it durable (nbdcopy
+``--flush``, our pull fdatasyncs); the same connections (``--connections``).
+Our pull also computes the blake3 chunk manifest (``--manifest``): the
+price of the proof is part of the figure.  Rounds alternate and the
+destination file is deleted and ``sync`` run before each run, so neither
+tool pays for the other's writeback.
+
+Prints seconds and MB/s per run, medians and the ratio ours/nbdcopy
+(higher is better), plus each tool's CPU seconds.
+
+Usage: .venv/bin/python bench/pull_bench.py [--size 1G] [--rounds 3] [--connections 4] [--dir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from nbdbackup.blockdev import parse_size  # noqa: E402
+
+
+def start_nbdkit(image: str, sock: str) -> subprocess.Popen:
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", image], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if os.path.exists(sock):
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(sock)
+                    return proc
+                except OSError:
+                    pass
+        time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("nbdkit did not start")
+
+
+def timed(argv: list[str]) -> tuple[float, float]:
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    dt = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--dir", default="/tmp", help="where the image and the copies live")
+    ap.add_argument("--chunk-size", default="4M", help="our pull's chunk size")
+    a = ap.parse_args()
+    size = parse_size(a.size)
+    d = tempfile.mkdtemp(dir=a.dir, prefix="bench-pull-")
+    proc = None
+    try:
+        image = os.path.join(d, "disk.raw")
+        chunk = os.urandom(16 << 20)
+        with open(image, "wb") as f:
+            for off in range(0, size, len(chunk)):
+                f.write(chunk[: min(len(chunk), size - off)])
+        with open(image, "rb") as f:
+            while f.read(64 << 20):
+                pass
+        sock = os.path.join(d, "s.sock")
+        proc = start_nbdkit(image, sock)
+        uri = f"nbd+unix:///?socket={sock}"
+        out = os.path.join(d, "copy.raw")
+        ours_cmd = [sys.executable, "-m", "nbdbackup.cli", "pull", uri, out, f"--connections={a.connections}",
+                    "--manifest", os.path.join(d, "m.json"), f"--chunk-size={a.chunk_size}"]
+        theirs_cmd = ["nbdcopy", "--flush", f"--connections={a.connections}", uri, out]
+        res: dict[str, list[tuple[float, float]]] = {"nbdcopy": [], "ours": []}
+        print(f"# nbdkit file, {size >> 20} MiB, {a.connections} connections, fresh file in {a.dir}")
+        for r in range(a.rounds):
+            for name, cmd in (("nbdcopy", theirs_cmd), ("ours", ours_cmd)):
+                if os.path.exists(out):
+                    os.unlink(out)
+                subprocess.run(["sync"], check=True)
+                dt, cpu = timed(cmd)
+                res[name].append((dt, cpu))
+                print(f"round {r + 1}: {name:8s} {dt:6.2f} s  {size / dt / 1e6:7.0f} MB/s  (CPU {cpu:.2f} s)")
+        med = {k: statistics.median(dt for dt, _ in v) for k, v in res.items()}
+        cpu = {k: statistics.median(c for _, c in v) for k, v in res.items()}
+        print(f"median: nbdcopy {size / med['nbdcopy'] / 1e6:.0f} MB/s, ours {size / med['ours'] / 1e6:.0f} MB/s; "
+              f"ratio ours/nbdcopy {med['nbdcopy'] / med['ours']:.2f}x; CPU nbdcopy {cpu['nbdcopy']:.2f} s, "
+              f"ours {cpu['ours']:.2f} s (includes the blake3 manifest)")
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
