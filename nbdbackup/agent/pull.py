@@ -163,11 +163,13 @@ async def pull(src: BlockDev, dst: BlockDev, *, bitmap: str | None = None, fresh
         blank = zeros if bitmap is not None else _gaps(pieces, c_off, c_end)
         for o, n in blank:
             mv[o - c_off : o - c_off + n] = zero_chunk[:n]
-        man.chunks[i] = await asyncio.to_thread(digest, mv) if c_len >= 1 << 20 else digest(mv)
-        for p, n in pieces:
-            await dst.pwrite(mv[p - c_off : p - c_off + n], p)
-        for o, n in zeros:
-            await dst.zero(o, n, may_trim=True)
+        # Hash and write at once: both only read the chunk buffer.
+        hashed = asyncio.ensure_future(asyncio.to_thread(digest, mv)) if c_len >= 1 << 20 else None
+        try:
+            await asyncio.gather(*(dst.pwrite(mv[p - c_off : p - c_off + n], p) for p, n in pieces),
+                                 *(dst.zero(o, n, may_trim=True) for o, n in zeros))
+        finally:
+            man.chunks[i] = await hashed if hashed is not None else digest(mv)
         stats.bytes_read += sum(n for _, n in pieces)
         stats.bytes_written += sum(n for _, n in pieces)
         stats.bytes_zeroed += sum(n for _, n in zeros)
