@@ -52,10 +52,14 @@ import errno
 import io
 import json
 import os
+import sys
 import threading
 import time
 
 import nbdkit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _plugincommon import seek_extents  # noqa: E402
 
 API_VERSION = 2
 
@@ -341,28 +345,7 @@ def zero(h, count: int, offset: int, flags: int) -> None:
 
 def extents(h, count: int, offset: int, flags: int):
     _inject("extents", offset, count)
-    end = min(offset + count, _size)
-    out = []
-    pos = offset
-    while pos < end:
-        try:
-            data = os.lseek(_fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = _size  # no data after pos
-        if data > pos:
-            n = min(data, end) - pos
-            out.append((pos, n, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO))
-            pos += n
-            continue
-        hole = os.lseek(_fd, pos, os.SEEK_HOLE)
-        n = min(hole, end) - pos
-        out.append((pos, n, 0))
-        pos += n
-        if flags & nbdkit.FLAG_REQ_ONE:
-            break
-    return out
+    return seek_extents(_fd, _size, count, offset, flags)
 
 
 def cache(h, count: int, offset: int, flags: int) -> None:

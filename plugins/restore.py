@@ -1,0 +1,190 @@
+"""nbdkit Python plugin: serve a pulled backup read-only, every chunk checked against its blake3 manifest.
+
+Role: the restore side of the pull agent.  ``nbdbackup pull`` leaves a raw
+image and a manifest of per-chunk blake3 digests taken from the snapshot;
+this plugin exports that image over NBD so that any NBD client (qemu-img
+convert, nbdcopy, a VM booting from it, ``nbdbackup serve`` re-exporting
+it) restores from it, and it never hands out a byte it has not verified.
+
+Run by nbdkit as a subprocess::
+
+    nbdkit -U SOCK python plugins/restore.py image=BACKUP.raw manifest=BACKUP.json
+
+Verification: the first read that touches a chunk reads the whole chunk
+from the image and hashes it.  A chunk whose digest matches is remembered
+as good; one that does not is remembered as bad, logged once with its byte
+range, and every read touching it fails with EIO -- a restore from a
+damaged backup stops loudly instead of writing damaged data.  Chunks no
+read touches are never read.  ``verify=off`` serves without checking.
+
+Serving: read-only, multi-conn (nothing changes), extents from the image's
+holes (SEEK_DATA/SEEK_HOLE), thread model parallel.  The image must have the
+manifest's size (checked at start, like the manifest's own integrity: a
+damaged manifest stops nbdkit with the reason).
+
+The manifest format and its loader are `nbdbackup.agent.manifest` (this
+checkout's package, found next to this file); blake3 comes from the
+checkout's ``.venv`` when nbdkit's own Python lacks it (``pythonpath=DIR``
+adds another directory).
+
+Invariants: chunk states only change under ``_lock`` and only from
+unknown to good or bad; a read returns only bytes of chunks found good.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import sys
+import threading
+
+import nbdkit
+
+API_VERSION = 2
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_HERE)
+sys.path.insert(0, _HERE)
+from _plugincommon import seek_extents  # noqa: E402
+
+#: Configuration (fixed after `config_complete`).
+_image: str | None = None
+_manifest_path: str | None = None
+_verify = True
+#: The image (opened in `get_ready`) and the loaded manifest.
+_fd = -1
+_man = None
+#: Guards ``_state``; chunk index -> True (good) / False (bad); absent = not yet checked.
+_lock = threading.Lock()
+_state: dict[int, bool] = {}
+#: One lock per chunk being verified, so two readers do not hash it twice.
+_busy: dict[int, threading.Lock] = {}
+
+
+def _import_paths(extra: str | None = None) -> None:
+    for p in ([extra] if extra else []) + [_REPO] + glob.glob(os.path.join(_REPO, ".venv", "lib", "python3*",
+                                                                              "site-packages")):
+        if p and p not in sys.path:
+            sys.path.append(p)
+
+
+def config(key: str, value: str) -> None:
+    global _image, _manifest_path, _verify
+    if key == "image":
+        _image = os.path.abspath(value)
+    elif key == "manifest":
+        _manifest_path = os.path.abspath(value)
+    elif key == "verify":
+        if value not in ("on", "off"):
+            raise RuntimeError("restore: verify must be on or off")
+        _verify = value == "on"
+    elif key == "pythonpath":
+        _import_paths(os.path.abspath(value))
+    else:
+        raise RuntimeError(f"restore: unknown parameter {key!r} (image=, manifest=, verify=, pythonpath=)")
+
+
+def config_complete() -> None:
+    global _man
+    if _image is None or _manifest_path is None:
+        raise RuntimeError("restore: image=BACKUP.raw and manifest=BACKUP.json are required")
+    _import_paths()
+    try:
+        from nbdbackup.agent.manifest import Manifest
+        from nbdbackup.errors import ConfigError
+    except ImportError as e:
+        raise RuntimeError(f"restore: cannot import the manifest code ({e}); give pythonpath=DIR "
+                           "with the nbdbackup package and blake3") from None
+    try:
+        _man = Manifest.load(_manifest_path)
+    except ConfigError as e:
+        raise RuntimeError(f"restore: {e}") from None
+    size = os.stat(_image).st_size
+    if size != _man.size:
+        raise RuntimeError(f"restore: {_image} is {size} bytes, the manifest describes {_man.size}")
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready() -> None:
+    global _fd
+    _fd = os.open(_image, os.O_RDONLY)
+
+
+def _read_exact(buf, offset: int) -> None:
+    mv = memoryview(buf)
+    done = 0
+    while done < len(mv):
+        n = os.preadv(_fd, [mv[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"short read at {offset + done}")
+        done += n
+
+
+def _check(i: int) -> bool:
+    """Whether chunk ``i`` matches the manifest (hashing it the first time)."""
+    with _lock:
+        ok = _state.get(i)
+        if ok is not None:
+            return ok
+        busy = _busy.setdefault(i, threading.Lock())
+    with busy:
+        with _lock:
+            ok = _state.get(i)
+        if ok is not None:
+            return ok
+        from nbdbackup.agent.manifest import digest
+
+        off, n = _man.chunk_range(i)
+        buf = bytearray(n)
+        _read_exact(buf, off)
+        ok = digest(buf) == _man.chunks[i]
+        with _lock:
+            _state[i] = ok
+            _busy.pop(i, None)
+        if not ok:
+            nbdkit.debug(f"restore: chunk {i} ({off}, {n}) fails blake3 verification")
+            print(f"restore: {_image}: chunk {i} ({off}, {n}) does not match the manifest; "
+                  "reads of it fail with EIO", file=sys.stderr, flush=True)
+        return ok
+
+
+def open(readonly: bool):  # noqa: A001  (nbdkit's name; shadows the builtin here)
+    return {}
+
+
+def get_size(h) -> int:
+    return _man.size
+
+
+def can_write(h) -> bool:
+    return False
+
+
+def can_multi_conn(h) -> bool:
+    return True
+
+
+def can_extents(h) -> bool:
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+def pread(h, buf, offset: int, flags: int) -> None:
+    if _verify:
+        for i in _man.chunks_of(offset, len(buf)):
+            if not _check(i):
+                off, n = _man.chunk_range(i)
+                nbdkit.set_error(errno.EIO)
+                raise OSError(errno.EIO, f"chunk {i} ({off}, {n}) of the backup fails blake3 verification")
+    _read_exact(buf, offset)
+
+
+def extents(h, count: int, offset: int, flags: int):
+    return seek_extents(_fd, _man.size, count, offset, flags)
