@@ -10,6 +10,11 @@ TLS: ``--tls-creds DIR`` (``ca-cert.pem``, ``server-cert.pem``,
 before anything else) or ``--tls on`` (clients may upgrade);
 ``--tls-verify-peer`` also requires a client certificate signed by the CA.
 
+Access control (`nbd.access`): ``--tls-authz PATTERN`` admits only client
+certificates whose subject matches; ``--allow-user`` / ``--allow-group``
+admit only those peers on Unix sockets.  A refused client gets ERR_POLICY
+with the reason for every option.
+
 Lifecycle: every argument is validated before anything listens (a missing
 file, a bad size, a duplicate name or a busy socket is one clear error line
 and exit 1).  SIGINT/SIGTERM stop accepting, let in-flight requests finish,
@@ -50,7 +55,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="TLS mode (default: require with --tls-creds, else off)")
     p.add_argument("--tls-verify-peer", action="store_true",
                    help="require a client certificate signed by the credentials' CA")
+    p.add_argument("--tls-authz", action="append", default=[], metavar="PATTERN",
+                   help="admit only client certificates whose subject (RFC 4514, e.g. 'CN=agent1,O=Example') "
+                        "matches this glob (repeatable; implies --tls-verify-peer)")
+    p.add_argument("--allow-user", action="append", default=[], metavar="USER",
+                   help="on Unix sockets admit only this user (name or uid; repeatable)")
+    p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",
+                   help="on Unix sockets admit only this group (name or gid; repeatable)")
     p.set_defaults(func=run)
+
+
+def access_policy(args: argparse.Namespace):
+    """The `AccessPolicy` the options ask for."""
+    from ..nbd.access import AccessPolicy, parse_group, parse_user
+
+    if args.tls_authz and not args.tls_creds:
+        raise ConfigError("--tls-authz needs --tls-creds DIR")
+    return AccessPolicy(frozenset(parse_user(u) for u in args.allow_user),
+                        frozenset(parse_group(g) for g in args.allow_group), tuple(args.tls_authz))
 
 
 def tls_config(args: argparse.Namespace):
@@ -60,9 +82,9 @@ def tls_config(args: argparse.Namespace):
     mode = args.tls or ("require" if args.tls_creds else "off")
     if mode != "off" and not args.tls_creds:
         raise ConfigError(f"--tls {mode} needs --tls-creds DIR")
-    if mode == "off" and (args.tls_creds or args.tls_verify_peer):
-        raise ConfigError("--tls off contradicts --tls-creds / --tls-verify-peer")
-    return ServerTLS(mode, args.tls_creds or "", args.tls_verify_peer)
+    if mode == "off" and (args.tls_creds or args.tls_verify_peer or args.tls_authz):
+        raise ConfigError("--tls off contradicts --tls-creds / --tls-verify-peer / --tls-authz")
+    return ServerTLS(mode, args.tls_creds or "", args.tls_verify_peer or bool(args.tls_authz))
 
 
 def parse_export_args(items: list[str], all_read_only: bool) -> list[tuple[str, str, bool]]:
@@ -115,7 +137,7 @@ async def _serve(args: argparse.Namespace, exports, listens) -> int:
     from ..nbd.server import Server
 
     server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
-                    tls=tls_config(args))
+                    tls=tls_config(args), access=access_policy(args))
     app = daemon.App(server)
     try:
         app = await daemon.start(server, args)

@@ -218,6 +218,7 @@ class ServerConnection:
     - ``no_zeroes``, ``structured``, ``fixed``: negotiated handshake state.
     - ``tls_mode`` ("off", "on", "require"; fixed); ``tls_active`` (STARTTLS
       was accepted: everything after it runs over TLS).
+    - ``_denied``: why access control refused this client (see `deny`), or None.
     - ``_meta_export``/``_meta``: the export named by the last
       SET_META_CONTEXT and the contexts it selected (ids are indexes).
     - ``export``: the export of the transmission phase.
@@ -228,6 +229,7 @@ class ServerConnection:
         assert tls in ("off", "on", "require")
         self.tls_mode = tls
         self.tls_active = False
+        self._denied: str | None = None
         self._lookup = lookup
         self._lister = lister
         self.max_payload = max_payload
@@ -397,7 +399,19 @@ class ServerConnection:
     def _error(self, opt: int, rep: Rep, message: str) -> None:
         self._reply(opt, rep, message.encode("utf-8")[: wire.MAX_STRING])
 
+    def deny(self, reason: str) -> None:
+        """Access control refused this client: from now on every option but
+        ABORT gets ERR_POLICY with ``reason`` (EXPORT_NAME, which cannot be
+        refused, closes the connection)."""
+        self._denied = reason
+
     def _option(self, opt: int, data: bytes) -> None:
+        if self._denied is not None and opt != Opt.ABORT:
+            if opt == Opt.EXPORT_NAME or not self.fixed:
+                self._violation(f"access denied: {self._denied}")
+            else:
+                self._error(opt, Rep.ERR_POLICY, f"access denied: {self._denied}")
+            return
         tls_missing = self.tls_mode == "require" and not self.tls_active
         if opt == Opt.EXPORT_NAME:
             if tls_missing:

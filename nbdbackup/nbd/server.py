@@ -55,12 +55,16 @@ from ..errors import ConfigError
 from ..sockets import prepare_unix_socket
 from . import protocol as proto
 from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection, StartTLS
+from .access import AccessPolicy, peer_credentials
 from .tls import ServerTLS
 from .wire import Cmd, CmdFlag, StateFlag
 
 _FUA, _DF, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.NO_HOLE),
                                             int(CmdFlag.FAST_ZERO), int(CmdFlag.REQ_ONE))
 _ZERO = int(StateFlag.ZERO)
+
+#: Decrypted bytes a client may send before our TLS upgrade completes.
+_TLS_EARLY_MAX = 1024 * 1024
 
 log = logging.getLogger("nbdbackup.server")
 
@@ -142,11 +146,14 @@ class Server:
     `shutdown`); limits ``max_connections``, ``handshake_timeout``,
     ``max_inflight``; ``read_pool`` (free read buffers by size); ``tls``
     (a `ServerTLS`, mode "off" without one) and ``tls_context`` (built once,
-    at construction, so bad credentials fail at start).
+    at construction, so bad credentials fail at start); ``access`` (an
+    `AccessPolicy`, checked on Unix connections and after TLS).
     """
 
     def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
-                 max_inflight: int = 64, tls: ServerTLS | None = None) -> None:
+                 max_inflight: int = 64, tls: ServerTLS | None = None,
+                 access: AccessPolicy | None = None) -> None:
+        self.access = access if access is not None else AccessPolicy()
         self.tls = tls if tls is not None else ServerTLS("off")
         self.tls_context: ssl.SSLContext | None = self.tls.context() if self.tls.enabled else None
         self.exports: dict[str, Export] = {}
@@ -281,6 +288,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.server = server
         self.proto = ServerConnection(server._lookup, server._list, tls=server.tls.mode)
         self._tls_upgrading = False
+        #: Decrypted bytes that arrived before the upgrade finished (see `buffer_updated`).
+        self._tls_early = bytearray()
+        self._tls_stage = memoryview(bytearray(64 * 1024))
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -333,6 +343,14 @@ class NBDConnection(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        if sock is not None and sock.family == socket.AF_UNIX and self.server.access.limits_unix:
+            creds = peer_credentials(sock)
+            why = self.server.access.check_unix(creds)
+            if creds is not None:
+                self.peer = f"unix pid {creds[0]} uid {creds[1]}"
+            if why is not None:
+                log.warning("connection %s refused: %s", self.peer, why)
+                self.proto.deny(why)
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.server.handshake_timeout, self._handshake_timeout
         )
@@ -351,9 +369,19 @@ class NBDConnection(asyncio.BufferedProtocol):
                  f"export {self.export.name!r}" if self.export else "during handshake")
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._tls_upgrading:
+            return self._tls_stage  # decrypted bytes before the upgrade is complete
         return self.proto.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._tls_upgrading:
+            # Kept unparsed until the TLS transport is in place and the
+            # client certificate has passed access control.
+            self._tls_early += self._tls_stage[:nbytes]
+            if len(self._tls_early) > _TLS_EARLY_MAX:
+                log.warning("connection %s: too much data during the TLS upgrade; closing", self.peer)
+                self.close("flood during the TLS upgrade")
+            return
         self.proto.buffer_updated(nbytes)
         self._process_events()
 
@@ -470,6 +498,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._tls_upgrading = False
         log.info("connection %s: TLS %s, %s", self.peer, new.get_extra_info("ssl_object").version(),
                  new.get_extra_info("cipher", ("?",))[0])
+        why = self.server.access.check_certificate(new.get_extra_info("peercert"))
+        if why is not None:
+            log.warning("connection %s refused: %s", self.peer, why)
+            self.proto.deny(why)
+        if self._tls_early:
+            early, self._tls_early = bytes(self._tls_early), bytearray()
+            self.proto.receive_data(early)
         self._flush_handshake()
         self._process_events()
         self._update_reading()

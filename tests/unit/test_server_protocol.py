@@ -442,3 +442,24 @@ def test_bytes_pipelined_after_starttls_are_a_violation():
     assert [type(e) for e in evs] == [ProtocolViolation]
     assert conn.state is State.CLOSED
     assert parse_option_replies(conn.data_to_send()) == []  # no ACK: nothing to upgrade
+
+
+def test_denied_client_gets_policy_errors_but_may_abort():
+    conn = make("on")
+    greet(conn)
+    conn.deny("uid 7 is not allowed")
+    feed(conn, wire.pack_option(Opt.LIST) + wire.pack_option(Opt.STARTTLS) + wire.pack_option(Opt.GO, go_payload("disk"))
+         + wire.pack_option(Opt.ABORT))
+    replies = parse_option_replies(conn.data_to_send())
+    assert [r[1] for r in replies] == [Rep.ERR_POLICY] * 3 + [Rep.ACK]
+    assert all(b"uid 7 is not allowed" in r[2] for r in replies[:3])
+    assert [type(e) for e in events(conn)] == [Disconnect]
+
+
+def test_denied_client_choosing_an_export_is_closed():
+    conn = make()
+    greet(conn)
+    conn.deny("no")
+    feed(conn, wire.pack_option(Opt.EXPORT_NAME, b"disk"))
+    evs = events(conn)
+    assert len(evs) == 1 and isinstance(evs[0], ProtocolViolation) and "access denied" in evs[0].message
