@@ -22,7 +22,6 @@ import argparse
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,24 +31,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from client_read import make_image, start_server  # noqa: E402  (same directory)
 from nbdbackup.blockdev import parse_size  # noqa: E402
-
-
-def start_nbdkit(image: str, sock: str) -> subprocess.Popen:
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", image], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if os.path.exists(sock):
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(sock)
-                    return proc
-                except OSError:
-                    pass
-        time.sleep(0.02)
-    proc.kill()
-    raise SystemExit("nbdkit did not start")
 
 
 def timed(argv: list[str]) -> tuple[float, float]:
@@ -74,15 +57,9 @@ def main() -> int:
     proc = None
     try:
         image = os.path.join(d, "disk.raw")
-        chunk = os.urandom(16 << 20)
-        with open(image, "wb") as f:
-            for off in range(0, size, len(chunk)):
-                f.write(chunk[: min(len(chunk), size - off)])
-        with open(image, "rb") as f:
-            while f.read(64 << 20):
-                pass
+        make_image(image, size)  # random data, in the page cache
         sock = os.path.join(d, "s.sock")
-        proc = start_nbdkit(image, sock)
+        proc = start_server("nbdkit", image, sock, a.connections, same_session=False)
         uri = f"nbd+unix:///?socket={sock}"
         out = os.path.join(d, "copy.raw")
         ours_cmd = [sys.executable, "-m", "nbdbackup.cli", "pull", uri, out, f"--connections={a.connections}",

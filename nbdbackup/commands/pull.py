@@ -18,7 +18,6 @@ manifest) are one `ConfigError` line and exit 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import stat
@@ -26,6 +25,7 @@ import sys
 
 from ..blockdev import parse_size
 from ..errors import ConfigError
+from . import run_async
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,25 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=run_verify)
 
 
-def _run(coro) -> int:
-    """Run ``coro`` on uvloop when it is installed (as ``serve`` does)."""
-    kw = {}
-    if not os.environ.get("NBDBACKUP_NO_UVLOOP"):
-        try:
-            import uvloop
-
-            kw["loop_factory"] = uvloop.new_event_loop
-        except ImportError:
-            pass
-    with asyncio.Runner(**kw) as runner:
-        return runner.run(coro)
-
-
 def run_pull(args: argparse.Namespace) -> int:
     chunk = parse_size(args.chunk_size)
     if args.base_manifest and not args.bitmap:
         raise ConfigError("--base-manifest is for incremental pulls (--bitmap NAME)")
-    return _run(_pull(args, chunk))
+    return run_async(_pull(args, chunk))
 
 
 async def _pull(args: argparse.Namespace, chunk: int) -> int:
@@ -122,7 +108,7 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    return _run(_verify(args))
+    return run_async(_verify(args))
 
 
 async def _verify(args: argparse.Namespace) -> int:

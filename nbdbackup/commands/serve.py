@@ -120,16 +120,9 @@ def run(args: argparse.Namespace) -> int:
     listens = [parse_listen(x) for x in args.listen]
     if not args.socket and not listens:
         raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT")
-    runner_kw = {}
-    if not os.environ.get("NBDBACKUP_NO_UVLOOP"):
-        try:
-            import uvloop
+    from . import run_async
 
-            runner_kw["loop_factory"] = uvloop.new_event_loop
-        except ImportError:
-            pass
-    with asyncio.Runner(**runner_kw) as runner:
-        return runner.run(_serve(args, exports, listens))
+    return run_async(_serve(args, exports, listens))
 
 
 async def _serve(args: argparse.Namespace, exports, listens) -> int:
