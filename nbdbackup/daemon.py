@@ -85,7 +85,7 @@ async def add_export(app: App, name: str, spec: str, read_only: bool = False) ->
 
 
 def register_export_commands(qmp: Any, app: App) -> None:
-    """``query-block-exports``, ``block-export-add``, ``block-export-del``."""
+    """``query-block-exports``, ``query-export-stats``, ``block-export-add``, ``block-export-del``."""
 
     async def query_block_exports() -> list:
         out = []
@@ -119,6 +119,13 @@ def register_export_commands(qmp: Any, app: App) -> None:
         app.specs.pop(name, None)
         return {}
 
+    async def query_export_stats() -> list:
+        """Per-export request statistics (QEMU ``query-blockstats`` field names)."""
+        return [{"export": name, "connections": sum(1 for c in app.server.connections if c.export is exp),
+                 "inflight": exp.inflight, "stats": exp.stats.to_qmp()}
+                for name, exp in app.server.exports.items()]
+
+    qmp.register("query-export-stats", query_export_stats)
     qmp.register("query-block-exports", query_block_exports)
     qmp.register("block-export-add", block_export_add)
     qmp.register("block-export-del", block_export_del)

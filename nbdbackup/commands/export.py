@@ -1,7 +1,7 @@
-"""``nbdbackup export list|add|del``: the exports of a running server.
+"""``nbdbackup export list|stats|add|del``: the exports of a running server.
 
-Maps onto QMP ``query-block-exports``, ``block-export-add`` and
-``block-export-del`` (see `nbdbackup.control.schema`).
+Maps onto QMP ``query-block-exports``, ``query-export-stats``,
+``block-export-add`` and ``block-export-del`` (see `nbdbackup.control.schema`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = esub.add_parser("list", help="list exports (query-block-exports)")
     cliutil.add_control_arguments(q)
     q.set_defaults(func=cmd_list)
+
+    st = esub.add_parser("stats", help="request statistics per export (query-export-stats)")
+    cliutil.add_control_arguments(st)
+    st.set_defaults(func=cmd_stats)
 
     a = esub.add_parser("add", help="export a disk (block-export-add)")
     a.add_argument("name", metavar="NAME", help="export name clients will ask for")
@@ -46,6 +50,26 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows.append(row)
     cliutil.print_table(rows, [("name", "NAME"), ("spec", "SPEC"), ("size", "SIZE"), ("read-only", "READ-ONLY"),
                                ("snapshot", "SNAPSHOT")])
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = cliutil.call(args, "query-export-stats")
+    if args.json:
+        cliutil.print_json(stats)
+        return 0
+    rows = []
+    for e in stats:
+        s = e["stats"]
+        rows.append({"export": e["export"], "conns": e["connections"],
+                     "reads": s["rd_operations"], "read": cliutil.fmt_size(s["rd_bytes"]),
+                     "writes": s["wr_operations"], "written": cliutil.fmt_size(s["wr_bytes"]),
+                     "flushes": s["flush_operations"],
+                     "failed": sum(v for k, v in s.items() if k.startswith("failed_")),
+                     "invalid": s["invalid_operations"]})
+    cliutil.print_table(rows, [("export", "EXPORT"), ("conns", "CONNS"), ("reads", "READS"), ("read", "READ"),
+                               ("writes", "WRITES"), ("written", "WRITTEN"), ("flushes", "FLUSHES"),
+                               ("failed", "FAILED"), ("invalid", "INVALID")])
     return 0
 
 

@@ -15,6 +15,8 @@ certificates whose subject matches; ``--allow-user`` / ``--allow-group``
 admit only those peers on Unix sockets.  A refused client gets ERR_POLICY
 with the reason for every option.
 
+``--metrics HOST:PORT`` serves Prometheus text at ``/metrics`` (`nbdbackup.metrics`).
+
 Lifecycle: every argument is validated before anything listens (a missing
 file, a bad size, a duplicate name or a busy socket is one clear error line
 and exit 1).  SIGINT/SIGTERM stop accepting, let in-flight requests finish,
@@ -62,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on Unix sockets admit only this user (name or uid; repeatable)")
     p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",
                    help="on Unix sockets admit only this group (name or gid; repeatable)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (use a loopback address)")
     p.set_defaults(func=run)
 
 
@@ -118,20 +122,23 @@ def parse_listen(text: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     exports = parse_export_args(args.exports, args.read_only)
     listens = [parse_listen(x) for x in args.listen]
+    metrics = parse_listen(args.metrics) if args.metrics else None
     if not args.socket and not listens:
         raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT")
     from . import run_async
 
-    return run_async(_serve(args, exports, listens))
+    return run_async(_serve(args, exports, listens, metrics))
 
 
-async def _serve(args: argparse.Namespace, exports, listens) -> int:
+async def _serve(args: argparse.Namespace, exports, listens, metrics_at) -> int:
     from .. import daemon
+    from .. import metrics
     from ..nbd.server import Server
 
     server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                     tls=tls_config(args), access=access_policy(args))
     app = daemon.App(server)
+    metrics_srv = None
     try:
         app = await daemon.start(server, args)
         for name, spec, ro in exports:
@@ -143,6 +150,11 @@ async def _serve(args: argparse.Namespace, exports, listens) -> int:
                 await server.start_tcp(host, port)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        if metrics_at is not None:
+            try:
+                metrics_srv = await metrics.start(app, *metrics_at)
+            except OSError as e:
+                raise ConfigError(f"cannot serve metrics on {args.metrics}: {e.strerror}") from None
     except BaseException:
         await daemon.stop(app)
         await server.shutdown()
@@ -154,6 +166,8 @@ async def _serve(args: argparse.Namespace, exports, listens) -> int:
     log.info("serving %d export(s); pid %d", len(exports), os.getpid())
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
+    if metrics_srv is not None:
+        metrics_srv.close()
     await daemon.stop(app)
     await server.shutdown()
     log.info("stopped")

@@ -52,6 +52,7 @@ job-pause, job-resume,      id: str                                             
 job-cancel, job-dismiss
 job-set-speed               id: str, speed: uint64                                 {}
 query-block-exports         (none)                                                 [ExportInfo]
+query-export-stats          (none)                                                 [ExportStats]
 block-export-add            name: str, spec: str, *read-only: bool                 {}
 block-export-del            name: str                                              {}
 block-dirty-bitmap-add      export: str, name: str, *granularity: uint64,          {}
@@ -367,6 +368,7 @@ COMMANDS: dict[str, Struct] = {
     "job-dismiss": JOB_ID,
     "job-set-speed": struct({"id": STR, "speed": UINT64}),
     "query-block-exports": NO_ARGS,
+    "query-export-stats": NO_ARGS,
     "block-export-add": struct({"name": STR, "spec": STR, "*read-only": BOOL}),
     "block-export-del": struct({"name": STR}),
     "block-dirty-bitmap-add": BITMAP_ADD,

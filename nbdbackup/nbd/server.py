@@ -48,6 +48,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from ..blockdev.base import BASE_ALLOCATION, BlockDev
@@ -56,12 +57,14 @@ from ..sockets import prepare_unix_socket
 from . import protocol as proto
 from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection, StartTLS
 from .access import AccessPolicy, peer_credentials
+from .stats import ExportStats
 from .tls import ServerTLS
 from .wire import Cmd, CmdFlag, StateFlag
 
 _FUA, _DF, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.NO_HOLE),
                                             int(CmdFlag.FAST_ZERO), int(CmdFlag.REQ_ONE))
 _ZERO = int(StateFlag.ZERO)
+_READ = int(Cmd.READ)
 
 #: Decrypted bytes a client may send before our TLS upgrade completes.
 _TLS_EARLY_MAX = 1024 * 1024
@@ -82,7 +85,8 @@ class Export:
     closed when the export is removed, unless ``owns_dev`` is False);
     ``read_only``; ``description``; ``inflight`` (requests running against
     ``dev`` now); ``removed`` (set once `Server.remove_export` began: new
-    requests get ESHUTDOWN); ``_idle`` (set whenever ``inflight`` is 0).
+    requests get ESHUTDOWN); ``_idle`` (set whenever ``inflight`` is 0);
+    ``stats`` (`ExportStats`: requests answered, per command).
     """
 
     name: str
@@ -93,6 +97,7 @@ class Export:
     inflight: int = 0
     removed: bool = False
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    stats: ExportStats = field(default_factory=ExportStats)
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -551,6 +556,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if extents is None or sum(e.length for e in extents) < length or any(
                     e.flags & HOLE and e.flags & _ZERO for e in extents):
                 return False
+        t0 = time.perf_counter_ns()
         buf = self._get_buf(length)
         try:
             done = dev.pread_now(memoryview(buf), offset)
@@ -562,6 +568,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             return False
         self._write(p.read_header(req.cookie, offset, length), buf)
         self._put_buf(buf)
+        exp.stats.record(_READ, length, True, time.perf_counter_ns() - t0)
         return True
 
     def _get_buf(self, n: int) -> bytearray:
@@ -631,14 +638,19 @@ class NBDConnection(asyncio.BufferedProtocol):
         p = self.proto
         exp = self.export
         if req.error:
+            if exp is not None:
+                exp.stats.invalid += 1
             self._write(p.reply_error(req.cookie, req.error, req.message))
             return
         if exp is None or exp.removed or self.server.stopping:
             self._write(p.reply_error(req.cookie, errno.ESHUTDOWN, "export is shutting down"))
             return
         exp.begin()
+        t0 = time.perf_counter_ns()
+        ok = False
         try:
             await self._run(req, exp)
+            ok = True
         except OSError as e:
             err = e.errno or errno.EIO
             if err not in (errno.ENOSPC, errno.EINVAL, errno.EPERM, errno.ENOTSUP, errno.ESHUTDOWN):
@@ -651,6 +663,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             log.exception("export %r: internal error in %s", exp.name, _cmd_name(req.cmd))
             self._write(p.reply_error(req.cookie, errno.EIO, f"internal error: {e}"))
         finally:
+            exp.stats.record(req.cmd, req.length, ok, time.perf_counter_ns() - t0)
             exp.end()
             if req.payload is not None:
                 self.proto.release(req.payload)

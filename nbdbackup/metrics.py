@@ -1,0 +1,70 @@
+"""``serve --metrics HOST:PORT``: a Prometheus scrape endpoint (plain HTTP, GET /metrics).
+
+Role: the smallest HTTP server that Prometheus (or ``curl``) can scrape:
+one request per connection, ``GET /metrics`` answers the text of
+`nbd.stats.prometheus_text` for the app's exports, connections and jobs;
+other paths get 404 and other methods 405.  Requests are read with a size
+limit (8 KiB of head) and a timeout (5 s), so a slow or hostile client only
+costs one small task.  Bind it to loopback (or put it behind a proxy): it
+has no authentication, like most exporters.
+
+Invariant: building the text only reads in-memory state; it never blocks
+the event loop on I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .nbd.stats import prometheus_text
+
+log = logging.getLogger("nbdbackup.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HEAD_LIMIT = 8192
+TIMEOUT = 5.0
+
+
+def render(app: Any) -> str:
+    jobs = app.engine.query_jobs() if app.engine is not None else []
+    return prometheus_text(app.server.exports.values(), app.server.connections, jobs)
+
+
+def _response(status: str, body: bytes, ctype: str = "text/plain; charset=utf-8") -> bytes:
+    head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n")
+    return head.encode() + body
+
+
+async def _handle(app: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        except asyncio.LimitOverrunError:
+            writer.write(_response("431 Request Header Fields Too Large", b"too large\n"))
+            return
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+            return
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+        if len(parts) != 3:
+            writer.write(_response("400 Bad Request", b"bad request line\n"))
+        elif parts[0] != "GET":
+            writer.write(_response("405 Method Not Allowed", b"GET only\n"))
+        elif parts[1].split("?", 1)[0] != "/metrics":
+            writer.write(_response("404 Not Found", b"try /metrics\n"))
+        else:
+            writer.write(_response("200 OK", render(app).encode(), CONTENT_TYPE))
+    finally:
+        try:
+            await asyncio.wait_for(writer.drain(), TIMEOUT)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        writer.close()
+
+
+async def start(app: Any, host: str, port: int) -> asyncio.base_events.Server:
+    srv = await asyncio.start_server(lambda r, w: _handle(app, r, w), host, port, limit=HEAD_LIMIT)
+    log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
+    return srv

@@ -1,0 +1,115 @@
+"""Interop: request statistics over the control socket and the Prometheus endpoint.
+
+A server with a memory export and an export re-serving nbdkit behind the
+error filter (every read fails) takes a known mix of requests from our
+client; ``query-export-stats`` (and ``nbdbackup export stats --json``) and
+``GET /metrics`` must count exactly those: operations, bytes, failures,
+requests refused by validation, connections.  nbdcopy then reads the whole
+export (--no-extents) and the read bytes grow by exactly its size.  Bad HTTP gets 404/405.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import peers
+from nbdbackup.control.client import ControlClient
+from nbdbackup.nbd.client import connect
+
+ROOT = Path(__file__).resolve().parents[2]
+K, M = 1 << 10, 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_stats_and_metrics_count_exactly(short_tmp):
+    port = free_port()
+    ctl = os.path.join(peers.short_tempdir(), "c.sock")
+    with peers.nbdkit("memory", "8M", "error-pread-rate=1", filters=["error"]) as bad, \
+            peers.nbdbackup_serve("m=memory:16M", f"e={bad.uri}",
+                                  extra=["--control", ctl, "--metrics", f"127.0.0.1:{port}"]) as p:
+        async def traffic():
+            async with await connect(p.uri_for("m")) as c, await connect(p.uri_for("e")) as ce:
+                for i in range(3):
+                    await c.pwrite(os.urandom(64 * K), i * 64 * K)
+                for i in range(2):
+                    await c.pread(128 * K, i * 128 * K)
+                await c.flush()
+                await c.trim(M, 4 * K)
+                await c.zero(2 * M, 8 * K)
+                with pytest.raises(OSError):
+                    await ce.pread(4 * K, 0)
+                async with ControlClient(ctl) as qmp:
+                    return await qmp.execute("query-export-stats")
+
+        stats = {e["export"]: e for e in asyncio.run(asyncio.wait_for(traffic(), 30))}
+        m = stats["m"]["stats"]
+        assert (m["wr_operations"], m["wr_bytes"]) == (3, 192 * K)
+        assert (m["rd_operations"], m["rd_bytes"]) == (2, 256 * K)
+        assert m["flush_operations"] == 1 and (m["unmap_operations"], m["unmap_bytes"]) == (1, 4 * K)
+        assert (m["zero_operations"], m["zero_bytes"]) == (1, 8 * K)
+        assert sum(v for k, v in m.items() if k.startswith("failed_")) == 0
+        assert m["wr_total_time_ns"] > 0
+        e = stats["e"]["stats"]
+        assert (e["failed_rd_operations"], e["rd_operations"], e["rd_bytes"]) == (1, 0, 0)
+
+        # A request the protocol layer refuses (beyond the end), by raw socket: invalid, not failed.
+        from nbdbackup.nbd import wire
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(p.socket)
+            s.recv(18, socket.MSG_WAITALL)
+            s.sendall(wire.CLIENT_FLAGS.pack(3) + wire.pack_option(wire.Opt.EXPORT_NAME, b"m"))
+            s.recv(10, socket.MSG_WAITALL)  # size + flags (NO_ZEROES)
+            s.sendall(wire.REQUEST.pack(wire.REQUEST_MAGIC, 0, wire.Cmd.READ, 1, 16 * M - 512, 1024))
+            _, err, _ = wire.SIMPLE_REPLY.unpack(s.recv(16, socket.MSG_WAITALL))
+            assert err != 0
+            metrics = scrape(port)
+        assert metrics['nbdbackup_export_invalid_requests_total{export="m"}'] == 1
+        assert metrics['nbdbackup_export_requests_total{export="m",op="write"}'] == 3
+        assert metrics['nbdbackup_export_bytes_total{export="m",op="read"}'] == 256 * K
+        assert metrics['nbdbackup_export_failed_requests_total{export="e",op="read"}'] == 1
+        assert metrics['nbdbackup_export_connections{export="m"}'] == 1  # the raw socket, still open
+
+        subprocess.run(["nbdcopy", "--no-extents", p.uri_for("m"), "null:"], check=True, timeout=60)
+        after = scrape(port)
+        assert after['nbdbackup_export_bytes_total{export="m",op="read"}'] == 256 * K + 16 * M
+        r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", "export", "stats", "--json", "--control", ctl],
+                           cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
+        cli = {x["export"]: x["stats"] for x in json.loads(r.stdout)}
+        assert cli["m"]["rd_bytes"] == 256 * K + 16 * M
+
+        for path, code in (("/nope", 404),):
+            with pytest.raises(urllib.error.HTTPError) as ei:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10)
+            assert ei.value.code == code
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", data=b"x", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=10)
+        assert ei.value.code == 405
+        assert p.alive()
