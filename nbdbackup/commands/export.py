@@ -38,39 +38,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    exports = cliutil.call(args, "query-block-exports")
-    if args.json:
-        cliutil.print_json(exports)
-        return 0
-    rows = []
-    for e in exports:
-        row = dict(e)
-        if isinstance(e.get("size"), int):
-            row["size"] = cliutil.fmt_size(e["size"])
-        rows.append(row)
-    cliutil.print_table(rows, [("name", "NAME"), ("spec", "SPEC"), ("size", "SIZE"), ("read-only", "READ-ONLY"),
-                               ("snapshot", "SNAPSHOT")])
-    return 0
+    def row(e: dict) -> dict:
+        return {**e, "size": cliutil.fmt_size(e["size"])} if isinstance(e.get("size"), int) else dict(e)
+
+    return cliutil.list_command(args, "query-block-exports", row,
+                                [("name", "NAME"), ("spec", "SPEC"), ("size", "SIZE"), ("read-only", "READ-ONLY"),
+                                 ("snapshot", "SNAPSHOT")])
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = cliutil.call(args, "query-export-stats")
-    if args.json:
-        cliutil.print_json(stats)
-        return 0
-    rows = []
-    for e in stats:
+    def row(e: dict) -> dict:
         s = e["stats"]
-        rows.append({"export": e["export"], "conns": e["connections"],
-                     "reads": s["rd_operations"], "read": cliutil.fmt_size(s["rd_bytes"]),
-                     "writes": s["wr_operations"], "written": cliutil.fmt_size(s["wr_bytes"]),
-                     "flushes": s["flush_operations"],
-                     "failed": sum(v for k, v in s.items() if k.startswith("failed_")),
-                     "invalid": s["invalid_operations"]})
-    cliutil.print_table(rows, [("export", "EXPORT"), ("conns", "CONNS"), ("reads", "READS"), ("read", "READ"),
-                               ("writes", "WRITES"), ("written", "WRITTEN"), ("flushes", "FLUSHES"),
-                               ("failed", "FAILED"), ("invalid", "INVALID")])
-    return 0
+        return {"export": e["export"], "conns": e["connections"],
+                "reads": s["rd_operations"], "read": cliutil.fmt_size(s["rd_bytes"]),
+                "writes": s["wr_operations"], "written": cliutil.fmt_size(s["wr_bytes"]),
+                "flushes": s["flush_operations"],
+                "failed": sum(v for k, v in s.items() if k.startswith("failed_")),
+                "invalid": s["invalid_operations"]}
+
+    return cliutil.list_command(args, "query-export-stats", row,
+                                [("export", "EXPORT"), ("conns", "CONNS"), ("reads", "READS"), ("read", "READ"),
+                                 ("writes", "WRITES"), ("written", "WRITTEN"), ("flushes", "FLUSHES"),
+                                 ("failed", "FAILED"), ("invalid", "INVALID")])
 
 
 def cmd_add(args: argparse.Namespace) -> int:

@@ -67,18 +67,9 @@ def add_wait_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    jobs = cliutil.call(args, "query-jobs")
-    if args.json:
-        cliutil.print_json(jobs)
-        return 0
-    rows = []
-    for j in jobs:
-        row = dict(j)
-        row["progress"] = _progress_text(j)
-        rows.append(row)
-    cliutil.print_table(rows, [("id", "ID"), ("type", "TYPE"), ("status", "STATUS"),
-                               ("progress", "PROGRESS"), ("error", "ERROR")])
-    return 0
+    return cliutil.list_command(args, "query-jobs", lambda j: {**j, "progress": _progress_text(j)},
+                                [("id", "ID"), ("type", "TYPE"), ("status", "STATUS"),
+                                 ("progress", "PROGRESS"), ("error", "ERROR")])
 
 
 def cmd_simple(args: argparse.Namespace) -> int:

@@ -132,6 +132,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def list_command(args: argparse.Namespace, name: str, to_row: Callable[[dict], dict],
+                 columns: list[tuple[str, str]]) -> int:
+    """Run query ``name``; print its list as JSON (``--json``) or as a table of ``to_row`` rows."""
+    items = call(args, name)
+    if args.json:
+        print_json(items)
+    else:
+        print_table([to_row(x) for x in items], columns)
+    return 0
+
+
 def done(args: argparse.Namespace, result: Any, message: str) -> int:
     """Report a successful action: the JSON result with --json, else MESSAGE."""
     if args.json:

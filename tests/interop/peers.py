@@ -131,9 +131,19 @@ class Peer:
         client at a time); a QMP error fails the test with its description.
         """
         assert self.qmp_socket, "not a qemu-storage-daemon peer"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        # The monitor may still be dropping the previous client (a probe, the
+        # last call) and close this one before its greeting: connect again.
+        for _ in range(50):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(30)
             s.connect(self.qmp_socket)
+            if s.recv(1, socket.MSG_PEEK):
+                break
+            s.close()
+            time.sleep(0.05)
+        else:
+            raise ConnectionError(f"{self.qmp_socket}: the QMP monitor sends no greeting")
+        with s:
             f = s.makefile("rwb")
 
             def recv() -> dict:
