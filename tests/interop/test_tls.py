@@ -329,3 +329,19 @@ def test_options_sent_with_the_tls_handshake_are_still_checked(pki, short_tmp, l
             assert (opt, rep) == (Opt.GO, Rep.ERR_POLICY), (opt, hex(rep))
             t.close()
         assert p.alive()
+
+
+def test_pull_and_verify_over_tls(pki, short_tmp):
+    creds = pki["server"]
+    disk = short_tmp / "disk.raw"
+    disk.write_bytes(os.urandom(6 * M) + bytes(2 * M))
+    with peers.nbdbackup_serve(f"d={disk}", extra=["--tls-creds", creds]) as p:
+        uri = tls_uri(p.socket, "d", creds)
+        out, man = short_tmp / "out.raw", short_tmp / "m.json"
+        r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", "pull", uri, str(out), "--manifest", str(man)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == disk.read_bytes()
+        r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", "verify", uri, "--manifest", str(man)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
