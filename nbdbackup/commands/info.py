@@ -28,8 +28,9 @@ MAP_STEP = 1 << 30
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe an NBD export (size, flags, block sizes, meta contexts, extents)")
-    p.add_argument("uri", metavar="URI", help="nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH; nbds:// and nbds+unix:// for TLS "
-                        "(?tls-certificates=DIR)")
+    p.add_argument("uri", metavar="URI",
+                   help="nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH; "
+                        "nbds:// and nbds+unix:// for TLS (?tls-certificates=DIR)")
     p.add_argument("--map", nargs="?", const=BASE_ALLOCATION, metavar="CONTEXT",
                    help="print the extents of CONTEXT (default base:allocation)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
