@@ -9,6 +9,12 @@ it) restores from it, and it never hands out a byte it has not verified.
 Run by nbdkit as a subprocess::
 
     nbdkit -U SOCK python plugins/restore.py image=BACKUP.raw manifest=BACKUP.json
+    nbdkit -U SOCK python plugins/restore.py repo=REPO snapshot=NAME
+
+The second form serves a snapshot of a chunk repository (`agent.repo`):
+every chunk is read from the repository and checked against its digest as
+it is loaded (a few are cached), holes come from the all-zero chunks, and a
+missing or damaged chunk fails the reads that touch it with EIO.
 
 Verification: the first read that touches a chunk reads the whole chunk
 from the image and hashes it.  A chunk whose digest matches is remembered
@@ -51,6 +57,13 @@ from _plugincommon import seek_extents  # noqa: E402
 #: Configuration (fixed after `config_complete`).
 _image: str | None = None
 _manifest_path: str | None = None
+_repo_dir: str | None = None
+_snapshot: str | None = None
+#: Repository mode: the snapshot as a read-only image (`agent.repo.SnapshotImage`),
+#: used under ``_lock`` (its chunk cache is not thread-safe).
+_snap = None
+#: Chunks already reported damaged (logged once each).
+_reported: set[int] = set()
 _verify = True
 #: The image (opened in `get_ready`) and the loaded manifest.
 _fd = -1
@@ -70,7 +83,7 @@ def _import_paths(extra: str | None = None) -> None:
 
 
 def config(key: str, value: str) -> None:
-    global _image, _manifest_path, _verify
+    global _image, _manifest_path, _verify, _repo_dir, _snapshot
     if key == "image":
         _image = os.path.abspath(value)
     elif key == "manifest":
@@ -81,15 +94,35 @@ def config(key: str, value: str) -> None:
         _verify = value == "on"
     elif key == "pythonpath":
         _import_paths(os.path.abspath(value))
+    elif key == "repo":
+        _repo_dir = os.path.abspath(value)
+    elif key == "snapshot":
+        _snapshot = value
     else:
-        raise RuntimeError(f"restore: unknown parameter {key!r} (image=, manifest=, verify=, pythonpath=)")
+        raise RuntimeError(f"restore: unknown parameter {key!r} "
+                           "(image=, manifest=, repo=, snapshot=, verify=, pythonpath=)")
 
 
 def config_complete() -> None:
-    global _man
-    if _image is None or _manifest_path is None:
-        raise RuntimeError("restore: image=BACKUP.raw and manifest=BACKUP.json are required")
+    global _man, _snap
     _import_paths()
+    if _repo_dir is not None or _snapshot is not None:
+        if _repo_dir is None or _snapshot is None or _image is not None or _manifest_path is not None:
+            raise RuntimeError("restore: give repo=DIR snapshot=NAME, or image= and manifest=, not a mix")
+        try:
+            from nbdbackup.agent.repo import DirStore, Repository, SnapshotImage
+            from nbdbackup.errors import ConfigError
+        except ImportError as e:
+            raise RuntimeError(f"restore: cannot import the repository code ({e}); give pythonpath=DIR") from None
+        try:
+            repo = Repository.open(DirStore(_repo_dir))
+            _man = repo.load_snapshot(_snapshot)
+        except ConfigError as e:
+            raise RuntimeError(f"restore: {e}") from None
+        _snap = SnapshotImage(repo, _man)
+        return
+    if _image is None or _manifest_path is None:
+        raise RuntimeError("restore: image=BACKUP.raw and manifest=BACKUP.json (or repo= and snapshot=) are required")
     try:
         from nbdbackup.agent.manifest import Manifest
         from nbdbackup.errors import ConfigError
@@ -111,7 +144,8 @@ def thread_model():
 
 def get_ready() -> None:
     global _fd
-    _fd = os.open(_image, os.O_RDONLY)
+    if _snap is None:
+        _fd = os.open(_image, os.O_RDONLY)
 
 
 def _read_exact(buf, offset: int) -> None:
@@ -177,6 +211,19 @@ def can_cache(h):
 
 
 def pread(h, buf, offset: int, flags: int) -> None:
+    if _snap is not None:
+        try:
+            with _lock:
+                _snap.read_sync(memoryview(buf), offset)
+        except OSError as e:  # CorruptChunk: missing or damaged
+            i = offset // _man.chunk_size
+            if i not in _reported:
+                _reported.add(i)
+                print(f"restore: {_repo_dir} snapshot {_snapshot}: {e.strerror}; reads of it fail with EIO",
+                      file=sys.stderr, flush=True)
+            nbdkit.set_error(errno.EIO)
+            raise
+        return
     if _verify:
         for i in _man.chunks_of(offset, len(buf)):
             if not _check(i):
@@ -187,4 +234,8 @@ def pread(h, buf, offset: int, flags: int) -> None:
 
 
 def extents(h, count: int, offset: int, flags: int):
+    if _snap is not None:
+        out = [(e.offset, e.length, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO if e.flags else 0)
+               for e in _snap.extents_sync(offset, min(count, _man.size - offset))]
+        return out[:1] if flags & nbdkit.FLAG_REQ_ONE else out
     return seek_extents(_fd, _man.size, count, offset, flags)

@@ -123,6 +123,11 @@ class Manifest:
             raise ConfigError(f"{path}: no such manifest") from None
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: not a readable manifest: {e}") from None
+        return cls.from_json(raw, path)
+
+    @classmethod
+    def from_json(cls, raw: object, path: str = "manifest") -> "Manifest":
+        """Validate a decoded manifest document (``path`` names it in errors)."""
         if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("version") != VERSION \
                 or raw.get("algorithm") != "blake3":
             raise ConfigError(f"{path}: not an {FORMAT} version {VERSION} (blake3) file")

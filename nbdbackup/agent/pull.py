@@ -108,17 +108,23 @@ def _split(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[in
     return _intersect(ranges, [(start, end - start)])
 
 
-async def pull(src: BlockDev, dst: BlockDev, *, bitmap: str | None = None, fresh: bool = False,
+async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None, fresh: bool = False,
                chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
-               progress=None) -> tuple[Manifest, PullStats]:
+               sink=None, progress=None) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
 
     ``fresh``: ``dst`` is a new, all-hole file (holes need no zeroing).
+    ``sink(i, digest, chunk)`` (a coroutine function): instead of writing to
+    ``dst``, hand each worked chunk's full content to it (a chunk
+    repository); ``dst`` is then only read, as the previous backup of an
+    incremental pull, and may be None for a full one.
     ``progress(done_bytes, total_bytes)`` is called as chunks finish.
     """
     t0 = time.monotonic()
     size = src.size
-    if dst.size < size or (bitmap is not None and dst.size != size):
+    if dst is None and (sink is None or bitmap is not None):
+        raise ConfigError("a pull without a target needs a sink and no bitmap")
+    if dst is not None and (dst.size < size or (bitmap is not None and dst.size != size)):
         raise ConfigError(f"target is {dst.size} bytes, the source {size}"
                           + (" (an incremental pull needs the previous backup, same size)" if bitmap else ""))
     man = Manifest(size, chunk_size)
@@ -129,7 +135,7 @@ async def pull(src: BlockDev, dst: BlockDev, *, bitmap: str | None = None, fresh
     data = _ranges(alloc, lambda f: (f & HOLE_ZERO) != HOLE_ZERO)
     zero = _ranges(alloc, lambda f: (f & HOLE_ZERO) == HOLE_ZERO)
     if bitmap is None:
-        wanted_data, wanted_zero = data, ([] if fresh else zero)
+        wanted_data, wanted_zero = data, ([] if fresh or sink is not None else zero)
         work = sorted({i for o, n in data for i in man.chunks_of(o, n)}
                       | {i for o, n in wanted_zero for i in man.chunks_of(o, n)})
     else:
@@ -163,16 +169,23 @@ async def pull(src: BlockDev, dst: BlockDev, *, bitmap: str | None = None, fresh
         blank = zeros if bitmap is not None else _gaps(pieces, c_off, c_end)
         for o, n in blank:
             mv[o - c_off : o - c_off + n] = zero_chunk[:n]
-        # Hash and write at once: both only read the chunk buffer.
-        hashed = asyncio.ensure_future(asyncio.to_thread(digest, mv)) if c_len >= 1 << 20 else None
-        try:
-            await asyncio.gather(*(dst.pwrite(mv[p - c_off : p - c_off + n], p) for p, n in pieces),
-                                 *(dst.zero(o, n, may_trim=True) for o, n in zeros))
-        finally:
-            man.chunks[i] = await hashed if hashed is not None else digest(mv)
+        if sink is not None:
+            d = await asyncio.to_thread(digest, mv) if c_len >= 1 << 20 else digest(mv)
+            man.chunks[i] = d
+            await sink(i, d, mv)
+        else:
+            assert dst is not None
+            # Hash and write at once: both only read the chunk buffer.
+            hashed = asyncio.ensure_future(asyncio.to_thread(digest, mv)) if c_len >= 1 << 20 else None
+            try:
+                await asyncio.gather(*(dst.pwrite(mv[p - c_off : p - c_off + n], p) for p, n in pieces),
+                                     *(dst.zero(o, n, may_trim=True) for o, n in zeros))
+            finally:
+                man.chunks[i] = await hashed if hashed is not None else digest(mv)
         stats.bytes_read += sum(n for _, n in pieces)
-        stats.bytes_written += sum(n for _, n in pieces)
-        stats.bytes_zeroed += sum(n for _, n in zeros)
+        if sink is None:
+            stats.bytes_written += sum(n for _, n in pieces)
+            stats.bytes_zeroed += sum(n for _, n in zeros)
         done_bytes += c_len
         if progress is not None:
             progress(done_bytes, len(work) * chunk_size)
@@ -194,11 +207,14 @@ async def pull(src: BlockDev, dst: BlockDev, *, bitmap: str | None = None, fresh
         elif base is not None:
             man.chunks[i] = base.chunks[i]
         else:
+            assert dst is not None
             off, n = man.chunk_range(i)
             buf = bytearray(n)
             await dst.pread(memoryview(buf), off)
             man.chunks[i] = digest(buf)
-    await dst.flush()
+    if sink is None:
+        assert dst is not None
+        await dst.flush()
     stats.seconds = time.monotonic() - t0
     return man, stats
 

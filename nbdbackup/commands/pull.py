@@ -18,6 +18,7 @@ manifest) are one `ConfigError` line and exit 1.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import stat
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pull", help="copy an export (a snapshot) into a local image, full or incremental",
                        description="Copy an NBD export into a local raw image, reading only what matters.")
     p.add_argument("uri", metavar="URI", help="the export to copy (nbd://, nbd+unix://, nbds://, nbds+unix://)")
-    p.add_argument("target", metavar="TARGET", help="raw image file (created or replaced) or block device")
+    p.add_argument("target", metavar="TARGET", nargs="?",
+                   help="raw image file (created or replaced) or block device; omit with --repo")
     p.add_argument("--bitmap", metavar="NAME",
                    help="incremental: copy only what qemu:dirty-bitmap:NAME marks dirty into TARGET, "
                         "which holds the previous backup")
@@ -41,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", default="4M", help="manifest chunk size (default 4M)")
     p.add_argument("--manifest", metavar="OUT", help="write the blake3 chunk manifest of the result here")
     p.add_argument("--base-manifest", metavar="IN", help="incremental: the previous pull's manifest")
+    p.add_argument("--repo", metavar="DIR", help="store into this chunk repository instead of TARGET "
+                                                 "(see 'nbdbackup repo')")
+    p.add_argument("--snapshot", metavar="NAME", help="with --repo: the new snapshot's name")
+    p.add_argument("--base", metavar="NAME", help="with --repo --bitmap: the snapshot the bitmap counts from")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=run_pull)
 
@@ -57,7 +63,63 @@ def run_pull(args: argparse.Namespace) -> int:
     chunk = parse_size(args.chunk_size)
     if args.base_manifest and not args.bitmap:
         raise ConfigError("--base-manifest is for incremental pulls (--bitmap NAME)")
+    if args.repo:
+        if args.target or args.manifest or args.base_manifest:
+            raise ConfigError("--repo stores snapshots: give no TARGET, --manifest or --base-manifest")
+        if not args.snapshot:
+            raise ConfigError("--repo needs --snapshot NAME")
+        if bool(args.bitmap) != bool(args.base):
+            raise ConfigError("an incremental pull into a repository needs both --bitmap and --base")
+        return run_async(_pull_repo(args))
+    if not args.target:
+        raise ConfigError("give TARGET (a file or block device) or --repo DIR --snapshot NAME")
+    if args.snapshot or args.base:
+        raise ConfigError("--snapshot and --base are for --repo")
     return run_async(_pull(args, chunk))
+
+
+async def _pull_repo(args: argparse.Namespace) -> int:
+    from ..agent.pull import pull
+    from ..agent.repo import DirStore, Repository, SnapshotImage, check_name
+    from ..blockdev.nbd import NBDDev
+
+    store = DirStore(args.repo)
+    repo = Repository.open(store)
+    check_name(args.snapshot)
+    with store.lock(exclusive=False):
+        if repo.has_snapshot(args.snapshot):
+            raise ConfigError(f"snapshot {args.snapshot!r} already exists in {args.repo}")
+        base = repo.load_snapshot(args.base) if args.base else None
+        src = await NBDDev.open(args.uri, read_only=True, connections=args.connections)
+        new_chunks = 0
+        seen: set[bytes] = set()  # stored (or found) by this pull: skip the same digest at once
+
+        async def store_chunk(i: int, d: bytes, data: memoryview) -> None:
+            nonlocal new_chunks
+            if d in seen:
+                return
+            seen.add(d)
+            added = await asyncio.to_thread(repo.put_chunk, d, data)
+            new_chunks += added
+
+        try:
+            if base is not None and base.size != src.size:
+                raise ConfigError(f"snapshot {args.base!r} is {base.size} bytes, the source {src.size}")
+            man, stats = await pull(src, SnapshotImage(repo, base) if base else None, bitmap=args.bitmap,
+                                    chunk_size=repo.chunk_size, workers=args.workers, base=base, sink=store_chunk)
+        finally:
+            await src.close()
+        repo.save_snapshot(args.snapshot, man, source=args.uri, parent=args.base)
+    out = stats.to_json()
+    out.update(root=man.root.hex(), snapshot=args.snapshot, new_chunks=new_chunks)
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"snapshot {args.snapshot}: read {stats.bytes_read} of {stats.size} bytes, "
+              f"{stats.chunks_worked} chunks worked, {new_chunks} new in the repository, {stats.seconds:.2f} s")
+        print(f"blake3 root {out['root']}")
+    return 0
 
 
 async def _pull(args: argparse.Namespace, chunk: int) -> int:

@@ -1,0 +1,327 @@
+"""Chunk repository: deduplicated, content-addressed backups (incremental forever).
+
+Role: where the pull agent keeps backups when it is given ``--repo``.  A
+snapshot is a `Manifest` (blake3 digest per chunk) plus metadata; a chunk is
+stored once, under its digest, however many snapshots or offsets use it.  An
+incremental pull reads only dirty ranges from the source, patches them into
+the base snapshot's chunks and stores only chunks it has not seen: every
+snapshot is complete on its own (incremental forever, no chains to merge),
+and deleting one never breaks another.
+
+Layout over an `ObjectStore` (keys are '/'-separated paths)::
+
+    config.json                 {"format": "nbdbackup-repo", "version": 1, "chunk_size": N}
+    chunks/<2 hex>/<64 hex>     a chunk's bytes (the digest is blake3 of exactly them)
+    snapshots/<name>.json       {"name", "created", "source", "parent", "manifest": {...}}
+
+All-zero chunks are never stored (their digest is recognised).  Chunks are
+written before the snapshot that references them, so an interrupted pull
+leaves at worst unreferenced chunks, which `Repository.gc` removes.
+
+`DirStore` keeps the objects as files under a directory (written to a
+temporary name, fsynced, renamed).  Its lock is ``flock`` on ``<dir>/lock``:
+pulls take it shared, ``gc`` and ``delete`` exclusive, so ``gc`` never
+removes the chunks of a pull in progress.  The store interface is small on
+purpose (put/get/exists/list/delete/lock), to fit an S3-compatible backend
+later.  Not yet: compression, encryption, other backends.
+
+Invariants: `get_chunk` never returns bytes whose blake3 differs from the
+digest asked for (it raises `CorruptChunk`, an ``OSError(EIO)``); a snapshot
+is saved only after all its chunks are stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import re
+from collections import OrderedDict
+from typing import Iterator, Sequence
+
+from ..blockdev.base import BASE_ALLOCATION, HOLE_ZERO, BlockDev, Buffer, BlockSize, Capabilities, Extent
+from ..errors import ConfigError
+from .manifest import DEFAULT_CHUNK, Manifest, digest, zero_digest
+
+FORMAT = "nbdbackup-repo"
+VERSION = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+
+
+class CorruptChunk(OSError):
+    """A stored chunk is missing or does not hash to its name."""
+
+    def __init__(self, hexdigest: str, why: str) -> None:
+        super().__init__(errno.EIO, f"chunk {hexdigest}: {why}")
+        self.hexdigest = hexdigest
+
+
+class DirStore:
+    """Objects as files under ``root`` (see the module doc)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def _path(self, key: str) -> str:
+        assert ".." not in key.split("/") and not key.startswith("/"), key
+        return os.path.join(self.root, *key.split("/"))
+
+    def put(self, key: str, data: Buffer) -> None:
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}.{id(data)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            mv = memoryview(data).cast("B")
+            done = 0
+            while done < len(mv):
+                done += os.write(fd, mv[done:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def get(self, key: str) -> bytes:
+        with open(self._path(key), "rb") as f:
+            return f.read()
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        for dirpath, _, files in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root)
+            for f in files:
+                if ".tmp." not in f:
+                    yield f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}"
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool) -> Iterator[None]:
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"repository {self.root} is busy ({'in use' if exclusive else 'being cleaned'})"
+                                  ) from None
+            yield
+        finally:
+            os.close(fd)
+
+
+def _chunk_key(d: bytes) -> str:
+    h = d.hex()
+    return f"chunks/{h[:2]}/{h}"
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ConfigError(f"bad snapshot name {name!r}: letters, digits and . _ @ + - (at most 128)")
+    return name
+
+
+class Repository:
+    """A chunk repository over a store (see the module doc)."""
+
+    def __init__(self, store: DirStore, chunk_size: int) -> None:
+        self.store = store
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def init(cls, store: DirStore, chunk_size: int = DEFAULT_CHUNK) -> "Repository":
+        Manifest(0, chunk_size)  # validates the chunk size
+        if store.exists("config.json"):
+            raise ConfigError(f"{store.root} already holds a repository")
+        store.put("config.json", json.dumps({"format": FORMAT, "version": VERSION,
+                                             "chunk_size": chunk_size}).encode())
+        return cls(store, chunk_size)
+
+    @classmethod
+    def open(cls, store: DirStore) -> "Repository":
+        try:
+            cfg = json.loads(store.get("config.json"))
+        except FileNotFoundError:
+            raise ConfigError(f"{store.root} is not a repository (run 'nbdbackup repo init')") from None
+        except ValueError as e:
+            raise ConfigError(f"{store.root}/config.json is damaged: {e}") from None
+        if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
+            raise ConfigError(f"{store.root}: not an {FORMAT} version {VERSION} repository")
+        return cls(store, int(cfg["chunk_size"]))
+
+    # -- chunks ---------------------------------------------------------------
+
+    def put_chunk(self, d: bytes, data: Buffer) -> bool:
+        """Store ``data`` under digest ``d`` unless known; True if it was new."""
+        if d == zero_digest(len(memoryview(data))):
+            return False
+        key = _chunk_key(d)
+        if self.store.exists(key):
+            return False
+        self.store.put(key, data)
+        return True
+
+    def get_chunk(self, d: bytes, length: int) -> bytes:
+        """The bytes of chunk ``d`` (``length`` long), checked against ``d``."""
+        if d == zero_digest(length):
+            return bytes(length)
+        try:
+            data = self.store.get(_chunk_key(d))
+        except FileNotFoundError:
+            raise CorruptChunk(d.hex(), "missing") from None
+        if len(data) != length or digest(data) != d:
+            raise CorruptChunk(d.hex(), "does not match its blake3 digest")
+        return data
+
+    # -- snapshots ------------------------------------------------------------
+
+    def save_snapshot(self, name: str, man: Manifest, *, source: str = "", parent: str | None = None) -> None:
+        check_name(name)
+        if man.chunk_size != self.chunk_size:
+            raise ConfigError(f"manifest chunk size {man.chunk_size} != repository's {self.chunk_size}")
+        doc = {"name": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "source": source, "parent": parent, "manifest": man.to_json()}
+        self.store.put(f"snapshots/{name}.json", json.dumps(doc, separators=(",", ":")).encode())
+
+    def snapshot_info(self, name: str) -> dict:
+        check_name(name)
+        try:
+            return json.loads(self.store.get(f"snapshots/{name}.json"))
+        except FileNotFoundError:
+            raise ConfigError(f"no snapshot {name!r} in {self.store.root}") from None
+
+    def load_snapshot(self, name: str) -> Manifest:
+        return Manifest.from_json(self.snapshot_info(name).get("manifest"), f"snapshot {name}")
+
+    def has_snapshot(self, name: str) -> bool:
+        return self.store.exists(f"snapshots/{check_name(name)}.json")
+
+    def snapshots(self) -> list[str]:
+        return sorted(k[len("snapshots/"):-len(".json")] for k in self.store.list("snapshots")
+                      if k.endswith(".json"))
+
+    def delete_snapshot(self, name: str) -> None:
+        if not self.has_snapshot(name):
+            raise ConfigError(f"no snapshot {name!r} in {self.store.root}")
+        self.store.delete(f"snapshots/{name}.json")
+
+    # -- maintenance ---------------------------------------------------------
+
+    def referenced(self) -> set[bytes]:
+        out: set[bytes] = set()
+        for name in self.snapshots():
+            man = self.load_snapshot(name)
+            for i, d in enumerate(man.chunks):
+                if d != zero_digest(man.chunk_range(i)[1]):
+                    out.add(d)
+        return out
+
+    def stored(self) -> set[bytes]:
+        return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.store.list("chunks")}
+
+    def verify(self, names: Sequence[str] | None = None) -> list[tuple[str, int, str]]:
+        """Problems as ``(snapshot, chunk index, reason)``; empty when every
+        chunk of the snapshots is present and hashes right."""
+        problems: list[tuple[str, int, str]] = []
+        checked: dict[bytes, str | None] = {}
+        for name in names if names is not None else self.snapshots():
+            man = self.load_snapshot(name)
+            for i, d in enumerate(man.chunks):
+                n = man.chunk_range(i)[1]
+                if d not in checked:
+                    try:
+                        self.get_chunk(d, n)
+                        checked[d] = None
+                    except CorruptChunk as e:
+                        checked[d] = e.strerror.split(": ", 1)[1]
+                if checked[d] is not None:
+                    problems.append((name, i, checked[d]))
+        return problems
+
+    def gc(self) -> tuple[int, int]:
+        """Remove unreferenced chunks; return (removed, kept).  Caller holds the exclusive lock."""
+        keep = self.referenced()
+        removed = 0
+        for d in self.stored() - keep:
+            self.store.delete(_chunk_key(d))
+            removed += 1
+        return removed, len(keep)
+
+
+class SnapshotImage(BlockDev):
+    """A snapshot of a repository as a read-only `BlockDev` (chunks checked as read).
+
+    Fields: ``repo``; ``man`` (its manifest); ``_cache`` (a few recently read
+    chunks, index -> bytes, oldest first).
+    """
+
+    CACHE = 8
+
+    def __init__(self, repo: Repository, man: Manifest) -> None:
+        self.repo, self.man = repo, man
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+
+    @property
+    def size(self) -> int:
+        return self.man.size
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(read_only=True, can_extents=True, can_multi_conn=True,
+                            block_size=BlockSize(1, 4096, 32 * 1024 * 1024))
+
+    def meta_contexts(self) -> Sequence[str]:
+        return (BASE_ALLOCATION,)
+
+    def chunk(self, i: int) -> bytes:
+        data = self._cache.get(i)
+        if data is None:
+            data = self.repo.get_chunk(self.man.chunks[i], self.man.chunk_range(i)[1])
+            self._cache[i] = data
+            if len(self._cache) > self.CACHE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(i)
+        return data
+
+    def read_sync(self, buf: memoryview, offset: int) -> None:
+        pos, end = offset, offset + len(buf)
+        while pos < end:
+            i = pos // self.man.chunk_size
+            c_off, c_len = self.man.chunk_range(i)
+            n = min(end, c_off + c_len) - pos
+            buf[pos - offset : pos - offset + n] = self.chunk(i)[pos - c_off : pos - c_off + n]
+            pos += n
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        self.read_sync(buf, offset)
+
+    async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, "repository snapshots are read-only")
+
+    async def flush(self) -> None:
+        pass
+
+    async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
+        return self.extents_sync(offset, length)
+
+    def extents_sync(self, offset: int, length: int) -> list[Extent]:
+        """``base:allocation``: all-zero chunks are holes, the rest data."""
+        out: list[Extent] = []
+        end = offset + length
+        for i in self.man.chunks_of(offset, length):
+            c_off, c_len = self.man.chunk_range(i)
+            s, e = max(offset, c_off), min(end, c_off + c_len)
+            f = HOLE_ZERO if self.man.chunks[i] == zero_digest(c_len) else 0
+            if out and out[-1].flags == f and out[-1].end == s:
+                out[-1] = Extent(out[-1].offset, out[-1].length + e - s, f)
+            else:
+                out.append(Extent(s, e - s, f))
+        return out
