@@ -19,7 +19,8 @@ written before the snapshot that references them, so an interrupted pull
 leaves at worst unreferenced chunks, which `Repository.gc` removes.
 
 `DirStore` keeps the objects as files under a directory (written to a
-temporary name, fsynced, renamed).  Its lock is ``flock`` on ``<dir>/lock``:
+temporary name, fsynced, renamed; the directories are fsynced before a
+snapshot is written, so a crash cannot keep a snapshot and lose its chunks).  Its lock is ``flock`` on ``<dir>/lock``:
 pulls take it shared, ``gc`` and ``delete`` exclusive, so ``gc`` never
 removes the chunks of a pull in progress.  The store interface is small on
 purpose (put/get/exists/list/delete/lock), to fit an S3-compatible backend
@@ -64,6 +65,9 @@ class DirStore:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        #: Directories that got new entries since the last `flush` (their
+        #: renames are not durable until the directory is fsynced).
+        self._dirty_dirs: set[str] = set()
 
     def _path(self, key: str) -> str:
         assert ".." not in key.split("/") and not key.startswith("/"), key
@@ -83,6 +87,22 @@ class DirStore:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        d = os.path.dirname(path)
+        while d.startswith(self.root):  # the file's directory and any it had to create
+            self._dirty_dirs.add(d)
+            if d == self.root:
+                break
+            d = os.path.dirname(d)
+
+    def flush(self) -> None:
+        """Make every `put` so far durable (fsync the directories it changed)."""
+        dirs, self._dirty_dirs = self._dirty_dirs, set()
+        for d in sorted(dirs, key=len, reverse=True):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def get(self, key: str) -> bytes:
         with open(self._path(key), "rb") as f:
@@ -189,7 +209,9 @@ class Repository:
             raise ConfigError(f"manifest chunk size {man.chunk_size} != repository's {self.chunk_size}")
         doc = {"name": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "source": source, "parent": parent, "manifest": man.to_json()}
+        self.store.flush()  # the chunks it names are durable before the snapshot exists
         self.store.put(f"snapshots/{name}.json", json.dumps(doc, separators=(",", ":")).encode())
+        self.store.flush()
 
     def snapshot_info(self, name: str) -> dict:
         check_name(name)
