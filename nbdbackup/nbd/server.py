@@ -295,7 +295,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._tls_upgrading = False
         #: Decrypted bytes that arrived before the upgrade finished (see `buffer_updated`).
         self._tls_early = bytearray()
-        self._tls_stage = memoryview(bytearray(64 * 1024))
+        #: Receive buffer for those bytes (allocated at STARTTLS only).
+        self._tls_stage = memoryview(b"")
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -466,6 +467,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._flush_handshake()  # the ACK, in clear
                 assert self.transport is not None
                 self.transport.pause_reading()  # the ClientHello is for the TLS layer
+                self._tls_stage = memoryview(bytearray(64 * 1024))
                 self._tls_upgrading = True
                 asyncio.ensure_future(self._start_tls())
                 return
@@ -507,6 +509,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if why is not None:
             log.warning("connection %s refused: %s", self.peer, why)
             self.proto.deny(why)
+        self._tls_stage = memoryview(b"")
         if self._tls_early:
             early, self._tls_early = bytes(self._tls_early), bytearray()
             self.proto.receive_data(early)
