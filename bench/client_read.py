@@ -204,11 +204,16 @@ def main() -> int:
         if a.profile:
             run_ours(uri, a.connections, a.requests, rsize, a.loop, profile=True)
     finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(d, ignore_errors=True)
+        cleanup(proc, d)
     return 0
+
+
+def cleanup(proc: subprocess.Popen | None, d: str) -> None:
+    """Stop the server we started (by PID) and remove the work directory."""
+    if proc is not None:
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from client_read import make_image, start_server  # noqa: E402  (same directory)
+from client_read import cleanup, make_image, start_server  # noqa: E402  (same directory)
 from nbdbackup.blockdev import parse_size  # noqa: E402
 
 
@@ -81,10 +80,7 @@ def main() -> int:
               f"ratio ours/nbdcopy {med['nbdcopy'] / med['ours']:.2f}x; CPU nbdcopy {cpu['nbdcopy']:.2f} s, "
               f"ours {cpu['ours']:.2f} s (includes the blake3 manifest)")
     finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(d, ignore_errors=True)
+        cleanup(proc, d)
     return 0
 
 
