@@ -27,35 +27,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402  (bench/common.py)
 from nbdbackup.blockdev import parse_size  # noqa: E402
 from nbdbackup.nbd.client import connect  # noqa: E402
 
 
-def make_image(path: str, size: int) -> None:
-    chunk = os.urandom(16 << 20)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, len(chunk))
-            f.write(chunk[:n])
-            left -= n
-    with open(path, "rb") as f:  # warm the page cache
-        while f.read(64 << 20):
-            pass
-
-
-def start_server(kind: str, image: str, sock: str, connections: int, same_session: bool) -> subprocess.Popen:
+def start_server(procs: common.Procs, kind: str, image: str, sock: str, connections: int,
+                 same_session: bool) -> common.Proc:
     """Start the server; by default in a session of its own, as a daemon runs.
 
     The session matters here: with ``kernel.sched_autogroup_enabled=1`` the
@@ -68,38 +52,21 @@ def start_server(kind: str, image: str, sock: str, connections: int, same_sessio
         argv = ["nbdkit", "-f", "-U", sock, "file", image]
     else:
         argv = ["qemu-nbd", "-k", sock, "-f", "raw", "-t", f"--shared={max(connections, 1) + 1}", image]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=not same_session)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if os.path.exists(sock):
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(sock)
-                    return proc
-                except OSError:
-                    pass
-        time.sleep(0.02)
-    proc.kill()
-    raise SystemExit(f"{kind} did not start")
+    proc = procs.start(kind, argv, new_session=not same_session)
+    common.wait_for_unix(sock, proc=proc)
+    return proc
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user+sys) used so far by process ``pid`` (the server)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def random_image(path: str, size: int) -> None:
+    """Random data (no zero shortcuts), in the page cache."""
+    common.make_random_file(path, size)
+    common.warm_cache(path)
 
 
 def run_nbdcopy(uri: str, conns: int, reqs: int, rsize: int) -> tuple[float, float]:
     """Return (wall seconds, CPU seconds of nbdcopy)."""
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    subprocess.run(["nbdcopy", f"--connections={conns}", f"--requests={reqs}", f"--request-size={rsize}",
-                    uri, "null:"], check=True)
-    dt = time.perf_counter() - t
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return common.run_timed_cpu(["nbdcopy", f"--connections={conns}", f"--requests={reqs}",
+                                 f"--request-size={rsize}", uri, "null:"])
 
 
 async def read_all(uri: str, conns: int, reqs: int, rsize: int) -> float:
@@ -169,13 +136,11 @@ def main() -> int:
                     help="run the server in the benchmark's own session (see start_server)")
     a = ap.parse_args()
     size, rsize = parse_size(a.size), parse_size(a.request_size)
-    d = tempfile.mkdtemp(dir="/tmp", prefix="bench-client-")
-    proc = None
-    try:
-        image = os.path.join(d, "disk.raw")
-        make_image(image, size)
-        sock = os.path.join(d, "s.sock")
-        proc = start_server(a.server, image, sock, a.connections, a.same_session)
+    with common.Workspace("bench-client-") as ws, common.Procs() as procs:
+        image = str(ws.path / "disk.raw")
+        random_image(image, size)
+        sock = ws.socket("s")
+        proc = start_server(procs, a.server, image, sock, a.connections, a.same_session)
         uri = f"nbd+unix:///?socket={sock}"
         mb = size / 1e6
         theirs, ours, cpu_theirs, cpu_ours = [], [], [], []
@@ -183,14 +148,14 @@ def main() -> int:
               f"{rsize >> 10} KiB requests, loop={a.loop}, server in "
               f"{'the same session' if a.same_session else 'its own session'}")
         for r in range(a.rounds):
-            s0 = proc_cpu(proc.pid)
+            s0 = common.proc_cpu_seconds(proc.pid)
             dt, cpu = run_nbdcopy(uri, a.connections, a.requests, rsize)
-            s1 = proc_cpu(proc.pid)
+            s1 = common.proc_cpu_seconds(proc.pid)
             theirs.append(mb / dt)
             cpu_theirs.append(cpu)
             print(f"round {r + 1}: nbdcopy {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s, server CPU {s1 - s0:.2f} s)")
             dt, cpu = run_ours(uri, a.connections, a.requests, rsize, a.loop)
-            s2 = proc_cpu(proc.pid)
+            s2 = common.proc_cpu_seconds(proc.pid)
             ours.append(mb / dt)
             cpu_ours.append(cpu)
             print(f"round {r + 1}: ours    {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s, server CPU {s2 - s1:.2f} s)")
@@ -203,17 +168,7 @@ def main() -> int:
               f"on {os.cpu_count()} CPUs)")
         if a.profile:
             run_ours(uri, a.connections, a.requests, rsize, a.loop, profile=True)
-    finally:
-        cleanup(proc, d)
     return 0
-
-
-def cleanup(proc: subprocess.Popen | None, d: str) -> None:
-    """Stop the server we started (by PID) and remove the work directory."""
-    if proc is not None:
-        proc.kill()
-        proc.wait()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -94,13 +95,14 @@ class Workspace:
     unless ``keep`` is true.
     """
 
-    def __init__(self, prefix: str = "nbdbench-", keep: bool = False):
+    def __init__(self, prefix: str = "nbdbench-", keep: bool = False, parent: str = "/tmp"):
         self.prefix = prefix
         self.keep = keep
+        self.parent = parent
         self.path: Path = Path()
 
     def __enter__(self) -> "Workspace":
-        self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir="/tmp"))
+        self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.parent))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -197,11 +199,13 @@ class Procs:
         self.stop_all()
 
     def start(self, name: str, argv: Sequence[str], log_path: str | os.PathLike | None = None,
-              env: dict | None = None) -> Proc:
+              env: dict | None = None, new_session: bool = True) -> Proc:
+        """``new_session=False`` keeps the child in the bench's session (and
+        scheduler autogroup): only for measuring that arrangement."""
         log_f = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log_f,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     stderr=subprocess.STDOUT, start_new_session=new_session,
                                      env=env)
         finally:
             if log_path:
@@ -294,6 +298,14 @@ def run_timed(argv: Sequence[str], timeout: float = 600.0) -> float:
     if r.returncode != 0:
         raise RuntimeError(f"{argv[0]} exited {r.returncode}: {r.stderr.decode(errors='replace')[-2000:]}")
     return dt
+
+
+def run_timed_cpu(argv: Sequence[str], timeout: float = 600.0) -> tuple[float, float]:
+    """Like `run_timed`, plus the command's CPU seconds (user+sys, its children included)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    dt = run_timed(argv, timeout)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def tool_version(argv: Sequence[str]) -> str:

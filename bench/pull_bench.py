@@ -20,27 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from client_read import cleanup, make_image, start_server  # noqa: E402  (same directory)
+import common  # noqa: E402  (bench/common.py)
+from client_read import random_image, start_server  # noqa: E402  (same directory)
 from nbdbackup.blockdev import parse_size  # noqa: E402
-
-
-def timed(argv: list[str]) -> tuple[float, float]:
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    dt = time.perf_counter() - t
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def main() -> int:
@@ -52,13 +41,12 @@ def main() -> int:
     ap.add_argument("--chunk-size", default="4M", help="our pull's chunk size")
     a = ap.parse_args()
     size = parse_size(a.size)
-    d = tempfile.mkdtemp(dir=a.dir, prefix="bench-pull-")
-    proc = None
-    try:
+    with common.Workspace("bench-pull-", parent=a.dir) as ws, common.Procs() as procs:
+        d = str(ws.path)
         image = os.path.join(d, "disk.raw")
-        make_image(image, size)  # random data, in the page cache
-        sock = os.path.join(d, "s.sock")
-        proc = start_server("nbdkit", image, sock, a.connections, same_session=False)
+        random_image(image, size)
+        sock = ws.socket("s")
+        start_server(procs, "nbdkit", image, sock, a.connections, same_session=False)
         uri = f"nbd+unix:///?socket={sock}"
         out = os.path.join(d, "copy.raw")
         ours_cmd = [sys.executable, "-m", "nbdbackup.cli", "pull", uri, out, f"--connections={a.connections}",
@@ -71,7 +59,7 @@ def main() -> int:
                 if os.path.exists(out):
                     os.unlink(out)
                 subprocess.run(["sync"], check=True)
-                dt, cpu = timed(cmd)
+                dt, cpu = common.run_timed_cpu(cmd)
                 res[name].append((dt, cpu))
                 print(f"round {r + 1}: {name:8s} {dt:6.2f} s  {size / dt / 1e6:7.0f} MB/s  (CPU {cpu:.2f} s)")
         med = {k: statistics.median(dt for dt, _ in v) for k, v in res.items()}
@@ -79,8 +67,6 @@ def main() -> int:
         print(f"median: nbdcopy {size / med['nbdcopy'] / 1e6:.0f} MB/s, ours {size / med['ours'] / 1e6:.0f} MB/s; "
               f"ratio ours/nbdcopy {med['nbdcopy'] / med['ours']:.2f}x; CPU nbdcopy {cpu['nbdcopy']:.2f} s, "
               f"ours {cpu['ours']:.2f} s (includes the blake3 manifest)")
-    finally:
-        cleanup(proc, d)
     return 0
 
 
