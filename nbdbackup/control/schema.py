@@ -141,28 +141,19 @@ class Type:
         return self.json_name
 
 
-class _Str(Type):
-    json_name = "string"
+class _Scalar(Type):
+    """A JSON scalar of one Python type (``bool`` is not an ``int`` here: see `_Int`)."""
 
-    def check(self, value: Any, path: str) -> str:
-        if not isinstance(value, str):
-            raise _invalid(path, "string")
+    def __init__(self, py_type: type, json_name: str, short: str) -> None:
+        self.py_type, self.json_name, self.short = py_type, json_name, short
+
+    def check(self, value: Any, path: str) -> Any:
+        if not isinstance(value, self.py_type):
+            raise _invalid(path, self.json_name)
         return value
 
     def describe(self) -> str:
-        return "str"
-
-
-class _Bool(Type):
-    json_name = "boolean"
-
-    def check(self, value: Any, path: str) -> bool:
-        if not isinstance(value, bool):
-            raise _invalid(path, "boolean")
-        return value
-
-    def describe(self) -> str:
-        return "bool"
+        return self.short
 
 
 class _Any(Type):
@@ -291,8 +282,8 @@ class Union(Type):
         return "{type: " + self._tag.describe() + ", data: {...}}"
 
 
-STR: Type = _Str()
-BOOL: Type = _Bool()
+STR: Type = _Scalar(str, "string", "str")
+BOOL: Type = _Scalar(bool, "boolean", "bool")
 ANY: Type = _Any()
 UINT64 = Int(0, UINT64_MAX, "uint64")
 INT64 = Int(INT64_MIN, INT64_MAX, "int64")

@@ -711,12 +711,7 @@ class Client:
                     conn.transport.write_eof()
             except (LocalProtocolError, OSError, RuntimeError):
                 pass
-            conn.transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(conn.closed), 5)
-        except asyncio.TimeoutError:
-            if conn.transport is not None:
-                conn.transport.abort()
+        await _close_and_wait(conn)
 
     close = disconnect
 
@@ -757,7 +752,8 @@ async def connect(
     return Client(conn, u, hs, request_timeout, max_in_flight)
 
 
-async def _run_and_close(conn: _Conn) -> None:
+async def _close_and_wait(conn: _Conn) -> None:
+    """Close the transport and wait (5 s at most, then abort) until it is gone."""
     if conn.transport is not None:
         conn.transport.close()
     try:
@@ -770,7 +766,7 @@ async def _run_and_close(conn: _Conn) -> None:
 async def list_exports(uri: str | NBDURI, *, connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT) -> list[ExportInfo]:
     """OPT_LIST, then OPT_INFO for each export (size, flags, block sizes, description)."""
     conn, _, hs = await _open(uri, "", lambda e: HandshakePlan(Mode.LIST, e), connect_timeout)
-    await _run_and_close(conn)
+    await _close_and_wait(conn)
     return hs.result.exports
 
 
@@ -779,5 +775,5 @@ async def list_meta_contexts(uri: str | NBDURI, queries: Sequence[str] = (), *, 
     """OPT_LIST_META_CONTEXT for the URI's export (``queries`` empty = the server's default list)."""
     qs = tuple(queries)
     conn, _, hs = await _open(uri, export, lambda e: HandshakePlan(Mode.META, e, qs), connect_timeout)
-    await _run_and_close(conn)
+    await _close_and_wait(conn)
     return hs.result.listed_meta_contexts

@@ -711,13 +711,7 @@ class Transmission:
 
     def receive_data(self, data: bytes) -> None:
         """Feed received bytes (a copying convenience over the buffer pair)."""
-        mv = memoryview(data)
-        while mv:
-            buf = self.get_buffer(len(mv))
-            n = min(len(buf), len(mv))
-            buf[:n] = mv[:n]
-            mv = mv[n:]
-            self.buffer_updated(n)
+        wire.feed_buffered(self, data)
 
     def receive_eof(self) -> None:
         """The server closed; a partial reply in the buffer is a violation."""

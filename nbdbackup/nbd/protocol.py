@@ -315,13 +315,7 @@ class ServerConnection:
 
     def receive_data(self, data: bytes) -> None:
         """Feed ``data`` (any slicing) -- for tests and simple callers."""
-        mv = memoryview(data)
-        while mv and self._state is not State.CLOSED:
-            buf = self.get_buffer(len(mv))
-            n = min(len(buf), len(mv))
-            buf[:n] = mv[:n]
-            mv = mv[n:]
-            self.buffer_updated(n)
+        wire.feed_buffered(self, data, stop=lambda: self._state is State.CLOSED)
 
     def _avail(self) -> int:
         return self._end - self._start

@@ -325,3 +325,16 @@ def pack_string(s: str | bytes) -> bytes:
     """A u32 length followed by the bytes, as used inside option payloads."""
     b = s.encode("utf-8") if isinstance(s, str) else s
     return U32.pack(len(b)) + b
+
+
+def feed_buffered(proto, data: bytes, stop=None) -> None:
+    """Copy ``data`` into a sans-IO object through its ``get_buffer`` /
+    ``buffer_updated`` pair (the `asyncio.BufferedProtocol` shape both our
+    protocol objects have); ``stop()`` true ends it early (a closed state)."""
+    mv = memoryview(data)
+    while mv and not (stop is not None and stop()):
+        buf = proto.get_buffer(len(mv))
+        n = min(len(buf), len(mv))
+        buf[:n] = mv[:n]
+        mv = mv[n:]
+        proto.buffer_updated(n)
