@@ -39,7 +39,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytest
 
@@ -191,6 +191,30 @@ def can_connect(path: str) -> bool:
         except OSError:
             return False
         return True
+
+
+def free_tcp_port() -> int:
+    """An unused TCP port on 127.0.0.1 (racy by nature: only our own tests compete)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_tcp(port: int, alive: Callable[[], bool], log: Callable[[], str] = lambda: "",
+                 timeout: float = READY_TIMEOUT) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections; fail if ``alive()``
+    turns false first (with ``log()`` in the message) or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if not alive():
+                pytest.fail(f"server exited before listening on TCP {port}:\n{log()}", pytrace=False)
+            if time.monotonic() > deadline:
+                pytest.fail(f"nothing listens on TCP {port} after {timeout} s:\n{log()}", pytrace=False)
+            time.sleep(0.02)
 
 
 def wait_until_listening(peer: Peer, path: str | None = None, *, probe: bool = True,

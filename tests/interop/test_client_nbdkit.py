@@ -14,11 +14,9 @@ import contextlib
 import errno
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import tempfile
-import time
 
 import pytest
 import peers
@@ -305,21 +303,11 @@ def test_list_exports_and_descriptions():
 
 
 def test_tcp_loopback():
-    with socket.socket() as s:  # a free port (racy, but only against ourselves)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = peers.free_tcp_port()
     proc = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "pattern", "1M"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nbdkit did not start"
-                time.sleep(0.02)
+        peers.wait_for_tcp(port, lambda: proc.poll() is None, lambda: proc.stderr.read().decode())
 
         async def main():
             c = await connect(f"nbd://127.0.0.1:{port}")

@@ -30,12 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 K, M = 1 << 10, 1 << 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -49,7 +43,7 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def test_stats_and_metrics_count_exactly(short_tmp):
-    port = free_port()
+    port = peers.free_tcp_port()
     ctl = os.path.join(peers.short_tempdir(), "c.sock")
     with peers.nbdkit("memory", "8M", "error-pread-rate=1", filters=["error"]) as bad, \
             peers.nbdbackup_serve("m=memory:16M", f"e={bad.uri}",

@@ -27,7 +27,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import peers
 from nbdbackup.control.client import ControlClient

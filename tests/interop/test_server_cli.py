@@ -175,24 +175,11 @@ def test_ro_prefix_only_affects_its_export(short_tmp, serve):
         h.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_listen_tcp_loopback(serve):
-    port = _free_port()
+    port = peers.free_tcp_port()
     with serve("a=memory:1M", extra=["--listen", f"127.0.0.1:{port}"]) as srv:
         # `serve` opens the Unix socket first: wait for the TCP listener too.
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert srv.alive() and time.monotonic() < deadline, srv.log()
-                time.sleep(0.02)
+        peers.wait_for_tcp(port, srv.alive, srv.log)
         h = nbd.NBD()
         h.connect_uri(f"nbd://127.0.0.1:{port}/a")
         h.pwrite(b"tcp", 100)

@@ -29,7 +29,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -195,27 +194,11 @@ def test_nbddev_reexports_a_tls_source(pki, short_tmp):
             assert run(main()) == (8 * 4096).to_bytes(8, "big") + (8 * 4096 + 8).to_bytes(8, "big")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tcp_hostname_checked(pki, short_tmp):
-    port = _free_port()
+    port = peers.free_tcp_port()
     creds = pki["server"]
-    argv = [sys.executable, "-m", "nbdbackup.cli", "serve", "--listen", f"127.0.0.1:{port}",
-            "--tls-creds", creds, "m=memory:4M"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(proc.stderr.read())
-                time.sleep(0.02)
+    with peers.nbdbackup_serve("m=memory:4M", extra=["--listen", f"127.0.0.1:{port}", "--tls-creds", creds]) as p:
+        peers.wait_for_tcp(port, p.alive, p.log)
         run(roundtrip(f"nbds://127.0.0.1:{port}/m?tls-certificates={creds}", M))  # IP SAN checked
 
         async def wrong_name():
@@ -223,9 +206,6 @@ def test_tcp_hostname_checked(pki, short_tmp):
                 await connect(f"nbds://127.0.0.1:{port}/m?tls-certificates={creds}&tls-hostname=evil.example")
         run(wrong_name())
         assert "with TLS" in sh("nbdinfo", f"nbds://127.0.0.1:{port}/m?tls-certificates={creds}").stdout
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_client_refuses_unknown_ca_and_downgrade(pki, short_tmp):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from nbdbackup.agent.pull import manifest_of, pull
 from nbdbackup.blockdev.base import BASE_ALLOCATION, BlockDev, Capabilities, Extent
-from nbdbackup.blockdev.memory import PAGE, MemoryDev
+from nbdbackup.blockdev.memory import MemoryDev
 
 CL = 64 * 1024  # bitmap granularity (= MemoryDev's page)
 
