@@ -23,9 +23,10 @@ and never reads a reply.
 TLS (``Server(tls=ServerTLS(...))``): on the protocol's `StartTLS` event the
 connection sends the ACK in clear, stops reading, and hands its transport
 to ``loop.start_tls``; the TLS layer then feeds decrypted bytes back into the
-same protocol object.  Until the upgraded transport is in place nothing is
-written and no event is acted on (decrypted bytes can arrive before
-``start_tls`` returns), so no byte leaves in clear after the ACK.  A failed
+same protocol object.  Decrypted bytes that arrive before ``start_tls``
+returns are held unparsed (`buffer_updated`) until the upgraded transport is
+in place and access control has seen the client certificate, so nothing is
+parsed, answered or written in clear after the ACK.  A failed
 TLS handshake closes the connection; the handshake timeout covers it.
 
 Invariants:
@@ -286,7 +287,7 @@ class NBDConnection(asyncio.BufferedProtocol):
     ``peer`` (for logs); ``_paused_writing`` (transport above high water);
     ``_reading_paused``; ``_closing``; ``_idle`` (set when no task runs);
     ``_handshake_timer``; ``_tls_upgrading`` (between the STARTTLS ACK and
-    the upgraded transport: nothing is written, no event is acted on).
+    the upgraded transport: received bytes are held, reading is left alone).
     """
 
     def __init__(self, server: Server) -> None:
@@ -425,8 +426,6 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.close("handshake timeout")
 
     def _flush_handshake(self) -> None:
-        if self._tls_upgrading:
-            return  # stays in the protocol's buffer until TLS is up
         data = self.proto.data_to_send()
         if data and self.transport and not self._closing:
             self.transport.write(data)
@@ -440,8 +439,6 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.transport.close()
 
     def _process_events(self) -> None:
-        if self._tls_upgrading:
-            return  # acted on once the TLS transport is in place
         proto_ = self.proto
         while True:
             # Bound: at most max_inflight requests run; the rest stay parsed

@@ -118,3 +118,14 @@ def test_repository_pull_refusals(short_tmp):
         r = nb("pull", k.uri, ok=False)
         assert r.returncode == 1 and "give TARGET" in r.stderr
     assert nb("repo", "list", str(repo)).stdout.startswith("s0 ")
+
+
+def test_closed_stdout_exits_141_without_traceback(short_tmp):
+    """``nbdbackup repo list DIR | head -0``: the reader is gone before we print."""
+    repo = short_tmp / "repo"
+    nb("repo", "init", str(repo))
+    p = subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "repo", "list", str(repo)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and "Traceback" not in err, err
