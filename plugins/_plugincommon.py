@@ -1,15 +1,29 @@
 """Helpers shared by the nbdkit Python plugins in this directory (not a plugin itself).
 
 Imported by a plugin after it puts this directory on ``sys.path``; runs in
-nbdkit's embedded Python, so stdlib and the ``nbdkit`` module only.
+nbdkit's embedded Python.  `use_checkout` makes this checkout's ``nbdbackup``
+package (and its ``.venv``, for blake3) importable there, so plugins call the
+project's code instead of copying it.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import os
+import sys
 
 import nbdkit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def use_checkout(extra: str | None = None) -> None:
+    """Append ``extra``, this checkout and its ``.venv`` site-packages to ``sys.path``."""
+    venvs = glob.glob(os.path.join(REPO, ".venv", "lib", "python3*", "site-packages"))
+    for p in ([extra] if extra else []) + [REPO] + venvs:
+        if p and p not in sys.path:
+            sys.path.append(p)
 
 
 def seek_extents(fd: int, size: int, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:

@@ -7,7 +7,8 @@ after letting a given number through, with the errno asked for, and can
 delay them.  Tests (and people reproducing a field problem) can say "the
 second write to cluster 7 fails with ENOSPC" and know which one it was.
 
-Run by nbdkit as a subprocess (stdlib only; nbdkit embeds its own Python)::
+Run by nbdkit as a subprocess (nbdkit embeds its own Python; the project's
+fallocate binding comes from this checkout, see `_plugincommon.use_checkout`)::
 
     nbdkit -U SOCK python plugins/faults.py file=DISK [rules=RULES.json] [log=LOG.jsonl] [readonly=1]
 
@@ -46,8 +47,6 @@ error leaves the disk unchanged); delays sleep outside the lock.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import io
 import json
@@ -59,7 +58,15 @@ import time
 import nbdkit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _plugincommon import seek_extents  # noqa: E402
+from _plugincommon import seek_extents, use_checkout  # noqa: E402
+
+use_checkout()
+from nbdbackup.blockdev.file import (  # noqa: E402
+    FALLOC_FL_KEEP_SIZE as _FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE as _FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE as _FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
 
 API_VERSION = 2
 
@@ -85,21 +92,16 @@ _fired: list[int] = []
 
 OPS = ("pread", "pwrite", "zero", "trim", "flush", "extents", "cache", "any")
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
 def _fallocate(mode: int, offset: int, length: int) -> bool:
-    """fallocate(2); False when the file system does not support ``mode``."""
-    if _libc.fallocate(_fd, mode, offset, length) == 0:
+    """fallocate(2) through the project's binding; False when the file system
+    does not support ``mode``."""
+    try:
+        fallocate(_fd, mode, offset, length)
         return True
-    e = ctypes.get_errno()
-    if e in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-        return False
-    raise OSError(e, os.strerror(e))
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise
 
 
 # -- configuration ----------------------------------------------------------

@@ -40,7 +40,6 @@ unknown to good or bad; a read returns only bytes of chunks found good.
 from __future__ import annotations
 
 import errno
-import glob
 import os
 import sys
 import threading
@@ -50,9 +49,8 @@ import nbdkit
 API_VERSION = 2
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(_HERE)
 sys.path.insert(0, _HERE)
-from _plugincommon import seek_extents  # noqa: E402
+from _plugincommon import seek_extents, use_checkout  # noqa: E402
 
 #: Configuration (fixed after `config_complete`).
 _image: str | None = None
@@ -75,13 +73,6 @@ _state: dict[int, bool] = {}
 _busy: dict[int, threading.Lock] = {}
 
 
-def _import_paths(extra: str | None = None) -> None:
-    for p in ([extra] if extra else []) + [_REPO] + glob.glob(os.path.join(_REPO, ".venv", "lib", "python3*",
-                                                                              "site-packages")):
-        if p and p not in sys.path:
-            sys.path.append(p)
-
-
 def config(key: str, value: str) -> None:
     global _image, _manifest_path, _verify, _repo_dir, _snapshot
     if key == "image":
@@ -93,7 +84,7 @@ def config(key: str, value: str) -> None:
             raise RuntimeError("restore: verify must be on or off")
         _verify = value == "on"
     elif key == "pythonpath":
-        _import_paths(os.path.abspath(value))
+        use_checkout(os.path.abspath(value))
     elif key == "repo":
         _repo_dir = os.path.abspath(value)
     elif key == "snapshot":
@@ -105,7 +96,7 @@ def config(key: str, value: str) -> None:
 
 def config_complete() -> None:
     global _man, _snap
-    _import_paths()
+    use_checkout()
     if _repo_dir is not None or _snapshot is not None:
         if _repo_dir is None or _snapshot is None or _image is not None or _manifest_path is not None:
             raise RuntimeError("restore: give repo=DIR snapshot=NAME, or image= and manifest=, not a mix")
