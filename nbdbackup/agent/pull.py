@@ -108,6 +108,26 @@ def _split(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[in
     return _intersect(ranges, [(start, end - start)])
 
 
+def _pieces(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` inside ``[start, end)``, cut into requests of at most `MAX_READ`."""
+    return [(p, min(MAX_READ, o + n - p)) for o, n in _split(ranges, start, end) for p in range(o, o + n, MAX_READ)]
+
+
+async def _read_into(dev: BlockDev, mv: memoryview, base: int, pieces: list[tuple[int, int]]) -> None:
+    """Read every piece of ``dev`` into ``mv`` (which holds ``dev`` from offset ``base``)."""
+    await asyncio.gather(*(dev.pread(mv[p - base : p - base + n], p) for p, n in pieces))
+
+
+def _blank(mv: memoryview, base: int, ranges: list[tuple[int, int]], zeros: bytes) -> None:
+    for o, n in ranges:
+        mv[o - base : o - base + n] = zeros[:n]
+
+
+async def _hash(mv: memoryview) -> bytes:
+    """blake3 of a chunk; large ones on a worker thread (the loop keeps serving)."""
+    return await asyncio.to_thread(digest, mv) if len(mv) >= 1 << 20 else digest(mv)
+
+
 async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None, fresh: bool = False,
                chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
                sink=None, progress=None) -> tuple[Manifest, PullStats]:
@@ -159,29 +179,23 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         mv = whole[:c_len]
         if bitmap is not None:
             await dst.pread(mv, c_off)  # the previous backup, patched below
-        pieces = []
-        for o, n in _split(wanted_data, c_off, c_end):
-            for p in range(o, o + n, MAX_READ):
-                pieces.append((p, min(MAX_READ, o + n - p)))
-        await asyncio.gather(*(src.pread(mv[p - c_off : p - c_off + n], p) for p, n in pieces))
+        pieces = _pieces(wanted_data, c_off, c_end)
+        await _read_into(src, mv, c_off, pieces)
         zeros = _split(wanted_zero, c_off, c_end)
         # The chunk buffer is reused: every byte not read must be set.
-        blank = zeros if bitmap is not None else _gaps(pieces, c_off, c_end)
-        for o, n in blank:
-            mv[o - c_off : o - c_off + n] = zero_chunk[:n]
+        _blank(mv, c_off, zeros if bitmap is not None else _gaps(pieces, c_off, c_end), zero_chunk)
         if sink is not None:
-            d = await asyncio.to_thread(digest, mv) if c_len >= 1 << 20 else digest(mv)
-            man.chunks[i] = d
+            man.chunks[i] = d = await _hash(mv)
             await sink(i, d, mv)
         else:
             assert dst is not None
             # Hash and write at once: both only read the chunk buffer.
-            hashed = asyncio.ensure_future(asyncio.to_thread(digest, mv)) if c_len >= 1 << 20 else None
+            hashed = asyncio.ensure_future(_hash(mv))
             try:
                 await asyncio.gather(*(dst.pwrite(mv[p - c_off : p - c_off + n], p) for p, n in pieces),
                                      *(dst.zero(o, n, may_trim=True) for o, n in zeros))
             finally:
-                man.chunks[i] = await hashed if hashed is not None else digest(mv)
+                man.chunks[i] = await hashed
         stats.bytes_read += sum(n for _, n in pieces)
         if sink is None:
             stats.bytes_written += sum(n for _, n in pieces)
@@ -238,17 +252,14 @@ async def manifest_of(dev: BlockDev, chunk_size: int = DEFAULT_CHUNK, workers: i
         whole = memoryview(bytearray(chunk_size))  # one buffer per worker, reused
         for i in queue:
             off, n = man.chunk_range(i)
-            parts = _split(data, off, off + n)
-            if not parts:
+            pieces = _pieces(data, off, off + n)
+            if not pieces:
                 man.chunks[i] = zero_digest(n)
                 continue
             mv = whole[:n]
-            await asyncio.gather(*(dev.pread(mv[p - off : p - off + k], p)
-                                   for o, m in parts
-                                   for p, k in ((q, min(MAX_READ, o + m - q)) for q in range(o, o + m, MAX_READ))))
-            for o, m in _gaps(parts, off, off + n):
-                mv[o - off : o - off + m] = zero_chunk[:m]
-            man.chunks[i] = await asyncio.to_thread(digest, mv) if n >= 1 << 20 else digest(mv)
+            await _read_into(dev, mv, off, pieces)
+            _blank(mv, off, _gaps(pieces, off, off + n), zero_chunk)
+            man.chunks[i] = await _hash(mv)
 
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     return man
