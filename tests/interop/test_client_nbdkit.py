@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import errno
 import os
-import shutil
 import struct
 import subprocess
-import tempfile
 
 import pytest
 import peers
@@ -28,15 +26,14 @@ from nbdbackup.nbd.wire import TransmissionFlag as TF
 
 
 @contextlib.contextmanager
-def nbdkit(*args: str, timeout: float = 10.0):
-    """Run ``nbdkit -f -U SOCK ARGS``; yield (uri, tmpdir)."""
-    d = tempfile.mkdtemp(dir="/tmp", prefix="nbdc-kit-")
-    sock = os.path.join(d, "s.sock")
-    try:
-        with peers.started(["nbdkit", "-f", "-U", sock, *args], sock, timeout=timeout):
-            yield f"nbd+unix:///?socket={sock}", d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def nbdkit(*args: str):
+    """`peers.nbdkit` spelled as nbdkit's own command line (options, filters,
+    plugin, its arguments); yields the export's URI."""
+    filters = [a.split("=", 1)[1] for a in args if a.startswith("--filter=")]
+    options = [a for a in args if a.startswith("-") and not a.startswith("--filter=")]
+    plugin, *rest = [a for a in args if not a.startswith("-")]
+    with peers.nbdkit(plugin, *rest, filters=filters, extra=options) as p:
+        yield p.uri
 
 
 def run(coro):
@@ -81,7 +78,7 @@ def libnbd_extents(h, offset: int, length: int, context: str) -> list[Extent]:
 
 
 def test_memory_read_write_zero_trim_extents():
-    with nbdkit("memory", "64M") as (uri, _):
+    with nbdkit("memory", "64M") as uri:
         async def main():
             c = await connect(uri, meta_contexts=[BASE_ALLOCATION])
             try:
@@ -119,7 +116,7 @@ def test_memory_read_write_zero_trim_extents():
 
 
 def test_many_requests_in_flight():
-    with nbdkit("memory", "64M") as (uri, _):
+    with nbdkit("memory", "64M") as uri:
         async def main():
             c = await connect(uri, max_in_flight=16)
             peak = 0
@@ -147,7 +144,7 @@ def test_many_requests_in_flight():
 
 def test_pread_buffer_kinds():
     """Any writable C-contiguous buffer is filled in place; others are refused before sending."""
-    with nbdkit("pattern", "1M") as (uri, _):
+    with nbdkit("pattern", "1M") as uri:
         async def main():
             c = await connect(uri)
             try:
@@ -172,7 +169,7 @@ def test_pread_buffer_kinds():
 
 
 def test_sparse_random_data_and_extents_match_libnbd():
-    with nbdkit("sparse-random", "64M", "seed=7", "percent=20", "runlength=65536") as (uri, _):
+    with nbdkit("sparse-random", "64M", "seed=7", "percent=20", "runlength=65536") as uri:
         h = libnbd_handle(uri, [BASE_ALLOCATION])
         try:
             ref = h.pread(h.get_size(), 0)
@@ -201,7 +198,7 @@ def test_sparse_random_data_and_extents_match_libnbd():
 
 
 def test_pattern_plugin():
-    with nbdkit("pattern", "1G") as (uri, _):
+    with nbdkit("pattern", "1G") as uri:
         async def main():
             c = await connect(uri)
             try:
@@ -218,41 +215,37 @@ def test_pattern_plugin():
         assert odd == b"".join(struct.pack(">Q", o) for o in range(0, 24, 8))[5:18]
 
 
-def test_error_filter_read_error_then_connection_still_usable():
-    d = tempfile.mkdtemp(dir="/tmp", prefix="nbdc-err-")
-    inject = os.path.join(d, "inject")
-    try:
-        with nbdkit("--filter=error", "memory", "16M", "error-pread=EIO", "error-pread-rate=1",
-                    f"error-pread-file={inject}", "error-pwrite=ENOSPC", "error-pwrite-rate=1",
-                    f"error-pwrite-file={inject}") as (uri, _):
-            async def main():
-                c = await connect(uri)
-                try:
-                    await c.pwrite(b"x" * 4096, 0)
-                    open(inject, "w").close()
-                    with pytest.raises(OSError) as ei:
-                        await c.pread(4096, 0)
-                    assert ei.value.errno == errno.EIO
-                    with pytest.raises(OSError) as ei:
-                        await c.pwrite(b"y" * 4096, 0)
-                    assert ei.value.errno == errno.ENOSPC
-                    # many failing requests at once, all reported, none lost
-                    res = await asyncio.gather(*(c.pread(512, i * 512) for i in range(20)), return_exceptions=True)
-                    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in res)
-                    os.unlink(inject)
-                    assert await c.pread(4096, 0) == b"x" * 4096  # same connection
-                finally:
-                    await c.disconnect()
+def test_error_filter_read_error_then_connection_still_usable(short_tmp):
+    inject = os.path.join(short_tmp, "inject")
+    with nbdkit("--filter=error", "memory", "16M", "error-pread=EIO", "error-pread-rate=1",
+                f"error-pread-file={inject}", "error-pwrite=ENOSPC", "error-pwrite-rate=1",
+                f"error-pwrite-file={inject}") as uri:
+        async def main():
+            c = await connect(uri)
+            try:
+                await c.pwrite(b"x" * 4096, 0)
+                open(inject, "w").close()
+                with pytest.raises(OSError) as ei:
+                    await c.pread(4096, 0)
+                assert ei.value.errno == errno.EIO
+                with pytest.raises(OSError) as ei:
+                    await c.pwrite(b"y" * 4096, 0)
+                assert ei.value.errno == errno.ENOSPC
+                # many failing requests at once, all reported, none lost
+                res = await asyncio.gather(*(c.pread(512, i * 512) for i in range(20)), return_exceptions=True)
+                assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in res)
+                os.unlink(inject)
+                assert await c.pread(4096, 0) == b"x" * 4096  # same connection
+            finally:
+                await c.disconnect()
 
-            run(main())
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+        run(main())
 
 
 def test_blocksize_policy_minimum_and_maximum_are_honoured():
     """With blocksize-error-policy=error nbdkit rejects any violation with EINVAL."""
     with nbdkit("--filter=blocksize-policy", "memory", "16M", "blocksize-minimum=4096",
-                "blocksize-preferred=16384", "blocksize-maximum=65536", "blocksize-error-policy=error") as (uri, _):
+                "blocksize-preferred=16384", "blocksize-maximum=65536", "blocksize-error-policy=error") as uri:
         async def main():
             c = await connect(uri, meta_contexts=[BASE_ALLOCATION])
             try:
@@ -281,7 +274,7 @@ def test_blocksize_policy_minimum_and_maximum_are_honoured():
 
 def test_small_maximum_splits_reads():
     with nbdkit("--filter=blocksize-policy", "pattern", "16M", "blocksize-maximum=64K",
-                "blocksize-error-policy=error") as (uri, _):
+                "blocksize-error-policy=error") as uri:
         async def main():
             c = await connect(uri)
             try:
@@ -296,7 +289,7 @@ def test_small_maximum_splits_reads():
 
 def test_list_exports_and_descriptions():
     with nbdkit("--filter=exportname", "memory", "1M", "exportname=a", "exportname=b",
-                "exportdesc=fixed:hello", "exportname-list=explicit") as (uri, _):
+                "exportdesc=fixed:hello", "exportname-list=explicit") as uri:
         exports = run(list_exports(uri))
         assert [e.name for e in exports] == ["a", "b"]
         assert all(e.size == 1 << 20 and e.description == "hello" for e in exports)
@@ -328,7 +321,7 @@ def test_tcp_loopback():
     (["--no-sr", "--mask-handshake=0"], True),  # not fixed newstyle: OPT_EXPORT_NAME + 124 zeroes
 ])
 def test_old_servers_simple_replies_and_export_name(args, fallback):
-    with nbdkit(*args, "memory", "4M") as (uri, _):
+    with nbdkit(*args, "memory", "4M") as uri:
         async def main():
             c = await connect(uri, meta_contexts=[BASE_ALLOCATION])
             try:
@@ -348,7 +341,7 @@ def test_old_servers_simple_replies_and_export_name(args, fallback):
 
 def test_nbddev_capabilities_and_block_sizes():
     with nbdkit("--filter=blocksize-policy", "--filter=nozero", "memory", "16M", "blocksize-minimum=4096",
-                "blocksize-preferred=8K", "blocksize-maximum=12K", "blocksize-error-policy=error") as (uri, _):
+                "blocksize-preferred=8K", "blocksize-maximum=12K", "blocksize-error-policy=error") as uri:
         from nbdbackup.blockdev.base import BlockSize
         from nbdbackup.blockdev.nbd import NBDDev
 
@@ -376,7 +369,7 @@ def test_nbddev_capabilities_and_block_sizes():
 
 
 def test_disconnect_lets_queued_requests_finish_then_refuses_new_ones():
-    with nbdkit("memory", "1M") as (uri, _):
+    with nbdkit("memory", "1M") as uri:
         async def main():
             c = await connect(uri, max_in_flight=2)
             tasks = [asyncio.ensure_future(c.pread(4096, i * 4096)) for i in range(50)]

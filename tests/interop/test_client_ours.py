@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import peers
@@ -33,10 +31,9 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "nbdbackup
 
 
 @pytest.fixture
-def tmp():
-    d = tempfile.mkdtemp(dir="/tmp", prefix="nbdc-ours-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def tmp(short_tmp):
+    """The shared short temp dir, as a str (these tests join paths with os.path)."""
+    return str(short_tmp)
 
 
 def peer(argv: list[str], sock: str):

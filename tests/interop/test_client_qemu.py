@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -33,10 +31,9 @@ K, M = 1 << 10, 1 << 20
 
 
 @pytest.fixture
-def tmp():
-    d = tempfile.mkdtemp(dir="/tmp", prefix="nbdc-qemu-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def tmp(short_tmp):
+    """The shared short temp dir, as a str (these tests join paths with os.path)."""
+    return str(short_tmp)
 
 
 def peer(argv: list[str], sock: str):
