@@ -59,22 +59,23 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
     return struct.unpack("3i", raw)
 
 
-def parse_user(text: str) -> int:
+def _parse_id(text: str, lookup, field: str, what: str) -> int:
     if text.isdigit():
         return int(text)
     try:
-        return pwd.getpwnam(text).pw_uid
+        return getattr(lookup(text), field)
     except KeyError:
-        raise ConfigError(f"no such user {text!r}") from None
+        raise ConfigError(f"no such {what} {text!r}") from None
+
+
+def parse_user(text: str) -> int:
+    """A uid from a number or a user name."""
+    return _parse_id(text, pwd.getpwnam, "pw_uid", "user")
 
 
 def parse_group(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise ConfigError(f"no such group {text!r}") from None
+    """A gid from a number or a group name."""
+    return _parse_id(text, grp.getgrnam, "gr_gid", "group")
 
 
 @dataclass(frozen=True)
