@@ -22,6 +22,9 @@ RUN apt-get update -q \
         libnbd-bin \
         python3-libnbd \
         python3-venv \
+        ca-certificates \
+        systemd \
+        file \
         openssl \
  && rm -rf /var/lib/apt/lists/*
 

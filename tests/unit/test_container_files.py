@@ -23,15 +23,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def setup_packages() -> list[str]:
+def setup_array(name: str) -> list[str]:
+    """The words of the bash array ``NAME=( ... )`` in scripts/setup."""
     text = (ROOT / "scripts" / "setup").read_text()
-    m = re.search(r"^DEB_PACKAGES=\((.*?)^\)", text, re.S | re.M)
-    assert m, "scripts/setup has no DEB_PACKAGES=( ... ) array"
+    m = re.search(rf"^{name}=\((.*?)^\)", text, re.S | re.M)
+    assert m, f"scripts/setup has no {name}=( ... ) array"
     words = []
     for line in m.group(1).splitlines():
         line = line.split("#", 1)[0].strip()
         words += line.split()
     return words
+
+
+def setup_packages() -> list[str]:
+    """Every Debian package a full set-up installs (runtime + tests)."""
+    return setup_array("DEB_RUNTIME") + setup_array("DEB_TEST")
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
