@@ -23,6 +23,7 @@ RUN apt-get update -q \
         python3-libnbd \
         python3-venv \
         openssl \
+        systemd \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/nbdbackup
