@@ -27,8 +27,9 @@ systemd (`nbdbackup.systemd`):
   passed sockets are served INSTEAD of ``--socket``/``--listen`` (which are
   then ignored, with a warning), as systemd's convention is; the one named
   ``control`` (FileDescriptorName=control) is the control socket instead of
-  ``--control``.  With only a control socket passed, ``--socket``/``--listen``
-  still apply.  Passed sockets are never unlinked by us.
+  ``--control`` (then only a fallback, ignored without a warning).  With
+  only a control socket passed, ``--socket``/``--listen`` still apply.
+  Passed sockets are never unlinked by us.
 - Readiness: with NOTIFY_SOCKET set, READY=1 (with STATUS= and MAINPID=) is
   sent once every export is published and every listener, the control socket
   and the metrics endpoint listen; STOPPING=1 when a shutdown begins;
@@ -161,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
                     len(passed))
         args.socket, listens = [], []
     if control is not None and args.control:
-        log.warning("socket activation: serving the control socket systemd passed; ignoring --control %s",
+        # Not a warning: the shipped unit names --control as the fallback for
+        # when nbdbackup-control.socket is not running.
+        log.info("socket activation: serving the control socket systemd passed; ignoring --control %s",
                     args.control)
     if not passed and not args.socket and not listens:
         raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT "
