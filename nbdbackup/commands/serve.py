@@ -51,7 +51,10 @@ log = logging.getLogger("nbdbackup.serve")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve exports over NBD",
-                       description="Serve one or more exports over NBD.")
+                       description="Serve one or more exports over NBD.",
+                       epilog="Under systemd socket activation (LISTEN_FDS) the passed sockets replace "
+                              "--socket/--listen, and one named 'control' replaces --control; with "
+                              "NOTIFY_SOCKET set, READY=1 is sent once everything listens.")
     p.add_argument("exports", nargs="+", metavar="NAME=SPEC",
                    help="export NAME serving SPEC: a raw file or block device path, memory:SIZE, "
                         "or an NBD URI; prefix SPEC with ro: for a read-only export")
