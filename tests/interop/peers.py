@@ -65,6 +65,7 @@ INSTALL_HINT = {
     "nbdsh": "libnbd-bin",
     "systemd-socket-activate": "systemd",
     "systemd-analyze": "systemd",
+    "systemd-sysusers": "systemd",
 }
 
 

@@ -11,7 +11,8 @@
   abstract name); when READY=1 arrives, every export -- one of them slow to
   open -- and the control socket answer at once; SIGTERM brings STOPPING=1
   and exit 0; WATCHDOG=1 keeps coming at WATCHDOG_USEC/2.
-- The shipped units: ``systemd-analyze verify`` accepts them, and the
+- The shipped units: ``systemd-analyze verify`` accepts them,
+  ``systemd-sysusers --dry-run`` would create their user, and the
   service's own ExecStart runs under systemd-socket-activate with both
   socket units' names, reaching READY=1.
 """
@@ -317,6 +318,19 @@ def test_systemd_analyze_verify_accepts_the_units(short_tmp):
     assert r.returncode == 0, out
     # Unknown keys and bad values are only warnings: none may appear.
     assert not [line for line in out.splitlines() if "nbdbackup" in line], out
+
+
+def test_sysusers_file_creates_the_user(short_tmp):
+    """``systemd-sysusers --dry-run`` on an empty root: it would create the user
+    and group the service runs as (nothing is written)."""
+    exe = peers.require("systemd-sysusers")
+    r = subprocess.run([exe, "--dry-run", f"--root={short_tmp}", str(UNITS / "nbdbackup.sysusers")],
+                       capture_output=True, timeout=60)
+    out = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode == 0, out
+    assert "Creating group 'nbdbackup'" in out and "Creating user 'nbdbackup'" in out, out
+    assert "ignoring" not in out.lower(), out
+    assert not (short_tmp / "etc").exists()
 
 
 def _unit_value(name: str, key: str) -> list[str]:
