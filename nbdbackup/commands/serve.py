@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         # Not a warning: the shipped unit names --control as the fallback for
         # when nbdbackup-control.socket is not running.
         log.info("socket activation: serving the control socket systemd passed; ignoring --control %s",
-                    args.control)
+                 args.control)
     if not passed and not args.socket and not listens:
         raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT "
                           "(or start under systemd socket activation)")
