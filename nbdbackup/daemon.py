@@ -148,8 +148,10 @@ def register_engine_commands(qmp: Any, engine: Any, bitmaps: Any = None) -> None
     qmp.register("backup-start", backup_start)
 
 
-async def start(server, args: argparse.Namespace | None = None) -> App:
-    """Build the bitmaps, the engine and (with ``args.control``) open the control socket.
+async def start(server, args: argparse.Namespace | None = None, control_sock: Any = None) -> App:
+    """Build the bitmaps, the engine and (with ``args.control``, or
+    ``control_sock``, a listening Unix socket systemd passed, which wins)
+    open the control socket.
 
     With ``args.state_dir`` persistent bitmaps live there (`bitmap.store`);
     exports added later (`add_export`) load theirs when they open.
@@ -166,7 +168,7 @@ async def start(server, args: argparse.Namespace | None = None) -> App:
         raise ConfigError(f"--state-dir {args.state_dir}: {e.strerror or e}") from None
     control_path = getattr(args, "control", None)
     qmp = None
-    if control_path:
+    if control_path or control_sock is not None:
         from .control.qmp import QMPServer
 
         qmp = QMPServer()
@@ -177,9 +179,12 @@ async def start(server, args: argparse.Namespace | None = None) -> App:
         register_engine_commands(qmp, app.engine, app.bitmaps)
         register_export_commands(qmp, app)
         register_bitmap_commands(qmp, app.bitmaps)
-        await qmp.start(control_path)
+        if control_sock is not None:
+            await qmp.start_socket(control_sock)
+        else:
+            await qmp.start(control_path)
+            log.info("control socket on %s", control_path)
         app.control = qmp
-        log.info("control socket on %s", control_path)
     return app
 
 

@@ -21,6 +21,19 @@ Lifecycle: every argument is validated before anything listens (a missing
 file, a bad size, a duplicate name or a busy socket is one clear error line
 and exit 1).  SIGINT/SIGTERM stop accepting, let in-flight requests finish,
 flush every writable export and exit 0.
+
+systemd (`nbdbackup.systemd`):
+- Socket activation: when LISTEN_PID is our pid and LISTEN_FDS > 0, the
+  passed sockets are served INSTEAD of ``--socket``/``--listen`` (which are
+  then ignored, with a warning), as systemd's convention is; the one named
+  ``control`` (FileDescriptorName=control) is the control socket instead of
+  ``--control`` (then only a fallback, ignored without a warning).  With
+  only a control socket passed, ``--socket``/``--listen`` still apply.
+  Passed sockets are never unlinked by us.
+- Readiness: with NOTIFY_SOCKET set, READY=1 (with STATUS= and MAINPID=) is
+  sent once every export is published and every listener, the control socket
+  and the metrics endpoint listen; STOPPING=1 when a shutdown begins;
+  WATCHDOG=1 every WATCHDOG_USEC/2 while the event loop runs.
 """
 
 from __future__ import annotations
@@ -38,7 +51,10 @@ log = logging.getLogger("nbdbackup.serve")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve exports over NBD",
-                       description="Serve one or more exports over NBD.")
+                       description="Serve one or more exports over NBD.",
+                       epilog="Under systemd socket activation (LISTEN_FDS) the passed sockets replace "
+                              "--socket/--listen, and one named 'control' replaces --control; with "
+                              "NOTIFY_SOCKET set, READY=1 is sent once everything listens.")
     p.add_argument("exports", nargs="+", metavar="NAME=SPEC",
                    help="export NAME serving SPEC: a raw file or block device path, memory:SIZE, "
                         "or an NBD URI; prefix SPEC with ro: for a read-only export")
@@ -119,37 +135,76 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def activated_sockets(fds) -> tuple[list, object]:
+    """(NBD listening sockets, control socket or None) from the fds systemd
+    passed (`nbdbackup.systemd.take_listen_fds`); `ConfigError` if one is not
+    a listening stream socket or two are named ``control``."""
+    from .. import systemd
+
+    nbd_socks, control = [], None
+    for lfd in fds:
+        sock = systemd.listening_socket(lfd)
+        if lfd.name == systemd.CONTROL_FDNAME:
+            if control is not None:
+                raise ConfigError("systemd passed more than one socket named 'control'")
+            control = sock
+        else:
+            nbd_socks.append(sock)
+    return nbd_socks, control
+
+
 def run(args: argparse.Namespace) -> int:
+    from .. import systemd
+
     exports = parse_export_args(args.exports, args.read_only)
     listens = [parse_listen(x) for x in args.listen]
     metrics = parse_listen(args.metrics) if args.metrics else None
-    if not args.socket and not listens:
-        raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT")
+    passed, control = activated_sockets(systemd.take_listen_fds())
+    if passed and (args.socket or listens):
+        log.warning("socket activation: serving the %d socket(s) systemd passed; ignoring --socket/--listen",
+                    len(passed))
+        args.socket, listens = [], []
+    if control is not None and args.control:
+        # Not a warning: the shipped unit names --control as the fallback for
+        # when nbdbackup-control.socket is not running.
+        log.info("socket activation: serving the control socket systemd passed; ignoring --control %s",
+                 args.control)
+    if not passed and not args.socket and not listens:
+        raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT "
+                          "(or start under systemd socket activation)")
     from . import run_async
 
-    return run_async(_serve(args, exports, listens, metrics))
+    return run_async(_serve(args, exports, listens, metrics, passed, control))
 
 
-async def _serve(args: argparse.Namespace, exports, listens, metrics_at) -> int:
+async def _serve(args: argparse.Namespace, exports, listens, metrics_at, passed=(), control_sock=None) -> int:
     from .. import daemon
     from .. import metrics
+    from .. import systemd
     from ..nbd.server import Server
 
+    notifier = systemd.Notifier()
     server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                     tls=tls_config(args), access=access_policy(args))
     app = daemon.App(server)
     metrics_srv = None
+    where: list[str] = []
     try:
-        app = await daemon.start(server, args)
+        app = await daemon.start(server, args, control_sock)
         for name, spec, ro in exports:
             await daemon.add_export(app, name, spec, ro)
+        for sock in passed:
+            where.append(systemd.describe(sock))
+            await server.start_socket(sock)
         for path in args.socket:
             await server.start_unix(path)
+            where.append(f"unix:{path}")
         for host, port in listens:
             try:
-                await server.start_tcp(host, port)
+                bound = await server.start_tcp(host, port)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+            where.append(f"tcp:{host}:{bound}")
         if metrics_at is not None:
             try:
                 metrics_srv = await metrics.start(app, *metrics_at)
@@ -158,17 +213,28 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at) -> int:
     except BaseException:
         await daemon.stop(app)
         await server.shutdown()
+        notifier.close()
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("serving %d export(s); pid %d", len(exports), os.getpid())
+    # Everything listens (a connection made now is accepted from the backlog)
+    # and every export is in the table: tell systemd.
+    notifier.notify("READY=1", STATUS=f"serving {len(exports)} export(s) on {', '.join(where)}",
+                    MAINPID=os.getpid())
+    watchdog = asyncio.create_task(notifier.watchdog(), name="sd-watchdog")
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
-    if metrics_srv is not None:
-        metrics_srv.close()
-    await daemon.stop(app)
-    await server.shutdown()
+    notifier.notify("STOPPING=1", STATUS="stopping: finishing in-flight requests and flushing")
+    try:
+        if metrics_srv is not None:
+            metrics_srv.close()
+        await daemon.stop(app)
+        await server.shutdown()
+    finally:
+        watchdog.cancel()
+        notifier.close()
     log.info("stopped")
     return 0

@@ -148,7 +148,9 @@ class Server:
 
     Fields: ``exports`` (name -> Export, in insertion order: the first is the
     default export for an empty name); ``connections`` (live
-    `NBDConnection`s); ``_servers`` (asyncio listeners); ``stopping`` (set by
+    `NBDConnection`s); ``_servers`` (asyncio listeners); ``_unix_paths``
+    (socket files `start_unix` created, unlinked at `shutdown`; sockets
+    passed by systemd are not in it); ``stopping`` (set by
     `shutdown`); limits ``max_connections``, ``handshake_timeout``,
     ``max_inflight``; ``read_pool`` (free read buffers by size); ``tls``
     (a `ServerTLS`, mode "off" without one) and ``tls_context`` (built once,
@@ -238,6 +240,21 @@ class Server:
         self._servers.append(srv)
         self._unix_paths.append(path)
         log.info("listening on unix:%s", path)
+
+    async def start_socket(self, sock: socket.socket) -> None:
+        """Serve on an already listening stream socket (systemd socket
+        activation, `nbdbackup.systemd.listening_socket`): AF_UNIX, AF_INET or
+        AF_INET6.  Its path is not ours: `shutdown` closes it but never
+        unlinks it.  The event loop calls listen() again: the backlog given
+        is SOMAXCONN so systemd's Backlog= (capped by the kernel's
+        somaxconn) is not lowered."""
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(self._factory, sock=sock, backlog=socket.SOMAXCONN)
+        else:
+            srv = await loop.create_server(self._factory, sock=sock, backlog=socket.SOMAXCONN)
+        self._servers.append(srv)
+        log.info("listening on passed socket %r", sock.getsockname())
 
     async def start_tcp(self, host: str, port: int) -> int:
         srv = await asyncio.get_running_loop().create_server(
