@@ -2,7 +2,9 @@
 
 Every test collected here is marked ``containers`` and
 ``xdist_group("containers")`` (so that with ``--dist loadgroup`` one xdist
-worker runs them all, in order, sharing one image build), with a 900 s
+worker runs them all, in order, sharing one image build -- but see
+engine.py: with pytest 9.2 + xdist 3.8 loadgroup does not group, so the
+fixtures are safe on several workers too), with a 900 s
 timeout (a cold first build makes the base image too).  A container test
 elsewhere marks itself the same way.
 
@@ -109,8 +111,9 @@ def image_size(engine: eng.Engine, tag: str) -> int:
 def nbdbackup_image(docker_engine, base_image) -> BuiltImage:
     tag = os.environ.get("NBDBACKUP_TEST_IMAGE", "nbdbackup:test")
     t0 = time.monotonic()
-    docker_engine.run("build", "-q", "--build-arg", f"BASE_IMAGE={base_image}", "-t", tag, str(ROOT),
-                      timeout=900)
+    with eng.machine_lock(eng.BUILD_LOCK):
+        docker_engine.run("build", "-q", "--build-arg", f"BASE_IMAGE={base_image}", "-t", tag, str(ROOT),
+                          timeout=900)
     built = BuiltImage(tag, image_size(docker_engine, tag), image_size(docker_engine, base_image),
                        time.monotonic() - t0)
     _REPORT.append(("image", f"{tag}: docker build {built.build_seconds:.1f} s; size {built.size / 1e6:.1f} MB "

@@ -14,7 +14,10 @@ Invariants:
   no answer within the timeout); the fixtures turn it into ``pytest.skip``,
   or into a failure when ``NBDBACKUP_REQUIRE_CONTAINERS=1``.
 - The base image is built at most once per machine at a time: builders hold
-  an exclusive ``fcntl.flock`` on `BASE_LOCK` and look again after taking it.
+  an exclusive ``fcntl.flock`` on `BASE_LOCK` and look again after taking it;
+  project image builds hold `BUILD_LOCK`, so that two xdist workers (the
+  ``xdist_group`` does not group with pytest 9.2 + xdist 3.8) never build
+  the same layers twice at once.
 - Subprocess output is bytes (the suite runs under a POSIX locale).
 
 Public API:
@@ -23,10 +26,12 @@ Public API:
     find_or_start_engine(log_dir) -> Engine
     Engine.cli / .compose / .run(...) / .compose_run(...) / .stop_started_daemon()
     ensure_base_image(engine, tag) -> str
+    machine_lock(path)                    flock context manager (BASE_LOCK, BUILD_LOCK)
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import os
@@ -38,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 #: Debian packages that give this machine a container engine, compose v1 and
 #: the base-image builder.  One list, so scripts/setup can take it over.
@@ -46,6 +51,8 @@ DEBIAN_PACKAGES = ("docker.io", "docker-compose", "debootstrap")
 #: The base every image of this project starts from (Dockerfile ARG BASE_IMAGE).
 BASE_IMAGE = "debian:12-slim"
 BASE_LOCK = os.path.join(tempfile.gettempdir(), "nbdbackup-base-image.lock")
+#: Held around ``docker build`` of the project image: a second builder waits and hits the cache.
+BUILD_LOCK = os.path.join(tempfile.gettempdir(), "nbdbackup-image-build.lock")
 DAEMON_READY_TIMEOUT = 60.0
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -306,15 +313,22 @@ def build_base_image(engine: Engine, tag: str, work_dir: str | os.PathLike, mirr
         shutil.rmtree(rootfs, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def machine_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing): one holder per machine."""
+    with open(path, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ensure_base_image(engine: Engine, tag: str = BASE_IMAGE, work_dir: str | os.PathLike | None = None) -> str:
     """``tag`` if the engine has it; else build it (once, under `BASE_LOCK`)."""
     if image_exists(engine, tag):
         return tag
-    with open(BASE_LOCK, "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not image_exists(engine, tag):  # another worker may have made it meanwhile
-                build_base_image(engine, tag, work_dir or tempfile.gettempdir())
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with machine_lock(BASE_LOCK):
+        if not image_exists(engine, tag):  # another worker may have made it meanwhile
+            build_base_image(engine, tag, work_dir or tempfile.gettempdir())
     return tag
