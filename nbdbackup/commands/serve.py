@@ -15,6 +15,11 @@ certificates whose subject matches; ``--allow-user`` / ``--allow-group``
 admit only those peers on Unix sockets.  A refused client gets ERR_POLICY
 with the reason for every option.
 
+``--socket-mode MODE`` / ``--socket-group GROUP`` set the permission bits
+and group of the ``--socket`` files (`nbdbackup.sockets.set_socket_access`),
+so a group's members can attach; the control socket stays 0600 (it can start
+and cancel backups).
+
 ``--metrics HOST:PORT`` serves Prometheus text at ``/metrics`` (`nbdbackup.metrics`).
 
 Lifecycle: every argument is validated before anything listens (a missing
@@ -60,6 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or an NBD URI; prefix SPEC with ro: for a read-only export")
     p.add_argument("--socket", "-k", action="append", default=[], metavar="PATH",
                    help="listen on this Unix socket (repeatable)")
+    p.add_argument("--socket-mode", metavar="MODE",
+                   help="permission bits of the --socket files, octal (e.g. 0660: owner and group may "
+                        "connect; default: what the umask leaves, i.e. only the owner)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group (name or gid) of the --socket files; the server must be a member")
     p.add_argument("--listen", "-l", action="append", default=[], metavar="HOST:PORT",
                    help="listen on TCP (repeatable; use 127.0.0.1:10809 or [::1]:10809)")
     p.add_argument("--read-only", "-r", action="store_true", help="make every export read-only")
@@ -172,12 +182,20 @@ def run(args: argparse.Namespace) -> int:
     if not passed and not args.socket and not listens:
         raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT "
                           "(or start under systemd socket activation)")
+    from ..nbd.access import parse_group
+    from ..sockets import parse_socket_mode
+
+    if (args.socket_mode or args.socket_group) and not args.socket and not passed:
+        raise ConfigError("--socket-mode/--socket-group need --socket PATH")
+    socket_mode = parse_socket_mode(args.socket_mode) if args.socket_mode else None
+    socket_gid = parse_group(args.socket_group) if args.socket_group else None
     from . import run_async
 
-    return run_async(_serve(args, exports, listens, metrics, passed, control))
+    return run_async(_serve(args, exports, listens, metrics, passed, control, socket_mode, socket_gid))
 
 
-async def _serve(args: argparse.Namespace, exports, listens, metrics_at, passed=(), control_sock=None) -> int:
+async def _serve(args: argparse.Namespace, exports, listens, metrics_at, passed=(), control_sock=None,
+                 socket_mode: int | None = None, socket_gid: int | None = None) -> int:
     from .. import daemon
     from .. import metrics
     from .. import systemd
@@ -197,7 +215,7 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, passed=
             where.append(systemd.describe(sock))
             await server.start_socket(sock)
         for path in args.socket:
-            await server.start_unix(path)
+            await server.start_unix(path, socket_mode, socket_gid)
             where.append(f"unix:{path}")
         for host, port in listens:
             try:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 from ..blockdev.base import BASE_ALLOCATION, BlockDev
 from ..errors import ConfigError
-from ..sockets import prepare_unix_socket
+from ..sockets import prepare_unix_socket, set_socket_access
 from . import protocol as proto
 from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection, StartTLS
 from .access import AccessPolicy, peer_credentials
@@ -234,11 +234,13 @@ class Server:
     def _factory(self) -> "NBDConnection":
         return NBDConnection(self)
 
-    async def start_unix(self, path: str) -> None:
+    async def start_unix(self, path: str, mode: int | None = None, gid: int | None = None) -> None:
+        """Listen on the Unix socket ``path``; ``mode``/``gid``: see `sockets.set_socket_access`."""
         prepare_unix_socket(path, "NBD socket")
         srv = await asyncio.get_running_loop().create_unix_server(self._factory, path, backlog=128)
         self._servers.append(srv)
         self._unix_paths.append(path)
+        set_socket_access(path, mode, gid, "NBD socket")
         log.info("listening on unix:%s", path)
 
     async def start_socket(self, sock: socket.socket) -> None:
