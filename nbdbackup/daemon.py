@@ -66,15 +66,31 @@ class App:
     bitmaps: Any = None
 
 
-async def add_export(app: App, name: str, spec: str, read_only: bool = False) -> None:
-    """Open SPEC and publish it as export NAME (CLI start-up and block-export-add)."""
+def check_description(name: str, description: str) -> None:
+    """An export description is an NBD string (proto.md "Conventions"): UTF-8,
+    no NUL, at most 4096 bytes."""
+    if "\0" in description:
+        raise ConfigError(f"export {name!r}: the description contains a NUL character")
+    if len(description.encode("utf-8", "surrogatepass")) > 4096:
+        raise ConfigError(f"export {name!r}: the description is longer than 4096 bytes")
+
+
+async def add_export(app: App, name: str, spec: str, read_only: bool = False, description: str = "") -> None:
+    """Open SPEC and publish it as export NAME (CLI start-up and block-export-add).
+
+    ``description`` is what NBD clients see in OPT_LIST and NBD_INFO_DESCRIPTION;
+    by default none, so the server-side SPEC (a file path, a URI with a socket
+    path) never leaves the host.  ``query-block-exports`` on the control socket
+    still shows the SPEC.
+    """
     if name in app.server.exports:
         raise ConfigError(f"export {name!r} already exists")
+    check_description(name, description)
     dev = await open_spec(spec, read_only=read_only)
     live = None
     try:
         live = wrap_live(dev, read_only, name, app.bitmaps)
-        app.server.add_export(name, live, read_only=read_only, description=spec)
+        app.server.add_export(name, live, read_only=read_only, description=description)
     except BaseException:
         if live is not None and live is not dev:
             await live.close()  # closes the bitmaps (cleanly) and the disk
@@ -95,6 +111,7 @@ def register_export_commands(qmp: Any, app: App) -> None:
                 "name": name,
                 "type": "nbd",
                 "spec": app.specs.get(name, exp.description),
+                "description": exp.description,
                 "size": exp.dev.size,
                 "read-only": exp.read_only,
                 "shutting-down": exp.removed,
@@ -102,8 +119,8 @@ def register_export_commands(qmp: Any, app: App) -> None:
             })
         return out
 
-    async def block_export_add(name: str, spec: str, read_only: bool = False) -> dict:
-        await add_export(app, name, spec, read_only)
+    async def block_export_add(name: str, spec: str, read_only: bool = False, description: str = "") -> dict:
+        await add_export(app, name, spec, read_only, description)
         return {}
 
     async def block_export_del(name: str) -> dict:

@@ -3,6 +3,9 @@
 ``nbdbackup serve --socket PATH [--listen HOST:PORT] [--read-only] NAME=SPEC ...``
 where SPEC is a raw image path or block device, ``memory:SIZE`` or an NBD
 URI, and a ``ro:`` prefix makes one export read-only (``disk=ro:/img``).
+``--description NAME=TEXT`` sets what NBD clients see as the export's
+description; there is none by default, so no server-side path leaves the host
+(a separate option, because a SPEC may contain any character).
 
 TLS: ``--tls-creds DIR`` (``ca-cert.pem``, ``server-cert.pem``,
 ``server-key.pem``: QEMU's and nbdkit's layout) turns on NBD_OPT_STARTTLS;
@@ -73,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", "-l", action="append", default=[], metavar="HOST:PORT",
                    help="listen on TCP (repeatable; use 127.0.0.1:10809 or [::1]:10809)")
     p.add_argument("--read-only", "-r", action="store_true", help="make every export read-only")
+    p.add_argument("--description", "-D", action="append", default=[], metavar="NAME=TEXT",
+                   help="the description NBD clients see for export NAME (repeatable; default: none, "
+                        "so no server-side path is shown)")
     p.add_argument("--control", metavar="PATH", help="QMP-compatible control socket")
     p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state (dirty bitmaps)")
     p.add_argument("--max-connections", type=int, default=256)
@@ -137,6 +143,25 @@ def parse_export_args(items: list[str], all_read_only: bool) -> list[tuple[str, 
     return out
 
 
+def parse_descriptions(items: list[str], names: list[str]) -> dict[str, str]:
+    """{name: text} from ``--description NAME=TEXT`` options.
+
+    NAME is everything before the first ``=`` (export names never contain
+    one, see `parse_export_args`), so TEXT may hold any character.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"bad --description {item!r}: expected NAME=TEXT")
+        if name not in names:
+            raise ConfigError(f"--description for {name!r}, which is not an export given")
+        if name in out:
+            raise ConfigError(f"--description for {name!r} given twice")
+        out[name] = text
+    return out
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
@@ -167,6 +192,11 @@ def run(args: argparse.Namespace) -> int:
     from .. import systemd
 
     exports = parse_export_args(args.exports, args.read_only)
+    descriptions = parse_descriptions(args.description, [e[0] for e in exports])
+    from ..daemon import check_description
+
+    for name, text in descriptions.items():
+        check_description(name, text)
     listens = [parse_listen(x) for x in args.listen]
     metrics = parse_listen(args.metrics) if args.metrics else None
     passed, control = activated_sockets(systemd.take_listen_fds())
@@ -191,11 +221,13 @@ def run(args: argparse.Namespace) -> int:
     socket_gid = parse_group(args.socket_group) if args.socket_group else None
     from . import run_async
 
-    return run_async(_serve(args, exports, listens, metrics, passed, control, socket_mode, socket_gid))
+    return run_async(_serve(args, exports, listens, metrics, descriptions=descriptions, passed=passed,
+                            control_sock=control, socket_mode=socket_mode, socket_gid=socket_gid))
 
 
-async def _serve(args: argparse.Namespace, exports, listens, metrics_at, passed=(), control_sock=None,
-                 socket_mode: int | None = None, socket_gid: int | None = None) -> int:
+async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, descriptions: dict[str, str],
+                 passed=(), control_sock=None, socket_mode: int | None = None,
+                 socket_gid: int | None = None) -> int:
     from .. import daemon
     from .. import metrics
     from .. import systemd
@@ -210,7 +242,7 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, passed=
     try:
         app = await daemon.start(server, args, control_sock)
         for name, spec, ro in exports:
-            await daemon.add_export(app, name, spec, ro)
+            await daemon.add_export(app, name, spec, ro, descriptions.get(name, ""))
         for sock in passed:
             where.append(systemd.describe(sock))
             await server.start_socket(sock)

@@ -58,6 +58,7 @@ from ..sockets import prepare_unix_socket, set_socket_access
 from . import protocol as proto
 from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection, StartTLS
 from .access import AccessPolicy, peer_credentials
+from .logsafe import WarningBudget, clip
 from .stats import ExportStats
 from .tls import ServerTLS
 from .wire import Cmd, CmdFlag, StateFlag
@@ -306,7 +307,9 @@ class NBDConnection(asyncio.BufferedProtocol):
     ``peer`` (for logs); ``_paused_writing`` (transport above high water);
     ``_reading_paused``; ``_closing``; ``_idle`` (set when no task runs);
     ``_handshake_timer``; ``_tls_upgrading`` (between the STARTTLS ACK and
-    the upgraded transport: received bytes are held, reading is left alone).
+    the upgraded transport: received bytes are held, reading is left alone);
+    ``_warnings`` (a `WarningBudget`: the warnings this connection may still
+    log; the rest are counted and summarised when it closes).
     """
 
     def __init__(self, server: Server) -> None:
@@ -321,6 +324,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.export: Export | None = None
         self.tasks: set[asyncio.Task] = set()
         self.peer = "?"
+        self._warnings = WarningBudget()
         #: Small replies waiting to go out in one write at the end of this
         #: loop iteration (``_flush_soon`` scheduled while non-empty).
         self._wbuf: list[bytes] = []
@@ -375,7 +379,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if creds is not None:
                 self.peer = f"unix pid {creds[0]} uid {creds[1]}"
             if why is not None:
-                log.warning("connection %s refused: %s", self.peer, why)
+                self._warn("connection %s refused: %s", self.peer, why)
                 self.proto.deny(why)
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.server.handshake_timeout, self._handshake_timeout
@@ -393,6 +397,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                 f.set_result(None)
         log.info("connection %s closed (%s)", self.peer,
                  f"export {self.export.name!r}" if self.export else "during handshake")
+        dropped = self._warnings.summary()
+        if dropped:
+            log.warning("connection %s: %s", self.peer, dropped)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._tls_upgrading:
@@ -405,7 +412,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             # client certificate has passed access control.
             self._tls_early += self._tls_stage[:nbytes]
             if len(self._tls_early) > _TLS_EARLY_MAX:
-                log.warning("connection %s: too much data during the TLS upgrade; closing", self.peer)
+                self._warn("connection %s: too much data during the TLS upgrade; closing", self.peer)
                 self.close("flood during the TLS upgrade")
             return
         self.proto.buffer_updated(nbytes)
@@ -439,9 +446,16 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._reading_paused = False
             t.resume_reading()
 
+    def _warn(self, msg: str, *args) -> None:
+        """A warning caused by this client: logged while its `WarningBudget`
+        lasts, then only counted (a client must not be able to flood the log).
+        Client-supplied text in ``args`` must already be `clip`-ped."""
+        if self._warnings.allow():
+            log.warning(msg, *args)
+
     def _handshake_timeout(self) -> None:
         if not self.proto.in_transmission and not self._closing:
-            log.warning("connection %s: handshake timed out", self.peer)
+            self._warn("connection %s: handshake timed out", self.peer)
             self.close("handshake timeout")
 
     def _flush_handshake(self) -> None:
@@ -493,7 +507,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 break
             elif isinstance(ev, ProtocolViolation):
                 self._flush_handshake()
-                log.warning("connection %s: protocol error: %s; closing", self.peer, ev.message)
+                # Client strings inside the message were clipped where it was made.
+                self._warn("connection %s: protocol error: %s; closing", self.peer, ev.message)
                 asyncio.ensure_future(self._close_when_idle(ev.message))
                 break
         self._flush_handshake()
@@ -506,7 +521,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             new = await loop.start_tls(raw, self, self.server.tls_context, server_side=True,
                                        ssl_handshake_timeout=self.server.handshake_timeout)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
-            log.warning("connection %s: TLS handshake failed: %s; closing", self.peer, e)
+            self._warn("connection %s: TLS handshake failed: %s; closing", self.peer, clip(str(e), 200))
             self._tls_upgrading = False
             self._closing = True
             self.proto.close()
@@ -523,7 +538,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                  new.get_extra_info("cipher", ("?",))[0])
         why = self.server.access.check_certificate(new.get_extra_info("peercert"))
         if why is not None:
-            log.warning("connection %s refused: %s", self.peer, why)
+            self._warn("connection %s refused: %s", self.peer, why)
             self.proto.deny(why)
         self._tls_stage = memoryview(b"")
         if self._tls_early:
@@ -673,13 +688,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         except OSError as e:
             err = e.errno or errno.EIO
             if err not in (errno.ENOSPC, errno.EINVAL, errno.EPERM, errno.ENOTSUP, errno.ESHUTDOWN):
-                log.warning("export %r: %s at (%d, %d) failed: %s", exp.name,
-                            _cmd_name(req.cmd), req.offset, req.length, e)
+                self._warn("export %r: %s at (%d, %d) failed: %s", exp.name,
+                           _cmd_name(req.cmd), req.offset, req.length, e)
             self._write(p.reply_error(req.cookie, err, e.strerror or str(e)))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug: answer EIO, keep serving
-            log.exception("export %r: internal error in %s", exp.name, _cmd_name(req.cmd))
+            if self._warnings.allow():
+                log.exception("export %r: internal error in %s", exp.name, _cmd_name(req.cmd))
             self._write(p.reply_error(req.cookie, errno.EIO, f"internal error: {e}"))
         finally:
             exp.stats.record(req.cmd, req.length, ok, time.perf_counter_ns() - t0)
