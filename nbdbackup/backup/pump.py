@@ -20,9 +20,12 @@ Cost follows the data, not the disk size: the pump asks the source for its
 claiming there, and a claim that starts in a run of clusters the source
 reports as zeros (a hole, or a zero extent) is extended over that run (up to
 `ZERO_CLAIM_MAX` bytes) and zeroed in the target with one request instead of
-being read chunk by chunk (`copystate` rule 3 says why that is exact).  Such
-claims cost nothing against the speed limit: no data moves.  A source whose
-extents fail is copied the plain way.
+being read chunk by chunk (`copystate` rule 3 says why that is exact).  The
+speed limit counts those bytes like any others, as QEMU's block-copy does (a
+target's zeroing is not always free: WRITE_ZEROES to an NBD target may write
+them), so a limited job over a sparse disk still takes size / speed; without
+a limit it takes the time of its data.  A source whose extents fail is copied
+the plain way.
 """
 
 from __future__ import annotations
@@ -213,9 +216,8 @@ class Pump:
             if zero_end >= 0:
                 limit = min(zero_end, start + max(count, ZERO_CLAIM_MAX >> st._shift))
                 count = st.extend_claim(start, count, limit, todo_only=True)
-            else:
-                # Pre-pay, so that concurrent workers see the debt at once.
-                self.limiter.account(st.span(start, count)[1])
+            # Pre-pay, so that concurrent workers see the debt at once.
+            self.limiter.account(st.span(start, count)[1])
             try:
                 await st.copy(start, count, "pump", source_zero=zero_end >= 0)
             except CopyError as e:
