@@ -77,8 +77,9 @@ def _unavailable(reason: str):
 @pytest.fixture(scope="session")
 def docker_engine(tmp_path_factory):
     t0 = time.monotonic()
+    session = eng.engine_session(tmp_path_factory.mktemp("dockerd"))
     try:
-        e = eng.find_or_start_engine(tmp_path_factory.mktemp("dockerd"))
+        e = session.__enter__()
     except eng.EngineUnavailable as exc:
         _unavailable(str(exc))
     how = f"started dockerd pid {e.started_pid}" if e.started_pid else "running daemon"
@@ -87,7 +88,7 @@ def docker_engine(tmp_path_factory):
     try:
         yield e
     finally:
-        e.stop_started_daemon()
+        session.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")

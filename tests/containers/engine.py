@@ -24,6 +24,7 @@ Public API:
     DEBIAN_PACKAGES                       what `install_engine_packages` installs
     install_engine_packages()             apt-get install what is missing (root)
     find_or_start_engine(log_dir) -> Engine
+    engine_session(log_dir)               the same, shared by the xdist workers of one run
     Engine.cli / .compose / .run(...) / .compose_run(...) / .stop_started_daemon()
     ensure_base_image(engine, tag) -> str
     machine_lock(path)                    flock context manager (BASE_LOCK, BUILD_LOCK)
@@ -53,6 +54,14 @@ BASE_IMAGE = "debian:12-slim"
 BASE_LOCK = os.path.join(tempfile.gettempdir(), "nbdbackup-base-image.lock")
 #: Held around ``docker build`` of the project image: a second builder waits and hits the cache.
 BUILD_LOCK = os.path.join(tempfile.gettempdir(), "nbdbackup-image-build.lock")
+#: Held while a test session finds (or starts) the daemon, and while the session
+#: that started it stops it: nobody starts a second dockerd or picks one up
+#: that is being stopped.
+START_LOCK = os.path.join(tempfile.gettempdir(), "nbdbackup-dockerd-start.lock")
+#: Every test session using the daemon holds a shared flock on this file; the
+#: session that started dockerd stops it only once it gets the lock exclusive,
+#: i.e. when no other session (pytest-xdist worker) still uses it.
+USERS_LOCK = os.path.join(tempfile.gettempdir(), "nbdbackup-dockerd-users.lock")
 DAEMON_READY_TIMEOUT = 60.0
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -220,6 +229,29 @@ def find_or_start_engine(log_dir: str | os.PathLike) -> Engine:
     engine.stop_started_daemon()
     raise EngineUnavailable(f"dockerd did not answer within {DAEMON_READY_TIMEOUT:.0f} s{_in_container()};"
                             f" log {log_path}")
+
+
+@contextlib.contextmanager
+def engine_session(log_dir: str | os.PathLike) -> Iterator[Engine]:
+    """`find_or_start_engine` for one test session, shared safely between
+    sessions (xdist workers) on one machine: the daemon a session started is
+    stopped (by PID) when that session ends and no other session still uses
+    it (`USERS_LOCK`); finding and stopping are serialised (`START_LOCK`)."""
+    with open(USERS_LOCK, "a+b") as users:
+        with machine_lock(START_LOCK):
+            engine = find_or_start_engine(log_dir)
+            fcntl.flock(users, fcntl.LOCK_SH)
+        try:
+            yield engine
+        finally:
+            fcntl.flock(users, fcntl.LOCK_UN)
+            if engine.started_pid is not None:
+                with machine_lock(START_LOCK):
+                    fcntl.flock(users, fcntl.LOCK_EX)  # waits for the other sessions
+                    try:
+                        engine.stop_started_daemon()
+                    finally:
+                        fcntl.flock(users, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------ base image
