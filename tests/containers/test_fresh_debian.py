@@ -50,7 +50,7 @@ step() { printf '\n@@@ %s %s\n' "$1" "$(date +%s.%N)"; }
 step demo
 ./scripts/demo; echo "@@@ rc demo $?"
 step test
-./scripts/test -m "not containers" -p no:cacheprovider -q -rfEs; echo "@@@ rc test $?"
+./scripts/test -m "not containers" -p no:cacheprovider -rfEs; echo "@@@ rc test $?"
 step demo2
 ./scripts/demo; echo "@@@ rc demo2 $?"
 step setup2
