@@ -43,7 +43,7 @@ def wrap_live(dev: BlockDev, read_only: bool, name: str = "", bitmaps: Any = Non
         return dev
     if bitmaps is not None:
         return bitmaps.wrap(name, dev)
-    from .backup.live import LiveDev
+    from .blockdev.live import LiveDev
 
     return LiveDev(dev)
 

@@ -3,7 +3,7 @@
 Modules (design ancestor: QEMU block/copy-before-write.c, block/block-copy.c,
 block/snapshot-access.c, block/backup.c, job.c):
 
-- `live`      -- `LiveDev`: every writable export's device; runs write hooks.
+- (`blockdev.live` -- `LiveDev`, every writable export's device, runs the write hooks this package attaches.)
 - `copystate` -- `CopyState`: THE state shared by CBW, snapshot reads and the
   pump (done / pump_todo bitmaps, in-flight copies, snapshot readers).
 - `cbw`       -- `CBWHook`: copy-before-write, with on-cbw-error/cbw-timeout.

@@ -53,6 +53,12 @@ Rules:
 4. a failed (or cancelled) copy leaves its clusters not done and not in
    flight; waiters see the error.
 5. cancelling anything leaves this state valid: resuming is just carrying on.
+6. retiring (`retire`, when the job is dismissed: the snapshot is gone and
+   the target about to close): no new copy is claimed from then on, so a
+   live write that was already inside copy-before-write (it started before
+   the hook was detached, and waits on another copy or a reader) goes on
+   without copying; the copies already in flight are the last, and the
+   dismiss waits for them before closing the target.
 
 Progress: ``total`` = bytes of ``pump_todo`` when the job set it up;
 ``current`` = bytes among those that were copied (by the pump or by CBW) or
@@ -195,7 +201,7 @@ class CopyState:
     as target.zero(may_trim=True)), ``offload`` (try ``os.copy_file_range``
     when both ends are plain files; turned off at the first failure),
     ``broken`` (an OSError once the snapshot is broken: CBW stops copying,
-    snapshot reads fail with EIO).
+    snapshot reads fail with EIO); ``retired`` (rule 6: set once, at dismiss).
     """
 
     def __init__(self, source: BlockDev, target: BlockDev, cluster_size: int, *,
@@ -216,6 +222,7 @@ class CopyState:
         self.zero_detect = zero_detect
         self.offload = offload and self._offload_files() is not None
         self.broken: OSError | None = None
+        self.retired = False
         self.total = 0
         self.current = 0
         self.bytes_copied_by_pump = 0
@@ -372,6 +379,8 @@ class CopyState:
         first, end = self.clusters_of(offset, length)
         pos = first
         while True:
+            if self.retired:
+                return  # rule 6: nothing needs the old content any more
             pos = self.done.next_clear(pos, end)
             if pos < 0:
                 return
@@ -398,8 +407,14 @@ class CopyState:
                 self._reader_waiters.setdefault(c, []).append(fut)
                 await fut
 
+    def retire(self) -> None:
+        """Rule 6: claim nothing more (the snapshot is gone)."""
+        self.retired = True
+
     async def protect(self, offset: int, length: int) -> None:
         """Rule 1: the live write to ``(offset, length)`` may go on when this returns."""
+        if self.retired:
+            return
         first, end = self.clusters_of(offset, length)
         if not self.done.all(first, end - first):
             await self.ensure_done(offset, length, "cbw")

@@ -48,7 +48,7 @@ from ..errors import ConfigError
 from .cbw import ON_CBW_ERROR
 from .copystate import CopyState
 from .job import ERROR_POLICIES, SYNC_MODES, BackupJob, Emit, JobStatus
-from .live import LiveDev
+from ..blockdev.live import LiveDev
 from .snapshot import ExtentProvider
 
 BITMAP_MODES = ("on-success", "never", "always")

@@ -53,7 +53,7 @@ from ..blockdev.base import BlockDev
 from ..errors import ConfigError
 from .cbw import CBWHook
 from .copystate import CopyError, CopyState
-from .live import LiveDev
+from ..blockdev.live import LiveDev
 from .pump import Pump, RateLimiter
 from .snapshot import SnapshotDev
 
@@ -390,7 +390,10 @@ class BackupJob:
         self._verb("be dismissed", (S.CONCLUDED,))
         self.detach()
         self.snapshot.close_view()
-        # Let CBW copies still in flight finish before the target goes away.
+        # Writes already inside copy-before-write claim nothing more (rule 6);
+        # the copies in flight are the last: let them finish before the
+        # target goes away.
+        self.state.retire()
         while self.state.inflight:
             await asyncio.gather(*(asyncio.shield(f) for f in self.state.inflight.values()),
                                  return_exceptions=True)

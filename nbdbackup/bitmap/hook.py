@@ -1,6 +1,6 @@
 """Dirty tracking of a live export: the write hook and the bitmap-aware live device.
 
-Role: `DirtyHook` is the `backup.live.WriteHook` that keeps an export's
+Role: `DirtyHook` is the `blockdev.live.WriteHook` that keeps an export's
 `BitmapRegistry` up to date; `BitmapLiveDev` is the `LiveDev` a writable
 export is served through when dirty bitmaps are available: it carries the
 registry, answers the ``qemu:dirty-bitmap:NAME`` meta contexts of the
@@ -30,7 +30,7 @@ from __future__ import annotations
 import errno
 from typing import Callable, Sequence
 
-from ..backup.live import LiveDev
+from ..blockdev.live import LiveDev
 from ..blockdev.base import DIRTY_BITMAP_PREFIX, BlockDev, Extent
 from .dirty import BitmapError, BitmapRegistry
 

@@ -15,7 +15,7 @@ import pytest
 
 from nbdbackup.backup import copystate
 from nbdbackup.backup.engine import Engine, MemoryExportTable
-from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.blockdev.file import FileDev
 from nbdbackup.errors import ConfigError
 

@@ -20,7 +20,7 @@ import os
 import pytest
 
 from nbdbackup import daemon
-from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.bitmap.hook import BitmapLiveDev
 from nbdbackup.bitmap.store import STATE_CLEAN, read_header
 from nbdbackup.control.client import CommandError, ControlClient

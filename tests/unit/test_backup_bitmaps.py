@@ -12,7 +12,7 @@ import pytest
 
 from nbdbackup.backup.bitmaps import RegistryBitmapSource
 from nbdbackup.backup.engine import Engine, MemoryExportTable
-from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.bitmap.dirty import BitmapError, BitmapRegistry
 from nbdbackup.blockdev.memory import MemoryDev
 from nbdbackup.errors import ConfigError
@@ -105,7 +105,11 @@ def test_cancelled_bitmap_backup_reclaims(mode, left, kind):
         await engine.backup_start("disk", "j", "bitmap", tgt, snapshot="snap", bitmap="b",
                                   bitmap_mode=mode, max_chunk=CS, max_workers=1, speed=1)
         job = engine.jobs["j"]
-        await asyncio.sleep(0.01)  # the first chunk (cluster 2) is copied, then the limiter stalls
+        # The first chunk (cluster 2) is copied, then the limiter stalls (1 B/s).
+        for _ in range(2500):
+            if job.state.done.get(2):
+                break
+            await asyncio.sleep(0.002)
         assert job.state.done.get(2) and not job.state.done.get(7)
         await live.pwrite(b"y", 12 * CS)
         job.cancel()

@@ -15,7 +15,7 @@ import random
 import pytest
 
 from nbdbackup.backup.engine import Engine, MemoryExportTable
-from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.backup.testing import FaultDev
 from nbdbackup.blockdev.memory import MemoryDev
 

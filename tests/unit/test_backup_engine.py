@@ -9,7 +9,7 @@ import random
 import pytest
 
 from nbdbackup.backup.engine import Engine, MemoryExportTable, register_commands
-from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.backup.testing import Fault, FaultDev
 from nbdbackup.blockdev.base import BlockSize, Capabilities, FilterDev, HOLE_ZERO
 from nbdbackup.blockdev.memory import PAGE, MemoryDev

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from nbdbackup.backup.engine import Engine, MemoryExportTable
-from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.backup.testing import FaultDev
 from nbdbackup.blockdev.memory import PAGE, MemoryDev
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.blockdev.base import BASE_ALLOCATION, HOLE_ZERO, FilterDev
 from nbdbackup.blockdev.memory import MemoryDev
 

@@ -216,3 +216,25 @@ def test_ignore_drops_todo_without_done():
         assert st.bytes_ignored == 1000 and st.current == 1000
         assert not st.pump_todo.get(10) and not st.done.get(10)
     run(main())
+
+
+def test_retired_state_claims_nothing_more_but_lets_inflight_copies_finish():
+    """Rule 6 (dismiss): a write already inside copy-before-write, waiting on
+    another copy, must not start a copy of its own once the state is retired
+    (the target is about to close); the copy in flight finishes."""
+    async def main():
+        st, src, fsrc, tgt, ftgt, data = make()
+        ftgt.gate = asyncio.Event()
+        t1 = asyncio.create_task(st.protect(0, CS))  # claims cluster 0, held at the target
+        await asyncio.sleep(0.01)
+        t2 = asyncio.create_task(st.protect(0, 2 * CS))  # waits on cluster 0, then wants 1
+        await asyncio.sleep(0.01)
+        assert 0 in st.inflight and 1 not in st.inflight
+        st.retire()
+        ftgt.gate.set()
+        await asyncio.wait_for(asyncio.gather(t1, t2), 5)
+        assert st.done.get(0) and not st.done.get(1) and not st.inflight
+        assert [c for c in ftgt.calls if c[0] == "write" and c[1] >= CS] == []
+        await st.protect(5 * CS, CS)  # later writes pass through untouched
+        assert not st.done.get(5)
+    run(main())

@@ -1,8 +1,11 @@
 """The live view of a writable export: a filter that runs write hooks.
 
 Role: the NBD server serves EVERY writable export through one `LiveDev`.  A
-backup job (copy-before-write, `cbw.CBWHook`) and dirty tracking attach to it
-as *write hooks*; with no hook attached a call costs one truthiness test.
+backup job (copy-before-write, `backup.cbw.CBWHook`) and dirty tracking
+(`bitmap.hook`) attach to it as *write hooks*; with no hook attached a call
+costs one truthiness test.  It lives in `blockdev`, below both of its users
+(as nbdkit keeps its filter mechanism below every filter), so neither package
+imports the other for it.
 
 Hook protocol (`WriteHook`):
 - ``async before_write(offset, length)`` -- called for every pwrite, zero and
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from ..blockdev.base import BlockDev, Buffer, FilterDev
+from .base import BlockDev, Buffer, FilterDev
 
 
 @runtime_checkable

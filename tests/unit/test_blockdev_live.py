@@ -7,7 +7,7 @@ import errno
 
 import pytest
 
-from nbdbackup.backup.live import LiveDev
+from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.blockdev.memory import MemoryDev
 
 
