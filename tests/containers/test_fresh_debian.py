@@ -45,6 +45,7 @@ DEMO_SUCCESS = "RESULT: the backup is the disk exactly as it was at the start"
 #: Markers in the output let the test time and check each step.
 SCRIPT = r"""
 set -u
+exec 2>&1  # one stream, in order: the markers below split it into steps
 cd /src
 step() { printf '\n@@@ %s %s\n' "$1" "$(date +%s.%N)"; }
 step demo
