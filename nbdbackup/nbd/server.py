@@ -40,11 +40,17 @@ address on TCP, uid on Unix sockets) the peer's own longest-quiet
 connection, quiet for at least `EVICT_QUIET` s, is closed to admit the new
 one; at the global cap the same among all connections, taken from the peer
 with the most connections first; with no such connection the newcomer is
-refused (closed before the greeting).  A connection in transmission that
+held before the greeting (up to `ADMIT_QUEUE` of them, oldest first) until
+one is, or until its handshake timeout; beyond that queue it is refused
+(closed before the greeting).  A connection in transmission that
 stays quiet for ``idle_timeout`` s (TCP; ``unix_idle_timeout`` on Unix
 sockets, 0 = never) is closed, as is one still in the handshake after
 ``handshake_timeout`` s.  When a request has waited `MEMORY_STALL` s for
-memory, the quiet connection holding the most budget is closed.  So idle,
+memory, every connection that holds budget and has been quiet for
+`EVICT_QUIET` s is closed (a payload granted memory and not sent, replies
+not read); with none, connections whose unfinished payloads hold memory
+while waiting for more are shed, oldest payload first
+(`Server._relieve_memory`).  So idle,
 stalled-handshake and stalled-payload clients cannot lock a well-behaved
 client out: they are quiet, it is not.
 
@@ -107,10 +113,12 @@ log = logging.getLogger("nbdbackup.server")
 TICK = 0.5
 #: A connection must have been quiet this long to be evicted for a newcomer.
 EVICT_QUIET = 0.5
-#: A request waiting this long for memory makes the server evict the quiet
-#: connection holding the most budget.
+#: A request waiting this long for memory makes the server evict every
+#: connection that holds budget and has been quiet for `EVICT_QUIET` s.
 MEMORY_STALL = 2.0
 DEFAULT_BUFFER_MEMORY = 256 * 1024 * 1024
+#: Connections held for admission at a cap (beyond: refused at once).
+ADMIT_QUEUE = 64
 
 
 def _freeze_malloc_threshold() -> None:
@@ -210,7 +218,9 @@ class Server:
     ``handshake_timeout``, ``idle_timeout`` (TCP), ``unix_idle_timeout``,
     ``max_inflight``; ``budget`` (the `MemoryBudget` of every request
     buffer); ``_by_peer`` (peer key -> its live connections, see
-    `NBDConnection.peer_key`); ``_tick`` (the housekeeping timer); ``tls``
+    `NBDConnection.peer_key`); ``_waiting`` (connections accepted at a cap,
+    held before the greeting until they can be admitted, at most
+    `ADMIT_QUEUE`); ``_tick`` (the housekeeping timer); ``tls``
     (a `ServerTLS`, mode "off" without one) and ``tls_context`` (built once,
     at construction, so bad credentials fail at start); ``access`` (an
     `AccessPolicy`, checked on Unix connections and after TLS).
@@ -244,6 +254,7 @@ class Server:
         self.stopping = False
         self.budget = MemoryBudget(max_buffer_memory, MAX_PAYLOAD)
         self._by_peer: dict[object, set[NBDConnection]] = {}
+        self._waiting: deque[NBDConnection] = deque()
         self._tick: asyncio.TimerHandle | None = None
         self._ticks = 0
         _freeze_malloc_threshold()
@@ -309,25 +320,44 @@ class Server:
         if self.stopping:
             return "server stopping"
         mine = self._by_peer.get(conn.peer_key, set())
+        victim = None
         if len(mine) >= self.max_connections_per_peer:
             victim = self._victim(mine)
             if victim is None:
                 return f"{len(mine)} connections from this peer already (--max-connections-per-peer)"
-            victim.evict(f"peer limit reached, quiet connection evicted for a new one from {conn.peer}")
-        if len(self.connections) >= self.max_connections:
+        elif len(self.connections) >= self.max_connections:
             victim = self._victim(self.connections)
             if victim is None:
                 return f"{len(self.connections)} connections already (--max-connections)"
-            victim.evict(f"server full, quiet connection evicted for a new one from {conn.peer}")
+        if victim is not None:
+            victim.evict(f"{'peer' if victim.peer_key == conn.peer_key else 'server'} connection limit "
+                         f"reached: quiet connection evicted for a new one from {conn.peer}")
         self.connections.add(conn)
         self._by_peer.setdefault(conn.peer_key, set()).add(conn)
         self._start_tick()
         return None
 
+    def _enqueue(self, conn: "NBDConnection") -> bool:
+        """Hold ``conn`` until it can be admitted; False when the queue is full."""
+        if self.stopping or len(self._waiting) >= ADMIT_QUEUE:
+            return False
+        self._waiting.append(conn)
+        self._start_tick()
+        return True
+
+    def _admit_waiting(self) -> None:
+        """Admit held connections, oldest first, wherever room can be made."""
+        for conn in list(self._waiting):
+            if conn._closing:
+                self._waiting.remove(conn)
+            elif self._admit(conn) is None:
+                self._waiting.remove(conn)
+                conn._admitted()
+
     def _victim(self, among) -> "NBDConnection | None":
         """The connection to evict: quiet for at least `EVICT_QUIET` s, from
         the peer holding the most connections, quiet the longest."""
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         best, best_key = None, None
         for c in among:
             q = c.quiet(now)
@@ -339,12 +369,47 @@ class Server:
         return best
 
     def _forget(self, conn: "NBDConnection") -> None:
+        if not conn.admitted:
+            try:
+                self._waiting.remove(conn)
+            except ValueError:
+                pass
+            return
+        if conn in self.connections and self._waiting:
+            asyncio.get_running_loop().call_soon(self._admit_waiting)
         self.connections.discard(conn)
         peers = self._by_peer.get(conn.peer_key)
         if peers is not None:
             peers.discard(conn)
             if not peers:
                 del self._by_peer[conn.peer_key]
+
+    def _relieve_memory(self, now: float) -> None:
+        """A request has waited `MEMORY_STALL` s for memory.  Close every
+        connection that holds budget and is quiet (granted payload memory it
+        does not fill, replies it does not read).  If there is none, the
+        budget is held by partial payloads that themselves wait for more
+        (only one of them at a time can finish through the reserve): shed
+        them, oldest payload first, until half the ordinary budget is freed.
+        """
+        evicted = False
+        for c in list(self.connections):
+            held = c.held_memory()
+            if held and c.quiet(now) >= EVICT_QUIET:
+                c.evict(f"holds {held} bytes of buffer memory that others wait for, and stalls")
+                evicted = True
+        if evicted:
+            return
+        partial = sorted((c for c in self.connections if c.partial_payload_waiting()),
+                         key=lambda c: c.payload_since)
+        freed, goal = 0, self.budget.ordinary_limit // 2
+        for c in partial:
+            if freed >= goal:
+                break
+            held = c.held_memory()
+            c.evict(f"buffer memory exhausted for {MEMORY_STALL:g} s: shedding the oldest unfinished "
+                    f"WRITE payload ({held} bytes held, started {now - c.payload_since:.1f} s ago)")
+            freed += held
 
     def _start_tick(self) -> None:
         if self._tick is None and not self.stopping:
@@ -354,22 +419,18 @@ class Server:
         """Every `TICK` s while connections exist: idle timeouts, memory
         that replies have released, memory-pressure eviction, pool decay."""
         self._tick = None
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         for c in list(self.connections):
             c.housekeeping(now)
+        if self._waiting:
+            self._admit_waiting()
         budget = self.budget
         if budget.waiting and budget.oldest_wait() >= MEMORY_STALL:
-            victim, most = None, 0
-            for c in self.connections:
-                held = c.held_memory()
-                if held > most and c.quiet(now) >= MEMORY_STALL:
-                    victim, most = c, held
-            if victim is not None:
-                victim.evict(f"holds {most} bytes of buffer memory while others wait for it and sends nothing")
+            self._relieve_memory(now)
         self._ticks += 1
         if self._ticks % 4 == 0:
             budget.decay()
-        if self.connections or budget.pooled:
+        if self.connections or budget.pooled or self._waiting:
             self._start_tick()
 
     # --------------------------------------------------------- listeners
@@ -437,14 +498,18 @@ class NBDConnection(asyncio.BufferedProtocol):
     ``_handshake_timer``; ``_tls_upgrading`` (between the STARTTLS ACK and
     the upgraded transport: received bytes are held, reading is left alone).
     Admission and memory: ``peer_key`` (what per-peer limits count: the IP
-    address on TCP, the uid on Unix sockets); ``is_unix``; ``_last_active``
-    (loop time of the last byte received or reply byte drained);
+    address on TCP, the uid on Unix sockets); ``is_unix``; ``admitted``
+    (False while it waits in ``Server._waiting``); ``_creds`` (SO_PEERCRED
+    on Unix sockets); ``_last_active``
+    (`time.monotonic` of the last byte received or reply byte drained; the
+    loop's clock has only millisecond resolution under uvloop);
     ``_tx_total`` (bytes handed to the transport so far) and ``_tx_seen``
     (write-buffer size at the last tick, to notice draining);
     ``_charge`` (the `Charge` of the payload being received); ``_payload_charges``
     (id of a received payload -> its Charge, until its request task takes it);
     ``_mem_wait`` (reading paused until the budget grants the next payload
-    step); ``_mem_futures`` (READ tasks waiting for memory);
+    step); ``payload_since`` (`time.monotonic` when the current payload's
+    first byte arrived); ``_mem_futures`` (READ tasks waiting for memory);
     ``_pending_bufs`` ((end of the reply in ``_tx_total`` terms, buffer,
     Charge) of READ replies the transport may still hold).
     """
@@ -478,17 +543,20 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._writev = False
         self.peer_key: object = None
         self.is_unix = False
+        self.admitted = False
+        self._creds: tuple[int, int, int] | None = None
         self._last_active = 0.0
         self._charge: Charge | None = None
         self._payload_charges: dict[int, Charge] = {}
         self._mem_wait = False
         self._mem_futures: set[asyncio.Future] = set()
+        self.payload_since = 0.0
 
     # ------------------------------------------------------ asyncio hooks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self._last_active = asyncio.get_running_loop().time()
+        self._last_active = time.monotonic()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         sock = transport.get_extra_info("socket")
@@ -501,12 +569,33 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.peer_key = ("uid", creds[1] if creds is not None else None)
         else:
             self.peer_key = ("ip", peer[0] if isinstance(peer, tuple) else None)
+        self._creds = creds
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_timeout
+        )
         why = self.server._admit(self)
-        if why is not None:
+        if why is None:
+            self._admitted()
+        elif self.server._enqueue(self):
+            # Held before the greeting until a quiet connection can be
+            # evicted or a slot frees (`Server._admit_waiting`), at most
+            # until the handshake timeout.
+            log.info("connection from %s waits for admission: %s", self.peer, why)
+            transport.pause_reading()
+            self._reading_paused = True
+        else:
             log.warning("connection from %s refused: %s", self.peer, why)
             self._closing = True
+            if self._handshake_timer:
+                self._handshake_timer.cancel()
             transport.abort()
-            return
+
+    def _admitted(self) -> None:
+        """Admission granted: tune the socket, check access, send the greeting."""
+        transport = self.transport
+        assert transport is not None
+        self.admitted = True
+        sock = transport.get_extra_info("socket")
         transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
         # uvloop's writelines is one writev; asyncio's (3.11) joins, i.e. copies.
         self._writev = type(transport).__module__.startswith("uvloop")
@@ -527,14 +616,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             except OSError:
                 pass
         if self.is_unix and self.server.access.limits_unix:
-            why = self.server.access.check_unix(creds)
+            why = self.server.access.check_unix(self._creds)
             if why is not None:
                 log.warning("connection %s refused: %s", self.peer, why)
                 self.proto.deny(why)
-        self._handshake_timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout, self._handshake_timeout
-        )
+        self._last_active = time.monotonic()
         self._flush_handshake()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._forget(self)
@@ -563,7 +653,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 log.warning("connection %s: too much data during the TLS upgrade; closing", self.peer)
                 self.close("flood during the TLS upgrade")
             return
-        self._last_active = asyncio.get_running_loop().time()
+        self._last_active = time.monotonic()
         self.proto.buffer_updated(nbytes)
         self._pump_payload()
         self._process_events()
@@ -595,10 +685,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             t.pause_reading()
         elif not want_pause and self._reading_paused:
             self._reading_paused = False
+            # Time spent paused by us does not count as the client's silence.
+            self._last_active = time.monotonic()
             t.resume_reading()
 
     def _handshake_timeout(self) -> None:
-        if not self.proto.in_transmission and not self._closing:
+        self._handshake_timer = None
+        if not self.admitted and not self._closing:
+            self.evict("not admitted before the handshake timeout (server or peer limit reached)")
+        elif not self.proto.in_transmission and not self._closing:
             log.warning("connection %s: handshake timed out", self.peer)
             self.close("handshake timeout")
 
@@ -637,6 +732,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._closing or self.tasks or self.proto.has_events or self._mem_wait or self._tls_upgrading:
             return -1.0
         return now - self._last_active
+
+    def partial_payload_waiting(self) -> bool:
+        """Holds part of a WRITE payload and waits for memory for the rest."""
+        return self._mem_wait and self._charge is not None and self._charge.held > 0
 
     def held_memory(self) -> int:
         """Budget bytes held by this connection's payloads and queued replies."""
@@ -694,6 +793,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         while p.payload_blocked and not self._mem_wait and not self._closing:
             length, need = p.payload_length, p.payload_need
             if need == length:  # the first grant of a new payload
+                self.payload_since = time.monotonic()
                 ch = self._charge = Charge(self)
                 buf = budget.take_pooled(ch, length)
                 if buf is not None:
@@ -727,6 +827,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._mem_wait = False
         if self._closing:
             return
+        self._last_active = time.monotonic()  # the wait was ours
         self._grant_payload(n)
         self._pump_payload()
         self._process_events()
