@@ -10,7 +10,7 @@ dropped when someone needs room.
 Why charged in steps: a WRITE header declares up to 32 MiB, but a client may
 send the header and then nothing.  `nbd.server` charges a payload only as its
 bytes arrive: nothing until the first payload byte is in the receive ring,
-then one `STEP` at a time, each step charged before the socket may fill it
+then in steps (`STEP` first), each step charged before the socket may fill it
 (a large payload is an anonymous mmap whose pages become resident only as
 they are written, so resident memory follows what was charged, not what was
 declared).
@@ -21,28 +21,34 @@ is split into an *ordinary* part (``limit - reserve``) and a *reserve* of
 ``reserve`` bytes (the largest request, 32 MiB):
 
 - an ordinary take succeeds only if the total charged stays within the
-  ordinary part, and only when nobody is queued (FIFO: no overtaking);
-- when the queue's head does not fit in the ordinary part and no charge holds
-  the reserve, the head becomes the *finisher*: it is granted its whole
-  remaining need (``whole``, at most ``reserve`` bytes) at once, so that request
-  can complete without asking for memory again;
+  ordinary part, and only when no queued request holds as little as it does;
+- queued requests get ordinary memory least-held first (a request holding
+  nothing, such as a READ, is never stuck behind partial payloads that wait
+  for more), in arrival order among equals;
+- when that request does not fit in the ordinary part and no charge holds
+  the reserve, the *oldest* queued request becomes the *finisher*: it is
+  granted its whole remaining need (``whole``, at most ``reserve`` bytes) at
+  once, so that request can complete without asking for memory again;
 - the finisher slot is freed when the finisher's charge is released (its
   request ended).
 
-Invariant: the charges not holding the reserve sum to at most ``limit -
-reserve`` (each was admitted under that bound), so when the slot is free the
-head's whole need always fits once the pool is dropped; ``used <= limit``
-always.  Hence at any time one request either holds the reserve or can take
-it, and a request holding it needs nothing more from the budget -- only its
-own peer's bytes.  A peer that stalls while holding memory is the server's
+Invariant: ``used - _reserved`` (everything but the finisher's grant from
+the reserve) stays at most ``limit - reserve`` (each ordinary take was
+admitted under that bound), so when the slot is free the
+oldest waiter's whole need always fits once the pool is dropped; ``used <=
+limit`` always.  Hence at any time one request either holds the reserve or
+can take it, a request holding it needs nothing more from the budget -- only
+its own peer's bytes -- and every queued request in turn becomes the oldest
+and is served.  A peer that stalls while holding memory is the server's
 to evict (see `nbd.server`: memory-pressure eviction).
 
 Fields of `MemoryBudget`: ``limit`` (bytes), ``reserve`` (bytes kept for the
 finisher), ``used`` (charged to live charges plus ``pooled``), ``pooled``
 (bytes of free buffers in ``_pool``), ``pool_max`` (bound on ``pooled``),
 ``_pool`` (size -> free buffers, most recently returned last), ``_waiters``
-(the FIFO of `_Wait`), ``_finisher`` (the `Charge` holding the reserve, or
-None), ``_reused`` (pool hits since the last `decay`), ``_granting`` (guards
+(the queued `_Wait`s in arrival order), ``_finisher`` (the `Charge` holding
+the reserve, or None), ``_reserved`` (what the finisher was granted from the reserve: the
+ordinary part's bound applies to ``used - _reserved``), ``_reused`` (pool hits since the last `decay`), ``_granting`` (guards
 re-entry while callbacks run), ``clock``.
 """
 
@@ -53,7 +59,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-#: Granularity of payload charges (and the largest payload received into a
+#: The first charge of a payload (and the largest payload received into a
 #: plain bytearray; larger ones are mmap-backed and filled step by step).
 STEP = 256 * 1024
 
@@ -122,6 +128,7 @@ class MemoryBudget:
         self._pool: dict[int, list] = {}
         self._waiters: deque[_Wait] = deque()
         self._finisher: Charge | None = None
+        self._reserved = 0
         self._reused = 0
         self._granting = False
         self.clock = clock or time.monotonic
@@ -148,16 +155,23 @@ class MemoryBudget:
     # ------------------------------------------------------------- taking
 
     def _room(self, n: int, bound: int) -> bool:
-        """True when ``n`` more bytes fit under ``bound``, dropping pooled buffers if needed."""
-        if self.used + n <= bound:
+        """True when ``n`` more bytes fit under ``bound`` besides what the
+        finisher holds from the reserve, dropping pooled buffers if needed."""
+        if self.used - self._reserved + n <= bound:
             return True
-        while self.pooled and self.used + n > bound:
+        while self.pooled and self.used - self._reserved + n > bound:
             self._drop_one()
-        return self.used + n <= bound
+        return self.used - self._reserved + n <= bound
+
+    def _queued_ahead(self, charge: Charge) -> bool:
+        """A queued request would be served before ``charge`` (holds no more)."""
+        held = charge.held
+        return any(w.charge.held <= held for w in self._waiters)
 
     def try_take(self, charge: Charge, n: int) -> bool:
-        """Charge ``n`` bytes now if they fit in the ordinary part and nobody is queued."""
-        if self._waiters or not self._room(n, self.ordinary_limit):
+        """Charge ``n`` bytes now if they fit in the ordinary part and no
+        queued request comes first."""
+        if (self._waiters and self._queued_ahead(charge)) or not self._room(n, self.ordinary_limit):
             return False
         self.used += n
         charge.held += n
@@ -166,7 +180,7 @@ class MemoryBudget:
     def take_pooled(self, charge: Charge, n: int):
         """A free pooled buffer of exactly ``n`` bytes, charged to ``charge``
         (its bytes move from the pool to the charge), or None."""
-        if self._waiters:
+        if self._waiters and self._queued_ahead(charge):
             return None
         free = self._pool.get(n)
         if not free:
@@ -207,10 +221,11 @@ class MemoryBudget:
             charge.finisher = False
             if self._finisher is charge:
                 self._finisher = None
+                self._reserved = 0
         if buf is not None:
             size = len(buf)
             if (size >= 16 * 1024 and not self._waiters and self.pooled + size <= self.pool_max
-                    and self.used + size <= self.ordinary_limit):
+                    and self.used - self._reserved + size <= self.ordinary_limit):
                 self._pool.setdefault(size, []).append(buf)
                 self.pooled += size
                 self.used += size
@@ -251,16 +266,21 @@ class MemoryBudget:
         self._granting = True
         try:
             while self._waiters:
-                w = self._waiters[0]
+                # Least held first, oldest among equals (min keeps the first).
+                w = min(self._waiters, key=lambda w: w.charge.held)
                 if self._room(w.n, self.ordinary_limit):
                     granted = w.n
-                elif self._finisher is None and self._room(w.whole, self.limit):
+                elif self._finisher is None:
+                    w = self._waiters[0]  # the reserve goes to the oldest
+                    if not self._room(w.whole, self.limit):
+                        break  # (cannot happen: see the invariant)
                     granted = w.whole
                     w.charge.finisher = True
                     self._finisher = w.charge
+                    self._reserved = granted
                 else:
                     break
-                self._waiters.popleft()
+                self._waiters.remove(w)
                 self.used += granted
                 w.charge.held += granted
                 w.callback(granted)

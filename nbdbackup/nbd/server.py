@@ -20,8 +20,9 @@ both drain.
 Memory (`nbd.budget`): every WRITE payload and READ reply buffer is charged
 to one server-wide `MemoryBudget` (``max_buffer_memory``) before it exists.
 A payload is charged as its bytes arrive (nothing for a bare header, then
-one `STEP` at a time; large payloads are mmap-backed so only received pages
-are resident); a READ charges its length before its buffer is allocated,
+in steps granted before the socket may fill them: `STEP`, then doubling up
+to `STEP_MAX`, so the charge stays under twice what arrived; large payloads
+are mmap-backed so only received pages are resident); a READ charges its length before its buffer is allocated,
 and keeps the charge until the transport has sent the reply
 (``_pending_bufs``, released by byte count sent).  When the budget is spent
 the connection stops reading (payload) or its request task waits (READ), in
@@ -45,11 +46,11 @@ one is, or until its handshake timeout; beyond that queue it is refused
 (closed before the greeting).  A connection in transmission that
 stays quiet for ``idle_timeout`` s (TCP; ``unix_idle_timeout`` on Unix
 sockets, 0 = never) is closed, as is one still in the handshake after
-``handshake_timeout`` s.  When a request has waited `MEMORY_STALL` s for
-memory, every connection that holds budget and has been quiet for
-`EVICT_QUIET` s is closed (a payload granted memory and not sent, replies
-not read); with none, connections whose unfinished payloads hold memory
-while waiting for more are shed, oldest payload first
+``handshake_timeout`` s.  When a request has waited `EVICT_QUIET` s for
+memory, every connection that holds budget and has been quiet that long is
+closed (a payload granted memory and not sent, replies not read); if the
+oldest request has waited `MEMORY_STALL` s and unfinished payloads waiting
+for more hold half the ordinary budget, they are shed, oldest payload first
 (`Server._relieve_memory`).  So idle,
 stalled-handshake and stalled-payload clients cannot lock a well-behaved
 client out: they are quiet, it is not.
@@ -113,10 +114,12 @@ log = logging.getLogger("nbdbackup.server")
 TICK = 0.5
 #: A connection must have been quiet this long to be evicted for a newcomer.
 EVICT_QUIET = 0.5
-#: A request waiting this long for memory makes the server evict every
-#: connection that holds budget and has been quiet for `EVICT_QUIET` s.
-MEMORY_STALL = 2.0
+#: A request waiting this long for memory makes the server shed unfinished
+#: payloads that wait for more (see `Server._relieve_memory`).
+MEMORY_STALL = 1.0
 DEFAULT_BUFFER_MEMORY = 256 * 1024 * 1024
+#: Largest single charge step of a payload (see `NBDConnection._pump_payload`).
+STEP_MAX = 8 * 1024 * 1024
 #: Connections held for admission at a cap (beyond: refused at once).
 ADMIT_QUEUE = 64
 
@@ -385,24 +388,28 @@ class Server:
                 del self._by_peer[conn.peer_key]
 
     def _relieve_memory(self, now: float) -> None:
-        """A request has waited `MEMORY_STALL` s for memory.  Close every
-        connection that holds budget and is quiet (granted payload memory it
-        does not fill, replies it does not read).  If there is none, the
-        budget is held by partial payloads that themselves wait for more
-        (only one of them at a time can finish through the reserve): shed
-        them, oldest payload first, until half the ordinary budget is freed.
+        """A request has waited `EVICT_QUIET` s for memory.  Close every
+        connection that holds budget and has been quiet that long (granted
+        payload memory it does not fill, replies it does not read).  If the
+        oldest request has waited `MEMORY_STALL` s and at least half the ordinary budget is held
+        by partial payloads that themselves wait for more (only one of them
+        at a time can finish through the reserve; legitimate load instead
+        holds memory in running requests, which give it back), shed those,
+        oldest payload first, until half the ordinary budget is freed.
         """
-        evicted = False
+        budget = self.budget
         for c in list(self.connections):
             held = c.held_memory()
             if held and c.quiet(now) >= EVICT_QUIET:
                 c.evict(f"holds {held} bytes of buffer memory that others wait for, and stalls")
-                evicted = True
-        if evicted:
+        if not budget.waiting or budget.oldest_wait() < MEMORY_STALL:
             return
         partial = sorted((c for c in self.connections if c.partial_payload_waiting()),
                          key=lambda c: c.payload_since)
-        freed, goal = 0, self.budget.ordinary_limit // 2
+        goal = budget.ordinary_limit // 2
+        if sum(c.held_memory() for c in partial) < goal:
+            return
+        freed = 0
         for c in partial:
             if freed >= goal:
                 break
@@ -425,7 +432,7 @@ class Server:
         if self._waiting:
             self._admit_waiting()
         budget = self.budget
-        if budget.waiting and budget.oldest_wait() >= MEMORY_STALL:
+        if budget.waiting and budget.oldest_wait() >= EVICT_QUIET:
             self._relieve_memory(now)
         self._ticks += 1
         if self._ticks % 4 == 0:
@@ -785,9 +792,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             budget.release(ch)
 
     def _pump_payload(self) -> None:
-        """Grant the payload being received the memory it needs next (one
-        `STEP`, or all of it up to `STEP` or from the pool), or queue for it
-        and stop reading."""
+        """Grant the payload being received the memory it needs next (the
+        first `STEP`, then as much again as was granted, at most `STEP_MAX`;
+        all of it at once from the pool), or queue for it and stop reading."""
         p = self.proto
         budget = self._budget
         while p.payload_blocked and not self._mem_wait and not self._closing:
@@ -804,7 +811,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             else:
                 ch = self._charge
                 assert ch is not None
-                n = min(need, STEP)
+                # Steps double what was granted (fewer waits for a large
+                # payload), so the charge stays under twice what arrived.
+                n = min(need, max(STEP, min(length - need, STEP_MAX)))
             if budget.try_take(ch, n):
                 self._grant_payload(n)
                 continue

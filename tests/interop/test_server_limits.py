@@ -137,7 +137,9 @@ def _stalled_writes(image: str, sent: int, capsys) -> dict:
             ops0 = good.ops
             hostile = Hostile(["--unix", srv.socket, "--export", "disk"], payload=64,
                               payload_size=32 * MiB, payload_sent=sent)
-            assert hostile.report["ok"] == {"payload": 64}, hostile.report
+            report = hostile.report
+            # (The server may already shed stallers while they are still sending.)
+            assert report["ok"].get("payload", 0) + report["refused"] == 64, report
             peak = 0.0
             for _ in range(10):
                 time.sleep(0.3)
@@ -158,7 +160,7 @@ def _stalled_writes(image: str, sent: int, capsys) -> dict:
             good.stop()
     fig = dict(budget=budget, baseline=round(base), peak=round(peak), hwm=round(hwm), after=round(after),
                after_s=round(after_s, 1), good_ops_during=ops_during, good_slowest_s=round(good.slowest, 2),
-               closed_by_server=closed["closed_by_server"])
+               closed_by_server=closed["closed_by_server"] + report["refused"])
     with capsys.disabled():
         print(f"\nstalled 32 MiB WRITEs, {sent} bytes sent each: {fig}")
     # Peak: the budget plus the fixed per-connection cost (a 256 KiB receive

@@ -46,7 +46,7 @@ def test_ordinary_takes_stop_at_limit_minus_reserve_and_come_back():
     assert b.try_take(c, 32 * MiB)
 
 
-def test_fifo_no_overtaking_and_grants_in_order():
+def test_grant_order_least_held_first_then_arrival():
     b = budget()
     hog = Charge("hog")
     assert b.try_take(hog, 32 * MiB)
@@ -58,12 +58,12 @@ def test_fifo_no_overtaking_and_grants_in_order():
     assert got == [("fin", 32 * MiB)] and fin.finisher and b.used == 64 * MiB
     b.wait(big, 8 * MiB, lambda n: got.append(("big", n)))
     b.wait(small, 1 * MiB, lambda n: got.append(("small", n)))
-    # A later small take may not overtake the queue even if it would fit.
     assert len(got) == 1  # the reserve is taken, the ordinary part full: both wait
     b.release(fin)
-    # The slot came free: the head (big) became the finisher, small still waits.
+    # The slot came free: the oldest (big) became the finisher, small still waits.
     assert got[1] == ("big", 8 * MiB) and big.finisher and b.finisher is big
     assert len(got) == 2
+    # A new request holding nothing may not overtake small (it holds nothing either).
     assert not b.try_take(Charge("late"), 1)
     b.release(hog)
     assert got[2] == ("small", 1 * MiB)
@@ -117,6 +117,26 @@ def test_no_deadlock_when_every_payload_holds_part_of_the_budget():
         held_steps[i] += 1
     assert done == set(range(n_conns))
     assert b.used == 0 and b.waiting == 0
+
+
+def test_a_request_holding_nothing_goes_before_partial_payloads():
+    b = budget()
+    p = {name: Charge(name) for name in ("p0", "p1", "p2", "p3")}
+    for name, mib in (("p0", 11), ("p1", 8), ("p2", 6), ("p3", 7)):
+        assert b.try_take(p[name], mib * MiB)
+    fin = Charge("fin")
+    b.wait(fin, 32 * MiB, lambda n: None)  # the ordinary part is full: takes the reserve
+    assert fin.finisher
+    got = []
+    for name in ("p1", "p2", "p3"):
+        b.wait(p[name], MiB, lambda n, name=name: got.append(name))
+    read = Charge("read")
+    b.wait(read, MiB, lambda n: got.append("read"))
+    assert got == [] and b.waiting == 4
+    assert not b.try_take(Charge("new"), 1)  # queued "read" holds as little: no overtaking
+    b.release(p["p0"])  # 11 MiB back
+    assert got == ["read", "p2", "p3", "p1"]  # least held first
+    assert b.try_take(Charge("new"), 1)
 
 
 def test_cancel_drops_the_waits_of_a_dead_connection():
