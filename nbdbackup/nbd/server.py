@@ -323,18 +323,18 @@ class Server:
         if self.stopping:
             return "server stopping"
         mine = self._by_peer.get(conn.peer_key, set())
-        victim = None
+        victim, which = None, ""
         if len(mine) >= self.max_connections_per_peer:
-            victim = self._victim(mine)
+            victim, which = self._victim(mine), "peer"
             if victim is None:
                 return f"{len(mine)} connections from this peer already (--max-connections-per-peer)"
         elif len(self.connections) >= self.max_connections:
-            victim = self._victim(self.connections)
+            victim, which = self._victim(self.connections), "server"
             if victim is None:
                 return f"{len(self.connections)} connections already (--max-connections)"
         if victim is not None:
-            victim.evict(f"{'peer' if victim.peer_key == conn.peer_key else 'server'} connection limit "
-                         f"reached: quiet connection evicted for a new one from {conn.peer}")
+            victim.evict(f"{which} connection limit reached: quiet connection evicted for a new one "
+                         f"from {conn.peer}")
         self.connections.add(conn)
         self._by_peer.setdefault(conn.peer_key, set()).add(conn)
         self._start_tick()
