@@ -47,8 +47,9 @@ finisher), ``used`` (charged to live charges plus ``pooled``), ``pooled``
 (bytes of free buffers in ``_pool``), ``pool_max`` (bound on ``pooled``),
 ``_pool`` (size -> free buffers, most recently returned last), ``_waiters``
 (the queued `_Wait`s in arrival order), ``_finisher`` (the `Charge` holding
-the reserve, or None), ``_reserved`` (what the finisher was granted from the reserve: the
-ordinary part's bound applies to ``used - _reserved``), ``_reused`` (pool hits since the last `decay`), ``_granting`` (guards
+the reserve, or None), ``_reserved`` (what the finisher was granted from
+the reserve: the ordinary part's bound applies to ``used - _reserved``),
+``_reused`` (pool hits since the last `decay`), ``_granting`` (guards
 re-entry while callbacks run), ``clock``.
 """
 
@@ -193,7 +194,8 @@ class MemoryBudget:
         self._reused += 1
         return buf
 
-    def wait(self, charge: Charge, n: int, callback: Callable[[int], None], *, whole: int | None = None) -> None:
+    def wait(self, charge: Charge, n: int, callback: Callable[[int], None], *,
+             whole: int | None = None) -> None:
         """Queue for ``n`` bytes; ``callback(granted)`` runs when they are
         charged (``granted`` is ``whole`` when granted from the reserve)."""
         whole = n if whole is None else whole

@@ -19,19 +19,20 @@ both drain.
 
 Memory (`nbd.budget`): every WRITE payload and READ reply buffer is charged
 to one server-wide `MemoryBudget` (``max_buffer_memory``) before it exists.
-A payload is charged as its bytes arrive (nothing for a bare header, then
-in steps granted before the socket may fill them: `STEP`, then doubling up
-to `STEP_MAX`, so the charge stays under twice what arrived; large payloads
-are mmap-backed so only received pages are resident); a READ charges its length before its buffer is allocated,
-and keeps the charge until the transport has sent the reply
-(``_pending_bufs``, released by byte count sent).  When the budget is spent
-the connection stops reading (payload) or its request task waits (READ), in
-one FIFO; the reserve rule in `nbd.budget` guarantees that one request can
-always complete.  Charges come back when a request ends or its connection
-dies; pooled free buffers are charged too and dropped when unused for a tick
-(`MemoryBudget.decay`), so RSS falls after a burst.  Outside the budget, per
-connection: the 256 KiB receive ring, the transport's send buffer up to its
-4 MiB high-water mark (past it no new request starts), and small replies.
+A payload is charged as its bytes arrive: nothing for a bare header, then in
+steps granted before the socket may fill them (`STEP`, then doubling up to
+`STEP_MAX`, so the charge stays under twice what arrived); large payloads
+are mmap-backed so only received pages are resident.  A READ charges its
+length before its buffer is allocated and keeps the charge until the
+transport has sent the reply (``_pending_bufs``, released by byte count
+sent).  When the budget is spent the connection stops reading (payload) or
+its request task waits (READ); the grant order and the reserve rule of
+`nbd.budget` guarantee that one request can always complete.  Charges come
+back when a request ends or its connection dies; pooled free buffers are
+charged too and dropped when unused for 2-4 s (`MemoryBudget.decay`),
+so RSS falls after a burst.  Outside the budget, per connection: the 256 KiB
+receive ring, the transport's send buffer up to its 4 MiB high-water mark
+(past it no new request starts), and small replies.
 
 Admission (`Server._admit`) and timers (`Server._housekeeping`, every
 `TICK` s): a connection is *quiet* when nothing of it runs (no request task,
@@ -391,11 +392,12 @@ class Server:
         """A request has waited `EVICT_QUIET` s for memory.  Close every
         connection that holds budget and has been quiet that long (granted
         payload memory it does not fill, replies it does not read).  If the
-        oldest request has waited `MEMORY_STALL` s and at least half the ordinary budget is held
-        by partial payloads that themselves wait for more (only one of them
-        at a time can finish through the reserve; legitimate load instead
-        holds memory in running requests, which give it back), shed those,
-        oldest payload first, until half the ordinary budget is freed.
+        oldest request has waited `MEMORY_STALL` s and at least half the
+        ordinary budget is held by partial payloads that themselves wait for
+        more (only one of them at a time can finish through the reserve;
+        legitimate load instead holds memory in running requests, which give
+        it back), shed those, oldest payload first, until half the ordinary
+        budget is freed.
         """
         budget = self.budget
         for c in list(self.connections):
@@ -469,6 +471,8 @@ class Server:
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
+        for c in list(self._waiting):
+            c.evict("server shutting down")
         for srv in self._servers:
             srv.close()
         for path in self._unix_paths:
@@ -512,8 +516,9 @@ class NBDConnection(asyncio.BufferedProtocol):
     loop's clock has only millisecond resolution under uvloop);
     ``_tx_total`` (bytes handed to the transport so far) and ``_tx_seen``
     (write-buffer size at the last tick, to notice draining);
-    ``_charge`` (the `Charge` of the payload being received); ``_payload_charges``
-    (id of a received payload -> its Charge, until its request task takes it);
+    ``_charge`` (the `Charge` of the payload being received);
+    ``_payload_charges`` (id of a received payload -> its Charge, until its
+    request task takes it);
     ``_mem_wait`` (reading paused until the budget grants the next payload
     step); ``payload_since`` (`time.monotonic` when the current payload's
     first byte arrived); ``_mem_futures`` (READ tasks waiting for memory);
@@ -523,7 +528,8 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.proto = ServerConnection(server._lookup, server._list, tls=server.tls.mode, paced_payloads=True)
+        self.proto = ServerConnection(server._lookup, server._list, tls=server.tls.mode,
+                                      paced_payloads=True)
         self._tls_upgrading = False
         #: Decrypted bytes that arrived before the upgrade finished (see `buffer_updated`).
         self._tls_early = bytearray()
