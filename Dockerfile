@@ -1,38 +1,73 @@
-# nbdbackup in a container: the same Debian packages and set-up as scripts/setup.
+# nbdbackup in a container: the server, the pull agent and the repository
+# tools; nothing the tests need (no pytest, qemu, nbdkit, libnbd).
 #
 #   docker build -t nbdbackup .
 #   docker run --rm nbdbackup --help
-#   docker compose -f docker/compose.yaml up      (serves a demo image; see that file)
+#   docker-compose -f docker/compose.yaml up -d     (or: docker compose ...)
 #
-# The Debian package list below must match DEB_PACKAGES in scripts/setup
-# (tests/unit/test_container_files.py checks it).
-FROM debian:12-slim
+# Two stages on the same base, so the virtualenv's python symlink
+# (/usr/bin/python3) is valid in both:
+# - builder: python3-venv and ca-certificates; builds /opt/nbdbackup/.venv
+#   from the project's runtime dependencies (pyproject.toml), pinned by
+#   requirements.txt used as a constraints file (test-only pins there are
+#   never installed), and installs the project itself (not editable).
+# - runtime: python3 and that venv, nothing else.  The runtime imports only
+#   blake3, numpy and (optionally) uvloop; it never runs qemu-img, nbdkit or
+#   libnbd.  Restoring with plugins/restore.py needs nbdkit and is done on a
+#   host (or an image of your own) with the checkout.
+#
+# BASE_IMAGE: any Debian 12 image (tests/containers/conftest.py passes the
+# one it made with debootstrap when no registry is reachable).
+ARG BASE_IMAGE=debian:12-slim
 
+FROM ${BASE_IMAGE} AS builder
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN apt-get update -q \
+ && apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/nbdbackup/.venv
+WORKDIR /src
+# Dependencies first: this layer is reused while only the sources change.
+COPY requirements.txt pyproject.toml ./
+RUN /opt/nbdbackup/.venv/bin/pip install -q -c requirements.txt blake3 numpy uvloop
+COPY nbdbackup ./nbdbackup
+RUN /opt/nbdbackup/.venv/bin/pip install -q --no-deps -c requirements.txt . \
+ && /opt/nbdbackup/.venv/bin/python -c 'import blake3, numpy, uvloop, nbdbackup.cli' \
+ && /opt/nbdbackup/.venv/bin/python -m pip uninstall -q -y pip setuptools \
+ && find /opt/nbdbackup/.venv -name __pycache__ -prune -exec rm -rf {} +
+
+FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
-
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/nbdbackup/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    NBDBACKUP_CONTROL=/run/nbdbackup/control.sock \
+    NBDBACKUP_HEALTH_URI=nbd+unix:///?socket=/run/nbdbackup/nbd.sock
 RUN apt-get update -q \
- && apt-get install -y -q --no-install-recommends \
-        python3 \
-        qemu-utils \
-        qemu-system-common \
-        nbdkit \
-        nbdkit-plugin-python \
-        libnbd-bin \
-        python3-libnbd \
-        python3-venv \
-        openssl \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y -q --no-install-recommends python3 \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
+ && groupadd --system --gid 10809 nbdbackup \
+ && useradd --system --uid 10809 --gid 10809 --home-dir /var/lib/nbdbackup --create-home \
+        --shell /usr/sbin/nologin nbdbackup \
+ && install -d -o nbdbackup -g nbdbackup -m 0755 /data /run/nbdbackup /backup
+COPY --from=builder /opt/nbdbackup/.venv /opt/nbdbackup/.venv
 
-WORKDIR /opt/nbdbackup
-COPY . /opt/nbdbackup
-# scripts/setup finds every package installed above, so it only builds .venv
-# (Debian's python3 with --system-site-packages, for libnbd's `nbd` module).
-RUN bash scripts/setup && rm -rf /root/.cache/pip
-
-ENV PATH=/opt/nbdbackup/.venv/bin:$PATH
-# Sockets and images live in volumes (see docker/compose.yaml).
-VOLUME ["/data", "/run/nbdbackup"]
+# Non-root by default.  Serving a block device: docker run --device /dev/sdX
+# --group-add disk (or --user 0); see README "Containers".
+USER 10809:10809
+WORKDIR /var/lib/nbdbackup
+# Images and state in /data, sockets in /run/nbdbackup, pulled backups in /backup.
+VOLUME ["/data", "/run/nbdbackup", "/backup"]
+# Healthy = the server answers an NBD handshake on its socket and lists its
+# exports (our own client; no extra packages).  Set NBDBACKUP_HEALTH_URI when
+# the socket is elsewhere; a container running another command (pull, repo)
+# reports unhealthy, so compose disables the check for those.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
+    CMD nbdbackup info --list "$NBDBACKUP_HEALTH_URI" >/dev/null || exit 1
+# Exec form: nbdbackup is PID 1 and gets docker stop's SIGTERM itself
+# (serve finishes in-flight requests, flushes, removes its sockets, exits 0).
 ENTRYPOINT ["nbdbackup"]
 CMD ["--help"]

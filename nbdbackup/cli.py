@@ -50,17 +50,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        # A block-buffered stdout (a pipe, without PYTHONUNBUFFERED) is written
+        # here, not at exit, so a reader that went away lands in the handler below.
+        sys.stdout.flush()
+        return rc
     except NBDBackupError as e:
         print(f"nbdbackup: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # stdout went away (``| head``): not an error worth a traceback.
+        # stdout went away (``| head``): not an error worth a traceback.  What
+        # is still buffered would fail again at exit: point fd 1 at /dev/null.
         try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
             pass
         return 141
 

@@ -66,15 +66,31 @@ class App:
     bitmaps: Any = None
 
 
-async def add_export(app: App, name: str, spec: str, read_only: bool = False) -> None:
-    """Open SPEC and publish it as export NAME (CLI start-up and block-export-add)."""
+def check_description(name: str, description: str) -> None:
+    """An export description is an NBD string (proto.md "Conventions"): UTF-8,
+    no NUL, at most 4096 bytes."""
+    if "\0" in description:
+        raise ConfigError(f"export {name!r}: the description contains a NUL character")
+    if len(description.encode("utf-8", "surrogatepass")) > 4096:
+        raise ConfigError(f"export {name!r}: the description is longer than 4096 bytes")
+
+
+async def add_export(app: App, name: str, spec: str, read_only: bool = False, description: str = "") -> None:
+    """Open SPEC and publish it as export NAME (CLI start-up and block-export-add).
+
+    ``description`` is what NBD clients see in OPT_LIST and NBD_INFO_DESCRIPTION;
+    by default none, so the server-side SPEC (a file path, a URI with a socket
+    path) never leaves the host.  ``query-block-exports`` on the control socket
+    still shows the SPEC.
+    """
     if name in app.server.exports:
         raise ConfigError(f"export {name!r} already exists")
+    check_description(name, description)
     dev = await open_spec(spec, read_only=read_only)
     live = None
     try:
         live = wrap_live(dev, read_only, name, app.bitmaps)
-        app.server.add_export(name, live, read_only=read_only, description=spec)
+        app.server.add_export(name, live, read_only=read_only, description=description)
     except BaseException:
         if live is not None and live is not dev:
             await live.close()  # closes the bitmaps (cleanly) and the disk
@@ -95,6 +111,7 @@ def register_export_commands(qmp: Any, app: App) -> None:
                 "name": name,
                 "type": "nbd",
                 "spec": app.specs.get(name, exp.description),
+                "description": exp.description,
                 "size": exp.dev.size,
                 "read-only": exp.read_only,
                 "shutting-down": exp.removed,
@@ -102,8 +119,8 @@ def register_export_commands(qmp: Any, app: App) -> None:
             })
         return out
 
-    async def block_export_add(name: str, spec: str, read_only: bool = False) -> dict:
-        await add_export(app, name, spec, read_only)
+    async def block_export_add(name: str, spec: str, read_only: bool = False, description: str = "") -> dict:
+        await add_export(app, name, spec, read_only, description)
         return {}
 
     async def block_export_del(name: str) -> dict:
@@ -148,8 +165,10 @@ def register_engine_commands(qmp: Any, engine: Any, bitmaps: Any = None) -> None
     qmp.register("backup-start", backup_start)
 
 
-async def start(server, args: argparse.Namespace | None = None) -> App:
-    """Build the bitmaps, the engine and (with ``args.control``) open the control socket.
+async def start(server, args: argparse.Namespace | None = None, control_sock: Any = None) -> App:
+    """Build the bitmaps, the engine and (with ``args.control``, or
+    ``control_sock``, a listening Unix socket systemd passed, which wins)
+    open the control socket.
 
     With ``args.state_dir`` persistent bitmaps live there (`bitmap.store`);
     exports added later (`add_export`) load theirs when they open.
@@ -166,7 +185,7 @@ async def start(server, args: argparse.Namespace | None = None) -> App:
         raise ConfigError(f"--state-dir {args.state_dir}: {e.strerror or e}") from None
     control_path = getattr(args, "control", None)
     qmp = None
-    if control_path:
+    if control_path or control_sock is not None:
         from .control.qmp import QMPServer
 
         qmp = QMPServer()
@@ -177,9 +196,12 @@ async def start(server, args: argparse.Namespace | None = None) -> App:
         register_engine_commands(qmp, app.engine, app.bitmaps)
         register_export_commands(qmp, app)
         register_bitmap_commands(qmp, app.bitmaps)
-        await qmp.start(control_path)
+        if control_sock is not None:
+            await qmp.start_socket(control_sock)
+        else:
+            await qmp.start(control_path)
+            log.info("control socket on %s", control_path)
         app.control = qmp
-        log.info("control socket on %s", control_path)
     return app
 
 

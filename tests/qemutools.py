@@ -30,7 +30,7 @@ def qemu_io(target: str | os.PathLike, *commands: str, fmt: str = "raw", read_on
     for c in commands:
         argv += ["-c", c]
     argv.append(os.fspath(target))
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout)
     out = r.stdout + r.stderr
     low = out.lower()
     if r.returncode != 0 or "error" in low or "fail" in low or "mismatch" in low:

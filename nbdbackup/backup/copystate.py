@@ -20,8 +20,10 @@ Shared state (all mutated only on the event loop thread; the steps marked
   sync mode at start: full = all, top = allocated in the source's top layer,
   incremental/bitmap = the frozen dirty bitmap, none = empty).  Invariant:
   ``pump_todo & done == 0`` (marking a cluster done clears its todo bit).
-- ``inflight`` (dict cluster -> Future): the copy in progress for that
-  cluster.  A second copier of the same cluster awaits the future instead of
+- ``inflight`` (`Claims`: disjoint cluster runs -> Future; ``inflight.get(c)``
+  is the future of the copy in progress for cluster c, ``c in inflight``
+  whether there is one; a run per claim, so a claim costs the same whatever
+  its length): the copy in progress for that cluster.  A second copier of the same cluster awaits the future instead of
   copying again.  The future resolves to None on success; on failure it holds
   the error and the cluster is again neither done nor in flight (rule 4), so
   the waiter may retry.
@@ -42,6 +44,12 @@ Rules:
    source read never sees a write that started after the snapshot.
 3. pump (`claim` + `copy`): claims runs of todo clusters that are neither done
    nor in flight, synchronously marking them in flight.
+   A claim may be extended (`extend_claim`) over the following claimable
+   clusters; the pump does so over runs the source reports as zeros, which
+   it then zeroes in the target in one request (``copy(source_zero=True)``).
+   That is exact because of rule 1: a cluster that is not done has not been
+   written since the backup started, so what the source says of it -- at
+   any moment while it is not done -- is its point-in-time content.
 4. a failed (or cancelled) copy leaves its clusters not done and not in
    flight; waiters see the error.
 5. cancelling anything leaves this state valid: resuming is just carrying on.
@@ -56,6 +64,7 @@ skipped by the ``ignore`` error policy (``bytes_ignored``).  Statistics:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import os
 from typing import Literal
@@ -105,6 +114,72 @@ def _retrieve(fut: asyncio.Future) -> None:
         fut.exception()
 
 
+class Claims:
+    """The copies in flight: disjoint cluster runs ``[start, end)``, each with
+    the future of the one copy that covers it.
+
+    Fields: ``_starts`` (sorted run starts); ``_runs`` (start -> (end, future)).
+    There are as many runs as copies in flight (the pump's workers plus the
+    copy-before-writes waiting), so a sorted list is the right size; a run's
+    length costs nothing.
+    """
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._runs: dict[int, tuple[int, asyncio.Future]] = {}
+
+    def add(self, start: int, count: int, fut: asyncio.Future) -> None:
+        assert count > 0 and self.next_start(start, start + count) == start + count and start not in self
+        bisect.insort(self._starts, start)
+        self._runs[start] = (start + count, fut)
+
+    def extend(self, start: int, count: int) -> None:
+        """Make the run at ``start`` ``count`` clusters long (not shorter)."""
+        end, fut = self._runs[start]
+        assert start + count >= end and self.next_start(end, start + count) == start + count
+        self._runs[start] = (start + count, fut)
+
+    def remove(self, start: int, fut: asyncio.Future) -> None:
+        """Drop the run at ``start`` if it is still ``fut``'s."""
+        run = self._runs.get(start)
+        if run is not None and run[1] is fut:
+            del self._runs[start]
+            del self._starts[bisect.bisect_left(self._starts, start)]
+
+    def get(self, c: int, default: asyncio.Future | None = None) -> asyncio.Future | None:
+        i = bisect.bisect_right(self._starts, c) - 1
+        if i >= 0:
+            end, fut = self._runs[self._starts[i]]
+            if c < end:
+                return fut
+        return default
+
+    def __getitem__(self, c: int) -> asyncio.Future:
+        fut = self.get(c)
+        if fut is None:
+            raise KeyError(c)
+        return fut
+
+    def __contains__(self, c: int) -> bool:
+        return self.get(c) is not None
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __len__(self) -> int:
+        """Clusters in flight."""
+        return sum(end - s for s, (end, _) in self._runs.items())
+
+    def values(self) -> list[asyncio.Future]:
+        """The futures of the copies in flight (one per copy)."""
+        return [fut for _, fut in self._runs.values()]
+
+    def next_start(self, c: int, end: int) -> int:
+        """The first run start in ``[c, end)``, else ``end``."""
+        i = bisect.bisect_left(self._starts, c)
+        return self._starts[i] if i < len(self._starts) and self._starts[i] < end else end
+
+
 def _innermost(dev: BlockDev) -> BlockDev:
     while isinstance(dev, FilterDev):
         dev = dev.inner
@@ -135,7 +210,7 @@ class CopyState:
         self.nclusters = (self.size + cluster_size - 1) >> self._shift
         self.done = Bitmap(self.nclusters)
         self.pump_todo = Bitmap(self.nclusters)
-        self.inflight: dict[int, asyncio.Future] = {}
+        self.inflight = Claims()
         self.readers: dict[int, int] = {}
         self._reader_waiters: dict[int, list[asyncio.Future]] = {}
         self.zero_detect = zero_detect
@@ -203,18 +278,39 @@ class CopyState:
             if src is not None:
                 e = src.next_clear(c, stop)
                 stop = stop if e < 0 else e
-            n = 1
-            while c + n < stop and (c + n) not in self.inflight:
-                n += 1
+            stop = self.inflight.next_start(c + 1, stop)
             fut = asyncio.get_running_loop().create_future()
             fut.add_done_callback(_retrieve)
-            for i in range(c, c + n):
-                self.inflight[i] = fut
-            return c, n
+            self.inflight.add(c, stop - c, fut)
+            return c, stop - c
         return None
 
-    async def copy(self, start: int, count: int, by: Copier) -> None:
+    def extend_claim(self, start: int, count: int, end: int, todo_only: bool = False) -> int:
+        """Synchronously extend the claim ``[start, start+count)`` over the
+        clusters that follow it, up to ``end``, while they are not done, not in
+        flight (and in ``pump_todo`` when ``todo_only``); returns the new count.
+        The extended claim is one claim: one `copy` call covers it."""
+        c = start + count
+        if c >= end:
+            return count
+        e = self.done.next_set(c, end)
+        stop = end if e < 0 else e
+        if todo_only:
+            e = self.pump_todo.next_clear(c, stop)
+            stop = stop if e < 0 else e
+        stop = self.inflight.next_start(c, stop)
+        if stop > c:
+            self.inflight.extend(start, stop - start)
+        return max(stop, c) - start
+
+    async def copy(self, start: int, count: int, by: Copier, *, source_zero: bool = False) -> None:
         """Copy claimed clusters ``[start, start+count)``; raises `CopyError`.
+
+        ``source_zero``: the caller knows every cluster of the claim reads as
+        zeros in the source (a hole or zero extent the source reported while
+        they were not done: their source content is then still the
+        point-in-time content, see rule 1), so the target's span is zeroed at
+        once and nothing is read.
 
         On success they are done (and out of ``pump_todo``); on any failure,
         cancellation included, they are neither done nor in flight and the
@@ -222,11 +318,16 @@ class CopyState:
         """
         fut = self.inflight[start]
         try:
-            await self._copy_bytes(*self.span(start, count))
+            if source_zero:
+                try:
+                    await self._zero_target(*self.span(start, count))
+                except OSError as e:
+                    raise CopyError.wrap(e, "write") from e
+                self.clusters_skipped_zero += count
+            else:
+                await self._copy_bytes(*self.span(start, count))
         except BaseException as e:
-            for i in range(start, start + count):
-                if self.inflight.get(i) is fut:
-                    del self.inflight[i]
+            self.inflight.remove(start, fut)
             if not fut.done():
                 if isinstance(e, OSError):
                     fut.set_exception(e)
@@ -244,9 +345,7 @@ class CopyState:
             self.bytes_copied_by_pump += nbytes
         else:
             self.bytes_copied_by_cbw += nbytes
-        for i in range(start, start + count):
-            if self.inflight.get(i) is fut:
-                del self.inflight[i]
+        self.inflight.remove(start, fut)
         fut.set_result(None)
 
     def _bytes_in(self, bm: Bitmap, start: int, count: int) -> int:

@@ -392,8 +392,8 @@ class BackupJob:
         self.snapshot.close_view()
         # Let CBW copies still in flight finish before the target goes away.
         while self.state.inflight:
-            futs = {id(f): f for f in self.state.inflight.values()}
-            await asyncio.gather(*(asyncio.shield(f) for f in futs.values()), return_exceptions=True)
+            await asyncio.gather(*(asyncio.shield(f) for f in self.state.inflight.values()),
+                                 return_exceptions=True)
         self._set(S.NULL)
         try:
             if self._on_dismiss is not None:

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("name", metavar="NAME", help="export name clients will ask for")
     a.add_argument("spec", metavar="SPEC", help="a raw file path, memory:SIZE or an NBD URI")
     a.add_argument("--read-only", "-r", action="store_true", default=None, help="refuse writes")
+    a.add_argument("--description", "-D", metavar="TEXT",
+                   help="description NBD clients see (default: none; the SPEC is never shown to them)")
     cliutil.add_control_arguments(a)
     a.set_defaults(func=cmd_add)
 
@@ -66,6 +68,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     arguments = {"name": args.name, "spec": args.spec}
     if args.read_only is not None:
         arguments["read-only"] = args.read_only
+    if args.description is not None:
+        arguments["description"] = args.description
     result = cliutil.call(args, "block-export-add", arguments)
     return cliutil.done(args, result, f"export {args.name} added")
 

@@ -3,6 +3,9 @@
 ``nbdbackup serve --socket PATH [--listen HOST:PORT] [--read-only] NAME=SPEC ...``
 where SPEC is a raw image path or block device, ``memory:SIZE`` or an NBD
 URI, and a ``ro:`` prefix makes one export read-only (``disk=ro:/img``).
+``--description NAME=TEXT`` sets what NBD clients see as the export's
+description; there is none by default, so no server-side path leaves the host
+(a separate option, because a SPEC may contain any character).
 
 TLS: ``--tls-creds DIR`` (``ca-cert.pem``, ``server-cert.pem``,
 ``server-key.pem``: QEMU's and nbdkit's layout) turns on NBD_OPT_STARTTLS;
@@ -14,6 +17,11 @@ Access control (`nbd.access`): ``--tls-authz PATTERN`` admits only client
 certificates whose subject matches; ``--allow-user`` / ``--allow-group``
 admit only those peers on Unix sockets.  A refused client gets ERR_POLICY
 with the reason for every option.
+
+``--socket-mode MODE`` / ``--socket-group GROUP`` set the permission bits
+and group of the ``--socket`` files (`nbdbackup.sockets.set_socket_access`),
+so a group's members can attach; the control socket stays 0600 (it can start
+and cancel backups).
 
 ``--metrics HOST:PORT`` serves Prometheus text at ``/metrics`` (`nbdbackup.metrics`).
 
@@ -27,6 +35,19 @@ Lifecycle: every argument is validated before anything listens (a missing
 file, a bad size, a duplicate name or a busy socket is one clear error line
 and exit 1).  SIGINT/SIGTERM stop accepting, let in-flight requests finish,
 flush every writable export and exit 0.
+
+systemd (`nbdbackup.systemd`):
+- Socket activation: when LISTEN_PID is our pid and LISTEN_FDS > 0, the
+  passed sockets are served INSTEAD of ``--socket``/``--listen`` (which are
+  then ignored, with a warning), as systemd's convention is; the one named
+  ``control`` (FileDescriptorName=control) is the control socket instead of
+  ``--control`` (then only a fallback, ignored without a warning).  With
+  only a control socket passed, ``--socket``/``--listen`` still apply.
+  Passed sockets are never unlinked by us.
+- Readiness: with NOTIFY_SOCKET set, READY=1 (with STATUS= and MAINPID=) is
+  sent once every export is published and every listener, the control socket
+  and the metrics endpoint listen; STOPPING=1 when a shutdown begins;
+  WATCHDOG=1 every WATCHDOG_USEC/2 while the event loop runs.
 """
 
 from __future__ import annotations
@@ -44,15 +65,26 @@ log = logging.getLogger("nbdbackup.serve")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve exports over NBD",
-                       description="Serve one or more exports over NBD.")
+                       description="Serve one or more exports over NBD.",
+                       epilog="Under systemd socket activation (LISTEN_FDS) the passed sockets replace "
+                              "--socket/--listen, and one named 'control' replaces --control; with "
+                              "NOTIFY_SOCKET set, READY=1 is sent once everything listens.")
     p.add_argument("exports", nargs="+", metavar="NAME=SPEC",
                    help="export NAME serving SPEC: a raw file or block device path, memory:SIZE, "
                         "or an NBD URI; prefix SPEC with ro: for a read-only export")
     p.add_argument("--socket", "-k", action="append", default=[], metavar="PATH",
                    help="listen on this Unix socket (repeatable)")
+    p.add_argument("--socket-mode", metavar="MODE",
+                   help="permission bits of the --socket files, octal (e.g. 0660: owner and group may "
+                        "connect; default: what the umask leaves, i.e. only the owner)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group (name or gid) of the --socket files; the server must be a member")
     p.add_argument("--listen", "-l", action="append", default=[], metavar="HOST:PORT",
                    help="listen on TCP (repeatable; use 127.0.0.1:10809 or [::1]:10809)")
     p.add_argument("--read-only", "-r", action="store_true", help="make every export read-only")
+    p.add_argument("--description", "-D", action="append", default=[], metavar="NAME=TEXT",
+                   help="the description NBD clients see for export NAME (repeatable; default: none, "
+                        "so no server-side path is shown)")
     p.add_argument("--control", metavar="PATH", help="QMP-compatible control socket")
     p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state (dirty bitmaps)")
     p.add_argument("--max-connections", type=int, default=256, metavar="N",
@@ -140,6 +172,25 @@ def buffer_memory(text: str) -> int:
         raise ConfigError(f"--max-buffer-memory: {e}") from None
 
 
+def parse_descriptions(items: list[str], names: list[str]) -> dict[str, str]:
+    """{name: text} from ``--description NAME=TEXT`` options.
+
+    NAME is everything before the first ``=`` (export names never contain
+    one, see `parse_export_args`), so TEXT may hold any character.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"bad --description {item!r}: expected NAME=TEXT")
+        if name not in names:
+            raise ConfigError(f"--description for {name!r}, which is not an export given")
+        if name in out:
+            raise ConfigError(f"--description for {name!r} given twice")
+        out[name] = text
+    return out
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
@@ -148,22 +199,70 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def activated_sockets(fds) -> tuple[list, object]:
+    """(NBD listening sockets, control socket or None) from the fds systemd
+    passed (`nbdbackup.systemd.take_listen_fds`); `ConfigError` if one is not
+    a listening stream socket or two are named ``control``."""
+    from .. import systemd
+
+    nbd_socks, control = [], None
+    for lfd in fds:
+        sock = systemd.listening_socket(lfd)
+        if lfd.name == systemd.CONTROL_FDNAME:
+            if control is not None:
+                raise ConfigError("systemd passed more than one socket named 'control'")
+            control = sock
+        else:
+            nbd_socks.append(sock)
+    return nbd_socks, control
+
+
 def run(args: argparse.Namespace) -> int:
+    from .. import systemd
+
     exports = parse_export_args(args.exports, args.read_only)
+    descriptions = parse_descriptions(args.description, [e[0] for e in exports])
+    from ..daemon import check_description
+
+    for name, text in descriptions.items():
+        check_description(name, text)
     listens = [parse_listen(x) for x in args.listen]
     metrics = parse_listen(args.metrics) if args.metrics else None
-    if not args.socket and not listens:
-        raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT")
+    passed, control = activated_sockets(systemd.take_listen_fds())
+    if passed and (args.socket or listens):
+        log.warning("socket activation: serving the %d socket(s) systemd passed; ignoring --socket/--listen",
+                    len(passed))
+        args.socket, listens = [], []
+    if control is not None and args.control:
+        # Not a warning: the shipped unit names --control as the fallback for
+        # when nbdbackup-control.socket is not running.
+        log.info("socket activation: serving the control socket systemd passed; ignoring --control %s",
+                 args.control)
+    if not passed and not args.socket and not listens:
+        raise ConfigError("nothing to listen on: give --socket PATH and/or --listen HOST:PORT "
+                          "(or start under systemd socket activation)")
+    from ..nbd.access import parse_group
+    from ..sockets import parse_socket_mode
+
+    if (args.socket_mode or args.socket_group) and not args.socket and not passed:
+        raise ConfigError("--socket-mode/--socket-group need --socket PATH")
+    socket_mode = parse_socket_mode(args.socket_mode) if args.socket_mode else None
+    socket_gid = parse_group(args.socket_group) if args.socket_group else None
     from . import run_async
 
-    return run_async(_serve(args, exports, listens, metrics))
+    return run_async(_serve(args, exports, listens, metrics, descriptions=descriptions, passed=passed,
+                            control_sock=control, socket_mode=socket_mode, socket_gid=socket_gid))
 
 
-async def _serve(args: argparse.Namespace, exports, listens, metrics_at) -> int:
+async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, descriptions: dict[str, str],
+                 passed=(), control_sock=None, socket_mode: int | None = None,
+                 socket_gid: int | None = None) -> int:
     from .. import daemon
     from .. import metrics
+    from .. import systemd
     from ..nbd.server import Server
 
+    notifier = systemd.Notifier()
     server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                     tls=tls_config(args), access=access_policy(args),
                     max_connections_per_peer=args.max_connections_per_peer,
@@ -171,17 +270,23 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at) -> int:
                     max_buffer_memory=buffer_memory(args.max_buffer_memory))
     app = daemon.App(server)
     metrics_srv = None
+    where: list[str] = []
     try:
-        app = await daemon.start(server, args)
+        app = await daemon.start(server, args, control_sock)
         for name, spec, ro in exports:
-            await daemon.add_export(app, name, spec, ro)
+            await daemon.add_export(app, name, spec, ro, descriptions.get(name, ""))
+        for sock in passed:
+            where.append(systemd.describe(sock))
+            await server.start_socket(sock)
         for path in args.socket:
-            await server.start_unix(path)
+            await server.start_unix(path, socket_mode, socket_gid)
+            where.append(f"unix:{path}")
         for host, port in listens:
             try:
-                await server.start_tcp(host, port)
+                bound = await server.start_tcp(host, port)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+            where.append(f"tcp:{host}:{bound}")
         if metrics_at is not None:
             try:
                 metrics_srv = await metrics.start(app, *metrics_at)
@@ -190,17 +295,28 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at) -> int:
     except BaseException:
         await daemon.stop(app)
         await server.shutdown()
+        notifier.close()
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("serving %d export(s); pid %d", len(exports), os.getpid())
+    # Everything listens (a connection made now is accepted from the backlog)
+    # and every export is in the table: tell systemd.
+    notifier.notify("READY=1", STATUS=f"serving {len(exports)} export(s) on {', '.join(where)}",
+                    MAINPID=os.getpid())
+    watchdog = asyncio.create_task(notifier.watchdog(), name="sd-watchdog")
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
-    if metrics_srv is not None:
-        metrics_srv.close()
-    await daemon.stop(app)
-    await server.shutdown()
+    notifier.notify("STOPPING=1", STATUS="stopping: finishing in-flight requests and flushing")
+    try:
+        if metrics_srv is not None:
+            metrics_srv.close()
+        await daemon.stop(app)
+        await server.shutdown()
+    finally:
+        watchdog.cancel()
+        notifier.close()
     log.info("stopped")
     return 0

@@ -49,6 +49,7 @@ import contextlib
 import inspect
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -199,8 +200,19 @@ class QMPServer:
         self._inode = (st.st_dev, st.st_ino)
         log.info("control socket listening on %s", path)
 
+    async def start_socket(self, sock: socket.socket) -> None:
+        """Listen on an already listening AF_UNIX stream socket (systemd socket
+        activation with FileDescriptorName=control).  Its mode and path are
+        the socket unit's business: no chmod, and `close` does not unlink it."""
+        assert self._server is None, "already started"
+        if sock.family != socket.AF_UNIX:
+            raise ConfigError("control socket: the passed socket is not a Unix socket")
+        self._server = await asyncio.start_unix_server(self._on_connect, sock=sock)
+        log.info("control socket listening on passed socket %r", sock.getsockname())
+
     async def close(self) -> None:
-        """Stop listening, disconnect every client, remove the socket file."""
+        """Stop listening, disconnect every client, remove the socket file
+        (only one `start` created)."""
         server, self._server = self._server, None
         if server is not None:
             server.close()

@@ -53,7 +53,8 @@ job-cancel, job-dismiss
 job-set-speed               id: str, speed: uint64                                 {}
 query-block-exports         (none)                                                 [ExportInfo]
 query-export-stats          (none)                                                 [ExportStats]
-block-export-add            name: str, spec: str, *read-only: bool                 {}
+block-export-add            name: str, spec: str, *read-only: bool,                {}
+                            *description: str (sent to NBD clients; default none)
 block-export-del            name: str                                              {}
 block-dirty-bitmap-add      export: str, name: str, *granularity: uint64,          {}
                             *persistent: bool, *disabled: bool
@@ -78,8 +79,9 @@ Return shapes the CLI relies on (extra members are fine, shown as-is):
   ready, standby, waiting, pending, aborting, concluded, null.  ``error`` is
   present exactly when a concluded job failed or was cancelled (QEMU says
   ``Operation canceled`` for the latter).
-- ExportInfo: ``{"name": str, "spec"?: str, "read-only": bool, "size"?: int,
-  "snapshot"?: bool}``.
+- ExportInfo: ``{"name": str, "spec"?: str, "description"?: str, "read-only": bool,
+  "size"?: int, "snapshot"?: bool}`` (``spec`` is for the local admin only; NBD
+  clients see ``description``).
 - BitmapInfo: ``{"name": str, "granularity": int, "count": int,
   "recording": bool, "persistent": bool, "busy"?: bool}``.
 
@@ -360,7 +362,7 @@ COMMANDS: dict[str, Struct] = {
     "job-set-speed": struct({"id": STR, "speed": UINT64}),
     "query-block-exports": NO_ARGS,
     "query-export-stats": NO_ARGS,
-    "block-export-add": struct({"name": STR, "spec": STR, "*read-only": BOOL}),
+    "block-export-add": struct({"name": STR, "spec": STR, "*read-only": BOOL, "*description": STR}),
     "block-export-del": struct({"name": STR}),
     "block-dirty-bitmap-add": BITMAP_ADD,
     "block-dirty-bitmap-remove": BITMAP_REF,

@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from .logsafe import clip
 
 #: Short names for the attributes Python's ssl spells out.
 _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "localityName": "L",
@@ -110,4 +111,6 @@ class AccessPolicy:
             return "a client certificate is required"
         if any(fnmatch.fnmatchcase(dn, pat) for pat in self.tls_authz):
             return None
-        return f"client certificate {dn!r} is not authorized"
+        # The subject comes from the client (CA-signed, so longer than the usual
+        # clip allows, but still its text): escaped and bounded for the log.
+        return f"client certificate {clip(dn, 256)} is not authorized"

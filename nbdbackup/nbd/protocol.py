@@ -63,6 +63,7 @@ from enum import Enum, auto
 from typing import Callable, Sequence
 
 from . import wire
+from .logsafe import clip
 from .wire import (
     Cmd,
     CmdFlag,
@@ -172,21 +173,28 @@ _RECV_BUF = 256 * 1024
 _RING_READ = 32 * 1024
 
 #: Command flags each command may carry (before checking what was negotiated).
+#: proto.md "Command flags": a client MUST NOT set a flag not documented for
+#: the command, so the others are refused with EINVAL -- except FUA, which
+#: "is valid for all commands": where SEND_FUA was advertised the server MUST
+#: accept it on every command, and ignores it where nothing is written (READ,
+#: FLUSH, CACHE, BLOCK_STATUS).  PAYLOAD_LEN belongs to extended headers, which
+#: this server does not negotiate, so it is refused like any unknown bit.
 _ALLOWED_FLAGS = {
-    Cmd.READ: CmdFlag.DF,
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
     Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: CmdFlag(0),
-    Cmd.FLUSH: CmdFlag(0),
+    Cmd.DISC: CmdFlag.FUA,  # never validated: DISC ends the connection whatever its flags
+    Cmd.FLUSH: CmdFlag.FUA,
     Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: CmdFlag(0),
+    Cmd.CACHE: CmdFlag.FUA,
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
 }
 
 
 _ALLOWED_FLAGS_INT = {int(k): int(v) for k, v in _ALLOWED_FLAGS.items()}
 _FUA, _DF, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.FAST_ZERO)
 _SEND_FUA, _SEND_FAST_ZERO = int(TransmissionFlag.SEND_FUA), int(TransmissionFlag.SEND_FAST_ZERO)
+_SEND_DF, _READ_ONLY = int(TransmissionFlag.SEND_DF), int(TransmissionFlag.READ_ONLY)
 
 
 class _TF:
@@ -235,7 +243,9 @@ class ServerConnection:
     - ``_denied``: why access control refused this client (see `deny`), or None.
     - ``_meta_export``/``_meta``: the export named by the last
       SET_META_CONTEXT and the contexts it selected (ids are indexes).
-    - ``export``: the export of the transmission phase.
+    - ``export``: the export of the transmission phase; ``tflags``: the
+      transmission flags it was advertised with (requests are checked
+      against these, see `_advertised`).
     """
 
     def __init__(self, lookup: ExportLookup, lister: ExportLister, *, max_payload: int = wire.MAX_PAYLOAD,
@@ -268,6 +278,7 @@ class ServerConnection:
         self._meta_export: str | None = None
         self._meta: list[str] = []
         self.export: ExportInfo | None = None
+        self.tflags = 0
         self.contexts: dict[int, str] = {}
         self._out += wire.SERVER_GREETING.pack(
             wire.NBDMAGIC, wire.IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
@@ -506,9 +517,9 @@ class ServerConnection:
         info = self._resolve(name)
         if info is None:
             # No error reply exists for EXPORT_NAME: the server must close.
-            self._violation(f"EXPORT_NAME for unknown export {name!r}")
+            self._violation(f"EXPORT_NAME for unknown export {clip(name)}")
             return
-        self._out += wire.EXPORT_NAME_REPLY.pack(info.size, int(info.flags))
+        self._out += wire.EXPORT_NAME_REPLY.pack(info.size, self._advertised(info))
         if not self.no_zeroes:
             self._out += bytes(124)
         self._start_transmission(info)
@@ -535,7 +546,7 @@ class ServerConnection:
         requests = {wire.U16.unpack_from(data, pos + 2 * i)[0] for i in range(nreq)}
         info = self._resolve(name)
         if info is None:
-            self._error(opt, Rep.ERR_UNKNOWN, f"unknown export {name!r}")
+            self._error(opt, Rep.ERR_UNKNOWN, f"unknown export {clip(name)}")
             return
         minimum, preferred, maximum = info.block_size
         if minimum > 1 and Info.BLOCK_SIZE not in requests and opt == Opt.GO:
@@ -547,7 +558,7 @@ class ServerConnection:
             self._reply(opt, Rep.INFO, wire.U16.pack(Info.DESCRIPTION) + info.description.encode())
         # Always tell clients the constraints (QEMU and nbdkit do the same).
         self._reply(opt, Rep.INFO, wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum))
-        self._reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, info.size, int(info.flags)))
+        self._reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, info.size, self._advertised(info)))
         self._reply(opt, Rep.ACK)
         if opt == Opt.GO:
             self._start_transmission(info)
@@ -595,7 +606,7 @@ class ServerConnection:
         name, queries = parsed
         info = self._resolve(name)
         if info is None:
-            self._error(opt, Rep.ERR_UNKNOWN, f"unknown export {name!r}")
+            self._error(opt, Rep.ERR_UNKNOWN, f"unknown export {clip(name)}")
             return
         available = list(info.meta_contexts)
         if listing and not queries:
@@ -614,8 +625,18 @@ class ServerConnection:
             self._reply(opt, Rep.META_CONTEXT, wire.META_CONTEXT_ID.pack(cid) + ctx.encode())
         self._reply(opt, Rep.ACK)
 
+    def _advertised(self, info: ExportInfo) -> int:
+        """The transmission flags sent for ``info`` on this connection.
+
+        proto.md "Transmission flags": the server MUST leave SEND_DF clear if
+        structured replies have not been negotiated.
+        """
+        flags = int(info.flags)
+        return flags if self.structured else flags & ~_SEND_DF
+
     def _start_transmission(self, info: ExportInfo) -> None:
         self.export = info
+        self.tflags = self._advertised(info)
         if self._meta_export is not None and self._resolve(self._meta_export) == info:
             self.contexts = dict(enumerate(self._meta))
         else:
@@ -669,7 +690,7 @@ class ServerConnection:
         """Set ``req.error`` per proto.md's request rules (nbdkit's validate_request)."""
         info = self.export
         assert info is not None
-        tflags = int(info.flags)
+        tflags = self.tflags
         cmd = req.cmd
 
         def fail(err: int, msg: str) -> None:
@@ -682,10 +703,12 @@ class ServerConnection:
         flags = req.flags
         if flags & ~allowed:
             return fail(errno.EINVAL, f"flags {flags:#x} not allowed on command {cmd}")
-        if flags & _FUA and not tflags & _SEND_FUA:
+        # A read-only export writes nothing, so FUA means nothing there and is
+        # ignored like on READ, advertised or not (existing clients set it).
+        if flags & _FUA and not tflags & (_SEND_FUA | _READ_ONLY):
             return fail(errno.EINVAL, "FUA was not advertised")
-        if flags & _DF and not self.structured:
-            return fail(errno.EINVAL, "DF needs structured replies")
+        if flags & _DF and not tflags & _SEND_DF:
+            return fail(errno.EINVAL, "DF was not advertised (it needs structured replies)")
         if flags & _FAST_ZERO and not tflags & _SEND_FAST_ZERO:
             return fail(errno.EINVAL, "FAST_ZERO was not advertised")
         ro = bool(tflags & _TF.READ_ONLY)

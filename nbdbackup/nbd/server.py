@@ -91,11 +91,12 @@ from dataclasses import dataclass, field
 
 from ..blockdev.base import BASE_ALLOCATION, BlockDev
 from ..errors import ConfigError
-from ..sockets import prepare_unix_socket
+from ..sockets import prepare_unix_socket, set_socket_access
 from . import protocol as proto
 from .budget import STEP, Charge, MemoryBudget, new_payload_buffer
 from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection, StartTLS
 from .access import AccessPolicy, peer_credentials
+from .logsafe import WarningBudget, clip
 from .stats import ExportStats
 from .tls import ServerTLS
 from .wire import MAX_PAYLOAD, Cmd, CmdFlag, StateFlag
@@ -217,7 +218,9 @@ class Server:
 
     Fields: ``exports`` (name -> Export, in insertion order: the first is the
     default export for an empty name); ``connections`` (live
-    `NBDConnection`s); ``_servers`` (asyncio listeners); ``stopping`` (set by
+    `NBDConnection`s); ``_servers`` (asyncio listeners); ``_unix_paths``
+    (socket files `start_unix` created, unlinked at `shutdown`; sockets
+    passed by systemd are not in it); ``stopping`` (set by
     `shutdown`); limits ``max_connections``, ``max_connections_per_peer``,
     ``handshake_timeout``, ``idle_timeout`` (TCP), ``unix_idle_timeout``,
     ``max_inflight``; ``budget`` (the `MemoryBudget` of every request
@@ -447,12 +450,29 @@ class Server:
     def _factory(self) -> "NBDConnection":
         return NBDConnection(self)
 
-    async def start_unix(self, path: str) -> None:
+    async def start_unix(self, path: str, mode: int | None = None, gid: int | None = None) -> None:
+        """Listen on the Unix socket ``path``; ``mode``/``gid``: see `sockets.set_socket_access`."""
         prepare_unix_socket(path, "NBD socket")
         srv = await asyncio.get_running_loop().create_unix_server(self._factory, path, backlog=128)
         self._servers.append(srv)
         self._unix_paths.append(path)
+        set_socket_access(path, mode, gid, "NBD socket")
         log.info("listening on unix:%s", path)
+
+    async def start_socket(self, sock: socket.socket) -> None:
+        """Serve on an already listening stream socket (systemd socket
+        activation, `nbdbackup.systemd.listening_socket`): AF_UNIX, AF_INET or
+        AF_INET6.  Its path is not ours: `shutdown` closes it but never
+        unlinks it.  The event loop calls listen() again: the backlog given
+        is SOMAXCONN so systemd's Backlog= (capped by the kernel's
+        somaxconn) is not lowered."""
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(self._factory, sock=sock, backlog=socket.SOMAXCONN)
+        else:
+            srv = await loop.create_server(self._factory, sock=sock, backlog=socket.SOMAXCONN)
+        self._servers.append(srv)
+        log.info("listening on passed socket %r", sock.getsockname())
 
     async def start_tcp(self, host: str, port: int) -> int:
         srv = await asyncio.get_running_loop().create_server(
@@ -507,7 +527,9 @@ class NBDConnection(asyncio.BufferedProtocol):
     ``peer`` (for logs); ``_paused_writing`` (transport above high water);
     ``_reading_paused``; ``_closing``; ``_idle`` (set when no task runs);
     ``_handshake_timer``; ``_tls_upgrading`` (between the STARTTLS ACK and
-    the upgraded transport: received bytes are held, reading is left alone).
+    the upgraded transport: received bytes are held, reading is left alone);
+    ``_warnings`` (a `WarningBudget`: the warnings this connection may still
+    log; the rest are counted and summarised when it closes).
     Admission and memory: ``peer_key`` (what per-peer limits count: the IP
     address on TCP, the uid on Unix sockets); ``is_unix``; ``admitted``
     (False while it waits in ``Server._waiting``); ``_creds`` (SO_PEERCRED
@@ -539,6 +561,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.export: Export | None = None
         self.tasks: set[asyncio.Task] = set()
         self.peer = "?"
+        self._warnings = WarningBudget()
         #: Small replies waiting to go out in one write at the end of this
         #: loop iteration (``_flush_soon`` scheduled while non-empty).
         self._wbuf: list[bytes] = []
@@ -631,7 +654,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.is_unix and self.server.access.limits_unix:
             why = self.server.access.check_unix(self._creds)
             if why is not None:
-                log.warning("connection %s refused: %s", self.peer, why)
+                self._warn("connection %s refused: %s", self.peer, why)
                 self.proto.deny(why)
         self._last_active = time.monotonic()
         self._flush_handshake()
@@ -651,6 +674,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                 f.set_result(None)
         log.info("connection %s closed (%s)", self.peer,
                  f"export {self.export.name!r}" if self.export else "during handshake")
+        dropped = self._warnings.summary()
+        if dropped:
+            log.warning("connection %s: %s", self.peer, dropped)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._tls_upgrading:
@@ -663,7 +689,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             # client certificate has passed access control.
             self._tls_early += self._tls_stage[:nbytes]
             if len(self._tls_early) > _TLS_EARLY_MAX:
-                log.warning("connection %s: too much data during the TLS upgrade; closing", self.peer)
+                self._warn("connection %s: too much data during the TLS upgrade; closing", self.peer)
                 self.close("flood during the TLS upgrade")
             return
         self._last_active = time.monotonic()
@@ -702,12 +728,19 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._last_active = time.monotonic()
             t.resume_reading()
 
+    def _warn(self, msg: str, *args) -> None:
+        """A warning caused by this client: logged while its `WarningBudget`
+        lasts, then only counted (a client must not be able to flood the log).
+        Client-supplied text in ``args`` must already be `clip`-ped."""
+        if self._warnings.allow():
+            log.warning(msg, *args)
+
     def _handshake_timeout(self) -> None:
         self._handshake_timer = None
         if not self.admitted and not self._closing:
             self.evict("not admitted before the handshake timeout (server or peer limit reached)")
         elif not self.proto.in_transmission and not self._closing:
-            log.warning("connection %s: handshake timed out", self.peer)
+            self._warn("connection %s: handshake timed out", self.peer)
             self.close("handshake timeout")
 
     def _flush_handshake(self) -> None:
@@ -922,7 +955,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 break
             elif isinstance(ev, ProtocolViolation):
                 self._flush_handshake()
-                log.warning("connection %s: protocol error: %s; closing", self.peer, ev.message)
+                # Client strings inside the message were clipped where it was made.
+                self._warn("connection %s: protocol error: %s; closing", self.peer, ev.message)
                 asyncio.ensure_future(self._close_when_idle(ev.message))
                 break
         self._flush_handshake()
@@ -935,7 +969,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             new = await loop.start_tls(raw, self, self.server.tls_context, server_side=True,
                                        ssl_handshake_timeout=self.server.handshake_timeout)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
-            log.warning("connection %s: TLS handshake failed: %s; closing", self.peer, e)
+            self._warn("connection %s: TLS handshake failed: %s; closing", self.peer, clip(str(e), 200))
             self._tls_upgrading = False
             self._closing = True
             self.proto.close()
@@ -952,7 +986,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                  new.get_extra_info("cipher", ("?",))[0])
         why = self.server.access.check_certificate(new.get_extra_info("peercert"))
         if why is not None:
-            log.warning("connection %s refused: %s", self.peer, why)
+            self._warn("connection %s refused: %s", self.peer, why)
             self.proto.deny(why)
         self._tls_stage = memoryview(b"")
         if self._tls_early:
@@ -1118,13 +1152,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         except OSError as e:
             err = e.errno or errno.EIO
             if err not in (errno.ENOSPC, errno.EINVAL, errno.EPERM, errno.ENOTSUP, errno.ESHUTDOWN):
-                log.warning("export %r: %s at (%d, %d) failed: %s", exp.name,
-                            _cmd_name(req.cmd), req.offset, req.length, e)
+                self._warn("export %r: %s at (%d, %d) failed: %s", exp.name,
+                           _cmd_name(req.cmd), req.offset, req.length, e)
             self._write(p.reply_error(req.cookie, err, e.strerror or str(e)))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug: answer EIO, keep serving
-            log.exception("export %r: internal error in %s", exp.name, _cmd_name(req.cmd))
+            if self._warnings.allow():
+                log.exception("export %r: internal error in %s", exp.name, _cmd_name(req.cmd))
             self._write(p.reply_error(req.cookie, errno.EIO, f"internal error: {e}"))
         finally:
             exp.stats.record(req.cmd, req.length, ok, time.perf_counter_ns() - t0)

@@ -333,7 +333,7 @@ def test_job_commands_against_qemu_storage_daemon(short_tmp, make_image):
 
     def nb(*argv):
         r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *argv, "--control", qsd.qmp_socket],
-                           cwd=REPO, capture_output=True, text=True, timeout=60)
+                           cwd=REPO, capture_output=True, text=True, errors="replace", timeout=60)
         return r.returncode, r.stdout, r.stderr
 
     args = ["--blockdev", f"driver=file,filename={src},node-name=src",

@@ -63,6 +63,9 @@ INSTALL_HINT = {
     "nbdinfo": "libnbd-bin",
     "nbdcopy": "libnbd-bin",
     "nbdsh": "libnbd-bin",
+    "systemd-socket-activate": "systemd",
+    "systemd-analyze": "systemd",
+    "systemd-sysusers": "systemd",
 }
 
 

@@ -63,7 +63,7 @@ qio = qemu_io  # on an NBD URI; fails the test on any qemu-io error
 
 
 def run_tool(*argv: str) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=120)
     assert r.returncode == 0, f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}"
     return r.stdout
 
@@ -126,7 +126,7 @@ def test_fleecing(sync, serve, short_tmp, make_image, qemu_io, blake3_file):
         run_tool("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", os.fspath(expected), live_uri)
         # The snapshot export is gone.
         r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 512", snap_uri],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, errors="replace", timeout=60)
         assert r.returncode != 0 or "error" in (r.stdout + r.stderr).lower() \
             or "fail" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
 

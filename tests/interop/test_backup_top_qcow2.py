@@ -84,7 +84,7 @@ qio = qemu_io
 
 
 def run_tool(*argv: str) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=60)
     assert r.returncode == 0, f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}"
     return r.stdout
 

@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def cli(*args: str, control: str, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args, "--control", control],
-                       capture_output=True, text=True, timeout=60, cwd=REPO)
+                       capture_output=True, text=True, errors="replace", timeout=60, cwd=REPO)
     if check:
         assert p.returncode == 0, (args, p.returncode, p.stdout, p.stderr)
     return p
@@ -39,7 +39,7 @@ def test_full_backup_with_wait_then_snapshot_export_until_dismiss(tmp_path, make
         names = [e["name"] for e in json.loads(cli("export", "list", "--json", control=ctl).stdout)]
         assert names == ["disk", "disk@b1"]  # default snapshot export name
         listing = subprocess.run(["nbdinfo", "--list", "--json", srv.uri_for("")], capture_output=True,
-                                 text=True, check=True)
+                                 text=True, errors="replace", check=True)
         assert {e["export-name"] for e in json.loads(listing.stdout)["exports"]} == {"disk", "disk@b1"}
         cli("job", "dismiss", "b1", control=ctl)
         names = [e["name"] for e in json.loads(cli("export", "list", "--json", control=ctl).stdout)]

@@ -47,7 +47,7 @@ def serve(tmp: str, *exports: str):
 
 
 def sh(*argv: str) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True)
+    r = subprocess.run(argv, capture_output=True, text=True, errors="replace")
     assert r.returncode == 0, f"{argv}: {r.stderr}"
     return r.stdout
 

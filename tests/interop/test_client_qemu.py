@@ -49,7 +49,7 @@ def qemu_nbd(tmp: str, image: str, fmt: str, *extra: str, name: str = "disk"):
 
 
 def sh(*argv: str) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True)
+    r = subprocess.run(argv, capture_output=True, text=True, errors="replace")
     assert r.returncode == 0, f"{argv}: {r.stderr}"
     return r.stdout
 
@@ -265,5 +265,5 @@ def test_info_command_matches_nbdinfo(tmp):
         assert "size: 4194304" in plain and "CAN_MULTI_CONN" in plain and ALLOCATION_DEPTH in plain
         listed = json.loads(sh(*cli, "--list", "--json", uri))
         assert [e["export"] for e in listed["exports"]] == ["disk"]
-        r = subprocess.run([*cli, "--map", "qemu:dirty-bitmap:none", uri], capture_output=True, text=True)
+        r = subprocess.run([*cli, "--map", "qemu:dirty-bitmap:none", uri], capture_output=True, text=True, errors="replace")
         assert r.returncode == 1 and "does not offer" in r.stderr and "Traceback" not in r.stderr

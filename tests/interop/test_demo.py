@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_demo_proves_the_backup():
     r = subprocess.run([sys.executable, "-m", "nbdbackup.demo", "--size", "32M", "--speed", "32M"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=240)
+                       capture_output=True, text=True, errors="replace", timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "RESULT: the backup is the disk exactly as it was at the start" in out

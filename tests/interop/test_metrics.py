@@ -94,7 +94,7 @@ def test_stats_and_metrics_count_exactly(short_tmp):
         after = scrape(port)
         assert after['nbdbackup_export_bytes_total{export="m",op="read"}'] == 256 * K + 16 * M
         r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", "export", "stats", "--json", "--control", ctl],
-                           cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
+                           cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=30, check=True)
         cli = {x["export"]: x["stats"] for x in json.loads(r.stdout)}
         assert cli["m"]["rd_bytes"] == 256 * K + 16 * M
 

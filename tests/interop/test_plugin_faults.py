@@ -202,7 +202,7 @@ def test_bad_rules_stop_nbdkit_at_start(short_tmp, text, reason):
     rules.write_text(text)
     r = subprocess.run([peers.require("nbdkit"), "-U", str(short_tmp / "s.sock"), "python", PLUGIN,
                         f"file={disk}", f"rules={rules}", "--run", "true"],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, errors="replace", timeout=30)
     assert r.returncode != 0
     assert reason in r.stderr and "rule" in r.stderr, r.stderr
 

@@ -39,7 +39,7 @@ def backup(short_tmp, make_image):
     img, man = short_tmp / "backup.raw", short_tmp / "backup.json"
     with peers.nbdkit("file", str(disk)) as src:
         r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", "pull", src.uri, str(img), "--manifest", str(man)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=60)
         assert r.returncode == 0, r.stderr
     return disk, img, man
 
@@ -51,11 +51,11 @@ def restore_server(img: Path, man: Path, *extra: str):
 def test_restore_roundtrip(backup, short_tmp):
     disk, img, man = backup
     with restore_server(img, man) as p:
-        info = subprocess.run(["nbdinfo", "--json", p.uri], capture_output=True, text=True, check=True).stdout
+        info = subprocess.run(["nbdinfo", "--json", p.uri], capture_output=True, text=True, errors="replace", check=True).stdout
         exp = json.loads(info)["exports"][0]
         assert exp["is_read_only"] is True and exp["export-size"] == 32 * M
         holes = [e for e in json.loads(subprocess.run(["nbdinfo", "--map", "--json", p.uri], capture_output=True,
-                                                        text=True, check=True).stdout) if e["type"] == 3]
+                                                        text=True, errors="replace", check=True).stdout) if e["type"] == 3]
         assert any(e["offset"] <= 12 * M and e["offset"] + e["length"] >= 19 * M for e in holes), holes
         out = short_tmp / "restored.raw"
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", p.uri, str(out)], check=True, timeout=60)
@@ -79,7 +79,7 @@ def test_damaged_chunk_fails_with_eio_and_only_that_chunk(backup, short_tmp):
                 assert await c.pread(4096, 12 * M) == bytes(4096)  # next chunk: fine
         asyncio.run(asyncio.wait_for(main(), 30))
         r = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", p.uri, str(short_tmp / "x.raw")],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, errors="replace", timeout=60)
         assert r.returncode != 0 and "Input/output error" in r.stderr
         assert f"chunk 2 ({8 * M}, {4 * M}) does not match the manifest" in p.log()
     with restore_server(img, man, "verify=off") as p:
@@ -100,6 +100,6 @@ def test_bad_manifest_stops_nbdkit(backup, short_tmp):
     for image, manifest, reason in ((img, bad, "root digest does not match"), (other, man, "the manifest describes")):
         r = subprocess.run([peers.require("nbdkit"), "-U", str(short_tmp / "s.sock"), "python", PLUGIN,
                             f"image={image}", f"manifest={manifest}", "--run", "true"],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, errors="replace", timeout=30)
         assert r.returncode != 0 and reason in r.stderr, r.stderr
     assert os.path.exists(img)

@@ -41,7 +41,7 @@ CS = 64 * 1024
 
 def nb(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, errors="replace", timeout=120)
     if ok:
         assert r.returncode == 0, (args, r.stdout, r.stderr)
     return r
@@ -58,7 +58,7 @@ def test_full_pull_matches_nbdcopy_and_verify_catches_a_flipped_byte(short_tmp):
         st = pull_json(k.uri, str(got), "--manifest", str(man), "--chunk-size", "1M")
         assert got.read_bytes() == ref.read_bytes()
         data = sum(e["length"] for e in json.loads(subprocess.run(
-            ["nbdinfo", "--map", "--json", k.uri], capture_output=True, text=True, check=True).stdout)
+            ["nbdinfo", "--map", "--json", k.uri], capture_output=True, text=True, errors="replace", check=True).stdout)
             if e["type"] & 3 != 3)
         assert st["bytes_read"] == data < 96 * M
         assert os.stat(got).st_blocks * 512 < 96 * M * 0.6  # holes stayed holes

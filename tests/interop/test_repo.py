@@ -28,7 +28,7 @@ M = 1 << 20
 
 
 def nb(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=ROOT, capture_output=True, text=True, errors="replace",
                        timeout=120)
     if ok:
         assert r.returncode == 0, (args, r.stdout, r.stderr)
@@ -38,7 +38,7 @@ def nb(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
 def restore(repo: Path, snap: str, out: Path) -> subprocess.CompletedProcess:
     with peers.nbdkit("python", PLUGIN, f"repo={repo}", f"snapshot={snap}") as p:
         return subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", p.uri, str(out)],
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, errors="replace", timeout=60)
 
 
 def chunk_files(repo: Path) -> set[str]:

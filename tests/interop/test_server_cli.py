@@ -26,7 +26,7 @@ MiB = 1024 * 1024
 
 def run_serve(sock: str, *exports: str, extra=(), timeout: float = 20) -> subprocess.CompletedProcess:
     argv = peers.nbdbackup_argv(sock, *exports, extra=extra)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=str(peers.REPO))
+    return subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=str(peers.REPO))
 
 
 def error_line(r: subprocess.CompletedProcess) -> str:
@@ -72,7 +72,7 @@ def test_name_given_twice(short_tmp):
 
 def test_nothing_to_listen_on():
     argv = [str(peers.VENV_PYTHON), "-m", "nbdbackup.cli", "serve", "a=memory:1M"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=20, cwd=str(peers.REPO))
+    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=20, cwd=str(peers.REPO))
     line = error_line(r)
     assert "listen" in line or "socket" in line, line
 
@@ -100,7 +100,7 @@ def test_stale_socket_file_is_replaced(short_tmp):
     s.bind(path)
     s.close()  # the file stays, no listener
     argv = peers.nbdbackup_argv(path, "a=memory:1M")
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=str(peers.REPO))
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, errors="replace", cwd=str(peers.REPO))
     try:
         peer = peers.Peer(proc=proc, socket=path, dir=str(short_tmp), log_path="/dev/null", argv=argv)
         peers.wait_until_listening(peer)

@@ -19,7 +19,7 @@ HOLE_ZERO = 3  # base:allocation HOLE|ZERO
 
 def run(*argv: str, timeout: float = 60) -> str:
     peers.require(argv[0])
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout)
     assert r.returncode == 0, f"{' '.join(argv)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r.stdout
 

@@ -27,7 +27,7 @@ KiB, MiB = 1024, 1024 * 1024
 
 def run(*argv: str, timeout: float = 60) -> str:
     peers.require(argv[0])
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout)
     assert r.returncode == 0, f"{' '.join(argv)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r.stdout
 

@@ -26,7 +26,7 @@ WRITES = [(0xAB, 0, 64 * KiB), (0xCD, 1 * MiB, 512 * KiB), (0x00, 3 * MiB, 4 * K
 
 def run(*argv: str, ok=(0,), timeout: float = 60) -> subprocess.CompletedProcess:
     peers.require(argv[0])
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout)
     assert r.returncode in ok, f"{' '.join(argv)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
 
@@ -123,7 +123,7 @@ def test_qemu_io_memory_export(serve, qemu_io):
 def test_qemu_io_read_only_export_refuses_writes(image, serve):
     with serve(f"ro=ro:{image}") as srv:
         r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", srv.uri_for("ro")],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, errors="replace", timeout=60)
         out = r.stdout + r.stderr
         # qemu opens a read-only NBD export read-only, or the write fails with EPERM.
         assert r.returncode != 0 or "read-only" in out.lower() or "permission" in out.lower() \

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _openssl(*args: str, cwd: Path) -> None:
-    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, errors="replace")
     assert r.returncode == 0, f"openssl {' '.join(args)}: {r.stderr}"
 
 
@@ -90,7 +90,7 @@ def run(coro):
 
 
 def sh(*argv: str, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=60)
     if ok:
         assert r.returncode == 0, f"{argv}: {r.stderr}"
     return r
@@ -232,7 +232,7 @@ def test_client_refuses_unknown_ca_and_downgrade(pki, short_tmp):
 def test_serve_tls_option_errors(short_tmp, args, message):
     args = [str(short_tmp) if a == "EMPTY" else a for a in args]
     r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", "serve", "--socket", str(short_tmp / "s.sock"),
-                        *args, "m=memory:1M"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+                        *args, "m=memory:1M"], cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=30)
     assert r.returncode == 1, r
     assert message in r.stderr and r.stderr.count("\n") <= 2, r.stderr
     assert not (short_tmp / "s.sock").exists()
@@ -319,11 +319,11 @@ def test_pull_and_verify_over_tls(pki, short_tmp):
         uri = tls_uri(p.socket, "d", creds)
         out, man = short_tmp / "out.raw", short_tmp / "m.json"
         r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", "pull", uri, str(out), "--manifest", str(man)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=60)
         assert r.returncode == 0, r.stderr
         assert out.read_bytes() == disk.read_bytes()
         r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", "verify", uri, "--manifest", str(man)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=60)
         assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
 
 

@@ -1,13 +1,18 @@
-"""Static checks of the container files (no docker engine runs on the CI machine).
+"""Static checks of the container files (the engine tests are in tests/containers).
 
-- The Dockerfile installs exactly the Debian packages scripts/setup installs
-  (both parsed: the ``DEB_PACKAGES=( ... )`` array and the Dockerfile's
-  ``apt-get install`` arguments).
-- The Dockerfile starts from debian:12-slim, runs scripts/setup and has the
-  ``nbdbackup`` entrypoint.
-- docker/compose.yaml builds that Dockerfile and runs a command that the
-  ``nbdbackup`` CLI's own parser accepts.
-- scripts/ and .ci/run are what the README says.
+- Dockerfile: two stages on ``ARG BASE_IMAGE=debian:12-slim``; the runtime
+  stage installs only Debian packages that scripts/setup also installs, none
+  of the test-only ones; the builder pip-installs exactly the project's
+  runtime dependencies (pyproject.toml ``dependencies`` + the ``fast`` extra),
+  pinned by requirements.txt as constraints; it runs as uid 10809, has a
+  HEALTHCHECK and the exec-form ``nbdbackup`` entrypoint.
+- .dockerignore is an allowlist that lets in what the Dockerfile copies.
+- docker/compose.yaml: no top-level ``name:`` (docker-compose 1.29 rejects
+  it); every service runs the same image, one builds it from ../Dockerfile;
+  the server command is accepted by the CLI's own parser, listens on
+  0.0.0.0 inside and is published on 127.0.0.1 only; the demo disk is made
+  where it is served; the agent pulls from the server's socket.
+- scripts/ and .ci/run are what the README says; requirements are pinned.
 No I/O beyond reading these files; no subprocesses.
 """
 
@@ -16,147 +21,180 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+UID = 10809
 
 
-def setup_packages() -> list[str]:
+def setup_array(name: str) -> list[str]:
+    """The words of the bash array ``NAME=( ... )`` in scripts/setup."""
     text = (ROOT / "scripts" / "setup").read_text()
-    m = re.search(r"^DEB_PACKAGES=\((.*?)^\)", text, re.S | re.M)
-    assert m, "scripts/setup has no DEB_PACKAGES=( ... ) array"
+    m = re.search(rf"^{name}=\((.*?)^\)", text, re.S | re.M)
+    assert m, f"scripts/setup has no {name}=( ... ) array"
     words = []
     for line in m.group(1).splitlines():
-        line = line.split("#", 1)[0].strip()
-        words += line.split()
+        words += line.split("#", 1)[0].split()
+    assert words, f"scripts/setup's {name} is empty"
     return words
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with line continuations joined, comments dropped."""
-    out: list[tuple[str, str]] = []
+#: Debian packages only the tests need: never in the image.
+TEST_ONLY_DEBS = set(setup_array("DEB_TEST")) | set(setup_array("DEB_CONTAINERS"))
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The stages' (INSTRUCTION, arguments), continuations joined, comments dropped;
+    instructions before the first FROM form stage 0."""
+    stages: list[list[tuple[str, str]]] = [[]]
     cur = ""
     for raw in (ROOT / "Dockerfile").read_text().splitlines():
         line = raw.strip()
-        if not cur and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
+        if line.startswith("#") or (not cur and not line):
             continue
         if line.endswith("\\"):
             cur += line[:-1] + " "
             continue
         cur += line
         instr, _, args = cur.partition(" ")
-        out.append((instr.upper(), args.strip()))
+        if instr.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instr.upper(), args.strip()))
         cur = ""
     assert not cur, "Dockerfile ends inside a continued line"
+    return stages
+
+
+def commands(stage, program: list[str]) -> list[list[str]]:
+    """Argument lists of the RUN commands in ``stage`` that start with ``program``."""
+    out = []
+    for instr, args in stage:
+        if instr == "RUN":
+            for cmd in re.split(r"&&|;", args):
+                words = shlex.split(cmd)
+                if words[:len(program)] == program:
+                    out.append(words[len(program):])
     return out
 
 
-def dockerfile_apt_packages() -> list[str]:
-    pkgs: list[str] = []
-    for instr, args in dockerfile_instructions():
-        if instr != "RUN":
-            continue
-        for cmd in re.split(r"&&|;", args):
-            words = shlex.split(cmd)
-            if words[:2] == ["apt-get", "install"]:
-                pkgs += [w for w in words[2:] if not w.startswith("-")]
-    return pkgs
+def apt_packages(stage) -> list[str]:
+    return [w for words in commands(stage, ["apt-get", "install"]) for w in words if not w.startswith("-")]
 
 
-def test_setup_installs_the_documented_packages():
-    pkgs = setup_packages()
-    for p in ("qemu-utils", "qemu-system-common", "nbdkit", "nbdkit-plugin-python", "libnbd-bin",
-              "python3-libnbd", "python3-venv"):
-        assert p in pkgs
-    assert len(set(pkgs)) == len(pkgs)
+def test_dockerfile_stages_share_the_base():
+    pre, builder, runtime = dockerfile_stages()
+    assert pre == [("ARG", "BASE_IMAGE=debian:12-slim")]
+    assert builder[0] == ("FROM", "${BASE_IMAGE} AS builder")
+    assert runtime[0] == ("FROM", "${BASE_IMAGE}")
 
 
-def test_dockerfile_installs_same_packages_as_setup():
-    assert sorted(dockerfile_apt_packages()) == sorted(setup_packages())
+def test_runtime_stage_has_no_test_packages():
+    _, builder, runtime = dockerfile_stages()
+    pkgs = apt_packages(runtime)
+    assert pkgs == ["python3"]
+    assert set(pkgs) <= set(setup_array("DEB_RUNTIME"))
+    assert set(apt_packages(builder)) <= set(setup_array("DEB_RUNTIME"))
+    assert not set(apt_packages(builder)) & TEST_ONLY_DEBS
+    assert {"qemu-utils", "nbdkit", "python3-libnbd"} <= TEST_ONLY_DEBS
 
 
-def test_dockerfile_shape():
-    instrs = dockerfile_instructions()
-    assert instrs[0] == ("FROM", "debian:12-slim")
-    runs = " ".join(a for i, a in instrs if i == "RUN")
-    assert "scripts/setup" in runs
-    assert any(i == "COPY" for i, _ in instrs)
-    entry = [a for i, a in instrs if i == "ENTRYPOINT"]
-    assert entry and json.loads(entry[-1]) == ["nbdbackup"]
-    env = " ".join(a for i, a in instrs if i == "ENV")
-    assert "/opt/nbdbackup/.venv/bin" in env  # where the entrypoint script lives
+def test_builder_installs_the_runtime_dependencies_pinned():
+    _, builder, _ = dockerfile_stages()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {re.split(r"[<>=!~ \[]", d)[0].lower()
+              for d in project["dependencies"] + project["optional-dependencies"]["fast"]}
+    pip = commands(builder, ["/opt/nbdbackup/.venv/bin/pip", "install"])
+    assert len(pip) == 2
+    deps, project_install = pip
+    assert "-c" in deps and deps[deps.index("-c") + 1] == "requirements.txt"
+    named = {w.lower() for w in deps if not w.startswith("-") and w != "requirements.txt"}
+    assert named == wanted
+    assert "--no-deps" in project_install and project_install[-1] == "."
+    pins = {line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    assert wanted <= pins, "every runtime dependency is pinned in requirements.txt"
 
 
-def test_dockerignore_keeps_venv_and_git_out():
-    lines = (ROOT / ".dockerignore").read_text().split()
-    assert ".venv" in lines and ".git" in lines
+def test_runtime_stage_shape():
+    _, _, runtime = dockerfile_stages()
+    by = {}
+    for instr, args in runtime:
+        by.setdefault(instr, []).append(args)
+    assert by["USER"] == [f"{UID}:{UID}"]
+    assert any(a.startswith("--from=builder /opt/nbdbackup/.venv ") for a in by["COPY"])
+    assert "PATH=/opt/nbdbackup/.venv/bin:" in " ".join(by["ENV"])
+    assert json.loads(by["ENTRYPOINT"][-1]) == ["nbdbackup"]  # exec form: PID 1 gets SIGTERM
+    assert len(by["HEALTHCHECK"]) == 1 and "nbdbackup info --list" in by["HEALTHCHECK"][0]
+    assert any("useradd" in a and f"--uid {UID}" in a for a in by["RUN"])
 
 
-def _compose() -> dict:
-    text = (ROOT / "docker" / "compose.yaml").read_text()
-    try:
-        import yaml
-    except ImportError:  # PyYAML is optional: fall back to the flow lists we use
-        return {"_text": text}
-    return yaml.safe_load(text)
+def test_dockerignore_is_an_allowlist_of_what_is_copied():
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*"
+    allowed = {line[1:] for line in lines if line.startswith("!")}
+    copied = set()
+    for stage in dockerfile_stages():
+        for instr, args in stage:
+            if instr == "COPY" and not args.startswith("--from"):
+                copied |= set(args.split()[:-1])
+    assert copied and copied <= allowed, copied - allowed
+    assert {".git", ".venv", "tests"}.isdisjoint(allowed)
 
 
-def _service_commands() -> list[list[str]]:
-    data = _compose()
-    if "_text" in data:
-        # Block under "nbdbackup:" -> its command: [...] JSON-style flow list.
-        text = data["_text"]
-        section = text.split("\n  nbdbackup:\n", 1)[1]
-        m = re.search(r"^    command: (\[.*\])$", section, re.M)
-        assert m, "compose nbdbackup service has no one-line command list"
-        return [json.loads(m.group(1))]
-    return [data["services"]["nbdbackup"]["command"]]
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    yaml = pytest.importorskip("yaml", reason="python3-yaml is needed to read docker/compose.yaml")
+    return yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
 
 
-def test_compose_builds_the_dockerfile():
-    data = _compose()
-    if "_text" in data:
-        text = data["_text"]
-        assert "dockerfile: Dockerfile" in text and "context: .." in text
-        return
-    for name, svc in data["services"].items():
-        build = svc.get("build")
-        if build:
-            assert build["context"] == ".." and build["dockerfile"] == "Dockerfile", name
-            assert (ROOT / "docker" / build["context"] / build["dockerfile"]).resolve() == ROOT / "Dockerfile"
-    assert "build" in data["services"]["nbdbackup"]
+def test_compose_has_no_top_level_name(compose):
+    assert set(compose) <= {"services", "volumes", "networks"}, "docker-compose 1.29 rejects top-level name:"
 
 
-def test_compose_command_is_accepted_by_the_cli_parser():
+def test_compose_services_share_one_image_built_from_the_dockerfile(compose):
+    images = {svc["image"] for svc in compose["services"].values()}
+    assert images == {"${NBDBACKUP_IMAGE:-nbdbackup:latest}"}
+    builds = [svc["build"] for svc in compose["services"].values() if "build" in svc]
+    assert builds == [{"context": "..", "dockerfile": "Dockerfile"}]
+    assert (ROOT / "docker" / ".." / "Dockerfile").resolve() == ROOT / "Dockerfile"
+
+
+def test_compose_server_command_is_accepted_by_the_cli_parser(compose):
     from nbdbackup.cli import build_parser
 
-    for argv in _service_commands():
-        assert all(isinstance(a, str) for a in argv)
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as e:  # argparse rejects with exit 2
-            pytest.fail(f"nbdbackup CLI rejects the compose command {argv}: exit {e.code}")
-        assert args.command == "serve"
-        assert args.socket, "the compose service must listen on a Unix socket"
-        assert all("=" in e for e in args.exports)
-        # The export and socket paths live in the compose volumes.
-        assert args.socket[0].startswith("/run/nbdbackup/")
-        assert any(e.split("=", 1)[1].startswith("/data/") for e in args.exports)
-
-
-def test_compose_demo_image_is_created_where_it_is_served():
-    data = _compose()
-    text = (ROOT / "docker" / "compose.yaml").read_text()
-    served = [e.split("=", 1)[1] for e in _service_commands()[0] if "=" in e and not e.startswith("-")]
+    svc = compose["services"]["nbdbackup"]
+    argv = svc["command"]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse rejects with exit 2
+        pytest.fail(f"nbdbackup CLI rejects the compose command {argv}: exit {e.code}")
+    assert args.command == "serve"
+    assert args.socket == ["/run/nbdbackup/nbd.sock"] and args.control.startswith("/run/nbdbackup/")
+    assert args.socket_mode == "0660"
+    # Inside the container 0.0.0.0 (the published port arrives on the bridge
+    # interface); on the host only 127.0.0.1.
+    assert args.listen == ["0.0.0.0:10809"]
+    assert svc["ports"] == ["127.0.0.1:${NBDBACKUP_PORT:-10809}:10809"]
+    assert "${NBDBACKUP_SOCKET_DIR:-sockets}:/run/nbdbackup" in svc["volumes"]
+    served = [e.split("=", 1)[1] for e in args.exports]
+    demo = compose["services"]["demo-image"]
     for path in served:
-        assert f"qemu-img create -f raw {path}" in text, path
-    if "_text" not in data:
-        dep = data["services"]["nbdbackup"]["depends_on"]["demo-image"]
-        assert dep["condition"] == "service_completed_successfully"
+        assert f"truncate -s ${{NBDBACKUP_DISK_SIZE:-1G}} {path}" in demo["command"][0]
+    assert svc["depends_on"]["demo-image"]["condition"] == "service_completed_successfully"
+    assert svc["healthcheck"]["test"][-1] == "nbd+unix:///?socket=/run/nbdbackup/nbd.sock"
+
+
+def test_compose_agent_pulls_from_the_server_socket_and_verifies(compose):
+    agent = compose["services"]["agent"]
+    assert agent["profiles"] == ["agent"]
+    script = agent["command"][0]
+    assert "socket=/run/nbdbackup/nbd.sock" in script and "--repo /backup/repo" in script
+    assert "nbdbackup repo verify /backup/repo" in script
+    assert "${NBDBACKUP_SOCKET_DIR:-sockets}:/run/nbdbackup" in agent["volumes"]
 
 
 def test_scripts_are_executable_and_ci_runs_the_test_script():
@@ -169,8 +207,12 @@ def test_scripts_are_executable_and_ci_runs_the_test_script():
 
 
 def test_requirements_are_pinned():
-    lines = [line.split("#", 1)[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    reqs = [line for line in lines if line]
-    assert reqs
-    for r in reqs:
-        assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.]*", r), r
+    for name in ("requirements.txt", "requirements-test.txt"):
+        path = ROOT / name
+        if not path.exists():
+            continue
+        lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        reqs = [line for line in lines if line and not line.startswith("-")]
+        assert reqs
+        for r in reqs:
+            assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.]*", r), r

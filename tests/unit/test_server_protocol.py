@@ -23,6 +23,7 @@ from nbdbackup.nbd.protocol import (
     transmission_flags,
 )
 from nbdbackup.nbd.wire import Cmd, CmdFlag, Info, Opt, Rep
+from nbdbackup.nbd.wire import TransmissionFlag as TF
 
 RW_FLAGS = transmission_flags(read_only=False, can_flush=True, can_fua=True, can_trim=True, can_zero=True,
                               can_fast_zero=False, can_cache=True, can_multi_conn=True)
@@ -34,10 +35,20 @@ EXPORTS = {
                        meta_contexts=("base:allocation", "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1")),
     "ro": ExportInfo("ro", 4096, RO_FLAGS),
 }
+#: Exports only the command-flag tests ask for by name (not listed).
+FLAG_EXPORTS = {
+    "nofua": ExportInfo("nofua", 1 << 20, transmission_flags(
+        read_only=False, can_flush=True, can_fua=False, can_trim=True, can_zero=True, can_fast_zero=False,
+        can_cache=False, can_multi_conn=True)),
+    "fast": ExportInfo("fast", 1 << 20, transmission_flags(
+        read_only=False, can_flush=True, can_fua=True, can_trim=False, can_zero=True, can_fast_zero=True,
+        can_cache=True, can_multi_conn=True)),
+}
 
 
 def make(tls: str = "off") -> ServerConnection:
-    return ServerConnection(EXPORTS.get, lambda: list(EXPORTS.values()), tls=tls)
+    return ServerConnection(lambda n: EXPORTS.get(n) or FLAG_EXPORTS.get(n), lambda: list(EXPORTS.values()),
+                            tls=tls)
 
 
 def feed(conn: ServerConnection, data: bytes, rng: random.Random | None = None) -> None:
@@ -113,7 +124,7 @@ def test_greeting_and_go_in_tiny_slices():
     assert infos[Info.NAME][2:] == b"disk"
     assert infos[Info.DESCRIPTION][2:] == b"the disk"
     _, size, flags = wire.INFO_EXPORT.unpack(infos[Info.EXPORT])
-    assert size == 1 << 20 and flags == RW_FLAGS
+    assert size == 1 << 20 and flags == RW_FLAGS & ~TF.SEND_DF  # no structured replies here
     assert wire.INFO_BLOCK_SIZE.unpack(infos[Info.BLOCK_SIZE])[1:] == (1, 4096, wire.MAX_PAYLOAD)
     assert conn.state is State.TRANSMISSION
 
@@ -199,7 +210,8 @@ def test_export_name(no_zeroes):
     feed(conn, wire.pack_option(Opt.EXPORT_NAME, b"ro"))
     out = conn.data_to_send()
     assert len(out) == (10 if no_zeroes else 134)
-    assert wire.EXPORT_NAME_REPLY.unpack(out[:10]) == (4096, RO_FLAGS)
+    # No structured replies on this path, so no SEND_DF (see test_send_df_only_with_structured_replies).
+    assert wire.EXPORT_NAME_REPLY.unpack(out[:10]) == (4096, RO_FLAGS & ~TF.SEND_DF)
     assert isinstance(events(conn)[0], HandshakeDone)
 
 
@@ -284,7 +296,6 @@ def test_large_write_payload_received_in_place():
         (req(Cmd.WRITE, (1 << 20) - 1, 2, payload=b"ab"), errno.ENOSPC),
         (req(Cmd.WRITE_ZEROES, 1 << 20, 1), errno.ENOSPC),
         (req(Cmd.TRIM, 1 << 20, 1), errno.EINVAL),
-        (req(Cmd.READ, 0, 1, flags=CmdFlag.FUA), errno.EINVAL),
         (req(Cmd.WRITE_ZEROES, 0, 1, flags=CmdFlag.FAST_ZERO), errno.EINVAL),  # not advertised here
         (req(Cmd.READ, 0, wire.MAX_PAYLOAD + 1), errno.EINVAL),
         (req(99, 0, 1), errno.EINVAL),
@@ -306,6 +317,153 @@ def test_read_only_export_refuses_writes_with_eperm():
          + req(Cmd.READ, 0, 1))
     errs = [e.error for e in events(conn)]
     assert errs == [errno.EPERM, errno.EPERM, errno.EPERM, 0]
+
+
+# --- command flags, rule by rule (proto.md "Command flags", "Transmission flags",
+# "Request types"). A flag the spec makes valid MUST be accepted; one a client
+# MUST NOT send may be refused, and is refused with EINVAL.
+
+def errors_for(conn: ServerConnection, *messages: bytes) -> list[int]:
+    feed(conn, b"".join(messages))
+    evs = events(conn)
+    assert all(isinstance(e, Request) for e in evs) and len(evs) == len(messages)
+    return [e.error for e in evs]
+
+
+def test_fua_is_accepted_on_every_command_when_send_fua_was_advertised():
+    # proto.md "Command flags", NBD_CMD_FLAG_FUA: "valid for all commands, provided
+    # NBD_FLAG_SEND_FUA has been negotiated, in which case the server MUST accept all
+    # commands with this bit set (even by ignoring the bit)".
+    conn = to_transmission()
+    assert conn.tflags & TF.SEND_FUA
+    fua = CmdFlag.FUA
+    assert errors_for(
+        conn, req(Cmd.READ, 0, 512, flags=fua), req(Cmd.WRITE, 0, 2, flags=fua, payload=b"ab"),
+        req(Cmd.FLUSH, flags=fua), req(Cmd.TRIM, 0, 512, flags=fua), req(Cmd.CACHE, 0, 512, flags=fua),
+        req(Cmd.WRITE_ZEROES, 0, 512, flags=fua), req(Cmd.WRITE_ZEROES, 0, 512, flags=fua | CmdFlag.NO_HOLE),
+        req(Cmd.BLOCK_STATUS, 0, 512, flags=fua | CmdFlag.REQ_ONE),
+        req(Cmd.READ, 0, 512, flags=fua | CmdFlag.DF),
+    ) == [0] * 9
+
+
+def test_fua_without_send_fua_on_a_writable_export_is_einval():
+    # proto.md "Command flags": FUA is valid only "provided NBD_FLAG_SEND_FUA has been
+    # negotiated"; a server that cannot honour it must not pretend to.
+    conn = to_transmission(export="nofua", contexts=())
+    assert not conn.tflags & TF.SEND_FUA
+    assert errors_for(conn, req(Cmd.WRITE, 0, 2, flags=CmdFlag.FUA, payload=b"ab"),
+                      req(Cmd.READ, 0, 512, flags=CmdFlag.FUA)) == [errno.EINVAL, errno.EINVAL]
+
+
+def test_fua_on_a_read_only_export_is_ignored():
+    # proto.md "Command flags": the server MAY ignore FUA where the command writes
+    # nothing; on a read-only export nothing is ever written (SEND_FUA is not advertised
+    # there, but clients are known to set FUA anyway).
+    conn = to_transmission(export="ro", contexts=())
+    assert not conn.tflags & TF.SEND_FUA
+    assert errors_for(conn, req(Cmd.READ, 0, 512, flags=CmdFlag.FUA),
+                      req(Cmd.WRITE, 0, 2, flags=CmdFlag.FUA, payload=b"ab")) == [0, errno.EPERM]
+
+
+def test_send_df_only_with_structured_replies():
+    # proto.md "Transmission flags", NBD_FLAG_SEND_DF: the server "MUST leave this flag
+    # clear if structured replies have not been negotiated".
+    for structured in (False, True):
+        conn = make()
+        greet(conn)
+        msgs = wire.pack_option(Opt.STRUCTURED_REPLY) if structured else b""
+        feed(conn, msgs + wire.pack_option(Opt.INFO, go_payload("disk")) + wire.pack_option(Opt.GO, go_payload("disk")))
+        infos = [r[2] for r in parse_option_replies(conn.data_to_send()) if r[1] == Rep.INFO
+                 and struct.unpack(">H", r[2][:2])[0] == Info.EXPORT]
+        assert len(infos) == 2
+        for data in infos:
+            assert bool(wire.INFO_EXPORT.unpack(data)[2] & TF.SEND_DF) == structured
+        assert bool(conn.tflags & TF.SEND_DF) == structured
+
+
+def test_df_on_read_needs_send_df():
+    # proto.md "Command flags", NBD_CMD_FLAG_DF: valid during NBD_CMD_READ; "MUST NOT
+    # be set unless the transmission flags include NBD_FLAG_SEND_DF".
+    assert errors_for(to_transmission(), req(Cmd.READ, 0, 512, flags=CmdFlag.DF)) == [0]
+    assert errors_for(to_transmission(structured=False), req(Cmd.READ, 0, 512, flags=CmdFlag.DF)) == [errno.EINVAL]
+
+
+@pytest.mark.parametrize("flag, valid_on", [
+    (CmdFlag.NO_HOLE, Cmd.WRITE_ZEROES),
+    (CmdFlag.DF, Cmd.READ),
+    (CmdFlag.REQ_ONE, Cmd.BLOCK_STATUS),
+    (CmdFlag.FAST_ZERO, Cmd.WRITE_ZEROES),
+], ids=lambda v: getattr(v, "name", str(v)))
+def test_a_flag_on_a_command_that_does_not_define_it_is_einval(flag, valid_on):
+    # proto.md "Command flags": "Clients MUST NOT set a command flag bit that is not
+    # documented for the particular command"; such a request is refused with EINVAL.
+    conn = to_transmission(export="fast")
+    commands = [Cmd.READ, Cmd.FLUSH, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS]
+    msgs = [req(c, 0, 0 if c == Cmd.FLUSH else 512, flags=flag) for c in commands if c != valid_on]
+    msgs.append(req(Cmd.WRITE, 0, 2, flags=flag, payload=b"ab"))
+    assert errors_for(conn, *msgs) == [errno.EINVAL] * len(msgs)
+    # ... and the payload of the refused WRITE was consumed: the next request parses.
+    assert errors_for(conn, req(Cmd.READ, 0, 512)) == [0]
+
+
+def test_no_hole_on_write_zeroes_is_accepted_even_without_send_trim():
+    # proto.md "Command flags", NBD_CMD_FLAG_NO_HOLE: "The client MAY send
+    # NBD_CMD_FLAG_NO_HOLE even if NBD_FLAG_SEND_TRIM was not set"; the server "MUST
+    # support the use of this flag if it advertises NBD_FLAG_SEND_WRITE_ZEROES".
+    conn = to_transmission(export="fast", contexts=())
+    assert not conn.tflags & TF.SEND_TRIM and conn.tflags & TF.SEND_WRITE_ZEROES
+    assert errors_for(conn, req(Cmd.WRITE_ZEROES, 0, 512, flags=CmdFlag.NO_HOLE)) == [0]
+
+
+def test_fast_zero_needs_send_fast_zero():
+    # proto.md "Request types", NBD_CMD_WRITE_ZEROES: without NBD_FLAG_SEND_FAST_ZERO
+    # the server "SHOULD fail with NBD_EINVAL if the NBD_CMD_FLAG_FAST_ZERO flag was set".
+    flags = CmdFlag.FAST_ZERO | CmdFlag.NO_HOLE
+    assert errors_for(to_transmission(), req(Cmd.WRITE_ZEROES, 0, 512, flags=flags)) == [errno.EINVAL]
+    assert errors_for(to_transmission(export="fast", contexts=()),
+                      req(Cmd.WRITE_ZEROES, 0, 512, flags=flags)) == [0]
+
+
+def test_req_one_on_block_status_is_accepted():
+    # proto.md "Command flags", NBD_CMD_FLAG_REQ_ONE: valid during NBD_CMD_BLOCK_STATUS.
+    conn = to_transmission()
+    assert errors_for(conn, req(Cmd.BLOCK_STATUS, 0, 512, flags=CmdFlag.REQ_ONE)) == [0]
+
+
+def test_payload_len_without_extended_headers_is_einval():
+    # proto.md "Command flags": bit 5, NBD_CMD_FLAG_PAYLOAD_LEN, belongs to the
+    # EXTENDED_HEADERS extension, which this server does not negotiate (OPT_EXTENDED_HEADERS
+    # gets ERR_UNSUP), so no command may carry it.  A WRITE's payload is still consumed.
+    conn = to_transmission()
+    assert errors_for(conn, req(Cmd.WRITE, 0, 2, flags=CmdFlag.PAYLOAD_LEN, payload=b"ab"),
+                      req(Cmd.READ, 0, 512, flags=CmdFlag.PAYLOAD_LEN), req(Cmd.READ, 0, 512)) == [
+        errno.EINVAL, errno.EINVAL, 0]
+
+
+@pytest.mark.parametrize("bit", range(6, 16))
+def test_undefined_flag_bits_are_einval(bit):
+    # proto.md "Command flags" defines bits 0-5 only; a client MUST NOT set the others.
+    conn = to_transmission()
+    assert errors_for(conn, req(Cmd.READ, 0, 512, flags=1 << bit),
+                      req(Cmd.WRITE, 0, 2, flags=1 << bit, payload=b"ab")) == [errno.EINVAL] * 2
+
+
+def test_cache_without_send_cache_is_einval_and_flags_on_cache_are_checked():
+    # proto.md "Request types", NBD_CMD_CACHE: a server MAY answer EINVAL to a command it
+    # did not advertise; "if it advertised the command, the server MUST reject any command
+    # flags it does not recognize" (FUA it recognises: valid for all commands).
+    conn = to_transmission(export="nofua", contexts=())
+    assert errors_for(conn, req(Cmd.CACHE, 0, 512)) == [errno.EINVAL]
+    conn = to_transmission()
+    assert errors_for(conn, req(Cmd.CACHE, 0, 512, flags=CmdFlag.FUA), req(Cmd.CACHE, 0, 512, flags=CmdFlag.DF),
+                      req(Cmd.CACHE, 0, 512, flags=1 << 9)) == [0, errno.EINVAL, errno.EINVAL]
+
+
+def test_flush_with_fua_and_flush_with_nonzero_offset():
+    # proto.md "Request types", NBD_CMD_FLUSH: offset and length "are reserved, and MUST
+    # be set to all-zero" by the client; the server is lenient and flushes anyway.
+    conn = to_transmission()
+    assert errors_for(conn, req(Cmd.FLUSH, flags=CmdFlag.FUA), req(Cmd.FLUSH, 4096, 512)) == [0, 0]
 
 
 def test_block_status_needs_a_context_and_df_needs_structured():
