@@ -45,7 +45,8 @@ to evict (see `nbd.server`: memory-pressure eviction).
 Fields of `MemoryBudget`: ``limit`` (bytes), ``reserve`` (bytes kept for the
 finisher), ``used`` (charged to live charges plus ``pooled``), ``pooled``
 (bytes of free buffers in ``_pool``), ``pool_max`` (bound on ``pooled``),
-``_pool`` (size -> free buffers, most recently returned last), ``_waiters``
+``_pool`` ((size, mapped) -> free buffers, most recently returned last;
+mapped: mmap-backed, which only payloads take), ``_waiters``
 (the queued `_Wait`s in arrival order), ``_finisher`` (the `Charge` holding
 the reserve, or None), ``_reserved`` (what the finisher was granted from
 the reserve: the ordinary part's bound applies to ``used - _reserved``),
@@ -126,7 +127,7 @@ class MemoryBudget:
         self.pool_max = limit // 4 if pool_max is None else pool_max
         self.used = 0
         self.pooled = 0
-        self._pool: dict[int, list] = {}
+        self._pool: dict[tuple[int, bool], list] = {}
         self._waiters: deque[_Wait] = deque()
         self._finisher: Charge | None = None
         self._reserved = 0
@@ -178,17 +179,20 @@ class MemoryBudget:
         charge.held += n
         return True
 
-    def take_pooled(self, charge: Charge, n: int):
+    def take_pooled(self, charge: Charge, n: int, *, mapped: bool = False):
         """A free pooled buffer of exactly ``n`` bytes, charged to ``charge``
-        (its bytes move from the pool to the charge), or None."""
+        (its bytes move from the pool to the charge), or None.  ``mapped``:
+        an mmap (payloads) rather than a bytearray (READ replies: transports
+        write only bytes-like objects)."""
         if self._waiters and self._queued_ahead(charge):
             return None
-        free = self._pool.get(n)
+        key = (n, mapped)
+        free = self._pool.get(key)
         if not free:
             return None
         buf = free.pop()
         if not free:
-            del self._pool[n]
+            del self._pool[key]
         self.pooled -= n
         charge.held += n
         self._reused += 1
@@ -228,7 +232,7 @@ class MemoryBudget:
             size = len(buf)
             if (size >= 16 * 1024 and not self._waiters and self.pooled + size <= self.pool_max
                     and self.used - self._reserved + size <= self.ordinary_limit):
-                self._pool.setdefault(size, []).append(buf)
+                self._pool.setdefault((size, isinstance(buf, mmap.mmap)), []).append(buf)
                 self.pooled += size
                 self.used += size
             else:
@@ -236,11 +240,12 @@ class MemoryBudget:
         self._grant()
 
     def _drop_one(self) -> None:
-        size = next(iter(self._pool))
-        free = self._pool[size]
+        key = next(iter(self._pool))
+        size = key[0]
+        free = self._pool[key]
         buf = free.pop(0)
         if not free:
-            del self._pool[size]
+            del self._pool[key]
         self.pooled -= size
         self.used -= size
         discard_buffer(buf)

@@ -841,7 +841,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if need == length:  # the first grant of a new payload
                 self.payload_since = time.monotonic()
                 ch = self._charge = Charge(self)
-                buf = budget.take_pooled(ch, length)
+                buf = budget.take_pooled(ch, length, mapped=length > STEP)
                 if buf is not None:
                     self._payload_charges[id(buf)] = ch
                     p.allow_payload(length, buf)

@@ -341,3 +341,22 @@ def test_idle_timeout_closes_quiet_tcp_connections_only(image):
         for s in (idle, busy, unix):
             s.close()
         assert "idle timeout 1 s" in srv.log()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_large_writes_then_reads_reuse_buffers_on_both_loops(image, loop):
+    """Pooled buffers are shared by size between WRITE payloads (mmap above
+    256 KiB) and READ replies (bytearrays: asyncio's transports write only
+    bytes-like objects); a 1 MiB WRITE then READ of the same size, many
+    times, on both event loops."""
+    env = {"NBDBACKUP_NO_UVLOOP": "1"} if loop == "asyncio" else None
+    with peers.nbdbackup_serve(f"disk={image}", env=env) as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("disk"))
+        rng = random.Random(3)
+        for i in range(20):
+            data = rng.randbytes(MiB)
+            h.pwrite(data, (i % 8) * MiB)
+            assert h.pread(MiB, (i % 8) * MiB) == data
+        h.shutdown()
+        assert "Traceback" not in srv.log()

@@ -268,3 +268,16 @@ def test_unpaced_protocol_allocates_as_before():
     c.receive_data(write_header(4) + b"abcd")
     ev = c.next_event()
     assert isinstance(ev, Request) and bytes(ev.payload) == b"abcd"
+
+
+def test_read_replies_never_get_a_pooled_mmap():
+    """Transports write only bytes-like objects: a pooled payload mmap of the
+    same size must not be handed to a READ."""
+    b = budget()
+    c = Charge()
+    assert b.try_take(c, 2 * MiB)
+    mm = new_payload_buffer(2 * MiB)
+    b.release(c, mm)
+    assert b.take_pooled(Charge(), 2 * MiB) is None
+    got = b.take_pooled(Charge(), 2 * MiB, mapped=True)
+    assert got is mm
