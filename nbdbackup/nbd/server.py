@@ -537,7 +537,7 @@ class NBDConnection(asyncio.BufferedProtocol):
     (`time.monotonic` of the last byte received or reply byte drained; the
     loop's clock has only millisecond resolution under uvloop);
     ``_tx_total`` (bytes handed to the transport so far) and ``_tx_seen``
-    (write-buffer size at the last tick, to notice draining);
+    (of those, bytes sent as of the last tick, to notice a client reading);
     ``_charge`` (the `Charge` of the payload being received);
     ``_payload_charges`` (id of a received payload -> its Charge, until its
     request task takes it);
@@ -774,8 +774,12 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def quiet(self, now: float) -> float:
         """Seconds this connection has been quiet (see the module docstring),
-        or -1 while something of it runs or waits on the server."""
-        if self._closing or self.tasks or self.proto.has_events or self._mem_wait or self._tls_upgrading:
+        or -1 while something of it runs or waits on the server.  Parsed
+        requests held back because the client does not read its replies
+        (send buffer above the high-water mark) do not count as running."""
+        if self._closing or self.tasks or self._mem_wait or self._tls_upgrading:
+            return -1.0
+        if self.proto.has_events and not self._paused_writing:
             return -1.0
         return now - self._last_active
 
@@ -793,11 +797,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self._closing:
             return
-        size = t.get_write_buffer_size()
-        if size != self._tx_seen:
-            if size < self._tx_seen:
-                self._last_active = now
-            self._tx_seen = size
+        sent = self._tx_total - t.get_write_buffer_size()
+        if sent > self._tx_seen:  # the client read some replies
+            self._last_active = now
+            self._tx_seen = sent
         self._free_sent()
         timeout = self.server.unix_idle_timeout if self.is_unix else self.server.idle_timeout
         if timeout > 0 and self.proto.in_transmission:

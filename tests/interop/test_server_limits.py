@@ -360,3 +360,32 @@ def test_large_writes_then_reads_reuse_buffers_on_both_loops(image, loop):
             assert h.pread(MiB, (i % 8) * MiB) == data
         h.shutdown()
         assert "Traceback" not in srv.log()
+
+
+def test_a_client_that_never_reads_its_replies_is_closed_and_its_memory_freed(image):
+    """Pipelined 1 MiB READs whose replies are never read: the send buffer
+    fills, the server stops taking requests; the connection is quiet (not
+    busy) and the idle timeout closes it, giving back the buffer memory."""
+    port = peers.free_tcp_port()
+    extra = ["--listen", f"127.0.0.1:{port}", "--idle-timeout", "2"]
+    with peers.nbdbackup_serve(f"disk={image}", extra=extra) as srv:
+        peers.wait_for_tcp(port, lambda: srv.alive, srv.log)
+        s = raw_connect(port)
+        handshake(s)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        reqs = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, (i % 63) * MiB, MiB) for i in range(200))
+        s.settimeout(5)
+        s.sendall(reqs)
+        time.sleep(1.0)
+        high = status(srv.pid)["VmRSS"]
+        deadline = time.monotonic() + 6
+        while "idle for" not in srv.log():
+            assert time.monotonic() < deadline, "a client that reads nothing kept its connection"
+            time.sleep(0.1)
+        s.settimeout(5)
+        while s.recv(1 << 20):  # what was queued, then EOF
+            pass
+        s.close()
+        time.sleep(1.5)
+        low = status(srv.pid)["VmRSS"]
+    print(f"non-reading client: RSS {high:.0f} MiB while stuck, {low:.0f} MiB after")
