@@ -167,7 +167,7 @@ def _stalled_writes(image: str, sent: int, capsys) -> dict:
     # ring each: 65 x 256 KiB = 16 MiB) plus slack for the interpreter.
     assert hwm - base <= budget + 16 + 16, fig
     assert after <= base + 8, fig
-    assert good.slowest < 5.0, fig
+    assert good.slowest < 10.0, fig
     assert ops_during > 0, fig
     return fig
 
@@ -186,7 +186,9 @@ def test_stallers_that_exhaust_the_budget_are_shed(image, capsys):
     """64 payloads of 31 MiB sent out of 32 MiB, then silence: far more than
     the budget.  RSS stays bounded, and the server evicts the stallers
     (quiet holders, then the oldest unfinished payloads) so the good client
-    goes on within seconds."""
+    goes on within seconds (measured: slowest 1 MiB write+read 1.3-4.5 s
+    on a loaded 2-core machine, each of its up to four budget waits lasting
+    until the next eviction)."""
     fig = _stalled_writes(image, 31 * MiB, capsys)
     assert fig["closed_by_server"] > 0, fig
 
