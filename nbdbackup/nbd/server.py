@@ -227,7 +227,8 @@ class Server:
     buffer); ``_by_peer`` (peer key -> its live connections, see
     `NBDConnection.peer_key`); ``_waiting`` (connections accepted at a cap,
     held before the greeting until they can be admitted, at most
-    `ADMIT_QUEUE`); ``_tick`` (the housekeeping timer); ``tls``
+    `ADMIT_QUEUE`); ``_tick`` (the housekeeping timer); ``_admission_log``
+    (a `WarningBudget` for refusals and evictions, renewed every 2 s); ``tls``
     (a `ServerTLS`, mode "off" without one) and ``tls_context`` (built once,
     at construction, so bad credentials fail at start); ``access`` (an
     `AccessPolicy`, checked on Unix connections and after TLS).
@@ -264,6 +265,9 @@ class Server:
         self._waiting: deque[NBDConnection] = deque()
         self._tick: asyncio.TimerHandle | None = None
         self._ticks = 0
+        #: Refusals and evictions logged per 2 s (a connection flood must not
+        #: flood the log); the rest are counted and summarised.
+        self._admission_log = WarningBudget(20)
         _freeze_malloc_threshold()
 
     # ----------------------------------------------------------- exports
@@ -343,6 +347,11 @@ class Server:
         self._by_peer.setdefault(conn.peer_key, set()).add(conn)
         self._start_tick()
         return None
+
+    def warn_admission(self, msg: str, *args) -> None:
+        """A refusal or eviction: logged while this period's budget lasts."""
+        if self._admission_log.allow():
+            log.warning(msg, *args)
 
     def _enqueue(self, conn: "NBDConnection") -> bool:
         """Hold ``conn`` until it can be admitted; False when the queue is full."""
@@ -442,6 +451,10 @@ class Server:
         self._ticks += 1
         if self._ticks % 4 == 0:
             budget.decay()
+            dropped = self._admission_log.summary()
+            if dropped:
+                log.warning("admission: %s", dropped.replace("per connection", "per 2 s"))
+            self._admission_log.logged = 0
         if self.connections or budget.pooled or self._waiting:
             self._start_tick()
 
@@ -536,8 +549,9 @@ class NBDConnection(asyncio.BufferedProtocol):
     on Unix sockets); ``_last_active``
     (`time.monotonic` of the last byte received or reply byte drained; the
     loop's clock has only millisecond resolution under uvloop);
-    ``_tx_total`` (bytes handed to the transport so far) and ``_tx_seen``
-    (of those, bytes sent as of the last tick, to notice a client reading);
+    ``_tx_total`` (bytes handed to the transport so far), ``_tx_seen`` and
+    ``_tx_backlog`` (of those, bytes sent and still queued as of the last
+    tick: queued replies that drain show a client reading);
     ``_charge`` (the `Charge` of the payload being received);
     ``_payload_charges`` (id of a received payload -> its Charge, until its
     request task takes it);
@@ -576,6 +590,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._pending_bufs: deque[tuple[int, object, Charge]] = deque()
         self._tx_total = 0
         self._tx_seen = 0
+        self._tx_backlog = 0
         self._writev = False
         self.peer_key: object = None
         self.is_unix = False
@@ -620,7 +635,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             transport.pause_reading()
             self._reading_paused = True
         else:
-            log.warning("connection from %s refused: %s", self.peer, why)
+            self.server.warn_admission("connection from %s refused: %s", self.peer, why)
             self._closing = True
             if self._handshake_timer:
                 self._handshake_timer.cancel()
@@ -762,7 +777,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         """Close now, dropping unsent replies (admission, timeouts, memory)."""
         if self._closing:
             return
-        log.warning("connection %s closed: %s", self.peer, reason)
+        self.server.warn_admission("connection %s closed: %s", self.peer, reason)
         self._closing = True
         self.server._forget(self)
         self._release_memory()
@@ -797,10 +812,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self._closing:
             return
-        sent = self._tx_total - t.get_write_buffer_size()
-        if sent > self._tx_seen:  # the client read some replies
+        backlog = t.get_write_buffer_size()
+        sent = self._tx_total - backlog
+        if sent > self._tx_seen and self._tx_backlog:  # the client read queued replies
             self._last_active = now
-            self._tx_seen = sent
+        self._tx_seen, self._tx_backlog = sent, backlog
         self._free_sent()
         timeout = self.server.unix_idle_timeout if self.is_unix else self.server.idle_timeout
         if timeout > 0 and self.proto.in_transmission:
