@@ -25,6 +25,12 @@ and cancel backups).
 
 ``--metrics HOST:PORT`` serves Prometheus text at ``/metrics`` (`nbdbackup.metrics`).
 
+Limits against hostile or broken clients (`nbd.server`, `nbd.budget`):
+``--max-connections``, ``--max-connections-per-peer`` (quiet connections are
+evicted for new ones at a cap), ``--handshake-timeout``, ``--idle-timeout``
+(TCP) / ``--unix-idle-timeout``, ``--max-buffer-memory`` (all request
+buffers together).
+
 Lifecycle: every argument is validated before anything listens (a missing
 file, a bad size, a duplicate name or a busy socket is one clear error line
 and exit 1).  SIGINT/SIGTERM stop accepting, let in-flight requests finish,
@@ -81,8 +87,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "so no server-side path is shown)")
     p.add_argument("--control", metavar="PATH", help="QMP-compatible control socket")
     p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state (dirty bitmaps)")
-    p.add_argument("--max-connections", type=int, default=256)
-    p.add_argument("--handshake-timeout", type=float, default=10.0)
+    p.add_argument("--max-connections", type=int, default=256, metavar="N",
+                   help="connections at once; when full, the connection quiet the longest is evicted "
+                        "for a new one, else the new one is refused (default 256)")
+    p.add_argument("--max-connections-per-peer", type=int, default=64, metavar="N",
+                   help="connections at once from one IP address (TCP) or one uid (Unix socket), "
+                        "same eviction rule (default 64)")
+    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection still negotiating after this long (default 10)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="close a TCP connection with nothing in flight that sends nothing for this long "
+                        "(0 = never; default 60)")
+    p.add_argument("--unix-idle-timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="the same for Unix socket connections (default 0 = never)")
+    p.add_argument("--max-buffer-memory", default="256M", metavar="SIZE",
+                   help="memory for request buffers of all connections together (WRITE payloads, "
+                        "READ replies); at least 64M (default 256M)")
     p.add_argument("--tls-creds", metavar="DIR",
                    help="X.509 credentials directory (ca-cert.pem, server-cert.pem, server-key.pem)")
     p.add_argument("--tls", choices=["off", "on", "require"],
@@ -141,6 +161,15 @@ def parse_export_args(items: list[str], all_read_only: bool) -> list[tuple[str, 
         seen.add(name)
         out.append((name, spec, read_only))
     return out
+
+
+def buffer_memory(text: str) -> int:
+    from ..blockdev import parse_size
+
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise ConfigError(f"--max-buffer-memory: {e}") from None
 
 
 def parse_descriptions(items: list[str], names: list[str]) -> dict[str, str]:
@@ -235,7 +264,10 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
 
     notifier = systemd.Notifier()
     server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
-                    tls=tls_config(args), access=access_policy(args))
+                    tls=tls_config(args), access=access_policy(args),
+                    max_connections_per_peer=args.max_connections_per_peer,
+                    idle_timeout=args.idle_timeout, unix_idle_timeout=args.unix_idle_timeout,
+                    max_buffer_memory=buffer_memory(args.max_buffer_memory))
     app = daemon.App(server)
     metrics_srv = None
     where: list[str] = []

@@ -9,9 +9,19 @@ Receiving (zero-copy, shaped like `asyncio.BufferedProtocol`):
 ``get_buffer(hint)`` returns memory to receive into and
 ``buffer_updated(n)`` says how much arrived.  Small messages are parsed from
 an internal ring buffer; a WRITE payload is received straight into its own
-`bytearray` once its header has been parsed, so payload bytes are copied at
+buffer once its header has been parsed, so payload bytes are copied at
 most once (only the part that arrived together with headers).
 ``receive_data(b)`` is the convenience form for tests.
+
+Paced payloads (``paced_payloads=True``, what `nbd.server` uses): the
+protocol allocates no payload memory itself.  After a WRITE header it waits
+(`payload_blocked`) until the I/O layer grants memory with
+`allow_payload` (the first grant brings the buffer), and it receives at most
+the granted bytes into it; until the first grant, payload bytes land in the
+ring.  The I/O layer charges each grant to its memory budget
+(`nbd.budget`) and stops reading while it cannot grant.  Without pacing
+(tests, fuzzers) the whole payload buffer is allocated when the header
+arrives, as before.
 
 Events (`next_event`): `HandshakeDone`, `Request` (validated: ``error`` is
 set when the request must be answered with an error without running it),
@@ -109,7 +119,8 @@ class HandshakeDone:
 class Request:
     """A transmission request.
 
-    ``payload`` is the WRITE data (a bytearray owned by the event) or None.
+    ``payload`` is the WRITE data (a bytearray, or an mmap for a large paced
+    payload; owned by the event) or None.
     ``error`` is an errno to answer with instead of running the request
     (0 = valid).  ``message`` explains an error for logs/structured replies.
     """
@@ -160,8 +171,6 @@ _RECV_BUF = 256 * 1024
 #: large WRITE payload then mostly lands straight in its own buffer instead of
 #: being over-read into the ring and copied (small requests still batch).
 _RING_READ = 32 * 1024
-#: Payload buffers kept for reuse per size (see `release`).
-_POOL_MAX = 16
 
 #: Command flags each command may carry (before checking what was negotiated).
 #: proto.md "Command flags": a client MUST NOT set a flag not documented for
@@ -222,7 +231,12 @@ class ServerConnection:
     - ``_events``: parsed events waiting for `next_event`.
     - ``_opt``/``_opt_len``: the option whose data is being received.
     - ``_pending``/``_payload``/``_payload_filled``: the WRITE request whose
-      payload is being received, its buffer and how much has arrived.
+      payload is being received, its buffer (None until the first grant when
+      paced) and how much has arrived; ``_payload_allowed``: how much of it
+      may be received (granted memory; the declared length when not paced);
+      ``_into_payload``: the last `get_buffer` returned payload memory.
+    - ``paced``: payload memory comes from `allow_payload` (see the module
+      docstring).
     - ``no_zeroes``, ``structured``, ``fixed``: negotiated handshake state.
     - ``tls_mode`` ("off", "on", "require"; fixed); ``tls_active`` (STARTTLS
       was accepted: everything after it runs over TLS).
@@ -235,7 +249,7 @@ class ServerConnection:
     """
 
     def __init__(self, lookup: ExportLookup, lister: ExportLister, *, max_payload: int = wire.MAX_PAYLOAD,
-                 tls: str = "off") -> None:
+                 tls: str = "off", paced_payloads: bool = False) -> None:
         assert tls in ("off", "on", "require")
         self.tls_mode = tls
         self.tls_active = False
@@ -253,8 +267,11 @@ class ServerConnection:
         self._opt = 0
         self._opt_len = 0
         self._pending: Request | None = None
-        self._payload: bytearray | None = None
+        self._payload = None  # bytearray or mmap
         self._payload_filled = 0
+        self._payload_allowed = 0
+        self._into_payload = False
+        self.paced = paced_payloads
         self.no_zeroes = False
         self.fixed = False
         self.structured = False
@@ -263,7 +280,6 @@ class ServerConnection:
         self.export: ExportInfo | None = None
         self.tflags = 0
         self.contexts: dict[int, str] = {}
-        self._pool: dict[int, list[bytearray]] = {}
         self._out += wire.SERVER_GREETING.pack(
             wire.NBDMAGIC, wire.IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
         )
@@ -301,9 +317,12 @@ class ServerConnection:
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Memory to receive the next bytes into (never empty)."""
-        if self._state is State.PAYLOAD:
+        if self._state is State.PAYLOAD and self._payload_filled < self._payload_allowed:
+            self._into_payload = True
             assert self._payload is not None
-            return memoryview(self._payload)[self._payload_filled:]
+            return memoryview(self._payload)[self._payload_filled:self._payload_allowed]
+        # (A paced payload without granted memory: bytes wait in the ring.)
+        self._into_payload = False
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._buf) - self._end < 4096:
@@ -314,7 +333,8 @@ class ServerConnection:
         return self._view[self._end:self._end + _RING_READ]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._state is State.PAYLOAD:
+        if self._into_payload:
+            self._into_payload = False
             self._payload_filled += nbytes
             assert self._payload is not None
             if self._payload_filled == len(self._payload):
@@ -373,15 +393,15 @@ class ServerConnection:
                 self._request(*wire.REQUEST.unpack(self._take(wire.REQUEST_SIZE)))
             elif st is State.PAYLOAD:
                 # Copy what already sits in the ring, then receive directly.
-                assert self._payload is not None
-                n = min(self._avail(), len(self._payload) - self._payload_filled)
+                n = min(self._avail(), self._payload_allowed - self._payload_filled)
                 if n:
+                    assert self._payload is not None
                     self._payload[self._payload_filled:self._payload_filled + n] = self._take(n)
                     self._payload_filled += n
-                if self._payload_filled == len(self._payload):
+                if self._payload is not None and self._payload_filled == len(self._payload):
                     self._finish_payload()
                     continue
-                return
+                return  # more bytes, or (paced) more memory, needed
             else:
                 return
 
@@ -637,10 +657,14 @@ class ServerConnection:
                 self._violation(f"WRITE payload of {length} bytes exceeds {self.max_payload}")
                 return
             self._pending = req
-            free = self._pool.get(length)
-            self._payload = free.pop() if free else bytearray(length)
             self._payload_filled = 0
             self._state = State.PAYLOAD
+            if length == 0 or not self.paced:
+                self._payload = bytearray(length)
+                self._payload_allowed = length
+            else:
+                self._payload = None
+                self._payload_allowed = 0
             if length == 0:
                 self._finish_payload()
             return
@@ -657,6 +681,7 @@ class ServerConnection:
         req.payload = self._payload
         self._pending = None
         self._payload = None
+        self._payload_allowed = self._payload_filled = 0
         self._state = State.TRANSMISSION
         self._validate(req)
         self._events.append(req)
@@ -717,16 +742,42 @@ class ServerConnection:
         if minimum > 1 and c in (Cmd.READ, Cmd.WRITE) and (req.offset % minimum or req.length % minimum):
             return fail(errno.EINVAL, f"request not aligned to {minimum} bytes")
 
-    def release(self, payload: bytearray) -> None:
-        """Give a WRITE payload back once nothing references it any more.
+    # ------------------------------------------------------- paced payloads
 
-        Saves zero-filling a new buffer for the next WRITE of the same size
-        (the device contract forbids keeping the caller's buffer).
-        """
-        if len(payload) >= 16 * 1024:
-            free = self._pool.setdefault(len(payload), [])
-            if len(free) < _POOL_MAX:
-                free.append(payload)
+    @property
+    def payload_length(self) -> int:
+        """Declared length of the WRITE payload being received (0 when none)."""
+        return self._pending.length if self._state is State.PAYLOAD and self._pending else 0
+
+    @property
+    def payload_need(self) -> int:
+        """Bytes of the current payload not granted yet (0 when none)."""
+        if self._state is not State.PAYLOAD or self._pending is None:
+            return 0
+        return self._pending.length - self._payload_allowed
+
+    @property
+    def payload_blocked(self) -> bool:
+        """A paced payload can take no more bytes until `allow_payload`:
+        every granted byte has arrived and (first grant) payload bytes are
+        waiting in the ring, or (later grants) always."""
+        if self._state is not State.PAYLOAD or self._payload_filled < self._payload_allowed:
+            return False
+        if self.payload_need == 0:
+            return False
+        return self._payload is not None or self._avail() > 0
+
+    def allow_payload(self, n: int, buffer=None) -> None:
+        """Grant ``n`` more bytes of the current payload; the first grant
+        brings ``buffer`` (len == the declared length; its untouched part
+        should cost nothing, e.g. an anonymous mmap).  Parses what the grant
+        unblocks."""
+        assert self._state is State.PAYLOAD and self._pending is not None and 0 < n <= self.payload_need
+        if self._payload is None:
+            assert buffer is not None and len(buffer) == self._pending.length
+            self._payload = buffer
+        self._payload_allowed += n
+        self._parse()
 
     # --------------------------------------------------------------- replies
 

@@ -15,10 +15,46 @@ so replies never interleave.  Back-pressure: when the transport's send buffer
 is above its high-water mark, or ``max_inflight`` requests run, the
 connection neither starts the requests already parsed (they wait, a few
 dozen bytes each, in the protocol's queue) nor reads from the socket, until
-both drain; memory per connection is therefore bounded by ``max_inflight``
-requests of at most ``MAX_PAYLOAD`` bytes, the transport's high-water mark and
-one receive buffer -- even for a client that pipelines thousands of requests
-and never reads a reply.
+both drain.
+
+Memory (`nbd.budget`): every WRITE payload and READ reply buffer is charged
+to one server-wide `MemoryBudget` (``max_buffer_memory``) before it exists.
+A payload is charged as its bytes arrive: nothing for a bare header, then in
+steps granted before the socket may fill them (`STEP`, then doubling up to
+`STEP_MAX`, so the charge stays under twice what arrived); large payloads
+are mmap-backed so only received pages are resident.  A READ charges its
+length before its buffer is allocated and keeps the charge until the
+transport has sent the reply (``_pending_bufs``, released by byte count
+sent).  When the budget is spent the connection stops reading (payload) or
+its request task waits (READ); the grant order and the reserve rule of
+`nbd.budget` guarantee that one request can always complete.  Charges come
+back when a request ends or its connection dies; pooled free buffers are
+charged too and dropped when unused for 2-4 s (`MemoryBudget.decay`),
+so RSS falls after a burst.  Outside the budget, per connection: the 256 KiB
+receive ring, the transport's send buffer up to its 4 MiB high-water mark
+(past it no new request starts), and small replies.
+
+Admission (`Server._admit`) and timers (`Server._housekeeping`, every
+`TICK` s): a connection is *quiet* when nothing of it runs (no request task,
+no parsed request waiting, not waiting for memory) and it has neither sent
+a byte nor had a reply byte drain for a while.  At the per-peer cap (IP
+address on TCP, uid on Unix sockets) the peer's own longest-quiet
+connection, quiet for at least `EVICT_QUIET` s, is closed to admit the new
+one; at the global cap the same among all connections, taken from the peer
+with the most connections first; with no such connection the newcomer is
+held before the greeting (up to `ADMIT_QUEUE` of them, oldest first) until
+one is, or until its handshake timeout; beyond that queue it is refused
+(closed before the greeting).  A connection in transmission that
+stays quiet for ``idle_timeout`` s (TCP; ``unix_idle_timeout`` on Unix
+sockets, 0 = never) is closed, as is one still in the handshake after
+``handshake_timeout`` s.  When a request has waited `EVICT_QUIET` s for
+memory, every connection that holds budget and has been quiet that long is
+closed (a payload granted memory and not sent, replies not read); if the
+oldest request has waited `MEMORY_STALL` s and unfinished payloads waiting
+for more hold half the ordinary budget, they are shed, oldest payload first
+(`Server._relieve_memory`).  So idle,
+stalled-handshake and stalled-payload clients cannot lock a well-behaved
+client out: they are quiet, it is not.
 
 TLS (``Server(tls=ServerTLS(...))``): on the protocol's `StartTLS` event the
 connection sends the ACK in clear, stops reading, and hands its transport
@@ -50,18 +86,20 @@ import os
 import socket
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..blockdev.base import BASE_ALLOCATION, BlockDev
 from ..errors import ConfigError
 from ..sockets import prepare_unix_socket, set_socket_access
 from . import protocol as proto
+from .budget import STEP, Charge, MemoryBudget, new_payload_buffer
 from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection, StartTLS
 from .access import AccessPolicy, peer_credentials
 from .logsafe import WarningBudget, clip
 from .stats import ExportStats
 from .tls import ServerTLS
-from .wire import Cmd, CmdFlag, StateFlag
+from .wire import MAX_PAYLOAD, Cmd, CmdFlag, StateFlag
 
 _FUA, _DF, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.NO_HOLE),
                                             int(CmdFlag.FAST_ZERO), int(CmdFlag.REQ_ONE))
@@ -72,6 +110,37 @@ _READ = int(Cmd.READ)
 _TLS_EARLY_MAX = 1024 * 1024
 
 log = logging.getLogger("nbdbackup.server")
+
+#: Seconds between housekeeping passes (idle timeouts, memory-pressure
+#: eviction, pool decay).
+TICK = 0.5
+#: A connection must have been quiet this long to be evicted for a newcomer.
+EVICT_QUIET = 0.5
+#: A request waiting this long for memory makes the server shed unfinished
+#: payloads that wait for more (see `Server._relieve_memory`).
+MEMORY_STALL = 1.0
+DEFAULT_BUFFER_MEMORY = 256 * 1024 * 1024
+#: Largest single charge step of a payload (see `NBDConnection._pump_payload`).
+STEP_MAX = 8 * 1024 * 1024
+#: Connections held for admission at a cap (beyond: refused at once).
+ADMIT_QUEUE = 64
+
+
+def _freeze_malloc_threshold() -> None:
+    """Keep glibc's mmap threshold at its default (128 KiB).
+
+    glibc raises the threshold to the size of any mmap-backed block that is
+    freed (up to 32 MiB); after one 32 MiB buffer was freed, later large
+    buffers came from the heap and stayed resident after being freed.  Any
+    explicit M_MMAP_THRESHOLD turns that adjustment off, so large buffers
+    stay mmap-backed and go back to the OS when freed.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 HOLE = int(StateFlag.HOLE)
 #: Reads at least this long are split into data/hole chunks on structured
@@ -152,8 +221,14 @@ class Server:
     `NBDConnection`s); ``_servers`` (asyncio listeners); ``_unix_paths``
     (socket files `start_unix` created, unlinked at `shutdown`; sockets
     passed by systemd are not in it); ``stopping`` (set by
-    `shutdown`); limits ``max_connections``, ``handshake_timeout``,
-    ``max_inflight``; ``read_pool`` (free read buffers by size); ``tls``
+    `shutdown`); limits ``max_connections``, ``max_connections_per_peer``,
+    ``handshake_timeout``, ``idle_timeout`` (TCP), ``unix_idle_timeout``,
+    ``max_inflight``; ``budget`` (the `MemoryBudget` of every request
+    buffer); ``_by_peer`` (peer key -> its live connections, see
+    `NBDConnection.peer_key`); ``_waiting`` (connections accepted at a cap,
+    held before the greeting until they can be admitted, at most
+    `ADMIT_QUEUE`); ``_tick`` (the housekeeping timer); ``_admission_log``
+    (a `WarningBudget` for refusals and evictions, renewed every 2 s); ``tls``
     (a `ServerTLS`, mode "off" without one) and ``tls_context`` (built once,
     at construction, so bad credentials fail at start); ``access`` (an
     `AccessPolicy`, checked on Unix connections and after TLS).
@@ -161,7 +236,16 @@ class Server:
 
     def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
                  max_inflight: int = 64, tls: ServerTLS | None = None,
-                 access: AccessPolicy | None = None) -> None:
+                 access: AccessPolicy | None = None, max_connections_per_peer: int = 64,
+                 idle_timeout: float = 60.0, unix_idle_timeout: float = 0.0,
+                 max_buffer_memory: int = DEFAULT_BUFFER_MEMORY) -> None:
+        if max_connections < 1 or max_connections_per_peer < 1:
+            raise ConfigError("connection limits must be at least 1")
+        if max_buffer_memory < 2 * MAX_PAYLOAD:
+            raise ConfigError(f"buffer memory must be at least {2 * MAX_PAYLOAD >> 20} MiB "
+                              f"(twice the largest request)")
+        if min(handshake_timeout, idle_timeout, unix_idle_timeout) < 0:
+            raise ConfigError("timeouts must not be negative")
         self.access = access if access is not None else AccessPolicy()
         self.tls = tls if tls is not None else ServerTLS("off")
         self.tls_context: ssl.SSLContext | None = self.tls.context() if self.tls.enabled else None
@@ -170,12 +254,21 @@ class Server:
         self._servers: list[asyncio.base_events.Server] = []
         self._unix_paths: list[str] = []
         self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.unix_idle_timeout = unix_idle_timeout
         self.max_inflight = max_inflight
         self.stopping = False
-        #: size -> free read buffers, shared by all connections so a new
-        #: connection does not fault in a pool of its own.
-        self.read_pool: dict[int, list[bytearray]] = {}
+        self.budget = MemoryBudget(max_buffer_memory, MAX_PAYLOAD)
+        self._by_peer: dict[object, set[NBDConnection]] = {}
+        self._waiting: deque[NBDConnection] = deque()
+        self._tick: asyncio.TimerHandle | None = None
+        self._ticks = 0
+        #: Refusals and evictions logged per 2 s (a connection flood must not
+        #: flood the log); the rest are counted and summarised.
+        self._admission_log = WarningBudget(20)
+        _freeze_malloc_threshold()
 
     # ----------------------------------------------------------- exports
 
@@ -230,6 +323,141 @@ class Server:
             exp = next(iter(self.exports.values()))
         return exp
 
+    # --------------------------------------------------------- admission
+
+    def _admit(self, conn: "NBDConnection") -> str | None:
+        """Make room for ``conn`` (evicting a quiet connection if a cap is
+        reached) and register it; the reason it is refused, or None."""
+        if self.stopping:
+            return "server stopping"
+        mine = self._by_peer.get(conn.peer_key, set())
+        victim, which = None, ""
+        if len(mine) >= self.max_connections_per_peer:
+            victim, which = self._victim(mine), "peer"
+            if victim is None:
+                return f"{len(mine)} connections from this peer already (--max-connections-per-peer)"
+        elif len(self.connections) >= self.max_connections:
+            victim, which = self._victim(self.connections), "server"
+            if victim is None:
+                return f"{len(self.connections)} connections already (--max-connections)"
+        if victim is not None:
+            victim.evict(f"{which} connection limit reached: quiet connection evicted for a new one "
+                         f"from {conn.peer}")
+        self.connections.add(conn)
+        self._by_peer.setdefault(conn.peer_key, set()).add(conn)
+        self._start_tick()
+        return None
+
+    def warn_admission(self, msg: str, *args) -> None:
+        """A refusal or eviction: logged while this period's budget lasts."""
+        if self._admission_log.allow():
+            log.warning(msg, *args)
+
+    def _enqueue(self, conn: "NBDConnection") -> bool:
+        """Hold ``conn`` until it can be admitted; False when the queue is full."""
+        if self.stopping or len(self._waiting) >= ADMIT_QUEUE:
+            return False
+        self._waiting.append(conn)
+        self._start_tick()
+        return True
+
+    def _admit_waiting(self) -> None:
+        """Admit held connections, oldest first, wherever room can be made."""
+        for conn in list(self._waiting):
+            if conn._closing:
+                self._waiting.remove(conn)
+            elif self._admit(conn) is None:
+                self._waiting.remove(conn)
+                conn._admitted()
+
+    def _victim(self, among) -> "NBDConnection | None":
+        """The connection to evict: quiet for at least `EVICT_QUIET` s, from
+        the peer holding the most connections, quiet the longest."""
+        now = time.monotonic()
+        best, best_key = None, None
+        for c in among:
+            q = c.quiet(now)
+            if q < EVICT_QUIET:
+                continue
+            key = (len(self._by_peer.get(c.peer_key, ())), q)
+            if best_key is None or key > best_key:
+                best, best_key = c, key
+        return best
+
+    def _forget(self, conn: "NBDConnection") -> None:
+        if not conn.admitted:
+            try:
+                self._waiting.remove(conn)
+            except ValueError:
+                pass
+            return
+        if conn in self.connections and self._waiting:
+            asyncio.get_running_loop().call_soon(self._admit_waiting)
+        self.connections.discard(conn)
+        peers = self._by_peer.get(conn.peer_key)
+        if peers is not None:
+            peers.discard(conn)
+            if not peers:
+                del self._by_peer[conn.peer_key]
+
+    def _relieve_memory(self, now: float) -> None:
+        """A request has waited `EVICT_QUIET` s for memory.  Close every
+        connection that holds budget and has been quiet that long (granted
+        payload memory it does not fill, replies it does not read).  If the
+        oldest request has waited `MEMORY_STALL` s and at least half the
+        ordinary budget is held by partial payloads that themselves wait for
+        more (only one of them at a time can finish through the reserve;
+        legitimate load instead holds memory in running requests, which give
+        it back), shed those, oldest payload first, until half the ordinary
+        budget is freed.
+        """
+        budget = self.budget
+        for c in list(self.connections):
+            held = c.held_memory()
+            if held and c.quiet(now) >= EVICT_QUIET:
+                c.evict(f"holds {held} bytes of buffer memory that others wait for, and stalls")
+        if not budget.waiting or budget.oldest_wait() < MEMORY_STALL:
+            return
+        partial = sorted((c for c in self.connections if c.partial_payload_waiting()),
+                         key=lambda c: c.payload_since)
+        goal = budget.ordinary_limit // 2
+        if sum(c.held_memory() for c in partial) < goal:
+            return
+        freed = 0
+        for c in partial:
+            if freed >= goal:
+                break
+            held = c.held_memory()
+            c.evict(f"buffer memory exhausted for {MEMORY_STALL:g} s: shedding the oldest unfinished "
+                    f"WRITE payload ({held} bytes held, started {now - c.payload_since:.1f} s ago)")
+            freed += held
+
+    def _start_tick(self) -> None:
+        if self._tick is None and not self.stopping:
+            self._tick = asyncio.get_running_loop().call_later(TICK, self._housekeeping)
+
+    def _housekeeping(self) -> None:
+        """Every `TICK` s while connections exist: idle timeouts, memory
+        that replies have released, memory-pressure eviction, pool decay."""
+        self._tick = None
+        now = time.monotonic()
+        for c in list(self.connections):
+            c.housekeeping(now)
+        if self._waiting:
+            self._admit_waiting()
+        budget = self.budget
+        if budget.waiting and budget.oldest_wait() >= EVICT_QUIET:
+            self._relieve_memory(now)
+        self._ticks += 1
+        if self._ticks % 4 == 0:
+            budget.decay()
+            dropped = self._admission_log.summary()
+            if dropped:
+                log.warning("admission: %s", dropped.replace("per connection", "per 2 s"))
+            self._admission_log.logged = 0
+        if self.connections or budget.pooled or self._waiting:
+            self._start_tick()
+
     # --------------------------------------------------------- listeners
 
     def _factory(self) -> "NBDConnection":
@@ -273,6 +501,11 @@ class Server:
         if self.stopping:
             return
         self.stopping = True
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for c in list(self._waiting):
+            c.evict("server shutting down")
         for srv in self._servers:
             srv.close()
         for path in self._unix_paths:
@@ -310,11 +543,29 @@ class NBDConnection(asyncio.BufferedProtocol):
     the upgraded transport: received bytes are held, reading is left alone);
     ``_warnings`` (a `WarningBudget`: the warnings this connection may still
     log; the rest are counted and summarised when it closes).
+    Admission and memory: ``peer_key`` (what per-peer limits count: the IP
+    address on TCP, the uid on Unix sockets); ``is_unix``; ``admitted``
+    (False while it waits in ``Server._waiting``); ``_creds`` (SO_PEERCRED
+    on Unix sockets); ``_last_active``
+    (`time.monotonic` of the last byte received or reply byte drained; the
+    loop's clock has only millisecond resolution under uvloop);
+    ``_tx_total`` (bytes handed to the transport so far), ``_tx_seen`` and
+    ``_tx_backlog`` (of those, bytes sent and still queued as of the last
+    tick: queued replies that drain show a client reading);
+    ``_charge`` (the `Charge` of the payload being received);
+    ``_payload_charges`` (id of a received payload -> its Charge, until its
+    request task takes it);
+    ``_mem_wait`` (reading paused until the budget grants the next payload
+    step); ``payload_since`` (`time.monotonic` when the current payload's
+    first byte arrived); ``_mem_futures`` (READ tasks waiting for memory);
+    ``_pending_bufs`` ((end of the reply in ``_tx_total`` terms, buffer,
+    Charge) of READ replies the transport may still hold).
     """
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.proto = ServerConnection(server._lookup, server._list, tls=server.tls.mode)
+        self.proto = ServerConnection(server._lookup, server._list, tls=server.tls.mode,
+                                      paced_payloads=True)
         self._tls_upgrading = False
         #: Decrypted bytes that arrived before the upgrade finished (see `buffer_updated`).
         self._tls_early = bytearray()
@@ -335,28 +586,70 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._idle.set()
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._drain_waiters: list[asyncio.Future] = []
-        #: Free read buffers, shared by the server's connections (see `_get_buf`).
-        self._pool = server.read_pool
-        #: Buffers written while the send buffer was not empty.
-        self._pending_bufs: list[bytearray] = []
+        self._budget = server.budget
+        self._pending_bufs: deque[tuple[int, object, Charge]] = deque()
+        self._tx_total = 0
+        self._tx_seen = 0
+        self._tx_backlog = 0
         self._writev = False
+        self.peer_key: object = None
+        self.is_unix = False
+        self.admitted = False
+        self._creds: tuple[int, int, int] | None = None
+        self._last_active = 0.0
+        self._charge: Charge | None = None
+        self._payload_charges: dict[int, Charge] = {}
+        self._mem_wait = False
+        self._mem_futures: set[asyncio.Future] = set()
+        self.payload_since = 0.0
 
     # ------------------------------------------------------ asyncio hooks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self._last_active = time.monotonic()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        if self.server.stopping or len(self.server.connections) >= self.server.max_connections:
-            log.warning("connection from %s refused: %s", self.peer,
-                        "server stopping" if self.server.stopping else "too many connections")
+        sock = transport.get_extra_info("socket")
+        creds = None
+        if sock is not None and sock.family == socket.AF_UNIX:
+            self.is_unix = True
+            creds = peer_credentials(sock)
+            if creds is not None:
+                self.peer = f"unix pid {creds[0]} uid {creds[1]}"
+            self.peer_key = ("uid", creds[1] if creds is not None else None)
+        else:
+            self.peer_key = ("ip", peer[0] if isinstance(peer, tuple) else None)
+        self._creds = creds
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_timeout
+        )
+        why = self.server._admit(self)
+        if why is None:
+            self._admitted()
+        elif self.server._enqueue(self):
+            # Held before the greeting until a quiet connection can be
+            # evicted or a slot frees (`Server._admit_waiting`), at most
+            # until the handshake timeout.
+            log.info("connection from %s waits for admission: %s", self.peer, why)
+            transport.pause_reading()
+            self._reading_paused = True
+        else:
+            self.server.warn_admission("connection from %s refused: %s", self.peer, why)
+            self._closing = True
+            if self._handshake_timer:
+                self._handshake_timer.cancel()
             transport.abort()
-            return
-        self.server.connections.add(self)
+
+    def _admitted(self) -> None:
+        """Admission granted: tune the socket, check access, send the greeting."""
+        transport = self.transport
+        assert transport is not None
+        self.admitted = True
+        sock = transport.get_extra_info("socket")
         transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
         # uvloop's writelines is one writev; asyncio's (3.11) joins, i.e. copies.
         self._writev = type(transport).__module__.startswith("uvloop")
-        sock = transport.get_extra_info("socket")
         if sock is not None:
             # The default buffers (~208 KiB on Unix sockets) are smaller than
             # one 256 KiB request or reply: every large reply became a partial
@@ -373,24 +666,23 @@ class NBDConnection(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        if sock is not None and sock.family == socket.AF_UNIX and self.server.access.limits_unix:
-            creds = peer_credentials(sock)
-            why = self.server.access.check_unix(creds)
-            if creds is not None:
-                self.peer = f"unix pid {creds[0]} uid {creds[1]}"
+        if self.is_unix and self.server.access.limits_unix:
+            why = self.server.access.check_unix(self._creds)
             if why is not None:
                 self._warn("connection %s refused: %s", self.peer, why)
                 self.proto.deny(why)
-        self._handshake_timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout, self._handshake_timeout
-        )
+        self._last_active = time.monotonic()
         self._flush_handshake()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.server._forget(self)
         if self._handshake_timer:
             self._handshake_timer.cancel()
         self._closing = True
+        self._release_memory()
         self.proto.close()
         for f in self._drain_waiters:
             if not f.done():
@@ -415,7 +707,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._warn("connection %s: too much data during the TLS upgrade; closing", self.peer)
                 self.close("flood during the TLS upgrade")
             return
+        self._last_active = time.monotonic()
         self.proto.buffer_updated(nbytes)
+        self._pump_payload()
         self._process_events()
 
     def eof_received(self) -> bool | None:
@@ -427,6 +721,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        self._free_sent()
         if self.proto.has_events and not self._closing:
             self._process_events()
         self._update_reading()
@@ -438,12 +733,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         if t is None or self._closing or self._tls_upgrading:
             return
         want_pause = (self._paused_writing or len(self.tasks) >= self.server.max_inflight
-                      or self.proto.has_events)
+                      or self.proto.has_events or self._mem_wait)
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             t.pause_reading()
         elif not want_pause and self._reading_paused:
             self._reading_paused = False
+            # Time spent paused by us does not count as the client's silence.
+            self._last_active = time.monotonic()
             t.resume_reading()
 
     def _warn(self, msg: str, *args) -> None:
@@ -454,7 +751,10 @@ class NBDConnection(asyncio.BufferedProtocol):
             log.warning(msg, *args)
 
     def _handshake_timeout(self) -> None:
-        if not self.proto.in_transmission and not self._closing:
+        self._handshake_timer = None
+        if not self.admitted and not self._closing:
+            self.evict("not admitted before the handshake timeout (server or peer limit reached)")
+        elif not self.proto.in_transmission and not self._closing:
             self._warn("connection %s: handshake timed out", self.peer)
             self.close("handshake timeout")
 
@@ -462,14 +762,181 @@ class NBDConnection(asyncio.BufferedProtocol):
         data = self.proto.data_to_send()
         if data and self.transport and not self._closing:
             self.transport.write(data)
+            self._tx_total += len(data)
 
     def close(self, reason: str) -> None:
         if self._closing:
             return
         self._closing = True
+        self.server._forget(self)
         self.proto.close()
         if self.transport:
             self.transport.close()
+
+    def evict(self, reason: str) -> None:
+        """Close now, dropping unsent replies (admission, timeouts, memory)."""
+        if self._closing:
+            return
+        self.server.warn_admission("connection %s closed: %s", self.peer, reason)
+        self._closing = True
+        self.server._forget(self)
+        self._release_memory()
+        self.proto.close()
+        if self.transport:
+            self.transport.abort()
+
+    # ------------------------------------------------ admission and memory
+
+    def quiet(self, now: float) -> float:
+        """Seconds this connection has been quiet (see the module docstring),
+        or -1 while something of it runs or waits on the server.  Parsed
+        requests held back because the client does not read its replies
+        (send buffer above the high-water mark) do not count as running."""
+        if self._closing or self.tasks or self._mem_wait or self._tls_upgrading:
+            return -1.0
+        if self.proto.has_events and not self._paused_writing:
+            return -1.0
+        return now - self._last_active
+
+    def partial_payload_waiting(self) -> bool:
+        """Holds part of a WRITE payload and waits for memory for the rest."""
+        return self._mem_wait and self._charge is not None and self._charge.held > 0
+
+    def held_memory(self) -> int:
+        """Budget bytes held by this connection's payloads and queued replies."""
+        n = sum(c.held for c in self._payload_charges.values())
+        return n + sum(ch.held for _, _, ch in self._pending_bufs)
+
+    def housekeeping(self, now: float) -> None:
+        """Per tick: notice drained replies, release their memory, idle timeout."""
+        t = self.transport
+        if t is None or self._closing:
+            return
+        backlog = t.get_write_buffer_size()
+        sent = self._tx_total - backlog
+        if sent > self._tx_seen and self._tx_backlog:  # the client read queued replies
+            self._last_active = now
+        self._tx_seen, self._tx_backlog = sent, backlog
+        self._free_sent()
+        timeout = self.server.unix_idle_timeout if self.is_unix else self.server.idle_timeout
+        if timeout > 0 and self.proto.in_transmission:
+            q = self.quiet(now)
+            if q >= timeout:
+                self.evict(f"idle for {q:.0f} s (idle timeout {timeout:g} s)")
+
+    def _release_memory(self) -> None:
+        """The connection is gone: every charge not owned by a running task comes back."""
+        budget = self._budget
+        budget.cancel(self)
+        self._mem_wait = False
+        for f in self._mem_futures:
+            if not f.done():
+                f.set_exception(OSError(errno.ESHUTDOWN, "connection closed"))
+        self._mem_futures.clear()
+        while True:
+            ev = self.proto.next_event()
+            if ev is None:
+                break
+            if isinstance(ev, Request) and ev.payload is not None:
+                ch = self._payload_charges.pop(id(ev.payload), None)
+                if ch is not None:
+                    budget.release(ch)
+        for ch in self._payload_charges.values():
+            budget.release(ch)  # the payload being received
+        self._payload_charges.clear()
+        self._charge = None
+        while self._pending_bufs:
+            _, _, ch = self._pending_bufs.popleft()
+            budget.release(ch)
+
+    def _pump_payload(self) -> None:
+        """Grant the payload being received the memory it needs next (the
+        first `STEP`, then as much again as was granted, at most `STEP_MAX`;
+        all of it at once from the pool), or queue for it and stop reading."""
+        p = self.proto
+        budget = self._budget
+        while p.payload_blocked and not self._mem_wait and not self._closing:
+            length, need = p.payload_length, p.payload_need
+            if need == length:  # the first grant of a new payload
+                self.payload_since = time.monotonic()
+                ch = self._charge = Charge(self)
+                buf = budget.take_pooled(ch, length, mapped=length > STEP)
+                if buf is not None:
+                    self._payload_charges[id(buf)] = ch
+                    p.allow_payload(length, buf)
+                    continue
+                n = min(length, STEP)
+            else:
+                ch = self._charge
+                assert ch is not None
+                # Steps double what was granted (fewer waits for a large
+                # payload), so the charge stays under twice what arrived.
+                n = min(need, max(STEP, min(length - need, STEP_MAX)))
+            if budget.try_take(ch, n):
+                self._grant_payload(n)
+                continue
+            self._mem_wait = True
+            self._update_reading()
+            budget.wait(ch, n, self._payload_granted, whole=need)
+            return
+
+    def _grant_payload(self, n: int) -> None:
+        p = self.proto
+        buf = None
+        if p.payload_need == p.payload_length:
+            buf = new_payload_buffer(p.payload_length)
+            assert self._charge is not None
+            self._payload_charges[id(buf)] = self._charge
+        p.allow_payload(n, buf)
+
+    def _payload_granted(self, n: int) -> None:
+        """Budget callback: the queued payload step was charged."""
+        self._mem_wait = False
+        if self._closing:
+            return
+        self._last_active = time.monotonic()  # the wait was ours
+        self._grant_payload(n)
+        self._pump_payload()
+        self._process_events()
+        self._update_reading()
+
+    async def _reserve(self, n: int, *, buffer: bool = True) -> tuple[Charge, bytearray | None]:
+        """Charge ``n`` bytes for a READ reply and allocate its buffer (if
+        ``buffer``), waiting in the budget's FIFO when it is spent."""
+        self._free_sent()
+        budget = self._budget
+        ch = Charge(self)
+        buf = budget.take_pooled(ch, n) if buffer else None
+        if buf is not None:
+            return ch, buf
+        if n and not budget.try_take(ch, n):
+            fut = asyncio.get_running_loop().create_future()
+            self._mem_futures.add(fut)
+
+            def granted(_n: int) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+            try:
+                budget.wait(ch, n, granted)
+                await fut
+            except BaseException:
+                budget.cancel(ch)
+                budget.release(ch)
+                raise
+            finally:
+                self._mem_futures.discard(fut)
+        return ch, bytearray(n) if buffer else None
+
+    def _free_sent(self) -> None:
+        """Release the READ buffers whose reply bytes have left the transport."""
+        pending = self._pending_bufs
+        if not pending or self.transport is None:
+            return
+        sent = self._tx_total - self.transport.get_write_buffer_size()
+        budget = self._budget
+        while pending and pending[0][0] <= sent:
+            _, buf, ch = pending.popleft()
+            budget.release(ch, buf)
 
     def _process_events(self) -> None:
         proto_ = self.proto
@@ -543,10 +1010,24 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._tls_stage = memoryview(b"")
         if self._tls_early:
             early, self._tls_early = bytes(self._tls_early), bytearray()
-            self.proto.receive_data(early)
+            self._feed(early)
         self._flush_handshake()
         self._process_events()
         self._update_reading()
+
+    def _feed(self, data: bytes) -> None:
+        """Feed bytes that did not come through `get_buffer` (TLS early data)."""
+        mv = memoryview(data)
+        while mv and not self._closing:
+            buf = self.proto.get_buffer(len(mv))
+            if not len(buf):  # a paced payload waits for memory and the ring is full
+                self.evict("too much data during the TLS upgrade")
+                return
+            n = min(len(buf), len(mv))
+            buf[:n] = mv[:n]
+            mv = mv[n:]
+            self.proto.buffer_updated(n)
+            self._pump_payload()
 
     async def _close_when_idle(self, reason: str) -> None:
         await self.drain_requests()
@@ -559,7 +1040,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _start(self, req: Request) -> None:
         if req.cmd == Cmd.READ and self._read_now(req):
             return
-        task = asyncio.ensure_future(self._handle(req))
+        ch = self._payload_charges.pop(id(req.payload), None) if req.payload is not None else None
+        task = asyncio.ensure_future(self._handle(req, ch))
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
         self._update_reading()
@@ -591,52 +1073,43 @@ class NBDConnection(asyncio.BufferedProtocol):
                     e.flags & HOLE and e.flags & _ZERO for e in extents):
                 return False
         t0 = time.perf_counter_ns()
-        buf = self._get_buf(length)
+        self._free_sent()
+        budget = self._budget
+        ch = Charge(self)
+        buf = budget.take_pooled(ch, length)
+        if buf is None:
+            if not budget.try_take(ch, length):
+                return False  # the task path waits for memory
+            buf = bytearray(length)
         try:
             done = dev.pread_now(memoryview(buf), offset)
         except OSError:
             done = False  # the task path reports the error properly
         if not done:
-            if len(buf) >= 16 * 1024:
-                self._free_buf(buf)
+            budget.release(ch, buf)
             return False
         self._write(p.read_header(req.cookie, offset, length), buf)
-        self._put_buf(buf)
+        self._put_buf(buf, ch)
         exp.stats.record(_READ, length, True, time.perf_counter_ns() - t0)
         return True
 
-    def _get_buf(self, n: int) -> bytearray:
-        if self._pending_bufs and self.transport is not None and not self.transport.get_write_buffer_size():
-            for b in self._pending_bufs:
-                self._free_buf(b)
-            self._pending_bufs.clear()
-        free = self._pool.get(n)
-        if free:
-            return free.pop()
-        return bytearray(n)
-
-    def _put_buf(self, buf: bytearray) -> None:
-        """Recycle a read buffer once no transport can still hold it.
+    def _put_buf(self, buf, ch: Charge) -> None:
+        """A READ reply's buffer was written: release its charge once the
+        transport no longer holds its bytes.
 
         Zero-filling a fresh buffer for every read cost a third of the read
-        path.  A transport that could not send everything at once may keep a
-        reference to the caller's buffer (uvloop, Python >= 3.12), so a buffer
-        written while the send buffer was not empty waits in
-        ``_pending_bufs`` until the send buffer is empty again, i.e. until
-        every byte of it went to the kernel.
+        path, so released buffers go to the budget's pool.  A transport that
+        could not send everything at once may keep a reference to the
+        caller's buffer (uvloop, Python >= 3.12), or a copy of it (asyncio
+        3.11): either way the memory is alive until those bytes are sent, so
+        the buffer waits in ``_pending_bufs`` until ``_tx_total`` minus the
+        write-buffer size has passed its end (`_free_sent`).
         """
-        if len(buf) < 16 * 1024 or self.transport is None:
-            return
-        if self.transport.get_write_buffer_size():
-            if len(self._pending_bufs) < 64:
-                self._pending_bufs.append(buf)
+        t = self.transport
+        if t is not None and not self._closing and t.get_write_buffer_size():
+            self._pending_bufs.append((self._tx_total, buf, ch))
         else:
-            self._free_buf(buf)
-
-    def _free_buf(self, buf: bytearray) -> None:
-        free = self._pool.setdefault(len(buf), [])
-        if len(free) < 64:
-            free.append(buf)
+            self._budget.release(ch, buf if buf is not None and len(buf) >= 16 * 1024 else None)
 
     def _write(self, *parts) -> None:
         """Queue one whole reply.  Small replies are batched into one send."""
@@ -656,6 +1129,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         else:
             for p in parts:
                 t.write(p)
+        self._tx_total += sum(len(p) for p in parts)
 
     def _flush_wbuf(self) -> None:
         if not self._wbuf:
@@ -665,10 +1139,19 @@ class NBDConnection(asyncio.BufferedProtocol):
         t = self.transport
         if t is not None and not self._closing and not t.is_closing():
             t.write(data)
+            self._tx_total += len(data)
 
     # ---------------------------------------------------------- requests
 
-    async def _handle(self, req: Request) -> None:
+    async def _handle(self, req: Request, ch: Charge | None) -> None:
+        try:
+            await self._handle_request(req)
+        finally:
+            if ch is not None:
+                # The payload buffer goes back (to the pool when whole).
+                self._budget.release(ch, req.payload)
+
+    async def _handle_request(self, req: Request) -> None:
         p = self.proto
         exp = self.export
         if req.error:
@@ -700,8 +1183,6 @@ class NBDConnection(asyncio.BufferedProtocol):
         finally:
             exp.stats.record(req.cmd, req.length, ok, time.perf_counter_ns() - t0)
             exp.end()
-            if req.payload is not None:
-                self.proto.release(req.payload)
 
     async def _run(self, req: Request, exp: Export) -> None:
         p = self.proto
@@ -748,26 +1229,32 @@ class NBDConnection(asyncio.BufferedProtocol):
             if any(e.flags & HOLE and e.flags & _ZERO for e in extents):
                 await self._sparse_read(req, dev, extents)
                 return
-        buf = self._get_buf(length)
+        ch, buf = await self._reserve(length)
         try:
             await dev.pread(memoryview(buf), offset)
         except BaseException:
-            self._put_buf(buf)
+            self._budget.release(ch, buf)
             raise
         self._write(p.read_header(req.cookie, offset, length), buf)
-        self._put_buf(buf)
+        self._put_buf(buf, ch)
 
     async def _sparse_read(self, req: Request, dev: BlockDev, extents) -> None:
         """Structured read: OFFSET_HOLE for zero holes, OFFSET_DATA for the rest."""
         p = self.proto
         chunks: list = []
-        for e in extents:
-            if e.flags & HOLE and e.flags & _ZERO:
-                chunks.append((e.offset, e.length, None))
-            else:
-                buf = bytearray(e.length)
-                await dev.pread(memoryview(buf), e.offset)
-                chunks.append((e.offset, e.length, buf))
+        data = sum(e.length for e in extents if not (e.flags & HOLE and e.flags & _ZERO))
+        ch, _ = await self._reserve(data, buffer=False)
+        try:
+            for e in extents:
+                if e.flags & HOLE and e.flags & _ZERO:
+                    chunks.append((e.offset, e.length, None))
+                else:
+                    buf = bytearray(e.length)
+                    await dev.pread(memoryview(buf), e.offset)
+                    chunks.append((e.offset, e.length, buf))
+        except BaseException:
+            self._budget.release(ch)
+            raise
         parts = []
         for i, (off, n, buf) in enumerate(chunks):
             last = i == len(chunks) - 1
@@ -777,6 +1264,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 parts.append(p.read_header(req.cookie, off, n, done=last))
                 parts.append(buf)
         self._write(*parts)
+        self._put_buf(None, ch)
 
     async def _block_status(self, req: Request, exp: Export) -> None:
         p = self.proto
