@@ -14,6 +14,9 @@ Layout over an `ObjectStore` (keys are '/'-separated paths)::
     chunks/<2 hex>/<64 hex>     a chunk's bytes (the digest is blake3 of exactly them)
     snapshots/<name>.json       {"name", "created", "source", "parent", "manifest": {...}}
 
+``created`` is when the snapshot was saved (ISO 8601, UTC, in seconds);
+``repo prune`` (`agent.retention`) buckets snapshots by it.
+
 All-zero chunks are never stored (their digest is recognised).  Chunks are
 written before the snapshot that references them, so an interrupted pull
 leaves at worst unreferenced chunks, which `Repository.gc` removes.
@@ -21,9 +24,10 @@ leaves at worst unreferenced chunks, which `Repository.gc` removes.
 `DirStore` keeps the objects as files under a directory (written to a
 temporary name, fsynced, renamed; the directories are fsynced before a
 snapshot is written, so a crash cannot keep a snapshot and lose its chunks).  Its lock is ``flock`` on ``<dir>/lock``:
-pulls take it shared, ``gc`` and ``delete`` exclusive, so ``gc`` never
-removes the chunks of a pull in progress.  The store interface is small on
-purpose (put/get/exists/list/delete/lock), to fit an S3-compatible backend
+pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
+waiting: a busy repository is an error), so ``gc`` never removes the chunks
+of a pull in progress, nor ``prune`` its base.  The store interface is small on
+purpose (put/get/exists/list/delete/mtime/lock), to fit an S3-compatible backend
 later.  Not yet: compression, encryption, other backends.
 
 Invariants: `get_chunk` never returns bytes whose blake3 differs from the
@@ -122,6 +126,10 @@ class DirStore:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
+
+    def mtime(self, key: str) -> float:
+        """When the object was last written (seconds since the epoch)."""
+        return os.stat(self._path(key)).st_mtime
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
@@ -230,6 +238,26 @@ class Repository:
         return sorted(k[len("snapshots/"):-len(".json")] for k in self.store.list("snapshots")
                       if k.endswith(".json"))
 
+    def snapshot_time(self, name: str, info: dict | None = None) -> tuple[datetime.datetime, bool]:
+        """When the snapshot was written (aware, UTC) and whether that is a guess.
+
+        Its ``created`` field (written by `save_snapshot` since the first
+        version; a time without zone is taken as UTC); for a snapshot file
+        without a readable one, the file's mtime (second value True).
+        """
+        info = self.snapshot_info(name) if info is None else info
+        created = info.get("created")
+        if isinstance(created, str):
+            try:
+                t = datetime.datetime.fromisoformat(created)
+            except ValueError:
+                pass
+            else:
+                return (t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)).astimezone(
+                    datetime.timezone.utc), False
+        mtime = self.store.mtime(f"snapshots/{name}.json")
+        return datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc), True
+
     def delete_snapshot(self, name: str) -> None:
         if not self.has_snapshot(name):
             raise ConfigError(f"no snapshot {name!r} in {self.store.root}")
@@ -237,9 +265,10 @@ class Repository:
 
     # -- maintenance ---------------------------------------------------------
 
-    def referenced(self) -> set[bytes]:
+    def referenced(self, names: Sequence[str] | None = None) -> set[bytes]:
+        """Digests of the stored chunks that the snapshots ``names`` (default: all) use."""
         out: set[bytes] = set()
-        for name in self.snapshots():
+        for name in self.snapshots() if names is None else names:
             man = self.load_snapshot(name)
             for i, d in enumerate(man.chunks):
                 if d != zero_digest(man.chunk_range(i)[1]):

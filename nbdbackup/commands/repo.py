@@ -1,9 +1,13 @@
-"""``nbdbackup repo init|list|verify|delete|gc``: a chunk repository on disk (`agent.repo`).
+"""``nbdbackup repo init|list|verify|delete|prune|gc``: a chunk repository on disk (`agent.repo`).
 
 ``pull --repo DIR --snapshot NAME`` fills it; ``plugins/restore.py
 repo=DIR snapshot=NAME`` serves a snapshot back over NBD.  ``verify`` reads
 every chunk the snapshots use and exits 1 naming the broken ones; ``delete``
-forgets a snapshot; ``gc`` removes the chunks no snapshot uses any more.
+forgets a snapshot; ``prune`` forgets the snapshots a ``--keep-*`` policy
+does not keep (`agent.retention`; ``--dry-run`` only shows the plan);
+``gc`` removes the chunks no snapshot uses any more.  ``delete``, ``prune``
+and ``gc`` hold the repository lock exclusive and fail at once if a pull
+(or verify) holds it shared; ``prune --dry-run`` holds it shared.
 """
 
 from __future__ import annotations
@@ -31,6 +35,47 @@ def register(sub: argparse._SubParsersAction) -> None:
             a.add_argument("names", metavar="NAME", nargs="*" if name == "verify" else 1)
         a.add_argument("--json", action="store_true")
         a.set_defaults(func=func)
+    pr = rsub.add_parser(
+        "prune", help="delete the snapshots a retention policy does not keep",
+        description="Keep the snapshots that at least one --keep-* rule selects and delete the others "
+                    "(restic 'forget' semantics; hour/day/ISO week/month/year buckets in UTC). "
+                    "Refuses to run with no rule.")
+    pr.add_argument("dir", metavar="DIR")
+    pr.add_argument("--keep-last", type=_count, default=0, metavar="N", help="the N newest snapshots")
+    for rule in ("hourly", "daily", "weekly", "monthly", "yearly"):
+        pr.add_argument(f"--keep-{rule}", type=_count, default=0, metavar="N",
+                        help=f"the newest snapshot of each of the last N {rule} buckets that have one "
+                             f"('unlimited': all)")
+    pr.add_argument("--keep-within", type=_duration, metavar="DURATION",
+                    help="every snapshot newer than the newest minus DURATION (e.g. 2d3h, 1y6m; m = months)")
+    pr.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    pr.add_argument("--gc", action="store_true", help="then remove the chunks no kept snapshot uses")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_prune)
+
+
+def _count(text: str) -> int:
+    from ..agent.retention import UNLIMITED
+
+    if text in ("unlimited", "-1"):
+        return UNLIMITED
+    try:
+        n = int(text)
+    except ValueError:
+        n = -2
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0 or 'unlimited'")
+    return n
+
+
+def _duration(text: str):
+    from ..agent.retention import Duration
+    from ..errors import ConfigError
+
+    try:
+        return Duration.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _open(path: str):
@@ -94,3 +139,60 @@ def cmd_gc(args: argparse.Namespace) -> int:
         removed, kept = repo.gc()
     _emit(args, {"removed": removed, "kept": kept}, f"removed {removed} unused chunk(s), {kept} in use")
     return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import datetime
+
+    from ..agent import retention
+
+    policy = retention.Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,
+                              weekly=args.keep_weekly, monthly=args.keep_monthly, yearly=args.keep_yearly,
+                              within=args.keep_within).check()
+    store, repo = _open(args.dir)
+    gc: dict | None = None
+    with store.lock(exclusive=not args.dry_run):
+        times = {name: repo.snapshot_time(name) for name in repo.snapshots()}
+        now = datetime.datetime.now(datetime.timezone.utc)
+        decisions = retention.plan([(n, t) for n, (t, _) in times.items()], policy, now=now)
+        remove = retention.removed(decisions)
+        if args.dry_run:
+            if args.gc:  # what gc would free: chunks only the removed snapshots use
+                keep = repo.referenced(retention.kept(decisions))
+                gc = {"removed": len(repo.stored() - keep), "kept": len(keep)}
+        else:
+            for name in remove:
+                repo.delete_snapshot(name)
+            if args.gc:
+                freed, in_use = repo.gc()
+                gc = {"removed": freed, "kept": in_use}
+    guessed = sorted(n for n, (_, g) in times.items() if g)
+    doc = {"policy": policy.to_json(), "dry_run": args.dry_run, "now": now.isoformat(timespec="seconds"),
+           "snapshots": [{"name": d.name, "time": d.time.isoformat(timespec="seconds"),
+                          "time_from_mtime": times[d.name][1], "action": "keep" if d.keep else "remove",
+                          "reasons": [str(r) for r in d.reasons]} for d in decisions],
+           "keep": retention.kept(decisions), "remove": remove,
+           "removed": [] if args.dry_run else remove, "gc": gc}
+    _emit(args, doc, _prune_text(policy, decisions, times, remove, guessed, gc, args.dry_run))
+    return 0
+
+
+def _prune_text(policy, decisions, times, remove, guessed, gc, dry_run: bool) -> str:
+    rows = [("SNAPSHOT", "TIME (UTC)", "ACTION", "REASONS")]
+    for d in decisions:
+        rows.append((d.name, d.time.strftime("%Y-%m-%d %H:%M:%S") + ("*" if times[d.name][1] else ""),
+                     "keep" if d.keep else "remove", ", ".join(map(str, d.reasons)) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"policy: {policy.describe()} (buckets in UTC)"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    if guessed:
+        lines.append("* no 'created' time in the snapshot file: its modification time is used")
+    verb = "would remove" if dry_run else "removed"
+    lines.append(f"{verb} {len(remove)} of {len(decisions)} snapshot(s)" + (f": {' '.join(remove)}" if remove else "")
+                 + (" (dry run: nothing changed)" if dry_run else ""))
+    if gc is not None:
+        lines.append(f"gc: {'would remove' if dry_run else 'removed'} {gc['removed']} unused chunk(s), "
+                     f"{gc['kept']} in use")
+    elif remove and not dry_run:
+        lines.append("run 'nbdbackup repo gc' (or prune --gc) to free their chunks")
+    return "\n".join(lines)
