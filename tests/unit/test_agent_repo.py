@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import json
 import os
 
 import pytest
@@ -92,3 +94,78 @@ def test_gc_keeps_what_snapshots_use(tmp_path):
     assert repo.verify() == []
     with pytest.raises(ConfigError, match="no snapshot"):
         repo.delete_snapshot("s0")
+
+
+def test_snapshot_time_from_created_or_file_mtime(tmp_path):
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    store_image(repo, "s0", b"\x01" * C)
+    t, guessed = repo.snapshot_time("s0")
+    assert not guessed and t.tzinfo == datetime.timezone.utc
+    assert before <= t <= datetime.datetime.now(datetime.timezone.utc)
+    path = tmp_path / "r" / "snapshots" / "s0.json"
+    doc = json.loads(path.read_text())
+    for created, want in (("2026-12-01T10:00:00", datetime.datetime(2026, 12, 1, 10, tzinfo=datetime.timezone.utc)),
+                          ("2026-12-01T10:00:00-05:00",
+                           datetime.datetime(2026, 12, 1, 15, tzinfo=datetime.timezone.utc))):
+        path.write_text(json.dumps(dict(doc, created=created)))
+        assert repo.snapshot_time("s0") == (want, False)
+    for bad in (None, "yesterday", 12):  # older or damaged files: the file's mtime, flagged
+        d = dict(doc, created=bad) if bad is not None else {k: v for k, v in doc.items() if k != "created"}
+        path.write_text(json.dumps(d))
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+        assert repo.snapshot_time("s0") == (datetime.datetime.fromtimestamp(1_700_000_000, datetime.timezone.utc),
+                                            True)
+
+
+def test_prune_cli_plan_locks_and_refusals(tmp_path, capsys):
+    from nbdbackup.cli import main
+
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    t0 = datetime.datetime(2026, 11, 2, 12, tzinfo=datetime.timezone.utc)  # a Monday
+    for i in range(6):  # one a day, each with its own chunk and a shared one
+        store_image(repo, f"d{i}", bytes([i + 1]) * C + b"\xee" * C)
+        path = tmp_path / "r" / "snapshots" / f"d{i}.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()),
+                                        created=(t0 + datetime.timedelta(days=i)).isoformat())))
+    d = str(tmp_path / "r")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        rc = main(["repo", "prune", d, *args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    rc, out, err = run()
+    assert rc == 1 and "refusing to prune with no --keep-* rule" in err
+    assert run("--keep-daily", "0", "--keep-within", "0h")[0] == 1 and len(repo.snapshots()) == 6
+    with pytest.raises(SystemExit):
+        main(["repo", "prune", d, "--keep-daily", "-3"])
+    capsys.readouterr()
+
+    rc, out, _ = run("--keep-last", "1", "--keep-daily", "3", "--dry-run", "--gc", "--json")
+    plan = json.loads(out)
+    assert rc == 0 and plan["keep"] == ["d5", "d4", "d3"] and plan["remove"] == ["d2", "d1", "d0"]
+    assert plan["removed"] == [] and plan["gc"] == {"removed": 3, "kept": 4}
+    assert plan["snapshots"][0] == {"name": "d5", "time": "2026-11-07T12:00:00+00:00", "time_from_mtime": False,
+                                    "action": "keep", "reasons": ["last 1/1", "daily 2026-11-07"]}
+    assert len(repo.snapshots()) == 6 and len(repo.stored()) == 7
+
+    with st.lock(exclusive=False):  # a pull in progress: the plan can be shown, nothing removed
+        assert run("--keep-last", "1", "--dry-run")[0] == 0
+        rc, _, err = run("--keep-last", "1")
+        assert rc == 1 and "busy" in err and len(repo.snapshots()) == 6
+
+    rc, out, _ = run("--keep-last", "1", "--keep-daily", "3")
+    assert rc == 0 and repo.snapshots() == ["d3", "d4", "d5"] and len(repo.stored()) == 7
+    lines = out.splitlines()
+    assert lines[0] == "policy: keep 1 last, 3 daily (buckets in UTC)"
+    assert lines[1].split() == ["SNAPSHOT", "TIME", "(UTC)", "ACTION", "REASONS"]
+    assert lines[2].split() == ["d5", "2026-11-07", "12:00:00", "keep", "last", "1/1,", "daily", "2026-11-07"]
+    assert lines[5].split() == ["d2", "2026-11-04", "12:00:00", "remove", "-"]
+    assert "removed 3 of 6 snapshot(s): d2 d1 d0" in out and "run 'nbdbackup repo gc'" in out
+
+    rc, out, _ = run("--keep-weekly", "1", "--gc")  # Mon..Sat: one ISO week
+    assert rc == 0 and repo.snapshots() == ["d5"] and "gc: removed 5 unused chunk(s), 2 in use" in out
+    assert repo.verify() == []
