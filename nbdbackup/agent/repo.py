@@ -224,9 +224,14 @@ class Repository:
     def snapshot_info(self, name: str) -> dict:
         check_name(name)
         try:
-            return json.loads(self.store.get(f"snapshots/{name}.json"))
+            info = json.loads(self.store.get(f"snapshots/{name}.json"))
         except FileNotFoundError:
             raise ConfigError(f"no snapshot {name!r} in {self.store.root}") from None
+        except ValueError as e:
+            raise ConfigError(f"snapshot {name!r} in {self.store.root} is damaged: {e}") from None
+        if not isinstance(info, dict):
+            raise ConfigError(f"snapshot {name!r} in {self.store.root} is damaged: not a JSON object")
+        return info
 
     def load_snapshot(self, name: str) -> Manifest:
         return Manifest.from_json(self.snapshot_info(name).get("manifest"), f"snapshot {name}")

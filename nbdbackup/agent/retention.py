@@ -139,9 +139,9 @@ class Policy:
         return self
 
     def describe(self) -> str:
-        out = [f"{'all' if n == UNLIMITED else n} {r}" for r in RULES if (n := getattr(self, r))]
+        out = [f"{r} {'all' if n == UNLIMITED else n}" for r in RULES if (n := getattr(self, r))]
         if self.within is not None and not self.within.zero():
-            out.append(f"all within {self.within} of the newest")
+            out.append(f"within {self.within} of the newest")
         return "keep " + ", ".join(out) if out else "keep nothing"
 
     def to_json(self) -> dict:

@@ -117,6 +117,10 @@ def test_snapshot_time_from_created_or_file_mtime(tmp_path):
         os.utime(path, (1_700_000_000, 1_700_000_000))
         assert repo.snapshot_time("s0") == (datetime.datetime.fromtimestamp(1_700_000_000, datetime.timezone.utc),
                                             True)
+    for damaged in ("{not json", "[1, 2]"):  # prune refuses to guess: it names the file
+        path.write_text(damaged)
+        with pytest.raises(ConfigError, match="snapshot 's0' in .* is damaged"):
+            repo.snapshot_time("s0")
 
 
 def test_prune_cli_plan_locks_and_refusals(tmp_path, capsys):
@@ -160,7 +164,7 @@ def test_prune_cli_plan_locks_and_refusals(tmp_path, capsys):
     rc, out, _ = run("--keep-last", "1", "--keep-daily", "3")
     assert rc == 0 and repo.snapshots() == ["d3", "d4", "d5"] and len(repo.stored()) == 7
     lines = out.splitlines()
-    assert lines[0] == "policy: keep 1 last, 3 daily (buckets in UTC)"
+    assert lines[0] == "policy: keep last 1, daily 3 (buckets in UTC)"
     assert lines[1].split() == ["SNAPSHOT", "TIME", "(UTC)", "ACTION", "REASONS"]
     assert lines[2].split() == ["d5", "2026-11-07", "12:00:00", "keep", "last", "1/1,", "daily", "2026-11-07"]
     assert lines[5].split() == ["d2", "2026-11-04", "12:00:00", "remove", "-"]

@@ -149,7 +149,7 @@ def test_unlimited_and_ties():
     snaps = [(n, T(2026, 12, 1, h)) for n, h in (("a", 1), ("b", 1), ("c", 3), ("d", 5))]
     assert kept(plan(snaps, Policy(hourly=UNLIMITED))) == ["d", "c", "b"]  # tie at 01:00: the later name wins
     assert reasons(plan(snaps, Policy(last=UNLIMITED)))["a"] == ["last 4"]
-    assert Policy(last=UNLIMITED, within=Duration(days=1)).describe() == "keep all last, all within 1d of the newest"
+    assert Policy(last=UNLIMITED, within=Duration(days=1)).describe() == "keep last all, within 1d of the newest"
 
 
 # -- properties ------------------------------------------------------------------
