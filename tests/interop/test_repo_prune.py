@@ -15,7 +15,7 @@ prune fails at once, naming the repository busy, and removes nothing.
 ``restic forget --dry-run --json`` over a restic repository with snapshots at
 the same times (``restic backup --time``) keeps the same snapshots for the
 same policies (restic 0.14, Debian 12: buckets in the zone of the snapshot
-time, so every time is given and read in UTC).
+time, so every time is given and read in UTC), bucket boundaries included.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 import peers
 from qemutools import qemu_io
@@ -171,20 +173,31 @@ def test_prune_fails_clearly_while_a_pull_holds_the_lock(short_tmp):
 
 # -- restic as the referee ---------------------------------------------------------
 
-#: Irregular backup times over 14 months (UTC): several a day, gaps, a year end.
-RESTIC_TIMES = [datetime.datetime(2025, 10, 30, 22, 15, tzinfo=UTC) + datetime.timedelta(hours=h) for h in (
-    0, 1, 30, 31, 31.5, 50, 170, 171, 400, 401, 1200, 1201, 2300, 4000, 5900, 6000, 6001, 6002, 7300, 7301,
-    8700, 9000, 9400, 9420, 9421, 9445, 9446, 9470)]
+#: Irregular backup times over 14 months (UTC), in pairs across the boundaries
+#: of an hour, a day (one at exactly 00:00:00), an ISO week (Sun/Mon), a month,
+#: a year, and ISO week 2025-W01 starting on Monday 2024-12-30; several an hour.
+RESTIC_TIMES = [datetime.datetime.fromisoformat(t + "+00:00") for t in (
+    "2024-10-31 23:45:00", "2024-11-01 00:15:00", "2024-11-03 23:45:00", "2024-11-04 00:15:00",
+    "2024-11-04 00:59:59", "2024-11-04 01:00:00", "2024-11-06 12:00:00", "2024-11-06 12:30:00",
+    "2024-11-06 13:10:00", "2024-11-21 08:00:00", "2024-12-29 10:00:00", "2024-12-31 23:45:00",
+    "2025-01-01 00:15:00", "2025-02-28 10:00:00", "2025-03-01 09:00:00", "2025-06-15 12:00:00",
+    "2025-09-30 23:59:59", "2025-10-01 00:00:00", "2025-11-30 12:00:00", "2025-12-01 12:00:00",
+    "2025-12-02 06:00:00", "2025-12-02 06:40:00", "2025-12-02 07:05:00", "2025-12-02 09:00:00",
+    "2025-12-03 00:00:00", "2025-12-03 00:30:00", "2025-12-03 02:00:00", "2025-12-03 02:10:00")]
 RESTIC_POLICIES = [
     ["--keep-daily", "4"],
     ["--keep-last", "2", "--keep-hourly", "3", "--keep-weekly", "3"],
     ["--keep-daily", "3", "--keep-weekly", "4", "--keep-monthly", "6", "--keep-yearly", "2"],
     ["--keep-within", "3d2h"],
     ["--keep-within", "1m5d", "--keep-monthly", "3"],
-    ["--keep-hourly", "5", "--keep-yearly", "3"],
+    ["--keep-hourly", "100"],  # every bucket of each kind (restic 0.14 has no 'unlimited')
+    ["--keep-daily", "100"],
+    ["--keep-weekly", "100"],
+    ["--keep-monthly", "100", "--keep-yearly", "100"],
 ]
 
 
+@pytest.mark.timeout(400)  # 28 restic backups and 9 forgets, each deriving the key (about 1 s here, more on a busy machine)
 def test_same_decisions_as_restic_forget(short_tmp):
     restic = peers.require("restic")
     env = dict(os.environ, RESTIC_REPOSITORY=str(short_tmp / "restic"), RESTIC_PASSWORD="test", TZ="UTC",

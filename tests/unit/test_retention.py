@@ -155,7 +155,8 @@ def test_unlimited_and_ties():
 # -- properties ------------------------------------------------------------------
 
 BASE = T(2024, 1, 1)
-ZONES = [UTC, datetime.timezone(datetime.timedelta(hours=5, minutes=30)), datetime.timezone(datetime.timedelta(hours=-8))]
+ZONES = [UTC, datetime.timezone(datetime.timedelta(hours=5, minutes=30)),
+         datetime.timezone(datetime.timedelta(hours=-8))]
 counts = st.one_of(st.integers(0, 6), st.just(UNLIMITED))
 durations = st.builds(Duration, st.integers(0, 2), st.integers(0, 14), st.integers(0, 40), st.integers(0, 72))
 
