@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(restic 'forget' semantics; hour/day/ISO week/month/year buckets in UTC). "
                     "Refuses to run with no rule.")
     pr.add_argument("dir", metavar="DIR")
-    pr.add_argument("--keep-last", type=_count, default=0, metavar="N", help="the N newest snapshots")
+    pr.add_argument("--keep-last", type=_count, default=0, metavar="N",
+                    help="the N newest snapshots ('unlimited': all)")
     for rule in ("hourly", "daily", "weekly", "monthly", "yearly"):
         pr.add_argument(f"--keep-{rule}", type=_count, default=0, metavar="N",
                         help=f"the newest snapshot of each of the last N {rule} buckets that have one "
@@ -59,13 +60,9 @@ def _count(text: str) -> int:
 
     if text in ("unlimited", "-1"):
         return UNLIMITED
-    try:
-        n = int(text)
-    except ValueError:
-        n = -2
-    if n < 0:
+    if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0 or 'unlimited'")
-    return n
+    return int(text)
 
 
 def _duration(text: str):
