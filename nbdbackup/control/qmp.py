@@ -102,7 +102,7 @@ class _Command:
 
 
 class QMPServer:
-    """A QMP server: a command registry plus a Unix-socket listener.
+    """A QMP server: a command registry plus a Unix-socket listener and any TCP+TLS ones.
 
     Typical use (the ``serve`` command)::
 
