@@ -176,6 +176,6 @@ def done(args: argparse.Namespace, result: Any, message: str) -> int:
 
 
 __all__ = [
-    "ENV_CONTROL", "ENV_CONTROL_TLS_CREDS", "add_control_arguments", "control_tls_creds", "size_arg", "uint_arg", "control_path", "connect", "run", "call",
-    "print_json", "fmt_size", "print_table", "done",
+    "ENV_CONTROL", "ENV_CONTROL_TLS_CREDS", "add_control_arguments", "control_tls_creds", "size_arg", "uint_arg",
+    "control_path", "connect", "run", "call", "print_json", "fmt_size", "print_table", "done",
 ]

@@ -131,7 +131,8 @@ def server_config(listens: list[tuple[str, int]], creds_dir: str | None, full: l
 
     if not listens:
         if creds_dir or full or read:
-            raise ConfigError("--control-tls-creds/--control-authz/--control-authz-read need --control-listen HOST:PORT")
+            raise ConfigError("--control-tls-creds/--control-authz/--control-authz-read "
+                              "need --control-listen HOST:PORT")
         return None
     if not creds_dir:
         raise ConfigError("--control-listen needs --control-tls-creds DIR: remote control is TLS-only, "
