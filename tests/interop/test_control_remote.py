@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -62,8 +63,6 @@ def clients(pki):
     (base / "impostor" / "ca-cert.pem").write_bytes((Path(good) / "ca-cert.pem").read_bytes())
     (base / "untrusting" / "ca-cert.pem").write_bytes((Path(pki["rogue"]) / "ca-cert.pem").read_bytes())
     yield dirs
-    import shutil
-
     shutil.rmtree(base, ignore_errors=True)
 
 
