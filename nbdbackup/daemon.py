@@ -165,10 +165,13 @@ def register_engine_commands(qmp: Any, engine: Any, bitmaps: Any = None) -> None
     qmp.register("backup-start", backup_start)
 
 
-async def start(server, args: argparse.Namespace | None = None, control_sock: Any = None) -> App:
+async def start(server, args: argparse.Namespace | None = None, control_sock: Any = None,
+                remote: Any = None) -> App:
     """Build the bitmaps, the engine and (with ``args.control``, or
     ``control_sock``, a listening Unix socket systemd passed, which wins)
-    open the control socket.
+    open the control socket; with ``remote`` (a `control.remote.RemoteControl`)
+    also listen for remote control on its TCP addresses (`ConfigError` if
+    one cannot be bound).
 
     With ``args.state_dir`` persistent bitmaps live there (`bitmap.store`);
     exports added later (`add_export`) load theirs when they open.
@@ -185,7 +188,7 @@ async def start(server, args: argparse.Namespace | None = None, control_sock: An
         raise ConfigError(f"--state-dir {args.state_dir}: {e.strerror or e}") from None
     control_path = getattr(args, "control", None)
     qmp = None
-    if control_path or control_sock is not None:
+    if control_path or control_sock is not None or remote is not None:
         from .control.qmp import QMPServer
 
         qmp = QMPServer()
@@ -196,11 +199,20 @@ async def start(server, args: argparse.Namespace | None = None, control_sock: An
         register_engine_commands(qmp, app.engine, app.bitmaps)
         register_export_commands(qmp, app)
         register_bitmap_commands(qmp, app.bitmaps)
-        if control_sock is not None:
-            await qmp.start_socket(control_sock)
-        else:
-            await qmp.start(control_path)
-            log.info("control socket on %s", control_path)
+        try:
+            if control_sock is not None:
+                await qmp.start_socket(control_sock)
+            elif control_path:
+                await qmp.start(control_path)
+                log.info("control socket on %s", control_path)
+            for host, port in (remote.listens if remote is not None else ()):
+                try:
+                    await qmp.start_tcp(host, port, remote.ssl, remote.authz.classify)
+                except OSError as e:
+                    raise ConfigError(f"cannot listen for control on {host}:{port}: {e.strerror or e}") from None
+        except BaseException:
+            await qmp.close()  # a listener already open (the socket file) goes away
+            raise
         app.control = qmp
     return app
 

@@ -23,6 +23,13 @@ and group of the ``--socket`` files (`nbdbackup.sockets.set_socket_access`),
 so a group's members can attach; the control socket stays 0600 (it can start
 and cancel backups).
 
+Remote control (`control.remote`): ``--control-listen HOST:PORT``
+(repeatable) serves the control socket on TCP, TLS from the first byte with
+``--control-tls-creds DIR`` (the NBD layout) and a client certificate
+required; ``--control-authz PATTERN`` admits matching subjects to every
+command, ``--control-authz-read PATTERN`` to ``query-*`` only.  Without
+credentials or without any pattern it refuses to start.
+
 ``--metrics HOST:PORT`` serves Prometheus text at ``/metrics`` (`nbdbackup.metrics`).
 
 Limits against hostile or broken clients (`nbd.server`, `nbd.budget`):
@@ -86,6 +93,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the description NBD clients see for export NAME (repeatable; default: none, "
                         "so no server-side path is shown)")
     p.add_argument("--control", metavar="PATH", help="QMP-compatible control socket")
+    p.add_argument("--control-listen", action="append", default=[], metavar="HOST:PORT",
+                   help="also serve the control socket on TCP, TLS only with client certificates "
+                        "(repeatable; needs --control-tls-creds and --control-authz[-read])")
+    p.add_argument("--control-tls-creds", metavar="DIR",
+                   help="credentials of --control-listen (ca-cert.pem, server-cert.pem, server-key.pem); "
+                        "clients must present a certificate this CA signed")
+    p.add_argument("--control-authz", action="append", default=[], metavar="PATTERN",
+                   help="admit control clients whose certificate subject (RFC 4514) matches this glob "
+                        "to every command (repeatable)")
+    p.add_argument("--control-authz-read", action="append", default=[], metavar="PATTERN",
+                   help="admit control clients whose certificate subject matches this glob to query-* "
+                        "commands only (repeatable)")
     p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state (dirty bitmaps)")
     p.add_argument("--max-connections", type=int, default=256, metavar="N",
                    help="connections at once; when full, the connection quiet the longest is evicted "
@@ -191,10 +210,10 @@ def parse_descriptions(items: list[str], names: list[str]) -> dict[str, str]:
     return out
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError(f"bad --listen {text!r}: expected HOST:PORT")
+        raise ConfigError(f"bad {option} {text!r}: expected HOST:PORT")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 
@@ -227,7 +246,11 @@ def run(args: argparse.Namespace) -> int:
     for name, text in descriptions.items():
         check_description(name, text)
     listens = [parse_listen(x) for x in args.listen]
-    metrics = parse_listen(args.metrics) if args.metrics else None
+    metrics = parse_listen(args.metrics, "--metrics") if args.metrics else None
+    from ..control.remote import server_config
+
+    remote = server_config([parse_listen(x, "--control-listen") for x in args.control_listen],
+                           args.control_tls_creds, args.control_authz, args.control_authz_read)
     passed, control = activated_sockets(systemd.take_listen_fds())
     if passed and (args.socket or listens):
         log.warning("socket activation: serving the %d socket(s) systemd passed; ignoring --socket/--listen",
@@ -251,12 +274,13 @@ def run(args: argparse.Namespace) -> int:
     from . import run_async
 
     return run_async(_serve(args, exports, listens, metrics, descriptions=descriptions, passed=passed,
-                            control_sock=control, socket_mode=socket_mode, socket_gid=socket_gid))
+                            control_sock=control, socket_mode=socket_mode, socket_gid=socket_gid,
+                            remote=remote))
 
 
 async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, descriptions: dict[str, str],
                  passed=(), control_sock=None, socket_mode: int | None = None,
-                 socket_gid: int | None = None) -> int:
+                 socket_gid: int | None = None, remote=None) -> int:
     from .. import daemon
     from .. import metrics
     from .. import systemd
@@ -272,7 +296,7 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
     metrics_srv = None
     where: list[str] = []
     try:
-        app = await daemon.start(server, args, control_sock)
+        app = await daemon.start(server, args, control_sock, remote=remote)
         for name, spec, ro in exports:
             await daemon.add_export(app, name, spec, ro, descriptions.get(name, ""))
         for sock in passed:

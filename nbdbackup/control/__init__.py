@@ -3,7 +3,9 @@
 - `schema`: THE command table (names, argument schemas, return shapes, events)
   and the declarative argument types; `CommandError`.
 - `framing`: sans-IO QMP framing (JSON text splitting, request checks, replies).
-- `qmp`: `QMPServer` -- the asyncio Unix-socket server and handler registry.
+- `qmp`: `QMPServer` -- the asyncio Unix-socket (and TCP+TLS) server and handler registry.
+- `remote`: remote control -- ``--control-listen`` configuration, access by
+  client certificate subject (full / read-only), ``qmps://`` client addresses.
 - `client`: `ControlClient` -- the asyncio client the CLI uses.
 - `cliutil`: helpers shared by the ``backup``/``job``/``bitmap``/``export`` commands.
 

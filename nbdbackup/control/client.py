@@ -2,6 +2,8 @@
 
 Role: connect, check the greeting, negotiate capabilities, then run commands
 and collect events.  No dependency on qemu.qmp; it speaks to QEMU itself too.
+A Unix socket path, or a (host, port) pair with an ``ssl`` context for remote
+control (`control.remote.client_for` builds one from ``qmps://HOST:PORT``).
 
     async with ControlClient(path) as c:
         jobs = await c.execute("query-jobs")
@@ -28,6 +30,7 @@ import contextlib
 import itertools
 import logging
 import os
+import ssl as _ssl
 from typing import Any, AsyncIterator
 
 from ..errors import ConnectionClosed, RemoteProtocolError
@@ -42,16 +45,29 @@ _EOF = object()
 
 
 class ControlClient:
-    """A QMP client on a Unix socket.  Fields:
+    """A QMP client on a Unix socket or TCP (optionally TLS).  Fields:
 
+    - ``path``: the address as messages name it (the socket path, or ``name``
+      / ``HOST:PORT`` for TCP);
     - ``greeting``: the server's greeting object (``{"QMP": ...}``), once connected;
     - ``_pending``: request id -> future of its reply message;
     - ``_events``: events not yet consumed (the `_EOF` marker ends the stream);
     - ``_closed``: the connection is gone (set by the reader).
     """
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float | None = 10.0) -> None:
-        self.path = os.fspath(path)
+    def __init__(self, address: str | os.PathLike | tuple[str, int], *, timeout: float | None = 10.0,
+                 ssl: _ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 name: str | None = None) -> None:
+        #: A (host, port) pair for TCP, else None.
+        self._tcp: tuple[str, int] | None = None
+        if isinstance(address, tuple):
+            self._tcp = (address[0], int(address[1]))
+            self.path = name or f"{address[0]}:{address[1]}"
+        else:
+            self.path = name or os.fspath(address)
+        #: TLS context (TCP only) and the name the server certificate must carry.
+        self.ssl = ssl
+        self.server_hostname = server_hostname
         #: Seconds allowed for connect + greeting + negotiation (None = forever).
         self.timeout = timeout
         self.greeting: dict | None = None
@@ -75,7 +91,13 @@ class ControlClient:
     async def connect(self) -> None:
         """Connect, read the greeting, negotiate.  Raises OSError or `RemoteProtocolError`."""
         async with asyncio.timeout(self.timeout):
-            self._reader, self._writer = await asyncio.open_unix_connection(self.path)
+            if self._tcp is None:
+                self._reader, self._writer = await asyncio.open_unix_connection(self.path)
+            elif self.ssl is not None:
+                self._reader, self._writer = await asyncio.open_connection(
+                    *self._tcp, ssl=self.ssl, server_hostname=self.server_hostname or self._tcp[0])
+            else:
+                self._reader, self._writer = await asyncio.open_connection(*self._tcp)
             try:
                 greeting = await self._recv()
                 if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
@@ -85,6 +107,10 @@ class ControlClient:
                 reply = await self._recv()
                 while isinstance(reply, dict) and "event" in reply:  # not expected, tolerated
                     reply = await self._recv()
+                if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
+                    # E.g. remote control refusing this client certificate: say why.
+                    raise RemoteProtocolError(f"{self.path}: capabilities negotiation refused: "
+                                              f"{str(reply['error'].get('desc'))[:400]}")
                 if not isinstance(reply, dict) or "return" not in reply:
                     raise RemoteProtocolError(f"{self.path}: capabilities negotiation failed: {reply!r:.200}")
             except BaseException:
@@ -99,6 +125,10 @@ class ControlClient:
         while not self._backlog:
             data = await self._reader.read(65536)
             if not data:
+                if self.greeting is None and self.ssl is not None:
+                    # TLS 1.3: a server refusing our certificate closes after the handshake.
+                    raise ConnectionClosed(f"{self.path}: connection closed by the server before its greeting "
+                                           "(did it refuse this client certificate? see its log)")
                 raise ConnectionClosed(f"{self.path}: connection closed by the server")
             self._backlog.extend(self._splitter.feed(data))
         msg = self._backlog.pop(0)

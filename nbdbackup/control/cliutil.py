@@ -4,8 +4,11 @@ Role: keeps ``nbdbackup.commands.{backup,job,bitmap,export}`` thin: the
 ``--control``/``--json`` options, one-shot command calls, output formatting.
 
 Invariants:
-- The socket path comes from ``--control`` or else ``$NBDBACKUP_CONTROL``;
-  neither is a `ConfigError` (exit 1, one line, no traceback).
+- The control address comes from ``--control`` or else ``$NBDBACKUP_CONTROL``;
+  neither is a `ConfigError` (exit 1, one line, no traceback).  It is a Unix
+  socket path or ``qmps://HOST:PORT`` (remote control, `control.remote`: TLS
+  with the client certificate of ``--control-tls-creds`` or else
+  ``$NBDBACKUP_CONTROL_TLS_CREDS``).
 - Connection failures become `ConfigError` naming the socket and the likely
   fix; a refused command is a `CommandError` (its ``desc`` is printed).
 - ``--json`` output is exactly one JSON document on stdout.
@@ -17,19 +20,26 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 from typing import Any, Awaitable, Callable
 
 from ..blockdev import parse_size
 from ..errors import ConfigError, ConnectionClosed, RemoteProtocolError
 from .client import ControlClient
+from .remote import client_for
 
 ENV_CONTROL = "NBDBACKUP_CONTROL"
+ENV_CONTROL_TLS_CREDS = "NBDBACKUP_CONTROL_TLS_CREDS"
 
 
 def add_control_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control", metavar="PATH", default=None,
-                   help=f"control socket of 'nbdbackup serve' (default: ${ENV_CONTROL})")
+    p.add_argument("--control", metavar="PATH|qmps://HOST:PORT", default=None,
+                   help=f"control socket of 'nbdbackup serve', or its --control-listen address "
+                        f"(default: ${ENV_CONTROL})")
+    p.add_argument("--control-tls-creds", metavar="DIR", default=None,
+                   help="for qmps://: ca-cert.pem, client-cert.pem, client-key.pem "
+                        f"(default: ${ENV_CONTROL_TLS_CREDS})")
     p.add_argument("--json", action="store_true", help="print the raw JSON result (for scripts)")
 
 
@@ -58,14 +68,26 @@ def control_path(args: argparse.Namespace) -> str:
     return path
 
 
-async def connect(path: str) -> ControlClient:
-    client = ControlClient(path)
+def control_tls_creds(args: argparse.Namespace) -> str | None:
+    return getattr(args, "control_tls_creds", None) or os.environ.get(ENV_CONTROL_TLS_CREDS) or None
+
+
+async def connect(path: str, tls_creds: str | None = None) -> ControlClient:
+    """A connected client for the address PATH (socket path or ``qmps://``)."""
+    client = client_for(path, tls_creds)
     try:
         await client.connect()
+    except ssl.SSLCertVerificationError as e:
+        raise ConfigError(f"control {path}: the server's certificate is not trusted: "
+                          f"{e.verify_message or e}") from None
+    except ssl.SSLError as e:
+        raise ConfigError(f"control {path}: TLS failed (does the server accept this client certificate?): "
+                          f"{e.reason or e}") from None
     except FileNotFoundError:
         raise ConfigError(f"control socket {path}: no such file (is 'nbdbackup serve --control {path}' running?)") from None
     except ConnectionRefusedError:
-        raise ConfigError(f"control socket {path}: connection refused (stale socket? is the server running?)") from None
+        hint = "is the server running?" if "://" in path else "stale socket? is the server running?"
+        raise ConfigError(f"control socket {path}: connection refused ({hint})") from None
     except PermissionError:
         raise ConfigError(f"control socket {path}: permission denied") from None
     except TimeoutError:
@@ -80,9 +102,10 @@ async def connect(path: str) -> ControlClient:
 def run(args: argparse.Namespace, body: Callable[[ControlClient], Awaitable[Any]]) -> Any:
     """Connect to the control socket, run ``await body(client)``, disconnect."""
     path = control_path(args)
+    creds = control_tls_creds(args)
 
     async def main() -> Any:
-        client = await connect(path)
+        client = await connect(path, creds)
         try:
             return await body(client)
         except ConnectionClosed as e:
@@ -153,6 +176,6 @@ def done(args: argparse.Namespace, result: Any, message: str) -> int:
 
 
 __all__ = [
-    "ENV_CONTROL", "add_control_arguments", "size_arg", "uint_arg", "control_path", "connect", "run", "call",
-    "print_json", "fmt_size", "print_table", "done",
+    "ENV_CONTROL", "ENV_CONTROL_TLS_CREDS", "add_control_arguments", "control_tls_creds", "size_arg", "uint_arg",
+    "control_path", "connect", "run", "call", "print_json", "fmt_size", "print_table", "done",
 ]

@@ -1,4 +1,4 @@
-"""The control socket: an asyncio QMP server on a Unix socket.
+"""The control socket: an asyncio QMP server on a Unix socket (and on TCP with TLS).
 
 Role: lets operators and scripts drive nbdbackup exactly as they drive QEMU --
 any QMP client (``qemu.qmp.QMPClient``, ``socat``, libvirt-style code) works
@@ -20,6 +20,14 @@ Protocol (QEMU's, see `control.framing` for the byte level):
 - Malformed input gets a ``GenericError`` reply and the connection carries on
   (except past the hard limits of `framing.JSONSplitter`).
 - Events: ``{"timestamp": {"seconds", "microseconds"}, "event": NAME, "data": {...}}``.
+
+Listeners: one Unix socket (`start`, mode 0600, or `start_socket` for a
+socket systemd passed) whose clients may run everything, plus any number of
+TCP+TLS listeners (`start_tcp`, remote control, see `control.remote`) whose
+clients get the `remote.Access` their certificate earns: every command is
+first checked against the session's access (`Access.refusal`), so a refused
+client gets ``GenericError`` with the reason for every command, and a
+read-only one for every command that is not `schema.is_read_only`.
 
 Concurrency invariants:
 - Each client is a `_Session` with three tasks: the reader (parses input,
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -58,6 +67,7 @@ from .. import __version__
 from ..errors import ConfigError, NBDBackupError
 from ..sockets import prepare_unix_socket
 from . import framing, schema
+from .remote import FULL, Access
 from .schema import CommandError, Struct
 
 __all__ = ["QMPServer", "CommandError", "Handler"]
@@ -70,6 +80,8 @@ MAX_QUEUED = 8
 MAX_OUTPUT_BACKLOG = 10_000
 #: Bytes read per socket read.
 READ_CHUNK = 64 * 1024
+#: Seconds a TCP client has to complete its TLS handshake.
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -90,7 +102,7 @@ class _Command:
 
 
 class QMPServer:
-    """A QMP server: a command registry plus a Unix-socket listener.
+    """A QMP server: a command registry plus a Unix-socket listener and any TCP+TLS ones.
 
     Typical use (the ``serve`` command)::
 
@@ -108,7 +120,9 @@ class QMPServer:
         self._commands: dict[str, _Command] = {}
         #: Live client sessions.
         self._sessions: set[_Session] = set()
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.base_events.Server | None = None  # the Unix listener
+        #: TCP+TLS listeners (`start_tcp`).
+        self._tcp_servers: list[asyncio.base_events.Server] = []
         self._path: str | None = None
         self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
         self.version = {"qemu": _version_triple(version), "package": package or f"nbdbackup {version}"}
@@ -210,12 +224,31 @@ class QMPServer:
         self._server = await asyncio.start_unix_server(self._on_connect, sock=sock)
         log.info("control socket listening on passed socket %r", sock.getsockname())
 
+    async def start_tcp(self, host: str, port: int, ssl_context, authorize: Callable[[dict | None], Access]) -> int:
+        """Listen on TCP HOST:PORT with TLS from the first byte; returns the bound port.
+
+        ``ssl_context`` must require a client certificate; after the handshake
+        ``authorize(peercert)`` gives the session's `Access`.  Raises OSError
+        if the address cannot be bound.  May be called several times, with or
+        without a Unix listener.
+        """
+        srv = await asyncio.start_server(
+            functools.partial(self._on_connect, authorize=authorize), host, port, ssl=ssl_context,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        self._tcp_servers.append(srv)
+        bound = srv.sockets[0].getsockname()[1] if srv.sockets else port
+        log.info("control listening on tcp %s:%s (TLS, client certificates required)", host, bound)
+        return bound
+
     async def close(self) -> None:
         """Stop listening, disconnect every client, remove the socket file
         (only one `start` created)."""
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        tcp, self._tcp_servers = self._tcp_servers, []
+        for srv in tcp:
+            srv.close()
         for session in list(self._sessions):
             session.abort()
         tasks = [s.task for s in self._sessions if s.task is not None]
@@ -223,9 +256,10 @@ class QMPServer:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if server is not None:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
+        for srv in [server, *tcp]:
+            if srv is not None:
+                with contextlib.suppress(Exception):
+                    await srv.wait_closed()
         if self._path is not None:
             with contextlib.suppress(OSError):
                 st = os.stat(self._path)
@@ -239,8 +273,17 @@ class QMPServer:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = _Session(self, reader, writer)
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                          authorize: Callable[[dict | None], Access] | None = None) -> None:
+        access = FULL
+        if authorize is not None:
+            access = authorize(writer.get_extra_info("peercert"))
+            peer = writer.get_extra_info("peername")
+            if access.level == "none":
+                log.warning("control client %s refused: %s", peer, access.reason)
+            else:
+                log.info("control client %s: %s, %s access", peer, access.who, access.level)
+        session = _Session(self, reader, writer, access)
         session.task = asyncio.current_task()
         self._sessions.add(session)
         try:
@@ -258,6 +301,9 @@ class QMPServer:
     async def dispatch(self, session: "_Session", req: framing.Request) -> dict:
         """Run one request for SESSION; returns the reply message."""
         rid, has_id = req.id, req.has_id
+        refusal = session.access.refusal(req.name)
+        if refusal is not None:
+            return framing.reply_error("GenericError", refusal, rid, has_id)
         if req.name == "qmp_capabilities":
             if session.negotiated:
                 return framing.reply_error(
@@ -332,6 +378,7 @@ class _Session:
     """One connected client.  Fields:
 
     - ``negotiated``: ``qmp_capabilities`` succeeded (commands and events allowed);
+    - ``access``: what this client may run (`remote.Access`; `remote.FULL` on Unix);
     - ``_requests``: parsed requests waiting for the dispatcher (bounded), None = stop;
     - ``_out``: encoded messages waiting for the writer, None = stop;
     - ``_dead``: the socket failed or was aborted -- nothing more is read,
@@ -339,8 +386,10 @@ class _Session:
     - ``task``: the connection task running `run` (cancelled by server close).
     """
 
-    def __init__(self, server: QMPServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: QMPServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 access: Access = FULL) -> None:
         self.server = server
+        self.access = access
         self.reader = reader
         self.writer = writer
         self.negotiated = False

@@ -377,3 +377,16 @@ COMMANDS: dict[str, Struct] = {
     "query-commands": NO_ARGS,
     "query-version": NO_ARGS,
 }
+
+
+def is_read_only(name: str) -> bool:
+    """Whether command NAME only reads state, so a client admitted read-only
+    (``serve --control-authz-read``) may run it: ``qmp_capabilities`` and
+    every ``query-*`` command (``query-jobs``, ``query-block-exports``,
+    ``query-export-stats``, ``query-bitmaps``, ``query-commands``,
+    ``query-version``).
+
+    Invariant: a handler registered under a ``query-`` name never changes
+    state -- this name rule is the whole of the read-only policy.
+    """
+    return name == "qmp_capabilities" or name.startswith("query-")

@@ -51,6 +51,13 @@ def subject_dn(cert: dict | None) -> str | None:
     return ",".join(rdns)
 
 
+def subject_matches(dn: str, patterns) -> bool:
+    """Whether the RFC 4514 subject DN matches one of the glob PATTERNS
+    (``fnmatch``, case-sensitive) -- the one rule ``--tls-authz`` and the
+    control socket's ``--control-authz``/``--control-authz-read`` share."""
+    return any(fnmatch.fnmatchcase(dn, pat) for pat in patterns)
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
     """(pid, uid, gid) of a Unix socket's peer, or None when unavailable."""
     try:
@@ -109,7 +116,7 @@ class AccessPolicy:
         dn = subject_dn(cert)
         if dn is None:
             return "a client certificate is required"
-        if any(fnmatch.fnmatchcase(dn, pat) for pat in self.tls_authz):
+        if subject_matches(dn, self.tls_authz):
             return None
         # The subject comes from the client (CA-signed, so longer than the usual
         # clip allows, but still its text): escaped and bounded for the log.

@@ -7,14 +7,20 @@ directory on sys.path); a missing peer fails the test loudly.
 Fixtures (each returns the context manager of the same name in ``peers``):
 - ``serve`` (= `peers.nbdbackup_serve`), ``qemu_nbd``, ``nbdkit``,
   ``qemu_storage_daemon``.
+- ``pki``: test certificates for the session (`certs.make_pki`: dirs
+  ``server``, ``noclient``, ``rogue``); skipped without openssl.
 - ``libnbd``: a factory ``libnbd(uri, **opts) -> nbd.NBD`` connected to
   ``uri``; every handle is shut down at teardown.
 """
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
+import certs
 import peers
 
 
@@ -22,6 +28,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "/interop/" in str(item.fspath):
             item.add_marker(pytest.mark.interop)
+
+
+@pytest.fixture(scope="session")
+def pki():
+    """{"server": dir with CA + server + client certs, "noclient": the same without the client
+    certificate, "rogue": another CA's server certificate}."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (scripts/setup installs it)")
+    base = Path(peers.short_tempdir("nbdtls-"))
+    yield certs.make_pki(base)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

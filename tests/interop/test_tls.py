@@ -1,10 +1,11 @@
 """Interop: NBD over TLS (NBD_OPT_STARTTLS, X.509), both directions, real peers.
 
-Certificates are made with the openssl CLI per test session: a CA, a server
-certificate for localhost / 127.0.0.1 / ::1 and a client certificate, laid
-out as QEMU's ``tls-creds-x509``, nbdkit's ``--tls-certificates`` and
-libnbd's ``tls-certificates`` expect (one directory serves all three); a
-second, unrelated CA makes the "wrong CA" cases.
+Certificates are made with the openssl CLI per test session (the ``pki``
+fixture, `certs.make_pki`): a CA, a server certificate for localhost /
+127.0.0.1 / ::1 and a client certificate, laid out as QEMU's
+``tls-creds-x509``, nbdkit's ``--tls-certificates`` and libnbd's
+``tls-certificates`` expect (one directory serves all three); a second,
+unrelated CA makes the "wrong CA" cases.
 
 Checked:
 - our server (``serve --tls-creds``, FORCEDTLS by default) with nbdinfo,
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,46 +39,6 @@ from nbdbackup.nbd.client import connect
 
 M = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, errors="replace")
-    assert r.returncode == 0, f"openssl {' '.join(args)}: {r.stderr}"
-
-
-def _make_ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
-             "-days", "2", "-subj", f"/CN={name}", cwd=d)
-
-
-def _make_cert(d: Path, prefix: str, cn: str, ext: str) -> None:
-    (d / f"{prefix}.ext").write_text(ext)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{prefix}-key.pem", "-out", f"{prefix}.csr",
-             "-subj", f"/CN={cn}", cwd=d)
-    _openssl("x509", "-req", "-in", f"{prefix}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-             "-CAcreateserial", "-out", f"{prefix}-cert.pem", "-days", "2", "-extfile", f"{prefix}.ext", cwd=d)
-
-
-@pytest.fixture(scope="module")
-def pki():
-    """{"server": dir with CA + server + client certs, "noclient": the same without the client
-    certificate, "rogue": another CA's server certificate}."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed (scripts/setup installs it)")
-    base = Path(peers.short_tempdir("nbdtls-"))
-    good, rogue, noclient = base / "good", base / "rogue", base / "noclient"
-    for d in (good, rogue, noclient):
-        d.mkdir()
-    _make_ca(good, "nbdbackup test CA")
-    _make_cert(good, "server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n"
-                                            "extendedKeyUsage=serverAuth\n")
-    _make_cert(good, "client", "nbdbackup test client", "extendedKeyUsage=clientAuth\n")
-    for f in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
-        shutil.copy(good / f, noclient / f)
-    _make_ca(rogue, "some other CA")
-    _make_cert(rogue, "server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    yield {"server": str(good), "noclient": str(noclient), "rogue": str(rogue)}
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def tls_uri(sock: str, export: str, certs: str, extra: str = "") -> str:

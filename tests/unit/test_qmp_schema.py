@@ -14,6 +14,7 @@ import pytest
 from nbdbackup.control import schema
 from nbdbackup.control.framing import Request
 from nbdbackup.control.qmp import CommandError, QMPServer
+from nbdbackup.control.remote import FULL, Access
 from nbdbackup.control.schema import BOOL, STR, UINT64, Enum, List, struct
 from nbdbackup.errors import ConfigError
 
@@ -118,13 +119,39 @@ def test_every_command_member_has_a_type_and_struct_shorthand():
 
 
 class FakeSession:
-    def __init__(self, negotiated=True):
+    def __init__(self, negotiated=True, access=FULL):
         self.negotiated = negotiated
+        self.access = access
 
 
 def dispatch(server, name, arguments=None, *, session=None, rid=1):
     session = session or FakeSession()
     return asyncio.run(server.dispatch(session, Request(name, arguments or {}, rid, True)))
+
+
+def test_access_checked_before_everything_else():
+    """A read-only session runs query-* (and negotiates); anything else is refused
+    before its arguments are even checked; a refused session negotiates nothing."""
+    server = QMPServer()
+    ran = []
+
+    async def job_cancel(id: str) -> dict:
+        ran.append(id)
+        return {}
+    server.register("job-cancel", job_cancel)
+    read = FakeSession(negotiated=False, access=Access("read", "client certificate 'CN=m'"))
+    assert dispatch(server, "qmp_capabilities", session=read) == {"return": {}, "id": 1}
+    assert dispatch(server, "query-version", session=read)["return"]["package"].startswith("nbdbackup")
+    for args in ({"id": "j1"}, {"bogus": 1}):
+        err = dispatch(server, "job-cancel", args, session=read)["error"]
+        assert err["class"] == "GenericError" and err["desc"].startswith("command job-cancel is not allowed: "
+                                                                         "client certificate 'CN=m' is admitted read-only")
+    assert ran == []
+    refused = FakeSession(negotiated=False, access=Access("none", "x", "no way"))
+    for name in ("qmp_capabilities", "query-version", "job-cancel", "nonexistent"):
+        assert dispatch(server, name, session=refused)["error"] == {"class": "GenericError", "desc": "no way"}
+    assert not refused.negotiated
+    assert dispatch(server, "job-cancel", {"id": "j2"})["return"] == {} and ran == ["j2"]
 
 
 def test_negotiation_rules():
