@@ -626,7 +626,13 @@ def test_read_only_export_backup_without_live_dev():
 # -- QMP mapping ---------------------------------------------------------------------------
 
 class FakeSession:
+    """A negotiated local session (the Unix control socket's full access)."""
     negotiated = True
+
+    def __init__(self) -> None:
+        from nbdbackup.control.remote import FULL
+
+        self.access = FULL
 
 
 async def qmp_call(server, name, args=None):
