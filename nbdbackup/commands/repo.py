@@ -5,7 +5,8 @@ credentials, region and endpoint from the usual AWS environment variables
 and files, or ``--s3-endpoint URL``).  ``pull --repo REPO --snapshot NAME``
 fills it; ``plugins/restore.py
 repo=DIR snapshot=NAME`` serves a snapshot back over NBD.  ``verify`` reads
-every chunk the snapshots use and exits 1 naming the broken ones; ``delete``
+every chunk the snapshots use and exits 1 naming the broken ones (snapshot,
+chunk index, byte range ``(offset, length)``); ``delete``
 forgets a snapshot; ``prune`` forgets the snapshots a ``--keep-*`` policy
 does not keep (`agent.retention`; ``--dry-run`` only shows the plan);
 ``gc`` removes the chunks no snapshot uses any more (on S3 only those
@@ -138,9 +139,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with store.lock(exclusive=False):
         names = args.names or repo.snapshots()
         problems = repo.verify(names)
-    _emit(args, {"ok": not problems, "snapshots": names,
-                 "problems": [{"snapshot": s, "chunk": i, "reason": r} for s, i, r in problems]},
-          "\n".join([f"{s}: chunk {i}: {r}" for s, i, r in problems]
+        mans = {s: repo.load_snapshot(s) for s in {p[0] for p in problems}}
+    rows = [{"snapshot": s, "chunk": i, "offset": mans[s].chunk_range(i)[0], "length": mans[s].chunk_range(i)[1],
+             "reason": r} for s, i, r in problems]
+    _emit(args, {"ok": not problems, "snapshots": names, "problems": rows},
+          "\n".join([f"{p['snapshot']}: chunk {p['chunk']} ({p['offset']}, {p['length']}): {p['reason']}"
+                     for p in rows]
                     + [f"{'FAILED' if problems else 'OK'}: {len(names)} snapshot(s), {len(problems)} bad chunk(s)"]))
     return 1 if problems else 0
 
