@@ -77,6 +77,14 @@ LEASE_TTL = 60.0
 GC_GRACE = 3600.0
 
 
+class S3Error(ConfigError, OSError):
+    """A request to the object store failed: one line for the CLI (a ConfigError),
+    an errno for the restore plugin and the pull (an OSError: EIO, ENOENT, EACCES)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def parse_url(url: str) -> tuple[str, str]:
     """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at either end)."""
     u = urlsplit(url)
@@ -124,6 +132,9 @@ class S3Store:
         ops = self.client.meta.service_model.operation_model("PutObject").input_shape.members
         #: Whether this botocore knows PutObject's IfNoneMatch (1.35+); if not, the header is added by hand.
         self._native_if_none_match = "IfNoneMatch" in ops
+        #: Otherwise: whether the header hook is registered, and a per-thread "this PUT is conditional".
+        self._hooked = False
+        self._conditional = threading.local()
 
     # -- keys and errors -----------------------------------------------------
 
@@ -139,36 +150,38 @@ class S3Store:
         r = getattr(e, "response", None) or {}
         return str(r.get("Error", {}).get("Code", "")), int(r.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
-    def _fail(self, e: Exception, what: str) -> OSError:
+    def _fail(self, e: Exception, what: str) -> S3Error:
+        """The `S3Error` for a botocore exception (ClientError or BotoCoreError)."""
         code, status = self._code(e)
-        if code in ("NoSuchBucket",):
-            return ConfigError(f"{self.root}: no bucket {self.bucket!r}")
+        if code == "NoSuchBucket":
+            return S3Error(errno.ENOENT, f"{self.root}: no bucket {self.bucket!r}")
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
-            return ConfigError(f"{self.root}: access denied ({code or status}) on {what}")
-        return OSError(errno.EIO, f"{self.root}: {what}: {e}")
+            return S3Error(errno.EACCES, f"{self.root}: access denied ({code or status}) on {what}")
+        return S3Error(errno.EIO, f"{self.root}: {what}: {e}")
 
     def _call(self, what: str, fn, **kw):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(**kw)
-        except ClientError as e:
+        except (ClientError, BotoCoreError) as e:
             raise self._fail(e, what) from e
-        except BotoCoreError as e:
-            raise ConfigError(f"{self.root}: {what}: {e}") from e
 
     # -- the store interface ---------------------------------------------------
 
     def create(self) -> None:
         """Make the bucket if it does not exist (``repo init``)."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
+            return
         except ClientError as e:
             if self._code(e)[1] != 404:
                 raise self._fail(e, "head bucket") from e
-            self._call("create bucket", self.client.create_bucket, Bucket=self.bucket)
+        except BotoCoreError as e:
+            raise self._fail(e, "head bucket") from e
+        self._call("create bucket", self.client.create_bucket, Bucket=self.bucket)
 
     def put(self, key: str, data) -> None:
         self._call(f"put {key}", self.client.put_object, Bucket=self.bucket, Key=self._key(key),
@@ -176,7 +189,7 @@ class S3Store:
 
     def put_new(self, key: str, data) -> bool:
         """Write ``key`` unless it exists (conditional PUT); True if this call created it."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         kw = dict(Bucket=self.bucket, Key=self._key(key), Body=bytes(memoryview(data).cast("B")))
         try:
@@ -192,24 +205,32 @@ class S3Store:
             if status == 409 or code == "ConditionalRequestConflict":  # a concurrent conditional PUT won
                 return False
             raise self._fail(e, f"put {key}") from e
+        except BotoCoreError as e:
+            raise self._fail(e, f"put {key}") from e
         return True
 
     @contextlib.contextmanager
     def _if_none_match(self):
-        def add(request, **_):
-            request.headers["If-None-Match"] = "*"
-
-        self.client.meta.events.register("before-sign.s3.PutObject", add)
+        """For a botocore without PutObject's IfNoneMatch: the header, on this thread's PUTs only."""
+        if not self._hooked:
+            self.client.meta.events.register("before-sign.s3.PutObject", self._add_if_none_match,
+                                             unique_id="nbdbackup-if-none-match")
+            self._hooked = True
+        self._conditional.on = True
         try:
             yield
         finally:
-            self.client.meta.events.unregister("before-sign.s3.PutObject", add)
+            self._conditional.on = False
+
+    def _add_if_none_match(self, request, **_) -> None:
+        if getattr(self._conditional, "on", False):
+            request.headers["If-None-Match"] = "*"
 
     def flush(self) -> None:
         """Nothing to do: a PUT that returned is durable."""
 
     def get(self, key: str) -> bytes:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -218,15 +239,19 @@ class S3Store:
             if self._code(e)[0] in ("NoSuchKey", "404") or self._code(e)[1] == 404:
                 raise FileNotFoundError(errno.ENOENT, f"{self.root}/{key}: no such object") from None
             raise self._fail(e, f"get {key}") from e
+        except BotoCoreError as e:
+            raise self._fail(e, f"get {key}") from e
 
     def _head(self, key: str) -> dict | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as e:
             if self._code(e)[1] == 404:
                 return None
+            raise self._fail(e, f"head {key}") from e
+        except BotoCoreError as e:
             raise self._fail(e, f"head {key}") from e
 
     def exists(self, key: str) -> bool:
@@ -236,13 +261,15 @@ class S3Store:
         """``(key, LastModified as seconds since the epoch)`` under ``prefix`` (a key path)."""
         full = self._key(prefix.rstrip("/")) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             for page in pages:
                 for o in page.get("Contents", ()):
                     yield self._rel(o["Key"]), o["LastModified"].timestamp()
         except ClientError as e:
+            raise self._fail(e, f"list {prefix}") from e
+        except BotoCoreError as e:
             raise self._fail(e, f"list {prefix}") from e
 
     def list(self, prefix: str) -> Iterator[str]:
@@ -263,7 +290,7 @@ class S3Store:
     def _put_lease(self, key: str, *, exclusive_create: bool) -> tuple[bool, float]:
         """Write a lease; (written, the store's time of the write).  With
         ``exclusive_create`` only if absent."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         body = json.dumps({"ttl": self.lease_ttl, "host": socket.gethostname(), "pid": os.getpid()}).encode()
         kw = dict(Bucket=self.bucket, Key=self._key(key), Body=body)
@@ -279,6 +306,8 @@ class S3Store:
             code, status = self._code(e)
             if exclusive_create and (status in (409, 412) or code == "PreconditionFailed"):
                 return False, 0.0
+            raise self._fail(e, f"put {key}") from e
+        except BotoCoreError as e:
             raise self._fail(e, f"put {key}") from e
         return True, _server_time(r)
 
@@ -314,7 +343,8 @@ class S3Store:
                 ok, now = self._put_lease(key, exclusive_create=True)
                 if ok:
                     break
-                state = self._live(key, _server_time(self.client.head_bucket(Bucket=self.bucket)))
+                state = self._live(key, _server_time(self._call("head bucket", self.client.head_bucket,
+                                                                Bucket=self.bucket)))
                 if state:
                     raise ConfigError(f"repository {self.root} is busy (being cleaned)")
                 if state is False:
@@ -356,7 +386,7 @@ class S3Store:
                     self._lost = f"lease {key} was not renewed for {time.monotonic() - last:.0f} s"
                     return
                 last = time.monotonic()
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001  (an unreachable store included: keep trying until the ttl)
                 if time.monotonic() - last > self.lease_ttl:
                     self._lost = f"lease {key} could not be renewed: {e}"
                     return

@@ -251,3 +251,51 @@ def test_s3_two_pulls_into_one_bucket_at_once(s3env, short_tmp):
         assert r.returncode == 0, r.stderr
         assert same(out, d)
     assert nb("repo", "verify", url).stdout.strip().endswith("OK: 2 snapshot(s), 0 bad chunk(s)")
+    # prune over S3: keep the newest snapshot, free what only the other used (--grace 0: all are fresh).
+    doc = json.loads(nb("repo", "prune", url, "--keep-last", "1", "--gc", "--grace", "0", "--json").stdout)
+    (gone,) = doc["removed"]
+    assert doc["gc"]["removed"] == 3 and len(list(store(url).list("chunks"))) == 16 + 3
+    kept = ({"p0", "p1"} - {gone}).pop()
+    out = short_tmp / "kept.raw"
+    assert restore(url, kept, out).returncode == 0 and same(out, disks[int(kept[1])])
+
+
+def test_s3store_with_debians_older_botocore(s3env):
+    """nbdkit's embedded Python finds Debian's python3-boto3 (1.26, botocore 1.29: no IfNoneMatch
+    parameter) before the .venv's: the conditional PUT then adds the header by hand."""
+    py = "/usr/bin/python3"
+    probe = subprocess.run([py, "-c", "import botocore; print(botocore.__version__)"], capture_output=True,
+                           text=True, errors="replace")
+    if probe.returncode != 0:
+        pytest.skip("Debian's python3-boto3 is not installed (only the .venv's boto3 is used then)")
+    script = (
+        "import sys, json\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from nbdbackup.agent.s3store import S3Store\n"
+        "s = S3Store(sys.argv[1])\n"
+        "out = [s._native_if_none_match, s.put_new('chunks/aa/x', b'1'), s.put_new('chunks/aa/x', b'2'),\n"
+        "       s.get('chunks/aa/x').decode()]\n"
+        "with s.lock(exclusive=True):\n"
+        "    s.put('snapshots/plain.json', b'{}')  # an unconditional PUT meanwhile stays unconditional\n"
+        "    s.put('snapshots/plain.json', b'{}')\n"
+        "    out.append(sorted(s.list('locks')))\n"
+        "print(json.dumps(out))\n")
+    r = subprocess.run([py, "-c", script, s3env], capture_output=True, text=True, errors="replace", timeout=60)
+    assert r.returncode == 0, r.stderr
+    native, created, again, body, locks = json.loads(r.stdout)
+    assert (created, again, body, locks) == (True, False, "1", ["locks/exclusive"])
+    if probe.stdout.startswith("1.29."):
+        assert native is False
+
+
+def test_s3_unreachable_endpoint_is_one_line(short_tmp, monkeypatch):
+    port = peers.free_tcp_port()  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    t = time.monotonic()
+    r = nb("repo", "list", "s3://nobucket/p", "--s3-endpoint", f"http://127.0.0.1:{port}", ok=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("nbdbackup: error: s3://nobucket/p: get config.json:"), r.stderr
+    assert time.monotonic() - t < 60
+    r = nb("repo", "list", "ftp://x/y", ok=False)
+    assert r.returncode == 1 and "a directory or s3://BUCKET/PREFIX" in r.stderr
