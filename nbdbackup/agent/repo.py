@@ -13,6 +13,7 @@ Layout over an `ObjectStore` (keys are '/'-separated paths)::
     config.json                 {"format": "nbdbackup-repo", "version": 1, "chunk_size": N}
     chunks/<2 hex>/<64 hex>     a chunk's bytes (the digest is blake3 of exactly them)
     snapshots/<name>.json       {"name", "created", "source", "parent", "manifest": {...}}
+    locks/...                   S3 only: lease objects (see `agent.s3store`)
 
 ``created`` is when the snapshot was saved (ISO 8601, UTC, in seconds);
 ``repo prune`` (`agent.retention`) buckets snapshots by it.
@@ -27,7 +28,7 @@ snapshot is written, so a crash cannot keep a snapshot and lose its chunks).  It
 pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
 waiting: a busy repository is an error), so ``gc`` never removes the chunks
 of a pull in progress, nor ``prune`` its base.  The store interface is small on
-purpose (put/put_new/get/exists/list/list_times/delete/mtime/lock), so that
+purpose (put/put_new/get/exists/list/list_times/delete/delete_many/mtime/lock), so that
 `agent.s3store.S3Store` (``s3://BUCKET/PREFIX``) implements it too;
 `open_store` picks the store from the repository argument.  ``gc`` never
 removes a chunk younger than the store's ``gc_grace`` seconds (0 for a
@@ -152,6 +153,10 @@ class DirStore:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
+
+    def delete_many(self, keys) -> None:
+        for key in keys:
+            self.delete(key)
 
     def mtime(self, key: str) -> float:
         """When the object was last written (seconds since the epoch)."""
@@ -355,14 +360,10 @@ class Repository:
         grace = self.store.gc_grace if grace is None else grace
         keep = self.referenced()
         limit = time.time() - grace
-        removed = 0
-        for key, mtime in list(self.store.list_times("chunks")):
-            d = bytes.fromhex(key.rsplit("/", 1)[1])
-            if d in keep or (grace > 0 and mtime > limit):
-                continue
-            self.store.delete(key)
-            removed += 1
-        return removed, len(keep)
+        doomed = [key for key, mtime in self.store.list_times("chunks")
+                  if bytes.fromhex(key.rsplit("/", 1)[1]) not in keep and not (grace > 0 and mtime > limit)]
+        self.store.delete_many(doomed)
+        return len(doomed), len(keep)
 
 
 class SnapshotImage(BlockDev):

@@ -1,7 +1,7 @@
 """`S3Store`: the chunk repository's object store on S3-compatible object storage.
 
 Role: the same small interface as `agent.repo.DirStore` (put/put_new/flush/
-get/exists/list/list_times/delete/mtime/lock) over one bucket and key prefix,
+get/exists/list/list_times/delete/delete_many/mtime/lock) over one bucket and key prefix,
 addressed as ``s3://BUCKET/PREFIX`` (`agent.repo.open_store` picks it).
 Tested against Ceph's RADOS Gateway; uses boto3 with path-style addressing.
 
@@ -278,6 +278,19 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def delete_many(self, keys) -> None:
+        """Delete ``keys`` (an iterable), up to 1000 per request (gc at scale)."""
+        keys = list(keys)
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
+            r = self._call(f"delete {len(batch)} objects", self.client.delete_objects, Bucket=self.bucket,
+                           Delete={"Objects": batch, "Quiet": True})
+            errors = r.get("Errors") or []
+            if errors:
+                e = errors[0]
+                raise S3Error(errno.EIO, f"{self.root}: delete {self._rel(e.get('Key', '?'))}: "
+                                         f"{e.get('Code')} {e.get('Message') or ''}".rstrip())
 
     def mtime(self, key: str) -> float:
         h = self._head(key)

@@ -105,7 +105,8 @@ def test_s3store_objects(s3env):
 def test_s3store_leases(s3env):
     from nbdbackup.errors import ConfigError
 
-    a, b = store(s3env, lease_ttl=3), store(s3env, lease_ttl=3)
+    nb("repo", "init", s3env)
+    a, b = store(s3env, lease_ttl=6), store(s3env, lease_ttl=6)
     with a.lock(exclusive=False):
         with b.lock(exclusive=False):  # shared + shared
             pass
@@ -113,7 +114,7 @@ def test_s3store_leases(s3env):
             with b.lock(exclusive=True):
                 pass
         assert not b.exists("locks/exclusive")  # the refused exclusive lease was withdrawn
-        time.sleep(4.5)  # longer than the ttl: renewal keeps the lease live
+        time.sleep(8)  # longer than the ttl: renewal (every 2 s) keeps the lease live
         with pytest.raises(ConfigError, match="busy"):
             with b.lock(exclusive=True):
                 pass
@@ -126,6 +127,9 @@ def test_s3store_leases(s3env):
         with pytest.raises(ConfigError, match="being cleaned"):
             with b.lock(exclusive=True):
                 pass
+        # The command line meets the same lock: a pull (shared) is refused while gc holds it.
+        r = nb("pull", "nbd+unix:///?socket=/nonexistent", "--repo", s3env, "--snapshot", "x", ok=False)
+        assert r.returncode == 1 and "busy (being cleaned)" in r.stderr, r.stderr
     assert list(a.list("locks")) == []
 
     # A holder that died leaves leases behind; once expired they are ignored and removed.
@@ -144,7 +148,7 @@ def test_s3store_leases(s3env):
     with a.lock(exclusive=False):
         (lease,) = a.list("locks")
         a.delete(lease)
-        time.sleep(2.5)  # the renewal runs every ttl/3 = 1 s
+        time.sleep(5)  # the renewal runs every ttl/3 = 2 s
         with pytest.raises(ConfigError, match="vanished"):
             a.check_lock()
 
@@ -153,12 +157,13 @@ def test_s3store_leases(s3env):
 
 
 def test_s3_repository_full_incremental_restore_verify_gc(s3env, short_tmp):
-    url = s3env
+    url = f"s3://n-{uuid.uuid4().hex[:16]}/vm1"  # a bucket that does not exist yet: repo init makes it
     disk = short_tmp / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     qemu_io(disk, "write -P 0x11 0 8M", "write -P 0x22 20M 4M", "write -P 0x5e 48M 1M", fmt="qcow2")
     subprocess.run(["qemu-img", "bitmap", "--add", str(disk), "b0"], check=True)
     nb("repo", "init", url)
+    assert "already holds a repository" in nb("repo", "init", url, ok=False).stderr
     with peers.qemu_nbd(disk, fmt="qcow2", read_only=True) as q:
         st0 = json.loads(nb("pull", q.uri, "--repo", url, "--snapshot", "s0", "--json").stdout)
     assert st0["bytes_read"] == 13 * M and st0["new_chunks"] == 3
