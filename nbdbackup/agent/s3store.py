@@ -39,13 +39,19 @@ Race windows, honestly:
 
 - A holder stalled longer than ``ttl`` (a stopped process, a long network
   outage) loses its lease without knowing until its next renewal; a gc may
-  then run.  A renewal that finds its lease gone marks the lock
+  then run.  A renewal that finds its lease gone, or replaced by another
+  holder's (its ETag changed: every lease write carries a nonce), marks the lock
   lost, and `check_lock` (called by `Repository.save_snapshot`) refuses to
   save a snapshot under a lost lock, so such a pull fails instead of saving a
   snapshot whose chunks gc may have removed.
-- Replacing an expired ``locks/exclusive`` is delete-then-create: two
-  processes that both saw it expired may both delete; the conditional create
-  still lets only one of them win.
+  `check_lock` also checks the lease itself (HEAD, ETag, time since the last
+  renewal), so a process that was stopped as a whole notices too; what
+  remains is the moment between that check and the snapshot's PUT.
+- Replacing an expired ``locks/exclusive`` is delete-then-create: of two
+  processes that both saw it expired, the second may delete the first's fresh
+  lease and create its own; the first's renewal then sees the ETag change
+  and marks its lock lost, but two gc/delete/prune runs can overlap for up
+  to ``ttl/3`` s (gc and delete only remove; pulls stay locked out throughout).
 - As a second line of defence, gc never deletes a chunk younger than its
   grace period (`S3Store.gc_grace`, LastModified from the listing), which
   covers chunks uploaded by a pull that started before gc's lock check.
@@ -117,7 +123,7 @@ class S3Store:
     ``client`` (a boto3 S3 client; thread-safe, shared by the pull's worker
     threads); ``lease_ttl`` and ``gc_grace`` (seconds); ``_lost`` (set by the
     renewal thread when the held lease vanished or could not be renewed
-    in time; read by `check_lock`).
+    in time; read by `check_lock`); ``_lease_etag`` (see `_put_lease`).
     """
 
     def __init__(self, url: str, *, endpoint: str | None = None, lease_ttl: float = LEASE_TTL,
@@ -129,6 +135,10 @@ class S3Store:
         self.gc_grace = gc_grace
         self._lost: str | None = None
         self._holding = False
+        #: ETag and time.monotonic() of this store's last lease write; the key of the lease held.
+        self._lease_etag: str | None = None
+        self._renewed_at = 0.0
+        self._held_key: str | None = None
         ops = self.client.meta.service_model.operation_model("PutObject").input_shape.members
         #: Whether this botocore knows PutObject's IfNoneMatch (1.35+); if not, the header is added by hand.
         self._native_if_none_match = "IfNoneMatch" in ops
@@ -305,7 +315,9 @@ class S3Store:
         ``exclusive_create`` only if absent."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        body = json.dumps({"ttl": self.lease_ttl, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        # The nonce makes every write's ETag unique, so a renewal can tell its lease from a successor's.
+        body = json.dumps({"ttl": self.lease_ttl, "host": socket.gethostname(), "pid": os.getpid(),
+                           "nonce": uuid.uuid4().hex}).encode()
         kw = dict(Bucket=self.bucket, Key=self._key(key), Body=body)
         try:
             if exclusive_create and self._native_if_none_match:
@@ -322,6 +334,8 @@ class S3Store:
             raise self._fail(e, f"put {key}") from e
         except BotoCoreError as e:
             raise self._fail(e, f"put {key}") from e
+        self._lease_etag = r.get("ETag")
+        self._renewed_at = time.monotonic()
         return True, _server_time(r)
 
     def _live(self, key: str, now: float) -> bool | None:
@@ -375,6 +389,7 @@ class S3Store:
                 raise ConfigError(f"repository {self.root} is busy (being cleaned)")
         self._lost = None
         self._holding = True
+        self._held_key = key
         stop = threading.Event()
         t = threading.Thread(target=self._renew, args=(key, stop), name=f"lease {key}", daemon=True)
         t.start()
@@ -384,6 +399,7 @@ class S3Store:
             stop.set()
             t.join()
             self._holding = False
+            self._held_key = None
             with contextlib.suppress(OSError):
                 self.delete(key)
 
@@ -391,8 +407,12 @@ class S3Store:
         last = time.monotonic()
         while not stop.wait(self.lease_ttl / 3):
             try:
-                if self._head(key) is None:
+                h = self._head(key)
+                if h is None:
                     self._lost = f"lease {key} vanished (expired and removed by another process?)"
+                    return
+                if h.get("ETag") != self._lease_etag:
+                    self._lost = f"lease {key} was taken over by another process (ours had expired)"
                     return
                 self._put_lease(key, exclusive_create=False)
                 if time.monotonic() - last > self.lease_ttl:
@@ -405,7 +425,18 @@ class S3Store:
                     return
 
     def check_lock(self) -> None:
-        """Raise ConfigError if the lease held by the current `lock` was lost."""
+        """Raise ConfigError if the lease held by the current `lock` was lost: checked
+        now, not only by the renewal thread (which a stopped process does not run either)."""
+        key = self._held_key
+        if key and not self._lost:
+            if time.monotonic() - self._renewed_at > self.lease_ttl:
+                self._lost = f"lease {key} was not renewed for {time.monotonic() - self._renewed_at:.0f} s"
+            else:
+                h = self._head(key)
+                if h is None:
+                    self._lost = f"lease {key} vanished (expired and removed by another process?)"
+                elif h.get("ETag") != self._lease_etag:
+                    self._lost = f"lease {key} was taken over by another process (ours had expired)"
         if self._lost:
             raise ConfigError(f"repository {self.root}: {self._lost}; not saving")
 

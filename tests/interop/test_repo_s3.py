@@ -95,6 +95,8 @@ def test_s3store_objects(s3env):
     assert set(s.list("chunks")) == keys
     assert list(s.list("snapshots")) == []
     assert set(s.list("")) == keys | {"config.json"}
+    s.delete_many(sorted(keys) + ["chunks/00/gone-already"])  # two DeleteObjects requests
+    assert list(s.list("")) == ["config.json"]
     # The prefix isolates repositories in one bucket.
     other = store(s3env.rsplit("/", 1)[0] + "/vm2")
     assert list(other.list("chunks")) == [] and not other.exists("config.json")
@@ -148,8 +150,13 @@ def test_s3store_leases(s3env):
     with a.lock(exclusive=False):
         (lease,) = a.list("locks")
         a.delete(lease)
-        time.sleep(5)  # the renewal runs every ttl/3 = 2 s
         with pytest.raises(ConfigError, match="vanished"):
+            a.check_lock()  # checks the lease now, without waiting for the renewal thread
+    # One taken over by another process after it expired (its ETag changes) is noticed too.
+    with a.lock(exclusive=False):
+        (lease,) = a.list("locks")
+        a.put(lease, json.dumps({"ttl": 6, "nonce": "someone else"}).encode())
+        with pytest.raises(ConfigError, match="taken over"):
             a.check_lock()
 
 
