@@ -9,9 +9,12 @@ it) restores from it, and it never hands out a byte it has not verified.
 Run by nbdkit as a subprocess::
 
     nbdkit -U SOCK python plugins/restore.py image=BACKUP.raw manifest=BACKUP.json
-    nbdkit -U SOCK python plugins/restore.py repo=REPO snapshot=NAME
+    nbdkit -U SOCK python plugins/restore.py repo=REPO snapshot=NAME [s3-endpoint=URL]
 
-The second form serves a snapshot of a chunk repository (`agent.repo`):
+The second form serves a snapshot of a chunk repository (`agent.repo`; REPO
+is a directory or ``s3://BUCKET/PREFIX``, whose credentials, region and
+endpoint come from the AWS environment variables nbdkit inherits, or
+``s3-endpoint=``; boto3 comes from nbdkit's Python or the checkout's .venv):
 every chunk is read from the repository and checked against its digest as
 it is loaded (a few are cached), holes come from the all-zero chunks, and a
 missing or damaged chunk fails the reads that touch it with EIO.
@@ -57,6 +60,7 @@ _image: str | None = None
 _manifest_path: str | None = None
 _repo_dir: str | None = None
 _snapshot: str | None = None
+_s3_endpoint: str | None = None
 #: Repository mode: the snapshot as a read-only image (`agent.repo.SnapshotImage`),
 #: used under ``_lock`` (its chunk cache is not thread-safe).
 _snap = None
@@ -74,7 +78,7 @@ _busy: dict[int, threading.Lock] = {}
 
 
 def config(key: str, value: str) -> None:
-    global _image, _manifest_path, _verify, _repo_dir, _snapshot
+    global _image, _manifest_path, _verify, _repo_dir, _snapshot, _s3_endpoint
     if key == "image":
         _image = os.path.abspath(value)
     elif key == "manifest":
@@ -86,12 +90,14 @@ def config(key: str, value: str) -> None:
     elif key == "pythonpath":
         use_checkout(os.path.abspath(value))
     elif key == "repo":
-        _repo_dir = os.path.abspath(value)
+        _repo_dir = value if value.startswith("s3://") else os.path.abspath(value)
     elif key == "snapshot":
         _snapshot = value
+    elif key == "s3-endpoint":
+        _s3_endpoint = value
     else:
         raise RuntimeError(f"restore: unknown parameter {key!r} "
-                           "(image=, manifest=, repo=, snapshot=, verify=, pythonpath=)")
+                           "(image=, manifest=, repo=, snapshot=, s3-endpoint=, verify=, pythonpath=)")
 
 
 def config_complete() -> None:
@@ -101,14 +107,14 @@ def config_complete() -> None:
         if _repo_dir is None or _snapshot is None or _image is not None or _manifest_path is not None:
             raise RuntimeError("restore: give repo=DIR snapshot=NAME, or image= and manifest=, not a mix")
         try:
-            from nbdbackup.agent.repo import DirStore, Repository, SnapshotImage
+            from nbdbackup.agent.repo import Repository, SnapshotImage, open_store
             from nbdbackup.errors import ConfigError
         except ImportError as e:
             raise RuntimeError(f"restore: cannot import the repository code ({e}); give pythonpath=DIR") from None
         try:
-            repo = Repository.open(DirStore(_repo_dir))
+            repo = Repository.open(open_store(_repo_dir, endpoint=_s3_endpoint))
             _man = repo.load_snapshot(_snapshot)
-        except ConfigError as e:
+        except (ConfigError, OSError) as e:
             raise RuntimeError(f"restore: {e}") from None
         _snap = SnapshotImage(repo, _man)
         return

@@ -13,6 +13,7 @@ Layout over an `ObjectStore` (keys are '/'-separated paths)::
     config.json                 {"format": "nbdbackup-repo", "version": 1, "chunk_size": N}
     chunks/<2 hex>/<64 hex>     a chunk's bytes (the digest is blake3 of exactly them)
     snapshots/<name>.json       {"name", "created", "source", "parent", "manifest": {...}}
+    locks/...                   S3 only: lease objects (see `agent.s3store`)
 
 ``created`` is when the snapshot was saved (ISO 8601, UTC, in seconds);
 ``repo prune`` (`agent.retention`) buckets snapshots by it.
@@ -27,8 +28,12 @@ snapshot is written, so a crash cannot keep a snapshot and lose its chunks).  It
 pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
 waiting: a busy repository is an error), so ``gc`` never removes the chunks
 of a pull in progress, nor ``prune`` its base.  The store interface is small on
-purpose (put/get/exists/list/delete/mtime/lock), to fit an S3-compatible backend
-later.  Not yet: compression, encryption, other backends.
+purpose (put/put_new/get/exists/list/list_times/delete/delete_many/mtime/lock), so that
+`agent.s3store.S3Store` (``s3://BUCKET/PREFIX``) implements it too;
+`open_store` picks the store from the repository argument.  ``gc`` never
+removes a chunk younger than the store's ``gc_grace`` seconds (0 for a
+directory, whose flock is exact; an hour on S3, whose leases can expire
+under a stalled holder).  Not yet: compression, encryption.
 
 Invariants: `get_chunk` never returns bytes whose blake3 differs from the
 digest asked for (it raises `CorruptChunk`, an ``OSError(EIO)``); a snapshot
@@ -45,7 +50,7 @@ import json
 import os
 import re
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..blockdev.base import BASE_ALLOCATION, HOLE_ZERO, BlockDev, Buffer, BlockSize, Capabilities, Extent
 from ..errors import ConfigError
@@ -66,6 +71,9 @@ class CorruptChunk(OSError):
 
 class DirStore:
     """Objects as files under ``root`` (see the module doc)."""
+
+    #: gc keeps unreferenced chunks younger than this (seconds): none here (flock is exact).
+    gc_grace = 0.0
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -98,6 +106,19 @@ class DirStore:
                 break
             d = os.path.dirname(d)
 
+    def put_new(self, key: str, data: Buffer) -> bool:
+        """Write ``key`` unless it exists; True if this call wrote it."""
+        if self.exists(key):
+            return False
+        self.put(key, data)
+        return True
+
+    def create(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+
+    def check_lock(self) -> None:
+        """An flock cannot be lost while held: nothing to check."""
+
     def flush(self) -> None:
         """Make every `put` so far durable (fsync the directories it changed)."""
         dirs, self._dirty_dirs = self._dirty_dirs, set()
@@ -123,9 +144,19 @@ class DirStore:
                 if ".tmp." not in f:
                     yield f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}"
 
+    def list_times(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """``(key, mtime)`` for each key under ``prefix``."""
+        for k in self.list(prefix):
+            with contextlib.suppress(FileNotFoundError):
+                yield k, self.mtime(k)
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
+
+    def delete_many(self, keys) -> None:
+        for key in keys:
+            self.delete(key)
 
     def mtime(self, key: str) -> float:
         """When the object was last written (seconds since the epoch)."""
@@ -146,6 +177,24 @@ class DirStore:
             os.close(fd)
 
 
+#: What `Repository` needs of a store: `DirStore` or `agent.s3store.S3Store`.
+Store = Any
+
+
+def open_store(spec: str, *, endpoint: str | None = None) -> Store:
+    """The store of a repository argument: ``s3://BUCKET/PREFIX`` -> `S3Store`,
+    a path -> `DirStore`.  ``endpoint`` (``--s3-endpoint``) is for s3:// only."""
+    if spec.startswith("s3://"):
+        from .s3store import S3Store
+
+        return S3Store(spec, endpoint=endpoint)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", spec):
+        raise ConfigError(f"{spec!r}: a repository is a directory or s3://BUCKET/PREFIX")
+    if endpoint:
+        raise ConfigError("--s3-endpoint is for s3:// repositories")
+    return DirStore(spec)
+
+
 def _chunk_key(d: bytes) -> str:
     h = d.hex()
     return f"chunks/{h[:2]}/{h}"
@@ -160,21 +209,22 @@ def check_name(name: str) -> str:
 class Repository:
     """A chunk repository over a store (see the module doc)."""
 
-    def __init__(self, store: DirStore, chunk_size: int) -> None:
+    def __init__(self, store: Store, chunk_size: int) -> None:
         self.store = store
         self.chunk_size = chunk_size
 
     @classmethod
-    def init(cls, store: DirStore, chunk_size: int = DEFAULT_CHUNK) -> "Repository":
+    def init(cls, store: Store, chunk_size: int = DEFAULT_CHUNK) -> "Repository":
         Manifest(0, chunk_size)  # validates the chunk size
         if store.exists("config.json"):
             raise ConfigError(f"{store.root} already holds a repository")
+        store.create()
         store.put("config.json", json.dumps({"format": FORMAT, "version": VERSION,
                                              "chunk_size": chunk_size}).encode())
         return cls(store, chunk_size)
 
     @classmethod
-    def open(cls, store: DirStore) -> "Repository":
+    def open(cls, store: Store) -> "Repository":
         try:
             cfg = json.loads(store.get("config.json"))
         except FileNotFoundError:
@@ -192,10 +242,9 @@ class Repository:
         if d == zero_digest(len(memoryview(data))):
             return False
         key = _chunk_key(d)
-        if self.store.exists(key):
+        if self.store.exists(key):  # saves the upload of a known chunk
             return False
-        self.store.put(key, data)
-        return True
+        return self.store.put_new(key, data)
 
     def get_chunk(self, d: bytes, length: int) -> bytes:
         """The bytes of chunk ``d`` (``length`` long), checked against ``d``."""
@@ -218,6 +267,7 @@ class Repository:
         doc = {"name": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "source": source, "parent": parent, "manifest": man.to_json()}
         self.store.flush()  # the chunks it names are durable before the snapshot exists
+        self.store.check_lock()  # and gc cannot have run meanwhile (an S3 lease may expire)
         self.store.put(f"snapshots/{name}.json", json.dumps(doc, separators=(",", ":")).encode())
         self.store.flush()
 
@@ -302,14 +352,18 @@ class Repository:
                     problems.append((name, i, checked[d]))
         return problems
 
-    def gc(self) -> tuple[int, int]:
-        """Remove unreferenced chunks; return (removed, kept).  Caller holds the exclusive lock."""
+    def gc(self, grace: float | None = None) -> tuple[int, int]:
+        """Remove unreferenced chunks older than ``grace`` seconds (default: the
+        store's ``gc_grace``); return (removed, kept).  Caller holds the exclusive lock."""
+        import time
+
+        grace = self.store.gc_grace if grace is None else grace
         keep = self.referenced()
-        removed = 0
-        for d in self.stored() - keep:
-            self.store.delete(_chunk_key(d))
-            removed += 1
-        return removed, len(keep)
+        limit = time.time() - grace
+        doomed = [key for key, mtime in self.store.list_times("chunks")
+                  if bytes.fromhex(key.rsplit("/", 1)[1]) not in keep and not (grace > 0 and mtime > limit)]
+        self.store.delete_many(doomed)
+        return len(doomed), len(keep)
 
 
 class SnapshotImage(BlockDev):

@@ -43,8 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", default="4M", help="manifest chunk size (default 4M)")
     p.add_argument("--manifest", metavar="OUT", help="write the blake3 chunk manifest of the result here")
     p.add_argument("--base-manifest", metavar="IN", help="incremental: the previous pull's manifest")
-    p.add_argument("--repo", metavar="DIR", help="store into this chunk repository instead of TARGET "
-                                                 "(see 'nbdbackup repo')")
+    p.add_argument("--repo", metavar="REPO", help="store into this chunk repository (a directory or "
+                                                  "s3://BUCKET/PREFIX) instead of TARGET (see 'nbdbackup repo')")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="with --repo s3://...: the S3 endpoint (default: AWS_ENDPOINT_URL, else AWS)")
     p.add_argument("--snapshot", metavar="NAME", help="with --repo: the new snapshot's name")
     p.add_argument("--base", metavar="NAME", help="with --repo --bitmap: the snapshot the bitmap counts from")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
@@ -75,15 +77,17 @@ def run_pull(args: argparse.Namespace) -> int:
         raise ConfigError("give TARGET (a file or block device) or --repo DIR --snapshot NAME")
     if args.snapshot or args.base:
         raise ConfigError("--snapshot and --base are for --repo")
+    if args.s3_endpoint:
+        raise ConfigError("--s3-endpoint is for --repo s3://...")
     return run_async(_pull(args, chunk))
 
 
 async def _pull_repo(args: argparse.Namespace) -> int:
     from ..agent.pull import pull
-    from ..agent.repo import DirStore, Repository, SnapshotImage, check_name
+    from ..agent.repo import Repository, SnapshotImage, check_name, open_store
     from ..blockdev.nbd import NBDDev
 
-    store = DirStore(args.repo)
+    store = open_store(args.repo, endpoint=args.s3_endpoint)
     repo = Repository.open(store)
     check_name(args.snapshot)
     with store.lock(exclusive=False):

@@ -1,11 +1,16 @@
-"""``nbdbackup repo init|list|verify|delete|prune|gc``: a chunk repository on disk (`agent.repo`).
+"""``nbdbackup repo init|list|verify|delete|prune|gc``: a chunk repository (`agent.repo`).
 
-``pull --repo DIR --snapshot NAME`` fills it; ``plugins/restore.py
+A repository is a directory or ``s3://BUCKET/PREFIX`` (`agent.s3store`:
+credentials, region and endpoint from the usual AWS environment variables
+and files, or ``--s3-endpoint URL``).  ``pull --repo REPO --snapshot NAME``
+fills it; ``plugins/restore.py
 repo=DIR snapshot=NAME`` serves a snapshot back over NBD.  ``verify`` reads
-every chunk the snapshots use and exits 1 naming the broken ones; ``delete``
+every chunk the snapshots use and exits 1 naming the broken ones (snapshot,
+chunk index, byte range ``(offset, length)``); ``delete``
 forgets a snapshot; ``prune`` forgets the snapshots a ``--keep-*`` policy
 does not keep (`agent.retention`; ``--dry-run`` only shows the plan);
-``gc`` removes the chunks no snapshot uses any more.  ``delete``, ``prune``
+``gc`` removes the chunks no snapshot uses any more (on S3 only those
+older than ``--grace`` seconds, default an hour).  ``delete``, ``prune``
 and ``gc`` hold the repository lock exclusive and fail at once if a pull
 (or verify) holds it shared; ``prune --dry-run`` holds it shared.
 """
@@ -24,13 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Manage a deduplicating blake3 chunk repository.")
     rsub = p.add_subparsers(dest="repo_command", metavar="ACTION", required=True)
     i = rsub.add_parser("init", help="create a repository")
-    i.add_argument("dir", metavar="DIR")
+    i.add_argument("dir", metavar="REPO", help=REPO_HELP)
     i.add_argument("--chunk-size", default="4M")
+    _s3(i)
     i.set_defaults(func=cmd_init)
     for name, func, text in (("list", cmd_list, "list snapshots"), ("verify", cmd_verify, "check snapshots' chunks"),
                              ("delete", cmd_delete, "delete a snapshot"), ("gc", cmd_gc, "remove unused chunks")):
         a = rsub.add_parser(name, help=text)
-        a.add_argument("dir", metavar="DIR")
+        a.add_argument("dir", metavar="REPO", help=REPO_HELP)
+        _s3(a)
+        if name == "gc":
+            _grace(a)
         if name in ("verify", "delete"):
             a.add_argument("names", metavar="NAME", nargs="*" if name == "verify" else 1)
         a.add_argument("--json", action="store_true")
@@ -40,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Keep the snapshots that at least one --keep-* rule selects and delete the others "
                     "(restic 'forget' semantics; hour/day/ISO week/month/year buckets in UTC). "
                     "Refuses to run with no rule.")
-    pr.add_argument("dir", metavar="DIR")
+    pr.add_argument("dir", metavar="REPO", help=REPO_HELP)
+    _s3(pr)
     pr.add_argument("--keep-last", type=_count, default=0, metavar="N",
                     help="the N newest snapshots ('unlimited': all)")
     for rule in ("hourly", "daily", "weekly", "monthly", "yearly"):
@@ -51,8 +61,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="every snapshot newer than the newest minus DURATION (e.g. 2d3h, 1y6m; m = months)")
     pr.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     pr.add_argument("--gc", action="store_true", help="then remove the chunks no kept snapshot uses")
+    _grace(pr)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_prune)
+
+
+REPO_HELP = "a directory or s3://BUCKET/PREFIX"
+
+
+def _s3(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3 endpoint for an s3:// repository (default: AWS_ENDPOINT_URL, else AWS)")
+
+
+def _grace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grace", type=float, metavar="SECONDS",
+                   help="gc keeps unused chunks younger than this (default: 0 for a directory, 3600 on S3)")
 
 
 def _count(text: str) -> int:
@@ -75,10 +99,10 @@ def _duration(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _open(path: str):
-    from ..agent.repo import DirStore, Repository
+def _open(args: argparse.Namespace):
+    from ..agent.repo import Repository, open_store
 
-    store = DirStore(path)
+    store = open_store(args.dir, endpoint=args.s3_endpoint)
     return store, Repository.open(store)
 
 
@@ -91,15 +115,15 @@ def _emit(args: argparse.Namespace, value, text: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from ..agent.repo import DirStore, Repository
+    from ..agent.repo import Repository, open_store
 
-    repo = Repository.init(DirStore(args.dir), parse_size(args.chunk_size))
+    repo = Repository.init(open_store(args.dir, endpoint=args.s3_endpoint), parse_size(args.chunk_size))
     print(f"repository {args.dir} created ({repo.chunk_size} byte chunks)")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    _, repo = _open(args.dir)
+    _, repo = _open(args)
     rows = []
     for name in repo.snapshots():
         info = repo.snapshot_info(name)
@@ -111,19 +135,22 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    store, repo = _open(args.dir)
+    store, repo = _open(args)
     with store.lock(exclusive=False):
         names = args.names or repo.snapshots()
         problems = repo.verify(names)
-    _emit(args, {"ok": not problems, "snapshots": names,
-                 "problems": [{"snapshot": s, "chunk": i, "reason": r} for s, i, r in problems]},
-          "\n".join([f"{s}: chunk {i}: {r}" for s, i, r in problems]
+        mans = {s: repo.load_snapshot(s) for s in {p[0] for p in problems}}
+    rows = [{"snapshot": s, "chunk": i, "offset": mans[s].chunk_range(i)[0], "length": mans[s].chunk_range(i)[1],
+             "reason": r} for s, i, r in problems]
+    _emit(args, {"ok": not problems, "snapshots": names, "problems": rows},
+          "\n".join([f"{p['snapshot']}: chunk {p['chunk']} ({p['offset']}, {p['length']}): {p['reason']}"
+                     for p in rows]
                     + [f"{'FAILED' if problems else 'OK'}: {len(names)} snapshot(s), {len(problems)} bad chunk(s)"]))
     return 1 if problems else 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    store, repo = _open(args.dir)
+    store, repo = _open(args)
     with store.lock(exclusive=True):
         repo.delete_snapshot(args.names[0])
     _emit(args, {}, f"snapshot {args.names[0]} deleted (run 'gc' to free its chunks)")
@@ -131,9 +158,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    store, repo = _open(args.dir)
+    store, repo = _open(args)
     with store.lock(exclusive=True):
-        removed, kept = repo.gc()
+        removed, kept = repo.gc(args.grace)
     _emit(args, {"removed": removed, "kept": kept}, f"removed {removed} unused chunk(s), {kept} in use")
     return 0
 
@@ -146,7 +173,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     policy = retention.Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,
                               weekly=args.keep_weekly, monthly=args.keep_monthly, yearly=args.keep_yearly,
                               within=args.keep_within).check()
-    store, repo = _open(args.dir)
+    store, repo = _open(args)
     gc: dict | None = None
     with store.lock(exclusive=not args.dry_run):
         times = {name: repo.snapshot_time(name) for name in repo.snapshots()}
@@ -161,7 +188,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             for name in remove:
                 repo.delete_snapshot(name)
             if args.gc:
-                freed, in_use = repo.gc()
+                freed, in_use = repo.gc(args.grace)
                 gc = {"removed": freed, "kept": in_use}
     guessed = sorted(n for n, (_, g) in times.items() if g)
     doc = {"policy": policy.to_json(), "dry_run": args.dry_run, "now": now.isoformat(timespec="seconds"),

@@ -9,6 +9,9 @@ Fixtures (each returns the context manager of the same name in ``peers``):
   ``qemu_storage_daemon``.
 - ``pki``: test certificates for the session (`certs.make_pki`: dirs
   ``server``, ``noclient``, ``rogue``); skipped without openssl.
+- ``rgw``: a Ceph RADOS Gateway S3 store for the session (`ceph_rgw.RGW`:
+  endpoint, keys, ``env()``), one per xdist worker; fails loudly if the Ceph
+  packages are missing.
 - ``libnbd``: a factory ``libnbd(uri, **opts) -> nbd.NBD`` connected to
   ``uri``; every handle is shut down at teardown.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import ceph_rgw
 import certs
 import peers
 
@@ -38,6 +42,16 @@ def pki():
         pytest.skip("openssl is not installed (scripts/setup installs it)")
     base = Path(peers.short_tempdir("nbdtls-"))
     yield certs.make_pki(base)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rgw():
+    """A running `ceph_rgw.RGW` (stopped and removed at the end of the session)."""
+    base = peers.short_tempdir("rgw-")
+    inst = ceph_rgw.start(base)
+    yield inst
+    inst.stop()
     shutil.rmtree(base, ignore_errors=True)
 
 

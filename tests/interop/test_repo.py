@@ -84,7 +84,7 @@ def test_repository_full_incremental_restore_verify_gc(short_tmp):
     victim.write_bytes(data)
     r = nb("repo", "verify", str(repo), "--json", ok=False)
     assert r.returncode == 1
-    assert json.loads(r.stdout)["problems"] == [{"snapshot": "s0", "chunk": 5,
+    assert json.loads(r.stdout)["problems"] == [{"snapshot": "s0", "chunk": 5, "offset": 20 * M, "length": 4 * M,
                                                  "reason": "does not match its blake3 digest"}]
     r = restore(repo, "s0", short_tmp / "bad.raw")
     assert r.returncode != 0 and "Input/output error" in r.stderr

@@ -1,0 +1,450 @@
+"""`S3Store`: the chunk repository's object store on S3-compatible object storage.
+
+Role: the same small interface as `agent.repo.DirStore` (put/put_new/flush/
+get/exists/list/list_times/delete/delete_many/mtime/lock) over one bucket and key prefix,
+addressed as ``s3://BUCKET/PREFIX`` (`agent.repo.open_store` picks it).
+Tested against Ceph's RADOS Gateway; uses boto3 with path-style addressing.
+
+Configuration is boto3's usual: credentials from ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` (or ``~/.aws/credentials``, ``AWS_PROFILE``...),
+region from ``AWS_DEFAULT_REGION`` / ``AWS_REGION`` (default us-east-1), the
+endpoint from the ``endpoint`` argument (CLI ``--s3-endpoint``), else
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (read here too, so an older
+boto3 such as Debian's 1.26 honours them), else boto3's own (config file,
+AWS).
+
+Writes: a PUT that returned is durable, so `flush` does nothing.  Chunks are
+written with `put_new`, a conditional PUT (``If-None-Match: *``): a store
+that already holds the key answers 412, which means "already there" --
+concurrent writers never rewrite a chunk, and since a chunk's key is its
+digest, whoever wrote it first wrote the same bytes.
+
+Locking (the `DirStore`'s flock, rebuilt from objects with expiry):
+
+- shared (pull, verify): a lease object ``locks/shared-<uuid>``;
+- exclusive (gc, delete, prune): ``locks/exclusive``, created with
+  ``If-None-Match: *`` (so at most one holder).
+
+A lease is live until its LastModified (the store's clock) plus its ``ttl``
+(in its body), measured against the store's clock (the ``Date`` of a
+response), so client clocks do not matter.  Holders rewrite their lease
+every ``ttl/3`` s from a background thread.  Each side writes its own lease
+FIRST and only then lists the other side's, and backs off (deletes its lease,
+raises ConfigError) if it finds a live one: with S3's read-after-write and
+list-after-write consistency, of a pull and a gc that start together at least
+one sees the other, so they never both proceed (both may refuse).  Expired
+leases are ignored, and removed by whoever finds them.
+
+Race windows, honestly:
+
+- A holder stalled longer than ``ttl`` (a stopped process, a long network
+  outage) loses its lease without knowing until its next renewal; a gc may
+  then run.  A renewal that finds its lease gone, or replaced by another
+  holder's (its ETag changed: every lease write carries a nonce), marks the lock
+  lost, and `check_lock` (called by `Repository.save_snapshot`) refuses to
+  save a snapshot under a lost lock, so such a pull fails instead of saving a
+  snapshot whose chunks gc may have removed.
+  `check_lock` also checks the lease itself (HEAD, ETag, time since the last
+  renewal), so a process that was stopped as a whole notices too; what
+  remains is the moment between that check and the snapshot's PUT.
+- Replacing an expired ``locks/exclusive`` is delete-then-create: of two
+  processes that both saw it expired, the second may delete the first's fresh
+  lease and create its own; the first's renewal then sees the ETag change
+  and marks its lock lost, but two gc/delete/prune runs can overlap for up
+  to ``ttl/3`` s (gc and delete only remove; pulls stay locked out throughout).
+- As a second line of defence, gc never deletes a chunk younger than its
+  grace period (`S3Store.gc_grace`, LastModified from the listing), which
+  covers chunks uploaded by a pull that started before gc's lock check.
+
+Invariants: keys are '/'-separated and relative to the prefix; `get` of a
+missing key raises FileNotFoundError (as the DirStore's open does); a chunk
+key, once written, is never overwritten by this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import email.utils
+import errno
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError
+
+#: Lease lifetime (seconds) and the default gc grace period for S3 repositories.
+LEASE_TTL = 60.0
+GC_GRACE = 3600.0
+
+
+class S3Error(ConfigError, OSError):
+    """A request to the object store failed: one line for the CLI (a ConfigError),
+    an errno for the restore plugin and the pull (an OSError: EIO, ENOENT, EACCES)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at either end)."""
+    u = urlsplit(url)
+    if u.scheme != "s3" or not u.netloc or u.query or u.fragment:
+        raise ConfigError(f"{url!r}: give an S3 repository as s3://BUCKET/PREFIX")
+    prefix = u.path.strip("/")
+    if ".." in prefix.split("/"):
+        raise ConfigError(f"{url!r}: '..' in the prefix")
+    return u.netloc, prefix
+
+
+def _client(endpoint: str | None):
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as e:
+        raise ConfigError(f"s3:// repositories need boto3 ({e}); run scripts/setup") from None
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    session = boto3.session.Session()
+    region = session.region_name or "us-east-1"
+    cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"},
+                 max_pool_connections=32, connect_timeout=10, read_timeout=60)
+    return session.client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
+
+
+class S3Store:
+    """Objects under ``s3://bucket/prefix`` (see the module doc).
+
+    Fields: ``root`` (the URL, for messages); ``bucket``, ``prefix``;
+    ``client`` (a boto3 S3 client; thread-safe, shared by the pull's worker
+    threads); ``lease_ttl`` and ``gc_grace`` (seconds); ``_lost`` (set by the
+    renewal thread when the held lease vanished or could not be renewed
+    in time; read by `check_lock`); ``_lease_etag`` (see `_put_lease`).
+    """
+
+    def __init__(self, url: str, *, endpoint: str | None = None, lease_ttl: float = LEASE_TTL,
+                 gc_grace: float = GC_GRACE) -> None:
+        self.bucket, self.prefix = parse_url(url)
+        self.root = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.client = _client(endpoint)
+        self.lease_ttl = lease_ttl
+        self.gc_grace = gc_grace
+        self._lost: str | None = None
+        self._holding = False
+        #: ETag and time.monotonic() of this store's last lease write; the key of the lease held.
+        self._lease_etag: str | None = None
+        self._renewed_at = 0.0
+        self._held_key: str | None = None
+        ops = self.client.meta.service_model.operation_model("PutObject").input_shape.members
+        #: Whether this botocore knows PutObject's IfNoneMatch (1.35+); if not, the header is added by hand.
+        self._native_if_none_match = "IfNoneMatch" in ops
+        #: Otherwise: whether the header hook is registered, and a per-thread "this PUT is conditional".
+        self._hooked = False
+        self._conditional = threading.local()
+
+    # -- keys and errors -----------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        assert ".." not in key.split("/") and not key.startswith("/"), key
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
+
+    @staticmethod
+    def _code(e: Exception) -> tuple[str, int]:
+        r = getattr(e, "response", None) or {}
+        return str(r.get("Error", {}).get("Code", "")), int(r.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+    def _fail(self, e: Exception, what: str) -> S3Error:
+        """The `S3Error` for a botocore exception (ClientError or BotoCoreError)."""
+        code, status = self._code(e)
+        if code == "NoSuchBucket":
+            return S3Error(errno.ENOENT, f"{self.root}: no bucket {self.bucket!r}")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+            return S3Error(errno.EACCES, f"{self.root}: access denied ({code or status}) on {what}")
+        return S3Error(errno.EIO, f"{self.root}: {what}: {e}")
+
+    def _call(self, what: str, fn, **kw):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kw)
+        except (ClientError, BotoCoreError) as e:
+            raise self._fail(e, what) from e
+
+    # -- the store interface ---------------------------------------------------
+
+    def create(self) -> None:
+        """Make the bucket if it does not exist (``repo init``)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as e:
+            if self._code(e)[1] != 404:
+                raise self._fail(e, "head bucket") from e
+        except BotoCoreError as e:
+            raise self._fail(e, "head bucket") from e
+        self._call("create bucket", self.client.create_bucket, Bucket=self.bucket)
+
+    def put(self, key: str, data) -> None:
+        self._call(f"put {key}", self.client.put_object, Bucket=self.bucket, Key=self._key(key),
+                   Body=bytes(memoryview(data).cast("B")))
+
+    def put_new(self, key: str, data) -> bool:
+        """Write ``key`` unless it exists (conditional PUT); True if this call created it."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kw = dict(Bucket=self.bucket, Key=self._key(key), Body=bytes(memoryview(data).cast("B")))
+        try:
+            if self._native_if_none_match:
+                self.client.put_object(IfNoneMatch="*", **kw)
+            else:
+                with self._if_none_match():
+                    self.client.put_object(**kw)
+        except ClientError as e:
+            code, status = self._code(e)
+            if status == 412 or code == "PreconditionFailed":
+                return False
+            if status == 409 or code == "ConditionalRequestConflict":  # a concurrent conditional PUT won
+                return False
+            raise self._fail(e, f"put {key}") from e
+        except BotoCoreError as e:
+            raise self._fail(e, f"put {key}") from e
+        return True
+
+    @contextlib.contextmanager
+    def _if_none_match(self):
+        """For a botocore without PutObject's IfNoneMatch: the header, on this thread's PUTs only."""
+        if not self._hooked:
+            self.client.meta.events.register("before-sign.s3.PutObject", self._add_if_none_match,
+                                             unique_id="nbdbackup-if-none-match")
+            self._hooked = True
+        self._conditional.on = True
+        try:
+            yield
+        finally:
+            self._conditional.on = False
+
+    def _add_if_none_match(self, request, **_) -> None:
+        if getattr(self._conditional, "on", False):
+            request.headers["If-None-Match"] = "*"
+
+    def flush(self) -> None:
+        """Nothing to do: a PUT that returned is durable."""
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return r["Body"].read()
+        except ClientError as e:
+            if self._code(e)[0] in ("NoSuchKey", "404") or self._code(e)[1] == 404:
+                raise FileNotFoundError(errno.ENOENT, f"{self.root}/{key}: no such object") from None
+            raise self._fail(e, f"get {key}") from e
+        except BotoCoreError as e:
+            raise self._fail(e, f"get {key}") from e
+
+    def _head(self, key: str) -> dict | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            if self._code(e)[1] == 404:
+                return None
+            raise self._fail(e, f"head {key}") from e
+        except BotoCoreError as e:
+            raise self._fail(e, f"head {key}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def list_times(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """``(key, LastModified as seconds since the epoch)`` under ``prefix`` (a key path)."""
+        full = self._key(prefix.rstrip("/")) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            for page in pages:
+                for o in page.get("Contents", ()):
+                    yield self._rel(o["Key"]), o["LastModified"].timestamp()
+        except ClientError as e:
+            raise self._fail(e, f"list {prefix}") from e
+        except BotoCoreError as e:
+            raise self._fail(e, f"list {prefix}") from e
+
+    def list(self, prefix: str) -> Iterator[str]:
+        for k, _ in self.list_times(prefix):
+            yield k
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def delete_many(self, keys) -> None:
+        """Delete ``keys`` (an iterable), up to 1000 per request (gc at scale)."""
+        keys = list(keys)
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
+            r = self._call(f"delete {len(batch)} objects", self.client.delete_objects, Bucket=self.bucket,
+                           Delete={"Objects": batch, "Quiet": True})
+            errors = r.get("Errors") or []
+            if errors:
+                e = errors[0]
+                raise S3Error(errno.EIO, f"{self.root}: delete {self._rel(e.get('Key', '?'))}: "
+                                         f"{e.get('Code')} {e.get('Message') or ''}".rstrip())
+
+    def mtime(self, key: str) -> float:
+        h = self._head(key)
+        if h is None:
+            raise FileNotFoundError(errno.ENOENT, f"{self.root}/{key}: no such object")
+        return h["LastModified"].timestamp()
+
+    # -- leases ------------------------------------------------------------------
+
+    def _put_lease(self, key: str, *, exclusive_create: bool) -> tuple[bool, float]:
+        """Write a lease; (written, the store's time of the write).  With
+        ``exclusive_create`` only if absent."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        # The nonce makes every write's ETag unique, so a renewal can tell its lease from a successor's.
+        body = json.dumps({"ttl": self.lease_ttl, "host": socket.gethostname(), "pid": os.getpid(),
+                           "nonce": uuid.uuid4().hex}).encode()
+        kw = dict(Bucket=self.bucket, Key=self._key(key), Body=body)
+        try:
+            if exclusive_create and self._native_if_none_match:
+                r = self.client.put_object(IfNoneMatch="*", **kw)
+            elif exclusive_create:
+                with self._if_none_match():
+                    r = self.client.put_object(**kw)
+            else:
+                r = self.client.put_object(**kw)
+        except ClientError as e:
+            code, status = self._code(e)
+            if exclusive_create and (status in (409, 412) or code == "PreconditionFailed"):
+                return False, 0.0
+            raise self._fail(e, f"put {key}") from e
+        except BotoCoreError as e:
+            raise self._fail(e, f"put {key}") from e
+        self._lease_etag = r.get("ETag")
+        self._renewed_at = time.monotonic()
+        return True, _server_time(r)
+
+    def _live(self, key: str, now: float) -> bool | None:
+        """Whether the lease ``key`` is live at the store's time ``now`` (None: gone)."""
+        try:
+            h = self._head(key)
+            if h is None:
+                return None
+            ttl = float(json.loads(self.get(key)).get("ttl", self.lease_ttl))
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
+        return h["LastModified"].timestamp() + ttl > now
+
+    def _live_shared(self, now: float, mine: str | None = None) -> list[str]:
+        live = []
+        for k in list(self.list("locks")):
+            if k.startswith("locks/shared-") and k != mine:
+                state = self._live(k, now)
+                if state:
+                    live.append(k)
+                elif state is False:
+                    self.delete(k)  # expired: whoever finds it removes it
+        return live
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool) -> Iterator[None]:
+        """Shared or exclusive repository lease for the ``with`` block (see the module doc);
+        a busy repository raises ConfigError at once."""
+        if exclusive:
+            key = "locks/exclusive"
+            for _ in range(2):
+                ok, now = self._put_lease(key, exclusive_create=True)
+                if ok:
+                    break
+                state = self._live(key, _server_time(self._call("head bucket", self.client.head_bucket,
+                                                                Bucket=self.bucket)))
+                if state:
+                    raise ConfigError(f"repository {self.root} is busy (being cleaned)")
+                if state is False:
+                    self.delete(key)  # expired: replace it
+            else:
+                raise ConfigError(f"repository {self.root} is busy (being cleaned)")
+            if self._live_shared(now):
+                self.delete(key)
+                raise ConfigError(f"repository {self.root} is busy (in use)")
+        else:
+            key = f"locks/shared-{uuid.uuid4().hex}"
+            _, now = self._put_lease(key, exclusive_create=False)
+            if self._live("locks/exclusive", now):
+                self.delete(key)
+                raise ConfigError(f"repository {self.root} is busy (being cleaned)")
+        self._lost = None
+        self._holding = True
+        self._held_key = key
+        stop = threading.Event()
+        t = threading.Thread(target=self._renew, args=(key, stop), name=f"lease {key}", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            self._holding = False
+            self._held_key = None
+            with contextlib.suppress(OSError):
+                self.delete(key)
+
+    def _renew(self, key: str, stop: threading.Event) -> None:
+        last = time.monotonic()
+        while not stop.wait(self.lease_ttl / 3):
+            try:
+                h = self._head(key)
+                if h is None:
+                    self._lost = f"lease {key} vanished (expired and removed by another process?)"
+                    return
+                if h.get("ETag") != self._lease_etag:
+                    self._lost = f"lease {key} was taken over by another process (ours had expired)"
+                    return
+                self._put_lease(key, exclusive_create=False)
+                if time.monotonic() - last > self.lease_ttl:
+                    self._lost = f"lease {key} was not renewed for {time.monotonic() - last:.0f} s"
+                    return
+                last = time.monotonic()
+            except Exception as e:  # noqa: BLE001  (an unreachable store included: keep trying until the ttl)
+                if time.monotonic() - last > self.lease_ttl:
+                    self._lost = f"lease {key} could not be renewed: {e}"
+                    return
+
+    def check_lock(self) -> None:
+        """Raise ConfigError if the lease held by the current `lock` was lost: checked
+        now, not only by the renewal thread (which a stopped process does not run either)."""
+        key = self._held_key
+        if key and not self._lost:
+            if time.monotonic() - self._renewed_at > self.lease_ttl:
+                self._lost = f"lease {key} was not renewed for {time.monotonic() - self._renewed_at:.0f} s"
+            else:
+                h = self._head(key)
+                if h is None:
+                    self._lost = f"lease {key} vanished (expired and removed by another process?)"
+                elif h.get("ETag") != self._lease_etag:
+                    self._lost = f"lease {key} was taken over by another process (ours had expired)"
+        if self._lost:
+            raise ConfigError(f"repository {self.root}: {self._lost}; not saving")
+
+
+def _server_time(response: dict) -> float:
+    """The store's clock from a response's ``Date`` header (seconds since the epoch)."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date:
+        with contextlib.suppress(TypeError, ValueError):
+            return email.utils.parsedate_to_datetime(date).timestamp()
+    return datetime.datetime.now(datetime.timezone.utc).timestamp()

@@ -1,0 +1,313 @@
+"""Interop: the chunk repository on S3 (`agent.s3store`) against a real Ceph RADOS Gateway.
+
+The ``rgw`` fixture (`ceph_rgw`) runs radosgw over a one-node memstore
+cluster.  First the store on its own: put/get/exists/list (past one
+1000-key listing page)/delete/mtime, the conditional PUT that never rewrites
+a chunk, and the lease locks (exclusive refused while a shared lease is
+live and the reverse, a live lease kept alive by renewal, an expired one
+ignored and removed, a lost lease refusing the snapshot save).  Then the
+product path, mirroring test_repo.py: a full pull from qemu-nbd into
+``s3://bucket/prefix``, an incremental one through qemu-nbd ``-B``, ``repo
+verify``, restores through nbdkit + plugins/restore.py compared with
+``qemu-img compare``, a damaged chunk object named by verify with its byte
+range, ``gc`` honouring its grace period, and two pulls into one bucket at
+once that both restore exactly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import peers
+from qemutools import qemu_io
+
+ROOT = Path(__file__).resolve().parents[2]
+PLUGIN = str(ROOT / "plugins" / "restore.py")
+M = 1 << 20
+
+
+@pytest.fixture
+def s3env(rgw, monkeypatch):
+    """Point this process and its children (nbdbackup, nbdkit) at the RGW; yield a fresh s3:// URL."""
+    for k, v in rgw.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    rgw.client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/backups/vm1"
+
+
+def store(url: str, **kw):
+    from nbdbackup.agent.s3store import S3Store
+
+    return S3Store(url, **kw)
+
+
+def nb(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                       errors="replace", timeout=120)
+    if ok:
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+    return r
+
+
+def restore(url: str, snap: str, out: Path) -> subprocess.CompletedProcess:
+    with peers.nbdkit("python", PLUGIN, f"repo={url}", f"snapshot={snap}") as p:
+        return subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", p.uri, str(out)],
+                              capture_output=True, text=True, errors="replace", timeout=120)
+
+
+def same(a: Path, b: Path, fmt_b: str = "raw") -> bool:
+    return subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt_b, str(a), str(b)]).returncode == 0
+
+
+# -- the store -------------------------------------------------------------------
+
+
+def test_s3store_objects(s3env):
+    from nbdbackup.errors import ConfigError
+
+    s = store(s3env)
+    s.put("config.json", b"{}")
+    assert s.get("config.json") == b"{}" and s.exists("config.json") and not s.exists("nope")
+    with pytest.raises(FileNotFoundError):
+        s.get("nope")
+    assert abs(s.mtime("config.json") - time.time()) < 60
+    assert s.put_new("chunks/ab/abcd", b"first") is True
+    assert s.put_new("chunks/ab/abcd", b"second") is False  # 412: already there, not rewritten
+    assert s.get("chunks/ab/abcd") == b"first"
+    s.delete("chunks/ab/abcd")
+    s.delete("chunks/ab/abcd")  # deleting a missing key is fine
+    assert not s.exists("chunks/ab/abcd")
+
+    keys = {f"chunks/{i % 7:02x}/{i:08x}" for i in range(1100)}  # > one 1000-key listing page
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda k: s.put(k, b"x"), keys))
+    assert set(s.list("chunks")) == keys
+    assert list(s.list("snapshots")) == []
+    assert set(s.list("")) == keys | {"config.json"}
+    s.delete_many(sorted(keys) + ["chunks/00/gone-already"])  # two DeleteObjects requests
+    assert list(s.list("")) == ["config.json"]
+    # The prefix isolates repositories in one bucket.
+    other = store(s3env.rsplit("/", 1)[0] + "/vm2")
+    assert list(other.list("chunks")) == [] and not other.exists("config.json")
+    with pytest.raises(ConfigError, match="s3://BUCKET/PREFIX"):
+        store("s3:///nobucket")
+
+
+def test_s3store_leases(s3env):
+    from nbdbackup.errors import ConfigError
+
+    nb("repo", "init", s3env)
+    a, b = store(s3env, lease_ttl=6), store(s3env, lease_ttl=6)
+    with a.lock(exclusive=False):
+        with b.lock(exclusive=False):  # shared + shared
+            pass
+        with pytest.raises(ConfigError, match="busy"):
+            with b.lock(exclusive=True):
+                pass
+        assert not b.exists("locks/exclusive")  # the refused exclusive lease was withdrawn
+        time.sleep(8)  # longer than the ttl: renewal (every 2 s) keeps the lease live
+        with pytest.raises(ConfigError, match="busy"):
+            with b.lock(exclusive=True):
+                pass
+        a.check_lock()
+    assert list(a.list("locks")) == []  # released
+    with a.lock(exclusive=True):
+        with pytest.raises(ConfigError, match="being cleaned"):
+            with b.lock(exclusive=False):
+                pass
+        with pytest.raises(ConfigError, match="being cleaned"):
+            with b.lock(exclusive=True):
+                pass
+        # The command line meets the same lock: a pull (shared) is refused while gc holds it.
+        r = nb("pull", "nbd+unix:///?socket=/nonexistent", "--repo", s3env, "--snapshot", "x", ok=False)
+        assert r.returncode == 1 and "busy (being cleaned)" in r.stderr, r.stderr
+    assert list(a.list("locks")) == []
+
+    # A holder that died leaves leases behind; once expired they are ignored and removed.
+    a.put("locks/shared-dead", json.dumps({"ttl": 1}).encode())
+    a.put("locks/exclusive", json.dumps({"ttl": 1}).encode())
+    with pytest.raises(ConfigError, match="busy"):
+        with b.lock(exclusive=True):
+            pass
+    time.sleep(3)
+    with b.lock(exclusive=True):
+        assert set(b.list("locks")) == {"locks/exclusive"}
+    assert list(b.list("locks")) == []
+
+    # A lease that vanishes under its holder (expired and removed elsewhere) is noticed:
+    # the snapshot save refuses.
+    with a.lock(exclusive=False):
+        (lease,) = a.list("locks")
+        a.delete(lease)
+        with pytest.raises(ConfigError, match="vanished"):
+            a.check_lock()  # checks the lease now, without waiting for the renewal thread
+    # One taken over by another process after it expired (its ETag changes) is noticed too.
+    with a.lock(exclusive=False):
+        (lease,) = a.list("locks")
+        a.put(lease, json.dumps({"ttl": 6, "nonce": "someone else"}).encode())
+        with pytest.raises(ConfigError, match="taken over"):
+            a.check_lock()
+
+
+# -- the repository through the command line ------------------------------------
+
+
+def test_s3_repository_full_incremental_restore_verify_gc(s3env, short_tmp):
+    url = f"s3://n-{uuid.uuid4().hex[:16]}/vm1"  # a bucket that does not exist yet: repo init makes it
+    disk = short_tmp / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    qemu_io(disk, "write -P 0x11 0 8M", "write -P 0x22 20M 4M", "write -P 0x5e 48M 1M", fmt="qcow2")
+    subprocess.run(["qemu-img", "bitmap", "--add", str(disk), "b0"], check=True)
+    nb("repo", "init", url)
+    assert "already holds a repository" in nb("repo", "init", url, ok=False).stderr
+    with peers.qemu_nbd(disk, fmt="qcow2", read_only=True) as q:
+        st0 = json.loads(nb("pull", q.uri, "--repo", url, "--snapshot", "s0", "--json").stdout)
+    assert st0["bytes_read"] == 13 * M and st0["new_chunks"] == 3
+    pit0 = short_tmp / "pit0.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(pit0)], check=True)
+
+    qemu_io(disk, "write -P 0x33 1M 64k", "write -z 21M 1M", "write -P 0x44 40M 128k", fmt="qcow2")
+    with peers.qemu_nbd(disk, fmt="qcow2", read_only=True, bitmap="b0") as q:
+        st1 = json.loads(nb("pull", q.uri, "--repo", url, "--snapshot", "s1", "--bitmap", "b0",
+                            "--base", "s0", "--json").stdout)
+    assert st1["bytes_read"] == 64 * 1024 + 128 * 1024 and st1["new_chunks"] == 3
+    lst = json.loads(nb("repo", "list", url, "--json").stdout)
+    assert [(x["name"], x["parent"]) for x in lst] == [("s0", None), ("s1", "s0")]
+
+    for snap, want in (("s0", pit0), ("s1", disk)):
+        out = short_tmp / f"restored-{snap}.raw"
+        r = restore(url, snap, out)
+        assert r.returncode == 0, r.stderr
+        assert same(out, want, "raw" if want == pit0 else "qcow2"), snap
+    assert nb("repo", "verify", url).stdout.strip().endswith("OK: 2 snapshot(s), 0 bad chunk(s)")
+
+    # Overwrite the chunk object only s0 uses (20..24 MiB) with other bytes.
+    s = store(url)
+    h = json.loads(s.get("snapshots/s0.json"))["manifest"]["chunks"][5]
+    s.put(f"chunks/{h[:2]}/{h}", b"\x5a" * (4 * M))
+    r = nb("repo", "verify", url, "--json", ok=False)
+    assert r.returncode == 1
+    assert json.loads(r.stdout)["problems"] == [{"snapshot": "s0", "chunk": 5, "offset": 20 * M, "length": 4 * M,
+                                                 "reason": "does not match its blake3 digest"}]
+    assert "s0: chunk 5 (20971520, 4194304): does not match" in nb("repo", "verify", url, ok=False).stdout
+    r = restore(url, "s0", short_tmp / "bad.raw")
+    assert r.returncode != 0 and "Input/output error" in r.stderr
+
+    # Forget s0: with the default grace (an hour on S3) gc keeps its fresh chunks; --grace 0 frees them.
+    nb("repo", "delete", url, "s0")
+    s1_chunks = set(json.loads(s.get("snapshots/s1.json"))["manifest"]["chunks"])
+    before = {k.rsplit("/", 1)[1] for k in s.list("chunks")}
+    assert json.loads(nb("repo", "gc", url, "--json").stdout)["removed"] == 0
+    gc = json.loads(nb("repo", "gc", url, "--grace", "0", "--json").stdout)
+    after = {k.rsplit("/", 1)[1] for k in s.list("chunks")}
+    assert after == before & s1_chunks and gc["removed"] == len(before - s1_chunks) > 0
+    out = short_tmp / "after-gc.raw"
+    assert restore(url, "s1", out).returncode == 0 and same(out, disk, "qcow2")
+
+
+def test_s3_gc_grace_keeps_young_unreferenced_chunks(s3env):
+    from nbdbackup.agent.repo import Repository
+
+    s = store(s3env)
+    repo = Repository.init(s, 64 * 1024)
+    old, young = b"\x01" * 100, b"\x02" * 100
+    from nbdbackup.agent.manifest import digest
+
+    assert repo.put_chunk(digest(old), old)
+    time.sleep(4)
+    assert repo.put_chunk(digest(young), young)
+    with s.lock(exclusive=True):
+        removed, kept = repo.gc(grace=2)  # old is ~4 s old, young ~0 s: margins of 2 s both ways
+    assert (removed, kept) == (1, 0)
+    assert repo.stored() == {digest(young)}
+
+
+def test_s3_two_pulls_into_one_bucket_at_once(s3env, short_tmp):
+    """Two pulls run together into one repository; their sources share most chunks, so
+    both race to write the same chunk objects (conditional PUTs).  Both restore exactly."""
+    url = s3env
+    nb("repo", "init", url, "--chunk-size", "1M")
+    disks = []
+    for n, pat in enumerate((0x61, 0x62)):
+        d = short_tmp / f"d{n}.raw"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(d), "48M"], check=True)
+        shared = [f"write -P {0x10 + i:#x} {i}M 1M" for i in range(16)]  # 16 distinct chunks in both
+        own = [f"write -P {pat + 0x10 * i:#x} {40 + i}M 1M" for i in range(3)]  # 3 distinct in each only
+        qemu_io(d, *shared, *own, fmt="raw")
+        disks.append(d)
+    with peers.qemu_nbd(disks[0], read_only=True) as q0, peers.qemu_nbd(disks[1], read_only=True) as q1:
+        procs = [subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "pull", q.uri, "--repo", url,
+                                   "--snapshot", f"p{n}", "--json"], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+                 for n, q in enumerate((q0, q1))]
+        outs = [p.communicate(timeout=180) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e.decode(errors="replace")
+    new = [json.loads(o)["new_chunks"] for o, _ in outs]
+    assert sum(new) == 16 + 2 * 3  # each shared chunk written once (by either pull), plus 3 own each
+    assert len(list(store(url).list("chunks"))) == 16 + 2 * 3
+    for n, d in enumerate(disks):
+        out = short_tmp / f"r{n}.raw"
+        r = restore(url, f"p{n}", out)
+        assert r.returncode == 0, r.stderr
+        assert same(out, d)
+    assert nb("repo", "verify", url).stdout.strip().endswith("OK: 2 snapshot(s), 0 bad chunk(s)")
+    # prune over S3: keep the newest snapshot, free what only the other used (--grace 0: all are fresh).
+    doc = json.loads(nb("repo", "prune", url, "--keep-last", "1", "--gc", "--grace", "0", "--json").stdout)
+    (gone,) = doc["removed"]
+    assert doc["gc"]["removed"] == 3 and len(list(store(url).list("chunks"))) == 16 + 3
+    kept = ({"p0", "p1"} - {gone}).pop()
+    out = short_tmp / "kept.raw"
+    assert restore(url, kept, out).returncode == 0 and same(out, disks[int(kept[1])])
+
+
+def test_s3store_with_debians_older_botocore(s3env):
+    """nbdkit's embedded Python finds Debian's python3-boto3 (1.26, botocore 1.29: no IfNoneMatch
+    parameter) before the .venv's: the conditional PUT then adds the header by hand."""
+    py = "/usr/bin/python3"
+    probe = subprocess.run([py, "-c", "import botocore; print(botocore.__version__)"], capture_output=True,
+                           text=True, errors="replace")
+    if probe.returncode != 0:
+        pytest.skip("Debian's python3-boto3 is not installed (only the .venv's boto3 is used then)")
+    script = (
+        "import sys, json\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from nbdbackup.agent.s3store import S3Store\n"
+        "s = S3Store(sys.argv[1])\n"
+        "out = [s._native_if_none_match, s.put_new('chunks/aa/x', b'1'), s.put_new('chunks/aa/x', b'2'),\n"
+        "       s.get('chunks/aa/x').decode()]\n"
+        "with s.lock(exclusive=True):\n"
+        "    s.put('snapshots/plain.json', b'{}')  # an unconditional PUT meanwhile stays unconditional\n"
+        "    s.put('snapshots/plain.json', b'{}')\n"
+        "    out.append(sorted(s.list('locks')))\n"
+        "print(json.dumps(out))\n")
+    r = subprocess.run([py, "-c", script, s3env], capture_output=True, text=True, errors="replace", timeout=60)
+    assert r.returncode == 0, r.stderr
+    native, created, again, body, locks = json.loads(r.stdout)
+    assert (created, again, body, locks) == (True, False, "1", ["locks/exclusive"])
+    if probe.stdout.startswith("1.29."):
+        assert native is False
+
+
+def test_s3_unreachable_endpoint_is_one_line(short_tmp, monkeypatch):
+    port = peers.free_tcp_port()  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    t = time.monotonic()
+    r = nb("repo", "list", "s3://nobucket/p", "--s3-endpoint", f"http://127.0.0.1:{port}", ok=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("nbdbackup: error: s3://nobucket/p: get config.json:"), r.stderr
+    assert time.monotonic() - t < 60
+    r = nb("repo", "list", "ftp://x/y", ok=False)
+    assert r.returncode == 1 and "a directory or s3://BUCKET/PREFIX" in r.stderr
