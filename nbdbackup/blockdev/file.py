@@ -8,7 +8,8 @@ than a thread hand-off, and the kernel answers EAGAIN instead of blocking
 when the data is not cached; only then (or for the rest of a short read) does
 the read go to a small thread pool.  Writes up to ``inline_limit`` bytes are
 done inline (they land in the page cache); larger ones and every fdatasync go
-to the pool, so a slow disk never stalls the event loop for long.  Durability: FUA writes use
+to the pool, so a slow disk never stalls the event loop for long.  `pwrite_now`
+(the server's task-free WRITE path) takes the inline writes without FUA.  Durability: FUA writes use
 ``RWF_DSYNC``; FLUSH is ``fdatasync``.  TRIM punches holes
 (``FALLOC_FL_PUNCH_HOLE``, ``BLKDISCARD`` on block devices); WRITE_ZEROES uses
 ``FALLOC_FL_PUNCH_HOLE`` when trimming is allowed, else
@@ -203,6 +204,17 @@ class FileDev(BlockDev):
             if got:
                 buf, offset = buf[got:], offset + got
         await asyncio.get_running_loop().run_in_executor(_pool(), self._preadv_all, buf, offset)
+
+    def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
+        """Writes `pwrite` would do inline (up to ``inline_limit`` bytes),
+        except FUA ones: ``RWF_DSYNC`` waits for the disk."""
+        if fua or self.read_only:
+            return False
+        mv = memoryview(buf).cast("B")
+        if len(mv) > self.inline_limit:
+            return False
+        self._pwritev_all(mv, offset, 0)
+        return True
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
         self._check_writable()

@@ -109,6 +109,12 @@ class MemoryDev(BlockDev):
             raise OSError(1, "read-only device")
         self.write_sync(buf, offset)
 
+    def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
+        if self.read_only:
+            return False  # `pwrite` raises EPERM
+        self.write_sync(buf, offset)
+        return True
+
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:
         if self.read_only:
