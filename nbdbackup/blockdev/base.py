@@ -180,6 +180,15 @@ class BlockDev(abc.ABC):
         """
         return False
 
+    def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
+                 fua: bool = False, fast: bool = False) -> bool:
+        """`zero` done now if that cannot block for long; same promise as `pwrite_now`."""
+        return False
+
+    def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
+        """`trim` done now if that cannot block for long; same promise as `pwrite_now`."""
+        return False
+
     def extents_now(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent] | None:
         """`extents` computed now if that is cheap and cannot block, else None."""
         return None
@@ -260,9 +269,10 @@ class FilterDev(BlockDev):
         if self.owns_inner:
             await self.inner.close()
 
-    # A filter that changes reads (or extents) overrides `pread` (`extents`);
-    # the synchronous fast paths then must not bypass it, so they forward to
-    # the inner device only while the async method is the plain forwarder.
+    # A filter that changes reads (or extents, writes, zeroes, trims)
+    # overrides `pread` (`extents`, `pwrite`, `zero`, `trim`); the
+    # synchronous fast paths then must not bypass it, so they forward to the
+    # inner device only while the async method is the plain forwarder.
 
     def pread_now(self, buf: memoryview, offset: int) -> bool:
         if type(self).pread is not FilterDev.pread:
@@ -278,6 +288,17 @@ class FilterDev(BlockDev):
         if type(self).pwrite is not FilterDev.pwrite:
             return False
         return self.inner.pwrite_now(buf, offset, fua)
+
+    def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
+                 fua: bool = False, fast: bool = False) -> bool:
+        if type(self).zero is not FilterDev.zero:
+            return False
+        return self.inner.zero_now(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+
+    def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
+        if type(self).trim is not FilterDev.trim:
+            return False
+        return self.inner.trim_now(offset, length, fua=fua)
 
 
 HOLE_ZERO = int(StateFlag.HOLE | StateFlag.ZERO)

@@ -9,7 +9,8 @@ when the data is not cached; only then (or for the rest of a short read) does
 the read go to a small thread pool.  Writes up to ``inline_limit`` bytes are
 done inline (they land in the page cache); larger ones and every fdatasync go
 to the pool, so a slow disk never stalls the event loop for long.  `pwrite_now`
-(the server's task-free WRITE path) takes the inline writes without FUA.  Durability: FUA writes use
+(the server's task-free WRITE path) takes the inline writes without FUA;
+`zero_now` and `trim_now` the kernel primitives, without FUA.  Durability: FUA writes use
 ``RWF_DSYNC``; FLUSH is ``fdatasync``.  TRIM punches holes
 (``FALLOC_FL_PUNCH_HOLE``, ``BLKDISCARD`` on block devices); WRITE_ZEROES uses
 ``FALLOC_FL_PUNCH_HOLE`` when trimming is allowed, else
@@ -252,6 +253,14 @@ class FileDev(BlockDev):
                 self._zero_range_ok = False
         return False
 
+    def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
+                 fua: bool = False, fast: bool = False) -> bool:
+        """When a kernel primitive zeroes the range (what `zero` tries first,
+        inline), without FUA (the flush goes to the pool)."""
+        if fua or self.read_only:
+            return False
+        return self._zero_sync(offset, length, may_trim, fast)
+
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:
         self._check_writable()
@@ -263,8 +272,20 @@ class FileDev(BlockDev):
             raise OSError(errno.ENOTSUP, "zeroing cannot be fast here")
         await write_zeroes_slowly(self, offset, length, fua=fua)
 
+    def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
+        """`trim` is inline but for FUA's flush."""
+        if fua or self.read_only:
+            return False
+        self._trim_sync(offset, length)
+        return True
+
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_writable()
+        self._trim_sync(offset, length)
+        if fua:
+            await self.flush()
+
+    def _trim_sync(self, offset: int, length: int) -> None:
         try:
             if self.is_block:
                 fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
@@ -275,8 +296,6 @@ class FileDev(BlockDev):
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
                 raise
             self._punch_ok = False
-        if fua:
-            await self.flush()
 
     async def flush(self) -> None:
         if self.read_only:

@@ -26,7 +26,8 @@ Hook protocol (`WriteHook`):
   do again: before_write follows).  A hook without it always takes the
   async path.
 
-Task-free writes (`pwrite_now`, used by the server for small WRITEs): taken
+Task-free writes (`pwrite_now`, `zero_now`, `trim_now`, used by the server
+for small WRITEs, WRITE_ZEROES and TRIM): taken
 only when every attached hook has ``before_write_now`` and it says True for
 this write, the write is not FUA while hooks are attached (``on_durable`` is
 async), and the inner device's `pwrite_now` takes it; hooks are asked in
@@ -125,20 +126,49 @@ class LiveDev(FilterDev):
     def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
         if type(self).pwrite is not LiveDev.pwrite:
             return False  # a subclass changed writes: do not bypass it
-        hooks = self._hooks
-        if not hooks:
+        if not self._hooks:
             return self.inner.pwrite_now(buf, offset, fua)
-        now = self._now
-        if now is None or fua:
-            return False
         length = memoryview(buf).nbytes
-        for f in now:
-            if not f(offset, length):
-                return False
-        if not self.inner.pwrite_now(buf, offset, fua):
+        if not self._hooks_done_now(offset, length, fua) or not self.inner.pwrite_now(buf, offset, fua):
             return False
         for h in self._after:
             h.after_write(offset, length)
+        return True
+
+    def _hooks_done_now(self, offset: int, length: int, fua: bool) -> bool | None:
+        """For the task-free paths: None = no hooks; True = every hook's
+        before_write_now said done; False = await the async path."""
+        if not self._hooks:
+            return None
+        now = self._now
+        if now is None or fua:
+            return False
+        for f in now:
+            if not f(offset, length):
+                return False
+        return True
+
+    def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
+                 fua: bool = False, fast: bool = False) -> bool:
+        if type(self).zero is not LiveDev.zero:
+            return False
+        ok = self._hooks_done_now(offset, length, fua)
+        if ok is False or not self.inner.zero_now(offset, length, may_trim=may_trim, fua=fua, fast=fast):
+            return False
+        if ok:
+            for h in self._after:
+                h.after_write(offset, length)
+        return True
+
+    def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
+        if type(self).trim is not LiveDev.trim:
+            return False
+        ok = self._hooks_done_now(offset, length, fua)
+        if ok is False or not self.inner.trim_now(offset, length, fua=fua):
+            return False
+        if ok:
+            for h in self._after:
+                h.after_write(offset, length)
         return True
 
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,

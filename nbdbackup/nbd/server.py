@@ -110,6 +110,8 @@ _FUA, _DF, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (int(CmdFlag.FUA), int(CmdFlag.DF), 
                                             int(CmdFlag.FAST_ZERO), int(CmdFlag.REQ_ONE))
 _ZERO = int(StateFlag.ZERO)
 _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
+#: Commands `NBDConnection._write_now` may run without a task.
+_NOW_CMDS = frozenset((_WRITE, int(Cmd.WRITE_ZEROES), int(Cmd.TRIM)))
 
 #: Decrypted bytes a client may send before our TLS upgrade completes.
 _TLS_EARLY_MAX = 1024 * 1024
@@ -1047,7 +1049,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if cmd == _READ:
             if self._read_now(req):
                 return
-        elif cmd == _WRITE and self._write_now(req):
+        elif cmd in _NOW_CMDS and self._write_now(req):
             return
         ch = self._payload_charges.pop(id(req.payload), None) if req.payload is not None else None
         task = asyncio.ensure_future(self._handle(req, ch))
@@ -1103,9 +1105,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         return True
 
     def _write_now(self, req: Request) -> bool:
-        """Run a valid WRITE at once, without a task, when the device can
-        take it synchronously (`BlockDev.pwrite_now`: a small non-FUA write
-        to the page cache or RAM, every write hook done without waiting).
+        """Run a valid WRITE, WRITE_ZEROES or TRIM at once, without a task,
+        when the device can do it synchronously (`BlockDev.pwrite_now`: a
+        small non-FUA write to the page cache or RAM; `zero_now`,
+        `trim_now`: a kernel primitive, no FUA; and every write hook done
+        without waiting).
 
         Same effects as the task path: the data is written before the reply
         is queued (so a later FLUSH covers it and later reads see it), the
@@ -1118,20 +1122,31 @@ class NBDConnection(asyncio.BufferedProtocol):
         if req.error or exp is None or exp.removed or self.server.stopping or req.length == 0:
             return False
         payload = req.payload
-        assert payload is not None
+        cmd, flags = req.cmd, req.flags
+        fua = bool(flags & _FUA)
+        dev = exp.dev
         t0 = time.perf_counter_ns()
         try:
-            if not exp.dev.pwrite_now(payload, req.offset, bool(req.flags & _FUA)):
+            if cmd == _WRITE:
+                assert payload is not None
+                done = dev.pwrite_now(payload, req.offset, fua)
+            elif cmd == Cmd.WRITE_ZEROES:
+                done = dev.zero_now(req.offset, req.length, may_trim=not flags & _NO_HOLE, fua=fua,
+                                    fast=bool(flags & _FAST_ZERO))
+            else:
+                done = dev.trim_now(req.offset, req.length, fua=fua)
+            if not done:
                 return False
         except Exception:
-            # Writing again is harmless (same bytes, same place); the task
+            # Doing it again is harmless (same bytes, same place); the task
             # path reports the error (or the bug) the usual way.
             return False
-        ch = self._payload_charges.pop(id(payload), None)
-        if ch is not None:
-            self._budget.release(ch, payload)
+        if payload is not None:
+            ch = self._payload_charges.pop(id(payload), None)
+            if ch is not None:
+                self._budget.release(ch, payload)
         self._write(self.proto.reply_ok(req.cookie))
-        exp.stats.record(_WRITE, req.length, True, time.perf_counter_ns() - t0)
+        exp.stats.record(cmd, req.length, True, time.perf_counter_ns() - t0)
         return True
 
     def _put_buf(self, buf, ch: Charge) -> None:

@@ -34,6 +34,14 @@ class Counting(MemoryDev):
         self.now += 1
         return True
 
+    def zero_now(self, offset, length, **kw):
+        self.now += 1
+        return super().zero_now(offset, length, **kw)
+
+    def trim_now(self, offset, length, **kw):
+        self.now += 1
+        return super().trim_now(offset, length, **kw)
+
     async def pwrite(self, buf, offset, *, fua=False):
         self.slow += 1
         await super().pwrite(buf, offset, fua=fua)
@@ -82,9 +90,14 @@ def test_small_writes_are_task_free_visible_counted_and_flushed(short_tmp):
                 assert mem.flushes == 1
                 await c.pwrite(b"f" * 512, 0, fua=True)  # MemoryDev: FUA is free, still task-free
                 assert mem.now == 65
+                await c.zero(4096, 4096)
+                await c.trim(8192, 4096)
+                assert mem.now == 67 and mem.slow == 0
+                assert await c.pread(3 * 4096, 4096) == bytes(8192) + blocks[3]
             st = exp.stats
             assert st.ops[Cmd.WRITE] == 65 and st.failed[Cmd.WRITE] == 0
             assert st.bytes[Cmd.WRITE] == 64 * 4096 + 512
+            assert st.ops[Cmd.WRITE_ZEROES] == 1 and st.ops[Cmd.TRIM] == 1
             assert exp.inflight == 0
         finally:
             await server.shutdown()

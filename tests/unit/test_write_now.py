@@ -214,3 +214,54 @@ def test_cbw_retired_or_broken_does_not_block_the_fast_path():
     src, tgt, st, live = _cbw()
     st.broken = OSError(5, "gone")
     assert live.pwrite_now(b"N" * 512, 0)
+
+
+def test_zero_and_trim_now_follow_the_same_rules():
+    log = []
+    mem = MemoryDev(SIZE)
+    mem.write_sync(b"d" * SIZE, 0)
+    live = LiveDev(mem)
+    assert live.zero_now(0, 4096) and read(mem, 0, 4096) == bytes(4096)
+    assert live.trim_now(4096, 4096) and read(mem, 4096, 4096) == bytes(4096)
+    hook = Says(log, False)
+    live.add_hook(hook)
+    assert not live.zero_now(8192, 4096) and not live.trim_now(8192, 4096)
+    assert read(mem, 8192, 4) == b"dddd"
+    hook.ok = True
+    log.clear()
+    assert not live.zero_now(8192, 4096, fua=True)  # on_durable is async
+    assert live.zero_now(8192, 4096) and read(mem, 8192, 4) == bytes(4)
+    assert log == [("now", 8192, 4096, True), ("after", 8192, 4096)]
+    assert not LiveDev(MemoryDev(SIZE, read_only=True)).zero_now(0, 1)
+
+
+def test_cbw_undone_cluster_zero_and_trim_take_the_async_path():
+    src, tgt, st, live = _cbw()
+    assert not live.zero_now(0, 4096) and not live.trim_now(0, 4096)
+    assert read(src, 0, 4) == b"old!"
+    asyncio.run(live.zero(0, 4096))
+    assert read(tgt, 0, 4) == b"old!" and read(src, 0, 4) == bytes(4)
+    assert live.trim_now(0, 4096)
+
+
+def test_dirty_hook_marks_zero_now():
+    reg = BitmapRegistry("disk", SIZE)
+    bm = reg.add("b0", CS)
+    live = BitmapLiveDev(MemoryDev(SIZE), reg)
+    assert live.zero_now(5 * CS, 10)
+    assert [(e.offset, e.length, e.flags) for e in bm.extents(5 * CS, CS)] == [(5 * CS, CS, 1)]
+
+
+def test_file_zero_and_trim_now(tmp_path):
+    path = str(tmp_path / "img")
+    with open(path, "wb") as f:
+        f.write(b"d" * SIZE)
+    dev = FileDev(path)
+    try:
+        assert dev.zero_now(0, 8192)
+        assert dev.trim_now(8192, 8192)
+        assert not dev.zero_now(0, 4096, fua=True) and not dev.trim_now(0, 4096, fua=True)
+        with open(path, "rb") as f:
+            assert f.read(16384) == bytes(16384) and f.read(1) == b"d"
+    finally:
+        asyncio.run(dev.close())
