@@ -30,10 +30,11 @@ Task-free writes (`pwrite_now`, `zero_now`, `trim_now`, used by the server
 for small WRITEs, WRITE_ZEROES and TRIM): taken
 only when every attached hook has ``before_write_now`` and it says True for
 this write, the write is not FUA while hooks are attached (``on_durable`` is
-async), and the inner device's `pwrite_now` takes it; hooks are asked in
-hook order before the inner device is called, ``after_write`` runs after it
-succeeded, exactly as on the async path.  Otherwise nothing reaches the
-device and the caller awaits `pwrite`.
+async), and the inner device's `pwrite_now` (`zero_now`, `trim_now`) takes
+it; hooks are asked in hook order before the inner device is called,
+``after_write`` runs after it succeeded, exactly as on the async path.
+Otherwise nothing reaches the device and the caller awaits `pwrite` (`zero`,
+`trim`), which calls every hook's ``before_write`` as usual.
 
 Invariant (ordering): for every hook H and every write W, H.before_write(W)
 has completed before any byte of W reaches the inner device.  This is what

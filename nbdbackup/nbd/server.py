@@ -11,10 +11,11 @@ the protocol's buffer (WRITE payloads land in their own buffer, see
 `ServerConnection.get_buffer`).  Every request runs as its own task, so
 requests are served concurrently and answered out of order, except those
 the device can finish at once without blocking: a READ the page cache or
-RAM can answer (`BlockDev.pread_now`) and a small WRITE the device takes
-synchronously with no write hook needing to wait (`BlockDev.pwrite_now`,
-`blockdev.live`) are done and answered in `_start`, with the same reply,
-stats and memory release as on the task path.  A reply is
+RAM can answer (`BlockDev.pread_now`), and a small WRITE (or a
+WRITE_ZEROES, TRIM) the device does synchronously with no write hook needing
+to wait (`BlockDev.pwrite_now`, `zero_now`, `trim_now`; `blockdev.live`),
+are done and answered in `_start`, with the same reply, stats and memory
+release as on the task path.  A reply is
 written with consecutive ``transport.write`` calls and no await between them,
 so replies never interleave.  Back-pressure: when the transport's send buffer
 is above its high-water mark, or ``max_inflight`` requests run, the
