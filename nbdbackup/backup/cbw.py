@@ -4,7 +4,9 @@ Role: attached to the live export's `LiveDev` for the life of a backup's
 snapshot (from backup start to job dismiss).  Before a live write, zero or
 trim reaches the disk, `CBWHook.before_write` copies the old content of every
 touched cluster that is not yet done into the target and waits for snapshot
-reads of those clusters (`CopyState.protect`, rule 1).
+reads of those clusters (`CopyState.protect`, rule 1).  When there is
+nothing to copy or wait for, `CBWHook.before_write_now` says so synchronously
+and the write may take the server's task-free path.
 
 Error policy (``on_cbw_error``, as QEMU's copy-before-write ``on-cbw-error``):
 - ``break-guest-write``: the live write fails with EIO; the snapshot stays
@@ -64,6 +66,16 @@ class CBWHook:
                 st.broken = err
                 if self.on_break is not None:
                     self.on_break(err)
+
+    def before_write_now(self, offset: int, length: int) -> bool:
+        """True when `before_write` would have nothing to wait for (the
+        task-free write path of `blockdev.live`): every touched cluster is
+        already done and no snapshot read reads it.  Else False, and the
+        caller awaits `before_write` (which copies and waits)."""
+        st = self.state
+        if st.broken is not None or length == 0:
+            return True
+        return st.protect_now(offset, length)
 
     async def on_durable(self) -> None:
         # The live disk's durability does not depend on the target's.

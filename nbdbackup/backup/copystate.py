@@ -411,6 +411,23 @@ class CopyState:
         """Rule 6: claim nothing more (the snapshot is gone)."""
         self.retired = True
 
+    def protect_now(self, offset: int, length: int) -> bool:
+        """Rule 1 when it needs no wait: True when the live write to
+        ``(offset, length)`` may go on now (retired, or every cluster of the
+        range is done and no snapshot read reads its source); False: await
+        `protect`.  Synchronous, changes nothing."""
+        if self.retired:
+            return True
+        first, end = self.clusters_of(offset, length)
+        if not self.done.all(first, end - first):
+            return False
+        readers = self.readers
+        if readers:
+            for c in range(first, end):
+                if c in readers:
+                    return False
+        return True
+
     async def protect(self, offset: int, length: int) -> None:
         """Rule 1: the live write to ``(offset, length)`` may go on when this returns."""
         if self.retired:

@@ -10,7 +10,8 @@ Invariants:
 - Mark before write: `DirtyHook.before_write` sets the bits of every
   recording bitmap (`BitmapRegistry.mark`, synchronous) before LiveDev issues
   the write, zero or trim to the disk, so a crash between the two never
-  hides a change.  The hook is attached when the export is created, before
+  hides a change.  `DirtyHook.before_write_now` does the same mark for the
+  task-free write path (`blockdev.live`), always saying "done".  The hook is attached when the export is created, before
   any client can connect, so no write is ever unrecorded.
 - Durable with the data: `DirtyHook.on_durable` (after a FLUSH, or a FUA
   write, succeeded on the disk and before it is acknowledged) calls
@@ -49,6 +50,11 @@ class DirtyHook:
 
     async def before_write(self, offset: int, length: int) -> None:
         self.registry.mark(offset, length)
+
+    def before_write_now(self, offset: int, length: int) -> bool:
+        """The mark is synchronous: done now (the task-free write path)."""
+        self.registry.mark(offset, length)
+        return True
 
     async def on_durable(self) -> None:
         try:

@@ -161,11 +161,32 @@ class BlockDev(abc.ABC):
     # -- optional synchronous fast paths ------------------------------------
     #
     # The server answers a READ without creating a task when the data is at
-    # hand (page cache, RAM).  A device that cannot tell keeps the defaults:
-    # the normal async path is always correct.
+    # hand (page cache, RAM), and a WRITE when the device can take it at once.
+    # A device that cannot tell keeps the defaults: the normal async path is
+    # always correct.
 
     def pread_now(self, buf: memoryview, offset: int) -> bool:
         """Fill ``buf`` now if that cannot block; True when done (else nothing is promised)."""
+        return False
+
+    def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
+        """Do `pwrite` now, synchronously, if that cannot block for long.
+
+        True: the write is complete exactly as an awaited `pwrite` with the
+        same arguments would be (visible to later reads, covered by a later
+        `flush`, durable now if ``fua``).  False: nothing was written (the
+        caller awaits `pwrite`).  An `OSError` may leave part of ``buf``
+        written, as a failed `pwrite` may.  Same buffer rule as `pwrite`.
+        """
+        return False
+
+    def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
+                 fua: bool = False, fast: bool = False) -> bool:
+        """`zero` done now if that cannot block for long; same promise as `pwrite_now`."""
+        return False
+
+    def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
+        """`trim` done now if that cannot block for long; same promise as `pwrite_now`."""
         return False
 
     def extents_now(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent] | None:
@@ -248,9 +269,10 @@ class FilterDev(BlockDev):
         if self.owns_inner:
             await self.inner.close()
 
-    # A filter that changes reads (or extents) overrides `pread` (`extents`);
-    # the synchronous fast paths then must not bypass it, so they forward to
-    # the inner device only while the async method is the plain forwarder.
+    # A filter that changes reads (or extents, writes, zeroes, trims)
+    # overrides `pread` (`extents`, `pwrite`, `zero`, `trim`); the
+    # synchronous fast paths then must not bypass it, so they forward to the
+    # inner device only while the async method is the plain forwarder.
 
     def pread_now(self, buf: memoryview, offset: int) -> bool:
         if type(self).pread is not FilterDev.pread:
@@ -261,6 +283,22 @@ class FilterDev(BlockDev):
         if type(self).extents is not FilterDev.extents:
             return None
         return self.inner.extents_now(offset, length, context)
+
+    def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
+        if type(self).pwrite is not FilterDev.pwrite:
+            return False
+        return self.inner.pwrite_now(buf, offset, fua)
+
+    def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
+                 fua: bool = False, fast: bool = False) -> bool:
+        if type(self).zero is not FilterDev.zero:
+            return False
+        return self.inner.zero_now(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+
+    def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
+        if type(self).trim is not FilterDev.trim:
+            return False
+        return self.inner.trim_now(offset, length, fua=fua)
 
 
 HOLE_ZERO = int(StateFlag.HOLE | StateFlag.ZERO)

@@ -8,7 +8,9 @@ than a thread hand-off, and the kernel answers EAGAIN instead of blocking
 when the data is not cached; only then (or for the rest of a short read) does
 the read go to a small thread pool.  Writes up to ``inline_limit`` bytes are
 done inline (they land in the page cache); larger ones and every fdatasync go
-to the pool, so a slow disk never stalls the event loop for long.  Durability: FUA writes use
+to the pool, so a slow disk never stalls the event loop for long.  `pwrite_now`
+(the server's task-free WRITE path) takes the inline writes without FUA;
+`zero_now` and `trim_now` the kernel primitives, without FUA.  Durability: FUA writes use
 ``RWF_DSYNC``; FLUSH is ``fdatasync``.  TRIM punches holes
 (``FALLOC_FL_PUNCH_HOLE``, ``BLKDISCARD`` on block devices); WRITE_ZEROES uses
 ``FALLOC_FL_PUNCH_HOLE`` when trimming is allowed, else
@@ -204,6 +206,17 @@ class FileDev(BlockDev):
                 buf, offset = buf[got:], offset + got
         await asyncio.get_running_loop().run_in_executor(_pool(), self._preadv_all, buf, offset)
 
+    def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
+        """Writes `pwrite` would do inline (up to ``inline_limit`` bytes),
+        except FUA ones: ``RWF_DSYNC`` waits for the disk."""
+        if fua or self.read_only:
+            return False
+        mv = memoryview(buf).cast("B")
+        if len(mv) > self.inline_limit:
+            return False
+        self._pwritev_all(mv, offset, 0)
+        return True
+
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
         self._check_writable()
         mv = memoryview(buf).cast("B")
@@ -240,6 +253,14 @@ class FileDev(BlockDev):
                 self._zero_range_ok = False
         return False
 
+    def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
+                 fua: bool = False, fast: bool = False) -> bool:
+        """When a kernel primitive zeroes the range (what `zero` tries first,
+        inline), without FUA (the flush goes to the pool)."""
+        if fua or self.read_only:
+            return False
+        return self._zero_sync(offset, length, may_trim, fast)
+
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:
         self._check_writable()
@@ -251,8 +272,20 @@ class FileDev(BlockDev):
             raise OSError(errno.ENOTSUP, "zeroing cannot be fast here")
         await write_zeroes_slowly(self, offset, length, fua=fua)
 
+    def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
+        """`trim` is inline but for FUA's flush."""
+        if fua or self.read_only:
+            return False
+        self._trim_sync(offset, length)
+        return True
+
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_writable()
+        self._trim_sync(offset, length)
+        if fua:
+            await self.flush()
+
+    def _trim_sync(self, offset: int, length: int) -> None:
         try:
             if self.is_block:
                 fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
@@ -263,8 +296,6 @@ class FileDev(BlockDev):
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
                 raise
             self._punch_ok = False
-        if fua:
-            await self.flush()
 
     async def flush(self) -> None:
         if self.read_only:

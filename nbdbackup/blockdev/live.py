@@ -19,6 +19,22 @@ Hook protocol (`WriteHook`):
   the hook object has the attribute ``after_write`` and only after the inner
   device call SUCCEEDED.  Being synchronous it cannot reorder with other
   requests' completions.
+- ``before_write_now(offset, length) -> bool`` (optional, synchronous) -- the
+  task-free write path (`LiveDev.pwrite_now`): True means "what
+  before_write would do for this write is done now, nothing to await";
+  False means "await before_write" (anything it already did must be safe to
+  do again: before_write follows).  A hook without it always takes the
+  async path.
+
+Task-free writes (`pwrite_now`, `zero_now`, `trim_now`, used by the server
+for small WRITEs, WRITE_ZEROES and TRIM): taken
+only when every attached hook has ``before_write_now`` and it says True for
+this write, the write is not FUA while hooks are attached (``on_durable`` is
+async), and the inner device's `pwrite_now` (`zero_now`, `trim_now`) takes
+it; hooks are asked in hook order before the inner device is called,
+``after_write`` runs after it succeeded, exactly as on the async path.
+Otherwise nothing reaches the device and the caller awaits `pwrite` (`zero`,
+`trim`), which calls every hook's ``before_write`` as usual.
 
 Invariant (ordering): for every hook H and every write W, H.before_write(W)
 has completed before any byte of W reaches the inner device.  This is what
@@ -49,13 +65,16 @@ class LiveDev(FilterDev):
 
     Fields: ``inner`` (the real disk, see `FilterDev`); ``_hooks`` (tuple of
     attached hooks, in call order; replaced, never mutated); ``_after`` (the
-    subset of ``_hooks`` that have ``after_write``).
+    subset of ``_hooks`` that have ``after_write``); ``_now`` (the
+    ``before_write_now`` of every hook, in hook order, or None when some hook
+    has none: then no write is task-free while hooks are attached).
     """
 
     def __init__(self, inner: BlockDev, *, owns_inner: bool = True) -> None:
         super().__init__(inner, owns_inner=owns_inner)
         self._hooks: tuple[WriteHook, ...] = ()
         self._after: tuple = ()
+        self._now: tuple | None = ()
 
     # -- hooks ----------------------------------------------------------
 
@@ -75,6 +94,8 @@ class LiveDev(FilterDev):
     def _set_hooks(self, hooks: tuple) -> None:
         self._hooks = hooks
         self._after = tuple(h for h in hooks if hasattr(h, "after_write"))
+        now = tuple(getattr(h, "before_write_now", None) for h in hooks)
+        self._now = None if None in now else now
 
     async def _before(self, hooks: tuple, offset: int, length: int) -> None:
         for h in hooks:
@@ -102,6 +123,54 @@ class LiveDev(FilterDev):
         self._after_write(hooks, offset, length)
         if fua:
             await self._durable(hooks)
+
+    def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
+        if type(self).pwrite is not LiveDev.pwrite:
+            return False  # a subclass changed writes: do not bypass it
+        if not self._hooks:
+            return self.inner.pwrite_now(buf, offset, fua)
+        length = memoryview(buf).nbytes
+        if not self._hooks_done_now(offset, length, fua) or not self.inner.pwrite_now(buf, offset, fua):
+            return False
+        for h in self._after:
+            h.after_write(offset, length)
+        return True
+
+    def _hooks_done_now(self, offset: int, length: int, fua: bool) -> bool | None:
+        """For the task-free paths: None = no hooks; True = every hook's
+        before_write_now said done; False = await the async path."""
+        if not self._hooks:
+            return None
+        now = self._now
+        if now is None or fua:
+            return False
+        for f in now:
+            if not f(offset, length):
+                return False
+        return True
+
+    def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
+                 fua: bool = False, fast: bool = False) -> bool:
+        if type(self).zero is not LiveDev.zero:
+            return False
+        ok = self._hooks_done_now(offset, length, fua)
+        if ok is False or not self.inner.zero_now(offset, length, may_trim=may_trim, fua=fua, fast=fast):
+            return False
+        if ok:
+            for h in self._after:
+                h.after_write(offset, length)
+        return True
+
+    def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
+        if type(self).trim is not LiveDev.trim:
+            return False
+        ok = self._hooks_done_now(offset, length, fua)
+        if ok is False or not self.inner.trim_now(offset, length, fua=fua):
+            return False
+        if ok:
+            for h in self._after:
+                h.after_write(offset, length)
+        return True
 
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:

@@ -109,6 +109,25 @@ class MemoryDev(BlockDev):
             raise OSError(1, "read-only device")
         self.write_sync(buf, offset)
 
+    def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
+        if self.read_only:
+            return False  # `pwrite` raises EPERM
+        self.write_sync(buf, offset)
+        return True
+
+    def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
+                 fua: bool = False, fast: bool = False) -> bool:
+        if self.read_only:
+            return False
+        self.zero_sync(offset, length)
+        return True
+
+    def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
+        if self.read_only:
+            return False
+        self.zero_sync(offset, length)
+        return True
+
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:
         if self.read_only:

@@ -9,7 +9,13 @@ Data path (why it is shaped this way): each connection is an
 `asyncio.BufferedProtocol`, so the kernel copies received bytes straight into
 the protocol's buffer (WRITE payloads land in their own buffer, see
 `ServerConnection.get_buffer`).  Every request runs as its own task, so
-requests are served concurrently and answered out of order.  A reply is
+requests are served concurrently and answered out of order, except those
+the device can finish at once without blocking: a READ the page cache or
+RAM can answer (`BlockDev.pread_now`), and a small WRITE (or a
+WRITE_ZEROES, TRIM) the device does synchronously with no write hook needing
+to wait (`BlockDev.pwrite_now`, `zero_now`, `trim_now`; `blockdev.live`),
+are done and answered in `_start`, with the same reply, stats and memory
+release as on the task path.  A reply is
 written with consecutive ``transport.write`` calls and no await between them,
 so replies never interleave.  Back-pressure: when the transport's send buffer
 is above its high-water mark, or ``max_inflight`` requests run, the
@@ -104,7 +110,9 @@ from .wire import MAX_PAYLOAD, Cmd, CmdFlag, StateFlag
 _FUA, _DF, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.NO_HOLE),
                                             int(CmdFlag.FAST_ZERO), int(CmdFlag.REQ_ONE))
 _ZERO = int(StateFlag.ZERO)
-_READ = int(Cmd.READ)
+_READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
+#: Commands `NBDConnection._write_now` may run without a task.
+_NOW_CMDS = frozenset((_WRITE, int(Cmd.WRITE_ZEROES), int(Cmd.TRIM)))
 
 #: Decrypted bytes a client may send before our TLS upgrade completes.
 _TLS_EARLY_MAX = 1024 * 1024
@@ -1038,7 +1046,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             await asyncio.wait(list(self.tasks))
 
     def _start(self, req: Request) -> None:
-        if req.cmd == Cmd.READ and self._read_now(req):
+        cmd = req.cmd
+        if cmd == _READ:
+            if self._read_now(req):
+                return
+        elif cmd in _NOW_CMDS and self._write_now(req):
             return
         ch = self._payload_charges.pop(id(req.payload), None) if req.payload is not None else None
         task = asyncio.ensure_future(self._handle(req, ch))
@@ -1091,6 +1103,51 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._write(p.read_header(req.cookie, offset, length), buf)
         self._put_buf(buf, ch)
         exp.stats.record(_READ, length, True, time.perf_counter_ns() - t0)
+        return True
+
+    def _write_now(self, req: Request) -> bool:
+        """Run a valid WRITE, WRITE_ZEROES or TRIM at once, without a task,
+        when the device can do it synchronously (`BlockDev.pwrite_now`: a
+        small non-FUA write to the page cache or RAM; `zero_now`,
+        `trim_now`: a kernel primitive, no FUA; and every write hook done
+        without waiting).
+
+        Same effects as the task path: the data is written before the reply
+        is queued (so a later FLUSH covers it and later reads see it), the
+        stats count it, the payload's charge goes back.  No ``exp.begin``/
+        ``end``: nothing here awaits, so no idle wait can see it half done.
+        False: nothing was sent and the request still owns its payload
+        charge; the task path runs it (and reports any error).
+        """
+        exp = self.export
+        if req.error or exp is None or exp.removed or self.server.stopping or req.length == 0:
+            return False
+        payload = req.payload
+        cmd, flags = req.cmd, req.flags
+        fua = bool(flags & _FUA)
+        dev = exp.dev
+        t0 = time.perf_counter_ns()
+        try:
+            if cmd == _WRITE:
+                assert payload is not None
+                done = dev.pwrite_now(payload, req.offset, fua)
+            elif cmd == Cmd.WRITE_ZEROES:
+                done = dev.zero_now(req.offset, req.length, may_trim=not flags & _NO_HOLE, fua=fua,
+                                    fast=bool(flags & _FAST_ZERO))
+            else:
+                done = dev.trim_now(req.offset, req.length, fua=fua)
+            if not done:
+                return False
+        except Exception:
+            # Doing it again is harmless (same bytes, same place); the task
+            # path reports the error (or the bug) the usual way.
+            return False
+        if payload is not None:
+            ch = self._payload_charges.pop(id(payload), None)
+            if ch is not None:
+                self._budget.release(ch, payload)
+        self._write(self.proto.reply_ok(req.cookie))
+        exp.stats.record(cmd, req.length, True, time.perf_counter_ns() - t0)
         return True
 
     def _put_buf(self, buf, ch: Charge) -> None:
