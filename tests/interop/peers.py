@@ -425,3 +425,23 @@ async def wait_concluded(qmp, job_id: str, timeout: float = 60, poll: float = 0.
             return jobs[job_id]
         assert time.monotonic() < end, f"job still {jobs[job_id]}"
         await asyncio.sleep(poll)
+
+
+def nbdbackup_cli(*args: str, ok: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``nbdbackup ARGS...`` (this checkout, this venv) to completion; text
+    output (undecodable bytes replaced).  With ``ok`` the exit code must be 0."""
+    r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=REPO, capture_output=True, text=True,
+                       errors="replace", timeout=timeout)
+    if ok:
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+    return r
+
+
+def restore_snapshot(repo: str | os.PathLike, snap: str, out: str | os.PathLike,
+                     timeout: float = 120) -> subprocess.CompletedProcess:
+    """Copy repository snapshot ``snap`` to the raw file ``out`` through nbdkit +
+    plugins/restore.py and ``qemu-img convert`` (the restore path a user takes)."""
+    plugin = str(REPO / "plugins" / "restore.py")
+    with nbdkit("python", plugin, f"repo={repo}", f"snapshot={snap}") as p:
+        return subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", p.uri, os.fspath(out)],
+                              capture_output=True, text=True, errors="replace", timeout=timeout)

@@ -39,12 +39,7 @@ M = 1 << 20
 CS = 64 * 1024
 
 
-def nb(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=ROOT, capture_output=True,
-                       text=True, errors="replace", timeout=120)
-    if ok:
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-    return r
+nb = peers.nbdbackup_cli
 
 
 def pull_json(*args: str) -> dict:

@@ -23,22 +23,13 @@ import peers
 from qemutools import qemu_io
 
 ROOT = Path(__file__).resolve().parents[2]
-PLUGIN = str(ROOT / "plugins" / "restore.py")
 M = 1 << 20
 
 
-def nb(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=ROOT, capture_output=True, text=True, errors="replace",
-                       timeout=120)
-    if ok:
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-    return r
+nb = peers.nbdbackup_cli
 
 
-def restore(repo: Path, snap: str, out: Path) -> subprocess.CompletedProcess:
-    with peers.nbdkit("python", PLUGIN, f"repo={repo}", f"snapshot={snap}") as p:
-        return subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", p.uri, str(out)],
-                              capture_output=True, text=True, errors="replace", timeout=60)
+restore = peers.restore_snapshot
 
 
 def chunk_files(repo: Path) -> set[str]:

@@ -36,7 +36,6 @@ from qemutools import qemu_io
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = str(ROOT / "plugins" / "restore.py")
 UTC = datetime.timezone.utc
-M = 1 << 20
 
 #: Snapshot name -> creation time (UTC): Monday of ISO week 45 to Wednesday of week 46.
 TIMES = {"s0": datetime.datetime(2026, 11, 2, 10, tzinfo=UTC), "s1": datetime.datetime(2026, 11, 8, 9, tzinfo=UTC),
@@ -48,12 +47,7 @@ REASONS = {"s5": ["last 1/1", "daily 2026-11-11", "weekly 2026-W46"], "s3": ["da
            "s1": ["weekly 2026-W45"], "s4": [], "s2": [], "s0": []}
 
 
-def nb(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                       errors="replace", timeout=120)
-    if ok:
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-    return r
+nb = peers.nbdbackup_cli
 
 
 def files(d: Path) -> dict[str, bytes]:

@@ -30,7 +30,6 @@ import peers
 from qemutools import qemu_io
 
 ROOT = Path(__file__).resolve().parents[2]
-PLUGIN = str(ROOT / "plugins" / "restore.py")
 M = 1 << 20
 
 
@@ -52,18 +51,10 @@ def store(url: str, **kw):
     return S3Store(url, **kw)
 
 
-def nb(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                       errors="replace", timeout=120)
-    if ok:
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-    return r
+nb = peers.nbdbackup_cli
 
 
-def restore(url: str, snap: str, out: Path) -> subprocess.CompletedProcess:
-    with peers.nbdkit("python", PLUGIN, f"repo={url}", f"snapshot={snap}") as p:
-        return subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", p.uri, str(out)],
-                              capture_output=True, text=True, errors="replace", timeout=120)
+restore = peers.restore_snapshot
 
 
 def same(a: Path, b: Path, fmt_b: str = "raw") -> bool:
