@@ -68,12 +68,15 @@ def _label(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus_text(exports: Iterable[Any], connections: Iterable[Any], jobs: Iterable[dict]) -> str:
+def prometheus_text(exports: Iterable[Any], connections: Iterable[Any], jobs: Iterable[dict],
+                    budget: Any = None) -> str:
     """Prometheus exposition text (format 0.0.4).
 
     ``exports``: objects with ``name``, ``stats`` (`ExportStats`),
     ``inflight``; ``connections``: objects with ``export`` (an export or
-    None); ``jobs``: ``query-jobs`` dictionaries.
+    None); ``jobs``: ``query-jobs`` dictionaries; ``budget``: the server's
+    `nbd.budget.MemoryBudget` (``limit``, ``used``, ``pooled``, ``waiting``),
+    or None.
     """
     exports = list(exports)
     conns = list(connections)
@@ -111,6 +114,16 @@ def prometheus_text(exports: Iterable[Any], connections: Iterable[Any], jobs: It
     metric("nbdbackup_export_connections", "gauge", "Connections in the transmission phase, by export.",
            [(f'export="{_label(e.name)}"', sum(1 for c in conns if c.export is e)) for e in exports])
     metric("nbdbackup_connections", "gauge", "Open NBD connections (any phase).", [("", len(conns))])
+    if budget is not None:
+        metric("nbdbackup_buffer_memory_limit_bytes", "gauge", "The request buffer budget (--max-buffer-memory).",
+               [("", budget.limit)])
+        metric("nbdbackup_buffer_memory_used_bytes", "gauge",
+               "Request buffer memory charged now (payloads, reply buffers, pooled buffers).", [("", budget.used)])
+        metric("nbdbackup_buffer_memory_pooled_bytes", "gauge", "Free buffers kept for reuse (part of used).",
+               [("", budget.pooled)])
+        metric("nbdbackup_buffer_memory_waiting_requests", "gauge",
+               "Requests waiting for buffer memory (their connections read nothing meanwhile).",
+               [("", budget.waiting)])
     jobs = list(jobs)
     jl = [(j, f'job="{_label(str(j.get("id")))}",type="{_label(str(j.get("type", "")))}"') for j in jobs]
     metric("nbdbackup_job_progress_bytes", "gauge", "A job's current progress.",

@@ -47,7 +47,8 @@ def test_stats_and_metrics_count_exactly(short_tmp):
     ctl = os.path.join(peers.short_tempdir(), "c.sock")
     with peers.nbdkit("memory", "8M", "error-pread-rate=1", filters=["error"]) as bad, \
             peers.nbdbackup_serve("m=memory:16M", f"e={bad.uri}",
-                                  extra=["--control", ctl, "--metrics", f"127.0.0.1:{port}"]) as p:
+                                  extra=["--control", ctl, "--metrics", f"127.0.0.1:{port}",
+                                         "--max-buffer-memory", "96M"]) as p:
         async def traffic():
             async with await connect(p.uri_for("m")) as c, await connect(p.uri_for("e")) as ce:
                 for i in range(3):
@@ -89,6 +90,10 @@ def test_stats_and_metrics_count_exactly(short_tmp):
         assert metrics['nbdbackup_export_bytes_total{export="m",op="read"}'] == 256 * K
         assert metrics['nbdbackup_export_failed_requests_total{export="e",op="read"}'] == 1
         assert metrics['nbdbackup_export_connections{export="m"}'] == 1  # the raw socket, still open
+        assert metrics["nbdbackup_buffer_memory_limit_bytes"] == 96 * M
+        assert 0 <= metrics["nbdbackup_buffer_memory_pooled_bytes"] <= metrics["nbdbackup_buffer_memory_used_bytes"]
+        assert metrics["nbdbackup_buffer_memory_used_bytes"] <= 96 * M
+        assert metrics["nbdbackup_buffer_memory_waiting_requests"] == 0
 
         subprocess.run(["nbdcopy", "--no-extents", p.uri_for("m"), "null:"], check=True, timeout=60)
         after = scrape(port)

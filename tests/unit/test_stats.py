@@ -38,6 +38,13 @@ def test_prometheus_text():
     assert 'nbdbackup_export_connections{export="o"} 0' in lines
     assert 'nbdbackup_export_inflight_requests{export="dis\\"k"} 2' in lines
     assert "nbdbackup_connections 3" in lines
+    assert not any(line.startswith("nbdbackup_buffer_memory") for line in lines)
+    budget = SimpleNamespace(limit=64 << 20, used=3 << 20, pooled=1 << 20, waiting=2)
+    lines = set(prometheus_text([disk], conns, jobs, budget).splitlines())
+    assert f"nbdbackup_buffer_memory_limit_bytes {64 << 20}" in lines
+    assert f"nbdbackup_buffer_memory_used_bytes {3 << 20}" in lines
+    assert f"nbdbackup_buffer_memory_pooled_bytes {1 << 20}" in lines
+    assert "nbdbackup_buffer_memory_waiting_requests 2" in lines
     assert 'nbdbackup_job_copied_bytes{job="j1",type="backup",by="cbw"} 1' in lines
     assert 'nbdbackup_job_running{job="j1",type="backup"} 1' in lines
     assert not any(line.startswith("nbdbackup_export_bytes_total") and 'op="flush"' in line for line in lines)
