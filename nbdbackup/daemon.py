@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from .blockdev import open_spec
 from .blockdev.base import BlockDev
@@ -166,12 +166,17 @@ def register_engine_commands(qmp: Any, engine: Any, bitmaps: Any = None) -> None
 
 
 async def start(server, args: argparse.Namespace | None = None, control_sock: Any = None,
-                remote: Any = None) -> App:
-    """Build the bitmaps, the engine and (with ``args.control``, or
-    ``control_sock``, a listening Unix socket systemd passed, which wins)
+                remote: Any = None, exports: Sequence[tuple[str, str, bool, str]] = ()) -> App:
+    """Build the bitmaps, the engine, publish ``exports`` ((name, spec,
+    read_only, description), as `add_export`), then (with ``args.control``,
+    or ``control_sock``, a listening Unix socket systemd passed, which wins)
     open the control socket; with ``remote`` (a `control.remote.RemoteControl`)
     also listen for remote control on its TCP addresses (`ConfigError` if
     one cannot be bound).
+
+    The exports come first: a control client may already be waiting (a
+    socket-activated control socket queues it before we start), and its
+    first ``query-block-exports`` must see them.
 
     With ``args.state_dir`` persistent bitmaps live there (`bitmap.store`);
     exports added later (`add_export`) load theirs when they open.
@@ -195,6 +200,8 @@ async def start(server, args: argparse.Namespace | None = None, control_sock: An
     app.engine = Engine(server, emit=qmp.emit if qmp else None,
                         bitmaps=RegistryBitmapSource(app.bitmaps.lookup))
     app.bitmaps.engine = app.engine
+    for name, spec, read_only, description in exports:
+        await add_export(app, name, spec, read_only, description)
     if qmp is not None:
         register_engine_commands(qmp, app.engine, app.bitmaps)
         register_export_commands(qmp, app)

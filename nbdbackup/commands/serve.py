@@ -296,9 +296,8 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
     metrics_srv = None
     where: list[str] = []
     try:
-        app = await daemon.start(server, args, control_sock, remote=remote)
-        for name, spec, ro in exports:
-            await daemon.add_export(app, name, spec, ro, descriptions.get(name, ""))
+        app = await daemon.start(server, args, control_sock, remote=remote,
+                                 exports=[(name, spec, ro, descriptions.get(name, "")) for name, spec, ro in exports])
         for sock in passed:
             where.append(systemd.describe(sock))
             await server.start_socket(sock)

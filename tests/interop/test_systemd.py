@@ -171,6 +171,23 @@ def test_control_socket_alone_keeps_socket_option(short_tmp):
     assert not os.path.exists(nbd)  # created by us, so removed by us
 
 
+def test_activated_control_socket_sees_exports_that_open_slowly(short_tmp):
+    """A client waiting on an activated control socket is queued before the
+    server starts; its first query must already list every export, even one
+    whose device takes a second to open (nbdkit delay-open), because the
+    exports are published before the control socket is served."""
+    nbd, ctl = str(short_tmp / "nbd.sock"), str(short_tmp / "ctl.sock")
+    with peers.nbdkit("memory", "4M", "delay-open=1", filters=["delay"]) as slow:
+        argv = activate_argv([ctl], ["control"],
+                             serve_argv("--socket", nbd, "fast=memory:1M", f"slow={slow.uri}"))
+        peer = spawn(argv, ctl)
+        with peers._running(peer):
+            peers.wait_until_listening(peer, ctl, probe=False)
+            names = [e["name"] for e in qmp_query(ctl, "query-block-exports")]
+            assert names == ["fast", "slow"], names
+        assert peer.returncode == 0, peer.log()
+
+
 def test_datagram_socket_is_refused_with_one_error_line(short_tmp):
     sock = str(short_tmp / "dgram.sock")
     argv = activate_argv([sock], None, serve_argv("disk=memory:1M"))
