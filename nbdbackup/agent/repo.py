@@ -237,6 +237,14 @@ class Repository:
 
     # -- chunks ---------------------------------------------------------------
 
+    def chunk_id(self, data: Buffer) -> bytes:
+        """The id a chunk holding ``data`` is stored under (callers never hash chunks themselves)."""
+        return digest(data)
+
+    def zero_id(self, length: int) -> bytes:
+        """The id of an all-zero chunk of ``length`` bytes (never stored)."""
+        return zero_digest(length)
+
     def put_chunk(self, d: bytes, data: Buffer) -> bool:
         """Store ``data`` under digest ``d`` unless known; True if it was new."""
         if d == zero_digest(len(memoryview(data))):

@@ -27,6 +27,7 @@ import sys
 from ..blockdev import parse_size
 from ..errors import ConfigError
 from . import run_async
+from .repoargs import add_repo_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-manifest", metavar="IN", help="incremental: the previous pull's manifest")
     p.add_argument("--repo", metavar="REPO", help="store into this chunk repository (a directory or "
                                                   "s3://BUCKET/PREFIX) instead of TARGET (see 'nbdbackup repo')")
-    p.add_argument("--s3-endpoint", metavar="URL",
-                   help="with --repo s3://...: the S3 endpoint (default: AWS_ENDPOINT_URL, else AWS)")
+    add_repo_options(p)
     p.add_argument("--snapshot", metavar="NAME", help="with --repo: the new snapshot's name")
     p.add_argument("--base", metavar="NAME", help="with --repo --bitmap: the snapshot the bitmap counts from")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
@@ -84,11 +84,11 @@ def run_pull(args: argparse.Namespace) -> int:
 
 async def _pull_repo(args: argparse.Namespace) -> int:
     from ..agent.pull import pull
-    from ..agent.repo import Repository, SnapshotImage, check_name, open_store
+    from ..agent.repo import SnapshotImage, check_name
     from ..blockdev.nbd import NBDDev
+    from .repoargs import open_repo
 
-    store = open_store(args.repo, endpoint=args.s3_endpoint)
-    repo = Repository.open(store)
+    store, repo = open_repo(args, args.repo)
     check_name(args.snapshot)
     with store.lock(exclusive=False):
         if repo.has_snapshot(args.snapshot):

@@ -22,6 +22,7 @@ import json
 import sys
 
 from ..blockdev import parse_size
+from .repoargs import REPO_HELP, add_repo_options, open_repo, open_store_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,12 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_prune)
 
 
-REPO_HELP = "a directory or s3://BUCKET/PREFIX"
-
-
 def _s3(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--s3-endpoint", metavar="URL",
-                   help="S3 endpoint for an s3:// repository (default: AWS_ENDPOINT_URL, else AWS)")
+    add_repo_options(p)
 
 
 def _grace(p: argparse.ArgumentParser) -> None:
@@ -100,10 +97,7 @@ def _duration(text: str):
 
 
 def _open(args: argparse.Namespace):
-    from ..agent.repo import Repository, open_store
-
-    store = open_store(args.dir, endpoint=args.s3_endpoint)
-    return store, Repository.open(store)
+    return open_repo(args, args.dir)
 
 
 def _emit(args: argparse.Namespace, value, text: str) -> None:
@@ -115,9 +109,9 @@ def _emit(args: argparse.Namespace, value, text: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from ..agent.repo import Repository, open_store
+    from ..agent.repo import Repository
 
-    repo = Repository.init(open_store(args.dir, endpoint=args.s3_endpoint), parse_size(args.chunk_size))
+    repo = Repository.init(open_store_args(args, args.dir), parse_size(args.chunk_size))
     print(f"repository {args.dir} created ({repo.chunk_size} byte chunks)")
     return 0
 

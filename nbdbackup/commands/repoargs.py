@@ -1,0 +1,39 @@
+"""How every command names and opens a chunk repository (`agent.repo`).
+
+Role: the one seam between the command line and `Repository.open`, so that a
+repository option (the S3 endpoint today; the passphrase sources and such
+tomorrow) is added once and every command that reads or writes a repository
+(``repo ...``, ``pull --repo``, ``restore``, ``agent ...``) accepts it the same
+way.  Commands call `add_repo_options` on their parser and `open_repo` with
+the repository argument; nothing else opens stores or repositories.
+
+Invariant: `open_repo` returns a repository whose format and keys were
+checked (a wrong repository or secret is a `ConfigError`, never a later EIO).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+REPO_HELP = "a directory or s3://BUCKET/PREFIX"
+
+
+def add_repo_options(p: argparse.ArgumentParser) -> None:
+    """The options that say how to reach and unlock a repository."""
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3 endpoint for an s3:// repository (default: AWS_ENDPOINT_URL, else AWS)")
+
+
+def open_store_args(args: argparse.Namespace, spec: str):
+    """The store of repository ``spec`` with the options of `add_repo_options`."""
+    from ..agent.repo import open_store
+
+    return open_store(spec, endpoint=getattr(args, "s3_endpoint", None))
+
+
+def open_repo(args: argparse.Namespace, spec: str):
+    """(store, repository) for ``spec`` with the options of `add_repo_options`."""
+    from ..agent.repo import Repository
+
+    store = open_store_args(args, spec)
+    return store, Repository.open(store)
