@@ -22,6 +22,7 @@ import json
 import sys
 
 from ..blockdev import parse_size
+from ..errors import ConfigError
 from .repoargs import REPO_HELP, add_repo_options, open_repo, open_store_args
 
 
@@ -43,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             _grace(a)
         if name in ("verify", "delete"):
             a.add_argument("names", metavar="NAME", nargs="*" if name == "verify" else 1)
+        if name == "verify":
+            _verify_options(a)
         a.add_argument("--json", action="store_true")
         a.set_defaults(func=func)
     pr = rsub.add_parser(
@@ -128,19 +131,48 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_options(a: argparse.ArgumentParser) -> None:
+    from ..progress import add_progress_option
+
+    a.add_argument("--sample", type=_percent, metavar="PERCENT",
+                   help="check a random PERCENT of the distinct chunks (default: all)")
+    a.add_argument("--seed", type=int, metavar="N", help="with --sample: the random seed (default: drawn, reported)")
+    a.add_argument("--workers", type=int, default=8, metavar="N", help="chunks read at once (default 8)")
+    add_progress_option(a)
+
+
+def _percent(text: str) -> float:
+    try:
+        v = float(text.rstrip("%"))
+    except ValueError:
+        v = -1.0
+    if not 0 < v <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a percentage in (0, 100]")
+    return v
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ..agent.verify import verify
+    from ..progress import Progress
+
+    if args.seed is not None and args.sample is None:
+        raise ConfigError("--seed is for --sample")
     store, repo = _open(args)
     with store.lock(exclusive=False):
         names = args.names or repo.snapshots()
-        problems = repo.verify(names)
-        mans = {s: repo.load_snapshot(s) for s in {p[0] for p in problems}}
-    rows = [{"snapshot": s, "chunk": i, "offset": mans[s].chunk_range(i)[0], "length": mans[s].chunk_range(i)[1],
-             "reason": r} for s, i, r in problems]
-    _emit(args, {"ok": not problems, "snapshots": names, "problems": rows},
-          "\n".join([f"{p['snapshot']}: chunk {p['chunk']} ({p['offset']}, {p['length']}): {p['reason']}"
-                     for p in rows]
-                    + [f"{'FAILED' if problems else 'OK'}: {len(names)} snapshot(s), {len(problems)} bad chunk(s)"]))
-    return 1 if problems else 0
+        with Progress.for_args(args, "verify") as prog:
+            rep = verify(repo, names, sample=args.sample, seed=args.seed, workers=max(1, args.workers),
+                         progress=prog.update)
+    rows = [p.to_json() for p in rep.problems]
+    scope = (f"sample {rep.sample:g}% (seed {rep.seed}): " if rep.seed is not None else "") + \
+        f"{rep.chunks_checked} of {rep.chunks_referenced} chunk(s), {rep.bytes_checked} bytes checked " \
+        f"in {rep.seconds:.2f} s"
+    lines = [f"{p['snapshot']}: chunk {p['chunk']} ({p['offset']}, {p['length']}): {p['reason']}" for p in rows]
+    if rep.problems:
+        lines.append(f"damaged snapshot(s): {' '.join(rep.damaged_snapshots)}")
+    lines += [scope, f"{'FAILED' if rep.problems else 'OK'}: {len(names)} snapshot(s), {len(rows)} bad chunk(s)"]
+    _emit(args, rep.to_json(), "\n".join(lines))
+    return 1 if rep.problems else 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
