@@ -13,7 +13,8 @@ stream.
 
 Invariants: `Progress.update` is cheap when nothing is drawn (a lock, a
 compare); it may be called from any thread; ``done`` never goes backwards
-on screen; `Progress.close` ends the line (newline) only if one was drawn.
+on screen; nothing is drawn in the first `Progress.interval` (a quick run
+prints nothing); `Progress.close` redraws and ends the line only if one was drawn.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Progress:
         self._t0 = clock()
         self._done = 0
         self._samples: list[tuple[float, int]] = [(self._t0, 0)]
-        self._last_draw = float("-inf")
+        self._last_draw = self._t0  # nothing drawn in the first interval: quick runs stay quiet
         self._drawn = False
         self._lock = threading.Lock()
 
@@ -162,7 +163,7 @@ class Progress:
         with self._lock:
             now = self._clock()
             self._sample(now)
-            if self._drawn or now - self._t0 >= self.interval:
+            if self._drawn:
                 self._draw(now, final=True)
                 self.stream.write("\n")
                 self.stream.flush()

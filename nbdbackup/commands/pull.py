@@ -27,6 +27,7 @@ import sys
 from ..blockdev import parse_size
 from ..errors import ConfigError
 from . import run_async
+from ..progress import Progress, add_progress_option
 from .repoargs import add_repo_options
 
 
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snapshot", metavar="NAME", help="with --repo: the new snapshot's name")
     p.add_argument("--base", metavar="NAME", help="with --repo --bitmap: the snapshot the bitmap counts from")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    add_progress_option(p)
     p.set_defaults(func=run_pull)
 
     v = sub.add_parser("verify", help="check an image or export against a blake3 chunk manifest",
@@ -109,8 +111,10 @@ async def _pull_repo(args: argparse.Namespace) -> int:
         try:
             if base is not None and base.size != src.size:
                 raise ConfigError(f"snapshot {args.base!r} is {base.size} bytes, the source {src.size}")
-            man, stats = await pull(src, SnapshotImage(repo, base) if base else None, bitmap=args.bitmap,
-                                    chunk_size=repo.chunk_size, workers=args.workers, base=base, sink=store_chunk)
+            with Progress.for_args(args, f"pull {args.snapshot}") as prog:
+                man, stats = await pull(src, SnapshotImage(repo, base) if base else None, bitmap=args.bitmap,
+                                        chunk_size=repo.chunk_size, workers=args.workers, base=base,
+                                        sink=store_chunk, progress=prog.update)
         finally:
             await src.close()
         repo.save_snapshot(args.snapshot, man, source=args.uri, parent=args.base)
@@ -151,8 +155,9 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
         except OSError as e:
             raise ConfigError(f"{path}: {e.strerror or e}") from None
         try:
-            man, stats = await pull(src, dst, bitmap=args.bitmap, fresh=fresh, chunk_size=chunk,
-                                    workers=args.workers, base=base)
+            with Progress.for_args(args, "pull") as prog:
+                man, stats = await pull(src, dst, bitmap=args.bitmap, fresh=fresh, chunk_size=chunk,
+                                        workers=args.workers, base=base, progress=prog.update)
         finally:
             await dst.close()
     finally:

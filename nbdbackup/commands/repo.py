@@ -23,6 +23,7 @@ import sys
 
 from ..blockdev import parse_size
 from ..errors import ConfigError
+from ..progress import Progress, add_progress_option
 from .repoargs import REPO_HELP, add_repo_options, open_repo, open_store_args
 
 
@@ -67,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--gc", action="store_true", help="then remove the chunks no kept snapshot uses")
     _grace(pr)
     pr.add_argument("--json", action="store_true")
+    add_progress_option(pr)
     pr.set_defaults(func=cmd_prune)
 
 
@@ -132,8 +134,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _verify_options(a: argparse.ArgumentParser) -> None:
-    from ..progress import add_progress_option
-
     a.add_argument("--sample", type=_percent, metavar="PERCENT",
                    help="check a random PERCENT of the distinct chunks (default: all)")
     a.add_argument("--seed", type=int, metavar="N", help="with --sample: the random seed (default: drawn, reported)")
@@ -153,7 +153,6 @@ def _percent(text: str) -> float:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..agent.verify import verify
-    from ..progress import Progress
 
     if args.seed is not None and args.sample is None:
         raise ConfigError("--seed is for --sample")
@@ -202,7 +201,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     store, repo = _open(args)
     gc: dict | None = None
     with store.lock(exclusive=not args.dry_run):
-        times = {name: repo.snapshot_time(name) for name in repo.snapshots()}
+        times = _snapshot_times(args, repo)
         now = datetime.datetime.now(datetime.timezone.utc)
         decisions = retention.plan([(n, t) for n, (t, _) in times.items()], policy, now=now)
         remove = retention.removed(decisions)
@@ -211,8 +210,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 keep = repo.referenced(retention.kept(decisions))
                 gc = {"removed": len(repo.stored() - keep), "kept": len(keep)}
         else:
-            for name in remove:
-                repo.delete_snapshot(name)
+            with Progress.for_args(args, "prune: deleting", len(remove), unit="snapshots") as prog:
+                for k, name in enumerate(remove):
+                    repo.delete_snapshot(name)
+                    prog.update(k + 1)
             if args.gc:
                 freed, in_use = repo.gc(args.grace)
                 gc = {"removed": freed, "kept": in_use}
@@ -225,6 +226,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
            "removed": [] if args.dry_run else remove, "gc": gc}
     _emit(args, doc, _prune_text(policy, decisions, times, remove, guessed, gc, args.dry_run))
     return 0
+
+
+def _snapshot_times(args: argparse.Namespace, repo) -> dict:
+    """name -> (time, guessed) of every snapshot (one read each: progress on a terminal)."""
+    names = repo.snapshots()
+    out = {}
+    with Progress.for_args(args, "prune: reading", len(names), unit="snapshots") as prog:
+        for k, name in enumerate(names):
+            out[name] = repo.snapshot_time(name)
+            prog.update(k + 1)
+    return out
 
 
 def _prune_text(policy, decisions, times, remove, guessed, gc, dry_run: bool) -> str:
