@@ -21,7 +21,7 @@ chunk fails the reads that touch it with EIO.  Chunks load in parallel
 (`agent.restore.ChunkCache`): two reads of one chunk share one load,
 reads of different chunks load at once on ``workers=N`` threads (default
 8), and the last ``cache=N`` chunks loaded (default 16) are kept; the
-chunks a read touches load together.  At unload the plugin logs how many
+chunks a read touches load together.  At exit (``cleanup``) the plugin logs how many
 loads it made and how many ran at most at once.
 
 Verification: the first read that touches a chunk reads the whole chunk
@@ -167,7 +167,7 @@ def get_ready() -> None:
         _cache = ChunkCache(_snap.repo, _man, capacity=_cache_chunks, workers=_workers)
 
 
-def unload() -> None:
+def cleanup() -> None:
     if _cache is not None:
         print(f"restore: {_cache.loads} chunk load(s), at most {_cache.max_in_flight} at once",
               file=sys.stderr, flush=True)
