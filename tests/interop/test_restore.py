@@ -7,6 +7,8 @@ for the S3 cases), then:
   was zero), over an existing file full of 0xff (zero chunks zeroed), and
   into a writable qemu-nbd export (an NBD URI: WRITE_ZEROES + FLUSH), each
   checked with ``qemu-img compare``; a too-small NBD target is refused;
+- restored onto a loop block device full of 0xff (zero chunks zeroed with
+  BLKZEROOUT; skipped with ``--target-is-zero``); skipped without root;
 - a deleted chunk and a flipped byte make restore exit 1 naming the
   snapshot's byte range ``(offset, length)``;
 - ``repo verify --sample P --seed S`` checks exactly the chunks
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -205,3 +208,38 @@ def test_restore_and_plugin_on_rgw(short_tmp, s3url):
     assert peak >= 2, log  # the v0 plugin loaded one chunk at a time
     assert 25 <= loads <= 2 * 25, log  # each distinct data chunk about once
     assert same(disk, copy)
+
+
+def _losetup(backing: Path) -> str:
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("a loop device needs root and losetup")
+    r = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"no loop device: {r.stderr.decode(errors='replace').strip()}")
+    return r.stdout.decode().strip()
+
+
+def test_restore_block_device(short_tmp):
+    disk, repo = make_disk(short_tmp / "disk.raw"), str(short_tmp / "repo")
+    size = disk.stat().st_size
+    nb("repo", "init", repo)
+    pull_into(repo, disk, "s0")
+    backing = short_tmp / "backing.raw"
+    backing.write_bytes(b"\xff" * (size + 4 * M))  # a larger device: the tail is left alone
+    dev = _losetup(backing)
+    try:
+        st = json.loads(nb("restore", repo, "s0", dev, "--json").stdout)
+        assert st["target_kind"] == "block" and not st["target_was_zero"] and st["bytes_zeroed"] == 40 * M
+        with open(dev, "rb") as f:
+            got = f.read(size + 4 * M)
+        assert got[:size] == disk.read_bytes() and got[size:] == b"\xff" * (4 * M)
+        # --target-is-zero: zero chunks are not touched (here: they keep the junk, proving it).
+        with open(dev, "r+b") as f:
+            f.write(b"\xff" * size)
+        st = json.loads(nb("restore", repo, "s0", dev, "--target-is-zero", "--json").stdout)
+        assert st["target_was_zero"] and st["bytes_zeroed"] == 0 and st["bytes_skipped"] == 40 * M
+        with open(dev, "rb") as f:
+            got = f.read(size)
+        assert got[:20 * M] == disk.read_bytes()[:20 * M] and got[20 * M:24 * M] == b"\xff" * (4 * M)
+    finally:
+        subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=30)
