@@ -21,7 +21,8 @@ chunk fails the reads that touch it with EIO.  Chunks load in parallel
 (`agent.restore.ChunkCache`): two reads of one chunk share one load,
 reads of different chunks load at once on ``workers=N`` threads (default
 8), and the last ``cache=N`` chunks loaded (default 16) are kept; the
-chunks a read touches load together.  At exit (``cleanup``) the plugin logs how many
+chunks a read touches load together, and the ``readahead=N`` data chunks
+after them (default 2; 0 for random readers) start loading.  At exit (``cleanup``) the plugin logs how many
 loads it made and how many ran at most at once.
 
 Verification: the first read that touches a chunk reads the whole chunk
@@ -70,11 +71,10 @@ _s3_endpoint: str | None = None
 #: Repository mode: the snapshot as a read-only image (`agent.repo.SnapshotImage`:
 #: its repository and manifest) and, from `get_ready`, the thread-safe chunk
 #: loader every read goes through (`agent.restore.ChunkCache`), with its
-#: ``workers=`` and ``cache=`` sizes.
+#: ``workers=``, ``cache=`` and ``readahead=`` sizes.
 _snap = None
 _cache = None
-_workers = 8
-_cache_chunks = 16
+_sizes = {"workers": 8, "cache": 16, "readahead": 2}
 #: Chunks already reported damaged (logged once each).
 _reported: set[int] = set()
 _verify = True
@@ -89,14 +89,11 @@ _busy: dict[int, threading.Lock] = {}
 
 
 def config(key: str, value: str) -> None:
-    global _image, _manifest_path, _verify, _repo_dir, _snapshot, _s3_endpoint, _workers, _cache_chunks
-    if key in ("workers", "cache"):
-        if not (value.isascii() and value.isdigit() and int(value) >= 1):
-            raise RuntimeError(f"restore: {key} must be a whole number >= 1")
-        if key == "workers":
-            _workers = int(value)
-        else:
-            _cache_chunks = int(value)
+    global _image, _manifest_path, _verify, _repo_dir, _snapshot, _s3_endpoint
+    if key in ("workers", "cache", "readahead"):
+        if not (value.isascii() and value.isdigit() and int(value) >= (key != "readahead")):
+            raise RuntimeError(f"restore: {key} must be a whole number >= {int(key != 'readahead')}")
+        _sizes[key] = int(value)
     elif key == "image":
         _image = os.path.abspath(value)
     elif key == "manifest":
@@ -164,7 +161,8 @@ def get_ready() -> None:
     else:
         from nbdbackup.agent.restore import ChunkCache
 
-        _cache = ChunkCache(_snap.repo, _man, capacity=_cache_chunks, workers=_workers)
+        _cache = ChunkCache(_snap.repo, _man, capacity=_sizes["cache"], workers=_sizes["workers"],
+                            readahead=_sizes["readahead"])
 
 
 def cleanup() -> None:

@@ -215,17 +215,23 @@ class ChunkCache:
     different chunks run at once on ``workers`` threads; up to ``capacity``
     loaded chunks are kept (least recently used dropped first).  A failed
     load is not kept: the next reader tries again (and fails again on a
-    damaged chunk, or succeeds after a passing store error).
+    damaged chunk, or succeeds after a passing store error).  A read also
+    starts loading the ``readahead`` data chunks after the last one it
+    touches (a sequential reader -- nbdcopy, qemu-img -- then finds them
+    loaded or loading: nbdkit serves a connection with a bounded number of
+    threads, so without it a reader of small requests waits for one chunk at
+    a time).
 
-    Fields: ``repo``; ``man``; ``capacity``; ``_pool`` (the loader threads);
+    Fields: ``repo``; ``man``; ``capacity``; ``readahead``; ``_pool`` (the loader threads);
     ``_lock`` (guards the rest); ``_loaded`` (index -> bytes, LRU order);
     ``_loading`` (index -> future of a load in flight); ``loads`` (loads
     started); ``in_flight`` / ``max_in_flight`` (loads running now / at most
     at once, for tests and the plugin's closing log line).
     """
 
-    def __init__(self, repo, man: Manifest, *, capacity: int = 16, workers: int = 8) -> None:
+    def __init__(self, repo, man: Manifest, *, capacity: int = 16, workers: int = 8, readahead: int = 2) -> None:
         self.repo, self.man, self.capacity = repo, man, max(1, capacity)
+        self.readahead = max(0, min(readahead, self.capacity // 2))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
                                                            thread_name_prefix="chunk-load")
         self._lock = threading.Lock()
@@ -268,24 +274,39 @@ class ChunkCache:
                 fut.set_result(data)
                 return fut
             fut = self._loading.get(i)
-            if fut is None:
-                self.loads += 1
-                fut = self._loading[i] = self._pool.submit(self._load, i)
-                fut.add_done_callback(lambda f, i=i: self._done(i, f))
-            return fut
+            if fut is not None:
+                return fut
+            self.loads += 1
+            fut = self._loading[i] = self._pool.submit(self._load, i)
+        # Outside the lock: a callback added to a finished future runs at once, here.
+        fut.add_done_callback(lambda f, i=i: self._done(i, f))
+        return fut
 
     def get(self, i: int) -> bytes:
         return self.future(i).result()
 
+    def prefetch(self, i: int) -> None:
+        """Start loading data chunk ``i`` unless it is loaded, loading or out of range."""
+        if i >= self.man.count or self._zero[i]:
+            return
+        with self._lock:
+            if i in self._loaded or i in self._loading:
+                return
+            self.loads += 1
+            fut = self._loading[i] = self._pool.submit(self._load, i)
+        fut.add_done_callback(lambda f, i=i: self._done(i, f))
+
     def read_into(self, buf, offset: int) -> None:
         """Fill ``buf`` with the snapshot's bytes at ``offset``; the chunks it
-        touches load in parallel.  Raises `DamagedChunk`-free `CorruptChunk`
-        (an ``OSError(EIO)``) naming the first bad chunk's id; the caller
-        maps it to a range with `failed_index`."""
+        touches load in parallel (and the next `readahead` start loading).
+        A chunk that fails raises its error (`CorruptChunk`: an
+        ``OSError(EIO)``) with ``chunk_index`` set to the chunk's index."""
         mv = memoryview(buf).cast("B")
         end = offset + len(mv)
         idx = self.man.chunks_of(offset, len(mv))
         futs = {i: self.future(i) for i in idx if not self._zero[i]}
+        for j in range(idx.stop, idx.stop + self.readahead) if len(idx) else ():
+            self.prefetch(j)
         for i in idx:
             c_off, c_len = self.man.chunk_range(i)
             s, e = max(offset, c_off), min(end, c_off + c_len)

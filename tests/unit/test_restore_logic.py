@@ -8,7 +8,7 @@
 - `agent.restore.segments` / `zero_runs`: zero detection and cutting.
 - `agent.restore.ChunkCache` over an in-memory fake repository: one load per
   chunk however many readers, loads of different chunks at once, the LRU
-  bound, failures not cached.
+  bound, failures not cached, readahead of the next data chunks.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def make(nchunks: int, chunk: int = 4096, delay: float = 0.0):
 
 def test_chunk_cache_loads_once_and_in_parallel():
     man, repo = make(8, delay=0.3)
-    cache = ChunkCache(repo, man, capacity=16, workers=8)
+    cache = ChunkCache(repo, man, capacity=16, workers=8, readahead=0)
     bufs = [bytearray(4096) for _ in range(8)]
     # Four readers of chunk 0 and one of each of chunks 1, 2, 4, 5 at once.
     jobs = [(bufs[k], 0) for k in range(4)] + [(bufs[4 + k], i * 4096) for k, i in enumerate((1, 2, 4, 5))]
@@ -220,7 +220,7 @@ def test_chunk_cache_loads_once_and_in_parallel():
 
 def test_chunk_cache_lru_and_failures():
     man, repo = make(8)
-    cache = ChunkCache(repo, man, capacity=2, workers=2)
+    cache = ChunkCache(repo, man, capacity=2, workers=2, readahead=0)
     for i in (0, 1, 2, 0):
         cache.get(i)
     assert repo.loads[man.chunks[0]] == 2  # 0 was evicted by 1 and 2
@@ -233,4 +233,20 @@ def test_chunk_cache_lru_and_failures():
             cache.read_into(buf, 5 * 4096 + 10)
         assert e.value.errno == errno.EIO and e.value.chunk_index == 5
     assert repo.loads[man.chunks[5]] == 2  # a failure is not cached
+    cache.close()
+
+
+def test_chunk_cache_readahead():
+    man, repo = make(8, delay=0.05)
+    cache = ChunkCache(repo, man, capacity=8, workers=4, readahead=2)
+    buf = bytearray(100)
+    cache.read_into(buf, 4096 + 7)  # chunk 1: chunks 2 and 3 (zero: skipped) are read ahead
+    deadline = time.monotonic() + 5
+    while cache.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.loads == 2 and set(repo.loads) == {man.chunks[1], man.chunks[2]}
+    cache.read_into(buf, 2 * 4096)  # loaded ahead: no new load for it; 4 is read ahead
+    time.sleep(0.2)
+    assert repo.loads[man.chunks[2]] == 1 and man.chunks[4] in repo.loads and man.chunks[3] not in repo.loads
+    cache.read_into(bytearray(4096), 7 * 4096)  # the last chunk: nothing past the end
     cache.close()
