@@ -66,7 +66,8 @@ class DamagedChunk(NBDBackupError):
 
     def __init__(self, snapshot: str, index: int, offset: int, length: int, reason: str) -> None:
         self.snapshot, self.index, self.offset, self.length, self.reason = snapshot, index, offset, length, reason
-        super().__init__(f"snapshot {snapshot!r}: chunk {index} at ({offset}, {length}) is unreadable: {reason}")
+        super().__init__(f"snapshot {snapshot!r}: chunk {index} at ({offset}, {length}) is unreadable: {reason} "
+                         "(restore stopped: the target is incomplete)")
 
 
 @dataclass
