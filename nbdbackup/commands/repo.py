@@ -3,10 +3,12 @@
 A repository is a directory or ``s3://BUCKET/PREFIX`` (`agent.s3store`:
 credentials, region and endpoint from the usual AWS environment variables
 and files, or ``--s3-endpoint URL``).  ``pull --repo REPO --snapshot NAME``
-fills it; ``plugins/restore.py
-repo=DIR snapshot=NAME`` serves a snapshot back over NBD.  ``verify`` reads
-every chunk the snapshots use and exits 1 naming the broken ones (snapshot,
-chunk index, byte range ``(offset, length)``); ``delete``
+fills it; ``nbdbackup restore`` (`commands.restore`) writes a snapshot
+back, ``plugins/restore.py repo=DIR snapshot=NAME`` serves one over NBD.
+``verify`` reads every distinct chunk the snapshots use (on ``--workers``
+threads; ``--sample PERCENT [--seed N]`` a random part of them,
+`agent.verify`) and exits 1 naming the broken ones in every snapshot that
+uses them (snapshot, chunk index, byte range ``(offset, length)``); ``delete``
 forgets a snapshot; ``prune`` forgets the snapshots a ``--keep-*`` policy
 does not keep (`agent.retention`; ``--dry-run`` only shows the plan);
 ``gc`` removes the chunks no snapshot uses any more (on S3 only those
