@@ -14,7 +14,8 @@ in alternating rounds, the snapshot is written to a fresh file in ``--dir``:
 
 Each nbdkit is started for its run and stopped after (its chunk cache
 starts cold); its start (Python, boto3, the snapshot's manifest) is part of
-the time, as ours (Python, boto3, the manifest) is.  The destination is deleted and ``sync`` run before each run.
+the time, as ours (Python, boto3, the manifest) is; the copy alone (from
+a running nbdkit) is shown too, and compares the plugins.  The destination is deleted and ``sync`` run before each run.
 Prints seconds and MB/s per run and the medians.
 
 Usage: .venv/bin/python bench/restore_bench.py [--size 256M] [--rounds 3] [--dir /tmp] [--repo URL | --rgw]
@@ -97,6 +98,7 @@ def _run(a, size: int, ws, procs, d: str) -> int:
                                                   "sh", "URI", out]))
             runs.append((f"{tag}nbdcopy", path, ["nbdcopy", "--flush", "--connections=4", "URI", out]))
         res: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+        copies: dict[str, list[float]] = {name: [] for name, _, _ in runs}
         where = "s3" if repo.startswith("s3://") else "directory"
         print(f"# {size >> 20} MiB snapshot (half random, half zero), {where} repository, fresh file in {a.dir}; "
               f"load {common.load_average()[0]:.1f}")
@@ -114,14 +116,19 @@ def _run(a, size: int, ws, procs, d: str) -> int:
                                     log_path=os.path.join(d, "nbdkit.log"))
                     common.wait_for_unix(ksock, proc=k)
                     cmd = [c.replace("URI", f"nbd+unix:///?socket={ksock}") for c in cmd]
-                common.run_timed(cmd)
+                copy = common.run_timed(cmd)
                 dt = time.perf_counter() - t0
                 if k is not None:
                     procs.stop(k)
                 res[name].append(dt)
-                print(f"round {r + 1}: {name:13s} {dt:6.2f} s  {size / dt / 1e6:7.0f} MB/s")
-        print("median: " + ", ".join(f"{n} {size / statistics.median(v) / 1e6:.0f} MB/s "
-                                     f"({statistics.median(v):.2f} s)" for n, v in res.items()))
+                copies[name].append(copy)
+                print(f"round {r + 1}: {name:13s} {dt:6.2f} s  {size / dt / 1e6:7.0f} MB/s"
+                      + (f"   (copy alone {copy:.2f} s, {size / copy / 1e6:.0f} MB/s)" if plugin else ""))
+        print("median, with start-up: " + ", ".join(f"{n} {size / statistics.median(v) / 1e6:.0f} MB/s "
+                                                    f"({statistics.median(v):.2f} s)" for n, v in res.items()))
+        print("median, copy alone:    " + ", ".join(f"{n} {size / statistics.median(v) / 1e6:.0f} MB/s "
+                                                    f"({statistics.median(v):.2f} s)" for n, v in copies.items()
+                                                    if n != "ours"))
     return 0
 
 
