@@ -14,6 +14,8 @@ for the S3 cases), then:
 - ``repo verify --sample P --seed S`` checks exactly the chunks
   `agent.verify.sample_ids` picks (so it finds the damaged chunk exactly
   when the sample holds it), and the same seed gives the same result;
+- the progress line: drawn when stderr is a terminal (a pty; a slow nbdkit
+  target makes the run long enough), not with ``--json``, not on a pipe;
 - on Ceph RGW: restore compared with qemu-img, verify --sample, and nbdcopy
   with 4 connections from nbdkit + plugins/restore.py: identical, with
   several chunk loads in flight at once (the plugin's exit line).
@@ -243,3 +245,42 @@ def test_restore_block_device(short_tmp):
         assert got[:20 * M] == disk.read_bytes()[:20 * M] and got[20 * M:24 * M] == b"\xff" * (4 * M)
     finally:
         subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=30)
+
+
+def _run_with_tty_stderr(*args: str) -> tuple[int, str, str]:
+    """Run ``nbdbackup ARGS`` with stderr on a pseudo-terminal; (exit code, stdout, stderr)."""
+    import pty
+    import sys
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    err = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        err += data
+    out = p.stdout.read()
+    rc = p.wait(timeout=120)
+    os.close(master)
+    return rc, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def test_progress_only_on_a_terminal_and_never_with_json(short_tmp):
+    disk, repo = make_disk(short_tmp / "disk.raw"), str(short_tmp / "repo")
+    nb("repo", "init", repo)
+    pull_into(repo, disk, "s0")
+    # A slow NBD target (100 ms per write) makes the restore last well over the first quarter second.
+    with peers.nbdkit("memory", str(disk.stat().st_size), "wdelay=100ms", filters=["delay"]) as k:
+        rc, out, err = _run_with_tty_stderr("restore", repo, "s0", k.uri, "--workers", "2")
+        assert rc == 0 and out.startswith("restored snapshot s0"), (out, err)
+        assert "\rrestore s0  " in err and "100%" in err and "\x1b[K" in err and err.endswith("\n"), repr(err)
+        rc, out, err = _run_with_tty_stderr("restore", repo, "s0", k.uri, "--workers", "2", "--json")
+        assert rc == 0 and json.loads(out)["data_chunks"] == 8 and err == "", repr(err)
+        r = nb("restore", repo, "s0", k.uri, "--workers", "2")  # stderr a pipe: nothing drawn
+        assert r.stderr == ""
