@@ -25,8 +25,9 @@ chunk_size`` bytes) are in memory at once.
 
 Failure: a chunk that is missing or does not match its id (`CorruptChunk`)
 stops the restore with `DamagedChunk`, which names the snapshot, the chunk
-and its byte range ``(offset, length)`` in the disk; the target is then
-incomplete (not flushed).  On success the target is flushed before
+and its byte range ``(offset, length)`` in the disk; a store that cannot be
+read stops it with an `NBDBackupError` naming the same; the target is then
+incomplete (not flushed).  Errors of the target propagate as `OSError`.  On success the target is flushed before
 `restore` returns.
 
 Invariants: every byte written was checked by `get_chunk`; each chunk's range
@@ -167,8 +168,9 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
         except OSError as e:
             from .repo import CorruptChunk
 
-            if not isinstance(e, CorruptChunk):
-                raise
+            if not isinstance(e, CorruptChunk):  # the store failed (unreachable, permissions)
+                raise NBDBackupError(f"snapshot {snapshot!r}: chunk {i} at ({off}, {n}): cannot read it: "
+                                     f"{e.strerror or e}") from e
             reason = e.strerror.split(": ", 1)[-1] if e.strerror else str(e)
             raise DamagedChunk(snapshot, i, off, n, reason) from None
 

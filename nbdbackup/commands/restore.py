@@ -118,8 +118,12 @@ async def _restore(args: argparse.Namespace, repo, man) -> int:
         if dst.size < man.size:
             raise ConfigError(f"{args.target} is {dst.size} bytes, snapshot {args.snapshot!r} is {man.size}")
         with Progress.for_args(args, f"restore {args.snapshot}", man.size) as prog:
-            stats = await restore(repo, man, dst, snapshot=args.snapshot, workers=args.workers,
-                                  target_is_zero=zero, progress=prog.update)
+            try:
+                stats = await restore(repo, man, dst, snapshot=args.snapshot, workers=args.workers,
+                                      target_is_zero=zero, progress=prog.update)
+            except OSError as e:  # the target failed (ENOSPC, EIO, the NBD server went away)
+                raise ConfigError(f"{args.target}: {e.strerror or e} (restore stopped: the target is incomplete)"
+                                  ) from e
     finally:
         await dst.close()
     out = stats.to_json()

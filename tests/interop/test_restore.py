@@ -137,6 +137,13 @@ def test_restore_names_damaged_and_missing_chunks(short_tmp):
     assert doc["problems"] == [{"snapshot": "s0", "chunk": 16, "offset": 64 * M, "length": 12 * 1024,
                                 "reason": "missing"}]
 
+    # A store that cannot be read (here: a directory where the chunk file was) is one line too.
+    gone.mkdir()
+    r = nb("restore", str(repo), "s0", str(short_tmp / "c.raw"), ok=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"chunk 16 at ({64 * M}, {12 * 1024}): cannot read it: Is a directory" in r.stderr, r.stderr
+    gone.rmdir()
+
 
 def test_verify_sample_is_seeded(short_tmp):
     from nbdbackup.agent.verify import sample_ids
@@ -284,3 +291,20 @@ def test_progress_only_on_a_terminal_and_never_with_json(short_tmp):
         assert rc == 0 and json.loads(out)["data_chunks"] == 8 and err == "", repr(err)
         r = nb("restore", repo, "s0", k.uri, "--workers", "2")  # stderr a pipe: nothing drawn
         assert r.stderr == ""
+
+
+def test_restore_target_full_is_one_line(short_tmp):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk, repo = make_disk(short_tmp / "disk.raw"), str(short_tmp / "repo")
+    nb("repo", "init", repo)
+    pull_into(repo, disk, "s0")
+    small = short_tmp / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(small)], check=True)
+    try:
+        r = nb("restore", repo, "s0", str(small / "o.raw"), ok=False)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "No space left on device (restore stopped: the target is incomplete)" in r.stderr, r.stderr
