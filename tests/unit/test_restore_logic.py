@@ -9,6 +9,10 @@
 - `agent.restore.ChunkCache` over an in-memory fake repository: one load per
   chunk however many readers, loads of different chunks at once, the LRU
   bound, failures not cached, readahead of the next data chunks.
+- `agent.restore.restore` onto a recording MemoryDev: data written, zero
+  chunks and zero blocks zeroed (or left on a zero target), the target's
+  tail untouched, flushed; at most ``workers`` fetches at once; a damaged
+  chunk named with its range, an unreadable store too.
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ class FakeRepo:
         self.loads: dict[bytes, int] = {}
         self.lock = threading.Lock()
         self.bad: set[bytes] = set()
+        self.now = self.peak = 0  # get_chunk calls running now / at most at once
 
     def zero_id(self, n):
         return zero_digest(n)
@@ -176,10 +181,16 @@ class FakeRepo:
     def get_chunk(self, d, n):
         with self.lock:
             self.loads[d] = self.loads.get(d, 0) + 1
-        time.sleep(self.delay)
-        if d in self.bad:
-            raise OSError(errno.EIO, f"chunk {d.hex()}: missing")
-        return self.chunks[d]
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            time.sleep(self.delay)
+            if d in self.bad:
+                raise OSError(errno.EIO, f"chunk {d.hex()}: missing")
+            return self.chunks[d]
+        finally:
+            with self.lock:
+                self.now -= 1
 
 
 def make(nchunks: int, chunk: int = 4096, delay: float = 0.0):
@@ -250,3 +261,93 @@ def test_chunk_cache_readahead():
     assert repo.loads[man.chunks[2]] == 1 and man.chunks[4] in repo.loads and man.chunks[3] not in repo.loads
     cache.read_into(bytearray(4096), 7 * 4096)  # the last chunk: nothing past the end
     cache.close()
+
+
+# -- restore() over a MemoryDev ----------------------------------------------------
+
+
+class RecordingDev:
+    """A MemoryDev that records calls and the peak number of chunks being written."""
+
+    def __init__(self, size: int, fill: int = 0xAA):
+        from nbdbackup.blockdev.memory import MemoryDev
+
+        self.mem = MemoryDev(size)
+        if fill:
+            self.mem.write_sync(bytes([fill]) * size, 0)
+        self.size = size
+        self.writes: list[tuple[int, int]] = []
+        self.zeroes: list[tuple[int, int]] = []
+        self.flushed = False
+
+    async def pwrite(self, buf, offset, *, fua=False):
+        self.writes.append((offset, len(buf)))
+        await self.mem.pwrite(buf, offset)
+
+    async def zero(self, offset, length, *, may_trim=False, fua=False, fast=False):
+        assert may_trim
+        self.zeroes.append((offset, length))
+        await self.mem.zero(offset, length, may_trim=True)
+
+    async def flush(self):
+        self.flushed = True
+
+
+def test_restore_writes_data_zeroes_holes_and_flushes():
+    import asyncio
+
+    from nbdbackup.agent.restore import restore
+
+    man, repo = make(8, chunk=256 * K)  # chunks 3 and 7 are zero
+    data = bytearray(repo.chunks[man.chunks[1]])
+    data[64 * K : 192 * K] = bytes(128 * K)  # chunk 1: a zero middle (two 64K blocks)
+    man.chunks[1] = digest(data)
+    repo.chunks[man.chunks[1]] = bytes(data)
+    want = b"".join(repo.chunks.get(d, bytes(256 * K)) for d in man.chunks)
+
+    dev = RecordingDev(man.size + 4096)  # a larger target: its tail is left alone
+    st = asyncio.run(restore(repo, man, dev, workers=3))
+    got = bytearray(man.size + 4096)
+    dev.mem.read_sync(memoryview(got), 0)
+    assert bytes(got[: man.size]) == want and got[man.size :] == b"\xaa" * 4096 and dev.flushed
+    assert sorted(dev.zeroes) == [(256 * K + 64 * K, 128 * K), (3 * 256 * K, 256 * K), (7 * 256 * K, 256 * K)]
+    assert (st.data_chunks, st.zero_chunks, st.bytes_zeroed, st.bytes_skipped) == (6, 2, 640 * K, 0)
+    assert st.bytes_written == 6 * 256 * K - 128 * K and st.bytes_fetched == 6 * 256 * K
+
+    dev = RecordingDev(man.size, fill=0)  # a zero target: holes are left, nothing zeroed
+    st = asyncio.run(restore(repo, man, dev, workers=3, target_is_zero=True))
+    got = bytearray(man.size)
+    dev.mem.read_sync(memoryview(got), 0)
+    assert bytes(got) == want and dev.zeroes == [] and st.bytes_skipped == 640 * K
+
+
+def test_restore_bounded_and_names_the_bad_range():
+    import asyncio
+
+    from nbdbackup.agent.restore import DamagedChunk, restore
+    from nbdbackup.agent.repo import CorruptChunk
+    from nbdbackup.errors import NBDBackupError
+
+    man, repo = make(16, chunk=64 * K, delay=0.02)
+    st = asyncio.run(restore(repo, man, RecordingDev(man.size), workers=3))
+    assert st.data_chunks == 12 and 2 <= repo.peak <= 3  # in parallel, never more than `workers` at once
+
+    class Damaged(FakeRepo):
+        def get_chunk(self, d, n):
+            if d == man.chunks[9]:
+                raise CorruptChunk(d.hex(), "does not match its blake3 digest")
+            return super().get_chunk(d, n)
+
+    bad = Damaged(repo.chunks)
+    dev = RecordingDev(man.size)
+    with pytest.raises(DamagedChunk) as e:
+        asyncio.run(restore(bad, man, dev, snapshot="s7", workers=4))
+    assert (e.value.snapshot, e.value.index, e.value.offset, e.value.length) == ("s7", 9, 9 * 64 * K, 64 * K)
+    assert "chunk 9 at (589824, 65536)" in str(e.value) and not dev.flushed
+
+    class Broken(FakeRepo):
+        def get_chunk(self, d, n):
+            raise OSError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(NBDBackupError, match=r"chunk 0 at \(0, 65536\): cannot read it: Permission denied"):
+        asyncio.run(restore(Broken(repo.chunks), man, RecordingDev(man.size), snapshot="s7", workers=1))
