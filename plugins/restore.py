@@ -22,8 +22,9 @@ chunk fails the reads that touch it with EIO.  Chunks load in parallel
 reads of different chunks load at once on ``workers=N`` threads (default
 8), and the last ``cache=N`` chunks loaded (default 16) are kept; the
 chunks a read touches load together, and the ``readahead=N`` data chunks
-after them (default 2; 0 for random readers) start loading.  At exit (``cleanup``) the plugin logs how many
-loads it made and how many ran at most at once.
+after them (default 2; 0 for random readers) start loading.  At exit
+(``cleanup``) the plugin logs how many loads it made and how many ran at
+most at once.
 
 Verification: the first read that touches a chunk reads the whole chunk
 from the image and hashes it.  A chunk whose digest matches is remembered
