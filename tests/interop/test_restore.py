@@ -172,7 +172,8 @@ def test_verify_sample_is_seeded(short_tmp):
             assert doc["damaged_snapshots"] == ["s0", "s1"]
     r = nb("repo", "verify", str(repo), ok=False)  # all: found, text names both snapshots and ranges
     assert r.returncode == 1 and f"s1: chunk 77 ({77 * 64 * 1024}, 65536)" in r.stdout
-    assert "damaged snapshot(s): s0 s1" in r.stdout and r.stdout.strip().endswith("FAILED: 2 snapshot(s), 2 bad chunk(s)")
+    assert "damaged snapshot(s): s0 s1" in r.stdout
+    assert r.stdout.strip().endswith("FAILED: 2 snapshot(s), 2 bad chunk(s)")
     r = nb("repo", "verify", str(repo), "--sample", "0", ok=False)
     assert r.returncode == 2 and "percentage" in r.stderr
     # --json output is never mixed with progress, even when forced (progress goes to stderr).
