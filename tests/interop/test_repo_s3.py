@@ -302,3 +302,53 @@ def test_s3_unreachable_endpoint_is_one_line(short_tmp, monkeypatch):
     assert time.monotonic() - t < 60
     r = nb("repo", "list", "ftp://x/y", ok=False)
     assert r.returncode == 1 and "a directory or s3://BUCKET/PREFIX" in r.stderr
+
+
+def test_s3_gc_during_a_third_pull_loses_nothing(s3env, short_tmp):
+    """Issue 11: two pulls of different disks into one bucket at once, then a gc (and a prune)
+    while a third pull is running.  The cleaners must not remove a chunk the running pull relies
+    on: on S3 they see the pull's live lease and refuse at once with a clear error (the pull is
+    not disturbed); after it, gc runs, and every snapshot restores exactly."""
+    url = s3env
+    nb("repo", "init", url, "--chunk-size", "1M")
+    disks = []
+    for n in range(3):
+        d = short_tmp / f"d{n}.raw"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(d), "24M"], check=True)
+        # 8 chunks common to all three, 4 of each disk's own
+        qemu_io(d, *[f"write -P {0x10 + i:#x} {i}M 1M" for i in range(8)],
+                *[f"write -P {0x80 + 0x10 * n + i:#x} {12 + i}M 1M" for i in range(4)], fmt="raw")
+        disks.append(d)
+    with peers.qemu_nbd(disks[0], read_only=True) as q0, peers.qemu_nbd(disks[1], read_only=True) as q1:
+        procs = [subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "pull", q.uri, "--repo", url,
+                                   "--snapshot", f"p{n}", "--json"], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for n, q in enumerate((q0, q1))]
+        outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e.decode(errors="replace") for _, e in outs]
+    nb("repo", "delete", url, "p1")  # p1's own chunks are now garbage, old enough for --grace 0
+    # The third pull reads slowly (every read delayed), so the cleaners run while it is under way;
+    # its disk shares p1's chunks: exactly the ones a gc would like to delete.
+    qemu_io(disks[2], *[f"write -P {0x80 + 0x10 + i:#x} {12 + i}M 1M" for i in range(4)], fmt="raw")
+    with peers.nbdkit("file", str(disks[2]), "rdelay=300ms", filters=["delay"]) as slow:
+        third = subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "pull", slow.uri, "--repo", url,
+                                  "--snapshot", "p2", "--json", "--workers", "2", "--connections", "1"],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not any(k.startswith("locks/shared-") for k in store(url).list("locks")):
+            assert third.poll() is None and time.monotonic() < deadline, "the third pull took no lease"
+            time.sleep(0.05)
+        for argv in (("repo", "gc", url, "--grace", "0"),
+                     ("repo", "prune", url, "--keep-last", "1", "--gc", "--grace", "0")):
+            r = nb(*argv, ok=False)
+            assert r.returncode == 1 and "busy (in use)" in r.stderr, (argv, r.returncode, r.stderr)
+        assert third.poll() is None, "the cleaners ran after the pull, not during it"
+        out, err = third.communicate(timeout=180)
+    assert third.returncode == 0, err.decode(errors="replace")
+    doc = nb("repo", "gc", url, "--grace", "0", "--json").stdout
+    assert json.loads(doc)["removed"] == 0  # p1's own chunks are p2's now
+    for n, d in ((0, disks[0]), (2, disks[2])):
+        o = short_tmp / f"r{n}.raw"
+        r = restore(url, f"p{n}", o)
+        assert r.returncode == 0, r.stderr
+        assert same(o, d)
+    assert nb("repo", "verify", url).stdout.strip().endswith("OK: 2 snapshot(s), 0 bad chunk(s)")
