@@ -110,7 +110,8 @@ async def _pull_repo(args: argparse.Namespace) -> int:
             if base is not None and base.size != src.size:
                 raise ConfigError(f"snapshot {args.base!r} is {base.size} bytes, the source {src.size}")
             man, stats = await pull(src, SnapshotImage(repo, base) if base else None, bitmap=args.bitmap,
-                                    chunk_size=repo.chunk_size, workers=args.workers, base=base, sink=store_chunk)
+                                    chunk_size=repo.chunk_size, workers=args.workers, base=base, sink=store_chunk,
+                                    chunk_id=repo.chunk_id, zero_id=repo.zero_id)
         finally:
             await src.close()
         repo.save_snapshot(args.snapshot, man, source=args.uri, parent=args.base)
