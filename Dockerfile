@@ -12,7 +12,7 @@
 #   requirements.txt used as a constraints file (test-only pins there are
 #   never installed), and installs the project itself (not editable).
 # - runtime: python3 and that venv, nothing else.  The runtime imports only
-#   blake3, numpy, (optionally) uvloop and, for s3:// repositories, boto3; it never runs qemu-img, nbdkit or
+#   blake3, numpy, zstandard, cryptography, (optionally) uvloop and, for s3:// repositories, boto3; it never runs qemu-img, nbdkit or
 #   libnbd.  Restoring with plugins/restore.py needs nbdkit and is done on a
 #   host (or an image of your own) with the checkout.
 #
@@ -31,10 +31,10 @@ RUN python3 -m venv /opt/nbdbackup/.venv
 WORKDIR /src
 # Dependencies first: this layer is reused while only the sources change.
 COPY requirements.txt pyproject.toml ./
-RUN /opt/nbdbackup/.venv/bin/pip install -q -c requirements.txt blake3 numpy uvloop boto3
+RUN /opt/nbdbackup/.venv/bin/pip install -q -c requirements.txt blake3 numpy uvloop boto3 zstandard cryptography
 COPY nbdbackup ./nbdbackup
 RUN /opt/nbdbackup/.venv/bin/pip install -q --no-deps -c requirements.txt . \
- && /opt/nbdbackup/.venv/bin/python -c 'import blake3, numpy, uvloop, boto3, nbdbackup.cli' \
+ && /opt/nbdbackup/.venv/bin/python -c 'import blake3, numpy, uvloop, boto3, zstandard, cryptography, nbdbackup.cli' \
  && /opt/nbdbackup/.venv/bin/python -m pip uninstall -q -y pip setuptools \
  && find /opt/nbdbackup/.venv -name __pycache__ -prune -exec rm -rf {} +
 

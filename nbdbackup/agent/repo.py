@@ -536,7 +536,10 @@ class Repository:
             packed = self.codec.decode(_snap_key(name) + "#digests", blob[start:], 32 * count)
         except CodecError as e:
             raise self._damaged(name, f"digests {e}") from None
-        man = Manifest.from_packed(meta["size"], meta["chunk_size"], packed, f"snapshot {name}")
+        try:
+            man = Manifest.from_packed(meta["size"], meta["chunk_size"], packed, "digests")
+        except ConfigError as e:
+            raise self._damaged(name, str(e)) from None
         if man.root.hex() != meta.get("root"):
             raise self._damaged(name, "digests do not match the metadata's root")
         return man
