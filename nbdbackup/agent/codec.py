@@ -51,6 +51,22 @@ PAYS_OFF = 16
 DEFAULT_LEVEL = 3
 
 
+_buffers_ok: bool | None = None
+
+
+def _arg(b):
+    """``b`` as cryptography's AEAD takes it: any buffer since 42-ish, only
+    bytes in Debian 12's 38 (which nbdkit's Python may import first)."""
+    global _buffers_ok
+    if _buffers_ok is None:
+        try:
+            AESGCM(bytes(32)).encrypt(bytes(NONCE), memoryview(b"x"), None)
+            _buffers_ok = True
+        except TypeError:
+            _buffers_ok = False
+    return b if _buffers_ok or isinstance(b, bytes) else bytes(b)
+
+
 class CodecError(ValueError):
     """An object cannot be decoded (damaged, not ours, or the wrong key)."""
 
@@ -111,7 +127,7 @@ class Codec:
             return b"".join((bytes((MAGIC, flags)), payload))
         header = bytes((MAGIC, flags | AEAD))
         nonce = os.urandom(NONCE)
-        return b"".join((header, nonce, self._aead.encrypt(nonce, payload, header + name.encode())))
+        return b"".join((header, nonce, self._aead.encrypt(nonce, _arg(payload), header + name.encode())))
 
     def decode(self, name: str, blob, limit: int) -> bytes:
         """The plaintext of the stored object ``blob`` read from key ``name``
@@ -126,7 +142,8 @@ class Codec:
             if len(mv) < 2 + NONCE + TAG:
                 raise CodecError("truncated")
             try:
-                payload = self._aead.decrypt(mv[2:2 + NONCE], mv[2 + NONCE:], bytes(mv[:2]) + name.encode())
+                payload = self._aead.decrypt(bytes(mv[2:2 + NONCE]), _arg(mv[2 + NONCE:]),
+                                             bytes(mv[:2]) + name.encode())
             except InvalidTag:
                 raise CodecError("fails authentication (damaged, or not this object)") from None
         elif self._aead is not None:
