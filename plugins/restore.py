@@ -125,7 +125,8 @@ def config_complete() -> None:
             raise RuntimeError(f"restore: cannot import the repository code ({e}); give pythonpath=DIR") from None
         try:
             repo = Repository.open(open_store(_repo_dir, endpoint=_s3_endpoint), key_file=_key_file,
-                                   passphrase=lambda: read_passphrase(_passphrase_file, interactive=False))
+                                   passphrase=lambda: read_passphrase(_passphrase_file, interactive=False),
+                                   require_encryption=bool(_key_file or _passphrase_file))
             _man = repo.load_snapshot(_snapshot)
         except (ConfigError, OSError) as e:
             raise RuntimeError(f"restore: {e}") from None

@@ -316,13 +316,17 @@ class Repository:
                    codec=Codec(level=compression, key=master.enc_key if master else None))
 
     @classmethod
-    def open(cls, store: Store, *, passphrase: Passphrase = None, key_file: str | None = None) -> "Repository":
+    def open(cls, store: Store, *, passphrase: Passphrase = None, key_file: str | None = None,
+             require_encryption: bool = False) -> "Repository":
         """Open (and, when encrypted, unlock) the repository in ``store``.
 
         ``passphrase`` (a string, or a function asked only when the
         repository is encrypted) unwraps the key read from ``key_file`` if
         given, else from the repository (``repokey``) or the default key
-        file (``keyfile``).  Every failure is a `ConfigError`."""
+        file (``keyfile``).  ``require_encryption`` (the user named a key or
+        passphrase file): a repository whose config says it is not encrypted
+        is refused, so a store operator who rewrites config.json cannot make
+        such a client write plaintext.  Every failure is a `ConfigError`."""
         try:
             cfg = json.loads(store.get(CONFIG))
         except FileNotFoundError:
@@ -346,6 +350,9 @@ class Repository:
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise ConfigError(f"{store.root}/{CONFIG} is damaged: {e}") from None
         if enc == "none":
+            if require_encryption or key_file:
+                raise ConfigError(f"{store.root} is not encrypted, but a key or passphrase file was given "
+                                  "(its config.json says encryption none)")
             return cls(store, chunk_size, repo_id=repo_id, codec=Codec(level=level))
         blob, source = cls._read_key(store, repo_id, enc, key_file)
         try:

@@ -56,4 +56,6 @@ def open_repo(args: argparse.Namespace, spec: str):
     from ..agent.repo import Repository
 
     store = open_store_args(args, spec)
-    return store, Repository.open(store, passphrase=passphrase_of(args), key_file=getattr(args, "key_file", None))
+    key_file = getattr(args, "key_file", None)
+    return store, Repository.open(store, passphrase=passphrase_of(args), key_file=key_file,
+                                  require_encryption=bool(key_file or getattr(args, "passphrase_file", None)))

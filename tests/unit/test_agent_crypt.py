@@ -283,3 +283,42 @@ def test_get_chunk_of_an_encrypted_repository_checks_the_id(tmp_path):
     with pytest.raises(CorruptChunk, match="fails authentication"):
         repo.get_chunk(da, C)
     assert repo.get_chunk(db, C) == b
+
+
+class NoListing(DirStore):
+    """A store on which listing fails: what a restore must never need."""
+
+    def list(self, prefix):
+        raise AssertionError(f"listed {prefix!r}")
+
+    list_times = list
+
+
+def test_restore_path_never_lists_the_store(tmp_path):
+    repo = _repo(tmp_path)
+    data = os.urandom(C) + bytes(C)
+    m = Manifest(len(data), C, [repo.chunk_id(data[:C]), repo.zero_id(C)])
+    repo.put_chunk(m.chunks[0], data[:C])
+    repo.save_snapshot("s0", m)
+    r = Repository.open(NoListing(str(tmp_path / "r")), passphrase="pw")
+    img = SnapshotImage(r, r.load_snapshot("s0"))
+    buf = bytearray(len(data))
+    img.read_sync(memoryview(buf), 0)
+    assert bytes(buf) == data and r.snapshot_info("s0")["size"] == len(data) and r.has_snapshot("s0")
+
+
+def test_a_downgraded_config_is_refused_when_a_key_was_expected(tmp_path):
+    repo = _repo(tmp_path)
+    st = DirStore(str(tmp_path / "r"))
+    cfg = json.loads(st.get("config.json"))
+    st.put("config.json", json.dumps(dict(cfg, encryption="none")).encode())  # the store's operator lies
+    with pytest.raises(ConfigError, match="not encrypted, but a key or passphrase file was given"):
+        Repository.open(st, passphrase="pw", require_encryption=True)
+    with pytest.raises(ConfigError, match="not encrypted, but"):
+        Repository.open(st, passphrase="pw", key_file=str(tmp_path / "k"))
+    # Without the requirement it opens as plain, and its encrypted chunks fail loudly instead of being trusted.
+    plain = Repository.open(st)
+    d = repo.chunk_id(b"\x01" * C)
+    repo.put_chunk(d, b"\x01" * C)
+    with pytest.raises(CorruptChunk, match="encrypted, but the repository is not"):
+        plain.get_chunk(d, C)
