@@ -77,7 +77,8 @@ def main() -> int:
         for name, rows in res.items():
             med = [statistics.median(col) for col in zip(*rows)]
             print(f"median {name:11s} full {med[0]:.2f} s / CPU {med[1]:.2f} s, unchanged {med[2]:.2f} s / "
-                  f"CPU {med[3]:.2f} s, restore {med[4]:.2f} s / CPU {med[5]:.2f} s, {size / med[0] / 1e6:.0f} MB/s full")
+                  f"CPU {med[3]:.2f} s, restore {med[4]:.2f} s / CPU {med[5]:.2f} s, "
+                  f"{size / med[0] / 1e6:.0f} MB/s full")
     return 0
 
 

@@ -161,7 +161,7 @@ Passphrase = str | Callable[[], str] | None
 
 
 def read_passphrase(file: str | None = None, *, env: str = PASSPHRASE_ENV, what: str = "passphrase",
-                    confirm: bool = False, interactive: bool | None = None) -> str:
+                    confirm: bool = False, interactive: bool | None = None, prompt: str | None = None) -> str:
     """A passphrase from ``file`` (its first line), else the environment
     variable ``env``, else a terminal prompt (twice with ``confirm``)."""
     if file is not None:
@@ -182,7 +182,7 @@ def read_passphrase(file: str | None = None, *, env: str = PASSPHRASE_ENV, what:
         raise ConfigError(f"a {what} is needed: set {env}, give a file, or run on a terminal")
     import getpass
 
-    text = getpass.getpass(f"Enter {what}: ")
+    text = getpass.getpass(f"{prompt or f'Enter {what}'}: ")
     if confirm and getpass.getpass(f"Enter {what} again: ") != text:
         raise ConfigError(f"the two {what}s differ")
     if not text:

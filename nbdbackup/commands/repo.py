@@ -139,7 +139,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     level = parse_compression(args.compression)
     repo = Repository.init(open_store_args(args, args.dir), parse_size(args.chunk_size), encryption=args.encryption,
-                           compression=level, passphrase=passphrase_of(args, confirm=True), key_file=args.key_file)
+                           compression=level, passphrase=passphrase_of(args, confirm=True, spec=args.dir),
+                           key_file=args.key_file)
     print(f"repository {args.dir} created ({repo.chunk_size} byte chunks, compression {args.compression}, "
           f"encryption {args.encryption})")
     if repo.encryption == "keyfile":

@@ -37,11 +37,12 @@ def add_repo_options(p: argparse.ArgumentParser) -> None:
                         "$XDG_CONFIG_HOME/nbdbackup/keys/ID for keyfile)")
 
 
-def passphrase_of(args: argparse.Namespace, *, confirm: bool = False):
+def passphrase_of(args: argparse.Namespace, *, confirm: bool = False, spec: str | None = None):
     """A function returning the passphrase the options give (asked when called)."""
     from ..agent.crypto import read_passphrase
 
-    return lambda: read_passphrase(getattr(args, "passphrase_file", None), confirm=confirm)
+    return lambda: read_passphrase(getattr(args, "passphrase_file", None), confirm=confirm,
+                                   prompt=f"Passphrase of {spec}" if spec else None)
 
 
 def open_store_args(args: argparse.Namespace, spec: str):
@@ -57,5 +58,5 @@ def open_repo(args: argparse.Namespace, spec: str):
 
     store = open_store_args(args, spec)
     key_file = getattr(args, "key_file", None)
-    return store, Repository.open(store, passphrase=passphrase_of(args), key_file=key_file,
+    return store, Repository.open(store, passphrase=passphrase_of(args, spec=spec), key_file=key_file,
                                   require_encryption=bool(key_file or getattr(args, "passphrase_file", None)))

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from nbdbackup.agent.manifest import Manifest, digest, zero_digest
+from nbdbackup.agent.manifest import Manifest, digest
 from nbdbackup.agent.repo import CorruptChunk, DirStore, Repository, SnapshotImage
 from nbdbackup.errors import ConfigError
 
