@@ -45,7 +45,8 @@ snapshot is written, so a crash cannot keep a snapshot and lose its chunks).  It
 pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
 waiting: a busy repository is an error), so ``gc`` never removes the chunks
 of a pull in progress, nor ``prune`` its base.  The store interface is small on
-purpose (put/put_new/get/exists/list/list_times/delete/delete_many/mtime/lock), so that
+purpose (put/put_new/get/get_range/exists/list/list_times/delete/delete_many/mtime/lock;
+get_range is optional: without it `snapshot_info` reads the whole object), so that
 `agent.s3store.S3Store` (``s3://BUCKET/PREFIX``) implements it too;
 `open_store` picks the store from the repository argument.  ``gc`` never
 removes a chunk younger than the store's ``gc_grace`` seconds (0 for a
@@ -255,8 +256,9 @@ class Repository:
     Fields: ``store``; ``chunk_size``; ``id`` (random hex, names the
     repository in key blobs and key file paths); ``encryption`` (``none``,
     ``repokey``, ``keyfile``); ``codec`` (`agent.codec.Codec`: compression
-    level and encryption key); ``_id_key`` (keyed-blake3 key of chunk ids,
-    None when not encrypted); ``_key_source`` (where the wrapped key was read
+    level and encryption key); ``_master`` (the unwrapped `MasterKey`, None
+    when not encrypted); ``_id_key`` (its keyed-blake3 key of chunk ids);
+    ``_key_source`` (where the wrapped key was read
     from: ``("store", "keys/repokey")`` or ``("file", PATH)``; None when not
     encrypted); ``_zero`` (cache: length -> id of that many zero bytes).
     """
