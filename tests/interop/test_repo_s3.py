@@ -200,6 +200,14 @@ def test_s3_repository_full_incremental_restore_verify_gc(s3env, short_tmp, monk
     r = restore(url, "s0", short_tmp / "bad.raw")
     assert r.returncode != 0 and "Input/output error" in r.stderr
 
+    # A flipped byte in s1's snapshot object: verify names the snapshot; put back, it verifies again.
+    good = s.get("snapshots/s1")
+    s.put("snapshots/s1", good[:40] + bytes([good[40] ^ 1]) + good[41:])
+    r = nb("repo", "verify", url, "s1", "--json", ok=False)
+    (p,) = json.loads(r.stdout)["problems"]
+    assert r.returncode == 1 and p["snapshot"] == "s1" and p["chunk"] == -1 and "is damaged" in p["reason"]
+    s.put("snapshots/s1", good)
+
     # Forget s0: with the default grace (an hour on S3) gc keeps its fresh chunks; --grace 0 frees them.
     nb("repo", "delete", url, "s0")
     s1_chunks = {c.hex() for c in api.load_snapshot("s1").chunks}
