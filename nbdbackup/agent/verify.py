@@ -6,7 +6,8 @@ the work; each is read and checked with `Repository.get_chunk` (through
 the public API only, so the check is whatever the repository's format
 makes it: a digest, an authentication tag) on ``workers`` threads, since
 the store's reads block.  Every damaged chunk is then named in every
-snapshot that uses it, with the chunk's byte range ``(offset, length)``.
+snapshot that uses it, with the chunk's byte range ``(offset, length)``; a
+snapshot object that cannot be read is a problem of its own (index -1).
 
 Sampling (``--sample PERCENT``): a uniform random subset of the distinct
 chunks, ``ceil(PERCENT% of them)`` (at least one when there are any),
@@ -29,17 +30,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..errors import ConfigError
 from .manifest import Manifest
 
 
 @dataclass(frozen=True)
 class Problem:
-    """Chunk ``index`` of ``snapshot``, at ``(offset, length)`` in its disk, is bad for ``reason``."""
+    """Chunk ``index`` of ``snapshot``, at ``(offset, length)`` in its disk, is bad for ``reason``;
+    index -1 (offset and length None): the snapshot itself cannot be read."""
 
     snapshot: str
     index: int
-    offset: int
-    length: int
+    offset: int | None
+    length: int | None
     reason: str
 
     def to_json(self) -> dict:
@@ -97,7 +100,12 @@ def verify(repo, names: Sequence[str], *, sample: float | None = None, seed: int
     if sample is not None and sample < 100 and seed is None:
         seed = random.SystemRandom().randrange(1 << 32)
     report = VerifyReport(list(names), sample=sample, seed=seed if sample is not None and sample < 100 else None)
-    mans: dict[str, Manifest] = {name: repo.load_snapshot(name) for name in names}
+    mans: dict[str, Manifest] = {}
+    for name in names:
+        try:
+            mans[name] = repo.load_snapshot(name)
+        except ConfigError as e:  # damaged, missing or undecryptable snapshot object
+            report.problems.append(Problem(name, -1, None, None, str(e)))
     zero_ids: dict[int, bytes] = {}
     lengths: dict[bytes, int] = {}
     for man in mans.values():

@@ -247,7 +247,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     scope = (f"sample {rep.sample:g}% (seed {rep.seed}): " if rep.seed is not None else "") + \
         f"{rep.chunks_checked} of {rep.chunks_referenced} chunk(s), {rep.bytes_checked} bytes checked " \
         f"in {rep.seconds:.2f} s"
-    lines = [f"{p['snapshot']}: chunk {p['chunk']} ({p['offset']}, {p['length']}): {p['reason']}" for p in rows]
+    lines = [f"{p['snapshot']}: chunk {p['chunk']} ({p['offset']}, {p['length']}): {p['reason']}"
+             if p["chunk"] >= 0 else p["reason"] for p in rows]
     if rep.problems:
         lines.append(f"damaged snapshot(s): {' '.join(rep.damaged_snapshots)}")
     lines += [scope, f"{'FAILED' if rep.problems else 'OK'}: {len(names)} snapshot(s), {len(rows)} bad chunk(s)"]

@@ -1,6 +1,6 @@
 """Interop: kill -9 of ``nbdbackup pull --repo`` mid-pull, on a directory and on Ceph RGW.
 
-A repository holds snapshot s1.  A pull of new content (s2) is slowed down
+A repository (a plain directory; an encrypted one on RGW) holds snapshot s1.  A pull of new content (s2) is slowed down
 by nbdkit's delay filter and killed with SIGKILL once some of its chunks are
 stored; the test checks that the kill did land mid-pull (new chunks stored,
 no snapshot s2 recorded).  Then, on the damaged-by-crash repository:
@@ -48,8 +48,10 @@ def new_content(disk: Path, keep: Path) -> None:
     shutil.copyfile(disk, keep)
 
 
-@pytest.mark.parametrize("kind", ["dir", "rgw"])
-def test_kill_9_mid_pull_then_pull_verify_prune_gc_restore(kind, short_tmp, request):
+@pytest.mark.parametrize("kind,encryption", [("dir", "none"), ("rgw", "repokey")])
+def test_kill_9_mid_pull_then_pull_verify_prune_gc_restore(kind, encryption, short_tmp, request, monkeypatch):
+    monkeypatch.setenv("NBDBACKUP_PASSPHRASE", "crash pass")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(short_tmp / "config"))
     if kind == "rgw":
         url = request.getfixturevalue("s3url")
         from nbdbackup.agent.s3store import S3Store
@@ -68,7 +70,7 @@ def test_kill_9_mid_pull_then_pull_verify_prune_gc_restore(kind, short_tmp, requ
 
     disk = short_tmp / "disk.raw"
     pit1, pit2, pit3 = (short_tmp / f"pit{i}.raw" for i in (1, 2, 3))
-    nb("repo", "init", url, "--chunk-size", "1M")
+    nb("repo", "init", url, "--chunk-size", "1M", "--encryption", encryption)
     new_content(disk, pit1)
     with peers.qemu_nbd(disk, read_only=True) as q:
         nb("pull", q.uri, "--repo", url, "--snapshot", "s1")
