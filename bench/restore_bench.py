@@ -19,6 +19,7 @@ a running nbdkit) is shown too, and compares the plugins.  The destination is de
 Prints seconds and MB/s per run and the medians.
 
 Usage: .venv/bin/python bench/restore_bench.py [--size 256M] [--rounds 3] [--dir /tmp] [--repo URL | --rgw]
+       [--encryption none|repokey]
        [--old-plugin /work/main/plugins/restore.py]
 """
 
@@ -49,6 +50,8 @@ def main() -> int:
     ap.add_argument("--repo", help="a repository URL to use instead of a fresh directory (s3://...: must be empty)")
     ap.add_argument("--rgw", action="store_true",
                     help="start a throw-away Ceph RGW (tests/interop/ceph_rgw.py) and use a bucket on it")
+    ap.add_argument("--encryption", default="none", choices=("none", "repokey"),
+                    help="repo init --encryption (the passphrase goes in NBDBACKUP_PASSPHRASE)")
     ap.add_argument("--workers", type=int, default=8, help="our restore's --workers")
     ap.add_argument("--old-plugin", help="also measure this (older) restore plugin")
     a = ap.parse_args()
@@ -81,7 +84,9 @@ def _run(a, size: int, ws, procs, d: str) -> int:
                 dst.write(blk)
         os.unlink(image + ".half")
         repo = a.repo or os.path.join(d, "repo")
-        subprocess.run([*NB, "repo", "init", repo], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        os.environ.update(NBDBACKUP_PASSPHRASE="bench pass", XDG_CONFIG_HOME=os.path.join(d, "config"))
+        subprocess.run([*NB, "repo", "init", repo, "--encryption", a.encryption], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
         sock = ws.socket("src")
         src = start_server(procs, "nbdkit", image, sock, 4, same_session=False)
         subprocess.run([*NB, "pull", f"nbd+unix:///?socket={sock}", "--repo", repo, "--snapshot", "s0"],
@@ -100,7 +105,8 @@ def _run(a, size: int, ws, procs, d: str) -> int:
         res: dict[str, list[float]] = {name: [] for name, _, _ in runs}
         copies: dict[str, list[float]] = {name: [] for name, _, _ in runs}
         where = "s3" if repo.startswith("s3://") else "directory"
-        print(f"# {size >> 20} MiB snapshot (half random, half zero), {where} repository, fresh file in {a.dir}; "
+        print(f"# {size >> 20} MiB snapshot (half random, half zero), {where} repository "
+              f"(encryption {a.encryption}), fresh file in {a.dir}; "
               f"load {common.load_average()[0]:.1f}")
         for r in range(a.rounds):
             for name, plugin, cmd in runs:
