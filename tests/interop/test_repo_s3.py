@@ -342,7 +342,7 @@ def test_s3_gc_during_a_third_pull_loses_nothing(s3env, short_tmp):
     # The third pull reads slowly (every read delayed), so the cleaners run while it is under way;
     # its disk shares p1's chunks: exactly the ones a gc would like to delete.
     qemu_io(disks[2], *[f"write -P {0x80 + 0x10 + i:#x} {12 + i}M 1M" for i in range(4)], fmt="raw")
-    with peers.nbdkit("file", str(disks[2]), "rdelay=300ms", filters=["delay"]) as slow:
+    with peers.nbdkit("file", str(disks[2]), "rdelay=1500ms", filters=["delay"]) as slow:
         third = subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "pull", slow.uri, "--repo", url,
                                   "--snapshot", "p2", "--json", "--workers", "2", "--connections", "1"],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
