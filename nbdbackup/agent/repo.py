@@ -12,7 +12,7 @@ Layout over an `ObjectStore` (keys are '/'-separated paths)::
 
     config.json                 {"format": "nbdbackup-repo", "version": 1, "chunk_size": N}
     chunks/<2 hex>/<64 hex>     a chunk's bytes (the digest is blake3 of exactly them)
-    snapshots/<name>.json       {"name", "created", "source", "parent", "manifest": {...}}
+    snapshots/<name>.json       {"name", "created", "source", "parent", "manifest": {...}, "meta"?: {...}}
     locks/...                   S3 only: lease objects (see `agent.s3store`)
 
 ``created`` is when the snapshot was saved (ISO 8601, UTC, in seconds);
@@ -268,12 +268,18 @@ class Repository:
 
     # -- snapshots ------------------------------------------------------------
 
-    def save_snapshot(self, name: str, man: Manifest, *, source: str = "", parent: str | None = None) -> None:
+    def save_snapshot(self, name: str, man: Manifest, *, source: str = "", parent: str | None = None,
+                      meta: dict | None = None) -> None:
+        """Record snapshot ``name`` (its chunks must be stored already).  ``meta``:
+        optional JSON-able facts kept under the document's ``"meta"`` key (the
+        backup agent's bitmap, base and point in time: `agent.workflow`)."""
         check_name(name)
         if man.chunk_size != self.chunk_size:
             raise ConfigError(f"manifest chunk size {man.chunk_size} != repository's {self.chunk_size}")
         doc = {"name": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "source": source, "parent": parent, "manifest": man.to_json()}
+        if meta:
+            doc["meta"] = meta
         self.store.flush()  # the chunks it names are durable before the snapshot exists
         self.store.check_lock()  # and gc cannot have run meanwhile (an S3 lease may expire)
         self.store.put(f"snapshots/{name}.json", json.dumps(doc, separators=(",", ":")).encode())
