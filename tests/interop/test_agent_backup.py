@@ -105,8 +105,17 @@ class Proxy:
                 await uw.drain()
             uw.write_eof()
 
-        async def down():
+        held: asyncio.Queue = asyncio.Queue()
+
+        async def down_read():
             while data := await ur.read(65536):
+                held.put_nowait(data)
+            if self.limit is not None:
+                cw.transport.abort()  # the server closed while we hold bytes: drop them, close at once
+            held.put_nowait(None)
+
+        async def down():
+            while (data := await held.get()) is not None:
                 while data:
                     room = len(data) if self.limit is None else self.limit - self.forwarded
                     if room <= 0:
@@ -117,13 +126,12 @@ class Proxy:
                     self.forwarded += len(part)
                     cw.write(part)
                     await cw.drain()
-            # The server closed: so does the client side, at once (held bytes dropped).
-            cw.transport.abort()
+            cw.close()
 
-        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down()), asyncio.ensure_future(down_read())]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Until the server side is done (or either side fails).
+            await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for t in tasks:
                 t.cancel()
