@@ -252,11 +252,13 @@ class _DiskRun:
 
 
 async def backup_server(server: Server, store, repo, opts: Options, sem: asyncio.Semaphore,
-                        now: datetime.datetime) -> list[DiskResult]:
+                        now: datetime.datetime, taken: set[str] | None = None) -> list[DiskResult]:
     """Back up every disk of ``server`` at one point in time (see the module doc).
 
     Never raises for a failure of the server or a disk: each `DiskResult`
     says ok or failed and why.  The caller holds the repository lock shared.
+    ``taken``: snapshot names already chosen by this run (shared by the
+    servers of one run, so two servers never pick the same name).
     """
     t0 = time.monotonic()
     results = {d: DiskResult(server.name, d) for d in server.disks}
@@ -273,7 +275,7 @@ async def backup_server(server: Server, store, repo, opts: Options, sem: asyncio
     except NBDBackupError as e:
         return fail_all(str(e))
     try:
-        runs = await _prepare(server, ctl, repo, opts, now, results)
+        runs = await _prepare(server, ctl, repo, opts, now, results, set() if taken is None else taken)
         if runs is None:
             return fail_all("nothing started")
         group = uuid.uuid4().hex
@@ -323,7 +325,7 @@ def _why(e: BaseException) -> str:
 
 
 async def _prepare(server: Server, ctl: _Control, repo, opts: Options, now: datetime.datetime,
-                   results: dict[str, DiskResult]) -> list[_DiskRun] | None:
+                   results: dict[str, DiskResult], taken: set[str]) -> list[_DiskRun] | None:
     """Steps 1-2: reclaim leftovers, check the disks, decide, name the snapshots."""
     disks = set(server.disks)
     for j in await ctl.call("query-jobs"):
@@ -336,7 +338,6 @@ async def _prepare(server: Server, ctl: _Control, repo, opts: Options, now: date
         for r in ([results[who]] if who else results.values()):
             r.notes.append(f"reclaimed job {j['id']} (status {j['status']}) left by an interrupted run")
     exports = {e["name"]: e for e in await ctl.call("query-block-exports")}
-    taken = set(repo.snapshots())
     runs: list[_DiskRun] = []
     for disk in server.disks:
         res = results[disk]
@@ -358,7 +359,8 @@ async def _prepare(server: Server, ctl: _Control, repo, opts: Options, now: date
         base_name = snapshot_name(opts.template, server, disk, now)
         existing = {b["name"] for b in bitmaps} | set(exports)
         name, n = base_name, 0
-        while name in taken or own_name(opts.prefix, name) in existing:
+        # (no await from here to taken.add: servers running at once see each other's names)
+        while name in taken or own_name(opts.prefix, name) in existing or repo.has_snapshot(name):
             n += 1
             name = f"{base_name}-{n}"
         taken.add(name)
@@ -427,6 +429,8 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
             "bitmap": r.own, "base": dec.base, "base_bitmap": dec.base_bitmap, "instant": res.instant,
             "group": res.group, "dirty_bytes": res.dirty_bytes, "bytes_read": res.bytes_read,
             "verify": res.verify.get("mode")}
+    if repo.has_snapshot(r.snapshot):  # another agent took the name meanwhile: never overwrite
+        raise DiskFailed(f"snapshot {r.snapshot} appeared in the repository during the backup")
     repo.save_snapshot(r.snapshot, man, source=snap_uri, parent=dec.base, meta=meta)
 
 
@@ -520,7 +524,8 @@ async def run(servers: list[Server], store, repo, opts: Options, parallel: int =
         raise ConfigError(f"--verify {opts.verify!r}: full, sample or off")
     now = datetime.datetime.now(datetime.timezone.utc)
     sem = asyncio.Semaphore(max(1, parallel))
-    groups = await asyncio.gather(*(backup_server(s, store, repo, opts, sem, now) for s in servers))
+    taken: set[str] = set()
+    groups = await asyncio.gather(*(backup_server(s, store, repo, opts, sem, now, taken) for s in servers))
     return [r for g in groups for r in g]
 
 

@@ -523,3 +523,53 @@ def test_two_disks_one_instant_and_authz(pki, agent_creds, short_tmp):
                     seq.append(struct.unpack("<Q", f.read(8))[0])
             # The writer writes k to d1, then to d2: one instant shows k1 == k2 or k1 == k2 + 1.
             assert seq[1] <= seq[0] <= seq[1] + 1 and seq[0] > 0, seq
+
+        # A disk the server does not have: the other one is still backed up, exit 3 (partial).
+        rc, rep, err = rig.agent("--disk", "nosuch", ok=False, disks=("d1",))
+        assert rc == 3 and rep["exit_code"] == 3, (rep, err)
+        assert disk_report(rep, "d1")["status"] == "ok" and disk_report(rep, "d1")["kind"] == "incremental"
+        assert "no export 'nosuch'" in disk_report(rep, "nosuch")["error"]
+
+
+def test_usage_errors_exit_2(short_tmp):
+    for args in (["--repo", str(short_tmp), "--nbd", "nbd://127.0.0.1/", "--disk", "d", "--control", "x",
+                  "--verify-sample", "0"],
+                 ["--repo", str(short_tmp), "--disk", "d", "--control", "x"],  # no --nbd
+                 ["--repo", str(short_tmp), "--nbd", "nbd://127.0.0.1/", "--disk", "d", "--control", "x",
+                  "--snapshot-name", "{nope}"],
+                 ["--nbd", "nbd://127.0.0.1/"]):  # no --repo: argparse
+        r = peers.nbdbackup_cli("agent", "backup", *args, ok=False)
+        assert r.returncode == 2 and "error" in r.stderr, (args, r.stderr)
+
+
+def test_two_servers_from_one_agent(pki, agent_creds, short_tmp):
+    """--config with two servers, --parallel 2, one repository: both backed up, names distinct."""
+    (short_tmp / "a").mkdir()
+    (short_tmp / "b").mkdir()
+    creds = agent_creds["agent"]
+    r1, r2 = Rig(short_tmp / "a", pki, creds), Rig(short_tmp / "b", pki, creds)
+    with r1.serve(), r2.serve():
+        r1.burst(seed=1, count=10)
+        r2.burst(seed=2, count=10)
+        cfg = short_tmp / "agent.json"
+        cfg.write_text(json.dumps({"servers": [
+            {"name": name, "control": f"qmps://127.0.0.1:{r.ctl_port}", "control_tls_creds": creds,
+             "nbd": f"nbds://127.0.0.1:{r.nbd_port}/?tls-certificates={creds}", "disks": ["disk"]}
+            for name, r in (("hostA", r1), ("hostB", r2))]}))
+        for kind in ("full", "incremental"):
+            r1.reference("pending")
+            r2.reference("pending")
+            r = peers.nbdbackup_cli("agent", "backup", "--config", str(cfg), "--repo", str(r1.repo),
+                                    "--parallel", "2", "--json")
+            rep = json.loads(r.stdout)
+            assert [(d["server"], d["status"], d["kind"]) for d in rep["disks"]] == [
+                ("hostA", "ok", kind), ("hostB", "ok", kind)], rep
+            names = [d["snapshot"] for d in rep["disks"]]
+            assert len(set(names)) == 2
+            for rig, d in zip((r1, r2), rep["disks"]):
+                rig.refs[d["snapshot"]] = rig.refs.pop("pending")
+                assert r1.info(d["snapshot"])["meta"]["server"] == d["server"]
+                rig.repo = r1.repo
+                rig.restores_exactly(d["snapshot"])
+            r1.burst(seed=3, count=5)
+            r2.burst(seed=4, count=5)
