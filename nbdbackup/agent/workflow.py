@@ -374,7 +374,7 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
     """Steps 4-6 for one disk: pull, verify, record."""
     from ..blockdev.nbd import NBDDev
     from .pull import pull
-    from .repo import SnapshotImage
+    from .repo import CorruptChunk, SnapshotImage
 
     res, dec = r.result, r.decision
     snap_uri = _export_uri(server.nbd, r.own)
@@ -416,8 +416,12 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
                 opts.progress(r.disk, done, total)
 
         dst = SnapshotImage(repo, base_man) if base_man is not None else None
-        man, stats = await pull(src, dst, dirty=dirty, chunk_size=repo.chunk_size, workers=opts.workers,
-                                base=base_man, sink=sink, progress=progress)
+        try:
+            man, stats = await pull(src, dst, dirty=dirty, chunk_size=repo.chunk_size, workers=opts.workers,
+                                    base=base_man, sink=sink, progress=progress)
+        except CorruptChunk as e:  # only the base snapshot's chunks are read from the repository
+            raise DiskFailed(f"the base snapshot {dec.base} is damaged ({e.strerror}): "
+                             f"run once with --full") from e
         res.bytes_read, res.chunks_worked = stats.bytes_read, stats.chunks_worked
         res.new_chunks, res.bytes_stored = len(new), sum(new.values())
         res.server_bytes_read = await _export_rd_bytes(ctl, r.own)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import struct
 import subprocess
@@ -316,7 +315,8 @@ def test_five_runs_full_then_incremental(pki, agent_creds, short_tmp):
         rig.proxy = Proxy(rig.nbd_port)
         try:
             rig.reference("pending")
-            _, rep, _ = rig.agent()
+            _, rep, err = rig.agent("--progress", "always")
+            assert "disk: " in err and "(100%)" in err, err  # progress lines on stderr
             d = disk_report(rep)
             assert d["kind"] == "full" and "no bitmap of ours" in d["reason"], d
             rig.refs[d["snapshot"]] = rig.refs.pop("pending")
@@ -481,9 +481,31 @@ def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
             assert sorted(b["recording"] for b in rig.ours()) == [False, True]
             assert rig.our_jobs() == []
             next_ok("merged", seed=11)
+
+            # 5. the server killed (kill -9) mid-pull and started again: the next run is
+            # incremental if the bitmaps load complete, full if one loads inconsistent.
+            pending |= rig.burst(seed=12, count=20)
+            before = rig.snapshots()
+            rig.proxy.hold_after(128 * 1024)
+            a = rig.spawn_agent(via_proxy=True)
+            wait_stalled(rig, a)
+            peers.stop(rig.peer, signal.SIGKILL)
+            failed_run(rig, a, before)
+            rig.proxy.release()
+        with rig.serve():
+            pending |= rig.burst(seed=13, count=5)
+            rig.reference("pending")
+            _, rep, _ = rig.agent()
+            d = disk_report(rep)
+            rig.refs[d["snapshot"]] = rig.refs.pop("pending")
+            if d["kind"] == "incremental":
+                check_ok_run(rig, rep, "incremental", pending)
+            else:
+                assert "inconsistent" in d["reason"], d
+                check_ok_run(rig, rep, "full")
             for s in rig.snapshots():
                 rig.restores_exactly(s)
-            assert len(rig.snapshots()) == 6
+            assert len(rig.snapshots()) == 7
     finally:
         if rig.proxy is not None:
             rig.proxy.close()
