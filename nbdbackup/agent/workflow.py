@@ -288,7 +288,7 @@ async def backup_server(server: Server, store, repo, opts: Options, sem: asyncio
         try:
             await ctl.call("transaction", {"actions": actions})
         except Exception as e:
-            return fail_all(f"the backup transaction failed (nothing changed on the server): {e}")
+            return fail_all(f"the backup transaction failed: {e}")
         instant = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
         for r in runs:
             r.started = True
