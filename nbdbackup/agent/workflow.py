@@ -190,12 +190,20 @@ def _ranges(extents, size: int) -> list[tuple[int, int]]:
 
 
 class _Control:
-    """A control connection with the few calls the agent makes."""
+    """A control connection with the few calls the agent makes; reconnects
+    once per call if the connection dropped (so a rollback or finish after a
+    network blip still happens)."""
 
-    def __init__(self, client) -> None:
+    def __init__(self, client, server: Server) -> None:
         self.c = client
+        self.server = server
 
     async def call(self, name: str, args: dict | None = None) -> Any:
+        if self.c.closed:
+            from ..control.cliutil import connect
+
+            await self.c.close()
+            self.c = await connect(self.server.control, self.server.tls_creds)
         return await self.c.execute(name, args)
 
     async def wait_concluded(self, job_id: str, timeout: float = JOB_END_TIMEOUT) -> dict | None:
@@ -233,7 +241,7 @@ class _Control:
 async def _connect(server: Server) -> _Control:
     from ..control.cliutil import connect
 
-    return _Control(await connect(server.control, server.tls_creds))
+    return _Control(await connect(server.control, server.tls_creds), server)
 
 
 @dataclass
