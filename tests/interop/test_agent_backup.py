@@ -27,7 +27,11 @@ mid-pull, deterministically) and cut every connection.
 - two disks in one transaction while a lockstep writer runs: one instant
   (same group and instant in the metadata, contents consistent);
 - a client certificate the control socket's authz does not admit: exit 1 and
-  the server's reason.
+  the server's reason;
+- two servers from one ``--config``; partial (3) and usage (2) exit codes;
+- an ``s3://`` repository on the session's Ceph RGW: full, incremental, and a
+  bucket policy denying PutObject on the chunks failing a run (nothing
+  recorded, the next run exact).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import pytest
 
 import certs
 import peers
+from test_repo_s3 import s3env  # noqa: F401  (the fixture: a fresh s3:// URL on the session's RGW)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -595,3 +600,50 @@ def test_two_servers_from_one_agent(pki, agent_creds, short_tmp):
                 rig.restores_exactly(d["snapshot"])
             r1.burst(seed=3, count=5)
             r2.burst(seed=4, count=5)
+
+
+def test_s3_repository_and_a_bucket_policy_refusing_writes(pki, agent_creds, short_tmp, s3env, rgw):
+    """The same agent into s3://: full, incremental; then a bucket policy denying
+    PutObject on the chunks fails a run (nothing recorded), and the next run is exact."""
+    rig = Rig(short_tmp, pki, agent_creds["agent"])
+    rig.repo = s3env
+    peers.nbdbackup_cli("repo", "init", s3env, "--chunk-size", str(CHUNK))
+    bucket, prefix = s3env[len("s3://"):].split("/", 1)
+    s3 = rgw.client()
+
+    def snaps() -> list[str]:
+        r = peers.nbdbackup_cli("repo", "list", s3env, "--json")
+        return sorted(x["name"] for x in json.loads(r.stdout))
+
+    def info(snap: str) -> dict:
+        return json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/snapshots/{snap}.json")["Body"].read())
+
+    rig.snapshots, rig.info = snaps, info
+    with rig.serve():
+        dirty: set[int] = set()
+        for kind, seed in (("full", 1), ("incremental", 2)):
+            dirty = rig.burst(seed=seed, count=10)
+            rig.reference("pending")
+            _, rep, _ = rig.agent()
+            rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
+            check_ok_run(rig, rep, kind, dirty if kind == "incremental" else None)
+        pending = rig.burst(seed=3, count=10)
+        before = snaps()
+        policy = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+            "Resource": f"arn:aws:s3:::{bucket}/{prefix}/chunks/*"}]}
+        s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+        try:
+            rc, rep, err = rig.agent(ok=False)
+        finally:
+            s3.delete_bucket_policy(Bucket=bucket)
+        assert rc == 1 and disk_report(rep)["status"] == "failed", (rep, err)
+        assert "AccessDenied" in disk_report(rep)["error"] or "denied" in disk_report(rep)["error"].lower(), rep
+        assert snaps() == before
+        pending |= rig.burst(seed=4, count=5)
+        rig.reference("pending")
+        _, rep, _ = rig.agent()
+        rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
+        check_ok_run(rig, rep, "incremental", pending)
+        for s in snaps():
+            rig.restores_exactly(s)
