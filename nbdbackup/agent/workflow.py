@@ -38,6 +38,9 @@ bitmap and the leftover job.  So no half snapshot is ever recorded, and
 every write since the last recorded snapshot is always in a bitmap the next
 run reads: never a changed cluster missing from a later incremental.
 
+Interruption (SIGTERM from systemd, SIGINT): the pulls are cancelled and
+each started disk is rolled back as on a failure before the agent exits.
+
 Concurrency: one agent per disk at a time (a second agent would reclaim the
 first one's job as a leftover); the systemd timer's service cannot overlap
 itself.  The repository lock is held shared for steps 4-6 of every server.
@@ -313,6 +316,10 @@ async def backup_server(server: Server, store, repo, opts: Options, sem: asyncio
                 r.result.error = _why(e)
                 log.warning("%s: backup of %s failed: %s", server.name, r.disk, r.result.error)
                 await _rollback(ctl, r)
+            except asyncio.CancelledError:  # SIGTERM / SIGINT: roll back, then stop
+                r.result.error = "interrupted"
+                await asyncio.shield(_rollback(ctl, r))
+                raise
             else:
                 await _finish(ctl, r)
             finally:

@@ -21,8 +21,10 @@ stderr when it is a terminal (``--progress always|never`` overrides).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import signal
 import sys
 import time
 
@@ -179,10 +181,22 @@ def run_backup(args: argparse.Namespace) -> int:
     store, repo = open_repo(args, args.repo)
 
     async def main():
+        # SIGTERM (systemctl stop, a timeout) cancels the run: started disks are rolled back.
+        task = asyncio.current_task()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         with store.lock(exclusive=False):
             return await workflow.run(servers, store, repo, opts, parallel=args.parallel)
 
-    results = run_async(main())
+    try:
+        results = run_async(main())
+    except asyncio.CancelledError:
+        if args.json:
+            json.dump({"ok": False, "exit_code": EXIT_FAILED, "repository": args.repo,
+                       "error": "interrupted (SIGTERM): disks not yet recorded were rolled back"}, sys.stdout, indent=2)
+            print()
+        print("nbdbackup: error: interrupted (SIGTERM): disks not yet recorded were rolled back",
+              file=sys.stderr)
+        return EXIT_FAILED
     ok = [r for r in results if r.status == "ok"]
     code = EXIT_OK if len(ok) == len(results) else EXIT_PARTIAL if ok else EXIT_FAILED
     retention: dict | None = None

@@ -508,9 +508,26 @@ def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
             else:
                 assert "inconsistent" in d["reason"], d
                 check_ok_run(rig, rep, "full")
+            pending = set()
+
+            # 6. SIGTERM (systemctl stop, a timeout) mid-pull: the agent rolls back before it exits.
+            pending |= rig.burst(seed=14, count=20)
+            before = rig.snapshots()
+            rig.proxy.hold_after(128 * 1024)
+            a = rig.spawn_agent(via_proxy=True)
+            wait_stalled(rig, a)
+            t = time.monotonic()
+            a.send_signal(signal.SIGTERM)
+            rep = failed_run(rig, a, before)
+            assert time.monotonic() - t < 10
+            rig.proxy.release()
+            assert rep is not None and "interrupted" in rep["error"], rep
+            assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
+            next_ok(None, seed=15)
+
             for s in rig.snapshots():
                 rig.restores_exactly(s)
-            assert len(rig.snapshots()) == 7
+            assert len(rig.snapshots()) == 8
     finally:
         if rig.proxy is not None:
             rig.proxy.close()
