@@ -603,11 +603,15 @@ def test_two_servers_from_one_agent(pki, agent_creds, short_tmp):
         for kind in ("full", "incremental"):
             r1.reference("pending")
             r2.reference("pending")
+            sample = ["--verify", "sample", "--verify-sample", "1"] if kind == "incremental" else []
             r = peers.nbdbackup_cli("agent", "backup", "--config", str(cfg), "--repo", str(r1.repo),
-                                    "--parallel", "2", "--json")
+                                    "--parallel", "2", "--json", *sample)
             rep = json.loads(r.stdout)
             assert [(d["server"], d["status"], d["kind"]) for d in rep["disks"]] == [
                 ("hostA", "ok", kind), ("hostB", "ok", kind)], rep
+            for d in rep["disks"]:
+                v = d["verify"]
+                assert v["ok"] and v["chunks_checked"] == (1 if sample else v["of"]) and v["of"] >= 1, v
             names = [d["snapshot"] for d in rep["disks"]]
             assert len(set(names)) == 2
             for rig, d in zip((r1, r2), rep["disks"]):
