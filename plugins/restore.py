@@ -9,12 +9,16 @@ it) restores from it, and it never hands out a byte it has not verified.
 Run by nbdkit as a subprocess::
 
     nbdkit -U SOCK python plugins/restore.py image=BACKUP.raw manifest=BACKUP.json
-    nbdkit -U SOCK python plugins/restore.py repo=REPO snapshot=NAME [s3-endpoint=URL]
+    nbdkit -U SOCK python plugins/restore.py repo=REPO snapshot=NAME [s3-endpoint=URL] \
+        [passphrase-file=FILE] [key-file=PATH]
 
 The second form serves a snapshot of a chunk repository (`agent.repo`; REPO
 is a directory or ``s3://BUCKET/PREFIX``, whose credentials, region and
 endpoint come from the AWS environment variables nbdkit inherits, or
-``s3-endpoint=``; boto3 comes from nbdkit's Python or the checkout's .venv):
+``s3-endpoint=``; boto3 comes from nbdkit's Python or the checkout's .venv;
+an encrypted repository's passphrase from ``passphrase-file=`` or the
+``NBDBACKUP_PASSPHRASE`` nbdkit inherits, its key from the repository or
+``key-file=``, as for the command line):
 every chunk is read from the repository and checked against its digest as
 it is loaded (a few are cached), holes come from the all-zero chunks, and a
 missing or damaged chunk fails the reads that touch it with EIO.
@@ -61,6 +65,9 @@ _manifest_path: str | None = None
 _repo_dir: str | None = None
 _snapshot: str | None = None
 _s3_endpoint: str | None = None
+#: An encrypted repository's passphrase file and key file (`agent.crypto`).
+_passphrase_file: str | None = None
+_key_file: str | None = None
 #: Repository mode: the snapshot as a read-only image (`agent.repo.SnapshotImage`),
 #: used under ``_lock`` (its chunk cache is not thread-safe).
 _snap = None
@@ -78,7 +85,7 @@ _busy: dict[int, threading.Lock] = {}
 
 
 def config(key: str, value: str) -> None:
-    global _image, _manifest_path, _verify, _repo_dir, _snapshot, _s3_endpoint
+    global _image, _manifest_path, _verify, _repo_dir, _snapshot, _s3_endpoint, _passphrase_file, _key_file
     if key == "image":
         _image = os.path.abspath(value)
     elif key == "manifest":
@@ -95,9 +102,13 @@ def config(key: str, value: str) -> None:
         _snapshot = value
     elif key == "s3-endpoint":
         _s3_endpoint = value
+    elif key == "passphrase-file":
+        _passphrase_file = os.path.abspath(value)
+    elif key == "key-file":
+        _key_file = os.path.abspath(value)
     else:
-        raise RuntimeError(f"restore: unknown parameter {key!r} "
-                           "(image=, manifest=, repo=, snapshot=, s3-endpoint=, verify=, pythonpath=)")
+        raise RuntimeError(f"restore: unknown parameter {key!r} (image=, manifest=, repo=, snapshot=, "
+                           "s3-endpoint=, passphrase-file=, key-file=, verify=, pythonpath=)")
 
 
 def config_complete() -> None:
@@ -107,12 +118,15 @@ def config_complete() -> None:
         if _repo_dir is None or _snapshot is None or _image is not None or _manifest_path is not None:
             raise RuntimeError("restore: give repo=DIR snapshot=NAME, or image= and manifest=, not a mix")
         try:
+            from nbdbackup.agent.crypto import read_passphrase
             from nbdbackup.agent.repo import Repository, SnapshotImage, open_store
             from nbdbackup.errors import ConfigError
         except ImportError as e:
             raise RuntimeError(f"restore: cannot import the repository code ({e}); give pythonpath=DIR") from None
         try:
-            repo = Repository.open(open_store(_repo_dir, endpoint=_s3_endpoint))
+            repo = Repository.open(open_store(_repo_dir, endpoint=_s3_endpoint), key_file=_key_file,
+                                   passphrase=lambda: read_passphrase(_passphrase_file, interactive=False),
+                                   require_encryption=bool(_key_file or _passphrase_file))
             _man = repo.load_snapshot(_snapshot)
         except (ConfigError, OSError) as e:
             raise RuntimeError(f"restore: {e}") from None

@@ -1,4 +1,4 @@
-"""``nbdbackup repo init|list|verify|delete|prune|gc``: a chunk repository (`agent.repo`).
+"""``nbdbackup repo init|list|verify|delete|prune|gc|key``: a chunk repository (`agent.repo`).
 
 A repository is a directory or ``s3://BUCKET/PREFIX`` (`agent.s3store`:
 credentials, region and endpoint from the usual AWS environment variables
@@ -13,6 +13,11 @@ does not keep (`agent.retention`; ``--dry-run`` only shows the plan);
 older than ``--grace`` seconds, default an hour).  ``delete``, ``prune``
 and ``gc`` hold the repository lock exclusive and fail at once if a pull
 (or verify) holds it shared; ``prune --dry-run`` holds it shared.
+
+``init --encryption repokey|keyfile|none --compression zstd[:LEVEL]|none``
+chooses how chunks are stored (`agent.codec`, `agent.crypto`); ``key
+export [FILE]`` copies the wrapped key out (no passphrase needed: it is
+useless without it), ``key change-passphrase`` rewraps it where it lives.
 """
 
 from __future__ import annotations
@@ -32,8 +37,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     i = rsub.add_parser("init", help="create a repository")
     i.add_argument("dir", metavar="REPO", help=REPO_HELP)
     i.add_argument("--chunk-size", default="4M")
+    i.add_argument("--encryption", choices=("repokey", "keyfile", "none"), default="none",
+                   help="repokey: the passphrase-wrapped key is kept in the repository; keyfile: in a local "
+                        "file (--key-file, default $XDG_CONFIG_HOME/nbdbackup/keys/ID); none (default)")
+    i.add_argument("--compression", default="zstd:3", metavar="zstd[:LEVEL]|none",
+                   help="chunk compression (default zstd:3; chunks it does not shrink are stored raw)")
     _s3(i)
     i.set_defaults(func=cmd_init)
+    k = rsub.add_parser("key", help="an encrypted repository's key: export, change-passphrase")
+    ksub = k.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    ke = ksub.add_parser("export", help="write the wrapped key (keep it safe: with the passphrase it opens "
+                                        "the repository)")
+    ke.add_argument("dir", metavar="REPO", help=REPO_HELP)
+    ke.add_argument("file", metavar="FILE", nargs="?", help="where to write it (default: stdout)")
+    _s3(ke)
+    ke.set_defaults(func=cmd_key_export)
+    kc = ksub.add_parser("change-passphrase", help="rewrap the key under a new passphrase")
+    kc.add_argument("dir", metavar="REPO", help=REPO_HELP)
+    kc.add_argument("--new-passphrase-file", metavar="FILE",
+                    help="the new passphrase: FILE's first line (default: NBDBACKUP_NEW_PASSPHRASE, else a prompt)")
+    _s3(kc)
+    kc.set_defaults(func=cmd_key_change)
     for name, func, text in (("list", cmd_list, "list snapshots"), ("verify", cmd_verify, "check snapshots' chunks"),
                              ("delete", cmd_delete, "delete a snapshot"), ("gc", cmd_gc, "remove unused chunks")):
         a = rsub.add_parser(name, help=text)
@@ -109,10 +133,65 @@ def _emit(args: argparse.Namespace, value, text: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from ..agent.codec import parse_compression
     from ..agent.repo import Repository
+    from .repoargs import passphrase_of
 
-    repo = Repository.init(open_store_args(args, args.dir), parse_size(args.chunk_size))
-    print(f"repository {args.dir} created ({repo.chunk_size} byte chunks)")
+    level = parse_compression(args.compression)
+    repo = Repository.init(open_store_args(args, args.dir), parse_size(args.chunk_size), encryption=args.encryption,
+                           compression=level, passphrase=passphrase_of(args, confirm=True, spec=args.dir),
+                           key_file=args.key_file)
+    print(f"repository {args.dir} created ({repo.chunk_size} byte chunks, compression {args.compression}, "
+          f"encryption {args.encryption})")
+    if repo.encryption == "keyfile":
+        print(f"key: {repo._key_source[1]} -- without it and the passphrase the backups cannot be read: "
+              "keep a copy elsewhere ('nbdbackup repo key export')")
+    elif repo.encryption == "repokey":
+        print("the key is in the repository, wrapped by the passphrase: keep a copy elsewhere too "
+              "('nbdbackup repo key export')")
+    return 0
+
+
+def cmd_key_export(args: argparse.Namespace) -> int:
+    from ..agent.crypto import write_private
+
+    # The blob is wrapped: exporting it needs no passphrase.
+    blob = _key_blob(open_store_args(args, args.dir), args)
+    if args.file:
+        write_private(args.file, blob)
+        print(f"key of {args.dir} written to {args.file}")
+    else:
+        sys.stdout.write(blob.decode())
+    return 0
+
+
+def _key_blob(store, args: argparse.Namespace) -> bytes:
+    """The wrapped key of the repository in ``store`` (no passphrase needed)."""
+    import json as _json
+
+    from ..agent.repo import CONFIG, Repository
+    from ..errors import ConfigError
+
+    try:
+        cfg = _json.loads(store.get(CONFIG))
+        enc, repo_id = cfg["encryption"], cfg["id"]
+    except FileNotFoundError:
+        raise ConfigError(f"{store.root} is not a repository") from None
+    except (ValueError, KeyError, TypeError):
+        Repository.open(store)  # says what is wrong (version, damage)
+        raise
+    if enc == "none":
+        raise ConfigError(f"{store.root} is not encrypted: it has no key")
+    return Repository._read_key(store, repo_id, enc, args.key_file)[0]
+
+
+def cmd_key_change(args: argparse.Namespace) -> int:
+    from ..agent.crypto import NEW_PASSPHRASE_ENV, read_passphrase
+
+    _, repo = _open(args)  # unlocked with the current passphrase
+    new = read_passphrase(args.new_passphrase_file, env=NEW_PASSPHRASE_ENV, what="new passphrase", confirm=True)
+    where = repo.change_passphrase(new)
+    print(f"passphrase changed ({where}); copies exported before still open with the old one")
     return 0
 
 
@@ -121,8 +200,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for name in repo.snapshots():
         info = repo.snapshot_info(name)
-        rows.append({"name": name, "created": info.get("created"), "size": info["manifest"]["size"],
-                     "parent": info.get("parent"), "root": info["manifest"]["root"]})
+        rows.append({"name": name, "created": info.get("created"), "size": info["size"],
+                     "parent": info.get("parent"), "root": info["root"]})
     _emit(args, rows, "\n".join(f"{r['name']}  {r['created']}  {r['size']} bytes  parent={r['parent'] or '-'}  "
                                 f"root={r['root'][:16]}" for r in rows) or "(no snapshots)")
     return 0
@@ -133,12 +212,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with store.lock(exclusive=False):
         names = args.names or repo.snapshots()
         problems = repo.verify(names)
-        mans = {s: repo.load_snapshot(s) for s in {p[0] for p in problems}}
-    rows = [{"snapshot": s, "chunk": i, "offset": mans[s].chunk_range(i)[0], "length": mans[s].chunk_range(i)[1],
-             "reason": r} for s, i, r in problems]
+        mans = {s: repo.load_snapshot(s) for s in {p[0] for p in problems if p[1] >= 0}}
+    rows = [{"snapshot": s, "chunk": i, "offset": mans[s].chunk_range(i)[0] if i >= 0 else None,
+             "length": mans[s].chunk_range(i)[1] if i >= 0 else None, "reason": r} for s, i, r in problems]
     _emit(args, {"ok": not problems, "snapshots": names, "problems": rows},
           "\n".join([f"{p['snapshot']}: chunk {p['chunk']} ({p['offset']}, {p['length']}): {p['reason']}"
-                     for p in rows]
+                     if p["chunk"] >= 0 else p["reason"] for p in rows]
                     + [f"{'FAILED' if problems else 'OK'}: {len(names)} snapshot(s), {len(problems)} bad chunk(s)"]))
     return 1 if problems else 0
 

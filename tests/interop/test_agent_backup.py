@@ -248,12 +248,16 @@ class Rig:
         assert c.returncode == 0, (snap, c.stdout.decode(errors="replace"))
         out.unlink()
 
+    def _open_repo(self):
+        from nbdbackup.agent.repo import Repository, open_store
+
+        return Repository.open(open_store(str(self.repo)))
+
     def snapshots(self) -> list[str]:
-        return sorted(p.name[:-5] for p in (self.repo / "snapshots").glob("*.json")) \
-            if (self.repo / "snapshots").exists() else []
+        return sorted(self._open_repo().snapshots())
 
     def info(self, snap: str) -> dict:
-        return json.loads((self.repo / "snapshots" / f"{snap}.json").read_text())
+        return self._open_repo().snapshot_info(snap)
 
     def qmp(self, cmd: str, args: dict | None = None):
         from nbdbackup.control.client import ControlClient
@@ -631,15 +635,7 @@ def test_s3_repository_and_a_bucket_policy_refusing_writes(pki, agent_creds, sho
     peers.nbdbackup_cli("repo", "init", s3env, "--chunk-size", str(CHUNK))
     bucket, prefix = s3env[len("s3://"):].split("/", 1)
     s3 = rgw.client()
-
-    def snaps() -> list[str]:
-        r = peers.nbdbackup_cli("repo", "list", s3env, "--json")
-        return sorted(x["name"] for x in json.loads(r.stdout))
-
-    def info(snap: str) -> dict:
-        return json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/snapshots/{snap}.json")["Body"].read())
-
-    rig.snapshots, rig.info = snaps, info
+    snaps = rig.snapshots
     with rig.serve():
         dirty: set[int] = set()
         for kind, seed in (("full", 1), ("incremental", 2)):
