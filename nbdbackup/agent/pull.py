@@ -130,8 +130,13 @@ async def _hash(mv: memoryview, chunk_id=digest) -> bytes:
 
 async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None, fresh: bool = False,
                chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
-               sink=None, progress=None, chunk_id=digest, zero_id=zero_digest) -> tuple[Manifest, PullStats]:
+               sink=None, progress=None, chunk_id=digest, zero_id=zero_digest,
+               dirty: list[tuple[int, int]] | None = None) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
+
+    ``dirty``: incremental with the dirty ranges given (sorted, disjoint
+    ``(offset, length)``) instead of read from ``src``'s bitmap context (the
+    backup agent reads them from a frozen bitmap of the live export).
 
     ``fresh``: ``dst`` is a new, all-hole file (holes need no zeroing).
     ``sink(i, digest, chunk)`` (a coroutine function): instead of writing to
@@ -145,11 +150,14 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     """
     t0 = time.monotonic()
     size = src.size
-    if dst is None and (sink is None or bitmap is not None):
+    if dirty is not None and bitmap is not None:
+        raise ConfigError("give a bitmap name or dirty ranges, not both")
+    incremental = bitmap is not None or dirty is not None
+    if dst is None and (sink is None or incremental):
         raise ConfigError("a pull without a target needs a sink and no bitmap")
-    if dst is not None and (dst.size < size or (bitmap is not None and dst.size != size)):
+    if dst is not None and (dst.size < size or (incremental and dst.size != size)):
         raise ConfigError(f"target is {dst.size} bytes, the source {size}"
-                          + (" (an incremental pull needs the previous backup, same size)" if bitmap else ""))
+                          + (" (an incremental pull needs the previous backup, same size)" if incremental else ""))
     man = Manifest(size, chunk_size)
     if base is not None and (base.size, base.chunk_size) != (size, chunk_size):
         raise ConfigError(f"base manifest is for {base.size} bytes in {base.chunk_size}-byte chunks, "
@@ -157,15 +165,18 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     alloc = await src.extents(0, size, BASE_ALLOCATION) if size else []
     data = _ranges(alloc, lambda f: (f & HOLE_ZERO) != HOLE_ZERO)
     zero = _ranges(alloc, lambda f: (f & HOLE_ZERO) == HOLE_ZERO)
-    if bitmap is None:
+    if not incremental:
         wanted_data, wanted_zero = data, ([] if fresh or sink is not None else zero)
         work = sorted({i for o, n in data for i in man.chunks_of(o, n)}
                       | {i for o, n in wanted_zero for i in man.chunks_of(o, n)})
     else:
-        ctx = DIRTY_BITMAP_PREFIX + bitmap
-        if ctx not in src.meta_contexts():
-            raise ConfigError(f"the source offers no {ctx!r} (offered: {', '.join(src.meta_contexts()) or 'none'})")
-        dirty = _ranges(await src.extents(0, size, ctx), lambda f: f & 1)
+        if dirty is None:
+            assert bitmap is not None
+            ctx = DIRTY_BITMAP_PREFIX + bitmap
+            if ctx not in src.meta_contexts():
+                raise ConfigError(f"the source offers no {ctx!r} "
+                                  f"(offered: {', '.join(src.meta_contexts()) or 'none'})")
+            dirty = _ranges(await src.extents(0, size, ctx), lambda f: f & 1)
         wanted_data, wanted_zero = _intersect(dirty, data), _intersect(dirty, zero)
         work = sorted({i for o, n in dirty for i in man.chunks_of(o, n)})
     stats = PullStats(size=size)
@@ -180,13 +191,13 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         c_off, c_len = man.chunk_range(i)
         c_end = c_off + c_len
         mv = whole[:c_len]
-        if bitmap is not None:
+        if incremental:
             await dst.pread(mv, c_off)  # the previous backup, patched below
         pieces = _pieces(wanted_data, c_off, c_end)
         await _read_into(src, mv, c_off, pieces)
         zeros = _split(wanted_zero, c_off, c_end)
         # The chunk buffer is reused: every byte not read must be set.
-        _blank(mv, c_off, zeros if bitmap is not None else _gaps(pieces, c_off, c_end), zero_chunk)
+        _blank(mv, c_off, zeros if incremental else _gaps(pieces, c_off, c_end), zero_chunk)
         if sink is not None:
             man.chunks[i] = d = await _hash(mv, chunk_id)
             await sink(i, d, mv)
@@ -219,7 +230,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     for i in range(man.count):
         if i in work_set:
             continue
-        if bitmap is None:
+        if not incremental:
             man.chunks[i] = zero_id(man.chunk_range(i)[1])
         elif base is not None:
             man.chunks[i] = base.chunks[i]

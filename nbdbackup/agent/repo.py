@@ -19,7 +19,7 @@ Layout over an `ObjectStore` (keys are '/'-separated paths), format 2::
                                 plaintext, keyed with the id key when the repository is encrypted
     snapshots/<name>            "NBDS" u8 version u32 meta_len, then two `agent.codec` envelopes:
                                 metadata (JSON {"name", "created", "source", "parent", "size",
-                                "chunk_size", "root"} + its blake3; associated name
+                                "chunk_size", "root", "meta"?} + its blake3; associated name
                                 "snapshots/<name>#meta") and the packed 32-byte chunk ids
                                 (zstd-compressed; "snapshots/<name>#digests")
     locks/...                   S3 only: lease objects (see `agent.s3store`)
@@ -456,15 +456,21 @@ class Repository:
     # -- snapshots ------------------------------------------------------------
 
     def save_snapshot(self, name: str, man: Manifest, *, source: str = "", parent: str | None = None,
-                      created: datetime.datetime | None = None) -> None:
-        """Write snapshot ``name`` (``created``: default now, UTC; given by tests and imports)."""
+                      created: datetime.datetime | None = None, meta: dict | None = None) -> None:
+        """Write snapshot ``name`` (``created``: default now, UTC; given by tests and imports).
+
+        ``meta``: optional JSON-able facts kept under the metadata's ``"meta"``
+        key (the backup agent's bitmap, base and point in time: `agent.workflow`).
+        """
         check_name(name)
         if man.chunk_size != self.chunk_size:
             raise ConfigError(f"manifest chunk size {man.chunk_size} != repository's {self.chunk_size}")
         created = created or datetime.datetime.now(datetime.timezone.utc)
-        meta = {"name": name, "created": created.isoformat(timespec="seconds"), "source": source,
-                "parent": parent, "size": man.size, "chunk_size": man.chunk_size, "root": man.root.hex()}
-        blob = self._snapshot_blob(name, meta, man.packed())
+        doc = {"name": name, "created": created.isoformat(timespec="seconds"), "source": source,
+               "parent": parent, "size": man.size, "chunk_size": man.chunk_size, "root": man.root.hex()}
+        if meta:
+            doc["meta"] = meta
+        blob = self._snapshot_blob(name, doc, man.packed())
         self.store.flush()  # the chunks it names are durable before the snapshot exists
         self.store.check_lock()  # and gc cannot have run meanwhile (an S3 lease may expire)
         self.store.put(_snap_key(name), blob)

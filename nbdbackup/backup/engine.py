@@ -48,7 +48,7 @@ from ..errors import ConfigError
 from .cbw import ON_CBW_ERROR
 from .copystate import CopyState
 from .job import ERROR_POLICIES, SYNC_MODES, BackupJob, Emit, JobStatus
-from ..blockdev.live import LiveDev
+from ..blockdev.live import LiveDev, quiesce_all
 from .snapshot import ExtentProvider
 
 BITMAP_MODES = ("on-success", "never", "always")
@@ -153,7 +153,9 @@ class Engine:
         """
         prepared = await self.prepare_backup(export, job_id, sync, target, **kw)
         try:
-            prepared.commit()
+            # No write may straddle the point in time (blockdev.live, "Quiescing").
+            async with quiesce_all([prepared.job.live] if prepared.job.live is not None else []):
+                prepared.commit()
             await prepared.start()
         except BaseException:
             await prepared.abort()
