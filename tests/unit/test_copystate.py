@@ -136,7 +136,7 @@ def test_writer_waits_for_snapshot_readers():
     async def main():
         st, src, fsrc, tgt, ftgt, data = make()
         segs = st.begin_read(CS + 5, 10)  # reader on cluster 1 (source)
-        assert segs == [(CS + 5, 10, False)] and st.readers == {1: 1}
+        assert segs == [(CS + 5, 10, "source")] and st.readers.counts == {1: 1}
         w = asyncio.create_task(st.protect(CS, CS))
         await asyncio.sleep(0.01)
         assert st.done.get(1)  # copied already ...
@@ -152,12 +152,12 @@ def test_begin_read_splits_done_and_not_done_partial_clusters():
         st, src, fsrc, tgt, ftgt, data = make()
         await st.protect(CS, CS)  # cluster 1 done
         segs = st.begin_read(100, 3 * CS)  # clusters 0 (partial), 1, 2, 3 (partial)
-        assert segs == [(100, CS - 100, False), (CS, CS, True), (2 * CS, CS + 100, False)]
-        assert st.readers == {0: 1, 2: 1, 3: 1}
+        assert segs == [(100, CS - 100, "source"), (CS, CS, "target"), (2 * CS, CS + 100, "source")]
+        assert st.readers.counts == {0: 1, 2: 1, 3: 1}
         st.end_read(segs)
-        assert st.readers == {}
+        assert st.readers.counts == {}
         segs = st.begin_read(SIZE - 10, 10)
-        assert segs == [(SIZE - 10, 10, False)]
+        assert segs == [(SIZE - 10, 10, "source")]
         st.end_read(segs)
     run(main())
 
