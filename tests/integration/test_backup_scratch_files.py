@@ -1,0 +1,135 @@
+"""The scratch on real files: where the default scratch file goes, that the
+engine removes what it created (dismiss, failed start) and keeps what it was
+given, and that ``scratch-allocated`` is the file's real allocation
+(st_blocks) as copy-before-write fills it and snapshot TRIM empties it."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+
+import pytest
+
+from nbdbackup.backup.engine import Engine, MemoryExportTable
+from nbdbackup.blockdev.file import FileDev
+from nbdbackup.blockdev.live import LiveDev
+from nbdbackup.errors import ConfigError
+
+MiB = 1 << 20
+SIZE = 4 * MiB
+CS = 64 * 1024
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def scratches(d) -> list[str]:
+    return sorted(glob.glob(os.path.join(os.fspath(d), ".nbdbackup-scratch-*")))
+
+
+async def rig(tmp, **engine_kw):
+    src = tmp / "src.raw"
+    with open(src, "wb") as f:
+        f.write(os.urandom(SIZE))
+    live = LiveDev(FileDev(os.fspath(src)))
+    table = MemoryExportTable()
+    table.add("disk", live, read_only=False)
+    return live, table, Engine(table, **engine_kw)
+
+
+def test_default_scratch_beside_the_target_removed_at_dismiss(short_tmp):
+    async def main():
+        live, table, engine = await rig(short_tmp)
+        tdir = short_tmp / "t"
+        tdir.mkdir()
+        await engine.backup_start("disk", "j", "top", os.fspath(tdir / "t.raw"), snapshot="snap",
+                                  speed=1, snapshot_trim=True)
+        job = engine.jobs["j"]
+        (path,) = scratches(tdir)
+        assert os.path.getsize(path) == SIZE and job.query()["scratch"] == path
+        assert job.query()["scratch-allocated"] == 0
+        job.cancel()
+        await job.wait()
+        await engine.job_dismiss("j")
+        assert scratches(tdir) == []
+        await live.close()
+    run(main())
+
+
+def test_default_scratch_in_the_state_dir_and_measured(short_tmp):
+    """A bitmap job (sync set: cluster 0) whose other clusters are overwritten:
+    their old content fills the scratch file; TRIM on the snapshot punches it."""
+    async def main():
+        state = short_tmp / "state"
+        state.mkdir()
+
+        class One:
+            def begin_backup(self, export, name, mode, cluster_size, nclusters):
+                from nbdbackup.bitmap.core import Bitmap
+
+                bm = Bitmap(nclusters)
+                bm.set(0)
+                return type("Lease", (), {"clusters": bm, "context": None, "end": lambda s, ok: None})()
+
+        live, table, engine = await rig(short_tmp, scratch_dir=os.fspath(state), bitmaps=One())
+        await engine.backup_start("disk", "j", "bitmap", os.fspath(short_tmp / "t.raw"), snapshot="snap",
+                                  bitmap="b", bitmap_mode="never", speed=1, snapshot_trim=True)
+        job = engine.jobs["j"]
+        (path,) = scratches(state)
+        assert scratches(short_tmp) == []
+        await live.pwrite(b"\x55" * MiB, MiB)  # 16 clusters outside the set
+        q = job.query()
+        assert q["scratch-bytes"] == MiB and q["scratch-allocated"] == os.stat(path).st_blocks * 512 >= MiB
+        snap = table.get("snap").dev
+        await snap.trim(MiB, MiB // 2)
+        q2 = job.query()
+        assert q2["scratch-bytes"] == MiB // 2 and q2["scratch-allocated"] <= q["scratch-allocated"] - MiB // 2
+        job.set_speed(0)
+        await job.wait()
+        assert job.error is None
+        await engine.job_dismiss("j")
+        assert scratches(state) == []
+        await live.close()
+    run(main())
+
+
+def test_given_scratch_path_created_and_removed_existing_one_kept(short_tmp):
+    async def main():
+        live, table, engine = await rig(short_tmp)
+        new = short_tmp / "new-scratch.raw"
+        await engine.backup_start("disk", "j1", "top", os.fspath(short_tmp / "t1.raw"), scratch=os.fspath(new))
+        assert new.exists()
+        await engine.jobs["j1"].wait()
+        await engine.job_dismiss("j1")
+        assert not new.exists()
+        old = short_tmp / "old-scratch.raw"
+        with open(old, "wb") as f:
+            f.truncate(SIZE)
+        await engine.backup_start("disk", "j2", "top", os.fspath(short_tmp / "t2.raw"), scratch=os.fspath(old))
+        await engine.jobs["j2"].wait()
+        await engine.job_dismiss("j2")
+        assert old.exists()
+        await live.close()
+    run(main())
+
+
+def test_failed_start_leaves_no_scratch_and_scratch_checks(short_tmp):
+    async def main():
+        live, table, engine = await rig(short_tmp)
+        with pytest.raises(ConfigError, match="needs a bitmap"):
+            await engine.backup_start("disk", "j", "incremental", os.fspath(short_tmp / "t.raw"))
+        with pytest.raises(ConfigError, match="source"):
+            await engine.backup_start("disk", "j", "top", os.fspath(short_tmp / "t.raw"),
+                                      scratch=os.fspath(short_tmp / "src.raw"))
+        small = short_tmp / "small.raw"
+        with open(small, "wb") as f:
+            f.truncate(SIZE // 2)
+        with pytest.raises(ConfigError, match="smaller"):
+            await engine.backup_start("disk", "j", "top", os.fspath(short_tmp / "t.raw"), scratch=os.fspath(small))
+        with pytest.raises(ConfigError, match="is the target"):
+            await engine.backup_start("disk", "j", "top", os.fspath(small), scratch=os.fspath(small))
+        assert scratches(short_tmp) == [] and engine.jobs == {}
+        await live.close()
+    run(main())
