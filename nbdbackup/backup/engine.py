@@ -612,7 +612,8 @@ class PreparedBackup:
             job.snapshot.add_context(*self.lease.context)
         name = getattr(job, "snapshot_name", None)
         if name is not None:
-            eng.exports.add(name, job.snapshot, read_only=True,
+            # Read-only unless clients may TRIM it (snapshot-trim; WRITE still fails: EPERM).
+            eng.exports.add(name, job.snapshot, read_only=not job.snapshot.trim_ok,
                             description=f"point-in-time snapshot of {self.export} (backup job {job.id})")
             self.published = True
         job.start()

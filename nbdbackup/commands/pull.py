@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snapshot", metavar="NAME", help="with --repo: the new snapshot's name")
     p.add_argument("--base", metavar="NAME", help="with --repo --bitmap: the snapshot the bitmap counts from")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--trim-after-read", action="store_true",
+                   help="TRIM each chunk on the source once copied (a backup snapshot started with "
+                        "snapshot-trim then frees its scratch and stops copying there)")
     p.set_defaults(func=run_pull)
 
     v = sub.add_parser("verify", help="check an image or export against a blake3 chunk manifest",
@@ -94,7 +97,7 @@ async def _pull_repo(args: argparse.Namespace) -> int:
         if repo.has_snapshot(args.snapshot):
             raise ConfigError(f"snapshot {args.snapshot!r} already exists in {args.repo}")
         base = repo.load_snapshot(args.base) if args.base else None
-        src = await NBDDev.open(args.uri, read_only=True, connections=args.connections)
+        src = await NBDDev.open(args.uri, read_only=not args.trim_after_read, connections=args.connections)
         new_chunks = 0
         seen: set[bytes] = set()  # stored (or found) by this pull: skip the same digest at once
 
@@ -110,7 +113,8 @@ async def _pull_repo(args: argparse.Namespace) -> int:
             if base is not None and base.size != src.size:
                 raise ConfigError(f"snapshot {args.base!r} is {base.size} bytes, the source {src.size}")
             man, stats = await pull(src, SnapshotImage(repo, base) if base else None, bitmap=args.bitmap,
-                                    chunk_size=repo.chunk_size, workers=args.workers, base=base, sink=store_chunk)
+                                    chunk_size=repo.chunk_size, workers=args.workers, base=base, sink=store_chunk,
+                                    trim_after_read=args.trim_after_read)
         finally:
             await src.close()
         repo.save_snapshot(args.snapshot, man, source=args.uri, parent=args.base)
@@ -133,7 +137,7 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
     from ..blockdev.nbd import NBDDev
 
     base = Manifest.load(args.base_manifest) if args.base_manifest else None
-    src = await NBDDev.open(args.uri, read_only=True, connections=args.connections)
+    src = await NBDDev.open(args.uri, read_only=not args.trim_after_read, connections=args.connections)
     try:
         fresh = False
         path = args.target
@@ -152,7 +156,7 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
             raise ConfigError(f"{path}: {e.strerror or e}") from None
         try:
             man, stats = await pull(src, dst, bitmap=args.bitmap, fresh=fresh, chunk_size=chunk,
-                                    workers=args.workers, base=base)
+                                    workers=args.workers, base=base, trim_after_read=args.trim_after_read)
         finally:
             await dst.close()
     finally:
