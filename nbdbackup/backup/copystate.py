@@ -599,12 +599,28 @@ class CopyState:
             pos = zs + zn
 
     async def _source_zero_runs(self, start: int, end: int) -> list[tuple[int, int]]:
-        """Whole-cluster runs of ``[start, end)`` the source reports as ZERO."""
+        """Whole-cluster runs of ``[start, end)`` the source reports as ZERO.
+
+        A plain-file source is probed with one SEEK_DATA (as the inline copy
+        offload does; SEEK_HOLE can be slow): only the leading hole counts,
+        zero clusters after it are caught when their content is read."""
         off, length = self.span(start, end - start)
         stop = off + length
         runs: list[tuple[int, int]] = []
         pos = off
         cs, shift = self.cluster_size, self._shift
+        from ..blockdev.file import FileDev
+
+        inner = _innermost(self.source)
+        if isinstance(inner, FileDev) and not inner.is_block:
+            try:
+                data = os.lseek(inner.fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    return []
+                data = stop
+            last = end if data >= stop else data >> shift
+            return [(start, last - start)] if last > start else []
         while pos < stop:
             exts = await self.source.extents(pos, stop - pos, BASE_ALLOCATION)
             before = pos
