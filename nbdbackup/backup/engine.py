@@ -308,6 +308,8 @@ class Engine:
             raise
         job.snapshot_name = snapshot  # type: ignore[attr-defined]
         job.target_spec = target if isinstance(target, str) else None  # type: ignore[attr-defined]
+        job.scratch_spec = (scratch if isinstance(scratch, str)  # type: ignore[attr-defined]
+                            else job.scratch_path)
         self.jobs[job_id] = job
         return PreparedBackup(self, job, export=export, bitmap=bitmap,
                               bitmap_mode=bitmap_mode or "on-success", created=created)
@@ -369,18 +371,19 @@ class Engine:
         from ..blockdev import is_nbd_uri
 
         for job in self.jobs.values():
-            other = getattr(job, "target_spec", None)
-            if other is None or other.startswith("memory:"):
-                continue
-            same = other == target
-            if not same and not is_nbd_uri(target) and not is_nbd_uri(other):
-                try:
-                    a, b = os.stat(other), os.stat(target)
-                    same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-                except OSError:
-                    same = os.path.abspath(other) == os.path.abspath(target)
-            if same:
-                raise ConfigError(f"target {target!r} is already the target of job {job.id!r}")
+            for what, other in (("target", getattr(job, "target_spec", None)),
+                                ("scratch", getattr(job, "scratch_spec", None))):
+                if other is None or other.startswith("memory:"):
+                    continue
+                same = other == target
+                if not same and not is_nbd_uri(target) and not is_nbd_uri(other):
+                    try:
+                        a, b = os.stat(other), os.stat(target)
+                        same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+                    except OSError:
+                        same = os.path.abspath(other) == os.path.abspath(target)
+                if same:
+                    raise ConfigError(f"{target!r} is already the {what} of job {job.id!r}")
 
     def _check_not_source(self, src: BlockDev, target: str) -> None:
         from ..blockdev import is_nbd_uri

@@ -133,3 +133,22 @@ def test_failed_start_leaves_no_scratch_and_scratch_checks(short_tmp):
         assert scratches(short_tmp) == [] and engine.jobs == {}
         await live.close()
     run(main())
+
+
+def test_a_scratch_or_target_in_use_by_another_job_is_refused(short_tmp):
+    async def main():
+        live, table, engine = await rig(short_tmp)
+        s1 = os.fspath(short_tmp / "s1.raw")
+        await engine.backup_start("disk", "j1", "top", os.fspath(short_tmp / "t1.raw"), scratch=s1, speed=1)
+        with pytest.raises(ConfigError, match="already the scratch of job 'j1'"):
+            await engine.backup_start("disk", "j2", "top", os.fspath(short_tmp / "t2.raw"), scratch=s1)
+        with pytest.raises(ConfigError, match="already the scratch of job 'j1'"):
+            await engine.backup_start("disk", "j2", "full", s1)
+        with pytest.raises(ConfigError, match="already the target of job 'j1'"):
+            await engine.backup_start("disk", "j2", "top", os.fspath(short_tmp / "t2.raw"),
+                                      scratch=os.fspath(short_tmp / "t1.raw"))
+        engine.jobs["j1"].cancel()
+        await engine.jobs["j1"].wait()
+        await engine.job_dismiss("j1")
+        await live.close()
+    run(main())
