@@ -136,6 +136,8 @@ Copier = Literal["pump", "cbw"]
 
 #: Offloaded copies up to this size run inline on the event loop (see `_copy_offload`).
 INLINE_COPY = 1024 * 1024
+#: Largest buffer of one copy into the scratch (a big TRIM is copied piecewise).
+SCRATCH_PIECE = 4 * 1024 * 1024
 
 
 class CopyError(OSError):
@@ -601,9 +603,10 @@ class CopyState:
     async def _source_zero_runs(self, start: int, end: int) -> list[tuple[int, int]]:
         """Whole-cluster runs of ``[start, end)`` the source reports as ZERO.
 
-        A plain-file source is probed with one SEEK_DATA (as the inline copy
-        offload does; SEEK_HOLE can be slow): only the leading hole counts,
-        zero clusters after it are caught when their content is read."""
+        A plain-file source is probed as the copy offload does: a small range
+        (up to `INLINE_COPY`) with one SEEK_DATA (SEEK_HOLE can be slow):
+        only its leading hole counts, zero clusters after it are caught when
+        their content is read; a larger one (a big TRIM) is walked whole."""
         off, length = self.span(start, end - start)
         stop = off + length
         runs: list[tuple[int, int]] = []
@@ -612,7 +615,7 @@ class CopyState:
         from ..blockdev.file import FileDev
 
         inner = _innermost(self.source)
-        if isinstance(inner, FileDev) and not inner.is_block:
+        if isinstance(inner, FileDev) and not inner.is_block and length <= INLINE_COPY:
             try:
                 data = os.lseek(inner.fd, off, os.SEEK_DATA)
             except OSError as e:
@@ -622,7 +625,10 @@ class CopyState:
             last = end if data >= stop else data >> shift
             return [(start, last - start)] if last > start else []
         while pos < stop:
-            exts = await self.source.extents(pos, stop - pos, BASE_ALLOCATION)
+            if isinstance(inner, FileDev) and not inner.is_block:
+                exts = inner.extents_sync(pos, stop - pos)
+            else:
+                exts = await self.source.extents(pos, min(stop - pos, 1 << 31), BASE_ALLOCATION)
             before = pos
             for e in exts:
                 e_end = min(e.offset + e.length, stop)
@@ -642,7 +648,13 @@ class CopyState:
     async def _copy_to_scratch(self, start: int, count: int, marks: list, reserved: list[int]) -> None:
         """Read clusters from the source; all-zero ones are recorded zeroed,
         the others written to the scratch (rule 10 checked first, the bytes
-        reserved in ``scratch_bytes`` and added to ``reserved[0]``)."""
+        reserved in ``scratch_bytes`` and added to ``reserved[0]``), in
+        pieces of at most `SCRATCH_PIECE` bytes (one buffer each)."""
+        step = max(1, SCRATCH_PIECE >> self._shift)
+        for s in range(start, start + count, step):
+            await self._copy_piece_to_scratch(s, min(step, start + count - s), marks, reserved)
+
+    async def _copy_piece_to_scratch(self, start: int, count: int, marks: list, reserved: list[int]) -> None:
         assert self.scratch is not None
         off, length = self.span(start, count)
         buf = bytearray(length)

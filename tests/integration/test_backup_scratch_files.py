@@ -152,3 +152,43 @@ def test_a_scratch_or_target_in_use_by_another_job_is_refused(short_tmp):
         await engine.job_dismiss("j1")
         await live.close()
     run(main())
+
+
+@pytest.mark.parametrize("sync", ["top", "full"])
+def test_guest_fstrim_over_free_space_copies_only_data(short_tmp, sync):
+    """A TRIM of the whole disk during the job (a guest's fstrim): the free
+    space is a hole in the source, so copy-before-write copies only the
+    data clusters; the rest is zero in the snapshot (copystate rule 7)."""
+    async def main():
+        big = 64 * MiB
+        src = short_tmp / "big.raw"
+        with open(src, "wb") as f:
+            f.truncate(big)
+            f.write(os.urandom(2 * MiB))
+            f.seek(40 * MiB)
+            f.write(os.urandom(MiB))
+        with open(src, "rb") as f:
+            orig = f.read()
+        live = LiveDev(FileDev(os.fspath(src)))
+        table = MemoryExportTable()
+        table.add("disk", live, read_only=False)
+        engine = Engine(table)
+        await engine.backup_start("disk", "j", sync, os.fspath(short_tmp / "t.raw"), snapshot="snap", speed=1)
+        job = engine.jobs["j"]
+        await live.trim(0, big)
+        q = job.query()
+        assert q["bytes-copied-by-cbw"] == 3 * MiB, q
+        assert q["clusters-zero-in-snapshot"] == (big - 3 * MiB) // CS, q
+        assert q.get("scratch-bytes", 0) == 0, q
+        snap = table.get("snap").dev
+        buf = bytearray(big)
+        await snap.pread(memoryview(buf), 0)
+        assert bytes(buf) == orig
+        job.set_speed(0)
+        await job.wait()
+        assert job.error is None
+        with open(short_tmp / "t.raw", "rb") as f:
+            assert f.read() == orig
+        await engine.job_dismiss("j")
+        await live.close()
+    run(main())
