@@ -47,6 +47,7 @@ Dirty bitmaps (sync incremental/bitmap, ``bitmap=``) need a `BitmapSource`
 from __future__ import annotations
 
 import errno
+import fcntl
 import inspect
 import os
 import tempfile
@@ -67,6 +68,8 @@ DEFAULT_CLUSTER = 64 * 1024
 MAX_CLUSTER = 64 * 1024 * 1024
 DEFAULT_MAX_CHUNK = 4 * 1024 * 1024
 MAX_WORKERS = 64
+#: Name prefix of the default scratch files (``.nbdbackup-scratch-XXXX.raw``).
+SCRATCH_PREFIX = ".nbdbackup-scratch-"
 
 
 class ExportTable(Protocol):
@@ -333,7 +336,7 @@ class Engine:
             else:
                 where = tempfile.gettempdir()
             try:
-                fd, path = tempfile.mkstemp(prefix=".nbdbackup-scratch-", suffix=".raw", dir=where)
+                fd, path = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".raw", dir=where)
             except OSError as e:
                 raise ConfigError(f"cannot create a scratch file in {where}: {e.strerror or e}") from None
             try:
@@ -341,10 +344,13 @@ class Engine:
             finally:
                 os.close(fd)
             try:
-                return await open_spec(path), path
+                dev = await open_spec(path)
             except BaseException:
                 _unlink_quietly(path)
                 raise
+            # Held while the job lives: `sweep_scratch` removes only unlocked ones.
+            fcntl.flock(getattr(_innermost(dev), "fd"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return dev, path
         created = None
         if not (is_nbd_uri(scratch) or scratch.startswith("memory:") or os.path.lexists(scratch)):
             created = scratch
@@ -353,6 +359,34 @@ class Engine:
         except BaseException:
             _unlink_quietly(created)
             raise
+
+    def sweep_scratch(self) -> list[str]:
+        """Remove default scratch files a crashed server left in ``scratch_dir``
+        (those no live job holds locked); returns their paths."""
+        gone: list[str] = []
+        if self.scratch_dir is None:
+            return gone
+        try:
+            names = os.listdir(self.scratch_dir)
+        except OSError:
+            return gone
+        for name in names:
+            if not (name.startswith(SCRATCH_PREFIX) and name.endswith(".raw")):
+                continue
+            path = os.path.join(self.scratch_dir, name)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # in use
+            finally:
+                os.close(fd)
+            _unlink_quietly(path)
+            gone.append(path)
+        return gone
 
     @staticmethod
     def _check_scratch(src: BlockDev, tdev: BlockDev, sdev: BlockDev, scratch: Any) -> None:

@@ -192,3 +192,25 @@ def test_guest_fstrim_over_free_space_copies_only_data(short_tmp, sync):
         await engine.job_dismiss("j")
         await live.close()
     run(main())
+
+
+def test_sweep_removes_only_stale_scratch_files(short_tmp):
+    async def main():
+        state = short_tmp / "state"
+        state.mkdir()
+        stale = state / ".nbdbackup-scratch-dead.raw"
+        stale.write_bytes(b"x")
+        other = state / "keep.raw"
+        other.write_bytes(b"y")
+        live, table, engine = await rig(short_tmp, scratch_dir=os.fspath(state))
+        await engine.backup_start("disk", "j", "top", os.fspath(short_tmp / "t.raw"), speed=1)
+        mine = [p for p in scratches(state) if p != os.fspath(stale)]
+        assert len(mine) == 1
+        assert engine.sweep_scratch() == [os.fspath(stale)]  # the live job's file is locked
+        assert scratches(state) == mine and other.exists()
+        engine.jobs["j"].cancel()
+        await engine.jobs["j"].wait()
+        await engine.job_dismiss("j")
+        assert scratches(state) == []
+        await live.close()
+    run(main())
