@@ -15,6 +15,7 @@
   --trim-after-read`` against a snapshot started with ``snapshot-trim``):
   the scratch file's allocated bytes (st_blocks) fall, live writes to the
   trimmed regions then copy nothing (``bytes-copied-by-cbw`` unchanged),
+  the ``/metrics`` scratch gauges follow,
   reads of them fail with EPERM (libnbd), and the pulled image is the
   point-in-time image.
 """
@@ -35,6 +36,7 @@ from peers import wait_concluded
 from qemutools import qemu_io
 from test_backup_top_qcow2 import CS, LIVE_WRITES, SIZE, TOP_CLUSTERS, data_extents, make_chain, runs, run_tool
 from test_incremental_backup import apply_clusters, dirty_clusters, writes_for
+from test_metrics import scrape
 
 MiB = 1 << 20
 
@@ -199,8 +201,11 @@ def test_pull_with_trim_shrinks_the_scratch(serve, short_tmp, make_image, libnbd
     ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
     pit = short_tmp / "pit.raw"
     shutil.copyfile(disk, pit)
+    port = peers.free_tcp_port()
+    gauge = 'nbdbackup_job_scratch_allocated_bytes{job="j",type="backup"}'
 
-    with serve(f"disk={disk}", extra=["--control", ctl, "--state-dir", os.fspath(state)]) as peer:
+    with serve(f"disk={disk}", extra=["--control", ctl, "--state-dir", os.fspath(state),
+                                      "--metrics", f"127.0.0.1:{port}"]) as peer:
         live = peer.uri_for("disk")
 
         async def scenario() -> dict:
@@ -221,6 +226,9 @@ def test_pull_with_trim_shrinks_the_scratch(serve, short_tmp, make_image, libnbd
                 before = jobs["j"]
                 blocks_before = os.stat(scratch).st_blocks * 512
                 assert before["scratch-bytes"] == 4 * MiB and blocks_before >= 4 * MiB, before
+                metrics = await asyncio.to_thread(scrape, port)
+                assert metrics[gauge] == blocks_before, metrics
+                assert metrics['nbdbackup_job_scratch_bytes{job="j",type="backup"}'] == 4 * MiB
                 # The pull client reads the whole snapshot and TRIMs what it has read.
                 out = short_tmp / "pulled.raw"
                 r = await asyncio.to_thread(peers.nbdbackup_cli, "pull", "--trim-after-read", "--json",
@@ -232,6 +240,7 @@ def test_pull_with_trim_shrinks_the_scratch(serve, short_tmp, make_image, libnbd
                 assert blocks_after <= blocks_before - 4 * MiB, (blocks_before, blocks_after)
                 assert after["scratch-bytes"] == 0 and after["scratch-allocated"] == blocks_after, after
                 assert after["bytes-trimmed"] == size, after
+                assert (await asyncio.to_thread(scrape, port))[gauge] == blocks_after
                 # Live writes to trimmed regions now cost no copy.
                 qemu_io(live, f"write -P 0x66 {5 * MiB} {2 * MiB}", "write -P 0x67 0 4096")
                 later = {j["id"]: j for j in await qmp.execute("query-jobs")}["j"]
