@@ -346,6 +346,7 @@ class CopyState:
         self.scratch_readers = Readers()
         self.zero_detect = zero_detect
         self.offload = offload and self._offload_files() is not None
+        self.offload_scratch = offload and scratch is not None and self._offload_files(scratch) is not None
         self.discard_source = discard_source
         self.scratch_limit = scratch_limit
         self.cbw_extents = source.capabilities().can_extents
@@ -657,6 +658,23 @@ class CopyState:
     async def _copy_piece_to_scratch(self, start: int, count: int, marks: list, reserved: list[int]) -> None:
         assert self.scratch is not None
         off, length = self.span(start, count)
+        if self.offload_scratch:
+            # Plain files at both ends (fleecing into a file target, a scratch
+            # file): copy_file_range, as for the target.  Every cluster of the
+            # span counts as held (zeros inside are not looked for).
+            files = self._offload_files(self.scratch)
+            if files is not None:
+                self._reserve_scratch(length, reserved)
+                try:
+                    await self._copy_offload(files[0], files[1], off, length, zero=self._zero_scratch)
+                except OSError:
+                    self.offload_scratch = False  # read/write from now on
+                    self.scratch_bytes -= length
+                    reserved[0] -= length
+                else:
+                    marks.append((self.in_scratch, start, count))
+                    self.bytes_cbw_to_scratch += length
+                    return
         buf = bytearray(length)
         mv = memoryview(buf)
         try:
@@ -679,17 +697,30 @@ class CopyState:
                 marks.append((self.in_scratch, c0, c1 - c0))
             pos = e
         need = sum(e - p for p, e in pieces)
-        if self.scratch_limit is not None and self.scratch_bytes + need > self.scratch_limit:
-            raise CopyError(errno.ENOSPC, f"scratch-limit {self.scratch_limit} bytes would be exceeded "
-                            f"({self.scratch_bytes} held, {need} more needed)", "write")
-        self.scratch_bytes += need
-        reserved[0] += need
+        self._reserve_scratch(need, reserved)
         try:
             for p, e in pieces:
                 await self.scratch.pwrite(mv[p:e], off + p)
         except OSError as e:
             raise CopyError.wrap(e, "write") from e
         self.bytes_cbw_to_scratch += need
+
+    def _reserve_scratch(self, need: int, reserved: list[int]) -> None:
+        """Rule 10: count ``need`` more bytes in the scratch, or fail with ENOSPC."""
+        if self.scratch_limit is not None and self.scratch_bytes + need > self.scratch_limit:
+            raise CopyError(errno.ENOSPC, f"scratch-limit {self.scratch_limit} bytes would be exceeded "
+                            f"({self.scratch_bytes} held, {need} more needed)", "write")
+        self.scratch_bytes += need
+        reserved[0] += need
+
+    async def _zero_scratch(self, offset: int, length: int) -> None:
+        assert self.scratch is not None
+        try:
+            await self.scratch.zero(offset, length, may_trim=True)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            await self.scratch.pwrite(bytes(length), offset)
 
     async def _move_from_scratch(self, start: int, count: int) -> None:
         """The pump's copy of in-set clusters held in the scratch (rule 3)."""
@@ -914,10 +945,12 @@ class CopyState:
 
     # -- the copy itself ----------------------------------------------------
 
-    def _offload_files(self):
+    def _offload_files(self, dst: BlockDev | None = None):
+        """(source, destination) `FileDev`s when both are plain files (the
+        destination: ``dst``, default the target), else None."""
         from ..blockdev.file import FileDev
 
-        s, t = _innermost(self.source), _innermost(self.target)
+        s, t = _innermost(self.source), _innermost(self.target if dst is None else dst)
         if isinstance(s, FileDev) and isinstance(t, FileDev) and not s.is_block and not t.is_block:
             return s, t
         return None
@@ -972,7 +1005,7 @@ class CopyState:
                 raise
             await self.target.pwrite(bytes(length), offset)
 
-    async def _copy_offload(self, src, dst, offset: int, length: int) -> None:
+    async def _copy_offload(self, src, dst, offset: int, length: int, zero=None) -> None:
         """copy_file_range for data extents, target.zero for source holes.
 
         Copies up to `INLINE_COPY` bytes (copy-before-write's usual size) run
@@ -981,15 +1014,17 @@ class CopyState:
         scans the cached file), so a range that is all hole stays a hole in
         the target; a partly-hole range is copied whole (same content).
         Larger copies (the pump's chunks) skip every hole and run in a worker
-        thread.
+        thread.  ``zero(offset, length)`` zeroes the destination's holes
+        (default: `_zero_target`).
         """
+        zero = self._zero_target if zero is None else zero
         if length <= INLINE_COPY:
             try:
                 data = os.lseek(src.fd, offset, os.SEEK_DATA)
             except OSError as e:
                 data = offset + length if e.errno == errno.ENXIO else offset
             if data >= offset + length:
-                await self._zero_target(offset, length)
+                await zero(offset, length)
                 self.clusters_skipped_zero += (length + self.cluster_size - 1) // self.cluster_size
                 return
             _copy_range(src.fd, dst.fd, offset, length)
@@ -998,7 +1033,7 @@ class CopyState:
         exts: list[Extent] = merge_extents(src.extents_sync(offset, length))
         for e in exts:
             if e.flags & 2:  # ZERO: a hole in the source
-                await self._zero_target(e.offset, e.length)
+                await zero(e.offset, e.length)
                 self.clusters_skipped_zero += e.length // self.cluster_size
                 continue
             await loop.run_in_executor(None, _copy_range, src.fd, dst.fd, e.offset, e.length)

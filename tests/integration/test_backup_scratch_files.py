@@ -29,6 +29,17 @@ def scratches(d) -> list[str]:
     return sorted(glob.glob(os.path.join(os.fspath(d), ".nbdbackup-scratch-*")))
 
 
+class One:
+    """A `BitmapSource` whose frozen set is cluster 0 alone."""
+
+    def begin_backup(self, export, name, mode, cluster_size, nclusters):
+        from nbdbackup.bitmap.core import Bitmap
+
+        bm = Bitmap(nclusters)
+        bm.set(0)
+        return type("Lease", (), {"clusters": bm, "context": None, "end": lambda s, ok: None})()
+
+
 async def rig(tmp, **engine_kw):
     src = tmp / "src.raw"
     with open(src, "wb") as f:
@@ -64,14 +75,6 @@ def test_default_scratch_in_the_state_dir_and_measured(short_tmp):
     async def main():
         state = short_tmp / "state"
         state.mkdir()
-
-        class One:
-            def begin_backup(self, export, name, mode, cluster_size, nclusters):
-                from nbdbackup.bitmap.core import Bitmap
-
-                bm = Bitmap(nclusters)
-                bm.set(0)
-                return type("Lease", (), {"clusters": bm, "context": None, "end": lambda s, ok: None})()
 
         live, table, engine = await rig(short_tmp, scratch_dir=os.fspath(state), bitmaps=One())
         await engine.backup_start("disk", "j", "bitmap", os.fspath(short_tmp / "t.raw"), snapshot="snap",
@@ -212,5 +215,43 @@ def test_sweep_removes_only_stale_scratch_files(short_tmp):
         await engine.jobs["j"].wait()
         await engine.job_dismiss("j")
         assert scratches(state) == []
+        await live.close()
+    run(main())
+
+
+@pytest.mark.parametrize("sync", ["none", "bitmap"])
+def test_cbw_into_a_file_scratch_uses_copy_offload(short_tmp, sync, monkeypatch):
+    """Fleecing into a file target (the target is the scratch), or a scratch
+    file: copy-before-write copies with copy_file_range, like the pump."""
+    from nbdbackup.backup import copystate
+
+    calls = []
+    real = copystate.os.copy_file_range
+
+    def counting(*a, **k):
+        calls.append(a[2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(copystate.os, "copy_file_range", counting)
+
+    async def main():
+        live, table, engine = await rig(short_tmp, bitmaps=One())
+        with open(short_tmp / "src.raw", "rb") as f:
+            orig = f.read()
+        kw = {"bitmap": "b", "bitmap_mode": "never"} if sync == "bitmap" else {}
+        await engine.backup_start("disk", "j", sync, os.fspath(short_tmp / "t.raw"), snapshot="snap", speed=1,
+                                  **kw)
+        job = engine.jobs["j"]
+        assert job.state.offload_scratch
+        n = len(calls)
+        await live.pwrite(b"\x42" * 4096, 3 * MiB + 100)
+        assert job.state.in_scratch.get((3 * MiB + 100) // CS) and job.query()["scratch-bytes"] == CS
+        assert len(calls) > n
+        buf = bytearray(SIZE)
+        await table.get("snap").dev.pread(memoryview(buf), 0)
+        assert bytes(buf) == orig
+        job.cancel()
+        await job.wait()
+        await engine.job_dismiss("j")
         await live.close()
     run(main())
