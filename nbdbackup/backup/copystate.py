@@ -350,6 +350,15 @@ class CopyState:
         self.discard_source = discard_source
         self.scratch_limit = scratch_limit
         self.cbw_extents = source.capabilities().can_extents
+        from ..blockdev.file import FileDev
+
+        inner = _innermost(source)
+        #: the source's plain file, for SEEK_DATA probes (rule 7), or None
+        self._source_file = inner if isinstance(inner, FileDev) and not inner.is_block else None
+        #: offset the last probe found data at (a hint for `_copy_offload`;
+        #: -1 = none).  Only a hint: a stale one makes the offload copy a
+        #: hole as data -- the same bytes.
+        self._data_at = -1
         self.broken: OSError | None = None
         self.retired = False
         self.total = 0
@@ -531,10 +540,11 @@ class CopyState:
             if bm is not None:
                 bm.set(s, n)
         to_target = 0
-        for s, n, v in self.in_target.runs(start, start + count):
-            if v:
-                to_target += self._bytes_in(self.pump_todo, s, n)
-                self.pump_todo.clear(s, n)
+        todo = self.pump_todo
+        for bm, s, n in marks:
+            if bm is self.in_target and todo.any(s, n):
+                to_target += self._bytes_in(todo, s, n)
+                todo.clear(s, n)
         self.done.set(start, count)
         self.current += to_target
         if by == "pump":
@@ -613,10 +623,8 @@ class CopyState:
         runs: list[tuple[int, int]] = []
         pos = off
         cs, shift = self.cluster_size, self._shift
-        from ..blockdev.file import FileDev
-
-        inner = _innermost(self.source)
-        if isinstance(inner, FileDev) and not inner.is_block and length <= INLINE_COPY:
+        inner = self._source_file
+        if inner is not None and length <= INLINE_COPY:
             try:
                 data = os.lseek(inner.fd, off, os.SEEK_DATA)
             except OSError as e:
@@ -624,9 +632,11 @@ class CopyState:
                     return []
                 data = stop
             last = end if data >= stop else data >> shift
+            if data == off:
+                self._data_at = off  # the copy offload need not probe again
             return [(start, last - start)] if last > start else []
         while pos < stop:
-            if isinstance(inner, FileDev) and not inner.is_block:
+            if inner is not None:
                 exts = inner.extents_sync(pos, stop - pos)
             else:
                 exts = await self.source.extents(pos, min(stop - pos, 1 << 31), BASE_ALLOCATION)
@@ -1019,10 +1029,14 @@ class CopyState:
         """
         zero = self._zero_target if zero is None else zero
         if length <= INLINE_COPY:
-            try:
-                data = os.lseek(src.fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                data = offset + length if e.errno == errno.ENXIO else offset
+            if self._data_at == offset:  # the zero probe just found data here
+                data = offset
+            else:
+                try:
+                    data = os.lseek(src.fd, offset, os.SEEK_DATA)
+                except OSError as e:
+                    data = offset + length if e.errno == errno.ENXIO else offset
+            self._data_at = -1
             if data >= offset + length:
                 await zero(offset, length)
                 self.clusters_skipped_zero += (length + self.cluster_size - 1) // self.cluster_size
