@@ -8,7 +8,9 @@ compared: they may or may not have landed).  At the end: the target holds
 exactly the sync set (full: everything; top: the allocated pages; bitmap: a
 random set) with the original content and zeros elsewhere; every cluster
 the scratch holds has its original content there (none: the target is the
-scratch).  Jobs with a scratch run with ``discard-source`` on or off.
+scratch).  Jobs with a scratch run with ``discard-source`` on or off, and
+some with a ``scratch-limit`` (break-guest-write: a live write that would
+pass it fails with EIO and changes nothing; the scratch never holds more).
 
 Live writes started by `start_write` never overlap another write in flight
 (an overlapping one first waits for those), so the model is exact.
@@ -63,8 +65,8 @@ class BackupMachine(RuleBasedStateMachine):
     @initialize(sync=st.sampled_from(["full", "top", "none", "bitmap"]), seed=st.integers(0, 2**32 - 1),
                 workers=st.integers(1, 4), chunk=st.sampled_from([CS, 2 * CS, 5 * CS]),
                 pages=st.sets(st.integers(0, 3)), speed=st.sampled_from([0, 1]),
-                discard_source=st.booleans())
-    def setup(self, sync, seed, workers, chunk, pages, speed, discard_source):
+                discard_source=st.booleans(), limit=st.sampled_from([None, None, 2 * CS, 5 * CS]))
+    def setup(self, sync, seed, workers, chunk, pages, speed, discard_source, limit):
         rng = random.Random(seed)
         self.rng = rng
         self.sync = sync
@@ -88,6 +90,11 @@ class BackupMachine(RuleBasedStateMachine):
         extra: dict = {}
         if sync in ("top", "bitmap"):
             extra = dict(scratch=FaultDev(self.smem, rng=random.Random(seed + 4)), discard_source=discard_source)
+        if sync != "full" and limit is not None:
+            # break-guest-write: a write whose copy would pass the limit fails
+            # with EIO and changes nothing (the model is not updated).
+            extra["scratch_limit"] = limit
+        self.limit = extra.get("scratch_limit")
         if sync == "bitmap":
             extra.update(bitmap="b", bitmap_mode="never")
         self.run(self.engine.backup_start("disk", "j", sync, self.tgt, snapshot="snap",
@@ -114,7 +121,11 @@ class BackupMachine(RuleBasedStateMachine):
         still = []
         for t, off, n, data in self.pending:
             if t.done():
-                t.result()  # a live write must never fail here
+                e = t.exception()
+                if e is not None:  # only the scratch limit may fail a live write
+                    assert self.limit is not None and isinstance(e, OSError) and e.errno == errno.EIO, e
+                    assert "scratch-limit" in str(e), e
+                    continue
                 self.model[off:off + n] = data
             else:
                 still.append((t, off, n, data))
@@ -252,6 +263,11 @@ class BackupMachine(RuleBasedStateMachine):
         self.engine.job_set_speed("j", speed)
 
     # -- invariants -----------------------------------------------------------
+
+    @invariant()
+    def scratch_within_limit(self):
+        if self.job is not None and self.limit is not None:
+            assert self.job.state.scratch_bytes <= self.limit
 
     @invariant()
     def snapshot_is_original(self):
