@@ -57,8 +57,8 @@ ExtentProvider = Callable[[int, int], Awaitable[list[Extent]]]
 class SnapshotDev(BlockDev):
     """Read-only point-in-time view.
 
-    Fields: ``state`` (the job's `CopyState`); ``trim`` (TRIM accepted, see
-    the module docstring); ``_contexts`` (extra meta context name ->
+    Fields: ``state`` (the job's `CopyState`); ``trim_ok`` (TRIM accepted,
+    see the module docstring); ``_contexts`` (extra meta context name ->
     provider); ``_closed`` (set by `close_view`).
     """
 
@@ -73,14 +73,14 @@ class SnapshotDev(BlockDev):
         return self.state.size
 
     def capabilities(self) -> Capabilities:
-        src = self.state.source.capabilities().block_size
-        tgt = self.state.target.capabilities().block_size
+        st = self.state
+        sizes = [d.capabilities().block_size for d in (st.source, st.target, st.scratch) if d is not None]
+        minimum = max(b.minimum for b in sizes)
         return Capabilities(
             read_only=not self.trim_ok, can_flush=False, can_fua=False, can_trim=self.trim_ok, can_zero=False,
             can_fast_zero=False, can_cache=False, can_multi_conn=True, can_extents=True,
-            block_size=BlockSize(max(src.minimum, tgt.minimum),
-                                 max(src.preferred, tgt.preferred, src.minimum, tgt.minimum),
-                                 min(src.maximum, tgt.maximum)),
+            block_size=BlockSize(minimum, max(minimum, *(b.preferred for b in sizes)),
+                                 min(b.maximum for b in sizes)),
         )
 
     def meta_contexts(self) -> Sequence[str]:
