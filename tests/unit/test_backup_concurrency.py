@@ -150,7 +150,8 @@ async def scenario(seed: int, sync: str) -> None:
                 assert target[lo:hi] == bytes(hi - lo), c  # exactly the set
             if st.in_scratch.get(c):
                 assert scratch[lo:hi] == orig[lo:hi], c
-        assert st.scratch_bytes == st.in_scratch.count() * CS - (CS - SIZE % CS if st.in_scratch.get(nclusters - 1) else 0)
+        short = CS - SIZE % CS if st.in_scratch.get(nclusters - 1) else 0  # the short last cluster
+        assert st.scratch_bytes == st.in_scratch.count() * CS - short
         if extra["discard_source"]:
             assert not (st.in_scratch.count() and any(chosen.clusters.get(c) and st.in_scratch.get(c)
                                                       for c in range(nclusters)))
