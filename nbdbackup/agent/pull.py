@@ -129,14 +129,15 @@ def _blank(mv: memoryview, base: int, ranges: list[tuple[int, int]], zeros: byte
         mv[o - base : o - base + n] = zeros[:n]
 
 
-async def _hash(mv: memoryview) -> bytes:
-    """blake3 of a chunk; large ones on a worker thread (the loop keeps serving)."""
-    return await asyncio.to_thread(digest, mv) if len(mv) >= 1 << 20 else digest(mv)
+async def _hash(mv: memoryview, chunk_id=digest) -> bytes:
+    """``chunk_id`` (blake3) of a chunk; large ones on a worker thread (the loop keeps serving)."""
+    return await asyncio.to_thread(chunk_id, mv) if len(mv) >= 1 << 20 else chunk_id(mv)
 
 
 async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None, fresh: bool = False,
                chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
-               sink=None, progress=None, trim_after_read: bool = False) -> tuple[Manifest, PullStats]:
+               sink=None, progress=None, chunk_id=digest, zero_id=zero_digest,
+               trim_after_read: bool = False) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
 
     ``fresh``: ``dst`` is a new, all-hole file (holes need no zeroing).
@@ -145,6 +146,9 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     repository); ``dst`` is then only read, as the previous backup of an
     incremental pull, and may be None for a full one.
     ``progress(done_bytes, total_bytes)`` is called as chunks finish.
+    ``chunk_id(data)`` / ``zero_id(length)``: how the manifest names a
+    chunk (default plain blake3; a repository's `Repository.chunk_id` /
+    `zero_id`, keyed when it is encrypted).
     ``trim_after_read``: TRIM each worked chunk on ``src`` afterwards (the
     target's copy is written, not yet flushed: the snapshot's copy is not
     needed to redo it, since a failed pull is redone from a new snapshot).
@@ -199,12 +203,12 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         # The chunk buffer is reused: every byte not read must be set.
         _blank(mv, c_off, zeros if bitmap is not None else _gaps(pieces, c_off, c_end), zero_chunk)
         if sink is not None:
-            man.chunks[i] = d = await _hash(mv)
+            man.chunks[i] = d = await _hash(mv, chunk_id)
             await sink(i, d, mv)
         else:
             assert dst is not None
             # Hash and write at once: both only read the chunk buffer.
-            hashed = asyncio.ensure_future(_hash(mv))
+            hashed = asyncio.ensure_future(_hash(mv, chunk_id))
             try:
                 await asyncio.gather(*(dst.pwrite(mv[p - c_off : p - c_off + n], p) for p, n in pieces),
                                      *(dst.zero(o, n, may_trim=True) for o, n in zeros))
@@ -234,7 +238,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         if i in work_set:
             continue
         if bitmap is None:
-            man.chunks[i] = zero_digest(man.chunk_range(i)[1])
+            man.chunks[i] = zero_id(man.chunk_range(i)[1])
         elif base is not None:
             man.chunks[i] = base.chunks[i]
         else:
@@ -242,7 +246,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
             off, n = man.chunk_range(i)
             buf = bytearray(n)
             await dst.pread(memoryview(buf), off)
-            man.chunks[i] = digest(buf)
+            man.chunks[i] = chunk_id(buf)
     if sink is None:
         assert dst is not None
         await dst.flush()
