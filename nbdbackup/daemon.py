@@ -200,6 +200,9 @@ async def start(server, args: argparse.Namespace | None = None, control_sock: An
     app.engine = Engine(server, emit=qmp.emit if qmp else None,
                         bitmaps=RegistryBitmapSource(app.bitmaps.lookup))
     app.bitmaps.engine = app.engine
+    app.engine.scratch_dir = getattr(args, "state_dir", None)  # default scratch files go there
+    for path in app.engine.sweep_scratch():  # left by a crash
+        log.info("removed stale scratch file %s", path)
     for name, spec, read_only, description in exports:
         await add_export(app, name, spec, read_only, description)
     if qmp is not None:

@@ -23,6 +23,11 @@ The manifest of the result: digests of worked chunks come from the source;
 other chunks are zero digests (full) or come from ``base`` (the previous
 pull's manifest, incremental) or, without it, from reading the target.
 
+``trim_after_read``: each worked chunk is TRIMmed on the source once it is
+safe in the target (or the sink): a backup's snapshot export started with
+``snapshot-trim`` then drops its copy-before-write copies of it and stops
+copying there (docs/scratch.md); later reads of those ranges fail.
+
 Invariants: the target is flushed (fdatasync) before `pull` returns; a
 failure leaves the target partly updated and raises (the manifest is only
 produced on success, so a failed pull is never mistaken for a good one).
@@ -56,6 +61,7 @@ class PullStats:
     bytes_read: int = 0
     bytes_written: int = 0
     bytes_zeroed: int = 0
+    bytes_trimmed: int = 0
     chunks_worked: int = 0
     chunks_skipped: int = 0
     seconds: float = 0.0
@@ -131,7 +137,8 @@ async def _hash(mv: memoryview, chunk_id=digest) -> bytes:
 async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None, fresh: bool = False,
                chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
                sink=None, progress=None, chunk_id=digest, zero_id=zero_digest,
-               dirty: list[tuple[int, int]] | None = None) -> tuple[Manifest, PullStats]:
+               dirty: list[tuple[int, int]] | None = None,
+               trim_after_read: bool = False) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
 
     ``dirty``: incremental with the dirty ranges given (sorted, disjoint
@@ -147,6 +154,9 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     ``chunk_id(data)`` / ``zero_id(length)``: how the manifest names a
     chunk (default plain blake3; a repository's `Repository.chunk_id` /
     `zero_id`, keyed when it is encrypted).
+    ``trim_after_read``: TRIM each worked chunk on ``src`` afterwards (the
+    target's copy is written, not yet flushed: the snapshot's copy is not
+    needed to redo it, since a failed pull is redone from a new snapshot).
     """
     t0 = time.monotonic()
     size = src.size
@@ -162,6 +172,11 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     if base is not None and (base.size, base.chunk_size) != (size, chunk_size):
         raise ConfigError(f"base manifest is for {base.size} bytes in {base.chunk_size}-byte chunks, "
                           f"this pull is {size} in {chunk_size}")
+    if trim_after_read:
+        caps = src.capabilities()
+        if caps.read_only or not caps.can_trim:
+            raise ConfigError("the source does not accept TRIM (a snapshot export takes it when the "
+                              "backup was started with snapshot-trim)")
     alloc = await src.extents(0, size, BASE_ALLOCATION) if size else []
     data = _ranges(alloc, lambda f: (f & HOLE_ZERO) != HOLE_ZERO)
     zero = _ranges(alloc, lambda f: (f & HOLE_ZERO) == HOLE_ZERO)
@@ -210,6 +225,9 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                                      *(dst.zero(o, n, may_trim=True) for o, n in zeros))
             finally:
                 man.chunks[i] = await hashed
+        if trim_after_read:
+            await src.trim(c_off, c_len)
+            stats.bytes_trimmed += c_len
         stats.bytes_read += sum(n for _, n in pieces)
         if sink is None:
             stats.bytes_written += sum(n for _, n in pieces)

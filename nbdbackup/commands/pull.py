@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snapshot", metavar="NAME", help="with --repo: the new snapshot's name")
     p.add_argument("--base", metavar="NAME", help="with --repo --bitmap: the snapshot the bitmap counts from")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--trim-after-read", action="store_true",
+                   help="TRIM each chunk on the source once copied (a backup snapshot started with "
+                        "snapshot-trim then frees its scratch and stops copying there)")
     add_progress_option(p)
     p.set_defaults(func=run_pull)
 
@@ -96,7 +99,7 @@ async def _pull_repo(args: argparse.Namespace) -> int:
         if repo.has_snapshot(args.snapshot):
             raise ConfigError(f"snapshot {args.snapshot!r} already exists in {args.repo}")
         base = repo.load_snapshot(args.base) if args.base else None
-        src = await NBDDev.open(args.uri, read_only=True, connections=args.connections)
+        src = await NBDDev.open(args.uri, read_only=not args.trim_after_read, connections=args.connections)
         new_chunks = 0
         seen: set[bytes] = set()  # stored (or found) by this pull: skip the same digest at once
 
@@ -115,7 +118,7 @@ async def _pull_repo(args: argparse.Namespace) -> int:
                 man, stats = await pull(src, _BaseSnapshot(repo, base) if base else None, bitmap=args.bitmap,
                                         chunk_size=repo.chunk_size, workers=args.workers, base=base,
                                         sink=store_chunk, chunk_id=repo.chunk_id, zero_id=repo.zero_id,
-                                        progress=prog.update)
+                                        progress=prog.update, trim_after_read=args.trim_after_read)
         finally:
             await src.close()
         repo.save_snapshot(args.snapshot, man, source=args.uri, parent=args.base)
@@ -162,7 +165,7 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
     from ..blockdev.nbd import NBDDev
 
     base = Manifest.load(args.base_manifest) if args.base_manifest else None
-    src = await NBDDev.open(args.uri, read_only=True, connections=args.connections)
+    src = await NBDDev.open(args.uri, read_only=not args.trim_after_read, connections=args.connections)
     try:
         fresh = False
         path = args.target
@@ -182,7 +185,8 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
         try:
             with Progress.for_args(args, "pull") as prog:
                 man, stats = await pull(src, dst, bitmap=args.bitmap, fresh=fresh, chunk_size=chunk,
-                                        workers=args.workers, base=base, progress=prog.update)
+                                        workers=args.workers, base=base, progress=prog.update,
+                                        trim_after_read=args.trim_after_read)
         finally:
             await dst.close()
     finally:
