@@ -313,13 +313,16 @@ class RestoreState(CopyState):
         self.foreground += 1
         self.fg_idle.clear()
         try:
-            before = self.bytes_copied_by_cbw
             await self.ensure_done(offset, length, "cbw")
-            self.bytes_fetched += self.bytes_copied_by_cbw - before
         finally:
             self.foreground -= 1
             if not self.foreground:
                 self.fg_idle.set()
+
+    async def copy(self, start: int, count: int, by, *, source_zero: bool = False) -> None:
+        await super().copy(start, count, by, source_zero=source_zero)
+        if by != "pump":
+            self.bytes_fetched += self.span(start, count)[1]
 
     # -- rule 2: guest writes --------------------------------------------------
 

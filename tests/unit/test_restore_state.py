@@ -347,6 +347,7 @@ class RestoreMachine(RuleBasedStateMachine):
         self.pending: list[tuple[asyncio.Task, int, int, bytes, bool]] = []
         self.job = None
         self.dev = None
+        self.bg: list[asyncio.Task] = []  # background flushes
 
     @initialize(seed=st.integers(0, 2**32 - 1), zeros=st.sets(st.integers(0, NCH - 1), max_size=4),
                 workers=st.integers(1, 3), fresh=st.booleans(), paused=st.booleans())
@@ -448,6 +449,13 @@ class RestoreMachine(RuleBasedStateMachine):
         self.flushed_model = bytearray(self.model)
         self.unflushed.clear()
 
+    @rule(spin=st.integers(0, 6))
+    def start_flush(self, spin):
+        """A FLUSH left running while other steps go on (no model change: it
+        makes durable at least what the model calls flushed)."""
+        self.bg.append(self.loop.create_task(self.dev.flush()))
+        self.run(self._spin(spin))
+
     @rule(spin=st.integers(1, 40))
     def background(self, spin):
         self.run(self._spin(spin))
@@ -473,6 +481,9 @@ class RestoreMachine(RuleBasedStateMachine):
         for t, *_ in list(self.pending):
             self.run(t)
         self._reap()
+        for t in self.bg:
+            self.run(t)
+        self.bg.clear()
         st_ = self.dev.state
         # every chunk marked durable really is in the durable target
         for c in range(NCH):
@@ -512,6 +523,26 @@ class RestoreMachine(RuleBasedStateMachine):
         self.unflushed.clear()
 
     @invariant()
+    def durable_progress_is_true(self):
+        """At any moment (copies, flushes and writes in flight): a chunk whose
+        progress bit is set holds, in the DURABLE target, the flushed model --
+        except under writes not flushed or still in flight (either value)."""
+        if self.dev is None:
+            return
+        st_ = self.dev.state
+        excl = [(o, len(d)) for o, d in self.unflushed] + [(o, n) for _, o, n, _, _ in self.pending]
+        for c in range(NCH):
+            if not st_.progress.bits.get(c):
+                continue
+            lo, ln = st_.span(c, 1)
+            dur, want = self.tgt.durable[lo:lo + ln], self.flushed_model[lo:lo + ln]
+            if dur == want:
+                continue
+            for i in range(ln):
+                if dur[i] != want[i]:
+                    assert any(o <= lo + i < o + n for o, n in excl), (c, i)
+
+    @invariant()
     def progress_within_done(self):
         if self.dev is None:
             return
@@ -544,6 +575,8 @@ class RestoreMachine(RuleBasedStateMachine):
             for t, *_ in self.pending:
                 self.run(t)
             self._reap()
+            for t in self.bg:
+                self.run(t)
             if self.job.status.value == "paused":
                 self.engine.job_resume("r")
             self.run(self.job.wait())
@@ -563,5 +596,5 @@ class RestoreMachine(RuleBasedStateMachine):
 
 
 TestRestoreMachine = RestoreMachine.TestCase
-TestRestoreMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+TestRestoreMachine.settings = settings(max_examples=250, stateful_step_count=30, deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
