@@ -91,7 +91,9 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
                              auto_dismiss: bool = False) -> Any:
     """Publish export ``name`` restoring ``repo#snapshot`` onto ``target``; start
     and return its `RestoreJob`.  Everything is validated before anything is
-    published; on failure nothing stays open."""
+    published; on failure nothing stays open.  When the state directory says
+    this restore completed already, the target is published as a plain live
+    export (no repository needed) and None is returned."""
     from ..agent.snapsource import SnapshotSource
     from ..backup.restorejob import RestoreJob, build_restore, register_job
     from ..blockdev import is_nbd_uri, open_spec
@@ -111,9 +113,6 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
     on_error = "report" if on_error == "auto" else on_error
     if on_error not in ("report", "ignore", "stop", "enospc"):
         raise ConfigError(f"bad restore on-error {on_error!r}")
-    ns = args if args is not None else argparse.Namespace()
-    store, rep = open_repo(ns, repo)
-    man = rep.load_snapshot(snapshot)
     memory = target.startswith("memory:")
     nbd = is_nbd_uri(target)
     if state is None:
@@ -121,13 +120,24 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
             raise ConfigError("an NBD restore target needs state=DIR (where the progress map lives)")
         if not memory:
             state = os.path.abspath(target) + ".restore"
+    ident_target = target if (nbd or memory) else os.path.realpath(target)
+    if state is not None and _completed(state, snapshot, ident_target):
+        # Restored already: the target is all there is (the repository is not even opened).
+        from ..daemon import add_export
+
+        await add_export(app, name, target, False, description)
+        log.info("export %r: the restore of %s#%s onto %s completed before; serving the target",
+                 name, repo, snapshot, target)
+        return None
+    ns = args if args is not None else argparse.Namespace()
+    store, rep = open_repo(ns, repo)
+    man = rep.load_snapshot(snapshot)
     existed = memory is False and (nbd or os.path.lexists(target))
     source = SnapshotSource(rep, man)
     tdev = None
     dev = None
     try:
         tdev = await open_spec(target, create_size=None if existed else man.size)
-        ident_target = target if (nbd or memory) else os.path.realpath(target)
         identity = f"{store.root}#{snapshot}@{manifest_identity(man)} -> {ident_target}"
         dev = await build_restore(source, tdev, cluster_size=man.chunk_size, state_dir=state,
                                   identity=identity, fresh_target=not existed)
@@ -170,6 +180,22 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
                  " (progress map recovered after a machine crash)" if st.progress.recovered else "")
     rjob.start()
     return rjob
+
+
+def _completed(state: str, snapshot: str, ident_target: str) -> bool:
+    """The state directory records a COMPLETE restore of ``snapshot`` onto this target."""
+    import json
+
+    from ..backup.restorestate import META
+
+    try:
+        with open(os.path.join(state, META), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    ident = meta.get("identity", "") if isinstance(meta, dict) else ""
+    return (meta.get("complete") is True and isinstance(ident, str) and f"#{snapshot}@" in ident
+            and ident.endswith(f" -> {ident_target}"))
 
 
 def _unlink_quietly(path: str) -> None:

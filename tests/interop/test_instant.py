@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -193,6 +194,12 @@ def test_reads_through_restoring_export_equal_snapshot_at_once(short_tmp, setup_
     assert same(img, tgt)
     # holes stay holes: the target is sparse
     assert os.stat(tgt).st_blocks * 512 < 0.8 * SIZE
+    # once complete, a restart serves the target alone: the repository is not needed
+    shutil.rmtree(repo)
+    with serve(ctl, f"restore:{repo}#s0,target={tgt},speed=2M") as srv:
+        assert query_jobs(ctl) == {} and "completed before" in srv.log()
+        assert subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(img),
+                               srv.uri_for("vm")], timeout=120).returncode == 0
 
 
 # -- a writer changes 10% of the disk while the restore runs ------------------------------------
@@ -359,7 +366,7 @@ def test_restore_from_rgw_reads_writes_kill(short_tmp, s3env, kill):
         uri = srv.uri_for("vm")
         assert subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(img), uri],
                               timeout=120).returncode == 0
-        # a fresh restart of the copy-on-read: the writes meet chunks not fetched yet
+        # the writes meet chunks not fetched yet (the job runs at 16 MiB/s)
         qemu_io(uri, *qemu_io_cmds(ws))
         apply(model, ws)
         mpath.write_bytes(model)
