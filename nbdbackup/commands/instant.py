@@ -120,6 +120,12 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
             raise ConfigError("an NBD restore target needs state=DIR (where the progress map lives)")
         if not memory:
             state = os.path.abspath(target) + ".restore"
+    if memory and state is not None:
+        raise ConfigError("a memory: restore target cannot have state= (it does not outlive the server)")
+    existed = memory is False and (nbd or os.path.lexists(target))
+    if not existed and state is not None and os.path.exists(os.path.join(state, "restore.json")):
+        raise ConfigError(f"restore target {target} is missing but its restore state {state} exists: "
+                          f"remove the state directory to start over")
     ident_target = target if (nbd or memory) else os.path.realpath(target)
     if state is not None and _completed(state, snapshot, ident_target):
         # Restored already: the target is all there is (the repository is not even opened).
@@ -132,7 +138,6 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
     ns = args if args is not None else argparse.Namespace()
     store, rep = open_repo(ns, repo)
     man = rep.load_snapshot(snapshot)
-    existed = memory is False and (nbd or os.path.lexists(target))
     source = SnapshotSource(rep, man)
     tdev = None
     dev = None

@@ -335,6 +335,12 @@ def test_bad_specs_are_refused_before_listening(short_tmp, setup_local):
     r = peers.nbdbackup_cli("serve", "--socket", str(short_tmp / "x.sock"),
                             f"vm=restore:{repo}#s9,target={tgt}", ok=False)
     assert r.returncode == 1 and "another restore" in r.stderr, r.stderr
+    # a target gone while its state stayed would read as zeros where the state says "restored"
+    os.unlink(tgt)
+    r = peers.nbdbackup_cli("serve", "--socket", str(short_tmp / "x.sock"),
+                            f"vm=restore:{repo}#s0,target={tgt}", ok=False)
+    assert r.returncode == 1 and "is missing but its restore state" in r.stderr, r.stderr
+    assert not tgt.exists()
 
 
 # -- the object store ------------------------------------------------------------------------------
