@@ -114,9 +114,10 @@ def first_reads(procs, ws, repo: str, size: int, chunk: int, speed: str, nreads:
     ttfb = None
     lat = []
     rng = random.Random(7)
-    # chunks from the back half: a job working from the front has not reached them
-    cands = rng.sample(range(size // chunk // 2, size // chunk), min(nreads, size // chunk // 2))
-    for i, c in enumerate(cands):
+    # from the last chunk backwards: the job works from the front and has not reached them
+    n = size // chunk
+    cands = list(range(n - 1, max(n // 2, n - 1 - nreads), -1))
+    for c in cands:
         off = c * chunk + rng.randrange(0, chunk - 4096)
         a = time.perf_counter()
         h.pread(4096, off)

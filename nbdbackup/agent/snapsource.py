@@ -32,7 +32,7 @@ class SnapshotSource(SnapshotImage):
             i = pos // man.chunk_size
             c_off, c_len = man.chunk_range(i)
             n = min(end, c_off + c_len) - pos
-            data = self.repo.get_chunk(man.chunks[i], c_len)
+            data = memoryview(self.repo.get_chunk(man.chunks[i], c_len))  # no slice copies
             buf[pos - offset:pos - offset + n] = data[pos - c_off:pos - c_off + n]
             pos += n
 

@@ -636,3 +636,52 @@ def test_overlapping_concurrent_writes_and_reads_never_deadlock(loop, seed):
     assert st_.complete and not st_.inflight and st_.progress.bits.all()
     fetched = [c for op, o, n in src.calls if op == "read" for c in range(o // CS, (o + n - 1) // CS + 1)]
     assert len(fetched) == len(set(fetched))  # no chunk came from the source twice
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore", "stop"])
+def test_error_policies_on_a_bad_chunk(loop, policy):
+    """A chunk the source cannot read (a damaged repository chunk): the job's
+    policy applies to its own copies; the export keeps serving the rest, and
+    a guest read of the bad chunk fails with EIO (never wrong data)."""
+    snap = snapshot_image(11, set())
+    src = FaultDev(snap)
+    src.faults.append(Fault("read", 5 * CS, CS, errno.EIO))
+    tgt = MemoryDev(SIZE)
+    dev = loop.run_until_complete(build_restore(src, tgt, cluster_size=CS, state_dir=None,
+                                                identity="A", fresh_target=False))
+    eng = Engine(MemoryExportTable())
+    events = []
+    job = RestoreJob("r", device="d", dev=dev, emit=lambda n, d: events.append((n, d)), max_workers=2,
+                     on_source_error=policy)
+    register_job(eng, job)
+    orig = read(snap, loop)
+
+    async def go():
+        job.start()
+        if policy == "stop":
+            for _ in range(2000):
+                await asyncio.sleep(0)
+                if job.status.value == "paused":
+                    break
+            assert job.status.value == "paused" and "read error" in job.error
+            src.faults.clear()  # the chunk is readable again (say, repaired)
+            eng.job_resume("r")
+        await asyncio.wait_for(job.wait(), 10)
+
+    loop.run_until_complete(go())
+    assert ("BLOCK_JOB_ERROR", {"device": "r", "id": "r", "operation": "read", "action": policy}) in events
+    q = eng.query_jobs()[0]
+    if policy == "report":
+        assert q["status"] == "concluded" and "error" in q and not q["complete"]
+    elif policy == "ignore":
+        assert "error" not in q and not q["complete"] and q["bytes-ignored"] == CS
+        assert not dev.state.progress.complete
+    else:
+        assert "error" not in q and q["complete"]
+    assert read(dev, loop, 0, 5 * CS) == orig[:5 * CS]  # the rest is served
+    if policy != "stop":
+        with pytest.raises(OSError) as ei:
+            read(dev, loop, 5 * CS, 10)
+        assert ei.value.errno == errno.EIO
+    else:
+        assert read(dev, loop) == orig
