@@ -86,7 +86,7 @@ from ..nbd.wire import StateFlag
 from .copystate import CopyState, _retrieve
 
 _ZERO = int(StateFlag.ZERO)
-_STORE_KEY = "restore"
+_STORE_KEY = "nbdbackup-restore-progress"  # the bitmap store's "export" key
 _BITMAP_NAME = "restore-progress"
 META = "restore.json"
 FORMAT = "nbdbackup-restore"

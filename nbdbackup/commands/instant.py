@@ -29,6 +29,7 @@ SPEC::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -94,10 +95,8 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
     published; on failure nothing stays open.  When the state directory says
     this restore completed already, the target is published as a plain live
     export (no repository needed) and None is returned."""
-    from ..agent.snapsource import SnapshotSource
-    from ..backup.restorejob import RestoreJob, build_restore, register_job
-    from ..blockdev import is_nbd_uri, open_spec
-    from ..daemon import check_description, wrap_live
+    from ..blockdev import is_nbd_uri
+    from ..daemon import check_description
     from .repoargs import open_repo
 
     if name in app.server.exports:
@@ -138,6 +137,30 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
     ns = args if args is not None else argparse.Namespace()
     store, rep = open_repo(ns, repo)
     man = rep.load_snapshot(snapshot)
+    # A shared lock (a lease on S3) while the snapshot's chunks may still be
+    # read: `repo delete/prune/gc` refuse meanwhile, as during a pull.
+    lock = contextlib.ExitStack()
+    lock.enter_context(store.lock(False))
+    try:
+        return await _publish(app, name, store, rep, man, repo=repo, snapshot=snapshot, target=target,
+                              state=state, job_id=job_id, speed=speed, workers=workers, on_error=on_error,
+                              bitmap=bitmap, description=description, auto_dismiss=auto_dismiss,
+                              existed=existed, memory=memory, nbd=nbd, ident_target=ident_target,
+                              release=lock.close)
+    except BaseException:
+        lock.close()
+        raise
+
+
+async def _publish(app: Any, name: str, store, rep, man, *, repo: str, snapshot: str, target: str,
+                   state: str | None, job_id: str, speed: int, workers: int, on_error: str,
+                   bitmap: str | None, description: str, auto_dismiss: bool, existed: bool, memory: bool,
+                   nbd: bool, ident_target: str, release) -> Any:
+    from ..agent.snapsource import SnapshotSource
+    from ..backup.restorejob import RestoreJob, build_restore, register_job
+    from ..blockdev import open_spec
+    from ..daemon import wrap_live
+
     source = SnapshotSource(rep, man)
     tdev = None
     dev = None
@@ -156,10 +179,13 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
                     if resumed:
                         log.warning("export %r: dirty bitmap %r missing on restart; adding it now "
                                     "(it misses the guest writes made before)", name, bitmap)
-                    reg.add(bitmap, persistent=app.bitmaps.store is not None)
+                    reg.add(bitmap, persistent=reg.store is not None)
             rjob = RestoreJob(job_id, device=name, dev=dev, emit=app.engine.emit, speed=speed,
                               max_workers=workers, on_source_error=on_error, on_target_error=on_error,
                               auto_dismiss=auto_dismiss)
+            # the repository lock goes when nothing can read it any more
+            rjob.on_end = lambda ok: release() if ok and dev.state.complete else None
+            dev.on_close.append(release)
             register_job(app.engine, rjob)
             try:
                 app.server.add_export(name, live, read_only=False, description=description)

@@ -389,3 +389,18 @@ def test_restore_from_rgw_reads_writes_kill(short_tmp, s3env, kill):
             j = wait_job(ctl, "restore-vm")
             assert "error" not in j and j["complete"], j
     assert same(mpath, tgt)
+
+
+def test_repository_locked_while_restoring(short_tmp, setup_local):
+    """gc/delete/prune refuse while the snapshot's chunks may still be read;
+    the lock goes when the restore completes."""
+    img, repo = setup_local(9)
+    tgt, ctl = short_tmp / "target.raw", str(short_tmp / "ctl.sock")
+    with serve(ctl, f"restore:{repo}#s0,target={tgt},speed=1M") as srv:
+        r = peers.nbdbackup_cli("repo", "gc", repo, ok=False)
+        assert r.returncode != 0 and "busy" in r.stderr, r.stderr
+        subprocess.run(["nbdcopy", srv.uri_for("vm"), "null:"], check=True, timeout=120)  # restores all
+        j = wait_job(ctl, "restore-vm")
+        assert j["complete"], j
+        peers.nbdbackup_cli("repo", "gc", repo)
+    assert same(img, tgt)

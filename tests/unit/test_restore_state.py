@@ -264,7 +264,7 @@ def test_inconsistent_map_after_reboot_is_recovered(loop, tmp_path):
     # simulate the machine going down while in use: drop the handles unclean,
     # and pretend the file was written under another boot
     st = dev.state.progress.store
-    _, lock, handles = st._exports.pop("restore")
+    _, lock, handles = st._exports.pop("nbdbackup-restore-progress")
     for h in list(handles.values()):
         h.header.boot_id = b"\x01" * 16
         h._write_header(bstore.STATE_DIRTY)
