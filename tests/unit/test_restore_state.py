@@ -685,3 +685,30 @@ def test_error_policies_on_a_bad_chunk(loop, policy):
         assert ei.value.errno == errno.EIO
     else:
         assert read(dev, loop) == orig
+
+
+def test_cancel_keeps_serving_on_demand(loop):
+    snap = snapshot_image(12, set())
+    src = FaultDev(snap, delay=0.001)
+    tgt = MemoryDev(SIZE)
+    dev = loop.run_until_complete(build_restore(src, tgt, cluster_size=CS, state_dir=None,
+                                                identity="A", fresh_target=False))
+    eng = Engine(MemoryExportTable())
+    events = []
+    job = RestoreJob("r", device="d", dev=dev, emit=lambda n, d: events.append(n), max_workers=1)
+    register_job(eng, job)
+
+    async def go():
+        job.start()
+        await asyncio.sleep(0.003)
+        eng.job_cancel("r")
+        await job.wait()
+
+    loop.run_until_complete(go())
+    q = eng.query_jobs()[0]
+    assert q["status"] == "concluded" and "Operation canceled" in q["error"] and not q["complete"]
+    assert "BLOCK_JOB_CANCELLED" in events and not dev.state.inflight
+    assert read(dev, loop) == read(snap, loop)  # the rest fetched on demand
+    assert dev.state.complete  # ... which restored it all
+    loop.run_until_complete(eng.job_dismiss("r"))
+    assert not eng.jobs
