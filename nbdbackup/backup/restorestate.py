@@ -35,7 +35,9 @@ Rules:
 1. Guest read of ``(offset, length)`` (`fetch`, then a target read): every
    chunk not done is restored first (claimed and copied now, or the copy in
    flight awaited; copy-on-read), so the data lands in the target once and
-   the read is served from the target.
+   the read is served from the target.  The chunks a read claims are
+   claimed one by one, synchronously, and fetched in parallel (a
+   repository read is a round trip).
 2. Guest write (also WRITE_ZEROES) of ``(offset, length)`` (`begin_write` /
    `end_write`): a partly covered chunk that is not done is restored first
    (rule 1: its unwritten part must hold the snapshot's bytes); chunks the
@@ -313,7 +315,35 @@ class RestoreState(CopyState):
         self.foreground += 1
         self.fg_idle.clear()
         try:
-            await self.ensure_done(offset, length, "cbw")
+            first, end = self.clusters_of(offset, length)
+            while True:
+                # Synchronously: claim every free chunk (one claim each, so
+                # they are fetched in parallel: a repository read is a
+                # round trip), note the copies in flight elsewhere.
+                mine: list[tuple[int, int]] = []
+                theirs: dict[int, asyncio.Future] = {}
+                pos = self.done.next_clear(first, end)
+                while pos >= 0:
+                    fut = self.inflight.get(pos)
+                    if fut is not None:
+                        theirs[id(fut)] = fut
+                    else:
+                        got = self.claim(pos, end, 1)
+                        assert got is not None and got[0] == pos
+                        mine.append(got)
+                    pos = self.done.next_clear(pos + 1, end) if pos + 1 < end else -1
+                if not mine and not theirs:
+                    return
+                results = await asyncio.gather(*(self.copy(s, n, "cbw") for s, n in mine),
+                                               *(asyncio.shield(f) for f in theirs.values()),
+                                               return_exceptions=True)
+                for r in results[:len(mine)]:
+                    if isinstance(r, BaseException):
+                        raise r  # our own fetch failed (the chunk is left not done, rule 4)
+                for r in results[len(mine):]:
+                    if isinstance(r, BaseException) and not isinstance(r, OSError):
+                        raise r
+                # another copier's failure: loop, and fetch those chunks ourselves
         finally:
             self.foreground -= 1
             if not self.foreground:
