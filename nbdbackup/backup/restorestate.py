@@ -366,9 +366,12 @@ class RestoreState(CopyState):
         ffirst = first if offset % cs == 0 else first + 1
         stop = offset + length
         fend = end if stop % cs == 0 or stop == self.size else end - 1
-        for c in {first, end - 1}:
-            if not (ffirst <= c < fend) and not self.done.get(c):
-                await self.fetch(*self.span(c, 1))
+        partial = [c for c in sorted({first, end - 1}) if not (ffirst <= c < fend) and not self.done.get(c)]
+        if partial:  # both ends at once
+            for r in await asyncio.gather(*(self.fetch(*self.span(c, 1)) for c in partial),
+                                          return_exceptions=True):
+                if isinstance(r, BaseException):
+                    raise r
         owned: list[tuple[int, int]] = []
         pos = ffirst
         try:
