@@ -21,7 +21,7 @@ includes starting the server (Python start-up, ~0.5 s).
 The image: random data in ``--data`` of its chunks, the rest zero (holes).
 Repositories on the local file system under ``--dir``.
 
-Usage: .venv/bin/python bench/restore_bench.py [--size 1G] [--rounds 1] [--reads 20] [--dir /tmp]
+Usage: .venv/bin/python bench/instant_bench.py [--size 1G] [--rounds 1] [--reads 20] [--dir /tmp]
 """
 
 from __future__ import annotations
