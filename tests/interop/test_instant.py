@@ -407,3 +407,30 @@ def test_repository_locked_while_restoring(short_tmp, setup_local):
         assert j["complete"], j
         peers.nbdbackup_cli("repo", "gc", repo)
     assert same(img, tgt)
+
+
+def test_restore_onto_qemu_nbd_qcow2_target(short_tmp, setup_local):
+    """The target is a remote NBD export (qemu-nbd serving a qcow2): the
+    restore goes over NBD, holes are zeroed with WRITE_ZEROES, and the qcow2
+    ends equal to the model."""
+    img, repo = setup_local(10)
+    q = short_tmp / "target.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(q), str(SIZE)], check=True)
+    ctl = str(short_tmp / "ctl.sock")
+    model = bytearray(img.read_bytes())
+    ws = writes_for(10, 0.05)
+    with peers.qemu_nbd(q, fmt="qcow2") as t:
+        spec = f"restore:{repo}#s0,target={t.uri},state={short_tmp / 'state'},speed=32M"
+        with serve(ctl, spec) as srv:
+            qemu_io(srv.uri_for("vm"), *qemu_io_cmds(ws))
+            apply(model, ws)
+            j = wait_job(ctl, "restore-vm")
+            assert "error" not in j and j["complete"], j
+    mpath = short_tmp / "model.raw"
+    mpath.write_bytes(model)
+    r = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(mpath), str(q)], timeout=120)
+    assert r.returncode == 0
+    # zero chunks stayed unallocated in the qcow2 (WRITE_ZEROES, not data)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(q)], capture_output=True,
+                                     check=True).stdout)
+    assert info["actual-size"] < 0.9 * SIZE
