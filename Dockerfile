@@ -13,7 +13,9 @@
 #   never installed), and installs the project itself (not editable).
 # - runtime: python3 and that venv, nothing else.  The runtime imports only
 #   blake3, numpy, zstandard, cryptography, (optionally) uvloop and, for s3:// repositories, boto3; it never runs qemu-img, nbdkit or
-#   libnbd (zstandard's unused CFFI backend, 12 MB, is removed: its C one is used).
+#   libnbd (zstandard's unused CFFI backend, 12 MB, is removed: its C one is used;
+#   so are botocore's models of every AWS service but S3 and the STS/SSO ones its
+#   credential providers use, 27 MB: nbdbackup only makes S3 clients).
 #   Restoring with plugins/restore.py needs nbdkit and is done on a
 #   host (or an image of your own) with the checkout.
 #
@@ -38,6 +40,9 @@ RUN /opt/nbdbackup/.venv/bin/pip install -q --no-deps -c requirements.txt . \
  && /opt/nbdbackup/.venv/bin/python -c 'import blake3, numpy, uvloop, boto3, zstandard, cryptography, nbdbackup.cli' \
  && /opt/nbdbackup/.venv/bin/python -m pip uninstall -q -y pip setuptools \
  && rm -f /opt/nbdbackup/.venv/lib/python3*/site-packages/zstandard/_cffi.*.so \
+ && for d in /opt/nbdbackup/.venv/lib/python3*/site-packages/botocore/data/*/; do \
+        case "$(basename "$d")" in s3|sts|sso|sso-oidc) ;; *) rm -rf "$d" ;; esac; \
+    done \
  && find /opt/nbdbackup/.venv -name __pycache__ -prune -exec rm -rf {} +
 
 FROM ${BASE_IMAGE}

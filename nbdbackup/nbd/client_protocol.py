@@ -49,6 +49,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Generator, Iterable, Sequence
 
@@ -799,7 +800,7 @@ class Transmission:
         req = self._lookup(cookie)
         if err:
             req.error = wire.nbd_to_errno(err)
-            req.message = f"server error {err}"
+            req.message = f"{os.strerror(req.error)} (server error {err})"
             self._complete(cookie, req)
             return
         if req.cmd == _C_READ and req.length:

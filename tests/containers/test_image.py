@@ -62,6 +62,22 @@ def test_runtime_only(docker_engine, nbdbackup_image):
     assert r.stdout.splitlines() == [b"[]", b"[]"], r.stdout
 
 
+def test_s3_client_survives_the_trimmed_botocore(docker_engine, nbdbackup_image):
+    """The image keeps only botocore's S3/STS/SSO models: an S3 store still opens, and its
+    client builds requests (no connection: the endpoint is a closed local port)."""
+    script = (
+        "import boto3, zstandard, cryptography.hazmat.primitives.ciphers.aead as a\n"
+        "c = boto3.client('s3', region_name='us-east-1', endpoint_url='http://127.0.0.1:9',\n"
+        "                 aws_access_key_id='k', aws_secret_access_key='s')\n"
+        "print(c.generate_presigned_url('get_object', Params={'Bucket': 'b', 'Key': 'k'})[:26])\n"
+        "boto3.client('sts', region_name='us-east-1')\n"
+        "from nbdbackup.agent.s3store import S3Store\n"
+        "print(type(S3Store('s3://b/p', endpoint='http://127.0.0.1:9')).__name__)\n"
+    )
+    r = docker_engine.run("run", "--rm", "--entrypoint", "python", nbdbackup_image.tag, "-c", script)
+    assert r.stdout.splitlines() == [b"http://127.0.0.1:9/b/k?AWS", b"S3Store"], r.stdout
+
+
 def _wait(cond, timeout: float, what: str, poll: float = 0.1):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
