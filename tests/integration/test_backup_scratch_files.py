@@ -187,7 +187,8 @@ def test_guest_fstrim_over_free_space_copies_only_data(short_tmp, sync):
         buf = bytearray(big)
         await snap.pread(memoryview(buf), 0)
         assert bytes(buf) == orig
-        job.set_speed(0)
+        if job.query()["status"] == "running":  # the trim left only holes: the pump may be done already
+            job.set_speed(0)
         await job.wait()
         assert job.error is None
         with open(short_tmp / "t.raw", "rb") as f:
