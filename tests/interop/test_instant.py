@@ -223,7 +223,9 @@ def test_writer_during_restore_target_equals_model(short_tmp, setup_local, seed,
                               timeout=120).returncode == 0
         j = wait_job(ctl, "restore-vm")
         assert "error" not in j and j["complete"], j
-        assert j["bytes-owned-by-guest"] > 0 or speed == "0"
+        # At 16 MiB/s the job needs 4 s for the 64 MiB: the writer (which starts at once) surely
+        # lands in chunks not yet restored. Faster jobs may finish first (seen in a clean container).
+        assert j["bytes-owned-by-guest"] > 0 or speed != "16M", j
     assert same(mpath, tgt)
 
 
