@@ -15,7 +15,8 @@
 #   blake3, numpy, zstandard, cryptography, (optionally) uvloop and, for s3:// repositories, boto3; it never runs qemu-img, nbdkit or
 #   libnbd (zstandard's unused CFFI backend, 12 MB, is removed: its C one is used;
 #   so are botocore's models of every AWS service but S3 and the STS/SSO ones its
-#   credential providers use, 27 MB: nbdbackup only makes S3 clients).
+#   credential providers use, 27 MB: nbdbackup only makes S3 clients; and numpy's
+#   own test suites, 17 MB).
 #   Restoring with plugins/restore.py needs nbdkit and is done on a
 #   host (or an image of your own) with the checkout.
 #
@@ -43,6 +44,7 @@ RUN /opt/nbdbackup/.venv/bin/pip install -q --no-deps -c requirements.txt . \
  && for d in /opt/nbdbackup/.venv/lib/python3*/site-packages/botocore/data/*/; do \
         case "$(basename "$d")" in s3|sts|sso|sso-oidc) ;; *) rm -rf "$d" ;; esac; \
     done \
+ && find /opt/nbdbackup/.venv/lib/python3*/site-packages/numpy -type d -name tests -prune -exec rm -rf {} + \
  && find /opt/nbdbackup/.venv -name __pycache__ -prune -exec rm -rf {} +
 
 FROM ${BASE_IMAGE}
