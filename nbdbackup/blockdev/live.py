@@ -27,7 +27,8 @@ Hook protocol (`WriteHook`):
   async path.
 
 Task-free writes (`pwrite_now`, `zero_now`, `trim_now`, used by the server
-for small WRITEs, WRITE_ZEROES and TRIM): taken
+for small WRITEs, WRITE_ZEROES and TRIM; `pwrite_start`, a WRITE handed to
+the I/O engine with a completion callback): taken
 only when every attached hook has ``before_write_now`` and it says True for
 this write, the write is not FUA while hooks are attached (``on_durable`` is
 async), and the inner device's `pwrite_now` (`zero_now`, `trim_now`) takes
@@ -135,6 +136,27 @@ class LiveDev(FilterDev):
         for h in self._after:
             h.after_write(offset, length)
         return True
+
+    def pwrite_start(self, buf: Buffer, offset: int, fua: bool, cb) -> bool:
+        """`pwrite_start` of the inner device when every hook is done now
+        (as `pwrite_now`); ``after_write`` hooks run when the write succeeded."""
+        if type(self).pwrite is not LiveDev.pwrite:
+            return False
+        if not self._hooks:
+            return self.inner.pwrite_start(buf, offset, fua, cb)
+        length = memoryview(buf).nbytes
+        if not self._hooks_done_now(offset, length, fua):
+            return False
+        after = self._after
+        if not after:
+            return self.inner.pwrite_start(buf, offset, fua, cb)
+
+        def done(err: int) -> None:
+            if not err:
+                for h in after:
+                    h.after_write(offset, length)
+            cb(err)
+        return self.inner.pwrite_start(buf, offset, fua, done)
 
     def _hooks_done_now(self, offset: int, length: int, fua: bool) -> bool | None:
         """For the task-free paths: None = no hooks; True = every hook's
