@@ -249,3 +249,32 @@ def test_server_write_error_is_an_nbd_error(io_engine, image, short_tmp):
             await server.shutdown()
 
     asyncio.run(main())
+
+
+def test_filedev_large_reads_and_flush_go_to_the_engine(io_engine, image):
+    async def main():
+        dev = FileDev(image)
+        eng = io.for_loop()
+        calls = []
+        if eng is not None:
+            for name in ("read", "fsync"):
+                real = getattr(eng, name)
+
+                def spy(*a, _real=real, _name=name):
+                    calls.append(_name)
+                    _real(*a)
+                setattr(eng, name, spy)
+        data = os.urandom(2 << 20)
+        await dev.pwrite(data, 1 << 20)
+        buf = bytearray(2 << 20)
+        await dev.pread(memoryview(buf), 1 << 20)
+        assert buf == data
+        small = bytearray(4096)
+        await dev.pread(memoryview(small), 1 << 20)
+        assert small == data[:4096]
+        await dev.flush()
+        await dev.close()
+        if eng is not None:
+            assert calls == ["read", "fsync"]  # the 4 KiB read stayed inline (page cache)
+
+    asyncio.run(main())
