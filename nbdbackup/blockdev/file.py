@@ -22,8 +22,10 @@ or ``threads``, what used to go to the pool (cache-missing reads, writes
 above ``engine_inline_max`` bytes, FUA writes, fdatasync) goes to the loop's
 engine instead, batched per loop iteration; `pwrite_start` hands a WRITE to
 it with a completion callback, so the server needs no task for it.  Writes of
-at most ``engine_inline_max`` bytes (default 4 KiB, ``NBDBACKUP_IO_INLINE_MAX``)
-stay inline: a 4 KiB pwrite costs about 1.6 us, less than any hand-off.
+at most ``engine_inline_max`` bytes (default 16 KiB, ``NBDBACKUP_IO_INLINE_MAX``)
+stay inline: a 4 KiB pwrite into 4 KiB folios costs the loop ~2.3 us, a
+16 KiB one ~5.5 us, about what a hand-off plus its completion costs the loop
+in the server (bench/ioengine_bench.py; docs/ioengine.md).
 Reads of ``engine_read_min`` bytes or more (default 1 MiB,
 ``NBDBACKUP_IO_READ_MIN``: the pump's and the pull's chunks) go to the engine
 at once, even when cached: the copy out of the page cache then runs beside
@@ -126,7 +128,7 @@ class FileDev(BlockDev):
         self._punch_ok = True
         self._zero_range_ok = True
         #: With an engine: non-FUA writes up to this many bytes stay inline.
-        self.engine_inline_max = int(os.environ.get("NBDBACKUP_IO_INLINE_MAX", "4096"))
+        self.engine_inline_max = int(os.environ.get("NBDBACKUP_IO_INLINE_MAX", "16384"))
         #: With an engine: `pread` of at least this many bytes goes straight
         #: to it (no inline RWF_NOWAIT attempt; `pread_now` still tries).
         self.engine_read_min = int(os.environ.get("NBDBACKUP_IO_READ_MIN", str(1024 * 1024)))
