@@ -20,7 +20,7 @@ from .errors import NBDBackupError
 
 #: Subcommand modules, in help order.  A module missing from the tree is skipped
 #: (work in progress never breaks the other commands).
-COMMAND_MODULES = ["serve", "info", "backup", "job", "bitmap", "export", "pull", "repo"]
+COMMAND_MODULES = ["serve", "info", "backup", "job", "bitmap", "export", "pull", "repo", "restore", "agent"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,6 +64,8 @@ class App:
     control: Any = None
     specs: dict = field(default_factory=dict)
     bitmaps: Any = None
+    #: the command-line options (repository options for ``restore:`` exports), or None
+    args: Any = None
 
 
 def check_description(name: str, description: str) -> None:
@@ -83,6 +85,11 @@ async def add_export(app: App, name: str, spec: str, read_only: bool = False, de
     path) never leaves the host.  ``query-block-exports`` on the control socket
     still shows the SPEC.
     """
+    if spec.startswith("restore:"):  # instant recovery (commands/instant.py)
+        from .commands.instant import add_restore_spec
+
+        await add_restore_spec(app, name, spec, read_only, description)
+        return
     if name in app.server.exports:
         raise ConfigError(f"export {name!r} already exists")
     check_description(name, description)
@@ -186,7 +193,7 @@ async def start(server, args: argparse.Namespace | None = None, control_sock: An
     from .bitmap.manager import BitmapManager
     from .bitmap.manager import register_commands as register_bitmap_commands
 
-    app = App(server)
+    app = App(server, args=args)
     try:
         app.bitmaps = BitmapManager(getattr(args, "state_dir", None))
     except OSError as e:
@@ -200,12 +207,18 @@ async def start(server, args: argparse.Namespace | None = None, control_sock: An
     app.engine = Engine(server, emit=qmp.emit if qmp else None,
                         bitmaps=RegistryBitmapSource(app.bitmaps.lookup))
     app.bitmaps.engine = app.engine
+    app.engine.scratch_dir = getattr(args, "state_dir", None)  # default scratch files go there
+    for path in app.engine.sweep_scratch():  # left by a crash
+        log.info("removed stale scratch file %s", path)
     for name, spec, read_only, description in exports:
         await add_export(app, name, spec, read_only, description)
     if qmp is not None:
         register_engine_commands(qmp, app.engine, app.bitmaps)
         register_export_commands(qmp, app)
         register_bitmap_commands(qmp, app.bitmaps)
+        from .commands.instant import register_restore_commands
+
+        register_restore_commands(qmp, app)
         try:
             if control_sock is not None:
                 await qmp.start_socket(control_sock)

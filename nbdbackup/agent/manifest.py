@@ -98,6 +98,23 @@ class Manifest:
                               f"{other.size}/{other.chunk_size}")
         return [i for i, (a, b) in enumerate(zip(self.chunks, other.chunks)) if a != b]
 
+    # -- binary form (repository snapshots) -----------------------------------
+
+    def packed(self) -> bytes:
+        """The digests as one string of 32-byte values (what `root` hashes)."""
+        assert all(len(c) == 32 for c in self.chunks), "manifest incomplete"
+        return b"".join(self.chunks)
+
+    @classmethod
+    def from_packed(cls, size: int, chunk_size: int, packed, where: str = "manifest") -> "Manifest":
+        """The manifest of ``size`` bytes whose digests are ``packed`` (see `packed`)."""
+        m = cls(size, chunk_size)
+        mv = memoryview(packed).cast("B")
+        if len(mv) != 32 * m.count:
+            raise ConfigError(f"{where}: {len(mv)} bytes of digests for {m.count} chunks")
+        m.chunks = [bytes(mv[o:o + 32]) for o in range(0, len(mv), 32)]
+        return m
+
     # -- files ----------------------------------------------------------------
 
     def to_json(self) -> dict:

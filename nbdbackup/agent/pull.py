@@ -23,6 +23,11 @@ The manifest of the result: digests of worked chunks come from the source;
 other chunks are zero digests (full) or come from ``base`` (the previous
 pull's manifest, incremental) or, without it, from reading the target.
 
+``trim_after_read``: each worked chunk is TRIMmed on the source once it is
+safe in the target (or the sink): a backup's snapshot export started with
+``snapshot-trim`` then drops its copy-before-write copies of it and stops
+copying there (docs/scratch.md); later reads of those ranges fail.
+
 Invariants: the target is flushed (fdatasync) before `pull` returns; a
 failure leaves the target partly updated and raises (the manifest is only
 produced on success, so a failed pull is never mistaken for a good one).
@@ -56,6 +61,7 @@ class PullStats:
     bytes_read: int = 0
     bytes_written: int = 0
     bytes_zeroed: int = 0
+    bytes_trimmed: int = 0
     chunks_worked: int = 0
     chunks_skipped: int = 0
     seconds: float = 0.0
@@ -123,15 +129,21 @@ def _blank(mv: memoryview, base: int, ranges: list[tuple[int, int]], zeros: byte
         mv[o - base : o - base + n] = zeros[:n]
 
 
-async def _hash(mv: memoryview) -> bytes:
-    """blake3 of a chunk; large ones on a worker thread (the loop keeps serving)."""
-    return await asyncio.to_thread(digest, mv) if len(mv) >= 1 << 20 else digest(mv)
+async def _hash(mv: memoryview, chunk_id=digest) -> bytes:
+    """``chunk_id`` (blake3) of a chunk; large ones on a worker thread (the loop keeps serving)."""
+    return await asyncio.to_thread(chunk_id, mv) if len(mv) >= 1 << 20 else chunk_id(mv)
 
 
 async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None, fresh: bool = False,
                chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
-               sink=None, progress=None) -> tuple[Manifest, PullStats]:
+               sink=None, progress=None, chunk_id=digest, zero_id=zero_digest,
+               dirty: list[tuple[int, int]] | None = None,
+               trim_after_read: bool = False) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
+
+    ``dirty``: incremental with the dirty ranges given (sorted, disjoint
+    ``(offset, length)``) instead of read from ``src``'s bitmap context (the
+    backup agent reads them from a frozen bitmap of the live export).
 
     ``fresh``: ``dst`` is a new, all-hole file (holes need no zeroing).
     ``sink(i, digest, chunk)`` (a coroutine function): instead of writing to
@@ -139,30 +151,47 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     repository); ``dst`` is then only read, as the previous backup of an
     incremental pull, and may be None for a full one.
     ``progress(done_bytes, total_bytes)`` is called as chunks finish.
+    ``chunk_id(data)`` / ``zero_id(length)``: how the manifest names a
+    chunk (default plain blake3; a repository's `Repository.chunk_id` /
+    `zero_id`, keyed when it is encrypted).
+    ``trim_after_read``: TRIM each worked chunk on ``src`` afterwards (the
+    target's copy is written, not yet flushed: the snapshot's copy is not
+    needed to redo it, since a failed pull is redone from a new snapshot).
     """
     t0 = time.monotonic()
     size = src.size
-    if dst is None and (sink is None or bitmap is not None):
+    if dirty is not None and bitmap is not None:
+        raise ConfigError("give a bitmap name or dirty ranges, not both")
+    incremental = bitmap is not None or dirty is not None
+    if dst is None and (sink is None or incremental):
         raise ConfigError("a pull without a target needs a sink and no bitmap")
-    if dst is not None and (dst.size < size or (bitmap is not None and dst.size != size)):
+    if dst is not None and (dst.size < size or (incremental and dst.size != size)):
         raise ConfigError(f"target is {dst.size} bytes, the source {size}"
-                          + (" (an incremental pull needs the previous backup, same size)" if bitmap else ""))
+                          + (" (an incremental pull needs the previous backup, same size)" if incremental else ""))
     man = Manifest(size, chunk_size)
     if base is not None and (base.size, base.chunk_size) != (size, chunk_size):
         raise ConfigError(f"base manifest is for {base.size} bytes in {base.chunk_size}-byte chunks, "
                           f"this pull is {size} in {chunk_size}")
+    if trim_after_read:
+        caps = src.capabilities()
+        if caps.read_only or not caps.can_trim:
+            raise ConfigError("the source does not accept TRIM (a snapshot export takes it when the "
+                              "backup was started with snapshot-trim)")
     alloc = await src.extents(0, size, BASE_ALLOCATION) if size else []
     data = _ranges(alloc, lambda f: (f & HOLE_ZERO) != HOLE_ZERO)
     zero = _ranges(alloc, lambda f: (f & HOLE_ZERO) == HOLE_ZERO)
-    if bitmap is None:
+    if not incremental:
         wanted_data, wanted_zero = data, ([] if fresh or sink is not None else zero)
         work = sorted({i for o, n in data for i in man.chunks_of(o, n)}
                       | {i for o, n in wanted_zero for i in man.chunks_of(o, n)})
     else:
-        ctx = DIRTY_BITMAP_PREFIX + bitmap
-        if ctx not in src.meta_contexts():
-            raise ConfigError(f"the source offers no {ctx!r} (offered: {', '.join(src.meta_contexts()) or 'none'})")
-        dirty = _ranges(await src.extents(0, size, ctx), lambda f: f & 1)
+        if dirty is None:
+            assert bitmap is not None
+            ctx = DIRTY_BITMAP_PREFIX + bitmap
+            if ctx not in src.meta_contexts():
+                raise ConfigError(f"the source offers no {ctx!r} "
+                                  f"(offered: {', '.join(src.meta_contexts()) or 'none'})")
+            dirty = _ranges(await src.extents(0, size, ctx), lambda f: f & 1)
         wanted_data, wanted_zero = _intersect(dirty, data), _intersect(dirty, zero)
         work = sorted({i for o, n in dirty for i in man.chunks_of(o, n)})
     stats = PullStats(size=size)
@@ -177,25 +206,28 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         c_off, c_len = man.chunk_range(i)
         c_end = c_off + c_len
         mv = whole[:c_len]
-        if bitmap is not None:
+        if incremental:
             await dst.pread(mv, c_off)  # the previous backup, patched below
         pieces = _pieces(wanted_data, c_off, c_end)
         await _read_into(src, mv, c_off, pieces)
         zeros = _split(wanted_zero, c_off, c_end)
         # The chunk buffer is reused: every byte not read must be set.
-        _blank(mv, c_off, zeros if bitmap is not None else _gaps(pieces, c_off, c_end), zero_chunk)
+        _blank(mv, c_off, zeros if incremental else _gaps(pieces, c_off, c_end), zero_chunk)
         if sink is not None:
-            man.chunks[i] = d = await _hash(mv)
+            man.chunks[i] = d = await _hash(mv, chunk_id)
             await sink(i, d, mv)
         else:
             assert dst is not None
             # Hash and write at once: both only read the chunk buffer.
-            hashed = asyncio.ensure_future(_hash(mv))
+            hashed = asyncio.ensure_future(_hash(mv, chunk_id))
             try:
                 await asyncio.gather(*(dst.pwrite(mv[p - c_off : p - c_off + n], p) for p, n in pieces),
                                      *(dst.zero(o, n, may_trim=True) for o, n in zeros))
             finally:
                 man.chunks[i] = await hashed
+        if trim_after_read:
+            await src.trim(c_off, c_len)
+            stats.bytes_trimmed += c_len
         stats.bytes_read += sum(n for _, n in pieces)
         if sink is None:
             stats.bytes_written += sum(n for _, n in pieces)
@@ -216,8 +248,8 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     for i in range(man.count):
         if i in work_set:
             continue
-        if bitmap is None:
-            man.chunks[i] = zero_digest(man.chunk_range(i)[1])
+        if not incremental:
+            man.chunks[i] = zero_id(man.chunk_range(i)[1])
         elif base is not None:
             man.chunks[i] = base.chunks[i]
         else:
@@ -225,7 +257,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
             off, n = man.chunk_range(i)
             buf = bytearray(n)
             await dst.pread(memoryview(buf), off)
-            man.chunks[i] = digest(buf)
+            man.chunks[i] = chunk_id(buf)
     if sink is None:
         assert dst is not None
         await dst.flush()

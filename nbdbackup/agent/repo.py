@@ -8,12 +8,29 @@ the base snapshot's chunks and stores only chunks it has not seen: every
 snapshot is complete on its own (incremental forever, no chains to merge),
 and deleting one never breaks another.
 
-Layout over an `ObjectStore` (keys are '/'-separated paths)::
+Layout over an `ObjectStore` (keys are '/'-separated paths), format 2::
 
-    config.json                 {"format": "nbdbackup-repo", "version": 1, "chunk_size": N}
-    chunks/<2 hex>/<64 hex>     a chunk's bytes (the digest is blake3 of exactly them)
-    snapshots/<name>.json       {"name", "created", "source", "parent", "manifest": {...}}
+    config.json                 {"format": "nbdbackup-repo", "version": 2, "id": "<32 hex>",
+                                 "chunk_size": N, "encryption": "none|repokey|keyfile",
+                                 "compression": "zstd:LEVEL|none"}  (plain JSON: read before any key)
+    keys/repokey                ``repokey`` only: the wrapped master key (`agent.crypto`)
+    chunks/<2 hex>/<64 hex>     a chunk, encoded by `agent.codec` (zstd when it pays, AES-256-GCM
+                                when encrypted); its name is the chunk's id: blake3 of its
+                                plaintext, keyed with the id key when the repository is encrypted
+    snapshots/<name>            "NBDS" u8 version u32 meta_len, then two `agent.codec` envelopes:
+                                metadata (JSON {"name", "created", "source", "parent", "size",
+                                "chunk_size", "root", "meta"?} + its blake3; associated name
+                                "snapshots/<name>#meta") and the packed 32-byte chunk ids
+                                (zstd-compressed; "snapshots/<name>#digests")
     locks/...                   S3 only: lease objects (see `agent.s3store`)
+
+A snapshot's ``root`` is the blake3 of its packed ids (`Manifest.root`), so
+the two envelopes cannot be mixed between snapshots; `snapshot_info` reads
+only the object's first bytes (`get_range`), `load_snapshot` the whole
+object in one GET (never a listing).  A 1 TiB disk in 4 MiB chunks has
+262144 ids: 8 MiB packed at most, a few KiB when mostly holes.  In an
+encrypted repository everything but config.json, the key blob (itself
+wrapped) and the object sizes and times is opaque to the store's operator.
 
 ``created`` is when the snapshot was saved (ISO 8601, UTC, in seconds);
 ``repo prune`` (`agent.retention`) buckets snapshots by it.
@@ -28,16 +45,20 @@ snapshot is written, so a crash cannot keep a snapshot and lose its chunks).  It
 pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
 waiting: a busy repository is an error), so ``gc`` never removes the chunks
 of a pull in progress, nor ``prune`` its base.  The store interface is small on
-purpose (put/put_new/get/exists/list/list_times/delete/delete_many/mtime/lock), so that
+purpose (put/put_new/get/get_range/exists/list/list_times/delete/delete_many/mtime/lock;
+get_range is optional: without it `snapshot_info` reads the whole object), so that
 `agent.s3store.S3Store` (``s3://BUCKET/PREFIX``) implements it too;
 `open_store` picks the store from the repository argument.  ``gc`` never
 removes a chunk younger than the store's ``gc_grace`` seconds (0 for a
 directory, whose flock is exact; an hour on S3, whose leases can expire
-under a stalled holder).  Not yet: compression, encryption.
+under a stalled holder).
 
-Invariants: `get_chunk` never returns bytes whose blake3 differs from the
-digest asked for (it raises `CorruptChunk`, an ``OSError(EIO)``); a snapshot
-is saved only after all its chunks are stored.
+Invariants: `get_chunk` never returns bytes whose id differs from the id
+asked for, nor bytes that fail authentication (it raises `CorruptChunk`, an
+``OSError(EIO)``, naming the chunk); a snapshot object that is damaged,
+truncated, renamed or from another repository is a `ConfigError` naming
+the snapshot; a snapshot is saved only after all its chunks are stored;
+chunk ids are computed only by `Repository.chunk_id`/`zero_id`.
 """
 
 from __future__ import annotations
@@ -49,15 +70,29 @@ import fcntl
 import json
 import os
 import re
+import struct
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
+import blake3
+
+from . import crypto
 from ..blockdev.base import BASE_ALLOCATION, HOLE_ZERO, BlockDev, Buffer, BlockSize, Capabilities, Extent
 from ..errors import ConfigError
+from .codec import DEFAULT_LEVEL, Codec, CodecError, compression_name, parse_compression
+from .crypto import MasterKey, Passphrase
 from .manifest import DEFAULT_CHUNK, Manifest, digest, zero_digest
 
 FORMAT = "nbdbackup-repo"
-VERSION = 1
+VERSION = 2
+CONFIG = "config.json"
+REPOKEY = "keys/repokey"
+ENCRYPTIONS = ("none", "repokey", "keyfile")
+SNAP_MAGIC = b"NBDS"
+#: After `SNAP_MAGIC`: format version (u8), length of the metadata envelope (u32, big-endian).
+_SNAP_HEAD = struct.Struct(">BI")
+#: Largest snapshot metadata (JSON + checksum) accepted.
+META_MAX = 64 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 
 
@@ -133,6 +168,11 @@ class DirStore:
         with open(self._path(key), "rb") as f:
             return f.read()
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """At most ``length`` bytes of ``key`` from ``offset`` (fewer at its end)."""
+        with open(self._path(key), "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
 
@@ -195,6 +235,10 @@ def open_store(spec: str, *, endpoint: str | None = None) -> Store:
     return DirStore(spec)
 
 
+def _snap_key(name: str) -> str:
+    return f"snapshots/{name}"
+
+
 def _chunk_key(d: bytes) -> str:
     h = d.hex()
     return f"chunks/{h[:2]}/{h}"
@@ -207,106 +251,325 @@ def check_name(name: str) -> str:
 
 
 class Repository:
-    """A chunk repository over a store (see the module doc)."""
+    """A chunk repository over a store (see the module doc).
 
-    def __init__(self, store: Store, chunk_size: int) -> None:
+    Fields: ``store``; ``chunk_size``; ``id`` (random hex, names the
+    repository in key blobs and key file paths); ``encryption`` (``none``,
+    ``repokey``, ``keyfile``); ``codec`` (`agent.codec.Codec`: compression
+    level and encryption key); ``_master`` (the unwrapped `MasterKey`, None
+    when not encrypted); ``_id_key`` (its keyed-blake3 key of chunk ids);
+    ``_key_source`` (where the wrapped key was read
+    from: ``("store", "keys/repokey")`` or ``("file", PATH)``; None when not
+    encrypted); ``_zero`` (cache: length -> id of that many zero bytes).
+    """
+
+    def __init__(self, store: Store, chunk_size: int, *, repo_id: str = "", encryption: str = "none",
+                 codec: Codec | None = None, master: MasterKey | None = None,
+                 key_source: tuple[str, str] | None = None) -> None:
         self.store = store
         self.chunk_size = chunk_size
+        self.id = repo_id
+        self.encryption = encryption
+        self.codec = codec if codec is not None else Codec(level=None)
+        self._id_key = master.id_key if master is not None else None
+        self._master = master
+        self._key_source = key_source
+        self._zero: dict[int, bytes] = {}
 
     @classmethod
-    def init(cls, store: Store, chunk_size: int = DEFAULT_CHUNK) -> "Repository":
+    def init(cls, store: Store, chunk_size: int = DEFAULT_CHUNK, *, encryption: str = "none",
+             compression: int | None = DEFAULT_LEVEL, passphrase: Passphrase = None, key_file: str | None = None,
+             log_n: int = crypto.LOG_N) -> "Repository":
+        """Create a repository; ``encryption`` ``repokey``/``keyfile`` wraps a new
+        master key with ``passphrase`` and keeps it in the store / in ``key_file``
+        (default `crypto.default_key_path`).  The config is written last."""
         Manifest(0, chunk_size)  # validates the chunk size
-        if store.exists("config.json"):
+        if encryption not in ENCRYPTIONS:
+            raise ConfigError(f"encryption {encryption!r}: give {', '.join(ENCRYPTIONS)}")
+        if store.exists(CONFIG):
             raise ConfigError(f"{store.root} already holds a repository")
+        repo_id = os.urandom(16).hex()
+        master, source = None, None
+        if encryption != "none":
+            secret = passphrase() if callable(passphrase) else passphrase
+            if not secret:
+                raise ConfigError("an encrypted repository needs a passphrase")
+            master = MasterKey.generate()
+            blob = crypto.wrap(master, secret, repo_id, log_n=log_n)
+            if encryption == "keyfile":
+                path = os.path.abspath(key_file or crypto.default_key_path(repo_id))
+                if os.path.exists(path):
+                    raise ConfigError(f"{path} exists: will not overwrite a key")
+                source = ("file", path)
+        elif key_file:
+            raise ConfigError("--key-file is for encrypted repositories")
         store.create()
-        store.put("config.json", json.dumps({"format": FORMAT, "version": VERSION,
-                                             "chunk_size": chunk_size}).encode())
-        return cls(store, chunk_size)
+        if master is not None:
+            if source is None:
+                source = ("store", REPOKEY)
+                store.put(REPOKEY, blob)
+            else:
+                crypto.write_private(source[1], blob)
+        store.put(CONFIG, json.dumps({"format": FORMAT, "version": VERSION, "id": repo_id,
+                                      "chunk_size": chunk_size, "encryption": encryption,
+                                      "compression": compression_name(compression)}, indent=1).encode())
+        store.flush()
+        return cls(store, chunk_size, repo_id=repo_id, encryption=encryption, master=master, key_source=source,
+                   codec=Codec(level=compression, key=master.enc_key if master else None))
 
     @classmethod
-    def open(cls, store: Store) -> "Repository":
+    def open(cls, store: Store, *, passphrase: Passphrase = None, key_file: str | None = None,
+             require_encryption: bool = False) -> "Repository":
+        """Open (and, when encrypted, unlock) the repository in ``store``.
+
+        ``passphrase`` (a string, or a function asked only when the
+        repository is encrypted) unwraps the key read from ``key_file`` if
+        given, else from the repository (``repokey``) or the default key
+        file (``keyfile``).  ``require_encryption`` (the user named a key or
+        passphrase file): a repository whose config says it is not encrypted
+        is refused, so a store operator who rewrites config.json cannot make
+        such a client write plaintext.  Every failure is a `ConfigError`."""
         try:
-            cfg = json.loads(store.get("config.json"))
+            cfg = json.loads(store.get(CONFIG))
         except FileNotFoundError:
             raise ConfigError(f"{store.root} is not a repository (run 'nbdbackup repo init')") from None
         except ValueError as e:
-            raise ConfigError(f"{store.root}/config.json is damaged: {e}") from None
-        if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
-            raise ConfigError(f"{store.root}: not an {FORMAT} version {VERSION} repository")
-        return cls(store, int(cfg["chunk_size"]))
+            raise ConfigError(f"{store.root}/{CONFIG} is damaged: {e}") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            raise ConfigError(f"{store.root}: not an {FORMAT} repository")
+        if cfg.get("version") == 1:
+            raise ConfigError(f"{store.root}: a format-1 repository (no compression, encryption or binary "
+                              f"manifests); this nbdbackup reads format {VERSION} only: create a new one with "
+                              "'nbdbackup repo init' and pull into it")
+        if cfg.get("version") != VERSION:
+            raise ConfigError(f"{store.root}: {FORMAT} version {cfg.get('version')!r}, this nbdbackup reads "
+                              f"version {VERSION}")
+        try:
+            repo_id, chunk_size, enc = str(cfg["id"]), int(cfg["chunk_size"]), cfg["encryption"]
+            level = parse_compression(cfg["compression"])
+            if enc not in ENCRYPTIONS:
+                raise ValueError(f"encryption {enc!r}")
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise ConfigError(f"{store.root}/{CONFIG} is damaged: {e}") from None
+        if enc == "none":
+            if require_encryption or key_file:
+                raise ConfigError(f"{store.root} is not encrypted, but a key or passphrase file was given "
+                                  "(its config.json says encryption none)")
+            return cls(store, chunk_size, repo_id=repo_id, codec=Codec(level=level))
+        blob, source = cls._read_key(store, repo_id, enc, key_file)
+        try:
+            secret = passphrase() if callable(passphrase) else passphrase
+        except ConfigError as e:
+            raise ConfigError(f"{store.root} is encrypted: {e}") from None
+        if not secret:
+            raise ConfigError(f"{store.root} is encrypted: a passphrase is needed")
+        master = crypto.unwrap(blob, secret, repo_id,
+                               source[1] if source[0] == "file" else f"{store.root}/{source[1]}")
+        return cls(store, chunk_size, repo_id=repo_id, encryption=enc, master=master, key_source=source,
+                   codec=Codec(level=level, key=master.enc_key))
+
+    @staticmethod
+    def _read_key(store: Store, repo_id: str, enc: str, key_file: str | None) -> tuple[bytes, tuple[str, str]]:
+        """The wrapped key blob and where it came from (see ``_key_source``)."""
+        if key_file is None and enc == "repokey":
+            try:
+                return store.get(REPOKEY), ("store", REPOKEY)
+            except FileNotFoundError:
+                raise ConfigError(f"{store.root}/{REPOKEY} is missing: give --key-file with an exported "
+                                  "copy of the key") from None
+        path = os.path.abspath(key_file or crypto.default_key_path(repo_id))
+        try:
+            with open(path, "rb") as f:
+                return f.read(), ("file", path)
+        except OSError as e:
+            raise ConfigError(f"cannot read the key of repository {repo_id} at {path}: {e.strerror or e}"
+                              + ("" if key_file else " (give --key-file)")) from None
+
+    # -- keys -------------------------------------------------------------------
+
+    def key_blob(self) -> bytes:
+        """The wrapped key (for ``repo key export``: useless without the passphrase)."""
+        if self._key_source is None:
+            raise ConfigError(f"{self.store.root} is not encrypted: it has no key")
+        kind, where = self._key_source
+        if kind == "store":
+            return self.store.get(where)
+        with open(where, "rb") as f:
+            return f.read()
+
+    def change_passphrase(self, passphrase: str, *, log_n: int = crypto.LOG_N) -> str:
+        """Rewrap the master key under ``passphrase`` where it was read from; return where."""
+        if self._master is None or self._key_source is None:
+            raise ConfigError(f"{self.store.root} is not encrypted: it has no passphrase")
+        blob = crypto.wrap(self._master, passphrase, self.id, log_n=log_n)
+        kind, where = self._key_source
+        if kind == "store":
+            self.store.put(where, blob)
+            self.store.flush()
+            return f"{self.store.root}/{where}"
+        crypto.write_private(where, blob)
+        return where
 
     # -- chunks ---------------------------------------------------------------
 
     def chunk_id(self, data: Buffer) -> bytes:
-        """The id a chunk holding ``data`` is stored under (callers never hash chunks themselves)."""
-        return digest(data)
+        """The id a chunk holding ``data`` is stored under (callers never hash chunks themselves):
+        blake3, keyed with the repository's id key when it is encrypted."""
+        if self._id_key is None:
+            return digest(data)
+        return blake3.blake3(data, key=self._id_key).digest()
 
     def zero_id(self, length: int) -> bytes:
         """The id of an all-zero chunk of ``length`` bytes (never stored)."""
-        return zero_digest(length)
+        d = self._zero.get(length)
+        if d is None:
+            d = self._zero[length] = zero_digest(length) if self._id_key is None else self.chunk_id(bytes(length))
+        return d
 
     def put_chunk(self, d: bytes, data: Buffer) -> bool:
-        """Store ``data`` under digest ``d`` unless known; True if it was new."""
-        if d == zero_digest(len(memoryview(data))):
+        """Store ``data`` under id ``d`` unless known; True if it was new.
+        Compresses and encrypts: call it on a worker thread."""
+        if d == self.zero_id(len(memoryview(data))):
             return False
         key = _chunk_key(d)
         if self.store.exists(key):  # saves the upload of a known chunk
             return False
-        return self.store.put_new(key, data)
+        return self.store.put_new(key, self.codec.encode(key, data))
 
     def get_chunk(self, d: bytes, length: int) -> bytes:
-        """The bytes of chunk ``d`` (``length`` long), checked against ``d``."""
-        if d == zero_digest(length):
+        """The bytes of chunk ``d`` (``length`` long), decrypted and checked against ``d``."""
+        if d == self.zero_id(length):
             return bytes(length)
+        key = _chunk_key(d)
         try:
-            data = self.store.get(_chunk_key(d))
+            blob = self.store.get(key)
         except FileNotFoundError:
             raise CorruptChunk(d.hex(), "missing") from None
-        if len(data) != length or digest(data) != d:
+        try:
+            data = self.codec.decode(key, blob, length)
+        except CodecError as e:
+            raise CorruptChunk(d.hex(), str(e)) from None
+        if len(data) != length or self.chunk_id(data) != d:
             raise CorruptChunk(d.hex(), "does not match its blake3 digest")
         return data
 
     # -- snapshots ------------------------------------------------------------
 
-    def save_snapshot(self, name: str, man: Manifest, *, source: str = "", parent: str | None = None) -> None:
+    def save_snapshot(self, name: str, man: Manifest, *, source: str = "", parent: str | None = None,
+                      created: datetime.datetime | None = None, meta: dict | None = None) -> None:
+        """Write snapshot ``name`` (``created``: default now, UTC; given by tests and imports).
+
+        ``meta``: optional JSON-able facts kept under the metadata's ``"meta"``
+        key (the backup agent's bitmap, base and point in time: `agent.workflow`).
+        """
         check_name(name)
         if man.chunk_size != self.chunk_size:
             raise ConfigError(f"manifest chunk size {man.chunk_size} != repository's {self.chunk_size}")
-        doc = {"name": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "source": source, "parent": parent, "manifest": man.to_json()}
+        created = created or datetime.datetime.now(datetime.timezone.utc)
+        doc = {"name": name, "created": created.isoformat(timespec="seconds"), "source": source,
+               "parent": parent, "size": man.size, "chunk_size": man.chunk_size, "root": man.root.hex()}
+        if meta:
+            doc["meta"] = meta
+        blob = self._snapshot_blob(name, doc, man.packed())
         self.store.flush()  # the chunks it names are durable before the snapshot exists
         self.store.check_lock()  # and gc cannot have run meanwhile (an S3 lease may expire)
-        self.store.put(f"snapshots/{name}.json", json.dumps(doc, separators=(",", ":")).encode())
+        self.store.put(_snap_key(name), blob)
         self.store.flush()
 
-    def snapshot_info(self, name: str) -> dict:
-        check_name(name)
+    def _snapshot_blob(self, name: str, meta: dict, packed: bytes) -> bytes:
+        """A snapshot object (see the module doc); ``meta`` is written as given."""
+        key = _snap_key(name)
+        text = json.dumps(meta, separators=(",", ":")).encode()
+        head = self.codec.encode(key + "#meta", text + digest(text), compress=False)
+        return b"".join((SNAP_MAGIC, _SNAP_HEAD.pack(VERSION, len(head)), head,
+                         self.codec.encode(key + "#digests", packed)))
+
+    def _damaged(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"snapshot {name!r} in {self.store.root} is damaged: {why}")
+
+    def _read_meta(self, name: str, blob: bytes) -> tuple[dict, int] | None:
+        """The metadata of snapshot object ``blob`` and where its digests start,
+        or None when ``blob`` is only the object's beginning and too short."""
+        key = _snap_key(name)
+        if len(blob) < len(SNAP_MAGIC) + _SNAP_HEAD.size or not blob.startswith(SNAP_MAGIC):
+            raise self._damaged(name, "not a snapshot object")
+        version, n = _SNAP_HEAD.unpack_from(blob, len(SNAP_MAGIC))
+        start = len(SNAP_MAGIC) + _SNAP_HEAD.size
+        if version != VERSION:
+            raise self._damaged(name, f"snapshot format {version}")
+        if len(blob) < start + n:
+            return None
         try:
-            info = json.loads(self.store.get(f"snapshots/{name}.json"))
+            text = self.codec.decode(key + "#meta", blob[start:start + n], META_MAX)
+        except CodecError as e:
+            raise self._damaged(name, f"metadata {e}") from None
+        text, check = text[:-32], text[-32:]
+        try:
+            if digest(text) != check:
+                raise ValueError("checksum mismatch")
+            meta = json.loads(text)
+            if not isinstance(meta, dict) or meta.get("name") != name:
+                raise ValueError("metadata of another snapshot")
+            for f in ("size", "chunk_size"):
+                if not isinstance(meta.get(f), int):
+                    raise ValueError(f"no {f}")
+        except ValueError as e:
+            raise self._damaged(name, f"metadata {e}") from None
+        meta["manifest"] = {"size": meta["size"], "chunk_size": meta["chunk_size"], "root": meta.get("root")}
+        return meta, start + n
+
+    def _get_snapshot(self, name: str, head: int | None = None) -> bytes:
+        check_name(name)
+        key = _snap_key(name)
+        try:
+            if head is not None and hasattr(self.store, "get_range"):
+                return self.store.get_range(key, 0, head)
+            return self.store.get(key)
         except FileNotFoundError:
             raise ConfigError(f"no snapshot {name!r} in {self.store.root}") from None
-        except ValueError as e:
-            raise ConfigError(f"snapshot {name!r} in {self.store.root} is damaged: {e}") from None
-        if not isinstance(info, dict):
-            raise ConfigError(f"snapshot {name!r} in {self.store.root} is damaged: not a JSON object")
-        return info
+
+    def snapshot_info(self, name: str) -> dict:
+        """The metadata of snapshot ``name``: name, created, source, parent, size,
+        chunk_size, root (hex) and ``manifest`` (size, chunk_size, root); its
+        digests are not read (only the object's first bytes, where the store can)."""
+        got = self._read_meta(name, self._get_snapshot(name, META_MAX + 1024))
+        if got is None:  # metadata longer than guessed
+            got = self._read_meta(name, self._get_snapshot(name))
+        if got is None:
+            raise self._damaged(name, "truncated")
+        return got[0]
 
     def load_snapshot(self, name: str) -> Manifest:
-        return Manifest.from_json(self.snapshot_info(name).get("manifest"), f"snapshot {name}")
+        """The manifest of snapshot ``name`` (one GET, no listing), checked."""
+        blob = self._get_snapshot(name)
+        got = self._read_meta(name, blob)
+        if got is None:
+            raise self._damaged(name, "truncated")
+        meta, start = got
+        count = -(-meta["size"] // meta["chunk_size"]) if meta["chunk_size"] > 0 else 0
+        try:
+            packed = self.codec.decode(_snap_key(name) + "#digests", blob[start:], 32 * count)
+        except CodecError as e:
+            raise self._damaged(name, f"digests {e}") from None
+        try:
+            man = Manifest.from_packed(meta["size"], meta["chunk_size"], packed, "digests")
+        except ConfigError as e:
+            raise self._damaged(name, str(e)) from None
+        if man.root.hex() != meta.get("root"):
+            raise self._damaged(name, "digests do not match the metadata's root")
+        return man
 
     def has_snapshot(self, name: str) -> bool:
-        return self.store.exists(f"snapshots/{check_name(name)}.json")
+        return self.store.exists(_snap_key(check_name(name)))
 
     def snapshots(self) -> list[str]:
-        return sorted(k[len("snapshots/"):-len(".json")] for k in self.store.list("snapshots")
-                      if k.endswith(".json"))
+        return sorted(n for n in (k[len("snapshots/"):] for k in self.store.list("snapshots")) if _NAME.match(n))
 
     def snapshot_time(self, name: str, info: dict | None = None) -> tuple[datetime.datetime, bool]:
         """When the snapshot was written (aware, UTC) and whether that is a guess.
 
-        Its ``created`` field (written by `save_snapshot` since the first
-        version; a time without zone is taken as UTC); for a snapshot file
-        without a readable one, the file's mtime (second value True).
+        Its ``created`` field (a time without zone is taken as UTC); for a
+        snapshot without a readable one, the object's mtime (second value True).
         """
         info = self.snapshot_info(name) if info is None else info
         created = info.get("created")
@@ -318,23 +581,23 @@ class Repository:
             else:
                 return (t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)).astimezone(
                     datetime.timezone.utc), False
-        mtime = self.store.mtime(f"snapshots/{name}.json")
+        mtime = self.store.mtime(_snap_key(name))
         return datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc), True
 
     def delete_snapshot(self, name: str) -> None:
         if not self.has_snapshot(name):
             raise ConfigError(f"no snapshot {name!r} in {self.store.root}")
-        self.store.delete(f"snapshots/{name}.json")
+        self.store.delete(_snap_key(name))
 
     # -- maintenance ---------------------------------------------------------
 
     def referenced(self, names: Sequence[str] | None = None) -> set[bytes]:
-        """Digests of the stored chunks that the snapshots ``names`` (default: all) use."""
+        """Ids of the stored chunks that the snapshots ``names`` (default: all) use."""
         out: set[bytes] = set()
         for name in self.snapshots() if names is None else names:
             man = self.load_snapshot(name)
             for i, d in enumerate(man.chunks):
-                if d != zero_digest(man.chunk_range(i)[1]):
+                if d != self.zero_id(man.chunk_range(i)[1]):
                     out.add(d)
         return out
 
@@ -343,11 +606,16 @@ class Repository:
 
     def verify(self, names: Sequence[str] | None = None) -> list[tuple[str, int, str]]:
         """Problems as ``(snapshot, chunk index, reason)``; empty when every
-        chunk of the snapshots is present and hashes right."""
+        chunk of the snapshots is present, authentic and hashes right.  A
+        snapshot object that cannot be read is one problem with index -1."""
         problems: list[tuple[str, int, str]] = []
         checked: dict[bytes, str | None] = {}
         for name in names if names is not None else self.snapshots():
-            man = self.load_snapshot(name)
+            try:
+                man = self.load_snapshot(name)
+            except ConfigError as e:
+                problems.append((name, -1, str(e)))
+                continue
             for i, d in enumerate(man.chunks):
                 n = man.chunk_range(i)[1]
                 if d not in checked:
@@ -437,7 +705,7 @@ class SnapshotImage(BlockDev):
         for i in self.man.chunks_of(offset, length):
             c_off, c_len = self.man.chunk_range(i)
             s, e = max(offset, c_off), min(end, c_off + c_len)
-            f = HOLE_ZERO if self.man.chunks[i] == zero_digest(c_len) else 0
+            f = HOLE_ZERO if self.man.chunks[i] == self.repo.zero_id(c_len) else 0
             if out and out[-1].flags == f and out[-1].end == s:
                 out[-1] = Extent(out[-1].offset, out[-1].length + e - s, f)
             else:

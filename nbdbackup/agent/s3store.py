@@ -1,7 +1,7 @@
 """`S3Store`: the chunk repository's object store on S3-compatible object storage.
 
 Role: the same small interface as `agent.repo.DirStore` (put/put_new/flush/
-get/exists/list/list_times/delete/delete_many/mtime/lock) over one bucket and key prefix,
+get/get_range/exists/list/list_times/delete/delete_many/mtime/lock) over one bucket and key prefix,
 addressed as ``s3://BUCKET/PREFIX`` (`agent.repo.open_store` picks it).
 Tested against Ceph's RADOS Gateway; uses boto3 with path-style addressing.
 
@@ -248,6 +248,23 @@ class S3Store:
         except ClientError as e:
             if self._code(e)[0] in ("NoSuchKey", "404") or self._code(e)[1] == 404:
                 raise FileNotFoundError(errno.ENOENT, f"{self.root}/{key}: no such object") from None
+            raise self._fail(e, f"get {key}") from e
+        except BotoCoreError as e:
+            raise self._fail(e, f"get {key}") from e
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """At most ``length`` bytes of ``key`` from ``offset`` (a ranged GET; fewer at its end)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                       Range=f"bytes={offset}-{offset + length - 1}")
+            return r["Body"].read()
+        except ClientError as e:
+            if self._code(e)[0] in ("NoSuchKey", "404") or self._code(e)[1] == 404:
+                raise FileNotFoundError(errno.ENOENT, f"{self.root}/{key}: no such object") from None
+            if self._code(e)[1] == 416:  # offset at or past the end
+                return b""
             raise self._fail(e, f"get {key}") from e
         except BotoCoreError as e:
             raise self._fail(e, f"get {key}") from e

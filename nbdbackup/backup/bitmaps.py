@@ -14,7 +14,8 @@ same instant.
 End (`BitmapLease.end`, awaited by the job when it concludes): the bitmap's
 ``finish(success)`` applies the mode given at ``freeze(mode)`` (bitmap-mode
 table in `bitmap.dirty`).  For
-``always`` after a failure the clusters already copied are first reported
+``always`` after a failure the clusters already copied to the target
+(``in_target``) are first reported
 with ``copied`` -- but only if a target flush succeeds (the data must be safe
 on the target before the bitmap forgets it); otherwise nothing is forgotten,
 which is never less than the truth.
@@ -64,8 +65,10 @@ class RegistryLease:
             except OSError:
                 pass  # not safe on the target: forget nothing
             else:
-                for start, count, done in st.done.runs():
-                    if done:
+                # In the target -- not merely done: a scratch copy (clusters
+                # outside the sync set) or a trimmed cluster is no backup.
+                for start, count, there in st.in_target.runs():
+                    if there:
                         self.bitmap.copied(*st.span(start, count))
         self.bitmap.finish(success)
 

@@ -2,9 +2,11 @@
 
 Role: attached to the live export's `LiveDev` for the life of a backup's
 snapshot (from backup start to job dismiss).  Before a live write, zero or
-trim reaches the disk, `CBWHook.before_write` copies the old content of every
-touched cluster that is not yet done into the target and waits for snapshot
-reads of those clusters (`CopyState.protect`, rule 1).  When there is
+trim reaches the disk, `CBWHook.before_write` saves the old content of every
+touched cluster that is not yet done -- into the target when the cluster is
+in the job's sync set, else into the scratch; source zeros are recorded, not
+copied -- and waits for snapshot reads of those clusters
+(`CopyState.protect`, rules 1 and 7).  When there is
 nothing to copy or wait for, `CBWHook.before_write_now` says so synchronously
 and the write may take the server's task-free path.
 
@@ -14,6 +16,8 @@ Error policy (``on_cbw_error``, as QEMU's copy-before-write ``on-cbw-error``):
 - ``break-snapshot``: the live write goes on; the snapshot is broken
   (``state.broken`` set, snapshot reads fail with EIO), the job fails
   (``on_break`` callback) and CBW stops copying from then on.
+A copy into the scratch beyond ``scratch-limit`` fails with ENOSPC: a CBW
+error like any other, so the same policy applies.
 ``cbw_timeout`` (seconds, None = no limit): a CBW taking longer counts as a
 CBW error (ETIMEDOUT); the copy it started is cancelled, which leaves the copy
 state valid (rule 5).

@@ -13,13 +13,34 @@ bytes ``[c*cs, min((c+1)*cs, size))``.
 Shared state (all mutated only on the event loop thread; the steps marked
 "synchronously" below contain no ``await``, which is what makes them atomic):
 
-- ``done`` (Bitmap): bit c set <=> the point-in-time content of cluster c is
-  in the target.  Set once, never cleared while the state lives.  Once set,
-  the target's bytes of c never change again (nobody copies a done cluster).
-- ``pump_todo`` (Bitmap): clusters the pump still has to copy (set by the
-  sync mode at start: full = all, top = allocated in the source's top layer,
-  incremental/bitmap = the frozen dirty bitmap, none = empty).  Invariant:
-  ``pump_todo & done == 0`` (marking a cluster done clears its todo bit).
+- ``done`` (Bitmap): bit c set <=> the live source may be written over
+  cluster c: its point-in-time content is saved somewhere (see "location"
+  below) or no longer needed (a TRIM on the snapshot, rule 8).  Set once,
+  never cleared while the state lives.  Once the content of c is saved,
+  its bytes there never change again (nobody copies a done cluster).
+- location of a done cluster (QEMU keeps the fleecing image and the backup
+  target apart; we keep three places and a "nowhere"):
+  - ``in_target`` (Bitmap): the point-in-time content is in the target;
+  - ``in_scratch`` (Bitmap): it is in the scratch (``scratch``: a separate
+    device, or the target itself for ``sync=none``, whose target IS the
+    fleecing image);
+  - ``zeroed`` (Bitmap): it reads as zeros and is stored nowhere ("zero in
+    the snapshot", rule 7);
+  - ``trimmed`` (Bitmap): a client TRIMmed the snapshot there (rule 8): it
+    reads with EACCES; a trimmed cluster outside ``pump_todo`` is done and
+    may be stored nowhere.
+  ``in_scratch``, ``zeroed``, ``in_target`` are subsets of ``done``;
+  ``in_scratch & zeroed == 0``.  Snapshot reads pick, per cluster: trimmed
+  -> EACCES; zeroed -> zeros; in_scratch -> scratch; in_target -> target;
+  not done -> source.
+- ``pump_todo`` (Bitmap): clusters the target still has to receive (the sync
+  set, set by the sync mode at start: full = all, top = allocated in the
+  source's top layer, incremental/bitmap = the frozen dirty bitmap, none =
+  empty).  Invariant: ``pump_todo & done`` is a subset of ``in_scratch |
+  zeroed`` -- a done cluster still to do has its content in the scratch
+  (copied there before the sync set was known) or is zeros, and the pump
+  moves it from there (or zeroes the target); a cluster whose content is in
+  the target leaves ``pump_todo``.
 - ``inflight`` (`Claims`: disjoint cluster runs -> Future; ``inflight.get(c)``
   is the future of the copy in progress for cluster c, ``c in inflight``
   whether there is one; a run per claim, so a claim costs the same whatever
@@ -27,9 +48,10 @@ Shared state (all mutated only on the event loop thread; the steps marked
   copying again.  The future resolves to None on success; on failure it holds
   the error and the cluster is again neither done nor in flight (rule 4), so
   the waiter may retry.
-- ``readers`` (dict cluster -> int > 0): snapshot reads currently reading the
-  SOURCE for that cluster (absent = 0).  A live write waits for it to drop to
-  0 (``_reader_waiters``: cluster -> futures woken when it does).
+- ``readers`` (`Readers`: cluster -> count > 0): snapshot reads currently
+  reading the SOURCE for that cluster.  A live write waits for it to drop to
+  0.  ``scratch_readers``: the same for reads from the scratch; a discard of
+  scratch clusters (rules 8, 9) waits for them.
 
 Rules:
 1. copy-before-write (`protect`): before a live write to ``(offset, length)``
@@ -37,21 +59,26 @@ Rules:
    awaited), then the writer waits until no snapshot read is reading the
    source of those clusters.  Every cluster is protected whatever
    ``pump_todo`` says: the snapshot must stay the point-in-time image.
-2. snapshot read (`begin_read`/`end_read`): per cluster, if done read the
-   target, else register as a reader synchronously (no await between the
+   WHERE the copy goes: a cluster in ``pump_todo`` (in the sync set) to the
+   target; any other to the scratch (when the job has no scratch -- sync
+   full -- to the target).  So the target receives exactly the sync set.
+2. snapshot read (`begin_read`/`end_read`): per cluster, if done read its
+   location, else register as a reader synchronously (no await between the
    ``done`` test and the ``readers`` increment), read the source, unregister.
    Since rule 1 makes writers wait for readers after the cluster is done, a
    source read never sees a write that started after the snapshot.
-3. pump (`claim` + `copy`): claims runs of todo clusters that are neither done
-   nor in flight, synchronously marking them in flight.
+3. pump (`claim` + `copy`): claims runs of todo clusters that are not in
+   flight and all of one kind (not done: from the source; in the scratch:
+   scratch -> target; zeroed: zero the target), synchronously marking them
+   in flight.
    A claim may be extended (`extend_claim`) over the following claimable
    clusters; the pump does so over runs the source reports as zeros, which
    it then zeroes in the target in one request (``copy(source_zero=True)``).
    That is exact because of rule 1: a cluster that is not done has not been
    written since the backup started, so what the source says of it -- at
    any moment while it is not done -- is its point-in-time content.
-4. a failed (or cancelled) copy leaves its clusters not done and not in
-   flight; waiters see the error.
+4. a failed (or cancelled) copy leaves its clusters as they were (not done
+   if they were not) and not in flight; waiters see the error.
 5. cancelling anything leaves this state valid: resuming is just carrying on.
 6. retiring (`retire`, when the job is dismissed: the snapshot is gone and
    the target about to close): no new copy is claimed from then on, so a
@@ -59,12 +86,39 @@ Rules:
    the hook was detached, and waits on another copy or a reader) goes on
    without copying; the copies already in flight are the last, and the
    dismiss waits for them before closing the target.
+7. zero in the snapshot: copy-before-write holds its claim (the clusters
+   are in flight, so no live write can reach them) and asks the source for
+   its extents there; whole clusters the source reports as ZERO, and
+   clusters whose read content is all zeros, are recorded ``zeroed`` and
+   copied nowhere -- exact by rule 3's reasoning (not done => unchanged
+   since the start).  A zeroed cluster still in ``pump_todo`` is zeroed in
+   the target by the pump.
+8. TRIM on the snapshot (`trim_snapshot`, QEMU's snapshot-access discard):
+   the whole clusters of the range are marked ``trimmed`` once no copy of
+   theirs is in flight.  Those outside ``pump_todo`` also become done (later
+   live writes there copy nothing) and their scratch copies are discarded
+   (punched, once no scratch read is using them).  Clusters still in
+   ``pump_todo`` keep being protected and copied: the backup needs them;
+   only the snapshot's access to them ends.
+9. ``discard_source`` (QEMU's backup ``discard-source``, whose source is the
+   fleecing snapshot): when the pump has moved a cluster from the scratch
+   to the target, the scratch copy is discarded (the target's copy serves
+   the snapshot from then on).
+10. ``scratch_limit``: a copy into the scratch that would make
+   ``scratch_bytes`` exceed it fails with ENOSPC (a copy-before-write error:
+   the job's ``on-cbw-error`` policy applies).
 
 Progress: ``total`` = bytes of ``pump_todo`` when the job set it up;
-``current`` = bytes among those that were copied (by the pump or by CBW) or
-skipped by the ``ignore`` error policy (``bytes_ignored``).  Statistics:
-``bytes_copied_by_pump``, ``bytes_copied_by_cbw``, ``clusters_skipped_zero``
-(clusters found all-zero, or a source hole, written as target.zero).
+``current`` = bytes among those that reached the target (by the pump or by
+CBW) or were skipped by the ``ignore`` error policy (``bytes_ignored``).
+Statistics: ``bytes_copied_by_pump``, ``bytes_copied_by_cbw`` (to the target
+or the scratch), ``bytes_cbw_to_scratch``, ``clusters_skipped_zero``
+(clusters found all-zero, or a source hole, written as target.zero),
+``clusters_zero_in_snapshot`` (rule 7: recorded zero, copied nowhere),
+``bytes_trimmed`` (rule 8: snapshot bytes released by TRIM),
+``scratch_bytes`` (bytes of point-in-time content held in the scratch,
+copies being written included), ``scratch_bytes_discarded`` (released by
+rules 8 and 9).
 """
 
 from __future__ import annotations
@@ -76,12 +130,14 @@ import os
 from typing import Literal
 
 from ..bitmap.core import Bitmap
-from ..blockdev.base import BlockDev, Extent, FilterDev, merge_extents
+from ..blockdev.base import BASE_ALLOCATION, BlockDev, Extent, FilterDev, merge_extents
 
 Copier = Literal["pump", "cbw"]
 
 #: Offloaded copies up to this size run inline on the event loop (see `_copy_offload`).
 INLINE_COPY = 1024 * 1024
+#: Largest buffer of one copy into the scratch (a big TRIM is copied piecewise).
+SCRATCH_PIECE = 4 * 1024 * 1024
 
 
 class CopyError(OSError):
@@ -192,43 +248,130 @@ def _innermost(dev: BlockDev) -> BlockDev:
     return dev
 
 
+class Readers:
+    """Snapshot reads in progress per cluster, and waiters for them to end.
+
+    Fields: ``counts`` (cluster -> int > 0; absent = 0); ``_waiters``
+    (cluster -> futures woken when its count drops to 0)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self._waiters: dict[int, list[asyncio.Future]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def __contains__(self, c: int) -> bool:
+        return c in self.counts
+
+    def get(self, c: int, default: int = 0) -> int:
+        return self.counts.get(c, default)
+
+    def add(self, first: int, end: int) -> None:
+        counts = self.counts
+        for c in range(first, end):
+            counts[c] = counts.get(c, 0) + 1
+
+    def remove(self, first: int, end: int) -> None:
+        counts = self.counts
+        for c in range(first, end):
+            k = counts[c] - 1
+            if k:
+                counts[c] = k
+                continue
+            del counts[c]
+            for w in self._waiters.pop(c, ()):
+                if not w.done():
+                    w.set_result(None)
+
+    async def wait(self, first: int, end: int) -> None:
+        """Until no read of clusters ``[first, end)`` is in progress."""
+        if not self.counts:
+            return
+        loop = asyncio.get_running_loop()
+        for c in range(first, end):
+            while self.counts.get(c):
+                fut = loop.create_future()
+                self._waiters.setdefault(c, []).append(fut)
+                await fut
+
+
+#: Claim kinds (rule 3): where a claimed cluster's content comes from.
+FROM_SOURCE, FROM_SCRATCH, FROM_ZERO = "source", "scratch", "zero"
+#: Segment locations of `CopyState.begin_read`.
+Where = Literal["source", "target", "scratch", "zero", "trimmed"]
+
+
 class CopyState:
     """Copy state for one backup; see the module docstring.
 
     Other fields: ``source`` (read for not-done clusters; the live export's
-    device: reads pass through its hooks untouched), ``target``, ``size``,
+    device: reads pass through its hooks untouched), ``target``,
+    ``scratch`` (where copy-before-write saves clusters outside the sync
+    set: a device of its own, the target itself (sync=none), or None: no
+    scratch, everything goes to the target (sync=full)), ``size``,
     ``cluster_size``, ``nclusters``, ``zero_detect`` (write all-zero clusters
-    as target.zero(may_trim=True)), ``offload`` (try ``os.copy_file_range``
+    as target.zero(may_trim=True); record them zeroed instead of writing the
+    scratch), ``offload`` (try ``os.copy_file_range``
     when both ends are plain files; turned off at the first failure),
     ``broken`` (an OSError once the snapshot is broken: CBW stops copying,
-    snapshot reads fail with EIO); ``retired`` (rule 6: set once, at dismiss).
+    snapshot reads fail with EIO); ``retired`` (rule 6: set once, at dismiss);
+    ``discard_source`` (rule 9); ``scratch_limit`` (rule 10; None = none);
+    ``cbw_extents`` (rule 7: ask the source's extents before a CBW copy;
+    on when the source can answer them).
     """
 
     def __init__(self, source: BlockDev, target: BlockDev, cluster_size: int, *,
-                 zero_detect: bool = True, offload: bool = True) -> None:
+                 zero_detect: bool = True, offload: bool = True, scratch: BlockDev | None = None,
+                 discard_source: bool = False, scratch_limit: int | None = None) -> None:
         assert cluster_size >= 512 and cluster_size & (cluster_size - 1) == 0
         assert target.size >= source.size
+        assert scratch is None or scratch.size >= source.size
         self.source = source
         self.target = target
+        self.scratch = scratch
         self.size = source.size
         self.cluster_size = cluster_size
         self._shift = cluster_size.bit_length() - 1
         self.nclusters = (self.size + cluster_size - 1) >> self._shift
-        self.done = Bitmap(self.nclusters)
-        self.pump_todo = Bitmap(self.nclusters)
+        n = self.nclusters
+        self.done = Bitmap(n)
+        self.in_target = Bitmap(n)
+        self.in_scratch = Bitmap(n)
+        self.zeroed = Bitmap(n)
+        self.trimmed = Bitmap(n)
+        self.pump_todo = Bitmap(n)
         self.inflight = Claims()
-        self.readers: dict[int, int] = {}
-        self._reader_waiters: dict[int, list[asyncio.Future]] = {}
+        self.readers = Readers()
+        self.scratch_readers = Readers()
         self.zero_detect = zero_detect
         self.offload = offload and self._offload_files() is not None
+        self.offload_scratch = offload and scratch is not None and self._offload_files(scratch) is not None
+        self.discard_source = discard_source
+        self.scratch_limit = scratch_limit
+        self.cbw_extents = source.capabilities().can_extents
+        from ..blockdev.file import FileDev
+
+        inner = _innermost(source)
+        #: the source's plain file, for SEEK_DATA probes (rule 7), or None
+        self._source_file = inner if isinstance(inner, FileDev) and not inner.is_block else None
+        #: offset the last probe found data at (a hint for `_copy_offload`;
+        #: -1 = none).  Only a hint: a stale one makes the offload copy a
+        #: hole as data -- the same bytes.
+        self._data_at = -1
         self.broken: OSError | None = None
         self.retired = False
         self.total = 0
         self.current = 0
         self.bytes_copied_by_pump = 0
         self.bytes_copied_by_cbw = 0
+        self.bytes_cbw_to_scratch = 0
         self.bytes_ignored = 0
         self.clusters_skipped_zero = 0
+        self.clusters_zero_in_snapshot = 0
+        self.bytes_trimmed = 0
+        self.scratch_bytes = 0
+        self.scratch_bytes_discarded = 0
 
     # -- geometry ---------------------------------------------------------
 
@@ -243,13 +386,20 @@ class CopyState:
         return off, min((first + count) << self._shift, self.size) - off
 
     def set_pump_todo(self, todo: Bitmap | None) -> None:
-        """Set ``pump_todo`` (None = nothing) minus done clusters; sets ``total``."""
+        """Set ``pump_todo`` (None = nothing) minus clusters whose content is
+        already in the target (or done and stored nowhere); sets ``total``."""
         if todo is None:
             self.pump_todo.clear_all()
         else:
             assert todo.nbits == self.nclusters
             self.pump_todo.copy_from(todo)
-            for start, count, value in self.done.runs():
+            # done & ~(in_scratch | zeroed): nothing left for the pump there.
+            moved = self.done.copy()
+            for bm in (self.in_scratch, self.zeroed):
+                for start, count, value in bm.runs():
+                    if value:
+                        moved.clear(start, count)
+            for start, count, value in moved.runs():
                 if value:
                     self.pump_todo.clear(start, count)
         self.total = self._bytes_set(self.pump_todo)
@@ -261,14 +411,28 @@ class CopyState:
             n -= (self.nclusters << self._shift) - self.size
         return n
 
-    # -- claiming and copying (rules 1, 3, 4) -------------------------------
+    # -- claiming and copying (rules 1, 3, 4, 7) ------------------------------
+
+    def kind(self, c: int) -> str | None:
+        """Where a claim of cluster ``c`` copies from (rule 3): FROM_SOURCE
+        (not done), FROM_SCRATCH / FROM_ZERO (done, still to do), or None
+        (nothing to copy)."""
+        if not self.done.get(c):
+            return FROM_SOURCE
+        if self.pump_todo.get(c):
+            if self.in_scratch.get(c):
+                return FROM_SCRATCH
+            if self.zeroed.get(c):
+                return FROM_ZERO
+        return None
 
     def claim(self, first: int, end: int, max_clusters: int,
               todo_only: bool = False) -> tuple[int, int] | None:
         """Synchronously claim the first run of clusters in ``[first, end)``
-        that are not done and not in flight (and in ``pump_todo`` when
-        ``todo_only``), at most ``max_clusters`` long.  Returns ``(start,
-        count)`` or None.  The caller MUST then call `copy` on it.
+        that are not in flight and not done (with ``todo_only``: in
+        ``pump_todo`` and all of one `kind`), at most ``max_clusters`` long.
+        Returns ``(start, count)`` or None.  The caller MUST then call `copy`
+        on it.
         """
         src = self.pump_todo if todo_only else None
         c = first
@@ -280,7 +444,13 @@ class CopyState:
                 c += 1
                 continue
             stop = min(end, c + max_clusters)
-            e = self.done.next_set(c, stop)
+            k = self.kind(c)
+            if k is None:  # done and in the target: cannot be in pump_todo
+                raise AssertionError(f"cluster {c} in pump_todo but already in the target")
+            if k == FROM_SOURCE:
+                e = self.done.next_set(c, stop)
+            else:
+                e = (self.in_scratch if k == FROM_SCRATCH else self.zeroed).next_clear(c, stop)
             stop = stop if e < 0 else e
             if src is not None:
                 e = src.next_clear(c, stop)
@@ -293,10 +463,11 @@ class CopyState:
         return None
 
     def extend_claim(self, start: int, count: int, end: int, todo_only: bool = False) -> int:
-        """Synchronously extend the claim ``[start, start+count)`` over the
-        clusters that follow it, up to ``end``, while they are not done, not in
-        flight (and in ``pump_todo`` when ``todo_only``); returns the new count.
-        The extended claim is one claim: one `copy` call covers it."""
+        """Synchronously extend the claim ``[start, start+count)`` (of not-done
+        clusters) over the clusters that follow it, up to ``end``, while they
+        are not done, not in flight (and in ``pump_todo`` when ``todo_only``);
+        returns the new count.  The extended claim is one claim: one `copy`
+        call covers it."""
         c = start + count
         if c >= end:
             return count
@@ -313,27 +484,47 @@ class CopyState:
     async def copy(self, start: int, count: int, by: Copier, *, source_zero: bool = False) -> None:
         """Copy claimed clusters ``[start, start+count)``; raises `CopyError`.
 
-        ``source_zero``: the caller knows every cluster of the claim reads as
-        zeros in the source (a hole or zero extent the source reported while
-        they were not done: their source content is then still the
-        point-in-time content, see rule 1), so the target's span is zeroed at
-        once and nothing is read.
+        ``source_zero`` (not-done clusters only): the caller knows every
+        cluster of the claim reads as zeros in the source (a hole or zero
+        extent the source reported while they were not done: their source
+        content is then still the point-in-time content, see rule 1), so the
+        target's span is zeroed at once and nothing is read.
 
-        On success they are done (and out of ``pump_todo``); on any failure,
-        cancellation included, they are neither done nor in flight and the
+        On success they are done, at their location (rule 1), and out of
+        ``pump_todo`` if they reached the target; on any failure,
+        cancellation included, nothing changed but the claim is gone, and the
         future holds the error (rule 4).
         """
         fut = self.inflight[start]
+        kind = self.kind(start)
+        # Synchronous bit updates to apply on success: (bitmap, start, count).
+        marks: list[tuple[Bitmap, int, int]] = []
+        reserved = [0]  # scratch bytes reserved by this copy (rule 10)
         try:
-            if source_zero:
+            if kind == FROM_SCRATCH:
+                await self._move_from_scratch(start, count)
+                marks.append((self.in_target, start, count))
+            elif kind == FROM_ZERO:
                 try:
                     await self._zero_target(*self.span(start, count))
                 except OSError as e:
                     raise CopyError.wrap(e, "write") from e
                 self.clusters_skipped_zero += count
-            else:
+                marks.append((self.in_target, start, count))
+            elif source_zero:
+                try:
+                    await self._zero_target(*self.span(start, count))
+                except OSError as e:
+                    raise CopyError.wrap(e, "write") from e
+                self.clusters_skipped_zero += count
+                marks.append((self.in_target, start, count))
+            elif by == "pump" or (self.scratch is None and not self.cbw_extents):
                 await self._copy_bytes(*self.span(start, count))
+                marks.append((self.in_target, start, count))
+            else:
+                await self._cbw_copy(start, count, marks, reserved)
         except BaseException as e:
+            self.scratch_bytes -= reserved[0]
             self.inflight.remove(start, fut)
             if not fut.done():
                 if isinstance(e, OSError):
@@ -343,17 +534,238 @@ class CopyState:
             if isinstance(e, OSError) and not isinstance(e, CopyError):
                 raise CopyError.wrap(e, "read") from e
             raise
+        # Success: apply the location marks, then done (synchronously).
         nbytes = self.span(start, count)[1]
-        todo_bytes = self._bytes_in(self.pump_todo, start, count)
+        for bm, s, n in marks:
+            if bm is not None:
+                bm.set(s, n)
+        to_target = 0
+        todo = self.pump_todo
+        for bm, s, n in marks:
+            if bm is self.in_target and todo.any(s, n):
+                to_target += self._bytes_in(todo, s, n)
+                todo.clear(s, n)
         self.done.set(start, count)
-        self.pump_todo.clear(start, count)
-        self.current += todo_bytes
+        self.current += to_target
         if by == "pump":
             self.bytes_copied_by_pump += nbytes
         else:
-            self.bytes_copied_by_cbw += nbytes
+            # Rule 7: source zeros (None marks) and read zeros recorded
+            # ``zeroed`` cost no copy; counted apart.
+            nocopy = [(s, n) for bm, s, n in marks if bm is None or bm is self.zeroed]
+            self.clusters_zero_in_snapshot += sum(n for _, n in nocopy)
+            self.bytes_copied_by_cbw += nbytes - sum(self.span(s, n)[1] for s, n in nocopy)
         self.inflight.remove(start, fut)
         fut.set_result(None)
+        if kind == FROM_SCRATCH:
+            # Rule 9 (and rule 8 for clusters trimmed while still to do).
+            if self.discard_source:
+                await self._discard_scratch(start, count)
+            else:
+                for s, n, v in list(self.trimmed.runs(start, start + count)):
+                    if v:
+                        await self._discard_scratch(s, n)
+
+    async def _cbw_copy(self, start: int, count: int, marks: list, reserved: list[int]) -> None:
+        """Copy-before-write of not-done clusters (rules 1 and 7): in-set
+        clusters go to the target, the others to the scratch; whole clusters
+        the source reports as zeros are read from nowhere: zeroed in the
+        target (in-set) or recorded ``zeroed`` (others).  Appends the
+        location marks to ``marks`` (a source-zero run as ``(None, s, n)``
+        too, for the statistics); adds the scratch bytes reserved to
+        ``reserved[0]`` (rule 10; the caller releases them on failure)."""
+        end = start + count
+        zero_runs: list[tuple[int, int]] = []
+        if self.cbw_extents:
+            try:
+                zero_runs = await self._source_zero_runs(start, end)
+            except OSError:
+                zero_runs = []  # no knowledge: copy
+        pos = start
+        for zs, zn in zero_runs + [(end, 0)]:
+            # [pos, zs): clusters to copy; then [zs, zs+zn): source zeros.
+            for lo, hi, zero in ((pos, zs, False), (zs, zs + zn, True)):
+                c = lo
+                while c < hi:
+                    to_target = self.scratch is None or self.pump_todo.get(c)
+                    if self.scratch is None:
+                        e = hi
+                    else:
+                        e = (self.pump_todo.next_clear if to_target else self.pump_todo.next_set)(c, hi)
+                        e = hi if e < 0 else e
+                    if zero:
+                        if to_target:
+                            try:
+                                await self._zero_target(*self.span(c, e - c))
+                            except OSError as err:
+                                raise CopyError.wrap(err, "write") from err
+                            marks.append((None, c, e - c))
+                            marks.append((self.in_target, c, e - c))
+                        else:
+                            marks.append((self.zeroed, c, e - c))
+                    elif to_target:
+                        await self._copy_bytes(*self.span(c, e - c))
+                        marks.append((self.in_target, c, e - c))
+                    else:
+                        await self._copy_to_scratch(c, e - c, marks, reserved)
+                    c = e
+            pos = zs + zn
+
+    async def _source_zero_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Whole-cluster runs of ``[start, end)`` the source reports as ZERO.
+
+        A plain-file source is probed as the copy offload does: a small range
+        (up to `INLINE_COPY`) with one SEEK_DATA (SEEK_HOLE can be slow):
+        only its leading hole counts, zero clusters after it are caught when
+        their content is read; a larger one (a big TRIM) is walked whole."""
+        off, length = self.span(start, end - start)
+        stop = off + length
+        runs: list[tuple[int, int]] = []
+        pos = off
+        cs, shift = self.cluster_size, self._shift
+        inner = self._source_file
+        if inner is not None and length <= INLINE_COPY:
+            try:
+                data = os.lseek(inner.fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    return []
+                data = stop
+            last = end if data >= stop else data >> shift
+            if data == off:
+                self._data_at = off  # the copy offload need not probe again
+            return [(start, last - start)] if last > start else []
+        while pos < stop:
+            if inner is not None:
+                exts = inner.extents_sync(pos, stop - pos)
+            else:
+                exts = await self.source.extents(pos, min(stop - pos, 1 << 31), BASE_ALLOCATION)
+            before = pos
+            for e in exts:
+                e_end = min(e.offset + e.length, stop)
+                if e.flags & 2 and e_end > e.offset:
+                    first = (max(e.offset, off) + cs - 1) >> shift
+                    last = end if e_end == stop else e_end >> shift
+                    if last > first:
+                        if runs and runs[-1][1] == first:
+                            runs[-1] = (runs[-1][0], last)
+                        else:
+                            runs.append((first, last))
+                pos = max(pos, e_end)
+            if pos <= before:
+                break
+        return [(a, b - a) for a, b in runs]
+
+    async def _copy_to_scratch(self, start: int, count: int, marks: list, reserved: list[int]) -> None:
+        """Read clusters from the source; all-zero ones are recorded zeroed,
+        the others written to the scratch (rule 10 checked first, the bytes
+        reserved in ``scratch_bytes`` and added to ``reserved[0]``), in
+        pieces of at most `SCRATCH_PIECE` bytes (one buffer each)."""
+        step = max(1, SCRATCH_PIECE >> self._shift)
+        for s in range(start, start + count, step):
+            await self._copy_piece_to_scratch(s, min(step, start + count - s), marks, reserved)
+
+    async def _copy_piece_to_scratch(self, start: int, count: int, marks: list, reserved: list[int]) -> None:
+        assert self.scratch is not None
+        off, length = self.span(start, count)
+        if self.offload_scratch:
+            # Plain files at both ends (fleecing into a file target, a scratch
+            # file): copy_file_range, as for the target.  Every cluster of the
+            # span counts as held (zeros inside are not looked for).
+            files = self._offload_files(self.scratch)
+            if files is not None:
+                self._reserve_scratch(length, reserved)
+                try:
+                    await self._copy_offload(files[0], files[1], off, length, zero=self._zero_scratch)
+                except OSError:
+                    self.offload_scratch = False  # read/write from now on
+                    self.scratch_bytes -= length
+                    reserved[0] -= length
+                else:
+                    marks.append((self.in_scratch, start, count))
+                    self.bytes_cbw_to_scratch += length
+                    return
+        buf = bytearray(length)
+        mv = memoryview(buf)
+        try:
+            await self.source.pread(mv, off)
+        except OSError as e:
+            raise CopyError.wrap(e, "read") from e
+        cs = self.cluster_size
+        pieces: list[tuple[int, int]] = []  # (pos, end) within buf, non-zero
+        pos = 0
+        while pos < length:
+            zero = self.zero_detect and is_zero(mv[pos:pos + cs])
+            e = min(pos + cs, length)
+            while e < length and (self.zero_detect and is_zero(mv[e:e + cs])) == zero:
+                e = min(e + cs, length)
+            c0, c1 = start + pos // cs, start + (e + cs - 1) // cs
+            if zero:
+                marks.append((self.zeroed, c0, c1 - c0))
+            else:
+                pieces.append((pos, e))
+                marks.append((self.in_scratch, c0, c1 - c0))
+            pos = e
+        need = sum(e - p for p, e in pieces)
+        self._reserve_scratch(need, reserved)
+        try:
+            for p, e in pieces:
+                await self.scratch.pwrite(mv[p:e], off + p)
+        except OSError as e:
+            raise CopyError.wrap(e, "write") from e
+        self.bytes_cbw_to_scratch += need
+
+    def _reserve_scratch(self, need: int, reserved: list[int]) -> None:
+        """Rule 10: count ``need`` more bytes in the scratch, or fail with ENOSPC."""
+        if self.scratch_limit is not None and self.scratch_bytes + need > self.scratch_limit:
+            raise CopyError(errno.ENOSPC, f"scratch-limit {self.scratch_limit} bytes would be exceeded "
+                            f"({self.scratch_bytes} held, {need} more needed)", "write")
+        self.scratch_bytes += need
+        reserved[0] += need
+
+    async def _zero_scratch(self, offset: int, length: int) -> None:
+        assert self.scratch is not None
+        try:
+            await self.scratch.zero(offset, length, may_trim=True)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            await self.scratch.pwrite(bytes(length), offset)
+
+    async def _move_from_scratch(self, start: int, count: int) -> None:
+        """The pump's copy of in-set clusters held in the scratch (rule 3)."""
+        assert self.scratch is not None
+        first, end = start, start + count
+        off, length = self.span(start, count)
+        buf = bytearray(length)
+        self.scratch_readers.add(first, end)
+        try:
+            await self.scratch.pread(memoryview(buf), off)
+        except OSError as e:
+            raise CopyError.wrap(e, "read") from e
+        finally:
+            self.scratch_readers.remove(first, end)
+        await self._write_target(memoryview(buf), off)
+
+    async def _discard_scratch(self, start: int, count: int) -> None:
+        """Rules 8 and 9: drop the scratch copies of clusters ``[start,
+        start+count)`` (clear ``in_scratch`` now, punch once no scratch read
+        uses them).  Best effort: a scratch that cannot punch keeps the bytes."""
+        runs = [(s, n) for s, n, v in self.in_scratch.runs(start, start + count) if v]
+        if not runs:
+            return
+        for s, n in runs:
+            self.in_scratch.clear(s, n)
+            nb = self.span(s, n)[1]
+            self.scratch_bytes -= nb
+            self.scratch_bytes_discarded += nb
+        assert self.scratch is not None
+        for s, n in runs:
+            await self.scratch_readers.wait(s, s + n)
+            try:
+                await self.scratch.trim(*self.span(s, n))
+            except OSError:
+                pass  # advisory, like TRIM itself
 
     def _bytes_in(self, bm: Bitmap, start: int, count: int) -> int:
         total = 0
@@ -397,15 +809,8 @@ class CopyState:
 
     async def wait_no_readers(self, offset: int, length: int) -> None:
         """Wait until no snapshot read reads the source of ``(offset, length)``."""
-        if not self.readers:
-            return
-        first, end = self.clusters_of(offset, length)
-        loop = asyncio.get_running_loop()
-        for c in range(first, end):
-            while self.readers.get(c):
-                fut = loop.create_future()
-                self._reader_waiters.setdefault(c, []).append(fut)
-                await fut
+        if self.readers:
+            await self.readers.wait(*self.clusters_of(offset, length))
 
     def retire(self) -> None:
         """Rule 6: claim nothing more (the snapshot is gone)."""
@@ -438,46 +843,124 @@ class CopyState:
         if self.readers:
             await self.wait_no_readers(offset, length)
 
+    # -- TRIM on the snapshot (rule 8) ------------------------------------------
+
+    def whole_clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """``(first, end)``: the clusters lying wholly inside ``(offset,
+        length)`` (the disk's short last cluster counts when the range
+        reaches the end); ``end <= first`` when there is none."""
+        cs = self.cluster_size
+        first = (offset + cs - 1) >> self._shift
+        stop = offset + length
+        end = self.nclusters if stop >= self.size else stop >> self._shift
+        return first, end
+
+    async def trim_snapshot(self, offset: int, length: int) -> None:
+        """Rule 8: the snapshot's ``(offset, length)`` is no longer needed."""
+        first, end = self.whole_clusters(offset, length)
+        if end <= first or self.retired:
+            return
+        # Copies in flight there finish first (their content lands, then goes).
+        while True:
+            fut = self.inflight.get(first)
+            if fut is None:
+                c = self.inflight.next_start(first, end)
+                fut = self.inflight.get(c) if c < end else None
+            if fut is None:
+                break
+            try:
+                await asyncio.shield(fut)
+            except OSError:
+                pass
+        # Synchronously: mark trimmed; clusters the backup does not need
+        # become done (stored nowhere) and lose their scratch copies.
+        newly = 0
+        for s, n, v in self.trimmed.runs(first, end):
+            if not v:
+                newly += self.span(s, n)[1]
+        self.trimmed.set(first, end - first)
+        self.bytes_trimmed += newly
+        free: list[tuple[int, int]] = []
+        for s, n, todo in self.pump_todo.runs(first, end):
+            if todo:
+                continue
+            self.done.set(s, n)
+            free.append((s, n))
+        if self.scratch is not None:
+            for s, n in free:
+                await self._discard_scratch(s, n)
+
     # -- snapshot reads (rule 2) -----------------------------------------
 
-    def begin_read(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    def where(self, c: int) -> Where:
+        """Where the snapshot reads cluster ``c`` from (module docstring)."""
+        if self.trimmed.get(c):
+            return "trimmed"
+        if not self.done.get(c):
+            return "source"
+        if self.zeroed.get(c):
+            return "zero"
+        if self.in_scratch.get(c):
+            return "scratch"
+        if self.in_target.get(c):
+            return "target"
+        return "trimmed"  # done and stored nowhere: only a trim does that
+
+    def begin_read(self, offset: int, length: int, *,
+                   allow_trimmed: bool = False) -> list[tuple[int, int, Where]]:
         """Synchronously split ``(offset, length)`` into segments ``(offset,
-        length, from_target)`` and register as a reader of every not-done
-        cluster.  The caller MUST call `end_read` with the result.
+        length, where)`` (`where`) and register as a reader of every cluster
+        read from the source or the scratch.  A trimmed cluster raises EACCES
+        (nothing registered) unless ``allow_trimmed`` (block status).  The
+        caller MUST call `end_read` with the result.
         """
         first, end = self.clusters_of(offset, length)
         stop = offset + length
-        segs = []
-        for s, n, is_done in self.done.runs(first, end):
-            lo, ln = self.span(s, n)
+        segs: list[tuple[int, int, Where]] = []
+        c = first
+        while c < end:
+            w = self.where(c)
+            e = c + 1
+            while e < end and self.where(e) == w:
+                e += 1
+            if w == "trimmed" and not allow_trimmed:
+                raise OSError(errno.EACCES, "this part of the snapshot was discarded (TRIM)")
+            lo, ln = self.span(c, e - c)
             lo2, hi2 = max(lo, offset), min(lo + ln, stop)
-            if not is_done:
-                for c in range(s, s + n):
-                    self.readers[c] = self.readers.get(c, 0) + 1
-            segs.append((lo2, hi2 - lo2, is_done))
+            segs.append((lo2, hi2 - lo2, w))
+            c = e
+        for off, ln, w in segs:
+            if w == "source":
+                self.readers.add(*self.clusters_of(off, ln))
+            elif w == "scratch":
+                self.scratch_readers.add(*self.clusters_of(off, ln))
         return segs
 
-    def end_read(self, segs: list[tuple[int, int, bool]]) -> None:
-        for off, ln, from_target in segs:
-            if from_target:
-                continue
-            first, end = self.clusters_of(off, ln)
-            for c in range(first, end):
-                k = self.readers[c] - 1
-                if k:
-                    self.readers[c] = k
-                    continue
-                del self.readers[c]
-                for w in self._reader_waiters.pop(c, ()):
-                    if not w.done():
-                        w.set_result(None)
+    def end_read(self, segs: list[tuple[int, int, Where]]) -> None:
+        for off, ln, w in segs:
+            if w == "source":
+                self.readers.remove(*self.clusters_of(off, ln))
+            elif w == "scratch":
+                self.scratch_readers.remove(*self.clusters_of(off, ln))
+
+    def device(self, where: Where) -> BlockDev | None:
+        """The device holding segments of kind ``where`` (None: zero/trimmed)."""
+        if where == "source":
+            return self.source
+        if where == "target":
+            return self.target
+        if where == "scratch":
+            return self.scratch
+        return None
 
     # -- the copy itself ----------------------------------------------------
 
-    def _offload_files(self):
+    def _offload_files(self, dst: BlockDev | None = None):
+        """(source, destination) `FileDev`s when both are plain files (the
+        destination: ``dst``, default the target), else None."""
         from ..blockdev.file import FileDev
 
-        s, t = _innermost(self.source), _innermost(self.target)
+        s, t = _innermost(self.source), _innermost(self.target if dst is None else dst)
         if isinstance(s, FileDev) and isinstance(t, FileDev) and not s.is_block and not t.is_block:
             return s, t
         return None
@@ -497,6 +980,12 @@ class CopyState:
             await self.source.pread(mv, offset)
         except OSError as e:
             raise CopyError.wrap(e, "read") from e
+        await self._write_target(mv, offset)
+
+    async def _write_target(self, mv: memoryview, offset: int) -> None:
+        """Write ``mv`` to the target at ``offset``, all-zero clusters as
+        target.zero (with ``zero_detect``)."""
+        length = len(mv)
         try:
             if not self.zero_detect:
                 await self.target.pwrite(mv, offset)
@@ -526,7 +1015,7 @@ class CopyState:
                 raise
             await self.target.pwrite(bytes(length), offset)
 
-    async def _copy_offload(self, src, dst, offset: int, length: int) -> None:
+    async def _copy_offload(self, src, dst, offset: int, length: int, zero=None) -> None:
         """copy_file_range for data extents, target.zero for source holes.
 
         Copies up to `INLINE_COPY` bytes (copy-before-write's usual size) run
@@ -535,15 +1024,21 @@ class CopyState:
         scans the cached file), so a range that is all hole stays a hole in
         the target; a partly-hole range is copied whole (same content).
         Larger copies (the pump's chunks) skip every hole and run in a worker
-        thread.
+        thread.  ``zero(offset, length)`` zeroes the destination's holes
+        (default: `_zero_target`).
         """
+        zero = self._zero_target if zero is None else zero
         if length <= INLINE_COPY:
-            try:
-                data = os.lseek(src.fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                data = offset + length if e.errno == errno.ENXIO else offset
+            if self._data_at == offset:  # the zero probe just found data here
+                data = offset
+            else:
+                try:
+                    data = os.lseek(src.fd, offset, os.SEEK_DATA)
+                except OSError as e:
+                    data = offset + length if e.errno == errno.ENXIO else offset
+            self._data_at = -1
             if data >= offset + length:
-                await self._zero_target(offset, length)
+                await zero(offset, length)
                 self.clusters_skipped_zero += (length + self.cluster_size - 1) // self.cluster_size
                 return
             _copy_range(src.fd, dst.fd, offset, length)
@@ -552,7 +1047,7 @@ class CopyState:
         exts: list[Extent] = merge_extents(src.extents_sync(offset, length))
         for e in exts:
             if e.flags & 2:  # ZERO: a hole in the source
-                await self._zero_target(e.offset, e.length)
+                await zero(e.offset, e.length)
                 self.clusters_skipped_zero += e.length // self.cluster_size
                 continue
             await loop.run_in_executor(None, _copy_range, src.fd, dst.fd, e.offset, e.length)

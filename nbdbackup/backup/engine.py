@@ -29,6 +29,16 @@ export-like object with ``.dev`` (a `LiveDev` when writable) and
 description=...)``; ``async remove(name)``.  `MemoryExportTable` is a simple
 implementation for tests.
 
+The scratch (``scratch=``, see docs/scratch.md and `copystate` rules 1,
+7-10): top, incremental and bitmap jobs save copy-before-write copies of
+clusters outside their sync set in a scratch device, so the target holds
+exactly the sync set.  Default: a sparse temporary file in ``scratch_dir``
+(the server's state directory), else beside a file target, else in the
+system's temporary directory -- or ``memory:`` when the target is given as
+an open `BlockDev` or a ``memory:`` spec; a scratch file the engine created
+is removed at dismiss.  ``sync=full`` has no scratch (every cluster is in
+the set); for ``sync=none`` (fleecing) the target IS the scratch.
+
 Dirty bitmaps (sync incremental/bitmap, ``bitmap=``) need a `BitmapSource`
 (`bitmaps.RegistryBitmapSource` over the server's per-export
 `BitmapRegistry`s); without one those requests are refused.
@@ -37,8 +47,10 @@ Dirty bitmaps (sync incremental/bitmap, ``bitmap=``) need a `BitmapSource`
 from __future__ import annotations
 
 import errno
+import fcntl
 import inspect
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -48,7 +60,7 @@ from ..errors import ConfigError
 from .cbw import ON_CBW_ERROR
 from .copystate import CopyState
 from .job import ERROR_POLICIES, SYNC_MODES, BackupJob, Emit, JobStatus
-from ..blockdev.live import LiveDev
+from ..blockdev.live import LiveDev, quiesce_all
 from .snapshot import ExtentProvider
 
 BITMAP_MODES = ("on-success", "never", "always")
@@ -56,6 +68,8 @@ DEFAULT_CLUSTER = 64 * 1024
 MAX_CLUSTER = 64 * 1024 * 1024
 DEFAULT_MAX_CHUNK = 4 * 1024 * 1024
 MAX_WORKERS = 64
+#: Name prefix of the default scratch files (``.nbdbackup-scratch-XXXX.raw``).
+SCRATCH_PREFIX = ".nbdbackup-scratch-"
 
 
 class ExportTable(Protocol):
@@ -131,14 +145,16 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
 class Engine:
     """Fields: ``exports`` (`ExportTable`); ``emit`` (event callback
     ``emit(name, data)``); ``bitmaps`` (`BitmapSource` or None); ``jobs``
-    (job id -> `BackupJob`, until dismissed)."""
+    (job id -> `BackupJob`, until dismissed); ``scratch_dir`` (directory for
+    default scratch files, or None; the daemon sets its ``--state-dir``)."""
 
     def __init__(self, exports: ExportTable, emit: Emit | None = None,
-                 bitmaps: BitmapSource | None = None) -> None:
+                 bitmaps: BitmapSource | None = None, scratch_dir: str | None = None) -> None:
         self.exports = exports
         self.emit = emit or (lambda name, data: None)
         self.bitmaps = bitmaps
         self.jobs: dict[str, BackupJob] = {}
+        self.scratch_dir = scratch_dir
 
     # -- backup-start -------------------------------------------------------
 
@@ -153,7 +169,9 @@ class Engine:
         """
         prepared = await self.prepare_backup(export, job_id, sync, target, **kw)
         try:
-            prepared.commit()
+            # No write may straddle the point in time (blockdev.live, "Quiescing").
+            async with quiesce_all([prepared.job.live] if prepared.job.live is not None else []):
+                prepared.commit()
             await prepared.start()
         except BaseException:
             await prepared.abort()
@@ -167,7 +185,9 @@ class Engine:
                            on_source_error: str = "report", on_target_error: str = "report",
                            on_cbw_error: str = "break-guest-write",
                            cbw_timeout: float | None = None, auto_dismiss: bool = False,
-                           bitmap: str | None = None, bitmap_mode: str | None = None) -> "PreparedBackup":
+                           bitmap: str | None = None, bitmap_mode: str | None = None,
+                           scratch: str | BlockDev | None = None, scratch_limit: int | None = None,
+                           discard_source: bool = False, snapshot_trim: bool = False) -> "PreparedBackup":
         """Phase 1 of a backup: validate, open the target, build the job (status
         created, visible in query-jobs); nothing touches the live disk yet.
 
@@ -223,6 +243,7 @@ class Engine:
                               f"with sync mode '{sync}'")
         if bitmap is not None and self.bitmaps is None:
             raise ConfigError("dirty bitmaps are not available on this server")
+        _check_scratch_args(sync, scratch, scratch_limit, discard_source, snapshot_trim)
         if snapshot is None:
             # Every backup publishes its point-in-time view (issue 4's default name).
             snapshot = f"{export}@{job_id}"
@@ -241,6 +262,11 @@ class Engine:
         if isinstance(target, str):
             self._check_not_source(src, target)
             self._check_not_busy_target(target)
+        if isinstance(scratch, str):
+            self._check_not_source(src, scratch)
+            self._check_not_busy_target(scratch)
+            if isinstance(target, str) and _same_file(scratch, target):
+                raise ConfigError(f"scratch {scratch!r} is the target")
 
         # 2. open the target
         if isinstance(target, str):
@@ -251,7 +277,14 @@ class Engine:
             tdev = await open_spec(target, create_size=size)
         else:
             tdev = target
+        sdev: BlockDev | None = None
+        scratch_created: str | None = None
         try:
+            if sync == "none":
+                sdev = tdev  # fleecing: the target is the scratch
+            elif sync != "full":
+                sdev, scratch_created = await self._open_scratch(job_id, scratch, target, size)
+                self._check_scratch(src, tdev, sdev, scratch)
             self._check_target(src, tdev, target, compress)
             cs = self._cluster_size(tdev, cluster_size)
             # One copy request must fit both ends' maximum request size.
@@ -262,39 +295,131 @@ class Engine:
             max_chunk = max(cs, min(max_chunk, limit) // cs * cs)
             if job_id in self.jobs:  # another prepare got there during our await
                 raise ConfigError(f"a job with id {job_id!r} already exists")
-            state = CopyState(src, tdev, cs)
+            state = CopyState(src, tdev, cs, scratch=sdev, discard_source=discard_source,
+                              scratch_limit=scratch_limit)
             job = BackupJob(job_id, device=export, sync=sync, state=state, live=live, target=tdev,
                             emit=self.emit, speed=speed, max_workers=max_workers, max_chunk=max_chunk,
                             on_source_error=on_source_error, on_target_error=on_target_error,
                             on_cbw_error=on_cbw_error, cbw_timeout=cbw_timeout,
-                            auto_dismiss=auto_dismiss, on_dismiss=self._dismissed)
+                            auto_dismiss=auto_dismiss, on_dismiss=self._dismissed,
+                            snapshot_trim=snapshot_trim)
+            job.scratch_path = scratch_created
         except BaseException:
             await tdev.close()
             _unlink_quietly(created)
+            if sdev is not None and sdev is not tdev:
+                await sdev.close()
+            _unlink_quietly(scratch_created)
             raise
         job.snapshot_name = snapshot  # type: ignore[attr-defined]
         job.target_spec = target if isinstance(target, str) else None  # type: ignore[attr-defined]
+        job.scratch_spec = (scratch if isinstance(scratch, str)  # type: ignore[attr-defined]
+                            else job.scratch_path)
         self.jobs[job_id] = job
         return PreparedBackup(self, job, export=export, bitmap=bitmap,
                               bitmap_mode=bitmap_mode or "on-success", created=created)
+
+    async def _open_scratch(self, job_id: str, scratch: str | BlockDev | None, target: str | BlockDev,
+                            size: int) -> tuple[BlockDev, str | None]:
+        """Open the job's scratch: ``(device, path we created or None)``."""
+        from ..blockdev import is_nbd_uri, open_spec
+
+        if isinstance(scratch, BlockDev):
+            return scratch, None
+        if scratch is None:
+            if not isinstance(target, str) or target.startswith("memory:"):
+                from ..blockdev.memory import MemoryDev
+
+                return MemoryDev(size), None
+            if self.scratch_dir is not None:
+                where = self.scratch_dir
+            elif not is_nbd_uri(target):
+                where = os.path.dirname(os.path.abspath(target))
+            else:
+                where = tempfile.gettempdir()
+            try:
+                fd, path = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".raw", dir=where)
+            except OSError as e:
+                raise ConfigError(f"cannot create a scratch file in {where}: {e.strerror or e}") from None
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            try:
+                dev = await open_spec(path)
+            except BaseException:
+                _unlink_quietly(path)
+                raise
+            # Held while the job lives: `sweep_scratch` removes only unlocked ones.
+            fcntl.flock(getattr(_innermost(dev), "fd"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return dev, path
+        created = None
+        if not (is_nbd_uri(scratch) or scratch.startswith("memory:") or os.path.lexists(scratch)):
+            created = scratch
+        try:
+            return await open_spec(scratch, create_size=size), created
+        except BaseException:
+            _unlink_quietly(created)
+            raise
+
+    def sweep_scratch(self) -> list[str]:
+        """Remove default scratch files a crashed server left in ``scratch_dir``
+        (those no live job holds locked); returns their paths."""
+        gone: list[str] = []
+        if self.scratch_dir is None:
+            return gone
+        try:
+            names = os.listdir(self.scratch_dir)
+        except OSError:
+            return gone
+        for name in names:
+            if not (name.startswith(SCRATCH_PREFIX) and name.endswith(".raw")):
+                continue
+            path = os.path.join(self.scratch_dir, name)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # in use
+            finally:
+                os.close(fd)
+            _unlink_quietly(path)
+            gone.append(path)
+        return gone
+
+    @staticmethod
+    def _check_scratch(src: BlockDev, tdev: BlockDev, sdev: BlockDev, scratch: Any) -> None:
+        if _innermost(sdev) is _innermost(src):
+            raise ConfigError("the scratch is the source export's own disk")
+        if sdev is tdev or _innermost(sdev) is _innermost(tdev):
+            raise ConfigError("the scratch is the target")
+        if sdev.capabilities().read_only:
+            raise ConfigError(f"scratch {scratch!r} is read-only")
+        if sdev.size < src.size:
+            raise ConfigError(f"scratch {scratch!r} is smaller ({sdev.size} bytes) than the source "
+                              f"({src.size} bytes)")
 
     def _check_not_busy_target(self, target: str) -> None:
         """Two jobs writing one target would corrupt both backups."""
         from ..blockdev import is_nbd_uri
 
         for job in self.jobs.values():
-            other = getattr(job, "target_spec", None)
-            if other is None or other.startswith("memory:"):
-                continue
-            same = other == target
-            if not same and not is_nbd_uri(target) and not is_nbd_uri(other):
-                try:
-                    a, b = os.stat(other), os.stat(target)
-                    same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-                except OSError:
-                    same = os.path.abspath(other) == os.path.abspath(target)
-            if same:
-                raise ConfigError(f"target {target!r} is already the target of job {job.id!r}")
+            for what, other in (("target", getattr(job, "target_spec", None)),
+                                ("scratch", getattr(job, "scratch_spec", None))):
+                if other is None or other.startswith("memory:"):
+                    continue
+                same = other == target
+                if not same and not is_nbd_uri(target) and not is_nbd_uri(other):
+                    try:
+                        a, b = os.stat(other), os.stat(target)
+                        same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+                    except OSError:
+                        same = os.path.abspath(other) == os.path.abspath(target)
+                if same:
+                    raise ConfigError(f"{target!r} is already the {what} of job {job.id!r}")
 
     def _check_not_source(self, src: BlockDev, target: str) -> None:
         from ..blockdev import is_nbd_uri
@@ -437,6 +562,39 @@ class Engine:
                 await job.dismiss()
 
 
+def _check_scratch_args(sync: str, scratch: Any, scratch_limit: Any, discard_source: Any,
+                        snapshot_trim: Any) -> None:
+    """Validate the scratch options (no I/O); see docs/scratch.md."""
+    if scratch is not None and not isinstance(scratch, BlockDev) and (not isinstance(scratch, str) or not scratch):
+        raise ConfigError("scratch must be a non-empty SPEC (file path, NBD URI or memory:SIZE)")
+    if scratch is not None and sync in ("full", "none"):
+        why = ("every cluster is in the sync set, so nothing goes to a scratch" if sync == "full"
+               else "the target itself is the scratch (fleecing)")
+        raise ConfigError(f"sync={sync} takes no scratch: {why}")
+    if scratch_limit is not None:
+        _check_int("scratch-limit", scratch_limit, 1)
+        if sync == "full":
+            raise ConfigError("sync=full uses no scratch: scratch-limit has no meaning")
+    for name, val in (("discard-source", discard_source), ("snapshot-trim", snapshot_trim)):
+        if not isinstance(val, bool):
+            raise ConfigError(f"{name} must be a boolean, got {val!r}")
+    if discard_source and sync == "none":
+        raise ConfigError("sync=none has no background copy: discard-source has no meaning "
+                          "(TRIM the snapshot export instead)")
+
+
+def _same_file(a: str, b: str) -> bool:
+    from ..blockdev import is_nbd_uri
+
+    if is_nbd_uri(a) or is_nbd_uri(b):
+        return a == b
+    try:
+        x, y = os.stat(a), os.stat(b)
+        return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def _unlink_quietly(path: str | None) -> None:
     if path is not None:
         try:
@@ -493,7 +651,8 @@ class PreparedBackup:
             job.snapshot.add_context(*self.lease.context)
         name = getattr(job, "snapshot_name", None)
         if name is not None:
-            eng.exports.add(name, job.snapshot, read_only=True,
+            # Read-only unless clients may TRIM it (snapshot-trim; WRITE still fails: EPERM).
+            eng.exports.add(name, job.snapshot, read_only=not job.snapshot.trim_ok,
                             description=f"point-in-time snapshot of {self.export} (backup job {job.id})")
             self.published = True
         job.start()
@@ -520,6 +679,7 @@ class PreparedBackup:
             job._set(JobStatus.NULL)
         await job.target.close()
         _unlink_quietly(self.created)
+        await job.close_scratch()
 
 
 # -- QMP mapping ----------------------------------------------------------------

@@ -32,7 +32,7 @@ Ending semantics (QEMU's):
   (whatever the outcome, unless the snapshot broke): the snapshot export stays
   valid until dismiss.  Dismiss detaches CBW, closes the snapshot view (calls
   fail with ESHUTDOWN), removes the export (engine callback) and closes the
-  target.
+  target and the scratch (a scratch file the engine created is removed).
 
 Pausing: ``pause()`` moves to paused at once; pump workers stop at their next
 chunk boundary (copies in flight finish).  CBW keeps running while paused.
@@ -46,6 +46,7 @@ import asyncio
 import errno
 import inspect
 import logging
+import os
 from enum import Enum
 from typing import Any, Awaitable, Callable
 
@@ -112,6 +113,9 @@ class BackupJob:
     - ``_user_paused``, ``_error_paused``, ``_unpaused`` (event set while
       neither); ``_cancel_requested``; ``_failure`` (a JobFailure set by CBW
       break-snapshot before cancelling the task); ``_task``;
+    - ``scratch_path`` (a scratch file the engine created: removed when the
+      scratch is closed at dismiss, or None; the scratch device itself is
+      ``state.scratch``, owned by the job unless it is the target);
     - ``_on_dismiss`` (async engine callback: remove the export and the job),
       ``on_end`` (public: ``callable(success: bool)`` returning None or an
       awaitable, called once when the job concludes, before its completion
@@ -127,7 +131,7 @@ class BackupJob:
                  on_cbw_error: str = "break-guest-write", cbw_timeout: float | None = None,
                  auto_dismiss: bool = False,
                  on_dismiss: Callable[["BackupJob"], Awaitable[None]] | None = None,
-                 on_end: Callable[[bool], Any] | None = None) -> None:
+                 on_end: Callable[[bool], Any] | None = None, snapshot_trim: bool = False) -> None:
         assert sync in SYNC_MODES
         assert on_source_error in ERROR_POLICIES and on_target_error in ERROR_POLICIES
         self.id = job_id
@@ -145,7 +149,8 @@ class BackupJob:
         self.auto_dismiss = auto_dismiss
         self.hook = CBWHook(state, on_cbw_error=on_cbw_error, cbw_timeout=cbw_timeout,
                             on_break=self._on_cbw_break)
-        self.snapshot = SnapshotDev(state)
+        self.snapshot = SnapshotDev(state, trim=snapshot_trim)
+        self.scratch_path: str | None = None
         self.pump = Pump(state, max_workers=max_workers,
                          max_chunk_clusters=max(1, max_chunk // state.cluster_size),
                          limiter=self.limiter, gate=self._gate, on_error=self._on_copy_error)
@@ -406,6 +411,39 @@ class BackupJob:
                 await self.target.close()
             except OSError:
                 log.exception("job %s: closing the target failed", self.id)
+            await self.close_scratch()
+
+    async def close_scratch(self) -> None:
+        """Close the scratch (unless it is the target) and remove the file the
+        engine created for it.  Idempotent."""
+        sdev = self.state.scratch
+        if sdev is not None and sdev is not self.target:
+            try:
+                await sdev.close()
+            except OSError:
+                log.exception("job %s: closing the scratch failed", self.id)
+        path, self.scratch_path = self.scratch_path, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def scratch_allocated(self) -> int | None:
+        """Bytes the scratch occupies on its filesystem (st_blocks x 512) when
+        it is a local file, else None."""
+        from ..blockdev.base import FilterDev
+
+        dev = self.state.scratch
+        while isinstance(dev, FilterDev):
+            dev = dev.inner
+        fd = getattr(dev, "fd", None)
+        if not isinstance(fd, int) or fd < 0 or getattr(dev, "is_block", False):
+            return None
+        try:
+            return os.fstat(fd).st_blocks * 512
+        except OSError:
+            return None
 
     def query(self) -> dict:
         st = self.state
@@ -418,8 +456,21 @@ class BackupJob:
             "bytes-copied-by-cbw": st.bytes_copied_by_cbw,
             "bytes-ignored": st.bytes_ignored,
             "clusters-skipped-zero": st.clusters_skipped_zero,
+            "clusters-zero-in-snapshot": st.clusters_zero_in_snapshot,
             "snapshot-broken": st.broken is not None,
+            "bytes-trimmed": st.bytes_trimmed,
         }
+        if st.scratch is not None:
+            info["scratch"] = "target" if st.scratch is self.target else (
+                self.scratch_path or getattr(st.scratch, "path", None) or getattr(st.scratch, "spec", None)
+                or "memory")
+            info["scratch-bytes"] = st.scratch_bytes
+            alloc = self.scratch_allocated()
+            info["scratch-allocated"] = st.scratch_bytes if alloc is None else alloc
+            info["bytes-cbw-to-scratch"] = st.bytes_cbw_to_scratch
+            info["scratch-bytes-discarded"] = st.scratch_bytes_discarded
+            if st.scratch_limit is not None:
+                info["scratch-limit"] = st.scratch_limit
         if self.error is not None:
             info["error"] = self.error
         return info

@@ -2,8 +2,11 @@
 
 Role: `Pump.run` copies every cluster of ``state.pump_todo`` to the target
 with up to ``max_workers`` concurrent copies of at most ``max_chunk_clusters``
-adjacent clusters each (`copystate` rule 3).  It never copies a done cluster
-and never copies a cluster another copier has in flight (it waits for it).
+adjacent clusters each (`copystate` rule 3).  It never copies a cluster
+whose content is in the target and never copies a cluster another copier
+has in flight (it waits for it).  A todo cluster whose point-in-time content
+copy-before-write saved in the scratch (before the sync set was known) is
+moved from the scratch; one recorded as zeros is zeroed in the target.
 
 Control points: before claiming each chunk a worker awaits ``gate()`` (the
 job's pause point; it returns False when the worker must stop) and the rate
@@ -36,7 +39,7 @@ from typing import Awaitable, Callable
 
 from ..blockdev.base import BASE_ALLOCATION
 from ..nbd.wire import StateFlag
-from .copystate import CopyError, CopyState
+from .copystate import FROM_SOURCE, CopyError, CopyState
 
 #: Bytes of source extents asked for at a time (one query, or a few when the
 #: source answers a shorter range, per window).
@@ -212,7 +215,7 @@ class Pump:
                     pass
                 continue
             start, count = got
-            zero_end = self._zero_run_end(start, count)
+            zero_end = self._zero_run_end(start, count) if st.kind(start) == FROM_SOURCE else -1
             if zero_end >= 0:
                 limit = min(zero_end, start + max(count, ZERO_CLAIM_MAX >> st._shift))
                 count = st.extend_claim(start, count, limit, todo_only=True)

@@ -1,10 +1,22 @@
 """The point-in-time snapshot view of a disk under backup (QEMU's snapshot-access).
 
 Role: `SnapshotDev` is the read-only device behind a backup's snapshot export
-(fleecing).  It reads each cluster from the backup target when the cluster's
-point-in-time content is already there (``done``), else from the live source
-while registered as a reader, so that copy-before-write holds the live write
-back until the read is over (`copystate` rule 2).
+(fleecing).  It reads each cluster from where its point-in-time content is
+(`CopyState.where`: the target, the scratch, nowhere because it is zeros),
+else from the live source while registered as a reader, so that
+copy-before-write holds the live write back until the read is over
+(`copystate` rule 2).
+
+TRIM (QEMU's snapshot-access discard, `copystate` rule 8): the region is no
+longer needed; its whole clusters are marked trimmed: their scratch copies
+are discarded, later live writes there copy nothing (unless the backup
+target still needs them), and a later READ of them fails with EACCES (NBD
+EPERM; QEMU's snapshot-access fails such reads with EACCES too) -- an error,
+never stale or made-up data.  Block status reports them as a hole without
+the zero flag (content unspecified).  The export accepts TRIM only when
+built with ``trim=True`` (backup-start ``snapshot-trim``): it is then
+published writable (no READ_ONLY flag) but WRITE fails with EPERM and
+WRITE_ZEROES is not offered; otherwise it is read-only as before.
 
 Invariant: every byte read from a live `SnapshotDev` equals the source's
 content at the moment the backup started, whatever live writes run
@@ -28,6 +40,7 @@ from typing import Awaitable, Callable, Sequence
 
 from ..blockdev.base import (
     BASE_ALLOCATION,
+    HOLE_ZERO,
     BlockDev,
     BlockSize,
     Buffer,
@@ -35,6 +48,7 @@ from ..blockdev.base import (
     Extent,
     merge_extents,
 )
+from ..nbd.wire import StateFlag
 from .copystate import CopyState
 
 ExtentProvider = Callable[[int, int], Awaitable[list[Extent]]]
@@ -43,12 +57,14 @@ ExtentProvider = Callable[[int, int], Awaitable[list[Extent]]]
 class SnapshotDev(BlockDev):
     """Read-only point-in-time view.
 
-    Fields: ``state`` (the job's `CopyState`); ``_contexts`` (extra meta
-    context name -> provider); ``_closed`` (set by `close_view`).
+    Fields: ``state`` (the job's `CopyState`); ``trim_ok`` (TRIM accepted,
+    see the module docstring); ``_contexts`` (extra meta context name ->
+    provider); ``_closed`` (set by `close_view`).
     """
 
-    def __init__(self, state: CopyState) -> None:
+    def __init__(self, state: CopyState, *, trim: bool = False) -> None:
         self.state = state
+        self.trim_ok = trim
         self._contexts: dict[str, ExtentProvider] = {}
         self._closed = False
 
@@ -57,14 +73,14 @@ class SnapshotDev(BlockDev):
         return self.state.size
 
     def capabilities(self) -> Capabilities:
-        src = self.state.source.capabilities().block_size
-        tgt = self.state.target.capabilities().block_size
+        st = self.state
+        sizes = [d.capabilities().block_size for d in (st.source, st.target, st.scratch) if d is not None]
+        minimum = max(b.minimum for b in sizes)
         return Capabilities(
-            read_only=True, can_flush=False, can_fua=False, can_trim=False, can_zero=False,
+            read_only=not self.trim_ok, can_flush=False, can_fua=False, can_trim=self.trim_ok, can_zero=False,
             can_fast_zero=False, can_cache=False, can_multi_conn=True, can_extents=True,
-            block_size=BlockSize(max(src.minimum, tgt.minimum),
-                                 max(src.preferred, tgt.preferred, src.minimum, tgt.minimum),
-                                 min(src.maximum, tgt.maximum)),
+            block_size=BlockSize(minimum, max(minimum, *(b.preferred for b in sizes)),
+                                 min(b.maximum for b in sizes)),
         )
 
     def meta_contexts(self) -> Sequence[str]:
@@ -92,9 +108,13 @@ class SnapshotDev(BlockDev):
         st = self.state
         segs = st.begin_read(offset, n)
         try:
-            for off, ln, from_target in segs:
-                dev = st.target if from_target else st.source
-                await dev.pread(buf[off - offset: off - offset + ln], off)
+            for off, ln, where in segs:
+                dev = st.device(where)
+                part = buf[off - offset: off - offset + ln]
+                if dev is None:  # "zero"
+                    part[:] = bytes(ln)
+                else:
+                    await dev.pread(part, off)
         finally:
             st.end_read(segs)
         # A break during the read may have let a live write through: recheck.
@@ -111,7 +131,9 @@ class SnapshotDev(BlockDev):
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check()
-        raise OSError(errno.EPERM, "the snapshot export is read-only")
+        if not self.trim_ok:
+            raise OSError(errno.EPERM, "the snapshot export is read-only")
+        await self.state.trim_snapshot(offset, length)
 
     async def flush(self) -> None:
         self._check()
@@ -127,11 +149,15 @@ class SnapshotDev(BlockDev):
                 raise OSError(errno.EINVAL, f"unknown meta context {context!r}")
             return await provider(offset, length)
         st = self.state
-        segs = st.begin_read(offset, length)
+        segs = st.begin_read(offset, length, allow_trimmed=True)
         out: list[Extent] = []
         try:
-            for off, ln, from_target in segs:
-                dev = st.target if from_target else st.source
+            for off, ln, where in segs:
+                dev = st.device(where)
+                if dev is None:
+                    # zeros stored nowhere; trimmed: unallocated, content unspecified
+                    out.append(Extent(off, ln, HOLE_ZERO if where == "zero" else int(StateFlag.HOLE)))
+                    continue
                 pos, end = off, off + ln
                 while pos < end:
                     got = await dev.extents(pos, end - pos, BASE_ALLOCATION)

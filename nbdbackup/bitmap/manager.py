@@ -282,46 +282,60 @@ class BitmapManager:
                 if p is not None:
                     await p.abort()
             raise
-        # 2. commit: no await from here to the end of the loop.
-        undo: list[Callable[[], None]] = []
-        removals: list[tuple[str, str]] = []
-        failed: BaseException | None = None
-        for i, (kind, data, prepared) in enumerate(steps):
-            try:
-                if prepared is not None:
-                    prepared.commit()
-                elif kind == "block-dirty-bitmap-remove":
-                    removals.append((data["export"], data["name"]))
-                else:
-                    u = self._apply(kind, data)
-                    if u is not None:
-                        undo.append(u)
-            except Exception as e:
-                failed = e
-                fail_msg = f"transaction action {i} ({kind}): {e}"
-                break
-        if failed is None:
-            try:
-                for export, name in removals:
-                    if self._registry(export).get(name).busy:  # inconsistent ones may be removed
-                        raise BitmapError(f"Bitmap '{name}' is currently in use by another operation "
-                                          f"and cannot be used")
-            except Exception as e:
-                failed, fail_msg = e, f"transaction: block-dirty-bitmap-remove: {e}"
-        if failed is not None:
-            for u in reversed(undo):
-                try:
-                    u()
-                except Exception:
-                    log.exception("transaction rollback step failed")
+        # 2. commit: no await from here to the end of the loop, and no write
+        # straddling it on the exports backed up (blockdev.live, "Quiescing").
+        from ..blockdev.live import quiesce_all
+
+        try:
+            quiesced = quiesce_all([p.job.live for _, _, p in steps if p is not None and p.job.live is not None])
+            await quiesced.__aenter__()
+        except BaseException:  # writes in flight never finished: nothing was committed
             for _, _, p in steps:
                 if p is not None:
                     await p.abort()
-            if isinstance(failed, (ConfigError, BitmapError)):
-                raise type(failed)(fail_msg) from failed
-            raise failed
-        for export, name in removals:
-            self._registry(export).remove(name)
+            raise
+        try:
+            undo: list[Callable[[], None]] = []
+            removals: list[tuple[str, str]] = []
+            failed: BaseException | None = None
+            for i, (kind, data, prepared) in enumerate(steps):
+                try:
+                    if prepared is not None:
+                        prepared.commit()
+                    elif kind == "block-dirty-bitmap-remove":
+                        removals.append((data["export"], data["name"]))
+                    else:
+                        u = self._apply(kind, data)
+                        if u is not None:
+                            undo.append(u)
+                except Exception as e:
+                    failed = e
+                    fail_msg = f"transaction action {i} ({kind}): {e}"
+                    break
+            if failed is None:
+                try:
+                    for export, name in removals:
+                        if self._registry(export).get(name).busy:  # inconsistent ones may be removed
+                            raise BitmapError(f"Bitmap '{name}' is currently in use by another operation "
+                                              f"and cannot be used")
+                except Exception as e:
+                    failed, fail_msg = e, f"transaction: block-dirty-bitmap-remove: {e}"
+            if failed is not None:
+                for u in reversed(undo):
+                    try:
+                        u()
+                    except Exception:
+                        log.exception("transaction rollback step failed")
+                for _, _, p in steps:
+                    if p is not None:
+                        await p.abort()
+                if isinstance(failed, (ConfigError, BitmapError)):
+                    raise type(failed)(fail_msg) from failed
+                raise failed
+            for export, name in removals:
+                self._registry(export).remove(name)
+        finally:
+            await quiesced.__aexit__(None, None, None)
         # 3. start
         backups = [p for _, _, p in steps if p is not None]
         group = _Group() if grouped and backups else None

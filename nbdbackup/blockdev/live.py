@@ -45,11 +45,28 @@ before the live disk changes.
 The hook list is replaced, never mutated in place (``add_hook`` and
 ``remove_hook`` build a new tuple), so a request iterates over the hooks that
 were attached when it started even if the list changes while it awaits.
+
+Quiescing (`quiesce`, `quiesce_all`; QEMU drains nodes around a transaction
+for the same reason): an async write that took the hook list before a hook
+was attached and is still waiting for the device would land AFTER the
+attach without passing the new hook -- a copy-before-write attached at a
+point in time would miss it (the snapshot changes under its reader) while
+the dirty bitmap frozen at that instant already counted it (the next
+incremental would miss it).  Inside ``async with dev.quiesce()`` no async
+write is between taking its hook list and finishing its device call: new
+ones wait at the gate before taking the list, earlier ones have finished.
+Task-free writes never suspend, so they cannot straddle a synchronous
+attach; a write handed to the I/O engine (`pwrite_start`) does, so it counts
+in ``_writing`` until it completes and is not started while quiesced.  The
+engine and ``transaction`` attach backups inside it.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import asyncio
+import contextlib
+import errno
+from typing import AsyncIterator, Iterable, Protocol, runtime_checkable
 
 from .base import BlockDev, Buffer, FilterDev
 
@@ -76,6 +93,46 @@ class LiveDev(FilterDev):
         self._hooks: tuple[WriteHook, ...] = ()
         self._after: tuple = ()
         self._now: tuple | None = ()
+        #: Async writes past their hook list and not finished (see Quiescing).
+        self._writing = 0
+        #: While quiesced: the Event new async writes wait for; else None.
+        self._gate: asyncio.Event | None = None
+        #: Set when ``_writing`` drops to 0 while someone waits for it.
+        self._drained: asyncio.Event | None = None
+
+    # -- quiescing ------------------------------------------------------
+
+    async def _wait_gate(self) -> None:
+        while self._gate is not None:
+            await self._gate.wait()
+
+    def _done_writing(self) -> None:
+        self._writing -= 1
+        if not self._writing and self._drained is not None:
+            self._drained.set()
+
+    @contextlib.asynccontextmanager
+    async def quiesce(self, timeout: float = 30.0) -> AsyncIterator[None]:
+        """New async writes wait; the ones in flight finish first (module doc).
+
+        Raises OSError(EBUSY) if the writes in flight take longer than ``timeout``.
+        """
+        await self._wait_gate()  # one quiesce at a time
+        gate = self._gate = asyncio.Event()
+        try:
+            if self._writing:
+                self._drained = asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._drained.wait(), timeout)
+                except TimeoutError:
+                    raise OSError(errno.EBUSY, f"{self._writing} write(s) in flight did not finish "
+                                               f"within {timeout:g} s") from None
+                finally:
+                    self._drained = None
+            yield
+        finally:
+            self._gate = None
+            gate.set()
 
     # -- hooks ----------------------------------------------------------
 
@@ -114,14 +171,20 @@ class LiveDev(FilterDev):
     # -- BlockDev ---------------------------------------------------------
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
+        if self._gate is not None:
+            await self._wait_gate()
         hooks = self._hooks
-        if not hooks:
+        self._writing += 1
+        try:
+            if not hooks:
+                await self.inner.pwrite(buf, offset, fua=fua)
+                return
+            length = memoryview(buf).nbytes
+            await self._before(hooks, offset, length)
             await self.inner.pwrite(buf, offset, fua=fua)
-            return
-        length = memoryview(buf).nbytes
-        await self._before(hooks, offset, length)
-        await self.inner.pwrite(buf, offset, fua=fua)
-        self._after_write(hooks, offset, length)
+            self._after_write(hooks, offset, length)
+        finally:
+            self._done_writing()
         if fua:
             await self._durable(hooks)
 
@@ -139,24 +202,36 @@ class LiveDev(FilterDev):
 
     def pwrite_start(self, buf: Buffer, offset: int, fua: bool, cb) -> bool:
         """`pwrite_start` of the inner device when every hook is done now
-        (as `pwrite_now`); ``after_write`` hooks run when the write succeeded."""
-        if type(self).pwrite is not LiveDev.pwrite:
+        (as `pwrite_now`) and the device is not quiesced; ``after_write``
+        hooks run when the write succeeded.  Unlike the other task-free
+        writes it straddles time (the engine completes it later), so it
+        counts in ``_writing`` until its callback, exactly like an async
+        write past its hook list: `quiesce` waits for it."""
+        if type(self).pwrite is not LiveDev.pwrite or self._gate is not None:
             return False
-        if not self._hooks:
-            return self.inner.pwrite_start(buf, offset, fua, cb)
         length = memoryview(buf).nbytes
-        if not self._hooks_done_now(offset, length, fua):
+        hooks = self._hooks
+        if hooks and not self._hooks_done_now(offset, length, fua):
             return False
-        after = self._after
-        if not after:
-            return self.inner.pwrite_start(buf, offset, fua, cb)
+        after = self._after if hooks else ()
 
         def done(err: int) -> None:
-            if not err:
-                for h in after:
-                    h.after_write(offset, length)
+            try:
+                if not err:
+                    for h in after:
+                        h.after_write(offset, length)
+            finally:
+                self._done_writing()
             cb(err)
-        return self.inner.pwrite_start(buf, offset, fua, done)
+        self._writing += 1
+        try:
+            started = self.inner.pwrite_start(buf, offset, fua, done)
+        except BaseException:
+            self._writing -= 1
+            raise
+        if not started:
+            self._writing -= 1  # synchronous: no quiesce can have started meanwhile
+        return started
 
     def _hooks_done_now(self, offset: int, length: int, fua: bool) -> bool | None:
         """For the task-free paths: None = no hooks; True = every hook's
@@ -196,24 +271,36 @@ class LiveDev(FilterDev):
 
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:
+        if self._gate is not None:
+            await self._wait_gate()
         hooks = self._hooks
-        if not hooks:
+        self._writing += 1
+        try:
+            if not hooks:
+                await self.inner.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+                return
+            await self._before(hooks, offset, length)
             await self.inner.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
-            return
-        await self._before(hooks, offset, length)
-        await self.inner.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
-        self._after_write(hooks, offset, length)
+            self._after_write(hooks, offset, length)
+        finally:
+            self._done_writing()
         if fua:
             await self._durable(hooks)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        if self._gate is not None:
+            await self._wait_gate()
         hooks = self._hooks
-        if not hooks:
+        self._writing += 1
+        try:
+            if not hooks:
+                await self.inner.trim(offset, length, fua=fua)
+                return
+            await self._before(hooks, offset, length)
             await self.inner.trim(offset, length, fua=fua)
-            return
-        await self._before(hooks, offset, length)
-        await self.inner.trim(offset, length, fua=fua)
-        self._after_write(hooks, offset, length)
+            self._after_write(hooks, offset, length)
+        finally:
+            self._done_writing()
         if fua:
             await self._durable(hooks)
 
@@ -222,3 +309,13 @@ class LiveDev(FilterDev):
         await self.inner.flush()
         if hooks:
             await self._durable(hooks)
+
+
+@contextlib.asynccontextmanager
+async def quiesce_all(devs: Iterable[BlockDev], timeout: float = 30.0) -> AsyncIterator[None]:
+    """`LiveDev.quiesce` of every `LiveDev` in ``devs`` at once (others are ignored)."""
+    lives = list(dict.fromkeys(d for d in devs if isinstance(d, LiveDev)))
+    async with contextlib.AsyncExitStack() as stack:
+        for d in lives:
+            await stack.enter_async_context(d.quiesce(timeout))
+        yield

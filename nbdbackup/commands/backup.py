@@ -26,6 +26,8 @@ _ARGUMENTS = [
     ("max_workers", "max-workers"), ("max_chunk", "max-chunk"), ("on_source_error", "on-source-error"),
     ("on_target_error", "on-target-error"), ("on_cbw_error", "on-cbw-error"), ("cbw_timeout", "cbw-timeout"),
     ("auto_dismiss", "auto-dismiss"), ("bitmap", "bitmap"), ("bitmap_mode", "bitmap-mode"),
+    ("scratch", "scratch"), ("scratch_limit", "scratch-limit"), ("discard_source", "discard-source"),
+    ("snapshot_trim", "snapshot-trim"),
 ]
 
 
@@ -60,6 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--bitmap", metavar="NAME", help="dirty bitmap for incremental/bitmap sync")
     s.add_argument("--bitmap-mode", choices=BITMAP_MODE.values, metavar="MODE",
                    help="what to do with the bitmap: " + "|".join(BITMAP_MODE.values))
+    s.add_argument("--scratch", metavar="SPEC",
+                   help="where copy-before-write saves clusters outside the sync set (top, incremental, "
+                        "bitmap; default: a temporary sparse file, removed at dismiss)")
+    s.add_argument("--scratch-limit", type=cliutil.size_arg, metavar="N",
+                   help="most bytes the scratch may hold; beyond, --on-cbw-error applies")
+    s.add_argument("--discard-source", action=argparse.BooleanOptionalAction, default=None,
+                   help="discard scratch copies once the background copy moved them to the target")
+    s.add_argument("--snapshot-trim", action=argparse.BooleanOptionalAction, default=None,
+                   help="let clients TRIM the snapshot export (what they no longer need)")
     s.add_argument("--wait", action="store_true", help="then wait for the job like 'nbdbackup job wait'")
     job.add_wait_arguments(s)
     cliutil.add_control_arguments(s)

@@ -27,6 +27,7 @@ import sys
 from ..blockdev import parse_size
 from ..errors import ConfigError
 from . import run_async
+from ..progress import Progress, add_progress_option
 from .repoargs import add_repo_options
 
 
@@ -50,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snapshot", metavar="NAME", help="with --repo: the new snapshot's name")
     p.add_argument("--base", metavar="NAME", help="with --repo --bitmap: the snapshot the bitmap counts from")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--trim-after-read", action="store_true",
+                   help="TRIM each chunk on the source once copied (a backup snapshot started with "
+                        "snapshot-trim then frees its scratch and stops copying there)")
+    add_progress_option(p)
     p.set_defaults(func=run_pull)
 
     v = sub.add_parser("verify", help="check an image or export against a blake3 chunk manifest",
@@ -84,7 +89,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
 async def _pull_repo(args: argparse.Namespace) -> int:
     from ..agent.pull import pull
-    from ..agent.repo import SnapshotImage, check_name
+    from ..agent.repo import check_name
     from ..blockdev.nbd import NBDDev
     from .repoargs import open_repo
 
@@ -94,7 +99,7 @@ async def _pull_repo(args: argparse.Namespace) -> int:
         if repo.has_snapshot(args.snapshot):
             raise ConfigError(f"snapshot {args.snapshot!r} already exists in {args.repo}")
         base = repo.load_snapshot(args.base) if args.base else None
-        src = await NBDDev.open(args.uri, read_only=True, connections=args.connections)
+        src = await NBDDev.open(args.uri, read_only=not args.trim_after_read, connections=args.connections)
         new_chunks = 0
         seen: set[bytes] = set()  # stored (or found) by this pull: skip the same digest at once
 
@@ -109,8 +114,11 @@ async def _pull_repo(args: argparse.Namespace) -> int:
         try:
             if base is not None and base.size != src.size:
                 raise ConfigError(f"snapshot {args.base!r} is {base.size} bytes, the source {src.size}")
-            man, stats = await pull(src, SnapshotImage(repo, base) if base else None, bitmap=args.bitmap,
-                                    chunk_size=repo.chunk_size, workers=args.workers, base=base, sink=store_chunk)
+            with Progress.for_args(args, f"pull {args.snapshot}") as prog:
+                man, stats = await pull(src, _BaseSnapshot(repo, base) if base else None, bitmap=args.bitmap,
+                                        chunk_size=repo.chunk_size, workers=args.workers, base=base,
+                                        sink=store_chunk, chunk_id=repo.chunk_id, zero_id=repo.zero_id,
+                                        progress=prog.update, trim_after_read=args.trim_after_read)
         finally:
             await src.close()
         repo.save_snapshot(args.snapshot, man, source=args.uri, parent=args.base)
@@ -126,6 +134,30 @@ async def _pull_repo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _BaseSnapshot:
+    """The base snapshot of an incremental pull into a repository, as the
+    target `agent.pull.pull` reads: whole chunks fetched, decrypted and
+    checked on worker threads (the event loop keeps reading the source).
+
+    Fields: ``repo``; ``man`` (the base's manifest).  Only ``size`` and
+    ``pread`` are used (the pull hands each chunk's content to its sink).
+    """
+
+    def __init__(self, repo, man) -> None:
+        self.repo, self.man = repo, man
+
+    @property
+    def size(self) -> int:
+        return self.man.size
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        for i in self.man.chunks_of(offset, len(buf)):
+            c_off, c_len = self.man.chunk_range(i)
+            data = await asyncio.to_thread(self.repo.get_chunk, self.man.chunks[i], c_len)
+            s, e = max(offset, c_off), min(offset + len(buf), c_off + c_len)
+            buf[s - offset:e - offset] = memoryview(data)[s - c_off:e - c_off]
+
+
 async def _pull(args: argparse.Namespace, chunk: int) -> int:
     from ..agent.manifest import Manifest
     from ..agent.pull import pull
@@ -133,7 +165,7 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
     from ..blockdev.nbd import NBDDev
 
     base = Manifest.load(args.base_manifest) if args.base_manifest else None
-    src = await NBDDev.open(args.uri, read_only=True, connections=args.connections)
+    src = await NBDDev.open(args.uri, read_only=not args.trim_after_read, connections=args.connections)
     try:
         fresh = False
         path = args.target
@@ -151,8 +183,10 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
         except OSError as e:
             raise ConfigError(f"{path}: {e.strerror or e}") from None
         try:
-            man, stats = await pull(src, dst, bitmap=args.bitmap, fresh=fresh, chunk_size=chunk,
-                                    workers=args.workers, base=base)
+            with Progress.for_args(args, "pull") as prog:
+                man, stats = await pull(src, dst, bitmap=args.bitmap, fresh=fresh, chunk_size=chunk,
+                                        workers=args.workers, base=base, progress=prog.update,
+                                        trim_after_read=args.trim_after_read)
         finally:
             await dst.close()
     finally:

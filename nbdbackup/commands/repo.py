@@ -1,18 +1,25 @@
-"""``nbdbackup repo init|list|verify|delete|prune|gc``: a chunk repository (`agent.repo`).
+"""``nbdbackup repo init|list|verify|delete|prune|gc|key``: a chunk repository (`agent.repo`).
 
 A repository is a directory or ``s3://BUCKET/PREFIX`` (`agent.s3store`:
 credentials, region and endpoint from the usual AWS environment variables
 and files, or ``--s3-endpoint URL``).  ``pull --repo REPO --snapshot NAME``
-fills it; ``plugins/restore.py
-repo=DIR snapshot=NAME`` serves a snapshot back over NBD.  ``verify`` reads
-every chunk the snapshots use and exits 1 naming the broken ones (snapshot,
-chunk index, byte range ``(offset, length)``); ``delete``
+fills it; ``nbdbackup restore`` (`commands.restore`) writes a snapshot
+back, ``plugins/restore.py repo=DIR snapshot=NAME`` serves one over NBD.
+``verify`` reads every distinct chunk the snapshots use (on ``--workers``
+threads; ``--sample PERCENT [--seed N]`` a random part of them,
+`agent.verify`) and exits 1 naming the broken ones in every snapshot that
+uses them (snapshot, chunk index, byte range ``(offset, length)``); ``delete``
 forgets a snapshot; ``prune`` forgets the snapshots a ``--keep-*`` policy
 does not keep (`agent.retention`; ``--dry-run`` only shows the plan);
 ``gc`` removes the chunks no snapshot uses any more (on S3 only those
 older than ``--grace`` seconds, default an hour).  ``delete``, ``prune``
 and ``gc`` hold the repository lock exclusive and fail at once if a pull
 (or verify) holds it shared; ``prune --dry-run`` holds it shared.
+
+``init --encryption repokey|keyfile|none --compression zstd[:LEVEL]|none``
+chooses how chunks are stored (`agent.codec`, `agent.crypto`); ``key
+export [FILE]`` copies the wrapped key out (no passphrase needed: it is
+useless without it), ``key change-passphrase`` rewraps it where it lives.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import json
 import sys
 
 from ..blockdev import parse_size
+from ..errors import ConfigError
+from ..progress import Progress, add_progress_option
 from .repoargs import REPO_HELP, add_repo_options, open_repo, open_store_args
 
 
@@ -32,8 +41,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     i = rsub.add_parser("init", help="create a repository")
     i.add_argument("dir", metavar="REPO", help=REPO_HELP)
     i.add_argument("--chunk-size", default="4M")
+    i.add_argument("--encryption", choices=("repokey", "keyfile", "none"), default="none",
+                   help="repokey: the passphrase-wrapped key is kept in the repository; keyfile: in a local "
+                        "file (--key-file, default $XDG_CONFIG_HOME/nbdbackup/keys/ID); none (default)")
+    i.add_argument("--compression", default="zstd:3", metavar="zstd[:LEVEL]|none",
+                   help="chunk compression (default zstd:3; chunks it does not shrink are stored raw)")
     _s3(i)
     i.set_defaults(func=cmd_init)
+    k = rsub.add_parser("key", help="an encrypted repository's key: export, change-passphrase")
+    ksub = k.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    ke = ksub.add_parser("export", help="write the wrapped key (keep it safe: with the passphrase it opens "
+                                        "the repository)")
+    ke.add_argument("dir", metavar="REPO", help=REPO_HELP)
+    ke.add_argument("file", metavar="FILE", nargs="?", help="where to write it (default: stdout)")
+    _s3(ke)
+    ke.set_defaults(func=cmd_key_export)
+    kc = ksub.add_parser("change-passphrase", help="rewrap the key under a new passphrase")
+    kc.add_argument("dir", metavar="REPO", help=REPO_HELP)
+    kc.add_argument("--new-passphrase-file", metavar="FILE",
+                    help="the new passphrase: FILE's first line (default: NBDBACKUP_NEW_PASSPHRASE, else a prompt)")
+    _s3(kc)
+    kc.set_defaults(func=cmd_key_change)
     for name, func, text in (("list", cmd_list, "list snapshots"), ("verify", cmd_verify, "check snapshots' chunks"),
                              ("delete", cmd_delete, "delete a snapshot"), ("gc", cmd_gc, "remove unused chunks")):
         a = rsub.add_parser(name, help=text)
@@ -43,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             _grace(a)
         if name in ("verify", "delete"):
             a.add_argument("names", metavar="NAME", nargs="*" if name == "verify" else 1)
+        if name == "verify":
+            _verify_options(a)
         a.add_argument("--json", action="store_true")
         a.set_defaults(func=func)
     pr = rsub.add_parser(
@@ -64,6 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--gc", action="store_true", help="then remove the chunks no kept snapshot uses")
     _grace(pr)
     pr.add_argument("--json", action="store_true")
+    add_progress_option(pr)
     pr.set_defaults(func=cmd_prune)
 
 
@@ -109,10 +140,65 @@ def _emit(args: argparse.Namespace, value, text: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from ..agent.codec import parse_compression
     from ..agent.repo import Repository
+    from .repoargs import passphrase_of
 
-    repo = Repository.init(open_store_args(args, args.dir), parse_size(args.chunk_size))
-    print(f"repository {args.dir} created ({repo.chunk_size} byte chunks)")
+    level = parse_compression(args.compression)
+    repo = Repository.init(open_store_args(args, args.dir), parse_size(args.chunk_size), encryption=args.encryption,
+                           compression=level, passphrase=passphrase_of(args, confirm=True, spec=args.dir),
+                           key_file=args.key_file)
+    print(f"repository {args.dir} created ({repo.chunk_size} byte chunks, compression {args.compression}, "
+          f"encryption {args.encryption})")
+    if repo.encryption == "keyfile":
+        print(f"key: {repo._key_source[1]} -- without it and the passphrase the backups cannot be read: "
+              "keep a copy elsewhere ('nbdbackup repo key export')")
+    elif repo.encryption == "repokey":
+        print("the key is in the repository, wrapped by the passphrase: keep a copy elsewhere too "
+              "('nbdbackup repo key export')")
+    return 0
+
+
+def cmd_key_export(args: argparse.Namespace) -> int:
+    from ..agent.crypto import write_private
+
+    # The blob is wrapped: exporting it needs no passphrase.
+    blob = _key_blob(open_store_args(args, args.dir), args)
+    if args.file:
+        write_private(args.file, blob)
+        print(f"key of {args.dir} written to {args.file}")
+    else:
+        sys.stdout.write(blob.decode())
+    return 0
+
+
+def _key_blob(store, args: argparse.Namespace) -> bytes:
+    """The wrapped key of the repository in ``store`` (no passphrase needed)."""
+    import json as _json
+
+    from ..agent.repo import CONFIG, Repository
+    from ..errors import ConfigError
+
+    try:
+        cfg = _json.loads(store.get(CONFIG))
+        enc, repo_id = cfg["encryption"], cfg["id"]
+    except FileNotFoundError:
+        raise ConfigError(f"{store.root} is not a repository") from None
+    except (ValueError, KeyError, TypeError):
+        Repository.open(store)  # says what is wrong (version, damage)
+        raise
+    if enc == "none":
+        raise ConfigError(f"{store.root} is not encrypted: it has no key")
+    return Repository._read_key(store, repo_id, enc, args.key_file)[0]
+
+
+def cmd_key_change(args: argparse.Namespace) -> int:
+    from ..agent.crypto import NEW_PASSPHRASE_ENV, read_passphrase
+
+    _, repo = _open(args)  # unlocked with the current passphrase
+    new = read_passphrase(args.new_passphrase_file, env=NEW_PASSPHRASE_ENV, what="new passphrase", confirm=True)
+    where = repo.change_passphrase(new)
+    print(f"passphrase changed ({where}); copies exported before still open with the old one")
     return 0
 
 
@@ -121,26 +207,53 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for name in repo.snapshots():
         info = repo.snapshot_info(name)
-        rows.append({"name": name, "created": info.get("created"), "size": info["manifest"]["size"],
-                     "parent": info.get("parent"), "root": info["manifest"]["root"]})
+        rows.append({"name": name, "created": info.get("created"), "size": info["size"],
+                     "parent": info.get("parent"), "root": info["root"]})
     _emit(args, rows, "\n".join(f"{r['name']}  {r['created']}  {r['size']} bytes  parent={r['parent'] or '-'}  "
                                 f"root={r['root'][:16]}" for r in rows) or "(no snapshots)")
     return 0
 
 
+def _verify_options(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--sample", type=_percent, metavar="PERCENT",
+                   help="check a random PERCENT of the distinct chunks (default: all)")
+    a.add_argument("--seed", type=int, metavar="N", help="with --sample: the random seed (default: drawn, reported)")
+    a.add_argument("--workers", type=int, default=8, metavar="N", help="chunks read at once (default 8)")
+    add_progress_option(a)
+
+
+def _percent(text: str) -> float:
+    try:
+        v = float(text.rstrip("%"))
+    except ValueError:
+        v = -1.0
+    if not 0 < v <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a percentage in (0, 100]")
+    return v
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ..agent.verify import verify
+
+    if args.seed is not None and args.sample is None:
+        raise ConfigError("--seed is for --sample")
     store, repo = _open(args)
     with store.lock(exclusive=False):
         names = args.names or repo.snapshots()
-        problems = repo.verify(names)
-        mans = {s: repo.load_snapshot(s) for s in {p[0] for p in problems}}
-    rows = [{"snapshot": s, "chunk": i, "offset": mans[s].chunk_range(i)[0], "length": mans[s].chunk_range(i)[1],
-             "reason": r} for s, i, r in problems]
-    _emit(args, {"ok": not problems, "snapshots": names, "problems": rows},
-          "\n".join([f"{p['snapshot']}: chunk {p['chunk']} ({p['offset']}, {p['length']}): {p['reason']}"
-                     for p in rows]
-                    + [f"{'FAILED' if problems else 'OK'}: {len(names)} snapshot(s), {len(problems)} bad chunk(s)"]))
-    return 1 if problems else 0
+        with Progress.for_args(args, "verify") as prog:
+            rep = verify(repo, names, sample=args.sample, seed=args.seed, workers=max(1, args.workers),
+                         progress=prog.update)
+    rows = [p.to_json() for p in rep.problems]
+    scope = (f"sample {rep.sample:g}% (seed {rep.seed}): " if rep.seed is not None else "") + \
+        f"{rep.chunks_checked} of {rep.chunks_referenced} chunk(s), {rep.bytes_checked} bytes checked " \
+        f"in {rep.seconds:.2f} s"
+    lines = [f"{p['snapshot']}: chunk {p['chunk']} ({p['offset']}, {p['length']}): {p['reason']}"
+             if p["chunk"] >= 0 else p["reason"] for p in rows]
+    if rep.problems:
+        lines.append(f"damaged snapshot(s): {' '.join(rep.damaged_snapshots)}")
+    lines += [scope, f"{'FAILED' if rep.problems else 'OK'}: {len(names)} snapshot(s), {len(rows)} bad chunk(s)"]
+    _emit(args, rep.to_json(), "\n".join(lines))
+    return 1 if rep.problems else 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -170,7 +283,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     store, repo = _open(args)
     gc: dict | None = None
     with store.lock(exclusive=not args.dry_run):
-        times = {name: repo.snapshot_time(name) for name in repo.snapshots()}
+        times = _snapshot_times(args, repo)
         now = datetime.datetime.now(datetime.timezone.utc)
         decisions = retention.plan([(n, t) for n, (t, _) in times.items()], policy, now=now)
         remove = retention.removed(decisions)
@@ -179,8 +292,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 keep = repo.referenced(retention.kept(decisions))
                 gc = {"removed": len(repo.stored() - keep), "kept": len(keep)}
         else:
-            for name in remove:
-                repo.delete_snapshot(name)
+            with Progress.for_args(args, "prune: deleting", len(remove), unit="snapshots") as prog:
+                for k, name in enumerate(remove):
+                    repo.delete_snapshot(name)
+                    prog.update(k + 1)
             if args.gc:
                 freed, in_use = repo.gc(args.grace)
                 gc = {"removed": freed, "kept": in_use}
@@ -193,6 +308,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
            "removed": [] if args.dry_run else remove, "gc": gc}
     _emit(args, doc, _prune_text(policy, decisions, times, remove, guessed, gc, args.dry_run))
     return 0
+
+
+def _snapshot_times(args: argparse.Namespace, repo) -> dict:
+    """name -> (time, guessed) of every snapshot (one read each: progress on a terminal)."""
+    names = repo.snapshots()
+    out = {}
+    with Progress.for_args(args, "prune: reading", len(names), unit="snapshots") as prog:
+        for k, name in enumerate(names):
+            out[name] = repo.snapshot_time(name)
+            prog.update(k + 1)
+    return out
 
 
 def _prune_text(policy, decisions, times, remove, guessed, gc, dry_run: bool) -> str:

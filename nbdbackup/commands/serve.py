@@ -78,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "NOTIFY_SOCKET set, READY=1 is sent once everything listens.")
     p.add_argument("exports", nargs="+", metavar="NAME=SPEC",
                    help="export NAME serving SPEC: a raw file or block device path, memory:SIZE, "
-                        "or an NBD URI; prefix SPEC with ro: for a read-only export")
+                        "or an NBD URI; prefix SPEC with ro: for a read-only export; "
+                        "restore:REPO#SNAPSHOT,target=SPEC[,state=DIR,speed=N,...] serves a snapshot "
+                        "while it is restored onto SPEC (instant recovery, docs/instant.md)")
     p.add_argument("--socket", "-k", action="append", default=[], metavar="PATH",
                    help="listen on this Unix socket (repeatable)")
     p.add_argument("--socket-mode", metavar="MODE",
@@ -138,6 +140,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_io_engine_option(p)
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (use a loopback address)")
+    from .repoargs import add_repo_options
+
+    add_repo_options(p)  # for NAME=restore:REPO#SNAPSHOT,target=SPEC (commands/instant.py)
     p.set_defaults(func=run)
 
 

@@ -46,7 +46,10 @@ backup-start                export: str, job-id: str,                           
                             *cbw-timeout: uint64 (seconds, 0 = none),
                             *auto-dismiss: bool,
                             *bitmap: str,
-                            *bitmap-mode: on-success|never|always
+                            *bitmap-mode: on-success|never|always,
+                            *scratch: str (a SPEC; docs/scratch.md),
+                            *scratch-limit: uint64 (bytes),
+                            *discard-source: bool, *snapshot-trim: bool
 query-jobs                  (none)                                                 [JobInfo]
 job-pause, job-resume,      id: str                                                {}
 job-cancel, job-dismiss
@@ -329,6 +332,10 @@ BACKUP_START = struct({
     "*auto-dismiss": BOOL,
     "*bitmap": STR,
     "*bitmap-mode": BITMAP_MODE,
+    "*scratch": STR,
+    "*scratch-limit": UINT64,
+    "*discard-source": BOOL,
+    "*snapshot-trim": BOOL,
 })
 
 BITMAP_ADD = struct({"export": STR, "name": STR, "*granularity": UINT64, "*persistent": BOOL, "*disabled": BOOL})

@@ -133,6 +133,16 @@ def prometheus_text(exports: Iterable[Any], connections: Iterable[Any], jobs: It
     metric("nbdbackup_job_copied_bytes", "gauge", "Bytes a backup job copied, by who copied them.",
            [(f'{lab},by="pump"', j.get("bytes-copied-by-pump", 0)) for j, lab in jl]
            + [(f'{lab},by="cbw"', j.get("bytes-copied-by-cbw", 0)) for j, lab in jl])
+    sl = [(j, lab) for j, lab in jl if "scratch-bytes" in j]
+    metric("nbdbackup_job_scratch_bytes", "gauge",
+           "Point-in-time bytes a backup job holds in its scratch (copy-before-write outside the sync set).",
+           [(lab, j["scratch-bytes"]) for j, lab in sl])
+    metric("nbdbackup_job_scratch_allocated_bytes", "gauge",
+           "Bytes the job's scratch occupies (st_blocks of a scratch file).",
+           [(lab, j.get("scratch-allocated", 0)) for j, lab in sl])
+    metric("nbdbackup_job_zero_in_snapshot_clusters", "gauge",
+           "Clusters copy-before-write found zero in the source and copied nowhere.",
+           [(lab, j.get("clusters-zero-in-snapshot", 0)) for j, lab in jl])
     metric("nbdbackup_job_running", "gauge", "1 while the job is running.",
            [(lab, 1 if j.get("status") == "running" else 0) for j, lab in jl])
     return "\n".join(lines) + "\n"

@@ -19,7 +19,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -187,8 +186,9 @@ def test_compose_stack_end_to_end(docker_engine, nbdbackup_image, short_tmp, rec
         assert b"OK: 1 snapshot(s), 0 bad chunk(s)" in r.stdout, r.stdout + r.stderr
         assert writer.count > n_before + 10 and writer.error is None, (writer.count, writer.error)
         # The agent's manifest describes the disk at the backup's start.
-        info = json.loads((dirs["backup"] / "repo" / "snapshots" / "s1.json").read_text())
-        (short_tmp / "s1.json").write_text(json.dumps(info["manifest"]))
+        from nbdbackup.agent.repo import DirStore, Repository
+
+        Repository.open(DirStore(str(dirs["backup"] / "repo"))).load_snapshot("s1").save(str(short_tmp / "s1.json"))
         subprocess.run([NBDBACKUP, "verify", str(short_tmp / "start.img"), "--manifest", str(short_tmp / "s1.json")],
                        check=True, capture_output=True, timeout=60)
         live_now = short_tmp / "live.img"

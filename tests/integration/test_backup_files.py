@@ -156,7 +156,8 @@ def test_cbw_keeps_source_holes_sparse_in_a_file_target(short_tmp):
         await st.protect(0, 4096)  # inside data
         data = [(e.offset, e.length) for e in tgt.extents_sync(0, 8 << 20) if not e.flags]
         assert data == [(0, 65536)]
-        assert st.clusters_skipped_zero == 1 and st.done.get(32) and st.done.get(0)
+        # rule 7: the source hole is found by SEEK_DATA and zeroed, not copied
+        assert st.clusters_zero_in_snapshot == 1 and st.done.get(32) and st.done.get(0)
         buf = bytearray(65536)
         await tgt.pread(memoryview(buf), 0)
         with open(src_path, "rb") as f:

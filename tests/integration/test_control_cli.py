@@ -156,7 +156,8 @@ def test_backup_start_maps_every_option(short_tmp):
             "--target", "/backups/vda.raw", "--snapshot", "vda-snap", "--speed", "1M", "--cluster-size", "64K",
             "--compress", "--max-workers", "8", "--max-chunk", "4M", "--on-source-error", "stop",
             "--on-target-error", "enospc", "--on-cbw-error", "break-snapshot", "--cbw-timeout", "30",
-            "--no-auto-dismiss", "--bitmap", "b0", "--bitmap-mode", "never")
+            "--no-auto-dismiss", "--bitmap", "b0", "--bitmap-mode", "never", "--scratch", "/var/tmp/s.raw",
+            "--scratch-limit", "2G", "--discard-source", "--snapshot-trim")
         assert (rc, err) == (0, ""), err
         assert out.strip() == "job b1: started"
         assert engine.calls[0] == ("backup-start", {
@@ -164,7 +165,8 @@ def test_backup_start_maps_every_option(short_tmp):
             "snapshot": "vda-snap", "speed": 1 << 20, "cluster_size": 65536, "compress": True, "max_workers": 8,
             "max_chunk": 4 << 20, "on_source_error": "stop", "on_target_error": "enospc",
             "on_cbw_error": "break-snapshot", "cbw_timeout": 30, "auto_dismiss": False, "bitmap": "b0",
-            "bitmap_mode": "never"})
+            "bitmap_mode": "never", "scratch": "/var/tmp/s.raw", "scratch_limit": 2 << 30, "discard_source": True,
+            "snapshot_trim": True})
         # Minimal form: nothing optional is sent.
         rc, out, err = await cli("backup", "start", "--control", path, "-e", "vda", "-j", "b2", "--sync", "full",
                                  "-t", "memory:1G")

@@ -24,6 +24,12 @@ the snapshot's ``base:allocation`` calls zero is zero in the original.  The
 live image at the end of a run is the next run's original.  Set
 ``NBDBACKUP_TEST_SEED`` to explore other seeds.
 
+``via=file-incremental`` runs ``sync=incremental`` jobs on a dirty bitmap
+instead, so copy-before-write of the (many) clusters outside each round's
+dirty set goes to the scratch: the target then holds exactly the dirty
+clusters (the snapshot's ``qemu:dirty-bitmap:b`` map, read with nbdinfo)
+and zeros elsewhere, while the snapshot still reads the whole original.
+
 Also: disks whose size is no multiple of the cluster (a short last cluster),
 and a cancel + dismiss while writers and snapshot readers are running.
 """
@@ -230,10 +236,11 @@ class Reader(threading.Thread):
 
 
 @pytest.mark.timeout(170)
-@pytest.mark.parametrize("via,runs", [("file", RUNS), ("nbd", 3)])
+@pytest.mark.parametrize("via,runs", [("file", RUNS), ("nbd", 3), ("file-incremental", 3)])
 def test_writers_readers_pump_random_runs(via, runs, serve, qemu_nbd, short_tmp):
     """``via=file``: source and target are local files (copy offload);
-    ``via=nbd``: both are qemu-nbd exports (the remote block device)."""
+    ``via=nbd``: both are qemu-nbd exports (the remote block device);
+    ``via=file-incremental``: files, incremental jobs with a scratch."""
     disk = short_tmp / "disk.raw"
     img = initial_image(np.random.default_rng(BASE_SEED))
     with open(disk, "wb") as f:
@@ -254,6 +261,7 @@ def test_writers_readers_pump_random_runs(via, runs, serve, qemu_nbd, short_tmp)
         nbd_target = stack.enter_context(qemu_nbd(tfile)).uri
     else:
         source, tfile, nbd_target = os.fspath(disk), None, None
+    incremental = via == "file-incremental"
     with stack, serve(f"disk={source}", extra=["--control", ctl]) as peer:
         live_uri = peer.uri_for("disk")
 
@@ -268,14 +276,20 @@ def test_writers_readers_pump_random_runs(via, runs, serve, qemu_nbd, short_tmp)
                     f.write(bytes([0xEE]) * SIZE)
             else:
                 target = short_tmp / f"target{run}.raw"
-            args = {"export": "disk", "job-id": job, "sync": "full",
+            args = {"export": "disk", "job-id": job, "sync": "incremental" if incremental else "full",
                     "target": nbd_target or os.fspath(target),
                     "speed": rng.choice([4, 8, 16, 32]) * MiB,
                     "max-workers": rng.randint(1, 4),
                     "max-chunk": rng.choice([64 * KiB, 256 * KiB, MiB, 4 * MiB])}
+            if incremental:
+                args["bitmap"] = "b"
             ctx = f"run {run} seed {seed} {args}"
             assert await qmp.execute("backup-start", args) == {}, ctx
             snap_uri = peer.uri_for(f"disk@{job}")
+            if incremental:
+                from test_incremental_backup import dirty_clusters
+
+                dirty = await asyncio.to_thread(dirty_clusters, snap_uri, "b")
 
             speeds: list[int] = []
             model, known = original.copy(), np.ones(SIZE, dtype=bool)
@@ -323,9 +337,32 @@ def test_writers_readers_pump_random_runs(via, runs, serve, qemu_nbd, short_tmp)
                 pass  # already concluded
             info = await wait_concluded(qmp, job)
             assert "error" not in info, (ctx, info)
+            if incremental:
+                cs = info["cluster-size"]
+                assert info["current-progress"] == info["total-progress"] == len(dirty) * cs, (ctx, info)
+                assert info["scratch-bytes"] == info["bytes-cbw-to-scratch"], (ctx, info)
+                scratch_stats.append(info["bytes-cbw-to-scratch"])
+                stats.append((info["bytes-copied-by-pump"], info["bytes-copied-by-cbw"], len(speeds)))
+                await qmp.execute("job-dismiss", {"id": job})
+                t = np.fromfile(target, dtype=np.uint8)
+                want = np.zeros(SIZE, dtype=np.uint8)
+                for c in dirty:
+                    want[c * cs:(c + 1) * cs] = original[c * cs:(c + 1) * cs]
+                assert b3(t) == b3(want), f"{ctx}: target is not exactly the dirty clusters"
+                os.unlink(target)
+                h = connect(live_uri)
+                try:
+                    live = await asyncio.to_thread(read_all, h)
+                finally:
+                    close(h)
+                diff = np.flatnonzero((live != model) & known)
+                assert diff.size == 0, f"{ctx}: live export differs from the model at {diff[:10]}"
+                return live
             assert info["current-progress"] == info["total-progress"] == SIZE, (ctx, info)
-            # one copy state: every cluster copied exactly once, by the pump or by CBW
-            assert info["bytes-copied-by-pump"] + info["bytes-copied-by-cbw"] == SIZE, (ctx, info)
+            # one copy state: every cluster copied exactly once, by the pump or by CBW,
+            # or found zero in the source by CBW and copied nowhere (copystate rule 7)
+            assert info["bytes-copied-by-pump"] + info["bytes-copied-by-cbw"] \
+                + info["clusters-zero-in-snapshot"] * info["cluster-size"] == SIZE, (ctx, info)
             stats.append((info["bytes-copied-by-pump"], info["bytes-copied-by-cbw"], len(speeds)))
             await qmp.execute("job-dismiss", {"id": job})
 
@@ -348,13 +385,18 @@ def test_writers_readers_pump_random_runs(via, runs, serve, qemu_nbd, short_tmp)
             await qmp.connect(ctl)
             try:
                 original = img
+                if incremental:
+                    await qmp.execute("block-dirty-bitmap-add", {"export": "disk", "name": "b"})
                 for run in range(runs):
                     original = await one_run(qmp, run, original)
             finally:
                 await qmp.disconnect()
 
         stats: list[tuple[int, int, int]] = []
+        scratch_stats: list[int] = []
         asyncio.run(asyncio.wait_for(scenario(), 150))
+        if incremental:  # CBW outside the dirty sets really went to the scratch
+            assert sum(scratch_stats) > 0, scratch_stats
         # The runs really raced: CBW and the pump both copied, speeds changed.
         assert len(stats) == runs
         assert sum(c for _, c, _ in stats) > 0 and sum(p for p, _, _ in stats) > 0, stats

@@ -519,3 +519,63 @@ def test_stop_many_workers_then_cancel(short_tmp):
             assert isinstance(r, OSError), "the snapshot export outlived its job"
             await env.check_live()
         run(env, scenario)
+
+
+# -- the scratch (docs/scratch.md) ---------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode,limit", [("break-guest-write", False), ("break-snapshot", False),
+                                        ("break-guest-write", True), ("break-snapshot", True)])
+def test_scratch_faults_and_limit(mode, limit, short_tmp):
+    """An incremental job (dirty set: cluster 5) whose scratch is an nbdkit
+    export with the error filter: a live write outside the set needs a
+    copy into the scratch; a failing scratch write -- or ``scratch-limit``
+    reached (ENOSPC) -- is a copy-before-write error and the job's
+    ``on-cbw-error`` policy applies.  The target never receives anything
+    outside the set."""
+    scr_flag = short_tmp / "scr.flag"
+    with environment(short_tmp) as env, \
+            peers.nbdkit("memory", str(SIZE), "error-pwrite-rate=1", "error-pwrite=EIO",
+                         f"error-pwrite-file={scr_flag}", filters=["error"]) as scr:
+        async def scenario(env: Env) -> None:
+            await env.qmp("block-dirty-bitmap-add", {"export": "disk", "name": "b"})
+            assert await env.live_write(b"\x91" * 100, 5 * CS) is None
+            orig5 = bytes(env.model[5 * CS:6 * CS])
+            snapshot_before = bytes(env.model)
+            kw = {"scratch-limit": CS} if limit else {}
+            await env.start("j", sync="incremental", bitmap="b", speed=1, scratch=scr.uri,
+                            **{"on-cbw-error": mode}, **kw)
+            assert await env.live_write(b"\x92" * 4096, 20 * CS) is None  # healthy: into the scratch
+            info = await env.job("j")
+            assert info["scratch-bytes"] == CS and info["bytes-cbw-to-scratch"] == CS, info
+            if not limit:
+                scr_flag.touch()
+            e = await env.live_write(b"\x93" * 4096, 30 * CS)
+            snap_uri = env.snap_uri("j")
+            if mode == "break-guest-write":
+                assert isinstance(e, OSError) and e.errno == errno.EIO, e
+                assert await env.read(env.live_uri, 30 * CS, CS) == env.orig(30)
+                info = await env.job("j")
+                assert info["status"] == "running" and not info["snapshot-broken"], info
+                assert await env.read(snap_uri) == snapshot_before
+                scr_flag.unlink(missing_ok=True)
+                await env.qmp("job-set-speed", {"id": "j", "speed": 0})
+                info = await env.wait_status("j", "concluded")
+                assert "error" not in info, info
+            else:
+                assert e is None
+                info = await env.wait_status("j", "concluded")
+                assert "error" in info and info["snapshot-broken"], info
+                r = await env.read(snap_uri, 0, CS)
+                assert isinstance(r, OSError) and r.errno == errno.EIO, r
+                scr_flag.unlink(missing_ok=True)
+            await env.qmp("job-dismiss", {"id": "j"})
+            tc = env.target_clusters()
+            if mode == "break-guest-write":
+                assert tc[5] == orig5
+            for c in range(NCL):  # nothing outside the set reached the target
+                if c != 5:
+                    assert tc[c] == bytes([FILL]) * CS, c
+            await env.check_live()
+        run(env, scenario)

@@ -8,7 +8,9 @@ nbdkit with ``plugins/restore.py repo=... snapshot=...``, converts with
 qemu-img to exactly the disk as it was at its pull.  Then: a damaged chunk
 is named by ``repo verify`` (exit 1) and fails the reads of it with EIO
 while other reads work; deleting s0 and ``gc`` frees only s0's own chunks
-and s1 still restores.
+and s1 still restores.  All of it plain (no compression, no encryption),
+compressed and encrypted with the key in the repository, and with a key
+file (`test_repo_crypt.py` has the rest of format 2's checks).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import peers
+from nbdbackup.agent.repo import DirStore, Repository
 from qemutools import qemu_io
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,12 +41,16 @@ def chunk_files(repo: Path) -> set[str]:
     return {f.name for f in (repo / "chunks").rglob("*") if f.is_file()}
 
 
-def test_repository_full_incremental_restore_verify_gc(short_tmp):
+@pytest.mark.parametrize("encryption,compression", [("none", "none"), ("repokey", "zstd:3"), ("keyfile", "zstd:19")])
+def test_repository_full_incremental_restore_verify_gc(short_tmp, monkeypatch, encryption, compression):
+    monkeypatch.setenv("NBDBACKUP_PASSPHRASE", "interop pass")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(short_tmp / "config"))
     disk, repo = short_tmp / "disk.qcow2", short_tmp / "repo"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     qemu_io(disk, "write -P 0x11 0 8M", "write -P 0x22 20M 4M", "write -P 0x5e 48M 1M", fmt="qcow2")
     subprocess.run(["qemu-img", "bitmap", "--add", str(disk), "b0"], check=True)
-    nb("repo", "init", str(repo))
+    nb("repo", "init", str(repo), "--encryption", encryption, "--compression", compression)
+    api = Repository.open(DirStore(str(repo)), passphrase="interop pass")
     with peers.qemu_nbd(disk, fmt="qcow2", read_only=True) as q:
         st0 = json.loads(nb("pull", q.uri, "--repo", str(repo), "--snapshot", "s0", "--json").stdout)
     assert st0["bytes_read"] == 13 * M and st0["new_chunks"] == 3  # 0x11 x2 dedups to one chunk
@@ -67,16 +76,17 @@ def test_repository_full_incremental_restore_verify_gc(short_tmp):
     assert nb("repo", "verify", str(repo)).stdout.strip().endswith("OK: 2 snapshot(s), 0 bad chunk(s)")
 
     # Damage the chunk only s0 uses at 20..24 MiB (s1 rewrote part of it).
-    s0_man = json.loads((repo / "snapshots" / "s0.json").read_text())["manifest"]
-    h = s0_man["chunks"][5]
+    h = api.load_snapshot("s0").chunks[5].hex()
     victim = repo / "chunks" / h[:2] / h
     data = bytearray(victim.read_bytes())
     data[100] ^= 0xFF
     victim.write_bytes(data)
     r = nb("repo", "verify", str(repo), "--json", ok=False)
     assert r.returncode == 1
+    reason = "does not match its blake3 digest" if encryption == "none" else \
+        "fails authentication (damaged, or not this object)"
     assert json.loads(r.stdout)["problems"] == [{"snapshot": "s0", "chunk": 5, "offset": 20 * M, "length": 4 * M,
-                                                 "reason": "does not match its blake3 digest"}]
+                                                 "reason": reason}]
     r = restore(repo, "s0", short_tmp / "bad.raw")
     assert r.returncode != 0 and "Input/output error" in r.stderr
     assert restore(repo, "s1", short_tmp / "ok.raw").returncode == 0
@@ -84,8 +94,7 @@ def test_repository_full_incremental_restore_verify_gc(short_tmp):
     # Forget s0, collect: only chunks s0 alone used go; s1 is intact.
     nb("repo", "delete", str(repo), "s0")
     gc = json.loads(nb("repo", "gc", str(repo), "--json").stdout)
-    s1_man = json.loads((repo / "snapshots" / "s1.json").read_text())["manifest"]
-    in_use = {c for c in s1_man["chunks"]} & (s0_chunks | chunk_files(repo))
+    in_use = {c.hex() for c in api.load_snapshot("s1").chunks} & (s0_chunks | chunk_files(repo))
     assert chunk_files(repo) == in_use and gc["removed"] == len(s0_chunks) + 3 - len(in_use)
     out = short_tmp / "after-gc.raw"
     assert restore(repo, "s1", out).returncode == 0 and out.read_bytes() == pit1.read_bytes()

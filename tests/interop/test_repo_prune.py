@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 import peers
+from nbdbackup.agent.repo import DirStore, Repository
 from qemutools import qemu_io
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,9 +56,10 @@ def files(d: Path) -> dict[str, bytes]:
 
 
 def chunks_of(repo: Path, names) -> set[str]:
+    r = Repository.open(DirStore(str(repo)))
     out: set[str] = set()
     for n in names:
-        out |= set(json.loads((repo / "snapshots" / f"{n}.json").read_text())["manifest"]["chunks"])
+        out |= {c.hex() for c in r.load_snapshot(n).chunks}
     return out & {p.name for p in (repo / "chunks").rglob("*") if p.is_file()}  # all-zero chunks are not stored
 
 
@@ -76,16 +78,18 @@ def test_prune_plan_removes_exactly_the_plan_and_kept_snapshots_restore(short_tm
             nb("pull", q.uri, "--repo", str(repo), "--snapshot", f"s{i}")
         pits[f"s{i}"] = short_tmp / f"pit{i}.raw"
         subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(pits[f"s{i}"])], check=True)
-    for name, t in TIMES.items():
-        path = repo / "snapshots" / f"{name}.json"
-        doc = json.loads(path.read_text())
+    r = Repository.open(DirStore(str(repo)))
+    for name, t in TIMES.items():  # rewrite each snapshot object with this creation time
+        path = repo / "snapshots" / name
+        doc = r.snapshot_info(name)
+        del doc["manifest"]
         if name == "s0":  # as if written without a time: the file's mtime stands in
             del doc["created"]
-            path.write_text(json.dumps(doc))
-            os.utime(path, (t.timestamp(), t.timestamp()))
         else:
             doc["created"] = t.isoformat()
-            path.write_text(json.dumps(doc))
+        path.write_bytes(r._snapshot_blob(name, doc, r.load_snapshot(name).packed()))
+        if name == "s0":
+            os.utime(path, (t.timestamp(), t.timestamp()))
     chunks_before = files(repo / "chunks")
     snaps_before = files(repo / "snapshots")
     kept, gone = ["s5", "s3", "s1"], ["s4", "s2", "s0"]
@@ -211,12 +215,13 @@ def test_same_decisions_as_restic_forget(short_tmp):
     nb("repo", "init", str(repo))
     with peers.nbdkit("memory", "1M") as k:
         nb("pull", k.uri, "--repo", str(repo), "--snapshot", "proto")
-    proto = json.loads((repo / "snapshots" / "proto.json").read_text())
-    (repo / "snapshots" / "proto.json").unlink()
+    r = Repository.open(DirStore(str(repo)))
+    proto = r.load_snapshot("proto")
+    r.delete_snapshot("proto")
     for i, t in enumerate(RESTIC_TIMES):
         run("backup", "--quiet", "--host", "h", "--time", t.strftime("%Y-%m-%d %H:%M:%S"), str(src))
         name = f"n{i:02d}"
-        (repo / "snapshots" / f"{name}.json").write_text(json.dumps(dict(proto, name=name, created=t.isoformat())))
+        r.save_snapshot(name, proto, created=t)
     ids = {}
     for sn in json.loads(run("snapshots", "--json")):
         t = datetime.datetime.fromisoformat(sn["time"][:19]).replace(tzinfo=UTC)

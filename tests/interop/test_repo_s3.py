@@ -9,7 +9,7 @@ ignored and removed, a lost lease refusing the snapshot save).  Then the
 product path, mirroring test_repo.py: a full pull from qemu-nbd into
 ``s3://bucket/prefix``, an incremental one through qemu-nbd ``-B``, ``repo
 verify``, restores through nbdkit + plugins/restore.py compared with
-``qemu-img compare``, a damaged chunk object named by verify with its byte
+``qemu-img compare`` (plain and encrypted), a damaged chunk object named by verify with its byte
 range, ``gc`` honouring its grace period, and two pulls into one bucket at
 once that both restore exactly.
 """
@@ -154,13 +154,17 @@ def test_s3store_leases(s3env):
 # -- the repository through the command line ------------------------------------
 
 
-def test_s3_repository_full_incremental_restore_verify_gc(s3env, short_tmp):
+@pytest.mark.parametrize("encryption", ["none", "repokey"])
+def test_s3_repository_full_incremental_restore_verify_gc(s3env, short_tmp, monkeypatch, encryption):
+    from nbdbackup.agent.repo import Repository
+
+    monkeypatch.setenv("NBDBACKUP_PASSPHRASE", "s3 pass")
     url = f"s3://n-{uuid.uuid4().hex[:16]}/vm1"  # a bucket that does not exist yet: repo init makes it
     disk = short_tmp / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     qemu_io(disk, "write -P 0x11 0 8M", "write -P 0x22 20M 4M", "write -P 0x5e 48M 1M", fmt="qcow2")
     subprocess.run(["qemu-img", "bitmap", "--add", str(disk), "b0"], check=True)
-    nb("repo", "init", url)
+    nb("repo", "init", url, "--encryption", encryption)
     assert "already holds a repository" in nb("repo", "init", url, ok=False).stderr
     with peers.qemu_nbd(disk, fmt="qcow2", read_only=True) as q:
         st0 = json.loads(nb("pull", q.uri, "--repo", url, "--snapshot", "s0", "--json").stdout)
@@ -185,19 +189,28 @@ def test_s3_repository_full_incremental_restore_verify_gc(s3env, short_tmp):
 
     # Overwrite the chunk object only s0 uses (20..24 MiB) with other bytes.
     s = store(url)
-    h = json.loads(s.get("snapshots/s0.json"))["manifest"]["chunks"][5]
+    api = Repository.open(s, passphrase="s3 pass")
+    h = api.load_snapshot("s0").chunks[5].hex()
     s.put(f"chunks/{h[:2]}/{h}", b"\x5a" * (4 * M))
     r = nb("repo", "verify", url, "--json", ok=False)
     assert r.returncode == 1
     assert json.loads(r.stdout)["problems"] == [{"snapshot": "s0", "chunk": 5, "offset": 20 * M, "length": 4 * M,
-                                                 "reason": "does not match its blake3 digest"}]
-    assert "s0: chunk 5 (20971520, 4194304): does not match" in nb("repo", "verify", url, ok=False).stdout
+                                                 "reason": "not an nbdbackup format-2 object (bad header)"}]
+    assert "s0: chunk 5 (20971520, 4194304): not an nbdbackup" in nb("repo", "verify", url, ok=False).stdout
     r = restore(url, "s0", short_tmp / "bad.raw")
     assert r.returncode != 0 and "Input/output error" in r.stderr
 
+    # A flipped byte in s1's snapshot object: verify names the snapshot; put back, it verifies again.
+    good = s.get("snapshots/s1")
+    s.put("snapshots/s1", good[:40] + bytes([good[40] ^ 1]) + good[41:])
+    r = nb("repo", "verify", url, "s1", "--json", ok=False)
+    (p,) = json.loads(r.stdout)["problems"]
+    assert r.returncode == 1 and p["snapshot"] == "s1" and p["chunk"] == -1 and "is damaged" in p["reason"]
+    s.put("snapshots/s1", good)
+
     # Forget s0: with the default grace (an hour on S3) gc keeps its fresh chunks; --grace 0 frees them.
     nb("repo", "delete", url, "s0")
-    s1_chunks = set(json.loads(s.get("snapshots/s1.json"))["manifest"]["chunks"])
+    s1_chunks = {c.hex() for c in api.load_snapshot("s1").chunks}
     before = {k.rsplit("/", 1)[1] for k in s.list("chunks")}
     assert json.loads(nb("repo", "gc", url, "--json").stdout)["removed"] == 0
     gc = json.loads(nb("repo", "gc", url, "--grace", "0", "--json").stdout)
@@ -329,7 +342,7 @@ def test_s3_gc_during_a_third_pull_loses_nothing(s3env, short_tmp):
     # The third pull reads slowly (every read delayed), so the cleaners run while it is under way;
     # its disk shares p1's chunks: exactly the ones a gc would like to delete.
     qemu_io(disks[2], *[f"write -P {0x80 + 0x10 + i:#x} {12 + i}M 1M" for i in range(4)], fmt="raw")
-    with peers.nbdkit("file", str(disks[2]), "rdelay=300ms", filters=["delay"]) as slow:
+    with peers.nbdkit("file", str(disks[2]), "rdelay=1500ms", filters=["delay"]) as slow:
         third = subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "pull", slow.uri, "--repo", url,
                                   "--snapshot", "p2", "--json", "--workers", "2", "--connections", "1"],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -9,25 +9,26 @@ import os
 
 import pytest
 
-from nbdbackup.agent.manifest import Manifest, digest, zero_digest
+from nbdbackup.agent.manifest import Manifest, digest
 from nbdbackup.agent.repo import CorruptChunk, DirStore, Repository, SnapshotImage
 from nbdbackup.errors import ConfigError
 
 C = 64 * 1024
 
 
-def manifest_of(data: bytes, chunk: int = C) -> Manifest:
+def manifest_of(data: bytes, chunk: int = C, chunk_id=digest) -> Manifest:
     m = Manifest(len(data), chunk)
-    m.chunks = [digest(data[o:o + n]) for o, n in map(m.chunk_range, range(m.count))]
+    m.chunks = [chunk_id(data[o:o + n]) for o, n in map(m.chunk_range, range(m.count))]
     return m
 
 
-def store_image(repo: Repository, name: str, data: bytes, parent: str | None = None) -> Manifest:
-    m = manifest_of(data, repo.chunk_size)
+def store_image(repo: Repository, name: str, data: bytes, parent: str | None = None,
+                created: datetime.datetime | None = None) -> Manifest:
+    m = manifest_of(data, repo.chunk_size, repo.chunk_id)
     for i, d in enumerate(m.chunks):
         o, n = m.chunk_range(i)
         repo.put_chunk(d, data[o:o + n])
-    repo.save_snapshot(name, m, parent=parent)
+    repo.save_snapshot(name, m, parent=parent, created=created)
     return m
 
 
@@ -64,20 +65,27 @@ def test_dedup_zero_chunks_snapshots_and_image(tmp_path):
     assert repo.verify() == []
 
 
-def test_corruption_and_missing_chunks_are_reported(tmp_path):
+@pytest.mark.parametrize("encryption", ["none", "repokey"])
+def test_corruption_and_missing_chunks_are_reported(tmp_path, encryption):
     st = DirStore(str(tmp_path / "r"))
-    repo = Repository.init(st, C)
-    m = store_image(repo, "s0", b"\x05" * C + b"\x06" * C)
+    repo = Repository.init(st, C, encryption=encryption, compression=None, passphrase="pw", log_n=10)
+    m = store_image(repo, "s0", os.urandom(C) + os.urandom(C))
     key = f"chunks/{m.chunks[1].hex()[:2]}/{m.chunks[1].hex()}"
     path = os.path.join(st.root, *key.split("/"))
     with open(path, "r+b") as f:
-        f.write(b"\x07")
-    assert repo.verify() == [("s0", 1, "does not match its blake3 digest")]
-    with pytest.raises(CorruptChunk):
+        f.seek(100)
+        f.write(bytes([f.read(1)[0] ^ 1]))
+    want = "does not match its blake3 digest" if encryption == "none" else \
+        "fails authentication (damaged, or not this object)"
+    assert repo.verify() == [("s0", 1, want)]
+    with pytest.raises(CorruptChunk, match=m.chunks[1].hex()):
         repo.get_chunk(m.chunks[1], C)
+    with open(path, "r+b") as f:
+        f.write(b"\x07")
+    assert repo.verify() == [("s0", 1, "not an nbdbackup format-2 object (bad header)")]
     os.unlink(path)
     assert repo.verify(["s0"]) == [("s0", 1, "missing")]
-    assert repo.get_chunk(zero_digest(C), C) == bytes(C)
+    assert repo.get_chunk(repo.zero_id(C), C) == bytes(C)
 
 
 def test_gc_keeps_what_snapshots_use(tmp_path):
@@ -104,21 +112,26 @@ def test_snapshot_time_from_created_or_file_mtime(tmp_path):
     t, guessed = repo.snapshot_time("s0")
     assert not guessed and t.tzinfo == datetime.timezone.utc
     assert before <= t <= datetime.datetime.now(datetime.timezone.utc)
-    path = tmp_path / "r" / "snapshots" / "s0.json"
-    doc = json.loads(path.read_text())
+    man = repo.load_snapshot("s0")
+    doc = repo.snapshot_info("s0")
+    del doc["manifest"]
+    path = tmp_path / "r" / "snapshots" / "s0"
+
+    def rewrite(meta: dict) -> None:  # the snapshot object, with this metadata (as an older writer might)
+        path.write_bytes(repo._snapshot_blob("s0", meta, man.packed()))
+
     for created, want in (("2026-12-01T10:00:00", datetime.datetime(2026, 12, 1, 10, tzinfo=datetime.timezone.utc)),
                           ("2026-12-01T10:00:00-05:00",
                            datetime.datetime(2026, 12, 1, 15, tzinfo=datetime.timezone.utc))):
-        path.write_text(json.dumps(dict(doc, created=created)))
+        rewrite(dict(doc, created=created))
         assert repo.snapshot_time("s0") == (want, False)
     for bad in (None, "yesterday", 12):  # older or damaged files: the file's mtime, flagged
-        d = dict(doc, created=bad) if bad is not None else {k: v for k, v in doc.items() if k != "created"}
-        path.write_text(json.dumps(d))
+        rewrite(dict(doc, created=bad) if bad is not None else {k: v for k, v in doc.items() if k != "created"})
         os.utime(path, (1_700_000_000, 1_700_000_000))
         assert repo.snapshot_time("s0") == (datetime.datetime.fromtimestamp(1_700_000_000, datetime.timezone.utc),
                                             True)
-    for damaged in ("{not json", "[1, 2]"):  # prune refuses to guess: it names the file
-        path.write_text(damaged)
+    for damaged in (b"{not json", b"NBDS\x02\x00\x00\x00\x05abc"):  # prune refuses to guess: it names the file
+        path.write_bytes(damaged)
         with pytest.raises(ConfigError, match="snapshot 's0' in .* is damaged"):
             repo.snapshot_time("s0")
 
@@ -130,10 +143,7 @@ def test_prune_cli_plan_locks_and_refusals(tmp_path, capsys):
     repo = Repository.init(st, C)
     t0 = datetime.datetime(2026, 11, 2, 12, tzinfo=datetime.timezone.utc)  # a Monday
     for i in range(6):  # one a day, each with its own chunk and a shared one
-        store_image(repo, f"d{i}", bytes([i + 1]) * C + b"\xee" * C)
-        path = tmp_path / "r" / "snapshots" / f"d{i}.json"
-        path.write_text(json.dumps(dict(json.loads(path.read_text()),
-                                        created=(t0 + datetime.timedelta(days=i)).isoformat())))
+        store_image(repo, f"d{i}", bytes([i + 1]) * C + b"\xee" * C, created=t0 + datetime.timedelta(days=i))
     d = str(tmp_path / "r")
 
     def run(*args: str) -> tuple[int, str, str]:

@@ -4,7 +4,10 @@ Each writer owns the clusters ``c % N == i`` (so the live model is exact while
 writes run concurrently) and writes, zeroes and trims random sub-ranges of
 one owned cluster at a time (partial-left, partial-right, whole).  Readers read random ranges of the snapshot and compare
 with the original image at every read.  At the end: target == original
-(full), live == model, every counter consistent.
+(full), live == model, every counter consistent.  ``bitmap`` runs a job
+whose sync set is a random half of the clusters, with a scratch (and
+``discard-source`` half the time): the target then holds exactly the set,
+the scratch the point-in-time content of every cluster it holds.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 from nbdbackup.backup.engine import Engine, MemoryExportTable
 from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.backup.testing import FaultDev
+from nbdbackup.bitmap.core import Bitmap
 from nbdbackup.blockdev.memory import MemoryDev
 
 CS = 16 * 1024
@@ -27,6 +31,22 @@ def read_all(dev: MemoryDev) -> bytes:
     b = bytearray(dev.size)
     dev.read_sync(memoryview(b), 0)
     return bytes(b)
+
+
+class RandomSet:
+    """A `BitmapSource` whose frozen bitmap is a random set of clusters."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.clusters: Bitmap | None = None
+
+    def begin_backup(self, export, name, mode, cluster_size, nclusters):
+        bm = Bitmap(nclusters)
+        for c in range(nclusters):
+            if self.rng.random() < 0.5:
+                bm.set(c)
+        self.clusters = bm
+        return type("Lease", (), {"clusters": bm, "context": None, "end": lambda self, ok: None})()
 
 
 async def scenario(seed: int, sync: str) -> None:
@@ -41,13 +61,19 @@ async def scenario(seed: int, sync: str) -> None:
     table = MemoryExportTable()
     table.add("disk", live, read_only=False)
     events = []
-    engine = Engine(table, lambda n, d: events.append(n))
+    chosen = RandomSet(random.Random(seed + 3))
+    engine = Engine(table, lambda n, d: events.append(n), bitmaps=chosen)
     tmem = MemoryDev(SIZE)
     tgt = FaultDev(tmem, rng=random.Random(seed + 2), max_yields=4)
+    smem = MemoryDev(SIZE)
     speed = rng.choice([0, 2 << 20, 8 << 20, 32 << 20])
+    extra = {}
+    if sync == "bitmap":
+        extra = dict(bitmap="b", bitmap_mode="never", discard_source=rng.random() < 0.5,
+                     scratch=FaultDev(smem, rng=random.Random(seed + 4), max_yields=4))
     await engine.backup_start("disk", "j", sync, tgt, snapshot="snap", cluster_size=CS,
                               max_workers=rng.randint(1, 6), max_chunk=rng.choice([CS, 3 * CS, 8 * CS]),
-                              speed=speed)
+                              speed=speed, **extra)
     job = engine.jobs["j"]
     snap = table.get("snap").dev
     nwriters, nreaders = rng.randint(2, 6), rng.randint(1, 4)
@@ -110,18 +136,38 @@ async def scenario(seed: int, sync: str) -> None:
     if sync == "full":
         assert target == orig
         assert st.current == st.total == SIZE
-        assert st.bytes_copied_by_pump + st.bytes_copied_by_cbw == SIZE
+        # every byte was copied once, or found zero in the source by CBW (rule 7)
+        assert st.bytes_copied_by_pump + st.bytes_copied_by_cbw <= SIZE
+        assert st.bytes_copied_by_pump + st.bytes_copied_by_cbw + st.clusters_zero_in_snapshot * CS >= SIZE
+    elif sync == "bitmap":
+        scratch = read_all(smem)
+        assert chosen.clusters is not None
+        for c in range(nclusters):
+            lo, hi = c * CS, min((c + 1) * CS, SIZE)
+            if chosen.clusters.get(c):
+                assert target[lo:hi] == orig[lo:hi], c
+            else:
+                assert target[lo:hi] == bytes(hi - lo), c  # exactly the set
+            if st.in_scratch.get(c):
+                assert scratch[lo:hi] == orig[lo:hi], c
+        short = CS - SIZE % CS if st.in_scratch.get(nclusters - 1) else 0  # the short last cluster
+        assert st.scratch_bytes == st.in_scratch.count() * CS - short
+        if extra["discard_source"]:
+            assert not (st.in_scratch.count() and any(chosen.clusters.get(c) and st.in_scratch.get(c)
+                                                      for c in range(nclusters)))
     else:
         for c in range(nclusters):
             lo, hi = c * CS, min((c + 1) * CS, SIZE)
-            if st.done.get(c):
+            if st.in_scratch.get(c):  # sync=none: the target is the scratch
                 assert target[lo:hi] == orig[lo:hi]
-    assert not st.inflight and not st.readers
+    assert not st.inflight and not st.readers and not st.scratch_readers
+    if sync == "bitmap":
+        assert st.bytes_cbw_to_scratch > 0, "the scratch was not exercised"
     await engine.job_dismiss("j")
     assert live.hooks == ()
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("sync", ["full", "none"])
+@pytest.mark.parametrize("sync", ["full", "none", "bitmap"])
 def test_random_concurrency(seed, sync):
     asyncio.run(asyncio.wait_for(scenario(seed, sync), 30))

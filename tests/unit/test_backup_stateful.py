@@ -1,10 +1,16 @@
 """Hypothesis state machine: random interleavings of live writes, snapshot reads,
 the pump, pause/resume and speed changes, on memory devices.
 
-Invariants after every step: the snapshot export reads as the original image;
-the live disk reads as the model (bytes under writes still in flight are not
-compared: they may or may not have landed).  At the end: the target equals the
-original image (full), or its top-layer/CBW-copied clusters do (top, none).
+Invariants after every step: the snapshot export reads as the original image
+(except clusters TRIMmed on the snapshot, which fail with EACCES); the live
+disk reads as the model (bytes under writes still in flight are not
+compared: they may or may not have landed).  At the end: the target holds
+exactly the sync set (full: everything; top: the allocated pages; bitmap: a
+random set) with the original content and zeros elsewhere; every cluster
+the scratch holds has its original content there (none: the target is the
+scratch).  Jobs with a scratch run with ``discard-source`` on or off, and
+some with a ``scratch-limit`` (break-guest-write: a live write that would
+pass it fails with EIO and changes nothing; the scratch never holds more).
 
 Live writes started by `start_write` never overlap another write in flight
 (an overlapping one first waits for those), so the model is exact.
@@ -13,6 +19,7 @@ Live writes started by `start_write` never overlap another write in flight
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 
 from hypothesis import HealthCheck, settings, strategies as st
@@ -21,10 +28,25 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from nbdbackup.backup.engine import Engine, MemoryExportTable
 from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.backup.testing import FaultDev
+from nbdbackup.bitmap.core import Bitmap
 from nbdbackup.blockdev.memory import PAGE, MemoryDev
 
 CS = 4096
 SIZE = 3 * PAGE + 5 * CS + 1234  # partial last cluster; 4 allocation pages
+
+
+class RandomSet:
+    """A `BitmapSource` whose frozen bitmap is a random set of clusters."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def begin_backup(self, export, name, mode, cluster_size, nclusters):
+        bm = Bitmap(nclusters)
+        for c in range(nclusters):
+            if self.rng.random() < 0.5:
+                bm.set(c)
+        return type("Lease", (), {"clusters": bm, "context": None, "end": lambda self, ok: None})()
 
 
 def read_all(dev: MemoryDev) -> bytes:
@@ -40,13 +62,15 @@ class BackupMachine(RuleBasedStateMachine):
         self.pending: list[tuple[asyncio.Task, int, int, bytes]] = []
         self.job = None
 
-    @initialize(sync=st.sampled_from(["full", "top", "none"]), seed=st.integers(0, 2**32 - 1),
+    @initialize(sync=st.sampled_from(["full", "top", "none", "bitmap"]), seed=st.integers(0, 2**32 - 1),
                 workers=st.integers(1, 4), chunk=st.sampled_from([CS, 2 * CS, 5 * CS]),
-                pages=st.sets(st.integers(0, 3)), speed=st.sampled_from([0, 1]))
-    def setup(self, sync, seed, workers, chunk, pages, speed):
+                pages=st.sets(st.integers(0, 3)), speed=st.sampled_from([0, 1]),
+                discard_source=st.booleans(), limit=st.sampled_from([None, None, 2 * CS, 5 * CS]))
+    def setup(self, sync, seed, workers, chunk, pages, speed, discard_source, limit):
         rng = random.Random(seed)
         self.rng = rng
         self.sync = sync
+        self.discard_source = discard_source and sync in ("top", "bitmap")
         self.mem = MemoryDev(SIZE)
         for p in pages:  # allocated pages with data, some zero clusters inside
             n = min(PAGE, SIZE - p * PAGE)
@@ -59,14 +83,30 @@ class BackupMachine(RuleBasedStateMachine):
         self.live = LiveDev(self.src)
         self.table = MemoryExportTable()
         self.table.add("disk", self.live, read_only=False)
-        self.engine = Engine(self.table)
+        self.engine = Engine(self.table, bitmaps=RandomSet(random.Random(seed + 3)))
         self.tmem = MemoryDev(SIZE)
         self.tgt = FaultDev(self.tmem, rng=random.Random(seed + 2))
+        self.smem = self.tmem if sync == "none" else MemoryDev(SIZE)
+        extra: dict = {}
+        if sync in ("top", "bitmap"):
+            extra = dict(scratch=FaultDev(self.smem, rng=random.Random(seed + 4)), discard_source=discard_source)
+        if sync != "full" and limit is not None:
+            # break-guest-write: a write whose copy would pass the limit fails
+            # with EIO and changes nothing (the model is not updated).
+            extra["scratch_limit"] = limit
+        self.limit = extra.get("scratch_limit")
+        if sync == "bitmap":
+            extra.update(bitmap="b", bitmap_mode="never")
         self.run(self.engine.backup_start("disk", "j", sync, self.tgt, snapshot="snap",
                                           cluster_size=CS, max_workers=workers, max_chunk=chunk,
-                                          speed=speed))
+                                          speed=speed, snapshot_trim=True, **extra))
         self.job = self.engine.jobs["j"]
         self.snap = self.table.get("snap").dev
+        st_ = self.job.state
+        self.sync_set = st_.pump_todo.copy()  # plus what the pump already copied
+        self.sync_set.merge(st_.in_target)
+        self.trimmed: set[int] = set()
+        self.nclusters = st_.nclusters
 
     # -- plumbing ---------------------------------------------------------
 
@@ -81,7 +121,11 @@ class BackupMachine(RuleBasedStateMachine):
         still = []
         for t, off, n, data in self.pending:
             if t.done():
-                t.result()  # a live write must never fail here
+                e = t.exception()
+                if e is not None:  # only the scratch limit may fail a live write
+                    assert self.limit is not None and isinstance(e, OSError) and e.errno == errno.EIO, e
+                    assert "scratch-limit" in str(e), e
+                    continue
                 self.model[off:off + n] = data
             else:
                 still.append((t, off, n, data))
@@ -120,13 +164,44 @@ class BackupMachine(RuleBasedStateMachine):
         self.run(self.pending[i][0])
         self._reap()
 
+    def _hits_trimmed(self, off: int, n: int) -> bool:
+        return any(c in self.trimmed for c in range(off // CS, (off + n - 1) // CS + 1))
+
+    def _snap_read(self, off: int, n: int) -> None:
+        """Read the snapshot: the original bytes, or EACCES over a trimmed cluster."""
+        buf = bytearray(n)
+        if self._hits_trimmed(off, n):
+            try:
+                self.run(self.snap.pread(memoryview(buf), off))
+            except OSError as e:
+                assert e.errno == errno.EACCES, e
+            else:
+                raise AssertionError("a read of a trimmed cluster succeeded")
+            return
+        self.run(self.snap.pread(memoryview(buf), off))
+        assert bytes(buf) == self.orig[off:off + n]
+
     @rule(data=st.data())
     def snapshot_read(self, data):
         off = data.draw(st.integers(0, SIZE - 1), label="offset")
         n = data.draw(st.integers(1, min(4 * CS + 3, SIZE - off)), label="length")
-        buf = bytearray(n)
-        self.run(self.snap.pread(memoryview(buf), off))
-        assert bytes(buf) == self.orig[off:off + n]
+        self._snap_read(off, n)
+        self._reap()
+
+    @rule(data=st.data())
+    def snapshot_trim(self, data):
+        """TRIM on the snapshot (rule 8): whole clusters inside the range are dropped."""
+        off = data.draw(st.integers(0, SIZE - 1), label="offset")
+        n = data.draw(st.integers(1, min(3 * CS + 7, SIZE - off)), label="length")
+        self.run(self.snap.trim(off, n))
+        first = (off + CS - 1) // CS
+        end = self.nclusters if off + n == SIZE else (off + n) // CS
+        self.trimmed.update(range(first, end))
+        st_ = self.job.state
+        for c in range(first, end):
+            assert st_.trimmed.get(c)
+            if not st_.pump_todo.get(c):
+                assert st_.done.get(c) and not st_.in_scratch.get(c)
         self._reap()
 
     @rule(data=st.data(), lead=st.integers(0, 6), writer_first=st.booleans())
@@ -140,6 +215,8 @@ class BackupMachine(RuleBasedStateMachine):
             if o < woff + wn and woff < o + k:
                 self.run(t)
         self._reap()
+        if self._hits_trimmed(off, n):
+            return
         buf = bytearray(n)
         wbuf = self.rng.randbytes(wn)
 
@@ -188,15 +265,28 @@ class BackupMachine(RuleBasedStateMachine):
     # -- invariants -----------------------------------------------------------
 
     @invariant()
+    def scratch_within_limit(self):
+        if self.job is not None and self.limit is not None:
+            assert self.job.state.scratch_bytes <= self.limit
+
+    @invariant()
     def snapshot_is_original(self):
         if self.job is None:
             return
         self.assert_snapshot()
 
     def assert_snapshot(self):
-        buf = bytearray(SIZE)
-        self.run(self.snap.pread(memoryview(buf), 0))
-        assert bytes(buf) == self.orig
+        c = 0
+        while c < self.nclusters:  # runs of untrimmed clusters read whole
+            e = c
+            while e < self.nclusters and e not in self.trimmed:
+                e += 1
+            if e > c:
+                lo, hi = c * CS, min(e * CS, SIZE)
+                self._snap_read(lo, hi - lo)
+            c = e + 1
+        for c in list(self.trimmed)[:3]:
+            self._snap_read(c * CS, min(CS, SIZE - c * CS))
 
     @invariant()
     def live_matches_model(self):
@@ -233,17 +323,28 @@ class BackupMachine(RuleBasedStateMachine):
             assert read_all(self.mem) == bytes(self.model)
             st_ = job.state
             target = read_all(self.tmem)
+            scratch = read_all(self.smem)
             if self.sync == "full":
                 assert target == self.orig
                 assert st_.current == st_.total == SIZE
+            held = 0
             for c in range(st_.nclusters):
                 lo, hi = c * CS, min((c + 1) * CS, SIZE)
-                if st_.done.get(c):
-                    assert target[lo:hi] == self.orig[lo:hi]
-                else:
-                    assert self.sync != "full" and target[lo:hi] == bytes(hi - lo)
+                if self.sync != "none":  # the target holds exactly the sync set
+                    want = self.orig[lo:hi] if self.sync_set.get(c) else bytes(hi - lo)
+                    assert target[lo:hi] == want, c
+                    assert st_.in_target.get(c) == self.sync_set.get(c), c
                 if self.sync == "top" and self.orig[lo:hi] != bytes(hi - lo):
-                    assert st_.done.get(c)  # allocated at start => copied
+                    assert self.sync_set.get(c)  # allocated at start => in the set
+                if st_.in_scratch.get(c):
+                    held += hi - lo
+                    assert scratch[lo:hi] == self.orig[lo:hi], c
+                    assert c not in self.trimmed or (self.sync_set.get(c) and self.sync != "none")
+                    if self.discard_source and self.sync != "none":
+                        assert not self.sync_set.get(c), c  # moved to the target, then discarded
+                if st_.zeroed.get(c):
+                    assert self.orig[lo:hi] == bytes(hi - lo), c
+            assert st_.scratch_bytes == held
             assert st_.pump_todo.count() == 0 and not st_.inflight and not st_.readers
             self.run(self.engine.job_dismiss("j"))
             assert self.live.hooks == () and self.table.get("snap") is None
@@ -252,7 +353,7 @@ class BackupMachine(RuleBasedStateMachine):
 
 
 BackupMachine.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=30, deadline=None,
+    max_examples=200, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 TestBackupMachine = BackupMachine.TestCase

@@ -136,7 +136,7 @@ def test_writer_waits_for_snapshot_readers():
     async def main():
         st, src, fsrc, tgt, ftgt, data = make()
         segs = st.begin_read(CS + 5, 10)  # reader on cluster 1 (source)
-        assert segs == [(CS + 5, 10, False)] and st.readers == {1: 1}
+        assert segs == [(CS + 5, 10, "source")] and st.readers.counts == {1: 1}
         w = asyncio.create_task(st.protect(CS, CS))
         await asyncio.sleep(0.01)
         assert st.done.get(1)  # copied already ...
@@ -152,12 +152,12 @@ def test_begin_read_splits_done_and_not_done_partial_clusters():
         st, src, fsrc, tgt, ftgt, data = make()
         await st.protect(CS, CS)  # cluster 1 done
         segs = st.begin_read(100, 3 * CS)  # clusters 0 (partial), 1, 2, 3 (partial)
-        assert segs == [(100, CS - 100, False), (CS, CS, True), (2 * CS, CS + 100, False)]
-        assert st.readers == {0: 1, 2: 1, 3: 1}
+        assert segs == [(100, CS - 100, "source"), (CS, CS, "target"), (2 * CS, CS + 100, "source")]
+        assert st.readers.counts == {0: 1, 2: 1, 3: 1}
         st.end_read(segs)
-        assert st.readers == {}
+        assert st.readers.counts == {}
         segs = st.begin_read(SIZE - 10, 10)
-        assert segs == [(SIZE - 10, 10, False)]
+        assert segs == [(SIZE - 10, 10, "source")]
         st.end_read(segs)
     run(main())
 
@@ -237,4 +237,140 @@ def test_retired_state_claims_nothing_more_but_lets_inflight_copies_finish():
         assert [c for c in ftgt.calls if c[0] == "write" and c[1] >= CS] == []
         await st.protect(5 * CS, CS)  # later writes pass through untouched
         assert not st.done.get(5)
+    run(main())
+
+
+# -- the scratch (rules 1, 3, 7-10) ----------------------------------------------
+
+
+def make_scratch(**kw):
+    """A state with a scratch; the source has data in clusters 0-9 and a
+    hole at clusters 16-31 (MemoryDev pages are 64 KiB = 16 clusters)."""
+    size = 48 * CS
+    src = MemoryDev(size)
+    data = bytearray(os.urandom(size))
+    data[16 * CS:32 * CS] = bytes(16 * CS)
+    src.write_sync(bytes(data[:16 * CS]), 0)
+    src.write_sync(bytes(data[32 * CS:]), 32 * CS)
+    fsrc, tgt, scr = FaultDev(src), MemoryDev(size), MemoryDev(size)
+    fscr = FaultDev(scr)
+    st = CopyState(fsrc, FaultDev(tgt), CS, scratch=fscr, **kw)
+    return st, src, fsrc, tgt, scr, fscr, bytes(data)
+
+
+def test_cbw_outside_the_set_goes_to_the_scratch_inside_to_the_target():
+    async def main():
+        st, src, fsrc, tgt, scr, fscr, data = make_scratch()
+        todo = Bitmap(st.nclusters)
+        todo.set(0, 4)
+        st.set_pump_todo(todo)
+        await st.protect(2 * CS, 4 * CS)  # clusters 2, 3 (in the set), 4, 5 (not)
+        assert read(tgt, 2 * CS, 2 * CS) == data[2 * CS:4 * CS] and read(tgt, 4 * CS, 2 * CS) == bytes(2 * CS)
+        assert read(scr, 4 * CS, 2 * CS) == data[4 * CS:6 * CS] and read(scr, 2 * CS, 2 * CS) == bytes(2 * CS)
+        assert st.in_target.get(2) and st.in_target.get(3) and st.in_scratch.get(4) and st.in_scratch.get(5)
+        assert st.scratch_bytes == st.bytes_cbw_to_scratch == 2 * CS and st.current == 2 * CS
+        for seg in st.begin_read(2 * CS, 4 * CS):
+            assert seg[2] == ("target" if seg[0] < 4 * CS else "scratch")
+    run(main())
+
+
+def test_cbw_of_a_source_hole_copies_nothing():
+    """Rule 7: the source reports clusters 16-31 as a hole: no read, no write."""
+    async def main():
+        st, src, fsrc, tgt, scr, fscr, data = make_scratch()
+        st.set_pump_todo(None)
+        n = len(fsrc.calls)
+        await st.protect(15 * CS, 10 * CS)  # cluster 15 has data, 16-24 are a hole
+        reads = [c for c in fsrc.calls[n:] if c[0] == "read"]
+        assert reads == [("read", 15 * CS, CS)]
+        assert [c[1:] for c in fscr.calls if c[0] == "write"] == [(15 * CS, CS)]
+        assert all(st.zeroed.get(c) for c in range(16, 25)) and not st.zeroed.get(15)
+        assert st.clusters_zero_in_snapshot == 9 and st.bytes_copied_by_cbw == CS
+        src.write_sync(b"x" * 10 * CS, 15 * CS)  # the live write lands
+        segs = st.begin_read(15 * CS, 10 * CS)
+        st.end_read(segs)
+        assert [w for _, _, w in segs] == ["scratch", "zero"]
+    run(main())
+
+
+def test_cbw_before_the_set_is_known_then_the_pump_moves_it_and_discards():
+    """A CBW between the point in time and set_pump_todo goes to the scratch;
+    the pump moves in-set clusters to the target; discard-source punches them."""
+    async def main():
+        st, src, fsrc, tgt, scr, fscr, data = make_scratch(discard_source=True)
+        await st.protect(0, 3 * CS)  # set unknown yet: all to the scratch
+        await st.protect(20 * CS, CS)  # a hole: zeroed
+        assert st.scratch_bytes == 3 * CS
+        todo = Bitmap(st.nclusters)
+        todo.set(1, 2)  # clusters 1, 2 in the set
+        todo.set(20)
+        st.set_pump_todo(todo)
+        assert st.pump_todo.get(1) and st.pump_todo.get(2) and st.pump_todo.get(20)
+        assert st.kind(1) == "scratch" and st.kind(20) == "zero"
+        got = st.claim(0, st.nclusters, 8, todo_only=True)
+        assert got == (1, 2)
+        await st.copy(*got, "pump")
+        got = st.claim(0, st.nclusters, 8, todo_only=True)
+        assert got == (20, 1)
+        await st.copy(*got, "pump")
+        assert st.claim(0, st.nclusters, 8, todo_only=True) is None
+        assert read(tgt, CS, 2 * CS) == data[CS:3 * CS] and read(tgt, 0, CS) == bytes(CS)
+        assert st.in_scratch.get(0) and not st.in_scratch.get(1) and not st.in_scratch.get(2)
+        assert st.scratch_bytes == CS and st.scratch_bytes_discarded == 2 * CS
+        assert ("write", CS, 2 * CS) in fscr.calls  # the punch (trim counts as a write)
+        assert st.current == st.total == 3 * CS
+    run(main())
+
+
+def test_trim_on_the_snapshot_frees_the_scratch_and_ends_cbw_there():
+    async def main():
+        st, src, fsrc, tgt, scr, fscr, data = make_scratch()
+        todo = Bitmap(st.nclusters)
+        todo.set(5)
+        st.set_pump_todo(todo)
+        await st.protect(2 * CS, 2 * CS)  # 2, 3 -> scratch
+        assert st.scratch_bytes == 2 * CS
+        await st.trim_snapshot(2 * CS + 1, 6 * CS)  # whole clusters 3-7; 2 only partly
+        assert [st.trimmed.get(c) for c in range(2, 9)] == [False, True, True, True, True, True, False]
+        assert st.scratch_bytes == CS and st.in_scratch.get(2) and not st.in_scratch.get(3)
+        assert st.bytes_trimmed == 5 * CS
+        assert st.done.get(4) and st.done.get(7) and not st.done.get(5)  # 5 is in the set: kept
+        n = st.bytes_copied_by_cbw
+        await st.protect(4 * CS, 2 * CS)  # 4: nothing to copy; 5: in the set -> target
+        assert st.bytes_copied_by_cbw == n + CS and read(tgt, 5 * CS, CS) == data[5 * CS:6 * CS]
+        with pytest.raises(OSError) as ei:
+            st.begin_read(3 * CS, 10)
+        assert ei.value.errno == errno.EACCES and not st.readers and not st.scratch_readers
+        segs = st.begin_read(2 * CS, CS)
+        st.end_read(segs)
+        assert segs == [(2 * CS, CS, "scratch")]
+    run(main())
+
+
+def test_scratch_limit_fails_the_copy_with_enospc_and_keeps_the_state():
+    async def main():
+        st, src, fsrc, tgt, scr, fscr, data = make_scratch(scratch_limit=2 * CS)
+        st.set_pump_todo(None)
+        await st.protect(0, 2 * CS)
+        with pytest.raises(CopyError) as ei:
+            await st.protect(2 * CS, CS)
+        assert ei.value.errno == errno.ENOSPC and ei.value.operation == "write"
+        assert not st.done.get(2) and not st.inflight and st.scratch_bytes == 2 * CS
+        await st.protect(20 * CS, 4 * CS)  # zeros cost no scratch: allowed
+        await st.trim_snapshot(0, CS)
+        await st.protect(2 * CS, CS)  # room again
+        assert st.scratch_bytes == 2 * CS and st.done.get(2)
+    run(main())
+
+
+def test_failed_scratch_write_releases_its_reservation():
+    async def main():
+        st, src, fsrc, tgt, scr, fscr, data = make_scratch()
+        st.set_pump_todo(None)
+        fscr.faults.append(Fault("write", times=1))
+        with pytest.raises(CopyError):
+            await st.protect(0, 3 * CS)
+        assert st.scratch_bytes == 0 and not st.done.any() and not st.in_scratch.any()
+        await st.protect(0, 3 * CS)
+        assert st.scratch_bytes == 3 * CS and read(scr, 0, 3 * CS) == data[:3 * CS]
     run(main())

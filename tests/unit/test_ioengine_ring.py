@@ -2,7 +2,8 @@
 without a kernel ring: a scripted fake `Ring` records the SQEs prepared and
 returns the completions a test chooses (short writes, short reads, EAGAIN,
 errors), so every branch of `_flush`/`_reap` is driven deterministically.
-The real ring is exercised in tests/integration/test_ioengine.py.
+The real ring is exercised in tests/integration/test_ioengine.py.  Also:
+`LiveDev.quiesce` waits for a write handed to an engine (`pwrite_start`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import pytest
 
 from nbdbackup.blockdev import ioengine as io
+from nbdbackup.blockdev.live import LiveDev
+from nbdbackup.blockdev.memory import MemoryDev
 
 
 class FakeRing:
@@ -284,3 +287,53 @@ def test_select_names_and_errors(monkeypatch):
         assert 'nbdbackup_io_engine_info{engine="sync",reason="requested"} 1' in text
     finally:
         io.reset()
+
+
+class HeldEngineDev(MemoryDev):
+    """A memory device whose `pwrite_start` holds each write (as an engine
+    with the write in the kernel) until `release` completes them."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.held = []
+
+    def pwrite_now(self, buf, offset, fua=False):
+        return False
+
+    def pwrite_start(self, buf, offset, fua, cb):
+        self.held.append((bytes(buf), offset, cb))
+        return True
+
+    def release(self):
+        held, self.held = self.held, []
+        for data, off, cb in held:
+            assert MemoryDev.pwrite_now(self, data, off)
+            cb(0)
+
+
+def test_quiesce_waits_for_engine_writes_and_holds_new_ones():
+    async def main():
+        inner = HeldEngineDev(1 << 20)
+        live = LiveDev(inner)
+        done = []
+        assert live.pwrite_start(b"a" * 4096, 0, False, done.append)
+        assert live._writing == 1
+        entered = asyncio.Event()
+
+        async def attach():
+            async with live.quiesce(timeout=5):
+                entered.set()
+                # While quiesced, no engine write starts (the async path waits at the gate).
+                assert not live.pwrite_start(b"b" * 4096, 4096, False, done.append)
+
+        t = asyncio.ensure_future(attach())
+        await asyncio.sleep(0.02)
+        assert not entered.is_set()  # waits for the engine write in flight
+        inner.release()
+        await asyncio.wait_for(t, 5)
+        assert entered.is_set() and done == [0] and live._writing == 0
+        assert live.pwrite_start(b"c" * 4096, 8192, False, done.append)  # gate open again
+        inner.release()
+        assert done == [0, 0] and live._writing == 0
+
+    asyncio.run(main())

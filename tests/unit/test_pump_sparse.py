@@ -105,7 +105,9 @@ def test_stale_zero_map_never_copies_a_done_cluster_again():
         assert all(off + n <= hit or off >= hit + CS for off, n in after), after
         assert read(tgt, hit, CS) == bytes(CS)
         assert read(tgt, 0, CS) == blobs[0]
-        assert st.done.count() == st.nclusters and st.bytes_copied_by_cbw == CS
+        # rule 7: the CBW of a source hole copies nothing; it zeroes the (in-set) target cluster
+        assert st.done.count() == st.nclusters and st.bytes_copied_by_cbw == 0
+        assert st.clusters_zero_in_snapshot == 1
         assert st.bytes_copied_by_pump == size - CS
     asyncio.run(main())
 

@@ -51,3 +51,14 @@ def test_prometheus_text():
     # Every sample belongs to a declared metric.
     declared = {line.split()[2] for line in lines if line.startswith("# TYPE")}
     assert all(line.split("{")[0].split()[0] in declared for line in lines if not line.startswith("#"))
+
+
+def test_prometheus_scratch_gauges():
+    jobs = [{"id": "a", "type": "backup", "status": "running", "scratch-bytes": 3 << 16,
+             "scratch-allocated": 4 << 16, "clusters-zero-in-snapshot": 7},
+            {"id": "b", "type": "backup", "status": "running"}]  # sync=full: no scratch
+    lines = set(prometheus_text([], [], jobs).splitlines())
+    assert f'nbdbackup_job_scratch_bytes{{job="a",type="backup"}} {3 << 16}' in lines
+    assert f'nbdbackup_job_scratch_allocated_bytes{{job="a",type="backup"}} {4 << 16}' in lines
+    assert 'nbdbackup_job_zero_in_snapshot_clusters{job="a",type="backup"} 7' in lines
+    assert not any(line.startswith("nbdbackup_job_scratch") and 'job="b"' in line for line in lines)

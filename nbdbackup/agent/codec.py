@@ -1,0 +1,163 @@
+"""How a repository object's bytes are stored: zstd compression and AES-256-GCM encryption.
+
+Role: the one place that turns a chunk's (or a snapshot frame's) plaintext
+into the bytes a store keeps, and back.  `agent.repo` calls `Codec.encode`
+before every write and `Codec.decode` after every read; nothing else knows
+the envelope.  Keys come from `agent.crypto`.
+
+Envelope (format version 2)::
+
+    plain:      MAGIC  flags  payload
+    encrypted:  MAGIC  flags  nonce(12)  AES-256-GCM(payload) || tag(16)
+
+``MAGIC`` is one byte (0xB2: "nbdbackup object, format 2"); ``flags`` is a
+bit set: `ZSTD` (the payload is one zstd frame, content size in its header)
+and `AEAD` (encrypted).  ``payload`` is the plaintext itself when
+compression does not pay (it saves less than 1/16 of the size) or is off.
+An encrypted object's associated data is ``MAGIC flags name``, where
+``name`` is the object's key in the store (``chunks/ab/ab12...``,
+``snapshots/NAME#meta``): the flags cannot be flipped, and an object copied
+or renamed to another key fails authentication, so a store operator cannot
+swap one chunk for another.
+
+Invariants: every encrypted object gets a fresh random 96-bit nonce from
+the OS (``os.urandom``), never a counter, so concurrent writers on several
+hosts cannot reuse one (safe for ~2**32 objects per key: 16 PiB of 4 MiB
+chunks); in an encrypted repository `decode` refuses an object without
+`AEAD` (a store operator cannot inject plaintext); `decode` never returns
+more than ``limit`` bytes (a zstd bomb is an error); every failure is a
+`CodecError` whose text says what is wrong.  Compression contexts are
+per thread (zstandard's are not thread-safe; both libraries release the
+GIL, so chunks are encoded on worker threads in parallel).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = 0xB2
+#: Flag bits of the envelope's second byte.
+ZSTD = 0x01
+AEAD = 0x02
+NONCE = 12
+TAG = 16
+#: Compression must save at least 1/PAYS_OFF of the size, else the payload is stored raw.
+PAYS_OFF = 16
+DEFAULT_LEVEL = 3
+
+
+_buffers_ok: bool | None = None
+
+
+def _arg(b):
+    """``b`` as cryptography's AEAD takes it: any buffer since 42-ish, only
+    bytes in Debian 12's 38 (which nbdkit's Python may import first)."""
+    global _buffers_ok
+    if _buffers_ok is None:
+        try:
+            AESGCM(bytes(32)).encrypt(bytes(NONCE), memoryview(b"x"), None)
+            _buffers_ok = True
+        except TypeError:
+            _buffers_ok = False
+    return b if _buffers_ok or isinstance(b, bytes) else bytes(b)
+
+
+class CodecError(ValueError):
+    """An object cannot be decoded (damaged, not ours, or the wrong key)."""
+
+
+def parse_compression(text: str) -> int | None:
+    """``zstd[:LEVEL]`` -> level (1..22, default `DEFAULT_LEVEL`); ``none`` -> None."""
+    from ..errors import ConfigError
+
+    if text == "none":
+        return None
+    name, _, level = text.partition(":")
+    if name != "zstd" or (level and not (level.isascii() and level.isdigit() and 1 <= int(level) <= 22)):
+        raise ConfigError(f"compression {text!r}: give zstd, zstd:LEVEL (1-22) or none")
+    return int(level) if level else DEFAULT_LEVEL
+
+
+def compression_name(level: int | None) -> str:
+    return "none" if level is None else f"zstd:{level}"
+
+
+class Codec:
+    """Encoder/decoder of repository objects (see the module doc).
+
+    Fields: ``level`` (zstd level, None = no compression); ``encrypted``;
+    ``_aead`` (the AES-256-GCM cipher of the repository's encryption key, or
+    None); ``_local`` (per-thread zstd contexts).
+    """
+
+    def __init__(self, *, level: int | None = DEFAULT_LEVEL, key: bytes | None = None) -> None:
+        if key is not None and len(key) != 32:
+            raise ValueError("AES-256-GCM needs a 32-byte key")
+        self.level = level
+        self.encrypted = key is not None
+        self._aead = AESGCM(key) if key is not None else None
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    def encode(self, name: str, data, *, compress: bool = True) -> bytes:
+        """The stored form of ``data`` (any buffer) under key ``name``."""
+        mv = memoryview(data).cast("B")
+        payload, flags = mv, 0
+        if compress and self.level is not None and len(mv):
+            packed = self._compressor().compress(mv)
+            if len(packed) <= len(mv) - len(mv) // PAYS_OFF:
+                payload, flags = packed, ZSTD
+        if self._aead is None:
+            return b"".join((bytes((MAGIC, flags)), payload))
+        header = bytes((MAGIC, flags | AEAD))
+        nonce = os.urandom(NONCE)
+        return b"".join((header, nonce, self._aead.encrypt(nonce, _arg(payload), header + name.encode())))
+
+    def decode(self, name: str, blob, limit: int) -> bytes:
+        """The plaintext of the stored object ``blob`` read from key ``name``
+        (at most ``limit`` bytes), or `CodecError`."""
+        mv = memoryview(blob).cast("B")
+        if len(mv) < 2 or mv[0] != MAGIC or mv[1] & ~(ZSTD | AEAD):
+            raise CodecError("not an nbdbackup format-2 object (bad header)")
+        flags = mv[1]
+        if flags & AEAD:
+            if self._aead is None:
+                raise CodecError("encrypted, but the repository is not")
+            if len(mv) < 2 + NONCE + TAG:
+                raise CodecError("truncated")
+            try:
+                payload = self._aead.decrypt(bytes(mv[2:2 + NONCE]), _arg(mv[2 + NONCE:]),
+                                             bytes(mv[:2]) + name.encode())
+            except InvalidTag:
+                raise CodecError("fails authentication (damaged, or not this object)") from None
+        elif self._aead is not None:
+            raise CodecError("not encrypted, in an encrypted repository")
+        else:
+            payload = mv[2:]
+        if flags & ZSTD:
+            try:
+                size = zstandard.frame_content_size(payload)
+                if size < 0 or size > limit:
+                    raise CodecError(f"compressed frame of {size} bytes, at most {limit} expected")
+                return self._decompressor().decompress(payload, max_output_size=limit)
+            except zstandard.ZstdError as e:
+                raise CodecError(f"damaged compressed data ({e})") from None
+        if len(payload) > limit:
+            raise CodecError(f"{len(payload)} bytes, at most {limit} expected")
+        return bytes(payload)

@@ -1,0 +1,164 @@
+"""Parallel (and sampled) verification of a repository's snapshots.
+
+Role: ``nbdbackup repo verify``.  The snapshots' manifests are loaded; the
+distinct stored chunks they reference (zero chunks are never stored) are
+the work; each is read and checked with `Repository.get_chunk` (through
+the public API only, so the check is whatever the repository's format
+makes it: a digest, an authentication tag) on ``workers`` threads, since
+the store's reads block.  Every damaged chunk is then named in every
+snapshot that uses it, with the chunk's byte range ``(offset, length)``; a
+snapshot object that cannot be read is a problem of its own (index -1).
+
+Sampling (``--sample PERCENT``): a uniform random subset of the distinct
+chunks, ``ceil(PERCENT% of them)`` (at least one when there are any),
+drawn by `sample_ids` from ``random.Random(seed)`` over the ids in sorted
+order, so a seed names the sample exactly: the same repository and seed
+check the same chunks.  Without ``--seed`` one is drawn and reported.
+
+Invariants: each distinct chunk is read at most once per run; at most
+``workers`` chunks are in memory at once (a check keeps no data); a chunk
+is reported damaged only for `CorruptChunk` (missing, or fails its
+check); any other error (the store unreachable) stops the run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..errors import ConfigError
+from .manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Chunk ``index`` of ``snapshot``, at ``(offset, length)`` in its disk, is bad for ``reason``;
+    index -1 (offset and length None): the snapshot itself cannot be read."""
+
+    snapshot: str
+    index: int
+    offset: int | None
+    length: int | None
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"snapshot": self.snapshot, "chunk": self.index, "offset": self.offset, "length": self.length,
+                "reason": self.reason}
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of `verify`: what was checked and what is bad."""
+
+    snapshots: list[str]
+    chunks_referenced: int = 0
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    sample: float | None = None
+    seed: int | None = None
+    problems: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def damaged_snapshots(self) -> list[str]:
+        return sorted({p.snapshot for p in self.problems})
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "snapshots": self.snapshots, "problems": [p.to_json() for p in self.problems],
+                "damaged_snapshots": self.damaged_snapshots, "chunks_referenced": self.chunks_referenced,
+                "chunks_checked": self.chunks_checked, "bytes_checked": self.bytes_checked,
+                "sample": self.sample, "seed": self.seed, "seconds": round(self.seconds, 3)}
+
+
+def sample_ids(ids, percent: float | None, seed: int | None) -> list[bytes]:
+    """The ids to check: all (``percent`` None or >= 100), else a seeded
+    uniform sample of ``ceil(percent / 100 * len(ids))`` of them, at least one
+    (see the module doc); returned sorted."""
+    ordered = sorted(ids)
+    if percent is None or percent >= 100 or not ordered:
+        return ordered
+    if percent <= 0:
+        raise ValueError("sample percentage must be > 0")
+    k = max(1, math.ceil(len(ordered) * percent / 100))
+    return sorted(random.Random(seed).sample(ordered, k))
+
+
+def verify(repo, names: Sequence[str], *, sample: float | None = None, seed: int | None = None,
+           workers: int = 8, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Check the chunks of snapshots ``names`` of ``repo`` (see the module doc)."""
+    from .repo import CorruptChunk
+
+    t0 = time.monotonic()
+    if sample is not None and sample < 100 and seed is None:
+        seed = random.SystemRandom().randrange(1 << 32)
+    report = VerifyReport(list(names), sample=sample, seed=seed if sample is not None and sample < 100 else None)
+    mans: dict[str, Manifest] = {}
+    for name in names:
+        try:
+            mans[name] = repo.load_snapshot(name)
+        except ConfigError as e:  # damaged, missing or undecryptable snapshot object
+            report.problems.append(Problem(name, -1, None, None, str(e)))
+    zero_ids: dict[int, bytes] = {}
+    lengths: dict[bytes, int] = {}
+    for man in mans.values():
+        for i, d in enumerate(man.chunks):
+            n = man.chunk_range(i)[1]
+            z = zero_ids.get(n)
+            if z is None:
+                z = zero_ids[n] = repo.zero_id(n)
+            if d != z:
+                lengths[d] = n
+    report.chunks_referenced = len(lengths)
+    todo = sample_ids(lengths, sample, seed)
+    total = sum(lengths[d] for d in todo)
+
+    def check(d: bytes) -> str | None:
+        try:
+            repo.get_chunk(d, lengths[d])
+        except CorruptChunk as e:
+            return e.strerror.split(": ", 1)[-1] if e.strerror else str(e)
+        return None
+
+    bad: dict[bytes, str] = {}
+    done = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify") as pool:
+        pending: dict[concurrent.futures.Future, bytes] = {}
+        it = iter(todo)
+        try:
+            while True:
+                while len(pending) < 2 * max(1, workers):
+                    d = next(it, None)
+                    if d is None:
+                        break
+                    pending[pool.submit(check, d)] = d
+                if not pending:
+                    break
+                finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for f in finished:
+                    d = pending.pop(f)
+                    why = f.result()  # other errors propagate
+                    if why is not None:
+                        bad[d] = why
+                    done += lengths[d]
+                    report.chunks_checked += 1
+                    if progress is not None:
+                        progress(done, total)
+        finally:
+            for f in pending:
+                f.cancel()
+    report.bytes_checked = done
+    for name, man in mans.items():
+        for i, d in enumerate(man.chunks):
+            if d in bad:
+                off, n = man.chunk_range(i)
+                report.problems.append(Problem(name, i, off, n, bad[d]))
+    report.seconds = time.monotonic() - t0
+    return report

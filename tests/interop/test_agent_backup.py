@@ -1,0 +1,696 @@
+"""Interop: ``nbdbackup agent backup`` against our server, over TCP + TLS on 127.0.0.1.
+
+The server: ``nbdbackup serve`` with file exports, persistent bitmaps
+(``--state-dir``), NBD on TCP with TLS (``--tls on``: the agent speaks
+``nbds://``; the test's writer and reference copies use the plain Unix
+socket) and remote control (``--control-listen`` with client-certificate
+authz).  A guest-like writer (`agent_writer.py`, libnbd in its own process)
+changes the disks between runs.  Every recorded snapshot is restored through
+nbdkit + plugins/restore.py and ``qemu-img compare``d with a copy of the disk
+taken at its point in time: with the writer stopped (``qemu-img convert`` of
+the live export), or, while the writer keeps writing, from the snapshot
+export itself while the agent is held mid-pull.
+
+A small TCP proxy in the test (`Proxy`) sits between the agent and the NBD
+port: it can hold the server's bytes after a budget (the agent stalls
+mid-pull, deterministically) and cut every connection.
+
+- five runs (1 full + 4 incremental), each restoring exactly, each reading
+  exactly the dirty clusters (the writer's log, the agent's count and the
+  server's own ``rd_bytes`` agree);
+- faults, each followed by a run that must succeed incrementally and restore
+  exactly: kill -9 of the agent mid-pull (leftover job reclaimed, bitmaps
+  merged), the server restarted mid-pull (persistent bitmaps), the NBD
+  connection cut, the repository refusing writes (``chattr +i`` on its chunk
+  directories, then on its snapshot directory): no snapshot recorded by a
+  failed run;
+- two disks in one transaction while a lockstep writer runs: one instant
+  (same group and instant in the metadata, contents consistent);
+- a client certificate the control socket's authz does not admit: exit 1 and
+  the server's reason;
+- two servers from one ``--config``; partial (3) and usage (2) exit codes;
+- an ``s3://`` repository on the session's Ceph RGW: full, incremental, and a
+  bucket policy denying PutObject on the chunks failing a run (nothing
+  recorded, the next run exact);
+- a repokey-encrypted repository (``--passphrase-file``), restored exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import certs
+import peers
+from test_repo_s3 import s3env  # noqa: F401  (the fixture: a fresh s3:// URL on the session's RGW)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+M = 1 << 20
+SIZE = 32 * M
+CLUSTER = 64 * 1024
+CHUNK = 1 * M
+
+pytestmark = pytest.mark.timeout(300)
+
+
+# -- a TCP proxy the test controls -------------------------------------------------
+
+
+class Proxy:
+    """Forwards 127.0.0.1:``port`` to ``target_port``.  ``limit``: server->client
+    bytes (over all connections) forwarded before it holds the rest (None =
+    unlimited); ``stalled`` is set while it holds bytes; `cut` aborts every
+    connection.  Its asyncio loop runs in a thread of the test process."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = peers.free_tcp_port()
+        self.limit: int | None = None
+        self.forwarded = 0
+        self.stalled = threading.Event()
+        self._writers: set = set()
+        self._ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def start():
+            self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            self._ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    async def _handle(self, cr, cw) -> None:
+        try:
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            cw.transport.abort()
+            return
+        self._writers |= {cw, uw}
+
+        async def up():
+            while data := await cr.read(65536):
+                uw.write(data)
+                await uw.drain()
+            uw.write_eof()
+
+        held: asyncio.Queue = asyncio.Queue()
+
+        async def down_read():
+            while data := await ur.read(65536):
+                held.put_nowait(data)
+            if self.limit is not None:
+                cw.transport.abort()  # the server closed while we hold bytes: drop them, close at once
+            held.put_nowait(None)
+
+        async def down():
+            while (data := await held.get()) is not None:
+                while data:
+                    room = len(data) if self.limit is None else self.limit - self.forwarded
+                    if room <= 0:
+                        self.stalled.set()
+                        await asyncio.sleep(0.01)
+                        continue
+                    part, data = data[:room], data[room:]
+                    self.forwarded += len(part)
+                    cw.write(part)
+                    await cw.drain()
+            cw.close()
+
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down()), asyncio.ensure_future(down_read())]
+        try:
+            # Until the server side is done (or either side fails).
+            await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for w in (cw, uw):
+                w.transport.abort()
+                self._writers.discard(w)
+
+    def hold_after(self, nbytes: int) -> None:
+        self.stalled.clear()
+        self.limit = self.forwarded + nbytes
+
+    def release(self) -> None:
+        self.limit = None
+
+    def cut(self) -> None:
+        def abort_all():
+            for w in list(self._writers):
+                w.transport.abort()
+
+        self.loop.call_soon_threadsafe(abort_all)
+
+    def close(self) -> None:
+        self.release()
+        self.cut()
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+# -- the rig: server, repository, agent runs, references ----------------------------
+
+
+class Rig:
+    def __init__(self, tmp: Path, pki: dict, agent_creds: str, disks: tuple[str, ...] = ("disk",),
+                 passphrase: str | None = None) -> None:
+        self.tmp, self.pki, self.creds = tmp, pki, agent_creds
+        self.disks = {d: tmp / f"{d}.img" for d in disks}
+        for p in self.disks.values():
+            with open(p, "wb") as f:
+                f.truncate(SIZE)
+        self.state = tmp / "state"
+        self.state.mkdir()
+        self.repo = tmp / "repo"
+        #: Encrypted repository: the passphrase, and the agent's options naming its file.
+        self.passphrase = passphrase
+        self.repo_opts: list[str] = []
+        init = []
+        if passphrase is not None:
+            (tmp / "pass").write_text(passphrase + "\n")
+            self.repo_opts = ["--passphrase-file", str(tmp / "pass")]
+            init = ["--encryption", "repokey", *self.repo_opts]
+        peers.nbdbackup_cli("repo", "init", str(self.repo), "--chunk-size", str(CHUNK), *init)
+        self.nbd_port = peers.free_tcp_port()
+        self.ctl_port = peers.free_tcp_port()
+        self.ctl = str(tmp / "ctl.sock")
+        self.proxy: Proxy | None = None
+        self.peer = None
+        self.refs: dict[str, Path] = {}
+
+    @contextlib.contextmanager
+    def serve(self):
+        extra = ["--listen", f"127.0.0.1:{self.nbd_port}", "--tls-creds", self.pki["server"], "--tls", "on",
+                 "--control", self.ctl, "--state-dir", str(self.state),
+                 "--control-listen", f"127.0.0.1:{self.ctl_port}", "--control-tls-creds", self.pki["server"],
+                 "--control-authz", "CN=backup-agent-*"]
+        with peers.nbdbackup_serve(*(f"{d}={p}" for d, p in self.disks.items()), extra=extra) as p:
+            peers.wait_for_tcp(self.ctl_port, p.alive, p.log)
+            peers.wait_for_tcp(self.nbd_port, p.alive, p.log)
+            self.peer = p
+            yield p
+
+    def agent_argv(self, *extra: str, creds: str | None = None, via_proxy: bool = False,
+                   disks: tuple[str, ...] | None = None) -> list[str]:
+        creds = creds or self.creds
+        port = self.proxy.port if via_proxy else self.nbd_port
+        argv = [sys.executable, "-m", "nbdbackup.cli", "agent", "backup",
+                "--control", f"qmps://127.0.0.1:{self.ctl_port}", "--control-tls-creds", creds,
+                "--nbd", f"nbds://127.0.0.1:{port}/?tls-certificates={creds}",
+                "--repo", str(self.repo), "--connections", "2", "--json", "--io-timeout", "30", *self.repo_opts]
+        for d in disks or tuple(self.disks):
+            argv += ["--disk", d]
+        return argv + list(extra)
+
+    def agent(self, *extra: str, ok: bool = True, **kw) -> tuple[int, dict | None, str]:
+        r = subprocess.run(self.agent_argv(*extra, **kw), cwd=ROOT, capture_output=True, timeout=120)
+        out, err = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+        report = json.loads(out) if out.strip() else None
+        if ok:
+            assert r.returncode == 0, (out, err)
+        return r.returncode, report, err
+
+    def spawn_agent(self, *extra: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.agent_argv(*extra, **kw), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    def burst(self, seed: int, count: int = 12, disk: str = "disk") -> set[int]:
+        r = subprocess.run([sys.executable, str(HERE / "agent_writer.py"), "burst", self.peer.uri_for(disk),
+                            str(seed), str(count), str(CLUSTER)], capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        return set(json.loads(r.stdout))
+
+    def copy(self, export: str, out: Path) -> None:
+        r = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", self.peer.uri_for(export), str(out)],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+
+    def reference(self, snap: str, disk: str = "disk") -> None:
+        """The disk now (the writer is stopped) is what snapshot ``snap`` must hold."""
+        ref = self.tmp / f"ref-{len(self.refs)}-{snap}.raw"
+        self.copy(disk, ref)
+        self.refs[snap] = ref
+
+    def restores_exactly(self, snap: str) -> None:
+        out = self.tmp / f"restored-{snap}.raw"
+        r = peers.restore_snapshot(self.repo, snap, out)
+        assert r.returncode == 0, r.stderr
+        c = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(self.refs[snap]), str(out)],
+                           capture_output=True, timeout=60)
+        assert c.returncode == 0, (snap, c.stdout.decode(errors="replace"))
+        out.unlink()
+
+    def _open_repo(self):
+        from nbdbackup.agent.repo import Repository, open_store
+
+        pw = self.passphrase
+        return Repository.open(open_store(str(self.repo)), passphrase=None if pw is None else (lambda: pw))
+
+    def snapshots(self) -> list[str]:
+        return sorted(self._open_repo().snapshots())
+
+    def info(self, snap: str) -> dict:
+        return self._open_repo().snapshot_info(snap)
+
+    def qmp(self, cmd: str, args: dict | None = None):
+        from nbdbackup.control.client import ControlClient
+
+        async def go():
+            async with ControlClient(self.ctl) as c:
+                return await c.execute(cmd, args)
+
+        return asyncio.run(asyncio.wait_for(go(), 30))
+
+    def ours(self, disk: str = "disk") -> list[dict]:
+        return [b for b in self.qmp("query-bitmaps", {"export": disk}) if b["name"].startswith("nbdbackup-agent.")]
+
+    def our_jobs(self) -> list[dict]:
+        return [j for j in self.qmp("query-jobs") if j["id"].startswith("nbdbackup-agent.")]
+
+
+@pytest.fixture(scope="module")
+def agent_creds(pki):
+    base = Path(peers.short_tempdir("nbdagent-"))
+    dirs = {"agent": certs.make_client(pki["server"], base / "agent", "backup-agent-1"),
+            "stranger": certs.make_client(pki["server"], base / "stranger", "intruder")}
+    yield dirs
+    import shutil
+
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def disk_report(report: dict, disk: str = "disk") -> dict:
+    (d,) = [x for x in report["disks"] if x["disk"] == disk]
+    return d
+
+
+def check_ok_run(rig: Rig, report: dict, kind: str, dirty: set[int] | None = None, *,
+                 others_read: bool = False) -> str:
+    """One disk's successful run: restores exactly; an incremental reads exactly the dirty clusters
+    (``others_read``: the test also read the snapshot export, so the server's count is larger)."""
+    d = disk_report(report)
+    assert d["status"] == "ok" and d["kind"] == kind, d
+    snap = d["snapshot"]
+    assert d["verify"]["ok"] and d["verify"]["mode"] == "full", d
+    if others_read:
+        assert d["server_bytes_read"] > d["bytes_read"], d
+    else:
+        assert d["server_bytes_read"] == d["bytes_read"], d  # the server counted what the agent says it read
+    if kind == "incremental":
+        # Dirty and data: a dirty cluster's holes (a 4 KiB write into a hole) are zeroes, not read.
+        assert d["bytes_read"] == d["dirty_bytes"] if dirty is not None else d["bytes_read"] <= d["dirty_bytes"], d
+        if dirty is not None:
+            assert d["dirty_bytes"] == len(dirty) * CLUSTER, (d, sorted(dirty))
+        assert rig.info(snap)["meta"]["base"] == d["base"] == rig.info(snap)["parent"]
+    assert rig.info(snap)["meta"]["bitmap"] == d["bitmap"]
+    # Steady state on the server: exactly one bitmap of ours, recording, named for this snapshot; no job.
+    assert [(b["name"], b["recording"]) for b in rig.ours()] == [(d["bitmap"], True)]
+    assert rig.our_jobs() == []
+    rig.restores_exactly(snap)
+    return snap
+
+
+def test_five_runs_full_then_incremental(pki, agent_creds, short_tmp):
+    rig = Rig(short_tmp, pki, agent_creds["agent"])
+    with rig.serve():
+        rig.burst(seed=1, count=40)
+        rig.proxy = Proxy(rig.nbd_port)
+        try:
+            rig.reference("pending")
+            _, rep, err = rig.agent("--progress", "always")
+            assert "disk: " in err and "(100%)" in err, err  # progress lines on stderr
+            d = disk_report(rep)
+            assert d["kind"] == "full" and "no bitmap of ours" in d["reason"], d
+            rig.refs[d["snapshot"]] = rig.refs.pop("pending")
+            check_ok_run(rig, rep, "full")
+            assert d["bytes_read"] <= 40 * CLUSTER  # only allocated data
+            for rnd in range(2, 6):
+                if rnd == 5:
+                    # The writer keeps writing while the agent pulls; the reference is
+                    # copied from the snapshot export while the agent is held mid-pull.
+                    w = subprocess.Popen([sys.executable, str(HERE / "agent_writer.py"), "loop",
+                                          rig.peer.uri_for("disk"), "7", str(CLUSTER)], stdout=subprocess.PIPE)
+                    try:
+                        assert w.stdout.readline().strip() == b"ready"
+                        time.sleep(0.3)
+                        rig.proxy.hold_after(64 * 1024)
+                        a = rig.spawn_agent(via_proxy=True)
+                        assert rig.proxy.stalled.wait(30), "the agent never pulled"
+                        (exp,) = [e["name"] for e in rig.qmp("query-block-exports")
+                                  if e["name"].startswith("nbdbackup-agent.")]
+                        ref = short_tmp / "ref-live.raw"
+                        rig.copy(exp, ref)
+                        rig.proxy.release()
+                        out, err = a.communicate(timeout=120)
+                        assert a.returncode == 0, err.decode(errors="replace")
+                    finally:
+                        w.kill()
+                        w.wait()
+                    rep = json.loads(out)
+                    rig.refs[disk_report(rep)["snapshot"]] = ref
+                    snap = check_ok_run(rig, rep, "incremental", others_read=True)
+                    assert disk_report(rep)["dirty_bytes"] > 0
+                    continue
+                dirty = rig.burst(seed=rnd, count=6 * rnd)
+                rig.reference("pending")
+                _, rep, _ = rig.agent()
+                rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
+                snap = check_ok_run(rig, rep, "incremental", dirty)
+        finally:
+            rig.proxy.close()
+        snaps = rig.snapshots()
+        assert len(snaps) == 5
+        # Every snapshot still restores (incremental forever: none depends on another's chunks being rewritten).
+        for s in snaps:
+            rig.restores_exactly(s)
+        # Retention after a successful run: keep the last 2, then gc.
+        rig.burst(seed=99, count=3)
+        rig.reference("pending")
+        _, rep, _ = rig.agent("--keep-last", "2")
+        newest = disk_report(rep)["snapshot"]
+        rig.refs[newest] = rig.refs.pop("pending")
+        assert len(rep["retention"]["removed"]) == 4 and rep["retention"]["gc"]["removed"] > 0, rep["retention"]
+        assert rig.snapshots() == sorted([snap, newest])
+        for s in rig.snapshots():
+            rig.restores_exactly(s)
+
+
+def wait_stalled(rig: Rig, a: subprocess.Popen) -> None:
+    for _ in range(3000):
+        if rig.proxy.stalled.is_set():
+            # Held mid-pull: the transaction ran, the snapshot export exists.
+            assert [j["id"] for j in rig.our_jobs()], "stalled before the transaction?"
+            return
+        assert a.poll() is None, a.communicate()
+        time.sleep(0.01)
+    raise AssertionError("the agent never stalled")
+
+
+def failed_run(rig: Rig, a: subprocess.Popen, before: list[str]) -> dict | None:
+    out, err = a.communicate(timeout=120)
+    assert a.returncode not in (0, 3), (out, err)
+    assert rig.snapshots() == before, "a failed run recorded a snapshot"
+    return json.loads(out) if out.strip() else None
+
+
+def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
+    rig = Rig(short_tmp, pki, agent_creds["agent"])
+    rig.proxy = None
+    try:
+        with rig.serve():
+            rig.proxy = Proxy(rig.nbd_port)
+            rig.burst(seed=1, count=40)
+            rig.reference("pending")
+            _, rep, _ = rig.agent()
+            rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
+            check_ok_run(rig, rep, "full")
+            pending: set[int] = set()
+
+            def next_ok(note: str | None, seed: int) -> None:
+                nonlocal pending
+                pending |= rig.burst(seed=seed, count=5)
+                rig.reference("pending")
+                _, rep, _ = rig.agent()
+                d = disk_report(rep)
+                rig.refs[d["snapshot"]] = rig.refs.pop("pending")
+                # Nothing the failed run saw dirty is lost: it is all read again.
+                check_ok_run(rig, rep, "incremental", pending)
+                if note:
+                    assert any(note in n for n in d["notes"]), d["notes"]
+                pending = set()
+
+            # 1. kill -9 of the agent mid-pull: its job and snapshot export stay on the server.
+            pending |= rig.burst(seed=2, count=20)
+            before = rig.snapshots()
+            rig.proxy.hold_after(128 * 1024)
+            a = rig.spawn_agent(via_proxy=True)
+            wait_stalled(rig, a)
+            a.send_signal(signal.SIGKILL)
+            failed_run(rig, a, before)
+            rig.proxy.release()
+            assert len(rig.our_jobs()) == 1 and len(rig.ours()) == 2  # leftovers the next run must handle
+            next_ok("reclaimed job", seed=3)
+
+            # 2. the NBD connection cut mid-pull: the agent rolls back at once.
+            pending |= rig.burst(seed=4, count=20)
+            before = rig.snapshots()
+            rig.proxy.hold_after(128 * 1024)
+            a = rig.spawn_agent(via_proxy=True)
+            wait_stalled(rig, a)
+            rig.proxy.cut()
+            rep = failed_run(rig, a, before)
+            rig.proxy.release()
+            assert rep is not None and rep["exit_code"] == 1
+            assert any("merged" in n for n in disk_report(rep)["notes"]), rep
+            assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
+            next_ok(None, seed=5)
+
+            # 3. the repository refuses writes (chattr +i on the chunk directories).
+            pending |= rig.burst(seed=6, count=20)
+            before = rig.snapshots()
+            dirs = [rig.repo / "chunks", *[p for p in (rig.repo / "chunks").iterdir() if p.is_dir()]]
+            subprocess.run(["chattr", "+i", *map(str, dirs)], check=True)
+            try:
+                a = rig.spawn_agent()
+                rep = failed_run(rig, a, before)
+            finally:
+                subprocess.run(["chattr", "-i", *map(str, dirs)], check=True)
+            assert "Operation not permitted" in disk_report(rep)["error"], rep
+            next_ok(None, seed=7)
+
+            # 3b. ... or refuses to record the snapshot (every chunk stored, the snapshot not).
+            pending |= rig.burst(seed=8, count=20)
+            before = rig.snapshots()
+            subprocess.run(["chattr", "+i", str(rig.repo / "snapshots")], check=True)
+            try:
+                rep = failed_run(rig, rig.spawn_agent(), before)
+            finally:
+                subprocess.run(["chattr", "-i", str(rig.repo / "snapshots")], check=True)
+            assert disk_report(rep)["status"] == "failed", rep
+            next_ok(None, seed=9)
+
+            # 4. the server restarted (SIGTERM, then the same command) mid-pull.
+            pending |= rig.burst(seed=10, count=20)
+            before = rig.snapshots()
+            rig.proxy.hold_after(128 * 1024)
+            a = rig.spawn_agent(via_proxy=True)
+            wait_stalled(rig, a)
+            assert peers.stop(rig.peer) == 0
+            failed_run(rig, a, before)
+            rig.proxy.release()
+        with rig.serve():
+            # The persistent bitmaps came back (the base disabled, the new one recording).
+            assert sorted(b["recording"] for b in rig.ours()) == [False, True]
+            assert rig.our_jobs() == []
+            next_ok("merged", seed=11)
+
+            # 5. the server killed (kill -9) mid-pull and started again: the next run is
+            # incremental if the bitmaps load complete, full if one loads inconsistent.
+            pending |= rig.burst(seed=12, count=20)
+            before = rig.snapshots()
+            rig.proxy.hold_after(128 * 1024)
+            a = rig.spawn_agent(via_proxy=True)
+            wait_stalled(rig, a)
+            peers.stop(rig.peer, signal.SIGKILL)
+            failed_run(rig, a, before)
+            rig.proxy.release()
+        with rig.serve():
+            pending |= rig.burst(seed=13, count=5)
+            rig.reference("pending")
+            _, rep, _ = rig.agent()
+            d = disk_report(rep)
+            rig.refs[d["snapshot"]] = rig.refs.pop("pending")
+            if d["kind"] == "incremental":
+                check_ok_run(rig, rep, "incremental", pending)
+            else:
+                assert "inconsistent" in d["reason"], d
+                check_ok_run(rig, rep, "full")
+            pending = set()
+
+            # 6. SIGTERM (systemctl stop, a timeout) mid-pull: the agent rolls back before it exits.
+            pending |= rig.burst(seed=14, count=20)
+            before = rig.snapshots()
+            rig.proxy.hold_after(128 * 1024)
+            a = rig.spawn_agent(via_proxy=True)
+            wait_stalled(rig, a)
+            t = time.monotonic()
+            a.send_signal(signal.SIGTERM)
+            rep = failed_run(rig, a, before)
+            assert time.monotonic() - t < 10
+            rig.proxy.release()
+            assert rep is not None and "interrupted" in rep["error"], rep
+            assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
+            next_ok(None, seed=15)
+
+            for s in rig.snapshots():
+                rig.restores_exactly(s)
+            assert len(rig.snapshots()) == 8
+    finally:
+        if rig.proxy is not None:
+            rig.proxy.close()
+
+
+def test_two_disks_one_instant_and_authz(pki, agent_creds, short_tmp):
+    rig = Rig(short_tmp, pki, agent_creds["agent"], disks=("d1", "d2"))
+    with rig.serve():
+        # A stranger's certificate (signed by the CA, admitted by no pattern) is refused with the reason.
+        rc, rep, err = rig.agent(ok=False, creds=agent_creds["stranger"])
+        assert rc == 1 and "CN=intruder" in err and "not allowed by --control-authz" in err, err
+        assert rig.snapshots() == []
+
+        w = subprocess.Popen([sys.executable, str(HERE / "agent_writer.py"), "lockstep",
+                              rig.peer.uri_for("d1"), rig.peer.uri_for("d2")], stdout=subprocess.PIPE)
+        try:
+            assert w.stdout.readline().strip() == b"ready"
+            time.sleep(0.3)
+            reps = []
+            for _ in range(2):  # a full pair, then an incremental pair
+                _, rep, _ = rig.agent()
+                reps.append(rep)
+        finally:
+            w.kill()
+            w.wait()
+        for rep, kind in zip(reps, ("full", "incremental")):
+            d1, d2 = disk_report(rep, "d1"), disk_report(rep, "d2")
+            assert d1["kind"] == d2["kind"] == kind and d1["status"] == d2["status"] == "ok"
+            m1, m2 = rig.info(d1["snapshot"])["meta"], rig.info(d2["snapshot"])["meta"]
+            assert m1["group"] == m2["group"] and m1["instant"] == m2["instant"]
+            seq = []
+            for d in (d1, d2):
+                out = short_tmp / f"r-{d['snapshot']}.raw"
+                r = peers.restore_snapshot(rig.repo, d["snapshot"], out)
+                assert r.returncode == 0, r.stderr
+                with open(out, "rb") as f:
+                    seq.append(struct.unpack("<Q", f.read(8))[0])
+            # The writer writes k to d1, then to d2: one instant shows k1 == k2 or k1 == k2 + 1.
+            assert seq[1] <= seq[0] <= seq[1] + 1 and seq[0] > 0, seq
+
+        # A disk the server does not have: the other one is still backed up, exit 3 (partial).
+        rc, rep, err = rig.agent("--disk", "nosuch", ok=False, disks=("d1",))
+        assert rc == 3 and rep["exit_code"] == 3, (rep, err)
+        assert disk_report(rep, "d1")["status"] == "ok" and disk_report(rep, "d1")["kind"] == "incremental"
+        assert "no export 'nosuch'" in disk_report(rep, "nosuch")["error"]
+
+
+def test_usage_errors_exit_2(short_tmp):
+    for args in (["--repo", str(short_tmp), "--nbd", "nbd://127.0.0.1/", "--disk", "d", "--control", "x",
+                  "--verify-sample", "0"],
+                 ["--repo", str(short_tmp), "--disk", "d", "--control", "x"],  # no --nbd
+                 ["--repo", str(short_tmp), "--nbd", "nbd://127.0.0.1/", "--disk", "d", "--control", "x",
+                  "--snapshot-name", "{nope}"],
+                 ["--nbd", "nbd://127.0.0.1/"]):  # no --repo: argparse
+        r = peers.nbdbackup_cli("agent", "backup", *args, ok=False)
+        assert r.returncode == 2 and "error" in r.stderr, (args, r.stderr)
+
+
+def test_two_servers_from_one_agent(pki, agent_creds, short_tmp):
+    """--config with two servers, --parallel 2, one repository: both backed up, names distinct."""
+    (short_tmp / "a").mkdir()
+    (short_tmp / "b").mkdir()
+    creds = agent_creds["agent"]
+    r1, r2 = Rig(short_tmp / "a", pki, creds), Rig(short_tmp / "b", pki, creds)
+    with r1.serve(), r2.serve():
+        r1.burst(seed=1, count=10)
+        r2.burst(seed=2, count=10)
+        cfg = short_tmp / "agent.json"
+        cfg.write_text(json.dumps({"servers": [
+            {"name": name, "control": f"qmps://127.0.0.1:{r.ctl_port}", "control_tls_creds": creds,
+             "nbd": f"nbds://127.0.0.1:{r.nbd_port}/?tls-certificates={creds}", "disks": ["disk"]}
+            for name, r in (("hostA", r1), ("hostB", r2))]}))
+        for kind in ("full", "incremental"):
+            r1.reference("pending")
+            r2.reference("pending")
+            sample = ["--verify", "sample", "--verify-sample", "1"] if kind == "incremental" else []
+            r = peers.nbdbackup_cli("agent", "backup", "--config", str(cfg), "--repo", str(r1.repo),
+                                    "--parallel", "2", "--json", *sample)
+            rep = json.loads(r.stdout)
+            assert [(d["server"], d["status"], d["kind"]) for d in rep["disks"]] == [
+                ("hostA", "ok", kind), ("hostB", "ok", kind)], rep
+            for d in rep["disks"]:
+                v = d["verify"]
+                assert v["ok"] and v["chunks_checked"] == (1 if sample else v["of"]) and v["of"] >= 1, v
+            names = [d["snapshot"] for d in rep["disks"]]
+            assert len(set(names)) == 2
+            for rig, d in zip((r1, r2), rep["disks"]):
+                rig.refs[d["snapshot"]] = rig.refs.pop("pending")
+                assert r1.info(d["snapshot"])["meta"]["server"] == d["server"]
+                rig.repo = r1.repo
+                rig.restores_exactly(d["snapshot"])
+            r1.burst(seed=3, count=5)
+            r2.burst(seed=4, count=5)
+
+
+def test_s3_repository_and_a_bucket_policy_refusing_writes(pki, agent_creds, short_tmp, s3env, rgw):
+    """The same agent into s3://: full, incremental; then a bucket policy denying
+    PutObject on the chunks fails a run (nothing recorded), and the next run is exact."""
+    rig = Rig(short_tmp, pki, agent_creds["agent"])
+    rig.repo = s3env
+    peers.nbdbackup_cli("repo", "init", s3env, "--chunk-size", str(CHUNK))
+    bucket, prefix = s3env[len("s3://"):].split("/", 1)
+    s3 = rgw.client()
+    snaps = rig.snapshots
+    with rig.serve():
+        dirty: set[int] = set()
+        for kind, seed in (("full", 1), ("incremental", 2)):
+            dirty = rig.burst(seed=seed, count=10)
+            rig.reference("pending")
+            _, rep, _ = rig.agent()
+            rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
+            check_ok_run(rig, rep, kind, dirty if kind == "incremental" else None)
+        pending = rig.burst(seed=3, count=10)
+        before = snaps()
+        policy = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+            "Resource": f"arn:aws:s3:::{bucket}/{prefix}/chunks/*"}]}
+        s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+        try:
+            rc, rep, err = rig.agent(ok=False)
+        finally:
+            s3.delete_bucket_policy(Bucket=bucket)
+        assert rc == 1 and disk_report(rep)["status"] == "failed", (rep, err)
+        assert "AccessDenied" in disk_report(rep)["error"] or "denied" in disk_report(rep)["error"].lower(), rep
+        assert snaps() == before
+        pending |= rig.burst(seed=4, count=5)
+        rig.reference("pending")
+        _, rep, _ = rig.agent()
+        rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
+        check_ok_run(rig, rep, "incremental", pending)
+        for s in snaps():
+            rig.restores_exactly(s)
+
+
+def test_encrypted_repository(pki, agent_creds, short_tmp, monkeypatch):
+    """The agent into a repokey-encrypted repository (--passphrase-file): full, incremental,
+    each restored exactly (the restore plugin takes NBDBACKUP_PASSPHRASE from its environment)."""
+    rig = Rig(short_tmp, pki, agent_creds["agent"], passphrase="correct horse battery staple")
+    monkeypatch.setenv("NBDBACKUP_PASSPHRASE", rig.passphrase)
+    with rig.serve():
+        for kind, seed in (("full", 1), ("incremental", 2)):
+            dirty = rig.burst(seed=seed, count=10)
+            rig.reference("pending")
+            _, rep, _ = rig.agent()
+            rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
+            check_ok_run(rig, rep, kind, dirty if kind == "incremental" else None)
+    # Without the passphrase the agent cannot open it: exit 1, nothing started.
+    monkeypatch.delenv("NBDBACKUP_PASSPHRASE")
+    r = subprocess.run([a for a in rig.agent_argv() if a not in rig.repo_opts], cwd=ROOT, capture_output=True,
+                       timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and b"passphrase" in r.stderr.lower(), r.stderr
