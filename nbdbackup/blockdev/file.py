@@ -249,7 +249,9 @@ class FileDev(BlockDev):
         if fua or self.read_only:
             return False
         mv = memoryview(buf).cast("B")
-        limit = self.inline_limit if ioengine.selected()[0] == "sync" else self.engine_inline_max
+        limit = self.inline_limit
+        if ioengine.selected()[0] != "sync":
+            limit = min(limit, self.engine_inline_max)
         if len(mv) > limit:
             return False
         self._pwritev_all(mv, offset, 0)
@@ -271,7 +273,7 @@ class FileDev(BlockDev):
         self._check_writable()
         mv = memoryview(buf).cast("B")
         eng = self._engine()
-        if eng is not None and (fua or len(mv) > self.engine_inline_max):
+        if eng is not None and (fua or len(mv) > min(self.inline_limit, self.engine_inline_max)):
             await eng.awrite(self.fd, mv, offset, os.RWF_DSYNC if fua else 0)
             return
         await self._run(len(mv), self._pwritev_all, mv, offset, os.RWF_DSYNC if fua else 0)
