@@ -30,7 +30,8 @@ order, and stops it by PID.  The table shows medians and ratios
 nbdbackup/other (> 1.0x: nbdbackup is faster).
 
 Usage: ``bench/servers.py [--size 1G] [--rounds 3] [--only METRIC,...]
-[--servers nbdbackup,nbdkit,qemu-nbd,qsd] [--duration 3] [--keep]``
+[--servers nbdbackup,nbdkit,qemu-nbd,qsd] [--duration 3] [--keep]
+[--io-engine io_uring,threads,sync]`` (each engine as its own column, nb-ENGINE)
 ``--profile DIR`` instead runs only nbdbackup under py-spy for each metric
 and prints where its time goes.
 
@@ -388,6 +389,23 @@ def run_profile(args, ws: Workspace, procs: Procs, img: str, src: str, alloc_img
                 print(common.format_profile(agg, top=args.top))
 
 
+def variant_ratios(res: Results, variants: list[str], others: list[str]) -> str:
+    """Each variant (e.g. each I/O engine) against each other server: ratio of
+    medians on a higher-is-better scale (CPU rows: lower CPU gives > 1)."""
+    head = ["metric"] + [f"{v}/{o}" for v in variants for o in others]
+    rows = [head]
+    for name in res.samples:
+        row = [name]
+        for v in variants:
+            for o in others:
+                r = res.ratio(name, v, o)
+                row.append("-" if r is None else f"{r:.2f}x")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -403,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=CMD",
                     help="also run nbdbackup through CMD under the name NAME (repeatable; "
                          "add NAME to --servers or it is appended)")
+    ap.add_argument("--io-engine", metavar="ENGINE,...",
+                    help="also serve nbdbackup with each I/O engine (io_uring, threads, sync, auto) as "
+                         "variant nb-ENGINE (NBDBACKUP_IO_ENGINE=ENGINE); with --profile: the engine profiled")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (images, logs)")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     ap.add_argument("--profile", metavar="DIR", help="profile nbdbackup with py-spy instead of comparing")
@@ -424,6 +445,17 @@ def main(argv: list[str] | None = None) -> int:
         VARIANTS[name] = cmd.split()
         if name not in args.servers:
             args.servers.append(name)
+    engines = [e.strip() for e in (args.io_engine or "").split(",") if e.strip()]
+    if args.profile and engines:
+        if len(engines) != 1:
+            ap.error("--profile takes one --io-engine")
+        os.environ["NBDBACKUP_IO_ENGINE"] = engines[0]
+    elif engines:
+        for e in engines:
+            name = f"nb-{e}"
+            VARIANTS[name] = ["env", f"NBDBACKUP_IO_ENGINE={e}", *OURS_CMD]
+            if name not in args.servers:
+                args.servers.append(name)
     for s in args.servers:
         if s not in SERVERS and s not in VARIANTS:
             ap.error(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
@@ -454,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"servers bench: {args.size / common.MiB:.0f} MiB image, {args.rounds} rounds, median; "
           f"commit {res.meta['commit']}")
     print(common.format_table(res, args.servers, OURS))
+    variants = [s for s in args.servers if s in VARIANTS]
+    others = [s for s in args.servers if s not in VARIANTS and s != OURS]
+    if variants and others:
+        print()
+        print(variant_ratios(res, variants, others))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not args.no_json:
         print(f"results: {common.write_json(res, OURS)}")
     return 0

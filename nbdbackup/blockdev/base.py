@@ -180,6 +180,14 @@ class BlockDev(abc.ABC):
         """
         return False
 
+    def pwrite_start(self, buf: Buffer, offset: int, fua: bool, cb) -> bool:
+        """Start `pwrite` without a task: True means the write was handed to
+        an I/O engine and ``cb(err)`` (0 or an errno) will run later on the
+        event loop, never inside this call, once it is complete exactly as an
+        awaited `pwrite` would be; until then the caller must keep ``buf``
+        alive and unchanged.  False: nothing was started (await `pwrite`)."""
+        return False
+
     def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
                  fua: bool = False, fast: bool = False) -> bool:
         """`zero` done now if that cannot block for long; same promise as `pwrite_now`."""
@@ -288,6 +296,11 @@ class FilterDev(BlockDev):
         if type(self).pwrite is not FilterDev.pwrite:
             return False
         return self.inner.pwrite_now(buf, offset, fua)
+
+    def pwrite_start(self, buf: Buffer, offset: int, fua: bool, cb) -> bool:
+        if type(self).pwrite is not FilterDev.pwrite:
+            return False
+        return self.inner.pwrite_start(buf, offset, fua, cb)
 
     def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
                  fua: bool = False, fast: bool = False) -> bool:

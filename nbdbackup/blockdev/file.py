@@ -17,6 +17,21 @@ to the pool, so a slow disk never stalls the event loop for long.  `pwrite_now`
 ``FALLOC_FL_ZERO_RANGE``/``BLKZEROOUT``, falling back to writing zeroes unless
 the request asked to be fast.  Extents come from SEEK_DATA/SEEK_HOLE.
 
+I/O engine (`blockdev.ioengine`, chosen once per process): with ``io_uring``
+or ``threads``, what used to go to the pool (cache-missing reads, writes
+above ``engine_inline_max`` bytes, FUA writes, fdatasync) goes to the loop's
+engine instead, batched per loop iteration; `pwrite_start` hands a WRITE to
+it with a completion callback, so the server needs no task for it.  Writes of
+at most ``engine_inline_max`` bytes (default 16 KiB, ``NBDBACKUP_IO_INLINE_MAX``)
+stay inline: a 4 KiB pwrite into 4 KiB folios costs the loop ~2.3 us, a
+16 KiB one ~5.5 us, about what a hand-off plus its completion costs the loop
+in the server (bench/ioengine_bench.py; docs/ioengine.md).
+Reads of ``engine_read_min`` bytes or more (default 1 MiB,
+``NBDBACKUP_IO_READ_MIN``: the pump's and the pull's chunks) go to the engine
+at once, even when cached: the copy out of the page cache then runs beside
+the loop.
+With ``sync`` (or no running loop) the paths above are unchanged.
+
 Invariant: the file offset is never used (only positional I/O), so any number
 of requests may run at once.
 """
@@ -34,6 +49,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from . import ioengine
 from .base import (
     BASE_ALLOCATION,
     HOLE_ZERO,
@@ -111,6 +127,11 @@ class FileDev(BlockDev):
             raise
         self._punch_ok = True
         self._zero_range_ok = True
+        #: With an engine: non-FUA writes up to this many bytes stay inline.
+        self.engine_inline_max = int(os.environ.get("NBDBACKUP_IO_INLINE_MAX", "16384"))
+        #: With an engine: `pread` of at least this many bytes goes straight
+        #: to it (no inline RWF_NOWAIT attempt; `pread_now` still tries).
+        self.engine_read_min = int(os.environ.get("NBDBACKUP_IO_READ_MIN", str(1024 * 1024)))
         self._nowait = hasattr(os, "RWF_NOWAIT")
         self._sector = 512
         if self.is_block:
@@ -142,6 +163,11 @@ class FileDev(BlockDev):
         return (BASE_ALLOCATION,)
 
     # -- plumbing ---------------------------------------------------------
+
+    @staticmethod
+    def _engine() -> ioengine.Engine | None:
+        """The running loop's I/O engine (None: the sync paths)."""
+        return ioengine.for_loop()
 
     async def _run(self, length: int, fn, *args):
         if length <= self.inline_limit:
@@ -190,6 +216,13 @@ class FileDev(BlockDev):
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         n = len(buf)
+        if n >= self.engine_read_min:
+            eng = self._engine()
+            if eng is not None:
+                # A large read (pump, pull, copy-before-write batches): the
+                # copy out of the page cache runs on the engine's side.
+                await eng.aread(self.fd, buf, offset)
+                return
         if self._nowait:
             try:
                 got = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
@@ -204,6 +237,10 @@ class FileDev(BlockDev):
                 return
             if got:
                 buf, offset = buf[got:], offset + got
+        eng = self._engine()
+        if eng is not None:
+            await eng.aread(self.fd, buf, offset)
+            return
         await asyncio.get_running_loop().run_in_executor(_pool(), self._preadv_all, buf, offset)
 
     def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
@@ -212,14 +249,33 @@ class FileDev(BlockDev):
         if fua or self.read_only:
             return False
         mv = memoryview(buf).cast("B")
-        if len(mv) > self.inline_limit:
+        limit = self.inline_limit
+        if ioengine.selected()[0] != "sync":
+            limit = min(limit, self.engine_inline_max)
+        if len(mv) > limit:
             return False
         self._pwritev_all(mv, offset, 0)
+        return True
+
+    def pwrite_start(self, buf: Buffer, offset: int, fua: bool, cb) -> bool:
+        """Hand the write to the loop's I/O engine; ``cb(errno or 0)`` runs on
+        the loop once it is complete (durable if ``fua``).  False (nothing
+        started) without an engine."""
+        if self.read_only:
+            return False
+        eng = self._engine()
+        if eng is None:
+            return False
+        eng.write(self.fd, buf, offset, os.RWF_DSYNC if fua else 0, cb)
         return True
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
         self._check_writable()
         mv = memoryview(buf).cast("B")
+        eng = self._engine()
+        if eng is not None and (fua or len(mv) > min(self.inline_limit, self.engine_inline_max)):
+            await eng.awrite(self.fd, mv, offset, os.RWF_DSYNC if fua else 0)
+            return
         await self._run(len(mv), self._pwritev_all, mv, offset, os.RWF_DSYNC if fua else 0)
 
     def _zero_sync(self, offset: int, length: int, may_trim: bool, fast: bool) -> bool:
@@ -299,6 +355,10 @@ class FileDev(BlockDev):
 
     async def flush(self) -> None:
         if self.read_only:
+            return
+        eng = self._engine()
+        if eng is not None:
+            await eng.afsync(self.fd)
             return
         await asyncio.get_running_loop().run_in_executor(_pool(), os.fdatasync, self.fd)
 

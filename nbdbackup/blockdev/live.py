@@ -27,7 +27,8 @@ Hook protocol (`WriteHook`):
   async path.
 
 Task-free writes (`pwrite_now`, `zero_now`, `trim_now`, used by the server
-for small WRITEs, WRITE_ZEROES and TRIM): taken
+for small WRITEs, WRITE_ZEROES and TRIM; `pwrite_start`, a WRITE handed to
+the I/O engine with a completion callback): taken
 only when every attached hook has ``before_write_now`` and it says True for
 this write, the write is not FUA while hooks are attached (``on_durable`` is
 async), and the inner device's `pwrite_now` (`zero_now`, `trim_now`) takes
@@ -55,7 +56,9 @@ incremental would miss it).  Inside ``async with dev.quiesce()`` no async
 write is between taking its hook list and finishing its device call: new
 ones wait at the gate before taking the list, earlier ones have finished.
 Task-free writes never suspend, so they cannot straddle a synchronous
-attach.  The engine and ``transaction`` attach backups inside it.
+attach; a write handed to the I/O engine (`pwrite_start`) does, so it counts
+in ``_writing`` until it completes and is not started while quiesced.  The
+engine and ``transaction`` attach backups inside it.
 """
 
 from __future__ import annotations
@@ -196,6 +199,39 @@ class LiveDev(FilterDev):
         for h in self._after:
             h.after_write(offset, length)
         return True
+
+    def pwrite_start(self, buf: Buffer, offset: int, fua: bool, cb) -> bool:
+        """`pwrite_start` of the inner device when every hook is done now
+        (as `pwrite_now`) and the device is not quiesced; ``after_write``
+        hooks run when the write succeeded.  Unlike the other task-free
+        writes it straddles time (the engine completes it later), so it
+        counts in ``_writing`` until its callback, exactly like an async
+        write past its hook list: `quiesce` waits for it."""
+        if type(self).pwrite is not LiveDev.pwrite or self._gate is not None:
+            return False
+        length = memoryview(buf).nbytes
+        hooks = self._hooks
+        if hooks and not self._hooks_done_now(offset, length, fua):
+            return False
+        after = self._after if hooks else ()
+
+        def done(err: int) -> None:
+            try:
+                if not err:
+                    for h in after:
+                        h.after_write(offset, length)
+            finally:
+                self._done_writing()
+            cb(err)
+        self._writing += 1
+        try:
+            started = self.inner.pwrite_start(buf, offset, fua, done)
+        except BaseException:
+            self._writing -= 1
+            raise
+        if not started:
+            self._writing -= 1  # synchronous: no quiesce can have started meanwhile
+        return started
 
     def _hooks_done_now(self, offset: int, length: int, fua: bool) -> bool | None:
         """For the task-free paths: None = no hooks; True = every hook's

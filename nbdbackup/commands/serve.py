@@ -137,12 +137,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on Unix sockets admit only this user (name or uid; repeatable)")
     p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",
                    help="on Unix sockets admit only this group (name or gid; repeatable)")
+    add_io_engine_option(p)
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (use a loopback address)")
     from .repoargs import add_repo_options
 
     add_repo_options(p)  # for NAME=restore:REPO#SNAPSHOT,target=SPEC (commands/instant.py)
     p.set_defaults(func=run)
+
+
+def add_io_engine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--io-engine", choices=["auto", "io_uring", "threads", "sync"], default=None,
+                   help="how file I/O leaves the event loop: io_uring, a batched thread pool, or the "
+                        "plain path (default auto: io_uring when the kernel allows it, else threads; "
+                        "env NBDBACKUP_IO_ENGINE)")
+
+
+def select_io_engine(args: argparse.Namespace) -> None:
+    """Choose the I/O engine once, before any export opens; log it (-v)."""
+    from ..blockdev import ioengine
+
+    try:
+        name, why = ioengine.select(getattr(args, "io_engine", None))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--io-engine: {e}") from None
+    log.info("I/O engine: %s (%s)", name, why)
 
 
 def access_policy(args: argparse.Namespace):
@@ -245,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import systemd
 
     exports = parse_export_args(args.exports, args.read_only)
+    select_io_engine(args)
     descriptions = parse_descriptions(args.description, [e[0] for e in exports])
     from ..daemon import check_description
 

@@ -15,7 +15,9 @@ RAM can answer (`BlockDev.pread_now`), and a small WRITE (or a
 WRITE_ZEROES, TRIM) the device does synchronously with no write hook needing
 to wait (`BlockDev.pwrite_now`, `zero_now`, `trim_now`; `blockdev.live`),
 are done and answered in `_start`, with the same reply, stats and memory
-release as on the task path.  A reply is
+release as on the task path.  A WRITE the device can hand to its I/O engine
+(`BlockDev.pwrite_start`, `blockdev.ioengine`) is started there too and
+answered from the engine's completion callback, again without a task.  A reply is
 written with consecutive ``transport.write`` calls and no await between them,
 so replies never interleave.  Back-pressure: when the transport's send buffer
 is above its high-water mark, or ``max_inflight`` requests run, the
@@ -1131,6 +1133,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             if cmd == _WRITE:
                 assert payload is not None
                 done = dev.pwrite_now(payload, req.offset, fua)
+                if not done:
+                    return self._write_start(req, exp, dev, fua, t0)
             elif cmd == Cmd.WRITE_ZEROES:
                 done = dev.zero_now(req.offset, req.length, may_trim=not flags & _NO_HOLE, fua=fua,
                                     fast=bool(flags & _FAST_ZERO))
@@ -1148,6 +1152,56 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._budget.release(ch, payload)
         self._write(self.proto.reply_ok(req.cookie))
         exp.stats.record(cmd, req.length, True, time.perf_counter_ns() - t0)
+        return True
+
+    def _write_start(self, req: Request, exp: Export, dev: BlockDev, fua: bool, t0: int) -> bool:
+        """Hand a WRITE to the device's I/O engine (`BlockDev.pwrite_start`)
+        with a completion callback instead of a task: the loop thread goes on
+        parsing while the kernel or a worker copies the payload.
+
+        Same effects as the task path: the reply (OK or the errno) is queued
+        only once the write is complete, the stats count it, the export is
+        busy (``exp.begin``/``end``) meanwhile, and a future in ``tasks``
+        stands for the request, so ``max_inflight``, `quiet` and
+        `drain_requests` see it.  The payload's charge is taken out of
+        ``_payload_charges`` (as a task takes it), so a connection that dies
+        meanwhile cannot recycle the buffer under the kernel; it comes back
+        at completion.  False: nothing started.
+        """
+        payload = req.payload
+        ch = self._payload_charges.pop(id(payload), None)
+        fut = asyncio.get_running_loop().create_future()
+        cookie, cmd, length, offset = req.cookie, req.cmd, req.length, req.offset
+
+        def done(err: int) -> None:
+            if ch is not None:
+                self._budget.release(ch, payload)
+            if err:
+                if err not in (errno.ENOSPC, errno.EINVAL, errno.EPERM, errno.ENOTSUP, errno.ESHUTDOWN):
+                    self._warn("export %r: %s at (%d, %d) failed: %s", exp.name,
+                               _cmd_name(cmd), offset, length, os.strerror(err))
+                self._write(self.proto.reply_error(cookie, err, os.strerror(err)))
+            else:
+                self._write(self.proto.reply_ok(cookie))
+            exp.stats.record(cmd, length, not err, time.perf_counter_ns() - t0)
+            exp.end()
+            fut.set_result(None)
+            self.tasks.discard(fut)  # type: ignore[arg-type]
+            if self.proto.has_events and not self._closing:
+                self._process_events()
+            self._update_reading()
+
+        try:
+            started = dev.pwrite_start(payload, offset, fua, done)
+        except Exception:
+            started = False
+        if not started:
+            if ch is not None:
+                self._payload_charges[id(payload)] = ch
+            return False
+        exp.begin()
+        self.tasks.add(fut)  # type: ignore[arg-type]
+        self._update_reading()
         return True
 
     def _put_buf(self, buf, ch: Charge) -> None:
