@@ -28,10 +28,11 @@ fallocates to an engine; the loop thread only parses and answers, the kernel
   (inline small I/O, a thread per large one).
 
 `select` resolves ``auto`` (the default; ``NBDBACKUP_IO_ENGINE`` or
-``serve --io-engine`` override it) by probing: io_uring unless
-``/proc/sys/kernel/io_uring_disabled`` says 2 (or 1 and we are not allowed),
-or ``io_uring_setup`` fails (ENOSYS: old kernel; EPERM: seccomp in a
-container; ENOMEM: locked-memory limit), else threads.  `selected` says what
+``serve --io-engine`` override it) to the plain path (``sync``), which
+measured fastest on a quiet machine (docs/ioengine.md), and records whether
+io_uring would work: not when ``/proc/sys/kernel/io_uring_disabled`` says 2
+(or 1 and we are not allowed), or ``io_uring_setup`` fails (ENOSYS: old
+kernel; EPERM: seccomp in a container; ENOMEM: locked-memory limit).  `selected` says what
 was chosen and why (``serve --verbose``, the metrics info gauge).
 
 Interface (every method is called on the loop thread; ``cb(err)`` is called
@@ -708,8 +709,13 @@ def select(name: str | None = None) -> tuple[str, str]:
             raise OSError(errno.ENOTSUP, f"io_uring unavailable: {why}")
         _selected = ("io_uring", "requested")
     elif want == "auto":
+        # Measured on a quiet 2-core machine (docs/ioengine.md, bench/servers.py --io-engine): neither
+        # engine beat the plain path (write-seq 0.54x / 0.49x nbdkit against 0.58x, random 4 KiB
+        # writes equal, CPU per byte higher), so auto keeps the plain path and says whether
+        # io_uring would be available for --io-engine io_uring.
         why = probe_io_uring()
-        _selected = ("io_uring", "auto: io_uring works") if why is None else ("threads", f"auto: {why}")
+        _selected = ("sync", "auto: plain path (measured fastest); io_uring available" if why is None
+                     else f"auto: plain path (measured fastest); io_uring unavailable: {why}")
     else:
         _selected = (want, "requested")
     return _selected

@@ -149,7 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_io_engine_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-engine", choices=["auto", "io_uring", "threads", "sync"], default=None,
                    help="how file I/O leaves the event loop: io_uring, a batched thread pool, or the "
-                        "plain path (default auto: io_uring when the kernel allows it, else threads; "
+                        "plain path (default auto: the plain path, measured fastest, see docs/ioengine.md; "
                         "env NBDBACKUP_IO_ENGINE)")
 
 
