@@ -63,6 +63,7 @@ chunk ids are computed only by `Repository.chunk_id`/`zero_id`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import errno
@@ -711,3 +712,28 @@ class SnapshotImage(BlockDev):
             else:
                 out.append(Extent(s, e - s, f))
         return out
+
+
+class BaseSnapshot:
+    """The base snapshot of an incremental pull into a repository, as the
+    target `agent.pull.pull` reads (``pull --repo --base`` and the backup
+    agent): whole chunks fetched, decoded and checked on worker threads, so
+    the event loop keeps reading the source.
+
+    Fields: ``repo``; ``man`` (the base's manifest).  Only ``size`` and
+    ``pread`` are used (the pull hands each chunk's content to its sink).
+    """
+
+    def __init__(self, repo: Repository, man: Manifest) -> None:
+        self.repo, self.man = repo, man
+
+    @property
+    def size(self) -> int:
+        return self.man.size
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        for i in self.man.chunks_of(offset, len(buf)):
+            c_off, c_len = self.man.chunk_range(i)
+            data = await asyncio.to_thread(self.repo.get_chunk, self.man.chunks[i], c_len)
+            s, e = max(offset, c_off), min(offset + len(buf), c_off + c_len)
+            buf[s - offset:e - offset] = memoryview(data)[s - c_off:e - c_off]

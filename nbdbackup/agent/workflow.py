@@ -389,7 +389,7 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
     """Steps 4-6 for one disk: pull, verify, record."""
     from ..blockdev.nbd import NBDDev
     from .pull import pull
-    from .repo import CorruptChunk
+    from .repo import BaseSnapshot, CorruptChunk
 
     res, dec = r.result, r.decision
     snap_uri = _export_uri(server.nbd, r.own)
@@ -430,7 +430,7 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
             if opts.progress is not None:
                 opts.progress(r.disk, done, total)
 
-        dst = _BaseImage(repo, base_man) if base_man is not None else None
+        dst = BaseSnapshot(repo, base_man) if base_man is not None else None
         try:
             man, stats = await pull(src, dst, dirty=dirty, chunk_size=repo.chunk_size, workers=opts.workers,
                                     base=base_man, sink=sink, progress=progress,
@@ -452,27 +452,6 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
     if repo.has_snapshot(r.snapshot):  # another agent took the name meanwhile: never overwrite
         raise DiskFailed(f"snapshot {r.snapshot} appeared in the repository during the backup")
     repo.save_snapshot(r.snapshot, man, source=snap_uri, parent=dec.base, meta=meta)
-
-
-class _BaseImage:
-    """The base snapshot as the target `agent.pull.pull` reads in an incremental
-    pull with a sink: whole chunks fetched, decoded and checked on worker
-    threads (as ``pull --repo``'s ``_BaseSnapshot``; only ``size`` and ``pread``
-    are used).  Fields: ``repo``; ``man`` (the base's manifest)."""
-
-    def __init__(self, repo, man) -> None:
-        self.repo, self.man = repo, man
-
-    @property
-    def size(self) -> int:
-        return self.man.size
-
-    async def pread(self, buf: memoryview, offset: int) -> None:
-        for i in self.man.chunks_of(offset, len(buf)):
-            c_off, c_len = self.man.chunk_range(i)
-            data = await asyncio.to_thread(self.repo.get_chunk, self.man.chunks[i], c_len)
-            s, e = max(offset, c_off), min(offset + len(buf), c_off + c_len)
-            buf[s - offset:e - offset] = memoryview(data)[s - c_off:e - c_off]
 
 
 async def _export_rd_bytes(ctl: _Control, export: str) -> int | None:

@@ -89,7 +89,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
 async def _pull_repo(args: argparse.Namespace) -> int:
     from ..agent.pull import pull
-    from ..agent.repo import check_name
+    from ..agent.repo import BaseSnapshot, check_name
     from ..blockdev.nbd import NBDDev
     from .repoargs import open_repo
 
@@ -115,7 +115,7 @@ async def _pull_repo(args: argparse.Namespace) -> int:
             if base is not None and base.size != src.size:
                 raise ConfigError(f"snapshot {args.base!r} is {base.size} bytes, the source {src.size}")
             with Progress.for_args(args, f"pull {args.snapshot}") as prog:
-                man, stats = await pull(src, _BaseSnapshot(repo, base) if base else None, bitmap=args.bitmap,
+                man, stats = await pull(src, BaseSnapshot(repo, base) if base else None, bitmap=args.bitmap,
                                         chunk_size=repo.chunk_size, workers=args.workers, base=base,
                                         sink=store_chunk, chunk_id=repo.chunk_id, zero_id=repo.zero_id,
                                         progress=prog.update, trim_after_read=args.trim_after_read)
@@ -132,30 +132,6 @@ async def _pull_repo(args: argparse.Namespace) -> int:
               f"{stats.chunks_worked} chunks worked, {new_chunks} new in the repository, {stats.seconds:.2f} s")
         print(f"blake3 root {out['root']}")
     return 0
-
-
-class _BaseSnapshot:
-    """The base snapshot of an incremental pull into a repository, as the
-    target `agent.pull.pull` reads: whole chunks fetched, decrypted and
-    checked on worker threads (the event loop keeps reading the source).
-
-    Fields: ``repo``; ``man`` (the base's manifest).  Only ``size`` and
-    ``pread`` are used (the pull hands each chunk's content to its sink).
-    """
-
-    def __init__(self, repo, man) -> None:
-        self.repo, self.man = repo, man
-
-    @property
-    def size(self) -> int:
-        return self.man.size
-
-    async def pread(self, buf: memoryview, offset: int) -> None:
-        for i in self.man.chunks_of(offset, len(buf)):
-            c_off, c_len = self.man.chunk_range(i)
-            data = await asyncio.to_thread(self.repo.get_chunk, self.man.chunks[i], c_len)
-            s, e = max(offset, c_off), min(offset + len(buf), c_off + c_len)
-            buf[s - offset:e - offset] = memoryview(data)[s - c_off:e - c_off]
 
 
 async def _pull(args: argparse.Namespace, chunk: int) -> int:
