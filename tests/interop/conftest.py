@@ -19,6 +19,7 @@ Fixtures (each returns the context manager of the same name in ``peers``):
 from __future__ import annotations
 
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,16 @@ def libnbd():
                     h.shutdown()
         except Exception:
             pass
+
+
+@pytest.fixture
+def s3env(rgw, monkeypatch):
+    """This process and its children (nbdbackup, nbdkit) pointed at the session's RGW (and at no
+    AWS config or credentials file); a fresh ``s3://BUCKET/backups/vm1`` URL in a new bucket."""
+    for k, v in rgw.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    rgw.client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/backups/vm1"

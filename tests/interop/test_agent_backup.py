@@ -54,7 +54,6 @@ import pytest
 
 import certs
 import peers
-from test_repo_s3 import s3env  # noqa: F401  (the fixture: a fresh s3:// URL on the session's RGW)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

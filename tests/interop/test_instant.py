@@ -31,7 +31,6 @@ import shutil
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -349,15 +348,6 @@ def test_bad_specs_are_refused_before_listening(short_tmp, setup_local):
 # -- the object store ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def s3env(rgw, monkeypatch):
-    for k, v in rgw.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-    bucket = f"t-{uuid.uuid4().hex[:16]}"
-    rgw.client().create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/backups/vm1"
 
 
 @pytest.mark.parametrize("kill", [False, True])

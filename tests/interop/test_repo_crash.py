@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 
 import peers
-from test_restore import s3url  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 M = 1 << 20
@@ -53,7 +52,7 @@ def test_kill_9_mid_pull_then_pull_verify_prune_gc_restore(kind, encryption, sho
     monkeypatch.setenv("NBDBACKUP_PASSPHRASE", "crash pass")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(short_tmp / "config"))
     if kind == "rgw":
-        url = request.getfixturevalue("s3url")
+        url = request.getfixturevalue("s3env")
         from nbdbackup.agent.s3store import S3Store
 
         s3 = S3Store(url)

@@ -33,16 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 M = 1 << 20
 
 
-@pytest.fixture
-def s3env(rgw, monkeypatch):
-    """Point this process and its children (nbdbackup, nbdkit) at the RGW; yield a fresh s3:// URL."""
-    for k, v in rgw.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-    bucket = f"t-{uuid.uuid4().hex[:16]}"
-    rgw.client().create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/backups/vm1"
 
 
 def store(url: str, **kw):

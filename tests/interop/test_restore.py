@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -196,33 +195,23 @@ def test_verify_sample_is_seeded(short_tmp):
     assert json.loads(r.stdout)["chunks_checked"] == 128
 
 
-@pytest.fixture
-def s3url(rgw, monkeypatch):
-    """This process and its children (nbdbackup, nbdkit) pointed at the RGW; a fresh s3:// URL."""
-    for k, v in rgw.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-    bucket = f"r-{uuid.uuid4().hex[:16]}"
-    rgw.client().create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/vm"
 
 
 @pytest.mark.parametrize("encryption", ["none", "repokey"])
-def test_restore_and_plugin_on_rgw(short_tmp, s3url, secret, encryption):
+def test_restore_and_plugin_on_rgw(short_tmp, s3env, secret, encryption):
     disk = make_disk(short_tmp / "disk.raw")
-    nb("repo", "init", s3url, "--chunk-size", "1M", "--encryption", encryption)  # 65 chunks: parallel loads
-    pull_into(s3url, disk, "s0")
+    nb("repo", "init", s3env, "--chunk-size", "1M", "--encryption", encryption)  # 65 chunks: parallel loads
+    pull_into(s3env, disk, "s0")
     out = short_tmp / "out.raw"
-    st = json.loads(nb("restore", s3url, "s0", str(out), "--json").stdout)
+    st = json.loads(nb("restore", s3env, "s0", str(out), "--json").stdout)
     assert same(disk, out) and st["zero_chunks"] == 40  # the zero MiBs
-    doc = json.loads(nb("repo", "verify", s3url, "--sample", "50", "--seed", "1", "--json").stdout)
+    doc = json.loads(nb("repo", "verify", s3env, "--sample", "50", "--seed", "1", "--json").stdout)
     assert doc["ok"] and doc["chunks_checked"] == 13  # ceil(50% of 25 distinct chunks)
 
     # nbdcopy, 4 connections x 16 requests, from the plugin: identical, and loads overlapped.
     plugin = str(ROOT / "plugins" / "restore.py")
     copy = short_tmp / "copy.raw"
-    with peers.nbdkit("python", plugin, f"repo={s3url}", "snapshot=s0", "cache=8",
+    with peers.nbdkit("python", plugin, f"repo={s3env}", "snapshot=s0", "cache=8",
                       "readahead=0") as k:  # concurrency from the requests alone
         r = subprocess.run(["nbdcopy", "--connections=4", "--requests=16", "--request-size=262144",
                             k.uri, str(copy)], capture_output=True, text=True, errors="replace", timeout=300)
