@@ -294,7 +294,7 @@ async def backup_server(server: Server, store, repo, opts: Options, sem: asyncio
         for r in runs:
             actions += r.decision.actions(r.disk, r.own, opts.granularity)
             actions.append({"type": "backup-start", "data": {
-                "export": r.disk, "job-id": r.own, "sync": "none", "target": f"memory:{r.size}",
+                "export": r.disk, "job-id": r.own, "sync": "none", "target": "scratch:",
                 "snapshot": r.own}})
         try:
             await ctl.call("transaction", {"actions": actions})

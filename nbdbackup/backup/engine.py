@@ -259,7 +259,11 @@ class Engine:
             raise ConfigError(f"export {export!r} is writable but not served through a LiveDev")
         size = src.size
         created: str | None = None
-        if isinstance(target, str):
+        own_scratch_target = target == SCRATCH_TARGET
+        if own_scratch_target and sync != "none":
+            raise ConfigError(f"target {SCRATCH_TARGET!r} (a scratch file the server makes) is for sync=none; "
+                              f"a sync={sync} target keeps the backup, so name it")
+        if isinstance(target, str) and not own_scratch_target:
             self._check_not_source(src, target)
             self._check_not_busy_target(target)
         if isinstance(scratch, str):
@@ -269,7 +273,13 @@ class Engine:
                 raise ConfigError(f"scratch {scratch!r} is the target")
 
         # 2. open the target
-        if isinstance(target, str):
+        sdev: BlockDev | None = None
+        scratch_created: str | None = None
+        if own_scratch_target:
+            # A sparse file in the state directory (else the temp directory), removed at dismiss.
+            tdev, scratch_created = await self._open_scratch(job_id, None, os.path.join(tempfile.gettempdir(), "-"),
+                                                             size)
+        elif isinstance(target, str):
             from ..blockdev import is_nbd_uri, open_spec
 
             if not (is_nbd_uri(target) or target.startswith("memory:") or os.path.lexists(target)):
@@ -277,8 +287,6 @@ class Engine:
             tdev = await open_spec(target, create_size=size)
         else:
             tdev = target
-        sdev: BlockDev | None = None
-        scratch_created: str | None = None
         try:
             if sync == "none":
                 sdev = tdev  # fleecing: the target is the scratch
@@ -312,7 +320,8 @@ class Engine:
             _unlink_quietly(scratch_created)
             raise
         job.snapshot_name = snapshot  # type: ignore[attr-defined]
-        job.target_spec = target if isinstance(target, str) else None  # type: ignore[attr-defined]
+        job.target_spec = (target if isinstance(target, str) and not own_scratch_target  # type: ignore[attr-defined]
+                           else None)
         job.scratch_spec = (scratch if isinstance(scratch, str)  # type: ignore[attr-defined]
                             else job.scratch_path)
         self.jobs[job_id] = job
@@ -560,6 +569,12 @@ class Engine:
             await job.wait()
             if job.status is JobStatus.CONCLUDED:
                 await job.dismiss()
+
+
+#: ``backup-start`` target meaning "a scratch file of the server's own" (sync=none only): a sparse
+#: file in the state directory (else the temp directory), locked while the job lives and removed
+#: at dismiss -- what a remote pull agent wants, as it cannot name a path on the server.
+SCRATCH_TARGET = "scratch:"
 
 
 def _check_scratch_args(sync: str, scratch: Any, scratch_limit: Any, discard_source: Any,

@@ -264,7 +264,6 @@ def run(args: argparse.Namespace) -> int:
     from .. import systemd
 
     exports = parse_export_args(args.exports, args.read_only)
-    select_io_engine(args)
     descriptions = parse_descriptions(args.description, [e[0] for e in exports])
     from ..daemon import check_description
 
@@ -296,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--socket-mode/--socket-group need --socket PATH")
     socket_mode = parse_socket_mode(args.socket_mode) if args.socket_mode else None
     socket_gid = parse_group(args.socket_group) if args.socket_group else None
+    select_io_engine(args)  # after the checks above: a refused command line prints only its error
     from . import run_async
 
     return run_async(_serve(args, exports, listens, metrics, descriptions=descriptions, passed=passed,

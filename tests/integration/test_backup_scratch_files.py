@@ -260,3 +260,33 @@ def test_cbw_into_a_file_scratch_uses_copy_offload(short_tmp, sync, monkeypatch)
         await engine.job_dismiss("j")
         await live.close()
     run(main())
+
+
+def test_fleecing_into_a_scratch_target_of_the_servers_own(short_tmp):
+    """``target: "scratch:"`` (sync=none): the server makes the scratch file itself in its state
+    directory (a remote agent cannot name a path there, and a memory target would pin RAM for
+    every cluster the guest writes), copy-before-write saves the old data into it, the snapshot
+    reads the point-in-time image, and dismiss removes the file.  Other modes refuse it."""
+    async def main():
+        state = short_tmp / "state"
+        state.mkdir()
+        live, table, engine = await rig(short_tmp, scratch_dir=os.fspath(state))
+        with pytest.raises(ConfigError, match="is for sync=none"):
+            await engine.backup_start("disk", "f", "full", "scratch:")
+        assert scratches(state) == []
+        size = live.size
+        before = bytearray(size)
+        await live.pread(memoryview(before), 0)
+        await engine.backup_start("disk", "j", "none", "scratch:", snapshot="snap")
+        (path,) = scratches(state)
+        await live.pwrite(b"\x77" * MiB, 0)
+        assert os.stat(path).st_blocks * 512 >= MiB  # the old data went to the file, not to memory
+        buf = bytearray(size)
+        await table.get("snap").dev.pread(memoryview(buf), 0)
+        assert buf == before
+        engine.jobs["j"].cancel()
+        await engine.jobs["j"].wait()
+        await engine.job_dismiss("j")
+        assert scratches(state) == [] and not os.path.exists(path)
+        await live.close()
+    run(main())
