@@ -6,15 +6,16 @@ same images.  For each dataset and store:
 1. a disk image: ``random`` (incompressible) or ``fs`` (an ext4 file system
    filled with an OS tree from /usr by ``mkfs.ext4 -d``, so it compresses and
    dedups like a real root disk);
-2. ``nbdbackup serve`` exports it live with a persistent dirty bitmap; ours
-   is a full pull of a snapshot export into the repository; restic
+2. ``nbdbackup serve`` exports it live; ours is ``nbdbackup agent backup``
+   (a snapshot export, a persistent dirty bitmap rotated at that instant, a
+   pull into the repository), full the first time; restic
    (``--repository-version 2 --compression auto``) and borg (lz4) back up the
    image file itself;
 3. ~5% of the disk is changed through the live export (so our bitmap sees it;
    restic and borg see the changed file), in runs of 64 KiB to 4 MiB: random
    bytes for ``random``, bytes moved from elsewhere in the image for ``fs``
    (same compressibility);
-4. incremental: ours pulls only what the bitmap marks; restic and borg must
+4. incremental: the agent pulls only what the bitmap marks; restic and borg must
    reread the whole image to find the changes (that is the point);
 5. restore of the last snapshot to a fresh file: ``nbdbackup restore``
    (if present) or qemu-img convert from the nbdkit restore plugin; ``restic
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -209,8 +211,9 @@ class Ours:
 
     name = "nbdbackup"
 
-    def __init__(self, procs, ws, image: str, store: Store, plain: bool) -> None:
-        self.store, self.env = store, store.env()
+    def __init__(self, procs, ws, image: str, store: Store, plain: bool, verify: str = "off") -> None:
+        self.store, self.env, self.verify = store, store.env(), verify
+        self.snapshot = ""
         self.repo = store.ours("ours")
         self.ctl = ws.socket("ctl")
         self.sock = ws.socket("nbd")
@@ -230,53 +233,25 @@ class Ours:
         run(init, self.env)
         self.round = 0
 
-    async def _qmp(self, cmd: str, args: dict | None = None):
-        from nbdbackup.control.client import ControlClient
-
-        async with ControlClient(self.ctl) as q:
-            return await q.execute(cmd, args or {})
-
-    async def _wait(self, job: str) -> None:
-        while True:
-            jobs = {j["id"]: j for j in await self._qmp("query-jobs")}
-            j = jobs[job]
-            if j["status"] in ("concluded", "null"):
-                if j.get("error"):
-                    raise RuntimeError(f"job {job}: {j['error']}")
-                return
-            await asyncio.sleep(0.05)
-
     def backup(self) -> tuple[float, float]:
-        """One backup (full the first time, then incremental by the bitmap)."""
+        """One ``nbdbackup agent backup`` run: full the first time, then incremental by the bitmap
+        the agent rotated (what a user runs; ``--verify off`` like restic and borg, which do not
+        re-read what they stored)."""
         self.round += 1
         cpu0 = common.proc_cpu_seconds(self.proc.pid)
         t0 = time.perf_counter()
-        job, snap = f"j{self.round}", f"s{self.round}"
-        tgt = os.path.join(self.work, f"target{self.round}.raw")
-        snap_uri = f"nbd+unix:///snap?socket={self.sock}"
-        if self.round == 1:
-            asyncio.run(self._qmp("transaction", {"actions": [
-                {"type": "block-dirty-bitmap-add", "data": {"export": "disk", "name": "b0", "persistent": True}},
-                {"type": "backup-start", "data": {"export": "disk", "job-id": job, "sync": "none",
-                                                  "target": tgt, "snapshot": "snap"}}]}))
-            argv = [*PY, "pull", snap_uri, "--repo", self.repo, "--snapshot", snap]
-        else:
-            # Today the snapshot export offers the frozen bitmap only with sync=incremental, which also
-            # copies the dirty clusters into a target file on the server: a cost restic and borg don't pay.
-            asyncio.run(self._qmp("backup-start", {"export": "disk", "job-id": job, "sync": "incremental",
-                                                   "bitmap": "b0", "target": tgt, "snapshot": "snap"}))
-            argv = [*PY, "pull", snap_uri, "--repo", self.repo, "--snapshot", snap, "--bitmap", "b0",
-                    "--base", f"s{self.round - 1}"]
-        _, cpu, _ = run(argv, self.env)
-        if self.round == 1:
-            asyncio.run(self._qmp("job-cancel", {"id": job}))  # a sync=none job runs until cancelled
-        asyncio.run(self._wait(job))
-        asyncio.run(self._qmp("job-dismiss", {"id": job}))
-        os.unlink(tgt) if os.path.exists(tgt) else None
+        argv = [*PY, "agent", "backup", "--control", self.ctl, "--nbd", f"nbd+unix:///?socket={self.sock}",
+                "--disk", "disk", "--repo", self.repo, "--verify", self.verify, "--json", "--progress", "never"]
+        _, cpu, out = run(argv, self.env)
+        (d,) = json.loads(out)["disks"]
+        want = "full" if self.round == 1 else "incremental"
+        if d.get("kind") != want:
+            raise RuntimeError(f"agent run {self.round} was {d.get('kind')}, not {want}: {d.get('reason')}")
+        self.snapshot = d["snapshot"]
         return time.perf_counter() - t0, cpu + common.proc_cpu_seconds(self.proc.pid) - cpu0
 
     def restore(self, out: str) -> tuple[float, float]:
-        snap = f"s{self.round}"
+        snap = self.snapshot
         if has_feature("restore"):
             dt, cpu, _ = run([*PY, "restore", self.repo, snap, out], self.env)
             return dt, cpu
@@ -359,7 +334,7 @@ def one(res: common.Results, dataset: str, store_kind: str, a, rgw) -> None:
         tools = []
         for t in a.tools:
             if t == "ours":
-                tools.append(Ours(procs, ws, image, store, a.plain))
+                tools.append(Ours(procs, ws, image, store, a.plain, a.verify))
             elif t == "restic":
                 tools.append(Restic(image, store, a.plain))
             elif t == "borg" and store_kind == "local":
@@ -428,6 +403,8 @@ def main() -> int:
     ap.add_argument("--tools", default="ours,restic,borg")
     ap.add_argument("--plain", action="store_true", help="no encryption, no compression (all tools)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--verify", default="off", choices=["off", "sample", "full"],
+                    help="our agent's --verify (restic and borg do not re-read what they store)")
     ap.add_argument("--no-json", action="store_true")
     a = ap.parse_args()
     common.sigterm_as_interrupt()
