@@ -17,9 +17,9 @@ same images.  For each dataset and store:
    (same compressibility);
 4. incremental: the agent pulls only what the bitmap marks; restic and borg must
    reread the whole image to find the changes (that is the point);
-5. restore of the last snapshot to a fresh file: ``nbdbackup restore``
-   (if present) or qemu-img convert from the nbdkit restore plugin; ``restic
-   restore``; ``borg extract``.
+5. restore of the last snapshot to a fresh file, timed until it is durable
+   (ours fsyncs; restic and borg are followed by ``sync``): ``nbdbackup
+   restore``; ``restic restore``; ``borg extract``.
 
 Every tool runs with encryption on (ours ``--encryption repokey`` if this
 checkout has it; restic always; borg ``repokey-blake2``) and compression on,
@@ -149,7 +149,9 @@ class Store:
                 else f"s3:{self.rgw.endpoint}/{self._bucket('restic-' + name)}")
 
     def _bucket(self, name: str) -> str:
-        b = "b" + "".join(ch for ch in name.lower() if ch.isalnum())
+        # one bucket per tool and workspace (the datasets of one run must not share one)
+        b = "b" + "".join(ch for ch in name.lower() if ch.isalnum()) + "-" + os.path.basename(self.work)[-8:].lower()
+        b = "".join(ch if ch.isalnum() or ch == "-" else "x" for ch in b)
         self.rgw.client().create_bucket(Bucket=b) if not self._exists(b) else None
         return b
 
@@ -373,8 +375,13 @@ def one(res: common.Results, dataset: str, store_kind: str, a, rgw) -> None:
             out_dir = os.path.join(work, f"restore-{tool.name}")
             os.makedirs(out_dir)
             out = os.path.join(out_dir, "disk.raw")
+            subprocess.run(["sync"])
             try:
                 dt, cpu = tool.restore(out if isinstance(tool, Ours) else out_dir)
+                # durable, as ours is (it fsyncs the target; restic and borg leave it to writeback)
+                t_sync = time.perf_counter()
+                subprocess.run(["sync"])
+                dt += time.perf_counter() - t_sync
             except RuntimeError as e:
                 print(f"  {tool.name:10} restore      skipped: {e}", flush=True)
                 res.add_error(f"{tag} restore time", tool.name, str(e))
