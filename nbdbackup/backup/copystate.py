@@ -504,14 +504,7 @@ class CopyState:
             if kind == FROM_SCRATCH:
                 await self._move_from_scratch(start, count)
                 marks.append((self.in_target, start, count))
-            elif kind == FROM_ZERO:
-                try:
-                    await self._zero_target(*self.span(start, count))
-                except OSError as e:
-                    raise CopyError.wrap(e, "write") from e
-                self.clusters_skipped_zero += count
-                marks.append((self.in_target, start, count))
-            elif source_zero:
+            elif kind == FROM_ZERO or source_zero:
                 try:
                     await self._zero_target(*self.span(start, count))
                 except OSError as e:
