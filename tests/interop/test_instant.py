@@ -39,7 +39,9 @@ import peers
 from qemutools import qemu_io
 
 M = 1 << 20
-SIZE = 64 * M
+#: The snapshot's size: 64 MiB in the suite; the issue's 1 GiB by hand with
+#: NBDBACKUP_INSTANT_TEST_MIB=1024 (slower speeds then take minutes).
+SIZE = int(os.environ.get("NBDBACKUP_INSTANT_TEST_MIB", "64")) * M
 CHUNK = 256 * 1024
 
 
