@@ -170,23 +170,28 @@ class LiveDev(FilterDev):
 
     # -- BlockDev ---------------------------------------------------------
 
-    async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
+    async def _write(self, offset: int, length: int, fua: bool, op) -> None:
+        """The async path of every write (WRITE, WRITE_ZEROES, TRIM): wait at
+        the quiesce gate, take the hook list, count as writing (see
+        Quiescing), hooks before, ``op()`` (the inner device's call), hooks
+        after, and for FUA the hooks' durability."""
         if self._gate is not None:
             await self._wait_gate()
         hooks = self._hooks
         self._writing += 1
         try:
-            if not hooks:
-                await self.inner.pwrite(buf, offset, fua=fua)
-                return
-            length = memoryview(buf).nbytes
-            await self._before(hooks, offset, length)
-            await self.inner.pwrite(buf, offset, fua=fua)
-            self._after_write(hooks, offset, length)
+            if hooks:
+                await self._before(hooks, offset, length)
+            await op()
+            if hooks:
+                self._after_write(hooks, offset, length)
         finally:
             self._done_writing()
-        if fua:
+        if fua and hooks:
             await self._durable(hooks)
+
+    async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
+        await self._write(offset, memoryview(buf).nbytes, fua, lambda: self.inner.pwrite(buf, offset, fua=fua))
 
     def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
         if type(self).pwrite is not LiveDev.pwrite:
@@ -246,63 +251,36 @@ class LiveDev(FilterDev):
                 return False
         return True
 
+    def _write_now(self, offset: int, length: int, fua: bool, op_now) -> bool:
+        """The task-free path of WRITE_ZEROES and TRIM: done iff every hook is
+        done now and ``op_now()`` (the inner device's ``*_now``) did it."""
+        ok = self._hooks_done_now(offset, length, fua)
+        if ok is False or not op_now():
+            return False
+        if ok:
+            for h in self._after:
+                h.after_write(offset, length)
+        return True
+
     def zero_now(self, offset: int, length: int, *, may_trim: bool = False,
                  fua: bool = False, fast: bool = False) -> bool:
         if type(self).zero is not LiveDev.zero:
             return False
-        ok = self._hooks_done_now(offset, length, fua)
-        if ok is False or not self.inner.zero_now(offset, length, may_trim=may_trim, fua=fua, fast=fast):
-            return False
-        if ok:
-            for h in self._after:
-                h.after_write(offset, length)
-        return True
+        return self._write_now(offset, length, fua, lambda: self.inner.zero_now(
+            offset, length, may_trim=may_trim, fua=fua, fast=fast))
 
     def trim_now(self, offset: int, length: int, *, fua: bool = False) -> bool:
         if type(self).trim is not LiveDev.trim:
             return False
-        ok = self._hooks_done_now(offset, length, fua)
-        if ok is False or not self.inner.trim_now(offset, length, fua=fua):
-            return False
-        if ok:
-            for h in self._after:
-                h.after_write(offset, length)
-        return True
+        return self._write_now(offset, length, fua, lambda: self.inner.trim_now(offset, length, fua=fua))
 
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:
-        if self._gate is not None:
-            await self._wait_gate()
-        hooks = self._hooks
-        self._writing += 1
-        try:
-            if not hooks:
-                await self.inner.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
-                return
-            await self._before(hooks, offset, length)
-            await self.inner.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
-            self._after_write(hooks, offset, length)
-        finally:
-            self._done_writing()
-        if fua:
-            await self._durable(hooks)
+        await self._write(offset, length, fua,
+                          lambda: self.inner.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast))
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        if self._gate is not None:
-            await self._wait_gate()
-        hooks = self._hooks
-        self._writing += 1
-        try:
-            if not hooks:
-                await self.inner.trim(offset, length, fua=fua)
-                return
-            await self._before(hooks, offset, length)
-            await self.inner.trim(offset, length, fua=fua)
-            self._after_write(hooks, offset, length)
-        finally:
-            self._done_writing()
-        if fua:
-            await self._durable(hooks)
+        await self._write(offset, length, fua, lambda: self.inner.trim(offset, length, fua=fua))
 
     async def flush(self) -> None:
         hooks = self._hooks
