@@ -13,7 +13,13 @@ tool pays for the other's writeback.
 Prints seconds and MB/s per run, medians and the ratio ours/nbdcopy
 (higher is better), plus each tool's CPU seconds.
 
+``--baseline DIR``: also run the pull of another checkout (DIR/.venv/bin/python
+in DIR, e.g. main) in the same rounds, interleaved, for an A/B of a change;
+its ratio to nbdcopy and ours/baseline are printed too.  ``--write-behind 0``
+runs ours without write-behind (agent/filewriter.py) to show what it buys.
+
 Usage: .venv/bin/python bench/pull_bench.py [--size 1G] [--rounds 3] [--connections 4] [--dir /tmp]
+       [--baseline /work/main] [--write-behind SIZE]
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--dir", default="/tmp", help="where the image and the copies live")
     ap.add_argument("--chunk-size", default="4M", help="our pull's chunk size")
+    ap.add_argument("--baseline", metavar="DIR", help="also time the pull of this checkout (its .venv), interleaved")
+    ap.add_argument("--write-behind", metavar="SIZE", help="ours: the write-behind window (0: off)")
     a = ap.parse_args()
     size = parse_size(a.size)
     with common.Workspace("bench-pull-", parent=a.dir) as ws, common.Procs() as procs:
@@ -49,24 +57,39 @@ def main() -> int:
         start_server(procs, "nbdkit", image, sock, a.connections, same_session=False)
         uri = f"nbd+unix:///?socket={sock}"
         out = os.path.join(d, "copy.raw")
-        ours_cmd = [sys.executable, "-m", "nbdbackup.cli", "pull", uri, out, f"--connections={a.connections}",
-                    "--manifest", os.path.join(d, "m.json"), f"--chunk-size={a.chunk_size}"]
+        pull_args = ["-m", "nbdbackup.cli", "pull", uri, out, f"--connections={a.connections}",
+                     "--manifest", os.path.join(d, "m.json"), f"--chunk-size={a.chunk_size}"]
+        ours_cmd = [sys.executable] + pull_args
+        if a.write_behind is not None:
+            ours_cmd.append(f"--write-behind={a.write_behind}")
         theirs_cmd = ["nbdcopy", "--flush", f"--connections={a.connections}", uri, out]
-        res: dict[str, list[tuple[float, float]]] = {"nbdcopy": [], "ours": []}
-        print(f"# nbdkit file, {size >> 20} MiB, {a.connections} connections, fresh file in {a.dir}")
+        runs: list[tuple[str, list[str]]] = [("nbdcopy", theirs_cmd), ("ours", ours_cmd)]
+        if a.baseline:
+            base = os.path.abspath(a.baseline)
+            # env -C: "python -m" imports the package of its working directory first.
+            runs.append(("baseline", ["env", "-C", base, os.path.join(base, ".venv", "bin", "python")] + pull_args))
+        res: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in runs}
+        print(f"# nbdkit file, {size >> 20} MiB, {a.connections} connections, fresh file in {a.dir}"
+              + (f"; baseline {a.baseline}" if a.baseline else ""))
+        gib = size / (1 << 30)
         for r in range(a.rounds):
-            for name, cmd in (("nbdcopy", theirs_cmd), ("ours", ours_cmd)):
+            for name, cmd in runs:
                 if os.path.exists(out):
                     os.unlink(out)
                 subprocess.run(["sync"], check=True)
                 dt, cpu = common.run_timed_cpu(cmd)
                 res[name].append((dt, cpu))
-                print(f"round {r + 1}: {name:8s} {dt:6.2f} s  {size / dt / 1e6:7.0f} MB/s  (CPU {cpu:.2f} s)")
+                print(f"round {r + 1}: {name:8s} {dt:6.2f} s  {size / dt / 1e6:7.0f} MB/s  "
+                      f"(CPU {cpu:.2f} s, {cpu / gib:.2f} s/GiB)")
         med = {k: statistics.median(dt for dt, _ in v) for k, v in res.items()}
         cpu = {k: statistics.median(c for _, c in v) for k, v in res.items()}
         print(f"median: nbdcopy {size / med['nbdcopy'] / 1e6:.0f} MB/s, ours {size / med['ours'] / 1e6:.0f} MB/s; "
-              f"ratio ours/nbdcopy {med['nbdcopy'] / med['ours']:.2f}x; CPU nbdcopy {cpu['nbdcopy']:.2f} s, "
-              f"ours {cpu['ours']:.2f} s (includes the blake3 manifest)")
+              f"ratio ours/nbdcopy {med['nbdcopy'] / med['ours']:.2f}x; CPU nbdcopy {cpu['nbdcopy'] / gib:.2f} s/GiB, "
+              f"ours {cpu['ours'] / gib:.2f} s/GiB (includes the blake3 manifest)")
+        if a.baseline:
+            print(f"baseline: {size / med['baseline'] / 1e6:.0f} MB/s, ratio baseline/nbdcopy "
+                  f"{med['nbdcopy'] / med['baseline']:.2f}x, CPU {cpu['baseline'] / gib:.2f} s/GiB; "
+                  f"ours/baseline {med['baseline'] / med['ours']:.2f}x")
     return 0
 
 

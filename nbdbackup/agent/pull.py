@@ -17,7 +17,10 @@ that needs nothing is skipped; otherwise its pieces are read concurrently
 into one chunk buffer (in incremental mode pre-filled from the target), its
 blake3 digest is taken from that buffer -- what the source held, not what
 was written -- and the read pieces are written to the target.  ``workers``
-chunks are in flight at once, spread over the source's connections.
+chunks are in flight at once, spread over the source's connections.  Into a
+`FileDev` target, hashing and writing are one job per chunk on the
+`agent.filewriter.ChunkWriter` threads, with write-behind (the event loop only
+receives; the final flush finds little left to write).
 
 The manifest of the result: digests of worked chunks come from the source;
 other chunks are zero digests (full) or come from ``base`` (the previous
@@ -41,7 +44,9 @@ import time
 from dataclasses import dataclass
 
 from ..blockdev.base import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, HOLE_ZERO, BlockDev, Extent
+from ..blockdev.file import FileDev
 from ..errors import ConfigError
+from .filewriter import DEFAULT_WINDOW, ChunkWriter
 from .manifest import DEFAULT_CHUNK, Manifest, digest, zero_digest
 
 #: Largest single read or write (the NBD client splits further at the
@@ -138,7 +143,8 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
                sink=None, progress=None, chunk_id=digest, zero_id=zero_digest,
                dirty: list[tuple[int, int]] | None = None,
-               trim_after_read: bool = False) -> tuple[Manifest, PullStats]:
+               trim_after_read: bool = False,
+               write_behind: int = DEFAULT_WINDOW) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
 
     ``dirty``: incremental with the dirty ranges given (sorted, disjoint
@@ -157,6 +163,9 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     ``trim_after_read``: TRIM each worked chunk on ``src`` afterwards (the
     target's copy is written, not yet flushed: the snapshot's copy is not
     needed to redo it, since a failed pull is redone from a new snapshot).
+    ``write_behind``: with a `FileDev` target, chunks are hashed and written
+    on `ChunkWriter` threads, and at most this many written bytes are left
+    to write back at a time (0: no write-behind; all dirty until the flush).
     """
     t0 = time.monotonic()
     size = src.size
@@ -216,6 +225,11 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         if sink is not None:
             man.chunks[i] = d = await _hash(mv, chunk_id)
             await sink(i, d, mv)
+        elif writer is not None:
+            # One job on the writer's threads: hash, pwritev, start write-back.
+            if zeros:
+                await asyncio.gather(*(dst.zero(o, n, may_trim=True) for o, n in zeros))
+            man.chunks[i] = await writer.write(mv, c_off, pieces, chunk_id)
         else:
             assert dst is not None
             # Hash and write at once: both only read the chunk buffer.
@@ -241,7 +255,14 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         for i in queue:
             await do_chunk(i, whole)
 
-    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    # A local file or block device: hashing and writing on threads, with write-behind.
+    writer = (ChunkWriter(dst.fd, window=write_behind) if sink is None and isinstance(dst, FileDev)
+              and not dst.read_only else None)
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    finally:
+        if writer is not None:
+            await asyncio.to_thread(writer.close)
     stats.chunks_worked = len(work)
     stats.chunks_skipped = man.count - len(work)
     # Digests of the chunks not read from the source.
