@@ -35,37 +35,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import ctypes.util
 import errno
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-SYNC_FILE_RANGE_WAIT_BEFORE = 1
-SYNC_FILE_RANGE_WRITE = 2
-SYNC_FILE_RANGE_WAIT_AFTER = 4
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-try:
-    _sfr = _libc.sync_file_range
-    _sfr.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _sfr.restype = ctypes.c_int
-except AttributeError:  # not Linux
-    _sfr = None
+from ..blockdev.writeback import (
+    SYNC_FILE_RANGE_WAIT_AFTER,
+    SYNC_FILE_RANGE_WAIT_BEFORE,
+    SYNC_FILE_RANGE_WRITE,
+    available,
+    sync_file_range,
+)
 
 #: Default write-behind window: bytes written whose write-back may still run.
 DEFAULT_WINDOW = 64 << 20
-
-
-def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
-    """``sync_file_range(2)``; OSError on failure (ENOSYS where libc lacks it)."""
-    if _sfr is None:
-        raise OSError(errno.ENOSYS, "sync_file_range is not available")
-    if _sfr(fd, offset, length, flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 class ChunkWriter:
@@ -78,7 +63,7 @@ class ChunkWriter:
         self._lock = threading.Lock()
         self._pending: collections.deque[tuple[int, int]] = collections.deque()
         self._pending_bytes = 0
-        self._sfr_ok = _sfr is not None and window > 0
+        self._sfr_ok = available() and window > 0
 
     async def write(self, mv: memoryview, base: int, pieces: list[tuple[int, int]],
                     chunk_id: Callable[[memoryview], bytes] | None) -> bytes | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from typing import Callable
 
 from .copystate import CopyState
@@ -48,6 +49,8 @@ class CBWHook:
         self.cbw_timeout = cbw_timeout
         self.on_break = on_break
         self.errors = 0
+        #: `before_write_now` may copy small spans itself (`CopyState.protect_sync`).
+        self.sync_copy = os.environ.get("NBDBACKUP_CBW_SYNC", "1") != "0"
 
     async def before_write(self, offset: int, length: int) -> None:
         st = self.state
@@ -74,12 +77,14 @@ class CBWHook:
     def before_write_now(self, offset: int, length: int) -> bool:
         """True when `before_write` would have nothing to wait for (the
         task-free write path of `blockdev.live`): every touched cluster is
-        already done and no snapshot read reads it.  Else False, and the
-        caller awaits `before_write` (which copies and waits)."""
+        already done -- or was copied just now, synchronously
+        (`CopyState.protect_sync`: a small span from and to plain files) --
+        and no snapshot read reads it.  Else False, and the caller awaits
+        `before_write` (which copies, waits and applies ``on_cbw_error``)."""
         st = self.state
         if st.broken is not None or length == 0:
             return True
-        return st.protect_now(offset, length)
+        return st.protect_now(offset, length) or (self.sync_copy and st.protect_sync(offset, length))
 
     async def on_durable(self) -> None:
         # The live disk's durability does not depend on the target's.

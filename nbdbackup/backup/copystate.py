@@ -131,6 +131,8 @@ from typing import Literal
 
 from ..bitmap.core import Bitmap
 from ..blockdev.base import BASE_ALLOCATION, BlockDev, Extent, FilterDev, merge_extents
+from ..blockdev.file import FileDev
+from ..blockdev.writeback import WholeFileWriteBehind
 
 Copier = Literal["pump", "cbw"]
 
@@ -323,7 +325,8 @@ class CopyState:
 
     def __init__(self, source: BlockDev, target: BlockDev, cluster_size: int, *,
                  zero_detect: bool = True, offload: bool = True, scratch: BlockDev | None = None,
-                 discard_source: bool = False, scratch_limit: int | None = None) -> None:
+                 discard_source: bool = False, scratch_limit: int | None = None,
+                 write_behind: int | None = None) -> None:
         assert cluster_size >= 512 and cluster_size & (cluster_size - 1) == 0
         assert target.size >= source.size
         assert scratch is None or scratch.size >= source.size
@@ -359,6 +362,18 @@ class CopyState:
         #: -1 = none).  Only a hint: a stale one makes the offload copy a
         #: hole as data -- the same bytes.
         self._data_at = -1
+        #: Write-behind on the target's and scratch's files (blockdev.writeback):
+        #: every ``write_behind`` bytes copied (NBDBACKUP_WRITE_BEHIND; default
+        #: 0: off -- measured no better for copy-before-write, docs/pullcbw.md),
+        #: start their write-back and drop their clean pages, on a thread.
+        #: `idle_write_behind` before closing them.
+        if write_behind is None:
+            write_behind = int(os.environ.get("NBDBACKUP_WRITE_BEHIND", "0"))
+        fds = [d.fd for d in (_innermost(target), _innermost(scratch) if scratch is not None else None)
+               if isinstance(d, FileDev) and not d.read_only]
+        self.write_behind = WholeFileWriteBehind(fds, write_behind)
+        #: `protect_sync`'s (target, scratch) file pairs of `_offload_files`, once known.
+        self._sync_files: tuple | None = None
         self.broken: OSError | None = None
         self.retired = False
         self.total = 0
@@ -550,6 +565,7 @@ class CopyState:
             self.bytes_copied_by_cbw += nbytes - sum(self.span(s, n)[1] for s, n in nocopy)
         self.inflight.remove(start, fut)
         fut.set_result(None)
+        self.write_behind.add(nbytes)
         if kind == FROM_SCRATCH:
             # Rule 9 (and rule 8 for clusters trimmed while still to do).
             if self.discard_source:
@@ -809,6 +825,11 @@ class CopyState:
         """Rule 6: claim nothing more (the snapshot is gone)."""
         self.retired = True
 
+    async def idle_write_behind(self) -> None:
+        """No write-behind round from now on; the one running is over when
+        this returns (the target and scratch may then be closed)."""
+        await self.write_behind.idle()
+
     def protect_now(self, offset: int, length: int) -> bool:
         """Rule 1 when it needs no wait: True when the live write to
         ``(offset, length)`` may go on now (retired, or every cluster of the
@@ -824,6 +845,102 @@ class CopyState:
             for c in range(first, end):
                 if c in readers:
                     return False
+        return True
+
+    def protect_sync(self, offset: int, length: int) -> bool:
+        """Rule 1 done synchronously when that is cheap: True when the live
+        write to ``(offset, length)`` may go on now, its not-done clusters
+        copied here without an ``await`` -- so no claim is needed: nobody
+        can see them between "not done" and "done".  False (nothing done,
+        or only some runs): await `protect`, which copies the rest, waits
+        for copies in flight and readers and applies the error policy.
+
+        Only the common copy-before-write takes this path: a span of at
+        most `INLINE_COPY` bytes (what `_copy_offload` already copies inline
+        on the loop), none of it in flight or read by a snapshot read, from
+        a plain source file into plain files with ``copy_file_range``
+        (offload on), the scratch reservation within ``scratch_limit``.  It
+        marks exactly what `copy` + `_cbw_copy` would: source holes found by
+        the same one SEEK_DATA probe (rule 7) are ``zeroed`` when bound for
+        the scratch (a hole bound for the target falls back: it needs a
+        target write), the rest ``in_scratch`` / ``in_target``, per run,
+        each run only after its copy succeeded (rule 4: a failed run stays
+        not done; the destination bytes of a not-done cluster are never
+        read).  Never raises OSError."""
+        if self.retired:
+            return True
+        first, end = self.clusters_of(offset, length)
+        done = self.done
+        c = done.next_clear(first, end)
+        if c < 0:
+            return not self.readers or self.protect_now(offset, length)
+        src = self._source_file
+        span_off, span_len = self.span(c, end - c)
+        if src is None or span_len > INLINE_COPY:
+            return False
+        inflight = self.inflight
+        if inflight and (c in inflight or inflight.next_start(c + 1, end) < end):
+            return False
+        readers = self.readers
+        if readers and any(x in readers for x in range(first, end)):
+            return False
+        scratch = self.scratch
+        todo = self.pump_todo
+        if self._sync_files is None:
+            self._sync_files = (self._offload_files(), self._offload_files(scratch) if scratch is not None else None)
+        files_t = self._sync_files[0] if self.offload else None
+        files_s = self._sync_files[1] if self.offload_scratch else None
+        # Rule 7's probe: one SEEK_DATA at the first not-done cluster.
+        zero_end = c
+        if self.cbw_extents:
+            try:
+                data = os.lseek(src.fd, span_off, os.SEEK_DATA)
+            except OSError as e:
+                data = span_off + span_len if e.errno == errno.ENXIO else span_off
+            if data > span_off:
+                zero_end = min(end, data >> self._shift) if data < span_off + span_len else end
+        shift, cs = self._shift, self.cluster_size
+        try:
+            while c >= 0 and c < end:
+                e = done.next_set(c, end)
+                e = end if e < 0 else e
+                # [c, e): not done; cut where the destination or zero-ness changes.
+                to_target = scratch is None or todo.get(c)
+                if scratch is not None:
+                    t = (todo.next_clear if to_target else todo.next_set)(c, e)
+                    e = e if t < 0 else t
+                zero = c < zero_end
+                if zero:
+                    e = min(e, zero_end)
+                off, n = self.span(c, e - c)
+                if zero:
+                    if to_target:
+                        return False  # needs a target write: the async path
+                    self.zeroed.set(c, e - c)
+                    self.clusters_zero_in_snapshot += e - c
+                else:
+                    files = files_t if to_target else files_s
+                    if files is None:
+                        return False
+                    if not to_target:
+                        if self.scratch_limit is not None and self.scratch_bytes + n > self.scratch_limit:
+                            return False  # rule 10's ENOSPC comes from the async path
+                    _copy_range(files[0].fd, files[1].fd, off, n)
+                    if to_target:
+                        self.in_target.set(c, e - c)
+                        if todo.any(c, e - c):
+                            self.current += self._bytes_in(todo, c, e - c)
+                            todo.clear(c, e - c)
+                    else:
+                        self.in_scratch.set(c, e - c)
+                        self.scratch_bytes += n
+                        self.bytes_cbw_to_scratch += n
+                    self.bytes_copied_by_cbw += n
+                    self.write_behind.add(n)
+                done.set(c, e - c)
+                c = done.next_clear(e, end) if e < end else -1
+        except OSError:
+            return False  # this run stays not done; the async path retries and reports
         return True
 
     async def protect(self, offset: int, length: int) -> None:

@@ -692,6 +692,7 @@ class PreparedBackup:
             self.lease = None
         if job.status is JobStatus.CREATED:
             job._set(JobStatus.NULL)
+        await job.state.idle_write_behind()
         await job.target.close()
         _unlink_quietly(self.created)
         await job.close_scratch()

@@ -402,6 +402,7 @@ class BackupJob:
         while self.state.inflight:
             await asyncio.gather(*(asyncio.shield(f) for f in self.state.inflight.values()),
                                  return_exceptions=True)
+        await self.state.idle_write_behind()
         self._set(S.NULL)
         try:
             if self._on_dismiss is not None:

@@ -22,6 +22,7 @@ import pytest
 
 from nbdbackup.agent import filewriter
 from nbdbackup.agent.pull import manifest_of, pull
+from nbdbackup.blockdev import writeback
 from nbdbackup.blockdev.file import FileDev
 from nbdbackup.blockdev.memory import MemoryDev
 
@@ -98,7 +99,7 @@ def test_write_behind_errors(tmp_path):
         w.close()
         # What the kernel refuses (a negative offset) is an OSError with its errno.
         with pytest.raises(OSError) as ei:
-            filewriter.sync_file_range(fd, -1, 1, filewriter.SYNC_FILE_RANGE_WRITE)
+            writeback.sync_file_range(fd, -1, 1, writeback.SYNC_FILE_RANGE_WRITE)
         assert ei.value.errno == errno.EINVAL
     finally:
         os.close(fd)
