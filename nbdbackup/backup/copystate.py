@@ -363,12 +363,13 @@ class CopyState:
         #: hole as data -- the same bytes.
         self._data_at = -1
         #: Write-behind on the target's and scratch's files (blockdev.writeback):
-        #: every ``write_behind`` bytes copied (NBDBACKUP_WRITE_BEHIND; default
-        #: 0: off -- measured no better for copy-before-write, docs/pullcbw.md),
-        #: start their write-back and drop their clean pages, on a thread.
-        #: `idle_write_behind` before closing them.
+        #: every ``write_behind`` bytes the pump copied (default 64 MiB,
+        #: NBDBACKUP_WRITE_BEHIND; 0: off), start their write-back and drop
+        #: their clean pages, on a thread (pump-full 2-4x less CPU per GiB;
+        #: copy-before-write's 64 KiB copies do not count: no gain measured
+        #: there, docs/pullcbw.md).  `idle_write_behind` before closing them.
         if write_behind is None:
-            write_behind = int(os.environ.get("NBDBACKUP_WRITE_BEHIND", "0"))
+            write_behind = int(os.environ.get("NBDBACKUP_WRITE_BEHIND", str(64 << 20)))
         fds = [d.fd for d in (_innermost(target), _innermost(scratch) if scratch is not None else None)
                if isinstance(d, FileDev) and not d.read_only]
         self.write_behind = WholeFileWriteBehind(fds, write_behind)
@@ -565,7 +566,8 @@ class CopyState:
             self.bytes_copied_by_cbw += nbytes - sum(self.span(s, n)[1] for s, n in nocopy)
         self.inflight.remove(start, fut)
         fut.set_result(None)
-        self.write_behind.add(nbytes)
+        if by == "pump":
+            self.write_behind.add(nbytes)
         if kind == FROM_SCRATCH:
             # Rule 9 (and rule 8 for clusters trimmed while still to do).
             if self.discard_source:
@@ -936,7 +938,6 @@ class CopyState:
                         self.scratch_bytes += n
                         self.bytes_cbw_to_scratch += n
                     self.bytes_copied_by_cbw += n
-                    self.write_behind.add(n)
                 done.set(c, e - c)
                 c = done.next_clear(e, end) if e < end else -1
         except OSError:

@@ -110,6 +110,9 @@ class WholeFileWriteBehind:
         (then the caller may close the files)."""
         self._off = True
         if self._running is not None:
-            await asyncio.shield(self._running)
+            try:
+                await asyncio.shield(self._running)
+            except OSError:
+                pass  # advisory; `_finished` turned it off
         if self._pool is not None:
             self._pool.shutdown(wait=False)

@@ -103,3 +103,36 @@ def test_write_behind_errors(tmp_path):
         assert ei.value.errno == errno.EINVAL
     finally:
         os.close(fd)
+
+
+def test_whole_file_write_behind(tmp_path):
+    """`WholeFileWriteBehind`: a round per window of bytes added, on its
+    thread, one at a time; the content is untouched; `idle` waits for the
+    round in progress and stops further ones; a failing round turns it off."""
+    path = str(tmp_path / "t.raw")
+    data = os.urandom(1 << 20)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    async def main() -> None:
+        wb = writeback.WholeFileWriteBehind([fd, fd], 256 << 10)
+        assert wb.fds == [fd]
+        for i in range(4):
+            os.pwrite(fd, data[i << 18:(i + 1) << 18], i << 18)
+            wb.add(1 << 18)
+            await asyncio.sleep(0.05)
+        await wb.idle()
+        assert wb.rounds >= 1
+        wb.add(1 << 30)
+        assert wb._running is None  # idle: no more rounds
+        bad = writeback.WholeFileWriteBehind([10**6], 1)  # not an open fd: EBADF in the round
+        bad.add(1)
+        await bad.idle()
+        assert bad._off
+        assert writeback.WholeFileWriteBehind([fd], 0)._off  # window 0: off
+
+    try:
+        asyncio.run(main())
+        with open(path, "rb") as f:
+            assert f.read() == data
+    finally:
+        os.close(fd)
