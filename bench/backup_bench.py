@@ -69,6 +69,13 @@ Usage: ``bench/backup_bench.py [--size 1G] [--rounds 3] [--only live,snap,pump]
 [--markdown]``; ``--ours-cmd CMD`` runs nbdbackup through another command (an
 experiment wrapper); ``--profile DIR`` runs only nbdbackup's "with a backup"
 sessions (1 round) under py-spy and prints where its time goes per measurement.
+A/B of the session-5 changes (docs/pullcbw.md): the server inherits the
+environment, so ``NBDBACKUP_CBW_SYNC=0`` (no synchronous copy-before-write in
+the task-free write path: ``live-4k-uncopied``, ``live-seq-first``) and
+``NBDBACKUP_WRITE_BEHIND=0`` (no write-behind of the pump's copies:
+``pump-full``) give the previous behaviour; ``--ours-cmd "env -C /work/main
+/work/main/.venv/bin/python -m nbdbackup.cli"`` runs another checkout.
+In-process, without NBD: bench/cbw_micro.py.
 
 Invariant: every process started here is stopped by PID and the temp dir
 (images, sockets, logs) is removed, on success, error and Ctrl-C.
