@@ -258,10 +258,17 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     # A local file or block device: hashing and writing on threads, with write-behind.
     writer = (ChunkWriter(dst.fd, window=write_behind) if sink is None and isinstance(dst, FileDev)
               and not dst.read_only else None)
-    try:
+    if writer is None:
         await asyncio.gather(*(worker() for _ in range(max(1, workers))))
-    finally:
-        if writer is not None:
+    else:
+        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            # On failure the other workers stop before the writer's threads do.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(writer.close)
     stats.chunks_worked = len(work)
     stats.chunks_skipped = man.count - len(work)

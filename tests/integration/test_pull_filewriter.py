@@ -136,3 +136,29 @@ def test_whole_file_write_behind(tmp_path):
             assert f.read() == data
     finally:
         os.close(fd)
+
+
+def test_a_failed_write_stops_the_pull(tmp_path):
+    """A target write error (the file's fd closed under the pull: EBADF)
+    fails the pull; no manifest, the other workers stopped."""
+    size = 64 * CL
+
+    async def main() -> None:
+        src = MemoryDev(size)
+        src.write_sync(os.urandom(size), 0)
+        path = str(tmp_path / "t.raw")
+        with open(path, "wb") as f:
+            f.truncate(size)
+        dst = FileDev(path)
+        fd = dst.fd
+        dst.fd = os.open("/dev/null", os.O_RDONLY)  # pwritev: EBADF
+        try:
+            with pytest.raises(OSError) as ei:
+                await pull(src, dst, fresh=True, chunk_size=4 * CL, workers=4)
+            assert ei.value.errno == errno.EBADF
+        finally:
+            os.close(dst.fd)
+            dst.fd = fd
+            await dst.close()
+
+    asyncio.run(main())
