@@ -729,8 +729,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         for f in self._drain_waiters:
             if not f.done():
                 f.set_result(None)
-        log.info("connection %s closed (%s)", self.peer,
-                 f"export {self.export.name!r}" if self.export else "during handshake")
+        log.info("connection %s closed (%s%s)", self.peer,
+                 f"export {self.export.name!r}" if self.export else "during handshake",
+                 f", {self.batched} requests in {self.batches} batches" if self.batches else "")
         dropped = self._warnings.summary()
         if dropped:
             log.warning("connection %s: %s", self.peer, dropped)
