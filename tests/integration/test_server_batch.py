@@ -423,3 +423,76 @@ def test_small_write_split_across_receives_waits_whole_in_the_ring(short_tmp):
         await server.shutdown()
 
     run(main())
+
+
+# ------------------------------------------------ random batches vs a model
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+HSIZE = 256 * 1024
+_ops = st.tuples(
+    st.sampled_from(["write", "write", "read", "read", "zero", "trim", "flush", "write-fua", "bad-flag"]),
+    st.integers(0, HSIZE // 512),   # offset in 512-byte units (the last ones run past the end)
+    st.sampled_from([1, 512, 4096, 8192, 65536 - 512, 65536, 70000]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_ops, min_size=1, max_size=120), structured=st.booleans(), seed=st.integers(0, 1 << 16))
+def test_random_pipelined_batches_match_a_sequential_model(short_tmp, ops, structured, seed):
+    rng = random.Random(seed)
+
+    async def main():
+        server, exp, path = await serve(short_tmp, LiveDev(MemoryDev(HSIZE)), batch=True)
+        c = await Raw.connect(path, "disk", structured)
+        model = bytearray(HSIZE)
+        expect: dict[int, tuple[int, bytes | None]] = {}
+        out = bytearray()
+        for cookie, (kind, unit, n) in enumerate(ops):
+            off = unit * 512
+            if kind == "read" and structured:
+                n = min(n, 65536 - 512)  # longer structured READs may be sent sparse from a task
+            past = off + n > HSIZE
+            if kind in ("write", "write-fua", "bad-flag"):
+                data = rng.randbytes(n)
+                flags = FUA if kind == "write-fua" else 0x20 if kind == "bad-flag" else 0
+                out += req(WRITE, cookie, off, n, data, flags=flags)
+                if kind == "bad-flag":
+                    expect[cookie] = (errno.EINVAL, None)
+                elif past:
+                    expect[cookie] = (errno.ENOSPC, None)
+                else:
+                    model[off:off + n] = data
+                    expect[cookie] = (0, None)
+            elif kind == "read":
+                out += c.read(cookie, off, n)
+                expect[cookie] = (errno.EINVAL, None) if past else (0, bytes(model[off:off + n]))
+            elif kind in ("zero", "trim"):
+                out += req(WRITE_ZEROES if kind == "zero" else TRIM, cookie, off, n)
+                if past:
+                    expect[cookie] = (errno.ENOSPC if kind == "zero" else errno.EINVAL, None)
+                else:
+                    model[off:off + n] = bytes(n)
+                    expect[cookie] = (0, None)
+            else:
+                out += req(FLUSH, cookie, 0, 0)
+                expect[cookie] = (0, None)
+        # Random receive boundaries: the batch sees whatever has arrived.
+        pos = 0
+        while pos < len(out):
+            step = rng.choice([len(out), 1 << 16, 4096, 1000, 28])
+            c.send(bytes(out[pos:pos + step]))
+            pos += step
+            if rng.random() < 0.3:
+                await c.w.drain()
+                await asyncio.sleep(0)
+        got = await c.replies(len(expect))
+        assert got == expect
+        buf = bytearray(HSIZE)
+        await exp.dev.pread(memoryview(buf), 0)
+        assert buf == model
+        await c.close()
+        await server.shutdown()
+
+    run(main())
