@@ -275,6 +275,9 @@ class ServerConnection:
       0; ``_ring_read``: how much one receive into the ring may bring (all of
       the ring after small requests; `_RING_READ` after a large WRITE, whose
       payload should land in its own buffer).
+    - ``one_at_a_time``: set by the I/O layer between batches: parsing
+      stops at the start of a request while an event waits, so the requests
+      after one the batch could not take stay in the ring for the next batch.
     - ``_fast``: what `peek_batch` accepts without `_validate`, fixed when
       transmission starts: (export size, minimum block size, READ flags
       allowed, WRITE flags allowed or -1 on a read-only export).
@@ -305,6 +308,7 @@ class ServerConnection:
         self._into_payload = False
         self.paced = paced_payloads
         self.batching = batching
+        self.one_at_a_time = False
         self._head_need = 0
         self._ring_read = _RING_READ
         self._fast: tuple[int, int, int, int] = (0, 1, 0, -1)
@@ -434,7 +438,7 @@ class ServerConnection:
                 self._option(self._opt, data)
             elif st is State.TRANSMISSION:
                 avail = self._end - self._start
-                if avail < _REQ_SIZE:
+                if avail < _REQ_SIZE or (self.one_at_a_time and self._events):
                     return
                 if self.batching:
                     head = wire.REQUEST.unpack_from(self._buf, self._start)

@@ -31,10 +31,15 @@ from the ring, a READ is `BlockDev.pread_now` straight into the batch's
 reply buffer, and the replies of the whole batch leave in ONE
 ``transport.write``.  Each request is run exactly as its task-free path
 would (`_write_now`, `_read_now`) and in order, so a READ after a WRITE in
-the batch sees it; the first request the batch cannot finish now (a FUA the
-device must wait for, a hook that must wait, a page-cache miss, an error, any
-other command, an invalid request, a bad magic) ends the batch, and it and
-everything after it take the ordinary path.  The batch's READ data is charged
+the batch sees it.  A request the device cannot do now (a FUA the device
+must wait for, a hook that must wait, a page-cache miss, an error) is handed
+to the ordinary path (`_start`, its payload copied out of the ring) and the
+batch goes on; one the batch does not take (another command, an invalid or
+large request, a bad magic) ends the batch: it is parsed and started the
+ordinary way, then batching resumes behind it (the protocol parses one
+request at a time meanwhile, ``one_at_a_time``).  When a request cannot even
+be started now (``max_inflight``, memory, the send buffer full), everything
+left is parsed into events as before.  The batch's READ data is charged
 to the budget (released once sent, as `_put_buf`); one batch's replies are
 bounded by `BATCH_REPLY_MAX`, and batches stop while the transport is above
 its high-water mark.  Nothing in a batch awaits, so quiescing and backup
@@ -754,7 +759,21 @@ class NBDConnection(asyncio.BufferedProtocol):
         p = self.proto
         if p.batching and p.batchable and self.export is not None:
             p.buffer_updated(nbytes, parse=False)
-            self._run_batches()
+            # Batches, and between them the one request a batch stopped at,
+            # the ordinary way; then batching resumes behind it.
+            p.one_at_a_time = True
+            try:
+                while not self._closing:
+                    self._run_batches()
+                    p.parse()
+                    self._pump_payload()
+                    if not p.has_events:
+                        break
+                    self._process_events()
+                    if not p.batchable:
+                        break
+            finally:
+                p.one_at_a_time = False
             p.parse()
         else:
             p.buffer_updated(nbytes)
@@ -1111,8 +1130,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         no more, or the transport is above its high-water mark.  A request
         the device cannot do now is handed to the ordinary path
         (`_hand_over`) and the batch goes on; when even that cannot be done
-        now (``max_inflight``, memory), the batch stops there.  What is left
-        is parsed by the caller as usual."""
+        now (``max_inflight``, memory), the batch stops there.  The caller
+        (`buffer_updated`) runs the request a batch stopped at the ordinary
+        way, then batches again; what is left when nothing more can run is
+        parsed into events as usual."""
         p = self.proto
         exp = self.export
         t = self.transport

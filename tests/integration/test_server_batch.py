@@ -24,6 +24,7 @@ import struct
 import pytest
 
 from nbdbackup.backup.engine import Engine
+from nbdbackup.blockdev import ioengine
 from nbdbackup.blockdev.file import FileDev
 from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.blockdev.memory import MemoryDev
@@ -175,10 +176,14 @@ def test_pipelined_writes_and_reads_see_each_other_in_order(short_tmp, kind, str
         expect: dict[int, bytes | None] = {}
         out = bytearray()
         lengths = [512, 4096, 4096, 4096, 8192, 65536 - 512, 65536, 70000]
+        # With an I/O engine a file WRITE over 16 KiB completes later, from the
+        # engine (NBD does not order requests in flight): keep the model exact.
+        wmax = 16384 if kind == "file" and ioengine.selected()[0] != "sync" else SIZE
         for cookie in range(1, 801):
             n = rng.choice(lengths)
             off = rng.randrange(0, 256 * 1024 // 512) * 512  # a hot range: many overlaps
             if rng.random() < 0.55:
+                n = min(n, wmax)
                 data = rng.randbytes(n)
                 out += req(WRITE, cookie, off, n, data)
                 model[off:off + n] = data

@@ -283,3 +283,24 @@ def test_batch_takes_exactly_the_valid_small_reads_and_writes_the_parser_would(r
     want = [(e.cookie, e.cmd, e.error) if isinstance(e, Request) else type(e).__name__
             for e in evs if not (isinstance(e, Request) and e.cookie in {i[2] for i in items})]
     assert got == want
+
+
+def test_one_at_a_time_leaves_the_requests_behind_an_event_in_the_ring():
+    conn = connect()
+    msg = (req(Cmd.FLUSH, 0, 0, 1) + req(Cmd.READ, 0, 512, 2) + req(Cmd.WRITE, 0, 512, 3, payload=bytes(512))
+           + req(Cmd.TRIM, 0, 512, 4) + req(Cmd.READ, 0, 512, 5))
+    put(conn, msg, random.Random(9))
+    assert conn.peek_batch(BATCH_MAX, BATCH_MAX, 1 << 30)[0] == []  # FLUSH first: nothing to batch
+    conn.one_at_a_time = True
+    conn.parse()
+    assert [e.cookie for e in events(conn)] == [1]
+    items = conn.peek_batch(BATCH_MAX, BATCH_MAX, 1 << 30)[0]
+    assert [i[2] for i in items] == [2, 3]
+    conn.commit_batch(items[-1][6])
+    conn.parse()
+    assert conn.peek_batch(BATCH_MAX, BATCH_MAX, 1 << 30)[0] == []  # the TRIM event waits
+    assert [e.cookie for e in events(conn)] == [4]
+    assert [i[2] for i in conn.peek_batch(BATCH_MAX, BATCH_MAX, 1 << 30)[0]] == [5]
+    conn.one_at_a_time = False
+    conn.parse()
+    assert [e.cookie for e in events(conn)] == [5]
