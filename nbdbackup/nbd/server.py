@@ -762,9 +762,14 @@ class NBDConnection(asyncio.BufferedProtocol):
             # Batches, and between them the one request a batch stopped at,
             # the ordinary way; then batching resumes behind it.
             p.one_at_a_time = True
+            idle = 0
             try:
                 while not self._closing:
-                    self._run_batches()
+                    # Two passes in a row with nothing to batch (a stream of
+                    # large requests): parse the rest at once, as before.
+                    idle = 0 if self._run_batches() else idle + 1
+                    if idle == 2:
+                        break
                     p.parse()
                     self._pump_payload()
                     if not p.has_events:
@@ -1124,7 +1129,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._process_events()
         self._update_reading()
 
-    def _run_batches(self) -> None:
+    def _run_batches(self) -> bool:
         """Run the small READs and WRITEs waiting whole in the receive ring,
         a batch at a time (see the module docstring), until the ring holds
         no more, or the transport is above its high-water mark.  A request
@@ -1133,21 +1138,23 @@ class NBDConnection(asyncio.BufferedProtocol):
         now (``max_inflight``, memory), the batch stops there.  The caller
         (`buffer_updated`) runs the request a batch stopped at the ordinary
         way, then batches again; what is left when nothing more can run is
-        parsed into events as usual."""
+        parsed into events as usual.  True when it ran (or handed over) any
+        request."""
         p = self.proto
         exp = self.export
         t = self.transport
         if exp is None or exp.removed or self.server.stopping or t is None:
-            return
+            return False
         dev = exp.dev
         budget = self._budget
         # Same limits as the task-free paths: a structured READ long enough
         # to be sent sparse needs its extents (`_read_now`), so it is not taken.
         read_max = SPARSE_READ_MIN - 1 if p.structured and exp.can_extents else MAX_PAYLOAD
+        ran = False
         while not self._paused_writing and not self._closing:
             items, out_len, read_len = p.peek_batch(read_max, proto.BATCH_MAX, BATCH_REPLY_MAX)
             if not items:
-                return
+                return ran
             t0 = time.perf_counter_ns()
             ch = None
             if read_len:
@@ -1158,7 +1165,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     ch = None
                     k = next(i for i, it in enumerate(items) if it[0] == _READ)
                     if not k:
-                        return
+                        return ran
                     del items[k:]
                     out_len = sum(len(it[7]) for it in items)
             out = bytearray(out_len)
@@ -1196,7 +1203,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             if next_pos < 0:
                 if ch is not None:
                     budget.release(ch)
-                return
+                return ran
+            ran = True
             p.commit_batch(next_pos)
             if o < out_len:
                 del out[o:]
@@ -1215,7 +1223,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.batched += nw + nr
             self.batches += 1
             if nw + nr + handed < len(items):
-                return
+                return ran
+        return ran
 
     def _hand_over(self, cmd: int, fua: int, cookie: int, offset: int, length: int,
                    ring: memoryview, ppos: int) -> bool:
