@@ -420,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="command (split on spaces) replacing 'python -m nbdbackup.cli' for nbdbackup")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=CMD",
                     help="also run nbdbackup through CMD under the name NAME (repeatable; "
-                         "add NAME to --servers or it is appended)")
+                         "add NAME to --servers or it is appended).  'python -m' puts the current "
+                         "directory first on sys.path, so another checkout needs its own directory: "
+                         "'main=env -C /work/main PYTHONPATH=/work/main /work/main/.venv/bin/python "
+                         "-m nbdbackup.cli'; the batch path off: "
+                         "'nobatch=env NBDBACKUP_SERVER_BATCH=0 .venv/bin/python -m nbdbackup.cli'")
     ap.add_argument("--io-engine", metavar="ENGINE,...",
                     help="also serve nbdbackup with each I/O engine (io_uring, threads, sync, auto) as "
                          "variant nb-ENGINE (NBDBACKUP_IO_ENGINE=ENGINE); with --profile: the engine profiled")

@@ -13,6 +13,21 @@ buffer once its header has been parsed, so payload bytes are copied at
 most once (only the part that arrived together with headers).
 ``receive_data(b)`` is the convenience form for tests.
 
+Batches (``batching=True``, what `nbd.server` uses): when one receive
+brings many small requests (a client with 32 requests in flight sends them
+back to back), the I/O layer takes them in one pass instead of one event
+each: ``buffer_updated(n, parse=False)`` only records the bytes,
+`peek_batch` returns the complete, valid, small READs and WRITEs at the front
+of the ring -- a WRITE's payload stays in the ring and is written to the
+device from there -- together with their encoded reply headers, without
+consuming anything; `commit_batch` consumes the prefix the I/O layer did,
+and `parse` turns whatever is left into events as usual (a request the batch
+does not take, an invalid one, a violation: the ordinary path answers it).
+With batching a small WRITE (up to `BATCH_MAX`) whose payload has not all
+arrived waits, whole, in the ring for its last bytes instead of being
+received into a payload buffer; the ring is fixed per connection, so this
+pins no more memory than before.
+
 Paced payloads (``paced_payloads=True``, what `nbd.server` uses): the
 protocol allocates no payload memory itself.  After a WRITE header it waits
 (`payload_blocked`) until the I/O layer grants memory with
@@ -172,6 +187,14 @@ _RECV_BUF = 256 * 1024
 #: being over-read into the ring and copied (small requests still batch).
 _RING_READ = 32 * 1024
 
+#: Largest READ or WRITE a batch takes (`peek_batch`).  A WRITE's payload
+#: must sit whole in the ring, so this is well under `_RECV_BUF`.
+BATCH_MAX = 64 * 1024
+
+_REQ_MAGIC = wire.REQUEST_MAGIC
+_REQ_SIZE = wire.REQUEST_SIZE
+_CMD_READ, _CMD_WRITE = int(Cmd.READ), int(Cmd.WRITE)
+
 #: Command flags each command may carry (before checking what was negotiated).
 #: proto.md "Command flags": a client MUST NOT set a flag not documented for
 #: the command, so the others are refused with EINVAL -- except FUA, which
@@ -246,10 +269,22 @@ class ServerConnection:
     - ``export``: the export of the transmission phase; ``tflags``: the
       transmission flags it was advertised with (requests are checked
       against these, see `_advertised`).
+    - ``batching``: small WRITEs wait whole in the ring for `peek_batch`
+      (see the module docstring); ``_head_need``: bytes the request at the
+      ring's front needs in all (header and payload) while it waits so, else
+      0; ``_ring_read``: how much one receive into the ring may bring (all of
+      the ring after small requests; `_RING_READ` after a large WRITE, whose
+      payload should land in its own buffer).
+    - ``one_at_a_time``: set by the I/O layer between batches: parsing
+      stops at the start of a request while an event waits, so the requests
+      after one the batch could not take stay in the ring for the next batch.
+    - ``_fast``: what `peek_batch` accepts without `_validate`, fixed when
+      transmission starts: (export size, minimum block size, READ flags
+      allowed, WRITE flags allowed or -1 on a read-only export).
     """
 
     def __init__(self, lookup: ExportLookup, lister: ExportLister, *, max_payload: int = wire.MAX_PAYLOAD,
-                 tls: str = "off", paced_payloads: bool = False) -> None:
+                 tls: str = "off", paced_payloads: bool = False, batching: bool = False) -> None:
         assert tls in ("off", "on", "require")
         self.tls_mode = tls
         self.tls_active = False
@@ -272,6 +307,11 @@ class ServerConnection:
         self._payload_allowed = 0
         self._into_payload = False
         self.paced = paced_payloads
+        self.batching = batching
+        self.one_at_a_time = False
+        self._head_need = 0
+        self._ring_read = _RING_READ
+        self._fast: tuple[int, int, int, int] = (0, 1, 0, -1)
         self.no_zeroes = False
         self.fixed = False
         self.structured = False
@@ -325,14 +365,18 @@ class ServerConnection:
         self._into_payload = False
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buf) - self._end < 4096:
-            # Compact: move the unparsed tail to the front.
+        elif len(self._buf) - self._end < 4096 or len(self._buf) - self._start < self._head_need:
+            # Compact: move the unparsed tail to the front (a small WRITE
+            # waiting for the rest of its payload then fits whole).
             n = self._end - self._start
             self._buf[0:n] = self._buf[self._start:self._end]
             self._start, self._end = 0, n
-        return self._view[self._end:self._end + _RING_READ]
+        return self._view[self._end:self._end + max(self._ring_read, self._head_need)]
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def buffer_updated(self, nbytes: int, *, parse: bool = True) -> None:
+        """``nbytes`` arrived in the memory `get_buffer` gave.  ``parse=False``
+        (ring bytes only, see `batchable`): they are only recorded, for
+        `peek_batch`; `parse` must follow."""
         if self._into_payload:
             self._into_payload = False
             self._payload_filled += nbytes
@@ -342,6 +386,11 @@ class ServerConnection:
             self._parse()
             return
         self._end += nbytes
+        if parse:
+            self._parse()
+
+    def parse(self) -> None:
+        """Turn the complete messages in the ring into events (after a batch)."""
         self._parse()
 
     def receive_data(self, data: bytes) -> None:
@@ -388,9 +437,24 @@ class ServerConnection:
                 self._state = State.OPTION_HEADER
                 self._option(self._opt, data)
             elif st is State.TRANSMISSION:
-                if self._avail() < wire.REQUEST_SIZE:
+                avail = self._end - self._start
+                if avail < _REQ_SIZE or (self.one_at_a_time and self._events):
                     return
-                self._request(*wire.REQUEST.unpack(self._take(wire.REQUEST_SIZE)))
+                if self.batching:
+                    head = wire.REQUEST.unpack_from(self._buf, self._start)
+                    length = head[5]
+                    if head[2] == _CMD_WRITE and head[0] == _REQ_MAGIC and length <= BATCH_MAX:
+                        if avail < _REQ_SIZE + length:
+                            # Wait whole in the ring for the batch path.
+                            self._head_need = _REQ_SIZE + length
+                            return
+                        self._ring_read = _RECV_BUF
+                    elif head[2] == _CMD_WRITE:
+                        self._ring_read = _RING_READ
+                    else:
+                        self._ring_read = _RECV_BUF
+                    self._head_need = 0
+                self._request(*wire.REQUEST.unpack(self._take(_REQ_SIZE)))
             elif st is State.PAYLOAD:
                 # Copy what already sits in the ring, then receive directly.
                 n = min(self._avail(), self._payload_allowed - self._payload_filled)
@@ -642,6 +706,10 @@ class ServerConnection:
         else:
             self.contexts = {}
         self._state = State.TRANSMISSION
+        tf = self.tflags
+        rflags = (_FUA if tf & (_SEND_FUA | _READ_ONLY) else 0) | (_DF if tf & _SEND_DF else 0)
+        wflags = -1 if tf & _READ_ONLY else (_FUA if tf & _SEND_FUA else 0)
+        self._fast = (info.size, max(1, info.block_size[0]), rflags, wflags)
         self._events.append(HandshakeDone(info, self.structured, dict(self.contexts)))
 
     # --------------------------------------------------------- transmission
@@ -741,6 +809,102 @@ class ServerConnection:
         minimum = info.block_size[0]
         if minimum > 1 and c in (Cmd.READ, Cmd.WRITE) and (req.offset % minimum or req.length % minimum):
             return fail(errno.EINVAL, f"request not aligned to {minimum} bytes")
+
+    # ------------------------------------------------------------- batches
+
+    @property
+    def batchable(self) -> bool:
+        """Bytes received now go to the ring and may be taken by `peek_batch`
+        (transmission, no payload being received, no event waiting: a batch
+        never overtakes a request parsed before it)."""
+        return self._state is State.TRANSMISSION and not self._events
+
+    @property
+    def ring(self) -> memoryview:
+        """The receive ring; `peek_batch` gives WRITE payload positions in it.
+        Valid until the next `get_buffer` (which may move the unparsed tail)."""
+        return self._view
+
+    def peek_batch(self, read_max: int, write_max: int, reply_max: int) -> tuple[list[tuple], int, int]:
+        """The requests at the front of the ring that a batch may run, without
+        consuming them: ``(items, reply_bytes, read_bytes)``.
+
+        Taken, in order, while each is a complete READ of at most
+        ``read_max`` bytes or WRITE of at most ``write_max`` (payload whole
+        in the ring) that `_validate` would pass: non-zero length, within
+        the export, aligned to its minimum block size, flags allowed by what
+        was negotiated.  The first request that is anything else ends the
+        batch (the ordinary path answers it, errors included), as does
+        reaching ``reply_max`` bytes of replies.
+
+        Each item is ``(cmd, fua, cookie, offset, length, payload_pos,
+        next_pos, header)`` (``fua``: the request's FUA flag bit, the only
+        flag a taken request may carry that matters to running it -- DF
+        changes nothing on a READ that is sent whole);
+        ``payload_pos`` is where a WRITE's payload starts in
+        `ring`; ``next_pos`` where the next request starts (`commit_batch`
+        takes it); ``header`` the encoded reply for a WRITE done, or the
+        reply header to send before a READ's ``length`` data bytes (simple or
+        structured as negotiated).  ``reply_bytes`` is the total length of
+        the replies, data included; ``read_bytes`` that of the READ data.
+        """
+        items: list[tuple] = []
+        if self._state is not State.TRANSMISSION or self._events:
+            return items, 0, 0
+        size, align, rflags, wflags = self._fast
+        read_max = min(read_max, self.max_payload, BATCH_MAX)
+        write_max = min(write_max, self.max_payload, BATCH_MAX)
+        buf = self._buf
+        pos, end = self._start, self._end
+        unpack = wire.REQUEST.unpack_from
+        append = items.append
+        structured = self.structured
+        if structured:
+            pack, pack_off = wire.STRUCTURED_REPLY.pack, wire.OFFSET.pack
+            smagic = wire.STRUCTURED_REPLY_MAGIC
+            done, t_none, t_data = int(ReplyFlag.DONE), int(ReplyType.NONE), int(ReplyType.OFFSET_DATA)
+            ok_len, rd_len = wire.STRUCTURED_REPLY_SIZE, wire.STRUCTURED_REPLY_SIZE + 8
+        else:
+            pack = wire.SIMPLE_REPLY.pack
+            smagic = wire.SIMPLE_REPLY_MAGIC
+            ok_len = rd_len = wire.SIMPLE_REPLY_SIZE
+        out = rbytes = 0
+        while end - pos >= _REQ_SIZE and out < reply_max:
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if (magic != _REQ_MAGIC or not length or offset + length > size
+                    or (align > 1 and (offset % align or length % align))):
+                break
+            if cmd == _CMD_WRITE:
+                nxt = pos + _REQ_SIZE + length
+                if wflags < 0 or flags & ~wflags or length > write_max or nxt > end:
+                    break
+                hdr = pack(smagic, done, t_none, cookie, 0) if structured else pack(smagic, 0, cookie)
+                append((_CMD_WRITE, flags & _FUA, cookie, offset, length, pos + _REQ_SIZE, nxt, hdr))
+                out += ok_len
+            elif cmd == _CMD_READ:
+                if flags & ~rflags or length > read_max:
+                    break
+                if structured:
+                    hdr = pack(smagic, done, t_data, cookie, 8 + length) + pack_off(offset)
+                else:
+                    hdr = pack(smagic, 0, cookie)
+                nxt = pos + _REQ_SIZE
+                append((_CMD_READ, flags & _FUA, cookie, offset, length, 0, nxt, hdr))
+                out += rd_len + length
+                rbytes += length
+            else:
+                break
+            pos = nxt
+        return items, out, rbytes
+
+    def commit_batch(self, next_pos: int) -> None:
+        """The requests of a `peek_batch` up to ``next_pos`` (an item's
+        ``next_pos``) were run and answered: consume them."""
+        assert self._start <= next_pos <= self._end and self._state is State.TRANSMISSION
+        if next_pos != self._start:
+            self._start = next_pos
+            self._head_need = 0
+            self._ring_read = _RECV_BUF
 
     # ------------------------------------------------------- paced payloads
 

@@ -19,7 +19,33 @@ release as on the task path.  A WRITE the device can hand to its I/O engine
 (`BlockDev.pwrite_start`, `blockdev.ioengine`) is started there too and
 answered from the engine's completion callback, again without a task.  A reply is
 written with consecutive ``transport.write`` calls and no await between them,
-so replies never interleave.  Back-pressure: when the transport's send buffer
+so replies never interleave.
+
+Batches (`NBDConnection._run_batches`; on unless ``Server(batch=False)`` or
+``NBDBACKUP_SERVER_BATCH=0``): a client with many requests in flight sends
+them back to back, so one receive often brings dozens of small READs and
+WRITEs.  Those are run in one loop over the receive ring
+(`ServerConnection.peek_batch`): no event, task, payload buffer or budget
+step per request; a WRITE's payload goes to `BlockDev.pwrite_now` straight
+from the ring, a READ is `BlockDev.pread_now` straight into the batch's
+reply buffer, and the replies of the whole batch leave in ONE
+``transport.write``.  Each request is run exactly as its task-free path
+would (`_write_now`, `_read_now`) and in order, so a READ after a WRITE in
+the batch sees it.  A request the device cannot do now (a FUA the device
+must wait for, a hook that must wait, a page-cache miss, an error) is handed
+to the ordinary path (`_start`, its payload copied out of the ring) and the
+batch goes on; one the batch does not take (another command, an invalid or
+large request, a bad magic) ends the batch: it is parsed and started the
+ordinary way, then batching resumes behind it (the protocol parses one
+request at a time meanwhile, ``one_at_a_time``).  When a request cannot even
+be started now (``max_inflight``, memory, the send buffer full), everything
+left is parsed into events as before.  The batch's READ data is charged
+to the budget (released once sent, as `_put_buf`); one batch's replies are
+bounded by `BATCH_REPLY_MAX`, and batches stop while the transport is above
+its high-water mark.  Nothing in a batch awaits, so quiescing and backup
+start see it whole or not at all, like the task-free paths.
+
+Back-pressure: when the transport's send buffer
 is above its high-water mark, or ``max_inflight`` requests run, the
 connection neither starts the requests already parsed (they wait, a few
 dozen bytes each, in the protocol's queue) nor reads from the socket, until
@@ -115,6 +141,11 @@ _ZERO = int(StateFlag.ZERO)
 _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 #: Commands `NBDConnection._write_now` may run without a task.
 _NOW_CMDS = frozenset((_WRITE, int(Cmd.WRITE_ZEROES), int(Cmd.TRIM)))
+
+#: Batches on unless ``NBDBACKUP_SERVER_BATCH=0`` (A/B measurements, tests of the ordinary path).
+BATCH_DEFAULT = os.environ.get("NBDBACKUP_SERVER_BATCH", "1") != "0"
+#: Replies (READ data included) of one batch at most (then the next batch).
+BATCH_REPLY_MAX = 256 * 1024
 
 #: Decrypted bytes a client may send before our TLS upgrade completes.
 _TLS_EARLY_MAX = 1024 * 1024
@@ -233,7 +264,8 @@ class Server:
     passed by systemd are not in it); ``stopping`` (set by
     `shutdown`); limits ``max_connections``, ``max_connections_per_peer``,
     ``handshake_timeout``, ``idle_timeout`` (TCP), ``unix_idle_timeout``,
-    ``max_inflight``; ``budget`` (the `MemoryBudget` of every request
+    ``max_inflight``; ``batch`` (small requests run in batches, see the
+    module docstring); ``budget`` (the `MemoryBudget` of every request
     buffer); ``_by_peer`` (peer key -> its live connections, see
     `NBDConnection.peer_key`); ``_waiting`` (connections accepted at a cap,
     held before the greeting until they can be admitted, at most
@@ -248,7 +280,7 @@ class Server:
                  max_inflight: int = 64, tls: ServerTLS | None = None,
                  access: AccessPolicy | None = None, max_connections_per_peer: int = 64,
                  idle_timeout: float = 60.0, unix_idle_timeout: float = 0.0,
-                 max_buffer_memory: int = DEFAULT_BUFFER_MEMORY) -> None:
+                 max_buffer_memory: int = DEFAULT_BUFFER_MEMORY, batch: bool | None = None) -> None:
         if max_connections < 1 or max_connections_per_peer < 1:
             raise ConfigError("connection limits must be at least 1")
         if max_buffer_memory < 2 * MAX_PAYLOAD:
@@ -269,6 +301,7 @@ class Server:
         self.idle_timeout = idle_timeout
         self.unix_idle_timeout = unix_idle_timeout
         self.max_inflight = max_inflight
+        self.batch = BATCH_DEFAULT if batch is None else batch
         self.stopping = False
         self.budget = MemoryBudget(max_buffer_memory, MAX_PAYLOAD)
         self._by_peer: dict[object, set[NBDConnection]] = {}
@@ -569,13 +602,15 @@ class NBDConnection(asyncio.BufferedProtocol):
     step); ``payload_since`` (`time.monotonic` when the current payload's
     first byte arrived); ``_mem_futures`` (READ tasks waiting for memory);
     ``_pending_bufs`` ((end of the reply in ``_tx_total`` terms, buffer,
-    Charge) of READ replies the transport may still hold).
+    Charge) of READ replies the transport may still hold); ``batched``
+    (requests answered by `_run_batches` so far, and ``batches`` how many
+    batches: for tests and diagnosis).
     """
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.proto = ServerConnection(server._lookup, server._list, tls=server.tls.mode,
-                                      paced_payloads=True)
+                                      paced_payloads=True, batching=server.batch)
         self._tls_upgrading = False
         #: Decrypted bytes that arrived before the upgrade finished (see `buffer_updated`).
         self._tls_early = bytearray()
@@ -612,6 +647,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._mem_wait = False
         self._mem_futures: set[asyncio.Future] = set()
         self.payload_since = 0.0
+        self.batched = 0
+        self.batches = 0
 
     # ------------------------------------------------------ asyncio hooks
 
@@ -697,8 +734,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         for f in self._drain_waiters:
             if not f.done():
                 f.set_result(None)
-        log.info("connection %s closed (%s)", self.peer,
-                 f"export {self.export.name!r}" if self.export else "during handshake")
+        log.info("connection %s closed (%s%s)", self.peer,
+                 f"export {self.export.name!r}" if self.export else "during handshake",
+                 f", {self.batched} requests in {self.batches} batches" if self.batches else "")
         dropped = self._warnings.summary()
         if dropped:
             log.warning("connection %s: %s", self.peer, dropped)
@@ -718,7 +756,32 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self.close("flood during the TLS upgrade")
             return
         self._last_active = time.monotonic()
-        self.proto.buffer_updated(nbytes)
+        p = self.proto
+        if p.batching and p.batchable and self.export is not None:
+            p.buffer_updated(nbytes, parse=False)
+            # Batches, and between them the one request a batch stopped at,
+            # the ordinary way; then batching resumes behind it.
+            p.one_at_a_time = True
+            idle = 0
+            try:
+                while not self._closing:
+                    # Two passes in a row with nothing to batch (a stream of
+                    # large requests): parse the rest at once, as before.
+                    idle = 0 if self._run_batches() else idle + 1
+                    if idle == 2:
+                        break
+                    p.parse()
+                    self._pump_payload()
+                    if not p.has_events:
+                        break
+                    self._process_events()
+                    if not p.batchable:
+                        break
+            finally:
+                p.one_at_a_time = False
+            p.parse()
+        else:
+            p.buffer_updated(nbytes)
         self._pump_payload()
         self._process_events()
 
@@ -1065,6 +1128,123 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.proto.has_events and not self._closing:
             self._process_events()
         self._update_reading()
+
+    def _run_batches(self) -> bool:
+        """Run the small READs and WRITEs waiting whole in the receive ring,
+        a batch at a time (see the module docstring), until the ring holds
+        no more, or the transport is above its high-water mark.  A request
+        the device cannot do now is handed to the ordinary path
+        (`_hand_over`) and the batch goes on; when even that cannot be done
+        now (``max_inflight``, memory), the batch stops there.  The caller
+        (`buffer_updated`) runs the request a batch stopped at the ordinary
+        way, then batches again; what is left when nothing more can run is
+        parsed into events as usual.  True when it ran (or handed over) any
+        request."""
+        p = self.proto
+        exp = self.export
+        t = self.transport
+        if exp is None or exp.removed or self.server.stopping or t is None:
+            return False
+        dev = exp.dev
+        budget = self._budget
+        # Same limits as the task-free paths: a structured READ long enough
+        # to be sent sparse needs its extents (`_read_now`), so it is not taken.
+        read_max = SPARSE_READ_MIN - 1 if p.structured and exp.can_extents else MAX_PAYLOAD
+        ran = False
+        while not self._paused_writing and not self._closing:
+            items, out_len, read_len = p.peek_batch(read_max, proto.BATCH_MAX, BATCH_REPLY_MAX)
+            if not items:
+                return ran
+            t0 = time.perf_counter_ns()
+            ch = None
+            if read_len:
+                self._free_sent()
+                ch = Charge(self)
+                if not budget.try_take(ch, read_len):
+                    # No memory now: the READs (and what follows them) wait on the ordinary path.
+                    ch = None
+                    k = next(i for i, it in enumerate(items) if it[0] == _READ)
+                    if not k:
+                        return ran
+                    del items[k:]
+                    out_len = sum(len(it[7]) for it in items)
+            out = bytearray(out_len)
+            mv = memoryview(out)
+            ring = p.ring
+            o = nw = bw = nr = br = handed = 0
+            next_pos = -1
+            for cmd, fua, cookie, offset, length, ppos, nxt, hdr in items:
+                h = len(hdr)
+                try:
+                    if cmd == _WRITE:
+                        done = dev.pwrite_now(ring[ppos:ppos + length], offset, fua)
+                    else:
+                        done = dev.pread_now(mv[o + h:o + h + length], offset)
+                except Exception:
+                    # As on the task-free paths: the ordinary path runs it
+                    # again and reports its error (or the bug).
+                    done = False
+                if done:
+                    mv[o:o + h] = hdr
+                    if cmd == _WRITE:
+                        o += h
+                        nw += 1
+                        bw += length
+                    else:
+                        o += h + length
+                        nr += 1
+                        br += length
+                elif self._hand_over(cmd, fua, cookie, offset, length, ring, ppos):
+                    handed += 1
+                else:
+                    break
+                next_pos = nxt
+            mv.release()
+            if next_pos < 0:
+                if ch is not None:
+                    budget.release(ch)
+                return ran
+            ran = True
+            p.commit_batch(next_pos)
+            if o < out_len:
+                del out[o:]
+            if o:
+                ns = time.perf_counter_ns() - t0
+                stats = exp.stats
+                if nw:
+                    stats.record_many(_WRITE, nw, bw, ns * nw // (nw + nr))
+                if nr:
+                    stats.record_many(_READ, nr, br, ns * nr // (nw + nr))
+                if not self._closing and not t.is_closing():
+                    t.write(out)
+                    self._tx_total += o
+            if ch is not None:
+                self._put_buf(None, ch)
+            self.batched += nw + nr
+            self.batches += 1
+            if nw + nr + handed < len(items):
+                return ran
+        return ran
+
+    def _hand_over(self, cmd: int, fua: int, cookie: int, offset: int, length: int,
+                   ring: memoryview, ppos: int) -> bool:
+        """A batched request the device cannot do now (a FUA write, a hook
+        that must wait, a page-cache miss, an error) goes to `_start` as if
+        it had been parsed the ordinary way: a WRITE's payload is copied out
+        of the ring into a buffer charged to the budget.  False (nothing
+        done) when that cannot happen now: ``max_inflight`` requests run, or
+        the payload's memory is not available at once."""
+        if len(self.tasks) >= self.server.max_inflight:
+            return False
+        payload = None
+        if cmd == _WRITE:
+            ch = Charge(self)
+            if not self._budget.try_take(ch, length):
+                return False
+            payload = bytearray(ring[ppos:ppos + length])
+            self._payload_charges[id(payload)] = ch
+        self._start(Request(cookie, cmd, fua, offset, length, payload))
+        return True
 
     def _read_now(self, req: Request) -> bool:
         """Answer a valid READ at once, without a task, when the device has

@@ -52,6 +52,13 @@ class ExportStats:
         else:
             self.failed[cmd] += 1
 
+    def record_many(self, cmd: int, n: int, nbytes: int, ns: int) -> None:
+        """``n`` successful requests of ``cmd`` answered together (a batch):
+        ``nbytes`` in all, ``ns`` of service time in all."""
+        self.ops[cmd] += n
+        self.time_ns[cmd] += ns
+        self.bytes[cmd] += nbytes
+
     def to_qmp(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for cmd, k in KIND.items():
