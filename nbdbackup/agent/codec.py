@@ -161,3 +161,84 @@ class Codec:
         if len(payload) > limit:
             raise CodecError(f"{len(payload)} bytes, at most {limit} expected")
         return bytes(payload)
+
+    def decode_into(self, name: str, blob, out) -> int:
+        """`decode` written into the writable buffer ``out`` (at most
+        ``len(out)`` bytes: the limit); returns the plaintext's length.
+
+        The restore's path: no allocation per object.  An encrypted payload is
+        decrypted straight into ``out`` (or, when compressed, into a
+        per-thread scratch buffer that zstd then decompresses into ``out``).
+        On a `CodecError` ``out`` holds garbage (never use it).  Same checks
+        and errors as `decode`."""
+        mv = memoryview(blob).cast("B")
+        dst = memoryview(out).cast("B")
+        limit = len(dst)
+        if len(mv) < 2 or mv[0] != MAGIC or mv[1] & ~(ZSTD | AEAD):
+            raise CodecError("not an nbdbackup format-2 object (bad header)")
+        flags = mv[1]
+        if flags & AEAD:
+            if self._aead is None:
+                raise CodecError("encrypted, but the repository is not")
+            if len(mv) < 2 + NONCE + TAG:
+                raise CodecError("truncated")
+            n = len(mv) - 2 - NONCE - TAG
+            if flags & ZSTD:
+                payload = self._scratch(n)
+            elif n > limit:
+                raise CodecError(f"{n} bytes, at most {limit} expected")
+            else:
+                payload = dst[:n]
+            self._decrypt_into(bytes(mv[2:2 + NONCE]), mv[2 + NONCE:], bytes(mv[:2]) + name.encode(), payload)
+        elif self._aead is not None:
+            raise CodecError("not encrypted, in an encrypted repository")
+        else:
+            payload = mv[2:]
+            n = len(payload)
+            if not flags & ZSTD:
+                if n > limit:
+                    raise CodecError(f"{n} bytes, at most {limit} expected")
+                dst[:n] = payload
+                return n
+        if not flags & ZSTD:
+            return n
+        try:
+            size = zstandard.frame_content_size(payload)
+            if size < 0 or size > limit:
+                raise CodecError(f"compressed frame of {size} bytes, at most {limit} expected")
+            reader = self._decompressor().stream_reader(payload, read_size=max(1, len(payload)),
+                                                        read_across_frames=False)
+            got = 0
+            while got < size:  # one call in practice
+                step = reader.readinto(dst[got:size])
+                if not step:
+                    break
+                got += step
+        except zstandard.ZstdError as e:
+            raise CodecError(f"damaged compressed data ({e})") from None
+        if got != size:
+            raise CodecError(f"damaged compressed data ({got} of {size} bytes)")
+        return size
+
+    def _scratch(self, n: int) -> memoryview:
+        """This thread's scratch buffer, at least ``n`` bytes (a view of exactly ``n``)."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.scratch = bytearray(max(n, 1 << 20))
+        return memoryview(buf)[:n]
+
+    def _decrypt_into(self, nonce: bytes, data: memoryview, aad: bytes, out: memoryview) -> None:
+        """AES-256-GCM open of ``data`` into ``out`` (``len(data) - TAG`` bytes)."""
+        assert self._aead is not None
+        try:
+            if _into_ok():
+                self._aead.decrypt_into(nonce, data, aad, out)
+            else:  # cryptography < 45 (Debian 12's): decrypt, then copy
+                out[:] = self._aead.decrypt(nonce, _arg(data), aad)
+        except InvalidTag:
+            raise CodecError("fails authentication (damaged, or not this object)") from None
+
+
+def _into_ok() -> bool:
+    """This cryptography's AESGCM has ``decrypt_into`` (45+)."""
+    return hasattr(AESGCM, "decrypt_into")

@@ -72,6 +72,7 @@ import json
 import os
 import re
 import struct
+import threading
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
@@ -95,6 +96,18 @@ _SNAP_HEAD = struct.Struct(">BI")
 #: Largest snapshot metadata (JSON + checksum) accepted.
 META_MAX = 64 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+
+
+_tls = threading.local()
+
+
+def _read_buffer(n: int) -> memoryview:
+    """This thread's buffer for stored objects read by `Repository.get_chunk_into`
+    (at least ``n`` bytes; grown, never shrunk)."""
+    buf = getattr(_tls, "read", None)
+    if buf is None or len(buf) < n:
+        buf = _tls.read = bytearray(n)
+    return memoryview(buf)
 
 
 class CorruptChunk(OSError):
@@ -168,6 +181,25 @@ class DirStore:
     def get(self, key: str) -> bytes:
         with open(self._path(key), "rb") as f:
             return f.read()
+
+    def get_into(self, key: str, buf) -> int:
+        """Read ``key`` into the writable buffer ``buf``; its length, or -1 if
+        it is longer than ``buf`` (no allocation: the restore's path)."""
+        fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mv = memoryview(buf).cast("B")
+            size = os.fstat(fd).st_size
+            if size > len(mv):
+                return -1
+            done = 0
+            while done < size:
+                n = os.preadv(fd, [mv[done:size]], done)
+                if n == 0:
+                    break
+                done += n
+            return done
+        finally:
+            os.close(fd)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         """At most ``length`` bytes of ``key`` from ``offset`` (fewer at its end)."""
@@ -453,6 +485,38 @@ class Repository:
         if len(data) != length or self.chunk_id(data) != d:
             raise CorruptChunk(d.hex(), "does not match its blake3 digest")
         return data
+
+    def get_chunk_into(self, d: bytes, out) -> int:
+        """`get_chunk` written into the writable buffer ``out`` (``len(out)``:
+        the chunk's length; every byte set); returns ``len(out)``.  Same
+        checks and `CorruptChunk` errors; on an error ``out`` holds garbage.
+        A store with ``get_into`` (`DirStore`) reads into a per-thread buffer:
+        no allocation per chunk."""
+        dst = memoryview(out).cast("B")
+        length = len(dst)
+        if d == self.zero_id(length):
+            dst[:] = bytes(length)
+            return length
+        key = _chunk_key(d)
+        try:
+            get_into = getattr(self.store, "get_into", None)
+            if get_into is not None:
+                blob = _read_buffer(length + 64)
+                n = get_into(key, blob)
+                if n < 0:
+                    raise CorruptChunk(d.hex(), f"larger than a {length}-byte chunk can be stored")
+                blob = blob[:n]
+            else:
+                blob = self.store.get(key)
+        except FileNotFoundError:
+            raise CorruptChunk(d.hex(), "missing") from None
+        try:
+            n = self.codec.decode_into(key, blob, dst)
+        except CodecError as e:
+            raise CorruptChunk(d.hex(), str(e)) from None
+        if n != length or self.chunk_id(dst) != d:
+            raise CorruptChunk(d.hex(), "does not match its blake3 digest")
+        return length
 
     # -- snapshots ------------------------------------------------------------
 
