@@ -46,7 +46,8 @@ pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
 waiting: a busy repository is an error), so ``gc`` never removes the chunks
 of a pull in progress, nor ``prune`` its base.  The store interface is small on
 purpose (put/put_new/get/get_range/exists/list/list_times/delete/delete_many/mtime/lock;
-get_range is optional: without it `snapshot_info` reads the whole object), so that
+get_range is optional: without it `snapshot_info` reads the whole object; so is
+get_into, `DirStore`'s read into a caller's buffer for `Repository.get_chunk_into`), so that
 `agent.s3store.S3Store` (``s3://BUCKET/PREFIX``) implements it too;
 `open_store` picks the store from the repository argument.  ``gc`` never
 removes a chunk younger than the store's ``gc_grace`` seconds (0 for a
