@@ -19,7 +19,7 @@ a running nbdkit) is shown too, and compares the plugins.  The destination is de
 Prints seconds and MB/s per run and the medians.
 
 Usage: .venv/bin/python bench/restore_bench.py [--size 256M] [--rounds 3] [--dir /tmp] [--repo URL | --rgw]
-       [--encryption none|repokey]
+       [--encryption none|repokey] [--workers N] [--buffered]
        [--old-plugin /work/main/plugins/restore.py]
 """
 
@@ -52,7 +52,9 @@ def main() -> int:
                     help="start a throw-away Ceph RGW (tests/interop/ceph_rgw.py) and use a bucket on it")
     ap.add_argument("--encryption", default="none", choices=("none", "repokey"),
                     help="repo init --encryption (the passphrase goes in NBDBACKUP_PASSPHRASE)")
-    ap.add_argument("--workers", type=int, default=8, help="our restore's --workers")
+    ap.add_argument("--workers", type=int, help="our restore's --workers (default: its own, per store)")
+    ap.add_argument("--buffered", action="store_true",
+                    help="also run ours with --buffered (page cache instead of O_DIRECT), interleaved")
     ap.add_argument("--old-plugin", help="also measure this (older) restore plugin")
     a = ap.parse_args()
     size = parse_size(a.size)
@@ -96,8 +98,10 @@ def _run(a, size: int, ws, procs, d: str) -> int:
         plugins = {"": os.path.join(ROOT, "plugins", "restore.py")}
         if a.old_plugin:
             plugins["old "] = a.old_plugin
-        runs: list[tuple[str, str | None, list[str]]] = [
-            ("ours", None, [*NB, "restore", repo, "s0", out, f"--workers={a.workers}"])]
+        ours = [*NB, "restore", repo, "s0", out] + ([f"--workers={a.workers}"] if a.workers else [])
+        runs: list[tuple[str, str | None, list[str]]] = [("ours", None, ours)]
+        if a.buffered:
+            runs.append(("ours --buffered", None, [*ours, "--buffered"]))
         for tag, path in plugins.items():
             runs.append((f"{tag}qemu-img", path, ["sh", "-c", 'qemu-img convert -f raw -O raw "$1" "$2" && sync "$2"',
                                                   "sh", "URI", out]))
@@ -134,7 +138,7 @@ def _run(a, size: int, ws, procs, d: str) -> int:
                                                     f"({statistics.median(v):.2f} s)" for n, v in res.items()))
         print("median, copy alone:    " + ", ".join(f"{n} {size / statistics.median(v) / 1e6:.0f} MB/s "
                                                     f"({statistics.median(v):.2f} s)" for n, v in copies.items()
-                                                    if n != "ours"))
+                                                    if not n.startswith("ours")))
     return 0
 
 

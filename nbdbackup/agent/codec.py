@@ -49,6 +49,11 @@ TAG = 16
 #: Compression must save at least 1/PAYS_OFF of the size, else the payload is stored raw.
 PAYS_OFF = 16
 DEFAULT_LEVEL = 3
+#: The compressibility probe (`Codec._worth_trying`): buffers of at least PROBE_MIN
+#: bytes; PROBE_SAMPLES pieces of PROBE_PIECE bytes (64 KiB of a 4 MiB chunk).
+PROBE_MIN = 128 << 10
+PROBE_SAMPLES = 16
+PROBE_PIECE = 4096
 
 
 _buffers_ok: bool | None = None
@@ -115,19 +120,68 @@ class Codec:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
+    def _payload(self, mv: memoryview, compress: bool):
+        """(payload, flags): ``mv`` compressed when that pays (`PAYS_OFF`), else ``mv``.
+
+        A buffer of at least `PROBE_MIN` bytes is first probed (`_worth_trying`):
+        an incompressible one (random data, already-compressed files) is not
+        compressed whole, which costs about as much as hashing and encrypting it."""
+        if compress and self.level is not None and len(mv) and self._worth_trying(mv):
+            packed = self._compressor().compress(mv)
+            if len(packed) <= len(mv) - len(mv) // PAYS_OFF:
+                return packed, ZSTD
+        return mv, 0
+
+    def _worth_trying(self, mv: memoryview) -> bool:
+        """Whether compressing ``mv`` whole may pay: False only when `PROBE_SAMPLES`
+        pieces of `PROBE_PIECE` bytes spread evenly over it (every 1/16 of it, so a
+        compressible run long enough to pay on its own holds one) do not shrink by
+        1/64 together."""
+        n = len(mv)
+        if n < PROBE_MIN:
+            return True
+        step = n // PROBE_SAMPLES
+        sample = b"".join(mv[k * step : k * step + PROBE_PIECE] for k in range(PROBE_SAMPLES))
+        return len(self._compressor().compress(sample)) < len(sample) - len(sample) // 64
+
     def encode(self, name: str, data, *, compress: bool = True) -> bytes:
         """The stored form of ``data`` (any buffer) under key ``name``."""
         mv = memoryview(data).cast("B")
-        payload, flags = mv, 0
-        if compress and self.level is not None and len(mv):
-            packed = self._compressor().compress(mv)
-            if len(packed) <= len(mv) - len(mv) // PAYS_OFF:
-                payload, flags = packed, ZSTD
+        payload, flags = self._payload(mv, compress)
         if self._aead is None:
             return b"".join((bytes((MAGIC, flags)), payload))
         header = bytes((MAGIC, flags | AEAD))
         nonce = os.urandom(NONCE)
         return b"".join((header, nonce, self._aead.encrypt(nonce, _arg(payload), header + name.encode())))
+
+    def encode_reused(self, name: str, data, *, compress: bool = True) -> memoryview:
+        """`encode` into this thread's output buffer (no allocation per object,
+        no joining copy): the view returned is valid until the next
+        `encode_reused` on this thread (`Repository.put_chunk` writes it at once)."""
+        mv = memoryview(data).cast("B")
+        payload, flags = self._payload(mv, compress)
+        n = len(payload)
+        if self._aead is None:
+            out = self._out(2 + n)
+            out[0], out[1] = MAGIC, flags
+            out[2:] = payload
+            return out
+        if not _encrypt_into_ok():  # cryptography < 45 (Debian 12's)
+            return memoryview(self.encode(name, data, compress=compress))
+        out = self._out(2 + NONCE + n + TAG)
+        header = bytes((MAGIC, flags | AEAD))
+        nonce = os.urandom(NONCE)
+        out[:2] = header
+        out[2:2 + NONCE] = nonce
+        self._aead.encrypt_into(nonce, payload, header + name.encode(), out[2 + NONCE:])
+        return out
+
+    def _out(self, n: int) -> memoryview:
+        """This thread's output buffer of `encode_reused`, as a view of exactly ``n`` bytes."""
+        buf = getattr(self._local, "out", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.out = bytearray(max(n, 1 << 20))
+        return memoryview(buf)[:n]
 
     def decode(self, name: str, blob, limit: int) -> bytes:
         """The plaintext of the stored object ``blob`` read from key ``name``
@@ -161,3 +215,89 @@ class Codec:
         if len(payload) > limit:
             raise CodecError(f"{len(payload)} bytes, at most {limit} expected")
         return bytes(payload)
+
+    def decode_into(self, name: str, blob, out) -> int:
+        """`decode` written into the writable buffer ``out`` (at most
+        ``len(out)`` bytes: the limit); returns the plaintext's length.
+
+        The restore's path: no allocation per object.  An encrypted payload is
+        decrypted straight into ``out`` (or, when compressed, into a
+        per-thread scratch buffer that zstd then decompresses into ``out``).
+        On a `CodecError` ``out`` holds garbage (never use it).  Same checks
+        and errors as `decode`."""
+        mv = memoryview(blob).cast("B")
+        dst = memoryview(out).cast("B")
+        limit = len(dst)
+        if len(mv) < 2 or mv[0] != MAGIC or mv[1] & ~(ZSTD | AEAD):
+            raise CodecError("not an nbdbackup format-2 object (bad header)")
+        flags = mv[1]
+        if flags & AEAD:
+            if self._aead is None:
+                raise CodecError("encrypted, but the repository is not")
+            if len(mv) < 2 + NONCE + TAG:
+                raise CodecError("truncated")
+            n = len(mv) - 2 - NONCE - TAG
+            if flags & ZSTD:
+                payload = self._scratch(n)
+            elif n > limit:
+                raise CodecError(f"{n} bytes, at most {limit} expected")
+            else:
+                payload = dst[:n]
+            self._decrypt_into(bytes(mv[2:2 + NONCE]), mv[2 + NONCE:], bytes(mv[:2]) + name.encode(), payload)
+        elif self._aead is not None:
+            raise CodecError("not encrypted, in an encrypted repository")
+        else:
+            payload = mv[2:]
+            n = len(payload)
+            if not flags & ZSTD:
+                if n > limit:
+                    raise CodecError(f"{n} bytes, at most {limit} expected")
+                dst[:n] = payload
+                return n
+        if not flags & ZSTD:
+            return n
+        try:
+            size = zstandard.frame_content_size(payload)
+            if size < 0 or size > limit:
+                raise CodecError(f"compressed frame of {size} bytes, at most {limit} expected")
+            reader = self._decompressor().stream_reader(payload, read_size=max(1, len(payload)),
+                                                        read_across_frames=False)
+            got = 0
+            while got < size:  # one call in practice
+                step = reader.readinto(dst[got:size])
+                if not step:
+                    break
+                got += step
+        except zstandard.ZstdError as e:
+            raise CodecError(f"damaged compressed data ({e})") from None
+        if got != size:
+            raise CodecError(f"damaged compressed data ({got} of {size} bytes)")
+        return size
+
+    def _scratch(self, n: int) -> memoryview:
+        """This thread's scratch buffer, at least ``n`` bytes (a view of exactly ``n``)."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.scratch = bytearray(max(n, 1 << 20))
+        return memoryview(buf)[:n]
+
+    def _decrypt_into(self, nonce: bytes, data: memoryview, aad: bytes, out: memoryview) -> None:
+        """AES-256-GCM open of ``data`` into ``out`` (``len(data) - TAG`` bytes)."""
+        assert self._aead is not None
+        try:
+            if _into_ok():
+                self._aead.decrypt_into(nonce, data, aad, out)
+            else:  # cryptography < 45 (Debian 12's): decrypt, then copy
+                out[:] = self._aead.decrypt(nonce, _arg(data), aad)
+        except InvalidTag:
+            raise CodecError("fails authentication (damaged, or not this object)") from None
+
+
+def _encrypt_into_ok() -> bool:
+    """This cryptography's AESGCM has ``encrypt_into`` (45+)."""
+    return hasattr(AESGCM, "encrypt_into")
+
+
+def _into_ok() -> bool:
+    """This cryptography's AESGCM has ``decrypt_into`` (45+)."""
+    return hasattr(AESGCM, "decrypt_into")

@@ -1,8 +1,9 @@
 """Restore: write a repository snapshot back to a disk (file, block device, NBD export).
 
 Role: the inverse of ``pull --repo``.  `restore` reads a snapshot's chunks
-from a `Repository` (through its public API only: `Repository.get_chunk`,
-which checks every chunk against its id, and `Repository.zero_id`) and writes
+from a `Repository` (through its public API only: `Repository.get_chunk_into`
+or, on a repository-like without it, `get_chunk`, which check every chunk
+against its id, and `Repository.zero_id`) and writes
 them to a target `BlockDev`: a `FileDev` (regular file or block device) or an
 `NBDDev` (any NBD server).  `ChunkCache` is the same read path for readers
 that want byte ranges rather than a whole copy (the nbdkit plugin
@@ -18,10 +19,16 @@ treated the same way (holes on a zero target), so a restored file is as
 sparse as the disk was.
 
 Parallelism and memory: the store's reads are blocking (a file read, a
-boto3 GET), so chunks are fetched on a private pool of ``workers`` threads;
-``workers`` coroutines each take the next chunk, fetch it, write it, and
-only then take another, so at most ``workers`` chunks (``workers *
-chunk_size`` bytes) are in memory at once.
+boto3 GET), so chunks are fetched on a private pool of ``workers`` threads
+(default per store: `default_workers`); ``workers`` coroutines each take the
+next chunk, fetch it, write it, and only then take another.  Each coroutine
+owns one page-aligned chunk buffer, reused: the chunk is read, decrypted,
+decompressed and checked into it without allocating (`get_chunk_into`), so
+at most ``workers`` chunk buffers (plus a read and a scratch buffer per
+thread) are in memory at once.  On a `FileDev` target the pool thread also
+writes the chunk's data (`FileWriter`: ``O_DIRECT`` where the file system
+allows it, one fdatasync at the end); on other targets (NBD) the coroutine
+writes it.  Zero runs inside a chunk are found with memcmp (`_zero_flags`).
 
 Failure: a chunk that is missing or does not match its id (`CorruptChunk`)
 stops the restore with `DamagedChunk`, which names the snapshot, the chunk
@@ -39,6 +46,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
+import mmap
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -73,7 +83,8 @@ class DamagedChunk(NBDBackupError):
 
 @dataclass
 class RestoreStats:
-    """What a restore did (bytes and chunks; ``seconds`` wall time)."""
+    """What a restore did (bytes and chunks; ``seconds`` wall time; ``workers``
+    chunks in flight; ``direct_io``: data written with ``O_DIRECT``)."""
 
     size: int = 0
     chunks: int = 0
@@ -84,6 +95,8 @@ class RestoreStats:
     bytes_zeroed: int = 0
     bytes_skipped: int = 0
     seconds: float = 0.0
+    workers: int = 0
+    direct_io: bool = False
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -112,9 +125,10 @@ def segments(data, block: int = ZERO_BLOCK, max_data: int = MAX_WRITE) -> list[t
     n = len(mv)
     zeros = _ZEROS if block == ZERO_BLOCK else bytes(block)
     out: list[tuple[int, int, bool]] = []
+    flags = _zero_flags(mv, block, zeros)
     for pos in range(0, n, block):
         ln = min(block, n - pos)
-        z = mv[pos : pos + ln] == zeros[:ln]
+        z = flags[pos // block]
         if out and out[-1][2] == z and (z or out[-1][1] + ln <= max_data):
             out[-1] = (out[-1][0], out[-1][1] + ln, z)
         else:
@@ -122,18 +136,131 @@ def segments(data, block: int = ZERO_BLOCK, max_data: int = MAX_WRITE) -> list[t
     return out
 
 
-async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", workers: int = 8,
-                  target_is_zero: bool = False, progress: Callable[[int, int], None] | None = None
-                  ) -> RestoreStats:
+_memcmp = None
+
+
+def _zero_flags(mv: memoryview, block: int, zeros: bytes) -> list[bool]:
+    """For each ``block``-sized piece of ``mv`` (the last may be short): all zero?
+
+    memcmp through ctypes when ``mv`` is writable (ctypes needs that to take
+    its address; the restore's buffers are): about 20x faster than
+    comparing memoryviews (which CPython does byte by byte, holding the GIL:
+    7 ms for a zero 4 MiB chunk), and it releases the GIL."""
+    global _memcmp
+    n = len(mv)
+    if n and not mv.readonly and mv.contiguous:
+        if _memcmp is None:
+            import ctypes
+
+            fn = ctypes.CDLL(None).memcmp
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int
+            _memcmp = (ctypes, fn)
+        ctypes, fn = _memcmp
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mv))
+        return [fn(base + pos, zeros, min(block, n - pos)) == 0 for pos in range(0, n, block)]
+    return [mv[pos : pos + block] == zeros[: min(block, n - pos)] for pos in range(0, n, block)]
+
+
+#: Default ``workers`` per store kind (``restore --workers``): chunks in flight.
+#: A directory: enough to keep 2-4 cores and the disk busy; S3: more, to hide
+#: each GET's latency (measured on Ceph RGW: 16 beat 8 and 32).
+DIR_WORKERS = 4
+S3_WORKERS = 16
+
+
+def default_workers(store) -> int:
+    """How many chunks to fetch at once from ``store`` by default."""
+    from .s3store import S3Store
+
+    return S3_WORKERS if isinstance(store, S3Store) else DIR_WORKERS
+
+
+class FileWriter:
+    """The restore's writes into a `FileDev` (a file or block device), from worker threads.
+
+    Data goes through a second descriptor opened with ``O_DIRECT`` when the
+    file system allows it (``direct``): the page cache is bypassed, so the
+    data is copied once (our buffer to the disk) instead of twice, the disk
+    starts writing at once instead of at the final fdatasync, and the CPU
+    freed goes to decoding (measured: a 1 GiB restore spent 0.5-4.7 CPU
+    seconds copying into new page-cache folios, 0.1 with O_DIRECT).  Ranges
+    ``O_DIRECT`` cannot take (not `align`-aligned: a disk whose size is not
+    a multiple of 4096) and file systems that refuse it (EINVAL) use the
+    plain descriptor.  The final `FileDev.flush` (fdatasync of the same
+    inode) makes both durable.
+
+    Fields: ``fd`` (the FileDev's descriptor, not owned); ``direct_fd``
+    (owned, -1 when not direct); ``align`` (offset and length granularity of
+    direct writes; buffers must be page-aligned: `alloc`); ``direct``
+    (direct writes are on: cleared, for good, by an EINVAL); ``max_write``
+    (largest single write: a whole chunk when direct, `MAX_WRITE` through
+    the page cache).
+    """
+
+    def __init__(self, dev, *, direct: bool = True) -> None:
+        self.fd = dev.fd
+        self.align = max(4096, getattr(dev, "_sector", 512))
+        self.direct_fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.direct_fd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:
+                pass
+        self.direct = self.direct_fd >= 0
+        self.max_write = 1 << 62 if self.direct else MAX_WRITE
+
+    @staticmethod
+    def alloc(size: int) -> memoryview:
+        """A page-aligned buffer (anonymous mmap) of ``size`` bytes."""
+        return memoryview(mmap.mmap(-1, max(1, size)))
+
+    def write(self, mv: memoryview, offset: int) -> None:
+        """Write all of ``mv`` (a slice of an `alloc` buffer at a multiple of
+        `align`, or not) at ``offset``; blocking."""
+        if self.direct and offset % self.align == 0:
+            n = len(mv) - len(mv) % self.align
+            if n:
+                try:
+                    _pwrite_all(self.direct_fd, mv[:n], offset)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.direct = False  # not on this file system: the page cache from now on
+                else:
+                    mv, offset = mv[n:], offset + n
+        if len(mv):
+            _pwrite_all(self.fd, mv, offset)
+
+    def close(self) -> None:
+        fd, self.direct_fd = self.direct_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", workers: int | None = None,
+                  target_is_zero: bool = False, progress: Callable[[int, int], None] | None = None,
+                  direct: bool = True) -> RestoreStats:
     """Write snapshot ``man`` of ``repo`` into ``dst`` (see the module doc).
 
+    ``workers``: chunks in flight (default `default_workers` of the store).
     ``target_is_zero``: ``dst`` already reads as zeroes (holes are left).
     ``progress(done_bytes, total_bytes)`` is called as chunks finish.
+    ``direct``: write a `FileDev` target with ``O_DIRECT`` where possible
+    (`FileWriter`); False: through the page cache.
     """
     t0 = time.monotonic()
+    if workers is None:
+        workers = default_workers(repo.store)
+    workers = max(1, workers)
     if dst.size < man.size:
         raise NBDBackupError(f"the target is {dst.size} bytes, snapshot {snapshot!r} is {man.size}")
-    stats = RestoreStats(size=man.size, chunks=man.count)
+    stats = RestoreStats(size=man.size, chunks=man.count, workers=workers)
     is_zero = [man.chunks[i] == repo.zero_id(man.chunk_range(i)[1]) for i in range(man.count)]
     data_idx = [i for i in range(man.count) if not is_zero[i]]
     stats.data_chunks, stats.zero_chunks = len(data_idx), man.count - len(data_idx)
@@ -158,13 +285,25 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
         advance(end - off)
 
     queue = iter(data_idx)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="restore-fetch")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="restore-fetch")
     loop = asyncio.get_running_loop()
+    from ..blockdev.file import FileDev
 
-    async def fetch(i: int) -> bytes:
+    writer = FileWriter(dst, direct=direct) if isinstance(dst, FileDev) else None
+    max_data = writer.max_write if writer is not None else MAX_WRITE
+    get_into = getattr(repo, "get_chunk_into", None)
+
+    def fetch(i: int, buf: memoryview) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """On a pool thread: chunk ``i`` into ``buf``, checked; with a `FileWriter`
+        its data written too.  Returns (data runs not written yet, zero runs),
+        as ``(offset in the chunk, length)``."""
         off, n = man.chunk_range(i)
+        mv = buf[:n]
         try:
-            return await loop.run_in_executor(pool, repo.get_chunk, man.chunks[i], n)
+            if get_into is not None:
+                get_into(man.chunks[i], mv)
+            else:  # a repository-like without it (tests' fakes)
+                mv[:] = repo.get_chunk(man.chunks[i], n)
         except OSError as e:
             from .repo import CorruptChunk
 
@@ -173,27 +312,37 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
                                      f"{e.strerror or e}") from e
             reason = e.strerror.split(": ", 1)[-1] if e.strerror else str(e)
             raise DamagedChunk(snapshot, i, off, n, reason) from None
+        data: list[tuple[int, int]] = []
+        zeros: list[tuple[int, int]] = []
+        for s, ln, z in segments(mv, max_data=max_data):
+            if z:
+                zeros.append((s, ln))
+            elif writer is not None:
+                writer.write(mv[s : s + ln], off + s)  # errors: OSError, the target's
+            else:
+                data.append((s, ln))
+        return data, zeros
 
     async def worker() -> None:
+        buf = None
         for i in queue:
+            if buf is None:  # one buffer per worker, reused (page-aligned for O_DIRECT)
+                buf = FileWriter.alloc(man.chunk_size)
             off, n = man.chunk_range(i)
-            data = await fetch(i)
+            data, zeros = await loop.run_in_executor(pool, fetch, i, buf)
             stats.bytes_fetched += n
-            mv = memoryview(data)
-            writes = []
-            for s, ln, z in segments(mv):
-                if not z:
-                    writes.append(dst.pwrite(mv[s : s + ln], off + s))
-                    stats.bytes_written += ln
-                elif target_is_zero:
+            writes = [dst.pwrite(buf[s : s + ln], off + s) for s, ln in data]
+            for s, ln in zeros:
+                if target_is_zero:
                     stats.bytes_skipped += ln
                 else:
                     writes.append(dst.zero(off + s, ln, may_trim=True))
                     stats.bytes_zeroed += ln
+            stats.bytes_written += n - sum(ln for _, ln in zeros)
             await asyncio.gather(*writes)
             advance(n)
 
-    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
+    tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
     try:
         finished, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in pending:
@@ -205,7 +354,11 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
     finally:
         for t in tasks:
             t.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+        # the threads may still be writing: wait for them before the writer's fd goes
+        pool.shutdown(wait=True, cancel_futures=True)
+        if writer is not None:
+            stats.direct_io = writer.direct and writer.direct_fd >= 0
+            writer.close()
     await dst.flush()
     stats.seconds = time.monotonic() - t0
     return stats

@@ -23,6 +23,7 @@ import os
 import stat
 import sys
 
+from ..agent.restore import DIR_WORKERS, S3_WORKERS
 from ..errors import ConfigError
 from ..progress import Progress, add_progress_option
 from . import run_async
@@ -38,8 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", metavar="TARGET",
                    help="a raw image file (created or extended), a block device, or an NBD URI")
     add_repo_options(p)
-    p.add_argument("--workers", type=_positive, default=8, metavar="N",
-                   help="chunks fetched at once (default 8; memory: N chunks)")
+    p.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help=f"chunks fetched at once (default {DIR_WORKERS} from a directory, {S3_WORKERS} from S3; "
+                        "memory: N chunks)")
+    p.add_argument("--buffered", action="store_true",
+                   help="write a file or block device through the page cache (default: O_DIRECT where the "
+                        "file system allows it)")
     p.add_argument("--connections", type=_positive, default=4, metavar="N",
                    help="NBD connections to an NBD target (if it allows multi-conn; default 4)")
     p.add_argument("--target-is-zero", action="store_true",
@@ -120,7 +125,7 @@ async def _restore(args: argparse.Namespace, repo, man) -> int:
         with Progress.for_args(args, f"restore {args.snapshot}", man.size) as prog:
             try:
                 stats = await restore(repo, man, dst, snapshot=args.snapshot, workers=args.workers,
-                                      target_is_zero=zero, progress=prog.update)
+                                      target_is_zero=zero, progress=prog.update, direct=not args.buffered)
             except OSError as e:  # the target failed (ENOSPC, EIO, the NBD server went away)
                 raise ConfigError(f"{args.target}: {e.strerror or e} (restore stopped: the target is incomplete)"
                                   ) from e

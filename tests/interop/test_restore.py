@@ -4,7 +4,8 @@ Disks are served by qemu-nbd and pulled into a repository (a directory; RGW
 for the S3 cases; plain and encrypted (repokey) for the main paths), then:
 
 - restored with ``nbdbackup restore`` into a new file (holes where the disk
-  was zero), over an existing file full of 0xff (zero chunks zeroed), and
+  was zero; O_DIRECT writes where the file system allows, and ``--buffered``
+  through the page cache), over an existing file full of 0xff (zero chunks zeroed), and
   into a writable qemu-nbd export (an NBD URI: WRITE_ZEROES + FLUSH), each
   checked with ``qemu-img compare``; a too-small NBD target is refused;
 - restored onto a loop block device full of 0xff (zero chunks zeroed with
@@ -81,6 +82,11 @@ def test_restore_file_and_nbd_targets(short_tmp, secret, encryption):
     assert st["target_was_zero"] and st["zero_chunks"] == 9 and st["data_chunks"] == 8
     assert st["bytes_written"] == 24 * M + 12 * 1024 and st["bytes_zeroed"] == 0
     assert os.stat(out).st_blocks * 512 < 26 * M  # 24 MiB of data, the rest holes
+    assert st["workers"] == 3 and st["direct_io"] == _direct_ok(short_tmp)  # O_DIRECT where the fs allows
+    # Through the page cache (--buffered), and with the default workers (a directory's): the same.
+    out2 = short_tmp / "buffered.raw"
+    st = json.loads(nb("restore", repo, "s0", str(out2), "--json", "--buffered").stdout)
+    assert same(disk, out2) and not st["direct_io"] and st["workers"] == 4
 
     # Over an existing file of junk: zero chunks and zero blocks are zeroed (punched).
     junk = short_tmp / "junk.raw"
@@ -113,6 +119,16 @@ def test_restore_file_and_nbd_targets(short_tmp, secret, encryption):
 
     r = nb("restore", repo, "nope", str(short_tmp / "x.raw"), ok=False)
     assert r.returncode == 1 and "no snapshot 'nope'" in r.stderr
+
+
+def _direct_ok(d: Path) -> bool:
+    """Whether files in ``d`` can be opened with O_DIRECT (not on every file system)."""
+    try:
+        fd = os.open(d / "direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def _ids(repo: Path, snap: str) -> list[bytes]:
@@ -205,6 +221,7 @@ def test_restore_and_plugin_on_rgw(short_tmp, s3env, secret, encryption):
     out = short_tmp / "out.raw"
     st = json.loads(nb("restore", s3env, "s0", str(out), "--json").stdout)
     assert same(disk, out) and st["zero_chunks"] == 40  # the zero MiBs
+    assert st["workers"] == 16  # the default from S3: more GETs in flight than from a directory
     doc = json.loads(nb("repo", "verify", s3env, "--sample", "50", "--seed", "1", "--json").stdout)
     assert doc["ok"] and doc["chunks_checked"] == 13  # ceil(50% of 25 distinct chunks)
 
