@@ -285,7 +285,9 @@ class Repository:
     when not encrypted); ``_id_key`` (its keyed-blake3 key of chunk ids);
     ``_key_source`` (where the wrapped key was read
     from: ``("store", "keys/repokey")`` or ``("file", PATH)``; None when not
-    encrypted); ``_zero`` (cache: length -> id of that many zero bytes).
+    encrypted); ``_zero`` (cache: length -> id of that many zero bytes);
+    ``_whole`` ((name, object, time) of the last snapshot object `snapshot_info`
+    read whole, used once by `load_snapshot` within a minute: one GET less).
     """
 
     def __init__(self, store: Store, chunk_size: int, *, repo_id: str = "", encryption: str = "none",
@@ -300,6 +302,7 @@ class Repository:
         self._master = master
         self._key_source = key_source
         self._zero: dict[int, bytes] = {}
+        self._whole: tuple[str, bytes, float] | None = None
 
     @classmethod
     def init(cls, store: Store, chunk_size: int = DEFAULT_REPO_CHUNK, *, encryption: str = "none",
@@ -595,16 +598,28 @@ class Repository:
         """The metadata of snapshot ``name``: name, created, source, parent, size,
         chunk_size, root (hex) and ``manifest`` (size, chunk_size, root); its
         digests are not read (only the object's first bytes, where the store can)."""
-        got = self._read_meta(name, self._get_snapshot(name, META_MAX + 1024))
+        blob = self._get_snapshot(name, META_MAX + 1024)
+        got = self._read_meta(name, blob)
         if got is None:  # metadata longer than guessed
             got = self._read_meta(name, self._get_snapshot(name))
         if got is None:
             raise self._damaged(name, "truncated")
+        if len(blob) < META_MAX + 1024:  # that was the whole object (a disk of < ~2000 chunks)
+            import time
+
+            self._whole = (name, blob, time.monotonic())
         return got[0]
 
     def load_snapshot(self, name: str) -> Manifest:
-        """The manifest of snapshot ``name`` (one GET, no listing), checked."""
-        blob = self._get_snapshot(name)
+        """The manifest of snapshot ``name`` (one GET, no listing, or none right
+        after `snapshot_info` read the whole object: the agent's base), checked."""
+        import time
+
+        whole, self._whole = self._whole, None
+        if whole is not None and whole[0] == name and time.monotonic() - whole[2] < 60:
+            blob = whole[1]  # snapshot objects are never rewritten; checked again below
+        else:
+            blob = self._get_snapshot(name)
         got = self._read_meta(name, blob)
         if got is None:
             raise self._damaged(name, "truncated")
@@ -650,6 +665,7 @@ class Repository:
     def delete_snapshot(self, name: str) -> None:
         if not self.has_snapshot(name):
             raise ConfigError(f"no snapshot {name!r} in {self.store.root}")
+        self._whole = None
         self.store.delete(_snap_key(name))
 
     # -- maintenance ---------------------------------------------------------

@@ -187,3 +187,34 @@ def test_incremental_does_not_read_the_base_of_wholly_dirty_chunks():
 
 async def _null_sink(i, d, data):
     pass
+
+
+class CountingStore(DirStore):
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.reads: list[str] = []
+
+    def get(self, key: str) -> bytes:
+        self.reads.append(key)
+        return super().get(key)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        self.reads.append(key + "#range")
+        return super().get_range(key, offset, length)
+
+
+def test_load_snapshot_after_snapshot_info_reads_once(tmp_path):
+    st = CountingStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    data = os.urandom(C)
+    man = Manifest(3 * C, C, [repo.chunk_id(data), repo.zero_id(C), repo.chunk_id(data)])
+    repo.save_snapshot("s", man)
+    st.reads.clear()
+    assert repo.snapshot_info("s")["size"] == 3 * C
+    assert repo.load_snapshot("s").chunks == man.chunks
+    assert st.reads == ["snapshots/s#range"]  # the ranged read held the whole object
+    assert repo.load_snapshot("s").chunks == man.chunks and st.reads[-1] == "snapshots/s"  # used once
+    repo.snapshot_info("s")
+    repo.delete_snapshot("s")
+    with pytest.raises(ConfigError, match="no snapshot"):
+        repo.load_snapshot("s")  # never from the cache once deleted
