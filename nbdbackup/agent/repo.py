@@ -27,8 +27,8 @@ Layout over an `ObjectStore` (keys are '/'-separated paths), format 2::
 A snapshot's ``root`` is the blake3 of its packed ids (`Manifest.root`), so
 the two envelopes cannot be mixed between snapshots; `snapshot_info` reads
 only the object's first bytes (`get_range`), `load_snapshot` the whole
-object in one GET (never a listing).  A 1 TiB disk in 4 MiB chunks has
-262144 ids: 8 MiB packed at most, a few KiB when mostly holes.  In an
+object in one GET (never a listing).  A 1 TiB disk in 1 MiB chunks (`DEFAULT_REPO_CHUNK`) has
+1048576 ids: 32 MiB packed at most (4 MiB chunks: 8 MiB), a few KiB when mostly holes.  In an
 encrypted repository everything but config.json, the key blob (itself
 wrapped) and the object sizes and times is opaque to the store's operator.
 
