@@ -218,3 +218,22 @@ def test_load_snapshot_after_snapshot_info_reads_once(tmp_path):
     repo.delete_snapshot("s")
     with pytest.raises(ConfigError, match="no snapshot"):
         repo.load_snapshot("s")  # never from the cache once deleted
+
+
+def test_cli_registers_only_the_command_asked_for():
+    import argparse
+
+    from nbdbackup.cli import COMMAND_MODULES, build_parser
+
+    def commands(p: argparse.ArgumentParser) -> set[str]:
+        (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        return set(sub.choices)
+
+    assert commands(build_parser(["agent", "backup", "--repo", "r"])) == {"agent"}
+    assert commands(build_parser(["-v", "repo", "list", "r"])) == {"repo"}
+    everything = commands(build_parser())
+    assert set(COMMAND_MODULES) <= everything and "verify" in everything
+    for argv in (["--help"], ["verify", "x"], ["nosuch"], [], ["-v"]):
+        assert commands(build_parser(argv)) == everything, argv
+    for name in COMMAND_MODULES:  # every module registers the command it is named after
+        assert name in commands(build_parser([name])), name
