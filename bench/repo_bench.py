@@ -23,7 +23,17 @@ same images.  For each dataset and store:
 
 Every tool runs with encryption on (ours ``--encryption repokey`` if this
 checkout has it; restic always; borg ``repokey-blake2``) and compression on,
-unless ``--plain``.  Reported per (dataset, store, phase): wall seconds, CPU
+unless ``--plain``.  Ours runs twice, on two copies of the image given the
+same changes, so both key settings are measured in one run (``--tools``):
+``nbdbackup`` unlocks with a ``--kdf none`` key file (``repo key export --kdf
+none``: no scrypt, what a scheduled run uses, docs/incr.md) and
+``nbdbackup-scrypt`` with the passphrase (scrypt N=2^17, ~0.3 s per run, as
+restic and borg pay their KDF each run).  ``--chunk-size`` is given to our
+``repo init`` (default: its own, 1 MiB since format 2's default change);
+``--incrementals N`` repeats change + incremental N times (medians).  On RGW
+our agent's S3 API calls per run are reported (``requests``).  Our modules
+are byte-compiled first (as an installed package is; with
+PYTHONDONTWRITEBYTECODE set every run would compile them, ~40 ms).  Reported per (dataset, store, phase): wall seconds, CPU
 seconds (ours: the agent process plus the server's CPU during the phase),
 bytes stored in the repository after the phase; ratios ours/other (higher is
 better: other's seconds / ours, other's bytes / ours).  Stores: ``local`` (a
@@ -32,7 +42,8 @@ started by this script, from tests/interop/ceph_rgw.py; restic's s3 backend;
 borg has none, so it is local only).
 
 Usage: .venv/bin/python bench/repo_bench.py [--size 1G] [--datasets random,fs]
-       [--stores local,rgw] [--tools ours,restic,borg] [--plain] [--keep]
+       [--stores local,rgw] [--tools ours,ours-scrypt,restic,borg] [--plain] [--keep]
+       [--chunk-size SIZE] [--incrementals N]
 Needs: restic, borg (Debian: restic, borgbackup), qemu-img, nbdkit; the
 Ceph packages for rgw (scripts/setup installs them with the test set).
 """
@@ -213,26 +224,42 @@ class Ours:
 
     name = "nbdbackup"
 
-    def __init__(self, procs, ws, image: str, store: Store, plain: bool, verify: str = "off") -> None:
+    def __init__(self, procs, ws, image: str, store: Store, plain: bool, verify: str = "off", *,
+                 kdf: str = "none", chunk_size: str | None = None, tag: str = "ours") -> None:
         self.store, self.env, self.verify = store, store.env(), verify
         self.snapshot = ""
-        self.repo = store.ours("ours")
-        self.ctl = ws.socket("ctl")
-        self.sock = ws.socket("nbd")
+        self.image = image
+        self.repo = store.ours(tag)
+        self.ctl = ws.socket(f"ctl-{tag}")
+        self.sock = ws.socket(f"nbd-{tag}")
         self.work = str(ws.path)
-        self.proc = procs.start("nbdbackup", [*PY, "serve", f"disk={image}", "--socket", self.sock,
-                                              "--control", self.ctl, "--state-dir", os.path.join(self.work, "state")],
-                                log_path=os.path.join(self.work, "serve.log"))
+        self.proc = procs.start(f"nbdbackup-{tag}",
+                                [*PY, "serve", f"disk={image}", "--socket", self.sock, "--control", self.ctl,
+                                 "--state-dir", os.path.join(self.work, f"state-{tag}")],
+                                log_path=os.path.join(self.work, f"serve-{tag}.log"))
         common.wait_for_unix(self.ctl, proc=self.proc)
         self.uri = f"nbd+unix:///disk?socket={self.sock}"
         init = [*PY, "repo", "init", self.repo]
-        if not plain and has_feature("repo", "init") and "--encryption" in subprocess.run(
-                PY + ["repo", "init", "--help"], capture_output=True, text=True, cwd=ROOT).stdout:
+        init_help = subprocess.run(PY + ["repo", "init", "--help"], capture_output=True, text=True, cwd=ROOT).stdout
+        if not plain and "--encryption" in init_help:
             init += ["--encryption", "repokey", "--compression", "zstd:3"]
             self.encrypted = True
         else:
             self.encrypted = False
+        if chunk_size:
+            init += ["--chunk-size", chunk_size]
         run(init, self.env)
+        #: How the agent unlocks the key: "none" (a --kdf none key file), "scrypt" (the passphrase),
+        #: "-" (not encrypted, or this checkout has no --kdf: then the passphrase).
+        self.kdf, self.key_args = "-", []
+        if self.encrypted and kdf == "none" and "--kdf" in init_help:
+            key = os.path.join(self.work, f"{tag}.key")
+            run([*PY, "repo", "key", "export", "--kdf", "none", self.repo, key], self.env)
+            self.kdf, self.key_args = "none", ["--key-file", key]
+            self.env = {k: v for k, v in self.env.items() if k != "NBDBACKUP_PASSPHRASE"}  # not needed: prove it
+        elif self.encrypted:
+            self.kdf = "scrypt"
+        self.requests: dict | None = None
         self.round = 0
 
     def backup(self) -> tuple[float, float]:
@@ -243,9 +270,12 @@ class Ours:
         cpu0 = common.proc_cpu_seconds(self.proc.pid)
         t0 = time.perf_counter()
         argv = [*PY, "agent", "backup", "--control", self.ctl, "--nbd", f"nbd+unix:///?socket={self.sock}",
-                "--disk", "disk", "--repo", self.repo, "--verify", self.verify, "--json", "--progress", "never"]
+                "--disk", "disk", "--repo", self.repo, "--verify", self.verify, "--json", "--progress", "never",
+                *self.key_args]
         _, cpu, out = run(argv, self.env)
-        (d,) = json.loads(out)["disks"]
+        report = json.loads(out)
+        (d,) = report["disks"]
+        self.requests = report.get("store_requests")
         want = "full" if self.round == 1 else "incremental"
         if d.get("kind") != want:
             raise RuntimeError(f"agent run {self.round} was {d.get('kind')}, not {want}: {d.get('reason')}")
@@ -255,7 +285,7 @@ class Ours:
     def restore(self, out: str) -> tuple[float, float]:
         snap = self.snapshot
         if has_feature("restore"):
-            dt, cpu, _ = run([*PY, "restore", self.repo, snap, out], self.env)
+            dt, cpu, _ = run([*PY, "restore", self.repo, snap, out, *self.key_args], self.env)
             return dt, cpu
         raise RuntimeError("this checkout has no 'nbdbackup restore'")
 
@@ -335,8 +365,18 @@ def one(res: common.Results, dataset: str, store_kind: str, a, rgw) -> None:
         store = Store(store_kind, work, rgw)
         tools = []
         for t in a.tools:
-            if t == "ours":
-                tools.append(Ours(procs, ws, image, store, a.plain, a.verify))
+            if t in ("ours", "ours-scrypt"):
+                img = image
+                if t == "ours-scrypt" and "ours" in a.tools:  # its own copy: the same changes go to both
+                    img = os.path.join(work, "disk-scrypt.raw")
+                    subprocess.run(["cp", "--reflink=auto", "--sparse=always", image, img], check=True)
+                o = Ours(procs, ws, img, store, a.plain, a.verify, kdf="scrypt" if t == "ours-scrypt" else "none",
+                         chunk_size=a.chunk_size, tag=t.replace("-", ""))
+                if t == "ours-scrypt":
+                    o.name = "nbdbackup-scrypt"
+                res.meta.setdefault("kdf", {})[o.name] = o.kdf
+                print(f"# {o.name}: key unlocked with kdf {o.kdf}", flush=True)
+                tools.append(o)
             elif t == "restic":
                 tools.append(Restic(image, store, a.plain))
             elif t == "borg" and store_kind == "local":
@@ -351,26 +391,33 @@ def one(res: common.Results, dataset: str, store_kind: str, a, rgw) -> None:
                 m = f"{tag} {phase} stored"
                 res.add_metric(common.Metric(m, "MB", higher_is_better=False))
                 res.add(m, tool.name, stored / 1e6)
-            print(f"  {tool.name:10} {phase:12} {dt:7.2f} s  cpu {cpu:7.2f} s"
-                  + (f"  stored {stored / 1e6:9.1f} MB" if stored is not None else ""), flush=True)
+            reqs = getattr(tool, "requests", None) if phase != "restore" else None
+            if reqs:
+                m = f"{tag} {phase} requests"
+                res.add_metric(common.Metric(m, "calls", higher_is_better=False))
+                res.add(m, tool.name, sum(reqs.values()))
+            print(f"  {tool.name:16} {phase:12} {dt:7.2f} s  cpu {cpu:7.2f} s"
+                  + (f"  stored {stored / 1e6:9.1f} MB" if stored is not None else "")
+                  + (f"  S3 calls {sum(reqs.values())} {reqs}" if reqs else ""), flush=True)
 
         for tool in tools:
             subprocess.run(["sync"])
             dt, cpu = tool.backup()
             record("full", tool, dt, cpu, tool.bytes_stored())
-        writes = changes(image, size, dataset)
-        ours = next((t for t in tools if isinstance(t, Ours)), None)
-        if ours is not None:
-            asyncio.run(apply_changes(ours.uri, writes))
-        else:
-            with open(image, "r+b") as f:
-                for off, data in writes:
-                    f.seek(off)
-                    f.write(data)
-        for tool in tools:
-            subprocess.run(["sync"])
-            dt, cpu = tool.backup()
-            record("incremental", tool, dt, cpu, tool.bytes_stored())
+        for k in range(a.incrementals):
+            writes = changes(image, size, dataset, seed=1 + k)
+            ours = [t for t in tools if isinstance(t, Ours)]
+            for o in ours:  # through each server, so its bitmap sees them (same bytes for every copy)
+                asyncio.run(apply_changes(o.uri, writes))
+            if not any(o.image == image for o in ours):
+                with open(image, "r+b") as f:
+                    for off, data in writes:
+                        f.seek(off)
+                        f.write(data)
+            for tool in tools:
+                subprocess.run(["sync"])
+                dt, cpu = tool.backup()
+                record("incremental", tool, dt, cpu, tool.bytes_stored())
         for tool in tools:
             out_dir = os.path.join(work, f"restore-{tool.name}")
             os.makedirs(out_dir)
@@ -387,7 +434,7 @@ def one(res: common.Results, dataset: str, store_kind: str, a, rgw) -> None:
                 res.add_error(f"{tag} restore time", tool.name, str(e))
                 continue
             got = out if isinstance(tool, Ours) else _find_file(out_dir, "disk.raw")
-            same = subprocess.run(["cmp", "-s", got, image]).returncode == 0
+            same = subprocess.run(["cmp", "-s", got, tool.image if isinstance(tool, Ours) else image]).returncode == 0
             record("restore", tool, dt, cpu, None)
             if not same:
                 print(f"  {tool.name}: RESTORED IMAGE DIFFERS", flush=True)
@@ -407,7 +454,12 @@ def main() -> int:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--datasets", default="random,fs")
     ap.add_argument("--stores", default="local,rgw")
-    ap.add_argument("--tools", default="ours,restic,borg")
+    ap.add_argument("--tools", default="ours,ours-scrypt,restic,borg",
+                    help="ours (key unlocked from a --kdf none key file), ours-scrypt (from the passphrase), "
+                         "restic, borg")
+    ap.add_argument("--chunk-size", metavar="SIZE", help="our repo init --chunk-size (default: repo init's)")
+    ap.add_argument("--incrementals", type=int, default=1, metavar="N",
+                    help="change ~5%% and back up incrementally N times (medians; bytes stored after each)")
     ap.add_argument("--plain", action="store_true", help="no encryption, no compression (all tools)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--verify", default="off", choices=["off", "sample", "full"],
@@ -417,7 +469,12 @@ def main() -> int:
     common.sigterm_as_interrupt()
     a.tools = a.tools.split(",")
     res = common.Results("repo")
+    # Byte-compile our modules once, as an installed package is (PYTHONDONTWRITEBYTECODE, set in some
+    # environments, would otherwise make every agent run compile them again: ~40 ms each).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "nbdbackup")],
+                   stdout=subprocess.DEVNULL)
     res.meta.update(commit=common.git_commit(), machine=common.machine_info(), size=a.size, plain=a.plain,
+                    chunk_size=a.chunk_size or "repo init default", incrementals=a.incrementals,
                     versions={"restic": common.tool_version(["restic", "version"]),
                               "borg": common.tool_version(["borg", "--version"])})
     rgw = None
@@ -436,7 +493,7 @@ def main() -> int:
         if rgw is not None:
             rgw.stop()
             shutil.rmtree(rgw.dir, ignore_errors=True)
-    tools = [{"ours": "nbdbackup"}.get(t, t) for t in a.tools]
+    tools = [{"ours": "nbdbackup", "ours-scrypt": "nbdbackup-scrypt"}.get(t, t) for t in a.tools]
     print()
     print(common.format_table(res, tools, ours="nbdbackup"))
     if not a.no_json:

@@ -14,7 +14,8 @@ target (`FileDev`: a raw file or a block device):
 
 Work is done chunk by chunk (`Manifest` chunks, 4 MiB by default): a chunk
 that needs nothing is skipped; otherwise its pieces are read concurrently
-into one chunk buffer (in incremental mode pre-filled from the target), its
+into one chunk buffer (in incremental mode pre-filled from the target, unless
+the dirty ranges cover the whole chunk), its
 blake3 digest is taken from that buffer -- what the source held, not what
 was written -- and the read pieces are written to the target.  ``workers``
 chunks are in flight at once, spread over the source's connections.  Into a
@@ -215,11 +216,13 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         c_off, c_len = man.chunk_range(i)
         c_end = c_off + c_len
         mv = whole[:c_len]
-        if incremental:
-            await dst.pread(mv, c_off)  # the previous backup, patched below
         pieces = _pieces(wanted_data, c_off, c_end)
-        await _read_into(src, mv, c_off, pieces)
         zeros = _split(wanted_zero, c_off, c_end)
+        # The previous backup, patched below; not read when the dirty ranges cover the whole
+        # chunk (from a repository that saves a chunk fetch, decrypt and check).
+        if incremental and _gaps(sorted(pieces + zeros), c_off, c_end):
+            await dst.pread(mv, c_off)
+        await _read_into(src, mv, c_off, pieces)
         # The chunk buffer is reused: every byte not read must be set.
         _blank(mv, c_off, zeros if incremental else _gaps(pieces, c_off, c_end), zero_chunk)
         if sink is not None:

@@ -63,6 +63,7 @@ key, once written, is never overwritten by this module.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import email.utils
@@ -145,6 +146,16 @@ class S3Store:
         #: Otherwise: whether the header hook is registered, and a per-thread "this PUT is conditional".
         self._hooked = False
         self._conditional = threading.local()
+        #: API calls made, by operation name (``PutObject``: n; a call retried by botocore
+        #: counts once): what a run costs in round trips (the agent's ``--json`` report,
+        #: bench/repo_bench.py).  Guarded by ``_count_lock`` (worker threads call at once).
+        self.requests: collections.Counter[str] = collections.Counter()
+        self._count_lock = threading.Lock()
+        self.client.meta.events.register("before-call.s3", self._count, unique_id="nbdbackup-count")
+
+    def _count(self, model, **_) -> None:
+        with self._count_lock:
+            self.requests[model.name] += 1
 
     # -- keys and errors -----------------------------------------------------
 

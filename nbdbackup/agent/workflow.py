@@ -368,7 +368,12 @@ async def _prepare(server: Server, ctl: _Control, repo, opts: Options, now: date
         bitmaps = await ctl.call("query-bitmaps", {"export": disk})
 
         def info(name: str) -> dict | None:
-            return repo.snapshot_info(name) if repo.has_snapshot(name) else None
+            try:
+                return repo.snapshot_info(name)  # one ranged GET; a HEAD only when that fails
+            except ConfigError:
+                if repo.has_snapshot(name):
+                    raise
+                return None
 
         dec = decide(bitmaps, size, opts.prefix, info, force_full=opts.full)
         base_name = snapshot_name(opts.template, server, disk, now)
@@ -389,7 +394,7 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
     """Steps 4-6 for one disk: pull, verify, record."""
     from ..blockdev.nbd import NBDDev
     from .pull import pull
-    from .repo import BaseSnapshot, CorruptChunk
+    from .repo import BaseSnapshot, CorruptChunk, SnapshotExists
 
     res, dec = r.result, r.decision
     snap_uri = _export_uri(server.nbd, r.own)
@@ -420,10 +425,11 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
         async def sink(i: int, d: bytes, data: memoryview) -> None:
             worked.add(i)
             res.bytes_processed += len(data)
-            if d in seen:
+            if d in seen or (base_man is not None and base_man.chunks[i] == d):  # known: nothing to store
                 return
             seen.add(d)
-            if await asyncio.to_thread(repo.put_chunk, d, data):
+            # An incremental's changed chunks are new but for rare dedup hits: no existence probe.
+            if await asyncio.to_thread(repo.put_chunk, d, data, probe=base_man is None):
                 new[d] = len(data)
 
         def progress(done: int, total: int) -> None:
@@ -449,9 +455,10 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
             "bitmap": r.own, "base": dec.base, "base_bitmap": dec.base_bitmap, "instant": res.instant,
             "group": res.group, "dirty_bytes": res.dirty_bytes, "bytes_read": res.bytes_read,
             "verify": res.verify.get("mode")}
-    if repo.has_snapshot(r.snapshot):  # another agent took the name meanwhile: never overwrite
-        raise DiskFailed(f"snapshot {r.snapshot} appeared in the repository during the backup")
-    repo.save_snapshot(r.snapshot, man, source=snap_uri, parent=dec.base, meta=meta)
+    try:  # another agent took the name meanwhile: never overwrite (a conditional write)
+        repo.save_snapshot(r.snapshot, man, source=snap_uri, parent=dec.base, meta=meta, new_only=True)
+    except SnapshotExists:
+        raise DiskFailed(f"snapshot {r.snapshot} appeared in the repository during the backup") from None
 
 
 async def _export_rd_bytes(ctl: _Control, export: str) -> int | None:

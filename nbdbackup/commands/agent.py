@@ -211,6 +211,8 @@ def run_backup(args: argparse.Namespace) -> int:
     report = {"ok": code == EXIT_OK, "exit_code": code, "repository": args.repo,
               "seconds": round(time.monotonic() - t0, 3), "disks": [r.to_json() for r in results],
               "retention": retention}
+    if getattr(store, "requests", None) is not None:  # S3: API calls of this run, by operation
+        report["store_requests"] = dict(sorted(store.requests.items()))
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()

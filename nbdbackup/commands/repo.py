@@ -33,6 +33,9 @@ from ..errors import ConfigError
 from ..progress import Progress, add_progress_option
 from .repoargs import REPO_HELP, add_repo_options, open_repo, open_store_args
 
+#: ``repo init``'s default chunk size (`agent.repo.DEFAULT_REPO_CHUNK`; older repositories keep theirs).
+DEFAULT_CHUNK_TEXT = "1M"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("repo", help="manage a chunk repository (deduplicated pulled backups)",
@@ -40,12 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="repo_command", metavar="ACTION", required=True)
     i = rsub.add_parser("init", help="create a repository")
     i.add_argument("dir", metavar="REPO", help=REPO_HELP)
-    i.add_argument("--chunk-size", default="4M")
+    i.add_argument("--chunk-size", default=DEFAULT_CHUNK_TEXT,
+                   help=f"chunk size, a multiple of 4096 (default {DEFAULT_CHUNK_TEXT}); fixed for the repository")
     i.add_argument("--encryption", choices=("repokey", "keyfile", "none"), default="none",
                    help="repokey: the passphrase-wrapped key is kept in the repository; keyfile: in a local "
                         "file (--key-file, default $XDG_CONFIG_HOME/nbdbackup/keys/ID); none (default)")
     i.add_argument("--compression", default="zstd:3", metavar="zstd[:LEVEL]|none",
                    help="chunk compression (default zstd:3; chunks it does not shrink are stored raw)")
+    i.add_argument("--kdf", choices=("scrypt", "none"), default="scrypt",
+                   help="keyfile only: none writes the key unwrapped to a 0600 key file and asks no passphrase "
+                        "(unattended runs without the ~0.3 s scrypt; see docs/incr.md); default scrypt")
     _s3(i)
     i.set_defaults(func=cmd_init)
     k = rsub.add_parser("key", help="an encrypted repository's key: export, change-passphrase")
@@ -54,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "the repository)")
     ke.add_argument("dir", metavar="REPO", help=REPO_HELP)
     ke.add_argument("file", metavar="FILE", nargs="?", help="where to write it (default: stdout)")
+    ke.add_argument("--kdf", choices=("scrypt", "none"), default="scrypt",
+                    help="none: unlock the repository and write its key UNWRAPPED to FILE (mode 0600), for "
+                         "unattended runs with --key-file FILE and no passphrase (docs/incr.md); "
+                         "default scrypt: the passphrase-wrapped key as stored")
     _s3(ke)
     ke.set_defaults(func=cmd_key_export)
     kc = ksub.add_parser("change-passphrase", help="rewrap the key under a new passphrase")
@@ -147,10 +158,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     level = parse_compression(args.compression)
     repo = Repository.init(open_store_args(args, args.dir), parse_size(args.chunk_size), encryption=args.encryption,
                            compression=level, passphrase=passphrase_of(args, confirm=True, spec=args.dir),
-                           key_file=args.key_file)
+                           key_file=args.key_file, kdf=args.kdf)
     print(f"repository {args.dir} created ({repo.chunk_size} byte chunks, compression {args.compression}, "
           f"encryption {args.encryption})")
-    if repo.encryption == "keyfile":
+    if repo.encryption == "keyfile" and args.kdf == "none":
+        print(f"key: {repo._key_source[1]} (mode 0600, NO passphrase: whoever reads it reads and writes the "
+              "backups) -- without it the backups cannot be read: keep a protected copy elsewhere "
+              "('nbdbackup repo key change-passphrase' wraps it under a passphrase)")
+    elif repo.encryption == "keyfile":
         print(f"key: {repo._key_source[1]} -- without it and the passphrase the backups cannot be read: "
               "keep a copy elsewhere ('nbdbackup repo key export')")
     elif repo.encryption == "repokey":
@@ -162,6 +177,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_key_export(args: argparse.Namespace) -> int:
     from ..agent.crypto import write_private
 
+    if args.kdf == "none":
+        if not args.file:
+            raise ConfigError("--kdf none writes the key unwrapped: give a FILE (it is written mode 0600)")
+        _, repo = _open(args)  # unlocked: with the passphrase, or an existing key file
+        write_private(args.file, repo.plain_key_blob())
+        print(f"key of {args.dir} written UNWRAPPED to {args.file} (mode 0600): whoever reads it reads and "
+              "writes the backups; use it with --key-file and no passphrase")
+        return 0
     # The blob is wrapped: exporting it needs no passphrase.
     blob = _key_blob(open_store_args(args, args.dir), args)
     if args.file:

@@ -727,3 +727,56 @@ def test_encrypted_repository(pki, agent_creds, short_tmp, monkeypatch):
     r = subprocess.run([a for a in rig.agent_argv() if a not in rig.repo_opts], cwd=ROOT, capture_output=True,
                        timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and b"passphrase" in r.stderr.lower(), r.stderr
+
+
+def test_kdf_none_key_file_for_unattended_runs(pki, agent_creds, short_tmp, monkeypatch):
+    """A repokey repository, its key exported ``--kdf none`` (0600): the agent runs with
+    ``--key-file`` and no passphrase anywhere (full, incremental, each restored exactly); a key
+    file others can read is refused before anything starts (exit 1, nothing recorded)."""
+    rig = Rig(short_tmp, pki, agent_creds["agent"], passphrase="correct horse battery staple")
+    key = short_tmp / "agent.key"
+    monkeypatch.setenv("NBDBACKUP_PASSPHRASE", rig.passphrase)
+    out = peers.nbdbackup_cli("repo", "key", "export", "--kdf", "none", str(rig.repo), str(key)).stdout
+    assert "UNWRAPPED" in out and key.stat().st_mode & 0o777 == 0o600
+    rig.repo_opts = ["--key-file", str(key)]  # instead of --passphrase-file
+    with rig.serve():
+        for kind, seed in (("full", 1), ("incremental", 2)):
+            dirty = rig.burst(seed=seed, count=10)
+            rig.reference("pending")
+            monkeypatch.delenv("NBDBACKUP_PASSPHRASE")  # the agent has no passphrase: the key file suffices
+            _, rep, _ = rig.agent()
+            monkeypatch.setenv("NBDBACKUP_PASSPHRASE", rig.passphrase)  # for the restore plugin
+            rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
+            check_ok_run(rig, rep, kind, dirty if kind == "incremental" else None)
+        before = rig.snapshots()
+        key.chmod(0o644)
+        monkeypatch.delenv("NBDBACKUP_PASSPHRASE")
+        rc, rep, err = rig.agent(ok=False)
+        assert rc == 1 and "must not be accessible by group or others" in err and "chmod 600" in err, (rep, err)
+        assert rig.snapshots() == before and rig.our_jobs() == []
+
+
+def test_s3_incremental_round_trips(pki, agent_creds, short_tmp, s3env):
+    """The S3 API calls of an incremental (the agent's ``store_requests``): no HEAD per chunk
+    (a conditional PUT each), no HEAD before the snapshot's PUT, one ranged GET for the base's
+    metadata: HEADs are the exclusive-lease check, the new name's check and the lease check."""
+    rig = Rig(short_tmp, pki, agent_creds["agent"])
+    rig.repo = s3env
+    peers.nbdbackup_cli("repo", "init", s3env, "--chunk-size", str(CHUNK))
+    with rig.serve():
+        for kind, seed in (("full", 1), ("incremental", 2)):
+            dirty = rig.burst(seed=seed, count=10)
+            rig.reference("pending")
+            _, rep, _ = rig.agent("--verify", "off")
+            rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
+            d = disk_report(rep)
+            assert d["status"] == "ok" and d["kind"] == kind, d
+            rig.restores_exactly(d["snapshot"])
+        calls = rep["store_requests"]
+        assert d["new_chunks"] >= 1 and dirty
+        assert calls.get("HeadObject", 0) <= 3, calls
+        # The lease, one conditional PUT per changed chunk (new unless a rare dedup hit), the snapshot.
+        assert calls["PutObject"] <= d["chunks_worked"] + 2 and calls["PutObject"] >= d["new_chunks"] + 2, (calls, d)
+        # config.json, the base's metadata (ranged) and digests, at most one base chunk per changed chunk.
+        assert calls["GetObject"] <= 3 + d["chunks_worked"], (calls, d)
+        assert calls.get("ListObjectsV2", 0) == 0 and calls["DeleteObject"] == 1, calls  # the lease

@@ -49,7 +49,8 @@ def test_repository_full_incremental_restore_verify_gc(short_tmp, monkeypatch, e
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     qemu_io(disk, "write -P 0x11 0 8M", "write -P 0x22 20M 4M", "write -P 0x5e 48M 1M", fmt="qcow2")
     subprocess.run(["qemu-img", "bitmap", "--add", str(disk), "b0"], check=True)
-    nb("repo", "init", str(repo), "--encryption", encryption, "--compression", compression)
+    nb("repo", "init", str(repo), "--encryption", encryption, "--compression", compression,
+       "--chunk-size", "4M")  # the chunk counts below are of 4 MiB chunks
     api = Repository.open(DirStore(str(repo)), passphrase="interop pass")
     with peers.qemu_nbd(disk, fmt="qcow2", read_only=True) as q:
         st0 = json.loads(nb("pull", q.uri, "--repo", str(repo), "--snapshot", "s0", "--json").stdout)

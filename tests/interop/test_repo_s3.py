@@ -154,7 +154,7 @@ def test_s3_repository_full_incremental_restore_verify_gc(s3env, short_tmp, monk
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     qemu_io(disk, "write -P 0x11 0 8M", "write -P 0x22 20M 4M", "write -P 0x5e 48M 1M", fmt="qcow2")
     subprocess.run(["qemu-img", "bitmap", "--add", str(disk), "b0"], check=True)
-    nb("repo", "init", url, "--encryption", encryption)
+    nb("repo", "init", url, "--encryption", encryption, "--chunk-size", "4M")  # the chunk counts below
     assert "already holds a repository" in nb("repo", "init", url, ok=False).stderr
     with peers.qemu_nbd(disk, fmt="qcow2", read_only=True) as q:
         st0 = json.loads(nb("pull", q.uri, "--repo", url, "--snapshot", "s0", "--json").stdout)

@@ -72,7 +72,7 @@ def secret(short_tmp, monkeypatch):
 @pytest.mark.parametrize("encryption", ["none", "repokey"])
 def test_restore_file_and_nbd_targets(short_tmp, secret, encryption):
     disk, repo = make_disk(short_tmp / "disk.raw"), str(short_tmp / "repo")
-    nb("repo", "init", repo, "--encryption", encryption)
+    nb("repo", "init", repo, "--encryption", encryption, "--chunk-size", "4M")  # the layout above
     pull_into(repo, disk, "s0")
 
     # A new file: identical, sparse (holes for the zero chunks and the zero half chunk).
@@ -145,7 +145,7 @@ def _chunk_path(repo: Path, snap: str, i: int) -> Path:
 
 def test_restore_names_damaged_and_missing_chunks(short_tmp):
     disk, repo = make_disk(short_tmp / "disk.raw"), short_tmp / "repo"
-    nb("repo", "init", str(repo))
+    nb("repo", "init", str(repo), "--chunk-size", "4M")  # chunk 2 at 8 MiB
     pull_into(str(repo), disk, "s0")
     victim = _chunk_path(repo, "s0", 2)
     data = bytearray(victim.read_bytes())
@@ -304,7 +304,7 @@ def _run_with_tty_stderr(*args: str) -> tuple[int, str, str]:
 
 def test_progress_only_on_a_terminal_and_never_with_json(short_tmp):
     disk, repo = make_disk(short_tmp / "disk.raw"), str(short_tmp / "repo")
-    nb("repo", "init", repo)
+    nb("repo", "init", repo, "--chunk-size", "4M")  # 8 chunks: a restore long enough to show progress
     pull_into(repo, disk, "s0")
     # A slow NBD target (100 ms per write) makes the restore last well over the first quarter second.
     with peers.nbdkit("memory", str(disk.stat().st_size), "wdelay=100ms", filters=["delay"]) as k:
