@@ -19,6 +19,10 @@ ceph-mon, ceph-osd, ceph-common; scripts/setup installs them):
 - ``cluster addr`` as well as ``public addr`` = 127.0.0.1, or the OSD
   listens on every interface.
 - One OSD: pool size 1, 8 PGs per pool, ``mon max pg per osd`` raised.
+- beast ``tcp_nodelay=1``: without it a small GET (a config or key object)
+  stalls ~40 ms because the response headers and body leave in separate
+  segments and Nagle holds the second until the client's delayed ACK
+  (measured by the restore helper; production RGWs set it for the same reason).
 
 Invariants: every daemon runs in the foreground in its own session, as a
 child of this process (so it is reaped); it is only signalled while
@@ -195,7 +199,7 @@ memstore device bytes = {memstore_bytes}
 osd crush initial weight = 1
 osd check max object name len on startup = false
 [client.rgw]
-rgw frontends = beast endpoint=127.0.0.1:{port}
+rgw frontends = beast endpoint=127.0.0.1:{port} tcp_nodelay=1
 rgw data = {d}/rgw
 rgw thread pool size = 64
 """
