@@ -178,9 +178,15 @@ class Codec:
 
     def _out(self, n: int) -> memoryview:
         """This thread's output buffer of `encode_reused`, as a view of exactly ``n`` bytes."""
-        buf = getattr(self._local, "out", None)
+        return self._thread_buffer("out", n)
+
+    def _thread_buffer(self, which: str, n: int) -> memoryview:
+        """This thread's buffer ``which`` ("out" or "scratch"), grown to at least ``n``
+        bytes (1 MiB at least), as a view of exactly ``n`` bytes."""
+        buf = getattr(self._local, which, None)
         if buf is None or len(buf) < n:
-            buf = self._local.out = bytearray(max(n, 1 << 20))
+            buf = bytearray(max(n, 1 << 20))
+            setattr(self._local, which, buf)
         return memoryview(buf)[:n]
 
     def decode(self, name: str, blob, limit: int) -> bytes:
@@ -275,11 +281,8 @@ class Codec:
         return size
 
     def _scratch(self, n: int) -> memoryview:
-        """This thread's scratch buffer, at least ``n`` bytes (a view of exactly ``n``)."""
-        buf = getattr(self._local, "scratch", None)
-        if buf is None or len(buf) < n:
-            buf = self._local.scratch = bytearray(max(n, 1 << 20))
-        return memoryview(buf)[:n]
+        """This thread's scratch buffer of `decode_into`, as a view of exactly ``n`` bytes."""
+        return self._thread_buffer("scratch", n)
 
     def _decrypt_into(self, nonce: bytes, data: memoryview, aad: bytes, out: memoryview) -> None:
         """AES-256-GCM open of ``data`` into ``out`` (``len(data) - TAG`` bytes)."""
@@ -299,5 +302,5 @@ def _encrypt_into_ok() -> bool:
 
 
 def _into_ok() -> bool:
-    """This cryptography's AESGCM has ``decrypt_into`` (45+)."""
+    """This cryptography's AESGCM has ``decrypt_into`` (45+, with ``encrypt_into``)."""
     return hasattr(AESGCM, "decrypt_into")
