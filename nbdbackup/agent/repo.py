@@ -314,6 +314,46 @@ def check_name(name: str) -> str:
     return name
 
 
+class ProbeGate:
+    """Whether `Repository.put_chunk` asks a remote store if a chunk exists
+    before encoding and uploading it.
+
+    A probe (an S3 HEAD: one round trip, ~1 ms of client CPU) pays only when
+    it hits: a chunk another snapshot already stored.  A first full backup of
+    a disk into an empty repository misses on every chunk.  So: probe while
+    probes hit; after `MISSES` misses in a row stop probing, and start again
+    as soon as an unprobed conditional PUT finds the chunk already there (the
+    store answers 412).  Only performance depends on this: the conditional
+    PUT keeps a known chunk's stored copy whether or not it was probed, and
+    `put_chunk`'s result ("was new") is right either way.  Stores where a
+    probe is a local stat (`DirStore`: no ``remote`` attribute) always probe.
+
+    Fields (under ``_lock``; the pull calls `put_chunk` on worker threads):
+    ``misses`` (probes that missed since the last hit); ``probing`` (False
+    once ``misses`` reached `MISSES`).
+    """
+
+    MISSES = 16
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.misses = 0
+        self.probing = True
+
+    def wanted(self) -> bool:
+        with self._lock:
+            return self.probing
+
+    def saw(self, known: bool) -> None:
+        """A probe or an unprobed PUT found the chunk ``known`` (already stored) or new."""
+        with self._lock:
+            if known:
+                self.misses, self.probing = 0, True
+            elif self.probing:
+                self.misses += 1
+                self.probing = self.misses < self.MISSES
+
+
 class Repository:
     """A chunk repository over a store (see the module doc).
 
@@ -326,7 +366,8 @@ class Repository:
     from: ``("store", "keys/repokey")`` or ``("file", PATH)``; None when not
     encrypted); ``_zero`` (cache: length -> id of that many zero bytes);
     ``_whole`` ((name, object, time) of the last snapshot object `snapshot_info`
-    read whole, used once by `load_snapshot` within a minute: one GET less).
+    read whole, used once by `load_snapshot` within a minute: one GET less);
+    ``_probe`` (`ProbeGate`: whether `put_chunk` still asks a remote store first).
     """
 
     def __init__(self, store: Store, chunk_size: int, *, repo_id: str = "", encryption: str = "none",
@@ -342,6 +383,7 @@ class Repository:
         self._key_source = key_source
         self._zero: dict[int, bytes] = {}
         self._whole: tuple[str, bytes, float] | None = None
+        self._probe = ProbeGate()
 
     @classmethod
     def init(cls, store: Store, chunk_size: int = DEFAULT_REPO_CHUNK, *, encryption: str = "none",
@@ -523,16 +565,27 @@ class Repository:
 
     def put_chunk(self, d: bytes, data: Buffer, *, probe: bool = True) -> bool:
         """Store ``data`` under id ``d`` unless known; True if it was new.
-        Compresses and encrypts: call it on a worker thread.  ``probe=False``:
+        Compresses and encrypts: call it on a worker thread.  On a remote
+        store the existence check is skipped while checks keep missing
+        (`ProbeGate`).  ``probe=False``:
         no existence check first (one S3 HEAD less per chunk, for chunks that
         are most likely new, e.g. an incremental's changed ones: a known one is
         encoded and sent, and the conditional PUT keeps the stored copy)."""
         if d == self.zero_id(len(memoryview(data))):
             return False
         key = _chunk_key(d)
-        if probe and self.store.exists(key):  # saves the encoding and upload of a known chunk
-            return False
-        return self.store.put_new(key, self.codec.encode_reused(key, data))
+        remote = getattr(self.store, "remote", False)
+        probed = probe and (not remote or self._probe.wanted())
+        if probed:
+            known = self.store.exists(key)  # saves the encoding and upload of a known chunk
+            if remote:
+                self._probe.saw(known)
+            if known:
+                return False
+        new = self.store.put_new(key, self.codec.encode_reused(key, data))
+        if remote and probe and not probed:
+            self._probe.saw(not new)
+        return new
 
     def get_chunk(self, d: bytes, length: int) -> bytes:
         """The bytes of chunk ``d`` (``length`` long), decrypted and checked against ``d``."""

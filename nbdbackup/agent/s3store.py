@@ -127,6 +127,9 @@ class S3Store:
     in time; read by `check_lock`); ``_lease_etag`` (see `_put_lease`).
     """
 
+    #: An existence check is a round trip here (`repo.ProbeGate` decides when to make it).
+    remote = True
+
     def __init__(self, url: str, *, endpoint: str | None = None, lease_ttl: float = LEASE_TTL,
                  gc_grace: float = GC_GRACE) -> None:
         self.bucket, self.prefix = parse_url(url)

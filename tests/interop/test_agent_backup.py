@@ -52,6 +52,8 @@ from pathlib import Path
 
 import pytest
 
+from nbdbackup.agent.repo import ProbeGate
+
 import certs
 import peers
 
@@ -765,13 +767,19 @@ def test_s3_incremental_round_trips(pki, agent_creds, short_tmp, s3env):
     peers.nbdbackup_cli("repo", "init", s3env, "--chunk-size", str(CHUNK))
     with rig.serve():
         for kind, seed in (("full", 1), ("incremental", 2)):
-            dirty = rig.burst(seed=seed, count=10)
+            dirty = rig.burst(seed=seed, count=120 if kind == "full" else 10)
             rig.reference("pending")
             _, rep, _ = rig.agent("--verify", "off")
             rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
             d = disk_report(rep)
             assert d["status"] == "ok" and d["kind"] == kind, d
             rig.restores_exactly(d["snapshot"])
+            if kind == "full":  # into an empty repository: probes stop after ProbeGate.MISSES misses
+                full_calls, full_d = rep["store_requests"], d
+        # Probes in flight on the 8 workers when the gate closes add at most 7; 3 HEADs are the leases'
+        # and the name's.  Probing every chunk would make new_chunks + 3.
+        assert full_d["new_chunks"] > ProbeGate.MISSES + 3 + 7, full_d  # else the next line proves nothing
+        assert full_calls.get("HeadObject", 0) <= ProbeGate.MISSES + 3 + 7, (full_calls, full_d)
         calls = rep["store_requests"]
         assert d["new_chunks"] >= 1 and dirty
         assert calls.get("HeadObject", 0) <= 3, calls

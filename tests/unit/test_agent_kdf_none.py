@@ -15,7 +15,7 @@ import pytest
 from nbdbackup.agent import crypto
 from nbdbackup.agent.manifest import Manifest
 from nbdbackup.agent.pull import pull
-from nbdbackup.agent.repo import DEFAULT_REPO_CHUNK, REPOKEY, DirStore, Repository, SnapshotExists
+from nbdbackup.agent.repo import DEFAULT_REPO_CHUNK, REPOKEY, DirStore, ProbeGate, Repository, SnapshotExists
 from nbdbackup.blockdev.memory import MemoryDev
 from nbdbackup.errors import ConfigError
 
@@ -237,3 +237,61 @@ def test_cli_registers_only_the_command_asked_for():
         assert commands(build_parser(argv)) == everything, argv
     for name in COMMAND_MODULES:  # every module registers the command it is named after
         assert name in commands(build_parser([name])), name
+
+
+class _RemoteDir:
+    """A DirStore seen as remote (``remote = True``) that counts existence checks:
+    the `ProbeGate` logic of `Repository.put_chunk` without a network."""
+
+    remote = True
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.exists_calls = 0
+
+    def exists(self, key):
+        self.exists_calls += 1
+        return self._inner.exists(key)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_probe_gate_stops_after_misses_and_resumes_on_a_hit(tmp_path):
+    from nbdbackup.agent.repo import ProbeGate
+
+    g = ProbeGate()
+    for _ in range(ProbeGate.MISSES - 1):
+        g.saw(False)
+    assert g.wanted()
+    g.saw(False)
+    assert not g.wanted()
+    g.saw(False)  # an unprobed new chunk keeps it off
+    assert not g.wanted()
+    g.saw(True)  # a conditional PUT found it stored: probe again
+    assert g.wanted() and g.misses == 0
+
+
+def test_put_chunk_on_a_remote_store_stops_probing_new_chunks(tmp_path):
+    inner = DirStore(str(tmp_path / "r"))
+    Repository.init(inner, 4096)
+    store = _RemoteDir(inner)
+    repo = Repository.open(store)
+    datas = [os.urandom(4096) for _ in range(40)]
+    for data in datas:  # a first full backup: every chunk is new
+        assert repo.put_chunk(repo.chunk_id(data), data) is True
+    assert store.exists_calls == ProbeGate.MISSES
+    # The same chunks again (a second full): the first unprobed PUT finds its chunk stored,
+    # probing resumes, and every later one is a probe hit (no encode, no upload).
+    for data in datas:
+        assert repo.put_chunk(repo.chunk_id(data), data) is False
+    assert store.exists_calls == ProbeGate.MISSES + len(datas) - 1
+    assert repo._probe.probing
+    # A local DirStore always probes.
+    local = Repository.open(inner)
+    calls = []
+    orig = inner.exists
+    inner.exists = lambda k: calls.append(k) or orig(k)
+    for data in datas[:20]:
+        assert local.put_chunk(local.chunk_id(data), data) is False
+    assert len(calls) == 20
