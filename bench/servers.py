@@ -22,6 +22,8 @@ server in turn and measure what a backup client sees:
                       folios: a 4 KiB pwrite then costs ~1.5 us and the metric
                       measures the servers' own per-request cost
 - ``read-seq-tcp``    ``read-seq`` over TCP on 127.0.0.1
+- ``write-seq-tcp``   ``write-seq`` over TCP on 127.0.0.1 (where our server
+                      splices large WRITE payloads without a copy out of the socket)
 
 Rounds alternate servers (A B C A B C ...) so drift (thermal, page cache,
 other load) spreads over all of them; each (round, server) slot starts a
@@ -69,10 +71,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("randwrite-4k-alloc", "IOPS",
            description="randwrite-4k on an allocated image cached in 4 KiB folios"),
     Metric("read-seq-tcp", "MB/s", description="nbdcopy URI null: (default connections), TCP 127.0.0.1"),
+    Metric("write-seq-tcp", "MB/s", description="nbdcopy SRC URI (no --flush), TCP 127.0.0.1"),
 ]}
 DEFAULT_METRICS = list(METRICS)
-TCP_METRICS = {"read-seq-tcp"}
-WRITE_METRICS = {"write-seq", "randwrite-4k", "randwrite-4k-alloc"}
+TCP_METRICS = {"read-seq-tcp", "write-seq-tcp"}
+WRITE_METRICS = {"write-seq", "write-seq-tcp", "randwrite-4k", "randwrite-4k-alloc"}
 #: Metrics served from the small-folio image (`make_small_folio_file`).
 ALLOC_METRICS = {"randwrite-4k-alloc"}
 
@@ -261,7 +264,7 @@ def measure(metric: str, uri: str, size: int, src: str, img: str, duration: floa
         return nbdcopy_read(uri, size), size
     if metric == "read-seq-1conn":
         return nbdcopy_read(uri, size, connections=1), size
-    if metric == "write-seq":
+    if metric in ("write-seq", "write-seq-tcp"):
         return nbdcopy_write(src, uri, size), size
     if metric == "randread-4k":
         return rand_io(uri, size, write=False, duration=duration)
