@@ -17,8 +17,8 @@ Batches (``batching=True``, what `nbd.server` uses): when one receive
 brings many small requests (a client with 32 requests in flight sends them
 back to back), the I/O layer takes them in one pass instead of one event
 each: ``buffer_updated(n, parse=False)`` only records the bytes,
-`peek_batch` returns the complete, valid, small READs and WRITEs at the front
-of the ring -- a WRITE's payload stays in the ring and is written to the
+`peek_batch` returns the complete, valid, small READs and WRITEs (and valid
+WRITE_ZEROES and TRIMs, which have no payload) at the front of the ring -- a WRITE's payload stays in the ring and is written to the
 device from there -- together with their encoded reply headers, without
 consuming anything; `commit_batch` consumes the prefix the I/O layer did,
 and `parse` turns whatever is left into events as usual (a request the batch

@@ -28,7 +28,7 @@ WRITEs.  Those are run in one loop over the receive ring
 (`ServerConnection.peek_batch`): no event, task, payload buffer or budget
 step per request; a WRITE's payload goes to `BlockDev.pwrite_now` straight
 from the ring, a READ is `BlockDev.pread_now` straight into the batch's
-reply buffer, and the replies of the whole batch leave in ONE
+reply buffer, a WRITE_ZEROES or TRIM is `zero_now` / `trim_now`, and the replies of the whole batch leave in ONE
 ``transport.write``.  Each request is run exactly as its task-free path
 would (`_write_now`, `_read_now`) and in order, so a READ after a WRITE in
 the batch sees it.  A request the device cannot do now (a FUA the device
@@ -1131,7 +1131,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._update_reading()
 
     def _run_batches(self) -> bool:
-        """Run the small READs and WRITEs waiting whole in the receive ring,
+        """Run the small READs and WRITEs (and the WRITE_ZEROES and TRIMs)
+        waiting whole in the receive ring,
         a batch at a time (see the module docstring), until the ring holds
         no more, or the transport is above its high-water mark.  A request
         the device cannot do now is handed to the ordinary path
