@@ -22,6 +22,11 @@ server in turn and measure what a backup client sees:
                       folios: a 4 KiB pwrite then costs ~1.5 us and the metric
                       measures the servers' own per-request cost
 - ``read-seq-tcp``    ``read-seq`` over TCP on 127.0.0.1
+- ``randzero-4k``, ``randtrim-4k`` (only with ``--only``: they punch or zero
+                      the image every later metric would read) 4 KiB random
+                      WRITE_ZEROES (NO_HOLE) / TRIM, 32 in flight, 1 conn, IOPS
+- ``write-seq-tcp``   ``write-seq`` over TCP on 127.0.0.1 (where our server
+                      splices large WRITE payloads without a copy out of the socket)
 
 Rounds alternate servers (A B C A B C ...) so drift (thermal, page cache,
 other load) spreads over all of them; each (round, server) slot starts a
@@ -69,10 +74,15 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("randwrite-4k-alloc", "IOPS",
            description="randwrite-4k on an allocated image cached in 4 KiB folios"),
     Metric("read-seq-tcp", "MB/s", description="nbdcopy URI null: (default connections), TCP 127.0.0.1"),
+    Metric("write-seq-tcp", "MB/s", description="nbdcopy SRC URI (no --flush), TCP 127.0.0.1"),
+    Metric("randzero-4k", "IOPS", description="libnbd aio_zero 4 KiB NO_HOLE random, 32 in flight, 1 conn"),
+    Metric("randtrim-4k", "IOPS", description="libnbd aio_trim 4 KiB random, 32 in flight, 1 conn"),
 ]}
-DEFAULT_METRICS = list(METRICS)
-TCP_METRICS = {"read-seq-tcp"}
-WRITE_METRICS = {"write-seq", "randwrite-4k", "randwrite-4k-alloc"}
+#: Metrics that change the image for every later one: run only when asked.
+OPT_IN_METRICS = {"randzero-4k", "randtrim-4k"}
+DEFAULT_METRICS = [m for m in METRICS if m not in OPT_IN_METRICS]
+TCP_METRICS = {"read-seq-tcp", "write-seq-tcp"}
+WRITE_METRICS = {"write-seq", "write-seq-tcp", "randwrite-4k", "randwrite-4k-alloc", "randzero-4k", "randtrim-4k"}
 #: Metrics served from the small-folio image (`make_small_folio_file`).
 ALLOC_METRICS = {"randwrite-4k-alloc"}
 
@@ -197,7 +207,7 @@ def nbdcopy_write(src: str, uri: str, size: int) -> float:
 
 
 def rand_io(uri: str, size: int, write: bool, qd: int = 32, duration: float = 3.0,
-            block: int = 4096, seed: int = 1) -> tuple[float, int]:
+            block: int = 4096, seed: int = 1, op: str = "") -> tuple[float, int]:
     """(IOPS, requests completed incl. warm-up) of 4 KiB random reads or writes with ``qd`` requests in flight.
 
     One libnbd handle; the loop keeps ``qd`` commands queued and calls
@@ -224,6 +234,12 @@ def rand_io(uri: str, size: int, write: bool, qd: int = 32, duration: float = 3.
             return 1  # auto-retire
 
         issue = h.aio_pwrite if write else h.aio_pread
+        if op == "zero":
+            def issue(_buf, off, completion):
+                return h.aio_zero(block, off, completion=completion, flags=nbd.CMD_FLAG_NO_HOLE)
+        elif op == "trim":
+            def issue(_buf, off, completion):
+                return h.aio_trim(block, off, completion=completion)
         i = polls = 0
         for phase_len in (0.3, duration):
             start_done = done[0]
@@ -261,12 +277,14 @@ def measure(metric: str, uri: str, size: int, src: str, img: str, duration: floa
         return nbdcopy_read(uri, size), size
     if metric == "read-seq-1conn":
         return nbdcopy_read(uri, size, connections=1), size
-    if metric == "write-seq":
+    if metric in ("write-seq", "write-seq-tcp"):
         return nbdcopy_write(src, uri, size), size
     if metric == "randread-4k":
         return rand_io(uri, size, write=False, duration=duration)
     if metric in ("randwrite-4k", "randwrite-4k-alloc"):
         return rand_io(uri, size, write=True, duration=duration)
+    if metric in ("randzero-4k", "randtrim-4k"):
+        return rand_io(uri, size, write=True, duration=duration, op=metric[4:8])
     raise ValueError(metric)
 
 

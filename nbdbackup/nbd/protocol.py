@@ -17,8 +17,8 @@ Batches (``batching=True``, what `nbd.server` uses): when one receive
 brings many small requests (a client with 32 requests in flight sends them
 back to back), the I/O layer takes them in one pass instead of one event
 each: ``buffer_updated(n, parse=False)`` only records the bytes,
-`peek_batch` returns the complete, valid, small READs and WRITEs at the front
-of the ring -- a WRITE's payload stays in the ring and is written to the
+`peek_batch` returns the complete, valid, small READs and WRITEs (and valid
+WRITE_ZEROES and TRIMs, which have no payload) at the front of the ring -- a WRITE's payload stays in the ring and is written to the
 device from there -- together with their encoded reply headers, without
 consuming anything; `commit_batch` consumes the prefix the I/O layer did,
 and `parse` turns whatever is left into events as usual (a request the batch
@@ -194,6 +194,7 @@ BATCH_MAX = 64 * 1024
 _REQ_MAGIC = wire.REQUEST_MAGIC
 _REQ_SIZE = wire.REQUEST_SIZE
 _CMD_READ, _CMD_WRITE = int(Cmd.READ), int(Cmd.WRITE)
+_CMD_WRITE_ZEROES, _CMD_TRIM = int(Cmd.WRITE_ZEROES), int(Cmd.TRIM)
 
 #: Command flags each command may carry (before checking what was negotiated).
 #: proto.md "Command flags": a client MUST NOT set a flag not documented for
@@ -216,6 +217,7 @@ _ALLOWED_FLAGS = {
 
 _ALLOWED_FLAGS_INT = {int(k): int(v) for k, v in _ALLOWED_FLAGS.items()}
 _FUA, _DF, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.FAST_ZERO)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
 _SEND_FUA, _SEND_FAST_ZERO = int(TransmissionFlag.SEND_FUA), int(TransmissionFlag.SEND_FAST_ZERO)
 _SEND_DF, _READ_ONLY = int(TransmissionFlag.SEND_DF), int(TransmissionFlag.READ_ONLY)
 
@@ -280,7 +282,9 @@ class ServerConnection:
       after one the batch could not take stay in the ring for the next batch.
     - ``_fast``: what `peek_batch` accepts without `_validate`, fixed when
       transmission starts: (export size, minimum block size, READ flags
-      allowed, WRITE flags allowed or -1 on a read-only export).
+      allowed, WRITE flags allowed or -1 on a read-only export,
+      WRITE_ZEROES flags allowed or -1 (read-only or not advertised), TRIM
+      flags allowed or -1).
     """
 
     def __init__(self, lookup: ExportLookup, lister: ExportLister, *, max_payload: int = wire.MAX_PAYLOAD,
@@ -311,7 +315,7 @@ class ServerConnection:
         self.one_at_a_time = False
         self._head_need = 0
         self._ring_read = _RING_READ
-        self._fast: tuple[int, int, int, int] = (0, 1, 0, -1)
+        self._fast: tuple[int, int, int, int, int, int] = (0, 1, 0, -1, -1, -1)
         self.no_zeroes = False
         self.fixed = False
         self.structured = False
@@ -709,7 +713,10 @@ class ServerConnection:
         tf = self.tflags
         rflags = (_FUA if tf & (_SEND_FUA | _READ_ONLY) else 0) | (_DF if tf & _SEND_DF else 0)
         wflags = -1 if tf & _READ_ONLY else (_FUA if tf & _SEND_FUA else 0)
-        self._fast = (info.size, max(1, info.block_size[0]), rflags, wflags)
+        zflags = (-1 if wflags < 0 or not tf & _TF.SEND_WRITE_ZEROES
+                  else wflags | _NO_HOLE | (_FAST_ZERO if tf & _SEND_FAST_ZERO else 0))
+        trflags = -1 if wflags < 0 or not tf & _TF.SEND_TRIM else wflags
+        self._fast = (info.size, max(1, info.block_size[0]), rflags, wflags, zflags, trflags)
         self._events.append(HandshakeDone(info, self.structured, dict(self.contexts)))
 
     # --------------------------------------------------------- transmission
@@ -830,20 +837,22 @@ class ServerConnection:
         consuming them: ``(items, reply_bytes, read_bytes)``.
 
         Taken, in order, while each is a complete READ of at most
-        ``read_max`` bytes or WRITE of at most ``write_max`` (payload whole
-        in the ring) that `_validate` would pass: non-zero length, within
-        the export, aligned to its minimum block size, flags allowed by what
-        was negotiated.  The first request that is anything else ends the
+        ``read_max`` bytes, WRITE of at most ``write_max`` (payload whole
+        in the ring), WRITE_ZEROES or TRIM (any length: no payload) that
+        `_validate` would pass: non-zero length, within the export, aligned
+        to its minimum block size, flags allowed by what was negotiated.  The first request that is anything else ends the
         batch (the ordinary path answers it, errors included), as does
         reaching ``reply_max`` bytes of replies.
 
         Each item is ``(cmd, fua, cookie, offset, length, payload_pos,
         next_pos, header)`` (``fua``: the request's FUA flag bit, the only
-        flag a taken request may carry that matters to running it -- DF
-        changes nothing on a READ that is sent whole);
+        flag a taken READ, WRITE or TRIM may carry that matters to running
+        it -- DF changes nothing on a READ that is sent whole; for a
+        WRITE_ZEROES all its flags: FUA, NO_HOLE, FAST_ZERO);
         ``payload_pos`` is where a WRITE's payload starts in
         `ring`; ``next_pos`` where the next request starts (`commit_batch`
-        takes it); ``header`` the encoded reply for a WRITE done, or the
+        takes it); ``header`` the encoded reply for a WRITE, WRITE_ZEROES
+        or TRIM done (``payload_pos`` 0 for the last two), or the
         reply header to send before a READ's ``length`` data bytes (simple or
         structured as negotiated).  ``reply_bytes`` is the total length of
         the replies, data included; ``read_bytes`` that of the READ data.
@@ -851,7 +860,7 @@ class ServerConnection:
         items: list[tuple] = []
         if self._state is not State.TRANSMISSION or self._events:
             return items, 0, 0
-        size, align, rflags, wflags = self._fast
+        size, align, rflags, wflags, zflags, trflags = self._fast
         read_max = min(read_max, self.max_payload, BATCH_MAX)
         write_max = min(write_max, self.max_payload, BATCH_MAX)
         buf = self._buf
@@ -892,6 +901,15 @@ class ServerConnection:
                 append((_CMD_READ, flags & _FUA, cookie, offset, length, 0, nxt, hdr))
                 out += rd_len + length
                 rbytes += length
+            elif cmd == _CMD_WRITE_ZEROES or cmd == _CMD_TRIM:
+                allowed = zflags if cmd == _CMD_WRITE_ZEROES else trflags
+                if allowed < 0 or flags & ~allowed:
+                    break
+                hdr = pack(smagic, done, t_none, cookie, 0) if structured else pack(smagic, 0, cookie)
+                nxt = pos + _REQ_SIZE
+                append((cmd, flags if cmd == _CMD_WRITE_ZEROES else flags & _FUA,
+                        cookie, offset, length, 0, nxt, hdr))
+                out += ok_len
             else:
                 break
             pos = nxt

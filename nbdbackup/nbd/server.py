@@ -28,7 +28,7 @@ WRITEs.  Those are run in one loop over the receive ring
 (`ServerConnection.peek_batch`): no event, task, payload buffer or budget
 step per request; a WRITE's payload goes to `BlockDev.pwrite_now` straight
 from the ring, a READ is `BlockDev.pread_now` straight into the batch's
-reply buffer, and the replies of the whole batch leave in ONE
+reply buffer, a WRITE_ZEROES or TRIM is `zero_now` / `trim_now`, and the replies of the whole batch leave in ONE
 ``transport.write``.  Each request is run exactly as its task-free path
 would (`_write_now`, `_read_now`) and in order, so a READ after a WRITE in
 the batch sees it.  A request the device cannot do now (a FUA the device
@@ -139,6 +139,7 @@ _FUA, _DF, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (int(CmdFlag.FUA), int(CmdFlag.DF), 
                                             int(CmdFlag.FAST_ZERO), int(CmdFlag.REQ_ONE))
 _ZERO = int(StateFlag.ZERO)
 _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
+_WRITE_ZEROES, _TRIM = int(Cmd.WRITE_ZEROES), int(Cmd.TRIM)
 #: Commands `NBDConnection._write_now` may run without a task.
 _NOW_CMDS = frozenset((_WRITE, int(Cmd.WRITE_ZEROES), int(Cmd.TRIM)))
 
@@ -1130,7 +1131,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._update_reading()
 
     def _run_batches(self) -> bool:
-        """Run the small READs and WRITEs waiting whole in the receive ring,
+        """Run the small READs and WRITEs (and the WRITE_ZEROES and TRIMs)
+        waiting whole in the receive ring,
         a batch at a time (see the module docstring), until the ring holds
         no more, or the transport is above its high-water mark.  A request
         the device cannot do now is handed to the ordinary path
@@ -1172,14 +1174,20 @@ class NBDConnection(asyncio.BufferedProtocol):
             mv = memoryview(out)
             ring = p.ring
             o = nw = bw = nr = br = handed = 0
+            zt = [0, 0, 0, 0]  # WRITE_ZEROES requests, bytes; TRIM requests, bytes
             next_pos = -1
             for cmd, fua, cookie, offset, length, ppos, nxt, hdr in items:
                 h = len(hdr)
                 try:
                     if cmd == _WRITE:
                         done = dev.pwrite_now(ring[ppos:ppos + length], offset, fua)
-                    else:
+                    elif cmd == _READ:
                         done = dev.pread_now(mv[o + h:o + h + length], offset)
+                    elif cmd == _WRITE_ZEROES:  # ``fua``: all its flags (`peek_batch`)
+                        done = dev.zero_now(offset, length, may_trim=not fua & _NO_HOLE,
+                                            fua=bool(fua & _FUA), fast=bool(fua & _FAST_ZERO))
+                    else:
+                        done = dev.trim_now(offset, length, fua=bool(fua))
                 except Exception:
                     # As on the task-free paths: the ordinary path runs it
                     # again and reports its error (or the bug).
@@ -1190,10 +1198,15 @@ class NBDConnection(asyncio.BufferedProtocol):
                         o += h
                         nw += 1
                         bw += length
-                    else:
+                    elif cmd == _READ:
                         o += h + length
                         nr += 1
                         br += length
+                    else:
+                        o += h
+                        k = 0 if cmd == _WRITE_ZEROES else 2
+                        zt[k] += 1
+                        zt[k + 1] += length
                 elif self._hand_over(cmd, fua, cookie, offset, length, ring, ppos):
                     handed += 1
                 else:
@@ -1208,21 +1221,27 @@ class NBDConnection(asyncio.BufferedProtocol):
             p.commit_batch(next_pos)
             if o < out_len:
                 del out[o:]
+            nzt = zt[0] + zt[2]
             if o:
                 ns = time.perf_counter_ns() - t0
                 stats = exp.stats
+                total = nw + nr + nzt
                 if nw:
-                    stats.record_many(_WRITE, nw, bw, ns * nw // (nw + nr))
+                    stats.record_many(_WRITE, nw, bw, ns * nw // total)
                 if nr:
-                    stats.record_many(_READ, nr, br, ns * nr // (nw + nr))
+                    stats.record_many(_READ, nr, br, ns * nr // total)
+                if zt[0]:
+                    stats.record_many(_WRITE_ZEROES, zt[0], zt[1], ns * zt[0] // total)
+                if zt[2]:
+                    stats.record_many(_TRIM, zt[2], zt[3], ns * zt[2] // total)
                 if not self._closing and not t.is_closing():
                     t.write(out)
                     self._tx_total += o
             if ch is not None:
                 self._put_buf(None, ch)
-            self.batched += nw + nr
+            self.batched += nw + nr + nzt
             self.batches += 1
-            if nw + nr + handed < len(items):
+            if nw + nr + nzt + handed < len(items):
                 return ran
         return ran
 

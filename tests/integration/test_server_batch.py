@@ -501,3 +501,67 @@ def test_random_pipelined_batches_match_a_sequential_model(short_tmp, ops, struc
         await server.shutdown()
 
     run(main())
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "nobatch"])
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_pipelined_write_zeroes_and_trims_run_in_batches_in_order(short_tmp, kind, structured, batch):
+    """WRITE_ZEROES (with and without NO_HOLE) and TRIM are taken by the
+    batch like WRITEs: in order with the WRITEs and READs around them, their
+    effect seen by the READs after them, counted in the stats and in the
+    connection's ``batched``."""
+    rng = random.Random(f"zt{kind}{structured}{batch}")
+    fill = rng.randbytes(SIZE)
+    NO_HOLE = 2
+
+    async def main():
+        server, exp, path = await serve(short_tmp, LiveDev(make_dev(kind, short_tmp, fill)), batch=batch)
+        c = await Raw.connect(path, "disk", structured)
+        model = bytearray(fill)
+        expect: dict[int, bytes | None] = {}
+        counts = {WRITE: 0, WRITE_ZEROES: 0, TRIM: 0}
+        out = bytearray()
+        for cookie in range(1, 601):
+            n = rng.choice([512, 4096, 8192, 16384])
+            off = rng.randrange(0, 128 * 1024 // 512) * 512
+            r = rng.random()
+            if r < 0.3:
+                data = rng.randbytes(n)
+                out += req(WRITE, cookie, off, n, data)
+                model[off:off + n] = data
+                counts[WRITE] += 1
+                expect[cookie] = None
+            elif r < 0.55:
+                # A TRIM reads back as zeroes on both devices here (file: punched hole).
+                cmd = rng.choice([WRITE_ZEROES, TRIM])
+                out += req(cmd, cookie, off, n, flags=NO_HOLE if cmd == WRITE_ZEROES and rng.random() < 0.5 else 0)
+                model[off:off + n] = bytes(n)
+                counts[cmd] += 1
+                expect[cookie] = None
+            else:
+                out += c.read(cookie, off, n)
+                expect[cookie] = bytes(model[off:off + n])
+        c.send(bytes(out))
+        got = await c.replies(len(expect))
+        for cookie, want in expect.items():
+            err, data = got[cookie]
+            assert err == 0, cookie
+            assert data == want, f"request {cookie}: READ does not see what was sent before it"
+        conn = the_conn(server)
+        st = exp.stats
+        for cmd, n in counts.items():
+            assert st.ops[cmd] == n and st.failed[cmd] == 0, cmd
+        assert st.bytes[WRITE_ZEROES] + st.bytes[TRIM] > 0
+        if batch:
+            # Nearly everything ran in batches, zeroes and trims included.
+            assert conn.batched > 0.9 * len(expect), (conn.batched, len(expect))
+        else:
+            assert conn.batched == 0
+        buf = bytearray(SIZE)
+        await exp.dev.pread(memoryview(buf), 0)
+        assert buf == model
+        await c.close()
+        await server.shutdown()
+
+    run(main())
