@@ -55,6 +55,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         # A block-buffered stdout (a pipe, without PYTHONUNBUFFERED) is written
         # here, not at exit, so a reader that went away lands in the handler below.
         sys.stdout.flush()
+        if from_command_line and getattr(args, "quick_exit", False):
+            _quick_exit(rc)
         return rc
     except NBDBackupError as e:
         print(f"nbdbackup: error: {e}", file=sys.stderr)
@@ -86,6 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 141
+
+
+def _quick_exit(rc: int) -> None:
+    """End the process now, for a command whose work is done, durable and reported
+    (``agent backup``, ``restore``: their stores are flushed/fsynced, their files
+    closed and their threads joined before they return).  Tearing the interpreter
+    down (boto3's clients and models, a large manifest) took 0.1-0.3 s of a run
+    that may itself take 0.3 s.  Only from the command line (``main()`` with no
+    argv), never when a test or a program calls ``main(argv)``."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

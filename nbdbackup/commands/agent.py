@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                    help="progress lines on stderr (auto: when it is a terminal)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
-    b.set_defaults(func=run_backup)
+    b.set_defaults(func=run_backup, quick_exit=True)
 
 
 def _usage(msg: str) -> int:

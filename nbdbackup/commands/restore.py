@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the target already reads as zeroes: leave zero chunks alone")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     add_progress_option(p)
-    p.set_defaults(func=run_restore)
+    p.set_defaults(func=run_restore, quick_exit=True)
 
 
 def _positive(text: str) -> int:
