@@ -189,10 +189,10 @@ class Codec:
             setattr(self._local, which, buf)
         return memoryview(buf)[:n]
 
-    def decode(self, name: str, blob, limit: int) -> bytes:
-        """The plaintext of the stored object ``blob`` read from key ``name``
-        (at most ``limit`` bytes), or `CodecError`."""
-        mv = memoryview(blob).cast("B")
+    def _flags(self, mv: memoryview) -> int:
+        """The flags of the stored object ``mv`` after the checks both decoders make
+        first: the header, known flags, encrypted exactly when the repository is,
+        long enough for a nonce and a tag; else `CodecError`."""
         if len(mv) < 2 or mv[0] != MAGIC or mv[1] & ~(ZSTD | AEAD):
             raise CodecError("not an nbdbackup format-2 object (bad header)")
         flags = mv[1]
@@ -201,13 +201,21 @@ class Codec:
                 raise CodecError("encrypted, but the repository is not")
             if len(mv) < 2 + NONCE + TAG:
                 raise CodecError("truncated")
+        elif self._aead is not None:
+            raise CodecError("not encrypted, in an encrypted repository")
+        return flags
+
+    def decode(self, name: str, blob, limit: int) -> bytes:
+        """The plaintext of the stored object ``blob`` read from key ``name``
+        (at most ``limit`` bytes), or `CodecError`."""
+        mv = memoryview(blob).cast("B")
+        flags = self._flags(mv)
+        if flags & AEAD:
             try:
                 payload = self._aead.decrypt(bytes(mv[2:2 + NONCE]), _arg(mv[2 + NONCE:]),
                                              bytes(mv[:2]) + name.encode())
             except InvalidTag:
                 raise CodecError("fails authentication (damaged, or not this object)") from None
-        elif self._aead is not None:
-            raise CodecError("not encrypted, in an encrypted repository")
         else:
             payload = mv[2:]
         if flags & ZSTD:
@@ -234,14 +242,8 @@ class Codec:
         mv = memoryview(blob).cast("B")
         dst = memoryview(out).cast("B")
         limit = len(dst)
-        if len(mv) < 2 or mv[0] != MAGIC or mv[1] & ~(ZSTD | AEAD):
-            raise CodecError("not an nbdbackup format-2 object (bad header)")
-        flags = mv[1]
+        flags = self._flags(mv)
         if flags & AEAD:
-            if self._aead is None:
-                raise CodecError("encrypted, but the repository is not")
-            if len(mv) < 2 + NONCE + TAG:
-                raise CodecError("truncated")
             n = len(mv) - 2 - NONCE - TAG
             if flags & ZSTD:
                 payload = self._scratch(n)
@@ -250,8 +252,6 @@ class Codec:
             else:
                 payload = dst[:n]
             self._decrypt_into(bytes(mv[2:2 + NONCE]), mv[2 + NONCE:], bytes(mv[:2]) + name.encode(), payload)
-        elif self._aead is not None:
-            raise CodecError("not encrypted, in an encrypted repository")
         else:
             payload = mv[2:]
             n = len(payload)
