@@ -147,6 +147,15 @@ async def serve(short_tmp, dev, *, batch: bool, name: str = "disk"):
     return server, exp, path
 
 
+async def expect_final_state_and_close(server: Server, exp, c, model: bytearray) -> None:
+    """The device holds exactly ``model``; then the client and the server go."""
+    buf = bytearray(len(model))
+    await exp.dev.pread(memoryview(buf), 0)
+    assert buf == model
+    await c.close()
+    await server.shutdown()
+
+
 def the_conn(server: Server):
     (conn,) = server.connections
     return conn
@@ -222,11 +231,7 @@ def test_pipelined_writes_and_reads_see_each_other_in_order(short_tmp, kind, str
         assert st.ops[WRITE] == nw and st.failed[WRITE] == 0
         assert st.ops[READ] == len(expect) - nw
         assert st.bytes[READ] == sum(len(v) for v in expect.values() if v is not None)
-        buf = bytearray(SIZE)
-        await exp.dev.pread(memoryview(buf), 0)
-        assert buf == model
-        await c.close()
-        await server.shutdown()
+        await expect_final_state_and_close(server, exp, c, model)
 
     run(main())
 
@@ -508,11 +513,7 @@ def test_random_pipelined_batches_match_a_sequential_model(short_tmp, ops, struc
                 await asyncio.sleep(0)
         got = await c.replies(len(expect))
         assert got == expect
-        buf = bytearray(HSIZE)
-        await exp.dev.pread(memoryview(buf), 0)
-        assert buf == model
-        await c.close()
-        await server.shutdown()
+        await expect_final_state_and_close(server, exp, c, model)
 
     run(main())
 
@@ -574,10 +575,6 @@ def test_pipelined_write_zeroes_and_trims_run_in_batches_in_order(short_tmp, kin
         elif ordered:
             # Nearly everything ran in batches, zeroes and trims included.
             assert conn.batched > 0.9 * len(expect), (conn.batched, len(expect))
-        buf = bytearray(SIZE)
-        await exp.dev.pread(memoryview(buf), 0)
-        assert buf == model
-        await c.close()
-        await server.shutdown()
+        await expect_final_state_and_close(server, exp, c, model)
 
     run(main())
