@@ -147,6 +147,15 @@ async def serve(short_tmp, dev, *, batch: bool, name: str = "disk"):
     return server, exp, path
 
 
+async def pipeline_rig(short_tmp, kind: str, fill: bytes, structured: bool, batch: bool):
+    """A LiveDev over a ``kind`` device holding ``fill``, served, and a raw client:
+    (server, export, client, whether pipelined READs are answered in order)."""
+    dev = make_dev(kind, short_tmp, fill)
+    ordered = reads_run_now(dev)
+    server, exp, path = await serve(short_tmp, LiveDev(dev), batch=batch)
+    return server, exp, await Raw.connect(path, "disk", structured), ordered
+
+
 async def expect_final_state_and_close(server: Server, exp, c, model: bytearray) -> None:
     """The device holds exactly ``model``; then the client and the server go."""
     buf = bytearray(len(model))
@@ -191,10 +200,7 @@ def test_pipelined_writes_and_reads_see_each_other_in_order(short_tmp, kind, str
     fill = rng.randbytes(SIZE)
 
     async def main():
-        dev = make_dev(kind, short_tmp, fill)
-        ordered = reads_run_now(dev)
-        server, exp, path = await serve(short_tmp, LiveDev(dev), batch=batch)
-        c = await Raw.connect(path, "disk", structured)
+        server, exp, c, ordered = await pipeline_rig(short_tmp, kind, fill, structured, batch)
         model = bytearray(fill)
         expect: dict[int, bytes | None] = {}
         out = bytearray()
@@ -531,10 +537,7 @@ def test_pipelined_write_zeroes_and_trims_run_in_batches_in_order(short_tmp, kin
     NO_HOLE = 2
 
     async def main():
-        dev = make_dev(kind, short_tmp, fill)
-        ordered = reads_run_now(dev)
-        server, exp, path = await serve(short_tmp, LiveDev(dev), batch=batch)
-        c = await Raw.connect(path, "disk", structured)
+        server, exp, c, ordered = await pipeline_rig(short_tmp, kind, fill, structured, batch)
         model = bytearray(fill)
         expect: dict[int, bytes | None] = {}
         counts = {WRITE: 0, WRITE_ZEROES: 0, TRIM: 0}
