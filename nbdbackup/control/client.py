@@ -105,7 +105,11 @@ class ControlClient:
                 self.greeting = greeting
                 self._writer.write(framing.encode({"execute": "qmp_capabilities", "id": 0}))
                 reply = await self._recv()
-                while isinstance(reply, dict) and "event" in reply:  # not expected, tolerated
+                # Events are not expected here, but tolerated.  So is a second greeting:
+                # QEMU 7.2's monitor (qemu-storage-daemon) can send its greeting twice
+                # when the client connects while the chardev is being set up (seen under
+                # load: the reply to qmp_capabilities was another greeting, then the reply).
+                while isinstance(reply, dict) and ("event" in reply or isinstance(reply.get("QMP"), dict)):
                     reply = await self._recv()
                 if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
                     # E.g. remote control refusing this client certificate: say why.

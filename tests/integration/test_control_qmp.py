@@ -569,3 +569,41 @@ def test_many_clients_at_once(short_tmp):
             await server.close()
 
     run(main())
+
+
+def test_client_tolerates_a_repeated_greeting(short_tmp):
+    """qemu-storage-daemon 7.2 can send its greeting twice when a client connects
+    while its monitor is set up (seen in the suite under load): the second one,
+    read where the reply to qmp_capabilities is expected, is skipped.  A server
+    that answers with something else still fails the negotiation."""
+    greeting = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": ["oob"]}}
+
+    def script(replies):
+        async def handle(reader, writer):
+            writer.write(json.dumps(greeting).encode() + b"\r\n")
+            for line in replies:
+                req = json.loads(await reader.readline())
+                for r in line(req):
+                    writer.write(json.dumps(r).encode() + b"\r\n")
+                await writer.drain()
+            await reader.read()
+            writer.close()
+        return handle
+
+    async def main(replies):
+        path = str(short_tmp / "q.sock")
+        if os.path.exists(path):
+            os.unlink(path)
+        srv = await asyncio.start_unix_server(script(replies), path)
+        try:
+            async with ControlClient(path) as c:
+                return await c.execute("query-version")
+        finally:
+            srv.close()
+
+    twice = [lambda req: [greeting, {"return": {}, "id": req["id"]}],
+             lambda req: [{"return": {"qemu": {"major": 7}}, "id": req["id"]}]]
+    assert run(main(twice)) == {"qemu": {"major": 7}}
+    odd = [lambda req: [{"unexpected": 1, "id": req["id"]}]]
+    with pytest.raises(Exception, match="capabilities negotiation failed"):
+        run(main(odd))
