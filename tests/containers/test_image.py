@@ -51,6 +51,11 @@ def test_size(docker_engine, nbdbackup_image, record_property):
     assert 0 < added <= MAX_ADDED_MB
 
 
+def image_python(docker_engine, image, script: str) -> list[bytes]:
+    """The lines ``script`` prints when the image's Python runs it (a failure raises)."""
+    return docker_engine.run("run", "--rm", "--entrypoint", "python", image.tag, "-c", script).stdout.splitlines()
+
+
 def test_runtime_only(docker_engine, nbdbackup_image):
     script = (
         "import importlib.util as u, shutil\n"
@@ -58,8 +63,7 @@ def test_runtime_only(docker_engine, nbdbackup_image):
         "print(sorted(m for m in ('pytest', 'hypothesis', 'qemu', 'nbd', 'xdist') if u.find_spec(m)))\n"
         "print(sorted(p for p in ('qemu-img', 'qemu-nbd', 'nbdkit', 'nbdinfo', 'pip') if shutil.which(p)))\n"
     )
-    r = docker_engine.run("run", "--rm", "--entrypoint", "python", nbdbackup_image.tag, "-c", script)
-    assert r.stdout.splitlines() == [b"[]", b"[]"], r.stdout
+    assert image_python(docker_engine, nbdbackup_image, script) == [b"[]", b"[]"]
 
 
 def test_s3_client_survives_the_trimmed_botocore(docker_engine, nbdbackup_image):
@@ -74,8 +78,7 @@ def test_s3_client_survives_the_trimmed_botocore(docker_engine, nbdbackup_image)
         "from nbdbackup.agent.s3store import S3Store\n"
         "print(type(S3Store('s3://b/p', endpoint='http://127.0.0.1:9')).__name__)\n"
     )
-    r = docker_engine.run("run", "--rm", "--entrypoint", "python", nbdbackup_image.tag, "-c", script)
-    assert r.stdout.splitlines() == [b"http://127.0.0.1:9/b/k?AWS", b"S3Store"], r.stdout
+    assert image_python(docker_engine, nbdbackup_image, script) == [b"http://127.0.0.1:9/b/k?AWS", b"S3Store"]
 
 
 def _wait(cond, timeout: float, what: str, poll: float = 0.1):
