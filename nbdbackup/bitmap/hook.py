@@ -51,6 +51,12 @@ class DirtyHook:
     async def before_write(self, offset: int, length: int) -> None:
         self.registry.mark(offset, length)
 
+    def idle(self) -> bool:
+        """No bitmap at all: marking does nothing, so writes this hook does not
+        see (a worker process's, `blockdev.live` "External writers") lose
+        nothing.  Adding a bitmap recalls them first (`bitmap.manager`)."""
+        return not len(self.registry)
+
     def before_write_now(self, offset: int, length: int) -> bool:
         """The mark is synchronous: done now (the task-free write path)."""
         self.registry.mark(offset, length)

@@ -126,6 +126,9 @@ class BitmapManager:
             self.store = BitmapStore(state_dir)
         self.registries: dict[str, BitmapRegistry] = {}
         self.persistable: dict[str, str | None] = {}
+        #: export name -> its BitmapLiveDev (to recall worker connections
+        #: before a first bitmap is added: blockdev.live "External writers").
+        self.lives: dict[str, BitmapLiveDev] = {}
         self.engine: Any = None
 
     # -- exports --------------------------------------------------------------
@@ -166,8 +169,10 @@ class BitmapManager:
             if self.registries.get(name) is reg:
                 del self.registries[name]
                 self.persistable.pop(name, None)
+                self.lives.pop(name, None)
 
-        return BitmapLiveDev(dev, reg, on_close=forget)
+        live = self.lives[name] = BitmapLiveDev(dev, reg, on_close=forget)
+        return live
 
     def check_removable(self, export: str) -> None:
         """block-export-del: refuse while the export has bitmaps that would be lost.
@@ -229,6 +234,11 @@ class BitmapManager:
 
     async def add(self, export: str, name: str, granularity: int | None = None,
                   persistent: bool = False, disabled: bool = False) -> dict:
+        self._check_add(export, name, granularity, persistent)
+        live = self.lives.get(export)
+        if live is not None:
+            await live.recall()  # worker connections write where no hook sees them
+        # Checked again: the recall awaited.  No await from here to the add.
         reg = self._check_add(export, name, granularity, persistent)
         reg.add(name, granularity, persistent=persistent, disabled=disabled)
         return {}
@@ -287,7 +297,12 @@ class BitmapManager:
         from ..blockdev.live import quiesce_all
 
         try:
-            quiesced = quiesce_all([p.job.live for _, _, p in steps if p is not None and p.job.live is not None])
+            # Exports gaining a bitmap are quiesced too: that recalls their
+            # worker connections (blockdev.live "External writers").
+            lives = [p.job.live for _, _, p in steps if p is not None and p.job.live is not None]
+            lives += [self.lives[d["export"]] for k, d, _ in steps
+                      if k == "block-dirty-bitmap-add" and d.get("export") in self.lives]
+            quiesced = quiesce_all(lives)
             await quiesced.__aenter__()
         except BaseException:  # writes in flight never finished: nothing was committed
             for _, _, p in steps:

@@ -59,6 +59,21 @@ Task-free writes never suspend, so they cannot straddle a synchronous
 attach; a write handed to the I/O engine (`pwrite_start`) does, so it counts
 in ``_writing`` until it completes and is not started while quiesced.  The
 engine and ``transaction`` attach backups inside it.
+
+External writers (``serve --workers``, `nbd.worker`): connections of this
+export may be served by other processes, writing the same file through their
+own descriptor, where no hook of this object can see their writes.  The
+server counts them here (`attach_external`, `detach_external`) and registers
+a *recaller* (`set_recaller`): an async callable that brings every such
+connection back into this process with no write in flight.  `recall` awaits
+it until none is left; `quiesce` recalls (after closing its gate) before it
+yields, so a hook attached inside it sees every later write; `add_hook`
+asserts none is left.  A connection may be handed out only while
+`offload_ok`: not quiesced, and every hook attached is *idle* (has an
+``idle()`` method saying True: e.g. dirty tracking with no bitmap), so
+writes elsewhere cannot be missed by anyone.  Whoever makes a hook stop
+being idle (a bitmap added) must `recall` first, then change it with no
+await in between.
 """
 
 from __future__ import annotations
@@ -99,6 +114,10 @@ class LiveDev(FilterDev):
         self._gate: asyncio.Event | None = None
         #: Set when ``_writing`` drops to 0 while someone waits for it.
         self._drained: asyncio.Event | None = None
+        #: Connections of this device served by other processes now (External writers).
+        self._external = 0
+        #: Async callable bringing them back (registered by the server), or None.
+        self._recaller = None
 
     # -- quiescing ------------------------------------------------------
 
@@ -120,6 +139,7 @@ class LiveDev(FilterDev):
         await self._wait_gate()  # one quiesce at a time
         gate = self._gate = asyncio.Event()
         try:
+            await self.recall()  # no new hand-off while the gate is closed
             if self._writing:
                 self._drained = asyncio.Event()
                 try:
@@ -134,6 +154,46 @@ class LiveDev(FilterDev):
             self._gate = None
             gate.set()
 
+    # -- external writers -------------------------------------------------
+
+    def set_recaller(self, recaller) -> None:
+        """Register the async callable that brings external writers back (None: none)."""
+        self._recaller = recaller
+
+    @property
+    def external(self) -> int:
+        return self._external
+
+    def offload_ok(self) -> bool:
+        """A connection may be handed to another process now (module doc)."""
+        if self._gate is not None or type(self).pwrite is not LiveDev.pwrite:
+            return False
+        for h in self._hooks:
+            idle = getattr(h, "idle", None)
+            if idle is None or not idle():
+                return False
+        return True
+
+    def attach_external(self) -> None:
+        assert self.offload_ok()
+        self._external += 1
+
+    def detach_external(self) -> None:
+        assert self._external > 0
+        self._external -= 1
+
+    async def recall(self) -> None:
+        """Bring every external writer back (no write of theirs in flight
+        after this returns).  OSError if the recaller could not."""
+        while self._external:
+            if self._recaller is None:
+                raise OSError(errno.EBUSY, "connections served elsewhere and no way to recall them")
+            n = self._external
+            await self._recaller()
+            if self._external >= n:
+                raise OSError(errno.EBUSY, f"{self._external} connection(s) served by worker "
+                                           f"processes could not be recalled")
+
     # -- hooks ----------------------------------------------------------
 
     @property
@@ -143,6 +203,7 @@ class LiveDev(FilterDev):
     def add_hook(self, hook: WriteHook) -> None:
         """Attach ``hook`` after the existing ones (a hook is attached at most once)."""
         assert hook not in self._hooks, "hook attached twice"
+        assert not self._external, "hook attached while other processes write (recall first)"
         self._set_hooks(self._hooks + (hook,))
 
     def remove_hook(self, hook: WriteHook) -> None:

@@ -138,6 +138,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",
                    help="on Unix sockets admit only this group (name or gid; repeatable)")
     add_io_engine_option(p)
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes serving the data path of plain file exports with no backup "
+                        "or bitmap attached (each its own core; docs/workers.md); 0 = none "
+                        "(default: env NBDBACKUP_WORKERS, else 0)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (use a loopback address)")
     from .repoargs import add_repo_options
@@ -151,6 +155,17 @@ def add_io_engine_option(p: argparse.ArgumentParser) -> None:
                    help="how file I/O leaves the event loop: io_uring, a batched thread pool, or the "
                         "plain path (default auto: the plain path, measured fastest, see docs/ioengine.md; "
                         "env NBDBACKUP_IO_ENGINE)")
+
+
+def worker_count(args: argparse.Namespace) -> int:
+    """``--workers``, else its default (`nbd.worker.default_workers`); logged (-v)."""
+    from ..nbd.worker import default_workers
+
+    n = args.workers if getattr(args, "workers", None) is not None else default_workers()
+    if n < 0:
+        raise ConfigError("--workers must not be negative")
+    log.info("worker processes: %d", n)
+    return n
 
 
 def select_io_engine(args: argparse.Namespace) -> None:
@@ -316,7 +331,8 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
                     tls=tls_config(args), access=access_policy(args),
                     max_connections_per_peer=args.max_connections_per_peer,
                     idle_timeout=args.idle_timeout, unix_idle_timeout=args.unix_idle_timeout,
-                    max_buffer_memory=buffer_memory(args.max_buffer_memory))
+                    max_buffer_memory=buffer_memory(args.max_buffer_memory),
+                    workers=worker_count(args))
     app = daemon.App(server)
     metrics_srv = None
     where: list[str] = []

@@ -328,6 +328,59 @@ class ServerConnection:
             wire.NBDMAGIC, wire.IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
         )
 
+    @classmethod
+    def resumed(cls, info: ExportInfo, *, structured: bool, contexts: dict[int, str],
+                max_payload: int = wire.MAX_PAYLOAD, paced_payloads: bool = False,
+                batching: bool = False) -> "ServerConnection":
+        """A connection already in transmission for ``info`` (another process
+        ran the handshake and handed the socket over, `nbd.worker`): the same
+        state `_start_transmission` leaves, with no greeting to send and no
+        `HandshakeDone` event.  ``contexts`` are the meta contexts negotiated
+        (id -> name).  Feed it the bytes the previous owner received but did
+        not consume (its `unconsumed`)."""
+        c = cls(lambda _n: None, lambda: [], max_payload=max_payload, tls="off",
+                paced_payloads=paced_payloads, batching=batching)
+        c._out.clear()
+        c.fixed = True
+        c.structured = structured
+        c._meta_export = info.name if contexts else None
+        c._meta = [contexts[i] for i in sorted(contexts)]
+        c._start_transmission(info)
+        c.contexts = dict(contexts)
+        c._events.clear()
+        return c
+
+    def unconsumed(self) -> bytes | None:
+        """Every byte received and not yet consumed by a request that ran,
+        re-serialised as the client sent it: the parsed requests still queued
+        as events (header, and a WRITE's payload), the WRITE whose payload is
+        being received (header and the part that arrived), then the ring's
+        leftovers -- in stream order.  A `resumed` connection fed these bytes
+        is where this one is.  None when a queued event cannot be re-sent
+        (a protocol violation, a TLS or handshake event): the caller keeps
+        the connection.  Call only in transmission, with nothing started
+        from the queue meanwhile."""
+        if not self.in_transmission:
+            return None
+        out = bytearray()
+        pack = wire.REQUEST.pack
+        for ev in self._events:
+            if isinstance(ev, Request):
+                out += pack(_REQ_MAGIC, ev.flags, ev.cmd, ev.cookie, ev.offset, ev.length)
+                if ev.cmd == _CMD_WRITE and ev.payload is not None:
+                    out += ev.payload
+            elif isinstance(ev, Disconnect):
+                out += pack(_REQ_MAGIC, 0, int(Cmd.DISC), 0, 0, 0)
+            else:
+                return None
+        if self._state is State.PAYLOAD and self._pending is not None:
+            req = self._pending
+            out += pack(_REQ_MAGIC, req.flags, req.cmd, req.cookie, req.offset, req.length)
+            if self._payload is not None and self._payload_filled:
+                out += memoryview(self._payload)[:self._payload_filled]
+        out += self._view[self._start:self._end]
+        return bytes(out)
+
     # ---------------------------------------------------------------- state
 
     @property

@@ -99,6 +99,12 @@ in place and access control has seen the client certificate, so nothing is
 parsed, answered or written in clear after the ACK.  A failed
 TLS handshake closes the connection; the handshake timeout covers it.
 
+Worker processes (``Server(workers=N)``, `nbd.worker`): a connection that
+enters transmission on a plain file export is handed, socket and state, to
+a worker process serving it with this same code; its `NBDConnection` here
+stays as a placeholder (``remote``) that admission counts.  Write hooks
+recall such connections first (`blockdev.live` "External writers").
+
 Invariants:
 - One bad client never harms another: a protocol violation closes only its
   connection (logged); a device error becomes an NBD error reply.
@@ -124,6 +130,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..blockdev.base import BASE_ALLOCATION, BlockDev
+from ..blockdev.live import LiveDev
 from ..errors import ConfigError
 from ..sockets import prepare_unix_socket, set_socket_access
 from . import protocol as proto
@@ -274,14 +281,19 @@ class Server:
     (a `WarningBudget` for refusals and evictions, renewed every 2 s); ``tls``
     (a `ServerTLS`, mode "off" without one) and ``tls_context`` (built once,
     at construction, so bad credentials fail at start); ``access`` (an
-    `AccessPolicy`, checked on Unix connections and after TLS).
+    `AccessPolicy`, checked on Unix connections and after TLS);
+    ``workers`` (worker processes asked for) and ``pool`` (their
+    `nbd.worker.WorkerPool` once started by the first listener, else None);
+    ``on_forget`` (called with each connection the server forgets, or None:
+    a worker process reports it to its owner).
     """
 
     def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
                  max_inflight: int = 64, tls: ServerTLS | None = None,
                  access: AccessPolicy | None = None, max_connections_per_peer: int = 64,
                  idle_timeout: float = 60.0, unix_idle_timeout: float = 0.0,
-                 max_buffer_memory: int = DEFAULT_BUFFER_MEMORY, batch: bool | None = None) -> None:
+                 max_buffer_memory: int = DEFAULT_BUFFER_MEMORY, batch: bool | None = None,
+                 workers: int = 0) -> None:
         if max_connections < 1 or max_connections_per_peer < 1:
             raise ConfigError("connection limits must be at least 1")
         if max_buffer_memory < 2 * MAX_PAYLOAD:
@@ -289,6 +301,11 @@ class Server:
                               f"(twice the largest request)")
         if min(handshake_timeout, idle_timeout, unix_idle_timeout) < 0:
             raise ConfigError("timeouts must not be negative")
+        if workers < 0:
+            raise ConfigError("the number of workers must not be negative")
+        self.workers = workers
+        self.pool = None
+        self.on_forget = None
         self.access = access if access is not None else AccessPolicy()
         self.tls = tls if tls is not None else ServerTLS("off")
         self.tls_context: ssl.SSLContext | None = self.tls.context() if self.tls.enabled else None
@@ -324,6 +341,8 @@ class Server:
             raise ConfigError("export name longer than 4096 bytes")
         exp = Export(name, dev, read_only=read_only, description=description, owns_dev=owns_dev)
         self.exports[name] = exp
+        if self.workers and isinstance(dev, LiveDev):
+            dev.set_recaller(lambda: self._recall(exp))
         log.info("export %r added: %d bytes%s", name, dev.size, " read-only" if exp.read_only else "")
         return exp
 
@@ -349,10 +368,53 @@ class Server:
         exp = self.require(name)
         exp.removed = True
         del self.exports[name]
+        if self.pool is not None:
+            await self.pool.remove_export(name)
         await exp.wait_idle()
         if exp.owns_dev:
             await exp.dev.close()
         log.info("export %r removed", name)
+
+    async def _recall(self, exp: Export) -> None:
+        """The recaller of ``exp``'s LiveDev: its worker connections come back."""
+        if self.pool is not None:
+            await self.pool.recall(exp)
+
+    async def start_workers(self) -> None:
+        """Start the worker processes (once; the listeners do it)."""
+        if self.workers and self.pool is None and not self.stopping:
+            from .worker import WorkerPool
+
+            self.pool = WorkerPool(self, self.workers)
+            self.pool.start()
+
+    def _retake(self, conn: "NBDConnection") -> None:
+        """A worker kept a connection the owner asked it to evict: count it again."""
+        if conn not in self.connections:
+            self.connections.add(conn)
+            self._by_peer.setdefault(conn.peer_key, set()).add(conn)
+
+    async def _resume_returned(self, old: "NBDConnection", fd: int, data: bytes) -> None:
+        """A worker gave ``old``'s socket back (a recall): serve it here, in
+        transmission, from the bytes it had not consumed."""
+        sock = socket.socket(fileno=fd)
+        p = old.proto
+        proto_ = ServerConnection.resumed(p.export, structured=p.structured, contexts=dict(p.contexts),
+                                          max_payload=p.max_payload, paced_payloads=True, batching=self.batch)
+        new = NBDConnection(self, resume=(proto_, data), replaces=old)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: new, sock=sock)
+        except OSError as e:
+            log.warning("connection %s: cannot resume it: %s", old.peer, e)
+            sock.close()
+            self._forget(old)
+
+    def _swap(self, old: "NBDConnection", new: "NBDConnection") -> None:
+        """``new`` takes ``old``'s place in the tables (no admission)."""
+        self._forget(old, notify=False)
+        self.connections.add(new)
+        self._by_peer.setdefault(new.peer_key, set()).add(new)
+        self._start_tick()
 
     def _lookup(self, name: str) -> ExportInfo | None:
         exp = self.exports.get(name)
@@ -428,7 +490,9 @@ class Server:
                 best, best_key = c, key
         return best
 
-    def _forget(self, conn: "NBDConnection") -> None:
+    def _forget(self, conn: "NBDConnection", notify: bool = True) -> None:
+        if notify and self.on_forget is not None:
+            self.on_forget(conn)
         if not conn.admitted:
             try:
                 self._waiting.remove(conn)
@@ -510,6 +574,7 @@ class Server:
     async def start_unix(self, path: str, mode: int | None = None, gid: int | None = None) -> None:
         """Listen on the Unix socket ``path``; ``mode``/``gid``: see `sockets.set_socket_access`."""
         prepare_unix_socket(path, "NBD socket")
+        await self.start_workers()
         srv = await asyncio.get_running_loop().create_unix_server(self._factory, path, backlog=128)
         self._servers.append(srv)
         self._unix_paths.append(path)
@@ -524,6 +589,7 @@ class Server:
         is SOMAXCONN so systemd's Backlog= (capped by the kernel's
         somaxconn) is not lowered."""
         loop = asyncio.get_running_loop()
+        await self.start_workers()
         if sock.family == socket.AF_UNIX:
             srv = await loop.create_unix_server(self._factory, sock=sock, backlog=socket.SOMAXCONN)
         else:
@@ -532,6 +598,7 @@ class Server:
         log.info("listening on passed socket %r", sock.getsockname())
 
     async def start_tcp(self, host: str, port: int) -> int:
+        await self.start_workers()
         srv = await asyncio.get_running_loop().create_server(
             self._factory, host, port, backlog=128, reuse_address=True
         )
@@ -557,7 +624,12 @@ class Server:
                 os.unlink(path)
             except OSError:
                 pass
-        conns = list(self.connections)
+        if self.pool is not None:
+            # Workers drain, flush and close theirs (and exit) first.
+            await self.pool.shutdown(timeout)
+        conns = [c for c in self.connections if c.remote is None]
+        for c in self.connections - set(conns):
+            self._forget(c, notify=False)
         if conns:
             await asyncio.wait([asyncio.ensure_future(c.drain_requests()) for c in conns], timeout=timeout)
         for exp in list(self.exports.values()):
@@ -606,12 +678,30 @@ class NBDConnection(asyncio.BufferedProtocol):
     Charge) of READ replies the transport may still hold); ``batched``
     (requests answered by `_run_batches` so far, and ``batches`` how many
     batches: for tests and diagnosis).
+    Worker processes (`nbd.worker`): ``_resume`` ((resumed `ServerConnection`,
+    bytes to feed it) for a connection taken over in transmission, else
+    None) and ``_replaces`` (the placeholder it replaces in the tables, or
+    None); ``_handing`` (the socket is being handed over: nothing is read
+    or started); ``remote`` ((worker handle, id) once handed off: this
+    object is then a placeholder); ``_ext_live`` (the LiveDev counting it
+    as an external writer, or None); ``_detached`` (the transport was
+    dropped because another process has the socket: its loss is no close).
     """
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, resume: tuple | None = None,
+                 replaces: "NBDConnection | None" = None) -> None:
         self.server = server
-        self.proto = ServerConnection(server._lookup, server._list, tls=server.tls.mode,
-                                      paced_payloads=True, batching=server.batch)
+        if resume is not None:
+            self.proto = resume[0]
+        else:
+            self.proto = ServerConnection(server._lookup, server._list, tls=server.tls.mode,
+                                          paced_payloads=True, batching=server.batch)
+        self._resume = resume
+        self._replaces = replaces
+        self._handing = False
+        self.remote: tuple | None = None
+        self._ext_live = None
+        self._detached = False
         self._tls_upgrading = False
         #: Decrypted bytes that arrived before the upgrade finished (see `buffer_updated`).
         self._tls_early = bytearray()
@@ -669,6 +759,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         else:
             self.peer_key = ("ip", peer[0] if isinstance(peer, tuple) else None)
         self._creds = creds
+        if self._resume is not None:
+            self._resumed()
+            return
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.server.handshake_timeout, self._handshake_timeout
         )
@@ -689,11 +782,95 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._handshake_timer.cancel()
             transport.abort()
 
+    def _resumed(self) -> None:
+        """A connection taken over in transmission (`nbd.worker`): no
+        admission (its slot is counted where the handshake ran, or it takes
+        the place of ``_replaces``), no greeting; feed the bytes the
+        previous holder received and did not consume."""
+        server = self.server
+        self.admitted = True
+        proto_, data = self._resume
+        self._resume = None
+        self.export = server.export_for(proto_.export.name)
+        if self._replaces is not None:
+            self.peer = self._replaces.peer
+            server._swap(self._replaces, self)
+            self._replaces = None
+        else:
+            server.connections.add(self)
+            server._by_peer.setdefault(self.peer_key, set()).add(self)
+            server._start_tick()
+        self._tune()
+        if data:
+            self._feed(data)
+        self._process_events()
+        self._update_reading()
+
+    def _detach_transport(self) -> None:
+        """Another process has the socket now: drop ours without shutdown(2)
+        (closing one descriptor of a socket another process holds sends
+        nothing), releasing every charge."""
+        self._detached = True
+        self._handing = False
+        self._closing = True
+        if self._handshake_timer:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self._release_memory()
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+    def _begin_handoff(self) -> None:
+        self._handing = True
+        self._update_reading()
+        asyncio.ensure_future(self._hand_off())
+
+    async def _hand_off(self) -> None:
+        """Wait until the handshake's last reply left, then hand the socket to
+        a worker (`nbd.worker.WorkerPool.hand_off`); if it cannot go, serve it
+        here as usual."""
+        deadline = time.monotonic() + 5.0
+        pool = self.server.pool
+        while not self._closing:
+            self._flush_wbuf()
+            t = self.transport
+            if t is None:
+                return
+            if not self.tasks and not t.get_write_buffer_size():
+                break
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.002)
+        else:
+            return
+        if pool is not None and not self.tasks and pool.hand_off(self):
+            return
+        self._handing = False
+        self._process_events()
+        self._update_reading()
+
     def _admitted(self) -> None:
         """Admission granted: tune the socket, check access, send the greeting."""
         transport = self.transport
         assert transport is not None
         self.admitted = True
+        self._tune()
+        if self.is_unix and self.server.access.limits_unix:
+            why = self.server.access.check_unix(self._creds)
+            if why is not None:
+                self._warn("connection %s refused: %s", self.peer, why)
+                self.proto.deny(why)
+        self._last_active = time.monotonic()
+        self._flush_handshake()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _tune(self) -> None:
+        """Write-buffer limits and socket options of an admitted connection."""
+        transport = self.transport
+        assert transport is not None
         sock = transport.get_extra_info("socket")
         transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
         # uvloop's writelines is one writev; asyncio's (3.11) joins, i.e. copies.
@@ -714,18 +891,10 @@ class NBDConnection(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        if self.is_unix and self.server.access.limits_unix:
-            why = self.server.access.check_unix(self._creds)
-            if why is not None:
-                self._warn("connection %s refused: %s", self.peer, why)
-                self.proto.deny(why)
-        self._last_active = time.monotonic()
-        self._flush_handshake()
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._detached:
+            return  # another process serves it now
         self.server._forget(self)
         if self._handshake_timer:
             self._handshake_timer.cancel()
@@ -758,6 +927,10 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         self._last_active = time.monotonic()
         p = self.proto
+        if self._handing:
+            p.buffer_updated(nbytes)  # parsed, not started (`unconsumed` re-sends it)
+            self._pump_payload()
+            return
         if p.batching and p.batchable and self.export is not None:
             p.buffer_updated(nbytes, parse=False)
             # Batches, and between them the one request a batch stopped at,
@@ -807,7 +980,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if t is None or self._closing or self._tls_upgrading:
             return
         want_pause = (self._paused_writing or len(self.tasks) >= self.server.max_inflight
-                      or self.proto.has_events or self._mem_wait)
+                      or self.proto.has_events or self._mem_wait or self._handing)
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             t.pause_reading()
@@ -839,6 +1012,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._tx_total += len(data)
 
     def close(self, reason: str) -> None:
+        if self.remote is not None:
+            self.server.pool.evict(self, reason, -1.0)
+            return
         if self._closing:
             return
         self._closing = True
@@ -849,6 +1025,11 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def evict(self, reason: str) -> None:
         """Close now, dropping unsent replies (admission, timeouts, memory)."""
+        if self.remote is not None:
+            # The worker re-checks: still quiet long enough, else "kept".
+            self.server.warn_admission("connection %s (in a worker) closed: %s", self.peer, reason)
+            self.server.pool.evict(self, reason, EVICT_QUIET)
+            return
         if self._closing:
             return
         self.server.warn_admission("connection %s closed: %s", self.peer, reason)
@@ -865,7 +1046,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         """Seconds this connection has been quiet (see the module docstring),
         or -1 while something of it runs or waits on the server.  Parsed
         requests held back because the client does not read its replies
-        (send buffer above the high-water mark) do not count as running."""
+        (send buffer above the high-water mark) do not count as running.
+        A placeholder: what its worker reported, aged."""
+        if self.remote is not None:
+            return self.server.pool.quiet(self, now)
         if self._closing or self.tasks or self._mem_wait or self._tls_upgrading:
             return -1.0
         if self.proto.has_events and not self._paused_writing:
@@ -884,8 +1068,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     def housekeeping(self, now: float) -> None:
         """Per tick: notice drained replies, release their memory, idle timeout."""
         t = self.transport
-        if t is None or self._closing:
-            return
+        if t is None or self._closing or self.remote is not None:
+            return  # (a worker times its own connections out)
         backlog = t.get_write_buffer_size()
         sent = self._tx_total - backlog
         if sent > self._tx_seen and self._tx_backlog:  # the client read queued replies
@@ -1013,6 +1197,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             budget.release(ch, buf)
 
     def _process_events(self) -> None:
+        if self._handing:
+            return  # the queued requests go with the socket
         proto_ = self.proto
         while True:
             # Bound: at most max_inflight requests run; the rest stay parsed
@@ -1034,6 +1220,11 @@ class NBDConnection(asyncio.BufferedProtocol):
                 log.info("connection %s: export %r, %s replies, contexts %s%s", self.peer, ev.export.name,
                          "structured" if ev.structured else "simple", list(ev.contexts.values()) or "none",
                          ", TLS" if self.proto.tls_active else "")
+                pool = self.server.pool
+                if pool is not None and pool.can_take(self):
+                    self._flush_handshake()
+                    self._begin_handoff()
+                    return
             elif isinstance(ev, StartTLS):
                 self._flush_handshake()  # the ACK, in clear
                 assert self.transport is not None

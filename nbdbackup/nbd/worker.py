@@ -1,0 +1,642 @@
+"""Worker processes for the data path of plain file exports (``serve --workers N``).
+
+Role: one event-loop thread cannot move more bytes than one core copies
+(docs/wseq.md); threads lose to the GIL.  With workers, the server process
+(the *owner*) keeps accepting, admission, TLS and the handshake; when a
+connection enters transmission on an *offloadable* export it hands the
+socket (SCM_RIGHTS) and the negotiated state to the least-loaded worker,
+which serves it with the same `NBDConnection` code (batches, budget, limits,
+idle timeout: one `Server` per worker, without listeners).  Each worker has
+its own GIL and core.
+
+Offloadable (`WorkerPool.can_take`): no TLS on the connection, only
+``base:allocation`` negotiated, and the export's device is a `FileDev`
+(read-only export) or a `LiveDev` over a `FileDev` that says `offload_ok`
+(no hook attached but idle ones, not quiesced).  A worker opens the file
+through ``/proc/self/fd`` of a descriptor the owner passes once per export,
+so it writes the same inode; FLUSH (fdatasync) in any process covers every
+process's writes to it, and reads see every write through the page cache:
+the live export stays an ordinary disk across processes.
+
+Recall (invariants 1-3): the owner registers `WorkerPool.recall` as the
+recaller of every `LiveDev` it offloads (`blockdev.live` "External
+writers"), so a quiesce, or a first bitmap being added, first brings every
+worker connection of the export back.  Worker side (`_Worker.give_back`):
+stop reading, let requests in flight finish, wait until every reply byte
+left the transport, then send the socket back with the bytes received and
+not consumed, re-serialised (`ServerConnection.unconsumed`), and drop the
+transport without shutdown(2).  The owner resumes the connection in
+transmission state and feeds it those bytes; it stays in the owner.  A
+client that does not read its replies for `RECALL_TIMEOUT` s during a
+recall is evicted (it cannot hold a backup start).
+
+Owner bookkeeping: the owner's `NBDConnection` stays in its tables as the
+*placeholder* of a handed-off connection (``remote`` set), so admission
+counts it; workers report every connection's quiet time each tick and the
+owner's eviction sends an evict request the worker re-checks (``kept`` when
+the connection became active: it is counted again).  A worker that dies
+takes its connections with it (clients see EOF); the owner frees their
+slots, logs, and starts a new worker.
+
+Control channel: one AF_UNIX SOCK_SEQPACKET socketpair per worker; a
+message is one JSON record (``t``: its kind; ``n``: bytes of data that
+follow in raw records of at most `CHUNK` bytes), optionally carrying one
+descriptor.  Owner -> worker: config, export, conn, recall, evict, remove,
+shutdown.  Worker -> owner: closed, returned, recalled, kept, removed, tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from typing import Any, Callable
+
+from ..blockdev.base import BASE_ALLOCATION
+from ..blockdev.file import FileDev
+from ..blockdev.live import LiveDev
+from .protocol import ExportInfo, ServerConnection
+from .wire import TransmissionFlag
+
+log = logging.getLogger("nbdbackup.worker")
+
+#: Largest raw data record; a control record is far smaller.
+CHUNK = 64 * 1024
+_MAXREC = 1024 * 1024
+#: A connection that cannot finish its replies this long during a recall is evicted.
+RECALL_TIMEOUT = 10.0
+#: Environment variable giving the default of ``serve --workers``.
+ENV = "NBDBACKUP_WORKERS"
+
+
+class Channel:
+    """One end of a control socketpair: messages out (queued while the socket
+    is full), messages in (to ``on_message(msg, data, fd)``), ``on_eof()``
+    once.  Fields: ``sock``; ``_out`` (records not sent yet, with the
+    duplicated descriptor they carry, closed once sent); ``_writing`` (a
+    writer callback is registered); ``_partial`` (a message whose data
+    records are still arriving: [msg, fd, bytearray]); ``closed``."""
+
+    def __init__(self, sock: socket.socket, on_message: Callable, on_eof: Callable) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+            except OSError:
+                pass
+        self._on_message = on_message
+        self._on_eof = on_eof
+        self._out: deque[tuple[bytes, list[int]]] = deque()
+        self._writing = False
+        self._partial: list | None = None
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def send(self, msg: dict, data=b"", fd: int | None = None) -> None:
+        if self.closed:
+            return
+        msg = dict(msg, n=len(data))
+        fds = [os.dup(fd)] if fd is not None else []
+        self._out.append((json.dumps(msg).encode(), fds))
+        mv = memoryview(data)
+        for i in range(0, len(mv), CHUNK):
+            self._out.append((bytes(mv[i:i + CHUNK]), []))
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._out and not self.closed:
+            rec, fds = self._out[0]
+            try:
+                if fds:
+                    socket.send_fds(self.sock, [rec], fds)
+                else:
+                    self.sock.send(rec)
+            except (BlockingIOError, InterruptedError):
+                if not self._writing:
+                    self._writing = True
+                    self._loop.add_writer(self.sock.fileno(), self._pump)
+                return
+            except OSError:
+                self.close()
+                return
+            self._out.popleft()
+            for f in fds:
+                os.close(f)
+        if self._writing and not self.closed:
+            self._writing = False
+            self._loop.remove_writer(self.sock.fileno())
+
+    def _readable(self) -> None:
+        while not self.closed:
+            try:
+                rec, fds, _flags, _addr = socket.recv_fds(self.sock, _MAXREC, 4)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                rec, fds = b"", []
+            if not rec:
+                self.close()
+                return
+            fd = fds[0] if fds else None
+            for extra in fds[1:]:
+                os.close(extra)
+            if self._partial is not None:
+                self._partial[2] += rec
+                if len(self._partial[2]) >= self._partial[0]["n"]:
+                    msg, fd, data = self._partial
+                    self._partial = None
+                    self._deliver(msg, bytes(data), fd)
+                continue
+            msg = json.loads(rec)
+            if msg.get("n"):
+                self._partial = [msg, fd, bytearray()]
+            else:
+                self._deliver(msg, b"", fd)
+
+    def _deliver(self, msg: dict, data: bytes, fd: int | None) -> None:
+        try:
+            self._on_message(msg, data, fd)
+        except Exception:
+            log.exception("control message %r failed", msg.get("t"))
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._loop.remove_reader(self.sock.fileno())
+            if self._writing:
+                self._loop.remove_writer(self.sock.fileno())
+        except (OSError, ValueError):
+            pass
+        for _, fds in self._out:
+            for f in fds:
+                os.close(f)
+        self._out.clear()
+        self.sock.close()
+        self._on_eof()
+
+
+def _file_of(dev) -> tuple[FileDev | None, LiveDev | None]:
+    """The file a worker may serve for ``dev`` and the LiveDev to count it in."""
+    if type(dev) is FileDev:
+        return dev, None
+    if isinstance(dev, LiveDev) and type(dev.inner) is FileDev:
+        return dev.inner, dev
+    return None, None
+
+
+# --------------------------------------------------------------------------- #
+# Owner side
+
+
+class _Handle:
+    """The owner's view of one worker.  Fields: ``index``; ``proc`` (the
+    `subprocess.Popen`); ``chan``; ``conns`` (id -> placeholder
+    `NBDConnection`); ``exports`` (export names sent to it); ``quiet`` (id ->
+    (quiet seconds reported, `time.monotonic` when)); ``waiters`` ((kind, key)
+    -> futures resolved by that reply, or at its death); ``alive``."""
+
+    def __init__(self, index: int, proc: subprocess.Popen, chan_sock: socket.socket) -> None:
+        self.index = index
+        self.proc = proc
+        self.chan_sock = chan_sock
+        self.chan: Channel | None = None
+        self.conns: dict[int, Any] = {}
+        self.exports: set[str] = set()
+        self.quiet: dict[int, tuple[float, float]] = {}
+        self.waiters: dict[tuple, list[asyncio.Future]] = {}
+        self.alive = True
+
+    def expect(self, kind: str, key: str) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault((kind, key), []).append(fut)
+        return fut
+
+    def resolve(self, kind: str, key: str) -> None:
+        for f in self.waiters.pop((kind, key), []):
+            if not f.done():
+                f.set_result(None)
+
+
+class WorkerPool:
+    """The owner's worker processes (module docstring).
+
+    Fields: ``server`` (the owner's `Server`); ``size``; ``workers`` (the
+    `_Handle`s, one per slot, replaced when one dies); ``_next_id`` (the
+    next connection id); ``closing`` (shutdown began: no hand-off, no
+    restart); ``handed`` / ``returned`` / ``restarts`` (counters for logs,
+    metrics and tests).
+    """
+
+    def __init__(self, server, size: int) -> None:
+        self.server = server
+        self.size = size
+        self.workers: list[_Handle] = []
+        self._next_id = 1
+        self.closing = False
+        self.handed = 0
+        self.returned = 0
+        self.restarts = 0
+
+    # -- processes --------------------------------------------------------
+
+    def start(self) -> None:
+        for i in range(self.size):
+            self.workers.append(self._spawn(i))
+        log.info("started %d worker process(es)", self.size)
+
+    def _spawn(self, index: int) -> _Handle:
+        from ..blockdev import ioengine
+
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        env[ioengine.ENV] = ioengine.selected()[0]
+        proc = subprocess.Popen([sys.executable, "-m", "nbdbackup.nbd.worker", str(theirs.fileno())],
+                                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        h = _Handle(index, proc, mine)
+        h.chan = Channel(mine, lambda m, d, fd: self._on_message(h, m, d, fd), lambda: self._on_eof(h))
+        s = self.server
+        h.chan.send({"t": "config", "index": index, "idle_timeout": s.idle_timeout,
+                     "unix_idle_timeout": s.unix_idle_timeout, "max_inflight": s.max_inflight,
+                     "max_buffer_memory": s.budget.limit, "batch": s.batch,
+                     "log_level": logging.getLogger("nbdbackup").getEffectiveLevel()})
+        return h
+
+    def _on_eof(self, h: _Handle) -> None:
+        h.alive = False
+        for key in list(h.waiters):
+            h.resolve(*key)
+        lost = list(h.conns.values())
+        h.conns.clear()
+        for c in lost:
+            self._drop(c)
+        try:
+            rc = h.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            h.proc.kill()
+            rc = h.proc.wait()
+        if self.closing:
+            return
+        log.error("worker %d (pid %d) died (exit status %s); %d connection(s) lost; starting a new one",
+                  h.index, h.proc.pid, rc, len(lost))
+        self.restarts += 1
+        self.workers[h.index] = self._spawn(h.index)
+
+    def _drop(self, c) -> None:
+        """A handed-off connection ended (in its worker, or with it)."""
+        dev = getattr(c, "_ext_live", None)
+        if dev is not None:
+            c._ext_live = None
+            dev.detach_external()
+        self.server._forget(c)
+
+    # -- hand-off ---------------------------------------------------------
+
+    def can_take(self, conn) -> bool:
+        exp = conn.export
+        p = conn.proto
+        if (self.closing or exp is None or exp.removed or self.server.stopping or p.tls_active
+                or conn._closing or not any(w.alive for w in self.workers)):
+            return False
+        if any(c != BASE_ALLOCATION for c in p.contexts.values()):
+            return False
+        f, live = _file_of(exp.dev)
+        return f is not None and (live is None or live.offload_ok())
+
+    def hand_off(self, conn) -> bool:
+        """Send ``conn`` (in transmission, nothing running, every reply sent)
+        to the least-loaded worker; True when it went (``conn`` is then a
+        placeholder)."""
+        if not self.can_take(conn):
+            return False
+        data = conn.proto.unconsumed()
+        t = conn.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if data is None or sock is None:
+            return False
+        exp = conn.export
+        f, live = _file_of(exp.dev)
+        h = min((w for w in self.workers if w.alive), key=lambda w: len(w.conns))
+        assert h.chan is not None
+        if exp.name not in h.exports:
+            h.chan.send({"t": "export", "name": exp.name, "read_only": f.read_only or exp.read_only,
+                         "description": exp.description}, fd=f.fd)
+            h.exports.add(exp.name)
+        info = conn.proto.export
+        cid = self._next_id
+        self._next_id += 1
+        h.chan.send({"t": "conn", "id": cid, "export": exp.name, "size": info.size,
+                     "flags": int(info.flags), "block_size": list(info.block_size),
+                     "structured": conn.proto.structured, "contexts": sorted(conn.proto.contexts.items()),
+                     "max_payload": conn.proto.max_payload, "peer": conn.peer}, data, fd=sock.fileno())
+        if h.chan.closed:
+            return False
+        if live is not None:
+            live.attach_external()
+        conn._ext_live = live
+        conn.remote = (h, cid)
+        h.conns[cid] = conn
+        h.quiet[cid] = (0.0, time.monotonic())
+        conn._detach_transport()
+        self.handed += 1
+        log.info("connection %s: served by worker %d", conn.peer, h.index)
+        return True
+
+    # -- requests to workers ----------------------------------------------
+
+    def quiet(self, conn, now: float) -> float:
+        h, cid = conn.remote
+        q, at = h.quiet.get(cid, (-1.0, now))
+        return -1.0 if q < 0 else q + (now - at)
+
+    def evict(self, conn, reason: str, min_quiet: float) -> None:
+        """Ask the worker to close ``conn`` if it is still quiet ``min_quiet``
+        s (-1: in any case); the slot is free at once (``kept`` retakes it)."""
+        h, cid = conn.remote
+        if h.chan is not None:
+            h.chan.send({"t": "evict", "id": cid, "reason": reason, "min_quiet": min_quiet})
+        self.server._forget(conn)
+
+    async def recall(self, exp, timeout: float = RECALL_TIMEOUT + 5) -> None:
+        """Bring every connection of ``exp`` back from the workers."""
+        futs = []
+        for h in self.workers:
+            if h.alive and h.chan is not None and any(c.export is exp for c in h.conns.values()):
+                futs.append(h.expect("recalled", exp.name))
+                h.chan.send({"t": "recall", "export": exp.name})
+        if futs:
+            await asyncio.wait_for(asyncio.gather(*futs), timeout)
+
+    async def remove_export(self, name: str, timeout: float = 30.0) -> None:
+        futs = []
+        for h in self.workers:
+            if h.alive and name in h.exports and h.chan is not None:
+                futs.append(h.expect("removed", name))
+                h.chan.send({"t": "remove", "export": name})
+                h.exports.discard(name)
+        if futs:
+            await asyncio.wait(futs, timeout=timeout)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Workers drain, flush and close their connections, then exit."""
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        for h in self.workers:
+            if h.alive and h.chan is not None:
+                h.chan.send({"t": "shutdown", "timeout": timeout})
+
+        def wait(h: _Handle) -> None:
+            try:
+                h.proc.wait(timeout + 5)
+            except subprocess.TimeoutExpired:
+                h.proc.kill()
+                h.proc.wait()
+        await asyncio.gather(*(loop.run_in_executor(None, wait, h) for h in self.workers))
+        for h in self.workers:
+            if h.chan is not None:
+                h.chan.close()
+
+    # -- messages from workers ---------------------------------------------
+
+    def _on_message(self, h: _Handle, msg: dict, data: bytes, fd: int | None) -> None:
+        kind = msg["t"]
+        if kind == "tick":
+            now = time.monotonic()
+            h.quiet = {int(k): (q, now) for k, q in msg["quiet"].items()}
+            for name, delta in msg.get("stats", {}).items():
+                exp = self.server.exports.get(name)
+                if exp is not None:
+                    st = exp.stats
+                    for field, vals in zip(("ops", "bytes", "failed", "time_ns"), delta[:4]):
+                        arr = getattr(st, field)
+                        for i, v in enumerate(vals):
+                            arr[i] += v
+                    st.invalid += delta[4]
+        elif kind == "closed":
+            c = h.conns.pop(msg["id"], None)
+            h.quiet.pop(msg["id"], None)
+            if c is not None:
+                self._drop(c)
+        elif kind == "kept":
+            c = h.conns.get(msg["id"])
+            if c is not None:
+                self.server._retake(c)
+        elif kind == "returned":
+            c = h.conns.pop(msg["id"], None)
+            h.quiet.pop(msg["id"], None)
+            if c is None or fd is None:
+                if fd is not None:
+                    os.close(fd)
+                return
+            self.returned += 1
+            dev = c._ext_live
+            c._ext_live = None
+            if dev is not None:
+                dev.detach_external()
+            asyncio.ensure_future(self.server._resume_returned(c, fd, data))
+        elif kind in ("recalled", "removed"):
+            h.resolve(kind, msg["export"])
+        else:
+            log.warning("worker %d: unknown message %r", h.index, kind)
+
+
+# --------------------------------------------------------------------------- #
+# Worker side
+
+
+class _Worker:
+    """The worker process: a `Server` without listeners, fed connections by
+    the owner.  Fields: ``chan``; ``server``; ``ids`` (connection -> id);
+    ``_stats`` (export name -> counters already reported); ``done`` (set at
+    shutdown or when the owner is gone)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.chan = Channel(sock, self._on_message, self._on_eof)
+        self.server = None
+        self.ids: dict[Any, int] = {}
+        self._stats: dict[str, list] = {}
+        self.done = asyncio.Event()
+        self._tick: asyncio.TimerHandle | None = None
+
+    def _on_eof(self) -> None:
+        # The owner is gone: nobody can account for our clients any more.
+        self.done.set()
+
+    def _closed(self, conn) -> None:
+        cid = self.ids.pop(conn, None)
+        if cid is not None:
+            self.chan.send({"t": "closed", "id": cid})
+
+    def _tick_report(self) -> None:
+        from .server import TICK
+
+        self._tick = asyncio.get_running_loop().call_later(TICK, self._tick_report)
+        if self.server is None:
+            return
+        now = time.monotonic()
+        quiet = {str(cid): c.quiet(now) for c, cid in self.ids.items()}
+        stats = {}
+        for name, exp in self.server.exports.items():
+            st = exp.stats
+            cur = [list(st.ops), list(st.bytes), list(st.failed), list(st.time_ns), st.invalid]
+            old = self._stats.get(name)
+            if old is None:
+                old = [[0] * len(cur[0])] * 4 + [0]
+            delta = [[a - b for a, b in zip(cur[i], old[i])] for i in range(4)] + [cur[4] - old[4]]
+            if any(any(d) for d in delta[:4]) or delta[4]:
+                stats[name] = delta
+            self._stats[name] = cur
+        self.chan.send({"t": "tick", "quiet": quiet, "stats": stats})
+
+    def _on_message(self, msg: dict, data: bytes, fd: int | None) -> None:
+        kind = msg["t"]
+        if kind == "config":
+            from .server import Server
+
+            logging.basicConfig(level=msg["log_level"],
+                                format=f"%(asctime)s worker {msg['index']} %(levelname)s %(name)s: %(message)s")
+            self.server = Server(idle_timeout=msg["idle_timeout"], unix_idle_timeout=msg["unix_idle_timeout"],
+                                 max_inflight=msg["max_inflight"], max_buffer_memory=msg["max_buffer_memory"],
+                                 batch=msg["batch"])
+            self.server.on_forget = self._closed
+            self._tick_report()
+        elif kind == "export":
+            assert fd is not None
+            try:
+                dev = FileDev(f"/proc/self/fd/{fd}", read_only=msg["read_only"])
+            finally:
+                os.close(fd)
+            self.server.add_export(msg["name"], dev, read_only=msg["read_only"], description=msg["description"])
+        elif kind == "conn":
+            asyncio.ensure_future(self._take(msg, data, fd))
+        elif kind == "recall":
+            asyncio.ensure_future(self._recall(msg["export"]))
+        elif kind == "evict":
+            for c, cid in list(self.ids.items()):
+                if cid == msg["id"]:
+                    if msg["min_quiet"] < 0 or c.quiet(time.monotonic()) >= msg["min_quiet"]:
+                        c.evict(msg["reason"])
+                    else:
+                        self.chan.send({"t": "kept", "id": cid})
+        elif kind == "remove":
+            asyncio.ensure_future(self._remove(msg["export"]))
+        elif kind == "shutdown":
+            asyncio.ensure_future(self._shutdown(msg.get("timeout", 30.0)))
+
+    async def _take(self, msg: dict, data: bytes, fd: int | None) -> None:
+        from .server import NBDConnection
+
+        assert fd is not None
+        sock = socket.socket(fileno=fd)
+        server = self.server
+        exp = server.exports.get(msg["export"])
+        if exp is None or server.stopping:
+            sock.close()  # the owner's slot is freed by "closed"
+            self.chan.send({"t": "closed", "id": msg["id"]})
+            return
+        info = ExportInfo(name=msg["export"], size=msg["size"], flags=TransmissionFlag(msg["flags"]),
+                          block_size=tuple(msg["block_size"]), meta_contexts=(BASE_ALLOCATION,))
+        proto = ServerConnection.resumed(info, structured=msg["structured"],
+                                         contexts={int(k): v for k, v in msg["contexts"]},
+                                         max_payload=msg["max_payload"], paced_payloads=True,
+                                         batching=server.batch)
+        conn = NBDConnection(server, resume=(proto, data))
+        self.ids[conn] = msg["id"]
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock=sock)
+        except OSError as e:
+            log.warning("connection %s: cannot take it over: %s", msg.get("peer"), e)
+            sock.close()
+            self._closed(conn)
+
+    async def _recall(self, name: str) -> None:
+        conns = [c for c in self.ids if c.export is not None and c.export.name == name]
+        if conns:
+            await asyncio.gather(*(self.give_back(c) for c in conns), return_exceptions=True)
+        self.chan.send({"t": "recalled", "export": name})
+
+    async def give_back(self, conn) -> None:
+        """Module docstring, "Recall": the socket goes back to the owner with
+        no request in flight and every reply sent."""
+        conn._handing = True
+        conn._update_reading()
+        deadline = time.monotonic() + RECALL_TIMEOUT
+        while True:
+            if conn._closing:
+                return  # it ended meanwhile ("closed" was sent)
+            conn._flush_wbuf()
+            t = conn.transport
+            if not conn.tasks and (t is None or not t.get_write_buffer_size()):
+                break
+            if time.monotonic() > deadline:
+                conn.evict("did not finish its requests and read its replies during a recall")
+                return
+            if conn.tasks:
+                await asyncio.wait(list(conn.tasks), timeout=0.05)
+            else:
+                await asyncio.sleep(0.002)
+        data = conn.proto.unconsumed()
+        sock = t.get_extra_info("socket") if t is not None else None
+        if data is None or sock is None:
+            conn.evict("cannot be handed back (unconsumed state)")
+            return
+        cid = self.ids.pop(conn)
+        self.chan.send({"t": "returned", "id": cid}, data, fd=sock.fileno())
+        self.server._forget(conn, notify=False)
+        conn._detach_transport()
+
+    async def _remove(self, name: str) -> None:
+        try:
+            await self.server.remove_export(name)
+        except Exception as e:
+            log.warning("removing export %r: %s", name, e)
+        self.chan.send({"t": "removed", "export": name})
+
+    async def _shutdown(self, timeout: float) -> None:
+        if self.server is not None:
+            await self.server.shutdown(timeout)
+        self.done.set()
+
+
+async def _main(fd: int) -> int:
+    w = _Worker(socket.socket(fileno=fd))
+    await w.done.wait()
+    if w._tick is not None:
+        w._tick.cancel()
+    if w.server is not None and not w.server.stopping:
+        await w.server.shutdown(5.0)
+    return 0
+
+
+def default_workers() -> int:
+    """``serve --workers`` default: ``$NBDBACKUP_WORKERS``, else 0."""
+    v = os.environ.get(ENV)
+    if v:
+        return int(v)
+    return 0
+
+
+if __name__ == "__main__":
+    from ..commands import run_async
+
+    import signal
+
+    # Ctrl-C reaches the whole process group: the owner stops us (shutdown).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(run_async(_main(int(sys.argv[1]))))
