@@ -285,6 +285,29 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid``, its live descendants (e.g. ``serve --workers``
+    processes) and the children it already reaped: a server's whole cost."""
+    total = 0.0
+    todo = [pid]
+    tck = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tck
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return total
+
+
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 

@@ -346,9 +346,9 @@ def run_bench(args, ws: Workspace, procs: Procs, img: str, src: str, alloc_img: 
                         if m in WRITE_METRICS:
                             common.fsync_file(image)  # same clean page-cache state for everyone
                         try:
-                            cpu0 = common.proc_cpu_seconds(p.pid)
+                            cpu0 = common.proc_tree_cpu_seconds(p.pid)
                             v, work = measure(m, ep.uri, args.size, src, image, args.duration)
-                            cpu = common.proc_cpu_seconds(p.pid) - cpu0
+                            cpu = common.proc_tree_cpu_seconds(p.pid) - cpu0
                         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                             res.add_error(m, srv, str(e)[:500])
                             print(f"  round {rnd + 1} {srv:10} {m:18} ERROR {e}", file=sys.stderr)
@@ -386,11 +386,11 @@ def run_profile(args, ws: Workspace, procs: Procs, img: str, src: str, alloc_img
                                    log_path=outdir / f"{m}.perf-stat.txt")
             time.sleep(0.3)
             n = 0
-            cpu0, t0 = common.proc_cpu_seconds(p.pid), time.perf_counter()
+            cpu0, t0 = common.proc_tree_cpu_seconds(p.pid), time.perf_counter()
             while spy.alive():
                 measure(m, ep.uri, args.size, src, image, min(args.duration, 2.0))
                 n += 1
-            util = (common.proc_cpu_seconds(p.pid) - cpu0) / (time.perf_counter() - t0)
+            util = (common.proc_tree_cpu_seconds(p.pid) - cpu0) / (time.perf_counter() - t0)
             procs.stop(spy)
             if perf is not None:
                 perf.popen.wait(args.duration + 10)

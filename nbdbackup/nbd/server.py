@@ -386,7 +386,7 @@ class Server:
             from .worker import WorkerPool
 
             self.pool = WorkerPool(self, self.workers)
-            self.pool.start()
+            await self.pool.start()
 
     def _retake(self, conn: "NBDConnection") -> None:
         """A worker kept a connection the owner asked it to evict: count it again."""

@@ -42,7 +42,7 @@ Control channel: one AF_UNIX SOCK_SEQPACKET socketpair per worker; a
 message is one JSON record (``t``: its kind; ``n``: bytes of data that
 follow in raw records of at most `CHUNK` bytes), optionally carrying one
 descriptor.  Owner -> worker: config, export, conn, recall, evict, remove,
-shutdown.  Worker -> owner: closed, returned, recalled, kept, removed, tick.
+shutdown.  Worker -> owner: ready, closed, returned, recalled, kept, removed, tick.
 """
 
 from __future__ import annotations
@@ -221,6 +221,8 @@ class _Handle:
         self.quiet: dict[int, tuple[float, float]] = {}
         self.waiters: dict[tuple, list[asyncio.Future]] = {}
         self.alive = True
+        #: Resolved by the worker's "ready" (or its death).
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def expect(self, kind: str, key: str) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
@@ -255,10 +257,14 @@ class WorkerPool:
 
     # -- processes --------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start the workers and wait until each is ready (imported and
+        configured): their start-up is not charged to the first clients."""
         for i in range(self.size):
             self.workers.append(self._spawn(i))
-        log.info("started %d worker process(es)", self.size)
+        await asyncio.wait_for(asyncio.gather(*(h.ready for h in self.workers)), timeout)
+        log.info("started %d worker process(es): pids %s", self.size,
+                 ", ".join(str(h.proc.pid) for h in self.workers))
 
     def _spawn(self, index: int) -> _Handle:
         from ..blockdev import ioengine
@@ -280,6 +286,8 @@ class WorkerPool:
 
     def _on_eof(self, h: _Handle) -> None:
         h.alive = False
+        if not h.ready.done():
+            h.ready.set_result(None)
         for key in list(h.waiters):
             h.resolve(*key)
         lost = list(h.conns.values())
@@ -450,6 +458,9 @@ class WorkerPool:
             if dev is not None:
                 dev.detach_external()
             asyncio.ensure_future(self.server._resume_returned(c, fd, data))
+        elif kind == "ready":
+            if not h.ready.done():
+                h.ready.set_result(None)
         elif kind in ("recalled", "removed"):
             h.resolve(kind, msg["export"])
         else:
@@ -516,6 +527,7 @@ class _Worker:
                                  batch=msg["batch"])
             self.server.on_forget = self._closed
             self._tick_report()
+            self.chan.send({"t": "ready"})
         elif kind == "export":
             assert fd is not None
             try:
@@ -557,6 +569,7 @@ class _Worker:
                                          max_payload=msg["max_payload"], paced_payloads=True,
                                          batching=server.batch)
         conn = NBDConnection(server, resume=(proto, data))
+        conn.export = exp  # (set again when the transport is made; a recall may come first)
         self.ids[conn] = msg["id"]
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock=sock)
@@ -574,9 +587,13 @@ class _Worker:
     async def give_back(self, conn) -> None:
         """Module docstring, "Recall": the socket goes back to the owner with
         no request in flight and every reply sent."""
+        deadline = time.monotonic() + RECALL_TIMEOUT
+        while conn.transport is None and not conn._closing:  # still being taken over
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.002)
         conn._handing = True
         conn._update_reading()
-        deadline = time.monotonic() + RECALL_TIMEOUT
         while True:
             if conn._closing:
                 return  # it ended meanwhile ("closed" was sent)

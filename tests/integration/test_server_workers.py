@@ -1,0 +1,322 @@
+"""Worker processes (`nbd.worker`, ``Server(workers=N)``): connections to a
+plain file export are handed, socket and state, to worker processes.
+
+A raw pipelining client (test_server_batch's `Raw`) against an in-process
+server with real worker processes: connections land in workers (each its
+own process) and read their own and each other's writes; requests pipelined
+behind the handshake (received by the owner before the hand-off, a large
+WRITE's payload half received) are answered right; a backup started while a
+worker connection streams writes recalls it and snapshots exactly a prefix
+(invariant 1); a worker killed -9 takes only its clients with it, their
+slots come back and a new worker serves the next client; per-peer eviction
+reaches a quiet connection in a worker; a first dirty bitmap recalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import struct
+import time
+
+import pytest
+
+from nbdbackup.backup.engine import Engine
+from nbdbackup.bitmap.manager import BitmapManager
+from nbdbackup.blockdev.file import FileDev
+from nbdbackup.blockdev.live import LiveDev
+from nbdbackup.nbd.server import Server
+
+from test_server_batch import FLUSH, IHAVEOPT, OPT_GO, OPT_STRUCTURED_REPLY, READ, WRITE, Raw, req, run
+
+SIZE = 4 << 20
+
+
+def file_export(short_tmp, fill: bytes | None = None, name: str = "disk.img") -> FileDev:
+    path = short_tmp / name
+    path.write_bytes(fill if fill is not None else bytes(SIZE))
+    return FileDev(str(path))
+
+
+async def serve(short_tmp, dev, **kw):
+    server = Server(workers=kw.pop("workers", 2), **kw)
+    exp = server.add_export("disk", dev)
+    path = str(short_tmp / "s")
+    await server.start_unix(path)
+    return server, exp, path
+
+
+async def until(cond, timeout: float = 10.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def worker_of(server: Server, conn_count: int = 1) -> list:
+    """The worker handles holding connections, in pool order."""
+    return [h for h in server.pool.workers if h.conns]
+
+
+def test_connections_in_two_workers_read_each_others_writes(short_tmp):
+    async def main():
+        server, exp, path = await serve(short_tmp, LiveDev(file_export(short_tmp)))
+        a = await Raw.connect(path, "disk", True)
+        b = await Raw.connect(path, "disk", False)
+        await until(lambda: server.pool.handed == 2)
+        # Least loaded first: one connection in each worker, both counted here.
+        assert [len(h.conns) for h in server.pool.workers] == [1, 1]
+        assert len(server.connections) == 2 and all(c.remote is not None for c in server.connections)
+        pids = {h.proc.pid for h in server.pool.workers}
+        assert os.getpid() not in pids and len(pids) == 2
+        rng = random.Random(3)
+        for i in range(20):
+            w, r = (a, b) if i % 2 else (b, a)
+            data = rng.randbytes(rng.choice([4096, 65536, 300000]))
+            off = rng.randrange(0, SIZE - len(data))
+            w.send(req(WRITE, 1, off, len(data), data) + req(FLUSH, 2, 0, 0))
+            got = await w.replies(2)
+            assert got[1][0] == 0 and got[2][0] == 0
+            r.send(r.read(3, off, len(data)))
+            (err, back), = (await r.replies(1)).values()
+            assert err == 0 and back == data
+        # FLUSH in a worker is fdatasync of the same file: the owner's device sees the data too.
+        buf = bytearray(len(data))
+        await exp.dev.pread(memoryview(buf), off)
+        assert buf == data
+        await a.close()
+        await b.close()
+        await until(lambda: not server.connections)
+        await server.shutdown()
+
+    run(main())
+
+
+def test_requests_pipelined_behind_the_handshake_go_with_the_socket(short_tmp):
+    """The client sends its options, GO and a burst of requests (a 3 MiB WRITE
+    among them) in ONE write before reading anything: the owner receives part
+    of them before the hand-off, the worker must answer all of them."""
+    rng = random.Random(5)
+    fill = rng.randbytes(SIZE)
+
+    async def main():
+        server, exp, path = await serve(short_tmp, LiveDev(file_export(short_tmp, fill)))
+        r, w = await asyncio.open_unix_connection(path)
+        await r.readexactly(18)
+        name = b"disk"
+        go = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        msg = bytearray(struct.pack(">I", 3))
+        msg += struct.pack(">QII", IHAVEOPT, OPT_STRUCTURED_REPLY, 0)
+        msg += struct.pack(">QII", IHAVEOPT, OPT_GO, len(go)) + go
+        model = bytearray(fill)
+        c = Raw(r, w, True, SIZE, 0)
+        n = 0
+        for i in range(60):
+            ln = 3 << 20 if i == 7 else rng.choice([512, 4096, 70000])
+            off = rng.randrange(0, SIZE - ln)
+            if i % 2 == 0:
+                data = rng.randbytes(ln)
+                msg += req(WRITE, 1000 + i, off, ln, data)
+                model[off:off + ln] = data
+            else:
+                msg += c.read(1000 + i, off, ln)
+            n += 1
+        expect = bytes(model)
+        w.write(bytes(msg))
+        # Option replies (structured ACK, then GO's INFOs and ACK).
+        while True:
+            _, opt, rep, ln = struct.unpack(">QIII", await r.readexactly(20))
+            await r.readexactly(ln)
+            if opt == OPT_GO and rep == 1:
+                break
+        got = await c.replies(n)
+        assert all(err == 0 for err, _ in got.values())
+        assert server.pool.handed == 1
+        # Writes before each read in the stream: NBD does not order requests in
+        # flight, so check the final state, then a read after everything.
+        c.send(c.read(1, 0, SIZE))
+        (err, back), = (await c.replies(1)).values()
+        assert err == 0 and back == expect
+        await c.close()
+        await until(lambda: not server.connections)
+        await server.shutdown()
+
+    run(main())
+
+
+def test_a_backup_started_while_a_worker_connection_writes_sees_exactly_a_prefix(short_tmp):
+    """test_server_batch's backup-start test with the client in a worker: the
+    backup start recalls it (every write it acknowledged is on disk, none in
+    flight), then the copy-before-write hook sees every later write."""
+    block, nblocks, nwrites = 4096, 64, 6000
+    size = block * nblocks
+
+    async def main():
+        live = LiveDev(file_export(short_tmp, bytes(size)))
+        server, exp, path = await serve(short_tmp, live)
+        engine = Engine(server, lambda *a: None)
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 1)
+        rng = random.Random(7)
+        order = [rng.randrange(nblocks) for _ in range(nwrites)]
+        replies = 0
+        started = asyncio.Event()
+
+        async def writer():
+            for i0 in range(0, nwrites, 50):
+                chunk = bytearray()
+                for i in range(i0, min(i0 + 50, nwrites)):
+                    chunk += req(WRITE, i, order[i] * block, block, struct.pack(">Q", i + 1) * (block // 8))
+                c.send(bytes(chunk))
+                await c.w.drain()
+                if i0 % 500 == 0:
+                    await asyncio.sleep(0)
+
+        async def reader():
+            nonlocal replies
+            for _ in range(nwrites):
+                cookie, err, _ = await c.reply()
+                assert err == 0
+                replies += 1
+                if replies == nwrites // 3:
+                    started.set()
+
+        wt = asyncio.create_task(writer())
+        rd = asyncio.create_task(reader())
+        await started.wait()
+        await engine.backup_start("disk", "j", "none", "memory:%d" % size, snapshot="snap")
+        assert server.pool.returned == 1 and live.external == 0
+        assert all(c_.remote is None for c_ in server.connections)
+        await wt
+        await rd
+        snap = engine.jobs["j"].snapshot
+        buf = bytearray(size)
+        await snap.pread(memoryview(buf), 0)
+        seen = [struct.unpack_from(">Q", buf, b * block)[0] for b in range(nblocks)]
+        for b in range(nblocks):
+            assert buf[b * block:(b + 1) * block] == struct.pack(">Q", seen[b]) * (block // 8)
+        k = max(seen)
+        assert 0 < k < nwrites
+        last = [0] * nblocks
+        for i in range(k):
+            last[order[i]] = i + 1
+        assert seen == last, "the snapshot is not the disk after exactly a prefix of the writes"
+        live_buf = bytearray(size)
+        await live.pread(memoryview(live_buf), 0)
+        final = [0] * nblocks
+        for i, b in enumerate(order):
+            final[b] = i + 1
+        assert [struct.unpack_from(">Q", live_buf, b * block)[0] for b in range(nblocks)] == final
+        # While the backup's hook is attached, a new connection stays here.
+        c2 = await Raw.connect(path, "disk", True)
+        await asyncio.sleep(0.1)
+        assert server.pool.handed == 1
+        await engine.shutdown()
+        await c.close()
+        await c2.close()
+        await server.shutdown()
+
+    run(main())
+
+
+def test_a_worker_killed_takes_only_its_clients_and_is_replaced(short_tmp):
+    async def main():
+        server, exp, path = await serve(short_tmp, LiveDev(file_export(short_tmp)), max_connections=2)
+        a = await Raw.connect(path, "disk", True)
+        b = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 2)
+        victim = server.pool.workers[0]
+        (conn_a,) = victim.conns.values()
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        # Its client sees EOF; the other one keeps working.
+        with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+            a.send(a.read(1, 0, 4096))
+            await a.replies(1)
+        b.send(b.read(2, 0, 4096))
+        assert (await b.replies(1))[2][0] == 0
+        await until(lambda: server.pool.restarts == 1 and len(server.connections) == 1)
+        assert conn_a not in server.connections
+        # The slot is free (max_connections=2) and the new worker serves.
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 3)
+        c.send(req(WRITE, 5, 0, 4096, b"x" * 4096) + c.read(6, 0, 4096))
+        got = await c.replies(2)
+        assert got[5][0] == 0 and got[6] == (0, b"x" * 4096)
+        assert server.pool.workers[0] is not victim and server.pool.workers[0].proc.poll() is None
+        await b.close()
+        await c.close()
+        await server.shutdown()
+        assert all(h.proc.poll() is not None for h in server.pool.workers)
+
+    run(main())
+
+
+def test_a_quiet_connection_in_a_worker_is_evicted_at_the_per_peer_cap(short_tmp):
+    async def main():
+        server, exp, path = await serve(short_tmp, LiveDev(file_export(short_tmp)), max_connections_per_peer=1)
+        a = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 1)
+        await asyncio.sleep(1.5)  # quiet for more than EVICT_QUIET, reported by a tick
+        b = await Raw.connect(path, "disk", True)
+        with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+            a.send(a.read(1, 0, 4096))
+            await a.replies(1)
+        b.send(b.read(2, 0, 4096))
+        assert (await b.replies(1))[2][0] == 0
+        await until(lambda: len(server.connections) == 1 and server.pool.handed == 2)
+        await b.close()
+        await server.shutdown()
+
+    run(main())
+
+
+def test_a_busy_connection_in_a_worker_is_not_evicted(short_tmp):
+    """The owner's view of quiet times is a tick old: the worker re-checks,
+    and a connection that is busy stays (the newcomer waits, then is refused)."""
+    async def main():
+        server, exp, path = await serve(short_tmp, LiveDev(file_export(short_tmp)), max_connections_per_peer=1,
+                                        handshake_timeout=1.0)
+        a = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 1)
+        stop = False
+
+        async def busy():
+            i = 0
+            while not stop:
+                a.send(a.read(i, 0, 4096))
+                await a.replies(1)
+                i += 1
+        t = asyncio.create_task(busy())
+        await asyncio.sleep(0.6)
+        with pytest.raises((asyncio.IncompleteReadError, ConnectionError, AssertionError)):
+            await Raw.connect(path, "disk", True)
+        stop = True
+        await t
+        a.send(a.read(99, 0, 4096))
+        assert (await a.replies(1))[99][0] == 0
+        await a.close()
+        await server.shutdown()
+
+    run(main())
+
+
+def test_a_first_dirty_bitmap_recalls_worker_connections(short_tmp):
+    """With no bitmap the dirty hook is idle and connections go to workers;
+    adding one brings them back first, so it counts every later write."""
+    async def main():
+        manager = BitmapManager(None)
+        live = manager.wrap("disk", file_export(short_tmp))
+        server, exp, path = await serve(short_tmp, live)
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 1)
+        await manager.add("disk", "b0")
+        assert live.external == 0 and server.pool.returned == 1
+        c.send(req(WRITE, 1, 65536, 4096, b"y" * 4096))
+        assert (await c.replies(1))[1][0] == 0
+        assert manager.lookup("disk").get("b0").dirty_ranges() == [(65536, 65536)]  # one granule
+        await c.close()
+        await server.shutdown()
+
+    run(main())
