@@ -31,8 +31,10 @@ def render(app: Any) -> str:
     jobs = app.engine.query_jobs() if app.engine is not None else []
     from .blockdev import ioengine
 
-    return prometheus_text(app.server.exports.values(), app.server.connections, jobs,
-                           getattr(app.server, "budget", None)) + ioengine.prometheus_text()
+    pool = getattr(app.server, "pool", None)
+    return (prometheus_text(app.server.exports.values(), app.server.connections, jobs,
+                            getattr(app.server, "budget", None)) + ioengine.prometheus_text()
+            + (pool.prometheus_text() if pool is not None else ""))
 
 
 def _response(status: str, body: bytes, ctype: str = "text/plain; charset=utf-8") -> bytes:

@@ -420,6 +420,23 @@ class WorkerPool:
             if h.chan is not None:
                 h.chan.close()
 
+    def prometheus_text(self) -> str:
+        """Worker gauges and counters (their request counts are folded into
+        the exports' stats every tick)."""
+        lines = ["# HELP nbdbackup_server_workers Worker processes serving the data path.",
+                 "# TYPE nbdbackup_server_workers gauge",
+                 f"nbdbackup_server_workers {sum(1 for h in self.workers if h.alive)}",
+                 "# HELP nbdbackup_worker_connections Connections each worker serves.",
+                 "# TYPE nbdbackup_worker_connections gauge"]
+        lines += [f'nbdbackup_worker_connections{{worker="{h.index}"}} {len(h.conns)}' for h in self.workers]
+        for name, help_, v in (("handoffs", "Connections handed to workers.", self.handed),
+                               ("recalls", "Connections handed back by workers (recalls).", self.returned),
+                               ("restarts", "Workers started again after dying.", self.restarts)):
+            lines += [f"# HELP nbdbackup_worker_{name}_total {help_}",
+                      f"# TYPE nbdbackup_worker_{name}_total counter",
+                      f"nbdbackup_worker_{name}_total {v}"]
+        return "\n".join(lines) + "\n"
+
     # -- messages from workers ---------------------------------------------
 
     def _on_message(self, h: _Handle, msg: dict, data: bytes, fd: int | None) -> None:

@@ -86,6 +86,11 @@ def test_connections_in_two_workers_read_each_others_writes(short_tmp):
         buf = bytearray(len(data))
         await exp.dev.pread(memoryview(buf), off)
         assert buf == data
+        # The workers' request counts reach the owner's stats (each tick).
+        await until(lambda: exp.stats.ops[WRITE] == 20 and exp.stats.ops[READ] == 20
+                    and exp.stats.ops[FLUSH] == 20)
+        text = server.pool.prometheus_text()
+        assert "nbdbackup_server_workers 2" in text and "nbdbackup_worker_handoffs_total 2" in text
         await a.close()
         await b.close()
         await until(lambda: not server.connections)

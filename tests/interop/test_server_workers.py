@@ -1,0 +1,151 @@
+"""``nbdbackup serve --workers 2`` against real peers (`nbd.worker`).
+
+qemu-io, nbdcopy (4 connections, so both workers serve) and qemu-img
+read and write a file export whose connections are served by worker
+processes (the server log names the worker of each); a backup started over
+QMP while a libnbd client writes (in a worker) recalls it: the snapshot is
+the disk after exactly a prefix of the acknowledged writes (invariant 1),
+the live export ends as the model says, and later writes reach the target
+only through copy-before-write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import struct
+import subprocess
+import threading
+
+import pytest
+from qemu.qmp import QMPClient
+
+import peers
+from peers import wait_concluded
+
+MiB = 1 << 20
+WORKERS = ["--workers", "2"]
+
+
+def children_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each child process of ``pid`` (the workers)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            for c in f.read().split():
+                with open(f"/proc/{c}/stat") as st:
+                    fields = st.read().rpartition(")")[2].split()
+                out[int(c)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def run(argv: list[str]) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_qemu_io_nbdcopy_qemu_img_through_workers(serve, short_tmp):
+    rng = random.Random(11)
+    disk = short_tmp / "disk.raw"
+    disk.write_bytes(bytes(32 * MiB))
+    src = short_tmp / "src.raw"
+    src.write_bytes(rng.randbytes(32 * MiB))
+    with serve(f"disk={disk}", extra=WORKERS) as peer:
+        uri = peer.uri_for("disk")
+        out = run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 1M 3M", "-c", "flush",
+                   "-c", "read -P 0x5a 1M 3M", "-c", "read -P 0 0 1M"])
+        assert "Pattern verification failed" not in out
+        # Another connection (another worker, or the same) sees it.
+        out = run(["qemu-io", "-f", "raw", "-r", uri, "-c", "read -P 0x5a 2M 1M"])
+        assert "Pattern verification failed" not in out
+        cpu0 = children_cpu(peer.pid)
+        assert len(cpu0) == 2, cpu0  # the two workers
+        for _ in range(3):
+            run(["nbdcopy", "--connections=4", str(src), uri])
+        back = short_tmp / "back.raw"
+        run(["nbdcopy", "--connections=4", uri, str(back)])
+        cpu1 = children_cpu(peer.pid)
+        # Both workers moved bytes (4 connections: two each).
+        assert all(cpu1[p] - cpu0[p] >= 0.02 for p in cpu0), (cpu0, cpu1)
+        assert back.read_bytes() == src.read_bytes()
+        run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri])
+        run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri])
+    assert disk.read_bytes() == src.read_bytes()
+    assert peer.returncode == 0, peer.log()
+
+
+@pytest.mark.timeout(120)
+def test_backup_start_recalls_a_writing_worker_connection(serve, short_tmp):
+    nbd = pytest.importorskip("nbd")
+    block, nblocks = 4096, 256
+    size = block * nblocks
+    disk = short_tmp / "disk.raw"
+    disk.write_bytes(bytes(size))
+    target = short_tmp / "t.raw"
+    ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
+    rng = random.Random(3)
+    order = [rng.randrange(nblocks) for _ in range(20000)]
+    with serve(f"disk={disk}", extra=WORKERS + ["--control", ctl]) as peer:
+        h = nbd.NBD()
+        h.connect_uri(peer.uri_for("disk"))
+        acked = [0]
+        stop = threading.Event()
+
+        def writer():
+            # Synchronous writes: a total order; block b holds the number of its last write.
+            for i, b in enumerate(order):
+                if stop.is_set():
+                    break
+                h.pwrite(struct.pack(">Q", i + 1) * (block // 8), b * block)
+                acked[0] = i + 1
+        t = threading.Thread(target=writer)
+        t.start()
+
+        async def scenario() -> tuple[int, int, dict]:
+            qmp = QMPClient("workers")
+            await qmp.connect(ctl)
+            try:
+                while acked[0] < 2000:
+                    await asyncio.sleep(0.01)
+                before = acked[0]
+                await qmp.execute("backup-start", {"export": "disk", "job-id": "j", "sync": "full",
+                                                   "target": os.fspath(target), "speed": 1})
+                after = acked[0]
+                while acked[0] < after + 2000 and t.is_alive():
+                    await asyncio.sleep(0.01)
+                stop.set()
+                await asyncio.to_thread(t.join)
+                hs = nbd.NBD()
+                hs.connect_uri(peer.uri_for("disk@j"))
+                snap = bytes(hs.pread(size, 0))
+                hs.shutdown()
+                await qmp.execute("job-set-speed", {"id": "j", "speed": 0})
+                info = await wait_concluded(qmp, "j")
+                await qmp.execute("job-dismiss", {"id": "j"})
+                return before, after, info, snap
+            finally:
+                await qmp.disconnect()
+
+        before, after, info, snap = asyncio.run(asyncio.wait_for(scenario(), 90))
+        final = bytes(h.pread(size, 0))
+        h.shutdown()
+    seen = [struct.unpack_from(">Q", snap, b * block)[0] for b in range(nblocks)]
+    for b in range(nblocks):
+        assert snap[b * block:(b + 1) * block] == struct.pack(">Q", seen[b]) * (block // 8)
+    k = max(seen)
+    # Every write acknowledged before backup-start was sent is in; none
+    # acknowledged after it returned; exactly a prefix.
+    assert before <= k <= after + 1, (before, k, after)
+    last = [0] * nblocks
+    for i in range(k):
+        last[order[i]] = i + 1
+    assert seen == last, "the snapshot is not the disk after exactly a prefix of the writes"
+    n = acked[0]
+    model = [0] * nblocks
+    for i in range(n):
+        model[order[i]] = i + 1
+    assert [struct.unpack_from(">Q", final, b * block)[0] for b in range(nblocks)] == model
+    assert "error" not in info, info
+    assert target.read_bytes()[:size] == snap
