@@ -155,8 +155,10 @@ def test_a_backup_started_while_a_worker_connection_writes_sees_exactly_a_prefix
     """test_server_batch's backup-start test with the client in a worker: the
     backup start recalls it (every write it acknowledged is on disk, none in
     flight), then the copy-before-write hook sees every later write."""
-    block, nblocks, nwrites = 4096, 64, 6000
-    size = block * nblocks
+    # Blocks far apart: the snapshot of a block must come from copy-before-write
+    # (a small disk is copied whole by the backup's first pump step).
+    block, nblocks, nwrites, stride = 4096, 64, 6000, 1 << 20
+    size = stride * nblocks
 
     async def main():
         live = LiveDev(file_export(short_tmp, bytes(size)))
@@ -173,7 +175,7 @@ def test_a_backup_started_while_a_worker_connection_writes_sees_exactly_a_prefix
             for i0 in range(0, nwrites, 50):
                 chunk = bytearray()
                 for i in range(i0, min(i0 + 50, nwrites)):
-                    chunk += req(WRITE, i, order[i] * block, block, struct.pack(">Q", i + 1) * (block // 8))
+                    chunk += req(WRITE, i, order[i] * stride, block, struct.pack(">Q", i + 1) * (block // 8))
                 c.send(bytes(chunk))
                 await c.w.drain()
                 if i0 % 500 == 0:
@@ -197,8 +199,9 @@ def test_a_backup_started_while_a_worker_connection_writes_sees_exactly_a_prefix
         await wt
         await rd
         snap = engine.jobs["j"].snapshot
-        buf = bytearray(size)
-        await snap.pread(memoryview(buf), 0)
+        buf = bytearray(block * nblocks)
+        for b in range(nblocks):
+            await snap.pread(memoryview(buf)[b * block:(b + 1) * block], b * stride)
         seen = [struct.unpack_from(">Q", buf, b * block)[0] for b in range(nblocks)]
         for b in range(nblocks):
             assert buf[b * block:(b + 1) * block] == struct.pack(">Q", seen[b]) * (block // 8)
@@ -208,8 +211,9 @@ def test_a_backup_started_while_a_worker_connection_writes_sees_exactly_a_prefix
         for i in range(k):
             last[order[i]] = i + 1
         assert seen == last, "the snapshot is not the disk after exactly a prefix of the writes"
-        live_buf = bytearray(size)
-        await live.pread(memoryview(live_buf), 0)
+        live_buf = bytearray(block * nblocks)
+        for b in range(nblocks):
+            await live.pread(memoryview(live_buf)[b * block:(b + 1) * block], b * stride)
         final = [0] * nblocks
         for i, b in enumerate(order):
             final[b] = i + 1
