@@ -208,7 +208,8 @@ class _Handle:
     """The owner's view of one worker.  Fields: ``index``; ``proc`` (the
     `subprocess.Popen`); ``chan``; ``conns`` (id -> placeholder
     `NBDConnection`); ``exports`` (export names sent to it); ``quiet`` (id ->
-    (quiet seconds reported, `time.monotonic` when)); ``waiters`` ((kind, key)
+    (quiet seconds reported, the worker's `time.monotonic` when: one
+    clock for all processes)); ``waiters`` ((kind, key)
     -> futures resolved by that reply, or at its death); ``alive``."""
 
     def __init__(self, index: int, proc: subprocess.Popen, chan_sock: socket.socket) -> None:
@@ -352,15 +353,17 @@ class WorkerPool:
         h.chan.send({"t": "conn", "id": cid, "export": exp.name, "size": info.size,
                      "flags": int(info.flags), "block_size": list(info.block_size),
                      "structured": conn.proto.structured, "contexts": sorted(conn.proto.contexts.items()),
-                     "max_payload": conn.proto.max_payload, "peer": conn.peer}, data, fd=sock.fileno())
+                     "max_payload": conn.proto.max_payload, "peer": conn.peer,
+                     "last_active": conn._last_active}, data, fd=sock.fileno())
         if h.chan.closed:
             return False
+        now = time.monotonic()
+        h.quiet[cid] = (conn.quiet(now), now)
         if live is not None:
             live.attach_external()
         conn._ext_live = live
         conn.remote = (h, cid)
         h.conns[cid] = conn
-        h.quiet[cid] = (0.0, time.monotonic())
         conn._detach_transport()
         self.handed += 1
         log.info("connection %s: served by worker %d", conn.peer, h.index)
@@ -442,8 +445,9 @@ class WorkerPool:
     def _on_message(self, h: _Handle, msg: dict, data: bytes, fd: int | None) -> None:
         kind = msg["t"]
         if kind == "tick":
-            now = time.monotonic()
-            h.quiet = {int(k): (q, now) for k, q in msg["quiet"].items()}
+            # time.monotonic is CLOCK_MONOTONIC: one clock for every process.
+            at = msg["at"]
+            h.quiet = {int(k): (q, at) for k, q in msg["quiet"].items()}
             for name, delta in msg.get("stats", {}).items():
                 exp = self.server.exports.get(name)
                 if exp is not None:
@@ -530,7 +534,7 @@ class _Worker:
             if any(any(d) for d in delta[:4]) or delta[4]:
                 stats[name] = delta
             self._stats[name] = cur
-        self.chan.send({"t": "tick", "quiet": quiet, "stats": stats})
+        self.chan.send({"t": "tick", "at": now, "quiet": quiet, "stats": stats})
 
     def _on_message(self, msg: dict, data: bytes, fd: int | None) -> None:
         kind = msg["t"]
@@ -594,6 +598,11 @@ class _Worker:
             log.warning("connection %s: cannot take it over: %s", msg.get("peer"), e)
             sock.close()
             self._closed(conn)
+            return
+        # Quiet since the client's last byte to the owner, not since the hand-off
+        # (eviction picks the longest-quiet connection across processes).
+        if not data:
+            conn._last_active = min(conn._last_active, msg["last_active"])
 
     async def _recall(self, name: str) -> None:
         conns = [c for c in self.ids if c.export is not None and c.export.name == name]
