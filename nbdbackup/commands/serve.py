@@ -158,14 +158,13 @@ def add_io_engine_option(p: argparse.ArgumentParser) -> None:
 
 
 def worker_count(args: argparse.Namespace) -> int:
-    """``--workers``, else its default (`nbd.worker.default_workers`); logged (-v)."""
+    """``--workers``, else its default (`nbd.worker.default_workers`)."""
     from ..nbd.worker import default_workers
 
     n = args.workers if getattr(args, "workers", None) is not None else default_workers()
     if n < 0:
         raise ConfigError("--workers must not be negative")
-    log.info("worker processes: %d", n)
-    return n
+    return n  # (the pool logs "started N worker process(es)" with -v)
 
 
 def select_io_engine(args: argparse.Namespace) -> None:
