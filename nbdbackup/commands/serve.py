@@ -141,7 +141,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes serving the data path of plain file exports with no backup "
                         "or bitmap attached (each its own core; docs/workers.md); 0 = none "
-                        "(default: env NBDBACKUP_WORKERS, else 0)")
+                        "(default: env NBDBACKUP_WORKERS, else one per CPU when there are at least 2, "
+                        "at most 8)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (use a loopback address)")
     from .repoargs import add_repo_options
@@ -161,7 +162,10 @@ def worker_count(args: argparse.Namespace) -> int:
     """``--workers``, else its default (`nbd.worker.default_workers`)."""
     from ..nbd.worker import default_workers
 
-    n = args.workers if getattr(args, "workers", None) is not None else default_workers()
+    try:
+        n = args.workers if getattr(args, "workers", None) is not None else default_workers()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if n < 0:
         raise ConfigError("--workers must not be negative")
     return n  # (the pool logs "started N worker process(es)" with -v)

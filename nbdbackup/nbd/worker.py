@@ -667,12 +667,25 @@ async def _main(fd: int) -> int:
     return 0
 
 
+#: Most workers the default starts (each costs a Python process, ~30 MB).
+DEFAULT_MAX = 8
+
+
 def default_workers() -> int:
-    """``serve --workers`` default: ``$NBDBACKUP_WORKERS``, else 0."""
+    """``serve --workers`` default: ``$NBDBACKUP_WORKERS``, else one per
+    CPU this process may run on (at most `DEFAULT_MAX`) when there are at
+    least 2, else 0 (measured: docs/workers.md)."""
     v = os.environ.get(ENV)
     if v:
-        return int(v)
-    return 0
+        try:
+            return int(v)
+        except ValueError:
+            raise ValueError(f"{ENV}={v!r} is not a number") from None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return min(cpus, DEFAULT_MAX) if cpus >= 2 else 0
 
 
 if __name__ == "__main__":
