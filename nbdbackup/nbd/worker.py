@@ -295,17 +295,16 @@ class WorkerPool:
         h.conns.clear()
         for c in lost:
             self._drop(c)
-        try:
-            rc = h.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            h.proc.kill()
-            rc = h.proc.wait()
         if self.closing:
             return
-        log.error("worker %d (pid %d) died (exit status %s); %d connection(s) lost; starting a new one",
-                  h.index, h.proc.pid, rc, len(lost))
+        rc = h.proc.poll()
+        if rc is None:  # its end closed but it lives on: it is of no use any more
+            h.proc.kill()
         self.restarts += 1
         self.workers[h.index] = self._spawn(h.index)
+        log.error("worker %d (pid %d) died (exit status %s); %d connection(s) lost; started pid %d",
+                  h.index, h.proc.pid, rc, len(lost), self.workers[h.index].proc.pid)
+        asyncio.get_running_loop().run_in_executor(None, h.proc.wait)  # reap it
 
     def _drop(self, c) -> None:
         """A handed-off connection ended (in its worker, or with it)."""
@@ -392,7 +391,11 @@ class WorkerPool:
                 futs.append(h.expect("recalled", exp.name))
                 h.chan.send({"t": "recall", "export": exp.name})
         if futs:
-            await asyncio.wait_for(asyncio.gather(*futs), timeout)
+            try:
+                await asyncio.wait_for(asyncio.gather(*futs), timeout)
+            except TimeoutError:
+                raise OSError(errno.EBUSY, f"worker connections of export {exp.name!r} were not "
+                                           f"handed back within {timeout:g} s") from None
 
     async def remove_export(self, name: str, timeout: float = 30.0) -> None:
         futs = []

@@ -329,3 +329,29 @@ def test_a_first_dirty_bitmap_recalls_worker_connections(short_tmp):
         await server.shutdown()
 
     run(main())
+
+
+def test_removing_an_export_reaches_its_worker_connections(short_tmp):
+    """block-export-del: a connection in a worker gets ESHUTDOWN like one here,
+    and the worker drops its copy of the export (a later one may reuse the name)."""
+    async def main():
+        server, exp, path = await serve(short_tmp, LiveDev(file_export(short_tmp)))
+        c = await Raw.connect(path, "disk", False)
+        await until(lambda: server.pool.handed == 1)
+        (h,) = worker_of(server)
+        assert "disk" in h.exports
+        await server.remove_export("disk")
+        assert "disk" not in h.exports
+        c.send(c.read(1, 0, 4096))
+        (err, _), = (await c.replies(1)).values()
+        assert err == 108  # NBD_ESHUTDOWN
+        server.add_export("disk", LiveDev(file_export(short_tmp, b"z" * SIZE, "other.img")))
+        d = await Raw.connect(path, "disk", False)
+        await until(lambda: server.pool.handed == 2)
+        d.send(d.read(2, 0, 4096))
+        assert (await d.replies(1))[2] == (0, b"z" * 4096)
+        await c.close()
+        await d.close()
+        await server.shutdown()
+
+    run(main())
