@@ -340,6 +340,9 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
     metrics_srv = None
     where: list[str] = []
     try:
+        # Workers first: before the control socket opens (a client of it may
+        # stop us as soon as it answers) and before any listener.
+        await server.start_workers()
         app = await daemon.start(server, args, control_sock, remote=remote,
                                  exports=[(name, spec, ro, descriptions.get(name, "")) for name, spec, ro in exports])
         for sock in passed:
