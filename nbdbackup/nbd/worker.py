@@ -497,9 +497,11 @@ class WorkerPool:
 
 class _Worker:
     """The worker process: a `Server` without listeners, fed connections by
-    the owner.  Fields: ``chan``; ``server``; ``ids`` (connection -> id);
-    ``_stats`` (export name -> counters already reported); ``done`` (set at
-    shutdown or when the owner is gone)."""
+    the owner.  Fields: ``chan``; ``server`` (made by the ``config``
+    message, None before); ``ids`` (connection -> the owner's id for it,
+    until it is closed or handed back); ``_stats`` (export name -> counters
+    already reported); ``done`` (set at shutdown or when the owner is
+    gone); ``_tick`` (the report timer)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.chan = Channel(sock, self._on_message, self._on_eof)
