@@ -144,6 +144,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
                sink=None, progress=None, chunk_id=digest, zero_id=zero_digest,
                dirty: list[tuple[int, int]] | None = None,
+               read_whole: bool = False,
                trim_after_read: bool = False,
                write_behind: int = DEFAULT_WINDOW) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
@@ -151,6 +152,11 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     ``dirty``: incremental with the dirty ranges given (sorted, disjoint
     ``(offset, length)``) instead of read from ``src``'s bitmap context (the
     backup agent reads them from a frozen bitmap of the live export).
+    ``read_whole`` (incremental into a ``sink``): each chunk the dirty ranges
+    touch is read whole from ``src`` (a snapshot export holds all of it),
+    in requests of up to `MAX_READ`, instead of reading only its dirty
+    ranges and patching them into ``dst``'s copy; ``dst`` is not read and may
+    be None.
 
     ``fresh``: ``dst`` is a new, all-hole file (holes need no zeroing).
     ``sink(i, digest, chunk)`` (a coroutine function): instead of writing to
@@ -173,9 +179,11 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     if dirty is not None and bitmap is not None:
         raise ConfigError("give a bitmap name or dirty ranges, not both")
     incremental = bitmap is not None or dirty is not None
-    if dst is None and (sink is None or incremental):
+    if read_whole and (sink is None or not incremental):
+        raise ConfigError("read_whole is for an incremental pull into a sink")
+    if dst is None and (sink is None or (incremental and not read_whole)):
         raise ConfigError("a pull without a target needs a sink and no bitmap")
-    if dst is not None and (dst.size < size or (incremental and dst.size != size)):
+    if dst is not None and not read_whole and (dst.size < size or (incremental and dst.size != size)):
         raise ConfigError(f"target is {dst.size} bytes, the source {size}"
                           + (" (an incremental pull needs the previous backup, same size)" if incremental else ""))
     man = Manifest(size, chunk_size)
@@ -202,8 +210,11 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                 raise ConfigError(f"the source offers no {ctx!r} "
                                   f"(offered: {', '.join(src.meta_contexts()) or 'none'})")
             dirty = _ranges(await src.extents(0, size, ctx), lambda f: f & 1)
-        wanted_data, wanted_zero = _intersect(dirty, data), _intersect(dirty, zero)
         work = sorted({i for o, n in dirty for i in man.chunks_of(o, n)})
+        if read_whole:  # every touched chunk whole: as a full pull reads it
+            wanted_data, wanted_zero = data, []
+        else:
+            wanted_data, wanted_zero = _intersect(dirty, data), _intersect(dirty, zero)
     stats = PullStats(size=size)
     work_set = set(work)
     queue = iter(work)
@@ -220,11 +231,12 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         zeros = _split(wanted_zero, c_off, c_end)
         # The previous backup, patched below; not read when the dirty ranges cover the whole
         # chunk (from a repository that saves a chunk fetch, decrypt and check).
-        if incremental and _gaps(sorted(pieces + zeros), c_off, c_end):
+        patch = incremental and not read_whole
+        if patch and _gaps(sorted(pieces + zeros), c_off, c_end):
             await dst.pread(mv, c_off)
         await _read_into(src, mv, c_off, pieces)
         # The chunk buffer is reused: every byte not read must be set.
-        _blank(mv, c_off, zeros if incremental else _gaps(pieces, c_off, c_end), zero_chunk)
+        _blank(mv, c_off, zeros if patch else _gaps(pieces, c_off, c_end), zero_chunk)
         if sink is not None:
             man.chunks[i] = d = await _hash(mv, chunk_id)
             await sink(i, d, mv)
