@@ -45,9 +45,7 @@ import time
 from dataclasses import dataclass
 
 from ..blockdev.base import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, HOLE_ZERO, BlockDev, Extent
-from ..blockdev.file import FileDev
 from ..errors import ConfigError
-from .filewriter import DEFAULT_WINDOW, ChunkWriter
 from .manifest import DEFAULT_CHUNK, Manifest, digest, zero_digest
 
 #: Largest single read or write (the NBD client splits further at the
@@ -146,7 +144,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                dirty: list[tuple[int, int]] | None = None,
                read_whole: bool = False,
                trim_after_read: bool = False,
-               write_behind: int = DEFAULT_WINDOW) -> tuple[Manifest, PullStats]:
+               write_behind: int | None = None) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
 
     ``dirty``: incremental with the dirty ranges given (sorted, disjoint
@@ -172,7 +170,8 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     needed to redo it, since a failed pull is redone from a new snapshot).
     ``write_behind``: with a `FileDev` target, chunks are hashed and written
     on `ChunkWriter` threads, and at most this many written bytes are left
-    to write back at a time (0: no write-behind; all dirty until the flush).
+    to write back at a time (0: no write-behind; all dirty until the flush; None:
+    `agent.filewriter.DEFAULT_WINDOW`).
     """
     t0 = time.monotonic()
     size = src.size
@@ -271,8 +270,13 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
             await do_chunk(i, whole)
 
     # A local file or block device: hashing and writing on threads, with write-behind.
-    writer = (ChunkWriter(dst.fd, window=write_behind) if sink is None and isinstance(dst, FileDev)
-              and not dst.read_only else None)
+    writer = None
+    if sink is None:  # (not imported for a repository's pull)
+        from ..blockdev.file import FileDev
+        from .filewriter import DEFAULT_WINDOW, ChunkWriter
+
+        if isinstance(dst, FileDev) and not dst.read_only:
+            writer = ChunkWriter(dst.fd, window=DEFAULT_WINDOW if write_behind is None else write_behind)
     if writer is None:
         await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     else:
