@@ -285,3 +285,30 @@ def test_base_snapshot_reads_whole_chunks_in_place_and_pieces(tmp_path, encrypti
         f.write(bytes([b ^ 1]))
     with pytest.raises(CorruptChunk, match=m.chunks[2].hex()):
         asyncio.run(base.pread(memoryview(bytearray(C)), 2 * C))
+
+
+def test_a_chunk_stays_readable_while_its_group_is_committed(tmp_path, monkeypatch):
+    """Another thread (the second disk's verify) reads a chunk while the first disk's flush
+    renames it: through the temporary file before, through its name after, never 'missing'."""
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    data = os.urandom(C)
+    d = repo.chunk_id(data)
+    repo.put_chunk(d, data)
+    key = f"chunks/{d.hex()[:2]}/{d.hex()}"
+    blob = st.get(key)
+    seen = []
+    real_replace = os.replace
+
+    def replace(a, b):
+        if "/chunks/" in str(b):
+            seen.append((st.get(key), st.exists(key)))  # committing: the temporary file
+            real_replace(a, b)
+            seen.append((st.get(key), st.exists(key)))  # renamed, still listed as committing
+        else:
+            real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    st.flush()
+    assert seen == [(blob, True), (blob, True)]
+    assert not st._committing and repo.get_chunk(d, C) == data
