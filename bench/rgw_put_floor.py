@@ -14,6 +14,10 @@ snapshot); this replays the same number and sizes of PUTs, ``--concurrency`` at 
   stack, the HTTP parsing and radosgw + the OSD;
 - ``raw-seq``: ``raw`` one request at a time (the per-request latency).
 
+``--get``: then the same objects are read back (``--get-concurrency``, a restore's 16
+from S3), with boto3 ``get_object`` and with the signed ``http.client`` GET (body read
+into a reused buffer): the per-GET client CPU and the store's own cost of a restore.
+
 Each round uploads fresh keys (random bytes: nothing deduplicates or compresses);
 rounds alternate the ways.  Printed per way: median wall seconds for the N PUTs,
 the process's CPU seconds (client side), MB/s; radosgw's and ceph-osd's CPU during
@@ -107,6 +111,24 @@ class RawS3:
         headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access}/{scope}, "
                                     f"SignedHeaders={signed}, Signature={sig}")
 
+    def get_into(self, bucket: str, key: str, buf: memoryview) -> int:
+        path = f"/{bucket}/{key}"
+        headers: dict[str, str] = {}
+        self._sign("GET", path, headers)
+        c = self._conn()
+        c.request("GET", path, headers=headers)
+        r = c.getresponse()
+        if r.status != 200:
+            r.read()
+            raise RuntimeError(f"GET {path}: {r.status} {r.reason}")
+        n = 0
+        while True:
+            k = r.readinto(buf[n:])
+            if not k:
+                break
+            n += k
+        return n
+
     def put(self, bucket: str, key: str, data: bytes) -> None:
         path = f"/{bucket}/{key}"
         headers = {"if-none-match": "*", "content-length": str(len(data))}
@@ -125,6 +147,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=(1 << 20) + 40, help="bytes per object (1 MiB chunk + header/nonce/tag)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--get", action="store_true", help="then read the objects back (boto3 vs raw)")
+    ap.add_argument("--get-concurrency", type=int, default=16)
     ap.add_argument("--endpoint", help="an RGW already running (AWS_* credentials from the environment)")
     a = ap.parse_args()
     rgw = None
@@ -180,6 +204,32 @@ def main() -> int:
                 res[way].append((dt, cpu, sum(_proc_cpu(p) for p in store) - s0))
                 print(f"  round {rnd} {way:8} {dt:6.3f} s  client cpu {cpu:6.3f} s  store cpu "
                       f"{res[way][-1][2]:6.2f} s", flush=True)
+        gets: dict[str, list[tuple[float, float, float]]] = {}
+        if a.get:
+            tls = threading.local()
+
+            def raw_get(k: str) -> None:
+                buf = getattr(tls, "buf", None)
+                if buf is None:
+                    buf = tls.buf = memoryview(bytearray(a.size + 4096))
+                raw.get_into(bucket, k, buf)
+
+            gways = {"boto3": lambda k: s3.get_object(Bucket=bucket, Key=k)["Body"].read(), "raw": raw_get}
+            gets = {w: [] for w in gways}
+            for rnd in range(a.rounds):
+                for way, get in gways.items():
+                    keys = [f"r{rnd}/{w}/{i:05d}" for w in ways for i in range(a.count)]
+                    s0 = sum(_proc_cpu(p) for p in store)
+                    r0 = resource.getrusage(resource.RUSAGE_SELF)
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(a.get_concurrency) as ex:
+                        list(ex.map(get, keys))
+                    dt = time.perf_counter() - t0
+                    r1 = resource.getrusage(resource.RUSAGE_SELF)
+                    gets[way].append((dt, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime,
+                                      sum(_proc_cpu(p) for p in store) - s0))
+                    print(f"  round {rnd} GET {way:6} {len(keys)} objects {dt:6.3f} s  client cpu "
+                          f"{gets[way][-1][1]:6.3f} s  store cpu {gets[way][-1][2]:6.2f} s", flush=True)
         mb = a.count * a.size / 1e6
         print(f"\n{a.count} PUTs of {a.size} bytes ({mb:.1f} MB), medians of {a.rounds} rounds, load "
               f"{os.getloadavg()[0]:.1f}:")
@@ -188,6 +238,12 @@ def main() -> int:
             print(f"  {way:8} {dt:6.3f} s  ({mb / dt:6.0f} MB/s, {1000 * dt / a.count:5.2f} ms/PUT)  client cpu "
                   f"{statistics.median(x[1] for x in xs):6.3f} s  radosgw+osd+mon cpu "
                   f"{statistics.median(x[2] for x in xs):6.2f} s")
+        n = a.count * 3
+        for way, xs in gets.items():
+            dt = statistics.median(x[0] for x in xs)
+            print(f"  GET {way:6} {n} objects {dt:6.3f} s  ({1000 * dt / n:5.2f} ms/GET at {a.get_concurrency} at once)  "
+                  f"client cpu {1000 * statistics.median(x[1] for x in xs) / n:5.2f} ms/GET  radosgw+osd+mon cpu "
+                  f"{1000 * statistics.median(x[2] for x in xs) / n:5.2f} ms/GET")
     finally:
         if rgw is not None:
             rgw.stop()
