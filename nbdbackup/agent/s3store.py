@@ -116,7 +116,11 @@ class _RawGet:
     """SigV4-signed GETs over ``http.client`` (one kept-open connection per thread), for
     `S3Store.get_into`.  Fields: ``scheme``, ``host``, ``port``, ``netloc`` (of the
     endpoint), ``region``, ``credentials`` (botocore's: possibly refreshing, frozen per
-    request), ``cafile`` (https: as botocore verifies), ``_tls`` (per-thread connection)."""
+    request), ``cafile`` (https: as botocore verifies), ``_tls`` (per-thread connection),
+    ``failures`` (connection failures in a row: at `MAX_FAILURES` the raw path is off
+    for good -- e.g. a CA that only botocore's configuration file names)."""
+
+    MAX_FAILURES = 3
 
     def __init__(self, endpoint: str, region: str, credentials, cafile: str | None) -> None:
         u = urlsplit(endpoint)
@@ -126,6 +130,7 @@ class _RawGet:
         self.region, self.credentials, self.cafile = region, credentials, cafile
         self._tls = threading.local()
         self._ctx = None
+        self.failures = 0
 
     def _conn(self):
         import http.client
@@ -178,6 +183,8 @@ class _RawGet:
         for any other outcome (not 200, a connection failure): the caller asks boto3."""
         from urllib.parse import quote
 
+        if self.failures >= self.MAX_FAILURES:
+            return None
         path = f"{self.base}/{quote(bucket)}/{quote(key, safe='/~')}"
         try:
             c = self._conn()
@@ -196,9 +203,11 @@ class _RawGet:
             if n != size or not r.isclosed() and r.read(1):
                 self.drop()
                 return None
+            self.failures = 0
             return n
         except Exception:  # noqa: BLE001 - any failure here (http.client's, a refresh's): boto3 decides
             self.drop()
+            self.failures += 1
             return None
 
 

@@ -380,3 +380,16 @@ def test_s3store_get_into_raw_signed_get(s3env, monkeypatch):
         with concurrent.futures.ThreadPoolExecutor(8) as ex:  # one connection per thread, reused
             assert all(n == len(blob) for n in ex.map(lambda _: s.get_into("chunks/aa/x y+z", bytearray(len(blob))),
                                                       range(32)))
+
+
+def test_s3store_raw_get_turns_off_after_failures(s3env, monkeypatch):
+    """A raw GET that keeps failing (here: a TLS client against the plain-http RGW, as a CA only
+    botocore's config names would) falls back to boto3 each time and turns itself off."""
+    monkeypatch.setenv("NBDBACKUP_S3_RAW_GET", "1")
+    s = store(s3env + "-rawoff")
+    s.put("chunks/aa/k", b"data")
+    s._raw.scheme = "https"  # handshakes fail
+    buf = bytearray(16)
+    for _ in range(5):
+        assert s.get_into("chunks/aa/k", buf) == 4 and bytes(buf[:4]) == b"data"
+    assert s._raw.failures == s._raw.MAX_FAILURES
