@@ -199,14 +199,15 @@ class Procs:
         self.stop_all()
 
     def start(self, name: str, argv: Sequence[str], log_path: str | os.PathLike | None = None,
-              env: dict | None = None, new_session: bool = True) -> Proc:
+              env: dict | None = None, new_session: bool = True, cwd: str | None = None) -> Proc:
         """``new_session=False`` keeps the child in the bench's session (and
-        scheduler autogroup): only for measuring that arrangement."""
+        scheduler autogroup): only for measuring that arrangement.  ``cwd``: where
+        it runs (another checkout's ``python -m nbdbackup.cli``)."""
         log_f = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log_f,
                                      stderr=subprocess.STDOUT, start_new_session=new_session,
-                                     env=env)
+                                     env=env, cwd=cwd)
         finally:
             if log_path:
                 log_f.close()

@@ -43,7 +43,10 @@ borg has none, so it is local only).
 
 Usage: .venv/bin/python bench/repo_bench.py [--size 1G] [--datasets random,fs]
        [--stores local,rgw] [--tools ours,ours-scrypt,restic,borg] [--plain] [--keep]
-       [--chunk-size SIZE] [--incrementals N]
+       [--chunk-size SIZE] [--incrementals N] [--baseline DIR]
+``--baseline DIR`` adds ``nbdbackup-base``: another checkout's server and agent on a copy of the
+image given the same changes, run in the same rounds (the order of the tools rotates from one
+incremental to the next), for an A/B of two versions of ours.
 Needs: restic, borg (Debian: restic, borgbackup), qemu-img, nbdkit; the
 Ceph packages for rgw (scripts/setup installs them with the test set).
 """
@@ -199,13 +202,13 @@ class Store:
 
 # -- the tools ------------------------------------------------------------------
 
-def run(argv, env, *, cpu: bool = True) -> tuple[float, float, str]:
+def run(argv, env, *, cpu: bool = True, cwd: str | None = None) -> tuple[float, float, str]:
     """Run to completion; (wall s, CPU s of it and its children, stdout)."""
     import resource
 
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    r = subprocess.run(list(argv), env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=3600)
+    r = subprocess.run(list(argv), env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=3600, cwd=cwd)
     dt = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
@@ -225,8 +228,13 @@ class Ours:
     name = "nbdbackup"
 
     def __init__(self, procs, ws, image: str, store: Store, plain: bool, verify: str = "off", *,
-                 kdf: str = "none", chunk_size: str | None = None, tag: str = "ours") -> None:
+                 kdf: str = "none", chunk_size: str | None = None, tag: str = "ours",
+                 checkout: str | None = None) -> None:
         self.store, self.env, self.verify = store, store.env(), verify
+        #: Another checkout to run instead of this one (``--baseline``): its server and commands.
+        self.cwd = checkout
+        if checkout:
+            self.env["PYTHONPATH"] = checkout
         self.snapshot = ""
         self.image = image
         self.repo = store.ours(tag)
@@ -236,11 +244,12 @@ class Ours:
         self.proc = procs.start(f"nbdbackup-{tag}",
                                 [*PY, "serve", f"disk={image}", "--socket", self.sock, "--control", self.ctl,
                                  "--state-dir", os.path.join(self.work, f"state-{tag}")],
-                                log_path=os.path.join(self.work, f"serve-{tag}.log"))
+                                log_path=os.path.join(self.work, f"serve-{tag}.log"), env=self.env, cwd=self.cwd)
         common.wait_for_unix(self.ctl, proc=self.proc)
         self.uri = f"nbd+unix:///disk?socket={self.sock}"
         init = [*PY, "repo", "init", self.repo]
-        init_help = subprocess.run(PY + ["repo", "init", "--help"], capture_output=True, text=True, cwd=ROOT).stdout
+        init_help = subprocess.run(PY + ["repo", "init", "--help"], capture_output=True, text=True,
+                                   cwd=self.cwd or ROOT, env=self.env).stdout
         if not plain and "--encryption" in init_help:
             init += ["--encryption", "repokey", "--compression", "zstd:3"]
             self.encrypted = True
@@ -248,13 +257,13 @@ class Ours:
             self.encrypted = False
         if chunk_size:
             init += ["--chunk-size", chunk_size]
-        run(init, self.env)
+        run(init, self.env, cwd=self.cwd)
         #: How the agent unlocks the key: "none" (a --kdf none key file), "scrypt" (the passphrase),
         #: "-" (not encrypted, or this checkout has no --kdf: then the passphrase).
         self.kdf, self.key_args = "-", []
         if self.encrypted and kdf == "none" and "--kdf" in init_help:
             key = os.path.join(self.work, f"{tag}.key")
-            run([*PY, "repo", "key", "export", "--kdf", "none", self.repo, key], self.env)
+            run([*PY, "repo", "key", "export", "--kdf", "none", self.repo, key], self.env, cwd=self.cwd)
             self.kdf, self.key_args = "none", ["--key-file", key]
             self.env = {k: v for k, v in self.env.items() if k != "NBDBACKUP_PASSPHRASE"}  # not needed: prove it
         elif self.encrypted:
@@ -272,7 +281,7 @@ class Ours:
         argv = [*PY, "agent", "backup", "--control", self.ctl, "--nbd", f"nbd+unix:///?socket={self.sock}",
                 "--disk", "disk", "--repo", self.repo, "--verify", self.verify, "--json", "--progress", "never",
                 *self.key_args]
-        _, cpu, out = run(argv, self.env)
+        _, cpu, out = run(argv, self.env, cwd=self.cwd)
         report = json.loads(out)
         (d,) = report["disks"]
         self.requests = report.get("store_requests")
@@ -285,7 +294,7 @@ class Ours:
     def restore(self, out: str) -> tuple[float, float]:
         snap = self.snapshot
         if has_feature("restore"):
-            dt, cpu, _ = run([*PY, "restore", self.repo, snap, out, *self.key_args], self.env)
+            dt, cpu, _ = run([*PY, "restore", self.repo, snap, out, *self.key_args], self.env, cwd=self.cwd)
             return dt, cpu
         raise RuntimeError("this checkout has no 'nbdbackup restore'")
 
@@ -365,15 +374,16 @@ def one(res: common.Results, dataset: str, store_kind: str, a, rgw) -> None:
         store = Store(store_kind, work, rgw)
         tools = []
         for t in a.tools:
-            if t in ("ours", "ours-scrypt"):
+            if t in ("ours", "ours-scrypt", "ours-base"):
                 img = image
-                if t == "ours-scrypt" and "ours" in a.tools:  # its own copy: the same changes go to both
-                    img = os.path.join(work, "disk-scrypt.raw")
+                if t != "ours" and "ours" in a.tools:  # its own copy: the same changes go to both
+                    img = os.path.join(work, f"disk-{t}.raw")
                     subprocess.run(["cp", "--reflink=auto", "--sparse=always", image, img], check=True)
                 o = Ours(procs, ws, img, store, a.plain, a.verify, kdf="scrypt" if t == "ours-scrypt" else "none",
-                         chunk_size=a.chunk_size, tag=t.replace("-", ""))
-                if t == "ours-scrypt":
-                    o.name = "nbdbackup-scrypt"
+                         chunk_size=a.chunk_size, tag=t.replace("-", ""),
+                         checkout=a.baseline if t == "ours-base" else None)
+                if t != "ours":
+                    o.name = {"ours-scrypt": "nbdbackup-scrypt", "ours-base": "nbdbackup-base"}[t]
                 res.meta.setdefault("kdf", {})[o.name] = o.kdf
                 print(f"# {o.name}: key unlocked with kdf {o.kdf}", flush=True)
                 tools.append(o)
@@ -414,7 +424,7 @@ def one(res: common.Results, dataset: str, store_kind: str, a, rgw) -> None:
                     for off, data in writes:
                         f.seek(off)
                         f.write(data)
-            for tool in tools:
+            for tool in tools[k % len(tools):] + tools[:k % len(tools)]:  # rotated: no tool always first
                 subprocess.run(["sync"])
                 dt, cpu = tool.backup()
                 record("incremental", tool, dt, cpu, tool.bytes_stored())
@@ -458,6 +468,10 @@ def main() -> int:
                     help="ours (key unlocked from a --kdf none key file), ours-scrypt (from the passphrase), "
                          "restic, borg")
     ap.add_argument("--chunk-size", metavar="SIZE", help="our repo init --chunk-size (default: repo init's)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="another checkout (e.g. a 'git worktree' of main): tool ours-base runs its server and "
+                         "commands (this interpreter, cwd and PYTHONPATH DIR), interleaved with ours, on a copy "
+                         "of the image given the same changes (A/B)")
     ap.add_argument("--incrementals", type=int, default=1, metavar="N",
                     help="change ~5%% and back up incrementally N times (medians; bytes stored after each)")
     ap.add_argument("--plain", action="store_true", help="no encryption, no compression (all tools)")
@@ -468,11 +482,17 @@ def main() -> int:
     a = ap.parse_args()
     common.sigterm_as_interrupt()
     a.tools = a.tools.split(",")
+    if "ours-base" in a.tools and not a.baseline:
+        ap.error("--tools ours-base needs --baseline DIR")
+    if a.baseline and "ours-base" not in a.tools:
+        a.tools.append("ours-base")
     res = common.Results("repo")
     # Byte-compile our modules once, as an installed package is (PYTHONDONTWRITEBYTECODE, set in some
     # environments, would otherwise make every agent run compile them again: ~40 ms each).
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "nbdbackup")],
-                   stdout=subprocess.DEVNULL)
+    for checkout in (ROOT, a.baseline):
+        if checkout:
+            subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(checkout, "nbdbackup")],
+                           stdout=subprocess.DEVNULL)
     res.meta.update(commit=common.git_commit(), machine=common.machine_info(), size=a.size, plain=a.plain,
                     chunk_size=a.chunk_size or "repo init default", incrementals=a.incrementals,
                     versions={"restic": common.tool_version(["restic", "version"]),
@@ -493,7 +513,8 @@ def main() -> int:
         if rgw is not None:
             rgw.stop()
             shutil.rmtree(rgw.dir, ignore_errors=True)
-    tools = [{"ours": "nbdbackup", "ours-scrypt": "nbdbackup-scrypt"}.get(t, t) for t in a.tools]
+    tools = [{"ours": "nbdbackup", "ours-scrypt": "nbdbackup-scrypt", "ours-base": "nbdbackup-base"}.get(t, t)
+             for t in a.tools]
     print()
     print(common.format_table(res, tools, ours="nbdbackup"))
     if not a.no_json:

@@ -45,9 +45,7 @@ import time
 from dataclasses import dataclass
 
 from ..blockdev.base import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, HOLE_ZERO, BlockDev, Extent
-from ..blockdev.file import FileDev
 from ..errors import ConfigError
-from .filewriter import DEFAULT_WINDOW, ChunkWriter
 from .manifest import DEFAULT_CHUNK, Manifest, digest, zero_digest
 
 #: Largest single read or write (the NBD client splits further at the
@@ -144,13 +142,19 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                chunk_size: int = DEFAULT_CHUNK, workers: int = 8, base: Manifest | None = None,
                sink=None, progress=None, chunk_id=digest, zero_id=zero_digest,
                dirty: list[tuple[int, int]] | None = None,
+               read_whole: bool = False,
                trim_after_read: bool = False,
-               write_behind: int = DEFAULT_WINDOW) -> tuple[Manifest, PullStats]:
+               write_behind: int | None = None) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
 
     ``dirty``: incremental with the dirty ranges given (sorted, disjoint
     ``(offset, length)``) instead of read from ``src``'s bitmap context (the
     backup agent reads them from a frozen bitmap of the live export).
+    ``read_whole`` (incremental into a ``sink``): each chunk the dirty ranges
+    touch is read whole from ``src`` (a snapshot export holds all of it),
+    in requests of up to `MAX_READ`, instead of reading only its dirty
+    ranges and patching them into ``dst``'s copy; ``dst`` is not read and may
+    be None.
 
     ``fresh``: ``dst`` is a new, all-hole file (holes need no zeroing).
     ``sink(i, digest, chunk)`` (a coroutine function): instead of writing to
@@ -166,16 +170,19 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     needed to redo it, since a failed pull is redone from a new snapshot).
     ``write_behind``: with a `FileDev` target, chunks are hashed and written
     on `ChunkWriter` threads, and at most this many written bytes are left
-    to write back at a time (0: no write-behind; all dirty until the flush).
+    to write back at a time (0: no write-behind; all dirty until the flush; None:
+    `agent.filewriter.DEFAULT_WINDOW`).
     """
     t0 = time.monotonic()
     size = src.size
     if dirty is not None and bitmap is not None:
         raise ConfigError("give a bitmap name or dirty ranges, not both")
     incremental = bitmap is not None or dirty is not None
-    if dst is None and (sink is None or incremental):
+    if read_whole and (sink is None or not incremental):
+        raise ConfigError("read_whole is for an incremental pull into a sink")
+    if dst is None and (sink is None or (incremental and not read_whole)):
         raise ConfigError("a pull without a target needs a sink and no bitmap")
-    if dst is not None and (dst.size < size or (incremental and dst.size != size)):
+    if dst is not None and not read_whole and (dst.size < size or (incremental and dst.size != size)):
         raise ConfigError(f"target is {dst.size} bytes, the source {size}"
                           + (" (an incremental pull needs the previous backup, same size)" if incremental else ""))
     man = Manifest(size, chunk_size)
@@ -202,8 +209,11 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                 raise ConfigError(f"the source offers no {ctx!r} "
                                   f"(offered: {', '.join(src.meta_contexts()) or 'none'})")
             dirty = _ranges(await src.extents(0, size, ctx), lambda f: f & 1)
-        wanted_data, wanted_zero = _intersect(dirty, data), _intersect(dirty, zero)
         work = sorted({i for o, n in dirty for i in man.chunks_of(o, n)})
+        if read_whole:  # every touched chunk whole: as a full pull reads it
+            wanted_data, wanted_zero = data, []
+        else:
+            wanted_data, wanted_zero = _intersect(dirty, data), _intersect(dirty, zero)
     stats = PullStats(size=size)
     work_set = set(work)
     queue = iter(work)
@@ -220,11 +230,12 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         zeros = _split(wanted_zero, c_off, c_end)
         # The previous backup, patched below; not read when the dirty ranges cover the whole
         # chunk (from a repository that saves a chunk fetch, decrypt and check).
-        if incremental and _gaps(sorted(pieces + zeros), c_off, c_end):
+        patch = incremental and not read_whole
+        if patch and _gaps(sorted(pieces + zeros), c_off, c_end):
             await dst.pread(mv, c_off)
         await _read_into(src, mv, c_off, pieces)
         # The chunk buffer is reused: every byte not read must be set.
-        _blank(mv, c_off, zeros if incremental else _gaps(pieces, c_off, c_end), zero_chunk)
+        _blank(mv, c_off, zeros if patch else _gaps(pieces, c_off, c_end), zero_chunk)
         if sink is not None:
             man.chunks[i] = d = await _hash(mv, chunk_id)
             await sink(i, d, mv)
@@ -259,8 +270,13 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
             await do_chunk(i, whole)
 
     # A local file or block device: hashing and writing on threads, with write-behind.
-    writer = (ChunkWriter(dst.fd, window=write_behind) if sink is None and isinstance(dst, FileDev)
-              and not dst.read_only else None)
+    writer = None
+    if sink is None:  # (not imported for a repository's pull)
+        from ..blockdev.file import FileDev
+        from .filewriter import DEFAULT_WINDOW, ChunkWriter
+
+        if isinstance(dst, FileDev) and not dst.read_only:
+            writer = ChunkWriter(dst.fd, window=DEFAULT_WINDOW if write_behind is None else write_behind)
     if writer is None:
         await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     else:

@@ -41,7 +41,13 @@ leaves at worst unreferenced chunks, which `Repository.gc` removes.
 
 `DirStore` keeps the objects as files under a directory (written to a
 temporary name, fsynced, renamed; the directories are fsynced before a
-snapshot is written, so a crash cannot keep a snapshot and lose its chunks).  Its lock is ``flock`` on ``<dir>/lock``:
+snapshot is written, so a crash cannot keep a snapshot and lose its chunks).
+Chunks are committed in groups: a chunk's temporary file is written and its
+write-back started at once, but fsynced and renamed to its name only at the
+next `DirStore.flush` (or when `BATCH_FILES` / `BATCH_BYTES` are pending), all
+together -- one journal commit for the group instead of one per chunk.  A
+file under a chunk's name is therefore always complete and durable; a crash
+leaves at worst temporary files, which `Repository.gc` removes.  Its lock is ``flock`` on ``<dir>/lock``:
 pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
 waiting: a busy repository is an error), so ``gc`` never removes the chunks
 of a pull in progress, nor ``prune`` its base.  The store interface is small on
@@ -69,6 +75,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -110,6 +117,13 @@ DEFAULT_REPO_CHUNK = 1 << 20
 #: see also `agent.pull.MAX_READ`.
 _PUT_MAX = 1 << 20
 
+#: Group commit of chunk files (`DirStore`): at most this many written but not yet durable
+#: (fsynced and renamed) at a time, and at most this many bytes in them.
+BATCH_FILES = 256
+BATCH_BYTES = 256 << 20
+#: Temporary names: unique in this process even when two puts hand the same buffer object.
+_tmp_seq = itertools.count()
+
 _tls = threading.local()
 
 
@@ -135,41 +149,137 @@ class SnapshotExists(ConfigError):
 
 
 class DirStore:
-    """Objects as files under ``root`` (see the module doc)."""
+    """Objects as files under ``root`` (see the module doc).
+
+    Chunks (keys under ``chunks/``) are committed in groups when ``batch`` is
+    true (the default): `put` writes the temporary file and starts its
+    write-back; `flush` (or a full group) fsyncs every pending file, renames
+    them to their names, then fsyncs the directories.  Until then a pending
+    chunk is readable by this process (`get`, `exists`...) through its
+    temporary file, but not by others.  Other keys (snapshots, config, keys)
+    are durable under their name when `put` returns, once `flush` has run
+    for their directory.
+    """
 
     #: gc keeps unreferenced chunks younger than this (seconds): none here (flock is exact).
     gc_grace = 0.0
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, batch: bool = True) -> None:
         self.root = os.path.abspath(root)
+        #: Group commit of chunks on (see the class doc); False: each chunk fsynced and renamed in `put`.
+        self.batch = batch
         #: Directories that got new entries since the last `flush` (their
-        #: renames are not durable until the directory is fsynced).
+        #: renames are not durable until the directory is fsynced); under ``_lock``.
         self._dirty_dirs: set[str] = set()
+        #: Chunks written but not yet committed: key -> (open fd, temporary path, final path,
+        #: bytes); under ``_lock`` (puts come from worker threads).
+        self._pending: dict[str, tuple[int, str, str, int]] = {}
+        #: Bytes in ``_pending``.
+        self._pending_bytes = 0
+        #: Chunks of the group being committed (out of ``_pending``, not yet renamed): readers
+        #: still find them through their temporary files; under ``_lock``.
+        self._committing: dict[str, tuple[int, str, str, int]] = {}
+        self._lock = threading.Lock()
+        #: Held through a whole `_commit` (one group at a time: a `flush` that commits after
+        #: another thread's group started waits for its renames) ...
+        self._commit_lock = threading.Lock()
+        #: ... and through a whole `flush` (two disks of one agent run flush at once: the second
+        #: must not write its snapshot before the first's directory fsyncs, which may cover its
+        #: chunks, are done).
+        self._flush_lock = threading.Lock()
 
     def _path(self, key: str) -> str:
         assert ".." not in key.split("/") and not key.startswith("/"), key
         return os.path.join(self.root, *key.split("/"))
 
+    def _read_path(self, key: str) -> str:
+        """Where ``key``'s bytes are now: its pending temporary file, else its name.
+        (A commit may rename the temporary file right after: see `_reading`.)"""
+        with self._lock:
+            p = self._pending.get(key) or self._committing.get(key)
+        return p[1] if p is not None else self._path(key)
+
+    def _reading(self, key: str, fn):
+        """``fn(path)`` on ``key``'s current path; if its temporary file was renamed
+        meanwhile (FileNotFoundError), on its name."""
+        p = self._read_path(key)
+        try:
+            return fn(p)
+        except FileNotFoundError:
+            if p == self._path(key):
+                raise
+            return fn(self._path(key))
+
     def put(self, key: str, data: Buffer) -> None:
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}.{id(data)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        tmp = f"{path}.tmp.{os.getpid()}.{next(_tmp_seq)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        mv = memoryview(data).cast("B")
         try:
-            mv = memoryview(data).cast("B")
             done = 0
             while done < len(mv):  # at most 1 MiB a call: see `_PUT_MAX`
                 done += os.write(fd, mv[done : done + _PUT_MAX])
-            os.fsync(fd)
-        finally:
+            if not (self.batch and key.startswith("chunks/")):
+                os.fsync(fd)
+        except BaseException:
             os.close(fd)
-        os.replace(tmp, path)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if not (self.batch and key.startswith("chunks/")):
+            os.close(fd)
+            os.replace(tmp, path)
+            self._dirtied(path)
+            return
+        _start_writeback(fd)
+        with self._lock:
+            dup = key in self._pending or key in self._committing
+            if not dup:
+                self._pending[key] = (fd, tmp, path, len(mv))
+                self._pending_bytes += len(mv)
+                full = len(self._pending) >= BATCH_FILES or self._pending_bytes >= BATCH_BYTES
+        if dup:  # the same content, written meanwhile by another thread
+            os.close(fd)
+            os.unlink(tmp)
+        elif full:
+            self._commit()
+
+    def _dirtied(self, path: str) -> None:
         d = os.path.dirname(path)
-        while d.startswith(self.root):  # the file's directory and any it had to create
-            self._dirty_dirs.add(d)
-            if d == self.root:
-                break
-            d = os.path.dirname(d)
+        with self._lock:  # (a commit on a worker thread may rename while `flush` takes the set)
+            while d.startswith(self.root):  # the file's directory and any it had to create
+                self._dirty_dirs.add(d)
+                if d == self.root:
+                    break
+                d = os.path.dirname(d)
+
+    def _commit(self) -> None:
+        """Make the pending chunks durable and give them their names: fsync them all
+        (on threads at once: the file system commits them together), then rename.
+        On a failure none of the group is renamed: their temporary files are removed."""
+        with self._commit_lock:
+            with self._lock:
+                group, self._pending, self._pending_bytes = self._pending, {}, 0
+                self._committing = dict(group)
+            if not group:
+                return
+            try:
+                _on_threads(os.fsync, [fd for fd, _, _, _ in group.values()])
+            except BaseException:
+                with self._lock:
+                    self._committing = {}
+                for fd, tmp, _, _ in group.values():
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                raise
+            for key, (fd, tmp, path, _) in group.items():
+                os.close(fd)
+                os.replace(tmp, path)
+                self._dirtied(path)
+                with self._lock:
+                    del self._committing[key]
 
     def put_new(self, key: str, data: Buffer) -> bool:
         """Write ``key`` unless it exists; True if this call wrote it."""
@@ -185,30 +295,30 @@ class DirStore:
         """An flock cannot be lost while held: nothing to check."""
 
     def flush(self) -> None:
-        """Make every `put` so far durable (fsync the directories it changed).
+        """Make every `put` so far durable under its name: commit the pending
+        chunks (`_commit`), then fsync the directories that changed.
 
         Many directories (an incremental's chunks land in up to 256 ``chunks/xx``)
         are fsynced on threads at once: the file system commits them together
         (one ext4 journal commit instead of one per directory; 0.18 -> 0.02 s
         for ~90 new 1 MiB chunks).  All are done before this returns."""
-        dirs, self._dirty_dirs = self._dirty_dirs, set()
-        if len(dirs) <= 2:
-            for d in sorted(dirs, key=len, reverse=True):
-                _fsync_dir(d)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(16, len(dirs))) as pool:
-            list(pool.map(_fsync_dir, dirs))  # list(): re-raises the first failure
+        with self._flush_lock:
+            self._commit()
+            with self._lock:
+                dirs, self._dirty_dirs = self._dirty_dirs, set()
+            _on_threads(_fsync_dir, sorted(dirs, key=len, reverse=True))
 
     def get(self, key: str) -> bytes:
-        with open(self._path(key), "rb") as f:
-            return f.read()
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        return self._reading(key, read)
 
     def get_into(self, key: str, buf) -> int:
         """Read ``key`` into the writable buffer ``buf``; its length, or -1 if
         it is longer than ``buf`` (no allocation: the restore's path)."""
-        fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        fd = self._reading(key, lambda p: os.open(p, os.O_RDONLY | os.O_CLOEXEC))
         try:
             mv = memoryview(buf).cast("B")
             size = os.fstat(fd).st_size
@@ -226,13 +336,18 @@ class DirStore:
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         """At most ``length`` bytes of ``key`` from ``offset`` (fewer at its end)."""
-        with open(self._path(key), "rb") as f:
-            return os.pread(f.fileno(), length, offset)
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+
+        return self._reading(key, read)
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(self._path(key))
+        return os.path.exists(self._read_path(key)) or os.path.exists(self._path(key))
 
     def list(self, prefix: str) -> Iterator[str]:
+        """Keys under ``prefix`` (pending chunks are committed first)."""
+        self._commit()
         base = self._path(prefix.rstrip("/")) if prefix else self.root
         for dirpath, _, files in os.walk(base):
             rel = os.path.relpath(dirpath, self.root)
@@ -247,6 +362,7 @@ class DirStore:
                 yield k, self.mtime(k)
 
     def delete(self, key: str) -> None:
+        self._commit()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
 
@@ -254,9 +370,22 @@ class DirStore:
         for key in keys:
             self.delete(key)
 
+    def sweep(self) -> int:
+        """Remove temporary files left by writers that died (kill -9, a crash, a full
+        disk); how many.  Only under the exclusive lock: no other writer is running."""
+        self._commit()
+        n = 0
+        for dirpath, _, files in os.walk(self.root):
+            for f in files:
+                if ".tmp." in f:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(dirpath, f))
+                        n += 1
+        return n
+
     def mtime(self, key: str) -> float:
         """When the object was last written (seconds since the epoch)."""
-        return os.stat(self._path(key)).st_mtime
+        return self._reading(key, os.stat).st_mtime
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
@@ -271,6 +400,28 @@ class DirStore:
             yield
         finally:
             os.close(fd)
+
+
+def _on_threads(fn, items: list) -> None:
+    """``fn(item)`` for every item, on up to 16 threads when there are more than two
+    (the file system commits concurrent fsyncs together); re-raises the first failure."""
+    if len(items) <= 2:
+        for it in items:
+            fn(it)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(16, len(items))) as pool:
+        list(pool.map(fn, items))  # list(): re-raises the first failure
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to disk now (advisory: the commit's fsync
+    then finds little left to write); nothing where sync_file_range is missing."""
+    from ..blockdev import writeback
+
+    with contextlib.suppress(OSError):
+        writeback.sync_file_range(fd, 0, 0, writeback.SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(d: str) -> None:
@@ -842,6 +993,9 @@ class Repository:
         doomed = [key for key, mtime in self.store.list_times("chunks")
                   if bytes.fromhex(key.rsplit("/", 1)[1]) not in keep and not (grace > 0 and mtime > limit)]
         self.store.delete_many(doomed)
+        sweep = getattr(self.store, "sweep", None)  # DirStore: temporary files of writers that died
+        if sweep is not None:
+            sweep()
         return len(doomed), len(keep)
 
 
@@ -920,7 +1074,8 @@ class BaseSnapshot:
     """The base snapshot of an incremental pull into a repository, as the
     target `agent.pull.pull` reads (``pull --repo --base`` and the backup
     agent): whole chunks fetched, decoded and checked on worker threads, so
-    the event loop keeps reading the source.
+    the event loop keeps reading the source; a chunk the read covers whole is
+    decoded straight into the caller's buffer.
 
     Fields: ``repo``; ``man`` (the base's manifest).  Only ``size`` and
     ``pread`` are used (the pull hands each chunk's content to its sink).
@@ -936,6 +1091,11 @@ class BaseSnapshot:
     async def pread(self, buf: memoryview, offset: int) -> None:
         for i in self.man.chunks_of(offset, len(buf)):
             c_off, c_len = self.man.chunk_range(i)
+            if c_off >= offset and c_off + c_len <= offset + len(buf):  # a whole chunk: decoded in place
+                # (`get_chunk_into`: no allocation nor copy; a third of `get_chunk`'s CPU per 1 MiB)
+                await asyncio.to_thread(self.repo.get_chunk_into, self.man.chunks[i],
+                                        buf[c_off - offset : c_off - offset + c_len])
+                continue
             data = await asyncio.to_thread(self.repo.get_chunk, self.man.chunks[i], c_len)
             s, e = max(offset, c_off), min(offset + len(buf), c_off + c_len)
             buf[s - offset:e - offset] = memoryview(data)[s - c_off:e - c_off]

@@ -17,10 +17,12 @@ One server's run (`backup_server`)::
                 the actions with no await in between)
     4 pull      per disk (at most --parallel at once, over all servers):
                 incremental: the dirty set is the base bitmap, frozen at T,
-                read from the LIVE export's qemu:dirty-bitmap context; only
-                those ranges are read from the snapshot export and patched
-                into the base snapshot's chunks; full: what base:allocation
-                says is data
+                read from the LIVE export's qemu:dirty-bitmap context; each
+                chunk it touches is read whole from the snapshot export
+                (``--read whole``, default), or only its dirty ranges are,
+                patched into the base snapshot's chunk from the repository
+                (``--read dirty``); the other chunks keep the base's ids;
+                full: what base:allocation says is data
     5 verify    every chunk the pull produced (``--verify full``, default)
                 or a random sample (``sample``) is read again, whole, from
                 the snapshot export and hashed: it must equal the manifest's
@@ -51,10 +53,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -93,6 +95,10 @@ class Options:
     ``{server}``, ``{time}`` = %Y%m%dT%H%M%SZ, ``{date}``); ``verify``: full,
     sample or off; ``sample``: chunks checked per disk with ``sample``;
     ``io_timeout``: seconds an NBD request may take before the run fails;
+    ``read``: what an incremental reads of a chunk the bitmap touches: "whole"
+    (all of it, from the snapshot export) or "dirty" (its dirty ranges, the rest
+    from the base snapshot in the repository: less from the server, more from
+    the repository);
     ``progress(disk, done, total)``: called as chunks finish (or None)."""
 
     prefix: str = DEFAULT_PREFIX
@@ -104,6 +110,7 @@ class Options:
     full: bool = False
     granularity: int | None = None
     io_timeout: float = 120.0
+    read: str = "whole"
     progress: Callable[[str, int, int], None] | None = None
 
 
@@ -289,7 +296,7 @@ async def backup_server(server: Server, store, repo, opts: Options, sem: asyncio
         runs = await _prepare(server, ctl, repo, opts, now, results, set() if taken is None else taken)
         if runs is None:
             return fail_all("nothing started")
-        group = uuid.uuid4().hex
+        group = os.urandom(16).hex()  # (as a uuid4's hex; the uuid module costs an import)
         actions: list[dict] = []
         for r in runs:
             actions += r.decision.actions(r.disk, r.own, opts.granularity)
@@ -436,9 +443,11 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
             if opts.progress is not None:
                 opts.progress(r.disk, done, total)
 
-        dst = BaseSnapshot(repo, base_man) if base_man is not None else None
+        whole = opts.read == "whole"
+        dst = BaseSnapshot(repo, base_man) if base_man is not None and not whole else None
         try:
-            man, stats = await pull(src, dst, dirty=dirty, chunk_size=repo.chunk_size, workers=opts.workers,
+            man, stats = await pull(src, dst, dirty=dirty, read_whole=whole and dirty is not None,
+                                    chunk_size=repo.chunk_size, workers=opts.workers,
                                     base=base_man, sink=sink, progress=progress,
                                     chunk_id=repo.chunk_id, zero_id=repo.zero_id)
         except CorruptChunk as e:  # only the base snapshot's chunks are read from the repository
@@ -549,6 +558,8 @@ async def run(servers: list[Server], store, repo, opts: Options, parallel: int =
     """Back up every server (concurrently; at most ``parallel`` disks pulled at once)."""
     if opts.verify not in ("full", "sample", "off"):
         raise ConfigError(f"--verify {opts.verify!r}: full, sample or off")
+    if opts.read not in ("whole", "dirty"):
+        raise ConfigError(f"--read {opts.read!r}: whole or dirty")
     now = datetime.datetime.now(datetime.timezone.utc)
     sem = asyncio.Semaphore(max(1, parallel))
     taken: set[str] = set()

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -70,7 +69,7 @@ BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 BLKSSZGET = 0x1268
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded (find_library("c") runs ldconfig -p)
 _fallocate = _libc.fallocate64
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -104,7 +103,7 @@ assert _SQE.size == 64
 _CQE = struct.Struct("<QiI")
 _U32 = struct.Struct("<I")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded (find_library("c") runs ldconfig -p)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 

@@ -73,6 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-read every chunk the backup produced from the snapshot export (full, default), "
                         "a random sample, or none")
     b.add_argument("--verify-sample", type=int, default=8, metavar="N", help="chunks per disk with --verify sample")
+    b.add_argument("--read", choices=("whole", "dirty"), default="whole",
+                   help="incremental: read each chunk the dirty bitmap touches whole from the snapshot export "
+                        "(whole, default), or only its dirty ranges and the rest from the base snapshot in "
+                        "the repository (dirty: less read from the server, e.g. over a slow link)")
     b.add_argument("--granularity", type=size_arg, metavar="SIZE", help="granularity of new bitmaps")
     b.add_argument("--connections", type=int, default=4, help="NBD connections per disk")
     b.add_argument("--workers", type=int, default=8, help="chunks in flight per disk")
@@ -168,6 +172,7 @@ def run_backup(args: argparse.Namespace) -> int:
         opts = workflow.Options(prefix=args.prefix, template=args.snapshot_name, connections=args.connections,
                                 workers=args.workers, verify=args.verify, sample=args.verify_sample,
                                 full=args.full, granularity=args.granularity, io_timeout=args.io_timeout,
+                                read=args.read,
                                 progress=_Progress() if show else None)
         # Fail on a bad template now, not per disk.
         import datetime

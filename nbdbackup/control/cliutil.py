@@ -27,7 +27,6 @@ from typing import Any, Awaitable, Callable
 from ..blockdev import parse_size
 from ..errors import ConfigError, ConnectionClosed, RemoteProtocolError
 from .client import ControlClient
-from .remote import client_for
 
 ENV_CONTROL = "NBDBACKUP_CONTROL"
 ENV_CONTROL_TLS_CREDS = "NBDBACKUP_CONTROL_TLS_CREDS"
@@ -74,6 +73,8 @@ def control_tls_creds(args: argparse.Namespace) -> str | None:
 
 async def connect(path: str, tls_creds: str | None = None) -> ControlClient:
     """A connected client for the address PATH (socket path or ``qmps://``)."""
+    from .remote import client_for  # (TLS contexts, authz: not imported for a local socket's run)
+
     client = client_for(path, tls_creds)
     try:
         await client.connect()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import subprocess
 import sys
 import time
@@ -355,3 +356,40 @@ def test_s3_gc_during_a_third_pull_loses_nothing(s3env, short_tmp):
         assert r.returncode == 0, r.stderr
         assert same(o, d)
     assert nb("repo", "verify", url).stdout.strip().endswith("OK: 2 snapshot(s), 0 bad chunk(s)")
+
+
+def test_s3store_get_into_raw_signed_get(s3env, monkeypatch):
+    """`get_into` (a restore's read): the raw signed GET gives what boto3's get gives, -1 for a
+    buffer too small, FileNotFoundError for a missing key (through boto3), counts its calls;
+    with NBDBACKUP_S3_RAW_GET=0 it goes through boto3 and gives the same."""
+    for raw in ("1", "0"):
+        monkeypatch.setenv("NBDBACKUP_S3_RAW_GET", raw)
+        s = store(s3env + f"-getinto{raw}")
+        assert (s._raw is not None) == (raw == "1")
+        blob = os.urandom(300_001)
+        s.put("chunks/aa/x y+z", blob)  # a key needing quoting
+        buf = bytearray(400_000)
+        if raw == "1":  # signed right (else the raw path would give None and boto3 would answer)
+            assert s._raw.get_into(s.bucket, s._key("chunks/aa/x y+z"), memoryview(buf)) == len(blob)
+        before = s.requests["GetObject"]
+        assert s.get_into("chunks/aa/x y+z", buf) == len(blob) and bytes(buf[:len(blob)]) == blob
+        assert s.requests["GetObject"] == before + 1
+        assert s.get_into("chunks/aa/x y+z", bytearray(1000)) == -1
+        with pytest.raises(FileNotFoundError):
+            s.get_into("chunks/aa/missing", buf)
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:  # one connection per thread, reused
+            assert all(n == len(blob) for n in ex.map(lambda _: s.get_into("chunks/aa/x y+z", bytearray(len(blob))),
+                                                      range(32)))
+
+
+def test_s3store_raw_get_turns_off_after_failures(s3env, monkeypatch):
+    """A raw GET that keeps failing (here: a TLS client against the plain-http RGW, as a CA only
+    botocore's config names would) falls back to boto3 each time and turns itself off."""
+    monkeypatch.setenv("NBDBACKUP_S3_RAW_GET", "1")
+    s = store(s3env + "-rawoff")
+    s.put("chunks/aa/k", b"data")
+    s._raw.scheme = "https"  # handshakes fail
+    buf = bytearray(16)
+    for _ in range(5):
+        assert s.get_into("chunks/aa/k", buf) == 4 and bytes(buf[:4]) == b"data"
+    assert s._raw.failures == s._raw.MAX_FAILURES

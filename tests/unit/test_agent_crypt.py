@@ -277,6 +277,7 @@ def test_get_chunk_of_an_encrypted_repository_checks_the_id(tmp_path):
     da, db = repo.chunk_id(a), repo.chunk_id(b)
     repo.put_chunk(da, a)
     repo.put_chunk(db, b)
+    repo.store.flush()  # the chunk files get their names
     root = tmp_path / "r" / "chunks"
     pa, pb = root / da.hex()[:2] / da.hex(), root / db.hex()[:2] / db.hex()
     pa.write_bytes(pb.read_bytes())  # the store swaps two chunks
@@ -320,5 +321,6 @@ def test_a_downgraded_config_is_refused_when_a_key_was_expected(tmp_path):
     plain = Repository.open(st)
     d = repo.chunk_id(b"\x01" * C)
     repo.put_chunk(d, b"\x01" * C)
+    repo.store.flush()  # visible to another store object (another process) once committed
     with pytest.raises(CorruptChunk, match="encrypted, but the repository is not"):
         plain.get_chunk(d, C)

@@ -39,7 +39,9 @@ def test_keyfile_kdf_none_opens_without_passphrase(tmp_path):
     assert again.chunk_id(data) == repo.chunk_id(data) and again.encryption == "keyfile"
     assert again.codec.encrypted
     d = repo.chunk_id(data)
-    assert repo.put_chunk(d, data) and again.get_chunk(d, len(data)) == data
+    assert repo.put_chunk(d, data)
+    repo.store.flush()  # another store object (another process) sees committed chunks
+    assert again.get_chunk(d, len(data)) == data
 
 
 def test_export_kdf_none_from_a_scrypt_repokey(tmp_path):

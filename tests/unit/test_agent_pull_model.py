@@ -111,6 +111,24 @@ def test_full_then_incremental_pull_reproduces_the_source(size, chunk, before, a
         assert man2.chunks == (await manifest_of(a, chunk)).chunks
         assert st_inc.bytes_read + st_inc.bytes_zeroed <= len(dirty) * CL
         assert st_full.bytes_zeroed == 0  # a fresh target needs no zeroing
+        # The same incremental into a sink reading each touched chunk whole (the backup agent's
+        # default): no target read, the chunks the sink gets are B's, the manifest is B's.
+        got: dict[int, bytes] = {}
+
+        async def sink(i: int, d: bytes, data: memoryview) -> None:
+            got[i] = bytes(data)
+
+        b_bytes = disk_bytes(a)
+        man3, st_w = await pull(DirtySource(a, dirty), None, dirty=[(c * CL, min(CL, size - c * CL))
+                                                                    for c in sorted(dirty)],
+                                read_whole=True, chunk_size=chunk, workers=3, base=man, sink=sink)
+        assert man3.chunks == man2.chunks
+        touched_chunks = {i for c in dirty for i in man3.chunks_of(c * CL, min(CL, size - c * CL))}
+        assert set(got) == touched_chunks and st_w.chunks_worked == len(touched_chunks)
+        for i, data in got.items():
+            o, n = man3.chunk_range(i)
+            assert data == b_bytes[o:o + n]
+        assert st_w.bytes_read <= sum(man3.chunk_range(i)[1] for i in touched_chunks)
 
     asyncio.run(main())
 

@@ -183,3 +183,132 @@ def test_prune_cli_plan_locks_and_refusals(tmp_path, capsys):
     rc, out, _ = run("--keep-weekly", "1", "--gc")  # Mon..Sat: one ISO week
     assert rc == 0 and repo.snapshots() == ["d5"] and "gc: removed 5 unused chunk(s), 2 in use" in out
     assert repo.verify() == []
+
+
+def _files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_chunks_are_committed_in_groups_named_only_once_durable(tmp_path, monkeypatch):
+    """A chunk's file gets its name only at the group commit (flush), after its fsync;
+    until then this process reads it from its temporary file; a snapshot write commits first."""
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    data = os.urandom(C)
+    d = repo.chunk_id(data)
+    key = f"chunks/{d.hex()[:2]}/{d.hex()}"
+    assert repo.put_chunk(d, data)
+    named = os.path.join(st.root, *key.split("/"))
+    assert not os.path.exists(named) and synced == []  # written, not yet durable nor named
+    assert [f for f in _files(st.root) if ".tmp." in f]
+    assert st.exists(key) and repo.get_chunk(d, C) == data  # this process sees it
+    assert not repo.put_chunk(d, data)  # known: not written twice
+    m = Manifest(C, C)
+    m.chunks = [d]
+    repo.save_snapshot("s0", m)
+    assert os.path.exists(named) and not [f for f in _files(st.root) if ".tmp." in f]
+    tmp_synced = [p for p in synced if ".tmp." in p and "/chunks/" in p]
+    assert len(tmp_synced) == 1  # the chunk's file, fsynced before it was named
+    assert synced.index(tmp_synced[0]) < next(i for i, p in enumerate(synced) if "/snapshots/" in p)
+    assert repo.verify() == []
+
+
+def test_group_commit_when_the_batch_is_full(tmp_path, monkeypatch):
+    import nbdbackup.agent.repo as repo_mod
+
+    monkeypatch.setattr(repo_mod, "BATCH_FILES", 3)
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    chunks = [os.urandom(C) for _ in range(4)]
+    for c in chunks:
+        repo.put_chunk(repo.chunk_id(c), c)
+    assert len(st._pending) == 1  # three were committed together, the fourth waits
+    assert len([f for f in _files(os.path.join(st.root, "chunks")) if ".tmp." not in f]) == 3
+    st.flush()
+    assert not st._pending and len(repo.stored()) == 4
+
+
+def test_unbatched_store_names_each_chunk_at_once(tmp_path):
+    st = DirStore(str(tmp_path / "r"), batch=False)
+    repo = Repository.init(st, C)
+    c = os.urandom(C)
+    repo.put_chunk(repo.chunk_id(c), c)
+    assert not st._pending and len(repo.stored()) == 1
+
+
+def test_gc_removes_temporary_files_of_dead_writers(tmp_path):
+    """kill -9 mid-pull leaves temporary chunk files: never named, never read, swept by gc."""
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    store_image(repo, "s0", b"\x01" * C)
+    c = os.urandom(C)
+    repo.put_chunk(repo.chunk_id(c), c)
+    for fd, *_ in st._pending.values():  # as if the process died before committing: its file stays
+        os.close(fd)
+    st._pending.clear()
+    assert [f for f in _files(st.root) if ".tmp." in f]
+    fresh = Repository.open(DirStore(st.root))
+    assert len(fresh.stored()) == 1 and fresh.verify() == []  # the repository is usable as it is
+    with fresh.store.lock(exclusive=True):
+        assert fresh.gc() == (0, 1)
+    assert not [f for f in _files(st.root) if ".tmp." in f]
+
+
+@pytest.mark.parametrize("encryption", ["none", "repokey"])
+def test_base_snapshot_reads_whole_chunks_in_place_and_pieces(tmp_path, encryption):
+    """What an incremental pull reads of its base: whole chunks (decoded into the buffer),
+    a zero chunk, pieces across chunk ends; a damaged chunk is an error naming it."""
+    from nbdbackup.agent.repo import BaseSnapshot
+
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C, encryption=encryption, compression=3, passphrase="pw", log_n=10)
+    data = os.urandom(C) + bytes(C) + b"text " * (C // 5) + b"t" * (C % 5) + os.urandom(C // 2)
+    m = store_image(repo, "s0", data)
+    base = BaseSnapshot(repo, repo.load_snapshot("s0"))
+    for off, n in ((0, C), (C, C), (2 * C, C), (3 * C, C // 2), (0, len(data)), (C - 100, 300), (C // 2, 2 * C)):
+        buf = bytearray(b"\xee" * n)
+        asyncio.run(base.pread(memoryview(buf), off))
+        assert bytes(buf) == data[off:off + n], (off, n)
+    path = os.path.join(st.root, "chunks", m.chunks[2].hex()[:2], m.chunks[2].hex())
+    with open(path, "r+b") as f:  # (a few dozen bytes: it compresses well)
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([b ^ 1]))
+    with pytest.raises(CorruptChunk, match=m.chunks[2].hex()):
+        asyncio.run(base.pread(memoryview(bytearray(C)), 2 * C))
+
+
+def test_a_chunk_stays_readable_while_its_group_is_committed(tmp_path, monkeypatch):
+    """Another thread (the second disk's verify) reads a chunk while the first disk's flush
+    renames it: through the temporary file before, through its name after, never 'missing'."""
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    data = os.urandom(C)
+    d = repo.chunk_id(data)
+    repo.put_chunk(d, data)
+    key = f"chunks/{d.hex()[:2]}/{d.hex()}"
+    blob = st.get(key)
+    seen = []
+    real_replace = os.replace
+
+    def replace(a, b):
+        if "/chunks/" in str(b):
+            seen.append((st.get(key), st.exists(key)))  # committing: the temporary file
+            real_replace(a, b)
+            seen.append((st.get(key), st.exists(key)))  # renamed, still listed as committing
+        else:
+            real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    st.flush()
+    assert seen == [(blob, True), (blob, True)]
+    assert not st._committing and repo.get_chunk(d, C) == data
