@@ -262,6 +262,13 @@ class Export:
         await self._idle.wait()
 
 
+def budget_share(total: int, workers: int) -> int:
+    """Each process's share of ``--max-buffer-memory`` when ``workers`` worker
+    processes serve beside the owner: an equal part, never less than twice the
+    largest request (`MemoryBudget` keeps one request's worth in reserve)."""
+    return max(2 * MAX_PAYLOAD, total // (workers + 1))
+
+
 class Server:
     """An NBD server with a mutable export table.
 
@@ -321,7 +328,10 @@ class Server:
         self.max_inflight = max_inflight
         self.batch = BATCH_DEFAULT if batch is None else batch
         self.stopping = False
-        self.budget = MemoryBudget(max_buffer_memory, MAX_PAYLOAD)
+        #: With workers the budget is split: the owner and every worker get an
+        #: equal share, at least twice the largest request (so the processes
+        #: together hold at most max(max_buffer_memory, (workers + 1) x 64 MiB)).
+        self.budget = MemoryBudget(budget_share(max_buffer_memory, workers), MAX_PAYLOAD)
         self._by_peer: dict[object, set[NBDConnection]] = {}
         self._waiting: deque[NBDConnection] = deque()
         self._tick: asyncio.TimerHandle | None = None
