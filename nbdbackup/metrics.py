@@ -33,7 +33,8 @@ def render(app: Any) -> str:
 
     pool = getattr(app.server, "pool", None)
     return (prometheus_text(app.server.exports.values(), app.server.connections, jobs,
-                            getattr(app.server, "budget", None)) + ioengine.prometheus_text()
+                            getattr(app.server, "budget", None), getattr(app.server, "budget_total", None))
+            + ioengine.prometheus_text()
             + (pool.prometheus_text() if pool is not None else ""))
 
 

@@ -332,6 +332,8 @@ class Server:
         #: equal share, at least twice the largest request (so the processes
         #: together hold at most max(max_buffer_memory, (workers + 1) x 64 MiB)).
         self.budget = MemoryBudget(budget_share(max_buffer_memory, workers), MAX_PAYLOAD)
+        #: ``--max-buffer-memory`` as configured (all processes together, see above).
+        self.budget_total = max_buffer_memory
         self._by_peer: dict[object, set[NBDConnection]] = {}
         self._waiting: deque[NBDConnection] = deque()
         self._tick: asyncio.TimerHandle | None = None

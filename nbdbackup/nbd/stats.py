@@ -76,13 +76,14 @@ def _label(v: str) -> str:
 
 
 def prometheus_text(exports: Iterable[Any], connections: Iterable[Any], jobs: Iterable[dict],
-                    budget: Any = None) -> str:
+                    budget: Any = None, budget_total: int | None = None) -> str:
     """Prometheus exposition text (format 0.0.4).
 
     ``exports``: objects with ``name``, ``stats`` (`ExportStats`),
     ``inflight``; ``connections``: objects with ``export`` (an export or
     None); ``jobs``: ``query-jobs`` dictionaries; ``budget``: the server's
-    `nbd.budget.MemoryBudget` (``limit``, ``used``, ``pooled``, ``waiting``),
+    `nbd.budget.MemoryBudget` (``limit``, ``used``, ``pooled``, ``waiting``;
+    ``budget_total``: the configured budget of all processes, default ``limit``),
     or None.
     """
     exports = list(exports)
@@ -122,7 +123,11 @@ def prometheus_text(exports: Iterable[Any], connections: Iterable[Any], jobs: It
            [(f'export="{_label(e.name)}"', sum(1 for c in conns if c.export is e)) for e in exports])
     metric("nbdbackup_connections", "gauge", "Open NBD connections (any phase).", [("", len(conns))])
     if budget is not None:
-        metric("nbdbackup_buffer_memory_limit_bytes", "gauge", "The request buffer budget (--max-buffer-memory).",
+        metric("nbdbackup_buffer_memory_limit_bytes", "gauge",
+               "The request buffer budget (--max-buffer-memory, all processes together).",
+               [("", budget_total if budget_total is not None else budget.limit)])
+        metric("nbdbackup_buffer_memory_share_bytes", "gauge",
+               "This process's share of the budget (the rest goes to the worker processes).",
                [("", budget.limit)])
         metric("nbdbackup_buffer_memory_used_bytes", "gauge",
                "Request buffer memory charged now (payloads, reply buffers, pooled buffers).", [("", budget.used)])

@@ -91,6 +91,8 @@ def test_stats_and_metrics_count_exactly(short_tmp):
         assert metrics['nbdbackup_export_failed_requests_total{export="e",op="read"}'] == 1
         assert metrics['nbdbackup_export_connections{export="m"}'] == 1  # the raw socket, still open
         assert metrics["nbdbackup_buffer_memory_limit_bytes"] == 96 * M
+        # Split with the worker processes, never below twice the largest request.
+        assert 64 * M <= metrics["nbdbackup_buffer_memory_share_bytes"] <= 96 * M
         assert 0 <= metrics["nbdbackup_buffer_memory_pooled_bytes"] <= metrics["nbdbackup_buffer_memory_used_bytes"]
         assert metrics["nbdbackup_buffer_memory_used_bytes"] <= 96 * M
         assert metrics["nbdbackup_buffer_memory_waiting_requests"] == 0
