@@ -148,14 +148,14 @@ def main() -> int:
               f"{rsize >> 10} KiB requests, loop={a.loop}, server in "
               f"{'the same session' if a.same_session else 'its own session'}")
         for r in range(a.rounds):
-            s0 = common.proc_cpu_seconds(proc.pid)
+            s0 = common.proc_tree_cpu_seconds(proc.pid)
             dt, cpu = run_nbdcopy(uri, a.connections, a.requests, rsize)
-            s1 = common.proc_cpu_seconds(proc.pid)
+            s1 = common.proc_tree_cpu_seconds(proc.pid)
             theirs.append(mb / dt)
             cpu_theirs.append(cpu)
             print(f"round {r + 1}: nbdcopy {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s, server CPU {s1 - s0:.2f} s)")
             dt, cpu = run_ours(uri, a.connections, a.requests, rsize, a.loop)
-            s2 = common.proc_cpu_seconds(proc.pid)
+            s2 = common.proc_tree_cpu_seconds(proc.pid)
             ours.append(mb / dt)
             cpu_ours.append(cpu)
             print(f"round {r + 1}: ours    {mb / dt:8.0f} MB/s  (client CPU {cpu:.2f} s, server CPU {s2 - s1:.2f} s)")

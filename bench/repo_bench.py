@@ -276,7 +276,7 @@ class Ours:
         the agent rotated (what a user runs; ``--verify off`` like restic and borg, which do not
         re-read what they stored)."""
         self.round += 1
-        cpu0 = common.proc_cpu_seconds(self.proc.pid)
+        cpu0 = common.proc_tree_cpu_seconds(self.proc.pid)
         t0 = time.perf_counter()
         argv = [*PY, "agent", "backup", "--control", self.ctl, "--nbd", f"nbd+unix:///?socket={self.sock}",
                 "--disk", "disk", "--repo", self.repo, "--verify", self.verify, "--json", "--progress", "never",
@@ -289,7 +289,7 @@ class Ours:
         if d.get("kind") != want:
             raise RuntimeError(f"agent run {self.round} was {d.get('kind')}, not {want}: {d.get('reason')}")
         self.snapshot = d["snapshot"]
-        return time.perf_counter() - t0, cpu + common.proc_cpu_seconds(self.proc.pid) - cpu0
+        return time.perf_counter() - t0, cpu + common.proc_tree_cpu_seconds(self.proc.pid) - cpu0
 
     def restore(self, out: str) -> tuple[float, float]:
         snap = self.snapshot
