@@ -599,3 +599,42 @@ def test_a_connection_made_while_a_bitmap_exists_goes_to_a_worker_when_it_is_rem
         await server.shutdown()
 
     run(main())
+
+
+def test_a_write_half_received_when_the_re_hand_off_begins_goes_with_the_socket(short_tmp):
+    """The owner stops a connection it serves mid-request: a 3 MiB WRITE
+    whose payload is half received goes to the worker (`unconsumed`),
+    which takes the rest from the client and writes it all."""
+    rng = random.Random(17)
+
+    async def main():
+        live, server, exp, path, engine = await backup_serve(short_tmp)
+        pool = server.pool
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: pool.handed == 1)
+        await engine.backup_start("disk", "j1", "none", "memory:%d" % (STRIDE * NBLOCKS), snapshot="snap1")
+        assert pool.returned == 1
+        (conn,) = server.connections
+        big = rng.randbytes(3 << 20)
+        msg = req(WRITE, 1, STRIDE, len(big), big)
+        half = len(msg) // 2
+        c.send(msg[:half])
+        await c.w.drain()
+        await asyncio.sleep(0.1)
+        server.rehand_pause = 0.3  # room to look at it before it goes
+        await engine.shutdown()
+        await until(lambda: conn._handing)
+        await asyncio.sleep(0.1)
+        assert conn.proto.unconsumed()[:28] == msg[:28] and pool.rehanded == 0
+        await until(lambda: pool.rehanded == 1)
+        assert conn.remote is not None and live.external == 1
+        c.send(msg[half:])  # only the worker can read this
+        got = await c.replies(1)
+        assert got[1][0] == 0
+        c.send(c.read(3, STRIDE, len(big)))
+        got = await c.replies(1)
+        assert got[3] == (0, big)
+        await c.close()
+        await server.shutdown()
+
+    run(main())
