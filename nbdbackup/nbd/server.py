@@ -413,11 +413,14 @@ class Server:
         came for `reoffload_delay` s (debounce) and it still is then."""
         if self.pool is None or self.stopping or exp.removed:
             return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a hook removed outside the loop (teardown): nothing to move
+            return
         old = self._reoffload_timers.pop(exp.name, None)
         if old is not None:
             old.cancel()
-        self._reoffload_timers[exp.name] = asyncio.get_running_loop().call_later(
-            self.reoffload_delay, self._reoffload, exp)
+        self._reoffload_timers[exp.name] = loop.call_later(self.reoffload_delay, self._reoffload, exp)
 
     def _reoffload(self, exp: Export) -> None:
         """Hand every connection of ``exp`` served here that may go (not
