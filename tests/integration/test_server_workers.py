@@ -519,7 +519,7 @@ def test_a_backup_started_while_a_connection_goes_back_to_a_worker(short_tmp, wh
         assert pool.returned == 1
         await s.until_more()
         if when == "during-the-hand-off":
-            server.rehand_pause = 0.5
+            server.rehand_pause = 2.0  # ample for the backup start below, on a loaded machine
         await engine.shutdown()  # cancels and dismisses j1: offloadable again
         (conn,) = server.connections
         if when == "during-the-hand-off":
@@ -536,8 +536,8 @@ def test_a_backup_started_while_a_connection_goes_back_to_a_worker(short_tmp, wh
             assert pool.rehanded == 0 and pool.returned == 1
         else:
             assert pool.rehanded == 1 and pool.returned == 2
-        await s.until_more()
-        await asyncio.sleep(0.6)  # past the pause
+        (conn,) = server.connections
+        await until(lambda: not conn._handing)  # the pause is over: hand_off said no
         await s.until_more()
         s.stop = True
         await t
@@ -559,7 +559,7 @@ def test_a_flapping_quiesce_does_not_move_connections_back_and_forth(short_tmp):
     async def main():
         live, server, exp, path, engine = await backup_serve(short_tmp)
         pool = server.pool
-        server.reoffload_delay = 0.5
+        server.reoffload_delay = 0.8
         c = await Raw.connect(path, "disk", True)
         await until(lambda: pool.handed == 1)
         for _ in range(8):
@@ -568,7 +568,7 @@ def test_a_flapping_quiesce_does_not_move_connections_back_and_forth(short_tmp):
             await asyncio.sleep(0.15)
         assert pool.returned == 1 and pool.rehanded == 0
         await until(lambda: pool.rehanded == 1)
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(1.0)
         assert pool.rehanded == 1 and pool.returned == 1
         c.send(req(WRITE, 1, 0, 4096, b"q" * 4096) + c.read(2, 0, 4096))
         got = await c.replies(2)
