@@ -480,8 +480,10 @@ class BitmapRegistry:
 
     Fields: ``export`` (export name), ``size`` (disk bytes), ``store`` (a
     `store.BitmapStore` keeping persistent bitmaps, or None), ``_bitmaps``
-    (name -> DirtyBitmap, insertion order).  Every refused operation raises
-    `BitmapError` before changing anything.
+    (name -> DirtyBitmap, insertion order), ``on_empty`` (called with no
+    argument when `remove` took the last bitmap, or None: the export's
+    `BitmapLiveDev` learns that its hook is idle again).  Every refused
+    operation raises `BitmapError` before changing anything.
     """
 
     def __init__(self, export: str, size: int, store=None, *, load: bool = True) -> None:
@@ -489,6 +491,7 @@ class BitmapRegistry:
         self.size = size
         self.store = store
         self._bitmaps: dict[str, DirtyBitmap] = {}
+        self.on_empty = None
         if store is not None and load:
             for bm in store.load_all(export, size):
                 self._bitmaps[bm.name] = bm
@@ -540,6 +543,8 @@ class BitmapRegistry:
         if bm.persistent and self.store is not None:
             self.store.remove(self.export, bm)
         del self._bitmaps[name]
+        if not self._bitmaps and self.on_empty is not None:
+            self.on_empty()
 
     def _persist_meta(self, bm: DirtyBitmap) -> None:
         if bm.persistent and self.store is not None:

@@ -84,6 +84,9 @@ class BitmapLiveDev(LiveDev):
         self.hook = DirtyHook(registry)
         self.on_close = on_close
         self.add_hook(self.hook)
+        # The last bitmap removed: the hook is idle, connections may go back
+        # to worker processes (`blockdev.live` "Offloadable again").
+        registry.on_empty = self.offload_changed
 
     def meta_contexts(self) -> Sequence[str]:
         own = [DIRTY_BITMAP_PREFIX + bm.name for bm in self.registry if not bm.inconsistent]

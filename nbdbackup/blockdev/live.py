@@ -74,6 +74,16 @@ asserts none is left.  A connection may be handed out only while
 writes elsewhere cannot be missed by anyone.  Whoever makes a hook stop
 being idle (a bitmap added) must `recall` first, then change it with no
 await in between.
+
+Offloadable again (the way back): whatever may have ended the reason a
+connection could not be handed out calls `offload_changed` -- `remove_hook`,
+the end of `quiesce`, and a hook that turned idle (the dirty hook when its
+registry loses its last bitmap).  It tells the server's *offload listener*
+(`set_offload_listener`) when `offload_ok` holds then; the server decides
+when and what to hand out again (it debounces and checks `offload_ok` once
+more, synchronously, at each hand-off).  A notification is only a hint: a
+missed one keeps connections here (slower, never wrong), a spurious one
+hands nothing out while `offload_ok` is false.
 """
 
 from __future__ import annotations
@@ -118,6 +128,9 @@ class LiveDev(FilterDev):
         self._external = 0
         #: Async callable bringing them back (registered by the server), or None.
         self._recaller = None
+        #: Called with no argument when this device may have become offloadable
+        #: again (`offload_changed`; registered by the server), or None.
+        self._offload_listener = None
 
     # -- quiescing ------------------------------------------------------
 
@@ -153,12 +166,25 @@ class LiveDev(FilterDev):
         finally:
             self._gate = None
             gate.set()
+            self.offload_changed()
 
     # -- external writers -------------------------------------------------
 
     def set_recaller(self, recaller) -> None:
         """Register the async callable that brings external writers back (None: none)."""
         self._recaller = recaller
+
+    def set_offload_listener(self, listener) -> None:
+        """Register the callable told when this device may be offloadable
+        again (module doc, "Offloadable again"; None: none)."""
+        self._offload_listener = listener
+
+    def offload_changed(self) -> None:
+        """Something that kept connections from being handed out may have
+        ended (a hook removed or turned idle, a quiesce over): tell the
+        listener if `offload_ok` holds now."""
+        if self._offload_listener is not None and self.offload_ok():
+            self._offload_listener()
 
     @property
     def external(self) -> int:
@@ -208,7 +234,9 @@ class LiveDev(FilterDev):
 
     def remove_hook(self, hook: WriteHook) -> None:
         """Detach ``hook``; no-op if it is not attached."""
-        self._set_hooks(tuple(h for h in self._hooks if h is not hook))
+        if hook in self._hooks:
+            self._set_hooks(tuple(h for h in self._hooks if h is not hook))
+            self.offload_changed()
 
     def _set_hooks(self, hooks: tuple) -> None:
         self._hooks = hooks

@@ -103,7 +103,12 @@ Worker processes (``Server(workers=N)``, `nbd.worker`): a connection that
 enters transmission on a plain file export is handed, socket and state, to
 a worker process serving it with this same code; its `NBDConnection` here
 stays as a placeholder (``remote``) that admission counts.  Write hooks
-recall such connections first (`blockdev.live` "External writers").
+recall such connections first (`blockdev.live` "External writers").  When
+the export's `LiveDev` says it is offloadable again (its offload listener:
+hooks removed or idle, quiesce over) and stays so `REOFFLOAD_DELAY` s, the
+connections served here that could go (recalled ones, ones made while a
+backup was attached) are handed out again at a request boundary
+(`Server._reoffload`, `NBDConnection._hand_off`).
 
 Invariants:
 - One bad client never harms another: a protocol violation closes only its
@@ -173,6 +178,10 @@ DEFAULT_BUFFER_MEMORY = 256 * 1024 * 1024
 STEP_MAX = 8 * 1024 * 1024
 #: Connections held for admission at a cap (beyond: refused at once).
 ADMIT_QUEUE = 64
+#: An export must stay offloadable this long (no new offload signal) before
+#: the connections served here go back to worker processes: a hook that
+#: comes and goes does not move connections back and forth.
+REOFFLOAD_DELAY = 1.0
 
 
 def _freeze_malloc_threshold() -> None:
@@ -292,7 +301,11 @@ class Server:
     ``workers`` (worker processes asked for) and ``pool`` (their
     `nbd.worker.WorkerPool` once started by the first listener, else None);
     ``on_forget`` (called with each connection the server forgets, or None:
-    a worker process reports it to its owner).
+    a worker process reports it to its owner); ``reoffload_delay`` (see
+    `REOFFLOAD_DELAY`) and ``_reoffload_timers`` (export name -> the timer
+    that hands its connections out again, while one is armed);
+    ``rehand_pause`` (seconds a re-hand-off waits between the connection's
+    drain and the hand-off: 0 but in race tests).
     """
 
     def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
@@ -313,6 +326,9 @@ class Server:
         self.workers = workers
         self.pool = None
         self.on_forget = None
+        self.reoffload_delay = REOFFLOAD_DELAY
+        self._reoffload_timers: dict[str, asyncio.TimerHandle] = {}
+        self.rehand_pause = 0.0
         self.access = access if access is not None else AccessPolicy()
         self.tls = tls if tls is not None else ServerTLS("off")
         self.tls_context: ssl.SSLContext | None = self.tls.context() if self.tls.enabled else None
@@ -355,6 +371,7 @@ class Server:
         self.exports[name] = exp
         if self.workers and isinstance(dev, LiveDev):
             dev.set_recaller(lambda: self._recall(exp))
+            dev.set_offload_listener(lambda: self._offloadable(exp))
         log.info("export %r added: %d bytes%s", name, dev.size, " read-only" if exp.read_only else "")
         return exp
 
@@ -391,6 +408,36 @@ class Server:
         """The recaller of ``exp``'s LiveDev: its worker connections come back."""
         if self.pool is not None:
             await self.pool.recall(exp)
+
+    def _offloadable(self, exp: Export) -> None:
+        """The offload listener of ``exp``'s LiveDev: it may be offloadable
+        again.  (Re)arm the timer: connections go out only once no signal
+        came for `reoffload_delay` s (debounce) and it still is then."""
+        if self.pool is None or self.stopping or exp.removed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a hook removed outside the loop (teardown): nothing to move
+            return
+        old = self._reoffload_timers.pop(exp.name, None)
+        if old is not None:
+            old.cancel()
+        self._reoffload_timers[exp.name] = loop.call_later(self.reoffload_delay, self._reoffload, exp)
+
+    def _reoffload(self, exp: Export) -> None:
+        """Hand every connection of ``exp`` served here that may go (not
+        handing or closing, in transmission, `WorkerPool.can_take`: which
+        checks `LiveDev.offload_ok`) back to a worker, each at its next
+        request boundary (`NBDConnection._begin_handoff`)."""
+        self._reoffload_timers.pop(exp.name, None)
+        pool = self.pool
+        if pool is None or self.stopping or exp.removed or self.exports.get(exp.name) is not exp:
+            return
+        for c in list(self.connections):
+            if (c.remote is None and c.export is exp and c.transport is not None and not c._handing
+                    and not c._closing and not c._tls_upgrading and c.proto.in_transmission
+                    and pool.can_take(c)):
+                c._begin_handoff(rehand=True)
 
     async def start_workers(self) -> None:
         """Start the worker processes (once; the listeners do it)."""
@@ -627,6 +674,9 @@ class Server:
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
+        for t in self._reoffload_timers.values():
+            t.cancel()
+        self._reoffload_timers.clear()
         for c in list(self._waiting):
             c.evict("server shutting down")
         for srv in self._servers:
@@ -833,15 +883,24 @@ class NBDConnection(asyncio.BufferedProtocol):
         if t is not None:
             t.abort()
 
-    def _begin_handoff(self) -> None:
+    def _begin_handoff(self, rehand: bool = False) -> None:
         self._handing = True
         self._update_reading()
-        asyncio.ensure_future(self._hand_off())
+        asyncio.ensure_future(self._hand_off(rehand))
 
-    async def _hand_off(self) -> None:
-        """Wait until the handshake's last reply left, then hand the socket to
-        a worker (`nbd.worker.WorkerPool.hand_off`); if it cannot go, serve it
-        here as usual."""
+    async def _hand_off(self, rehand: bool = False) -> None:
+        """Stop at a request boundary, then hand the socket to a worker
+        (`nbd.worker.WorkerPool.hand_off`); if it cannot go, serve it here
+        as usual.  After the handshake (``rehand`` False) that is: the GO
+        reply has left.  A re-hand-off (``rehand``: a connection served
+        here in transmission, `Server._reoffload`) is the worker's
+        give-back on this side: reading is paused (``_handing``: what
+        arrives is parsed, not started), every request in flight finishes
+        and every reply byte leaves, then `hand_off` re-serialises what was
+        received and not consumed.  `hand_off` checks `offload_ok` again
+        with no await before the socket goes: a hook attached meanwhile (a
+        backup start, a first bitmap) wins, and the connection stays here.
+        While it waits, a lost offloadability ends the wait at once."""
         deadline = time.monotonic() + 5.0
         pool = self.server.pool
         while not self._closing:
@@ -851,12 +910,19 @@ class NBDConnection(asyncio.BufferedProtocol):
                 return
             if not self.tasks and not t.get_write_buffer_size():
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (rehand and (pool is None or not pool.can_take(self))):
                 break
-            await asyncio.sleep(0.002)
+            if self.tasks:
+                await asyncio.wait(list(self.tasks), timeout=0.05)
+            else:
+                await asyncio.sleep(0.002)
         else:
             return
-        if pool is not None and not self.tasks and pool.hand_off(self):
+        if rehand and self.server.rehand_pause and not self.tasks:
+            await asyncio.sleep(self.server.rehand_pause)  # tests: a hook attach races with us
+            if self._closing or self.transport is None:
+                return
+        if pool is not None and not self.tasks and pool.hand_off(self, rehand=rehand):
             return
         self._handing = False
         self._process_events()

@@ -26,9 +26,16 @@ stop reading, let requests in flight finish, wait until every reply byte
 left the transport, then send the socket back with the bytes received and
 not consumed, re-serialised (`ServerConnection.unconsumed`), and drop the
 transport without shutdown(2).  The owner resumes the connection in
-transmission state and feeds it those bytes; it stays in the owner.  A
-client that does not read its replies for `RECALL_TIMEOUT` s during a
-recall is evicted (it cannot hold a backup start).
+transmission state and feeds it those bytes.  A client that does not read
+its replies for `RECALL_TIMEOUT` s during a recall is evicted (it cannot
+hold a backup start).
+
+Re-hand-off: once the export is offloadable again (the LiveDev's offload
+listener, debounced: `nbd.server.REOFFLOAD_DELAY`), the owner hands the
+connections it serves back out the same way, from its side (stop reading,
+finish, drain, `unconsumed`, `hand_off`).  `hand_off` checks `can_take`
+and counts the external writer with no await in between, so a hook attach
+either comes first (the connection stays) or recalls it again.
 
 Owner bookkeeping: the owner's `NBDConnection` stays in its tables as the
 *placeholder* of a handed-off connection (``remote`` set), so admission
@@ -243,7 +250,9 @@ class WorkerPool:
     `_Handle`s, one per slot, replaced when one dies); ``_next_id`` (the
     next connection id); ``closing`` (shutdown began: no hand-off, no
     restart); ``handed`` / ``returned`` / ``restarts`` (counters for logs,
-    metrics and tests).
+    metrics and tests; ``handed`` counts every hand-off) and ``rehanded``
+    (the hand-offs of connections that were served by the owner in
+    transmission: recalled ones going back, `Server._reoffload`).
     """
 
     def __init__(self, server, size: int) -> None:
@@ -253,6 +262,7 @@ class WorkerPool:
         self._next_id = 1
         self.closing = False
         self.handed = 0
+        self.rehanded = 0
         self.returned = 0
         self.restarts = 0
 
@@ -327,10 +337,13 @@ class WorkerPool:
         f, live = _file_of(exp.dev)
         return f is not None and (live is None or live.offload_ok())
 
-    def hand_off(self, conn) -> bool:
+    def hand_off(self, conn, rehand: bool = False) -> bool:
         """Send ``conn`` (in transmission, nothing running, every reply sent)
         to the least-loaded worker; True when it went (``conn`` is then a
-        placeholder)."""
+        placeholder).  ``rehand``: it was served here in transmission
+        (recalled, or made while the export was not offloadable; counted in
+        ``rehanded``).  Synchronous from the `can_take` check to the
+        external count: no hook can be attached in between."""
         if not self.can_take(conn):
             return False
         data = conn.proto.unconsumed()
@@ -365,7 +378,9 @@ class WorkerPool:
         h.conns[cid] = conn
         conn._detach_transport()
         self.handed += 1
-        log.info("connection %s: served by worker %d", conn.peer, h.index)
+        if rehand:
+            self.rehanded += 1
+        log.info("connection %s: served by worker %d%s", conn.peer, h.index, " again" if rehand else "")
         return True
 
     # -- requests to workers ----------------------------------------------
@@ -436,6 +451,8 @@ class WorkerPool:
                  "# TYPE nbdbackup_worker_connections gauge"]
         lines += [f'nbdbackup_worker_connections{{worker="{h.index}"}} {len(h.conns)}' for h in self.workers]
         for name, help_, v in (("handoffs", "Connections handed to workers.", self.handed),
+                               ("rehandoffs", "Connections handed to workers again after being served "
+                                              "by the server process (recalled).", self.rehanded),
                                ("recalls", "Connections handed back by workers (recalls).", self.returned),
                                ("restarts", "Workers started again after dying.", self.restarts)):
             lines += [f"# HELP nbdbackup_worker_{name}_total {help_}",

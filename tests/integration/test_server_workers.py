@@ -355,3 +355,286 @@ def test_removing_an_export_reaches_its_worker_connections(short_tmp):
         await server.shutdown()
 
     run(main())
+
+
+# -- going back to a worker after a backup (docs/workers.md "Re-hand-off")
+
+BLOCK, NBLOCKS, STRIDE = 4096, 64, 1 << 20
+
+
+class Stream:
+    """One client writing continuously: pipelined chunks of ``depth``
+    sequence-numbered 4 KiB writes to blocks 1 MiB apart (write i puts i + 1
+    in its block), and after each chunk a read of the block written last,
+    which must hold that write (read-your-writes wherever the connection is
+    served).  Fields: ``c`` (the `Raw` client); ``order`` (block of each
+    write sent); ``acked`` (writes acknowledged); ``reads``; ``stop``."""
+
+    def __init__(self, c: Raw, seed: int, depth: int = 16) -> None:
+        self.c, self.rng, self.depth = c, random.Random(seed), depth
+        self.order: list[int] = []
+        self.acked = 0
+        self.reads = 0
+        self.stop = False
+
+    async def run(self) -> None:
+        c = self.c
+        while not self.stop:
+            chunk = bytearray()
+            for _ in range(self.depth):
+                i = len(self.order)
+                b = self.rng.randrange(NBLOCKS)
+                self.order.append(b)
+                chunk += req(WRITE, i, b * STRIDE, BLOCK, struct.pack(">Q", i + 1) * (BLOCK // 8))
+            c.send(bytes(chunk))
+            for _ in range(self.depth):
+                _, err, _ = await c.reply()
+                assert err == 0
+            self.acked = len(self.order)
+            b = self.order[-1]
+            c.send(c.read(1 << 40, b * STRIDE, BLOCK))
+            cookie, err, data = await c.reply()
+            assert cookie == 1 << 40 and err == 0
+            assert data == struct.pack(">Q", len(self.order)) * (BLOCK // 8), "read-your-writes broken"
+            self.reads += 1
+
+    async def until_more(self, n: int = 200) -> None:
+        start = self.acked
+        await until(lambda: self.acked >= start + n)
+
+    def final(self) -> list[int]:
+        last = [0] * NBLOCKS
+        for i, b in enumerate(self.order):
+            last[b] = i + 1
+        return last
+
+    def prefix(self, k: int) -> list[int]:
+        last = [0] * NBLOCKS
+        for i in range(k):
+            last[self.order[i]] = i + 1
+        return last
+
+
+async def block_values(dev) -> list[int]:
+    buf = bytearray(BLOCK * NBLOCKS)
+    for b in range(NBLOCKS):
+        await dev.pread(memoryview(buf)[b * BLOCK:(b + 1) * BLOCK], b * STRIDE)
+    vals = [struct.unpack_from(">Q", buf, b * BLOCK)[0] for b in range(NBLOCKS)]
+    for b in range(NBLOCKS):
+        assert buf[b * BLOCK:(b + 1) * BLOCK] == struct.pack(">Q", vals[b]) * (BLOCK // 8)
+    return vals
+
+
+async def check_prefix(stream: Stream, snap, at_least: int, at_most: int) -> int:
+    """The snapshot is the disk after exactly the first k writes, for a k
+    between what was acknowledged before the backup start and what was sent
+    when it returned."""
+    seen = await block_values(snap)
+    k = max(seen)
+    assert at_least <= k <= at_most, (at_least, k, at_most)
+    assert seen == stream.prefix(k), "the snapshot is not the disk after exactly a prefix of the writes"
+    return k
+
+
+async def backup_serve(short_tmp, **kw):
+    live = LiveDev(file_export(short_tmp, bytes(STRIDE * NBLOCKS)))
+    server, exp, path = await serve(short_tmp, live, **kw)
+    server.reoffload_delay = 0.3
+    return live, server, exp, path, Engine(server, lambda *a: None)
+
+
+def test_a_recalled_connection_goes_back_to_a_worker_after_the_backup(short_tmp):
+    """A client writes without pause while a backup starts (recall), runs,
+    concludes and is dismissed: the connection is handed to a worker again,
+    read-your-writes holds all along, and a second backup started after the
+    re-hand-off recalls it again and snapshots exactly a prefix."""
+    async def main():
+        live, server, exp, path, engine = await backup_serve(short_tmp)
+        pool = server.pool
+        s = Stream(await Raw.connect(path, "disk", True), 11)
+        await until(lambda: pool.handed == 1)
+        t = asyncio.create_task(s.run())
+        await s.until_more()
+        # Backup 1 (full, to memory): the recall brings the connection here.
+        before = s.acked
+        await engine.backup_start("disk", "j1", "full", "memory:%d" % (STRIDE * NBLOCKS), snapshot="snap1")
+        sent = len(s.order)
+        assert pool.returned == 1 and live.external == 0
+        (conn,) = server.connections
+        assert conn.remote is None
+        await check_prefix(s, engine.jobs["j1"].snapshot, before, sent)
+        await s.until_more()
+        await engine.jobs["j1"].wait()
+        await s.until_more()  # concluded, not dismissed: the hook stays, so does the connection
+        assert pool.rehanded == 0 and conn.remote is None
+        await engine.job_dismiss("j1")
+        # Offloadable again: after the debounce the connection goes, mid-stream.
+        await until(lambda: pool.rehanded == 1)
+        assert pool.handed == 2 and live.external == 1
+        (conn,) = server.connections
+        assert conn.remote is not None and sum(len(h.conns) for h in pool.workers) == 1
+        assert "nbdbackup_worker_rehandoffs_total 1" in pool.prometheus_text()
+        await s.until_more()
+        # Backup 2 after the re-hand-off: recalled again, exactly a prefix.
+        before = s.acked
+        await engine.backup_start("disk", "j2", "none", "memory:%d" % (STRIDE * NBLOCKS), snapshot="snap2")
+        sent = len(s.order)
+        assert pool.returned == 2 and live.external == 0
+        await s.until_more()
+        s.stop = True
+        await t
+        await check_prefix(s, engine.jobs["j2"].snapshot, before, sent)
+        # Every write of the whole sequence is on the live disk.
+        assert await block_values(live) == s.final()
+        assert s.reads > 10
+        await engine.shutdown()
+        await until(lambda: pool.rehanded == 2)  # and back again once j2 is gone
+        c = s.c
+        c.send(c.read(7, 0, STRIDE * 2))
+        (err, data), = (await c.replies(1)).values()
+        assert err == 0 and data[:BLOCK] == struct.pack(">Q", s.final()[0]) * (BLOCK // 8)
+        await c.close()
+        await server.shutdown()
+
+    run(main())
+
+
+@pytest.mark.parametrize("when", ["during-the-hand-off", "just-after"])
+def test_a_backup_started_while_a_connection_goes_back_to_a_worker(short_tmp, when):
+    """The race: a backup starts while a re-hand-off is in progress.
+    "during-the-hand-off": the connection has drained and waits (an injected
+    pause) right before `hand_off` -- the hook attach wins, the connection
+    stays here.  "just-after": the socket was just sent, the worker may not
+    have taken it yet -- the backup's recall brings it back.  Either way no
+    write reaches the file from a worker after the hook is attached: the
+    snapshot is exactly a prefix."""
+    async def main():
+        live, server, exp, path, engine = await backup_serve(short_tmp)
+        pool = server.pool
+        s = Stream(await Raw.connect(path, "disk", True), 13)
+        await until(lambda: pool.handed == 1)
+        t = asyncio.create_task(s.run())
+        await s.until_more()
+        await engine.backup_start("disk", "j1", "none", "memory:%d" % (STRIDE * NBLOCKS), snapshot="snap1")
+        assert pool.returned == 1
+        await s.until_more()
+        if when == "during-the-hand-off":
+            server.rehand_pause = 2.0  # ample for the backup start below, on a loaded machine
+        await engine.shutdown()  # cancels and dismisses j1: offloadable again
+        (conn,) = server.connections
+        if when == "during-the-hand-off":
+            await until(lambda: conn._handing and not conn.tasks)
+            await asyncio.sleep(0.05)
+        else:
+            while pool.rehanded == 0:
+                await asyncio.sleep(0)
+        before = s.acked
+        await engine.backup_start("disk", "j2", "none", "memory:%d" % (STRIDE * NBLOCKS), snapshot="snap2")
+        sent = len(s.order)
+        assert live.external == 0
+        if when == "during-the-hand-off":
+            assert pool.rehanded == 0 and pool.returned == 1
+        else:
+            assert pool.rehanded == 1 and pool.returned == 2
+        (conn,) = server.connections
+        await until(lambda: not conn._handing)  # the pause is over: hand_off said no
+        await s.until_more()
+        s.stop = True
+        await t
+        await check_prefix(s, engine.jobs["j2"].snapshot, before, sent)
+        assert await block_values(live) == s.final()
+        # The connection is still here (the hook stays attached).
+        (conn,) = server.connections
+        assert conn.remote is None and pool.rehanded == (0 if when == "during-the-hand-off" else 1)
+        await engine.shutdown()
+        await s.c.close()
+        await server.shutdown()
+
+    run(main())
+
+
+def test_a_flapping_quiesce_does_not_move_connections_back_and_forth(short_tmp):
+    """Offloadable for less than the debounce delay between quiesces: the
+    connection stays here; once it stays offloadable, it goes (once)."""
+    async def main():
+        live, server, exp, path, engine = await backup_serve(short_tmp)
+        pool = server.pool
+        server.reoffload_delay = 0.8
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: pool.handed == 1)
+        for _ in range(8):
+            async with live.quiesce():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.15)
+        assert pool.returned == 1 and pool.rehanded == 0
+        await until(lambda: pool.rehanded == 1)
+        await asyncio.sleep(1.0)
+        assert pool.rehanded == 1 and pool.returned == 1
+        c.send(req(WRITE, 1, 0, 4096, b"q" * 4096) + c.read(2, 0, 4096))
+        got = await c.replies(2)
+        assert got[1][0] == 0 and got[2] == (0, b"q" * 4096)
+        await c.close()
+        await server.shutdown()
+
+    run(main())
+
+
+def test_a_connection_made_while_a_bitmap_exists_goes_to_a_worker_when_it_is_removed(short_tmp):
+    """Not only recalled connections: one made while the export was not
+    offloadable (a dirty bitmap) goes once the last bitmap is removed."""
+    async def main():
+        manager = BitmapManager(None)
+        live = manager.wrap("disk", file_export(short_tmp))
+        server, exp, path = await serve(short_tmp, live)
+        server.reoffload_delay = 0.1
+        await manager.add("disk", "b0")
+        plain = await Raw.connect(path, "disk", True)
+        await asyncio.sleep(0.2)
+        assert server.pool.handed == 0
+        await manager.remove("disk", "b0")  # the dirty hook is idle again
+        await until(lambda: server.pool.rehanded == 1)
+        plain.send(plain.read(1, 0, 4096))
+        assert (await plain.replies(1))[1][0] == 0
+        await plain.close()
+        await server.shutdown()
+
+    run(main())
+
+
+def test_a_write_half_received_when_the_re_hand_off_begins_goes_with_the_socket(short_tmp):
+    """The owner stops a connection it serves mid-request: a 3 MiB WRITE
+    whose payload is half received goes to the worker (`unconsumed`),
+    which takes the rest from the client and writes it all."""
+    rng = random.Random(17)
+
+    async def main():
+        live, server, exp, path, engine = await backup_serve(short_tmp)
+        pool = server.pool
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: pool.handed == 1)
+        await engine.backup_start("disk", "j1", "none", "memory:%d" % (STRIDE * NBLOCKS), snapshot="snap1")
+        assert pool.returned == 1
+        (conn,) = server.connections
+        big = rng.randbytes(3 << 20)
+        msg = req(WRITE, 1, STRIDE, len(big), big)
+        half = len(msg) // 2
+        c.send(msg[:half])
+        await c.w.drain()
+        await asyncio.sleep(0.1)
+        server.rehand_pause = 0.3  # room to look at it before it goes
+        await engine.shutdown()
+        await until(lambda: conn._handing)
+        await asyncio.sleep(0.1)
+        assert conn.proto.unconsumed()[:28] == msg[:28] and pool.rehanded == 0
+        await until(lambda: pool.rehanded == 1)
+        assert conn.remote is not None and live.external == 1
+        c.send(msg[half:])  # only the worker can read this
+        got = await c.replies(1)
+        assert got[1][0] == 0
+        c.send(c.read(3, STRIDE, len(big)))
+        got = await c.replies(1)
+        assert got[3] == (0, big)
+        await c.close()
+        await server.shutdown()
+
+    run(main())

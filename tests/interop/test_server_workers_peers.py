@@ -6,7 +6,8 @@ processes (the server log names the worker of each); a backup started over
 QMP while a libnbd client writes (in a worker) recalls it: the snapshot is
 the disk after exactly a prefix of the acknowledged writes (invariant 1),
 the live export ends as the model says, and later writes reach the target
-only through copy-before-write.
+only through copy-before-write; once the job is dismissed the connection
+goes back to a worker (``/metrics``) and keeps serving.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import struct
 import subprocess
 import threading
+import time
+import urllib.request
 
 import pytest
 from qemu.qmp import QMPClient
@@ -44,6 +48,11 @@ def own_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as st:
         fields = st.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
 
 
 def run(argv: list[str]) -> str:
@@ -98,7 +107,8 @@ def test_backup_start_recalls_a_writing_worker_connection(serve, short_tmp):
     ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
     rng = random.Random(3)
     order = [rng.randrange(nblocks) for _ in range(20000)]
-    with serve(f"disk={disk}", extra=WORKERS + ["--control", ctl]) as peer:
+    port = peers.free_tcp_port()
+    with serve(f"disk={disk}", extra=WORKERS + ["--control", ctl, "--metrics", f"127.0.0.1:{port}"]) as peer:
         h = nbd.NBD()
         h.connect_uri(peer.uri_for("disk"))
         acked = [0]
@@ -140,6 +150,18 @@ def test_backup_start_recalls_a_writing_worker_connection(serve, short_tmp):
                 await qmp.disconnect()
 
         before, after, info, snap = asyncio.run(asyncio.wait_for(scenario(), 90))
+        # Job dismissed: the recalled connection goes back to a worker
+        # (after the debounce), and keeps serving right there.
+        deadline = time.monotonic() + 15
+        while "nbdbackup_worker_rehandoffs_total 1" not in scrape(port):
+            assert time.monotonic() < deadline, scrape(port)
+            time.sleep(0.1)
+        text = scrape(port)
+        assert sum(int(m) for m in re.findall(r'nbdbackup_worker_connections\{worker="\d+"\} (\d+)', text)) == 1
+        for i in range(acked[0], min(acked[0] + 1000, len(order))):
+            h.pwrite(struct.pack(">Q", i + 1) * (block // 8), order[i] * stride)
+            acked[0] = i + 1
+        h.flush()
         final = b"".join(bytes(h.pread(block, b * stride)) for b in range(nblocks))
         h.shutdown()
     seen = [struct.unpack_from(">Q", snap, b * block)[0] for b in range(nblocks)]

@@ -145,3 +145,47 @@ def test_a_write_in_flight_at_the_point_in_time_is_before_it(via):
             assert reg.get("b0").dirty_count() == CS and reg.get("b1").dirty_count() == CS
 
     run(main())
+
+
+# -- "Offloadable again" (blockdev.live): the signal that sends connections back to workers
+
+
+def test_offload_listener_hears_a_hook_removed_a_quiesce_over_and_the_last_bitmap_removed():
+    async def main():
+        live = LiveDev(MemoryDev(SIZE))
+        heard: list[bool] = []
+        live.set_offload_listener(lambda: heard.append(live.offload_ok()))
+        hook = Hook()  # not idle (no idle()): blocks offloading while attached
+        live.add_hook(hook)
+        live.remove_hook(hook)
+        assert heard == [True]
+        live.remove_hook(hook)  # not attached: nothing changed, nothing said
+        assert heard == [True]
+        async with live.quiesce():
+            assert not live.offload_ok()
+            assert heard == [True]
+        assert heard == [True, True]
+        # A quiesce that attaches a hook ends not offloadable: no signal.
+        async with live.quiesce():
+            live.add_hook(hook)
+        assert heard == [True, True]
+        # Removing one hook while another non-idle one stays: no signal.
+        other = Hook()
+        live.add_hook(other)
+        live.remove_hook(hook)
+        assert heard == [True, True]
+        live.remove_hook(other)
+        assert heard == [True, True, True]
+
+        # The dirty hook turns idle when its registry loses its last bitmap.
+        manager = BitmapManager(None)
+        blive = manager.wrap("disk", MemoryDev(SIZE))
+        said: list[bool] = []
+        blive.set_offload_listener(lambda: said.append(blive.offload_ok()))
+        await manager.add("disk", "a")
+        await manager.add("disk", "b")
+        await manager.remove("disk", "a")
+        assert said == []  # "b" is left: the hook is not idle
+        await manager.remove("disk", "b")
+        assert said == [True]
+    run(main())
