@@ -63,7 +63,12 @@ caller's buffer.  boto3's ``get_object`` costs ~1.2 ms of client CPU per GET
 of a 0.3 MB chunk, this ~0.3 ms (bench/rgw_put_floor.py ``--get``; radosgw's own
 cost is ~0.8 ms).  Any answer but 200, and any failure of the connection, goes
 through boto3 again (its retries, its errors: FileNotFoundError for a missing
-key).  ``NBDBACKUP_S3_RAW_GET=0`` turns it off.
+key).  ``NBDBACKUP_S3_RAW_GET=0`` turns it off.  Conditional PUTs (`S3Store.put_new`:
+chunks and snapshots) go the same way, the body's SHA-256 signed so the store
+rejects a damaged body (what botocore does over plain http); 200 means
+created, 412/409 "already there", anything else or a failure goes through
+boto3 (a retry there of a PUT that did land answers 412: "already there", as
+botocore's own retries would).  ``NBDBACKUP_S3_RAW_PUT=0`` turns that off.
 
 Invariants: keys are '/'-separated and relative to the prefix; `get` of a
 missing key raises FileNotFoundError (as the DirStore's open does); a chunk
@@ -112,9 +117,9 @@ def parse_url(url: str) -> tuple[str, str]:
     return u.netloc, prefix
 
 
-class _RawGet:
-    """SigV4-signed GETs over ``http.client`` (one kept-open connection per thread), for
-    `S3Store.get_into`.  Fields: ``scheme``, ``host``, ``port``, ``netloc`` (of the
+class _RawS3:
+    """SigV4-signed GETs and conditional PUTs over ``http.client`` (one kept-open
+    connection per thread), for `S3Store.get_into` and `S3Store.put_new`.  Fields: ``scheme``, ``host``, ``port``, ``netloc`` (of the
     endpoint), ``region``, ``credentials`` (botocore's: possibly refreshing, frozen per
     request), ``cafile`` (https: as botocore verifies), ``_tls`` (per-thread connection),
     ``failures`` (connection failures in a row: at `MAX_FAILURES` the raw path is off
@@ -155,19 +160,23 @@ class _RawGet:
             with contextlib.suppress(Exception):
                 c.close()
 
-    def _headers(self, path: str) -> dict[str, str]:
+    def _headers(self, path: str, method: str = "GET", payload: str = "UNSIGNED-PAYLOAD",
+                 extra: dict[str, str] | None = None) -> dict[str, str]:
+        """SigV4 headers for ``method path``; ``payload`` is the body's hex SHA-256
+        (signed: the store checks the body against it) or UNSIGNED-PAYLOAD;
+        ``extra`` headers (lower-case names) are signed too."""
         import hashlib
         import hmac
 
         creds = self.credentials.get_frozen_credentials()
         amz = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         day = amz[:8]
-        h = {"host": self.netloc, "x-amz-content-sha256": "UNSIGNED-PAYLOAD", "x-amz-date": amz}
+        h = {"host": self.netloc, "x-amz-content-sha256": payload, "x-amz-date": amz, **(extra or {})}
         if creds.token:
             h["x-amz-security-token"] = creds.token
         names = sorted(h)
-        creq = "\n".join(["GET", path, "", "".join(f"{k}:{h[k]}\n" for k in names), ";".join(names),
-                          "UNSIGNED-PAYLOAD"])
+        creq = "\n".join([method, path, "", "".join(f"{k}:{h[k]}\n" for k in names), ";".join(names),
+                          payload])
         scope = f"{day}/{self.region}/s3/aws4_request"
         sts = "\n".join(["AWS4-HMAC-SHA256", amz, scope, hashlib.sha256(creq.encode()).hexdigest()])
         k = hmac.new(("AWS4" + creds.secret_key).encode(), day.encode(), hashlib.sha256).digest()
@@ -211,6 +220,34 @@ class _RawGet:
             return None
 
 
+    def put_new(self, bucket: str, key: str, body: memoryview) -> bool | None:
+        """A conditional PUT (``If-None-Match: *``) of ``body``, its SHA-256 signed (the
+        store rejects a body that does not match, as with botocore over plain http):
+        True if it was created, False if the key exists (412; 409: a concurrent
+        conditional PUT won); None for any other outcome: the caller asks boto3."""
+        import hashlib
+        from urllib.parse import quote
+
+        if self.failures >= self.MAX_FAILURES:
+            return None
+        path = f"{self.base}/{quote(bucket)}/{quote(key, safe='/~')}"
+        try:
+            h = self._headers(path, "PUT", hashlib.sha256(body).hexdigest(), {"if-none-match": "*"})
+            h["content-length"] = str(len(body))
+            c = self._conn()
+            c.request("PUT", path, body=body, headers=h)
+            r = c.getresponse()
+            r.read()
+            if r.status not in (200, 409, 412):
+                return None
+            self.failures = 0
+            return r.status == 200
+        except Exception:  # noqa: BLE001 - any failure here: boto3 decides (and retries)
+            self.drop()
+            self.failures += 1
+            return None
+
+
 def _client(endpoint: str | None):
     try:
         import boto3
@@ -244,7 +281,7 @@ class S3Store:
         self.root = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self.client = _client(endpoint)
         #: Raw signed GETs for `get_into` (None: off, or no credentials to sign with).
-        self._raw: _RawGet | None = None
+        self._raw: _RawS3 | None = None
         creds = self.client._get_credentials() if hasattr(self.client, "_get_credentials") else None
         if creds is None:
             creds = getattr(getattr(self.client, "_request_signer", None), "_credentials", None)
@@ -252,8 +289,11 @@ class S3Store:
             from botocore.httpsession import get_cert_path
 
             cafile = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)  # what boto3 verifies with
-            self._raw = _RawGet(self.client.meta.endpoint_url, self.client.meta.region_name, creds,
+            self._raw = _RawS3(self.client.meta.endpoint_url, self.client.meta.region_name, creds,
                                 cafile if isinstance(cafile, str) else None)
+        #: Conditional PUTs (`put_new`: chunks, snapshots) signed here too, unless
+        #: ``NBDBACKUP_S3_RAW_PUT=0``.
+        self._raw_put = os.environ.get("NBDBACKUP_S3_RAW_PUT", "1") != "0"
         self.lease_ttl = lease_ttl
         self.gc_grace = gc_grace
         self._lost: str | None = None
@@ -334,6 +374,12 @@ class S3Store:
         """Write ``key`` unless it exists (conditional PUT); True if this call created it."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        if self._raw is not None and self._raw_put:
+            made = self._raw.put_new(self.bucket, self._key(key), memoryview(data).cast("B"))
+            if made is not None:
+                with self._count_lock:
+                    self.requests["PutObject"] += 1
+                return made
         kw = dict(Bucket=self.bucket, Key=self._key(key), Body=bytes(memoryview(data).cast("B")))
         try:
             if self._native_if_none_match:

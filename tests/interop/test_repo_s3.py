@@ -393,3 +393,37 @@ def test_s3store_raw_get_turns_off_after_failures(s3env, monkeypatch):
     for _ in range(5):
         assert s.get_into("chunks/aa/k", buf) == 4 and bytes(buf[:4]) == b"data"
     assert s._raw.failures == s._raw.MAX_FAILURES
+
+
+def test_s3store_put_new_raw_signed_put(s3env, monkeypatch):
+    """`put_new` (every chunk and snapshot): the raw signed conditional PUT creates (True),
+    says "already there" on a second PUT (412: False) without overwriting, is rejected by the
+    store when the body does not match its signed SHA-256 (None: boto3 then writes it), and
+    with NBDBACKUP_S3_RAW_PUT=0 boto3 does the same."""
+    for raw in ("1", "0"):
+        monkeypatch.setenv("NBDBACKUP_S3_RAW_PUT", raw)
+        s = store(s3env + f"-putnew{raw}")
+        blob = os.urandom(1 << 20)
+        if raw == "1":  # signed right (else the raw path would give None and boto3 would answer)
+            assert s._raw.put_new(s.bucket, s._key("chunks/aa/direct"), memoryview(blob)) is True
+            assert s._raw.put_new(s.bucket, s._key("chunks/aa/direct"), memoryview(b"other")) is False
+            assert s.get("chunks/aa/direct") == blob
+        before = s.requests["PutObject"]
+        assert s.put_new("chunks/aa/x y+z", blob) is True  # a key needing quoting
+        assert s.put_new("chunks/aa/x y+z", b"not the same") is False
+        assert s.requests["PutObject"] == before + 2
+        assert s.get("chunks/aa/x y+z") == blob
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:  # one connection per thread, reused
+            made = list(ex.map(lambda i: s.put_new(f"chunks/bb/{i % 8}", blob[:1000 + i % 8]), range(32)))
+        assert made.count(True) == 8
+        assert all(s.get(f"chunks/bb/{i}") == blob[:1000 + i] for i in range(8))
+    # A body that does not match the signed digest: the store refuses it, nothing is written.
+    s = store(s3env + "-putnew1")
+    real = s._raw._headers
+
+    def lying(path, method="GET", payload="UNSIGNED-PAYLOAD", extra=None):
+        return real(path, method, "0" * 64 if method == "PUT" else payload, extra)
+
+    monkeypatch.setattr(s._raw, "_headers", lying)
+    assert s._raw.put_new(s.bucket, s._key("chunks/cc/bad"), memoryview(blob)) is None
+    assert not s.exists("chunks/cc/bad")
