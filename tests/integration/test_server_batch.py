@@ -362,6 +362,62 @@ def test_fua_inside_a_batch_reaches_the_device_as_fua(short_tmp, batch):
     run(main())
 
 
+async def stream_writes_across(c: "Raw", order: list[int], stride: int, block: int, during) -> None:
+    """Send WRITE i (i = 0..len(order)-1) of ``block`` bytes, each holding the
+    sequence number i + 1, to block ``order[i]`` (at ``order[i] * stride``),
+    pipelined 50 at a time; once a third of them were answered, await
+    ``during()`` (e.g. a backup start) while the rest stream on; return when
+    every write was answered (all must succeed)."""
+    nwrites = len(order)
+    started = asyncio.Event()
+
+    async def writer():
+        for i0 in range(0, nwrites, 50):
+            chunk = bytearray()
+            for i in range(i0, min(i0 + 50, nwrites)):
+                chunk += req(WRITE, i, order[i] * stride, block, struct.pack(">Q", i + 1) * (block // 8))
+            c.send(bytes(chunk))
+            await c.w.drain()
+            if i0 % 500 == 0:
+                await asyncio.sleep(0)
+
+    async def reader():
+        for n in range(1, nwrites + 1):
+            cookie, err, _ = await c.reply()
+            assert err == 0
+            if n == nwrites // 3:
+                started.set()
+
+    w = asyncio.create_task(writer())
+    rd = asyncio.create_task(reader())
+    await started.wait()
+    await during()
+    await w
+    await rd
+
+
+def check_prefix(snap_blocks: bytes, live_blocks: bytes, order: list[int], block: int) -> int:
+    """The snapshot (``snap_blocks``, block b at b * block) must be the disk after
+    exactly the first k writes of `stream_writes_across` for some 0 < k < all,
+    and the live disk the disk after all of them; returns k."""
+    nblocks, nwrites = len(snap_blocks) // block, len(order)
+    seen = [struct.unpack_from(">Q", snap_blocks, b * block)[0] for b in range(nblocks)]
+    for b in range(nblocks):
+        assert snap_blocks[b * block:(b + 1) * block] == struct.pack(">Q", seen[b]) * (block // 8)
+    # The k the snapshot stands for: the latest write it contains.
+    k = max(seen)
+    assert 0 < k < nwrites
+    last = [0] * nblocks
+    for i in range(k):
+        last[order[i]] = i + 1
+    assert seen == last, "the snapshot is not the disk after exactly a prefix of the writes"
+    final = [0] * nblocks
+    for i, b in enumerate(order):
+        final[b] = i + 1
+    assert [struct.unpack_from(">Q", live_blocks, b * block)[0] for b in range(nblocks)] == final
+    return k
+
+
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "nobatch"])
 def test_a_backup_started_while_batches_run_sees_exactly_a_prefix(short_tmp, batch):
     """Writes stream in, pipelined, while a backup takes its point in time:
@@ -377,53 +433,12 @@ def test_a_backup_started_while_batches_run_sees_exactly_a_prefix(short_tmp, bat
         c = await Raw.connect(path, "disk", True)
         rng = random.Random(7)
         order = [rng.randrange(nblocks) for _ in range(nwrites)]
-        replies = 0
-        started = asyncio.Event()
-
-        async def writer():
-            for i0 in range(0, nwrites, 50):
-                chunk = bytearray()
-                for i in range(i0, min(i0 + 50, nwrites)):
-                    chunk += req(WRITE, i, order[i] * block, block, struct.pack(">Q", i + 1) * (block // 8))
-                c.send(bytes(chunk))
-                await c.w.drain()
-                if i0 % 500 == 0:
-                    await asyncio.sleep(0)
-
-        async def reader():
-            nonlocal replies
-            for _ in range(nwrites):
-                cookie, err, _ = await c.reply()
-                assert err == 0
-                replies += 1
-                if replies == nwrites // 3:
-                    started.set()
-
-        w = asyncio.create_task(writer())
-        rd = asyncio.create_task(reader())
-        await started.wait()
-        await engine.backup_start("disk", "j", "none", "memory:%d" % size, snapshot="snap")
-        await w
-        await rd
-        snap = engine.jobs["j"].snapshot
-        buf = bytearray(size)
-        await snap.pread(memoryview(buf), 0)
-        seen = [struct.unpack_from(">Q", buf, b * block)[0] for b in range(nblocks)]
-        for b in range(nblocks):
-            assert buf[b * block:(b + 1) * block] == struct.pack(">Q", seen[b]) * (block // 8)
-        # The k the snapshot stands for: the latest write it contains.
-        k = max(seen)
-        assert 0 < k < nwrites
-        last = [0] * nblocks
-        for i in range(k):
-            last[order[i]] = i + 1
-        assert seen == last, "the snapshot is not the disk after exactly a prefix of the writes"
-        live_buf = bytearray(size)
+        await stream_writes_across(c, order, block, block, lambda: engine.backup_start(
+            "disk", "j", "none", "memory:%d" % size, snapshot="snap"))
+        buf, live_buf = bytearray(size), bytearray(size)
+        await engine.jobs["j"].snapshot.pread(memoryview(buf), 0)
         await live.pread(memoryview(live_buf), 0)
-        final = [0] * nblocks
-        for i, b in enumerate(order):
-            final[b] = i + 1
-        assert [struct.unpack_from(">Q", live_buf, b * block)[0] for b in range(nblocks)] == final
+        check_prefix(buf, live_buf, order, block)
         if batch:
             assert the_conn(server).batched > nwrites // 3
         await engine.shutdown()

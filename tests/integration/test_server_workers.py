@@ -30,6 +30,7 @@ from nbdbackup.blockdev.live import LiveDev
 from nbdbackup.nbd.server import Server
 
 from test_server_batch import FLUSH, IHAVEOPT, OPT_GO, OPT_STRUCTURED_REPLY, READ, WRITE, Raw, req, run
+from test_server_batch import check_prefix as check_blocks_prefix, stream_writes_across
 
 SIZE = 4 << 20
 
@@ -151,6 +152,14 @@ def test_requests_pipelined_behind_the_handshake_go_with_the_socket(short_tmp):
     run(main())
 
 
+async def blocks_at(dev, nblocks: int, block: int, stride: int) -> bytearray:
+    """Block b of ``dev`` (``block`` bytes at b * ``stride``) for every b, back to back."""
+    buf = bytearray(block * nblocks)
+    for b in range(nblocks):
+        await dev.pread(memoryview(buf)[b * block:(b + 1) * block], b * stride)
+    return buf
+
+
 def test_a_backup_started_while_a_worker_connection_writes_sees_exactly_a_prefix(short_tmp):
     """test_server_batch's backup-start test with the client in a worker: the
     backup start recalls it (every write it acknowledged is on disk, none in
@@ -168,56 +177,15 @@ def test_a_backup_started_while_a_worker_connection_writes_sees_exactly_a_prefix
         await until(lambda: server.pool.handed == 1)
         rng = random.Random(7)
         order = [rng.randrange(nblocks) for _ in range(nwrites)]
-        replies = 0
-        started = asyncio.Event()
 
-        async def writer():
-            for i0 in range(0, nwrites, 50):
-                chunk = bytearray()
-                for i in range(i0, min(i0 + 50, nwrites)):
-                    chunk += req(WRITE, i, order[i] * stride, block, struct.pack(">Q", i + 1) * (block // 8))
-                c.send(bytes(chunk))
-                await c.w.drain()
-                if i0 % 500 == 0:
-                    await asyncio.sleep(0)
+        async def start_backup():
+            await engine.backup_start("disk", "j", "none", "memory:%d" % size, snapshot="snap")
+            assert server.pool.returned == 1 and live.external == 0
+            assert all(c_.remote is None for c_ in server.connections)
 
-        async def reader():
-            nonlocal replies
-            for _ in range(nwrites):
-                cookie, err, _ = await c.reply()
-                assert err == 0
-                replies += 1
-                if replies == nwrites // 3:
-                    started.set()
-
-        wt = asyncio.create_task(writer())
-        rd = asyncio.create_task(reader())
-        await started.wait()
-        await engine.backup_start("disk", "j", "none", "memory:%d" % size, snapshot="snap")
-        assert server.pool.returned == 1 and live.external == 0
-        assert all(c_.remote is None for c_ in server.connections)
-        await wt
-        await rd
-        snap = engine.jobs["j"].snapshot
-        buf = bytearray(block * nblocks)
-        for b in range(nblocks):
-            await snap.pread(memoryview(buf)[b * block:(b + 1) * block], b * stride)
-        seen = [struct.unpack_from(">Q", buf, b * block)[0] for b in range(nblocks)]
-        for b in range(nblocks):
-            assert buf[b * block:(b + 1) * block] == struct.pack(">Q", seen[b]) * (block // 8)
-        k = max(seen)
-        assert 0 < k < nwrites
-        last = [0] * nblocks
-        for i in range(k):
-            last[order[i]] = i + 1
-        assert seen == last, "the snapshot is not the disk after exactly a prefix of the writes"
-        live_buf = bytearray(block * nblocks)
-        for b in range(nblocks):
-            await live.pread(memoryview(live_buf)[b * block:(b + 1) * block], b * stride)
-        final = [0] * nblocks
-        for i, b in enumerate(order):
-            final[b] = i + 1
-        assert [struct.unpack_from(">Q", live_buf, b * block)[0] for b in range(nblocks)] == final
+        await stream_writes_across(c, order, stride, block, start_backup)
+        check_blocks_prefix(await blocks_at(engine.jobs["j"].snapshot, nblocks, block, stride),
+                     await blocks_at(live, nblocks, block, stride), order, block)
         # While the backup's hook is attached, a new connection stays here.
         c2 = await Raw.connect(path, "disk", True)
         await asyncio.sleep(0.1)
@@ -416,9 +384,7 @@ class Stream:
 
 
 async def block_values(dev) -> list[int]:
-    buf = bytearray(BLOCK * NBLOCKS)
-    for b in range(NBLOCKS):
-        await dev.pread(memoryview(buf)[b * BLOCK:(b + 1) * BLOCK], b * STRIDE)
+    buf = await blocks_at(dev, NBLOCKS, BLOCK, STRIDE)
     vals = [struct.unpack_from(">Q", buf, b * BLOCK)[0] for b in range(NBLOCKS)]
     for b in range(NBLOCKS):
         assert buf[b * BLOCK:(b + 1) * BLOCK] == struct.pack(">Q", vals[b]) * (BLOCK // 8)
