@@ -131,7 +131,9 @@ class FileDev(BlockDev):
         #: With an engine: `pread` of at least this many bytes goes straight
         #: to it (no inline RWF_NOWAIT attempt; `pread_now` still tries).
         self.engine_read_min = int(os.environ.get("NBDBACKUP_IO_READ_MIN", str(1024 * 1024)))
-        self._nowait = hasattr(os, "RWF_NOWAIT")
+        # NBDBACKUP_RWF_NOWAIT=0: behave as on a file system without RWF_NOWAIT
+        # reads (overlayfs: every read goes to a thread), e.g. to test that path.
+        self._nowait = hasattr(os, "RWF_NOWAIT") and os.environ.get("NBDBACKUP_RWF_NOWAIT", "1") != "0"
         self._sector = 512
         if self.is_block:
             try:

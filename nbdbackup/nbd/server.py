@@ -447,12 +447,6 @@ class Server:
             self.pool = WorkerPool(self, self.workers)
             await self.pool.start()
 
-    def _retake(self, conn: "NBDConnection") -> None:
-        """A worker kept a connection the owner asked it to evict: count it again."""
-        if conn not in self.connections:
-            self.connections.add(conn)
-            self._by_peer.setdefault(conn.peer_key, set()).add(conn)
-
     async def _resume_returned(self, old: "NBDConnection", fd: int, data: bytes) -> None:
         """A worker gave ``old``'s socket back (a recall): serve it here, in
         transmission, from the bytes it had not consumed."""
@@ -508,6 +502,10 @@ class Server:
         if victim is not None:
             victim.evict(f"{which} connection limit reached: quiet connection evicted for a new one "
                          f"from {conn.peer}")
+            if victim.remote is not None:
+                # Its slot frees when its worker has closed it (it may keep it
+                # instead, if it stopped being quiet): never above the cap.
+                return f"a quiet connection in worker process {victim.remote[0].index} is being evicted"
         self.connections.add(conn)
         self._by_peer.setdefault(conn.peer_key, set()).add(conn)
         self._start_tick()
@@ -537,10 +535,14 @@ class Server:
 
     def _victim(self, among) -> "NBDConnection | None":
         """The connection to evict: quiet for at least `EVICT_QUIET` s, from
-        the peer holding the most connections, quiet the longest."""
+        the peer holding the most connections, quiet the longest.  While a
+        worker is evicting one of ``among``, that one (whose slot frees when
+        it has closed) is the answer: one eviction per admission."""
         now = time.monotonic()
         best, best_key = None, None
         for c in among:
+            if c._evicting:
+                return c
             q = c.quiet(now)
             if q < EVICT_QUIET:
                 continue
@@ -762,6 +764,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._replaces = replaces
         self._handing = False
         self.remote: tuple | None = None
+        #: A placeholder whose worker was asked to evict it: it keeps its slot
+        #: (and is no victim again) until the worker says "closed" or "kept".
+        self._evicting = False
         self._ext_live = None
         self._detached = False
         self._tls_upgrading = False
@@ -1125,10 +1130,16 @@ class NBDConnection(asyncio.BufferedProtocol):
         or -1 while something of it runs or waits on the server.  Parsed
         requests held back because the client does not read its replies
         (send buffer above the high-water mark) do not count as running.
-        A placeholder: what its worker reported, aged."""
+        A placeholder: what its worker reported, aged.  Requests that wait
+        for buffer memory while the client does not read its replies (the
+        memory they wait for is held, in part, by those very replies) do not
+        count as running either: such a connection would otherwise never be
+        quiet, never time out and never give its memory back."""
         if self.remote is not None:
             return self.server.pool.quiet(self, now)
-        if self._closing or self.tasks or self._mem_wait or self._tls_upgrading:
+        if self._closing or self._mem_wait or self._tls_upgrading:
+            return -1.0
+        if self.tasks and not (self._paused_writing and len(self._mem_futures) >= len(self.tasks)):
             return -1.0
         if self.proto.has_events and not self._paused_writing:
             return -1.0

@@ -392,11 +392,16 @@ class WorkerPool:
 
     def evict(self, conn, reason: str, min_quiet: float) -> None:
         """Ask the worker to close ``conn`` if it is still quiet ``min_quiet``
-        s (-1: in any case); the slot is free at once (``kept`` retakes it)."""
+        s (-1: in any case).  Its slot stays taken until the worker answers
+        ``closed`` (freed, held connections admitted) or ``kept``, so the
+        owner never counts fewer connections than are open."""
         h, cid = conn.remote
-        if h.chan is not None:
+        if h.chan is None or not h.alive:
+            self.server._forget(conn)
+            return
+        if not conn._evicting:
+            conn._evicting = True
             h.chan.send({"t": "evict", "id": cid, "reason": reason, "min_quiet": min_quiet})
-        self.server._forget(conn)
 
     async def recall(self, exp, timeout: float = RECALL_TIMEOUT + 5) -> None:
         """Bring every connection of ``exp`` back from the workers."""
@@ -485,7 +490,7 @@ class WorkerPool:
         elif kind == "kept":
             c = h.conns.get(msg["id"])
             if c is not None:
-                self.server._retake(c)
+                c._evicting = False
         elif kind == "returned":
             c = h.conns.pop(msg["id"], None)
             h.quiet.pop(msg["id"], None)
