@@ -465,8 +465,12 @@ class Server:
     def _swap(self, old: "NBDConnection", new: "NBDConnection") -> None:
         """``new`` takes ``old``'s place in the tables (no admission)."""
         self._forget(old, notify=False)
-        self.connections.add(new)
-        self._by_peer.setdefault(new.peer_key, set()).add(new)
+        self._register(new)
+
+    def _register(self, conn: "NBDConnection") -> None:
+        """Count ``conn`` in the connection tables (admitted or taken over)."""
+        self.connections.add(conn)
+        self._by_peer.setdefault(conn.peer_key, set()).add(conn)
         self._start_tick()
 
     def _lookup(self, name: str) -> ExportInfo | None:
@@ -506,9 +510,7 @@ class Server:
                 # Its slot frees when its worker has closed it (it may keep it
                 # instead, if it stopped being quiet): never above the cap.
                 return f"a quiet connection in worker process {victim.remote[0].index} is being evicted"
-        self.connections.add(conn)
-        self._by_peer.setdefault(conn.peer_key, set()).add(conn)
-        self._start_tick()
+        self._register(conn)
         return None
 
     def warn_admission(self, msg: str, *args) -> None:
@@ -864,9 +866,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             server._swap(self._replaces, self)
             self._replaces = None
         else:
-            server.connections.add(self)
-            server._by_peer.setdefault(self.peer_key, set()).add(self)
-            server._start_tick()
+            server._register(self)
         self._tune()
         if data:
             self._feed(data)
@@ -906,32 +906,43 @@ class NBDConnection(asyncio.BufferedProtocol):
         with no await before the socket goes: a hook attached meanwhile (a
         backup start, a first bitmap) wins, and the connection stays here.
         While it waits, a lost offloadability ends the wait at once."""
-        deadline = time.monotonic() + 5.0
         pool = self.server.pool
-        while not self._closing:
-            self._flush_wbuf()
-            t = self.transport
-            if t is None:
-                return
-            if not self.tasks and not t.get_write_buffer_size():
-                break
-            if time.monotonic() > deadline or (rehand and (pool is None or not pool.can_take(self))):
-                break
-            if self.tasks:
-                await asyncio.wait(list(self.tasks), timeout=0.05)
-            else:
-                await asyncio.sleep(0.002)
-        else:
+        stop = (lambda: pool is None or not pool.can_take(self)) if rehand else None
+        drained = await self.drain_for_hand_off(5.0, stop)
+        if self._closing or self.transport is None:
             return
-        if rehand and self.server.rehand_pause and not self.tasks:
+        if drained and rehand and self.server.rehand_pause:
             await asyncio.sleep(self.server.rehand_pause)  # tests: a hook attach races with us
             if self._closing or self.transport is None:
                 return
-        if pool is not None and not self.tasks and pool.hand_off(self, rehand=rehand):
+        # Only a drained connection goes: a reply still queued would be lost.
+        if drained and pool is not None and not self.tasks and pool.hand_off(self, rehand=rehand):
             return
         self._handing = False
         self._process_events()
         self._update_reading()
+
+    async def drain_for_hand_off(self, timeout: float, stop=None) -> bool:
+        """With reading paused (``_handing``): wait until no request of this
+        connection runs and every reply byte has left its transport.  True
+        when so; False when the connection closed or lost its transport,
+        ``timeout`` s passed, or ``stop()`` said to give up (the callers, a
+        hand-off here and a give-back in a worker, tell these apart)."""
+        deadline = time.monotonic() + timeout
+        while not self._closing:
+            self._flush_wbuf()
+            t = self.transport
+            if t is None:
+                return False
+            if not self.tasks and not t.get_write_buffer_size():
+                return True
+            if time.monotonic() > deadline or (stop is not None and stop()):
+                return False
+            if self.tasks:
+                await asyncio.wait(list(self.tasks), timeout=0.05)
+            else:
+                await asyncio.sleep(0.002)
+        return False
 
     def _admitted(self) -> None:
         """Admission granted: tune the socket, check access, send the greeting."""

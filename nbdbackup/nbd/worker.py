@@ -647,20 +647,11 @@ class _Worker:
             await asyncio.sleep(0.002)
         conn._handing = True
         conn._update_reading()
-        while True:
-            if conn._closing:
-                return  # it ended meanwhile ("closed" was sent)
-            conn._flush_wbuf()
-            t = conn.transport
-            if not conn.tasks and (t is None or not t.get_write_buffer_size()):
-                break
-            if time.monotonic() > deadline:
+        if not await conn.drain_for_hand_off(deadline - time.monotonic()):
+            if not conn._closing:  # (if it ended meanwhile, "closed" was sent)
                 conn.evict("did not finish its requests and read its replies during a recall")
-                return
-            if conn.tasks:
-                await asyncio.wait(list(conn.tasks), timeout=0.05)
-            else:
-                await asyncio.sleep(0.002)
+            return
+        t = conn.transport
         data = conn.proto.unconsumed()
         sock = t.get_extra_info("socket") if t is not None else None
         if data is None or sock is None:
