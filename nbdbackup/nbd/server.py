@@ -182,6 +182,10 @@ ADMIT_QUEUE = 64
 #: the connections served here go back to worker processes: a hook that
 #: comes and goes does not move connections back and forth.
 REOFFLOAD_DELAY = 1.0
+#: Seconds a hand-off to a worker waits for the connection to drain (no
+#: request running, every reply byte sent): a client that does not read its
+#: replies keeps its connection here rather than lose the queued bytes.
+HAND_OFF_DRAIN = 5.0
 
 
 def _freeze_malloc_threshold() -> None:
@@ -305,7 +309,10 @@ class Server:
     `REOFFLOAD_DELAY`) and ``_reoffload_timers`` (export name -> the timer
     that hands its connections out again, while one is armed);
     ``rehand_pause`` (seconds a re-hand-off waits between the connection's
-    drain and the hand-off: 0 but in race tests).
+    drain and the hand-off: 0 but in race tests); ``hand_off_drain``
+    (`HAND_OFF_DRAIN`: how long a hand-off waits for the connection's
+    requests to finish and its replies to leave before it gives up and
+    serves the connection here).
     """
 
     def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
@@ -329,6 +336,7 @@ class Server:
         self.reoffload_delay = REOFFLOAD_DELAY
         self._reoffload_timers: dict[str, asyncio.TimerHandle] = {}
         self.rehand_pause = 0.0
+        self.hand_off_drain = HAND_OFF_DRAIN
         self.access = access if access is not None else AccessPolicy()
         self.tls = tls if tls is not None else ServerTLS("off")
         self.tls_context: ssl.SSLContext | None = self.tls.context() if self.tls.enabled else None
@@ -908,7 +916,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         While it waits, a lost offloadability ends the wait at once."""
         pool = self.server.pool
         stop = (lambda: pool is None or not pool.can_take(self)) if rehand else None
-        drained = await self.drain_for_hand_off(5.0, stop)
+        drained = await self.drain_for_hand_off(self.server.hand_off_drain, stop)
         if self._closing or self.transport is None:
             return
         if drained and rehand and self.server.rehand_pause:

@@ -604,3 +604,44 @@ def test_a_write_half_received_when_the_re_hand_off_begins_goes_with_the_socket(
         await server.shutdown()
 
     run(main())
+
+
+def test_a_connection_whose_client_reads_no_replies_stays_until_it_drains(short_tmp):
+    """A re-hand-off waits for every reply byte to leave (`drain_for_hand_off`):
+    a client that pipelines 16 MiB of READs and reads none of the replies
+    keeps its connection here when the drain times out (the bytes queued in
+    the transport would be lost with the socket), and later reads every
+    reply intact."""
+    rng = random.Random(5)
+    fill = rng.randbytes(SIZE)
+
+    async def main():
+        manager = BitmapManager(None)
+        live = manager.wrap("disk", file_export(short_tmp, fill))
+        server, exp, path = await serve(short_tmp, live)
+        server.reoffload_delay = 0.1
+        server.hand_off_drain = 0.3
+        pool = server.pool
+        await manager.add("disk", "b0")  # not offloadable: served here
+        c = await Raw.connect(path, "disk", True)
+        (conn,) = server.connections
+        n, length = 16, 1 << 20
+        for i in range(n):
+            c.send(c.read(i + 1, (i % 4) * length, length))
+        await c.w.drain()
+        await until(lambda: conn.transport.get_write_buffer_size() > 0)
+        await manager.remove("disk", "b0")  # offloadable: a re-hand-off is tried
+        await until(lambda: conn._handing)
+        await until(lambda: not conn._handing)  # given up after hand_off_drain
+        await asyncio.sleep(0.3)
+        assert pool.rehanded == 0 and conn.remote is None and not conn._closing
+        got = await c.replies(n)
+        for i in range(n):
+            off = (i % 4) * length
+            assert got[i + 1] == (0, fill[off:off + length]), i
+        c.send(c.read(99, 4096, 4096))
+        assert (await c.replies(1))[99] == (0, fill[4096:8192])
+        await c.close()
+        await server.shutdown()
+
+    run(main())
