@@ -263,12 +263,15 @@ def _innermost(dev: BlockDev) -> BlockDev:
 
 def reads_zero(dev: BlockDev, size: int) -> bool:
     """True when ``dev`` certainly reads as zeros over ``[0, size)`` now
-    (rule 11), in O(1) or O(allocated pages): a plain regular file (not
-    behind a filter, which may transform what it stores) with no data
-    before ``size`` (one SEEK_DATA; a file system without SEEK_DATA reports
-    data everywhere: False), or a `MemoryDev` with no page there."""
+    (rule 11), in O(1) or O(allocated pages): a plain regular file with no
+    data before ``size`` (one SEEK_DATA; a file system without SEEK_DATA
+    reports data everywhere: False), or a `MemoryDev` with no page there --
+    seen through filters that keep bytes as they are (``same_bytes``), not
+    through any other (it may transform what it stores)."""
     from ..blockdev.memory import PAGE, MemoryDev
 
+    while isinstance(dev, FilterDev) and dev.same_bytes:
+        dev = dev.inner
     if isinstance(dev, FileDev):
         if dev.is_block or dev.fd < 0:
             return False
@@ -901,8 +904,9 @@ class CopyState:
         (offload on), the scratch reservation within ``scratch_limit``.  It
         marks exactly what `copy` + `_cbw_copy` would: source holes found by
         the same one SEEK_DATA probe (rule 7) are ``zeroed`` when bound for
-        the scratch (a hole bound for the target falls back: it needs a
-        target write), the rest ``in_scratch`` / ``in_target``, per run,
+        the scratch, ``in_target`` with nothing written when bound for a
+        target that reads as zeros (rule 11; any other target falls back:
+        it needs a target write), the rest ``in_scratch`` / ``in_target``, per run,
         each run only after its copy succeeded (rule 4: a failed run stays
         not done; the destination bytes of a not-done cluster are never
         read).  Never raises OSError."""
@@ -954,8 +958,15 @@ class CopyState:
                 off, n = self.span(c, e - c)
                 if zero:
                     if to_target:
-                        return False  # needs a target write: the async path
-                    self.zeroed.set(c, e - c)
+                        if not self.target_zero:
+                            return False  # needs a target write: the async path
+                        # Rule 11: the target reads zeros there already.
+                        self.in_target.set(c, e - c)
+                        if todo.any(c, e - c):
+                            self.current += self._bytes_in(todo, c, e - c)
+                            todo.clear(c, e - c)
+                    else:
+                        self.zeroed.set(c, e - c)
                     self.clusters_zero_in_snapshot += e - c
                 else:
                     files = files_t if to_target else files_s

@@ -17,6 +17,7 @@ from nbdbackup.backup.copystate import Claims, CopyState, reads_zero
 from nbdbackup.backup.pump import Pump, RateLimiter
 from nbdbackup.backup.testing import FaultDev
 from nbdbackup.bitmap.core import Bitmap
+from nbdbackup.blockdev.base import FilterDev
 from nbdbackup.blockdev.file import FileDev
 from nbdbackup.blockdev.memory import PAGE, MemoryDev
 
@@ -30,13 +31,17 @@ def read(dev: MemoryDev, off: int, n: int) -> bytes:
     return bytes(b)
 
 
-def make(size: int, data_at: list[int]):
+def make(size: int, data_at: list[int], stale: tuple[int, ...] = ()):
+    """A sparse source with a random cluster at each of ``data_at``, a target
+    holding old bytes (``\xee``) at each of ``stale`` (so not assumed zero)."""
     src = MemoryDev(size)
     blobs = {}
     for off in data_at:
         blobs[off] = os.urandom(CS)
         src.write_sync(blobs[off], off)
     tgt = MemoryDev(size)
+    for off in stale:
+        tgt.write_sync(b"\xee" * CS, off)
     fsrc, ftgt = FaultDev(src), FaultDev(tgt)
     st = CopyState(fsrc, ftgt, CS)
     st.set_pump_todo(Bitmap(st.nclusters, fill=True))
@@ -58,11 +63,9 @@ def test_sparse_full_copy_is_exact_and_costs_requests_per_run_not_per_chunk():
     async def main():
         size = 4 * GiB + 3 * CS + 4096  # a short last cluster, inside a hole
         data_at = [0, 5 * CS, GiB + 7 * CS, 3 * GiB]
-        st, src, tgt, fsrc, ftgt, blobs = make(size, data_at)
         # Stale bytes in the target where the source has holes: must become zeros.
-        stale = b"\xee" * CS
-        for off in (CS, 2 * GiB, size - 4096 - CS):
-            tgt.write_sync(stale, off)
+        st, src, tgt, fsrc, ftgt, blobs = make(size, data_at, stale=(CS, 2 * GiB, size - 4096 - CS))
+        assert not st.target_zero
         await pump_of(st).run()
         assert st.pump_todo.count() == 0 and st.done.count() == st.nclusters and not st.inflight
         for off, blob in blobs.items():
@@ -179,7 +182,8 @@ def test_reads_zero_probe(tmp_path):
         m.write_sync(b"\x01", GiB - 1)
         assert not reads_zero(m, GiB)
         assert reads_zero(m, GiB - PAGE)  # data only past the source's size
-        assert not reads_zero(FaultDev(MemoryDev(GiB)), GiB)  # a filter may transform: unknown
+        assert reads_zero(FaultDev(MemoryDev(GiB)), GiB)  # keeps bytes as they are
+        assert not reads_zero(FilterDev(MemoryDev(GiB)), GiB)  # a filter may transform: unknown
         path = str(tmp_path / "t.raw")
         f = FileDev(path, create_size=GiB)
         try:
