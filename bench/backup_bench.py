@@ -39,7 +39,12 @@ before each timed section, outside it):
    hole as ``write-zeroes`` without MAY_UNMAP, which a raw file node turns
    into allocated blocks, so the target grows to the full virtual size
    (measured: ENOSPC after 74 GB of a 1 TiB run); ``qemu-img convert`` keeps
-   holes and is the comparison.
+   holes and is the comparison.  Plain ``qemu-img convert`` opens its target
+   ``cache=unsafe``: it never flushes, its copy ends in the page cache, while
+   our job's ``concluded`` means the target was flushed (fdatasync): with
+   ``--qemu-img-sync`` the bench also times ``qemu-img convert -t writeback``
+   (one fdatasync at the end), the same durability (docs/sparsefull.md).
+   qemu-img's CPU is its process's user+sys.
 
 Configurations (each side's defaults unless said):
 - nbdbackup: ``serve --socket S --control C disk=IMG``; the backup is started
@@ -55,6 +60,11 @@ Configurations (each side's defaults unless said):
   time is the daemon's start; timing starts once it listens, as for nbdbackup
   once ``backup-start`` returned.
 
+Timing "start to concluded": the start command, then the JOB_STATUS_CHANGE
+event ``concluded`` (``QMP.wait_concluded``; query-jobs only as a safety net
+every 0.5 s), for both servers -- no tight query-jobs poll loading the
+server being measured.
+
 Method: rounds alternate the order of the two servers; each (round, server)
 gets a fresh copy of the base image; each session starts a fresh server
 process and a fresh sparse target, and is stopped by PID.  Medians over the
@@ -66,8 +76,11 @@ wall-clock ratio.
 
 Usage: ``bench/backup_bench.py [--size 1G] [--rounds 3] [--only live,snap,pump]
 [--servers qemu,nbdbackup] [--dir /tmp] [--max-seconds 4] [--keep] [--no-json]
-[--markdown]``; ``--ours-cmd CMD`` runs nbdbackup through another command (an
-experiment wrapper); ``--profile DIR`` runs only nbdbackup's "with a backup"
+[--markdown] [--baseline DIR] [--qemu-img-sync]``; ``--baseline DIR`` also runs
+another checkout's nbdbackup (DIR/.venv) in the pump groups, interleaved with
+ours (order alternating per round; ``baseline`` rows in the table);
+``--ours-cmd CMD`` runs nbdbackup through another command (an experiment
+wrapper); ``--profile DIR`` runs only nbdbackup's "with a backup"
 sessions (1 round) under py-spy and prints where its time goes per measurement.
 A/B of the session-5 changes (docs/pullcbw.md): the server inherits the
 environment, so ``NBDBACKUP_CBW_SYNC=0`` (no synchronous copy-before-write in
@@ -103,6 +116,13 @@ from common import Metric, Procs, Results  # noqa: E402
 OURS = "nbdbackup"
 QEMU = "qemu"
 QEMU_IMG = "qemu-img"
+#: ``qemu-img convert -t writeback``: flushes the target at the end (fdatasync),
+#: as our job does before "concluded"; the default (cache=unsafe) never flushes.
+QEMU_IMG_SYNC = "qemu-img-sync"
+#: Another checkout's nbdbackup (``--baseline DIR``), pump groups only.
+BASELINE = "baseline"
+BASELINE_CMD: list[str] = []
+BASELINE_DIR: list[str] = []
 EXPORT = "disk"
 SNAP = "snap"
 CLUSTER = 64 * 1024
@@ -166,16 +186,37 @@ class QMP:
         finally:
             self.loop.close()
 
-    def wait_concluded(self, job_id: str, timeout: float = 300.0, poll: float = 0.005) -> dict:
-        """Poll query-jobs until ``job_id`` is concluded; returns its JobInfo."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for j in self("query-jobs"):
-                if j["id"] == job_id and j["status"] == "concluded":
-                    return j
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} did not conclude in {timeout} s")
-            time.sleep(poll)
+    def wait_concluded(self, job_id: str, timeout: float = 300.0, poll: float = 0.5) -> dict:
+        """Wait until ``job_id`` is concluded; returns its JobInfo.
+
+        Waits for the JOB_STATUS_CHANGE event (both servers send it) rather
+        than polling query-jobs every few ms: a tight poll costs the measured
+        server CPU (100-200 query-jobs per second-long job) and up to a poll
+        interval of latency.  query-jobs is asked first (the job may have
+        concluded before the listener existed) and again every ``poll``
+        seconds without a matching event (a safety net)."""
+        from qemu.qmp import EventListener
+
+        async def wait() -> dict:
+            listener = EventListener(names="JOB_STATUS_CHANGE")
+            deadline = time.monotonic() + timeout
+            with self.client.listen(listener):
+                while True:
+                    for j in await self.client.execute("query-jobs"):
+                        if j["id"] == job_id and j["status"] == "concluded":
+                            return j
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"job {job_id} did not conclude in {timeout} s")
+                    try:
+                        while True:
+                            ev = await asyncio.wait_for(listener.get(), poll)
+                            data = ev.get("data", {})
+                            if data.get("id") == job_id and data.get("status") == "concluded":
+                                break
+                    except asyncio.TimeoutError:
+                        pass
+
+        return self.loop.run_until_complete(wait())
 
 
 # --------------------------------------------------------------------------
@@ -243,7 +284,12 @@ def start(procs: Procs, ws: Path, server: str, img: str, fleece_tgt: str | None 
         with_path = ws / s
         if with_path.exists():
             with_path.unlink()
-    if server == OURS:
+    env = dict(os.environ, PYTHONPATH=str(common.REPO_DIR))
+    if server == BASELINE:
+        env["PYTHONPATH"] = BASELINE_DIR[0]
+        argv = [*BASELINE_CMD, "serve", "--socket", str(ws / "nbd.sock"), "--control", str(ws / "qmp.sock"),
+                f"{EXPORT}={img}"]
+    elif server == OURS:
         argv = [*OURS_CMD, "serve", "--socket", str(ws / "nbd.sock"), "--control", str(ws / "qmp.sock"),
                 f"{EXPORT}={img}"]
     else:
@@ -252,7 +298,6 @@ def start(procs: Procs, ws: Path, server: str, img: str, fleece_tgt: str | None 
         if backup_tgt:
             make_sparse(backup_tgt, os.path.getsize(img))
         argv = qsd_argv(ws, img, fleece_tgt, backup_tgt)
-    env = dict(os.environ, PYTHONPATH=str(common.REPO_DIR))
     p = procs.start(server, argv, log_path=ws / f"{server}.log", env=env)
     return Session(procs, p, str(ws / "nbd.sock"), str(ws / "qmp.sock"))
 
@@ -524,7 +569,7 @@ class Bench:
         try:
             def run() -> float:
                 t0 = time.perf_counter()
-                if server == OURS:
+                if server in (OURS, BASELINE):
                     ours_backup(s, "full", bk, snapshot=None)
                 else:
                     s.qmp("blockdev-backup", {"job-id": "j", "device": "src", "target": "bk",
@@ -552,13 +597,26 @@ class Bench:
         rm(bk)
         size = os.path.getsize(img)
         try:
-            dt = common.run_timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", img, bk])
+            dt, cpu = common.run_timed_cpu(["qemu-img", "convert", "-f", "raw", "-O", "raw", img, bk])
             if rnd == 0:
                 self._check_same(img, bk, "qemu-img convert target")
         finally:
             rm(bk)
+        gib = (self.args.sparse_data if metric == "pump-sparse" else size) / common.GiB
         self.record(metric, QEMU_IMG, size / dt / 1e6)
-        self.log(rnd, QEMU_IMG, f"{metric} (convert)", size / dt / 1e6, "MB/s")
+        self.record(f"{metric}:cpu", QEMU_IMG, cpu / gib)
+        self.log(rnd, QEMU_IMG, f"{metric} (convert)", size / dt / 1e6, "MB/s", cpu / gib, "cpu-s/GiB")
+        if not self.args.qemu_img_sync:
+            return
+        common.fsync_file(img)
+        try:
+            dt, cpu = common.run_timed_cpu(["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "raw",
+                                            img, bk])
+        finally:
+            rm(bk)
+        self.record(metric, QEMU_IMG_SYNC, size / dt / 1e6)
+        self.record(f"{metric}:cpu", QEMU_IMG_SYNC, cpu / gib)
+        self.log(rnd, QEMU_IMG_SYNC, f"{metric} (convert -t wb)", size / dt / 1e6, "MB/s", cpu / gib, "cpu-s/GiB")
 
     @staticmethod
     def _check_same(a: str, b: str, what: str) -> None:
@@ -608,10 +666,15 @@ class Bench:
                 if "snap" in a.only:
                     self.snap_idle(rnd, server, img)
                     self.snap_pump(rnd, server, img)
+                pumps = [OURS, BASELINE] if a.baseline else [OURS]
+                if server == OURS and rnd % 2:
+                    pumps.reverse()  # ours and the baseline alternate too
                 if "pump" in a.only:
-                    self.pump(rnd, server, img)
+                    for who in (pumps if server == OURS else [server]):
+                        self.pump(rnd, who, img)
                 if sparse is not None and server == OURS:
-                    self.pump(rnd, server, sparse, "pump-sparse")
+                    for who in pumps:
+                        self.pump(rnd, who, sparse, "pump-sparse")
             if "pump" in a.only and self.spy_dir is None and QEMU in a.servers:
                 self.qemu_img(rnd, img)
             if sparse is not None and self.spy_dir is None:
@@ -655,10 +718,13 @@ def report(res: Results, markdown: bool = False) -> str:
              "ours ratio", "goal", "issue qemu", "qemu cpu-ratio", "ours cpu-ratio", "ours cpu with/w/o"]
     rows2 = []
     for name, others in (("snap-read-idle", [QEMU]), ("snap-read-pump", [QEMU]),
-                         ("pump-full", [QEMU, QEMU_IMG]), ("pump-sparse", [QEMU_IMG])):
+                         ("pump-full", [QEMU, QEMU_IMG, QEMU_IMG_SYNC, BASELINE]),
+                         ("pump-sparse", [QEMU_IMG, QEMU_IMG_SYNC, BASELINE])):
         if name not in res.samples:
             continue
         for o in others:
+            if med(name, o) is None:
+                continue
             r = res.ratio(name, OURS, o)
             rows2.append([name, "MB/s", _f(med(name, OURS)), o, _f(med(name, o)), _f(r, "x"),
                           f">= {GOALS[name]:.1f}x", _f(med(f"{name}:cpu", OURS)) + " / "
@@ -707,6 +773,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", default=f"{QEMU},{OURS}", help=f"comma-separated: {QEMU},{OURS}")
     ap.add_argument("--ours-cmd", metavar="CMD",
                     help="command (split on spaces) replacing 'python -m nbdbackup.cli' (an experiment)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="pump groups: also run another checkout's nbdbackup (DIR/.venv), interleaved with ours")
+    ap.add_argument("--qemu-img-sync", action="store_true",
+                    help="pump groups: also time 'qemu-img convert -t writeback' (flushes the target at "
+                         "the end, as our job does; the default cache=unsafe never flushes)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
@@ -718,6 +789,10 @@ def main(argv: list[str] | None = None) -> int:
     args.sparse_data = common.parse_size(args.sparse_data)
     if args.ours_cmd:
         OURS_CMD[:] = args.ours_cmd.split()
+    if args.baseline:
+        base = os.path.abspath(args.baseline)
+        BASELINE_DIR[:] = [base]
+        BASELINE_CMD[:] = ["env", "-C", base, os.path.join(base, ".venv", "bin", "python"), "-m", "nbdbackup.cli"]
     args.only = {x.strip() for x in args.only.split(",") if x.strip()}
     if not args.only <= {"live", "snap", "pump", "sparse"}:
         ap.error("--only takes live, snap, pump, sparse")

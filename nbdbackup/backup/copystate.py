@@ -107,6 +107,17 @@ Rules:
 10. ``scratch_limit``: a copy into the scratch that would make
    ``scratch_bytes`` exceed it fails with ENOSPC (a copy-before-write error:
    the job's ``on-cbw-error`` policy applies).
+11. zero target (``target_zero``, QEMU's ``has_zero_init``, what lets
+   ``qemu-img convert`` skip holes): when the target read as zeros over
+   ``[0, size)`` as the state was made (a file the engine just created, a
+   regular file that is one hole, an empty memory disk), zeroing a target
+   span (`_zero_target`: a source hole, a zeroed cluster, an all-zero
+   cluster) writes nothing.  Exact because only copies write the target
+   (the engine refuses a target another job uses), a copy writes only the
+   clusters it claimed, and whatever it writes there -- even a copy that
+   failed half-way -- is those clusters' point-in-time content: so a
+   cluster's target bytes are zeros or that content, and zeroing a cluster
+   whose content is zeros has nothing to change.
 
 Progress: ``total`` = bytes of ``pump_todo`` when the job set it up;
 ``current`` = bytes among those that reached the target (by the pump or by
@@ -250,6 +261,30 @@ def _innermost(dev: BlockDev) -> BlockDev:
     return dev
 
 
+def reads_zero(dev: BlockDev, size: int) -> bool:
+    """True when ``dev`` certainly reads as zeros over ``[0, size)`` now
+    (rule 11), in O(1) or O(allocated pages): a plain regular file with no
+    data before ``size`` (one SEEK_DATA; a file system without SEEK_DATA
+    reports data everywhere: False), or a `MemoryDev` with no page there --
+    seen through filters that keep bytes as they are (``same_bytes``), not
+    through any other (it may transform what it stores)."""
+    from ..blockdev.memory import PAGE, MemoryDev
+
+    while isinstance(dev, FilterDev) and dev.same_bytes:
+        dev = dev.inner
+    if isinstance(dev, FileDev):
+        if dev.is_block or dev.fd < 0:
+            return False
+        try:
+            return os.lseek(dev.fd, 0, os.SEEK_DATA) >= size
+        except OSError as e:
+            return e.errno == errno.ENXIO  # no data at all
+    if isinstance(dev, MemoryDev):
+        last = (size + PAGE - 1) // PAGE
+        return not any(i < last for i in dev.pages)
+    return False
+
+
 class Readers:
     """Snapshot reads in progress per cluster, and waiters for them to end.
 
@@ -320,13 +355,17 @@ class CopyState:
     snapshot reads fail with EIO); ``retired`` (rule 6: set once, at dismiss);
     ``discard_source`` (rule 9); ``scratch_limit`` (rule 10; None = none);
     ``cbw_extents`` (rule 7: ask the source's extents before a CBW copy;
-    on when the source can answer them).
+    on when the source can answer them); ``target_zero`` (rule 11: the
+    target read as zeros when the state was made: zeroing it is a no-op).
     """
 
     def __init__(self, source: BlockDev, target: BlockDev, cluster_size: int, *,
                  zero_detect: bool = True, offload: bool = True, scratch: BlockDev | None = None,
                  discard_source: bool = False, scratch_limit: int | None = None,
-                 write_behind: int | None = None) -> None:
+                 write_behind: int | None = None, target_zero: bool | None = None) -> None:
+        """``target_zero``: True when the caller knows the target reads as
+        zeros (it just created it), None to probe it (`reads_zero`; False
+        when unknown), False to never assume it (rule 11)."""
         assert cluster_size >= 512 and cluster_size & (cluster_size - 1) == 0
         assert target.size >= source.size
         assert scratch is None or scratch.size >= source.size
@@ -353,6 +392,7 @@ class CopyState:
         self.discard_source = discard_source
         self.scratch_limit = scratch_limit
         self.cbw_extents = source.capabilities().can_extents
+        self.target_zero = reads_zero(target, self.size) if target_zero is None else target_zero
         from ..blockdev.file import FileDev
 
         inner = _innermost(source)
@@ -864,8 +904,9 @@ class CopyState:
         (offload on), the scratch reservation within ``scratch_limit``.  It
         marks exactly what `copy` + `_cbw_copy` would: source holes found by
         the same one SEEK_DATA probe (rule 7) are ``zeroed`` when bound for
-        the scratch (a hole bound for the target falls back: it needs a
-        target write), the rest ``in_scratch`` / ``in_target``, per run,
+        the scratch, ``in_target`` with nothing written when bound for a
+        target that reads as zeros (rule 11; any other target falls back:
+        it needs a target write), the rest ``in_scratch`` / ``in_target``, per run,
         each run only after its copy succeeded (rule 4: a failed run stays
         not done; the destination bytes of a not-done cluster are never
         read).  Never raises OSError."""
@@ -917,8 +958,15 @@ class CopyState:
                 off, n = self.span(c, e - c)
                 if zero:
                     if to_target:
-                        return False  # needs a target write: the async path
-                    self.zeroed.set(c, e - c)
+                        if not self.target_zero:
+                            return False  # needs a target write: the async path
+                        # Rule 11: the target reads zeros there already.
+                        self.in_target.set(c, e - c)
+                        if todo.any(c, e - c):
+                            self.current += self._bytes_in(todo, c, e - c)
+                            todo.clear(c, e - c)
+                    else:
+                        self.zeroed.set(c, e - c)
                     self.clusters_zero_in_snapshot += e - c
                 else:
                     files = files_t if to_target else files_s
@@ -1119,6 +1167,8 @@ class CopyState:
             raise CopyError.wrap(e, "write") from e
 
     async def _zero_target(self, offset: int, length: int) -> None:
+        if self.target_zero:
+            return  # rule 11: those bytes read as zeros already
         try:
             await self.target.zero(offset, length, may_trim=True)
         except OSError as e:

@@ -303,6 +303,8 @@ class Engine:
             max_chunk = max(cs, min(max_chunk, limit) // cs * cs)
             if job_id in self.jobs:  # another prepare got there during our await
                 raise ConfigError(f"a job with id {job_id!r} already exists")
+            # The target is probed for "reads as zeros" (copystate rule 11):
+            # one SEEK_DATA, true for a file created here.
             state = CopyState(src, tdev, cs, scratch=sdev, discard_source=discard_source,
                               scratch_limit=scratch_limit)
             job = BackupJob(job_id, device=export, sync=sync, state=state, live=live, target=tdev,

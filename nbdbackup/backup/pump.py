@@ -28,7 +28,10 @@ speed limit counts those bytes like any others, as QEMU's block-copy does (a
 target's zeroing is not always free: WRITE_ZEROES to an NBD target may write
 them), so a limited job over a sparse disk still takes size / speed; without
 a limit it takes the time of its data.  A source whose extents fail is copied
-the plain way.
+the plain way.  When the target reads as zeros already (``state.target_zero``,
+`copystate` rule 11: a fresh sparse file), zeroing it writes nothing, so an
+unlimited job claims a whole zero run at once (no `ZERO_CLAIM_MAX` cut): a
+run costs one claim and no I/O, as holes cost ``qemu-img convert`` nothing.
 """
 
 from __future__ import annotations
@@ -217,7 +220,10 @@ class Pump:
             start, count = got
             zero_end = self._zero_run_end(start, count) if st.kind(start) == FROM_SOURCE else -1
             if zero_end >= 0:
-                limit = min(zero_end, start + max(count, ZERO_CLAIM_MAX >> st._shift))
+                if st.target_zero and not self.limiter.speed:
+                    limit = zero_end  # nothing to write (copystate rule 11): one claim per run
+                else:
+                    limit = min(zero_end, start + max(count, ZERO_CLAIM_MAX >> st._shift))
                 count = st.extend_claim(start, count, limit, todo_only=True)
             # Pre-pay, so that concurrent workers see the debt at once.
             self.limiter.account(st.span(start, count)[1])

@@ -34,7 +34,10 @@ class FaultDev(FilterDev):
     """Fields: ``faults`` (list of `Fault`, editable at any time); ``delay``
     (seconds slept before each call); ``rng`` (when set: each call yields
     ``rng.randint(0, max_yields)`` times); ``gate`` (when set: calls of
-    ``gate_ops`` wait for it); ``calls`` (log of (op, offset, length))."""
+    ``gate_ops`` wait for it); ``calls`` (log of (op, offset, length)).
+    It never changes bytes (``same_bytes``)."""
+
+    same_bytes = True
 
     def __init__(self, inner: BlockDev, *, delay: float = 0.0, rng: random.Random | None = None,
                  max_yields: int = 3, owns_inner: bool = False) -> None:

@@ -234,8 +234,14 @@ class FilterDev(BlockDev):
     """A device that forwards every call to ``inner``; filters override what they change.
 
     Field: ``inner`` -- the device below; owned by the filter (closed with it
-    unless ``owns_inner`` is False).
+    unless ``owns_inner`` is False).  Class attribute ``same_bytes``: True
+    when the filter reads and writes exactly ``inner``'s bytes at the same
+    offsets (it may delay or fail calls, never transform them), so what
+    ``inner`` holds is what the filter reads (`copystate.reads_zero` looks
+    through it); False (the default) for anything else.
     """
+
+    same_bytes = False
 
     def __init__(self, inner: BlockDev, *, owns_inner: bool = True) -> None:
         self.inner = inner

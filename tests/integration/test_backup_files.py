@@ -166,3 +166,42 @@ def test_cbw_keeps_source_holes_sparse_in_a_file_target(short_tmp):
         await tgt.close()
 
     run(main())
+
+
+def test_cbw_of_a_source_hole_into_a_zero_target_is_synchronous_and_writes_nothing(short_tmp):
+    """Copy-before-write of a source hole bound for a target that reads as
+    zeros (a fresh sparse file, copystate rule 11) is done on the task-free
+    path (`protect_sync`): the cluster is in the target already, nothing is
+    written; a target with old data there still gets the async path, which
+    zeroes it."""
+    src_path = short_tmp / "s.img"
+    with open(src_path, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(os.urandom(65536))
+
+    async def main(stale: bool):
+        tgt_path = short_tmp / f"t{int(stale)}.img"
+        with open(tgt_path, "wb") as f:
+            f.truncate(8 << 20)
+            if stale:
+                os.pwrite(f.fileno(), b"\xee" * 65536, 2 << 20)
+        src, tgt = FileDev(str(src_path)), FileDev(str(tgt_path))
+        st = copystate.CopyState(src, tgt, 65536)
+        st.set_pump_todo(copystate.Bitmap(st.nclusters, fill=True))
+        assert st.target_zero is not stale
+        ok = st.protect_sync(2 << 20, 4096)  # inside a source hole
+        if not stale:
+            assert ok and st.done.get(32) and st.in_target.get(32) and not st.pump_todo.get(32)
+            assert st.current == 65536 and st.clusters_zero_in_snapshot == 1
+            assert [e for e in tgt.extents_sync(0, 8 << 20) if not e.flags] == []
+        else:
+            assert not ok and not st.done.get(32)
+            await st.protect(2 << 20, 4096)
+            buf = bytearray(65536)
+            await tgt.pread(memoryview(buf), 2 << 20)
+            assert bytes(buf) == bytes(65536)
+        await src.close()
+        await tgt.close()
+
+    run(main(False))
+    run(main(True))
