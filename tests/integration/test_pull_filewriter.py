@@ -111,6 +111,7 @@ def test_write_behind_errors(tmp_path):
     fd = dev.fd
     try:
         w = filewriter.ChunkWriter(filewriter.FileWriter(dev, direct=False), window=4096)
+        assert w._pool._max_workers == filewriter.BUFFERED_THREADS
         with pytest.raises(OSError) as ei:
             w._sfr_failed(OSError(errno.EIO, "I/O error"))
         assert ei.value.errno == errno.EIO and w._sfr_ok
@@ -224,6 +225,9 @@ def test_file_writer_direct_heads_and_tails(tmp_path):
     w = filewriter.FileWriter(dev)
     try:
         assert w.direct and w.direct_fd >= 0 and w.align == 4096
+        cw = filewriter.ChunkWriter(w)  # direct: more threads, they mostly wait for the disk
+        assert cw._pool._max_workers == filewriter.DIRECT_THREADS > filewriter.BUFFERED_THREADS
+        cw._pool.shutdown()
         # (offset, length, bytes through the page cache)
         for off, n, cached in [(0, 8192, 0), (8192 + 100, 3 * 4096, 100 + 4096 - 100), (5 * 4096 + 1, 4095, 4095),
                                (7 * 4096, 4096 + 7, 7), (12 * 4096 - 10, 4096 + 10, 10), (20 * 4096, 100, 100),
