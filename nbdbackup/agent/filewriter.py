@@ -108,8 +108,21 @@ class FileWriter:
 
     @staticmethod
     def alloc(size: int) -> memoryview:
-        """A page-aligned buffer (anonymous mmap) of ``size`` bytes."""
-        return memoryview(mmap.mmap(-1, max(1, size)))
+        """A page-aligned buffer of ``size`` bytes: private anonymous memory,
+        in transparent huge pages where the kernel gives them
+        (``MADV_HUGEPAGE``; THP "madvise" mode here).  A direct write from
+        2 MiB pages goes to the disk in a few large segments instead of one
+        per 4 KiB page (a request holds at most 254 on this virtio disk): 1
+        GiB of 4 MiB direct writes took 0.50-0.54 s against 0.72-1.08 s from
+        4 KiB pages (docs/pullfast.md).  Shared anonymous memory (shmem)
+        gets no huge pages here."""
+        m = mmap.mmap(-1, max(1, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                m.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass  # no THP here: 4 KiB pages
+        return memoryview(m)
 
     def write(self, mv: memoryview, offset: int) -> int:
         """Write all of ``mv`` at ``offset``; blocking.  ``mv`` is a slice of

@@ -250,6 +250,36 @@ def test_file_writer_direct_heads_and_tails(tmp_path):
     assert w.direct_fd == -1
 
 
+def _huge_kb(addr: int) -> int:
+    """AnonHugePages (kB) of this process's mapping that holds ``addr``."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError("mapping not found")
+
+
+def test_alloc_gives_huge_pages_where_the_kernel_has_them():
+    """`FileWriter.alloc`: page-aligned, writable, and in transparent huge
+    pages when THP is on ("always" or "madvise"): direct writes from them go
+    to the disk in large segments (docs/pullfast.md)."""
+    import ctypes
+
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    if "[never]" in mode:
+        pytest.skip(f"THP off here: {mode.strip()}")
+    buf = filewriter.FileWriter.alloc(8 << 20)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert addr % 4096 == 0 and len(buf) == 8 << 20
+    buf[:] = b"\x5a" * len(buf)  # fault it in
+    assert _huge_kb(addr) >= 2048
+
+
 class ExtentSource(BlockDev):
     """Bytes with a ``base:allocation`` map given as `Extent`s (any offsets:
     not page-aligned as a `MemoryDev`'s are)."""
