@@ -16,15 +16,22 @@ Prints seconds and MB/s per run, medians and the ratio ours/nbdcopy
 ``--baseline DIR``: also run the pull of another checkout (DIR/.venv/bin/python
 in DIR, e.g. main) in the same rounds, interleaved, for an A/B of a change;
 its ratio to nbdcopy and ours/baseline are printed too.  ``--write-behind 0``
-runs ours without write-behind (agent/filewriter.py) to show what it buys.
+runs ours without write-behind (agent/filewriter.py) to show what it buys;
+``--buffered`` runs ours through the page cache instead of O_DIRECT.
+
+Byte code: with ``PYTHONDONTWRITEBYTECODE=1`` a checkout without
+``__pycache__`` compiles its modules on every run (~25 ms here); ours is
+compiled once before the rounds, a baseline without ``__pycache__`` gets a
+warning (the bench does not write into another checkout).
 
 Usage: .venv/bin/python bench/pull_bench.py [--size 1G] [--rounds 3] [--connections 4] [--dir /tmp]
-       [--baseline /work/main] [--write-behind SIZE]
+       [--baseline /work/main] [--write-behind SIZE] [--buffered]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import statistics
 import subprocess
@@ -47,7 +54,11 @@ def main() -> int:
     ap.add_argument("--chunk-size", default="4M", help="our pull's chunk size")
     ap.add_argument("--baseline", metavar="DIR", help="also time the pull of this checkout (its .venv), interleaved")
     ap.add_argument("--write-behind", metavar="SIZE", help="ours: the write-behind window (0: off)")
+    ap.add_argument("--buffered", action="store_true", help="ours: through the page cache, not O_DIRECT")
     a = ap.parse_args()
+    compileall.compile_dir(os.path.join(ROOT, "nbdbackup"), quiet=1)
+    if a.baseline and not os.path.isdir(os.path.join(a.baseline, "nbdbackup", "__pycache__")):
+        print(f"# warning: {a.baseline} has no __pycache__: its runs include compiling it", file=sys.stderr)
     size = parse_size(a.size)
     with common.Workspace("bench-pull-", parent=a.dir) as ws, common.Procs() as procs:
         d = str(ws.path)
@@ -62,6 +73,8 @@ def main() -> int:
         ours_cmd = [sys.executable] + pull_args
         if a.write_behind is not None:
             ours_cmd.append(f"--write-behind={a.write_behind}")
+        if a.buffered:
+            ours_cmd.append("--buffered")
         theirs_cmd = ["nbdcopy", "--flush", f"--connections={a.connections}", uri, out]
         runs: list[tuple[str, list[str]]] = [("nbdcopy", theirs_cmd), ("ours", ours_cmd)]
         if a.baseline:

@@ -20,8 +20,10 @@ blake3 digest is taken from that buffer -- what the source held, not what
 was written -- and the read pieces are written to the target.  ``workers``
 chunks are in flight at once, spread over the source's connections.  Into a
 `FileDev` target, hashing and writing are one job per chunk on the
-`agent.filewriter.ChunkWriter` threads, with write-behind (the event loop only
-receives; the final flush finds little left to write).
+`agent.filewriter.ChunkWriter` threads (the event loop only receives), the
+data written with ``O_DIRECT`` where the file system allows it (the chunk
+buffers are page-aligned for it) and the rest with write-behind, so the final
+flush finds little left to write (docs/pullfast.md).
 
 The manifest of the result: digests of worked chunks come from the source;
 other chunks are zero digests (full) or come from ``base`` (the previous
@@ -59,7 +61,9 @@ MAX_READ = 1 << 20
 @dataclass
 class PullStats:
     """What a pull did: bytes read from the source, written to and zeroed in
-    the target, chunks worked / skipped, seconds."""
+    the target, chunks worked / skipped, seconds; ``direct_io``: the target's
+    aligned data went with ``O_DIRECT`` (`agent.filewriter.FileWriter`: on,
+    and never refused)."""
 
     size: int = 0
     bytes_read: int = 0
@@ -69,6 +73,7 @@ class PullStats:
     chunks_worked: int = 0
     chunks_skipped: int = 0
     seconds: float = 0.0
+    direct_io: bool = False
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -144,7 +149,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                dirty: list[tuple[int, int]] | None = None,
                read_whole: bool = False,
                trim_after_read: bool = False,
-               write_behind: int | None = None) -> tuple[Manifest, PullStats]:
+               write_behind: int | None = None, direct: bool = True) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
 
     ``dirty``: incremental with the dirty ranges given (sorted, disjoint
@@ -171,7 +176,9 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     ``write_behind``: with a `FileDev` target, chunks are hashed and written
     on `ChunkWriter` threads, and at most this many written bytes are left
     to write back at a time (0: no write-behind; all dirty until the flush; None:
-    `agent.filewriter.DEFAULT_WINDOW`).
+    `agent.filewriter.DEFAULT_WINDOW`).  ``direct``: with a `FileDev`
+    target, write with ``O_DIRECT`` where possible (`FileWriter`; the
+    write-behind window then only covers what goes through the page cache).
     """
     t0 = time.monotonic()
     size = src.size
@@ -265,18 +272,20 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
             progress(done_bytes, len(work) * chunk_size)
 
     async def worker() -> None:
-        whole = memoryview(bytearray(chunk_size))  # one buffer per worker, reused
+        # One buffer per worker, reused; page-aligned for O_DIRECT writes.
+        whole = FileWriter.alloc(chunk_size) if writer is not None else memoryview(bytearray(chunk_size))
         for i in queue:
             await do_chunk(i, whole)
 
-    # A local file or block device: hashing and writing on threads, with write-behind.
+    # A local file or block device: hashing and writing on threads, O_DIRECT or write-behind.
     writer = None
     if sink is None:  # (not imported for a repository's pull)
         from ..blockdev.file import FileDev
-        from .filewriter import DEFAULT_WINDOW, ChunkWriter
+        from .filewriter import DEFAULT_WINDOW, ChunkWriter, FileWriter
 
         if isinstance(dst, FileDev) and not dst.read_only:
-            writer = ChunkWriter(dst.fd, window=DEFAULT_WINDOW if write_behind is None else write_behind)
+            writer = ChunkWriter(FileWriter(dst, direct=direct),
+                                 window=DEFAULT_WINDOW if write_behind is None else write_behind)
     if writer is None:
         await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     else:
@@ -288,6 +297,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            stats.direct_io = writer.out.direct
             await asyncio.to_thread(writer.close)
     stats.chunks_worked = len(work)
     stats.chunks_skipped = man.count - len(work)

@@ -26,7 +26,7 @@ owns one page-aligned chunk buffer, reused: the chunk is read, decrypted,
 decompressed and checked into it without allocating (`get_chunk_into`), so
 at most ``workers`` chunk buffers (plus a read and a scratch buffer per
 thread) are in memory at once.  On a `FileDev` target the pool thread also
-writes the chunk's data (`FileWriter`: ``O_DIRECT`` where the file system
+writes the chunk's data (`agent.filewriter.FileWriter`: ``O_DIRECT`` where the file system
 allows it, one fdatasync at the end); on other targets (NBD) the coroutine
 writes it.  Zero runs inside a chunk are found with memcmp (`_zero_flags`).
 
@@ -46,9 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
-import mmap
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -57,12 +54,11 @@ from typing import Callable
 
 from ..blockdev.base import BlockDev
 from ..errors import NBDBackupError
+from .filewriter import MAX_WRITE, FileWriter
 from .manifest import Manifest
 
 #: Granularity of zero detection inside a data chunk.
 ZERO_BLOCK = 64 << 10
-#: Largest single write (see `agent.pull.MAX_READ` for why not larger).
-MAX_WRITE = 1 << 20
 #: Largest single zero request (NBD lengths are 32-bit).
 MAX_ZERO = 1 << 30
 
@@ -173,74 +169,6 @@ def default_workers(store) -> int:
     from .s3store import S3Store
 
     return S3_WORKERS if isinstance(store, S3Store) else DIR_WORKERS
-
-
-class FileWriter:
-    """The restore's writes into a `FileDev` (a file or block device), from worker threads.
-
-    Data goes through a second descriptor opened with ``O_DIRECT`` when the
-    file system allows it (``direct``): the page cache is bypassed, so the
-    data is copied once (our buffer to the disk) instead of twice, the disk
-    starts writing at once instead of at the final fdatasync, and the CPU
-    freed goes to decoding (measured: a 1 GiB restore spent 0.5-4.7 CPU
-    seconds copying into new page-cache folios, 0.1 with O_DIRECT).  Ranges
-    ``O_DIRECT`` cannot take (not `align`-aligned: a disk whose size is not
-    a multiple of 4096) and file systems that refuse it (EINVAL) use the
-    plain descriptor.  The final `FileDev.flush` (fdatasync of the same
-    inode) makes both durable.
-
-    Fields: ``fd`` (the FileDev's descriptor, not owned); ``direct_fd``
-    (owned, -1 when not direct); ``align`` (offset and length granularity of
-    direct writes; buffers must be page-aligned: `alloc`); ``direct``
-    (direct writes are on: cleared, for good, by an EINVAL); ``max_write``
-    (largest single write: a whole chunk when direct, `MAX_WRITE` through
-    the page cache).
-    """
-
-    def __init__(self, dev, *, direct: bool = True) -> None:
-        self.fd = dev.fd
-        self.align = max(4096, getattr(dev, "_sector", 512))
-        self.direct_fd = -1
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                self.direct_fd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError:
-                pass
-        self.direct = self.direct_fd >= 0
-        self.max_write = 1 << 62 if self.direct else MAX_WRITE
-
-    @staticmethod
-    def alloc(size: int) -> memoryview:
-        """A page-aligned buffer (anonymous mmap) of ``size`` bytes."""
-        return memoryview(mmap.mmap(-1, max(1, size)))
-
-    def write(self, mv: memoryview, offset: int) -> None:
-        """Write all of ``mv`` (a slice of an `alloc` buffer at a multiple of
-        `align`, or not) at ``offset``; blocking."""
-        if self.direct and offset % self.align == 0:
-            n = len(mv) - len(mv) % self.align
-            if n:
-                try:
-                    _pwrite_all(self.direct_fd, mv[:n], offset)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self.direct = False  # not on this file system: the page cache from now on
-                else:
-                    mv, offset = mv[n:], offset + n
-        if len(mv):
-            _pwrite_all(self.fd, mv, offset)
-
-    def close(self) -> None:
-        fd, self.direct_fd = self.direct_fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(mv):
-        done += os.pwrite(fd, mv[done:], offset + done)
 
 
 async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", workers: int | None = None,

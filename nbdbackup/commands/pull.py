@@ -1,7 +1,7 @@
 """``nbdbackup pull`` and ``nbdbackup verify``: the pull agent's command line.
 
 ``pull URI TARGET [--bitmap NAME] [--connections N] [--chunk-size SIZE]
-[--manifest OUT] [--base-manifest IN] [--write-behind SIZE] [--json]`` copies an export (usually
+[--manifest OUT] [--base-manifest IN] [--write-behind SIZE] [--buffered] [--json]`` copies an export (usually
 a snapshot export, ``<export>@<job-id>``) into TARGET (a raw file, created
 sparse, or a block device), reading only allocated data; with ``--bitmap``
 only what ``qemu:dirty-bitmap:NAME`` marks dirty is read and patched into
@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--write-behind", default="64M", metavar="SIZE",
                    help="into a file or block device: start writing chunks back at once and keep at most "
                         "SIZE written but not yet on disk (default 64M; 0: all left to the final flush)")
+    p.add_argument("--buffered", action="store_true",
+                   help="write a file or block device through the page cache (default: O_DIRECT where the "
+                        "file system allows it)")
     add_progress_option(p)
     p.set_defaults(func=run_pull)
 
@@ -166,7 +169,8 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
                 man, stats = await pull(src, dst, bitmap=args.bitmap, fresh=fresh, chunk_size=chunk,
                                         workers=args.workers, base=base, progress=prog.update,
                                         trim_after_read=args.trim_after_read,
-                                        write_behind=parse_size(args.write_behind))
+                                        write_behind=parse_size(args.write_behind),
+                                        direct=not args.buffered)
         finally:
             await dst.close()
     finally:

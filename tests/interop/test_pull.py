@@ -60,6 +60,11 @@ def test_full_pull_matches_nbdcopy_and_verify_catches_a_flipped_byte(short_tmp):
         assert nb("verify", str(got), "--manifest", str(man)).stdout.startswith("OK: 96 chunks")
         assert nb("verify", k.uri, "--manifest", str(man)).stdout.startswith("OK")
         assert json.loads(man.read_text())["root"] == st["root"]
+        # O_DIRECT by default (on this file system); --buffered: the page cache, the same copy.
+        got2 = short_tmp / "got2.raw"
+        st2 = pull_json(k.uri, str(got2), "--chunk-size", "1M", "--buffered")
+        assert st["direct_io"] and not st2["direct_io"] and st2["root"] == st["root"]
+        assert got2.read_bytes() == ref.read_bytes()
     with open(got, "r+b") as f:
         f.seek(37 * M + 5)
         b = f.read(1)
