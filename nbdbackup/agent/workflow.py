@@ -397,6 +397,47 @@ async def _prepare(server: Server, ctl: _Control, repo, opts: Options, now: date
     return runs or None
 
 
+class _RepoSink:
+    """The agent's pull sink: stores each worked chunk in the repository.
+
+    Called by `pull` (``sink_ids=True``) as ``await sink(i, None, chunk)``; returns
+    the chunk's id.  Hashing, compressing, encrypting and writing a chunk are one
+    job on a worker thread (`store`): one hand-off to a thread and back per chunk
+    instead of two (fewer wake-ups and GIL hand-overs: ~5% of an incremental's CPU).
+
+    Fields (shared by the worker threads; each update is one atomic dict/set
+    operation under the GIL): ``worked`` (indexes of the chunks handed in);
+    ``new`` (id -> length of the chunks this run stored as new); ``seen`` (id ->
+    the first chunk of this run that had it: a second chunk with the same bytes is
+    not stored again).  A chunk whose id equals the base snapshot's chunk at the
+    same index (dirty, but the same bytes) is not stored.
+    """
+
+    def __init__(self, repo, base_man, res: DiskResult) -> None:
+        self.repo, self.base_man, self.res = repo, base_man, res
+        self.worked: set[int] = set()
+        self.new: dict[bytes, int] = {}
+        self.seen: dict[bytes, int] = {}
+
+    def store(self, i: int, data) -> tuple[bytes, bool]:
+        """On a worker thread: chunk ``i``'s id, and whether this call stored it as new."""
+        d = self.repo.chunk_id(data)
+        if self.base_man is not None and self.base_man.chunks[i] == d:  # dirty, but the same bytes
+            return d, False
+        if self.seen.setdefault(d, i) != i:  # (one atomic step) another chunk of this run has these bytes
+            return d, False
+        # An incremental's changed chunks are new but for rare dedup hits: no existence probe.
+        return d, self.repo.put_chunk(d, data, probe=self.base_man is None)
+
+    async def __call__(self, i: int, _: None, data: memoryview) -> bytes:
+        self.worked.add(i)
+        self.res.bytes_processed += len(data)
+        d, is_new = await asyncio.to_thread(self.store, i, data)
+        if is_new:
+            self.new[d] = len(data)
+        return d
+
+
 async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, r: _DiskRun) -> None:
     """Steps 4-6 for one disk: pull, verify, record."""
     from ..blockdev.nbd import NBDDev
@@ -425,19 +466,7 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
     try:
         if src.size != r.size:
             raise DiskFailed(f"snapshot export {r.own} is {src.size} bytes, the disk {r.size}")
-        worked: set[int] = set()
-        new: dict[bytes, int] = {}
-        seen: set[bytes] = set()
-
-        async def sink(i: int, d: bytes, data: memoryview) -> None:
-            worked.add(i)
-            res.bytes_processed += len(data)
-            if d in seen or (base_man is not None and base_man.chunks[i] == d):  # known: nothing to store
-                return
-            seen.add(d)
-            # An incremental's changed chunks are new but for rare dedup hits: no existence probe.
-            if await asyncio.to_thread(repo.put_chunk, d, data, probe=base_man is None):
-                new[d] = len(data)
+        sink = _RepoSink(repo, base_man, res)
 
         def progress(done: int, total: int) -> None:
             if opts.progress is not None:
@@ -449,14 +478,14 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
             man, stats = await pull(src, dst, dirty=dirty, read_whole=whole and dirty is not None,
                                     chunk_size=repo.chunk_size, workers=opts.workers,
                                     base=base_man, sink=sink, progress=progress,
-                                    chunk_id=repo.chunk_id, zero_id=repo.zero_id)
+                                    chunk_id=repo.chunk_id, zero_id=repo.zero_id, sink_ids=True)
         except CorruptChunk as e:  # only the base snapshot's chunks are read from the repository
             raise DiskFailed(f"the base snapshot {dec.base} is damaged ({e.strerror}): "
                              f"run once with --full") from e
         res.bytes_read, res.chunks_worked = stats.bytes_read, stats.chunks_worked
-        res.new_chunks, res.bytes_stored = len(new), sum(new.values())
+        res.new_chunks, res.bytes_stored = len(sink.new), sum(sink.new.values())
         res.server_bytes_read = await _export_rd_bytes(ctl, r.own)
-        res.verify = await _verify(src, repo, man, sorted(worked), new, opts)
+        res.verify = await _verify(src, repo, man, sorted(sink.worked), sink.new, opts)
     finally:
         await src.close()
     res.root = man.root.hex()
