@@ -397,6 +397,23 @@ async def _prepare(server: Server, ctl: _Control, repo, opts: Options, now: date
     return runs or None
 
 
+_CPU_POOL = None
+
+
+def _cpu_pool():
+    """The process's pool for chunk jobs that are CPU work (hash, compress, encrypt, write
+    to the page cache): one thread per core plus one, shared by the disks pulled at once,
+    never shut down (idle threads; joined at exit).  asyncio's default pool has cores + 4
+    threads; on 2 cores, 6 threads compressing at once cost ~3% more CPU than 3 in
+    interleaved runs (switches, GIL hand-overs, colder caches)."""
+    global _CPU_POOL
+    if _CPU_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _CPU_POOL = ThreadPoolExecutor((os.cpu_count() or 2) + 1, thread_name_prefix="nbdbackup-chunk")
+    return _CPU_POOL
+
+
 class _RepoSink:
     """The agent's pull sink: stores each worked chunk in the repository.
 
@@ -404,6 +421,10 @@ class _RepoSink:
     the chunk's id.  Hashing, compressing, encrypting and writing a chunk are one
     job on a worker thread (`store`): one hand-off to a thread and back per chunk
     instead of two (fewer wake-ups and GIL hand-overs: ~5% of an incremental's CPU).
+
+    ``pool``: the executor of the jobs (`_cpu_pool` for a local store: the jobs are
+    CPU work); None: asyncio's default pool (a remote store, whose jobs wait on the
+    network).
 
     Fields (shared by the worker threads; each update is one atomic dict/set
     operation under the GIL): ``worked`` (indexes of the chunks handed in);
@@ -413,8 +434,8 @@ class _RepoSink:
     same index (dirty, but the same bytes) is not stored.
     """
 
-    def __init__(self, repo, base_man, res: DiskResult) -> None:
-        self.repo, self.base_man, self.res = repo, base_man, res
+    def __init__(self, repo, base_man, res: DiskResult, pool=None) -> None:
+        self.repo, self.base_man, self.res, self.pool = repo, base_man, res, pool
         self.worked: set[int] = set()
         self.new: dict[bytes, int] = {}
         self.seen: dict[bytes, int] = {}
@@ -432,7 +453,10 @@ class _RepoSink:
     async def __call__(self, i: int, _: None, data: memoryview) -> bytes:
         self.worked.add(i)
         self.res.bytes_processed += len(data)
-        d, is_new = await asyncio.to_thread(self.store, i, data)
+        if self.pool is None:
+            d, is_new = await asyncio.to_thread(self.store, i, data)
+        else:
+            d, is_new = await asyncio.get_running_loop().run_in_executor(self.pool, self.store, i, data)
         if is_new:
             self.new[d] = len(data)
         return d
@@ -466,7 +490,8 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
     try:
         if src.size != r.size:
             raise DiskFailed(f"snapshot export {r.own} is {src.size} bytes, the disk {r.size}")
-        sink = _RepoSink(repo, base_man, res)
+        remote = getattr(repo.store, "remote", False)
+        sink = _RepoSink(repo, base_man, res, pool=None if remote else _cpu_pool())
 
         def progress(done: int, total: int) -> None:
             if opts.progress is not None:

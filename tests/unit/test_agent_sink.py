@@ -102,3 +102,25 @@ def test_the_same_new_bytes_on_two_threads_at_once_are_stored_once() -> None:
     assert len(repo.puts) == 1
     assert sorted(new for _, new in out) == [False, True]
     assert {d for d, _ in out} == {blake3.blake3(data).digest()}
+
+
+def test_jobs_run_on_the_pool_given() -> None:
+    """A local store's sink runs its jobs on the CPU pool (one thread per core + 1), not on
+    asyncio's default pool; without a pool, on the default one."""
+    from nbdbackup.agent.workflow import _cpu_pool
+    import os
+
+    names: list[str] = []
+
+    class Repo(FakeRepo):
+        def chunk_id(self, data) -> bytes:
+            names.append(threading.current_thread().name)
+            return super().chunk_id(data)
+
+    pool = _cpu_pool()
+    assert pool is _cpu_pool() and pool._max_workers == (os.cpu_count() or 2) + 1
+    for given, prefix in ((pool, "nbdbackup-chunk"), (None, "asyncio")):
+        names.clear()
+        sink = _RepoSink(Repo(), None, DiskResult(server="s", disk="d"), pool=given)
+        asyncio.run(sink(0, None, memoryview(b"q" * K)))
+        assert names and names[0].startswith(prefix), names
