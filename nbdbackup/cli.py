@@ -10,6 +10,7 @@ they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -57,8 +58,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    if from_command_line:
+        gc.disable()  # the command's imports: ~23k objects, none of them garbage (see _collect_for)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if from_command_line:
+        _collect_for(args)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     if args.command == "serve":
         level = min(level, logging.INFO)
@@ -89,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 141
+
+
+def _collect_for(args: argparse.Namespace) -> None:
+    """Turn the cyclic garbage collector back on after the start-up's imports (an agent
+    backup's imports ran 50 young and 4 middle collections for no garbage: ~4-5 ms), with a
+    ~30x larger first generation for a short command run from the command line (one that
+    ends by `_quick_exit`: ``agent backup``, ``restore``), whose later imports and pull make
+    few cycles (~7 ms of CPU less per ~0.35 s fs incremental in all, 16 interleaved runs);
+    the default thresholds for the rest (``serve`` runs for months)."""
+    if getattr(args, "quick_exit", False):
+        gc.set_threshold(20_000, 20, 20)
+    gc.enable()
 
 
 def _quick_exit(rc: int) -> None:

@@ -397,6 +397,71 @@ async def _prepare(server: Server, ctl: _Control, repo, opts: Options, now: date
     return runs or None
 
 
+_CPU_POOL = None
+
+
+def _cpu_pool():
+    """The process's pool for chunk jobs that are CPU work (hash, compress, encrypt, write
+    to the page cache): one thread per core plus one, shared by the disks pulled at once,
+    never shut down (idle threads; joined at exit).  asyncio's default pool has cores + 4
+    threads; on 2 cores, 6 threads compressing at once cost ~3% more CPU than 3 in
+    interleaved runs (switches, GIL hand-overs, colder caches)."""
+    global _CPU_POOL
+    if _CPU_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _CPU_POOL = ThreadPoolExecutor((os.cpu_count() or 2) + 1, thread_name_prefix="nbdbackup-chunk")
+    return _CPU_POOL
+
+
+class _RepoSink:
+    """The agent's pull sink: stores each worked chunk in the repository.
+
+    Called by `pull` (``sink_ids=True``) as ``await sink(i, None, chunk)``; returns
+    the chunk's id.  Hashing, compressing, encrypting and writing a chunk are one
+    job on a worker thread (`store`): one hand-off to a thread and back per chunk
+    instead of two (fewer wake-ups and GIL hand-overs: ~5% of an incremental's CPU).
+
+    ``pool``: the executor of the jobs (`_cpu_pool` for a local store: the jobs are
+    CPU work); None: asyncio's default pool (a remote store, whose jobs wait on the
+    network).
+
+    Fields (shared by the worker threads; each update is one atomic dict/set
+    operation under the GIL): ``worked`` (indexes of the chunks handed in);
+    ``new`` (id -> length of the chunks this run stored as new); ``seen`` (id ->
+    the first chunk of this run that had it: a second chunk with the same bytes is
+    not stored again).  A chunk whose id equals the base snapshot's chunk at the
+    same index (dirty, but the same bytes) is not stored.
+    """
+
+    def __init__(self, repo, base_man, res: DiskResult, pool=None) -> None:
+        self.repo, self.base_man, self.res, self.pool = repo, base_man, res, pool
+        self.worked: set[int] = set()
+        self.new: dict[bytes, int] = {}
+        self.seen: dict[bytes, int] = {}
+
+    def store(self, i: int, data) -> tuple[bytes, bool]:
+        """On a worker thread: chunk ``i``'s id, and whether this call stored it as new."""
+        d = self.repo.chunk_id(data)
+        if self.base_man is not None and self.base_man.chunks[i] == d:  # dirty, but the same bytes
+            return d, False
+        if self.seen.setdefault(d, i) != i:  # (one atomic step) another chunk of this run has these bytes
+            return d, False
+        # An incremental's changed chunks are new but for rare dedup hits: no existence probe.
+        return d, self.repo.put_chunk(d, data, probe=self.base_man is None)
+
+    async def __call__(self, i: int, _: None, data: memoryview) -> bytes:
+        self.worked.add(i)
+        self.res.bytes_processed += len(data)
+        if self.pool is None:
+            d, is_new = await asyncio.to_thread(self.store, i, data)
+        else:
+            d, is_new = await asyncio.get_running_loop().run_in_executor(self.pool, self.store, i, data)
+        if is_new:
+            self.new[d] = len(data)
+        return d
+
+
 async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, r: _DiskRun) -> None:
     """Steps 4-6 for one disk: pull, verify, record."""
     from ..blockdev.nbd import NBDDev
@@ -425,19 +490,8 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
     try:
         if src.size != r.size:
             raise DiskFailed(f"snapshot export {r.own} is {src.size} bytes, the disk {r.size}")
-        worked: set[int] = set()
-        new: dict[bytes, int] = {}
-        seen: set[bytes] = set()
-
-        async def sink(i: int, d: bytes, data: memoryview) -> None:
-            worked.add(i)
-            res.bytes_processed += len(data)
-            if d in seen or (base_man is not None and base_man.chunks[i] == d):  # known: nothing to store
-                return
-            seen.add(d)
-            # An incremental's changed chunks are new but for rare dedup hits: no existence probe.
-            if await asyncio.to_thread(repo.put_chunk, d, data, probe=base_man is None):
-                new[d] = len(data)
+        remote = getattr(repo.store, "remote", False)
+        sink = _RepoSink(repo, base_man, res, pool=None if remote else _cpu_pool())
 
         def progress(done: int, total: int) -> None:
             if opts.progress is not None:
@@ -449,14 +503,14 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
             man, stats = await pull(src, dst, dirty=dirty, read_whole=whole and dirty is not None,
                                     chunk_size=repo.chunk_size, workers=opts.workers,
                                     base=base_man, sink=sink, progress=progress,
-                                    chunk_id=repo.chunk_id, zero_id=repo.zero_id)
+                                    chunk_id=repo.chunk_id, zero_id=repo.zero_id, sink_ids=True)
         except CorruptChunk as e:  # only the base snapshot's chunks are read from the repository
             raise DiskFailed(f"the base snapshot {dec.base} is damaged ({e.strerror}): "
                              f"run once with --full") from e
         res.bytes_read, res.chunks_worked = stats.bytes_read, stats.chunks_worked
-        res.new_chunks, res.bytes_stored = len(new), sum(new.values())
+        res.new_chunks, res.bytes_stored = len(sink.new), sum(sink.new.values())
         res.server_bytes_read = await _export_rd_bytes(ctl, r.own)
-        res.verify = await _verify(src, repo, man, sorted(worked), new, opts)
+        res.verify = await _verify(src, repo, man, sorted(sink.worked), sink.new, opts)
     finally:
         await src.close()
     res.root = man.root.hex()

@@ -137,6 +137,9 @@ def _servers(args: argparse.Namespace):
 
 
 def _policy(args: argparse.Namespace):
+    if not any(getattr(args, f"keep_{r}") for r in ("last", "hourly", "daily", "weekly", "monthly", "yearly",
+                                                   "within")):
+        return None  # (a run without retention does not import it)
     from ..agent import retention
 
     policy = retention.Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,

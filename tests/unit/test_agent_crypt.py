@@ -48,6 +48,36 @@ def test_codec_compresses_only_when_it_pays():
             parse_compression(bad)
 
 
+def test_codec_probe_of_large_buffers():
+    """A buffer of at least PROBE_MIN bytes is probed first: random data is stored raw
+    without compressing it whole; a compressible run that pays on its own anywhere in
+    it (here 1/8 of it, at an odd place), or text throughout, is compressed."""
+    from nbdbackup.agent import codec as codec_mod
+
+    n = 1 << 20
+    c = Codec(level=3)
+    calls = []
+    real = c._compressor
+
+    def counting():
+        calls.append(1)
+        return real()
+
+    c._compressor = counting
+    rnd = os.urandom(n)
+    assert not c._worth_trying(memoryview(rnd))
+    blob = c.encode("k", rnd)
+    assert blob[1] == 0 and blob[2:] == rnd and not calls  # the chunk's compressor never ran
+    run = bytearray(rnd)
+    run[n // 3 : n // 3 + n // 8] = bytes(n // 8)
+    assert c._worth_trying(memoryview(run))
+    blob = c.encode("k", run)
+    assert blob[1] == ZSTD and len(blob) < n - n // 16 and c.decode("k", blob, n) == run
+    words = b" ".join(b"%d %x block/%d" % (i, i * 7919, i % 97) for i in range(200000))[:n]
+    assert c.encode("k", words)[1] == ZSTD
+    assert len(words) >= codec_mod.PROBE_MIN
+
+
 def test_codec_nonces_are_unique():
     c = Codec(level=None, key=KEY)
     blobs = [c.encode("k", b"same") for _ in range(2000)]
