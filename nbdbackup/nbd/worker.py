@@ -68,7 +68,7 @@ from typing import Any, Callable
 
 from ..blockdev.base import BASE_ALLOCATION
 from ..blockdev.file import FileDev
-from ..blockdev.live import LiveDev
+from ..blockdev.live import LiveDev, bits_all_set
 from .protocol import ExportInfo, ServerConnection
 from .wire import TransmissionFlag
 
@@ -81,12 +81,16 @@ _MAXREC = 1024 * 1024
 RECALL_TIMEOUT = 10.0
 #: Environment variable giving the default of ``serve --workers``.
 ENV = "NBDBACKUP_WORKERS"
+#: Most descriptors one control record carries (a connection's socket and
+#: the bit maps of its export's delegable hooks: `MAX_MAPS`).
+MAX_FDS = 64
+MAX_MAPS = MAX_FDS - 1
 
 
 class Channel:
     """One end of a control socketpair: messages out (queued while the socket
-    is full), messages in (to ``on_message(msg, data, fd)``), ``on_eof()``
-    once.  Fields: ``sock``; ``_out`` (records not sent yet, with the
+    is full), messages in (to ``on_message(msg, data, fd)``; descriptors
+    after the first come in ``msg["_fds"]``), ``on_eof()`` once.  Fields: ``sock``; ``_out`` (records not sent yet, with the
     duplicated descriptor they carry, closed once sent); ``_writing`` (a
     writer callback is registered); ``_partial`` (a message whose data
     records are still arriving: [msg, fd, bytearray]); ``closed``."""
@@ -108,11 +112,13 @@ class Channel:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
-    def send(self, msg: dict, data=b"", fd: int | None = None) -> None:
+    def send(self, msg: dict, data=b"", fd: int | None = None, extra_fds: tuple = ()) -> None:
+        """Queue ``msg`` with ``data``; ``fd`` and ``extra_fds`` (at most
+        `MAX_FDS` - 1) are duplicated now and ride on the record."""
         if self.closed:
             return
         msg = dict(msg, n=len(data))
-        fds = [os.dup(fd)] if fd is not None else []
+        fds = [os.dup(f) for f in ((fd,) if fd is not None else ()) + tuple(extra_fds)]
         self._out.append((json.dumps(msg).encode(), fds))
         mv = memoryview(data)
         for i in range(0, len(mv), CHUNK):
@@ -145,7 +151,7 @@ class Channel:
     def _readable(self) -> None:
         while not self.closed:
             try:
-                rec, fds, _flags, _addr = socket.recv_fds(self.sock, _MAXREC, 4)
+                rec, fds, _flags, _addr = socket.recv_fds(self.sock, _MAXREC, MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -154,9 +160,9 @@ class Channel:
                 self.close()
                 return
             fd = fds[0] if fds else None
-            for extra in fds[1:]:
-                os.close(extra)
             if self._partial is not None:
+                for f in fds:
+                    os.close(f)  # (data records carry none)
                 self._partial[2] += rec
                 if len(self._partial[2]) >= self._partial[0]["n"]:
                     msg, fd, data = self._partial
@@ -164,6 +170,8 @@ class Channel:
                     self._deliver(msg, bytes(data), fd)
                 continue
             msg = json.loads(rec)
+            if len(fds) > 1:
+                msg["_fds"] = fds[1:]
             if msg.get("n"):
                 self._partial = [msg, fd, bytearray()]
             else:
@@ -174,9 +182,9 @@ class Channel:
             self._on_message(msg, data, fd)
         except Exception:
             log.exception("control message %r failed", msg.get("t"))
-            if fd is not None:
+            for f in ([fd] if fd is not None else []) + msg.get("_fds", []):
                 try:
-                    os.close(fd)
+                    os.close(f)
                 except OSError:
                     pass
 
@@ -346,13 +354,22 @@ class WorkerPool:
         external count: no hook can be attached in between."""
         if not self.can_take(conn):
             return False
+        f, live = _file_of(conn.export.dev)
+        # What the worker must check and ask for (blockdev.live "Delegable
+        # hooks"): None when every hook is idle.  The same synchronous step
+        # as the can_take check and the external count.
+        dirty = None
+        if live is not None and live.delegated():
+            maps = live.delegations()
+            if maps is None or len(maps) > MAX_MAPS:
+                return False
+            dirty = maps
         data = conn.proto.unconsumed()
         t = conn.transport
         sock = t.get_extra_info("socket") if t is not None else None
         if data is None or sock is None:
             return False
         exp = conn.export
-        f, live = _file_of(exp.dev)
         h = min((w for w in self.workers if w.alive), key=lambda w: len(w.conns))
         assert h.chan is not None
         if exp.name not in h.exports:
@@ -366,7 +383,9 @@ class WorkerPool:
                      "flags": int(info.flags), "block_size": list(info.block_size),
                      "structured": conn.proto.structured, "contexts": sorted(conn.proto.contexts.items()),
                      "max_payload": conn.proto.max_payload, "peer": conn.peer,
-                     "last_active": conn._last_active}, data, fd=sock.fileno())
+                     "last_active": conn._last_active,
+                     "dirty": None if dirty is None else [list(m[1:]) for m in dirty]},
+                    data, fd=sock.fileno(), extra_fds=tuple(m[0] for m in dirty or ()))
         if h.chan.closed:
             return False
         now = time.monotonic()
@@ -467,6 +486,31 @@ class WorkerPool:
 
     # -- messages from workers ---------------------------------------------
 
+    def _mark(self, h: _Handle, msg: dict) -> None:
+        """A worker's batch: mark the ranges ``r`` of export ``x`` (its
+        writes wait for the answer: mark before write across processes),
+        then, with ``s``, make the marks durable (its FLUSH/FUA waits).
+        Answered ``marked`` with ``e`` = 0 or an errno.  Never waits: a
+        recall in progress waits for these writes."""
+        err, text = 0, ""
+        try:
+            exp = self.server.exports.get(msg["x"])
+            live = exp.dev if exp is not None else None
+            if not isinstance(live, LiveDev):
+                raise OSError(errno.ESHUTDOWN, f"export {msg['x']!r} is gone")
+            if msg.get("r"):
+                live.external_writes(msg["r"])
+            if msg.get("s"):
+                live.external_durable()
+        except OSError as e:
+            err, text = e.errno or errno.EIO, str(e)
+            log.error("worker %d: export %r: %s", h.index, msg.get("x"), text)
+        except Exception as e:
+            log.exception("worker %d: export %r: marking failed", h.index, msg.get("x"))
+            err, text = errno.EIO, str(e)
+        if h.chan is not None:
+            h.chan.send({"t": "marked", "q": msg["q"], "e": err, "m": text})
+
     def _on_message(self, h: _Handle, msg: dict, data: bytes, fd: int | None) -> None:
         kind = msg["t"]
         if kind == "tick":
@@ -509,6 +553,8 @@ class WorkerPool:
                 h.ready.set_result(None)
         elif kind in ("recalled", "removed"):
             h.resolve(kind, msg["export"])
+        elif kind == "mark":
+            self._mark(h, msg)
         else:
             log.warning("worker %d: unknown message %r", h.index, kind)
 
@@ -517,13 +563,75 @@ class WorkerPool:
 # Worker side
 
 
+class _DelegatedHook:
+    """The worker's side of an export's delegable write hooks (`blockdev.live`
+    "Delegable hooks"; for dirty bitmaps: `bitmap.hook`), attached to the
+    worker's `LiveDev` of the export while the owner says it has such hooks.
+
+    A write whose granules are all set in every map needs nothing
+    (`before_write_now` says done: the task-free path); otherwise
+    `before_write` asks the owner to mark it (`_Worker.ask`: one message per
+    loop iteration and export) and returns only after its answer, so the
+    write is issued after the mark.  `on_durable` asks the owner to make
+    its marks durable before a FLUSH/FUA is answered.  With the owner gone
+    nothing is done now and every ask fails (EIO): no write is issued that
+    nobody recorded.
+
+    Fields: ``worker``; ``export`` (name); ``maps`` (list of (memoryview
+    of the bits, granule shift, the read-only mmap)); ``attached``.
+    """
+
+    def __init__(self, worker: "_Worker", export: str) -> None:
+        self.worker = worker
+        self.export = export
+        self.maps: list[tuple[memoryview, int, Any]] = []
+        self.attached = False
+
+    def set_maps(self, specs: list, fds: list[int]) -> None:
+        """Map ``fds`` (closed here) read-only by ``specs`` ([offset, nbits,
+        shift] each, in order) in place of the previous maps."""
+        import mmap
+
+        maps = []
+        try:
+            for (offset, nbits, shift), fd in zip(specs, fds, strict=True):
+                mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+                need = offset + ((nbits + 63) >> 6) * 8
+                if len(mm) < need:
+                    raise OSError(errno.EINVAL, f"bit map of {len(mm)} bytes, {need} expected")
+                maps.append((memoryview(mm)[offset:need], shift, mm))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.maps = maps  # the old maps go with their last view
+
+    def before_write_now(self, offset: int, length: int) -> bool:
+        if self.worker.chan.closed:
+            return False
+        for buf, shift, _ in self.maps:
+            if not bits_all_set(buf, offset, length, shift):
+                return False
+        return True
+
+    async def before_write(self, offset: int, length: int) -> None:
+        if not self.before_write_now(offset, length):
+            await self.worker.ask(self.export, (offset, length), False)
+
+    async def on_durable(self) -> None:
+        await self.worker.ask(self.export, None, True)
+
+
 class _Worker:
     """The worker process: a `Server` without listeners, fed connections by
     the owner.  Fields: ``chan``; ``server`` (made by the ``config``
     message, None before); ``ids`` (connection -> the owner's id for it,
     until it is closed or handed back); ``_stats`` (export name -> counters
     already reported); ``done`` (set at shutdown or when the owner is
-    gone); ``_tick`` (the report timer)."""
+    gone); ``_tick`` (the report timer); ``hooks`` (export name -> its
+    `_DelegatedHook`); ``_batch`` (export name -> [ranges, sync, future]:
+    asks not sent yet); ``_asked`` (message number -> future answered by
+    ``marked``); ``_seq``.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.chan = Channel(sock, self._on_message, self._on_eof)
@@ -532,10 +640,86 @@ class _Worker:
         self._stats: dict[str, list] = {}
         self.done = asyncio.Event()
         self._tick: asyncio.TimerHandle | None = None
+        self.hooks: dict[str, _DelegatedHook] = {}
+        self._batch: dict[str, list] = {}
+        self._asked: dict[int, asyncio.Future] = {}
+        self._seq = 0
 
     def _on_eof(self) -> None:
-        # The owner is gone: nobody can account for our clients any more.
+        # The owner is gone: nobody can account for our clients any more,
+        # nor mark their writes: every ask fails (and none is done now).
         self.done.set()
+        gone = OSError(errno.EIO, "the server process is gone")
+        futs = list(self._asked.values()) + [b[2] for b in self._batch.values()]
+        self._asked.clear()
+        self._batch.clear()
+        for f in futs:
+            if not f.done():
+                f.set_exception(gone)
+                f.exception()  # retrieved: an ask nobody awaits any more is no error
+
+    async def ask(self, export: str, rng: tuple[int, int] | None, sync: bool) -> None:
+        """Ask the owner to mark ``rng`` (and with ``sync`` to make the marks
+        durable) for ``export``; return when it answered.  Asks of one loop
+        iteration go in one message per export."""
+        if self.chan.closed:
+            raise OSError(errno.EIO, "the server process is gone")
+        b = self._batch.get(export)
+        if b is None:
+            if not self._batch:
+                asyncio.get_running_loop().call_soon(self._send_asks)
+            b = self._batch[export] = [[], False, asyncio.get_running_loop().create_future()]
+        if rng is not None:
+            b[0].append(rng)
+        if sync:
+            b[1] = True
+        await asyncio.shield(b[2])
+
+    def _send_asks(self) -> None:
+        batches, self._batch = self._batch, {}
+        for export, (ranges, sync, fut) in batches.items():
+            self._seq += 1
+            self._asked[self._seq] = fut
+            self.chan.send({"t": "mark", "x": export, "q": self._seq, "r": ranges, "s": sync})
+
+    def _marked(self, msg: dict) -> None:
+        fut = self._asked.pop(msg["q"], None)
+        if fut is None or fut.done():
+            return
+        if msg["e"]:
+            fut.set_exception(OSError(msg["e"], msg.get("m") or os.strerror(msg["e"])))
+            fut.exception()  # retrieved (its writers see it through their shields)
+        else:
+            fut.set_result(None)
+
+    def _set_dirty(self, name: str, dirty: list | None, fds: list[int]) -> None:
+        """The owner's word, with a connection of ``name``, on its delegable
+        hooks (None: every hook idle).  Whatever changes them recalls every
+        connection of the export first, so this never changes what a
+        connection being served here relies on."""
+        exp = self.server.exports.get(name) if self.server is not None else None
+        live = exp.dev if exp is not None else None
+        if not isinstance(live, LiveDev):
+            for fd in fds:
+                os.close(fd)
+            if dirty is not None:
+                raise OSError(errno.EINVAL, f"export {name!r}: bit maps for an export with no LiveDev")
+            return
+        hook = self.hooks.get(name)
+        if dirty is None:
+            for fd in fds:
+                os.close(fd)
+            if hook is not None and hook.attached:
+                live.remove_hook(hook)
+                hook.attached = False
+                hook.maps = []
+            return
+        if hook is None:
+            hook = self.hooks[name] = _DelegatedHook(self, name)
+        hook.set_maps(dirty, fds)
+        if not hook.attached:
+            live.add_hook(hook)
+            hook.attached = True
 
     def _closed(self, conn) -> None:
         cid = self.ids.pop(conn, None)
@@ -582,9 +766,21 @@ class _Worker:
                 dev = FileDev(f"/proc/self/fd/{fd}", read_only=msg["read_only"])
             finally:
                 os.close(fd)
+            if not msg["read_only"]:
+                dev = LiveDev(dev)  # (hooks: `_DelegatedHook`, while the owner's are delegated)
             self.server.add_export(msg["name"], dev, read_only=msg["read_only"], description=msg["description"])
         elif kind == "conn":
+            fds = msg.pop("_fds", [])
+            try:
+                # Before the connection is served (synchronously: in order
+                # with the owner's recall messages).
+                self._set_dirty(msg["export"], msg.get("dirty"), fds)
+            except BaseException:
+                self.chan.send({"t": "closed", "id": msg["id"]})
+                raise  # (`Channel._deliver` closes the socket's fd)
             asyncio.ensure_future(self._take(msg, data, fd))
+        elif kind == "marked":
+            self._marked(msg)
         elif kind == "recall":
             asyncio.ensure_future(self._recall(msg["export"]))
         elif kind == "evict":
@@ -667,6 +863,7 @@ class _Worker:
             await self.server.remove_export(name)
         except Exception as e:
             log.warning("removing export %r: %s", name, e)
+        self.hooks.pop(name, None)
         self.chan.send({"t": "removed", "export": name})
 
     async def _shutdown(self, timeout: float) -> None:
