@@ -81,6 +81,9 @@ _MAXREC = 1024 * 1024
 RECALL_TIMEOUT = 10.0
 #: Environment variable giving the default of ``serve --workers``.
 ENV = "NBDBACKUP_WORKERS"
+#: Environment variable: ``0`` keeps exports whose write hooks are only
+#: delegable (dirty bitmaps) in the server process (`WorkerPool.delegate`).
+DELEGATE_ENV = "NBDBACKUP_WORKER_BITMAPS"
 #: Most descriptors one control record carries (a connection's socket and
 #: the bit maps of its export's delegable hooks: `MAX_MAPS`).
 MAX_FDS = 64
@@ -260,7 +263,8 @@ class WorkerPool:
     restart); ``handed`` / ``returned`` / ``restarts`` (counters for logs,
     metrics and tests; ``handed`` counts every hand-off) and ``rehanded``
     (the hand-offs of connections that were served by the owner in
-    transmission: recalled ones going back, `Server._reoffload`).
+    transmission: recalled ones going back, `Server._reoffload`); ``delegate``
+    (connections of exports whose hooks are delegable, not idle, may go).
     """
 
     def __init__(self, server, size: int) -> None:
@@ -273,6 +277,10 @@ class WorkerPool:
         self.rehanded = 0
         self.returned = 0
         self.restarts = 0
+        #: Hand out connections of exports whose hooks are delegable, not
+        #: idle (docs/workers.md "Bitmaps"); ``$NBDBACKUP_WORKER_BITMAPS=0``:
+        #: no (a write that sets a new bit costs a round trip to this process).
+        self.delegate = os.environ.get(DELEGATE_ENV, "1") != "0"
 
     # -- processes --------------------------------------------------------
 
@@ -343,7 +351,7 @@ class WorkerPool:
         if any(c != BASE_ALLOCATION for c in p.contexts.values()):
             return False
         f, live = _file_of(exp.dev)
-        return f is not None and (live is None or live.offload_ok())
+        return f is not None and (live is None or (live.offload_ok() and (self.delegate or not live.delegated())))
 
     def hand_off(self, conn, rehand: bool = False) -> bool:
         """Send ``conn`` (in transmission, nothing running, every reply sent)

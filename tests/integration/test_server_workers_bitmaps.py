@@ -428,3 +428,23 @@ def test_kill9_of_the_server_loses_no_acknowledged_bit(short_tmp):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_with_delegation_off_a_bitmap_export_stays_in_the_server_process(short_tmp):
+    """``NBDBACKUP_WORKER_BITMAPS=0`` (`WorkerPool.delegate`): the old
+    behaviour, the export's connections are served here; once its last
+    bitmap is removed they go to a worker."""
+    async def main():
+        manager, live, server, path = await serve_bitmapped(short_tmp)
+        server.pool.delegate = False
+        server.reoffload_delay = 0.1
+        c = await Raw.connect(path, "disk", True)
+        c.send(req(WRITE, 1, 3 * G, 4096, b"d" * 4096))
+        assert (await c.replies(1))[1][0] == 0
+        assert server.pool.handed == 0 and registry_granules(manager) == {3}
+        await manager.remove("disk", "b0")
+        await until(lambda: server.pool.rehanded == 1)
+        await c.close()
+        await server.shutdown()
+
+    run(main())
