@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="steady,first64,first,none")
     ap.add_argument("--conns", type=int, default=1, help="client connections at once (default 1)")
     ap.add_argument("--configs", default="base-w0,base-w2,new-w0,new-w2",
-                    help="CHECKOUT-wN: base (the baseline) or new (this checkout) with N workers")
+                    help="CHECKOUT-wN[:VAR=VALUE...]: base (the baseline) or new (this checkout) with "
+                         "N workers (and environment variables)")
     args = ap.parse_args(argv)
     common.sigterm_as_interrupt()
     size = common.parse_size(args.size)
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for mode in modes:
                 for cfg in configs:
-                    which, w = cfg.split("-w")
+                    name, *assigns = cfg.split(":")
+                    which, w = name.split("-w")
                     if mode == "none" and which == "base":
                         continue
                     root = roots[which]
@@ -171,14 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                     if mode != "none":
                         make_state(state, size, BLOCK if mode == "first" else 65536, mode == "steady")
                         extra = ["--state-dir", state]
-                    sock = ws.socket(f"{cfg}")
+                    sock = ws.socket(f"{len(results)}")
                     if os.path.exists(sock):
                         os.unlink(sock)
                     # (cwd too: ``python -m`` puts it first on sys.path)
                     env = dict(os.environ, PYTHONPATH=root, NBDBACKUP_WORKERS=w)
-                    p = procs.start(cfg, [py, "-m", "nbdbackup.cli", "serve", "--socket", sock,
+                    env.update(a.split("=", 1) for a in assigns)
+                    p = procs.start(name, [py, "-m", "nbdbackup.cli", "serve", "--socket", sock,
                                           "--workers", w, *extra, f"disk={img}"],
-                                    log_path=ws.path / f"{cfg}.log", env=env, cwd=root)
+                                    log_path=ws.path / f"{name}.log", env=env, cwd=root)
                     common.wait_for_unix(sock, proc=p)
                     time.sleep(0.3)
                     uri = f"nbd+unix:///disk?socket={sock}"
