@@ -11,8 +11,10 @@ worker leaves the file's header synced; a worker killed -9 mid-stream loses
 no acknowledged write's bit; an incremental backup started while a worker
 connection streams recalls it and its target and the bitmap afterwards are
 exact; a randomized sequence of write phases and bitmap commands keeps the
-bitmap exact.  The whole server killed -9 (a subprocess ``serve``) and
-restarted: no acknowledged write missing.
+bitmap exact; a clear while a worker connection rewrites set granules
+misses no later write; the whole server killed -9 (a subprocess
+``serve``) and restarted: no acknowledged write missing;
+``NBDBACKUP_WORKER_BITMAPS=0`` keeps the export here.
 
 How each was shown to fail: with `WorkerPool._mark` answering a worker's
 mark request without marking (the ``live.external_writes`` call disabled
@@ -444,6 +446,64 @@ def test_with_delegation_off_a_bitmap_export_stays_in_the_server_process(short_t
         assert server.pool.handed == 0 and registry_granules(manager) == {3}
         await manager.remove("disk", "b0")
         await until(lambda: server.pool.rehanded == 1)
+        await c.close()
+        await server.shutdown()
+
+    run(main())
+
+
+def test_a_clear_while_a_worker_connection_rewrites_set_granules_misses_nothing(short_tmp):
+    """The race the recall prevents: a worker connection keeps rewriting
+    granules whose bits are set (no ask: the worker checks its map), and
+    ``block-dirty-bitmap-clear`` runs meanwhile (a rewrite: a new file).
+    Every write sent after the clear returned is in the bitmap afterwards
+    (and in its file), and granules written only before it are not.  With
+    the quiesce in `BitmapManager.clear` and the registry's guard removed it
+    fails (the worker kept checking the replaced file's set bits)."""
+    rng = random.Random(43)
+    hot = [rng.randrange(SIZE // G) for _ in range(24)]
+    old_only = sorted(set(range(SIZE // G)) - set(hot))[:8]
+
+    async def main():
+        manager, live, server, path = await serve_bitmapped(short_tmp)
+        server.reoffload_delay = 0.1
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 1)
+        batch = bytearray()
+        for i, g in enumerate(hot + old_only):
+            batch += req(WRITE, i, g * G + 512, 4096, b"o" * 4096)
+        c.send(bytes(batch))
+        assert all(e == 0 for e, _ in (await c.replies(len(hot) + len(old_only))).values())
+        sent: list[int] = []
+        state = {"cleared_at": None, "stop": False}
+
+        async def stream():
+            while not state["stop"]:
+                chunk = bytearray()
+                for _ in range(16):
+                    g = rng.choice(hot)
+                    chunk += req(WRITE, 1000 + len(sent), g * G + rng.randrange(0, G - 4096), 4096, b"n" * 4096)
+                    sent.append(g)
+                c.send(bytes(chunk))
+                for _ in range(16):
+                    _, err, _ = await c.reply()
+                    assert err == 0
+        t = asyncio.create_task(stream())
+        await until(lambda: len(sent) > 2000)
+        await manager.clear("disk", "b0")
+        state["cleared_at"] = len(sent)
+        # Recalled by the clear, then back in a worker, still rewriting.
+        await until(lambda: server.pool.rehanded >= server.pool.returned)
+        assert live.external == 1
+        n = len(sent)
+        await until(lambda: len(sent) > n + 3000)
+        state["stop"] = True
+        await t
+        want = set(sent[state["cleared_at"]:])
+        have = registry_granules(manager)
+        assert want <= have, sorted(want - have)
+        assert want <= file_granules(file_of(manager))
+        assert not set(old_only) & have  # the clear did clear
         await c.close()
         await server.shutdown()
 
