@@ -163,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
                 for cfg in configs:
                     name, *assigns = cfg.split(":")
                     which, w = name.split("-w")
-                    if mode == "none" and which == "base":
-                        continue
                     root = roots[which]
                     py = os.path.join(root, ".venv", "bin", "python")
                     if not os.path.exists(py):

@@ -573,8 +573,9 @@ class WorkerPool:
 
 class _DelegatedHook:
     """The worker's side of an export's delegable write hooks (`blockdev.live`
-    "Delegable hooks"; for dirty bitmaps: `bitmap.hook`), attached to the
-    worker's `LiveDev` of the export while the owner says it has such hooks.
+    "Delegable hooks"; for dirty bitmaps: `bitmap.hook`), attached to a
+    `LiveDev` over the worker's `FileDev` of the export while the owner
+    says it has such hooks (`_Worker._set_dirty`).
 
     A write whose granules are all set in every map needs nothing
     (`before_write_now` says done: the task-free path); otherwise
@@ -586,14 +587,13 @@ class _DelegatedHook:
     nobody recorded.
 
     Fields: ``worker``; ``export`` (name); ``maps`` (list of (memoryview
-    of the bits, granule shift, the read-only mmap)); ``attached``.
+    of the bits, granule shift, the read-only mmap)).
     """
 
     def __init__(self, worker: "_Worker", export: str) -> None:
         self.worker = worker
         self.export = export
         self.maps: list[tuple[memoryview, int, Any]] = []
-        self.attached = False
 
     def set_maps(self, specs: list, fds: list[int]) -> None:
         """Map ``fds`` (closed here) read-only by ``specs`` ([offset, nbits,
@@ -702,32 +702,34 @@ class _Worker:
 
     def _set_dirty(self, name: str, dirty: list | None, fds: list[int]) -> None:
         """The owner's word, with a connection of ``name``, on its delegable
-        hooks (None: every hook idle).  Whatever changes them recalls every
-        connection of the export first, so this never changes what a
-        connection being served here relies on."""
+        hooks (None: every hook idle).  The export's device here is its
+        `FileDev` while every hook is idle, and a `LiveDev` over it with the
+        `_DelegatedHook` while not: swapped here, which is safe because
+        whatever changes the owner's hooks recalls every connection of the
+        export first (none is served here when the word changes; each
+        request takes ``exp.dev`` once)."""
         exp = self.server.exports.get(name) if self.server is not None else None
-        live = exp.dev if exp is not None else None
-        if not isinstance(live, LiveDev):
+        if exp is None or dirty is None:
             for fd in fds:
                 os.close(fd)
             if dirty is not None:
-                raise OSError(errno.EINVAL, f"export {name!r}: bit maps for an export with no LiveDev")
+                raise OSError(errno.EINVAL, f"export {name!r}: bit maps for an unknown export")
+            if exp is not None and isinstance(exp.dev, LiveDev):
+                exp.dev = exp.dev.inner  # (the LiveDev is dropped, not closed: it owns the file)
+                self.hooks.pop(name, None)
             return
-        hook = self.hooks.get(name)
-        if dirty is None:
+        if exp.read_only or not isinstance(exp.dev, (FileDev, LiveDev)):
             for fd in fds:
                 os.close(fd)
-            if hook is not None and hook.attached:
-                live.remove_hook(hook)
-                hook.attached = False
-                hook.maps = []
-            return
+            raise OSError(errno.EINVAL, f"export {name!r}: bit maps for a read-only export")
+        hook = self.hooks.get(name)
         if hook is None:
             hook = self.hooks[name] = _DelegatedHook(self, name)
         hook.set_maps(dirty, fds)
-        if not hook.attached:
+        if not isinstance(exp.dev, LiveDev):
+            live = LiveDev(exp.dev)
             live.add_hook(hook)
-            hook.attached = True
+            exp.dev = live
 
     def _closed(self, conn) -> None:
         cid = self.ids.pop(conn, None)
@@ -774,8 +776,6 @@ class _Worker:
                 dev = FileDev(f"/proc/self/fd/{fd}", read_only=msg["read_only"])
             finally:
                 os.close(fd)
-            if not msg["read_only"]:
-                dev = LiveDev(dev)  # (hooks: `_DelegatedHook`, while the owner's are delegated)
             self.server.add_export(msg["name"], dev, read_only=msg["read_only"], description=msg["description"])
         elif kind == "conn":
             fds = msg.pop("_fds", [])

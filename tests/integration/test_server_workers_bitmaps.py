@@ -508,3 +508,32 @@ def test_a_clear_while_a_worker_connection_rewrites_set_granules_misses_nothing(
         await server.shutdown()
 
     run(main())
+
+
+def test_the_worker_device_follows_the_bitmaps_coming_and_going(short_tmp):
+    """Remove the only bitmap (the connection comes back and goes out with
+    no maps: the worker serves the bare file), add one again (back and out
+    with the new file's map): every write after the add is in it."""
+    async def main():
+        manager, live, server, path = await serve_bitmapped(short_tmp)
+        server.reoffload_delay = 0.05
+        pool = server.pool
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: pool.handed == 1)
+        await manager.remove("disk", "b0")
+        await until(lambda: pool.rehanded == 1)
+        (h,) = [h for h in pool.workers if h.conns]
+        c.send(req(WRITE, 1, 5 * G, 4096, b"a" * 4096))
+        assert (await c.replies(1))[1][0] == 0
+        await manager.add("disk", "b1", persistent=True)
+        await until(lambda: pool.rehanded == 2)
+        batch = b"".join(req(WRITE, 10 + i, g * G, 4096, b"b" * 4096) for i, g in enumerate((7, 9, 300)))
+        c.send(batch)
+        assert all(e == 0 for e, _ in (await c.replies(3)).values())
+        bm = manager.lookup("disk").get("b1")
+        assert [off // G for off, _ in bm.dirty_ranges()] == [7, 9, 300]
+        assert file_granules(bm.store_path) == {7, 9, 300}
+        await c.close()
+        await server.shutdown()
+
+    run(main())
