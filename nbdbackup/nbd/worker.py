@@ -12,11 +12,19 @@ its own GIL and core.
 Offloadable (`WorkerPool.can_take`): no TLS on the connection, only
 ``base:allocation`` negotiated, and the export's device is a `FileDev`
 (read-only export) or a `LiveDev` over a `FileDev` that says `offload_ok`
-(no hook attached but idle ones, not quiesced).  A worker opens the file
+(not quiesced, every hook idle or delegable).  A worker opens the file
 through ``/proc/self/fd`` of a descriptor the owner passes once per export,
 so it writes the same inode; FLUSH (fdatasync) in any process covers every
 process's writes to it, and reads see every write through the page cache:
 the live export stays an ordinary disk across processes.
+
+Delegated hooks (dirty bitmaps, docs/workers.md "Bitmaps"): when the
+export's hooks are delegable, the ``conn`` message carries their bit maps
+(descriptors of the bitmaps' files); the worker checks them before each
+write (`_DelegatedHook`) and asks the owner to mark what is not set
+(``mark`` -> ``marked``, one message per loop iteration) before it writes,
+and to sync before it answers a FLUSH/FUA.  The owner stays the only
+writer of the bitmaps.
 
 Recall (invariants 1-3): the owner registers `WorkerPool.recall` as the
 recaller of every `LiveDev` it offloads (`blockdev.live` "External
@@ -47,9 +55,10 @@ slots, logs, and starts a new worker.
 
 Control channel: one AF_UNIX SOCK_SEQPACKET socketpair per worker; a
 message is one JSON record (``t``: its kind; ``n``: bytes of data that
-follow in raw records of at most `CHUNK` bytes), optionally carrying one
-descriptor.  Owner -> worker: config, export, conn, recall, evict, remove,
-shutdown.  Worker -> owner: ready, closed, returned, recalled, kept, removed, tick.
+follow in raw records of at most `CHUNK` bytes), optionally carrying
+descriptors (at most `MAX_FDS`).  Owner -> worker: config, export, conn,
+recall, evict, remove, shutdown, marked.  Worker -> owner: ready, closed,
+returned, recalled, kept, removed, tick, mark.
 """
 
 from __future__ import annotations
