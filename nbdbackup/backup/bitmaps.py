@@ -92,4 +92,5 @@ class RegistryBitmapSource:
                 f"Bitmap '{name}' is inconsistent{why}: it may miss writes, so no backup can use it; "
                 f"remove it, add a new bitmap and take a full backup")
         bm._require_usable()  # busy: QEMU's wording
+        reg.changing()  # a freeze: no worker connection may be checking this bitmap
         return RegistryLease(bm, mode, cluster_size, nclusters)

@@ -692,6 +692,11 @@ class PreparedBackup:
             if inspect.isawaitable(r):
                 await r
             self.lease = None
+            if job.live is not None:
+                # The hook went before the bitmap was unfrozen: say it now
+                # (blockdev.live "Offloadable again"; a frozen bitmap keeps
+                # connections from worker processes).
+                job.live.offload_changed()
         if job.status is JobStatus.CREATED:
             job._set(JobStatus.NULL)
         await job.state.idle_write_behind()

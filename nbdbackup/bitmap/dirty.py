@@ -250,6 +250,16 @@ class DirtyBitmap:
                 self.backing.before_set()
             self.bits.set(first, count)
 
+    def shared_map(self) -> tuple[int, int, int, int] | None:
+        """(fd, byte offset, nbits, granule shift) of the file the bits live
+        in (MAP_SHARED; `blockdev.live` "Delegable hooks"), or None for a
+        memory bitmap."""
+        f = getattr(self.backing, "shared_map", None)
+        if f is None:
+            return None
+        fd, offset = f()
+        return fd, offset, self.nbits, self._shift
+
     # --- recording ----------------------------------------------------------
 
     def mark(self, offset: int, length: int) -> None:
@@ -482,7 +492,9 @@ class BitmapRegistry:
     `store.BitmapStore` keeping persistent bitmaps, or None), ``_bitmaps``
     (name -> DirtyBitmap, insertion order), ``on_empty`` (called with no
     argument when `remove` took the last bitmap, or None: the export's
-    `BitmapLiveDev` learns that its hook is idle again).  Every refused
+    `BitmapLiveDev` learns that its hook is idle again), ``before_change``
+    (called before add, remove, clear, enable, disable, rename and merge;
+    it may refuse by raising).  Every refused
     operation raises `BitmapError` before changing anything.
     """
 
@@ -492,6 +504,9 @@ class BitmapRegistry:
         self.store = store
         self._bitmaps: dict[str, DirtyBitmap] = {}
         self.on_empty = None
+        #: Called with no argument before any change but mark/sync (it may
+        #: raise to refuse it: `hook.BitmapLiveDev`), or None.
+        self.before_change = None
         if store is not None and load:
             for bm in store.load_all(export, size):
                 self._bitmaps[bm.name] = bm
@@ -522,6 +537,7 @@ class BitmapRegistry:
         persistent: bool = False,
         disabled: bool = False,
     ) -> DirtyBitmap:
+        self.changing()
         check_name(name)
         if name in self._bitmaps:
             raise BitmapError(f"Bitmap already exists: {name}")
@@ -535,6 +551,7 @@ class BitmapRegistry:
         return bm
 
     def remove(self, name: str) -> None:
+        self.changing()
         bm = self.get(name)
         if bm.busy:
             raise BitmapError(
@@ -551,6 +568,7 @@ class BitmapRegistry:
             self.store.rewrite(self.export, bm)
 
     def clear(self, name: str) -> None:
+        self.changing()
         bm = self.get(name)
         bm._require_usable()
         if bm.persistent and self.store is not None:
@@ -559,16 +577,19 @@ class BitmapRegistry:
             bm.clear()
 
     def enable(self, name: str) -> None:
+        self.changing()
         bm = self.get(name)
         bm.recording = True
         self._persist_meta(bm)
 
     def disable(self, name: str) -> None:
+        self.changing()
         bm = self.get(name)
         bm.recording = False
         self._persist_meta(bm)
 
     def rename(self, old: str, new: str) -> None:
+        self.changing()
         bm = self.get(old)
         bm._require_usable()
         check_name(new)
@@ -584,6 +605,7 @@ class BitmapRegistry:
 
     def merge(self, target: str, sources: Iterable[str]) -> None:
         """``target |= each source`` (QMP block-dirty-bitmap-merge)."""
+        self.changing()
         tbm = self.get(target)
         srcs = [self.get(s) for s in sources]
         tbm._require_usable()
@@ -591,6 +613,11 @@ class BitmapRegistry:
             s._require_consistent()
         for s in srcs:
             tbm.merge(s)
+
+    def changing(self) -> None:
+        """About to change (not mark/sync): ``before_change`` may refuse."""
+        if self.before_change is not None:
+            self.before_change()
 
     def mark(self, offset: int, length: int) -> None:
         """Record a write in every bitmap (the live export's hook; call before the write)."""

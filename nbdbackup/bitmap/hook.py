@@ -13,6 +13,14 @@ Invariants:
   hides a change.  `DirtyHook.before_write_now` does the same mark for the
   task-free write path (`blockdev.live`), always saying "done".  The hook is attached when the export is created, before
   any client can connect, so no write is ever unrecorded.
+- Worker processes (``serve --workers``): `DirtyHook` is *delegable*
+  (`blockdev.live` "Delegable hooks"): a worker checks the bits of every
+  recording persistent bitmap in the file itself (read-only map) and writes
+  at once when all its granules are set; otherwise the server process
+  marks them (`external_write`, the same `BitmapRegistry.mark`) before the
+  worker writes, and `external_durable` syncs the registry before a
+  worker's FLUSH/FUA is answered.  The registry refuses any change but
+  mark/sync while worker connections exist (``before_change``).
 - Durable with the data: `DirtyHook.on_durable` (after a FLUSH, or a FUA
   write, succeeded on the disk and before it is acknowledged) calls
   `BitmapRegistry.sync`, so an acknowledged FLUSH/FUA implies that the bits
@@ -63,6 +71,39 @@ class DirtyHook:
         return True
 
     async def on_durable(self) -> None:
+        self.external_durable()
+
+    # -- delegation to worker processes (blockdev.live "Delegable hooks") --
+
+    def delegate(self) -> list[tuple[int, int, int, int]] | None:
+        """The bit maps of every recording bitmap, when all of them are
+        persistent (mapped from their files) and none is frozen by a job;
+        else None (connections stay in the server process).
+
+        Memory bitmaps have no map another process can read; a frozen
+        bitmap's successor is memory-only (and the job's copy-before-write
+        keeps connections here anyway).  Inconsistent and disabled bitmaps
+        record nothing: nothing to check."""
+        maps = []
+        for bm in self.registry:
+            if bm.inconsistent:
+                continue
+            if bm.busy:
+                return None
+            if not bm.recording:
+                continue
+            spec = bm.shared_map()
+            if spec is None:
+                return None
+            maps.append(spec)
+        return maps
+
+    def external_write(self, offset: int, length: int) -> None:
+        """A worker's write of ``(offset, length)`` is about to be issued:
+        mark it, exactly as for a write of this process."""
+        self.registry.mark(offset, length)
+
+    def external_durable(self) -> None:
         try:
             self.registry.sync()
         except BitmapError as e:  # the store lost the export: never ack as durable
@@ -87,6 +128,15 @@ class BitmapLiveDev(LiveDev):
         # The last bitmap removed: the hook is idle, connections may go back
         # to worker processes (`blockdev.live` "Offloadable again").
         registry.on_empty = self.offload_changed
+        # Worker connections check the bitmaps' files themselves: nothing
+        # may clear, replace or add a recording bitmap while one exists
+        # (`bitmap.manager` recalls them first; this catches a path that did not).
+        registry.before_change = self._no_external
+
+    def _no_external(self) -> None:
+        if self.external:
+            raise BitmapError(f"{self.external} connection(s) served by worker processes "
+                              f"were not recalled before a bitmap change")
 
     def meta_contexts(self) -> Sequence[str]:
         own = [DIRTY_BITMAP_PREFIX + bm.name for bm in self.registry if not bm.inconsistent]

@@ -49,6 +49,7 @@ only its bitmap is kept, as the group failed.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from typing import Any, Callable
@@ -232,37 +233,53 @@ class BitmapManager:
                               f"{self.persistable[export]}")
         return reg
 
+    def _quiet(self, export: str):
+        """Context for a bitmap change of ``export``: its LiveDev quiesced,
+        which recalls its worker connections (they check the bitmaps' files
+        themselves: `hook` docstring) and keeps new ones from going out until
+        the change is done; and no write of this process straddles it."""
+        live = self.lives.get(export)
+        return live.quiesce() if live is not None else contextlib.nullcontext()
+
     async def add(self, export: str, name: str, granularity: int | None = None,
                   persistent: bool = False, disabled: bool = False) -> dict:
         self._check_add(export, name, granularity, persistent)
-        live = self.lives.get(export)
-        if live is not None:
-            await live.recall()  # worker connections write where no hook sees them
-        # Checked again: the recall awaited.  No await from here to the add.
-        reg = self._check_add(export, name, granularity, persistent)
-        reg.add(name, granularity, persistent=persistent, disabled=disabled)
+        async with self._quiet(export):
+            # Checked again: the quiesce awaited.
+            reg = self._check_add(export, name, granularity, persistent)
+            reg.add(name, granularity, persistent=persistent, disabled=disabled)
         return {}
 
     async def remove(self, export: str, name: str) -> dict:
-        self._registry(export).remove(name)
+        self._registry(export).get(name)
+        async with self._quiet(export):
+            self._registry(export).remove(name)
         return {}
 
     async def clear(self, export: str, name: str) -> dict:
-        self._registry(export).clear(name)
+        self._registry(export).get(name)
+        async with self._quiet(export):
+            self._registry(export).clear(name)
         return {}
 
     async def enable(self, export: str, name: str) -> dict:
-        self._registry(export).enable(name)
+        self._registry(export).get(name)
+        async with self._quiet(export):
+            self._registry(export).enable(name)
         return {}
 
     async def disable(self, export: str, name: str) -> dict:
-        self._registry(export).disable(name)
+        self._registry(export).get(name)
+        async with self._quiet(export):
+            self._registry(export).disable(name)
         return {}
 
     async def merge(self, export: str, target: str, bitmaps: list) -> dict:
-        reg = self._registry(export)
-        # QMP allows {node, name} sources; this server's schema takes names (same export).
-        reg.merge(target, [b if isinstance(b, str) else b["name"] for b in bitmaps])
+        self._registry(export).get(target)
+        async with self._quiet(export):
+            reg = self._registry(export)
+            # QMP allows {node, name} sources; this server's schema takes names (same export).
+            reg.merge(target, [b if isinstance(b, str) else b["name"] for b in bitmaps])
         return {}
 
     async def query(self, export: str) -> list:
@@ -297,11 +314,12 @@ class BitmapManager:
         from ..blockdev.live import quiesce_all
 
         try:
-            # Exports gaining a bitmap are quiesced too: that recalls their
-            # worker connections (blockdev.live "External writers").
+            # Exports with a bitmap action are quiesced too: that recalls
+            # their worker connections (blockdev.live "External writers",
+            # "Delegable hooks": they check the bitmaps' files themselves).
             lives = [p.job.live for _, _, p in steps if p is not None and p.job.live is not None]
             lives += [self.lives[d["export"]] for k, d, _ in steps
-                      if k == "block-dirty-bitmap-add" and d.get("export") in self.lives]
+                      if k.startswith("block-dirty-bitmap-") and d.get("export") in self.lives]
             quiesced = quiesce_all(lives)
             await quiesced.__aenter__()
         except BaseException:  # writes in flight never finished: nothing was committed

@@ -249,6 +249,10 @@ class _Handle:
         self.mm[at : at + len(raw)] = raw
         self.mm.flush(0, mmap.PAGESIZE)  # msync(MS_SYNC) of the header page
 
+    def shared_map(self) -> tuple[int, int]:
+        """(fd, offset of the bits): what a worker maps read-only."""
+        return self.fd, DATA_OFFSET
+
     def before_set(self) -> None:
         if self.header.state != STATE_DIRTY:
             self._write_header(STATE_DIRTY)

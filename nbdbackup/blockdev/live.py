@@ -71,9 +71,36 @@ yields, so a hook attached inside it sees every later write; `add_hook`
 asserts none is left.  A connection may be handed out only while
 `offload_ok`: not quiesced, and every hook attached is *idle* (has an
 ``idle()`` method saying True: e.g. dirty tracking with no bitmap), so
-writes elsewhere cannot be missed by anyone.  Whoever makes a hook stop
-being idle (a bitmap added) must `recall` first, then change it with no
+writes elsewhere cannot be missed by anyone -- or is *delegable* (below).
+Whoever makes a hook stop being idle (a bitmap added), or changes what a
+delegable hook delegates, must `recall` first, then change it with no
 await in between.
+
+Delegable hooks (``serve --workers`` with dirty bitmaps, docs/workers.md
+"Bitmaps"): a hook that is not idle may still let other processes write, if
+it can say what they must check and do for it.  Such a hook has three
+more methods:
+
+- ``delegate() -> list[BitMapSpec] | None`` -- None: not now (the
+  connections stay here).  Otherwise the bit maps an external writer checks
+  before each write: if every granule the write touches is set in every map,
+  this hook needs nothing for it; if not, the external writer must call
+  ``external_write`` in this process (through its server) for the ranges
+  and wait for it to return before issuing the write.
+- ``external_write(offset, length)`` (synchronous) -- what ``before_write``
+  does, for a write another process issues after this returns.
+- ``external_durable()`` (synchronous) -- what ``on_durable`` does, for a
+  FLUSH or FUA write another process made durable; it answers only after
+  this returned.
+
+A `BitMapSpec` ``(fd, offset, nbits, shift)`` names a file mapped
+MAP_SHARED by the hook's owner: ``nbits`` bits from byte ``offset``, bit i
+= bit ``i % 8`` of byte ``offset + i // 8``, covering bytes ``[i << shift,
+(i + 1) << shift)`` of the disk (`bits_all_set`).  The owner only ever sets
+bits in it while external writers exist; whatever would clear a bit,
+replace the file, or change the list (or make ``delegate`` return None)
+happens only after `recall` (inside `quiesce`), with no await in between
+-- so a bit an external writer saw set stays set until its write is done.
 
 Offloadable again (the way back): whatever may have ended the reason a
 connection could not be handed out calls `offload_changed` -- `remove_hook`,
@@ -94,6 +121,30 @@ import errno
 from typing import AsyncIterator, Iterable, Protocol, runtime_checkable
 
 from .base import BlockDev, Buffer, FilterDev
+
+
+#: A delegable hook's bit map: (fd, byte offset, nbits, granule shift) (module doc).
+BitMapSpec = tuple[int, int, int, int]
+
+
+def bits_all_set(buf, offset: int, length: int, shift: int) -> bool:
+    """Is every granule (``1 << shift`` bytes) touching the byte range
+    ``(offset, length)`` set in ``buf`` (a `BitMapSpec`'s bits: bit i = bit
+    ``i % 8`` of byte ``i // 8``)?  True for an empty range."""
+    if length <= 0:
+        return True
+    first = offset >> shift
+    last = (offset + length - 1) >> shift
+    b0, b1 = first >> 3, last >> 3
+    if b0 == b1:
+        mask = ((2 << (last - first)) - 1) << (first & 7)
+        return buf[b0] & mask == mask
+    head = 0xFF & (0xFF << (first & 7))
+    tail = (2 << (last & 7)) - 1
+    if buf[b0] & head != head or buf[b1] & tail != tail:
+        return False
+    n = b1 - b0 - 1
+    return not n or bytes(buf[b0 + 1:b1]) == b"\xff" * n
 
 
 @runtime_checkable
@@ -194,11 +245,57 @@ class LiveDev(FilterDev):
         """A connection may be handed to another process now (module doc)."""
         if self._gate is not None or type(self).pwrite is not LiveDev.pwrite:
             return False
+        return self.delegations() is not None
+
+    def delegations(self) -> list[BitMapSpec] | None:
+        """What an external writer must check now (module doc, "Delegable
+        hooks"): None when some hook is neither idle nor delegable now; else
+        the bit maps of every delegable hook that is not idle, and ``[]``
+        only when every hook is idle (nothing to check, nothing to ask)."""
+        out: list[BitMapSpec] = []
+        for h in self._hooks:
+            idle = getattr(h, "idle", None)
+            if idle is not None and idle():
+                continue
+            delegate = getattr(h, "delegate", None)
+            maps = delegate() if delegate is not None else None
+            if maps is None:
+                return None
+            out.extend(maps)
+        return out
+
+    def delegated(self) -> bool:
+        """Some hook is not idle (but delegable): external writers must ask
+        this process (`external_write`, `external_durable`)."""
         for h in self._hooks:
             idle = getattr(h, "idle", None)
             if idle is None or not idle():
-                return False
-        return True
+                return True
+        return False
+
+    def external_writes(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """For an external writer, before it issues writes of ``ranges``
+        (``(offset, length)`` each): every non-idle hook's ``external_write``
+        (module doc, "Delegable hooks").  OSError(EIO) when the hooks are not
+        all idle or delegable now: such a write must not happen (a recall
+        was missed)."""
+        if self.delegations() is None:
+            raise OSError(errno.EIO, "a write from another process while this export's "
+                                     "write hooks cannot be delegated")
+        for h in self._hooks:
+            idle = getattr(h, "idle", None)
+            if idle is None or not idle():
+                for offset, length in ranges:
+                    h.external_write(offset, length)
+
+    def external_durable(self) -> None:
+        """For an external writer's FLUSH or FUA write, after its data is
+        durable and before it is acknowledged: every non-idle hook's
+        ``external_durable``."""
+        for h in self._hooks:
+            idle = getattr(h, "idle", None)
+            if idle is None or not idle():
+                h.external_durable()
 
     def attach_external(self) -> None:
         assert self.offload_ok()

@@ -12,11 +12,19 @@ its own GIL and core.
 Offloadable (`WorkerPool.can_take`): no TLS on the connection, only
 ``base:allocation`` negotiated, and the export's device is a `FileDev`
 (read-only export) or a `LiveDev` over a `FileDev` that says `offload_ok`
-(no hook attached but idle ones, not quiesced).  A worker opens the file
+(not quiesced, every hook idle or delegable).  A worker opens the file
 through ``/proc/self/fd`` of a descriptor the owner passes once per export,
 so it writes the same inode; FLUSH (fdatasync) in any process covers every
 process's writes to it, and reads see every write through the page cache:
 the live export stays an ordinary disk across processes.
+
+Delegated hooks (dirty bitmaps, docs/workers.md "Bitmaps"): when the
+export's hooks are delegable, the ``conn`` message carries their bit maps
+(descriptors of the bitmaps' files); the worker checks them before each
+write (`_DelegatedHook`) and asks the owner to mark what is not set
+(``mark`` -> ``marked``, one message per loop iteration) before it writes,
+and to sync before it answers a FLUSH/FUA.  The owner stays the only
+writer of the bitmaps.
 
 Recall (invariants 1-3): the owner registers `WorkerPool.recall` as the
 recaller of every `LiveDev` it offloads (`blockdev.live` "External
@@ -47,9 +55,10 @@ slots, logs, and starts a new worker.
 
 Control channel: one AF_UNIX SOCK_SEQPACKET socketpair per worker; a
 message is one JSON record (``t``: its kind; ``n``: bytes of data that
-follow in raw records of at most `CHUNK` bytes), optionally carrying one
-descriptor.  Owner -> worker: config, export, conn, recall, evict, remove,
-shutdown.  Worker -> owner: ready, closed, returned, recalled, kept, removed, tick.
+follow in raw records of at most `CHUNK` bytes), optionally carrying
+descriptors (at most `MAX_FDS`).  Owner -> worker: config, export, conn,
+recall, evict, remove, shutdown, marked.  Worker -> owner: ready, closed,
+returned, recalled, kept, removed, tick, mark.
 """
 
 from __future__ import annotations
@@ -68,7 +77,7 @@ from typing import Any, Callable
 
 from ..blockdev.base import BASE_ALLOCATION
 from ..blockdev.file import FileDev
-from ..blockdev.live import LiveDev
+from ..blockdev.live import LiveDev, bits_all_set
 from .protocol import ExportInfo, ServerConnection
 from .wire import TransmissionFlag
 
@@ -81,12 +90,19 @@ _MAXREC = 1024 * 1024
 RECALL_TIMEOUT = 10.0
 #: Environment variable giving the default of ``serve --workers``.
 ENV = "NBDBACKUP_WORKERS"
+#: Environment variable: ``0`` keeps exports whose write hooks are only
+#: delegable (dirty bitmaps) in the server process (`WorkerPool.delegate`).
+DELEGATE_ENV = "NBDBACKUP_WORKER_BITMAPS"
+#: Most descriptors one control record carries (a connection's socket and
+#: the bit maps of its export's delegable hooks: `MAX_MAPS`).
+MAX_FDS = 64
+MAX_MAPS = MAX_FDS - 1
 
 
 class Channel:
     """One end of a control socketpair: messages out (queued while the socket
-    is full), messages in (to ``on_message(msg, data, fd)``), ``on_eof()``
-    once.  Fields: ``sock``; ``_out`` (records not sent yet, with the
+    is full), messages in (to ``on_message(msg, data, fd)``; descriptors
+    after the first come in ``msg["_fds"]``), ``on_eof()`` once.  Fields: ``sock``; ``_out`` (records not sent yet, with the
     duplicated descriptor they carry, closed once sent); ``_writing`` (a
     writer callback is registered); ``_partial`` (a message whose data
     records are still arriving: [msg, fd, bytearray]); ``closed``."""
@@ -108,11 +124,13 @@ class Channel:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
-    def send(self, msg: dict, data=b"", fd: int | None = None) -> None:
+    def send(self, msg: dict, data=b"", fd: int | None = None, extra_fds: tuple = ()) -> None:
+        """Queue ``msg`` with ``data``; ``fd`` and ``extra_fds`` (at most
+        `MAX_FDS` - 1) are duplicated now and ride on the record."""
         if self.closed:
             return
         msg = dict(msg, n=len(data))
-        fds = [os.dup(fd)] if fd is not None else []
+        fds = [os.dup(f) for f in ((fd,) if fd is not None else ()) + tuple(extra_fds)]
         self._out.append((json.dumps(msg).encode(), fds))
         mv = memoryview(data)
         for i in range(0, len(mv), CHUNK):
@@ -145,7 +163,7 @@ class Channel:
     def _readable(self) -> None:
         while not self.closed:
             try:
-                rec, fds, _flags, _addr = socket.recv_fds(self.sock, _MAXREC, 4)
+                rec, fds, _flags, _addr = socket.recv_fds(self.sock, _MAXREC, MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -154,9 +172,9 @@ class Channel:
                 self.close()
                 return
             fd = fds[0] if fds else None
-            for extra in fds[1:]:
-                os.close(extra)
             if self._partial is not None:
+                for f in fds:
+                    os.close(f)  # (data records carry none)
                 self._partial[2] += rec
                 if len(self._partial[2]) >= self._partial[0]["n"]:
                     msg, fd, data = self._partial
@@ -164,6 +182,8 @@ class Channel:
                     self._deliver(msg, bytes(data), fd)
                 continue
             msg = json.loads(rec)
+            if len(fds) > 1:
+                msg["_fds"] = fds[1:]
             if msg.get("n"):
                 self._partial = [msg, fd, bytearray()]
             else:
@@ -174,9 +194,9 @@ class Channel:
             self._on_message(msg, data, fd)
         except Exception:
             log.exception("control message %r failed", msg.get("t"))
-            if fd is not None:
+            for f in ([fd] if fd is not None else []) + msg.get("_fds", []):
                 try:
-                    os.close(fd)
+                    os.close(f)
                 except OSError:
                     pass
 
@@ -252,7 +272,8 @@ class WorkerPool:
     restart); ``handed`` / ``returned`` / ``restarts`` (counters for logs,
     metrics and tests; ``handed`` counts every hand-off) and ``rehanded``
     (the hand-offs of connections that were served by the owner in
-    transmission: recalled ones going back, `Server._reoffload`).
+    transmission: recalled ones going back, `Server._reoffload`); ``delegate``
+    (connections of exports whose hooks are delegable, not idle, may go).
     """
 
     def __init__(self, server, size: int) -> None:
@@ -265,6 +286,10 @@ class WorkerPool:
         self.rehanded = 0
         self.returned = 0
         self.restarts = 0
+        #: Hand out connections of exports whose hooks are delegable, not
+        #: idle (docs/workers.md "Bitmaps"); ``$NBDBACKUP_WORKER_BITMAPS=0``:
+        #: no (a write that sets a new bit costs a round trip to this process).
+        self.delegate = os.environ.get(DELEGATE_ENV, "1") != "0"
 
     # -- processes --------------------------------------------------------
 
@@ -335,7 +360,7 @@ class WorkerPool:
         if any(c != BASE_ALLOCATION for c in p.contexts.values()):
             return False
         f, live = _file_of(exp.dev)
-        return f is not None and (live is None or live.offload_ok())
+        return f is not None and (live is None or (live.offload_ok() and (self.delegate or not live.delegated())))
 
     def hand_off(self, conn, rehand: bool = False) -> bool:
         """Send ``conn`` (in transmission, nothing running, every reply sent)
@@ -346,13 +371,22 @@ class WorkerPool:
         external count: no hook can be attached in between."""
         if not self.can_take(conn):
             return False
+        f, live = _file_of(conn.export.dev)
+        # What the worker must check and ask for (blockdev.live "Delegable
+        # hooks"): None when every hook is idle.  The same synchronous step
+        # as the can_take check and the external count.
+        dirty = None
+        if live is not None and live.delegated():
+            maps = live.delegations()
+            if maps is None or len(maps) > MAX_MAPS:
+                return False
+            dirty = maps
         data = conn.proto.unconsumed()
         t = conn.transport
         sock = t.get_extra_info("socket") if t is not None else None
         if data is None or sock is None:
             return False
         exp = conn.export
-        f, live = _file_of(exp.dev)
         h = min((w for w in self.workers if w.alive), key=lambda w: len(w.conns))
         assert h.chan is not None
         if exp.name not in h.exports:
@@ -366,7 +400,9 @@ class WorkerPool:
                      "flags": int(info.flags), "block_size": list(info.block_size),
                      "structured": conn.proto.structured, "contexts": sorted(conn.proto.contexts.items()),
                      "max_payload": conn.proto.max_payload, "peer": conn.peer,
-                     "last_active": conn._last_active}, data, fd=sock.fileno())
+                     "last_active": conn._last_active,
+                     "dirty": None if dirty is None else [list(m[1:]) for m in dirty]},
+                    data, fd=sock.fileno(), extra_fds=tuple(m[0] for m in dirty or ()))
         if h.chan.closed:
             return False
         now = time.monotonic()
@@ -467,6 +503,31 @@ class WorkerPool:
 
     # -- messages from workers ---------------------------------------------
 
+    def _mark(self, h: _Handle, msg: dict) -> None:
+        """A worker's batch: mark the ranges ``r`` of export ``x`` (its
+        writes wait for the answer: mark before write across processes),
+        then, with ``s``, make the marks durable (its FLUSH/FUA waits).
+        Answered ``marked`` with ``e`` = 0 or an errno.  Never waits: a
+        recall in progress waits for these writes."""
+        err, text = 0, ""
+        try:
+            exp = self.server.exports.get(msg["x"])
+            live = exp.dev if exp is not None else None
+            if not isinstance(live, LiveDev):
+                raise OSError(errno.ESHUTDOWN, f"export {msg['x']!r} is gone")
+            if msg.get("r"):
+                live.external_writes(msg["r"])
+            if msg.get("s"):
+                live.external_durable()
+        except OSError as e:
+            err, text = e.errno or errno.EIO, str(e)
+            log.error("worker %d: export %r: %s", h.index, msg.get("x"), text)
+        except Exception as e:
+            log.exception("worker %d: export %r: marking failed", h.index, msg.get("x"))
+            err, text = errno.EIO, str(e)
+        if h.chan is not None:
+            h.chan.send({"t": "marked", "q": msg["q"], "e": err, "m": text})
+
     def _on_message(self, h: _Handle, msg: dict, data: bytes, fd: int | None) -> None:
         kind = msg["t"]
         if kind == "tick":
@@ -509,6 +570,8 @@ class WorkerPool:
                 h.ready.set_result(None)
         elif kind in ("recalled", "removed"):
             h.resolve(kind, msg["export"])
+        elif kind == "mark":
+            self._mark(h, msg)
         else:
             log.warning("worker %d: unknown message %r", h.index, kind)
 
@@ -517,13 +580,75 @@ class WorkerPool:
 # Worker side
 
 
+class _DelegatedHook:
+    """The worker's side of an export's delegable write hooks (`blockdev.live`
+    "Delegable hooks"; for dirty bitmaps: `bitmap.hook`), attached to a
+    `LiveDev` over the worker's `FileDev` of the export while the owner
+    says it has such hooks (`_Worker._set_dirty`).
+
+    A write whose granules are all set in every map needs nothing
+    (`before_write_now` says done: the task-free path); otherwise
+    `before_write` asks the owner to mark it (`_Worker.ask`: one message per
+    loop iteration and export) and returns only after its answer, so the
+    write is issued after the mark.  `on_durable` asks the owner to make
+    its marks durable before a FLUSH/FUA is answered.  With the owner gone
+    nothing is done now and every ask fails (EIO): no write is issued that
+    nobody recorded.
+
+    Fields: ``worker``; ``export`` (name); ``maps`` (list of (memoryview
+    of the bits, granule shift, the read-only mmap)).
+    """
+
+    def __init__(self, worker: "_Worker", export: str) -> None:
+        self.worker = worker
+        self.export = export
+        self.maps: list[tuple[memoryview, int, Any]] = []
+
+    def set_maps(self, specs: list, fds: list[int]) -> None:
+        """Map ``fds`` (closed here) read-only by ``specs`` ([offset, nbits,
+        shift] each, in order) in place of the previous maps."""
+        import mmap
+
+        maps = []
+        try:
+            for (offset, nbits, shift), fd in zip(specs, fds, strict=True):
+                mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+                need = offset + ((nbits + 63) >> 6) * 8
+                if len(mm) < need:
+                    raise OSError(errno.EINVAL, f"bit map of {len(mm)} bytes, {need} expected")
+                maps.append((memoryview(mm)[offset:need], shift, mm))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.maps = maps  # the old maps go with their last view
+
+    def before_write_now(self, offset: int, length: int) -> bool:
+        if self.worker.chan.closed:
+            return False
+        for buf, shift, _ in self.maps:
+            if not bits_all_set(buf, offset, length, shift):
+                return False
+        return True
+
+    async def before_write(self, offset: int, length: int) -> None:
+        if not self.before_write_now(offset, length):
+            await self.worker.ask(self.export, (offset, length), False)
+
+    async def on_durable(self) -> None:
+        await self.worker.ask(self.export, None, True)
+
+
 class _Worker:
     """The worker process: a `Server` without listeners, fed connections by
     the owner.  Fields: ``chan``; ``server`` (made by the ``config``
     message, None before); ``ids`` (connection -> the owner's id for it,
     until it is closed or handed back); ``_stats`` (export name -> counters
     already reported); ``done`` (set at shutdown or when the owner is
-    gone); ``_tick`` (the report timer)."""
+    gone); ``_tick`` (the report timer); ``hooks`` (export name -> its
+    `_DelegatedHook`); ``_batch`` (export name -> [ranges, sync, future]:
+    asks not sent yet); ``_asked`` (message number -> future answered by
+    ``marked``); ``_seq``.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.chan = Channel(sock, self._on_message, self._on_eof)
@@ -532,10 +657,88 @@ class _Worker:
         self._stats: dict[str, list] = {}
         self.done = asyncio.Event()
         self._tick: asyncio.TimerHandle | None = None
+        self.hooks: dict[str, _DelegatedHook] = {}
+        self._batch: dict[str, list] = {}
+        self._asked: dict[int, asyncio.Future] = {}
+        self._seq = 0
 
     def _on_eof(self) -> None:
-        # The owner is gone: nobody can account for our clients any more.
+        # The owner is gone: nobody can account for our clients any more,
+        # nor mark their writes: every ask fails (and none is done now).
         self.done.set()
+        gone = OSError(errno.EIO, "the server process is gone")
+        futs = list(self._asked.values()) + [b[2] for b in self._batch.values()]
+        self._asked.clear()
+        self._batch.clear()
+        for f in futs:
+            if not f.done():
+                f.set_exception(gone)
+                f.exception()  # retrieved: an ask nobody awaits any more is no error
+
+    async def ask(self, export: str, rng: tuple[int, int] | None, sync: bool) -> None:
+        """Ask the owner to mark ``rng`` (and with ``sync`` to make the marks
+        durable) for ``export``; return when it answered.  Asks of one loop
+        iteration go in one message per export."""
+        if self.chan.closed:
+            raise OSError(errno.EIO, "the server process is gone")
+        b = self._batch.get(export)
+        if b is None:
+            if not self._batch:
+                asyncio.get_running_loop().call_soon(self._send_asks)
+            b = self._batch[export] = [[], False, asyncio.get_running_loop().create_future()]
+        if rng is not None:
+            b[0].append(rng)
+        if sync:
+            b[1] = True
+        await asyncio.shield(b[2])
+
+    def _send_asks(self) -> None:
+        batches, self._batch = self._batch, {}
+        for export, (ranges, sync, fut) in batches.items():
+            self._seq += 1
+            self._asked[self._seq] = fut
+            self.chan.send({"t": "mark", "x": export, "q": self._seq, "r": ranges, "s": sync})
+
+    def _marked(self, msg: dict) -> None:
+        fut = self._asked.pop(msg["q"], None)
+        if fut is None or fut.done():
+            return
+        if msg["e"]:
+            fut.set_exception(OSError(msg["e"], msg.get("m") or os.strerror(msg["e"])))
+            fut.exception()  # retrieved (its writers see it through their shields)
+        else:
+            fut.set_result(None)
+
+    def _set_dirty(self, name: str, dirty: list | None, fds: list[int]) -> None:
+        """The owner's word, with a connection of ``name``, on its delegable
+        hooks (None: every hook idle).  The export's device here is its
+        `FileDev` while every hook is idle, and a `LiveDev` over it with the
+        `_DelegatedHook` while not: swapped here, which is safe because
+        whatever changes the owner's hooks recalls every connection of the
+        export first (none is served here when the word changes; each
+        request takes ``exp.dev`` once)."""
+        exp = self.server.exports.get(name) if self.server is not None else None
+        if exp is None or dirty is None:
+            for fd in fds:
+                os.close(fd)
+            if dirty is not None:
+                raise OSError(errno.EINVAL, f"export {name!r}: bit maps for an unknown export")
+            if exp is not None and isinstance(exp.dev, LiveDev):
+                exp.dev = exp.dev.inner  # (the LiveDev is dropped, not closed: it owns the file)
+                self.hooks.pop(name, None)
+            return
+        if exp.read_only or not isinstance(exp.dev, (FileDev, LiveDev)):
+            for fd in fds:
+                os.close(fd)
+            raise OSError(errno.EINVAL, f"export {name!r}: bit maps for a read-only export")
+        hook = self.hooks.get(name)
+        if hook is None:
+            hook = self.hooks[name] = _DelegatedHook(self, name)
+        hook.set_maps(dirty, fds)
+        if not isinstance(exp.dev, LiveDev):
+            live = LiveDev(exp.dev)
+            live.add_hook(hook)
+            exp.dev = live
 
     def _closed(self, conn) -> None:
         cid = self.ids.pop(conn, None)
@@ -584,7 +787,17 @@ class _Worker:
                 os.close(fd)
             self.server.add_export(msg["name"], dev, read_only=msg["read_only"], description=msg["description"])
         elif kind == "conn":
+            fds = msg.pop("_fds", [])
+            try:
+                # Before the connection is served (synchronously: in order
+                # with the owner's recall messages).
+                self._set_dirty(msg["export"], msg.get("dirty"), fds)
+            except BaseException:
+                self.chan.send({"t": "closed", "id": msg["id"]})
+                raise  # (`Channel._deliver` closes the socket's fd)
             asyncio.ensure_future(self._take(msg, data, fd))
+        elif kind == "marked":
+            self._marked(msg)
         elif kind == "recall":
             asyncio.ensure_future(self._recall(msg["export"]))
         elif kind == "evict":
@@ -667,6 +880,7 @@ class _Worker:
             await self.server.remove_export(name)
         except Exception as e:
             log.warning("removing export %r: %s", name, e)
+        self.hooks.pop(name, None)
         self.chan.send({"t": "removed", "export": name})
 
     async def _shutdown(self, timeout: float) -> None:

@@ -183,3 +183,84 @@ def test_backup_start_recalls_a_writing_worker_connection(serve, short_tmp):
     assert "error" not in info, info
     t = target.read_bytes()
     assert b"".join(t[b * stride:b * stride + block] for b in range(nblocks)) == snap
+
+
+@pytest.mark.timeout(120)
+def test_a_persistent_bitmap_export_is_served_by_workers_and_its_bitmap_is_exact(serve, short_tmp):
+    """docs/workers.md "Bitmaps": with a persistent bitmap the libnbd
+    writer's connection is still served by a worker (``/metrics``, and the
+    workers' CPU), and afterwards ``qemu:dirty-bitmap:b0`` (asked by a
+    second libnbd handle: served by the server process) is exactly the
+    granules of its writes, zeroes and trims; the bitmap's file says
+    in-use-synced after the writer's FLUSH."""
+    nbd = pytest.importorskip("nbd")
+    from nbdbackup.bitmap.store import DATA_OFFSET, STATE_SYNCED, read_header
+
+    size, g = 256 * MiB, 64 * 1024
+    disk = short_tmp / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(size)
+    state = short_tmp / "state"
+    ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
+    port = peers.free_tcp_port()
+    rng = random.Random(41)
+    with serve(f"disk={disk}", extra=WORKERS + ["--control", ctl, "--state-dir", os.fspath(state),
+                                                "--metrics", f"127.0.0.1:{port}"]) as peer:
+        async def add():
+            qmp = QMPClient("bm")
+            await qmp.connect(ctl)
+            try:
+                await qmp.execute("block-dirty-bitmap-add", {"export": "disk", "name": "b0",
+                                                             "persistent": True})
+            finally:
+                await qmp.disconnect()
+        asyncio.run(asyncio.wait_for(add(), 20))
+        h = nbd.NBD()
+        h.connect_uri(peer.uri_for("disk"))
+        text = scrape(port)
+        assert sum(int(m) for m in re.findall(r'nbdbackup_worker_connections\{worker="\d+"\} (\d+)', text)) == 1
+        cpu0 = children_cpu(peer.pid)
+        model: set[int] = set()
+        for i in range(3000):
+            n = rng.choice([512, 4096, 4096, 3 * g + 512, MiB])
+            off = rng.randrange(0, size - n) // 512 * 512
+            kind = rng.random()
+            if kind < 0.8:
+                h.pwrite(bytes([i & 255 | 1]) * n, off, nbd.CMD_FLAG_FUA if rng.random() < 0.05 else 0)
+            elif kind < 0.9:
+                h.zero(n, off)
+            else:
+                h.trim(n, off)
+            model |= set(range(off // g, (off + n - 1) // g + 1))
+            if i % 500 == 499:
+                h.flush()
+        h.flush()
+        cpu1 = children_cpu(peer.pid)
+        assert sum(cpu1[p] - cpu0.get(p, 0) for p in cpu1) > 0.1, (cpu0, cpu1)
+        (path,) = [os.path.join(dp, f) for dp, _, fs in os.walk(state) for f in fs if f.endswith(".bitmap")]
+        with open(path, "rb") as f:
+            raw = f.read()
+        assert read_header(raw[:DATA_OFFSET]).state == STATE_SYNCED
+        bits = raw[DATA_OFFSET:]
+        assert {i for i in range(size // g) if bits[i >> 3] >> (i & 7) & 1} == model
+        q = nbd.NBD()
+        q.add_meta_context("qemu:dirty-bitmap:b0")
+        q.connect_uri(peer.uri_for("disk"))
+        got: set[int] = set()
+        pos = 0
+        while pos < size:
+            ext: list = []
+
+            def cb(meta, offset, entries, err):
+                if meta == "qemu:dirty-bitmap:b0":
+                    ext.extend(entries)
+                return 0
+            q.block_status(min(size - pos, 1 << 30), pos, cb)
+            for ln, flags in zip(ext[0::2], ext[1::2]):
+                if flags & 1:
+                    got |= set(range(pos // g, (pos + ln - 1) // g + 1))
+                pos += ln
+        assert got == model
+        q.shutdown()
+        h.shutdown()
+    assert peer.returncode == 0, peer.log()
