@@ -942,7 +942,6 @@ class CopyState:
                 data = span_off + span_len if e.errno == errno.ENXIO else span_off
             if data > span_off:
                 zero_end = min(end, data >> self._shift) if data < span_off + span_len else end
-        shift, cs = self._shift, self.cluster_size
         try:
             while c >= 0 and c < end:
                 e = done.next_set(c, end)
