@@ -818,6 +818,15 @@ class CopyState:
             except OSError:
                 pass  # advisory, like TRIM itself
 
+    def _landed_in_target(self, todo: Bitmap, start: int, count: int) -> None:
+        """Clusters ``[start, start + count)`` hold their snapshot bytes in the
+        target now (copied, or rule 11's zeros): mark them, and take them off
+        the pump's ``todo`` with their bytes counted as progress."""
+        self.in_target.set(start, count)
+        if todo.any(start, count):
+            self.current += self._bytes_in(todo, start, count)
+            todo.clear(start, count)
+
     def _bytes_in(self, bm: Bitmap, start: int, count: int) -> int:
         total = 0
         for s, n, v in bm.runs(start, start + count):
@@ -960,10 +969,7 @@ class CopyState:
                         if not self.target_zero:
                             return False  # needs a target write: the async path
                         # Rule 11: the target reads zeros there already.
-                        self.in_target.set(c, e - c)
-                        if todo.any(c, e - c):
-                            self.current += self._bytes_in(todo, c, e - c)
-                            todo.clear(c, e - c)
+                        self._landed_in_target(todo, c, e - c)
                     else:
                         self.zeroed.set(c, e - c)
                     self.clusters_zero_in_snapshot += e - c
@@ -976,10 +982,7 @@ class CopyState:
                             return False  # rule 10's ENOSPC comes from the async path
                     _copy_range(files[0].fd, files[1].fd, off, n)
                     if to_target:
-                        self.in_target.set(c, e - c)
-                        if todo.any(c, e - c):
-                            self.current += self._bytes_in(todo, c, e - c)
-                            todo.clear(c, e - c)
+                        self._landed_in_target(todo, c, e - c)
                     else:
                         self.in_scratch.set(c, e - c)
                         self.scratch_bytes += n

@@ -253,10 +253,7 @@ class LiveDev(FilterDev):
         the bit maps of every delegable hook that is not idle, and ``[]``
         only when every hook is idle (nothing to check, nothing to ask)."""
         out: list[BitMapSpec] = []
-        for h in self._hooks:
-            idle = getattr(h, "idle", None)
-            if idle is not None and idle():
-                continue
+        for h in self._busy_hooks():
             delegate = getattr(h, "delegate", None)
             maps = delegate() if delegate is not None else None
             if maps is None:
@@ -267,11 +264,11 @@ class LiveDev(FilterDev):
     def delegated(self) -> bool:
         """Some hook is not idle (but delegable): external writers must ask
         this process (`external_write`, `external_durable`)."""
-        for h in self._hooks:
-            idle = getattr(h, "idle", None)
-            if idle is None or not idle():
-                return True
-        return False
+        return bool(self._busy_hooks())
+
+    def _busy_hooks(self) -> list:
+        """The hooks attached that are not idle (no ``idle()``, or it says False)."""
+        return [h for h in self._hooks if not (getattr(h, "idle", None) and h.idle())]
 
     def external_writes(self, ranges: Iterable[tuple[int, int]]) -> None:
         """For an external writer, before it issues writes of ``ranges``
@@ -282,20 +279,16 @@ class LiveDev(FilterDev):
         if self.delegations() is None:
             raise OSError(errno.EIO, "a write from another process while this export's "
                                      "write hooks cannot be delegated")
-        for h in self._hooks:
-            idle = getattr(h, "idle", None)
-            if idle is None or not idle():
-                for offset, length in ranges:
-                    h.external_write(offset, length)
+        for h in self._busy_hooks():
+            for offset, length in ranges:
+                h.external_write(offset, length)
 
     def external_durable(self) -> None:
         """For an external writer's FLUSH or FUA write, after its data is
         durable and before it is acknowledged: every non-idle hook's
         ``external_durable``."""
-        for h in self._hooks:
-            idle = getattr(h, "idle", None)
-            if idle is None or not idle():
-                h.external_durable()
+        for h in self._busy_hooks():
+            h.external_durable()
 
     def attach_external(self) -> None:
         assert self.offload_ok()
