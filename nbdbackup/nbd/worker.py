@@ -647,7 +647,8 @@ class _Worker:
     gone); ``_tick`` (the report timer); ``hooks`` (export name -> its
     `_DelegatedHook`); ``_batch`` (export name -> [ranges, sync, future]:
     asks not sent yet); ``_asked`` (message number -> future answered by
-    ``marked``); ``_seq``.
+    ``marked``); ``_seq``; ``_settling`` (connections ended with requests
+    running -> the task sending their ``closed`` when those finished).
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -661,6 +662,9 @@ class _Worker:
         self._batch: dict[str, list] = {}
         self._asked: dict[int, asyncio.Future] = {}
         self._seq = 0
+        #: Connections that ended with requests still running -> the task
+        #: that sends their ``closed`` once those finished (`_closed`).
+        self._settling: dict[Any, asyncio.Future] = {}
 
     def _on_eof(self) -> None:
         # The owner is gone: nobody can account for our clients any more,
@@ -741,8 +745,26 @@ class _Worker:
             exp.dev = live
 
     def _closed(self, conn) -> None:
+        """``conn`` ended here (client gone, evicted, idle): tell the owner
+        -- but only once no request of it runs any more.  A write still in
+        flight (a task awaiting the thread pool, an engine write) changes
+        the disk later; the owner stops counting the connection as an
+        external writer at ``closed``, after which a bitmap change recalls
+        nothing: the write must have landed by then (invariant 3,
+        docs/hunt.md)."""
         cid = self.ids.pop(conn, None)
-        if cid is not None:
+        if cid is None:
+            return
+        if conn.tasks:
+            self._settling[conn] = asyncio.ensure_future(self._settle(conn, cid))
+        else:
+            self.chan.send({"t": "closed", "id": cid})
+
+    async def _settle(self, conn, cid: int) -> None:
+        try:
+            await conn.drain_requests()
+        finally:
+            self._settling.pop(conn, None)
             self.chan.send({"t": "closed", "id": cid})
 
     def _tick_report(self) -> None:
@@ -848,6 +870,11 @@ class _Worker:
         conns = [c for c in self.ids if c.export is not None and c.export.name == name]
         if conns:
             await asyncio.gather(*(self.give_back(c) for c in conns), return_exceptions=True)
+        # Connections that ended with writes in flight (some just now: a
+        # give-back that failed evicts): their ``closed`` goes out first.
+        settling = [f for c, f in self._settling.items() if c.export is not None and c.export.name == name]
+        if settling:
+            await asyncio.gather(*settling, return_exceptions=True)
         self.chan.send({"t": "recalled", "export": name})
 
     async def give_back(self, conn) -> None:
