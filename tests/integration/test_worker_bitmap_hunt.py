@@ -43,6 +43,8 @@ def slow_worker_writes(monkeypatch, tmp) -> str:
 
 
 def test_a_clear_after_a_client_left_waits_for_its_write_in_flight(short_tmp, monkeypatch):
+    """The client is gone (the worker reported it closed) with a write in
+    flight; the clear must not return before that write landed."""
     faults = slow_worker_writes(monkeypatch, short_tmp)
     at = 8 << 20
 
@@ -76,3 +78,174 @@ def test_a_clear_after_a_client_left_waits_for_its_write_in_flight(short_tmp, mo
         await server.shutdown()
 
     run(main())
+
+
+# --------------------------------------------------------------------------- #
+# kill -9 at a random moment: every changed block of the disk has its bit
+# (not only the acknowledged writes: a write in flight may have landed).
+
+class Mixed:
+    """Pipelined writes of varied lengths (4 KiB .. 2 MiB + 4 KiB: the
+    inline, batch and thread-pool paths), some FUA, with FLUSHes, nonzero
+    data on a sparse disk, ``depth`` in flight, until the connection dies."""
+
+    def __init__(self, c: Raw, size: int, seed: int, depth: int = 8) -> None:
+        import random
+
+        self.c, self.size, self.rng, self.depth = c, size, random.Random(seed), depth
+        self.n = 0
+
+    async def run(self) -> None:
+        from test_server_batch import FLUSH, FUA
+
+        c, rng = self.c, self.rng
+        try:
+            while True:
+                chunk = bytearray()
+                for _ in range(self.depth):
+                    r = rng.random()
+                    if r < 0.05:
+                        chunk += req(FLUSH, self.n, 0, 0)
+                    else:
+                        ln = rng.choice((4096, 4096, 4096, 65536, 3 * 4096, 1 << 20, SLOW))
+                        off = rng.randrange((self.size - ln) // 4096) * 4096
+                        chunk += req(WRITE, self.n, off, ln, bytes([1 + self.n % 255]) * ln,
+                                     flags=FUA if r > 0.95 else 0)
+                    self.n += 1
+                c.send(bytes(chunk))
+                for _ in range(self.depth):
+                    await c.reply()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+
+def changed_granules(disk: str) -> set[int]:
+    """Granules holding a nonzero byte (the disk started sparse)."""
+    out = set()
+    with open(disk, "rb") as f:
+        g = 0
+        while True:
+            b = f.read(G)
+            if not b:
+                return out
+            if b.count(0) != len(b):
+                out.add(g)
+            g += 1
+
+
+def test_a_worker_killed_at_a_random_moment_leaves_no_change_unmarked(short_tmp):
+    import random
+    import signal
+
+    from test_server_workers_bitmaps import file_granules, file_of
+
+    seed = int(os.environ.get("NBDBACKUP_HUNT_SEED", "7"))
+    size = 256 << 20
+
+    async def main():
+        manager, live, server, path = await serve_bitmapped(short_tmp, size)
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 1)
+        w = Mixed(c, size, seed)
+        t = asyncio.create_task(w.run())
+        await until(lambda: w.n > 200)
+        await asyncio.sleep(random.Random(seed).random() * 0.3)
+        (h,) = [h for h in server.pool.workers if h.conns]
+        os.kill(h.proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(t, 10)
+        # The dead worker's thread-pool writes die with it: nothing lands later.
+        changed = changed_granules(str(short_tmp / "disk.img"))
+        assert changed
+        assert not changed - registry_granules(manager), sorted(changed - registry_granules(manager))[:10]
+        assert not changed - file_granules(file_of(manager))
+        await server.shutdown()
+
+    run(main())
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_server_killed_at_a_random_moment_leaves_no_change_unmarked(short_tmp):
+    """``serve --workers 2 --state-dir`` killed -9 at a random moment of a
+    mixed stream served by a worker; once its workers have exited, every
+    changed granule of the disk is set in the bitmap's file, and the
+    header in force is a usable in-use state."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nbdbackup.bitmap.dirty import DirtyBitmap
+    from nbdbackup.bitmap.store import DATA_OFFSET, STATE_DIRTY, STATE_SYNCED, BitmapStore, read_header
+    from test_server_workers_bitmaps import file_granules, sparse_file
+
+    seed = int(os.environ.get("NBDBACKUP_HUNT_SEED", "7"))
+    size = 256 << 20
+    disk = sparse_file(short_tmp, size)
+    state = str(short_tmp / "state")
+    store = BitmapStore(state)
+    store.load_all("disk", size)
+    store.create("disk", DirtyBitmap("b0", size, G))
+    store.close_clean()
+    sock = str(short_tmp / "srv")
+    proc = subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "serve", "--socket", sock,
+                             "--workers", "2", "--state-dir", state, f"disk={disk}"],
+                            env=dict(os.environ, NBDBACKUP_WORKERS="2"), stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        t0 = time.monotonic()
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() - t0 < 30, "server did not start"
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+
+        async def stream() -> int:
+            c = await Raw.connect(sock, "disk", True)
+            w = Mixed(c, size, seed)
+            t = asyncio.create_task(w.run())
+            while w.n < 200:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(random.Random(seed).random() * 0.3)
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(t, 15)
+            return w.n
+
+        assert run(stream()) > 200
+        proc.wait(10)
+        t0 = time.monotonic()
+        while any(_alive(p) for p in workers):  # they drain (<= 5 s) and exit
+            assert time.monotonic() - t0 < 20, "workers outlived the server"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in workers:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+    (path,) = [os.path.join(dp, f) for dp, _, fs in os.walk(state) for f in fs if f.endswith(".bitmap")]
+    with open(path, "rb") as f:
+        assert read_header(f.read(DATA_OFFSET)).state in (STATE_DIRTY, STATE_SYNCED)
+    changed = changed_granules(disk)
+    assert changed
+    missing = changed - file_granules(path)
+    assert not missing, f"{len(missing)} changed granules not in the bitmap: {sorted(missing)[:10]}"
