@@ -80,6 +80,44 @@ def test_a_clear_after_a_client_left_waits_for_its_write_in_flight(short_tmp, mo
     run(main())
 
 
+def test_a_first_bitmap_after_a_client_left_waits_for_its_write_in_flight(short_tmp, monkeypatch):
+    """The same hole through a first bitmap: with no bitmap the worker
+    serves the bare file (no check at all); a client leaves with a write in
+    flight; ``block-dirty-bitmap-add`` must not return before that write
+    landed (else it lands after the add, unrecorded)."""
+    faults = slow_worker_writes(monkeypatch, short_tmp)
+    at = 8 << 20
+
+    async def main():
+        manager, live, server, path = await serve_bitmapped(short_tmp)
+        server.reoffload_delay = 0.05
+        await manager.remove("disk", "b0")  # no bitmap: the export's hook is idle
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 1 and live.external == 1)
+        c.send(req(WRITE, 2, at, SLOW, b"b" * SLOW))
+        await until(lambda: os.path.exists(os.path.join(faults, "started")))
+        await c.close()
+        await until(lambda: live.external == 0 or os.path.exists(os.path.join(faults, "done")))
+        await manager.add("disk", "b1", persistent=True)
+        fd = os.open(str(short_tmp / "disk.img"), os.O_RDONLY)
+        try:
+            at_add = os.pread(fd, 4096, at)
+            await until(lambda: os.path.exists(os.path.join(faults, "done")), timeout=10)
+            later = os.pread(fd, 4096, at)
+        finally:
+            os.close(fd)
+        bm = manager.lookup("disk").get("b1")
+        have = set()
+        for off, ln in bm.dirty_ranges():
+            have |= granules(off, ln)
+        assert at_add == later or granules(at, SLOW) <= have, \
+            "a worker write landed after block-dirty-bitmap-add returned, with no bit"
+        assert at_add == b"b" * 4096
+        await server.shutdown()
+
+    run(main())
+
+
 # --------------------------------------------------------------------------- #
 # kill -9 at a random moment: every changed block of the disk has its bit
 # (not only the acknowledged writes: a write in flight may have landed).
