@@ -699,6 +699,13 @@ class _Worker:
     def _send_asks(self) -> None:
         batches, self._batch = self._batch, {}
         for export, (ranges, sync, fut) in batches.items():
+            if self.chan.closed:
+                # Closed while an earlier batch of this call was sent: `_on_eof`
+                # has failed every ask it could see, not this one.
+                if not fut.done():
+                    fut.set_exception(OSError(errno.EIO, "the server process is gone"))
+                    fut.exception()
+                continue
             self._seq += 1
             self._asked[self._seq] = fut
             self.chan.send({"t": "mark", "x": export, "q": self._seq, "r": ranges, "s": sync})

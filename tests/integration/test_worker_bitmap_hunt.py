@@ -485,3 +485,31 @@ def test_bitmap_commands_racing_streaming_worker_connections_miss_no_later_write
         await server.shutdown()
 
     run(main(), timeout=120)
+
+
+# --------------------------------------------------------------------------- #
+# The asks of a worker whose server process is gone.
+
+def test_every_ask_fails_when_the_channel_breaks_while_a_batch_is_sent():
+    """Asks of two exports in one loop iteration; the server process's end
+    closes before the batch goes out: sending the first fails (EPIPE), the
+    channel closes and fails the asks sent so far -- the second export's
+    must fail too, not wait forever (its write would hang until the
+    orphaned worker exits).  Failed before the fix: the second ask was
+    registered after the channel had failed every pending one."""
+    import socket
+
+    from nbdbackup.nbd.worker import _Worker
+
+    async def main():
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        w = _Worker(mine)
+        asks = [asyncio.ensure_future(w.ask(x, (0, 4096), False)) for x in ("x", "y")]
+        await asyncio.sleep(0)  # both asks are in this iteration's batch
+        theirs.close()
+        done, pending = await asyncio.wait(asks, timeout=2)
+        assert not pending
+        assert all(isinstance(f.exception(), OSError) for f in done)
+        assert not w._asked
+
+    run(main())
