@@ -513,3 +513,45 @@ def test_every_ask_fails_when_the_channel_breaks_while_a_batch_is_sent():
         assert not w._asked
 
     run(main())
+
+
+def test_a_backup_after_a_client_left_waits_for_its_write_in_flight(short_tmp, monkeypatch):
+    """The same hole on a plain export (no bitmap: the default with
+    workers), against invariant 1: a client leaves a worker with a write in
+    flight; a backup starts (quiesce: recall, then the copy-before-write
+    hook).  Its snapshot must read the same before and after that write
+    lands -- had it landed after the hook was attached without passing it,
+    the snapshot would change under its readers."""
+    from nbdbackup.backup.engine import Engine
+    from nbdbackup.blockdev.live import LiveDev
+    from test_server_workers import file_export, serve
+
+    faults = slow_worker_writes(monkeypatch, short_tmp)
+    at, size = 8 << 20, 16 << 20
+
+    async def main():
+        live = LiveDev(file_export(short_tmp, bytes(size)))
+        server, exp, path = await serve(short_tmp, live)
+        engine = Engine(server, lambda *a: None)
+        c = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 1)
+        c.send(req(WRITE, 1, at, 3 << 20, b"a" * (3 << 20)))
+        assert (await c.replies(1))[1][0] == 0
+        c.send(req(WRITE, 2, at, SLOW, b"b" * SLOW))
+        await until(lambda: os.path.exists(os.path.join(faults, "started")))
+        await c.close()
+        await until(lambda: live.external == 0 or os.path.exists(os.path.join(faults, "done")))
+        await engine.backup_start("disk", "j", "none", "memory:%d" % size, snapshot="snap")
+        snap = engine.jobs["j"].snapshot
+        first = bytearray(4096)
+        await snap.pread(memoryview(first), at)
+        await until(lambda: os.path.exists(os.path.join(faults, "done")), timeout=10)
+        again = bytearray(4096)
+        await snap.pread(memoryview(again), at)
+        assert first == again, "the snapshot changed: a worker write landed after the backup start, " \
+                               "past copy-before-write"
+        assert bytes(first) == b"b" * 4096  # the backup start waited for the write
+        await engine.shutdown()
+        await server.shutdown()
+
+    run(main())
