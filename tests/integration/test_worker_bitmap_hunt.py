@@ -1,20 +1,26 @@
-"""Bug hunt regressions: worker connections of exports with persistent
-dirty bitmaps (docs/hunt.md).
+"""Bug hunt regressions and scenarios: worker processes serving exports
+with persistent dirty bitmaps (and plain ones) -- docs/hunt.md.
 
 An in-process server with real worker processes (as
-test_server_workers_bitmaps); a worker's write is held in flight on purpose
-by fault injection (``workerfaults/sitecustomize.py`` first on the workers'
-``PYTHONPATH``: a write of one marked length sleeps in the thread pool).
+test_server_workers_bitmaps), or ``nbdbackup serve`` as a subprocess.  A
+worker's write is held in flight on purpose by fault injection
+(``workerfaults/sitecustomize.py`` first on the workers' ``PYTHONPATH``: a
+write of one marked length sleeps in the thread pool).
 
-- A client that disconnects (or is evicted) while one of its writes is in
-  flight in a worker: the worker must not tell the server process that the
-  connection is gone (``closed``: it stops counting it as an external
-  writer, so a bitmap change no longer recalls anything) before that write
-  has landed.  Otherwise a ``block-dirty-bitmap-clear`` returns first and
-  the write changes the disk after it, with no bit: the next incremental
-  misses it (invariant 3).  Shown to fail before the fix (the clear
-  returned with the write still sleeping; the disk changed afterwards with
-  the granules clean).
+- Finding 1: a client that leaves a worker with a write in flight: the
+  worker must not report the connection ``closed`` (the server process
+  then stops counting it as an external writer, so a bitmap change or a
+  backup start recalls nothing) before that write has landed.  Three
+  routes: a clear, a first bitmap add (invariant 3), a backup start
+  (invariant 1, plain export).  Each failed before the fix.
+- kill -9 of a worker, of the whole server, at a random moment of a mixed
+  stream: every changed granule of the disk is in the bitmap.
+- Hostile clients in the workers of a bitmap export.
+- Bitmap commands racing two streaming worker connections.
+- Finding 2: asks of a worker whose channel breaks mid-batch all fail.
+
+Hunting knobs (not for CI): ``NBDBACKUP_HUNT_SEED``,
+``NBDBACKUP_HUNT_COMMANDS``, ``NBDBACKUP_HUNT_SLOW=1``.
 """
 
 from __future__ import annotations
