@@ -756,9 +756,9 @@ class _Worker:
         -- but only once no request of it runs any more.  A write still in
         flight (a task awaiting the thread pool, an engine write) changes
         the disk later; the owner stops counting the connection as an
-        external writer at ``closed``, after which a bitmap change recalls
-        nothing: the write must have landed by then (invariant 3,
-        docs/hunt.md)."""
+        external writer at ``closed``, after which a bitmap change or a
+        backup start recalls nothing: the write must have landed by then
+        (invariants 3 and 1, docs/hunt.md)."""
         cid = self.ids.pop(conn, None)
         if cid is None:
             return
