@@ -4,7 +4,8 @@ Role: an A/B of `agent.pullthreads` without interpreter start-up or
 process noise: one nbdkit (``file`` plugin, random image in the page cache,
 Unix socket) and one Python process; each round pulls the export into a
 fresh sparse file once per variant (order alternating per round), with the
-blake3 manifest, ``sync`` before each pull.  Prints per pull the seconds
+blake3 manifest, ``sync`` before each pull; on uvloop when it is
+installed, as the CLI (``NBDBACKUP_NO_UVLOOP=1``: asyncio's own loop).  Prints per pull the seconds
 and this process's CPU seconds (all its threads), then medians and the
 per-round ratio (asyncio seconds / variant seconds: above 1 the variant is
 faster).
@@ -37,6 +38,7 @@ from nbdbackup.agent.pull import pull  # noqa: E402
 from nbdbackup.blockdev import parse_size  # noqa: E402
 from nbdbackup.blockdev.file import FileDev  # noqa: E402
 from nbdbackup.blockdev.nbd import NBDDev  # noqa: E402
+from nbdbackup.commands import run_async  # noqa: E402  (uvloop when installed, as the CLI)
 
 
 def _cpu() -> float:
@@ -88,7 +90,7 @@ def main() -> int:
         for r in range(a.rounds):
             order = variants if r % 2 == 0 else variants[::-1]
             for v in order:
-                dt, cpu, ran = asyncio.run(one(uri, out, size, a.connections, v))
+                dt, cpu, ran = run_async(one(uri, out, size, a.connections, v))
                 res[v].append((dt, cpu))
                 print(f"round {r + 1}: {v:8s} {dt:6.3f} s  {size / dt / 1e6:6.0f} MB/s  CPU {cpu / gib:.2f} s/GiB"
                       f"  ({ran})", flush=True)

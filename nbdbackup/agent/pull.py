@@ -25,6 +25,13 @@ data written with ``O_DIRECT`` where the file system allows it (the chunk
 buffers are page-aligned for it) and the rest with write-behind, so the final
 flush finds little left to write (docs/pullfast.md).
 
+Receiving: from an `NBDDev` on plain sockets the data reads are received by
+a blocking thread per connection (`agent.pullthreads`, docs/pullthreads.md:
+``recv_into`` the chunk buffers, several chunks in flight per connection,
+replies matched by cookie); each finished chunk's job then goes to the same
+writer threads or sink.  TLS, ``trim_after_read`` and other sources keep the
+event loop (``PullStats.receive`` / ``receive_note`` say which ran).
+
 The manifest of the result: digests of worked chunks come from the source;
 other chunks are zero digests (full) or come from ``base`` (the previous
 pull's manifest, incremental) or, without it, from reading the target.

@@ -11,7 +11,9 @@ the source with reordered replies, into a file (writer pool and inline) and
 into a sink (the repository path); an incremental pull from the dirty
 bitmap reads only dirty ranges; an error reply fails the pull with EIO
 naming the server's message; a disconnect mid-pull fails it with
-`ConnectionClosed`; the fallback (``threads=False``, a non-NBD source)
+`ConnectionClosed`; a server that stops answering fails it with
+`TimeoutError` given a request timeout, and a cancelled pull ends at once
+(the blocked receiving threads are woken); the fallback (``threads=False``, a non-NBD source)
 says why.
 """
 
@@ -56,13 +58,14 @@ class Source:
     extents covering the disk; ``reverse``: hold READs until ``batch``
     arrived (or 50 ms passed) and answer them last first, each in 3
     OFFSET_DATA chunks back to front; ``fail_at`` / ``close_at``: a READ
-    containing this offset gets EIO / closes the connection.
+    containing this offset gets EIO / closes the connection; ``stall_at``: is
+    never answered.
     ``reads``: ``(offset, length)`` of every READ; ``reordered``: replies
     sent out of request order.
     """
 
     def __init__(self, data: bytes, alloc, dirty=None, *, reverse=False, batch=4,
-                 fail_at=None, close_at=None) -> None:
+                 fail_at=None, close_at=None, stall_at=None) -> None:
         self.data = data
         self.alloc = alloc
         self.dirty = dirty or [(0, len(data), 0)]
@@ -70,6 +73,7 @@ class Source:
         self.batch = batch
         self.fail_at = fail_at
         self.close_at = close_at
+        self.stall_at = stall_at
         self.reads: list[tuple[int, int]] = []
         self.reordered = 0
         self.dir = tempfile.mkdtemp(dir="/tmp", prefix="pullthr-")
@@ -150,6 +154,8 @@ class Source:
                 if self.close_at is not None and off <= self.close_at < off + n:
                     w.close()
                     return
+                if self.stall_at is not None and off <= self.stall_at < off + n:
+                    continue  # never answered
                 held.append((cookie, off, n))
                 if self.reverse and len(held) < self.batch:
                     continue
@@ -376,5 +382,41 @@ def test_fallbacks_say_why(tmp_path):
         mem.write_sync(data, 0)
         _, st = await pull(mem, MemoryDev(SIZE), chunk_size=CHUNK)
         assert st.receive == "asyncio" and "not an NBD export" in st.receive_note
+
+    run(main())
+
+
+def test_a_stalled_server_times_out_and_a_cancel_wakes_the_threads(tmp_path):
+    data, alloc = _disk(7)
+
+    async def main() -> None:
+        async with Source(data, alloc, stall_at=9 * MiB) as s:
+            path = str(tmp_path / "t.raw")
+            with open(path, "wb") as f:
+                f.truncate(SIZE)
+            # With a request timeout (the backup agent's io_timeout): TimeoutError.
+            src = await NBDDev.open(s.uri, read_only=True, connections=2, request_timeout=0.5)
+            dst = FileDev(path)
+            try:
+                with pytest.raises(TimeoutError, match="timed out"):
+                    await pull(src, dst, fresh=True, chunk_size=CHUNK)
+            finally:
+                await dst.close()
+                await src.close()
+            # Without one: the pull waits; cancelling it returns promptly.
+            src = await NBDDev.open(s.uri, read_only=True, connections=2)
+            dst = FileDev(path)
+            try:
+                task = asyncio.ensure_future(pull(src, dst, fresh=True, chunk_size=CHUNK))
+                await asyncio.sleep(0.5)
+                assert not task.done()
+                task.cancel()
+                t0 = asyncio.get_running_loop().time()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert asyncio.get_running_loop().time() - t0 < 5
+            finally:
+                await dst.close()
+                await src.close()
 
     run(main())
