@@ -21,7 +21,6 @@ Usage: .venv/bin/python bench/pull_threads_ab.py [--size 1G] [--rounds 6] [--con
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import resource
 import statistics

@@ -132,6 +132,15 @@ class _Run:
 
 
 class _Chunk:
+    """A chunk being read by one thread (only that thread touches it).
+
+    ``i`` (its index); ``whole`` (its chunk buffer, reused after it is
+    settled); ``base`` (source offset of ``mv[0]``); ``mv`` (the chunk's
+    part of ``whole``); ``pieces`` (``(offset, length)`` requested);
+    ``left`` (replies still due); ``state`` (the caller's, or the
+    `OSError` of an error reply: then never finished).
+    """
+
     __slots__ = ("i", "base", "mv", "whole", "pieces", "left", "state")
 
     def __init__(self, i: int, whole: memoryview, base: int, mv: memoryview, pieces, state) -> None:
