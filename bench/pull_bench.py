@@ -17,7 +17,9 @@ Prints seconds and MB/s per run, medians and the ratio ours/nbdcopy
 in DIR, e.g. main) in the same rounds, interleaved, for an A/B of a change;
 its ratio to nbdcopy and ours/baseline are printed too.  ``--write-behind 0``
 runs ours without write-behind (agent/filewriter.py) to show what it buys;
-``--buffered`` runs ours through the page cache instead of O_DIRECT.
+``--buffered`` runs ours through the page cache instead of O_DIRECT;
+``--env NAME=VALUE`` sets a variable for ours only (with ``--baseline`` of
+the same checkout: an A/B of a switch such as ``NBDBACKUP_PULL_THREADS=0``).
 
 Byte code: with ``PYTHONDONTWRITEBYTECODE=1`` a checkout without
 ``__pycache__`` compiles its modules on every run (~25 ms here); ours is
@@ -25,7 +27,7 @@ compiled once before the rounds, a baseline without ``__pycache__`` gets a
 warning (the bench does not write into another checkout).
 
 Usage: .venv/bin/python bench/pull_bench.py [--size 1G] [--rounds 3] [--connections 4] [--dir /tmp]
-       [--baseline /work/main] [--write-behind SIZE] [--buffered]
+       [--baseline /work/main] [--write-behind SIZE] [--buffered] [--env NAME=VALUE]
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="DIR", help="also time the pull of this checkout (its .venv), interleaved")
     ap.add_argument("--write-behind", metavar="SIZE", help="ours: the write-behind window (0: off)")
     ap.add_argument("--buffered", action="store_true", help="ours: through the page cache, not O_DIRECT")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="ours only: run with this environment variable (repeatable; e.g. "
+                         "NBDBACKUP_PULL_THREADS=0 against --baseline of the same checkout)")
     a = ap.parse_args()
     compileall.compile_dir(os.path.join(ROOT, "nbdbackup"), quiet=1)
     if a.baseline and not os.path.isdir(os.path.join(a.baseline, "nbdbackup", "__pycache__")):
@@ -70,7 +75,7 @@ def main() -> int:
         out = os.path.join(d, "copy.raw")
         pull_args = ["-m", "nbdbackup.cli", "pull", uri, out, f"--connections={a.connections}",
                      "--manifest", os.path.join(d, "m.json"), f"--chunk-size={a.chunk_size}"]
-        ours_cmd = [sys.executable] + pull_args
+        ours_cmd = (["env"] + a.env if a.env else []) + [sys.executable] + pull_args
         if a.write_behind is not None:
             ours_cmd.append(f"--write-behind={a.write_behind}")
         if a.buffered:

@@ -58,7 +58,7 @@ import errno
 import mmap
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from ..blockdev.writeback import (
@@ -195,6 +195,16 @@ class ChunkWriter:
         ``chunk_id(mv)`` (None without one).  ``mv`` must not change until
         this returns."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._job, mv, base, pieces, chunk_id)
+
+    def submit(self, mv: memoryview, base: int, pieces: list[tuple[int, int]],
+               chunk_id: Callable[[memoryview], bytes] | None) -> Future:
+        """`write` from a thread: the job on the pool; its `Future`."""
+        return self._pool.submit(self._job, mv, base, pieces, chunk_id)
+
+    def job(self, mv: memoryview, base: int, pieces: list[tuple[int, int]],
+            chunk_id: Callable[[memoryview], bytes] | None) -> bytes | None:
+        """`write` on the calling thread (blocking)."""
+        return self._job(mv, base, pieces, chunk_id)
 
     def _job(self, mv: memoryview, base: int, pieces: list[tuple[int, int]],
              chunk_id: Callable[[memoryview], bytes] | None) -> bytes | None:

@@ -25,6 +25,13 @@ data written with ``O_DIRECT`` where the file system allows it (the chunk
 buffers are page-aligned for it) and the rest with write-behind, so the final
 flush finds little left to write (docs/pullfast.md).
 
+Receiving: from an `NBDDev` on plain sockets the data reads are received by
+a blocking thread per connection (`agent.pullthreads`, docs/pullthreads.md:
+``recv_into`` the chunk buffers, several chunks in flight per connection,
+replies matched by cookie); each finished chunk's job then goes to the same
+writer threads or sink.  TLS, ``trim_after_read`` and other sources keep the
+event loop (``PullStats.receive`` / ``receive_note`` say which ran).
+
 The manifest of the result: digests of worked chunks come from the source;
 other chunks are zero digests (full) or come from ``base`` (the previous
 pull's manifest, incremental) or, without it, from reading the target.
@@ -43,6 +50,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -56,6 +65,11 @@ from .manifest import DEFAULT_CHUNK, Manifest, digest, zero_digest
 #: it in copy_folio_from_iter_atomic (bench/pull_bench.py: alternate runs
 #: 0.35 vs 1.2 GB/s); 1 MiB pieces never did.
 MAX_READ = 1 << 20
+#: With the threaded receive (`agent.pullthreads`) into a `FileDev`: hash
+#: and write each chunk on the thread that received it (True) or on the
+#: `ChunkWriter` pool (False); ``NBDBACKUP_PULL_INLINE=0/1`` overrides
+#: (A/B, docs/pullthreads.md).
+INLINE = os.environ.get("NBDBACKUP_PULL_INLINE", "0") == "1"
 
 
 @dataclass
@@ -63,7 +77,9 @@ class PullStats:
     """What a pull did: bytes read from the source, written to and zeroed in
     the target, chunks worked / skipped, seconds; ``direct_io``: the target's
     aligned data went with ``O_DIRECT`` (`agent.filewriter.FileWriter`: on,
-    and never refused)."""
+    and never refused); ``receive``: which path received the data reads,
+    ``"threads"`` (`agent.pullthreads`: a blocking thread per connection)
+    or ``"asyncio"`` (the event loop), and ``receive_note`` why not threads."""
 
     size: int = 0
     bytes_read: int = 0
@@ -74,6 +90,8 @@ class PullStats:
     chunks_skipped: int = 0
     seconds: float = 0.0
     direct_io: bool = False
+    receive: str = "asyncio"
+    receive_note: str = ""
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -150,7 +168,8 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                read_whole: bool = False,
                trim_after_read: bool = False,
                write_behind: int | None = None, direct: bool = True,
-               sink_ids: bool = False) -> tuple[Manifest, PullStats]:
+               sink_ids: bool = False, threads: bool | None = None,
+               inline: bool | None = None) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
 
     ``dirty``: incremental with the dirty ranges given (sorted, disjoint
@@ -185,6 +204,12 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     `agent.filewriter.DEFAULT_WINDOW`).  ``direct``: with a `FileDev`
     target, write with ``O_DIRECT`` where possible (`FileWriter`; the
     write-behind window then only covers what goes through the page cache).
+    ``threads``: receive the data reads on a blocking thread per NBD
+    connection (`agent.pullthreads`; None: where it applies, see
+    `pullthreads.unsuitable`; False: on the event loop); ``stats.receive``
+    says which ran.  ``inline``: with threads and a `FileDev` target, hash
+    and write each chunk on its receiving thread instead of the writer
+    pool (None: `INLINE`).
     """
     t0 = time.monotonic()
     size = src.size
@@ -296,7 +321,79 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         if isinstance(dst, FileDev) and not dst.read_only:
             writer = ChunkWriter(FileWriter(dst, direct=direct),
                                  window=DEFAULT_WINDOW if write_behind is None else write_behind)
-    if writer is None:
+    from . import pullthreads
+
+    if threads is False:
+        why = "off"
+    elif trim_after_read:
+        why = "trim_after_read (TRIMs go through the asyncio client)"
+    else:
+        why = pullthreads.unsuitable(src, MAX_READ)
+    if why is not None and threads:
+        raise ConfigError(f"threaded receive not possible: {why}")
+    stats.receive_note = why or ""
+    if why is None:
+        stats.receive = "threads"
+        loop = asyncio.get_running_loop()
+        lock = threading.Lock()
+        patch = incremental and not read_whole
+        in_line = INLINE if inline is None else inline
+        total = len(work) * chunk_size
+
+        def blocking(coro):
+            return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+        def t_start(i: int, whole: memoryview):
+            c_off, c_len = man.chunk_range(i)
+            mv = whole[:c_len]
+            pieces = _pieces(wanted_data, c_off, c_off + c_len)
+            zeros = _split(wanted_zero, c_off, c_off + c_len)
+            if patch and _gaps(sorted(pieces + zeros), c_off, c_off + c_len):
+                blocking(dst.pread(mv, c_off))
+            return c_off, mv, pieces, (pieces, zeros)
+
+        def t_finish(i: int, c_off: int, mv: memoryview, state):
+            pieces, zeros = state
+            _blank(mv, c_off, zeros if patch else _gaps(pieces, c_off, c_off + len(mv)), zero_chunk)
+            if sink is not None and sink_ids:
+                return asyncio.run_coroutine_threadsafe(sink(i, None, mv), loop)
+            if sink is not None:
+                d = chunk_id(mv)
+                return asyncio.run_coroutine_threadsafe(_then(sink(i, d, mv), d), loop)
+            if writer is not None:
+                if zeros:
+                    blocking(_all(dst.zero(o, n, may_trim=True) for o, n in zeros))
+                if in_line:
+                    return writer.job(mv, c_off, pieces, chunk_id)
+                return writer.submit(mv, c_off, pieces, chunk_id)
+            return asyncio.run_coroutine_threadsafe(_write_hash(dst, mv, c_off, pieces, zeros, chunk_id), loop)
+
+        def t_complete(i: int, value, state) -> None:
+            nonlocal done_bytes
+            pieces, zeros = state
+            man.chunks[i] = value
+            with lock:
+                stats.bytes_read += sum(n for _, n in pieces)
+                if sink is None:
+                    stats.bytes_written += sum(n for _, n in pieces)
+                    stats.bytes_zeroed += sum(n for _, n in zeros)
+                done_bytes += man.chunk_range(i)[1]
+                done = done_bytes
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, done, total)
+
+        nbuf = int(os.environ.get("NBDBACKUP_PULL_NBUF", 0)) or max(2, -(-workers // len(src.clients)))
+        alloc = (lambda: FileWriter.alloc(chunk_size)) if writer is not None else \
+            (lambda: memoryview(bytearray(chunk_size)))
+        try:
+            await pullthreads.run(src.clients, queue, alloc=alloc, nbuf=nbuf, start=t_start,
+                                  finish=t_finish, complete=t_complete,
+                                  timeout=src.clients[0].request_timeout)
+        finally:
+            if writer is not None:
+                stats.direct_io = writer.out.direct
+                await asyncio.to_thread(writer.close)
+    elif writer is None:
         await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     else:
         tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
@@ -330,6 +427,27 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         await dst.flush()
     stats.seconds = time.monotonic() - t0
     return man, stats
+
+
+async def _then(coro, value):
+    """Await ``coro``, return ``value``."""
+    await coro
+    return value
+
+
+async def _all(coros) -> None:
+    await asyncio.gather(*coros)
+
+
+async def _write_hash(dst: BlockDev, mv: memoryview, c_off: int, pieces, zeros, chunk_id) -> bytes:
+    """A chunk into a target that is not a `FileDev` (hash and writes at once)."""
+    hashed = asyncio.ensure_future(_hash(mv, chunk_id))
+    try:
+        await asyncio.gather(*(dst.pwrite(mv[p - c_off : p - c_off + n], p) for p, n in pieces),
+                             *(dst.zero(o, n, may_trim=True) for o, n in zeros))
+    finally:
+        d = await hashed
+    return d
 
 
 async def manifest_of(dev: BlockDev, chunk_size: int = DEFAULT_CHUNK, workers: int = 8) -> Manifest:

@@ -1,0 +1,308 @@
+"""The pull's data reads on one blocking receive thread per NBD connection (docs/pullthreads.md).
+
+Role: the receive side of `agent.pull` when the source is an `NBDDev` on
+plain sockets.  The asyncio client (`nbd.client`) connects, negotiates and
+answers the BLOCK_STATUS queries that decide what is read; then each
+connection is *lent* to a thread of its own (`_Lent`): its transport stops
+reading, the thread gets a duplicate of its socket in blocking mode and the
+connection's sans-IO `Transmission` (`nbd.client_protocol`), and moves bytes
+between them itself: READ headers out with one ``sendall`` per chunk,
+``recv_into`` straight into the page-aligned chunk buffer through
+`Transmission.get_buffer` (no extra copy; the GIL is released while the
+kernel copies).  Each thread keeps up to ``nbuf`` chunks in flight (NBD
+pipelines requests; replies may come in any order: they are matched by
+cookie).  When a chunk's last reply is in, the thread calls ``finish``
+(hash + write inline, or hand to a pool: the caller decides), later
+``complete`` with its result, and reuses the buffer.  Afterwards the
+socket goes back to the asyncio transport, which resumes reading.
+
+Why: the asyncio path drains all connections on the one event-loop thread
+(recv copy, per-request Python, waking the server's senders) while nbdcopy
+has a thread per connection; the writer threads and the disk waited for
+that loop (docs/pullfast.md "Left").
+
+Errors: a server error reply fails the chunk with ``OSError(errno, ...)``
+naming the request; a closed connection with requests in flight raises
+`ConnectionClosed`; a protocol violation `RemoteProtocolError`.  The first
+error of any thread is raised by `run` after every thread stopped; the
+others stop taking chunks, finish the replies they wait for (the
+connection stays in step) and leave.  A connection that broke (EOF,
+violation, timeout, cancellation) is failed on the asyncio side too when it
+is given back (`_Lent.give_back`), so later use raises instead of hanging.
+
+Invariants: while lent, nothing on the event loop touches the connection
+(its transport does not read, `pull` issues no request on it): the
+`Transmission` has one user at a time.  A buffer is reused only after
+``finish``'s result (a future) is done.  `run` returns only when every
+thread has ended.
+
+Fields (`_Lent`): ``client``; ``conn`` (its `_Conn`); ``tx`` (its
+`Transmission`); ``sock`` (the duplicate socket, owned, closed by
+`give_back`); ``broken`` (the connection is unusable: set by the thread).
+(`_Run`): ``failed`` (first exception of any thread, or None; read by all
+threads to stop); ``lock`` guards ``failed`` and the ``take`` iterator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from concurrent.futures import Future
+from typing import Callable, Iterator
+
+from ..errors import ConnectionClosed, RemoteProtocolError
+from ..nbd.wire import Cmd
+
+_READ = int(Cmd.READ)
+
+def unsuitable(src, max_read: int) -> str | None:
+    """Why `run` cannot read ``src`` (None: it can): not an `NBDDev`, TLS,
+    a minimum block size above 1, a maximum below ``max_read``, requests in
+    flight, a transport without a socket."""
+    from ..blockdev.nbd import NBDDev
+
+    if os.environ.get("NBDBACKUP_PULL_THREADS", "1") == "0":
+        return "off (NBDBACKUP_PULL_THREADS=0)"
+    if not isinstance(src, NBDDev):
+        return "the source is not an NBD export"
+    for c in src.clients:
+        if c.uri.tls:
+            return "TLS connection (asyncio's TLS transport cannot be lent to a thread)"
+        if c._min != 1:
+            return f"the server's minimum block size is {c._min}"
+        if c._max < max_read:
+            return f"the server's maximum block size is {c._max}"
+        conn = c._conn
+        if c.closed or conn.futures or conn._wq or conn.transport is None:
+            return "the connection is busy or closed"
+        s = conn.transport.get_extra_info("socket")
+        if s is None or s.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+            return "the transport has no plain socket"
+    return None
+
+
+class _Lent:
+    """One connection lent to a receive thread (see the module doc)."""
+
+    def __init__(self, client, timeout: float | None) -> None:
+        self.client = client
+        self.conn = client._conn
+        self.tx = client._tx
+        raw = self.conn.transport.get_extra_info("socket")
+        self.conn.transport.pause_reading()
+        self.sock = socket.socket(fileno=os.dup(raw.fileno()))
+        # Blocking (the file status flags are shared with the transport's
+        # descriptor: `give_back` restores O_NONBLOCK).  With a timeout the
+        # socket stays non-blocking and polls first.
+        self.sock.settimeout(timeout)
+        self.broken: BaseException | None = None
+
+    def give_back(self) -> None:
+        try:
+            self.sock.setblocking(False)
+        finally:
+            self.sock.close()  # the duplicate only
+        conn = self.conn
+        if self.broken is not None:
+            err = self.broken if isinstance(self.broken, (ConnectionClosed, RemoteProtocolError)) \
+                else ConnectionClosed(f"connection unusable after a failed pull: {self.broken}")
+            conn._fail(err)
+        elif conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.resume_reading()
+
+
+class _Run:
+    def __init__(self, take: Iterator[int]) -> None:
+        self.failed: BaseException | None = None
+        self.lock = threading.Lock()
+        self._take = take
+
+    def next(self) -> int | None:
+        with self.lock:
+            if self.failed is not None:
+                return None
+            return next(self._take, None)
+
+    def fail(self, e: BaseException) -> None:
+        with self.lock:
+            if self.failed is None:
+                self.failed = e
+
+
+class _Chunk:
+    """A chunk being read by one thread (only that thread touches it).
+
+    ``i`` (its index); ``whole`` (its chunk buffer, reused after it is
+    settled); ``base`` (source offset of ``mv[0]``); ``mv`` (the chunk's
+    part of ``whole``); ``pieces`` (``(offset, length)`` requested);
+    ``left`` (replies still due); ``state`` (the caller's, or the
+    `OSError` of an error reply: then never finished).
+    """
+
+    __slots__ = ("i", "base", "mv", "whole", "pieces", "left", "state")
+
+    def __init__(self, i: int, whole: memoryview, base: int, mv: memoryview, pieces, state) -> None:
+        self.i = i
+        self.whole = whole
+        self.base = base
+        self.mv = mv
+        self.pieces = pieces
+        self.left = 0
+        self.state = state
+
+
+def _thread(lent: _Lent, run: _Run, alloc: Callable[[], memoryview], nbuf: int,
+            start, finish, complete) -> None:
+    """One connection's loop: issue reads for free buffers, receive, finish, complete."""
+    tx, sock = lent.tx, lent.sock
+    free: list[memoryview] = []
+    made = 0
+    reading: dict[int, _Chunk] = {}  # cookie -> chunk
+    finishing: list[tuple[object, _Chunk]] = []  # (Future or value, chunk)
+    exhausted = False
+    try:
+        while True:
+            # Settle what finished (any order); a failed finish fails the run.
+            if finishing:
+                keep = []
+                for f, ch in finishing:
+                    if isinstance(f, Future):
+                        if not f.done():
+                            keep.append((f, ch))
+                            continue
+                        value = f.result()
+                    else:
+                        value = f
+                    complete(ch.i, value, ch.state)
+                    free.append(ch.whole)
+                finishing = keep
+            if run.failed is not None:
+                exhausted = True
+            while not exhausted and (free or made < nbuf):
+                i = run.next()
+                if i is None:
+                    exhausted = True
+                    break
+                if free:
+                    whole = free.pop()
+                else:
+                    whole = alloc()
+                    made += 1
+                base, mv, pieces, state = start(i, whole)
+                ch = _Chunk(i, whole, base, mv, pieces, state)
+                if not pieces:
+                    finishing.append((finish(ch.i, ch.base, ch.mv, ch.state), ch))
+                    continue
+                hdrs = []
+                for p, n in pieces:
+                    cookie, hdr = tx.request(_READ, 0, p, n, mv[p - base : p - base + n])
+                    reading[cookie] = ch
+                    hdrs.append(hdr)
+                ch.left = len(pieces)
+                sock.sendall(b"".join(hdrs))
+            if reading:
+                buf = tx.get_buffer(-1)
+                n = sock.recv_into(buf)
+                if not n:
+                    tx.receive_eof()
+                    raise ConnectionClosed(f"the server closed the connection with {len(reading)} "
+                                           f"read requests in flight")
+                tx.buffer_updated(n)
+                if tx.events:
+                    evs = tx.events[:]
+                    tx.events.clear()
+                    for ev in evs:
+                        ch = reading.pop(ev.cookie)
+                        if ev.error:
+                            e = OSError(ev.error, f"{ev.message or os.strerror(ev.error)} "
+                                                  f"(NBD READ in chunk {ch.i})")
+                            run.fail(e)
+                            ch.state = e  # never finished: its buffer is not reused
+                            continue
+                        ch.left -= 1
+                        if ch.left == 0 and not isinstance(ch.state, BaseException):
+                            if run.failed is None:
+                                finishing.append((finish(ch.i, ch.base, ch.mv, ch.state), ch))
+                            else:
+                                free.append(ch.whole)
+                continue
+            if finishing:
+                f = finishing[0][0]
+                if isinstance(f, Future):
+                    f.exception()  # wait (the loop above settles it)
+                continue
+            if exhausted:
+                break
+    except BaseException as e:
+        if isinstance(e, TimeoutError) and lent.sock.gettimeout() is not None:
+            e = TimeoutError(f"NBD read timed out after {lent.sock.gettimeout()} s")
+        run.fail(e)
+        # Replies still due are parsed and dropped by the asyncio side (abandoned);
+        # a dead or out-of-step connection is failed there (`_Lent.give_back`).
+        for cookie in reading:
+            tx.abandon(cookie)
+        if reading or tx.broken or isinstance(e, (ConnectionClosed, RemoteProtocolError, TimeoutError)):
+            lent.broken = e
+        # Finish jobs already handed off: never free a buffer still being written.
+        for f, _ in finishing:
+            if isinstance(f, Future):
+                try:
+                    f.exception()
+                except BaseException:
+                    pass
+
+
+async def run(clients, take: Iterator[int], *, alloc: Callable[[], memoryview], nbuf: int,
+              start, finish, complete, timeout: float | None) -> None:
+    """Read the chunks ``take`` yields over ``clients`` (one thread each).
+
+    ``start(i, whole) -> (base, mv, pieces, state)``: prepare chunk ``i`` in
+    buffer ``whole``; ``pieces`` (``(offset, length)``) are read into
+    ``mv`` (which holds the source from ``base``).  ``finish(i, base, mv,
+    state)``: the reads are in; returns a `concurrent.futures.Future` (the
+    buffer is busy until it is done) or a value.  ``complete(i, value,
+    state)``: the chunk is done (on the receiving thread).
+    """
+    loop = asyncio.get_running_loop()
+    r = _Run(take)
+    lent: list[_Lent] = []
+    try:
+        for c in clients:
+            lent.append(_Lent(c, timeout))
+        done = [loop.create_future() for _ in lent]
+
+        def body(k: int) -> None:
+            try:
+                _thread(lent[k], r, alloc, nbuf, start, finish, complete)
+            finally:
+                loop.call_soon_threadsafe(_set, done[k])
+
+        threads = [threading.Thread(target=body, args=(k,), name=f"pull-recv-{k}", daemon=True)
+                   for k in range(len(lent))]
+        for t in threads:
+            t.start()
+        try:
+            await asyncio.shield(asyncio.gather(*done))
+        except asyncio.CancelledError:
+            # Stop the threads: no new chunks, and wake any recv.
+            r.fail(ConnectionClosed("pull cancelled"))
+            for x in lent:
+                x.broken = x.broken or ConnectionClosed("pull cancelled")
+                try:
+                    x.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            await asyncio.gather(*done)
+            raise
+    finally:
+        for x in lent:
+            x.give_back()
+    if r.failed is not None:
+        raise r.failed
+
+
+def _set(f: asyncio.Future) -> None:
+    if not f.done():
+        f.set_result(None)
