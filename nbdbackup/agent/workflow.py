@@ -132,6 +132,7 @@ class DiskResult:
     server_bytes_read: int | None = None  # the snapshot export's own count (query-export-stats)
     bytes_processed: int = 0        # bytes of the chunks the pull produced
     bytes_stored: int = 0           # bytes of new chunks written to the repository
+    compression: str | None = None  # how this run compressed its new chunks ("zstd:1", "none")
     new_chunks: int = 0
     chunks_worked: int = 0
     verify: dict = field(default_factory=dict)
@@ -447,8 +448,10 @@ class _RepoSink:
             return d, False
         if self.seen.setdefault(d, i) != i:  # (one atomic step) another chunk of this run has these bytes
             return d, False
-        # An incremental's changed chunks are new but for rare dedup hits: no existence probe.
-        return d, self.repo.put_chunk(d, data, probe=self.base_man is None)
+        # An incremental's changed chunks are new but for rare dedup hits: no existence probe;
+        # they are compressed at the repository's incremental level (Compression.level).
+        incremental = self.base_man is not None
+        return d, self.repo.put_chunk(d, data, probe=not incremental, incremental=incremental)
 
     async def __call__(self, i: int, _: None, data: memoryview) -> bytes:
         self.worked.add(i)
@@ -492,6 +495,7 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
             raise DiskFailed(f"snapshot export {r.own} is {src.size} bytes, the disk {r.size}")
         remote = getattr(repo.store, "remote", False)
         sink = _RepoSink(repo, base_man, res, pool=None if remote else _cpu_pool())
+        res.compression = repo.compression.level_name(base_man is not None)
 
         def progress(done: int, total: int) -> None:
             if opts.progress is not None:

@@ -5,7 +5,9 @@ returns its id; `pull` then takes the ids from the sink.  Checked here, in memor
 the manifest is the same as with `pull` hashing; a chunk with the base's id at its
 index (dirty, same bytes) is not stored; several chunks with the same new bytes
 are stored once, also when their jobs run on threads at the same time; a full
-backup probes for existing chunks, an incremental does not.
+backup probes for existing chunks, an incremental does not; an incremental's
+chunks are put as incremental (the repository's incremental compression level),
+a full backup's not.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ K = 64 * 1024
 
 
 class FakeRepo:
-    """chunk_id = blake3; put_chunk records (id, bytes, probe) and is new unless stored before.
+    """chunk_id = blake3; put_chunk records (id, bytes, probe) in ``puts`` and its
+    ``incremental`` in ``kinds``, and is new unless stored before.
     ``gate``: chunk_id waits at this barrier (jobs of several threads meet in it)."""
 
     def __init__(self, gate: threading.Barrier | None = None) -> None:
         self.puts: list[tuple[bytes, bytes, bool]] = []
+        self.kinds: list[bool] = []
         self.gate = gate
         self.ids = 0
 
@@ -38,8 +42,9 @@ class FakeRepo:
             self.gate.wait(5)
         return blake3.blake3(data).digest()
 
-    def put_chunk(self, d: bytes, data, *, probe: bool = True) -> bool:
+    def put_chunk(self, d: bytes, data, *, probe: bool = True, incremental: bool = False) -> bool:
         self.puts.append((d, bytes(data), probe))
+        self.kinds.append(incremental)
         return True
 
 
@@ -67,6 +72,7 @@ def test_pull_takes_the_ids_from_the_sink_and_stores_each_new_chunk_once() -> No
     stored = sorted(data[:1] for _, data, _ in repo.puts)
     assert stored == [b"A", b"B", b"C"]  # A once, though three chunks hold it
     assert all(probe for _, _, probe in repo.puts)  # a full backup: existing chunks are probed
+    assert repo.kinds == [False] * 3  # ... and compressed at the full level
     assert set(sink.new) == {d for d, _, _ in repo.puts}
 
 
@@ -87,6 +93,7 @@ def test_incremental_skips_the_base_chunks_and_does_not_probe() -> None:
     # chunks 0 and 2 are dirty but hold the base's bytes: not stored
     assert sorted(data[:1] for _, data, _ in repo.puts) == [b"B", b"D"]
     assert not any(probe for _, _, probe in repo.puts)
+    assert repo.kinds == [True, True]  # compressed at the incremental level
 
 
 def test_the_same_new_bytes_on_two_threads_at_once_are_stored_once() -> None:
