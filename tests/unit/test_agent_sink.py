@@ -16,6 +16,7 @@ import asyncio
 import threading
 
 import blake3
+import pytest
 
 from nbdbackup.agent.manifest import Manifest
 from nbdbackup.agent.pull import manifest_of, pull
@@ -131,3 +132,63 @@ def test_jobs_run_on_the_pool_given() -> None:
         sink = _RepoSink(Repo(), None, DiskResult(server="s", disk="d"), pool=given)
         asyncio.run(sink(0, None, memoryview(b"q" * K)))
         assert names and names[0].startswith(prefix), names
+
+
+def test_warm_up_loads_the_bases_and_keeps_a_failure_for_its_disk() -> None:
+    """`_warm_up` (run on a thread during the backup transaction) loads each incremental's
+    base manifest into a future; a base that fails to load is kept as its exception (raised
+    later by that disk's pull, which then fails and rolls back), never raised here; a full
+    backup's run gets no future."""
+    from nbdbackup.agent.decide import Decision
+    from nbdbackup.agent.workflow import _DiskRun, _warm_up
+    from nbdbackup.errors import ConfigError
+
+    good = Manifest(4 * K, K)
+
+    class Repo:
+        class store:
+            remote = False
+
+        def load_snapshot(self, name: str):
+            if name == "bad":
+                raise ConfigError("snapshot 'bad' is damaged")
+            return good
+
+    def run(kind: str, base: str | None) -> _DiskRun:
+        dec = Decision(kind, "test", base=base, base_bitmap="b" if base else None)
+        return _DiskRun(f"d-{base}", 4 * K, dec, "s", "own", DiskResult(server="s", disk="d"))
+
+    runs = [run("incremental", "ok"), run("incremental", "bad"), run("full", None)]
+    _warm_up(Repo(), runs)
+    assert runs[0].base_man.result() is good
+    with pytest.raises(ConfigError, match="damaged"):
+        runs[1].base_man.result()
+    assert runs[2].base_man is None
+
+
+def test_discard_closes_an_opened_device_and_cancels_one_opening() -> None:
+    from nbdbackup.agent.workflow import _discard
+
+    closed: list[str] = []
+
+    class Dev:
+        async def close(self) -> None:
+            closed.append("closed")
+
+    async def opens_at_once():
+        return Dev()
+
+    async def never_opens():
+        await asyncio.sleep(3600)
+
+    async def main():
+        done = asyncio.ensure_future(opens_at_once())
+        await asyncio.sleep(0)
+        await _discard(done)
+        slow = asyncio.ensure_future(never_opens())
+        await asyncio.sleep(0)
+        await _discard(slow)
+        assert slow.cancelled()
+
+    asyncio.run(main())
+    assert closed == ["closed"]
