@@ -440,3 +440,29 @@ def test_segments_equal_a_walk_of_every_cluster():
         st.end_read(segs)
         assert not st.readers and not st.scratch_readers
     assert st.segments(0, size, allow_trimmed=True)  # (the loop ran)
+
+
+def test_block_status_of_an_untouched_snapshot_does_not_walk_its_clusters():
+    """A snapshot export nothing has written to yet (every cluster read from the source) is
+    split into one segment with a handful of `where` calls, whatever its size (it was one
+    call per cluster: ~16k for 1 GiB of 64 KiB clusters, 9-90 ms of a block status), and
+    `SnapshotDev.extents` answers it without registering a reader."""
+    from nbdbackup.backup.snapshot import SnapshotDev
+
+    n = 1 << 16
+    st = CopyState(MemoryDev(n * CS), MemoryDev(n * CS), CS)
+    calls = []
+    real = st.where
+    st.where = lambda c: calls.append(c) or real(c)
+    assert st.segments(0, n * CS, allow_trimmed=True) == [(0, n * CS, "source")]
+    assert len(calls) <= 2, len(calls)
+    st.done.set(n // 2, 3)  # copied clusters: walked, the source runs around them are not
+    st.in_scratch.set(n // 2, 3)
+    calls.clear()
+    assert [w for _, _, w in st.segments(0, n * CS)] == ["source", "scratch", "source"]
+    assert len(calls) <= 8, len(calls)
+    added = []
+    st.readers.add = lambda *a: added.append(a)
+    dev = SnapshotDev(st)
+    ext = run(dev.extents(0, n * CS))
+    assert ext and sum(e.length for e in ext) == n * CS and not added
