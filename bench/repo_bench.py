@@ -229,7 +229,7 @@ class Ours:
 
     def __init__(self, procs, ws, image: str, store: Store, plain: bool, verify: str = "off", *,
                  kdf: str = "none", chunk_size: str | None = None, tag: str = "ours",
-                 checkout: str | None = None) -> None:
+                 checkout: str | None = None, compression: str = "zstd") -> None:
         self.store, self.env, self.verify = store, store.env(), verify
         #: Another checkout to run instead of this one (``--baseline``): its server and commands.
         self.cwd = checkout
@@ -251,7 +251,7 @@ class Ours:
         init_help = subprocess.run(PY + ["repo", "init", "--help"], capture_output=True, text=True,
                                    cwd=self.cwd or ROOT, env=self.env).stdout
         if not plain and "--encryption" in init_help:
-            init += ["--encryption", "repokey", "--compression", "zstd:3"]
+            init += ["--encryption", "repokey", "--compression", compression]
             self.encrypted = True
         else:
             self.encrypted = False
@@ -381,7 +381,7 @@ def one(res: common.Results, dataset: str, store_kind: str, a, rgw) -> None:
                     subprocess.run(["cp", "--reflink=auto", "--sparse=always", image, img], check=True)
                 o = Ours(procs, ws, img, store, a.plain, a.verify, kdf="scrypt" if t == "ours-scrypt" else "none",
                          chunk_size=a.chunk_size, tag=t.replace("-", ""),
-                         checkout=a.baseline if t == "ours-base" else None)
+                         checkout=a.baseline if t == "ours-base" else None, compression=a.compression)
                 if t != "ours":
                     o.name = {"ours-scrypt": "nbdbackup-scrypt", "ours-base": "nbdbackup-base"}[t]
                 res.meta.setdefault("kdf", {})[o.name] = o.kdf
@@ -468,6 +468,10 @@ def main() -> int:
                     help="ours (key unlocked from a --kdf none key file), ours-scrypt (from the passphrase), "
                          "restic, borg")
     ap.add_argument("--chunk-size", metavar="SIZE", help="our repo init --chunk-size (default: repo init's)")
+    ap.add_argument("--compression", default="zstd", metavar="zstd[:LEVEL]",
+                    help="our repo init --compression when encrypted (default zstd: adaptive, level 3 for "
+                         "full backups and 1 for incrementals; a checkout without the adaptive setting reads "
+                         "it as zstd:3)")
     ap.add_argument("--baseline", metavar="DIR",
                     help="another checkout (e.g. a 'git worktree' of main): tool ours-base runs its server and "
                          "commands (this interpreter, cwd and PYTHONPATH DIR), interleaved with ours, on a copy "
@@ -495,6 +499,7 @@ def main() -> int:
                            stdout=subprocess.DEVNULL)
     res.meta.update(commit=common.git_commit(), machine=common.machine_info(), size=a.size, plain=a.plain,
                     chunk_size=a.chunk_size or "repo init default", incrementals=a.incrementals,
+                    compression=a.compression,
                     versions={"restic": common.tool_version(["restic", "version"]),
                               "borg": common.tool_version(["borg", "--version"])})
     rgw = None

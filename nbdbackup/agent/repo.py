@@ -12,7 +12,9 @@ Layout over an `ObjectStore` (keys are '/'-separated paths), format 2::
 
     config.json                 {"format": "nbdbackup-repo", "version": 2, "id": "<32 hex>",
                                  "chunk_size": N, "encryption": "none|repokey|keyfile",
-                                 "compression": "zstd:LEVEL|none"}  (plain JSON: read before any key)
+                                 "compression": "zstd|zstd:LEVEL|none"}  (plain JSON: read before any
+                                key; "zstd" = adaptive: level 3 for a full backup's chunks, 1 for an
+                                incremental's, `agent.codec.Compression`)
     keys/repokey                ``repokey`` only: the wrapped master key (`agent.crypto`)
     chunks/<2 hex>/<64 hex>     a chunk, encoded by `agent.codec` (zstd when it pays, AES-256-GCM
                                 when encrypted); its name is the chunk's id: blake3 of its
@@ -89,7 +91,7 @@ import blake3
 from . import crypto
 from ..blockdev.base import BASE_ALLOCATION, HOLE_ZERO, BlockDev, Buffer, BlockSize, Capabilities, Extent
 from ..errors import ConfigError
-from .codec import DEFAULT_LEVEL, Codec, CodecError, compression_name, parse_compression
+from .codec import Codec, CodecError, Compression, parse_compression
 from .crypto import MasterKey, Passphrase
 from .manifest import Manifest, digest, zero_digest
 
@@ -510,8 +512,10 @@ class Repository:
 
     Fields: ``store``; ``chunk_size``; ``id`` (random hex, names the
     repository in key blobs and key file paths); ``encryption`` (``none``,
-    ``repokey``, ``keyfile``); ``codec`` (`agent.codec.Codec`: compression
-    level and encryption key); ``_master`` (the unwrapped `MasterKey`, None
+    ``repokey``, ``keyfile``); ``compression`` (`agent.codec.Compression`: the
+    config's setting, which level a full backup's and an incremental's chunks
+    get); ``codec`` (`agent.codec.Codec`: the encryption key, and the level of
+    everything but chunks: the full level); ``_master`` (the unwrapped `MasterKey`, None
     when not encrypted); ``_id_key`` (its keyed-blake3 key of chunk ids);
     ``_key_source`` (where the wrapped key was read
     from: ``("store", "keys/repokey")`` or ``("file", PATH)``; None when not
@@ -523,12 +527,13 @@ class Repository:
 
     def __init__(self, store: Store, chunk_size: int, *, repo_id: str = "", encryption: str = "none",
                  codec: Codec | None = None, master: MasterKey | None = None,
-                 key_source: tuple[str, str] | None = None) -> None:
+                 key_source: tuple[str, str] | None = None, compression: Compression | None = None) -> None:
         self.store = store
         self.chunk_size = chunk_size
         self.id = repo_id
         self.encryption = encryption
         self.codec = codec if codec is not None else Codec(level=None)
+        self.compression = compression if compression is not None else Compression.fixed(self.codec.level)
         self._id_key = master.id_key if master is not None else None
         self._master = master
         self._key_source = key_source
@@ -538,13 +543,15 @@ class Repository:
 
     @classmethod
     def init(cls, store: Store, chunk_size: int = DEFAULT_REPO_CHUNK, *, encryption: str = "none",
-             compression: int | None = DEFAULT_LEVEL, passphrase: Passphrase = None, key_file: str | None = None,
+             compression: Compression | int | None = Compression.auto(), passphrase: Passphrase = None, key_file: str | None = None,
              log_n: int = crypto.LOG_N, kdf: str = "scrypt") -> "Repository":
         """Create a repository; ``encryption`` ``repokey``/``keyfile`` wraps a new
         master key with ``passphrase`` and keeps it in the store / in ``key_file``
         (default `crypto.default_key_path`).  ``kdf="none"`` (``keyfile`` only):
         the key file holds the key unwrapped, 0600, and no passphrase is asked
-        (`crypto.plain_blob`).  The config is written last."""
+        (`crypto.plain_blob`).  ``compression``: a `Compression`, or a fixed zstd
+        level (None: none); default the adaptive ``zstd``.  The config is written last."""
+        comp = Compression.of(compression)
         Manifest(0, chunk_size)  # validates the chunk size
         if encryption not in ENCRYPTIONS:
             raise ConfigError(f"encryption {encryption!r}: give {', '.join(ENCRYPTIONS)}")
@@ -582,10 +589,10 @@ class Repository:
                 crypto.write_private(source[1], blob)
         store.put(CONFIG, json.dumps({"format": FORMAT, "version": VERSION, "id": repo_id,
                                       "chunk_size": chunk_size, "encryption": encryption,
-                                      "compression": compression_name(compression)}, indent=1).encode())
+                                      "compression": comp.name}, indent=1).encode())
         store.flush()
         return cls(store, chunk_size, repo_id=repo_id, encryption=encryption, master=master, key_source=source,
-                   codec=Codec(level=compression, key=master.enc_key if master else None))
+                   codec=Codec(level=comp.full, key=master.enc_key if master else None), compression=comp)
 
     @classmethod
     def open(cls, store: Store, *, passphrase: Passphrase = None, key_file: str | None = None,
@@ -599,6 +606,34 @@ class Repository:
         passphrase file): a repository whose config says it is not encrypted
         is refused, so a store operator who rewrites config.json cannot make
         such a client write plaintext.  Every failure is a `ConfigError`."""
+        cfg = cls.config(store)
+        repo_id, chunk_size, enc, comp = cfg["id"], cfg["chunk_size"], cfg["encryption"], cfg["compression"]
+        if enc == "none":
+            if require_encryption or key_file:
+                raise ConfigError(f"{store.root} is not encrypted, but a key or passphrase file was given "
+                                  "(its config.json says encryption none)")
+            return cls(store, chunk_size, repo_id=repo_id, codec=Codec(level=comp.full), compression=comp)
+        blob, source = cls._read_key(store, repo_id, enc, key_file)
+        if source[0] == "file" and crypto.blob_kdf(blob, source[1]) == "none":  # checked private by _read_key
+            master = crypto.unwrap_plain(blob, repo_id, source[1])
+            return cls(store, chunk_size, repo_id=repo_id, encryption=enc, master=master, key_source=source,
+                       codec=Codec(level=comp.full, key=master.enc_key), compression=comp)
+        try:
+            secret = passphrase() if callable(passphrase) else passphrase
+        except ConfigError as e:
+            raise ConfigError(f"{store.root} is encrypted: {e}") from None
+        if not secret:
+            raise ConfigError(f"{store.root} is encrypted: a passphrase is needed")
+        master = crypto.unwrap(blob, secret, repo_id,
+                               source[1] if source[0] == "file" else f"{store.root}/{source[1]}")
+        return cls(store, chunk_size, repo_id=repo_id, encryption=enc, master=master, key_source=source,
+                   codec=Codec(level=comp.full, key=master.enc_key), compression=comp)
+
+    @staticmethod
+    def config(store: Store) -> dict:
+        """The repository's config.json, checked: ``id`` (str), ``version``,
+        ``chunk_size`` (int), ``encryption``, ``compression`` (a `Compression`).
+        Needs no key (``repo info``); every failure is a `ConfigError`."""
         try:
             cfg = json.loads(store.get(CONFIG))
         except FileNotFoundError:
@@ -615,32 +650,18 @@ class Repository:
             raise ConfigError(f"{store.root}: {FORMAT} version {cfg.get('version')!r}, this nbdbackup reads "
                               f"version {VERSION}")
         try:
-            repo_id, chunk_size, enc = str(cfg["id"]), int(cfg["chunk_size"]), cfg["encryption"]
-            level = parse_compression(cfg["compression"])
-            if enc not in ENCRYPTIONS:
-                raise ValueError(f"encryption {enc!r}")
+            out = {"id": str(cfg["id"]), "version": cfg["version"], "chunk_size": int(cfg["chunk_size"]),
+                   "encryption": cfg["encryption"], "compression": parse_compression(cfg["compression"])}
+            if out["encryption"] not in ENCRYPTIONS:
+                raise ValueError(f"encryption {out['encryption']!r}")
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise ConfigError(f"{store.root}/{CONFIG} is damaged: {e}") from None
-        if enc == "none":
-            if require_encryption or key_file:
-                raise ConfigError(f"{store.root} is not encrypted, but a key or passphrase file was given "
-                                  "(its config.json says encryption none)")
-            return cls(store, chunk_size, repo_id=repo_id, codec=Codec(level=level))
-        blob, source = cls._read_key(store, repo_id, enc, key_file)
-        if source[0] == "file" and crypto.blob_kdf(blob, source[1]) == "none":  # checked private by _read_key
-            master = crypto.unwrap_plain(blob, repo_id, source[1])
-            return cls(store, chunk_size, repo_id=repo_id, encryption=enc, master=master, key_source=source,
-                       codec=Codec(level=level, key=master.enc_key))
-        try:
-            secret = passphrase() if callable(passphrase) else passphrase
-        except ConfigError as e:
-            raise ConfigError(f"{store.root} is encrypted: {e}") from None
-        if not secret:
-            raise ConfigError(f"{store.root} is encrypted: a passphrase is needed")
-        master = crypto.unwrap(blob, secret, repo_id,
-                               source[1] if source[0] == "file" else f"{store.root}/{source[1]}")
-        return cls(store, chunk_size, repo_id=repo_id, encryption=enc, master=master, key_source=source,
-                   codec=Codec(level=level, key=master.enc_key))
+        return out
+
+    @staticmethod
+    def snapshot_names(store: Store) -> list[str]:
+        """The names of the snapshots in ``store``, sorted (a listing; no key needed)."""
+        return sorted(n for n in (k[len("snapshots/"):] for k in store.list("snapshots")) if _NAME.match(n))
 
     @staticmethod
     def _read_key(store: Store, repo_id: str, enc: str, key_file: str | None) -> tuple[bytes, tuple[str, str]]:
@@ -714,9 +735,11 @@ class Repository:
             d = self._zero[length] = zero_digest(length) if self._id_key is None else self.chunk_id(bytes(length))
         return d
 
-    def put_chunk(self, d: bytes, data: Buffer, *, probe: bool = True) -> bool:
+    def put_chunk(self, d: bytes, data: Buffer, *, probe: bool = True, incremental: bool = False) -> bool:
         """Store ``data`` under id ``d`` unless known; True if it was new.
-        Compresses and encrypts: call it on a worker thread.  On a remote
+        Compresses and encrypts: call it on a worker thread.  ``incremental``:
+        the chunk is written by an incremental (a pull against a base snapshot),
+        compressed at the setting's incremental level (`Compression.level`).  On a remote
         store the existence check is skipped while checks keep missing
         (`ProbeGate`).  ``probe=False``:
         no existence check first (one S3 HEAD less per chunk, for chunks that
@@ -733,7 +756,8 @@ class Repository:
                 self._probe.saw(known)
             if known:
                 return False
-        new = self.store.put_new(key, self.codec.encode_reused(key, data))
+        new = self.store.put_new(key, self.codec.encode_reused(key, data,
+                                                               level=self.compression.level(incremental)))
         if remote and probe and not probed:
             self._probe.saw(not new)
         return new
@@ -916,7 +940,7 @@ class Repository:
         return self.store.exists(_snap_key(check_name(name)))
 
     def snapshots(self) -> list[str]:
-        return sorted(n for n in (k[len("snapshots/"):] for k in self.store.list("snapshots")) if _NAME.match(n))
+        return self.snapshot_names(self.store)
 
     def snapshot_time(self, name: str, info: dict | None = None) -> tuple[datetime.datetime, bool]:
         """When the snapshot was written (aware, UTC) and whether that is a guess.

@@ -333,6 +333,11 @@ class Readers:
                 await fut
 
 
+def _or_end(found: int, end: int) -> int:
+    """A bitmap search's result (-1: none) as a position in ``[.., end]``."""
+    return end if found < 0 else found
+
+
 #: Claim kinds (rule 3): where a claimed cluster's content comes from.
 FROM_SOURCE, FROM_SCRATCH, FROM_ZERO = "source", "scratch", "zero"
 #: Segment locations of `CopyState.begin_read`.
@@ -1067,29 +1072,48 @@ class CopyState:
             return "target"
         return "trimmed"  # done and stored nowhere: only a trim does that
 
-    def begin_read(self, offset: int, length: int, *,
-                   allow_trimmed: bool = False) -> list[tuple[int, int, Where]]:
-        """Synchronously split ``(offset, length)`` into segments ``(offset,
-        length, where)`` (`where`) and register as a reader of every cluster
-        read from the source or the scratch.  A trimmed cluster raises EACCES
-        (nothing registered) unless ``allow_trimmed`` (block status).  The
-        caller MUST call `end_read` with the result.
-        """
+    def segments(self, offset: int, length: int, *,
+                 allow_trimmed: bool = False) -> list[tuple[int, int, Where]]:
+        """``(offset, length)`` split into maximal segments ``(offset, length,
+        where)`` (`where`), registering nothing: for a caller that uses them
+        with no await in between (`begin_read` registers).  A trimmed
+        cluster raises EACCES unless ``allow_trimmed``.
+
+        A run of clusters the snapshot reads from the source (not done, not
+        trimmed: every cluster of a backup nothing has written to yet) is found
+        with two bitmap searches, not cluster by cluster (a block status of a
+        whole 1 GiB snapshot export was ~16k calls of `where`, 5-15 ms);
+        other runs are walked per cluster: the segments are exactly those of a
+        walk of every cluster."""
         first, end = self.clusters_of(offset, length)
         stop = offset + length
         segs: list[tuple[int, int, Where]] = []
         c = first
         while c < end:
             w = self.where(c)
-            e = c + 1
-            while e < end and self.where(e) == w:
-                e += 1
+            if w == "source":  # ends exactly where `where` says something else
+                e = min(_or_end(self.trimmed.next_set(c, end), end), _or_end(self.done.next_set(c, end), end))
+            else:
+                e = c + 1
+                while e < end and self.where(e) == w:
+                    e += 1
             if w == "trimmed" and not allow_trimmed:
                 raise OSError(errno.EACCES, "this part of the snapshot was discarded (TRIM)")
             lo, ln = self.span(c, e - c)
             lo2, hi2 = max(lo, offset), min(lo + ln, stop)
             segs.append((lo2, hi2 - lo2, w))
             c = e
+        return segs
+
+    def begin_read(self, offset: int, length: int, *,
+                   allow_trimmed: bool = False) -> list[tuple[int, int, Where]]:
+        """Synchronously split ``(offset, length)`` into segments ``(offset,
+        length, where)`` (`segments`) and register as a reader of every cluster
+        read from the source or the scratch.  A trimmed cluster raises EACCES
+        (nothing registered) unless ``allow_trimmed`` (block status).  The
+        caller MUST call `end_read` with the result.
+        """
+        segs = self.segments(offset, length, allow_trimmed=allow_trimmed)
         for off, ln, w in segs:
             if w == "source":
                 self.readers.add(*self.clusters_of(off, ln))

@@ -170,6 +170,10 @@ class SnapshotDev(BlockDev):
 
     async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
         self._check()
+        if context == BASE_ALLOCATION:
+            got = self.extents_now(offset, length, context)  # every device answers at once: no task
+            if got is not None:
+                return got
         if context != BASE_ALLOCATION:
             provider = self._contexts.get(context)
             if provider is None:
@@ -196,26 +200,26 @@ class SnapshotDev(BlockDev):
     def extents_now(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent] | None:
         """`extents` of ``base:allocation`` without a task when every device
         answers at once (`BlockDev.extents_now`), else None (the server's
-        READ fast path asks it before a structured read)."""
+        READ fast path asks it before a structured read; `extents` tries it
+        first).  Nothing can run between the split into segments and the
+        answer here (no await), so no cluster is registered as read
+        (`CopyState.segments`): a copy-before-write cannot change what a
+        segment's device says before it has said it."""
         if context != BASE_ALLOCATION or self._closed or self.state.broken is not None:
             return None
         st = self.state
-        segs = st.begin_read(offset, length, allow_trimmed=True)
         out: list[Extent] = []
-        try:
-            for off, ln, where in segs:
-                dev = st.device(where)
-                if dev is None:
-                    out.append(Extent(off, ln, HOLE_ZERO if where == "zero" else int(StateFlag.HOLE)))
-                    continue
-                pos, end = off, off + ln
-                while pos < end:
-                    got = dev.extents_now(pos, end - pos, BASE_ALLOCATION)
-                    if got is None:
-                        return None
-                    pos = _clip(got, pos, end, out)
-        finally:
-            st.end_read(segs)
+        for off, ln, where in st.segments(offset, length, allow_trimmed=True):
+            dev = st.device(where)
+            if dev is None:
+                out.append(Extent(off, ln, HOLE_ZERO if where == "zero" else int(StateFlag.HOLE)))
+                continue
+            pos, end = off, off + ln
+            while pos < end:
+                got = dev.extents_now(pos, end - pos, BASE_ALLOCATION)
+                if got is None:
+                    return None
+                pos = _clip(got, pos, end, out)
         return merge_extents(out)
 
     async def close(self) -> None:

@@ -114,7 +114,7 @@ async def _pull_repo(args: argparse.Namespace) -> int:
             if d in seen:
                 return
             seen.add(d)
-            added = await asyncio.to_thread(repo.put_chunk, d, data)
+            added = await asyncio.to_thread(repo.put_chunk, d, data, incremental=base is not None)
             new_chunks += added
 
         try:
@@ -129,7 +129,8 @@ async def _pull_repo(args: argparse.Namespace) -> int:
             await src.close()
         repo.save_snapshot(args.snapshot, man, source=args.uri, parent=args.base)
     out = stats.to_json()
-    out.update(root=man.root.hex(), snapshot=args.snapshot, new_chunks=new_chunks)
+    out.update(root=man.root.hex(), snapshot=args.snapshot, new_chunks=new_chunks,
+               compression=repo.compression.level_name(base is not None))
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()

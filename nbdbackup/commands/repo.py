@@ -1,4 +1,4 @@
-"""``nbdbackup repo init|list|verify|delete|prune|gc|key``: a chunk repository (`agent.repo`).
+"""``nbdbackup repo init|info|list|verify|delete|prune|gc|key``: a chunk repository (`agent.repo`).
 
 A repository is a directory or ``s3://BUCKET/PREFIX`` (`agent.s3store`:
 credentials, region and endpoint from the usual AWS environment variables
@@ -17,7 +17,10 @@ and ``gc`` hold the repository lock exclusive and fail at once if a pull
 (or verify) holds it shared; ``prune --dry-run`` holds it shared.
 
 ``init --encryption repokey|keyfile|none --compression zstd[:LEVEL]|none``
-chooses how chunks are stored (`agent.codec`, `agent.crypto`); ``key
+chooses how chunks are stored (`agent.codec`, `agent.crypto`; ``zstd``, the
+default, is adaptive: level 3 for a full backup's chunks, 1 for an
+incremental's); ``info`` shows those settings from config.json (no key
+needed); ``key
 export [FILE]`` copies the wrapped key out (no passphrase needed: it is
 useless without it), ``key change-passphrase`` rewraps it where it lives.
 """
@@ -48,13 +51,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--encryption", choices=("repokey", "keyfile", "none"), default="none",
                    help="repokey: the passphrase-wrapped key is kept in the repository; keyfile: in a local "
                         "file (--key-file, default $XDG_CONFIG_HOME/nbdbackup/keys/ID); none (default)")
-    i.add_argument("--compression", default="zstd:3", metavar="zstd[:LEVEL]|none",
-                   help="chunk compression (default zstd:3; chunks it does not shrink are stored raw)")
+    i.add_argument("--compression", default="zstd", metavar="zstd[:LEVEL]|none",
+                   help="chunk compression: zstd (default) is adaptive: a full backup's chunks at level 3, "
+                        "an incremental's (written against a base snapshot) at level 1, ~35%% less CPU for "
+                        "~8%% more bytes of the few changed chunks; zstd:LEVEL (1-22) every chunk at LEVEL; "
+                        "none. Chunks it does not shrink are stored raw")
     i.add_argument("--kdf", choices=("scrypt", "none"), default="scrypt",
                    help="keyfile only: none writes the key unwrapped to a 0600 key file and asks no passphrase "
                         "(unattended runs without the ~0.3 s scrypt; see docs/incr.md); default scrypt")
     _s3(i)
     i.set_defaults(func=cmd_init)
+    inf = rsub.add_parser("info", help="show a repository's settings (chunk size, encryption, compression)",
+                          description="Show what config.json says (no passphrase needed) and how many "
+                                      "snapshots the repository holds.")
+    inf.add_argument("dir", metavar="REPO", help=REPO_HELP)
+    _s3(inf)
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=cmd_info)
     k = rsub.add_parser("key", help="an encrypted repository's key: export, change-passphrase")
     ksub = k.add_subparsers(dest="key_command", metavar="ACTION", required=True)
     ke = ksub.add_parser("export", help="write the wrapped key (keep it safe: with the passphrase it opens "
@@ -155,11 +168,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     from ..agent.repo import Repository
     from .repoargs import passphrase_of
 
-    level = parse_compression(args.compression)
+    comp = parse_compression(args.compression)
     repo = Repository.init(open_store_args(args, args.dir), parse_size(args.chunk_size), encryption=args.encryption,
-                           compression=level, passphrase=passphrase_of(args, confirm=True, spec=args.dir),
+                           compression=comp, passphrase=passphrase_of(args, confirm=True, spec=args.dir),
                            key_file=args.key_file, kdf=args.kdf)
-    print(f"repository {args.dir} created ({repo.chunk_size} byte chunks, compression {args.compression}, "
+    print(f"repository {args.dir} created ({repo.chunk_size} byte chunks, compression "
+          f"{repo.compression.describe()}, "
           f"encryption {args.encryption})")
     if repo.encryption == "keyfile" and args.kdf == "none":
         print(f"key: {repo._key_source[1]} (mode 0600, NO passphrase: whoever reads it reads and writes the "
@@ -171,6 +185,24 @@ def cmd_init(args: argparse.Namespace) -> int:
     elif repo.encryption == "repokey":
         print("the key is in the repository, wrapped by the passphrase: keep a copy elsewhere too "
               "('nbdbackup repo key export')")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """The repository's settings, read from config.json without unlocking the key."""
+    from ..agent.repo import Repository
+
+    store = open_store_args(args, args.dir)
+    cfg = Repository.config(store)
+    comp = cfg["compression"]
+    doc = {"repository": args.dir, "id": cfg["id"], "version": cfg["version"], "chunk_size": cfg["chunk_size"],
+           "encryption": cfg["encryption"], "compression": comp.name,
+           "compression_levels": {"full": comp.level(False), "incremental": comp.level(True)},
+           "snapshots": len(Repository.snapshot_names(store))}
+    _emit(args, doc, "\n".join((
+        f"repository   {args.dir}", f"id           {doc['id']}", f"format       {cfg['version']}",
+        f"chunk size   {doc['chunk_size']} bytes", f"encryption   {doc['encryption']}",
+        f"compression  {comp.describe()}", f"snapshots    {doc['snapshots']}")))
     return 0
 
 

@@ -2,9 +2,10 @@
 
 Usage (``python agent_writer.py MODE URI [URI2] ...``):
 
-- ``burst URI SEED COUNT CLUSTER``: write COUNT random clusters (CLUSTER bytes,
-  aligned) with random data, then print the sorted distinct cluster indexes as
-  JSON and exit.  Deterministic for a seed.
+- ``burst URI SEED COUNT CLUSTER [text]``: write COUNT random clusters (CLUSTER
+  bytes, aligned) with random data (``text``: compressible, file-like lines
+  instead), then print the sorted distinct cluster indexes as JSON and exit.
+  Deterministic for a seed.
 - ``loop URI SEED CLUSTER``: write random clusters until SIGTERM/SIGKILL.
 - ``lockstep URI1 URI2``: for k = 1, 2, ...: write k (8 bytes, little endian) at
   offset 0 of URI1, then of URI2, until killed; a disk pair taken at one point in
@@ -30,17 +31,28 @@ def _open(uri: str) -> "nbd.NBD":
     return h
 
 
+def _text(rng: random.Random, n: int) -> bytes:
+    """``n`` bytes of file-like lines (compressible about 3-4x, as a file system's files)."""
+    words = [b"usr", b"share", b"lib", b"python3", b"config", b"value", b"=", b"#", b"/", b"0x", b"true"]
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choice(words) + b"%x" % rng.randrange(1 << 16) for _ in range(rng.randrange(3, 12)))
+        out += b"\n"
+    return bytes(out[:n])
+
+
 def main(argv: list[str]) -> None:
     mode = argv[0]
     if mode == "burst":
         uri, seed, count, cluster = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+        text = argv[5:] == ["text"]
         rng = random.Random(seed)
         h = _open(uri)
         n = h.get_size() // cluster
         done = set()
         for _ in range(count):
             i = rng.randrange(n)
-            h.pwrite(rng.randbytes(cluster), i * cluster)
+            h.pwrite(_text(rng, cluster) if text else rng.randbytes(cluster), i * cluster)
             done.add(i)
         h.flush()
         h.shutdown()

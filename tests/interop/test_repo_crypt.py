@@ -208,4 +208,4 @@ def test_key_export_key_file_and_change_passphrase(short_tmp, monkeypatch):
     r = nb("repo", "init", str(short_tmp / "kf2"), "--encryption", "keyfile", "--key-file", str(key_path), ok=False)
     assert r.returncode == 1 and "will not overwrite a key" in r.stderr
     r = nb("repo", "init", str(short_tmp / "c"), "--compression", "lz4", ok=False)
-    assert r.returncode == 1 and "give zstd, zstd:LEVEL (1-22) or none" in r.stderr
+    assert r.returncode == 1 and "give zstd (adaptive), zstd:LEVEL (1-22, fixed) or none" in r.stderr

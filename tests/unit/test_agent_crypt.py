@@ -11,7 +11,7 @@ import blake3
 import pytest
 
 from nbdbackup.agent import crypto
-from nbdbackup.agent.codec import AEAD, MAGIC, ZSTD, Codec, CodecError, parse_compression
+from nbdbackup.agent.codec import AEAD, MAGIC, ZSTD, Codec, CodecError, Compression, parse_compression
 from nbdbackup.agent.manifest import Manifest, digest, zero_digest
 from nbdbackup.agent.repo import CorruptChunk, DirStore, Repository, SnapshotImage
 from nbdbackup.errors import ConfigError
@@ -42,8 +42,9 @@ def test_codec_compresses_only_when_it_pays():
     mostly = os.urandom(C - C // 20) + bytes(C // 20)
     assert c.encode("k", mostly)[1] == 0
     assert Codec(level=None).encode("k", b"\x01" * C)[1] == 0
-    assert parse_compression("zstd") == 3 and parse_compression("zstd:19") == 19 and parse_compression("none") is None
-    for bad in ("zstd:0", "zstd:23", "lz4", "zstd:x", ""):
+    assert parse_compression("zstd") == Compression(3, 1, adaptive=True)
+    assert parse_compression("zstd:19") == Compression(19, 19) and parse_compression("none") == Compression(None, None)
+    for bad in ("zstd:0", "zstd:23", "lz4", "zstd:x", "", "zstd:"):
         with pytest.raises(ConfigError, match="compression"):
             parse_compression(bad)
 
@@ -59,9 +60,9 @@ def test_codec_probe_of_large_buffers():
     calls = []
     real = c._compressor
 
-    def counting():
+    def counting(level):
         calls.append(1)
-        return real()
+        return real(level)
 
     c._compressor = counting
     rnd = os.urandom(n)
