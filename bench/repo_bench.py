@@ -490,6 +490,12 @@ def main() -> int:
         ap.error("--tools ours-base needs --baseline DIR")
     if a.baseline and "ours-base" not in a.tools:
         a.tools.append("ours-base")
+    for t in ("restic", "borg"):
+        if t in a.tools and shutil.which(t) is None:
+            # A comparison tool that is not installed is left out, said loudly (the
+            # results name only the tools that ran); `apt-get install restic borgbackup`.
+            print(f"# {t}: not installed (not on PATH): left out of this run", file=sys.stderr, flush=True)
+            a.tools.remove(t)
     res = common.Results("repo")
     # Byte-compile our modules once, as an installed package is (PYTHONDONTWRITEBYTECODE, set in some
     # environments, would otherwise make every agent run compile them again: ~40 ms each).
