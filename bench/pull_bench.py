@@ -8,7 +8,9 @@ sparse file on the same file system and make it durable (nbdcopy
 Our pull also computes the blake3 chunk manifest (``--manifest``): the
 price of the proof is part of the figure.  Rounds alternate and the
 destination file is deleted and ``sync`` run before each run, so neither
-tool pays for the other's writeback.
+tool pays for the other's writeback; with ``--baseline`` ours and the
+baseline swap places every other round (the slot right after nbdcopy is
+the slower one), so use an even number of rounds.
 
 Prints seconds and MB/s per run, medians and the ratio ours/nbdcopy
 (higher is better), plus each tool's CPU seconds.
@@ -91,7 +93,11 @@ def main() -> int:
               + (f"; baseline {a.baseline}" if a.baseline else ""))
         gib = size / (1 << 30)
         for r in range(a.rounds):
-            for name, cmd in runs:
+            # nbdcopy first; ours and the baseline swap places every other round: the run
+            # right after nbdcopy's is slower (same checkout in both slots, 1 GiB, 7 rounds:
+            # 0.96x, 2 of 7; docs/pullrate.md).
+            order = runs if r % 2 == 0 else runs[:1] + runs[1:][::-1]
+            for name, cmd in order:
                 if os.path.exists(out):
                     os.unlink(out)
                 subprocess.run(["sync"], check=True)
