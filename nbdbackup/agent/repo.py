@@ -284,10 +284,40 @@ class DirStore:
                     del self._committing[key]
 
     def put_new(self, key: str, data: Buffer) -> bool:
-        """Write ``key`` unless it exists; True if this call wrote it."""
+        """Write ``key`` unless it exists; True if this call wrote it.
+
+        A chunk (same key, same bytes: whoever wins wrote the same content) is checked then
+        written.  Any other key (a snapshot) is created atomically, like S3's conditional PUT:
+        its durable temporary file is hard-linked to the name, which fails if another writer
+        (another process) created it since the check; a rename would replace theirs."""
         if self.exists(key):
             return False
-        self.put(key, data)
+        if key.startswith("chunks/"):
+            self.put(key, data)
+            return True
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}.{next(_tmp_seq)}"
+        mv = memoryview(data).cast("B")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(mv)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as e:  # a file system without hard links: check-then-rename, racy
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if os.path.exists(path):
+                    return False
+                os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._dirtied(path)
         return True
 
     def create(self) -> None:

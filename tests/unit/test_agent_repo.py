@@ -312,3 +312,34 @@ def test_a_chunk_stays_readable_while_its_group_is_committed(tmp_path, monkeypat
     st.flush()
     assert seen == [(blob, True), (blob, True)]
     assert not st._committing and repo.get_chunk(d, C) == data
+
+
+def test_new_only_snapshot_is_never_overwritten_by_a_racing_writer(tmp_path, monkeypatch):
+    """Two agents save one snapshot name at once (bug hunt 2): the other's snapshot lands between
+    this writer's existence check and its write.  `save_snapshot(new_only=True)` must refuse
+    (`SnapshotExists`) and leave the other's snapshot as it is; `DirStore.put_new` used to be
+    exists-then-rename, which replaced it silently."""
+    from nbdbackup.agent.repo import SnapshotExists
+
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    other = Repository.open(DirStore(st.root))  # another process's view of the same directory
+    theirs, ours = b"\x01" * C, b"\x02" * C
+    real_exists = DirStore.exists
+
+    def exists(self, key):
+        got = real_exists(self, key)
+        if self is st and key == "snapshots/x" and not got:  # the other writer lands right now
+            store_image(other, "x", theirs)
+        return got
+
+    monkeypatch.setattr(DirStore, "exists", exists)
+    m = manifest_of(ours)
+    repo.put_chunk(m.chunks[0], ours)
+    with pytest.raises(SnapshotExists, match="meanwhile"):
+        repo.save_snapshot("x", m, new_only=True)
+    monkeypatch.setattr(DirStore, "exists", real_exists)
+    assert Repository.open(DirStore(st.root)).load_snapshot("x").chunks == manifest_of(theirs).chunks
+    assert [f for f in _files(st.root) if ".tmp." in f] == []  # no temporary file left behind
+    assert st.put_new("snapshots/y", b"1") and not st.put_new("snapshots/y", b"2")
+    assert st.get("snapshots/y") == b"1"

@@ -1,0 +1,55 @@
+"""Interop: several writers at once on one repository (bug hunt 2, docs/hunt2.md).
+
+Two ``nbdbackup pull --repo`` of different disks under the SAME snapshot name at once,
+on a directory and on Ceph RGW.  Both pass the "snapshot exists?" check at their start;
+the slow one (nbdkit's delay filter) finishes last.  Invariant 5: a pull that reports
+success has its backup in the repository.  So the slow pull must refuse to overwrite
+the snapshot the fast one saved meanwhile (a clear one-line error, exit 1), and the
+snapshot must restore to the fast pull's disk.  Before the fix the slow pull
+overwrote it silently and reported success: the fast pull's backup was gone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import peers
+
+ROOT = Path(__file__).resolve().parents[2]
+M = 1 << 20
+nb = peers.nbdbackup_cli
+
+
+@pytest.mark.parametrize("kind", ["dir", "rgw"])
+def test_two_pulls_of_one_snapshot_name_never_overwrite(kind, short_tmp, request):
+    url = request.getfixturevalue("s3env") if kind == "rgw" else str(short_tmp / "repo")
+    nb("repo", "init", url, "--chunk-size", "1M")
+    slow_disk, fast_disk = short_tmp / "slow.raw", short_tmp / "fast.raw"
+    slow_disk.write_bytes(os.urandom(8 * M))
+    fast_disk.write_bytes(os.urandom(8 * M))
+    with peers.nbdkit("file", str(slow_disk), "rdelay=150ms", filters=["delay"]) as slow:
+        p = subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "pull", slow.uri, "--repo", url,
+                              "--snapshot", "x", "--workers", "1", "--connections", "1"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.6)  # past its start-of-pull check (about 1.2 s of reads still to go)
+            assert p.poll() is None
+            with peers.qemu_nbd(fast_disk, read_only=True) as fast:
+                nb("pull", fast.uri, "--repo", url, "--snapshot", "x")
+            _, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert p.returncode == 1 and "Traceback" not in err, err
+    assert "x" in err and "meanwhile" in err, err
+    out = short_tmp / "x.raw"
+    nb("restore", url, "x", str(out))
+    assert out.read_bytes() == fast_disk.read_bytes()
+    assert nb("repo", "verify", url).stdout.strip().endswith("OK: 1 snapshot(s), 0 bad chunk(s)")
