@@ -111,6 +111,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 #: chunk again, so an incremental of scattered 64 KiB-4 MiB changes stores about half as much
 #: (restic's content-defined chunks average 1 MiB too); docs/incr.md has the measurements.
 DEFAULT_REPO_CHUNK = 1 << 20
+#: `Repository.gc` deletes in batches of this many chunks (one S3 DeleteObjects each) and
+#: checks its lock before each (`S3Store.check_lock`).
+GC_BATCH = 1000
 
 
 #: Largest single write of `DirStore.put`: 4 MiB writes into a new file sometimes
@@ -1046,7 +1049,12 @@ class Repository:
         limit = time.time() - grace
         doomed = [key for key, mtime in self.store.list_times("chunks")
                   if bytes.fromhex(key.rsplit("/", 1)[1]) not in keep and not (grace > 0 and mtime > limit)]
-        self.store.delete_many(doomed)
+        # The lease checked before each batch of deletions: a gc stalled past its S3 lease (a stopped
+        # process, an outage) may have let a pull save a snapshot that uses a chunk found in the store
+        # (dedup: no upload, so the grace period does not cover it).  `DirStore.check_lock`: nothing.
+        for i in range(0, len(doomed), GC_BATCH):
+            self.store.check_lock()
+            self.store.delete_many(doomed[i:i + GC_BATCH])
         sweep = getattr(self.store, "sweep", None)  # DirStore: temporary files of writers that died
         if sweep is not None:
             sweep()

@@ -43,7 +43,10 @@ Race windows, honestly:
   holder's (its ETag changed: every lease write carries a nonce), marks the lock
   lost, and `check_lock` (called by `Repository.save_snapshot`) refuses to
   save a snapshot under a lost lock, so such a pull fails instead of saving a
-  snapshot whose chunks gc may have removed.
+  snapshot whose chunks gc may have removed.  `Repository.gc` calls it too, before each
+  batch of deletions: a gc stalled past its lease may have let a pull in, which found
+  an unreferenced chunk in the store (dedup: not uploaded, so not covered by the grace
+  period) and saved a snapshot using it; that gc stops instead of deleting it.
   `check_lock` also checks the lease itself (HEAD, ETag, time since the last
   renewal), so a process that was stopped as a whole notices too; what
   remains is the moment between that check and the snapshot's PUT.
@@ -626,10 +629,11 @@ class S3Store:
                 if h.get("ETag") != self._lease_etag:
                     self._lost = f"lease {key} was taken over by another process (ours had expired)"
                     return
-                self._put_lease(key, exclusive_create=False)
-                if time.monotonic() - last > self.lease_ttl:
+                if time.monotonic() - last > self.lease_ttl:  # checked BEFORE rewriting it: a lapsed
+                    # lease renewed first would look fresh to `check_lock` until `_lost` is set
                     self._lost = f"lease {key} was not renewed for {time.monotonic() - last:.0f} s"
                     return
+                self._put_lease(key, exclusive_create=False)
                 last = time.monotonic()
             except Exception as e:  # noqa: BLE001  (an unreachable store included: keep trying until the ttl)
                 if time.monotonic() - last > self.lease_ttl:

@@ -53,3 +53,54 @@ def test_two_pulls_of_one_snapshot_name_never_overwrite(kind, short_tmp, request
     nb("restore", url, "x", str(out))
     assert out.read_bytes() == fast_disk.read_bytes()
     assert nb("repo", "verify", url).stdout.strip().endswith("OK: 1 snapshot(s), 0 bad chunk(s)")
+
+
+def test_s3_gc_stalled_past_its_lease_deletes_nothing_a_new_snapshot_uses(s3env, monkeypatch):
+    """A gc whose process stalls (SIGSTOP, a long outage) between computing what to delete and
+    deleting it loses its lease; a pull may then run, find an unreferenced old chunk by its id
+    (dedup: no upload, so the grace period does not cover it) and save a snapshot using it.
+    On resuming the gc must notice its lost lease (`S3Store.check_lock`) and delete nothing;
+    before the fix it deleted the chunk and the new snapshot was damaged."""
+    from nbdbackup.agent.manifest import Manifest
+    from nbdbackup.agent.repo import Repository
+    from nbdbackup.agent.s3store import S3Store
+    from nbdbackup.errors import ConfigError
+
+    C = 64 * 1024
+    gs = S3Store(s3env, lease_ttl=2.0)
+    repo = Repository.init(gs, C)
+    data = os.urandom(C)
+
+    def man_of(repo) -> Manifest:
+        m = Manifest(C, C)
+        m.chunks = [repo.chunk_id(data)]
+        return m
+
+    assert repo.put_chunk(man_of(repo).chunks[0], data)
+    repo.save_snapshot("old", man_of(repo))
+    repo.delete_snapshot("old")  # the chunk is now unreferenced (and old: grace 0 below)
+
+    puller = Repository.open(S3Store(s3env))
+    stalled = []
+    real_list_times = S3Store.list_times
+
+    def list_times(self, prefix):
+        out = list(real_list_times(self, prefix))
+        if self is gs and prefix == "chunks" and not stalled:  # gc has listed; now its process "stops" for > ttl ...
+            stalled.append(1)
+            time.sleep(3.5)
+            with puller.store.lock(exclusive=False):  # ... and a pull runs meanwhile (lease expired)
+                assert not puller.put_chunk(puller.chunk_id(data), data)  # found: not uploaded
+                puller.save_snapshot("new", man_of(puller))
+        return iter(out)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(S3Store, "list_times", list_times)
+        mp.setattr(S3Store, "_renew", lambda self, key, stop: stop.wait())  # a stopped process renews nothing
+        with pytest.raises(ConfigError, match="lease"):
+            with gs.lock(exclusive=True):
+                repo.gc(grace=0)
+    assert stalled
+    check = Repository.open(S3Store(s3env))
+    assert check.verify() == []
+    assert check.get_chunk(check.load_snapshot("new").chunks[0], C) == data
