@@ -554,14 +554,24 @@ class S3Store:
         return True, _server_time(r)
 
     def _live(self, key: str, now: float) -> bool | None:
-        """Whether the lease ``key`` is live at the store's time ``now`` (None: gone)."""
+        """Whether the lease ``key`` is live at the store's time ``now`` (None: gone).
+        A lease whose body cannot be read (damaged, truncated, foreign) is someone's lease of
+        unknown ttl: ours is assumed, so it blocks the other side until it expires, and is
+        then replaced or removed like any expired lease (never "gone": a gc could run beside
+        the pull that holds it; never live forever: no gc could run again)."""
         try:
             h = self._head(key)
             if h is None:
                 return None
-            ttl = float(json.loads(self.get(key)).get("ttl", self.lease_ttl))
-        except (FileNotFoundError, ValueError, AttributeError):
+            body = self.get(key)
+        except FileNotFoundError:
             return None
+        try:
+            ttl = float(json.loads(body).get("ttl", self.lease_ttl))
+            if not 0 <= ttl < float("inf"):
+                raise ValueError(ttl)
+        except (ValueError, AttributeError, TypeError):
+            ttl = self.lease_ttl
         return h["LastModified"].timestamp() + ttl > now
 
     def _live_shared(self, now: float, mine: str | None = None) -> list[str]:

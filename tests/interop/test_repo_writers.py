@@ -104,3 +104,30 @@ def test_s3_gc_stalled_past_its_lease_deletes_nothing_a_new_snapshot_uses(s3env,
     check = Repository.open(S3Store(s3env))
     assert check.verify() == []
     assert check.get_chunk(check.load_snapshot("new").chunks[0], C) == data
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00garbage{", b'{"ttl": null}'])
+def test_s3_damaged_lease_objects_expire_like_any_lease(s3env, body):
+    """A lease object whose body cannot be read (damaged, truncated, foreign) is someone's lease
+    of unknown ttl: live until its LastModified plus our ttl, then expired and replaced.  Before
+    the fix a damaged ``locks/exclusive`` was "gone" to pulls (they ran beside whatever gc held
+    it) yet blocked every gc/prune forever ("busy (being cleaned)"), a null ttl was a traceback,
+    and a damaged shared lease was never removed."""
+    from nbdbackup.agent.s3store import S3Store
+    from nbdbackup.errors import ConfigError
+
+    nb("repo", "init", s3env)
+    a = S3Store(s3env, lease_ttl=2.0)  # RGW's LastModified has 1 s steps: margins of >= 1 s below
+    a.put("locks/exclusive", body)
+    a.put("locks/shared-damaged", body)
+    with pytest.raises(ConfigError, match="busy"):
+        with a.lock(exclusive=False):  # a pull: refused while the unreadable lease may be live
+            pass
+    with pytest.raises(ConfigError, match="busy"):
+        with a.lock(exclusive=True):
+            pass
+    assert set(a.list("locks")) == {"locks/exclusive", "locks/shared-damaged"}
+    time.sleep(3.2)
+    with a.lock(exclusive=True):  # both expired: the exclusive one replaced, the shared one removed
+        assert set(a.list("locks")) == {"locks/exclusive"}
+    assert list(a.list("locks")) == []
