@@ -25,6 +25,8 @@ Layout over an `ObjectStore` (keys are '/'-separated paths), format 2::
                                 "snapshots/<name>#meta") and the packed 32-byte chunk ids
                                 (zstd-compressed; "snapshots/<name>#digests")
     locks/...                   S3 only: lease objects (see `agent.s3store`)
+    damaged/<64 hex>            a chunk that failed its check, moved aside by `Repository.quarantine`
+                                (``repo verify --repair``), so the next pull of its data stores it again
 
 A snapshot's ``root`` is the blake3 of its packed ids (`Manifest.root`), so
 the two envelopes cannot be mixed between snapshots; `snapshot_info` reads
@@ -843,6 +845,31 @@ class Repository:
         if n != length or self.chunk_id(dst) != d:
             raise CorruptChunk(d.hex(), "does not match its blake3 digest")
         return length
+
+    def quarantine(self, d: bytes, length: int) -> bool:
+        """Move chunk ``d`` (``length`` bytes) aside to ``damaged/<id>`` if it is still damaged
+        when read once more (a transient read error moves nothing); True if moved.
+
+        Why: a pull finds a known chunk by its id (dedup) without reading it, so a damaged
+        chunk left in place would be referenced by every later backup of that data, a full
+        one too.  Once it is aside, the next pull of that data stores it again under its id,
+        which heals every snapshot that uses it.  The damaged bytes are kept (copied first,
+        durable, then the chunk deleted); gc never removes them.  Missing chunks: nothing to do."""
+        try:
+            self.get_chunk(d, length)
+            return False
+        except CorruptChunk as e:
+            if e.strerror.endswith(": missing"):
+                return False
+        key = _chunk_key(d)
+        try:
+            blob = self.store.get(key)
+        except FileNotFoundError:
+            return False
+        self.store.put(f"damaged/{d.hex()}", blob)
+        self.store.flush()
+        self.store.delete(key)
+        return True
 
     # -- snapshots ------------------------------------------------------------
 

@@ -343,3 +343,40 @@ def test_new_only_snapshot_is_never_overwritten_by_a_racing_writer(tmp_path, mon
     assert [f for f in _files(st.root) if ".tmp." in f] == []  # no temporary file left behind
     assert st.put_new("snapshots/y", b"1") and not st.put_new("snapshots/y", b"2")
     assert st.get("snapshots/y") == b"1"
+
+
+@pytest.mark.parametrize("encryption", ["none", "repokey"])
+def test_a_damaged_chunk_is_not_reused_by_new_backups_after_verify_repair(tmp_path, encryption):
+    """Bug hunt 2: a pull finds a chunk by its id (dedup) without reading it, so once a stored
+    chunk is damaged every later backup of that data -- a full one too, which the agent advises
+    after a damaged base -- references the damaged object: one flipped byte damages backups
+    taken after it.  `verify(repair=True)` moves a chunk that fails its check twice aside
+    (``damaged/<id>``, kept); the next backup of that data stores it again, which heals the
+    older snapshots too."""
+    from nbdbackup.agent.verify import verify
+
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C, encryption=encryption, passphrase="pw", log_n=10)
+    data = os.urandom(C) + os.urandom(C)
+    m = store_image(repo, "s0", data)
+    key = f"chunks/{m.chunks[1].hex()[:2]}/{m.chunks[1].hex()}"
+    path = os.path.join(st.root, *key.split("/"))
+    with open(path, "r+b") as f:
+        f.seek(40)
+        f.write(bytes([f.read(1)[0] ^ 4]))
+    store_image(repo, "s1", data)  # a new full backup of the same data
+    assert {(p.snapshot, p.index) for p in verify(repo, ["s0", "s1"]).problems} == {("s0", 1), ("s1", 1)}
+    rep = verify(repo, ["s0", "s1"], repair=True)
+    assert {(p.snapshot, p.index) for p in rep.problems} == {("s0", 1), ("s1", 1)}
+    assert rep.moved == [m.chunks[1].hex()]
+    assert not os.path.exists(path) and os.path.exists(os.path.join(st.root, "damaged", m.chunks[1].hex()))
+    assert verify(repo, ["s0"]).problems[0].reason == "missing"
+    store_image(repo, "s2", data)  # the next backup of that data stores the chunk again
+    assert verify(repo, ["s0", "s1", "s2"]).ok  # which heals every snapshot that uses it
+    for name in ("s0", "s1", "s2"):
+        buf = bytearray(len(data))
+        asyncio.run(SnapshotImage(repo, repo.load_snapshot(name)).pread(memoryview(buf), 0))
+        assert bytes(buf) == data
+    with st.lock(exclusive=True):
+        assert repo.gc() == (0, 2)  # the moved copy is not a chunk: gc leaves it to the operator
+    assert os.path.exists(os.path.join(st.root, "damaged", m.chunks[1].hex()))
