@@ -664,7 +664,7 @@ class S3Store:
                 elif h.get("ETag") != self._lease_etag:
                     self._lost = f"lease {key} was taken over by another process (ours had expired)"
         if self._lost:
-            raise ConfigError(f"repository {self.root}: {self._lost}; not saving")
+            raise ConfigError(f"repository {self.root}: {self._lost}; stopped (nothing saved or deleted after this)")
 
 
 def _server_time(response: dict) -> float:

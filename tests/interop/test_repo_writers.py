@@ -2,7 +2,8 @@
 
 Two ``nbdbackup pull --repo`` of different disks under the SAME snapshot name at once,
 on a directory and on Ceph RGW.  Both pass the "snapshot exists?" check at their start;
-the slow one (nbdkit's delay filter) finishes last.  Invariant 5: a pull that reports
+the slow one (nbdkit's delay filter) is held by SIGSTOP once it stores its first chunk
+until the other has saved, then finishes last.  Invariant 5: a pull that reports
 success has its backup in the repository.  So the slow pull must refuse to overwrite
 the snapshot the fast one saved meanwhile (a clear one-line error, exit 1), and the
 snapshot must restore to the fast pull's disk.  Before the fix the slow pull
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,18 +33,33 @@ nb = peers.nbdbackup_cli
 def test_two_pulls_of_one_snapshot_name_never_overwrite(kind, short_tmp, request):
     url = request.getfixturevalue("s3env") if kind == "rgw" else str(short_tmp / "repo")
     nb("repo", "init", url, "--chunk-size", "1M")
+    if kind == "rgw":
+        from nbdbackup.agent.s3store import S3Store
+
+        s3 = S3Store(url)
+
+        def chunks() -> int:
+            return len(list(s3.list("chunks")))
+    else:
+        def chunks() -> int:  # named or still temporary (group commit)
+            return sum(1 for f in (Path(url) / "chunks").rglob("*") if f.is_file()) \
+                if (Path(url) / "chunks").exists() else 0
     slow_disk, fast_disk = short_tmp / "slow.raw", short_tmp / "fast.raw"
     slow_disk.write_bytes(os.urandom(8 * M))
     fast_disk.write_bytes(os.urandom(8 * M))
-    with peers.nbdkit("file", str(slow_disk), "rdelay=150ms", filters=["delay"]) as slow:
+    with peers.nbdkit("file", str(slow_disk), "rdelay=50ms", filters=["delay"]) as slow:
         p = subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "pull", slow.uri, "--repo", url,
                               "--snapshot", "x", "--workers", "1", "--connections", "1"], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.6)  # past its start-of-pull check (about 1.2 s of reads still to go)
-            assert p.poll() is None
+            deadline = time.monotonic() + 60
+            while chunks() < 1 and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(p.pid, signal.SIGSTOP)  # past its start-of-pull check, held until the other is saved
+            assert p.poll() is None and chunks() < 8
             with peers.qemu_nbd(fast_disk, read_only=True) as fast:
                 nb("pull", fast.uri, "--repo", url, "--snapshot", "x")
+            os.kill(p.pid, signal.SIGCONT)
             _, err = p.communicate(timeout=60)
         finally:
             if p.poll() is None:
@@ -107,7 +124,7 @@ def test_s3_gc_stalled_past_its_lease_deletes_nothing_a_new_snapshot_uses(s3env,
     assert check.get_chunk(check.load_snapshot("new").chunks[0], C) == data
 
 
-@pytest.mark.parametrize("body", [b"", b"\x00garbage{", b'{"ttl": null}'])
+@pytest.mark.parametrize("body", [b"\x00garbage{", b'{"ttl": null}'])
 def test_s3_damaged_lease_objects_expire_like_any_lease(s3env, body):
     """A lease object whose body cannot be read (damaged, truncated, foreign) is someone's lease
     of unknown ttl: live until its LastModified plus our ttl, then expired and replaced.  Before
@@ -118,7 +135,7 @@ def test_s3_damaged_lease_objects_expire_like_any_lease(s3env, body):
     from nbdbackup.errors import ConfigError
 
     nb("repo", "init", s3env)
-    a = S3Store(s3env, lease_ttl=2.0)  # RGW's LastModified has 1 s steps: margins of >= 1 s below
+    a = S3Store(s3env, lease_ttl=4.0)  # RGW's LastModified has 1 s steps: margins of >= 2 s below
     a.put("locks/exclusive", body)
     a.put("locks/shared-damaged", body)
     with pytest.raises(ConfigError, match="busy"):
@@ -128,7 +145,7 @@ def test_s3_damaged_lease_objects_expire_like_any_lease(s3env, body):
         with a.lock(exclusive=True):
             pass
     assert set(a.list("locks")) == {"locks/exclusive", "locks/shared-damaged"}
-    time.sleep(3.2)
+    time.sleep(5.5)
     with a.lock(exclusive=True):  # both expired: the exclusive one replaced, the shared one removed
         assert set(a.list("locks")) == {"locks/exclusive"}
     assert list(a.list("locks")) == []
