@@ -25,6 +25,8 @@ Layout over an `ObjectStore` (keys are '/'-separated paths), format 2::
                                 "snapshots/<name>#meta") and the packed 32-byte chunk ids
                                 (zstd-compressed; "snapshots/<name>#digests")
     locks/...                   S3 only: lease objects (see `agent.s3store`)
+    damaged/<64 hex>            a chunk that failed its check, moved aside by `Repository.quarantine`
+                                (``repo verify --repair``), so the next pull of its data stores it again
 
 A snapshot's ``root`` is the blake3 of its packed ids (`Manifest.root`), so
 the two envelopes cannot be mixed between snapshots; `snapshot_info` reads
@@ -111,6 +113,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 #: chunk again, so an incremental of scattered 64 KiB-4 MiB changes stores about half as much
 #: (restic's content-defined chunks average 1 MiB too); docs/incr.md has the measurements.
 DEFAULT_REPO_CHUNK = 1 << 20
+#: `Repository.gc` deletes in batches of this many chunks (one S3 DeleteObjects each) and
+#: checks its lock before each (`S3Store.check_lock`).
+GC_BATCH = 1000
 
 
 #: Largest single write of `DirStore.put`: 4 MiB writes into a new file sometimes
@@ -284,10 +289,40 @@ class DirStore:
                     del self._committing[key]
 
     def put_new(self, key: str, data: Buffer) -> bool:
-        """Write ``key`` unless it exists; True if this call wrote it."""
+        """Write ``key`` unless it exists; True if this call wrote it.
+
+        A chunk (same key, same bytes: whoever wins wrote the same content) is checked then
+        written.  Any other key (a snapshot) is created atomically, like S3's conditional PUT:
+        its durable temporary file is hard-linked to the name, which fails if another writer
+        (another process) created it since the check; a rename would replace theirs."""
         if self.exists(key):
             return False
-        self.put(key, data)
+        if key.startswith("chunks/"):
+            self.put(key, data)
+            return True
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}.{next(_tmp_seq)}"
+        mv = memoryview(data).cast("B")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(mv)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as e:  # a file system without hard links: check-then-rename, racy
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if os.path.exists(path):
+                    return False
+                os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._dirtied(path)
         return True
 
     def create(self) -> None:
@@ -811,6 +846,31 @@ class Repository:
             raise CorruptChunk(d.hex(), "does not match its blake3 digest")
         return length
 
+    def quarantine(self, d: bytes, length: int) -> bool:
+        """Move chunk ``d`` (``length`` bytes) aside to ``damaged/<id>`` if it is still damaged
+        when read once more (a transient read error moves nothing); True if moved.
+
+        Why: a pull finds a known chunk by its id (dedup) without reading it, so a damaged
+        chunk left in place would be referenced by every later backup of that data, a full
+        one too.  Once it is aside, the next pull of that data stores it again under its id,
+        which heals every snapshot that uses it.  The damaged bytes are kept (copied first,
+        durable, then the chunk deleted); gc never removes them.  Missing chunks: nothing to do."""
+        try:
+            self.get_chunk(d, length)
+            return False
+        except CorruptChunk as e:
+            if e.strerror.endswith(": missing"):
+                return False
+        key = _chunk_key(d)
+        try:
+            blob = self.store.get(key)
+        except FileNotFoundError:
+            return False
+        self.store.put(f"damaged/{d.hex()}", blob)
+        self.store.flush()
+        self.store.delete(key)
+        return True
+
     # -- snapshots ------------------------------------------------------------
 
     def save_snapshot(self, name: str, man: Manifest, *, source: str = "", parent: str | None = None,
@@ -1016,7 +1076,12 @@ class Repository:
         limit = time.time() - grace
         doomed = [key for key, mtime in self.store.list_times("chunks")
                   if bytes.fromhex(key.rsplit("/", 1)[1]) not in keep and not (grace > 0 and mtime > limit)]
-        self.store.delete_many(doomed)
+        # The lease checked before each batch of deletions: a gc stalled past its S3 lease (a stopped
+        # process, an outage) may have let a pull save a snapshot that uses a chunk found in the store
+        # (dedup: no upload, so the grace period does not cover it).  `DirStore.check_lock`: nothing.
+        for i in range(0, len(doomed), GC_BATCH):
+            self.store.check_lock()
+            self.store.delete_many(doomed[i:i + GC_BATCH])
         sweep = getattr(self.store, "sweep", None)  # DirStore: temporary files of writers that died
         if sweep is not None:
             sweep()

@@ -43,7 +43,10 @@ Race windows, honestly:
   holder's (its ETag changed: every lease write carries a nonce), marks the lock
   lost, and `check_lock` (called by `Repository.save_snapshot`) refuses to
   save a snapshot under a lost lock, so such a pull fails instead of saving a
-  snapshot whose chunks gc may have removed.
+  snapshot whose chunks gc may have removed.  `Repository.gc` calls it too, before each
+  batch of deletions: a gc stalled past its lease may have let a pull in, which found
+  an unreferenced chunk in the store (dedup: not uploaded, so not covered by the grace
+  period) and saved a snapshot using it; that gc stops instead of deleting it.
   `check_lock` also checks the lease itself (HEAD, ETag, time since the last
   renewal), so a process that was stopped as a whole notices too; what
   remains is the moment between that check and the snapshot's PUT.
@@ -551,14 +554,24 @@ class S3Store:
         return True, _server_time(r)
 
     def _live(self, key: str, now: float) -> bool | None:
-        """Whether the lease ``key`` is live at the store's time ``now`` (None: gone)."""
+        """Whether the lease ``key`` is live at the store's time ``now`` (None: gone).
+        A lease whose body cannot be read (damaged, truncated, foreign) is someone's lease of
+        unknown ttl: ours is assumed, so it blocks the other side until it expires, and is
+        then replaced or removed like any expired lease (never "gone": a gc could run beside
+        the pull that holds it; never live forever: no gc could run again)."""
         try:
             h = self._head(key)
             if h is None:
                 return None
-            ttl = float(json.loads(self.get(key)).get("ttl", self.lease_ttl))
-        except (FileNotFoundError, ValueError, AttributeError):
+            body = self.get(key)
+        except FileNotFoundError:
             return None
+        try:
+            ttl = float(json.loads(body).get("ttl", self.lease_ttl))
+            if not 0 <= ttl < float("inf"):
+                raise ValueError(ttl)
+        except (ValueError, AttributeError, TypeError):
+            ttl = self.lease_ttl
         return h["LastModified"].timestamp() + ttl > now
 
     def _live_shared(self, now: float, mine: str | None = None) -> list[str]:
@@ -626,10 +639,11 @@ class S3Store:
                 if h.get("ETag") != self._lease_etag:
                     self._lost = f"lease {key} was taken over by another process (ours had expired)"
                     return
-                self._put_lease(key, exclusive_create=False)
-                if time.monotonic() - last > self.lease_ttl:
+                if time.monotonic() - last > self.lease_ttl:  # checked BEFORE rewriting it: a lapsed
+                    # lease renewed first would look fresh to `check_lock` until `_lost` is set
                     self._lost = f"lease {key} was not renewed for {time.monotonic() - last:.0f} s"
                     return
+                self._put_lease(key, exclusive_create=False)
                 last = time.monotonic()
             except Exception as e:  # noqa: BLE001  (an unreachable store included: keep trying until the ttl)
                 if time.monotonic() - last > self.lease_ttl:
@@ -650,7 +664,7 @@ class S3Store:
                 elif h.get("ETag") != self._lease_etag:
                     self._lost = f"lease {key} was taken over by another process (ours had expired)"
         if self._lost:
-            raise ConfigError(f"repository {self.root}: {self._lost}; not saving")
+            raise ConfigError(f"repository {self.root}: {self._lost}; stopped (nothing saved or deleted after this)")
 
 
 def _server_time(response: dict) -> float:

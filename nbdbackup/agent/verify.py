@@ -19,6 +19,11 @@ Invariants: each distinct chunk is read at most once per run; at most
 ``workers`` chunks are in memory at once (a check keeps no data); a chunk
 is reported damaged only for `CorruptChunk` (missing, or fails its
 check); any other error (the store unreachable) stops the run.
+
+Repair (``--repair``): each damaged chunk (not a missing one) is moved aside to
+``damaged/<id>`` (`Repository.quarantine`, after a second read), so that the next
+pull of its data stores it again instead of finding the damaged object by its id;
+the report's problems are this run's findings, ``moved`` the ids moved.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class VerifyReport:
     seed: int | None = None
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
+    #: With ``repair``: ids (hex) of the damaged chunks moved aside (`Repository.quarantine`).
+    moved: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -75,7 +82,7 @@ class VerifyReport:
         return {"ok": self.ok, "snapshots": self.snapshots, "problems": [p.to_json() for p in self.problems],
                 "damaged_snapshots": self.damaged_snapshots, "chunks_referenced": self.chunks_referenced,
                 "chunks_checked": self.chunks_checked, "bytes_checked": self.bytes_checked,
-                "sample": self.sample, "seed": self.seed, "seconds": round(self.seconds, 3)}
+                "sample": self.sample, "seed": self.seed, "seconds": round(self.seconds, 3), "moved": self.moved}
 
 
 def sample_ids(ids, percent: float | None, seed: int | None) -> list[bytes]:
@@ -92,8 +99,10 @@ def sample_ids(ids, percent: float | None, seed: int | None) -> list[bytes]:
 
 
 def verify(repo, names: Sequence[str], *, sample: float | None = None, seed: int | None = None,
-           workers: int = 8, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Check the chunks of snapshots ``names`` of ``repo`` (see the module doc)."""
+           workers: int = 8, progress: Callable[[int, int], None] | None = None,
+           repair: bool = False) -> VerifyReport:
+    """Check the chunks of snapshots ``names`` of ``repo`` (see the module doc).
+    ``repair``: move each damaged (not missing) chunk aside, `Repository.quarantine`."""
     from .repo import CorruptChunk
 
     t0 = time.monotonic()
@@ -155,6 +164,10 @@ def verify(repo, names: Sequence[str], *, sample: float | None = None, seed: int
             for f in pending:
                 f.cancel()
     report.bytes_checked = done
+    if repair:
+        for d in sorted(bad):
+            if bad[d] != "missing" and repo.quarantine(d, lengths[d]):
+                report.moved.append(d.hex())
     for name, man in mans.items():
         for i, d in enumerate(man.chunks):
             if d in bad:

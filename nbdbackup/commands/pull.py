@@ -130,7 +130,9 @@ async def _pull_repo(args: argparse.Namespace) -> int:
                                         progress=prog.update, trim_after_read=args.trim_after_read)
         finally:
             await src.close()
-        repo.save_snapshot(args.snapshot, man, source=args.uri, parent=args.base)
+        # new_only: another pull may have saved this name since the check above (several writers
+        # at once); never overwrite its backup (SnapshotExists: a ConfigError, one line).
+        repo.save_snapshot(args.snapshot, man, source=args.uri, parent=args.base, new_only=True)
     out = stats.to_json()
     out.update(root=man.root.hex(), snapshot=args.snapshot, new_chunks=new_chunks,
                compression=repo.compression.level_name(base is not None))

@@ -274,6 +274,9 @@ def _verify_options(a: argparse.ArgumentParser) -> None:
                    help="check a random PERCENT of the distinct chunks (default: all)")
     a.add_argument("--seed", type=int, metavar="N", help="with --sample: the random seed (default: drawn, reported)")
     a.add_argument("--workers", type=int, default=8, metavar="N", help="chunks read at once (default 8)")
+    a.add_argument("--repair", action="store_true",
+                   help="move damaged chunks aside (damaged/ID, kept) so that the next pull of their data "
+                        "stores them again (a pull finds a known chunk by its id, without reading it)")
     add_progress_option(a)
 
 
@@ -297,7 +300,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         names = args.names or repo.snapshots()
         with Progress.for_args(args, "verify") as prog:
             rep = verify(repo, names, sample=args.sample, seed=args.seed, workers=max(1, args.workers),
-                         progress=prog.update)
+                         progress=prog.update, repair=args.repair)
     rows = [p.to_json() for p in rep.problems]
     scope = (f"sample {rep.sample:g}% (seed {rep.seed}): " if rep.seed is not None else "") + \
         f"{rep.chunks_checked} of {rep.chunks_referenced} chunk(s), {rep.bytes_checked} bytes checked " \
@@ -306,6 +309,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
              if p["chunk"] >= 0 else p["reason"] for p in rows]
     if rep.problems:
         lines.append(f"damaged snapshot(s): {' '.join(rep.damaged_snapshots)}")
+    if rep.moved:
+        lines.append(f"moved {len(rep.moved)} damaged chunk(s) to damaged/: the next pull of their data "
+                     "stores them again (and heals these snapshots)")
+    elif rep.problems and not args.repair and any(p.reason != "missing" for p in rep.problems if p.index >= 0):
+        lines.append("new pulls reuse a damaged chunk found by its id: run 'verify --repair' to move them aside")
     lines += [scope, f"{'FAILED' if rep.problems else 'OK'}: {len(names)} snapshot(s), {len(rows)} bad chunk(s)"]
     _emit(args, rep.to_json(), "\n".join(lines))
     return 1 if rep.problems else 0

@@ -312,3 +312,71 @@ def test_a_chunk_stays_readable_while_its_group_is_committed(tmp_path, monkeypat
     st.flush()
     assert seen == [(blob, True), (blob, True)]
     assert not st._committing and repo.get_chunk(d, C) == data
+
+
+def test_new_only_snapshot_is_never_overwritten_by_a_racing_writer(tmp_path, monkeypatch):
+    """Two agents save one snapshot name at once (bug hunt 2): the other's snapshot lands between
+    this writer's existence check and its write.  `save_snapshot(new_only=True)` must refuse
+    (`SnapshotExists`) and leave the other's snapshot as it is; `DirStore.put_new` used to be
+    exists-then-rename, which replaced it silently."""
+    from nbdbackup.agent.repo import SnapshotExists
+
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    other = Repository.open(DirStore(st.root))  # another process's view of the same directory
+    theirs, ours = b"\x01" * C, b"\x02" * C
+    real_exists = DirStore.exists
+
+    def exists(self, key):
+        got = real_exists(self, key)
+        if self is st and key == "snapshots/x" and not got:  # the other writer lands right now
+            store_image(other, "x", theirs)
+        return got
+
+    monkeypatch.setattr(DirStore, "exists", exists)
+    m = manifest_of(ours)
+    repo.put_chunk(m.chunks[0], ours)
+    with pytest.raises(SnapshotExists, match="meanwhile"):
+        repo.save_snapshot("x", m, new_only=True)
+    monkeypatch.setattr(DirStore, "exists", real_exists)
+    assert Repository.open(DirStore(st.root)).load_snapshot("x").chunks == manifest_of(theirs).chunks
+    assert [f for f in _files(st.root) if ".tmp." in f] == []  # no temporary file left behind
+    assert st.put_new("snapshots/y", b"1") and not st.put_new("snapshots/y", b"2")
+    assert st.get("snapshots/y") == b"1"
+
+
+@pytest.mark.parametrize("encryption", ["none", "repokey"])
+def test_a_damaged_chunk_is_not_reused_by_new_backups_after_verify_repair(tmp_path, encryption):
+    """Bug hunt 2: a pull finds a chunk by its id (dedup) without reading it, so once a stored
+    chunk is damaged every later backup of that data -- a full one too, which the agent advises
+    after a damaged base -- references the damaged object: one flipped byte damages backups
+    taken after it.  `verify(repair=True)` moves a chunk that fails its check twice aside
+    (``damaged/<id>``, kept); the next backup of that data stores it again, which heals the
+    older snapshots too."""
+    from nbdbackup.agent.verify import verify
+
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C, encryption=encryption, passphrase="pw", log_n=10)
+    data = os.urandom(C) + os.urandom(C)
+    m = store_image(repo, "s0", data)
+    key = f"chunks/{m.chunks[1].hex()[:2]}/{m.chunks[1].hex()}"
+    path = os.path.join(st.root, *key.split("/"))
+    with open(path, "r+b") as f:
+        f.seek(40)
+        f.write(bytes([f.read(1)[0] ^ 4]))
+    store_image(repo, "s1", data)  # a new full backup of the same data
+    assert {(p.snapshot, p.index) for p in verify(repo, ["s0", "s1"]).problems} == {("s0", 1), ("s1", 1)}
+    rep = verify(repo, ["s0", "s1"], repair=True)
+    assert {(p.snapshot, p.index) for p in rep.problems} == {("s0", 1), ("s1", 1)}
+    assert rep.moved == [m.chunks[1].hex()]
+    assert not os.path.exists(path) and os.path.exists(os.path.join(st.root, "damaged", m.chunks[1].hex()))
+    assert verify(repo, ["s0"]).problems[0].reason == "missing"
+    store_image(repo, "s2", data)  # the next backup of that data stores the chunk again
+    assert verify(repo, ["s0", "s1", "s2"]).ok  # which heals every snapshot that uses it
+    for name in ("s0", "s1", "s2"):
+        buf = bytearray(len(data))
+        asyncio.run(SnapshotImage(repo, repo.load_snapshot(name)).pread(memoryview(buf), 0))
+        assert bytes(buf) == data
+    with st.lock(exclusive=True):
+        assert repo.gc() == (0, 2)  # the moved copy is not a chunk: gc leaves it to the operator
+    assert os.path.exists(os.path.join(st.root, "damaged", m.chunks[1].hex()))
