@@ -399,9 +399,18 @@ class DirStore:
                 yield k, self.mtime(k)
 
     def delete(self, key: str) -> None:
+        """Remove ``key``.  Anything but a chunk (a snapshot, a lock) is gone for good
+        when this returns: its directory is fsynced, so a power loss after a `gc` that
+        followed can never bring back a snapshot whose chunks that gc removed (chunk
+        unlinks need no such order: a chunk that reappears is only unreferenced)."""
         self._commit()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(key))
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        if not key.startswith("chunks/"):
+            _fsync_dir(os.path.dirname(path))
 
     def delete_many(self, keys) -> None:
         for key in keys:

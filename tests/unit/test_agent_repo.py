@@ -380,3 +380,24 @@ def test_a_damaged_chunk_is_not_reused_by_new_backups_after_verify_repair(tmp_pa
     with st.lock(exclusive=True):
         assert repo.gc() == (0, 2)  # the moved copy is not a chunk: gc leaves it to the operator
     assert os.path.exists(os.path.join(st.root, "damaged", m.chunks[1].hex()))
+
+
+def test_a_deleted_snapshot_is_durably_gone_before_gc_can_follow(tmp_path, monkeypatch):
+    """`DirStore.delete` of a snapshot fsyncs its directory (a power loss after the gc
+    that followed must not bring the snapshot back without its chunks); a chunk's
+    deletion (gc's many unlinks) does not."""
+    import nbdbackup.agent.repo as repo_mod
+
+    st = DirStore(str(tmp_path / "r"), batch=False)
+    st.put("snapshots/a", b"x")
+    st.put("chunks/ab/" + "ab" * 32, b"y")
+    synced: list[str] = []
+    real = repo_mod._fsync_dir
+    monkeypatch.setattr(repo_mod, "_fsync_dir", lambda d: (synced.append(d), real(d)))
+    st.delete("chunks/ab/" + "ab" * 32)
+    assert synced == []
+    st.delete("snapshots/a")
+    assert synced == [os.path.join(str(tmp_path / "r"), "snapshots")]
+    assert not os.path.exists(os.path.join(str(tmp_path / "r"), "snapshots", "a"))
+    st.delete("snapshots/a")  # gone already: nothing to sync
+    assert len(synced) == 1
