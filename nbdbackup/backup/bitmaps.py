@@ -18,7 +18,11 @@ table in `bitmap.dirty`).  For
 (``in_target``) are first reported
 with ``copied`` -- but only if a target flush succeeds (the data must be safe
 on the target before the bitmap forgets it); otherwise nothing is forgotten,
-which is never less than the truth.
+which is never less than the truth.  A job that succeeded with clusters
+its ``ignore`` error policy skipped (``CopyState.ignored``, not in the
+target) keeps them dirty: they are merged into the successor before it
+replaces the bitmap, as if written since the start -- the target lacks
+their content, so the next incremental must copy them.
 """
 
 from __future__ import annotations
@@ -58,6 +62,16 @@ class RegistryLease:
         if self._ended:
             return
         self._ended = True
+        succ = self.bitmap.successor
+        if success and self.mode != "never" and self.state is not None and succ is not None:
+            # Abdicating: the bitmap becomes the successor.  Clusters the
+            # ``ignore`` policy skipped are not in the target: keep them.
+            st = self.state
+            skipped = st.ignored.copy()
+            for start, count, there in st.in_target.runs():
+                if there:
+                    skipped.clear(start, count)
+            succ.merge_ranges(st.span(s, n) for s, n, v in skipped.runs() if v)
         if self.mode == "always" and not success and self.state is not None:
             st = self.state
             try:

@@ -41,6 +41,11 @@ Shared state (all mutated only on the event loop thread; the steps marked
   (copied there before the sync set was known) or is zeros, and the pump
   moves it from there (or zeroes the target); a cluster whose content is in
   the target leaves ``pump_todo``.
+- ``ignored`` (Bitmap): clusters the ``ignore`` error policy dropped from
+  ``pump_todo`` (`ignore`): the target may lack them even when the job
+  succeeds -- unless ``in_target`` says a copy-before-write put them
+  there afterwards -- so a dirty bitmap the job abdicates keeps them
+  (`bitmaps.RegistryLease.end`).
 - ``inflight`` (`Claims`: disjoint cluster runs -> Future; ``inflight.get(c)``
   is the future of the copy in progress for cluster c, ``c in inflight``
   whether there is one; a run per claim, so a claim costs the same whatever
@@ -388,6 +393,7 @@ class CopyState:
         self.zeroed = Bitmap(n)
         self.trimmed = Bitmap(n)
         self.pump_todo = Bitmap(n)
+        self.ignored = Bitmap(n)
         self.inflight = Claims()
         self.readers = Readers()
         self.scratch_readers = Readers()
@@ -843,6 +849,7 @@ class CopyState:
         """The ``ignore`` error policy: drop clusters from ``pump_todo`` (not done)."""
         n = self._bytes_in(self.pump_todo, start, count)
         self.pump_todo.clear(start, count)
+        self.ignored.set(start, count)
         self.current += n
         self.bytes_ignored += n
 

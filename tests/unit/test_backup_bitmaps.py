@@ -140,3 +140,48 @@ def test_bitmap_errors(kind):
         await engine.shutdown()
         assert not bm.busy
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("sync,mode", [("incremental", None), ("bitmap", "on-success"),
+                                       ("bitmap", "always"), ("full", "on-success")])
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_a_successful_backup_keeps_the_clusters_it_ignored_dirty(sync, mode, side):
+    """Hunt 3 (docs/hunt3.md): error policy ``ignore`` skips a failing
+    cluster and the job still succeeds -- but the target then lacks that
+    cluster's content, so the bitmap must keep it dirty: abdicating it
+    (bitmap = writes since the start) would make every later incremental
+    miss that change for good (invariant 3).  A cluster the job did copy
+    is forgotten as usual, a write after the start stays dirty."""
+    from nbdbackup.backup.testing import Fault, FaultDev
+
+    async def main():
+        mem, orig, live, reg, table, engine, events = setup(seed=3)
+        bm = reg.add("b", granularity=CS)
+        for c in (2, 5, 9):
+            bm.mark(c * CS, CS)
+        tmem = MemoryDev(SIZE)
+        target = FaultDev(tmem)
+        kw = {"bitmap": "b"} if mode is None else {"bitmap": "b", "bitmap_mode": mode}
+        if side == "source":
+            src = FaultDev(mem)
+            live.inner = src  # the pump reads through the fault filter
+            src.faults.append(Fault("read", 5 * CS, 1))
+            kw["on_source_error"] = "ignore"
+        else:
+            target.faults.append(Fault("write", 5 * CS, 1))
+            kw["on_target_error"] = "ignore"
+        await engine.backup_start("disk", "j", sync, target, max_chunk=CS, **kw)
+        job = engine.jobs["j"]
+        await live.pwrite(b"x" * 10, 12 * CS)  # a write after the start
+        await job.wait()
+        assert job.status.value == "concluded" and job.error is None
+        assert job.state.bytes_ignored == CS
+        acts = [d["action"] for n, d in events if n == "BLOCK_JOB_ERROR"]
+        assert acts and set(acts) == {"ignore"}
+        assert not bm.busy
+        dirty = {off // CS for off, _ in bm.dirty_ranges() for off in range(off, off + _, CS)}
+        assert 5 in dirty, f"cluster 5 was skipped (not in the target) but the bitmap forgot it: {sorted(dirty)}"
+        assert 12 in dirty
+        assert not {2, 9} & dirty  # copied: forgotten
+        await engine.job_dismiss("j")
+    asyncio.run(main())
