@@ -1244,7 +1244,27 @@ class CopyState:
                 await zero(e.offset, e.length)
                 self.clusters_skipped_zero += e.length // self.cluster_size
                 continue
-            await loop.run_in_executor(None, _copy_range, src.fd, dst.fd, e.offset, e.length)
+            # The thread reads the LIVE source: a cancelled copy must not
+            # release its claim (rule 4) before the thread is done, or a
+            # later copy-before-write saves a cluster the thread then
+            # overwrites with what a live write put there (docs/hunt3.md).
+            await _await_thread(loop.run_in_executor(None, _copy_range, src.fd, dst.fd, e.offset, e.length))
+
+
+async def _await_thread(fut: asyncio.Future) -> None:
+    """Await a thread's future; when cancelled, still wait until the thread
+    has finished (it cannot be stopped), then raise the cancellation."""
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                pass
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the cancellation is what we report
+        raise
 
 
 def _copy_range(sfd: int, dfd: int, offset: int, length: int) -> None:
