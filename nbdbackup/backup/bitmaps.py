@@ -55,7 +55,8 @@ class RegistryLease:
         self.state: CopyState | None = None
         self._ended = False
 
-    def bind(self, state: CopyState) -> None:
+    def bind(self, state: CopyState | None) -> None:
+        """The job's copy state (None: nothing the job copied counts, e.g. an aborted start)."""
         self.state = state
 
     async def end(self, success: bool) -> None:
