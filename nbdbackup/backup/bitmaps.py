@@ -75,6 +75,9 @@ class RegistryLease:
             succ.merge_ranges(st.span(s, n) for s, n, v in skipped.runs() if v)
         if self.mode == "always" and not success and self.state is not None:
             st = self.state
+            # What the flush covers: a copy-before-write may still write the
+            # target while it runs (docs/hunt3.md); its copy is not flushed.
+            landed = st.in_target.copy()
             try:
                 await st.target.flush()
             except OSError:
@@ -82,7 +85,7 @@ class RegistryLease:
             else:
                 # In the target -- not merely done: a scratch copy (clusters
                 # outside the sync set) or a trimmed cluster is no backup.
-                for start, count, there in st.in_target.runs():
+                for start, count, there in landed.runs():
                     if there:
                         self.bitmap.copied(*st.span(start, count))
         self.bitmap.finish(success)

@@ -294,3 +294,36 @@ def test_an_aborted_backup_lets_its_copy_before_write_in_flight_finish_first():
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(main(tmp))
+
+
+def test_a_failed_always_backup_forgets_only_what_its_flush_covered():
+    """Hunt 3 (docs/hunt3.md): bitmap-mode ``always``, the job fails; the
+    lease flushes the target, then forgets the granules of every cluster in
+    the target.  A copy-before-write that put a cluster there WHILE that
+    flush ran is not covered by it: its granules (but the one the live
+    write dirtied) were forgotten with their data not yet safe."""
+    from nbdbackup.backup.testing import Fault, FaultDev
+
+    async def main():
+        mem, orig, live, reg, table, engine, events = setup(seed=4)
+        bm = reg.add("b", granularity=4096)
+        bm.merge_ranges([(0, SIZE)])
+        target = FaultDev(MemoryDev(SIZE))
+        target.faults.append(Fault("write", 0, CS))  # the first pump copy fails: the job fails
+        target.gate_ops = ("flush",)
+        target.gate = asyncio.Event()
+        await engine.backup_start("disk", "j", "bitmap", target, bitmap="b", bitmap_mode="always",
+                                  max_chunk=CS, max_workers=1)
+        job = engine.jobs["j"]
+        while not any(op == "flush" for op, _, _ in target.calls):
+            await asyncio.sleep(0.01)
+        assert job.status.value == "aborting"
+        await live.pwrite(b"w" * 100, 12 * CS)  # copy-before-write of cluster 12 into the target
+        assert job.state.in_target.get(12)
+        target.gate.set()
+        await job.wait()
+        assert job.error is not None
+        missing = [g for g in range(SIZE // 4096) if not bm.get(g * 4096)]
+        assert not missing, f"granules forgotten though their copy was not flushed: {missing[:10]}"
+        await engine.job_dismiss("j")
+    asyncio.run(main())
