@@ -41,6 +41,11 @@ Shared state (all mutated only on the event loop thread; the steps marked
   (copied there before the sync set was known) or is zeros, and the pump
   moves it from there (or zeroes the target); a cluster whose content is in
   the target leaves ``pump_todo``.
+- ``ignored`` (Bitmap): clusters the ``ignore`` error policy dropped from
+  ``pump_todo`` (`ignore`): the target may lack them even when the job
+  succeeds -- unless ``in_target`` says a copy-before-write put them
+  there afterwards -- so a dirty bitmap the job abdicates keeps them
+  (`bitmaps.RegistryLease.end`).
 - ``inflight`` (`Claims`: disjoint cluster runs -> Future; ``inflight.get(c)``
   is the future of the copy in progress for cluster c, ``c in inflight``
   whether there is one; a run per claim, so a claim costs the same whatever
@@ -388,6 +393,7 @@ class CopyState:
         self.zeroed = Bitmap(n)
         self.trimmed = Bitmap(n)
         self.pump_todo = Bitmap(n)
+        self.ignored = Bitmap(n)
         self.inflight = Claims()
         self.readers = Readers()
         self.scratch_readers = Readers()
@@ -843,6 +849,7 @@ class CopyState:
         """The ``ignore`` error policy: drop clusters from ``pump_todo`` (not done)."""
         n = self._bytes_in(self.pump_todo, start, count)
         self.pump_todo.clear(start, count)
+        self.ignored.set(start, count)
         self.current += n
         self.bytes_ignored += n
 
@@ -1237,7 +1244,27 @@ class CopyState:
                 await zero(e.offset, e.length)
                 self.clusters_skipped_zero += e.length // self.cluster_size
                 continue
-            await loop.run_in_executor(None, _copy_range, src.fd, dst.fd, e.offset, e.length)
+            # The thread reads the LIVE source: a cancelled copy must not
+            # release its claim (rule 4) before the thread is done, or a
+            # later copy-before-write saves a cluster the thread then
+            # overwrites with what a live write put there (docs/hunt3.md).
+            await _await_thread(loop.run_in_executor(None, _copy_range, src.fd, dst.fd, e.offset, e.length))
+
+
+async def _await_thread(fut: asyncio.Future) -> None:
+    """Await a thread's future; when cancelled, still wait until the thread
+    has finished (it cannot be stopped), then raise the cancellation."""
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                pass
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the cancellation is what we report
+        raise
 
 
 def _copy_range(sfd: int, dfd: int, offset: int, length: int) -> None:

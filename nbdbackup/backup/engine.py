@@ -46,6 +46,7 @@ Dirty bitmaps (sync incremental/bitmap, ``bitmap=``) need a `BitmapSource`
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import inspect
@@ -681,6 +682,14 @@ class PreparedBackup:
         if self.started:
             return  # a running job is cancelled through the job verbs instead
         job.detach()
+        # As at dismiss (copystate rule 6): writes already inside
+        # copy-before-write copy nothing more, and the copies in flight end
+        # before the target closes (else such a write failed with EBADF).
+        job.snapshot.close_view()
+        job.state.retire()
+        while job.state.inflight:
+            await asyncio.gather(*(asyncio.shield(f) for f in job.state.inflight.values()),
+                                 return_exceptions=True)
         if eng.jobs.get(job.id) is job:
             del eng.jobs[job.id]
         name = getattr(job, "snapshot_name", None)
@@ -688,6 +697,11 @@ class PreparedBackup:
             await eng.exports.remove(name)
             self.published = False
         if self.lease is not None:
+            if hasattr(self.lease, "bind"):
+                # The job never ran and its target is no backup (a target
+                # created here is deleted below): a bitmap-mode ``always``
+                # lease must not forget what copy-before-write put there.
+                self.lease.bind(None)
             r = self.lease.end(False)
             if inspect.isawaitable(r):
                 await r

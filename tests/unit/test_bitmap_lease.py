@@ -62,7 +62,7 @@ def test_always_mode_keeps_only_uncopied_and_new(success: bool, flush_fails: boo
     lease = src.begin_backup("e", "b", "always", CS, 11)
     done = Bitmap(11)
     done.set(3)  # copied cluster 3 only
-    lease.bind(SimpleNamespace(done=done, in_target=done, target=Target(flush_fails),
+    lease.bind(SimpleNamespace(done=done, in_target=done, ignored=Bitmap(11), target=Target(flush_fails),
                                span=lambda s, n: (s * CS, min((s + n) * CS, SIZE) - s * CS)))
     reg.mark(3 * CS + 100, 1)  # written after the freeze
     asyncio.run(lease.end(success))
