@@ -45,6 +45,7 @@ import fcntl
 import os
 import stat
 import struct
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -97,7 +98,11 @@ class FileDev(BlockDev):
     Fields: ``path``; ``fd`` (owned, closed by `close`); ``read_only``;
     ``is_block`` (block device, not a regular file); ``_size``;
     ``inline_limit``; ``_nowait`` (RWF_NOWAIT reads work here); ``_punch_ok`` / ``_zero_range_ok`` (cleared the first
-    time the filesystem says EOPNOTSUPP, so later calls skip the attempt).
+    time the filesystem says EOPNOTSUPP, so later calls skip the attempt);
+    ``_threads`` (the pool jobs using ``fd`` that have not ended: a job goes on
+    in its thread after its awaiting task was cancelled, so `close` waits for
+    them -- closing under them would let a reused descriptor number take a
+    late write; each job removes itself when done, from its thread).
     """
 
     def __init__(self, path: str, *, read_only: bool = False, inline_limit: int = 1024 * 1024,
@@ -105,6 +110,7 @@ class FileDev(BlockDev):
         self.path = path
         self.read_only = read_only
         self.inline_limit = inline_limit
+        self._threads: set[concurrent.futures.Future] = set()
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         if create_size is not None and not read_only:
             flags |= os.O_CREAT
@@ -173,7 +179,15 @@ class FileDev(BlockDev):
     async def _run(self, length: int, fn, *args):
         if length <= self.inline_limit:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(_pool(), fn, *args)
+        return await self._in_pool(fn, *args)
+
+    async def _in_pool(self, fn, *args):
+        """``fn(*args)`` on the pool, counted in ``_threads`` until it ends
+        (not until its awaiter stops waiting)."""
+        job = _pool().submit(fn, *args)
+        self._threads.add(job)
+        job.add_done_callback(self._threads.discard)
+        return await asyncio.wrap_future(job)
 
     def _preadv_all(self, buf: memoryview, offset: int) -> None:
         done, n = 0, len(buf)
@@ -242,7 +256,7 @@ class FileDev(BlockDev):
         if eng is not None:
             await eng.aread(self.fd, buf, offset)
             return
-        await asyncio.get_running_loop().run_in_executor(_pool(), self._preadv_all, buf, offset)
+        await self._in_pool(self._preadv_all, buf, offset)
 
     def pwrite_now(self, buf: Buffer, offset: int, fua: bool = False) -> bool:
         """Writes `pwrite` would do inline (up to ``inline_limit`` bytes),
@@ -363,7 +377,7 @@ class FileDev(BlockDev):
         if eng is not None:
             await eng.afsync(self.fd)
             return
-        await asyncio.get_running_loop().run_in_executor(_pool(), os.fdatasync, self.fd)
+        await self._in_pool(os.fdatasync, self.fd)
 
     async def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
@@ -402,6 +416,8 @@ class FileDev(BlockDev):
         return self.extents_sync(offset, length)
 
     async def close(self) -> None:
+        while self._threads:  # jobs whose awaiters were cancelled may still use fd
+            await asyncio.wait([asyncio.wrap_future(j) for j in list(self._threads)])
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
