@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -61,6 +62,20 @@ def random_image(path: str, size: int) -> None:
     """Random data (no zero shortcuts), in the page cache."""
     common.make_random_file(path, size)
     common.warm_cache(path)
+
+
+@contextlib.contextmanager
+def random_nbdkit_export(prefix: str, parent: str, size: int, connections: int):
+    """A workspace under ``parent`` holding a random image of ``size`` bytes (in
+    the page cache) served by nbdkit's file plugin on a Unix socket, in a session
+    of its own: yields ``(ws, procs, image, uri)``; everything is stopped and
+    removed on exit.  The pull benches' common set-up."""
+    with common.Workspace(prefix, parent=parent) as ws, common.Procs() as procs:
+        image = os.path.join(str(ws.path), "disk.raw")
+        random_image(image, size)
+        sock = ws.socket("s")
+        start_server(procs, "nbdkit", image, sock, connections, same_session=False)
+        yield ws, procs, image, f"nbd+unix:///?socket={sock}"
 
 
 def run_nbdcopy(uri: str, conns: int, reqs: int, rsize: int) -> tuple[float, float]:

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402  (bench/common.py)
-from client_read import random_image, start_server  # noqa: E402  (same directory)
+from client_read import random_nbdkit_export  # noqa: E402  (same directory)
 from nbdbackup.blockdev import parse_size  # noqa: E402
 
 
@@ -67,13 +67,8 @@ def main() -> int:
     if a.baseline and not os.path.isdir(os.path.join(a.baseline, "nbdbackup", "__pycache__")):
         print(f"# warning: {a.baseline} has no __pycache__: its runs include compiling it", file=sys.stderr)
     size = parse_size(a.size)
-    with common.Workspace("bench-pull-", parent=a.dir) as ws, common.Procs() as procs:
+    with random_nbdkit_export("bench-pull-", a.dir, size, a.connections) as (ws, procs, image, uri):
         d = str(ws.path)
-        image = os.path.join(d, "disk.raw")
-        random_image(image, size)
-        sock = ws.socket("s")
-        start_server(procs, "nbdkit", image, sock, a.connections, same_session=False)
-        uri = f"nbd+unix:///?socket={sock}"
         out = os.path.join(d, "copy.raw")
         pull_args = ["-m", "nbdbackup.cli", "pull", uri, out, f"--connections={a.connections}",
                      "--manifest", os.path.join(d, "m.json"), f"--chunk-size={a.chunk_size}"]

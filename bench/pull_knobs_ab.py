@@ -18,27 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
-from client_read import random_image, start_server  # noqa: E402
-from nbdbackup.agent.pull import pull  # noqa: E402
+from client_read import random_nbdkit_export  # noqa: E402
+from pull_threads_ab import timed_pull  # noqa: E402  (same directory)
 from nbdbackup.blockdev import parse_size  # noqa: E402
-from nbdbackup.blockdev.file import FileDev  # noqa: E402
-from nbdbackup.blockdev.nbd import NBDDev  # noqa: E402
 from nbdbackup.commands import run_async  # noqa: E402
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def _env(v: str) -> dict[str, str]:
@@ -46,20 +35,9 @@ def _env(v: str) -> dict[str, str]:
 
 
 async def one(uri: str, out: str, size: int, conns: int) -> tuple[float, float]:
-    if os.path.exists(out):
-        os.unlink(out)
-    subprocess.run(["sync"], check=True)
-    c0, t0 = _cpu(), time.monotonic()
-    src = await NBDDev.open(uri, read_only=True, connections=conns)
-    with open(out, "wb") as f:
-        f.truncate(size)
-    dst = FileDev(out)
-    try:
-        await pull(src, dst, fresh=True, chunk_size=parse_size(os.environ.get("BENCH_CHUNK", "4M")))
-    finally:
-        await dst.close()
-        await src.close()
-    return time.monotonic() - t0, _cpu() - c0
+    dt, cpu, _ = await timed_pull(uri, out, size, conns,
+                                  chunk_size=parse_size(os.environ.get("BENCH_CHUNK", "4M")))
+    return dt, cpu
 
 
 def main() -> int:
@@ -73,13 +51,8 @@ def main() -> int:
     size = parse_size(a.size)
     gib = size / (1 << 30)
     vs = a.variants
-    with common.Workspace("bench-pullknobs-", parent=a.dir) as ws, common.Procs() as procs:
+    with random_nbdkit_export("bench-pullknobs-", a.dir, size, a.connections) as (ws, procs, image, uri):
         d = str(ws.path)
-        image = os.path.join(d, "disk.raw")
-        random_image(image, size)
-        sock = ws.socket("s")
-        start_server(procs, "nbdkit", image, sock, a.connections, same_session=False)
-        uri = f"nbd+unix:///?socket={sock}"
         out = os.path.join(d, "copy.raw")
         res: dict[str, list[tuple[float, float]]] = {v: [] for v in vs}
         for r in range(a.rounds):

@@ -31,8 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402  (bench/common.py)
-from client_read import random_image, start_server  # noqa: E402
+from client_read import random_nbdkit_export  # noqa: E402
 from nbdbackup.agent.pull import pull  # noqa: E402
 from nbdbackup.blockdev import parse_size  # noqa: E402
 from nbdbackup.blockdev.file import FileDev  # noqa: E402
@@ -45,7 +44,10 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def one(uri: str, out: str, size: int, conns: int, variant: str) -> tuple[float, float, str]:
+async def timed_pull(uri: str, out: str, size: int, conns: int, **kw):
+    """One in-process pull of ``uri`` into a fresh sparse ``out`` (after a
+    ``sync``): ``(wall s, CPU s of this process, PullStats)``; ``kw`` go to
+    `pull` (also used by pull_knobs_ab.py)."""
     if os.path.exists(out):
         os.unlink(out)
     subprocess.run(["sync"], check=True)
@@ -55,12 +57,17 @@ async def one(uri: str, out: str, size: int, conns: int, variant: str) -> tuple[
         f.truncate(size)
     dst = FileDev(out)
     try:
-        _, st = await pull(src, dst, fresh=True, threads=variant != "asyncio",
-                           inline=variant == "inline" if variant != "asyncio" else None)
+        _, st = await pull(src, dst, fresh=True, **kw)
     finally:
         await dst.close()
         await src.close()
-    return time.monotonic() - t0, _cpu() - c0, st.receive
+    return time.monotonic() - t0, _cpu() - c0, st
+
+
+async def one(uri: str, out: str, size: int, conns: int, variant: str) -> tuple[float, float, str]:
+    dt, cpu, st = await timed_pull(uri, out, size, conns, threads=variant != "asyncio",
+                                   inline=variant == "inline" if variant != "asyncio" else None)
+    return dt, cpu, st.receive
 
 
 def main() -> int:
@@ -77,13 +84,8 @@ def main() -> int:
     variants = a.variants.split(",")
     size = parse_size(a.size)
     gib = size / (1 << 30)
-    with common.Workspace("bench-pullab-", parent=a.dir) as ws, common.Procs() as procs:
+    with random_nbdkit_export("bench-pullab-", a.dir, size, a.connections) as (ws, procs, image, uri):
         d = str(ws.path)
-        image = os.path.join(d, "disk.raw")
-        random_image(image, size)
-        sock = ws.socket("s")
-        start_server(procs, "nbdkit", image, sock, a.connections, same_session=False)
-        uri = f"nbd+unix:///?socket={sock}"
         out = os.path.join(d, "copy.raw")
         res: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
         for r in range(a.rounds):

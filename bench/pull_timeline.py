@@ -30,8 +30,7 @@ from concurrent.futures import Future
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
-from client_read import random_image, start_server  # noqa: E402
+from client_read import random_nbdkit_export  # noqa: E402
 from nbdbackup.agent import filewriter, pullthreads  # noqa: E402
 from nbdbackup.agent.pull import pull  # noqa: E402
 from nbdbackup.blockdev import parse_size  # noqa: E402
@@ -203,13 +202,8 @@ def main() -> int:
     filewriter.FileWriter.write = _write
     filewriter.ChunkWriter._job = _job
     size = parse_size(a.size)
-    with common.Workspace("bench-pulltl-", parent=a.dir) as ws, common.Procs() as procs:
+    with random_nbdkit_export("bench-pulltl-", a.dir, size, a.connections) as (ws, procs, image, uri):
         d = str(ws.path)
-        image = os.path.join(d, "disk.raw")
-        random_image(image, size)
-        sock = ws.socket("s")
-        start_server(procs, "nbdkit", image, sock, a.connections, same_session=False)
-        uri = f"nbd+unix:///?socket={sock}"
         out = os.path.join(d, "copy.raw")
         for r in range(a.rounds):
             T.clear()

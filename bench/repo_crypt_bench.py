@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402  (bench/common.py)
-from client_read import random_image, start_server  # noqa: E402  (same directory)
+from client_read import random_nbdkit_export  # noqa: E402  (same directory)
 from nbdbackup.blockdev import parse_size  # noqa: E402
 
 CONFIGS = (("plain", ["--encryption", "none", "--compression", "none"]),
@@ -46,13 +46,8 @@ def main() -> int:
     a = ap.parse_args()
     size = parse_size(a.size)
     os.environ["NBDBACKUP_PASSPHRASE"] = "bench passphrase"
-    with common.Workspace("bench-repo-", parent=a.dir) as ws, common.Procs() as procs:
+    with random_nbdkit_export("bench-repo-", a.dir, size, a.connections) as (ws, procs, image, uri):
         d = str(ws.path)
-        image = os.path.join(d, "disk.raw")
-        random_image(image, size)
-        sock = ws.socket("s")
-        start_server(procs, "nbdkit", image, sock, a.connections, same_session=False)
-        uri = f"nbd+unix:///?socket={sock}"
         print(f"# nbdkit file, {size >> 20} MiB random, {a.connections} connections, repository in {a.dir}")
         res: dict[str, list[tuple[float, ...]]] = {n: [] for n, _ in CONFIGS}
         for r in range(a.rounds):
