@@ -126,7 +126,7 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
         raise ConfigError(f"restore target {target} is missing but its restore state {state} exists: "
                           f"remove the state directory to start over")
     ident_target = target if (nbd or memory) else os.path.realpath(target)
-    if state is not None and _completed(state, snapshot, ident_target):
+    if state is not None and _completed(state, repo, snapshot, ident_target):
         # Restored already: the target is all there is (the repository is not even opened).
         from ..daemon import add_export
 
@@ -213,8 +213,15 @@ async def _publish(app: Any, name: str, store, rep, man, *, repo: str, snapshot:
     return rjob
 
 
-def _completed(state: str, snapshot: str, ident_target: str) -> bool:
-    """The state directory records a COMPLETE restore of ``snapshot`` onto this target."""
+def _completed(state: str, repo: str, snapshot: str, ident_target: str) -> bool:
+    """The state directory records a COMPLETE restore of ``repo#snapshot``
+    onto this target.  The repository is not opened: its root is compared
+    as its store spells it (`DirStore`: the absolute path; S3: the URL
+    without trailing slashes).  A spelling that does not match (say, an S3
+    prefix written another way) only means the repository is opened and the
+    state's full identity compared (`ProgressMap.open`): a restore of the
+    same snapshot name from ANOTHER repository is refused there, never
+    served as complete (hunt 4)."""
     import json
 
     from ..backup.restorestate import META
@@ -225,7 +232,8 @@ def _completed(state: str, snapshot: str, ident_target: str) -> bool:
     except (OSError, ValueError):
         return False
     ident = meta.get("identity", "") if isinstance(meta, dict) else ""
-    return (meta.get("complete") is True and isinstance(ident, str) and f"#{snapshot}@" in ident
+    root = repo.rstrip("/") if repo.startswith("s3://") else os.path.abspath(repo)
+    return (meta.get("complete") is True and isinstance(ident, str) and ident.startswith(f"{root}#{snapshot}@")
             and ident.endswith(f" -> {ident_target}"))
 
 

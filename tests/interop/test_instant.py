@@ -339,6 +339,17 @@ def test_bad_specs_are_refused_before_listening(short_tmp, setup_local):
     r = peers.nbdbackup_cli("serve", "--socket", str(short_tmp / "x.sock"),
                             f"vm=restore:{repo}#s9,target={tgt}", ok=False)
     assert r.returncode == 1 and "another restore" in r.stderr, r.stderr
+    # hunt 4: ... and so is one made for the same snapshot NAME in another repository (the
+    # completed state must not make the target pass for repo2's s0 unseen)
+    img2, repo2 = short_tmp / "other.raw", str(short_tmp / "repo2")
+    make_image(img2, 8)
+    store_image(repo2, "s0", img2)
+    try:
+        r = peers.nbdbackup_cli("serve", "--socket", str(short_tmp / "x.sock"),
+                                f"vm=restore:{repo2}#s0,target={tgt}", ok=False, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve took the target restored from {repo}#s0 for a completed restore of {repo2}#s0")
+    assert r.returncode == 1 and "another restore" in r.stderr, r.stderr
     # a target gone while its state stayed would read as zeros where the state says "restored"
     os.unlink(tgt)
     r = peers.nbdbackup_cli("serve", "--socket", str(short_tmp / "x.sock"),
