@@ -261,7 +261,14 @@ class Claims:
 
 
 def _innermost(dev: BlockDev) -> BlockDev:
-    while isinstance(dev, FilterDev):
+    """The device whose bytes ``dev`` reads, at the same offsets: looks only
+    through filters that keep bytes as they are (``same_bytes``: a `LiveDev`
+    does, a restoring export's `restoredev.RestoreDev` does not -- its chunks
+    not restored yet are in the repository, not in its target file).  Copy
+    offload, SEEK_DATA probes and task-free source reads use the file found
+    here, so looking through a RestoreDev copied the restore target's holes
+    and stale bytes into a backup (hunt 4)."""
+    while isinstance(dev, FilterDev) and dev.same_bytes:
         dev = dev.inner
     return dev
 

@@ -164,6 +164,10 @@ class LiveDev(FilterDev):
     has none: then no write is task-free while hooks are attached).
     """
 
+    #: reads and writes are ``inner``'s bytes (hooks only watch them): copy
+    #: offload and SEEK_DATA probes may look through (`FilterDev.same_bytes`)
+    same_bytes = True
+
     def __init__(self, inner: BlockDev, *, owns_inner: bool = True) -> None:
         super().__init__(inner, owns_inner=owns_inner)
         self._hooks: tuple[WriteHook, ...] = ()
