@@ -277,8 +277,17 @@ def test_backup_of_restoring_export_with_file_target_reads_through_the_restore(s
         engine = Engine(table)
         bpath = short_tmp / "backup.raw"
         # the restore job is not started: every chunk is still in the repository only
-        await engine.backup_start("disk", "j", "full", str(bpath))
+        await engine.backup_start("disk", "j", "full", str(bpath), speed=CS * 4)
+        # guest writes racing the backup's copy-before-write: whole chunks, partial, unaligned
+        model = bytearray(orig)
+        for off, n in ((5 * CS, CS), (7 * CS + 100, 300), (9 * CS - 10, CS + 20), (SIZE - 500, 500)):
+            data = rng.randbytes(n)
+            await live.pwrite(data, off)
+            model[off:off + n] = data
         await engine.jobs["j"].wait()
+        now = bytearray(SIZE)
+        await live.pread(memoryview(now), 0)
+        assert now == model  # read-your-writes through the restoring export
         info = engine.query_jobs()[0]
         assert "error" not in info, info
         got = bpath.read_bytes()
