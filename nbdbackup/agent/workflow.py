@@ -390,7 +390,7 @@ async def _prepare(server: Server, ctl: _Control, repo, opts: Options, now: date
                     raise
                 return None
 
-        dec = decide(bitmaps, size, opts.prefix, info, force_full=opts.full)
+        dec = decide(bitmaps, size, opts.prefix, info, force_full=opts.full, server=server.name, disk=disk)
         base_name = snapshot_name(opts.template, server, disk, now)
         existing = {b["name"] for b in bitmaps} | set(exports)
         name, n = base_name, 0
