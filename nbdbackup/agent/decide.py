@@ -39,6 +39,8 @@ Rules of `decide` (every case leaves no changed cluster uncounted):
   snapshot S that bitmap B counts from"); all of ours removed;
 - the newest good bitmap B (by its snapshot's point in time) is the base;
   older good ones are stale (superseded) and removed;
+- a bitmap whose snapshot document cannot be read (damaged) is not good
+  either: an orphan, like one whose snapshot is missing;
 - orphans (ours, consistent, not good: interrupted runs) are merged into B
   in the same transaction (``block-dirty-bitmap-merge``), then removed: B
   disabled at T_x plus the orphan recording since T_x = every write since
@@ -126,7 +128,9 @@ def decide(bitmaps: list[dict], size: int, prefix: str, snapshot_info: Callable[
 
     ``bitmaps``: the disk's ``query-bitmaps`` answer (BitmapInfo dicts);
     ``size``: the disk's size now; ``snapshot_info(name)``: the repository's
-    snapshot document, or None if it has no such snapshot; ``server`` /
+    snapshot document, or None if it has no such snapshot, or
+    ``{"damaged": why}`` if it cannot be read (its bitmap is then an orphan);
+    ``server`` /
     ``disk``: this disk's server name and export (None: not checked), which a
     base snapshot's ``meta.server`` / ``meta.disk`` must name.
     """
@@ -151,7 +155,10 @@ def decide(bitmaps: list[dict], size: int, prefix: str, snapshot_info: Callable[
             continue
         meta = info.get("meta") or {}
         msize = (info.get("manifest") or {}).get("size")
-        if meta.get("bitmap") != b["name"]:
+        if info.get("damaged"):
+            orphans.append(b)
+            why_orphan[b["name"]] = f"{info['damaged']} (bitmap {b['name']} counts from it)"
+        elif meta.get("bitmap") != b["name"]:
             orphans.append(b)
             why_orphan[b["name"]] = f"snapshot {snap} was not made with bitmap {b['name']}"
         elif (server is not None and meta.get("server") != server) or (disk is not None and meta.get("disk") != disk):

@@ -318,3 +318,34 @@ def test_a_bitmap_named_after_another_servers_snapshot_is_not_a_base(short_tmp, 
             return await c.execute("query-bitmaps", {"export": "vda"})
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_damaged_base_snapshot_document_falls_back_to_a_full(short_tmp, full):
+    """(hunt5 finding 2) The snapshot document of d1's base is damaged (bit rot, a
+    torn copy): the run failed for EVERY disk of the server, --full included, run
+    after run.  Now d1's bitmap is unusable (the report says why: a full), d2 goes on."""
+    rig = Rig(short_tmp)
+
+    async def main():
+        await rig.start()
+        try:
+            await rig.write(20)
+            res = await rig.checked_run()
+            p = short_tmp / "repo" / "snapshots" / res["d1"].snapshot
+            blob = bytearray(p.read_bytes())
+            blob[40] ^= 0xFF  # inside the metadata: its checksum no longer matches
+            p.write_bytes(bytes(blob))
+            await rig.write()
+            res = await rig.checked_run(full=full)
+            assert res["d1"].kind == "full", res["d1"].reason
+            if not full:
+                assert "damaged" in res["d1"].reason, res["d1"].reason
+            assert res["d2"].kind == ("full" if full else "incremental"), res["d2"].reason
+            await rig.write()
+            for r in (await rig.checked_run()).values():
+                assert r.kind == "incremental", (r.reason, r.notes)
+        finally:
+            await rig.stop()
+
+    asyncio.run(main())
