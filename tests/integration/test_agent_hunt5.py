@@ -172,19 +172,23 @@ class Death:
         except Killed:
             return None
         finally:
-            await asyncio.sleep(0.3)  # the other disk's task, if any, reaches a point and dies
+            await asyncio.sleep(0.1)  # the other disk's task, if any, reaches a point and dies
             self.dead = False
             self.where = "nowhere"
 
 
-POINTS = [("before-transaction", 1), ("after-transaction", 1), ("chunk", 1), ("chunk", 4),
-          ("before-save", 1), ("after-save", 1), ("after-save", 2),
-          ("before-job-cancel", 1), ("after-job-dismiss", 1), ("after-job-dismiss", 2),
-          ("before-block-dirty-bitmap-remove", 1), ("after-block-dirty-bitmap-remove", 1)]
+# (point, which time it is reached, --read): before / after the transaction, mid-pull (the
+# first chunk of the run, the 4th: the other disk's), before / after recording the first
+# and the second disk, while finishing (job cancel and dismiss, base bitmap removal).
+POINTS = [(w, at, "whole") for w, at in [
+    ("before-transaction", 1), ("after-transaction", 1), ("chunk", 1), ("chunk", 4),
+    ("before-save", 1), ("after-save", 1), ("after-save", 2),
+    ("before-job-cancel", 1), ("after-job-dismiss", 1), ("after-job-dismiss", 2),
+    ("before-block-dirty-bitmap-remove", 1), ("after-block-dirty-bitmap-remove", 1)]]
+POINTS += [(w, at, "dirty") for w, at in [("after-transaction", 1), ("chunk", 1), ("after-save", 1)]]
 
 
-@pytest.mark.parametrize("read", ["whole", "dirty"])
-@pytest.mark.parametrize("where,at", POINTS)
+@pytest.mark.parametrize("where,at,read", POINTS)
 def test_agent_killed_then_next_runs_are_exact(short_tmp, monkeypatch, where, at, read):
     rig = Rig(short_tmp)
 
@@ -234,6 +238,7 @@ def test_one_disk_fails_mid_pull_and_the_rollback_is_killed(short_tmp, monkeypat
             await rig.write()
             death = Death(rig, monkeypatch, where, at, fail="d2")
             res = await death.run(rig)
+            assert death.seen >= at or where == "nowhere", f"{where} #{at} never reached"
             if res is not None:
                 by = {r.disk: r for r in res}
                 assert by["d2"].status == "failed" and "injected" in by["d2"].error
