@@ -14,8 +14,13 @@ Naming (the agent recognises its own state by a fixed prefix, default
     export  PREFIX.<snapshot>   its snapshot export
 
 A snapshot recorded by the agent carries ``meta.bitmap`` (= ``PREFIX.<its
-name>``), so a bitmap is *good* when the repository holds the snapshot it is
-named after, that snapshot says it made this bitmap, and the sizes agree.
+name>``), ``meta.server`` and ``meta.disk``, so a bitmap is *good* when the
+repository holds the snapshot it is named after, that snapshot says it made
+this bitmap, of this server's disk, and the sizes agree.  (The server and disk
+matter: another server's run cannot see this server's bitmaps, so it may
+record a snapshot under the name of an orphan bitmap here -- same disk name,
+a name template without ``{server}`` -- and that snapshot holds the other
+disk's data, docs/hunt5.md.)
 
 The bitmap life cycle of one run (libvirt's pull-mode flow)::
 
@@ -34,6 +39,8 @@ Rules of `decide` (every case leaves no changed cluster uncounted):
   snapshot S that bitmap B counts from"); all of ours removed;
 - the newest good bitmap B (by its snapshot's point in time) is the base;
   older good ones are stale (superseded) and removed;
+- a bitmap whose snapshot document cannot be read (damaged) is not good
+  either: an orphan, like one whose snapshot is missing;
 - orphans (ours, consistent, not good: interrupted runs) are merged into B
   in the same transaction (``block-dirty-bitmap-merge``), then removed: B
   disabled at T_x plus the orphan recording since T_x = every write since
@@ -116,12 +123,16 @@ def _instant(info: dict) -> str:
 
 
 def decide(bitmaps: list[dict], size: int, prefix: str, snapshot_info: Callable[[str], dict | None], *,
-           force_full: bool = False) -> Decision:
+           force_full: bool = False, server: str | None = None, disk: str | None = None) -> Decision:
     """Decide one disk's next backup (see the module doc).
 
     ``bitmaps``: the disk's ``query-bitmaps`` answer (BitmapInfo dicts);
     ``size``: the disk's size now; ``snapshot_info(name)``: the repository's
-    snapshot document, or None if it has no such snapshot.
+    snapshot document, or None if it has no such snapshot, or
+    ``{"damaged": why}`` if it cannot be read (its bitmap is then an orphan);
+    ``server`` /
+    ``disk``: this disk's server name and export (None: not checked), which a
+    base snapshot's ``meta.server`` / ``meta.disk`` must name.
     """
     ours = [b for b in bitmaps if snapshot_of(prefix, b["name"]) is not None]
     everything = [b["name"] for b in ours]
@@ -144,9 +155,16 @@ def decide(bitmaps: list[dict], size: int, prefix: str, snapshot_info: Callable[
             continue
         meta = info.get("meta") or {}
         msize = (info.get("manifest") or {}).get("size")
-        if meta.get("bitmap") != b["name"]:
+        if info.get("damaged"):
+            orphans.append(b)
+            why_orphan[b["name"]] = f"{info['damaged']} (bitmap {b['name']} counts from it)"
+        elif meta.get("bitmap") != b["name"]:
             orphans.append(b)
             why_orphan[b["name"]] = f"snapshot {snap} was not made with bitmap {b['name']}"
+        elif (server is not None and meta.get("server") != server) or (disk is not None and meta.get("disk") != disk):
+            orphans.append(b)
+            why_orphan[b["name"]] = (f"snapshot {snap} is of server {meta.get('server')!r} disk {meta.get('disk')!r}, "
+                                     f"not {server!r} {disk!r}")
         elif msize != size:
             orphans.append(b)
             why_orphan[b["name"]] = f"the disk is {size} bytes, snapshot {snap} {msize}"

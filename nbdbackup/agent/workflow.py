@@ -385,12 +385,15 @@ async def _prepare(server: Server, ctl: _Control, repo, opts: Options, now: date
         def info(name: str) -> dict | None:
             try:
                 return repo.snapshot_info(name)  # one ranged GET; a HEAD only when that fails
-            except ConfigError:
+            except ConfigError as e:
                 if repo.has_snapshot(name):
-                    raise
+                    # Damaged: its bitmap is no base (decide: an orphan, merged or a full, and
+                    # says why).  Raising here failed every disk of the server, --full
+                    # included, run after run (docs/hunt5.md).
+                    return {"damaged": str(e)}
                 return None
 
-        dec = decide(bitmaps, size, opts.prefix, info, force_full=opts.full)
+        dec = decide(bitmaps, size, opts.prefix, info, force_full=opts.full, server=server.name, disk=disk)
         base_name = snapshot_name(opts.template, server, disk, now)
         existing = {b["name"] for b in bitmaps} | set(exports)
         name, n = base_name, 0

@@ -189,3 +189,21 @@ def test_model_never_loses_a_write(seed):
         if rng.random() < 0.1 and m.snaps:  # retention removed an old snapshot
             m.snaps.pop(rng.choice(sorted(m.snaps)))
         m.run(rng.choice([None, None, "pull", "finish"]))
+
+
+def test_a_snapshot_of_another_server_or_disk_is_no_base():
+    """(hunt5) Another server's run recorded a snapshot under the name of an orphan
+    bitmap of ours (it cannot see our bitmaps): it is not our base, the orphan is merged."""
+    docs = {"s1": {"manifest": {"size": SIZE}, "meta": {"bitmap": own_name(P, "s1"), "server": "B", "disk": "vda",
+                                                         "instant": "2026-12-01T00:00:00.000000+00:00"}},
+            "s2": {"manifest": {"size": SIZE}, "meta": {"bitmap": own_name(P, "s2"), "server": "A", "disk": "vda",
+                                                         "instant": "2026-12-02T00:00:00.000000+00:00"}}}
+    for server, disk in (("B", "vda"), ("B", None)):
+        d = decide([bm("s1", recording=False), bm("s2")], SIZE, P, docs.get, server=server, disk=disk)
+        assert (d.kind, d.base, d.merge) == ("incremental", "s1", [own_name(P, "s2")]), d
+    d = decide([bm("s2")], SIZE, P, docs.get, server="B", disk="vda")
+    assert d.kind == "full" and "is of server 'A' disk 'vda'" in d.reason, d.reason
+    d = decide([bm("s1")], SIZE, P, docs.get, server="B", disk="vdb")
+    assert d.kind == "full" and "not 'B' 'vdb'" in d.reason, d.reason
+    # without the check (the caller does not say), the old behaviour
+    assert decide([bm("s2")], SIZE, P, docs.get).kind == "incremental"
