@@ -1,4 +1,5 @@
-"""Test doubles for the backup engine: a fault- and delay-injecting filter.
+"""Test doubles for the backup engine: a fault- and delay-injecting filter,
+and a memory snapshot that reports holes as a chunk repository does.
 
 Role: unit, hypothesis and integration tests wrap a source or a target in
 `FaultDev` to make chosen byte ranges fail with a chosen errno, to slow
@@ -14,7 +15,8 @@ import errno
 import random
 from dataclasses import dataclass
 
-from ..blockdev.base import BlockDev, Buffer, FilterDev
+from ..blockdev.base import BASE_ALLOCATION, BlockDev, Buffer, Extent, FilterDev
+from ..blockdev.memory import MemoryDev
 
 
 @dataclass
@@ -88,3 +90,27 @@ class FaultDev(FilterDev):
     async def flush(self) -> None:
         await self._enter("flush", 0, 0)
         await self.inner.flush()
+
+
+class ChunkSnapDev(MemoryDev):
+    """A snapshot as a repository shows it (restore tests): every all-zero
+    chunk of ``chunk_size`` bytes is a hole reading as zeros (flags 3), the
+    rest data; runs of the same kind are merged."""
+
+    def __init__(self, size: int, chunk_size: int) -> None:
+        super().__init__(size)
+        self.chunk_size = chunk_size
+
+    async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
+        cs, size = self.chunk_size, self.size
+        out: list[Extent] = []
+        for c in range(offset // cs, (offset + length - 1) // cs + 1):
+            lo, hi = max(offset, c * cs), min(offset + length, (c + 1) * cs, size)
+            b = bytearray(min(cs, size - c * cs))
+            self.read_sync(memoryview(b), c * cs)
+            flags = 3 if not any(b) else 0
+            if out and out[-1].flags == flags:
+                out[-1] = Extent(out[-1].offset, hi - out[-1].offset, flags)
+            else:
+                out.append(Extent(lo, hi - lo, flags))
+        return out

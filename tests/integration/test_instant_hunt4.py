@@ -35,8 +35,7 @@ from test_server_batch import FLUSH, READ, TRIM, WRITE, WRITE_ZEROES, Raw, req, 
 
 from nbdbackup.backup.engine import Engine, MemoryExportTable
 from nbdbackup.backup.restorejob import RestoreJob, build_restore, register_job
-from nbdbackup.backup.testing import Fault, FaultDev
-from nbdbackup.blockdev.base import BASE_ALLOCATION, Extent
+from nbdbackup.backup.testing import ChunkSnapDev, Fault, FaultDev
 from nbdbackup.blockdev.memory import MemoryDev
 from nbdbackup.nbd.server import Server
 
@@ -47,21 +46,6 @@ EIO = 5
 FUA = 1
 
 
-class SnapDev(MemoryDev):
-    """A snapshot as a repository shows it: every all-zero chunk is a hole."""
-
-    async def extents(self, offset, length, context=BASE_ALLOCATION):
-        out = []
-        for c in range(offset // CS, (offset + length - 1) // CS + 1):
-            lo, hi = max(offset, c * CS), min(offset + length, (c + 1) * CS, SIZE)
-            b = bytearray(min(CS, SIZE - c * CS))
-            self.read_sync(memoryview(b), c * CS)
-            flags = 3 if not any(b) else 0
-            if out and out[-1].flags == flags:
-                out[-1] = Extent(out[-1].offset, hi - out[-1].offset, flags)
-            else:
-                out.append(Extent(lo, hi - lo, flags))
-        return out
 
 
 class Model:
@@ -161,7 +145,7 @@ async def _conn_loop(c: Raw, lo: int, hi: int, model: Model, rng: random.Random,
 
 async def one_round(tmp, seed: int) -> None:
     rng = random.Random(seed)
-    snap = SnapDev(SIZE)
+    snap = ChunkSnapDev(SIZE, CS)
     zeros = set(rng.sample(range(NCH), 3))
     for ch in range(NCH):
         if ch not in zeros:
@@ -260,7 +244,7 @@ def test_backup_of_restoring_export_with_file_target_reads_through_the_restore(s
 
     async def main():
         rng = random.Random(4)
-        snap = SnapDev(SIZE)
+        snap = ChunkSnapDev(SIZE, CS)
         for ch in range(NCH):
             if ch % 3:
                 snap.write_sync(rng.randbytes(min(CS, SIZE - ch * CS)), ch * CS)

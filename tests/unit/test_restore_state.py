@@ -29,8 +29,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from nbdbackup.backup.engine import Engine, MemoryExportTable
 from nbdbackup.backup.restorejob import RestoreJob, build_restore, register_job
 from nbdbackup.backup.restorestate import ProgressMap
-from nbdbackup.backup.testing import Fault, FaultDev
-from nbdbackup.blockdev.base import BASE_ALLOCATION, BlockDev, Capabilities, Extent
+from nbdbackup.backup.testing import ChunkSnapDev, Fault, FaultDev
+from nbdbackup.blockdev.base import BASE_ALLOCATION, BlockDev, Capabilities
 from nbdbackup.blockdev.memory import MemoryDev
 from nbdbackup.errors import ConfigError
 
@@ -92,26 +92,11 @@ class CrashDev(BlockDev):
         self.cache.clear()
 
 
-class SnapDev(MemoryDev):
-    """A snapshot as a repository shows it: every all-zero chunk is a hole."""
-
-    async def extents(self, offset, length, context=BASE_ALLOCATION):
-        out = []
-        for c in range(offset // CS, (offset + length - 1) // CS + 1):
-            lo, hi = max(offset, c * CS), min(offset + length, (c + 1) * CS, SIZE)
-            b = bytearray(min(CS, SIZE - c * CS))
-            self.read_sync(memoryview(b), c * CS)
-            flags = 3 if not any(b) else 0
-            if out and out[-1].flags == flags:
-                out[-1] = Extent(out[-1].offset, hi - out[-1].offset, flags)
-            else:
-                out.append(Extent(lo, hi - lo, flags))
-        return out
 
 
 def snapshot_image(seed: int, zero_chunks: set[int]) -> MemoryDev:
     rng = random.Random(seed)
-    mem = SnapDev(SIZE)
+    mem = ChunkSnapDev(SIZE, CS)
     for c in range(NCH):
         if c not in zero_chunks:
             n = min(CS, SIZE - c * CS)
