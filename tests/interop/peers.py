@@ -196,6 +196,22 @@ def can_connect(path: str) -> bool:
         return True
 
 
+def unix_listening(path: str) -> bool | None:
+    """Whether a socket bound to ``path`` is listening, read from /proc/net/unix
+    (its ``__SO_ACCEPTCON`` flag) without connecting to it; None where that file
+    cannot be read.  For peers whose readiness must not be probed by a connection."""
+    try:
+        with open("/proc/net/unix") as f:
+            next(f, None)
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8 and parts[7] == path and int(parts[3], 16) & 0x10000:
+                    return True
+    except OSError:
+        return None
+    return False
+
+
 def free_tcp_port() -> int:
     """An unused TCP port on 127.0.0.1 (racy by nature: only our own tests compete)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -224,8 +240,12 @@ def wait_until_listening(peer: Peer, path: str | None = None, *, probe: bool = T
                          timeout: float = READY_TIMEOUT) -> None:
     """Wait until ``path`` (default: the peer's socket) accepts connections.
 
-    With ``probe=False`` only the socket file's existence is awaited (for
-    peers that treat a probing client as their one and only client).
+    With ``probe=False`` nothing connects: the socket file must exist and
+    be listening by /proc/net/unix (`unix_listening`; existence alone where
+    that cannot be read) -- for peers that treat a probing client as their
+    one and only client, and for qemu-storage-daemon's QMP monitor, which
+    now and then closed the NEXT connection without a greeting when a probe
+    had just connected and left (seen in CI under load).
     Fails the test if the peer exits first or the time runs out.
     """
     path = path or peer.socket
@@ -238,7 +258,7 @@ def wait_until_listening(peer: Peer, path: str | None = None, *, probe: bool = T
                 f"command: {' '.join(peer.argv)}\nstderr:\n{peer.log()}",
                 pytrace=False,
             )
-        if os.path.exists(path) and (not probe or can_connect(path)):
+        if os.path.exists(path) and (can_connect(path) if probe else unix_listening(path) is not False):
             return
         if time.monotonic() > deadline:
             _stop(peer)
@@ -368,7 +388,7 @@ def qemu_storage_daemon(args: Sequence[str]) -> Iterator[Peer]:
     peer = _spawn(argv, d, qmp)
     peer.qmp_socket = qmp
     with _running(peer):
-        wait_until_listening(peer)
+        wait_until_listening(peer, probe=False)  # a probe could cost the next client its monitor
         yield peer
 
 
