@@ -46,7 +46,6 @@ Dirty bitmaps (sync incremental/bitmap, ``bitmap=``) need a `BitmapSource`
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import inspect
@@ -681,15 +680,9 @@ class PreparedBackup:
         job, eng = self.job, self.engine
         if self.started:
             return  # a running job is cancelled through the job verbs instead
-        job.detach()
-        # As at dismiss (copystate rule 6): writes already inside
-        # copy-before-write copy nothing more, and the copies in flight end
-        # before the target closes (else such a write failed with EBADF).
-        job.snapshot.close_view()
-        job.state.retire()
-        while job.state.inflight:
-            await asyncio.gather(*(asyncio.shield(f) for f in job.state.inflight.values()),
-                                 return_exceptions=True)
+        # As at dismiss: the copies in flight end before the target closes
+        # (else a write inside copy-before-write failed with EBADF).
+        await job.stop_copies()
         if eng.jobs.get(job.id) is job:
             del eng.jobs[job.id]
         name = getattr(job, "snapshot_name", None)

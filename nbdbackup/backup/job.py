@@ -393,15 +393,7 @@ class BackupJob:
     async def dismiss(self) -> None:
         """Concluded -> null: detach CBW, close the snapshot, drop the export, close the target."""
         self._verb("be dismissed", (S.CONCLUDED,))
-        self.detach()
-        self.snapshot.close_view()
-        # Writes already inside copy-before-write claim nothing more (rule 6);
-        # the copies in flight are the last: let them finish before the
-        # target goes away.
-        self.state.retire()
-        while self.state.inflight:
-            await asyncio.gather(*(asyncio.shield(f) for f in self.state.inflight.values()),
-                                 return_exceptions=True)
+        await self.stop_copies()
         await self.state.idle_write_behind()
         self._set(S.NULL)
         try:
@@ -413,6 +405,18 @@ class BackupJob:
             except OSError:
                 log.exception("job %s: closing the target failed", self.id)
             await self.close_scratch()
+
+    async def stop_copies(self) -> None:
+        """Detach copy-before-write and close the snapshot view; writes already
+        inside copy-before-write claim nothing more (rule 6) and the copies in
+        flight, the last ones, have finished when this returns -- so the target
+        may go away (`dismiss`, and an aborted start in `engine`)."""
+        self.detach()
+        self.snapshot.close_view()
+        self.state.retire()
+        while self.state.inflight:
+            await asyncio.gather(*(asyncio.shield(f) for f in self.state.inflight.values()),
+                                 return_exceptions=True)
 
     async def close_scratch(self) -> None:
         """Close the scratch (unless it is the target) and remove the file the
