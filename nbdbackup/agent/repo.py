@@ -217,24 +217,32 @@ class DirStore:
                 raise
             return fn(self._path(key))
 
-    def put(self, key: str, data: Buffer) -> None:
-        path = self._path(key)
+    @staticmethod
+    def _write_tmp(path: str, mv: memoryview, sync: bool) -> tuple[int, str]:
+        """A new temporary file beside ``path`` holding ``mv``, fsynced if ``sync``:
+        ``(its open descriptor, its name)``.  On a failure nothing is left behind."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}.{next(_tmp_seq)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        mv = memoryview(data).cast("B")
         try:
             done = 0
             while done < len(mv):  # at most 1 MiB a call: see `_PUT_MAX`
                 done += os.write(fd, mv[done : done + _PUT_MAX])
-            if not (self.batch and key.startswith("chunks/")):
+            if sync:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if not (self.batch and key.startswith("chunks/")):
+        return fd, tmp
+
+    def put(self, key: str, data: Buffer) -> None:
+        path = self._path(key)
+        mv = memoryview(data).cast("B")
+        batched = self.batch and key.startswith("chunks/")
+        fd, tmp = self._write_tmp(path, mv, sync=not batched)
+        if not batched:
             os.close(fd)
             os.replace(tmp, path)
             self._dirtied(path)
@@ -301,14 +309,9 @@ class DirStore:
             self.put(key, data)
             return True
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}.{next(_tmp_seq)}"
-        mv = memoryview(data).cast("B")
+        fd, tmp = self._write_tmp(path, memoryview(data).cast("B"), sync=True)
+        os.close(fd)
         try:
-            with open(tmp, "wb") as f:
-                f.write(mv)
-                f.flush()
-                os.fsync(f.fileno())
             try:
                 os.link(tmp, path)
             except FileExistsError:
