@@ -91,6 +91,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     size = rb.parse_size(a.size)
     for checkout in {a.a, a.b}:
         subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(checkout, "nbdbackup")],

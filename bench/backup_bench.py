@@ -784,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR", help="only nbdbackup, under py-spy; print profiles")
     ap.add_argument("--top", type=int, default=25, help="with --profile: frames shown")
     args = ap.parse_args(argv)
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     args.size = common.parse_size(args.size)
     args.sparse_size = common.parse_size(args.sparse_size)
     args.sparse_data = common.parse_size(args.sparse_data)

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="CHECKOUT-wN[:VAR=VALUE...]: base (the baseline) or new (this checkout) with "
                          "N workers (and environment variables)")
     args = ap.parse_args(argv)
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     common.sigterm_as_interrupt()
     size = common.parse_size(args.size)
     nblocks = size // BLOCK

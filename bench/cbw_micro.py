@@ -108,6 +108,8 @@ def main() -> int:
     ap.add_argument("--variants", nargs="*", default=[], help="VAR=VALUE[,VAR=VALUE] settings to compare")
     ap.add_argument("--child", nargs=2, metavar=("DIR", "BASE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    import common  # bench/common.py: touch fresh guest memory once per boot
+    common.warm_guest_memory()
     size = parse_size(a.size)
     if a.child:
         print(json.dumps(one_round(a.child[0], a.child[1], size)))

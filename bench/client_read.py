@@ -150,6 +150,7 @@ def main() -> int:
     ap.add_argument("--same-session", action="store_true",
                     help="run the server in the benchmark's own session (see start_server)")
     a = ap.parse_args()
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     size, rsize = parse_size(a.size), parse_size(a.request_size)
     with common.Workspace("bench-client-") as ws, common.Procs() as procs:
         image = str(ws.path / "disk.raw")

@@ -187,6 +187,7 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     a = ap.parse_args()
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     size, chunk = parse_size(a.size), parse_size(a.chunk_size)
     res: dict = {"size": size, "chunk_size": chunk, "data_fraction": a.data, "machine": common.machine_info()}
     with common.Workspace("bench-restore-", parent=a.dir) as ws, common.Procs() as procs:

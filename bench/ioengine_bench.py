@@ -107,6 +107,8 @@ def main() -> int:
     ap.add_argument("--engines", default="inline,io_uring,threads")
     ap.add_argument("--dir", default="/tmp")
     args = ap.parse_args()
+    import common  # bench/common.py: touch fresh guest memory once per boot
+    common.warm_guest_memory()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if "io_uring" in engines and io.probe_io_uring():
         print(f"io_uring unavailable: {io.probe_io_uring()}; skipped")

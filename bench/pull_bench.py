@@ -63,6 +63,7 @@ def main() -> int:
                     help="ours only: run with this environment variable (repeatable; e.g. "
                          "NBDBACKUP_PULL_THREADS=0 against --baseline of the same checkout)")
     a = ap.parse_args()
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     compileall.compile_dir(os.path.join(ROOT, "nbdbackup"), quiet=1)
     if a.baseline and not os.path.isdir(os.path.join(a.baseline, "nbdbackup", "__pycache__")):
         print(f"# warning: {a.baseline} has no __pycache__: its runs include compiling it", file=sys.stderr)

@@ -79,6 +79,8 @@ def main() -> int:
     ap.add_argument("--nbuf", type=int, default=0, help="chunk buffers per receiving thread (0: default)")
     ap.add_argument("--dir", default="/tmp")
     a = ap.parse_args()
+    import common  # bench/common.py: touch fresh guest memory once per boot
+    common.warm_guest_memory()
     if a.nbuf:
         os.environ["NBDBACKUP_PULL_NBUF"] = str(a.nbuf)
     variants = a.variants.split(",")

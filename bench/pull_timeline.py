@@ -197,6 +197,8 @@ def main() -> int:
     ap.add_argument("--dev", default="vda")
     ap.add_argument("--dir", default="/tmp")
     a = ap.parse_args()
+    import common  # bench/common.py: touch fresh guest memory once per boot
+    common.warm_guest_memory()
     pullthreads._Lent.__init__ = _init
     filewriter.ChunkWriter.submit = _submit
     filewriter.FileWriter.write = _write

@@ -484,6 +484,7 @@ def main() -> int:
                     help="our agent's --verify (restic and borg do not re-read what they store)")
     ap.add_argument("--no-json", action="store_true")
     a = ap.parse_args()
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     common.sigterm_as_interrupt()
     a.tools = a.tools.split(",")
     if "ours-base" in a.tools and not a.baseline:

@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--dir", default="/tmp")
     a = ap.parse_args()
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     size = parse_size(a.size)
     os.environ["NBDBACKUP_PASSPHRASE"] = "bench passphrase"
     with random_nbdkit_export("bench-repo-", a.dir, size, a.connections) as (ws, procs, image, uri):

@@ -57,6 +57,7 @@ def main() -> int:
                     help="also run ours with --buffered (page cache instead of O_DIRECT), interleaved")
     ap.add_argument("--old-plugin", help="also measure this (older) restore plugin")
     a = ap.parse_args()
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     size = parse_size(a.size)
     with common.Workspace("bench-restore-", parent=a.dir) as ws, common.Procs() as procs:
         d = str(ws.path)

@@ -151,6 +151,8 @@ def main() -> int:
     ap.add_argument("--get-concurrency", type=int, default=16)
     ap.add_argument("--endpoint", help="an RGW already running (AWS_* credentials from the environment)")
     a = ap.parse_args()
+    import common  # bench/common.py: touch fresh guest memory once per boot
+    common.warm_guest_memory()
     rgw = None
     try:
         if a.endpoint:

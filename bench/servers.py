@@ -452,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--native", action="store_true", help="with --profile: include native frames")
     ap.add_argument("--top", type=int, default=25, help="with --profile: frames shown")
     args = ap.parse_args(argv)
+    common.warm_guest_memory()  # before any file is made: docs in bench/common.py
     args.size = common.parse_size(args.size)
     if args.ours_cmd:
         OURS_CMD[:] = args.ours_cmd.split()
