@@ -55,7 +55,7 @@ leaves at worst temporary files, which `Repository.gc` removes.  Its lock is ``f
 pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
 waiting: a busy repository is an error), so ``gc`` never removes the chunks
 of a pull in progress, nor ``prune`` its base.  The store interface is small on
-purpose (put/put_new/get/get_range/exists/list/list_times/delete/delete_many/mtime/lock;
+purpose (put/put_new/get/get_range/exists/list/list_times/delete/delete_many/mtime/now/lock;
 get_range is optional: without it `snapshot_info` reads the whole object; so is
 get_into, `DirStore`'s read into a caller's buffer for `Repository.get_chunk_into`), so that
 `agent.s3store.S3Store` (``s3://BUCKET/PREFIX``) implements it too;
@@ -435,6 +435,12 @@ class DirStore:
     def mtime(self, key: str) -> float:
         """When the object was last written (seconds since the epoch)."""
         return self._reading(key, os.stat).st_mtime
+
+    def now(self) -> float:
+        """The clock that `mtime` is measured by (a local file system's: this host's)."""
+        import time
+
+        return time.time()
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
@@ -1081,11 +1087,11 @@ class Repository:
     def gc(self, grace: float | None = None) -> tuple[int, int]:
         """Remove unreferenced chunks older than ``grace`` seconds (default: the
         store's ``gc_grace``); return (removed, kept).  Caller holds the exclusive lock."""
-        import time
-
         grace = self.store.gc_grace if grace is None else grace
         keep = self.referenced()
-        limit = time.time() - grace
+        # The store's clock, not this host's: a gc host whose clock runs ahead of the store by
+        # more than the grace would otherwise see a chunk uploaded a moment ago as old.
+        limit = self.store.now() - grace if grace > 0 else 0.0
         doomed = [key for key, mtime in self.store.list_times("chunks")
                   if bytes.fromhex(key.rsplit("/", 1)[1]) not in keep and not (grace > 0 and mtime > limit)]
         # The lease checked before each batch of deletions: a gc stalled past its S3 lease (a stopped

@@ -56,8 +56,9 @@ Race windows, honestly:
   and marks its lock lost, but two gc/delete/prune runs can overlap for up
   to ``ttl/3`` s (gc and delete only remove; pulls stay locked out throughout).
 - As a second line of defence, gc never deletes a chunk younger than its
-  grace period (`S3Store.gc_grace`, LastModified from the listing), which
-  covers chunks uploaded by a pull that started before gc's lock check.
+  grace period (`S3Store.gc_grace`, LastModified from the listing, against the
+  store's own clock from `S3Store.now`, never the gc host's), which covers
+  chunks uploaded by a pull that started before gc's lock check.
 
 Reads into a buffer (`S3Store.get_into`, a restore's path: one GET per chunk)
 skip botocore: a GET signed here (SigV4, the credentials boto3 resolved) on an
@@ -523,6 +524,10 @@ class S3Store:
             raise FileNotFoundError(errno.ENOENT, f"{self.root}/{key}: no such object")
         return h["LastModified"].timestamp()
 
+    def now(self) -> float:
+        """The store's clock (the ``Date`` of a HEAD of the bucket): what LastModified is measured by."""
+        return _server_time(self._call("head bucket", self.client.head_bucket, Bucket=self.bucket))
+
     # -- leases ------------------------------------------------------------------
 
     def _put_lease(self, key: str, *, exclusive_create: bool) -> tuple[bool, float]:
@@ -595,8 +600,7 @@ class S3Store:
                 ok, now = self._put_lease(key, exclusive_create=True)
                 if ok:
                     break
-                state = self._live(key, _server_time(self._call("head bucket", self.client.head_bucket,
-                                                                Bucket=self.bucket)))
+                state = self._live(key, self.now())
                 if state:
                     raise ConfigError(f"repository {self.root} is busy (being cleaned)")
                 if state is False:

@@ -222,6 +222,7 @@ def test_s3_gc_grace_keeps_young_unreferenced_chunks(s3env):
     assert repo.put_chunk(digest(old), old)
     time.sleep(4)
     assert repo.put_chunk(digest(young), young)
+    assert abs(s.now() - time.time()) < 5  # the store's clock (its Date header), here on this host
     with s.lock(exclusive=True):
         removed, kept = repo.gc(grace=2)  # old is ~4 s old, young ~0 s: margins of 2 s both ways
     assert (removed, kept) == (1, 0)

@@ -104,6 +104,33 @@ def test_gc_keeps_what_snapshots_use(tmp_path):
         repo.delete_snapshot("s0")
 
 
+def test_gc_grace_is_measured_by_the_store_clock_not_this_host(tmp_path, monkeypatch):
+    """An unreferenced chunk uploaded a moment ago (by the store's clock) survives a gc with a grace
+    period even when the gc host's clock runs two hours ahead of the store (S3 on another machine:
+    LastModified is the store's time)."""
+    import time
+
+    class RemoteClock(DirStore):
+        gc_grace = 60.0
+        real = staticmethod(time.time)
+
+        def now(self):  # the store's clock: the file system's, untouched by the host's skew
+            return self.real()
+
+    st = RemoteClock(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    young = b"\x07" * C
+    assert repo.put_chunk(repo.chunk_id(young), young)  # referenced by no snapshot
+    skewed = time.time() + 7200
+    monkeypatch.setattr(time, "time", lambda: skewed)
+    with st.lock(exclusive=True):
+        assert repo.gc() == (0, 0)
+    monkeypatch.undo()
+    assert repo.stored() == {repo.chunk_id(young)}
+    with st.lock(exclusive=True):
+        assert repo.gc(grace=0) == (1, 0)  # without a grace it goes
+
+
 def test_snapshot_time_from_created_or_file_mtime(tmp_path):
     st = DirStore(str(tmp_path / "r"))
     repo = Repository.init(st, C)
