@@ -915,9 +915,19 @@ class Repository:
         self.store.check_lock()  # and gc cannot have run meanwhile (an S3 lease may expire)
         if not new_only:
             self.store.put(_snap_key(name), blob)
-        elif not self.store.put_new(_snap_key(name), blob):
+        elif not self.store.put_new(_snap_key(name), blob) and not self._is_ours(_snap_key(name), blob):
             raise SnapshotExists(f"snapshot {name} appeared in {self.store.root} meanwhile: not overwritten")
         self.store.flush()
+
+    def _is_ours(self, key: str, blob: bytes) -> bool:
+        """Whether ``key`` holds exactly ``blob``: a conditional PUT that found the object present
+        may have found its own earlier attempt (a PUT that landed but whose reply was lost, then
+        retried: 412). Those bytes are this writer's (anyone else's differ: their own creation
+        time, source and, when encrypted, nonce), so the save succeeded; anything else is another's."""
+        try:
+            return self.store.get(key) == blob
+        except FileNotFoundError:
+            return False
 
     def _snapshot_blob(self, name: str, meta: dict, packed: bytes) -> bytes:
         """A snapshot object (see the module doc); ``meta`` is written as given."""

@@ -372,6 +372,29 @@ def test_new_only_snapshot_is_never_overwritten_by_a_racing_writer(tmp_path, mon
     assert st.get("snapshots/y") == b"1"
 
 
+def test_new_only_snapshot_whose_own_put_landed_before_a_retry_is_saved(tmp_path):
+    """A conditional PUT of the snapshot that landed but whose reply was lost is retried and
+    meets 412 (hunt2's open doubt): that is this writer's own object, not another agent's, so
+    the save succeeds instead of a false `SnapshotExists`; a different object still refuses."""
+    from nbdbackup.agent.repo import SnapshotExists
+
+    class LostReply(DirStore):
+        def put_new(self, key, data):
+            made = super().put_new(key, data)
+            return made and not key.startswith("snapshots/")  # created, but the reply said 412
+
+    st = LostReply(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    ours = b"\x05" * C
+    m = manifest_of(ours)
+    repo.put_chunk(m.chunks[0], ours)
+    repo.save_snapshot("x", m, new_only=True)
+    assert repo.load_snapshot("x").chunks == m.chunks
+    with pytest.raises(SnapshotExists, match="meanwhile"):  # another's (its own time, source...)
+        repo.save_snapshot("x", m, source="elsewhere", new_only=True)
+    assert repo.load_snapshot("x").chunks == m.chunks
+
+
 @pytest.mark.parametrize("encryption", ["none", "repokey"])
 def test_a_damaged_chunk_is_not_reused_by_new_backups_after_verify_repair(tmp_path, encryption):
     """Bug hunt 2: a pull finds a chunk by its id (dedup) without reading it, so once a stored
