@@ -34,7 +34,12 @@ Failure: a chunk that is missing or does not match its id (`CorruptChunk`)
 stops the restore with `DamagedChunk`, which names the snapshot, the chunk
 and its byte range ``(offset, length)`` in the disk; a store that cannot be
 read stops it with an `NBDBackupError` naming the same; the target is then
-incomplete (not flushed).  Errors of the target propagate as `OSError`.  On success the target is flushed before
+incomplete (not flushed).  With ``keep_going`` a damaged or missing chunk
+does not stop it: every other chunk is restored and flushed, the damaged
+chunks' ranges are left as the target had them (a new file: a hole), and
+`RestoreStats.damaged` lists each one -- the exact bytes the restore cannot
+vouch for (a store that cannot be read still stops it: that is no verdict on
+the data, and a retry may pass).  Errors of the target propagate as `OSError`.  On success the target is flushed before
 `restore` returns.
 
 Invariants: every byte written was checked by `get_chunk`; each chunk's range
@@ -49,7 +54,7 @@ import concurrent.futures
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..blockdev.base import BlockDev
@@ -93,9 +98,13 @@ class RestoreStats:
     seconds: float = 0.0
     workers: int = 0
     direct_io: bool = False
+    #: With ``keep_going``: the chunks not restored, ``(offset, length, index, reason)`` by offset.
+    damaged: list = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["damaged"] = [{"offset": o, "length": n, "chunk": i, "reason": r} for o, n, i, r in self.damaged]
+        return out
 
 
 def zero_runs(flags: list[bool]) -> list[tuple[int, int]]:
@@ -173,7 +182,7 @@ def default_workers(store) -> int:
 
 async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", workers: int | None = None,
                   target_is_zero: bool = False, progress: Callable[[int, int], None] | None = None,
-                  direct: bool = True) -> RestoreStats:
+                  direct: bool = True, keep_going: bool = False) -> RestoreStats:
     """Write snapshot ``man`` of ``repo`` into ``dst`` (see the module doc).
 
     ``workers``: chunks in flight (default `default_workers` of the store).
@@ -181,6 +190,7 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
     ``progress(done_bytes, total_bytes)`` is called as chunks finish.
     ``direct``: write a `FileDev` target with ``O_DIRECT`` where possible
     (`FileWriter`); False: through the page cache.
+    ``keep_going``: restore past damaged chunks, listed in ``stats.damaged`` (module doc).
     """
     t0 = time.monotonic()
     if workers is None:
@@ -221,10 +231,11 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
     max_data = writer.max_write if writer is not None else MAX_WRITE
     get_into = getattr(repo, "get_chunk_into", None)
 
-    def fetch(i: int, buf: memoryview) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    def fetch(i: int, buf: memoryview) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
         """On a pool thread: chunk ``i`` into ``buf``, checked; with a `FileWriter`
         its data written too.  Returns (data runs not written yet, zero runs),
-        as ``(offset in the chunk, length)``."""
+        as ``(offset in the chunk, length)``; None for a damaged chunk skipped
+        (``keep_going``: recorded in ``stats.damaged``)."""
         off, n = man.chunk_range(i)
         mv = buf[:n]
         try:
@@ -239,6 +250,9 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
                 raise NBDBackupError(f"snapshot {snapshot!r}: chunk {i} at ({off}, {n}): cannot read it: "
                                      f"{e.strerror or e}") from e
             reason = e.strerror.split(": ", 1)[-1] if e.strerror else str(e)
+            if keep_going:
+                stats.damaged.append((off, n, i, reason))  # list.append: atomic across the pool's threads
+                return None
             raise DamagedChunk(snapshot, i, off, n, reason) from None
         data: list[tuple[int, int]] = []
         zeros: list[tuple[int, int]] = []
@@ -257,7 +271,11 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
             if buf is None:  # one buffer per worker, reused (page-aligned for O_DIRECT)
                 buf = FileWriter.alloc(man.chunk_size)
             off, n = man.chunk_range(i)
-            data, zeros = await loop.run_in_executor(pool, fetch, i, buf)
+            got = await loop.run_in_executor(pool, fetch, i, buf)
+            if got is None:  # damaged, skipped (keep_going)
+                advance(n)
+                continue
+            data, zeros = got
             stats.bytes_fetched += n
             writes = [dst.pwrite(buf[s : s + ln], off + s) for s, ln in data]
             for s, ln in zeros:
@@ -288,6 +306,7 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
             stats.direct_io = writer.direct and writer.direct_fd >= 0
             writer.close()
     await dst.flush()
+    stats.damaged.sort()
     stats.seconds = time.monotonic() - t0
     return stats
 

@@ -9,7 +9,9 @@ chunks fetched at once on threads, every chunk checked against its id.
 
 A missing or damaged chunk stops the restore with one line naming the
 snapshot's byte range ``(offset, length)`` and exit 1 (the target is then
-incomplete).  ``--json`` prints the statistics; progress goes to stderr on a
+incomplete).  With ``--keep-going`` every other chunk is restored (and
+flushed) and each damaged chunk's byte range is named, one line each (in
+``--json``: ``"damaged"``), exit 1: the bytes the restore cannot vouch for.  ``--json`` prints the statistics; progress goes to stderr on a
 terminal (`progress`).  The repository is opened through
 `commands.repoargs.open_repo` only, and is not locked: a restore only reads
 (a gc after ``delete`` of the snapshot being restored makes it fail loudly).
@@ -49,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="NBD connections to an NBD target (if it allows multi-conn; default 4)")
     p.add_argument("--target-is-zero", action="store_true",
                    help="the target already reads as zeroes: leave zero chunks alone")
+    p.add_argument("--keep-going", action="store_true",
+                   help="restore past missing or damaged chunks, then name each one's byte range and exit 1 "
+                        "(default: stop at the first)")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     add_progress_option(p)
     p.set_defaults(func=run_restore, quick_exit=True)
@@ -125,7 +130,8 @@ async def _restore(args: argparse.Namespace, repo, man) -> int:
         with Progress.for_args(args, f"restore {args.snapshot}", man.size) as prog:
             try:
                 stats = await restore(repo, man, dst, snapshot=args.snapshot, workers=args.workers,
-                                      target_is_zero=zero, progress=prog.update, direct=not args.buffered)
+                                      target_is_zero=zero, progress=prog.update, direct=not args.buffered,
+                                      keep_going=args.keep_going)
             except OSError as e:  # the target failed (ENOSPC, EIO, the NBD server went away)
                 raise ConfigError(f"{args.target}: {e.strerror or e} (restore stopped: the target is incomplete)"
                                   ) from e
@@ -141,4 +147,10 @@ async def _restore(args: argparse.Namespace, repo, man) -> int:
         print(f"restored snapshot {args.snapshot} ({stats.size} bytes) to {args.target}: "
               f"{stats.data_chunks} data chunk(s) written, {stats.zero_chunks} zero chunk(s) "
               f"{'left as holes' if zero else 'zeroed'}, {stats.seconds:.2f} s ({mbs:.0f} MB/s)")
+    if stats.damaged:
+        print(f"nbdbackup restore: {len(stats.damaged)} chunk(s) of snapshot {args.snapshot!r} could not be "
+              f"restored; these byte ranges of {args.target} are NOT the snapshot's:", file=sys.stderr)
+        for off, n, i, reason in stats.damaged:
+            print(f"  ({off}, {n}) chunk {i}: {reason}", file=sys.stderr)
+        return 1
     return 0

@@ -167,6 +167,26 @@ def test_restore_names_damaged_and_missing_chunks(short_tmp):
     assert doc["problems"] == [{"snapshot": "s0", "chunk": 16, "offset": 64 * M, "length": 12 * 1024,
                                 "reason": "missing"}]
 
+    # --keep-going: every other chunk restored, each damaged range named (exit 1); here a flipped
+    # byte in chunk 2 and the missing chunk 16, both left as holes in the new file.
+    victim.write_bytes(data)  # still the flipped bytes
+    r = nb("restore", str(repo), "s0", str(short_tmp / "k.raw"), "--keep-going", "--json", ok=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    doc = json.loads(r.stdout)
+    assert [(d["offset"], d["length"], d["chunk"]) for d in doc["damaged"]] == [(8 * M, 4 * M, 2),
+                                                                                 (64 * M, 12 * 1024, 16)]
+    assert "missing" in doc["damaged"][1]["reason"] and "NOT the snapshot's" in r.stderr
+    assert f"({8 * M}, {4 * M}) chunk 2" in r.stderr and f"({64 * M}, {12 * 1024}) chunk 16" in r.stderr
+    got, want = (short_tmp / "k.raw").read_bytes(), disk.read_bytes()
+    assert len(got) == len(want)
+    holes = [(8 * M, 4 * M), (64 * M, 12 * 1024)]
+    pos = 0
+    for off, n in holes:
+        assert got[pos:off] == want[pos:off] and got[off:off + n] == bytes(n)
+        pos = off + n
+    assert got[pos:] == want[pos:]
+    victim.write_bytes(bytes(data[:12345]) + bytes([data[12345] ^ 1]) + bytes(data[12346:]))  # repaired
+
     # A store that cannot be read (here: a directory where the chunk file was) is one line too.
     gone.mkdir()
     r = nb("restore", str(repo), "s0", str(short_tmp / "c.raw"), ok=False)

@@ -345,6 +345,32 @@ def test_restore_bounded_and_names_the_bad_range():
     assert (e.value.snapshot, e.value.index, e.value.offset, e.value.length) == ("s7", 9, 9 * 64 * K, 64 * K)
     assert "chunk 9 at (589824, 65536)" in str(e.value) and not dev.flushed
 
+    # keep_going: every other chunk restored and flushed, each damaged range named, left untouched.
+    bad2 = Damaged(repo.chunks)
+    bad2.bad.add(man.chunks[2])  # a second one, not a CorruptChunk from the repository's check
+    dev = RecordingDev(man.size)
+    with pytest.raises(NBDBackupError, match="chunk 2 at"):  # EIO from the store: still a stop
+        asyncio.run(restore(bad2, man, dev, snapshot="s7", workers=4, keep_going=True))
+
+    class Missing(Damaged):
+        def get_chunk(self, d, n):
+            if d == man.chunks[2]:
+                raise CorruptChunk(d.hex(), "missing")
+            return super().get_chunk(d, n)
+
+    dev = RecordingDev(man.size)
+    st = asyncio.run(restore(Missing(repo.chunks), man, dev, snapshot="s7", workers=4, keep_going=True))
+    C = 64 * K
+    assert st.damaged == [(2 * C, C, 2, "missing"), (9 * C, C, 9, "does not match its blake3 digest")]
+    assert st.to_json()["damaged"][1] == {"offset": 9 * C, "length": C, "chunk": 9,
+                                          "reason": "does not match its blake3 digest"}
+    assert dev.flushed
+    got = bytearray(man.size)
+    dev.mem.read_sync(memoryview(got), 0)
+    for i in range(16):
+        want = b"\xaa" * C if i in (2, 9) else repo.get_chunk(man.chunks[i], C) if i % 4 != 3 else bytes(C)
+        assert bytes(got[i * C:(i + 1) * C]) == want, i
+
     class Broken(FakeRepo):
         def get_chunk(self, d, n):
             raise OSError(errno.EACCES, "Permission denied")
