@@ -25,12 +25,13 @@ data written with ``O_DIRECT`` where the file system allows it (the chunk
 buffers are page-aligned for it) and the rest with write-behind, so the final
 flush finds little left to write (docs/pullfast.md).
 
-Receiving: from an `NBDDev` on plain sockets the data reads are received by
-a blocking thread per connection (`agent.pullthreads`, docs/pullthreads.md:
-``recv_into`` the chunk buffers, several chunks in flight per connection,
-replies matched by cookie); each finished chunk's job then goes to the same
-writer threads or sink.  TLS, ``trim_after_read`` and other sources keep the
-event loop (``PullStats.receive`` / ``receive_note`` say which ran).
+Receiving: from an `NBDDev` the data reads are received by a blocking thread
+per connection (`agent.pullthreads`, docs/pullthreads.md: ``recv_into`` the
+chunk buffers, several chunks in flight per connection, replies matched by
+cookie; over TLS each thread reads over a connection of its own); each
+finished chunk's job then goes to the same writer threads or sink.
+``trim_after_read`` and other sources keep the event loop
+(``PullStats.receive`` / ``receive_note`` say which ran).
 
 The manifest of the result: digests of worked chunks come from the source;
 other chunks are zero digests (full) or come from ``base`` (the previous
@@ -388,7 +389,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         try:
             await pullthreads.run(src.clients, queue, alloc=alloc, nbuf=nbuf, start=t_start,
                                   finish=t_finish, complete=t_complete,
-                                  timeout=src.clients[0].request_timeout)
+                                  timeout=src.clients[0].request_timeout, max_read=MAX_READ)
         finally:
             if writer is not None:
                 stats.direct_io = writer.out.direct

@@ -1,7 +1,7 @@
 """The pull's data reads on one blocking receive thread per NBD connection (docs/pullthreads.md).
 
-Role: the receive side of `agent.pull` when the source is an `NBDDev` on
-plain sockets.  The asyncio client (`nbd.client`) connects, negotiates and
+Role: the receive side of `agent.pull` when the source is an `NBDDev`.  The
+asyncio client (`nbd.client`) connects, negotiates and
 answers the BLOCK_STATUS queries that decide what is read; then each
 connection is *lent* to a thread of its own (`_Lent`): its transport stops
 reading, the thread gets a duplicate of its socket in blocking mode and the
@@ -14,7 +14,11 @@ pipelines requests; replies may come in any order: they are matched by
 cookie).  When a chunk's last reply is in, the thread calls ``finish``
 (hash + write inline, or hand to a pool: the caller decides), later
 ``complete`` with its result, and reuses the buffer.  Afterwards the
-socket goes back to the asyncio transport, which resumes reading.
+socket goes back to the asyncio transport, which resumes reading.  A TLS
+connection cannot be lent (asyncio keeps its TLS state in the transport): its
+thread opens a connection of its own instead (`_Own`: `nbd.client.connect_blocking`,
+an ``ssl.SSLSocket``) and closes it afterwards, while `_keepalive` keeps the idle
+asyncio one from a server's idle timeout.
 
 Why: the asyncio path drains all connections on the one event-loop thread
 (recv copy, per-request Python, waking the server's senders) while nbdcopy
@@ -68,8 +72,8 @@ def unsuitable(src, max_read: int) -> str | None:
     if not isinstance(src, NBDDev):
         return "the source is not an NBD export"
     for c in src.clients:
-        if c.uri.tls:
-            return "TLS connection (asyncio's TLS transport cannot be lent to a thread)"
+        if c.uri.tls and os.environ.get("NBDBACKUP_PULL_TLS_THREADS", "1") == "0":
+            return "TLS connection (threads off for TLS: NBDBACKUP_PULL_TLS_THREADS=0)"
         if c._min != 1:
             return f"the server's minimum block size is {c._min}"
         if c._max < max_read:
@@ -111,6 +115,91 @@ class _Lent:
             conn._fail(err)
         elif conn.transport is not None and not conn.transport.is_closing():
             conn.transport.resume_reading()
+
+
+class _Own:
+    """A TLS connection of the thread's own, beside the asyncio client's (see the module doc).
+
+    asyncio's TLS transport cannot be lent (its TLS state lives in the transport), so the
+    thread opens a second connection to the same export (`nbd.client.connect_blocking`:
+    STARTTLS, then an ``ssl.SSLSocket`` that decrypts with the GIL released), reads over
+    it and closes it with CMD_DISC.  Same interface as `_Lent` for `_thread`.
+
+    Fields: ``client`` (the asyncio one: its URI and export); ``timeout``; ``sock``
+    (None until `open` made it; then owned, closed by `give_back`); ``tx`` (its own
+    `Transmission`); ``broken``.
+    """
+
+    def __init__(self, client, timeout: float | None) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.tx = None
+        self.broken: BaseException | None = None
+        self._cancelled = False
+
+    def _set_sock(self, sock: socket.socket) -> None:
+        self.sock = sock
+        if self._cancelled:  # cancelled while it was being made
+            _shutdown(sock)
+
+    def open(self, max_read: int) -> None:
+        """On the thread: connect, check it sees the export as the asyncio client does."""
+        from ..nbd.client import connect_blocking
+
+        c = self.client
+        sock, tx, res = connect_blocking(c.uri, c.export.name, on_socket=self._set_sock)
+        self.sock, self.tx = sock, tx
+        sock.settimeout(self.timeout)
+        bs = res.export.block_sizes if res.export is not None else None
+        if res.export is None or res.export.size != c.export.size:
+            raise ConnectionClosed(f"a second connection to {c.uri} saw another export (size "
+                                   f"{getattr(res.export, 'size', None)}, not {c.export.size})")
+        if bs is not None and (bs.minimum != 1 or (bs.maximum and bs.maximum < max_read)):
+            raise ConnectionClosed(f"a second connection to {c.uri} got block sizes {bs}")
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self.sock is not None:
+            _shutdown(self.sock)
+
+    def give_back(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        try:
+            if self.broken is None and self.tx is not None:
+                _, hdr = self.tx.request(int(Cmd.DISC), 0, 0, 0)
+                sock.settimeout(1.0)
+                sock.sendall(hdr)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the descriptor's; an SSLSocket's own drops its TLS state
+    except (OSError, ValueError):
+        pass
+
+
+#: Seconds between the keep-alive READs of `_keepalive` (a server's idle timeout must be longer).
+KEEPALIVE = 10.0
+
+
+async def _keepalive(clients) -> None:
+    """While threads read over connections of their own, keep the asyncio clients' idle TLS
+    connections from a server's idle timeout (ours: 60 s on TCP by default) with a 1-byte READ."""
+    buf = bytearray(1)
+    while True:
+        await asyncio.sleep(KEEPALIVE)
+        for c in clients:
+            try:
+                await c.pread(memoryview(buf), 0)
+            except Exception:  # noqa: BLE001 - a dead one fails later, where it is used
+                pass
 
 
 class _Run:
@@ -255,7 +344,7 @@ def _thread(lent: _Lent, run: _Run, alloc: Callable[[], memoryview], nbuf: int,
 
 
 async def run(clients, take: Iterator[int], *, alloc: Callable[[], memoryview], nbuf: int,
-              start, finish, complete, timeout: float | None) -> None:
+              start, finish, complete, timeout: float | None, max_read: int = 1 << 25) -> None:
     """Read the chunks ``take`` yields over ``clients`` (one thread each).
 
     ``start(i, whole) -> (base, mv, pieces, state)``: prepare chunk ``i`` in
@@ -267,15 +356,27 @@ async def run(clients, take: Iterator[int], *, alloc: Callable[[], memoryview], 
     """
     loop = asyncio.get_running_loop()
     r = _Run(take)
-    lent: list[_Lent] = []
+    lent: list = []
+    keepalive = None
     try:
         for c in clients:
-            lent.append(_Lent(c, timeout))
+            lent.append(_Own(c, timeout) if c.uri.tls else _Lent(c, timeout))
+        owned = [x.client for x in lent if isinstance(x, _Own)]
+        if owned:
+            keepalive = asyncio.ensure_future(_keepalive(owned))
         done = [loop.create_future() for _ in lent]
 
         def body(k: int) -> None:
             try:
-                _thread(lent[k], r, alloc, nbuf, start, finish, complete)
+                x = lent[k]
+                if isinstance(x, _Own):
+                    try:
+                        x.open(max_read)
+                    except BaseException as e:  # noqa: BLE001 - the run fails with it
+                        x.broken = e
+                        r.fail(e)
+                        return
+                _thread(x, r, alloc, nbuf, start, finish, complete)
             finally:
                 loop.call_soon_threadsafe(_set, done[k])
 
@@ -290,13 +391,16 @@ async def run(clients, take: Iterator[int], *, alloc: Callable[[], memoryview], 
             r.fail(ConnectionClosed("pull cancelled"))
             for x in lent:
                 x.broken = x.broken or ConnectionClosed("pull cancelled")
-                try:
-                    x.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                if isinstance(x, _Own):
+                    x.cancel()
+                else:
+                    _shutdown(x.sock)
             await asyncio.gather(*done)
             raise
     finally:
+        if keepalive is not None:
+            keepalive.cancel()
+            await asyncio.gather(keepalive, return_exceptions=True)
         for x in lent:
             x.give_back()
     if r.failed is not None:

@@ -752,6 +752,75 @@ async def connect(
     return Client(conn, u, hs, request_timeout, max_in_flight)
 
 
+def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+                     on_socket: Callable[[socket.socket], None] | None = None
+                     ) -> tuple[socket.socket, Transmission, cp.HandshakeResult]:
+    """One connection to ``export`` of ``uri`` on a blocking socket, for a thread of its own.
+
+    The same sans-IO `Handshake` as `connect` (OPT_GO, no metadata contexts; STARTTLS first
+    for an ``nbds`` URI, then ``ssl`` on the socket itself: an ``ssl.SSLSocket`` that
+    decrypts in C with the GIL released, which a thread can own -- asyncio's TLS transport
+    cannot be handed over).  Returns the socket (blocking, timeout None; the caller owns and
+    closes it), a fresh `Transmission` and the handshake's result.  Raises as `connect`.
+    ``on_socket(sock)`` is told each socket as soon as it exists (the plain one, then the TLS
+    one), so another thread can shut it down to interrupt a connect that hangs.
+    """
+    plan = HandshakePlan(Mode.GO, export, ())
+    ctx = None
+    if uri.tls:
+        plan = dataclasses.replace(plan, tls=True)
+        ctx = client_context(uri.tls_certificates or None, verify_peer=uri.tls_verify_peer,
+                             hostname=uri.server_hostname)
+    hs = Handshake(plan)
+    if uri.transport == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if on_socket is not None:
+            on_socket(sock)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(uri.socket)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = socket.create_connection((uri.host, uri.port), timeout)
+        if on_socket is not None:
+            on_socket(sock)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while not hs.done:
+            out = hs.data_to_send()
+            if out:
+                sock.sendall(out)
+            if hs.tls_wanted:
+                assert ctx is not None
+                sock = ctx.wrap_socket(sock, server_hostname=uri.server_hostname if uri.tls_verify_peer else None,
+                                       do_handshake_on_connect=False)  # takes over the descriptor
+                if on_socket is not None:
+                    on_socket(sock)
+                try:
+                    sock.do_handshake()
+                except (ssl.SSLError, ssl.CertificateError) as e:
+                    raise ConnectionClosed(f"TLS handshake with the server failed: {e}") from e
+                hs.tls_started()
+                continue
+            if hs.done:
+                break
+            hs.receive_data(sock.recv(65536))
+        out = hs.data_to_send()
+        if out:
+            sock.sendall(out)
+        sock.settimeout(None)
+    except socket.timeout:
+        sock.close()
+        raise TimeoutError(f"{uri}: connect/handshake timed out after {timeout} s") from None
+    except BaseException:
+        sock.close()
+        raise
+    res = hs.result
+    return sock, Transmission(res.structured, res.meta_contexts.values()), res
+
+
 async def _close_and_wait(conn: _Conn) -> None:
     """Close the transport and wait (5 s at most, then abort) until it is gone."""
     if conn.transport is not None:

@@ -287,6 +287,63 @@ def test_pull_and_verify_over_tls(pki, short_tmp):
         assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
 
 
+def test_tls_pull_receives_on_threads_over_connections_of_their_own(pki, short_tmp, monkeypatch):
+    """A TLS pull reads on blocking threads too (issue 12): each opens a TLS connection of its
+    own (asyncio's TLS transport cannot be lent), from our server and from nbdkit, byte-exact;
+    NBDBACKUP_PULL_TLS_THREADS=0 falls back and says why.  The asyncio connections, idle
+    meanwhile, are kept alive against the server's idle timeout: after a pull that outlasted
+    it (a slow sink), the source still answers; without the keep-alive it was evicted."""
+    import json
+
+    from nbdbackup.agent import pullthreads
+    from nbdbackup.agent.pull import pull
+    from nbdbackup.blockdev.nbd import NBDDev
+
+    creds = pki["server"]
+    disk = short_tmp / "disk.raw"
+    data = os.urandom(20 * M) + bytes(4 * M) + os.urandom(3 * M + 4096)
+    disk.write_bytes(data)
+
+    def cli_pull(uri: str, out: Path, **env) -> dict:
+        r = subprocess.run([sys.executable, "-m", "nbdbackup.cli", "pull", uri, str(out), "--json"], cwd=ROOT,
+                           capture_output=True, text=True, errors="replace", timeout=120, env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == data
+        return json.loads(r.stdout)
+
+    with peers.nbdbackup_serve(f"d={disk}", extra=["--tls-creds", creds, "--unix-idle-timeout", "1"]) as p:
+        uri = tls_uri(p.socket, "d", creds)
+        assert cli_pull(uri, short_tmp / "a.raw")["receive"] == "threads"
+        st = cli_pull(uri, short_tmp / "b.raw", NBDBACKUP_PULL_TLS_THREADS="0")
+        assert st["receive"] == "asyncio" and "TLS" in st["receive_note"]
+
+        async def slow(keepalive: float) -> bool:
+            monkeypatch.setattr(pullthreads, "KEEPALIVE", keepalive)
+
+            async def sink(i, d, chunk):
+                await asyncio.sleep(0.35)  # 7 chunks: ~2.5 s, past the 1 s idle timeout
+                return None
+
+            src = await NBDDev.open(uri, read_only=True, connections=1)
+            try:
+                _, stats = await pull(src, None, chunk_size=4 * M, workers=1, sink=sink)
+                assert stats.receive == "threads"
+                buf = bytearray(4096)
+                try:
+                    await src.pread(buf, 20 * M - 4096)
+                    return bytes(buf) == data[20 * M - 4096:20 * M]
+                except (ConnectionClosed, OSError):
+                    return False
+            finally:
+                await src.close()
+
+        assert run(slow(0.2)) is True
+        assert run(slow(1000.0)) is False  # the check can fail: without keep-alive it was evicted
+
+    with peers.nbdkit("file", str(disk), extra=["--tls=require", f"--tls-certificates={creds}"]) as k:
+        assert cli_pull(tls_uri(k.socket, "", creds), short_tmp / "c.raw")["receive"] == "threads"
+
+
 def test_many_concurrent_tls_clients_and_multiconn_nbddev(pki, short_tmp):
     """8 TLS connections (an NBDDev with multi-conn, plus single clients) write disjoint
     random blocks concurrently; everything reads back, over TLS and in the file."""
