@@ -343,15 +343,19 @@ def _clone(err: BaseException) -> BaseException:
     return new
 
 
+def _with_tls(u: NBDURI, plan: HandshakePlan) -> tuple[HandshakePlan, ssl.SSLContext | None]:
+    """``plan`` with STARTTLS first and the client's TLS context for an ``nbds`` URI (else as is, None)."""
+    if not u.tls:
+        return plan, None
+    return dataclasses.replace(plan, tls=True), client_context(u.tls_certificates or None,
+                                                               verify_peer=u.tls_verify_peer,
+                                                               hostname=u.server_hostname)
+
+
 async def _open(uri: str | NBDURI, plan_export: str | None, make_plan, connect_timeout: float | None) -> tuple[_Conn, NBDURI, Handshake]:
     u = parse_uri(uri) if isinstance(uri, str) else uri
     export = u.export if plan_export is None else plan_export
-    plan = make_plan(export)
-    tls_ctx = None
-    if u.tls:
-        plan = dataclasses.replace(plan, tls=True)
-        tls_ctx = client_context(u.tls_certificates or None, verify_peer=u.tls_verify_peer,
-                                 hostname=u.server_hostname)
+    plan, tls_ctx = _with_tls(u, make_plan(export))
     hs = Handshake(plan)
     loop = asyncio.get_running_loop()
     conn_holder: list[_Conn] = []
@@ -765,12 +769,7 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
     ``on_socket(sock)`` is told each socket as soon as it exists (the plain one, then the TLS
     one), so another thread can shut it down to interrupt a connect that hangs.
     """
-    plan = HandshakePlan(Mode.GO, export, ())
-    ctx = None
-    if uri.tls:
-        plan = dataclasses.replace(plan, tls=True)
-        ctx = client_context(uri.tls_certificates or None, verify_peer=uri.tls_verify_peer,
-                             hostname=uri.server_hostname)
+    plan, ctx = _with_tls(uri, HandshakePlan(Mode.GO, export, ()))
     hs = Handshake(plan)
     if uri.transport == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
