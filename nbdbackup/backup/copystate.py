@@ -1086,6 +1086,16 @@ class CopyState:
             return "target"
         return "trimmed"  # done and stored nowhere: only a trim does that
 
+    def reads_source(self, offset: int, length: int) -> bool:
+        """True when the snapshot reads every byte of ``(offset, length)``
+        from the source now: no cluster of it is done or trimmed (`where`
+        says "source" for each) -- a snapshot nothing has written over yet,
+        the snapshot export's common case.  Two bitmap searches, nothing
+        registered: `segments` would return the one segment ``(offset,
+        length, "source")``."""
+        first, end = self.clusters_of(offset, length)
+        return self.done.next_set(first, end) < 0 and self.trimmed.next_set(first, end) < 0
+
     def segments(self, offset: int, length: int, *,
                  allow_trimmed: bool = False) -> list[tuple[int, int, Where]]:
         """``(offset, length)`` split into maximal segments ``(offset, length,
