@@ -71,7 +71,9 @@ Rules:
    location, else register as a reader synchronously (no await between the
    ``done`` test and the ``readers`` increment), read the source, unregister.
    Since rule 1 makes writers wait for readers after the cluster is done, a
-   source read never sees a write that started after the snapshot.
+   source read never sees a write that started after the snapshot.  A read
+   with no await from the ``done`` test to its last byte (the snapshot's
+   task-free path) needs no registration: no writer runs meanwhile.
 3. pump (`claim` + `copy`): claims runs of todo clusters that are not in
    flight and all of one kind (not done: from the source; in the scratch:
    scratch -> target; zeroed: zero the target), synchronously marking them

@@ -5,7 +5,10 @@ Role: `SnapshotDev` is the read-only device behind a backup's snapshot export
 (`CopyState.where`: the target, the scratch, nowhere because it is zeros),
 else from the live source while registered as a reader, so that
 copy-before-write holds the live write back until the read is over
-(`copystate` rule 2).
+(`copystate` rule 2).  The task-free `pread_now` and `extents_now` run from
+split to answer with no await, so nothing can write meanwhile: they
+register nothing, and a range nothing has written over yet
+(`CopyState.reads_source`) is one request to the source.
 
 TRIM (QEMU's snapshot-access discard, `copystate` rule 8): the region is no
 longer needed; its whole clusters are marked trimmed: their scratch copies

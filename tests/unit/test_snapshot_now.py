@@ -46,7 +46,7 @@ def test_fast_read_is_point_in_time_and_unregisters():
             assert snap.pread_now(memoryview(buf), off)
             assert bytes(buf) == orig[off:off + n]
             assert snap.extents_now(off, n) == await snap.extents(off, n)
-        assert not st.readers and not st.scratch_readers  # registered only while reading
+        assert not st.readers and not st.scratch_readers  # nothing left registered
         engine.job_cancel("j")
 
     asyncio.run(main())
