@@ -10,8 +10,8 @@ export's read path, the floor), ``--reads`` times each; sides interleave,
 order alternating per round.  Printed per run: MB/s and server CPU s/GiB;
 at the end medians and ranges per side.
 
-Usage: ``bench/snap_read_ab.py [--size 1G] [--rounds 5] [--reads 2]
-[--baseline DIR ...] [--qemu] [--profile DIR]``.
+Usage: ``bench/snap_read_ab.py [--size 1G] [--rounds 5] [--reads 2] [--no-live] [--connections N]
+[--baseline DIR ...] [--qemu]``.
 
 Invariant: every process started is stopped by PID; the temp dir is removed.
 """
