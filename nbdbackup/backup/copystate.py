@@ -71,7 +71,9 @@ Rules:
    location, else register as a reader synchronously (no await between the
    ``done`` test and the ``readers`` increment), read the source, unregister.
    Since rule 1 makes writers wait for readers after the cluster is done, a
-   source read never sees a write that started after the snapshot.
+   source read never sees a write that started after the snapshot.  A read
+   with no await from the ``done`` test to its last byte (the snapshot's
+   task-free path) needs no registration: no writer runs meanwhile.
 3. pump (`claim` + `copy`): claims runs of todo clusters that are not in
    flight and all of one kind (not done: from the source; in the scratch:
    scratch -> target; zeroed: zero the target), synchronously marking them
@@ -1085,6 +1087,16 @@ class CopyState:
         if self.in_target.get(c):
             return "target"
         return "trimmed"  # done and stored nowhere: only a trim does that
+
+    def reads_source(self, offset: int, length: int) -> bool:
+        """True when the snapshot reads every byte of ``(offset, length)``
+        from the source now: no cluster of it is done or trimmed (`where`
+        says "source" for each) -- a snapshot nothing has written over yet,
+        the snapshot export's common case.  Two bitmap searches, nothing
+        registered: `segments` would return the one segment ``(offset,
+        length, "source")``."""
+        first, end = self.clusters_of(offset, length)
+        return self.done.next_set(first, end) < 0 and self.trimmed.next_set(first, end) < 0
 
     def segments(self, offset: int, length: int, *,
                  allow_trimmed: bool = False) -> list[tuple[int, int, Where]]:

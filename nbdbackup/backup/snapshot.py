@@ -5,7 +5,10 @@ Role: `SnapshotDev` is the read-only device behind a backup's snapshot export
 (`CopyState.where`: the target, the scratch, nowhere because it is zeros),
 else from the live source while registered as a reader, so that
 copy-before-write holds the live write back until the read is over
-(`copystate` rule 2).
+(`copystate` rule 2).  The task-free `pread_now` and `extents_now` run from
+split to answer with no await, so nothing can write meanwhile: they
+register nothing, and a range nothing has written over yet
+(`CopyState.reads_source`) is one request to the source.
 
 TRIM (QEMU's snapshot-access discard, `copystate` rule 8): the region is no
 longer needed; its whole clusters are marked trimmed: their scratch copies
@@ -49,7 +52,7 @@ from ..blockdev.base import (
     merge_extents,
 )
 from ..nbd.wire import StateFlag
-from .copystate import CopyState
+from .copystate import CopyState, Where
 
 ExtentProvider = Callable[[int, int], Awaitable[list[Extent]]]
 
@@ -123,28 +126,34 @@ class SnapshotDev(BlockDev):
     def pread_now(self, buf: memoryview, offset: int) -> bool:
         """`pread` without a task when every segment's device has its bytes at
         hand (`BlockDev.pread_now`: the page cache): the server's READ fast
-        path.  Registered as a reader exactly as `pread`, but nothing can run
-        between `begin_read` and `end_read` here.  False: the caller awaits
-        `pread`, which reads everything again (a partly filled ``buf`` is
-        overwritten)."""
+        path.  False: the caller awaits `pread`, which reads everything again
+        (a partly filled ``buf`` is overwritten).
+
+        Registers no reader (rule 2), as `extents_now`: from the split into
+        segments to the last byte copied nothing else runs on the loop (no
+        await), so no copy-before-write can make a cluster done and let a
+        live write change its source bytes in between; a live write already
+        under way (in an I/O engine, a thread) has made its clusters done
+        before it started (rule 1), so they are not read from the source
+        here.  A range nothing has written over yet (`CopyState.reads_source`)
+        is one read of the source, with no segment list."""
         n = len(buf)
-        if self._closed or self.state.broken is not None or n == 0:
-            return False
         st = self.state
+        if self._closed or st.broken is not None or n == 0:
+            return False
+        if st.reads_source(offset, n):
+            return st.source.pread_now(buf, offset)
         try:
-            segs = st.begin_read(offset, n)
+            segs = st.segments(offset, n)
         except OSError:
             return False  # trimmed: `pread` reports it
-        try:
-            for off, ln, where in segs:
-                dev = st.device(where)
-                part = buf[off - offset: off - offset + ln]
-                if dev is None:  # "zero"
-                    part[:] = bytes(ln)
-                elif not dev.pread_now(part, off):
-                    return False
-        finally:
-            st.end_read(segs)
+        for off, ln, where in segs:
+            dev = st.device(where)
+            part = buf[off - offset: off - offset + ln]
+            if dev is None:  # "zero"
+                part[:] = bytes(ln)
+            elif not dev.pread_now(part, off):
+                return False
         return True
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
@@ -209,7 +218,17 @@ class SnapshotDev(BlockDev):
             return None
         st = self.state
         out: list[Extent] = []
-        for off, ln, where in st.segments(offset, length, allow_trimmed=True):
+        if st.reads_source(offset, length):
+            # All from the source: its own answer when it covers the range exactly.
+            got = st.source.extents_now(offset, length, BASE_ALLOCATION)
+            if got is None:
+                return None
+            if got and got[0].offset == offset and got[-1].end == offset + length:
+                return got if len(got) == 1 else merge_extents(got)
+            segs: list[tuple[int, int, Where]] = [(offset, length, "source")]
+        else:
+            segs = st.segments(offset, length, allow_trimmed=True)
+        for off, ln, where in segs:
             dev = st.device(where)
             if dev is None:
                 out.append(Extent(off, ln, HOLE_ZERO if where == "zero" else int(StateFlag.HOLE)))
@@ -220,7 +239,7 @@ class SnapshotDev(BlockDev):
                 if got is None:
                     return None
                 pos = _clip(got, pos, end, out)
-        return merge_extents(out)
+        return out if len(out) == 1 else merge_extents(out)
 
     async def close(self) -> None:
         self._closed = True

@@ -400,7 +400,9 @@ def test_segments_equal_a_walk_of_every_cluster():
     """`segments` finds a source run by bitmap searches: on random states of the five bitmaps
     (sparse and dense, long and short runs) and random ranges (partial clusters, the partial
     last cluster) it gives exactly the segments of a per-cluster walk, raises EACCES for the
-    same trimmed ranges, and `begin_read` registers the source and scratch clusters of them."""
+    same trimmed ranges, and `begin_read` registers the source and scratch clusters of them;
+    `reads_source` is True exactly when that walk gives one "source" segment (a trimmed
+    cluster that is not done -- still in the sync set -- included)."""
     import random
 
     rng = random.Random(5)
@@ -432,6 +434,9 @@ def test_segments_equal_a_walk_of_every_cluster():
                     assert e.value.errno == errno.EACCES
                     continue
                 assert st.segments(off, ln, allow_trimmed=allow) == want, (trial, off, ln)
+            # `reads_source` (the snapshot's task-free reads): exactly "one source segment".
+            assert st.reads_source(off, ln) == (
+                _segments_by_cluster(st, off, ln, True) == [(off, ln, "source")]), (trial, off, ln)
         segs = st.begin_read(0, size, allow_trimmed=True)
         for o, n, w in segs:
             first, end = st.clusters_of(o, n)

@@ -2,7 +2,7 @@
 
 Not vacuous: on RAM devices the fast path is taken and returns the point-in-time
 bytes while live writes change the disk; it registers as a reader only for its
-own duration; it declines (False / None) exactly where the awaited path must
+own duration (now: not at all, nothing runs during it); it declines (False / None) exactly where the awaited path must
 answer: trimmed clusters, a dismissed job, a broken snapshot, a device without
 the bytes at hand.
 """
@@ -46,7 +46,7 @@ def test_fast_read_is_point_in_time_and_unregisters():
             assert snap.pread_now(memoryview(buf), off)
             assert bytes(buf) == orig[off:off + n]
             assert snap.extents_now(off, n) == await snap.extents(off, n)
-        assert not st.readers and not st.scratch_readers  # registered only while reading
+        assert not st.readers and not st.scratch_readers  # nothing left registered
         engine.job_cancel("j")
 
     asyncio.run(main())
@@ -79,5 +79,47 @@ def test_fast_read_declines_when_a_device_cannot_answer_now():
         await snap.pread(memoryview(buf), 4 * CS)
         assert bytes(buf) == orig[4 * CS:5 * CS]
         assert snap.pread_now(memoryview(buf), 5 * CS) and bytes(buf) == orig[5 * CS:6 * CS]
+
+    asyncio.run(main())
+
+
+def test_fast_paths_answer_the_point_in_time_layout():
+    """`pread_now` and `extents_now` (one source read / the source's own extents
+    when no cluster of the range is done or trimmed, `CopyState.reads_source`)
+    answer the image of the backup's start on ranges that are untouched,
+    copied aside, zeroed in the snapshot (a hole written over) or a mix, while
+    the live disk differs there; and register nothing."""
+    from nbdbackup.blockdev.base import HOLE_ZERO, Extent, merge_extents
+
+    async def main():
+        engine, live, snap, orig = await _setup()
+        st = engine.jobs["j"].state
+        model = [Extent(0, 8 * CS, 0), Extent(8 * CS, 8 * CS, HOLE_ZERO)]  # data, then a hole
+
+        def want(off, n):
+            out = []
+            for e in model:
+                lo, hi = max(e.offset, off), min(e.end, off + n)
+                if lo < hi:
+                    out.append(Extent(lo, hi - lo, e.flags))
+            return merge_extents(out)
+
+        ranges = [(0, SIZE), (CS // 2, 3 * CS), (9 * CS - 5, CS + 10), (15 * CS, CS), (7 * CS, 3 * CS),
+                  (5 * CS + 1, 100), (12 * CS, 2 * CS)]
+        for phase in range(2):
+            for off, n in ranges:
+                buf = bytearray(n)
+                assert snap.pread_now(memoryview(buf), off)
+                assert bytes(buf) == orig[off:off + n], (phase, off, n)
+                assert snap.extents_now(off, n) == want(off, n), (phase, off, n)
+            if phase == 0:
+                assert st.reads_source(0, 8 * CS) and st.reads_source(8 * CS, 8 * CS)
+                await live.pwrite(b"\xaa" * (3 * CS), CS // 2)   # copied aside first (CBW)
+                await live.pwrite(b"\xbb" * CS, 9 * CS)           # a hole: zero in the snapshot
+                await live.pwrite(b"\xcc" * 100, 12 * CS + 7)    # another
+                assert not st.reads_source(0, 8 * CS) and not st.reads_source(9 * CS, 1)
+                assert st.reads_source(10 * CS, 2 * CS)  # between them: still the source
+        assert not st.readers and not st.scratch_readers
+        engine.job_cancel("j")
 
     asyncio.run(main())
