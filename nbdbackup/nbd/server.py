@@ -98,6 +98,9 @@ returns are held unparsed (`buffer_updated`) until the upgraded transport is
 in place and access control has seen the client certificate, so nothing is
 parsed, answered or written in clear after the ACK.  A failed
 TLS handshake closes the connection; the handshake timeout covers it.
+During the TLS handshake the connection counts as quiet from its STARTTLS
+on (its handshake bytes go to the TLS layer, not to us), so at a cap a
+stalled TLS handshake is evicted like a stalled plain one.
 
 Worker processes (``Server(workers=N)``, `nbd.worker`): a connection that
 enters transmission on a plain file export is handed, socket and state, to
@@ -1156,8 +1159,15 @@ class NBDConnection(asyncio.BufferedProtocol):
         quiet, never time out and never give its memory back."""
         if self.remote is not None:
             return self.server.pool.quiet(self, now)
-        if self._closing or self._mem_wait or self._tls_upgrading:
+        if self._closing or self._mem_wait:
             return -1.0
+        if self._tls_upgrading:
+            # In the TLS handshake (raw bytes go to the TLS layer, not to us):
+            # quiet since the STARTTLS option arrived.  A real handshake takes
+            # a few round trips; a stalled one must be evictable like a
+            # stalled plain handshake, or it holds its slot until the
+            # handshake timeout (hunt 6).
+            return now - self._last_active
         if self.tasks and not (self._paused_writing and len(self._mem_futures) >= len(self.tasks)):
             return -1.0
         if self.proto.has_events and not self._paused_writing:
@@ -1374,6 +1384,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._writev = type(new).__module__.startswith("uvloop")
         self._reading_paused = False
         self._tls_upgrading = False
+        self._last_active = time.monotonic()  # the handshake finished: not quiet
         log.info("connection %s: TLS %s, %s", self.peer, new.get_extra_info("ssl_object").version(),
                  new.get_extra_info("cipher", ("?",))[0])
         why = self.server.access.check_certificate(new.get_extra_info("peercert"))
