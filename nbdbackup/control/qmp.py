@@ -29,6 +29,17 @@ first checked against the session's access (`Access.refusal`), so a refused
 client gets ``GenericError`` with the reason for every command, and a
 read-only one for every command that is not `schema.is_read_only`.
 
+Remote admission: at most `MAX_REMOTE_CLIENTS` TCP connections at once,
+counted from the accept (the TLS handshake runs in `_on_tcp_connect`, within
+`TLS_HANDSHAKE_TIMEOUT` s).  At the cap a new connection evicts the oldest one
+that has not earned access (still in its TLS handshake, or admitted as
+``none``); when every slot holds an admitted (``full`` / ``read``) session,
+the new connection is closed at once.  So peers without an authorized
+certificate -- anyone who can reach the port -- can neither exhaust the
+process's file descriptors (which the NBD listeners, the Unix control socket
+and the exports' files share) nor push out an admitted session.  The Unix
+socket has no cap (mode 0600: its clients are the operator).
+
 Concurrency invariants:
 - Each client is a `_Session` with three tasks: the reader (parses input,
   answers malformed input, queues requests, at most `MAX_QUEUED` ahead so a
@@ -65,6 +76,7 @@ from typing import Any, Awaitable, Callable
 
 from .. import __version__
 from ..errors import ConfigError, NBDBackupError
+from ..nbd.logsafe import clip
 from ..sockets import prepare_unix_socket
 from . import framing, schema
 from .remote import FULL, Access
@@ -82,6 +94,11 @@ MAX_OUTPUT_BACKLOG = 10_000
 READ_CHUNK = 64 * 1024
 #: Seconds a TCP client has to complete its TLS handshake.
 TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Remote (TCP) control connections at once: in the TLS handshake or in a session.
+MAX_REMOTE_CLIENTS = 32
+#: Admission warnings (evictions, refusals at the cap) logged per `_LOG_PERIOD` s.
+_LOG_BUDGET = 10
+_LOG_PERIOD = 2.0
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -123,6 +140,10 @@ class QMPServer:
         self._server: asyncio.base_events.Server | None = None  # the Unix listener
         #: TCP+TLS listeners (`start_tcp`).
         self._tcp_servers: list[asyncio.base_events.Server] = []
+        #: Remote connections holding a slot, oldest first (see "Remote admission").
+        self._remote: list[_RemoteSlot] = []
+        #: (start of the current log period, admission warnings logged in it).
+        self._admission_log = (0.0, 0)
         self._path: str | None = None
         self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
         self.version = {"qemu": _version_triple(version), "package": package or f"nbdbackup {version}"}
@@ -233,8 +254,7 @@ class QMPServer:
         without a Unix listener.
         """
         srv = await asyncio.start_server(
-            functools.partial(self._on_connect, authorize=authorize), host, port, ssl=ssl_context,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            functools.partial(self._on_tcp_connect, ssl_context=ssl_context, authorize=authorize), host, port)
         self._tcp_servers.append(srv)
         bound = srv.sockets[0].getsockname()[1] if srv.sockets else port
         log.info("control listening on tcp %s:%s (TLS, client certificates required)", host, bound)
@@ -273,8 +293,65 @@ class QMPServer:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
+    def _warn_admission(self, msg: str, *args) -> None:
+        """A remote eviction or refusal: at most `_LOG_BUDGET` per `_LOG_PERIOD` s."""
+        now = time.monotonic()
+        start, n = self._admission_log
+        if now - start > _LOG_PERIOD:
+            start, n = now, 0
+        if n < _LOG_BUDGET:
+            log.warning(msg, *args)
+        self._admission_log = (start, n + 1)
+
+    def _make_room(self, peer) -> bool:
+        """Room for one more remote connection (evicting the oldest one
+        without earned access at the cap); False if every slot is admitted."""
+        if len(self._remote) < MAX_REMOTE_CLIENTS:
+            return True
+        victim = next((slot for slot in self._remote if not slot.admitted), None)
+        if victim is None:
+            self._warn_admission("control client %s refused: %d admitted remote sessions already",
+                                 peer, len(self._remote))
+            return False
+        self._warn_admission("control client %s evicted (not authenticated or not authorized; "
+                             "%d remote connections) for a new one from %s", victim.peer, len(self._remote), peer)
+        victim.evict()
+        self._remote.remove(victim)
+        return True
+
+    async def _on_tcp_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                              ssl_context, authorize: Callable[[dict | None], Access]) -> None:
+        """A remote connection: a slot (see "Remote admission"), the TLS
+        handshake, then an ordinary session with the access it earned."""
+        peer = writer.get_extra_info("peername")
+        if not self._make_room(peer):
+            writer.transport.abort()
+            return
+        slot = _RemoteSlot(peer, writer)
+        self._remote.append(slot)
+        try:
+            try:
+                await writer.start_tls(ssl_context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            except Exception as e:  # noqa: BLE001 - SSLError, timeout, reset; an evicted one may end in anything
+                if not slot.evicted:
+                    log.info("control client %s: TLS handshake failed: %s", peer, clip(str(e) or type(e).__name__, 200))
+                t = writer.transport
+                if t is not None:
+                    t.abort()
+                return
+            t = writer.transport
+            if slot.evicted or t is None or t.is_closing():
+                if t is not None:
+                    t.abort()
+                return
+            await self._on_connect(reader, writer, authorize=authorize, slot=slot)
+        finally:
+            if slot in self._remote:
+                self._remote.remove(slot)
+
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                          authorize: Callable[[dict | None], Access] | None = None) -> None:
+                          authorize: Callable[[dict | None], Access] | None = None,
+                          slot: "_RemoteSlot | None" = None) -> None:
         access = FULL
         if authorize is not None:
             access = authorize(writer.get_extra_info("peercert"))
@@ -284,6 +361,9 @@ class QMPServer:
             else:
                 log.info("control client %s: %s, %s access", peer, access.who, access.level)
         session = _Session(self, reader, writer, access)
+        if slot is not None:
+            slot.session = session
+            slot.admitted = access.level != "none"
         session.task = asyncio.current_task()
         self._sessions.add(session)
         try:
@@ -372,6 +452,31 @@ def _check_signature(name: str, handler: Handler, args: Struct) -> None:
             member = next((m for m in args.members if m.replace("-", "_") == kw), None)
             if member is None or args.members[member][1]:
                 raise TypeError(f"handler for {name}: parameter {kw!r} needs a default (optional or unknown member)")
+
+
+class _RemoteSlot:
+    """One remote connection's place in `QMPServer._remote`.  Fields:
+    ``peer`` (its address, for logs); ``writer``; ``session`` (its `_Session`
+    once the TLS handshake is done, else None); ``admitted`` (its certificate
+    earned ``full`` or ``read`` access: never evicted); ``evicted``."""
+
+    __slots__ = ("peer", "writer", "session", "admitted", "evicted")
+
+    def __init__(self, peer, writer: asyncio.StreamWriter) -> None:
+        self.peer = peer
+        self.writer = writer
+        self.session: _Session | None = None
+        self.admitted = False
+        self.evicted = False
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self.session is not None:
+            self.session.abort()
+        else:
+            t = self.writer.transport
+            if t is not None:
+                t.abort()
 
 
 class _Session:
