@@ -1,4 +1,4 @@
-"""Interop: hostile clients against NBD over TLS and access control (hunt 6).
+"""Interop: hostile clients against NBD over TLS and remote control (hunt 6).
 
 Raw sockets and Python's ``ssl`` play the hostile clients (the NBD wire is
 written out here from proto.md); a real peer (nbdinfo, libnbd) plays the
@@ -14,6 +14,7 @@ well-behaved one that must keep getting in.  See docs/hunt6.md.
   control socket, an admitted remote session and a new authorized remote
   client all keep working (before: every connection took a descriptor until
   its 10 s handshake timeout, and the process ran out of them).
+- Remote control sessions end without an error on the loop (asyncio).
 - Closed TLS connections are freed when they close, not at the next full
   garbage collection (in process, with the collector off): the TLS layer
   keeps bound methods of the connection, a cycle that held about 20 MiB per
@@ -23,6 +24,7 @@ well-behaved one that must keep getting in.  See docs/hunt6.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -267,3 +269,46 @@ def test_closed_tls_connections_are_freed_at_once(pki, loop):
             runner.run(asyncio.wait_for(main(), 60))
     finally:
         gc.enable()
+
+
+def test_remote_control_sessions_end_without_errors(pki):
+    """Remote control sessions that end (client closes) leave no error on
+    the loop: on asyncio's TLS transport `_Session.abort` after close used to
+    raise AttributeError in every session's task ("Task exception was never
+    retrieved" once collected).  (asyncio only: uvloop's transport never
+    raised there.)"""
+    from nbdbackup.control.qmp import QMPServer
+    from nbdbackup.control.remote import ControlAuthz
+    from nbdbackup.nbd.tls import ServerTLS
+
+    creds = pki["server"]
+    errors = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        q = QMPServer()
+        port = await q.start_tcp("127.0.0.1", 0, ServerTLS("require", creds, verify_peer=True).context(),
+                                 ControlAuthz(full=("*",)).classify)
+        ctx = ssl.create_default_context(cafile=os.path.join(creds, "ca-cert.pem"))
+        ctx.load_cert_chain(os.path.join(creds, "client-cert.pem"), os.path.join(creds, "client-key.pem"))
+        try:
+            for _ in range(3):
+                r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+                assert b"QMP" in await r.readline()
+                w.write(b'{"execute": "qmp_capabilities"}\n')
+                assert json.loads(await r.readline()) == {"return": {}}
+                w.close()
+                with contextlib.suppress(OSError):
+                    await w.wait_closed()
+            deadline = time.monotonic() + 5
+            while q.client_count:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            gc.collect()  # a failed task reports its exception when collected
+            await asyncio.sleep(0.1)
+        finally:
+            await q.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert not errors, [str(e.get("exception") or e.get("message")) for e in errors]
