@@ -1106,9 +1106,17 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _warn(self, msg: str, *args) -> None:
         """A warning caused by this client: logged while its `WarningBudget`
         lasts, then only counted (a client must not be able to flood the log).
-        Client-supplied text in ``args`` must already be `clip`-ped."""
-        if self._warnings.allow():
+        Client-supplied text in ``args`` must already be `clip`-ped.
+        Before transmission (handshake, TLS, access refusals) a client can
+        open connection after connection, each with a fresh budget: those
+        warnings also share the server's admission budget (`warn_admission`:
+        20 per 2 s, the rest counted in one line)."""
+        if not self._warnings.allow():
+            return
+        if self.proto.in_transmission:
             log.warning(msg, *args)
+        else:
+            self.server.warn_admission(msg, *args)
 
     def _handshake_timeout(self) -> None:
         self._handshake_timer = None

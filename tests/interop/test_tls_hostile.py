@@ -312,3 +312,24 @@ def test_remote_control_sessions_end_without_errors(pki):
 
     asyncio.run(asyncio.wait_for(main(), 60))
     assert not errors, [str(e.get("exception") or e.get("message")) for e in errors]
+
+
+def test_failed_tls_handshakes_cannot_flood_the_log(pki, short_tmp):
+    """300 connections that fail their TLS handshake one after another (an
+    HTTP request after the STARTTLS ACK): the warnings of connections still
+    negotiating share the server's admission budget (20 per 2 s), so the log
+    gets a few dozen of them, not one per connection."""
+    creds = pki["server"]
+    with peers.nbdbackup_serve("m=memory:4M", extra=["--tls-creds", creds]) as p:
+        t = time.monotonic()
+        for _ in range(300):
+            s = starttls(p.socket)
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            closed_by_server(s, 5)
+            s.close()
+        took = time.monotonic() - t
+        r = subprocess.run(["nbdinfo", "--size", tls_uri(p.socket, "m", creds)], capture_output=True, text=True,
+                           timeout=10)
+        assert r.returncode == 0, r.stderr
+        n = p.log().count("TLS handshake failed")
+        assert p.alive() and 1 <= n <= 20 * (took / 2 + 2), (n, took)
