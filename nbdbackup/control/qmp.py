@@ -255,17 +255,17 @@ class QMPServer:
         loop = asyncio.get_running_loop()
         socks = []
         try:
-            for family, _, _, _, addr in {i[0]: i for i in await loop.getaddrinfo(
+            for family, _, _, _, addr in {i[4]: i for i in await loop.getaddrinfo(
                     host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}.values():
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 socks.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(addr)
+                sock.bind((addr[0], port, *addr[2:]))
                 sock.listen(128)
                 sock.setblocking(False)
-                port = port or sock.getsockname()[1]  # port 0: the others take the first one's
+                port = port or sock.getsockname()[1]  # port 0: the other addresses take the first one's
         except BaseException:
             for sock in socks:
                 sock.close()
