@@ -29,6 +29,17 @@ first checked against the session's access (`Access.refusal`), so a refused
 client gets ``GenericError`` with the reason for every command, and a
 read-only one for every command that is not `schema.is_read_only`.
 
+Remote admission: at most `MAX_REMOTE_CLIENTS` TCP connections at once,
+counted from the accept (our own accept loop, `_accept_loop`; the loop's
+TLS handshake then runs in `_serve_remote`, within `TLS_HANDSHAKE_TIMEOUT` s).  At the cap a new connection evicts the oldest one
+that has not earned access (still in its TLS handshake, or admitted as
+``none``); when every slot holds an admitted (``full`` / ``read``) session,
+the new connection is closed at once.  So peers without an authorized
+certificate -- anyone who can reach the port -- can neither exhaust the
+process's file descriptors (which the NBD listeners, the Unix control socket
+and the exports' files share) nor push out an admitted session.  The Unix
+socket has no cap (mode 0600: its clients are the operator).
+
 Concurrency invariants:
 - Each client is a `_Session` with three tasks: the reader (parses input,
   answers malformed input, queues requests, at most `MAX_QUEUED` ahead so a
@@ -54,7 +65,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
 import os
@@ -65,6 +75,7 @@ from typing import Any, Awaitable, Callable
 
 from .. import __version__
 from ..errors import ConfigError, NBDBackupError
+from ..nbd.logsafe import clip
 from ..sockets import prepare_unix_socket
 from . import framing, schema
 from .remote import FULL, Access
@@ -82,6 +93,11 @@ MAX_OUTPUT_BACKLOG = 10_000
 READ_CHUNK = 64 * 1024
 #: Seconds a TCP client has to complete its TLS handshake.
 TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Remote (TCP) control connections at once: in the TLS handshake or in a session.
+MAX_REMOTE_CLIENTS = 32
+#: Admission warnings (evictions, refusals at the cap) logged per `_LOG_PERIOD` s.
+_LOG_BUDGET = 10
+_LOG_PERIOD = 2.0
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -122,7 +138,11 @@ class QMPServer:
         self._sessions: set[_Session] = set()
         self._server: asyncio.base_events.Server | None = None  # the Unix listener
         #: TCP+TLS listeners (`start_tcp`).
-        self._tcp_servers: list[asyncio.base_events.Server] = []
+        self._tcp_servers: list[_TCPListener] = []
+        #: Remote connections holding a slot, oldest first (see "Remote admission").
+        self._remote: list[_RemoteSlot] = []
+        #: (start of the current log period, admission warnings logged in it).
+        self._admission_log = (0.0, 0)
         self._path: str | None = None
         self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
         self.version = {"qemu": _version_triple(version), "package": package or f"nbdbackup {version}"}
@@ -232,11 +252,28 @@ class QMPServer:
         if the address cannot be bound.  May be called several times, with or
         without a Unix listener.
         """
-        srv = await asyncio.start_server(
-            functools.partial(self._on_connect, authorize=authorize), host, port, ssl=ssl_context,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        loop = asyncio.get_running_loop()
+        socks = []
+        try:
+            for family, _, _, _, addr in {i[4]: i for i in await loop.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}.values():
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((addr[0], port, *addr[2:]))
+                sock.listen(128)
+                sock.setblocking(False)
+                port = port or sock.getsockname()[1]  # port 0: the other addresses take the first one's
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        srv = _TCPListener(socks, [asyncio.create_task(self._accept_loop(sock, ssl_context, authorize))
+                                   for sock in socks])
         self._tcp_servers.append(srv)
-        bound = srv.sockets[0].getsockname()[1] if srv.sockets else port
+        bound = socks[0].getsockname()[1] if socks else port
         log.info("control listening on tcp %s:%s (TLS, client certificates required)", host, bound)
         return bound
 
@@ -252,6 +289,9 @@ class QMPServer:
         for session in list(self._sessions):
             session.abort()
         tasks = [s.task for s in self._sessions if s.task is not None]
+        tasks += [slot.task for slot in self._remote if slot.task is not None and slot.session is None]
+        for srv in tcp:
+            tasks += srv.tasks
         for t in tasks:
             t.cancel()
         if tasks:
@@ -273,8 +313,88 @@ class QMPServer:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
+    def _warn_admission(self, msg: str, *args) -> None:
+        """A remote eviction or refusal: at most `_LOG_BUDGET` per `_LOG_PERIOD` s."""
+        now = time.monotonic()
+        start, n = self._admission_log
+        if now - start > _LOG_PERIOD:
+            start, n = now, 0
+        if n < _LOG_BUDGET:
+            log.warning(msg, *args)
+        self._admission_log = (start, n + 1)
+
+    def _make_room(self, peer) -> bool:
+        """Room for one more remote connection (evicting the oldest one
+        without earned access at the cap); False if every slot is admitted."""
+        if len(self._remote) < MAX_REMOTE_CLIENTS:
+            return True
+        victim = next((slot for slot in self._remote if not slot.admitted), None)
+        if victim is None:
+            self._warn_admission("control client %s refused: %d admitted remote sessions already",
+                                 peer, len(self._remote))
+            return False
+        self._warn_admission("control client %s evicted (not authenticated or not authorized; "
+                             "%d remote connections) for a new one from %s", victim.peer, len(self._remote), peer)
+        victim.evict()
+        self._remote.remove(victim)
+        return True
+
+    async def _accept_loop(self, sock: socket.socket, ssl_context,
+                           authorize: Callable[[dict | None], Access]) -> None:
+        """Accept remote connections on SOCK: a slot each (see "Remote
+        admission"), then `_serve_remote`; runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as e:  # EMFILE and the like: try again later
+                self._warn_admission("control listener: cannot accept: %s", e.strerror or e)
+                await asyncio.sleep(1.0)
+                continue
+            if not self._make_room(peer):
+                conn.close()
+                continue
+            try:
+                slot = _RemoteSlot(peer, conn)
+            except OSError as e:  # no descriptor for its duplicate (evicted ones are still closing)
+                conn.close()
+                self._warn_admission("control client %s refused: %s", peer, e.strerror or e)
+                await asyncio.sleep(0.05)
+                continue
+            self._remote.append(slot)
+            slot.task = asyncio.create_task(self._serve_remote(slot, ssl_context, authorize))
+
+    async def _serve_remote(self, slot: "_RemoteSlot", ssl_context,
+                            authorize: Callable[[dict | None], Access]) -> None:
+        """The TLS handshake of one accepted connection, then an ordinary
+        session with the access its certificate earned."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            try:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, slot.sock, ssl=ssl_context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - SSLError, timeout, reset; an evicted one may end in anything
+                if not slot.evicted:
+                    log.info("control client %s: TLS handshake failed: %s", slot.peer,
+                             clip(str(e) or type(e).__name__, 200))
+                return
+            if slot.evicted:
+                transport.abort()
+                return
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            await self._on_connect(reader, writer, authorize=authorize, slot=slot)
+        finally:
+            slot.release()
+            if slot in self._remote:
+                self._remote.remove(slot)
+
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                          authorize: Callable[[dict | None], Access] | None = None) -> None:
+                          authorize: Callable[[dict | None], Access] | None = None,
+                          slot: "_RemoteSlot | None" = None) -> None:
         access = FULL
         if authorize is not None:
             access = authorize(writer.get_extra_info("peercert"))
@@ -284,6 +404,9 @@ class QMPServer:
             else:
                 log.info("control client %s: %s, %s access", peer, access.who, access.level)
         session = _Session(self, reader, writer, access)
+        if slot is not None:
+            slot.session = session
+            slot.admitted = access.level != "none"
         session.task = asyncio.current_task()
         self._sessions.add(session)
         try:
@@ -374,6 +497,60 @@ def _check_signature(name: str, handler: Handler, args: Struct) -> None:
                 raise TypeError(f"handler for {name}: parameter {kw!r} needs a default (optional or unknown member)")
 
 
+class _TCPListener:
+    """A remote control listener: its listening sockets and their accept
+    tasks (`QMPServer._accept_loop`); `close` and `wait_closed` as for an
+    asyncio server."""
+
+    def __init__(self, socks: list[socket.socket], tasks: list[asyncio.Task]) -> None:
+        self.socks = socks
+        self.tasks = tasks
+
+    def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for s in self.socks:
+            s.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class _RemoteSlot:
+    """One remote connection's place in `QMPServer._remote`.  Fields:
+    ``peer`` (its address, for logs); ``sock`` (the accepted socket, handed
+    to the loop's TLS handshake); ``_shut`` (a duplicate of it, ours alone:
+    `evict` shuts the connection down through it at any stage, and a closed
+    descriptor number can never be reused under us); ``task`` (its
+    `QMPServer._serve_remote`); ``session`` (its `_Session` once the TLS
+    handshake is done, else None); ``admitted`` (its certificate earned
+    ``full`` or ``read`` access: never evicted); ``evicted``."""
+
+    __slots__ = ("peer", "sock", "_shut", "task", "session", "admitted", "evicted")
+
+    def __init__(self, peer, sock: socket.socket) -> None:
+        self.peer = peer
+        self.sock = sock
+        self._shut: socket.socket | None = sock.dup()
+        self.task: asyncio.Task | None = None
+        self.session: _Session | None = None
+        self.admitted = False
+        self.evicted = False
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self.session is not None:
+            self.session.abort()
+        if self._shut is not None:
+            with contextlib.suppress(OSError):
+                self._shut.shutdown(socket.SHUT_RDWR)  # a handshake in progress fails at once
+
+    def release(self) -> None:
+        if self._shut is not None:
+            self._shut.close()
+            self._shut = None
+
+
 class _Session:
     """One connected client.  Fields:
 
@@ -410,7 +587,10 @@ class _Session:
     def abort(self) -> None:
         if not self._dead:
             self._dead = True
-            self.writer.transport.abort()
+            with contextlib.suppress(AttributeError):
+                # asyncio's (3.11) TLS transport, closed twice, has dropped its
+                # protocol and raises AttributeError here: it is closed anyway.
+                self.writer.transport.abort()
         self._out.put_nowait(None)
 
     async def run(self) -> None:

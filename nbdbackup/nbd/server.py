@@ -98,6 +98,9 @@ returns are held unparsed (`buffer_updated`) until the upgraded transport is
 in place and access control has seen the client certificate, so nothing is
 parsed, answered or written in clear after the ACK.  A failed
 TLS handshake closes the connection; the handshake timeout covers it.
+During the TLS handshake the connection counts as quiet from its STARTTLS
+on (its handshake bytes go to the TLS layer, not to us), so at a cap a
+stalled TLS handshake is evicted like a stalled plain one.
 
 Worker processes (``Server(workers=N)``, `nbd.worker`): a connection that
 enters transmission on a plain file export is handed, socket and state, to
@@ -1006,6 +1009,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         for f in self._drain_waiters:
             if not f.done():
                 f.set_result(None)
+        # Over TLS the transport and its SSL protocol keep bound methods of
+        # this object after the loss (asyncio and uvloop alike): a reference
+        # cycle that only a full garbage collection frees, with everything
+        # the closed connection and its TLS layer held -- about 20 MiB each
+        # for clients that stopped reading (hunt 6).  Nothing uses the
+        # transport after this.
+        self.transport = None
+        self._tls_stage = memoryview(b"")
         log.info("connection %s closed (%s%s)", self.peer,
                  f"export {self.export.name!r}" if self.export else "during handshake",
                  f", {self.batched} requests in {self.batches} batches" if self.batches else "")
@@ -1095,9 +1106,17 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _warn(self, msg: str, *args) -> None:
         """A warning caused by this client: logged while its `WarningBudget`
         lasts, then only counted (a client must not be able to flood the log).
-        Client-supplied text in ``args`` must already be `clip`-ped."""
-        if self._warnings.allow():
+        Client-supplied text in ``args`` must already be `clip`-ped.
+        Before transmission (handshake, TLS, access refusals) a client can
+        open connection after connection, each with a fresh budget: those
+        warnings also share the server's admission budget (`warn_admission`:
+        20 per 2 s, the rest counted in one line)."""
+        if not self._warnings.allow():
+            return
+        if self.proto.in_transmission:
             log.warning(msg, *args)
+        else:
+            self.server.warn_admission(msg, *args)
 
     def _handshake_timeout(self) -> None:
         self._handshake_timer = None
@@ -1156,8 +1175,15 @@ class NBDConnection(asyncio.BufferedProtocol):
         quiet, never time out and never give its memory back."""
         if self.remote is not None:
             return self.server.pool.quiet(self, now)
-        if self._closing or self._mem_wait or self._tls_upgrading:
+        if self._closing or self._mem_wait:
             return -1.0
+        if self._tls_upgrading:
+            # In the TLS handshake (raw bytes go to the TLS layer, not to us):
+            # quiet since the STARTTLS option arrived.  A real handshake takes
+            # a few round trips; a stalled one must be evictable like a
+            # stalled plain handshake, or it holds its slot until the
+            # handshake timeout (hunt 6).
+            return now - self._last_active
         if self.tasks and not (self._paused_writing and len(self._mem_futures) >= len(self.tasks)):
             return -1.0
         if self.proto.has_events and not self._paused_writing:
@@ -1374,6 +1400,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._writev = type(new).__module__.startswith("uvloop")
         self._reading_paused = False
         self._tls_upgrading = False
+        self._last_active = time.monotonic()  # the handshake finished: not quiet
         log.info("connection %s: TLS %s, %s", self.peer, new.get_extra_info("ssl_object").version(),
                  new.get_extra_info("cipher", ("?",))[0])
         why = self.server.access.check_certificate(new.get_extra_info("peercert"))

@@ -192,6 +192,7 @@ def test_huge_client_strings_do_not_flood_the_log():
         before = os.path.getsize(srv.log_path)
         name = (b"\x1b[31m\n" + b"A" * 65530)[:64 * KiB - 16]
         n = 200
+        t = time.monotonic()
         for _ in range(n):
             r = Raw(srv.socket)
             try:
@@ -201,6 +202,7 @@ def test_huge_client_strings_do_not_flood_the_log():
                 assert closed_by_server(r.s)
             finally:
                 r.close()
+        took = time.monotonic() - t
         # Many refused GO/INFO with 4 KiB names on one connection: answered, not logged whole.
         r = Raw(srv.socket)
         try:
@@ -217,7 +219,9 @@ def test_huge_client_strings_do_not_flood_the_log():
         grown = os.path.getsize(srv.log_path) - before
         log = srv.log()
         lines = [ln for ln in log.splitlines() if "EXPORT_NAME for unknown export" in ln]
-        assert len(lines) == n, log[-2000:]
+        # One clipped warning per connection while the admission log budget
+        # lasts (handshake-phase warnings share it since hunt 6: 20 per 2 s).
+        assert 1 <= len(lines) <= min(n, 20 * (took / 2 + 2)), (len(lines), took, log[-2000:])
         assert all(len(ln) < 400 for ln in lines)
         assert "\x1b" not in log and "AAAA" * 20 not in log
         assert "...(65520 bytes)" in lines[0]
