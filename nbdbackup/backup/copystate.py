@@ -421,16 +421,21 @@ class CopyState:
         #: hole as data -- the same bytes.
         self._data_at = -1
         #: Write-behind on the target's and scratch's files (blockdev.writeback):
-        #: every ``write_behind`` bytes the pump copied (default 64 MiB,
-        #: NBDBACKUP_WRITE_BEHIND; 0: off), start their write-back and drop
-        #: their clean pages, on a thread (pump-full 2-4x less CPU per GiB;
-        #: copy-before-write's 64 KiB copies do not count: no gain measured
-        #: there, docs/pullcbw.md).  `idle_write_behind` before closing them.
+        #: every ``write_behind`` bytes the pump and copy-before-write copied
+        #: (default 64 MiB, NBDBACKUP_WRITE_BEHIND; 0: off), start their
+        #: write-back and drop their clean pages, on a thread, so the copies
+        #: keep landing in recycled page-cache pages (pump-full 2-4x less CPU
+        #: per GiB, docs/pullcbw.md; first sequential live write during a
+        #: backup ~2x less, docs/cbwcpu.md).  `idle_write_behind` before
+        #: closing them.
         if write_behind is None:
             write_behind = int(os.environ.get("NBDBACKUP_WRITE_BEHIND", str(64 << 20)))
         fds = [d.fd for d in (_innermost(target), _innermost(scratch) if scratch is not None else None)
                if isinstance(d, FileDev) and not d.read_only]
         self.write_behind = WholeFileWriteBehind(fds, write_behind)
+        #: copy-before-write's copies count for the write-behind too
+        #: (NBDBACKUP_CBW_WRITE_BEHIND=0: only the pump's, as before; A/B).
+        self.cbw_write_behind = os.environ.get("NBDBACKUP_CBW_WRITE_BEHIND", "1") != "0"
         #: `protect_sync`'s (target, scratch) file pairs of `_offload_files`, once known.
         self._sync_files: tuple | None = None
         self.broken: OSError | None = None
@@ -624,7 +629,7 @@ class CopyState:
             self.bytes_copied_by_cbw += nbytes - sum(self.span(s, n)[1] for s, n in nocopy)
         self.inflight.remove(start, fut)
         fut.set_result(None)
-        if by == "pump":
+        if by == "pump" or self.cbw_write_behind:
             self.write_behind.add(nbytes)
         if kind == FROM_SCRATCH:
             # Rule 9 (and rule 8 for clusters trimmed while still to do).
@@ -1007,6 +1012,8 @@ class CopyState:
                         self.scratch_bytes += n
                         self.bytes_cbw_to_scratch += n
                     self.bytes_copied_by_cbw += n
+                    if self.cbw_write_behind:
+                        self.write_behind.add(n)
                 done.set(c, e - c)
                 c = done.next_clear(e, end) if e < end else -1
         except OSError:
