@@ -1,14 +1,15 @@
-"""Copy-before-write copies counted by the write-behind (default; ``NBDBACKUP_CBW_WRITE_BEHIND=0``: not).
+"""Copy-before-write copies counted by the write-behind (``NBDBACKUP_CBW_WRITE_BEHIND``).
 
 The write-behind (`blockdev.writeback.WholeFileWriteBehind`) is advice: it
 starts write-back of the scratch and target files and drops their clean
 pages, on a thread, while copy-before-write keeps copying into them on the
-loop.  By default CBW's copies (the task-free `protect_sync` path and
-the async `copy` path) count towards its window, so rounds run during a
-backup that only copies before writes (``sync=none``).  These tests check
-that rounds really run then (and not with the switch at 0), and that the
-snapshot keeps reading the backup-start content and the scratch holds
-exactly it while rounds drop pages under live writes and snapshot reads.
+loop.  CBW's copies (the task-free `protect_sync` path and the async `copy`
+path) of at least `CBW_WRITE_BEHIND_MIN` bytes (default; 1 = every copy, 0 =
+none) count towards its window, so rounds run during a backup that only
+copies before writes (``sync=none``).  These tests check that rounds run
+exactly when the setting says, and that the snapshot keeps reading the
+backup-start content and the scratch holds exactly it while rounds drop
+pages under racing live writes and snapshot reads.
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ import random
 import pytest
 
 from nbdbackup.backup.cbw import CBWHook
-from nbdbackup.backup.copystate import CopyState
+from nbdbackup.backup.copystate import CBW_WRITE_BEHIND_MIN, CopyState
 from nbdbackup.backup.snapshot import SnapshotDev
 from nbdbackup.blockdev.file import FileDev
 from nbdbackup.blockdev.live import LiveDev
 
 CS = 65536
 N = 64  # clusters
+SPAN = 8 * CS  # a "sequential" write: one copy of 512 KiB (>= CBW_WRITE_BEHIND_MIN)
 
 
-async def _run(tmp_path, *, async_path: bool) -> tuple[CopyState, bytes, bytes]:
+async def _run(tmp_path, *, async_path: bool, span: int) -> tuple[CopyState, bytes, bytes]:
+    """Live writes over every cluster (4 KiB into each, or ``span`` bytes at
+    span-aligned offsets), two writers and two snapshot readers racing."""
     src = FileDev(str(tmp_path / "s.raw"), create_size=N * CS)
     src.engine_inline_max = 1 << 20  # the inline write path, whatever NBDBACKUP_IO_ENGINE says
     data = random.Random(3).randbytes(N * CS)
@@ -44,15 +48,16 @@ async def _run(tmp_path, *, async_path: bool) -> tuple[CopyState, bytes, bytes]:
     live.add_hook(hook)
     snap = SnapshotDev(state)
     rnd = random.Random(4)
-    order = list(range(N))
+    step = CS if span <= CS else span
+    order = list(range(0, N * CS, step))
     rnd.shuffle(order)
     new = bytearray(data)
 
-    async def writer(cs: list[int]) -> None:
-        for c in cs:
-            off = c * CS + rnd.randrange(CS - 4096)
-            buf = rnd.randbytes(4096)
-            new[off:off + 4096] = buf
+    async def writer(offs: list[int]) -> None:
+        for base in offs:
+            off = base + (rnd.randrange(CS - span) if span < CS else 0)
+            buf = rnd.randbytes(span)
+            new[off:off + span] = buf
             if not live.pwrite_now(buf, off):
                 await live.pwrite(buf, off)
             await asyncio.sleep(0)
@@ -65,7 +70,8 @@ async def _run(tmp_path, *, async_path: bool) -> tuple[CopyState, bytes, bytes]:
             assert bytes(got) == data[off:off + len(got)], "snapshot read returned new data"
             await asyncio.sleep(0)
 
-    await asyncio.gather(writer(order[:N // 2]), writer(order[N // 2:]), reader(), reader())
+    half = len(order) // 2
+    await asyncio.gather(writer(order[:half]), writer(order[half:]), reader(), reader())
     await state.idle_write_behind()
     whole = bytearray(N * CS)
     await snap.pread(memoryview(whole), 0)
@@ -77,19 +83,24 @@ async def _run(tmp_path, *, async_path: bool) -> tuple[CopyState, bytes, bytes]:
 
 
 @pytest.mark.parametrize("async_path", [False, True], ids=["sync-path", "async-path"])
-def test_cbw_copies_drive_write_behind_rounds(tmp_path, monkeypatch, async_path):
-    monkeypatch.delenv("NBDBACKUP_CBW_WRITE_BEHIND", raising=False)  # the default: on
-    state, whole, scratch = asyncio.run(_run(tmp_path, async_path=async_path))
-    assert state.cbw_write_behind
-    assert state.write_behind.rounds >= 1, "CBW copies did not start a write-behind round"
+@pytest.mark.parametrize("setting, span, rounds", [
+    (None, SPAN, True),      # default: a sequential write's copies count
+    (None, 4096, False),     # default: a lone 64 KiB cluster's copy does not
+    ("1", 4096, True),       # every copy counts
+    ("0", SPAN, False),      # none does (only the pump's)
+], ids=["default-seq", "default-4k", "all-4k", "off-seq"])
+def test_cbw_copies_and_write_behind_rounds(tmp_path, monkeypatch, async_path, setting, span, rounds):
+    assert SPAN >= CBW_WRITE_BEHIND_MIN > CS
+    if setting is None:
+        monkeypatch.delenv("NBDBACKUP_CBW_WRITE_BEHIND", raising=False)
+    else:
+        monkeypatch.setenv("NBDBACKUP_CBW_WRITE_BEHIND", setting)
+    state, whole, scratch = asyncio.run(_run(tmp_path, async_path=async_path, span=span))
+    if rounds:
+        assert state.write_behind.rounds >= 1, "CBW copies did not start a write-behind round"
+    else:
+        assert state.write_behind.rounds == 0
     assert state.bytes_copied_by_cbw == N * CS and state.done.all(0, N) and state.in_scratch.all(0, N)
     original = random.Random(3).randbytes(N * CS)
     assert whole == original  # the snapshot: the backup-start content ...
     assert scratch == original  # ... held by the scratch, every cluster
-
-
-def test_switched_off_cbw_copies_start_no_round(tmp_path, monkeypatch):
-    monkeypatch.setenv("NBDBACKUP_CBW_WRITE_BEHIND", "0")
-    state, whole, _ = asyncio.run(_run(tmp_path, async_path=False))
-    assert not state.cbw_write_behind and state.write_behind.rounds == 0
-    assert whole == random.Random(3).randbytes(N * CS)
