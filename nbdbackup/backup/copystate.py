@@ -154,9 +154,6 @@ Copier = Literal["pump", "cbw"]
 
 #: Offloaded copies up to this size run inline on the event loop (see `_copy_offload`).
 INLINE_COPY = 1024 * 1024
-#: Smallest copy-before-write copy that counts for the write-behind (default
-#: of NBDBACKUP_CBW_WRITE_BEHIND; docs/cbwcpu.md).
-CBW_WRITE_BEHIND_MIN = 256 * 1024
 #: Largest buffer of one copy into the scratch (a big TRIM is copied piecewise).
 SCRATCH_PIECE = 4 * 1024 * 1024
 
@@ -424,25 +421,27 @@ class CopyState:
         #: hole as data -- the same bytes.
         self._data_at = -1
         #: Write-behind on the target's and scratch's files (blockdev.writeback):
-        #: every ``write_behind`` bytes the pump and copy-before-write's
-        #: larger copies copied (default 64 MiB, NBDBACKUP_WRITE_BEHIND; 0:
-        #: off), start their write-back and drop their clean pages, on a
-        #: thread, so the copies keep landing in recycled page-cache pages
-        #: (pump-full 2-4x less CPU per GiB, docs/pullcbw.md; the first
-        #: sequential live write during a backup: 0.89 vs 0.66-2.67 s/GiB,
-        #: docs/cbwcpu.md).  `idle_write_behind` before closing them.
+        #: every ``write_behind`` bytes the pump copied (default 64 MiB,
+        #: NBDBACKUP_WRITE_BEHIND; 0: off), start their write-back and drop
+        #: their clean pages, on a thread (pump-full 2-4x less CPU per GiB;
+        #: copy-before-write's copies count only when
+        #: ``cbw_write_behind`` says so, below).  `idle_write_behind` before
+        #: closing them.
         if write_behind is None:
             write_behind = int(os.environ.get("NBDBACKUP_WRITE_BEHIND", str(64 << 20)))
         fds = [d.fd for d in (_innermost(target), _innermost(scratch) if scratch is not None else None)
                if isinstance(d, FileDev) and not d.read_only]
         self.write_behind = WholeFileWriteBehind(fds, write_behind)
         #: copy-before-write's copies of at least this many bytes count for
-        #: the write-behind too; None: none do.  NBDBACKUP_CBW_WRITE_BEHIND:
-        #: N > 1 = copies of N bytes or more (default 256 KiB: a sequential
-        #: write's copies; a lone 64 KiB cluster's do not, their random
-        #: write-back cost more than it saved, docs/cbwcpu.md); 1 = every
-        #: copy; 0 = none, only the pump's (as before).
-        cwb = int(os.environ.get("NBDBACKUP_CBW_WRITE_BEHIND", str(CBW_WRITE_BEHIND_MIN)))
+        #: the write-behind too; None (default): none do.  NBDBACKUP_CBW_WRITE_BEHIND:
+        #: 0 = none (default), 1 = every copy, N > 1 = copies of N bytes or
+        #: more (262144: a sequential write's).  Off by default: it keeps
+        #: the copies in recycled pages, which wins only while this VM's
+        #: fresh memory is cold (first sequential write 0.89 vs 0.66-2.67
+        #: s/GiB), and costs the write-back inside the write's time when
+        #: memory is warm (0.77 vs 0.65 s/GiB; 4 KiB writes 60 vs 46
+        #: us/op when every copy counts), docs/cbwcpu.md.
+        cwb = int(os.environ.get("NBDBACKUP_CBW_WRITE_BEHIND", "0"))
         self.cbw_write_behind: int | None = None if cwb <= 0 else (0 if cwb == 1 else cwb)
         #: `protect_sync`'s (target, scratch) file pairs of `_offload_files`, once known.
         self._sync_files: tuple | None = None

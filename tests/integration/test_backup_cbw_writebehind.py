@@ -3,10 +3,11 @@
 The write-behind (`blockdev.writeback.WholeFileWriteBehind`) is advice: it
 starts write-back of the scratch and target files and drops their clean
 pages, on a thread, while copy-before-write keeps copying into them on the
-loop.  CBW's copies (the task-free `protect_sync` path and the async `copy`
-path) of at least `CBW_WRITE_BEHIND_MIN` bytes (default; 1 = every copy, 0 =
-none) count towards its window, so rounds run during a backup that only
-copies before writes (``sync=none``).  These tests check that rounds run
+loop.  With ``NBDBACKUP_CBW_WRITE_BEHIND`` set (N > 1: copies of at least N
+bytes; 1: every copy; 0 or unset: none, the default) CBW's copies (the
+task-free `protect_sync` path and the async `copy` path) count towards its
+window, so rounds run during a backup that only copies before writes
+(``sync=none``).  These tests check that rounds run
 exactly when the setting says, and that the snapshot keeps reading the
 backup-start content and the scratch holds exactly it while rounds drop
 pages under racing live writes and snapshot reads.
@@ -21,14 +22,15 @@ import random
 import pytest
 
 from nbdbackup.backup.cbw import CBWHook
-from nbdbackup.backup.copystate import CBW_WRITE_BEHIND_MIN, CopyState
+from nbdbackup.backup.copystate import CopyState
 from nbdbackup.backup.snapshot import SnapshotDev
 from nbdbackup.blockdev.file import FileDev
 from nbdbackup.blockdev.live import LiveDev
 
 CS = 65536
 N = 64  # clusters
-SPAN = 8 * CS  # a "sequential" write: one copy of 512 KiB (>= CBW_WRITE_BEHIND_MIN)
+SPAN = 8 * CS  # a "sequential" write: one copy of 512 KiB
+MIN = 256 * 1024  # NBDBACKUP_CBW_WRITE_BEHIND=MIN: copies of 256 KiB or more count
 
 
 async def _run(tmp_path, *, async_path: bool, span: int) -> tuple[CopyState, bytes, bytes]:
@@ -84,13 +86,14 @@ async def _run(tmp_path, *, async_path: bool, span: int) -> tuple[CopyState, byt
 
 @pytest.mark.parametrize("async_path", [False, True], ids=["sync-path", "async-path"])
 @pytest.mark.parametrize("setting, span, rounds", [
-    (None, SPAN, True),      # default: a sequential write's copies count
-    (None, 4096, False),     # default: a lone 64 KiB cluster's copy does not
+    (str(MIN), SPAN, True),  # a sequential write's copies count
+    (str(MIN), 4096, False),  # a lone 64 KiB cluster's copy does not
     ("1", 4096, True),       # every copy counts
     ("0", SPAN, False),      # none does (only the pump's)
-], ids=["default-seq", "default-4k", "all-4k", "off-seq"])
+    (None, SPAN, False),     # the default: none
+], ids=["min-seq", "min-4k", "all-4k", "off-seq", "default-seq"])
 def test_cbw_copies_and_write_behind_rounds(tmp_path, monkeypatch, async_path, setting, span, rounds):
-    assert SPAN >= CBW_WRITE_BEHIND_MIN > CS
+    assert SPAN >= MIN > CS
     if setting is None:
         monkeypatch.delenv("NBDBACKUP_CBW_WRITE_BEHIND", raising=False)
     else:
