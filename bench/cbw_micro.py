@@ -13,7 +13,7 @@ with/without ratios.  ``--variants`` runs the same with other environment
 settings (e.g. ``NBDBACKUP_WRITE_BEHIND=0``) in child processes,
 interleaved round by round.
 
-Usage: .venv/bin/python bench/cbw_micro.py [--size 512M] [--rounds 3] [--dir /tmp] [--settle 3]
+Usage: .venv/bin/python bench/cbw_micro.py [--size 512M] [--rounds 3] [--dir /tmp] [--settle S]
        [--variants "NBDBACKUP_WRITE_BEHIND=0"]
 """
 
@@ -93,10 +93,11 @@ def one_round(d: str, base: str, size: int, settle: float = 0.0) -> dict:
                 os.unlink(target)
             os.sync()
             if settle:
-                # Memory freed before this (the last case's files) is handed
-                # back to the hypervisor ~2 s later (free page reporting):
-                # after this pause new page-cache pages are cold, as for a
-                # backup started on a machine that did not just free memory.
+                # Memory freed before this (the last case's files) may be
+                # handed back to the hypervisor meanwhile (free page
+                # reporting?), so new page-cache pages can be cold, as for a
+                # backup started on a machine that did not just free memory
+                # (docs/cbwcpu.md: seen at times, not always).
                 time.sleep(settle)
             dt, cpu, n = asyncio.run(_case(image, target, kind, size))
             out[f"{kind}-{'with' if with_backup else 'without'}"] = (dt, cpu, n)
@@ -112,7 +113,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--settle", type=float, default=0.0,
-                    help="seconds to sleep before each timed case (3: freed memory is cold again, docs/cbwcpu.md)")
+                    help="seconds to sleep before each timed case (freed memory may go cold meanwhile, docs/cbwcpu.md)")
     ap.add_argument("--variants", nargs="*", default=[], help="VAR=VALUE[,VAR=VALUE] settings to compare")
     ap.add_argument("--child", nargs=2, metavar=("DIR", "BASE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
