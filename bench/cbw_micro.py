@@ -13,7 +13,7 @@ with/without ratios.  ``--variants`` runs the same with other environment
 settings (e.g. ``NBDBACKUP_WRITE_BEHIND=0``) in child processes,
 interleaved round by round.
 
-Usage: .venv/bin/python bench/cbw_micro.py [--size 512M] [--rounds 3] [--dir /tmp]
+Usage: .venv/bin/python bench/cbw_micro.py [--size 512M] [--rounds 3] [--dir /tmp] [--settle S]
        [--variants "NBDBACKUP_WRITE_BEHIND=0"]
 """
 
@@ -82,7 +82,7 @@ async def _case(image: str, target: str | None, kind: str, size: int) -> tuple[f
     return dt, cpu, len(offs)
 
 
-def one_round(d: str, base: str, size: int) -> dict:
+def one_round(d: str, base: str, size: int, settle: float = 0.0) -> dict:
     out = {}
     for kind in ("4k", "seq"):
         for with_backup in (False, True):
@@ -92,6 +92,13 @@ def one_round(d: str, base: str, size: int) -> dict:
             if target and os.path.exists(target):
                 os.unlink(target)
             os.sync()
+            if settle:
+                # Memory freed before this (the last case's files) may be
+                # handed back to the hypervisor meanwhile (free page
+                # reporting?), so new page-cache pages can be cold, as for a
+                # backup started on a machine that did not just free memory
+                # (docs/cbwcpu.md: seen at times, not always).
+                time.sleep(settle)
             dt, cpu, n = asyncio.run(_case(image, target, kind, size))
             out[f"{kind}-{'with' if with_backup else 'without'}"] = (dt, cpu, n)
             os.unlink(image)
@@ -105,6 +112,8 @@ def main() -> int:
     ap.add_argument("--size", default="512M")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default="/tmp")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to sleep before each timed case (freed memory may go cold meanwhile, docs/cbwcpu.md)")
     ap.add_argument("--variants", nargs="*", default=[], help="VAR=VALUE[,VAR=VALUE] settings to compare")
     ap.add_argument("--child", nargs=2, metavar=("DIR", "BASE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -112,7 +121,7 @@ def main() -> int:
     common.warm_guest_memory()
     size = parse_size(a.size)
     if a.child:
-        print(json.dumps(one_round(a.child[0], a.child[1], size)))
+        print(json.dumps(one_round(a.child[0], a.child[1], size, a.settle)))
         return 0
     d = tempfile.mkdtemp(prefix="cbw-micro-", dir=a.dir)
     try:
@@ -124,7 +133,8 @@ def main() -> int:
         res: dict[str, list[dict]] = {name: [] for name, _ in variants}
         for r in range(a.rounds):
             for name, env in variants:
-                p = subprocess.run([sys.executable, __file__, "--size", a.size, "--child", d, base],
+                p = subprocess.run([sys.executable, __file__, "--size", a.size, "--settle", str(a.settle),
+                                    "--child", d, base],
                                    env={**os.environ, **env}, capture_output=True, text=True, check=True)
                 res[name].append(json.loads(p.stdout))
                 row = res[name][-1]
