@@ -183,3 +183,38 @@ def test_backup_of_a_restoring_export_fuzzed(short_tmp):
     for seed in range(base, base + rounds):
         run(one_round(short_tmp, seed, stats), timeout=60)
     print("hunt7 restore stats", stats)
+
+
+def test_a_read_cancelled_while_its_fetch_starts_releases_the_chunks_it_claimed(short_tmp):
+    """Finding 3 (docs/hunt7.md), found by the fuzz above: an on-demand fetch
+    (`RestoreState.fetch`) claims the chunks it will copy synchronously, then
+    hands one ``copy`` coroutine per chunk to ``asyncio.gather``.  A caller
+    cancelled right then (a backup job cancelled while its pump reads the
+    restoring source -- how the fuzz hit it --, a copy-before-write cut by
+    ``cbw-timeout``) cancelled those tasks before they ran a line: ``copy`` never reached the code that
+    releases a failed claim, so the chunks stayed "in flight" for ever and
+    every later read or write of them -- by any client -- hung."""
+
+    async def main():
+        snap = ChunkSnapDev(SIZE, CS)
+        snap.write_sync(b"S" * (3 * CS), 0)
+        dev = await build_restore(snap, MemoryDev(SIZE), cluster_size=CS, state_dir=None, identity="h7",
+                                  fresh_target=True)
+        try:
+            buf = bytearray(2 * CS)
+            task = asyncio.ensure_future(dev.pread(memoryview(buf), 0))
+            await asyncio.sleep(0)  # the fetch has claimed chunks 0-1 and started its gather
+            assert dev.state.inflight.get(0) is not None
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            got = bytearray(2 * CS)
+            await asyncio.wait_for(dev.pread(memoryview(got), 0), 5)  # hung before the fix
+            assert got == b"S" * (2 * CS)
+            await asyncio.wait_for(dev.pwrite(b"W" * 100, CS + 10), 5)
+        finally:
+            await dev.close()
+
+    run(main(), timeout=30)
