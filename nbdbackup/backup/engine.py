@@ -512,6 +512,19 @@ class Engine:
                     first, last = pos // cs, (end - 1) // cs
                     todo.set(first, last - first + 1)
                 pos = end
+        # The walk runs after the point in time, with live writes going on (hunt 7):
+        # for a cluster not done it reads the allocation at the start (rule 3's
+        # reasoning), but a cluster copied-before-write before the walk reached it
+        # may have been rewritten since -- a WRITE_ZEROES that punched it reads as
+        # a hole now.  Its point-in-time content is in the scratch (or zeros):
+        # every such cluster joins the sync set, so the target gets exactly the
+        # snapshot's content there (at worst a few clusters more than the top
+        # layer held: content of the backing, or zeros, never other bytes).
+        # No await between here and `set_pump_todo`, so no copy can slip in.
+        for bm in (state.in_scratch, state.zeroed):
+            for start, count, value in bm.runs():
+                if value:
+                    todo.set(start, count)
         return todo
 
     # -- job verbs --------------------------------------------------------------

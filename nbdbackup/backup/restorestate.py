@@ -321,6 +321,7 @@ class RestoreState(CopyState):
                 # they are fetched in parallel: a repository read is a
                 # round trip), note the copies in flight elsewhere.
                 mine: list[tuple[int, int]] = []
+                claims: list[tuple[int, asyncio.Future]] = []
                 theirs: dict[int, asyncio.Future] = {}
                 pos = self.done.next_clear(first, end)
                 while pos >= 0:
@@ -331,12 +332,26 @@ class RestoreState(CopyState):
                         got = self.claim(pos, end, 1)
                         assert got is not None and got[0] == pos
                         mine.append(got)
+                        claims.append((pos, self.inflight[pos]))
                     pos = self.done.next_clear(pos + 1, end) if pos + 1 < end else -1
                 if not mine and not theirs:
                     return
-                results = await asyncio.gather(*(self.copy(s, n, "cbw") for s, n in mine),
-                                               *(asyncio.shield(f) for f in theirs.values()),
-                                               return_exceptions=True)
+                try:
+                    results = await asyncio.gather(*(self.copy(s, n, "cbw") for s, n in mine),
+                                                   *(asyncio.shield(f) for f in theirs.values()),
+                                                   return_exceptions=True)
+                except BaseException:
+                    # Cancelled: gather cancelled our copies, and one cancelled
+                    # before its first step never ran the code that releases
+                    # its claim (hunt 7: the chunk stayed in flight for ever,
+                    # every later read or write of it hung).  By now every copy
+                    # has ended (gather finishes only then); release what is left.
+                    for start, fut in claims:
+                        if not fut.done():
+                            self.inflight.remove(start, fut)
+                            fut.add_done_callback(_retrieve)
+                            fut.set_exception(OSError(errno.ECANCELED, "fetch cancelled"))
+                    raise
                 for r in results[:len(mine)]:
                     if isinstance(r, BaseException):
                         raise r  # our own fetch failed (the chunk is left not done, rule 4)

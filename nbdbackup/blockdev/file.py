@@ -102,7 +102,14 @@ class FileDev(BlockDev):
     ``_threads`` (the pool jobs using ``fd`` that have not ended: a job goes on
     in its thread after its awaiting task was cancelled, so `close` waits for
     them -- closing under them would let a reused descriptor number take a
-    late write; each job removes itself when done, from its thread).
+    late write; each job removes itself when done, from its thread);
+    ``_engine_ops`` (operations handed to the loop's I/O engine whose
+    completion has not run yet: an operation queued in the engine names
+    ``fd`` by number until the kernel or a worker is done with it, so `close`
+    waits for them too -- hunt 7: a ``pwrite_start`` or a cancelled engine
+    write still queued when ``fd`` was closed landed in whatever file took the
+    number next); ``_engine_idle`` (an Event `close` waits on, set when
+    ``_engine_ops`` drops to 0; None unless `close` waits).
     """
 
     def __init__(self, path: str, *, read_only: bool = False, inline_limit: int = 1024 * 1024,
@@ -111,6 +118,8 @@ class FileDev(BlockDev):
         self.read_only = read_only
         self.inline_limit = inline_limit
         self._threads: set[concurrent.futures.Future] = set()
+        self._engine_ops = 0
+        self._engine_idle: asyncio.Event | None = None
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         if create_size is not None and not read_only:
             flags |= os.O_CREAT
@@ -176,6 +185,37 @@ class FileDev(BlockDev):
         """The running loop's I/O engine (None: the sync paths)."""
         return ioengine.for_loop()
 
+    def _engine_start(self, start, *args) -> None:
+        """``start(*args, cb)`` (an engine's ``read``/``write``/``fsync``/
+        ``fallocate``, the callback last), counted in ``_engine_ops`` until the
+        callback ``args[-1]`` has run."""
+        *head, cb = args
+        self._engine_ops += 1
+
+        def done(err: int) -> None:
+            self._engine_ops -= 1
+            if not self._engine_ops and self._engine_idle is not None:
+                self._engine_idle.set()
+            cb(err)
+
+        start(*head, done)
+
+    async def _engine_await(self, start, *args) -> None:
+        """`_engine_start` awaited: OSError(errno) on failure; a cancelled
+        awaiter returns only once the engine is done with the buffer."""
+        fut = asyncio.get_running_loop().create_future()
+
+        def cb(err: int) -> None:
+            if fut.done():
+                return
+            if err:
+                fut.set_exception(OSError(err, os.strerror(err)))
+            else:
+                fut.set_result(None)
+
+        self._engine_start(start, *args, cb)
+        await ioengine._shielded(fut)
+
     async def _run(self, length: int, fn, *args):
         if length <= self.inline_limit:
             return fn(*args)
@@ -236,7 +276,7 @@ class FileDev(BlockDev):
             if eng is not None:
                 # A large read (pump, pull, copy-before-write batches): the
                 # copy out of the page cache runs on the engine's side.
-                await eng.aread(self.fd, buf, offset)
+                await self._engine_await(eng.read, self.fd, buf, offset)
                 return
         if self._nowait:
             try:
@@ -254,7 +294,7 @@ class FileDev(BlockDev):
                 buf, offset = buf[got:], offset + got
         eng = self._engine()
         if eng is not None:
-            await eng.aread(self.fd, buf, offset)
+            await self._engine_await(eng.read, self.fd, buf, offset)
             return
         await self._in_pool(self._preadv_all, buf, offset)
 
@@ -283,7 +323,7 @@ class FileDev(BlockDev):
         eng = self._engine()
         if eng is None:
             return False
-        eng.write(self.fd, buf, offset, os.RWF_DSYNC if fua else 0, cb)
+        self._engine_start(eng.write, self.fd, buf, offset, os.RWF_DSYNC if fua else 0, cb)
         return True
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
@@ -291,7 +331,7 @@ class FileDev(BlockDev):
         mv = memoryview(buf).cast("B")
         eng = self._engine()
         if eng is not None and (fua or len(mv) > min(self.inline_limit, self.engine_inline_max)):
-            await eng.awrite(self.fd, mv, offset, os.RWF_DSYNC if fua else 0)
+            await self._engine_await(eng.write, self.fd, mv, offset, os.RWF_DSYNC if fua else 0)
             return
         await self._run(len(mv), self._pwritev_all, mv, offset, os.RWF_DSYNC if fua else 0)
 
@@ -375,7 +415,7 @@ class FileDev(BlockDev):
             return
         eng = self._engine()
         if eng is not None:
-            await eng.afsync(self.fd)
+            await self._engine_await(eng.fsync, self.fd)
             return
         await self._in_pool(os.fdatasync, self.fd)
 
@@ -416,8 +456,14 @@ class FileDev(BlockDev):
         return self.extents_sync(offset, length)
 
     async def close(self) -> None:
-        while self._threads:  # jobs whose awaiters were cancelled may still use fd
-            await asyncio.wait([asyncio.wrap_future(j) for j in list(self._threads)])
+        while self._threads or self._engine_ops:  # jobs whose awaiters were cancelled may still use fd
+            if self._threads:
+                await asyncio.wait([asyncio.wrap_future(j) for j in list(self._threads)])
+            if self._engine_ops:
+                if self._engine_idle is None:
+                    self._engine_idle = asyncio.Event()
+                await self._engine_idle.wait()
+                self._engine_idle = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
