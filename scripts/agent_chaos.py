@@ -8,7 +8,7 @@ of the server and a restart (persistent bitmaps), the latest snapshot of d1
 deleted.  Then, writers stopped, a normal run must succeed and each disk's new
 snapshot must equal the disk file, byte for byte.  Prints OK or the first
 mismatch; the round log is rSEED/log.txt.  Runs everything under nice -n 19."""
-import json, os, random, signal, subprocess, sys, time, shutil
+import json, os, random, subprocess, sys, time, shutil
 from pathlib import Path
 WT = Path(__file__).resolve().parents[1]; PY = str(WT / ".venv/bin/python")
 seed = int(sys.argv[1]); rounds = int(sys.argv[2])

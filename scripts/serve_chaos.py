@@ -11,7 +11,7 @@ new snapshot must equal the disk file byte for byte (an incremental that missed 
 since the last successful backup differs).  Kinds of the checking runs (full / incremental)
 are counted so a soak that only ever did fulls shows.  Files in /tmp/hunt7/cSEED; prints OK
 or the first mismatch."""
-import json, os, random, signal, subprocess, sys, time, shutil
+import json, os, random, subprocess, sys, time, shutil
 from pathlib import Path
 WT = Path(__file__).resolve().parents[1]; PY = str(WT / ".venv/bin/python")
 seed = int(sys.argv[1]); rounds = int(sys.argv[2])
