@@ -42,7 +42,7 @@ import asyncio
 import os
 import random
 
-from test_backup_hunt3 import BS, G, NBLK, SIZE, World, _check_r0, _granule_diff, _writer, tag
+from test_backup_hunt3 import BS, G, NBLK, SIZE, World, _check_r0, _end, _granule_diff, _run_job, _writer, tag
 from test_server_batch import TRIM, Raw, req, run
 from test_server_workers_bitmaps import file_granules
 
@@ -353,38 +353,6 @@ def test_backup_options_racing_writes_reads_trims_and_dismissals(short_tmp):
     print("hunt7 stats", seed, stats)
     # No invariant-3 check at all only when the chain image was lost (a snapshot broken before R0 was read).
     assert stats["reads"] > 0 and (stats["inv3"] > 0 or stats["base_lost"]), stats
-
-
-async def _run_job(engine: Engine, job: Job, rng: random.Random, stats: dict) -> str:
-    """Let the job run a while; cancel it (always for sync none) or wait for it."""
-    j = engine.jobs[job.id]
-    await asyncio.sleep(rng.random() * 0.3)
-    if job.kind == "none" or rng.random() < 0.4:
-        try:
-            j.cancel()
-        except Exception:
-            pass
-    await asyncio.wait_for(j.wait(), 60)
-    if j.error is None and job.kind != "none":
-        stats["ok"] += 1
-        return "ok"
-    stats["cancelled" if j._cancel_requested else "failed"] += 1
-    return "ended"
-
-
-async def _end(engine: Engine, job: Job, rng: random.Random, stats: dict) -> None:
-    j = engine.jobs.get(job.id)
-    if j is None or job.dismissed:
-        return
-    if j.status.value not in ("concluded", "null"):
-        try:
-            j.cancel()
-        except Exception:
-            pass
-        await asyncio.wait_for(j.wait(), 60)
-    job.dismissed = True
-    if j.status.value == "concluded":
-        await engine.job_dismiss(job.id)
 
 
 def test_top_copies_a_cluster_the_guest_deallocated_before_the_top_layer_was_read(short_tmp, monkeypatch):
