@@ -203,16 +203,7 @@ class FileDev(BlockDev):
     async def _engine_await(self, start, *args) -> None:
         """`_engine_start` awaited: OSError(errno) on failure; a cancelled
         awaiter returns only once the engine is done with the buffer."""
-        fut = asyncio.get_running_loop().create_future()
-
-        def cb(err: int) -> None:
-            if fut.done():
-                return
-            if err:
-                fut.set_exception(OSError(err, os.strerror(err)))
-            else:
-                fut.set_result(None)
-
+        fut, cb = ioengine.future_and_callback(asyncio.get_running_loop())
         self._engine_start(start, *args, cb)
         await ioengine._shielded(fut)
 

@@ -197,16 +197,7 @@ class Engine:
     # -- awaitable API ------------------------------------------------------
 
     def _future(self) -> tuple[asyncio.Future, Callback]:
-        fut = self.loop.create_future()
-
-        def done(err: int) -> None:
-            if fut.done():
-                return
-            if err:
-                fut.set_exception(OSError(err, os.strerror(err)))
-            else:
-                fut.set_result(None)
-        return fut, done
+        return future_and_callback(self.loop)
 
     async def aread(self, fd: int, buf, offset: int) -> None:
         fut, cb = self._future()
@@ -233,6 +224,21 @@ class Engine:
 
     def info(self) -> dict:
         return {"engine": self.name, "submitted": self.submitted, "batches": self.batches}
+
+
+def future_and_callback(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future, Callback]:
+    """A future and the engine callback that settles it: ``OSError(err)`` for a
+    non-zero errno, else None (a second call is ignored)."""
+    fut = loop.create_future()
+
+    def done(err: int) -> None:
+        if fut.done():
+            return
+        if err:
+            fut.set_exception(OSError(err, os.strerror(err)))
+        else:
+            fut.set_result(None)
+    return fut, done
 
 
 async def _shielded(fut: asyncio.Future) -> None:
