@@ -106,8 +106,9 @@ def warm_guest_memory(margin: int = GiB, quiet: bool = False) -> float | None:
     bench/README.md). Every bench that writes new files (a backup's scratch and
     target, a pull's image, a repository) otherwise measures whichever side first
     reached fresh memory -- the bimodal with/without ratios of earlier runs. Freed
-    memory usually stays backed, but not always (the balloon device offers free page
-    reporting: memory warmed at 20:04 was cold again after a pause, docs/cbwcpu.md), so
+    memory usually stays backed, but not always (a DAMON ``pageout`` scheme runs on this
+    VM and the balloon device reports free pages: memory warmed at 20:04 was cold again
+    after a pause, docs/cbwcpu.md, bench/README.md), so
     every bench process warms once at its start (~5 s when memory is already warm, ~1.6 s
     per cold GiB). ``NBDBACKUP_BENCH_NO_WARM=1`` skips it (to measure the cold case on
     purpose). Touches MemFree minus ``margin`` of anonymous memory, one byte per page,
