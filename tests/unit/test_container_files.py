@@ -42,8 +42,8 @@ def setup_array(name: str) -> list[str]:
     return words
 
 
-#: Debian packages only the tests need: never in the image.
-TEST_ONLY_DEBS = set(setup_array("DEB_TEST")) | set(setup_array("DEB_CONTAINERS"))
+#: Debian packages only the tests (and benches) need: never in the image.
+TEST_ONLY_DEBS = set(setup_array("DEB_TEST")) | set(setup_array("DEB_CONTAINERS")) | set(setup_array("DEB_BENCH"))
 
 
 def dockerfile_stages() -> list[list[tuple[str, str]]]:
