@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import threading
 import time
@@ -59,6 +60,8 @@ from dataclasses import dataclass
 from ..blockdev.base import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, HOLE_ZERO, BlockDev, Extent
 from ..errors import ConfigError
 from .manifest import DEFAULT_CHUNK, Manifest, digest, zero_digest
+
+log = logging.getLogger(__name__)
 
 #: Largest single read or write (the NBD client splits further at the
 #: server's maximum block size).  Not larger: on this kernel (6.x, ext4) a
@@ -390,6 +393,14 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
             await pullthreads.run(src.clients, queue, alloc=alloc, nbuf=nbuf, start=t_start,
                                   finish=t_finish, complete=t_complete,
                                   timeout=src.clients[0].request_timeout, max_read=MAX_READ)
+            if any(c.uri.tls for c in src.clients):
+                # The threads read over TLS connections of their own; a server at its per-peer
+                # cap may have evicted the idle asyncio ones for them: the caller (the agent's
+                # verification) reads on after the pull.
+                try:
+                    await src.reopen_lost()
+                except Exception as e:  # noqa: BLE001 - the pull is done; later use fails loudly
+                    log.warning("could not reopen NBD connections lost during the pull: %s", e)
         finally:
             if writer is not None:
                 stats.direct_io = writer.out.direct

@@ -57,7 +57,8 @@ class NBDDev(BlockDev):
     Fields: ``uri`` (parsed); ``spec`` (the URI string as given, for
     messages and "is this the same disk" checks); ``clients`` (connections, all to the same
     export); ``_rr`` (round-robin iterator over them); ``_read_only``
-    (forced by the caller or by the server); ``_caps``.
+    (forced by the caller or by the server); ``_caps``; ``_connect_kw`` (what `open`
+    connected with, for `reopen_lost`; None when constructed directly).
     """
 
     def __init__(self, uri: NBDURI, clients: list[Client], *, read_only: bool = False, spec: str | None = None) -> None:
@@ -66,6 +67,7 @@ class NBDDev(BlockDev):
         self.spec = spec if spec is not None else str(uri)
         self.clients = clients
         self._rr = itertools.cycle(clients)
+        self._connect_kw: dict | None = None
         c = clients[0]
         self._read_only = read_only or c.read_only
         bs = c.block_sizes
@@ -131,7 +133,30 @@ class NBDDev(BlockDev):
         except BaseException:
             await asyncio.gather(*(c.disconnect() for c in clients), return_exceptions=True)
             raise
-        return cls(u, clients, read_only=read_only, spec=uri if isinstance(uri, str) else None)
+        dev = cls(u, clients, read_only=read_only, spec=uri if isinstance(uri, str) else None)
+        dev._connect_kw = kw
+        return dev
+
+    async def reopen_lost(self) -> int:
+        """Replace connections the server closed (an idle timeout, an eviction at its
+        connection cap: a TLS pull's receive threads open connections of their own,
+        `agent.pullthreads`) with new ones to the same export; returns how many.  Each new
+        one must agree with the first about the export, as in `open`."""
+        if self._connect_kw is None:
+            return 0
+        lost = [k for k, c in enumerate(self.clients) if c.closed]
+        if not lost:
+            return 0
+        new = await asyncio.gather(*(connect(self.uri, **self._connect_kw) for _ in lost))  # type: ignore[arg-type]
+        ref = next((c for c in self.clients if not c.closed), new[0])
+        for c in new:
+            if (c.size, c.flags, c.meta_contexts) != (ref.size, ref.flags, ref.meta_contexts):
+                await asyncio.gather(*(x.disconnect() for x in new), return_exceptions=True)
+                raise OSError(errno.EIO, f"{self.uri}: a new connection disagrees about the export")
+        for k, c in zip(lost, new):
+            self.clients[k] = c
+        self._rr = itertools.cycle(self.clients)
+        return len(lost)
 
     # -- BlockDev ---------------------------------------------------------------
 

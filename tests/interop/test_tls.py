@@ -292,7 +292,8 @@ def test_tls_pull_receives_on_threads_over_connections_of_their_own(pki, short_t
     own (asyncio's TLS transport cannot be lent), from our server and from nbdkit, byte-exact;
     NBDBACKUP_PULL_TLS_THREADS=0 falls back and says why.  The asyncio connections, idle
     meanwhile, are kept alive against the server's idle timeout: after a pull that outlasted
-    it (a slow sink), the source still answers; without the keep-alive it was evicted."""
+    it (a slow sink), the source answers on the same connection; without the keep-alive it
+    was closed and had to be reopened."""
     import json
 
     from nbdbackup.agent import pullthreads
@@ -317,7 +318,8 @@ def test_tls_pull_receives_on_threads_over_connections_of_their_own(pki, short_t
         st = cli_pull(uri, short_tmp / "b.raw", NBDBACKUP_PULL_TLS_THREADS="0")
         assert st["receive"] == "asyncio" and "TLS" in st["receive_note"]
 
-        async def slow(keepalive: float) -> bool:
+        async def slow(keepalive: float) -> tuple[bool, bool]:
+            """(the source reads after the pull, its connection is the one from before it)."""
             monkeypatch.setattr(pullthreads, "KEEPALIVE", keepalive)
 
             async def sink(i, d, chunk):
@@ -325,23 +327,62 @@ def test_tls_pull_receives_on_threads_over_connections_of_their_own(pki, short_t
                 return None
 
             src = await NBDDev.open(uri, read_only=True, connections=1)
+            first = src.clients[0]
             try:
                 _, stats = await pull(src, None, chunk_size=4 * M, workers=1, sink=sink)
                 assert stats.receive == "threads"
                 buf = bytearray(4096)
-                try:
-                    await src.pread(buf, 20 * M - 4096)
-                    return bytes(buf) == data[20 * M - 4096:20 * M]
-                except (ConnectionClosed, OSError):
-                    return False
+                await src.pread(buf, 20 * M - 4096)
+                return bytes(buf) == data[20 * M - 4096:20 * M], src.clients[0] is first
             finally:
                 await src.close()
 
-        assert run(slow(0.2)) is True
-        assert run(slow(1000.0)) is False  # the check can fail: without keep-alive it was evicted
+        assert run(slow(0.2)) == (True, True)  # kept alive: the same connection
+        # Without keep-alive the server's idle timeout closed it (the check can fail), and
+        # `NBDDev.reopen_lost` replaced it: the source still reads.
+        assert run(slow(1000.0)) == (True, False)
 
     with peers.nbdkit("file", str(disk), extra=["--tls=require", f"--tls-certificates={creds}"]) as k:
         assert cli_pull(tls_uri(k.socket, "", creds), short_tmp / "c.raw")["receive"] == "threads"
+
+
+def test_tls_pull_at_a_per_peer_cap_reopens_the_connections_it_lost(pki, short_tmp):
+    """A TLS pull's threads open connections of their own; at a per-peer cap of 2 with 2
+    connections the server evicts the pull's idle asyncio connections for them.  The pull
+    still copies byte for byte, and afterwards the source reads on (the agent verifies
+    through it): the lost connections were reopened (`NBDDev.reopen_lost`)."""
+    from nbdbackup.agent.pull import pull
+    from nbdbackup.blockdev.nbd import NBDDev
+
+    creds = pki["server"]
+    disk = short_tmp / "disk.raw"
+    data = os.urandom(12 * M)
+    disk.write_bytes(data)
+    with peers.nbdbackup_serve(f"d={disk}", extra=["--tls-creds", creds, "--max-connections-per-peer", "2"]) as p:
+        uri = tls_uri(p.socket, "d", creds)
+
+        async def main() -> tuple[bytes, bytes, int]:
+            got = bytearray(len(data))
+
+            async def sink(i, d, chunk):
+                got[i * 4 * M:i * 4 * M + len(chunk)] = chunk
+                return None
+
+            src = await NBDDev.open(uri, read_only=True, connections=2)
+            try:
+                _, stats = await pull(src, None, chunk_size=4 * M, sink=sink)
+                assert stats.receive == "threads"
+                after = bytearray(8 * 4096)
+                await asyncio.gather(*(src.pread(memoryview(after)[k * 4096:(k + 1) * 4096], k * M)
+                                       for k in range(8)))  # round robin: both connections
+                return bytes(got), bytes(after), sum(c.closed for c in src.clients)
+            finally:
+                await src.close()
+
+        got, after, closed = run(main())
+        assert got == data and closed == 0
+        assert after == b"".join(data[k * M:k * M + 4096] for k in range(8))
+        assert "evicted" in p.log()  # the cap was reached: the test exercises the reopen
 
 
 def test_many_concurrent_tls_clients_and_multiconn_nbddev(pki, short_tmp):
