@@ -355,6 +355,39 @@ def test_backup_options_racing_writes_reads_trims_and_dismissals(short_tmp):
     assert stats["reads"] > 0 and (stats["inv3"] > 0 or stats["base_lost"]), stats
 
 
+async def _top_start_held(tmp, monkeypatch, cs: int, clusters: dict, **kw):
+    """A 1 MiB file export ``tmp/src.raw`` holding ``clusters`` (index -> fill byte), and a
+    ``sync=top`` backup into ``tmp/t.raw`` started with its allocation walk held: returns
+    (the LiveDev, the Engine, the start's task, the Event that releases the walk), once the
+    walk has begun -- finding 1's window, between the point in time and the walk."""
+    from nbdbackup.backup.engine import MemoryExportTable
+    from nbdbackup.blockdev.live import LiveDev
+
+    src = tmp / "src.raw"
+    with open(src, "wb") as f:
+        f.truncate(1 << 20)
+        for c, fill in clusters.items():
+            f.seek(c * cs)
+            f.write(fill * cs)
+    live = LiveDev(FileDev(str(src)))
+    table = MemoryExportTable()
+    table.add("disk", live, read_only=False)
+    engine = Engine(table)
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = live.extents
+
+    async def held(offset, length, context="base:allocation"):
+        entered.set()
+        await release.wait()
+        return await real(offset, length, context)
+
+    monkeypatch.setattr(live, "extents", held)
+    start = asyncio.ensure_future(engine.backup_start("disk", "j", "top", str(tmp / "t.raw"),
+                                                      cluster_size=cs, snapshot="snap", **kw))
+    await asyncio.wait_for(entered.wait(), 10)
+    return live, engine, start, release
+
+
 def test_top_copies_a_cluster_the_guest_deallocated_before_the_top_layer_was_read(short_tmp, monkeypatch):
     """Finding 1 (docs/hunt7.md): sync=top learns the source's allocation
     (``Engine._todo``: an extents walk) AFTER the point in time, while live
@@ -364,35 +397,11 @@ def test_top_copies_a_cluster_the_guest_deallocated_before_the_top_layer_was_rea
     and its point-in-time data never reached the target (the snapshot export
     still read it from the scratch).  The walk is held here until the punch
     returned."""
-    from nbdbackup.backup.engine import MemoryExportTable
-    from nbdbackup.blockdev.live import LiveDev
-
-    cs, size = 64 * 1024, 1 << 20
+    cs = 64 * 1024
     src = short_tmp / "src.raw"
-    with open(src, "wb") as f:
-        f.truncate(size)
-        f.seek(0)
-        f.write(b"A" * cs)
-        f.seek(2 * cs)
-        f.write(b"C" * cs)
 
     async def main():
-        live = LiveDev(FileDev(str(src)))
-        table = MemoryExportTable()
-        table.add("disk", live, read_only=False)
-        engine = Engine(table)
-        entered, release = asyncio.Event(), asyncio.Event()
-        real = live.extents
-
-        async def held(offset, length, context="base:allocation"):
-            entered.set()
-            await release.wait()
-            return await real(offset, length, context)
-
-        monkeypatch.setattr(live, "extents", held)
-        start = asyncio.ensure_future(engine.backup_start("disk", "j", "top", str(short_tmp / "t.raw"),
-                                                          cluster_size=cs, snapshot="snap"))
-        await asyncio.wait_for(entered.wait(), 10)
+        live, engine, start, release = await _top_start_held(short_tmp, monkeypatch, cs, {0: b"A", 2: b"C"})
         await live.zero(0, cs, may_trim=True)  # the guest discards cluster 0 after the start
         fd = os.open(src, os.O_RDONLY)
         try:
@@ -423,32 +432,11 @@ def test_discard_source_moves_a_scratch_cluster_and_the_snapshot_reads_it_from_t
     the allocation walk (finding 1's window), which the racing scenario
     almost never hits.  Held open here: the snapshot must read the moved
     cluster from the target once its scratch copy is punched."""
-    from nbdbackup.backup.engine import MemoryExportTable
-    from nbdbackup.blockdev.live import LiveDev
-
-    cs, size = 64 * 1024, 1 << 20
-    src = short_tmp / "src.raw"
-    with open(src, "wb") as f:
-        f.truncate(size)
-        f.write(b"A" * cs)
+    cs = 64 * 1024
 
     async def main():
-        live = LiveDev(FileDev(str(src)))
-        table = MemoryExportTable()
-        table.add("disk", live, read_only=False)
-        engine = Engine(table)
-        entered, release = asyncio.Event(), asyncio.Event()
-        real = live.extents
-
-        async def held(offset, length, context="base:allocation"):
-            entered.set()
-            await release.wait()
-            return await real(offset, length, context)
-
-        monkeypatch.setattr(live, "extents", held)
-        start = asyncio.ensure_future(engine.backup_start("disk", "j", "top", str(short_tmp / "t.raw"),
-                                                          cluster_size=cs, snapshot="snap", discard_source=True))
-        await asyncio.wait_for(entered.wait(), 10)
+        live, engine, start, release = await _top_start_held(short_tmp, monkeypatch, cs, {0: b"A"},
+                                                             discard_source=True)
         await live.pwrite(b"B" * 4096, 0)  # copy-before-write of cluster 0 into the scratch
         release.set()
         await asyncio.wait_for(start, 10)

@@ -40,27 +40,14 @@ import pytest
 
 import certs
 import peers
+from test_server_robustness import recv_exact
+from test_tls import tls_uri
+
+from nbdbackup.nbd.wire import IHAVEOPT, NBDMAGIC, Opt, Rep
+
+OPT_STARTTLS, REP_ACK = int(Opt.STARTTLS), int(Rep.ACK)
 
 pytestmark = pytest.mark.interop
-
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-OPT_STARTTLS = 5
-REP_ACK = 1
-
-
-def tls_uri(sock: str, export: str, certs: str) -> str:
-    return f"nbds+unix:///{export}?socket={sock}&tls-certificates={certs}"
-
-
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
 
 
 def client_hello() -> bytes:
@@ -80,10 +67,10 @@ def starttls(path: str, timeout: float = 5.0) -> socket.socket:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
     s.connect(path)
-    magic, opt, _ = struct.unpack(">QQH", recv_exactly(s, 18))
+    magic, opt, _ = struct.unpack(">QQH", recv_exact(s, 18))
     assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
     s.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
-    _, ropt, rep, n = struct.unpack(">QIII", recv_exactly(s, 20))
+    _, ropt, rep, n = struct.unpack(">QIII", recv_exact(s, 20))
     assert (ropt, rep, n) == (OPT_STARTTLS, REP_ACK, 0)
     return s
 
@@ -220,9 +207,9 @@ def test_closed_tls_connections_are_freed_at_once(pki, loop):
     def non_reader(port: int) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        recv_exactly(s, 18)
+        recv_exact(s, 18)
         s.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
-        recv_exactly(s, 20)
+        recv_exact(s, 20)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(os.path.join(creds, "ca-cert.pem"))
         ctx.check_hostname = False
