@@ -41,7 +41,7 @@ import os
 import random
 import struct
 
-from test_server_batch import WRITE, WRITE_ZEROES, Raw, req, run
+from test_server_batch import TRIM, WRITE, WRITE_ZEROES, Raw, req, run
 from test_server_workers_bitmaps import file_granules
 
 from nbdbackup.backup.bitmaps import RegistryBitmapSource
@@ -157,12 +157,38 @@ async def _writer(k: int, path: str, world: World, rng: random.Random, go: async
 
 
 class Job:
-    def __init__(self, jid: str, sync: str, snap: str, target: str) -> None:
-        self.id, self.sync, self.snap, self.target = jid, sync, snap, target
+    """One round's backup: ``kind`` (the sync mode, or "full+clear": a full
+    backup and ``block-dirty-bitmap-clear b0`` in one transaction), ``sync``
+    (the mode the job runs), ``mode`` (hunt 7's bitmap-mode, None without a
+    bitmap), ``cs`` (cluster size, known after start), ``r0`` (the snapshot
+    read whole at once; None when that read failed), call/return clock
+    ticks, ``dismissed``, ``sync_set`` (clusters of pump_todo | in_target
+    right after start), ``trim`` (hunt 7: the readers TRIM ranges they have
+    read and checked), ``trim_sent`` / ``trim_done`` (clusters a reader sent
+    a TRIM for / whose TRIM replied OK)."""
+
+    def __init__(self, jid: str, kind: str, snap: str, target: str, mode: str | None = None,
+                 trim: bool = False) -> None:
+        self.id, self.kind, self.mode, self.snap, self.target = jid, kind, mode, snap, target
+        self.sync = "full" if kind == "full+clear" else kind
+        self.trim = trim
+        self.cs = G
         self.r0: bytes | None = None
         self.t_call = self.t_ret = 0
         self.dismissed = False
-        self.dirty: set[int] = set()  # incremental: the frozen bitmap's granules
+        self.sync_set: set[int] = set()
+        self.trim_sent: set[int] = set()
+        self.trim_done: set[int] = set()
+
+
+def _clusters(cs: int, off: int, ln: int) -> set[int]:
+    return set(range(off // cs, (off + ln - 1) // cs + 1))
+
+
+def _whole_clusters(cs: int, off: int, ln: int) -> set[int]:
+    first = (off + cs - 1) // cs
+    end = SIZE // cs if off + ln >= SIZE else (off + ln) // cs
+    return set(range(first, end))
 
 
 async def _reader(path: str, job: Job, rng: random.Random, engine: Engine, stop: list, stats: dict) -> None:
@@ -172,6 +198,7 @@ async def _reader(path: str, job: Job, rng: random.Random, engine: Engine, stop:
         assert job.dismissed or job.id not in engine.jobs or engine.jobs[job.id].state.broken is not None
         return
     cookie = 0
+    cs = job.cs
     try:
         while not stop[0]:
             reqs = {}
@@ -180,7 +207,7 @@ async def _reader(path: str, job: Job, rng: random.Random, engine: Engine, stop:
                 cookie += 1
                 off = rng.randrange(0, NBLK) * BS
                 ln = min(rng.choice([BS, 3 * BS, G, 5 * G + BS]), SIZE - off)
-                reqs[cookie] = (off, ln)
+                reqs[cookie] = (off, ln, bool(_clusters(cs, off, ln) & job.trim_done))
                 batch += c.read(cookie, off, ln)
             was_alive = not job.dismissed and engine.jobs.get(job.id) is not None \
                 and engine.jobs[job.id].state.broken is None
@@ -190,15 +217,37 @@ async def _reader(path: str, job: Job, rng: random.Random, engine: Engine, stop:
             except (OSError, asyncio.IncompleteReadError, ConnectionError):
                 assert job.dismissed, "snapshot connection lost before dismiss"
                 return
+            good = []
             for ck, (err, data) in got.items():
-                off, ln = reqs[ck]
+                off, ln, must_fail = reqs[ck]
                 if err:
                     broken = job.id in engine.jobs and engine.jobs[job.id].state.broken is not None
-                    assert job.dismissed or broken or not was_alive, (err, off, ln)
+                    trimmed = bool(_clusters(cs, off, ln) & job.trim_sent)
+                    assert job.dismissed or broken or not was_alive or trimmed, (err, off, ln)
                     stats["errors"] += 1
                     continue
+                assert not must_fail, f"{job.id}: a read of TRIMmed clusters at {off}+{ln} succeeded"
                 assert data == job.r0[off:off + ln], f"snapshot of {job.id} changed at {off}+{ln}"
                 stats["reads"] += 1
+                good.append((off, ln))
+            if job.trim and good and rng.random() < 0.3:
+                off, ln = rng.choice(good)
+                whole = _whole_clusters(cs, off, ln)
+                job.trim_sent |= whole
+                cookie += 1
+                c.send(req(TRIM, cookie, off, ln))
+                try:
+                    got = await asyncio.wait_for(c.replies(1), 60)
+                except (OSError, asyncio.IncompleteReadError, ConnectionError):
+                    assert job.dismissed, "snapshot connection lost before dismiss"
+                    return
+                err = got[cookie][0]
+                if err:
+                    broken = job.id in engine.jobs and engine.jobs[job.id].state.broken is not None
+                    assert job.dismissed or broken or not was_alive, ("trim", err, off, ln)
+                else:
+                    job.trim_done |= whole
+                    stats["trims"] += 1
     finally:
         try:
             await c.close()
@@ -215,69 +264,189 @@ def _check_r0(world: World, job: Job) -> None:
             ok = bool(cands & world.zero_versions)
         else:
             ok = v in cands and v not in world.zero_versions
-        assert ok, f"job {job.id} ({job.sync}): block {b} reads version {v}, allowed {sorted(cands)}"
+        assert ok, f"job {job.id} ({job.kind}): block {b} reads version {v}, allowed {sorted(cands)}"
 
 
 def _granule_diff(a: bytes, b: bytes) -> set[int]:
     return {g for g in range(SIZE // G) if a[g * G:(g + 1) * G] != b[g * G:(g + 1) * G]}
 
 
+class Racing:
+    """The racing world hunts 3 and 7 share (module docstring), one per test.
+
+    ``rng`` (the scenario's generator: it first picks the initial data, then
+    the test's rounds), ``disk`` (the export's file), ``world`` (the writers'
+    log); after `start`: ``manager``, ``server``, ``path`` (its socket),
+    ``engine``, three ``writers`` and ``base`` -- the backup chain's image
+    that ``b0`` is checked against (`check_inv3`): the initial image (b0 was
+    empty then), updated by the test after each round, None once unknown."""
+
+    def __init__(self, tmp, seed: int) -> None:
+        self.tmp, self.seed = tmp, seed
+        self.rng = random.Random(seed)
+        self.disk = str(tmp / "disk.raw")
+        self.world = world = World()
+        # Initial content: tagged data in some blocks, holes elsewhere.
+        with open(self.disk, "wb") as f:
+            f.truncate(SIZE)
+            v = world.next_version
+            for b in sorted(self.rng.sample(range(NBLK), NBLK // 5)):
+                world.next_version += 1
+                world.sent[v] = (range(b, b + 1), False, 0)
+                world.acked[v] = (0, True)
+                world.history[b].append(v)
+                f.seek(b * BS)
+                f.write(tag(b, v))
+                v = world.next_version
+        self.base: bytes | None = None
+
+    async def start(self) -> None:
+        tmp = self.tmp
+        self.manager = BitmapManager(str(tmp / "state"))
+        live = self.manager.wrap("disk", FileDev(self.disk))
+        self.server = Server(workers=2)
+        self.server.add_export("disk", live)
+        self.path = str(tmp / "s")
+        await self.server.start_unix(self.path)
+        self.engine = Engine(self.server, lambda *a: None, bitmaps=RegistryBitmapSource(self.manager.lookup),
+                             scratch_dir=str(tmp / "state"))
+        self.manager.engine = self.engine
+        await self.manager.add("disk", "b0", persistent=True)
+        with open(self.disk, "rb") as f:
+            self.base = f.read()
+        self.go, self.stop = asyncio.Event(), [False]
+        self.go.set()
+        self.idles = [asyncio.Event() for _ in range(3)]
+        self.writers = [asyncio.ensure_future(_writer(k, self.path, self.world, random.Random(self.seed * 100 + k),
+                                                      self.go, self.idles[k], self.stop)) for k in range(3)]
+
+    async def quiet(self) -> bytes:
+        """Pause the writers; the disk's content (`resume` lets them go on)."""
+        self.go.clear()
+        for e in self.idles:
+            await asyncio.wait_for(e.wait(), 60)
+        with open(self.disk, "rb") as f:
+            return f.read()
+
+    def resume(self) -> None:
+        self.go.set()
+
+    def check_inv3(self, now: bytes, stats: dict, why=lambda missing, now: "") -> None:
+        """Invariant 3: every granule where ``now`` differs from ``base`` is
+        dirty in b0, registry and file (nothing to check while ``base`` is
+        unknown).  ``why(missing granules, now)`` adds to the failure message."""
+        if self.base is None:
+            return
+        bm = self.manager.lookup("disk").get("b0")
+        have = set()
+        for off, ln in bm.dirty_ranges():
+            have |= set(range(off // G, (off + ln - 1) // G + 1))
+        want = _granule_diff(self.base, now)
+        assert want <= have, f"b0 misses granules {sorted(want - have)[:10]}; {why(want - have, now)}"
+        assert want <= file_granules(bm.store_path)
+        stats["inv3"] += 1
+
+    async def backup_start(self, job: Job, target, kw: dict) -> object:
+        """Start ``job`` (a transaction with the bitmap clear for "full+clear"),
+        with its call/return ticks; its sync set and cluster size; the job."""
+        job.t_call = self.world.tick()
+        if job.kind == "full+clear":
+            await self.manager.transaction([
+                {"type": "backup-start", "data": {"export": "disk", "job-id": job.id, "sync": "full",
+                                                  "target": target, **{k.replace("_", "-"): v
+                                                                       for k, v in kw.items()}}},
+                {"type": "block-dirty-bitmap-clear", "data": {"export": "disk", "name": "b0"}}])
+        else:
+            await self.engine.backup_start("disk", job.id, job.sync, target, **kw)
+        job.t_ret = self.world.tick()
+        j = self.engine.jobs[job.id]
+        job.cs = j.state.cluster_size
+        for c in range(j.state.nclusters):
+            if j.state.pump_todo.get(c) or j.state.in_target.get(c):
+                job.sync_set.add(c)
+        return j
+
+    def add_target_faults(self, j) -> None:
+        """A FaultDev target fails writes on 1-3 clusters still to copy."""
+        cs = j.state.cluster_size
+        todo = [c for c in range(j.state.nclusters) if j.state.pump_todo.get(c)]
+        for c in self.rng.sample(todo, min(len(todo), self.rng.randint(1, 3))):
+            j.target.faults.append(Fault("write", c * cs, cs))
+
+    async def read_r0(self, job: Job, j) -> None:
+        """R0: the whole snapshot read at once into ``job.r0`` and checked
+        against the writers' log; None when a read failed, which only a
+        broken snapshot may do."""
+        c = await Raw.connect(self.path, job.snap, True)
+        step = 1 << 20
+        for i in range(SIZE // step):
+            c.send(c.read(i + 1, i * step, step))
+        got = await asyncio.wait_for(c.replies(SIZE // step), 60)
+        await c.close()
+        if any(err for err, _ in got.values()):
+            assert j.state.broken is not None, "R0 read failed on a healthy snapshot"
+            job.r0 = None
+        else:
+            job.r0 = b"".join(got[i + 1][1] for i in range(SIZE // step))
+            _check_r0(self.world, job)
+
+    def readers(self, job: Job, rnd: int, stats: dict) -> tuple[list, list]:
+        """Two snapshot readers (none without R0) and their stop flag."""
+        rstop = [False]
+        if job.r0 is None:
+            return [], rstop
+        return [asyncio.ensure_future(_reader(self.path, job, random.Random(self.seed * 1000 + rnd * 10 + i),
+                                              self.engine, rstop, stats)) for i in range(2)], rstop
+
+    def target_bytes(self, j, job: Job) -> bytes:
+        if isinstance(j.target, FaultDev):
+            tb = bytearray(SIZE)
+            j.target.inner.read_sync(memoryview(tb), 0)
+            return bytes(tb)
+        with open(job.target, "rb") as f:
+            return f.read()
+
+    async def end_round(self, job: Job, readers: list, rstop: list, stats: dict, last: bool, why) -> None:
+        """The round's end: maybe dismiss the job while its readers read,
+        stop them, and at random (always after the last round) check
+        invariant 3 at a quiet point."""
+        if self.rng.random() < 0.5:
+            await _end(self.engine, job, self.rng, stats)
+        rstop[0] = True
+        await asyncio.gather(*readers)
+        if self.rng.random() < 0.5 or last:
+            self.check_inv3(await self.quiet(), stats, why)
+            self.resume()
+
+    async def finish(self, prev: Job | None, stats: dict, why) -> None:
+        """End the last job, stop the writers, check invariant 3 once more, shut down."""
+        if prev is not None and not prev.dismissed:
+            await _end(self.engine, prev, self.rng, stats)
+        self.stop[0] = True
+        self.go.set()
+        await asyncio.gather(*self.writers)
+        with open(self.disk, "rb") as f:
+            self.check_inv3(f.read(), stats, why)
+        await self.engine.shutdown()
+        await self.server.shutdown()
+
+
 def test_backups_racing_writes_reads_cancels_and_dismissals(short_tmp):
     seed = int(os.environ.get("NBDBACKUP_HUNT_SEED", "7"))
     rounds = int(os.environ.get("NBDBACKUP_HUNT_ROUNDS", "8"))
-    rng = random.Random(seed)
-    disk = str(short_tmp / "disk.raw")
-    world = World()
-    # Initial content: tagged data in some blocks, holes elsewhere.
-    with open(disk, "wb") as f:
-        f.truncate(SIZE)
-        v = world.next_version
-        for b in sorted(rng.sample(range(NBLK), NBLK // 5)):
-            world.next_version += 1
-            world.sent[v] = (range(b, b + 1), False, 0)
-            world.acked[v] = (0, True)
-            world.history[b].append(v)
-            f.seek(b * BS)
-            f.write(tag(b, v))
-            v = world.next_version
-    stats = {"reads": 0, "errors": 0, "ok": 0, "failed": 0, "cancelled": 0, "inv3": 0, "skipped": 0}
+    rig = Racing(short_tmp, seed)
+    rng = rig.rng
+    stats = {"reads": 0, "errors": 0, "trims": 0, "ok": 0, "failed": 0, "cancelled": 0, "inv3": 0,
+             "skipped": 0}
 
     async def main():
-        manager = BitmapManager(str(short_tmp / "state"))
-        live = manager.wrap("disk", FileDev(disk))
-        server = Server(workers=2)
-        server.add_export("disk", live)
-        path = str(short_tmp / "s")
-        await server.start_unix(path)
-        engine = Engine(server, lambda *a: None, bitmaps=RegistryBitmapSource(manager.lookup),
-                        scratch_dir=str(short_tmp / "state"))
-        manager.engine = engine
-        await manager.add("disk", "b0", persistent=True)
-        with open(disk, "rb") as f:
-            base: bytes | None = f.read()  # b0 was empty at this point: the reset image
-        go, stop = asyncio.Event(), [False]
-        go.set()
-        idles = [asyncio.Event() for _ in range(3)]
-        writers = [asyncio.ensure_future(_writer(k, path, world, random.Random(seed * 100 + k), go,
-                                                 idles[k], stop)) for k in range(3)]
+        await rig.start()
+        trace: list = []  # per round, for failure messages
+        incs: dict = {}  # job id -> (job, R0, the chain image before it): incrementals, for diagnosis
 
-        async def quiet() -> bytes:
-            go.clear()
-            for e in idles:
-                await asyncio.wait_for(e.wait(), 60)
-            with open(disk, "rb") as f:
-                return f.read()
-
-        def check_inv3(now: bytes) -> None:
-            if base is None:
-                return
-            bm = manager.lookup("disk").get("b0")
-            have = set()
-            for off, ln in bm.dirty_ranges():
-                have |= set(range(off // G, (off + ln - 1) // G + 1))
-            want = _granule_diff(base, now)
+        def why(missing: set[int], now: bytes) -> str:
             diag = []
-            for g in sorted(want - have)[:5]:
+            for g in sorted(missing)[:5]:
                 d = {"g": g}
                 for name, (jj, r0, before) in incs.items():
                     sl = slice(g * G, (g + 1) * G)
@@ -285,36 +454,25 @@ def test_backups_racing_writes_reads_cancels_and_dismissals(short_tmp):
                                jj.state.in_scratch.get(g), jj.state.done.get(g),
                                None if r0 is None else r0[sl] == before[sl], now[sl] == (r0 or b"")[sl])
                 diag.append(d)
-            assert want <= have, f"b0 misses granules {sorted(want - have)[:10]}; rounds: {trace}; {diag}"
-            assert want <= file_granules(bm.store_path)
-            stats["inv3"] += 1
+            return f"rounds: {trace}; {diag}"
 
         prev: Job | None = None
-        trace: list = []  # per round, for failure messages
-        incs: dict = {}  # job id -> (job, R0, the chain image before it): incrementals, for diagnosis
         for rnd in range(rounds):
-            sync = rng.choice(["none", "full", "incremental", "incremental", "full+clear"])
-            jid = f"j{rnd}"
-            job = Job(jid, sync, f"snap{rnd}", str(short_tmp / f"t{rnd}.raw"))
+            kind = rng.choice(["none", "full", "incremental", "incremental", "full+clear"])
+            job = Job(f"j{rnd}", kind, f"snap{rnd}", str(short_tmp / f"t{rnd}.raw"))
             kw: dict = {"speed": rng.choice([0, 2 << 20, 8 << 20]), "snapshot": job.snap}
-            if sync == "incremental" and rng.random() < 0.5:
+            if kind == "incremental" and rng.random() < 0.5:
                 kw["scratch_limit"] = rng.choice([G, 4 * G])
                 kw["on_cbw_error"] = rng.choice(["break-guest-write", "break-snapshot"])
-            if sync == "none":
+            if kind == "none":
                 kw.pop("speed")
             await asyncio.sleep(rng.random() * 0.05)
             if prev is not None and not prev.dismissed and rng.random() < 0.5:
                 # The previous job's end and dismissal race this start.
-                await _end(engine, prev, rng, stats)
-            job.t_call = world.tick()
-            if sync == "full+clear":
-                await manager.transaction([
-                    {"type": "backup-start", "data": {"export": "disk", "job-id": jid, "sync": "full",
-                                                      "target": job.target, **{k.replace("_", "-"): v
-                                                                              for k, v in kw.items()}}},
-                    {"type": "block-dirty-bitmap-clear", "data": {"export": "disk", "name": "b0"}}])
-            elif sync == "incremental":
-                target = job.target
+                await _end(rig.engine, prev, rng, stats)
+            target = job.target if kind != "none" else "scratch:"
+            if kind == "incremental":
+                kw["bitmap"] = "b0"
                 if rng.random() < 0.4:
                     # A target whose writes fail on some clusters: the pump's
                     # chunks there fail, ``ignore`` skips them, ``report``
@@ -323,101 +481,52 @@ def test_backups_racing_writes_reads_cancels_and_dismissals(short_tmp):
                     # would bypass the filter.)
                     target = FaultDev(MemoryDev(SIZE), owns_inner=True)
                     kw["on_target_error"] = rng.choice(["ignore", "ignore", "report"])
-                await engine.backup_start("disk", jid, "incremental", target, bitmap="b0", **kw)
-            else:
-                await engine.backup_start("disk", jid, sync, job.target if sync != "none" else "scratch:", **kw)
-            job.t_ret = world.tick()
-            j = engine.jobs[jid]
+            j = await rig.backup_start(job, target, kw)
             if isinstance(j.target, FaultDev):  # faults on clusters still to copy
-                todo = [c for c in range(j.state.nclusters) if j.state.pump_todo.get(c)]
-                for c in rng.sample(todo, min(len(todo), rng.randint(1, 3))):
-                    j.target.faults.append(Fault("write", c * j.state.cluster_size, j.state.cluster_size))
-            if sync == "incremental":
-                for c in range(j.state.nclusters):
-                    if j.state.pump_todo.get(c) or j.state.in_target.get(c):
-                        job.dirty.add(c)
-            # R0: the whole snapshot, read at once.
-            c = await Raw.connect(path, job.snap, True)
-            step = 1 << 20
-            for i in range(SIZE // step):
-                c.send(c.read(i + 1, i * step, step))
-            got = await asyncio.wait_for(c.replies(SIZE // step), 60)
-            await c.close()
-            if any(err for err, _ in got.values()):
-                assert j.state.broken is not None, "R0 read failed on a healthy snapshot"
-                job.r0 = None
-                if sync == "full+clear":
-                    base = None  # the reset image is unknown
-            else:
-                job.r0 = b"".join(got[i + 1][1] for i in range(SIZE // step))
-                _check_r0(world, job)
-            readers = []
-            rstop = [False]
-            if job.r0 is not None:
-                readers = [asyncio.ensure_future(_reader(path, job, random.Random(seed * 1000 + rnd * 10 + i),
-                                                         engine, rstop, stats)) for i in range(2)]
-            outcome = await _run_job(engine, job, rng, stats)
+                rig.add_target_faults(j)
+            await rig.read_r0(job, j)
+            if job.r0 is None and kind == "full+clear":
+                rig.base = None  # the reset image is unknown
+            readers, rstop = rig.readers(job, rnd, stats)
+            outcome = await _run_job(rig.engine, job, rng, stats)
             if outcome == "ok" and job.r0 is not None:
-                if isinstance(j.target, FaultDev):
-                    tb = bytearray(SIZE)
-                    j.target.inner.read_sync(memoryview(tb), 0)
-                    t = bytes(tb)
-                else:
-                    with open(job.target, "rb") as f:
-                        t = f.read()
-                if sync in ("full", "full+clear"):
-                    assert t == job.r0, f"target of {jid} is not the snapshot"
-                elif sync == "incremental":
+                t = rig.target_bytes(j, job)
+                if job.sync == "full":
+                    assert t == job.r0, f"target of {job.id} is not the snapshot"
+                elif kind == "incremental":
                     cs = j.state.cluster_size
-                    for cl in job.dirty:
+                    for cl in job.sync_set:
                         if j.state.ignored.get(cl) and not j.state.in_target.get(cl):
                             continue  # skipped by the ignore policy
-                        assert t[cl * cs:(cl + 1) * cs] == job.r0[cl * cs:(cl + 1) * cs], (jid, cl)
-            if sync == "full+clear" and job.r0 is not None:
-                base = job.r0
-            if sync == "incremental" and base is not None:
-                j.dirty_at_start = job.dirty
-                incs[jid] = (j, job.r0, base)
-            if sync == "full+clear" and job.r0 is not None:
-                pass
-            elif sync == "incremental" and outcome == "ok":
+                        assert t[cl * cs:(cl + 1) * cs] == job.r0[cl * cs:(cl + 1) * cs], (job.id, cl)
+            if kind == "full+clear" and job.r0 is not None:
+                rig.base = job.r0
+            if kind == "incremental" and rig.base is not None:
+                j.dirty_at_start = job.sync_set
+                incs[job.id] = (j, job.r0, rig.base)
+            if kind == "incremental" and outcome == "ok":
                 # The backup chain's image: the old one with the clusters
                 # this job copied (its sync set, but those the ignore policy
                 # skipped) as in R0.
                 st_ = j.state
-                if base is not None and job.r0 is not None:
-                    img = bytearray(base)
+                if rig.base is not None and job.r0 is not None:
+                    img = bytearray(rig.base)
                     cs = st_.cluster_size
-                    for cl in job.dirty:
+                    for cl in job.sync_set:
                         if st_.ignored.get(cl) and not st_.in_target.get(cl):
                             stats["skipped"] += 1
                             continue
                         img[cl * cs:(cl + 1) * cs] = job.r0[cl * cs:(cl + 1) * cs]
-                    base = bytes(img)
+                    rig.base = bytes(img)
                 else:
                     # R0 unknown: the snapshot broke (copy-before-write
                     # failed) after the job had already completed.
-                    base = None
-            trace.append((jid, sync, outcome, j.error, kw.get("on_target_error"), kw.get("scratch_limit"),
+                    rig.base = None
+            trace.append((job.id, kind, outcome, j.error, kw.get("on_target_error"), kw.get("scratch_limit"),
                           j.state.ignored.count(), j.state.bytes_ignored))
-            if rng.random() < 0.5:
-                await _end(engine, job, rng, stats)  # dismissed while the readers read
-            rstop[0] = True
-            await asyncio.gather(*readers)
-            if rng.random() < 0.5 or rnd == rounds - 1:
-                now = await quiet()
-                check_inv3(now)
-                go.set()
+            await rig.end_round(job, readers, rstop, stats, rnd == rounds - 1, why)
             prev = job
-        if prev is not None and not prev.dismissed:
-            await _end(engine, prev, rng, stats)
-        stop[0] = True
-        go.set()
-        await asyncio.gather(*writers)
-        with open(disk, "rb") as f:
-            check_inv3(f.read())
-        await engine.shutdown()
-        await server.shutdown()
+        await rig.finish(prev, stats, why)
 
     run(main(), timeout=180)
     print("hunt3 stats", seed, stats)

@@ -42,112 +42,13 @@ import asyncio
 import os
 import random
 
-from test_backup_hunt3 import BS, G, NBLK, SIZE, World, _check_r0, _end, _granule_diff, _run_job, _writer, tag
-from test_server_batch import TRIM, Raw, req, run
-from test_server_workers_bitmaps import file_granules
+from test_backup_hunt3 import G, SIZE, Job, Racing, _end, _run_job
+from test_server_batch import run
 
-from nbdbackup.backup.bitmaps import RegistryBitmapSource
 from nbdbackup.backup.engine import Engine
-from nbdbackup.backup.testing import Fault, FaultDev
-from nbdbackup.bitmap.manager import BitmapManager
+from nbdbackup.backup.testing import FaultDev
 from nbdbackup.blockdev.file import FileDev
 from nbdbackup.blockdev.memory import MemoryDev
-from nbdbackup.nbd.server import Server
-
-
-class Job:
-    """One round's backup: ``kind`` (sync, or "full+clear"), ``mode`` (the
-    bitmap-mode, None without a bitmap), ``cs`` (cluster size, known after
-    start), ``r0``, call/return clock ticks, ``dismissed``, ``sync_set``
-    (clusters of pump_todo | in_target right after start), ``trim_sent`` /
-    ``trim_done`` (clusters a reader sent a TRIM for / whose TRIM replied
-    OK)."""
-
-    def __init__(self, jid: str, kind: str, mode: str | None, snap: str, target: str, trim: bool) -> None:
-        self.id, self.kind, self.mode, self.snap, self.target = jid, kind, mode, snap, target
-        self.sync = kind  # for hunt 3's messages
-        self.trim = trim
-        self.cs = 0
-        self.r0: bytes | None = None
-        self.t_call = self.t_ret = 0
-        self.dismissed = False
-        self.sync_set: set[int] = set()
-        self.trim_sent: set[int] = set()
-        self.trim_done: set[int] = set()
-
-
-def _clusters(cs: int, off: int, ln: int) -> set[int]:
-    return set(range(off // cs, (off + ln - 1) // cs + 1))
-
-
-def _whole_clusters(cs: int, off: int, ln: int) -> set[int]:
-    first = (off + cs - 1) // cs
-    end = SIZE // cs if off + ln >= SIZE else (off + ln) // cs
-    return set(range(first, end))
-
-
-async def _reader(path: str, job: Job, rng: random.Random, engine: Engine, stop: list, stats: dict) -> None:
-    try:
-        c = await Raw.connect(path, job.snap, True)
-    except (OSError, asyncio.IncompleteReadError, AssertionError):
-        assert job.dismissed or job.id not in engine.jobs or engine.jobs[job.id].state.broken is not None
-        return
-    cookie = 0
-    cs = job.cs
-    try:
-        while not stop[0]:
-            reqs = {}
-            batch = bytearray()
-            for _ in range(4):
-                cookie += 1
-                off = rng.randrange(0, NBLK) * BS
-                ln = min(rng.choice([BS, 3 * BS, G, 5 * G + BS]), SIZE - off)
-                reqs[cookie] = (off, ln, bool(_clusters(cs, off, ln) & job.trim_done))
-                batch += c.read(cookie, off, ln)
-            was_alive = not job.dismissed and engine.jobs.get(job.id) is not None \
-                and engine.jobs[job.id].state.broken is None
-            try:
-                c.send(bytes(batch))
-                got = await asyncio.wait_for(c.replies(4), 60)
-            except (OSError, asyncio.IncompleteReadError, ConnectionError):
-                assert job.dismissed, "snapshot connection lost before dismiss"
-                return
-            good = []
-            for ck, (err, data) in got.items():
-                off, ln, must_fail = reqs[ck]
-                if err:
-                    broken = job.id in engine.jobs and engine.jobs[job.id].state.broken is not None
-                    trimmed = bool(_clusters(cs, off, ln) & job.trim_sent)
-                    assert job.dismissed or broken or not was_alive or trimmed, (err, off, ln)
-                    stats["errors"] += 1
-                    continue
-                assert not must_fail, f"{job.id}: a read of TRIMmed clusters at {off}+{ln} succeeded"
-                assert data == job.r0[off:off + ln], f"snapshot of {job.id} changed at {off}+{ln}"
-                stats["reads"] += 1
-                good.append((off, ln))
-            if job.trim and good and rng.random() < 0.3:
-                off, ln = rng.choice(good)
-                whole = _whole_clusters(cs, off, ln)
-                job.trim_sent |= whole
-                cookie += 1
-                c.send(req(TRIM, cookie, off, ln))
-                try:
-                    got = await asyncio.wait_for(c.replies(1), 60)
-                except (OSError, asyncio.IncompleteReadError, ConnectionError):
-                    assert job.dismissed, "snapshot connection lost before dismiss"
-                    return
-                err = got[cookie][0]
-                if err:
-                    broken = job.id in engine.jobs and engine.jobs[job.id].state.broken is not None
-                    assert job.dismissed or broken or not was_alive, ("trim", err, off, ln)
-                else:
-                    job.trim_done |= whole
-                    stats["trims"] += 1
-    finally:
-        try:
-            await c.close()
-        except Exception:
-            pass
 
 
 def _pick(rng: random.Random) -> tuple[str, str | None]:
@@ -163,69 +64,24 @@ def _pick(rng: random.Random) -> tuple[str, str | None]:
 def test_backup_options_racing_writes_reads_trims_and_dismissals(short_tmp):
     seed = int(os.environ.get("NBDBACKUP_HUNT_SEED", "7"))
     rounds = int(os.environ.get("NBDBACKUP_HUNT_ROUNDS", "8"))
-    rng = random.Random(seed)
-    disk = str(short_tmp / "disk.raw")
-    world = World()
-    with open(disk, "wb") as f:
-        f.truncate(SIZE)
-        v = world.next_version
-        for b in sorted(rng.sample(range(NBLK), NBLK // 5)):
-            world.next_version += 1
-            world.sent[v] = (range(b, b + 1), False, 0)
-            world.acked[v] = (0, True)
-            world.history[b].append(v)
-            f.seek(b * BS)
-            f.write(tag(b, v))
-            v = world.next_version
+    rig = Racing(short_tmp, seed)
+    rng = rig.rng
     stats = {"reads": 0, "errors": 0, "trims": 0, "ok": 0, "failed": 0, "cancelled": 0, "inv3": 0,
              "skipped": 0, "base_lost": 0, "kinds": {}}
 
     async def main():
-        manager = BitmapManager(str(short_tmp / "state"))
-        live = manager.wrap("disk", FileDev(disk))
-        server = Server(workers=2)
-        server.add_export("disk", live)
-        path = str(short_tmp / "s")
-        await server.start_unix(path)
-        engine = Engine(server, lambda *a: None, bitmaps=RegistryBitmapSource(manager.lookup),
-                        scratch_dir=str(short_tmp / "state"))
-        manager.engine = engine
-        await manager.add("disk", "b0", persistent=True)
-        with open(disk, "rb") as f:
-            base: bytes | None = f.read()
-        go, stop = asyncio.Event(), [False]
-        go.set()
-        idles = [asyncio.Event() for _ in range(3)]
-        writers = [asyncio.ensure_future(_writer(k, path, world, random.Random(seed * 100 + k), go,
-                                                 idles[k], stop)) for k in range(3)]
-
-        async def quiet() -> bytes:
-            go.clear()
-            for e in idles:
-                await asyncio.wait_for(e.wait(), 60)
-            with open(disk, "rb") as f:
-                return f.read()
-
-        def check_inv3(now: bytes) -> None:
-            if base is None:
-                return
-            bm = manager.lookup("disk").get("b0")
-            have = set()
-            for off, ln in bm.dirty_ranges():
-                have |= set(range(off // G, (off + ln - 1) // G + 1))
-            want = _granule_diff(base, now)
-            assert want <= have, f"b0 misses granules {sorted(want - have)[:10]}; rounds: {trace}"
-            assert want <= file_granules(bm.store_path)
-            stats["inv3"] += 1
-
+        await rig.start()
         prev: Job | None = None
         trace: list = []
+
+        def why(missing: set[int], now: bytes) -> str:
+            return f"rounds: {trace}"
+
         for rnd in range(rounds):
             kind, mode = _pick(rng)
-            sync = "full" if kind == "full+clear" else kind
-            jid = f"j{rnd}"
-            job = Job(jid, kind, mode, f"snap{rnd}", str(short_tmp / f"t{rnd}.raw"),
+            job = Job(f"j{rnd}", kind, f"snap{rnd}", str(short_tmp / f"t{rnd}.raw"), mode=mode,
                       trim=rng.random() < 0.5)
+            sync = job.sync
             stats["kinds"][f"{kind}/{mode}"] = stats["kinds"].get(f"{kind}/{mode}", 0) + 1
             kw: dict = {"snapshot": job.snap, "snapshot_trim": job.trim}
             if sync != "none":
@@ -245,109 +101,58 @@ def test_backup_options_racing_writes_reads_trims_and_dismissals(short_tmp):
                 kw["on_cbw_error"] = rng.choice(["break-guest-write", "break-snapshot"])
             await asyncio.sleep(rng.random() * 0.05)
             if prev is not None and not prev.dismissed and rng.random() < 0.5:
-                await _end(engine, prev, rng, stats)
-            job.t_call = world.tick()
+                await _end(rig.engine, prev, rng, stats)
             target = job.target if sync != "none" else "scratch:"
             if sync in ("incremental", "bitmap") and rng.random() < 0.4:
                 target = FaultDev(MemoryDev(SIZE), owns_inner=True)
                 kw["on_target_error"] = rng.choice(["ignore", "ignore", "report"])
-            if kind == "full+clear":
-                await manager.transaction([
-                    {"type": "backup-start", "data": {"export": "disk", "job-id": jid, "sync": "full",
-                                                      "target": target, **{k.replace("_", "-"): v
-                                                                           for k, v in kw.items()}}},
-                    {"type": "block-dirty-bitmap-clear", "data": {"export": "disk", "name": "b0"}}])
-            else:
-                await engine.backup_start("disk", jid, sync, target, **kw)
-            job.t_ret = world.tick()
-            j = engine.jobs[jid]
-            job.cs = cs = j.state.cluster_size
+            j = await rig.backup_start(job, target, kw)
+            cs = job.cs
             if isinstance(j.target, FaultDev):
-                todo = [c for c in range(j.state.nclusters) if j.state.pump_todo.get(c)]
-                for c in rng.sample(todo, min(len(todo), rng.randint(1, 3))):
-                    j.target.faults.append(Fault("write", c * cs, cs))
-            for c in range(j.state.nclusters):
-                if j.state.pump_todo.get(c) or j.state.in_target.get(c):
-                    job.sync_set.add(c)
-            c = await Raw.connect(path, job.snap, True)
-            step = 1 << 20
-            for i in range(SIZE // step):
-                c.send(c.read(i + 1, i * step, step))
-            got = await asyncio.wait_for(c.replies(SIZE // step), 60)
-            await c.close()
-            if any(err for err, _ in got.values()):
-                assert j.state.broken is not None, "R0 read failed on a healthy snapshot"
-                job.r0 = None
-                if kind == "full+clear":
-                    base = None
-                    stats["base_lost"] += 1
-            else:
-                job.r0 = b"".join(got[i + 1][1] for i in range(SIZE // step))
-                _check_r0(world, job)
-            readers = []
-            rstop = [False]
-            if job.r0 is not None:
-                readers = [asyncio.ensure_future(_reader(path, job, random.Random(seed * 1000 + rnd * 10 + i),
-                                                         engine, rstop, stats)) for i in range(2)]
-            outcome = await _run_job(engine, job, rng, stats)
+                rig.add_target_faults(j)
+            await rig.read_r0(job, j)
+            if job.r0 is None and kind == "full+clear":
+                rig.base = None
+                stats["base_lost"] += 1
+            readers, rstop = rig.readers(job, rnd, stats)
+            outcome = await _run_job(rig.engine, job, rng, stats)
             st = j.state
             if outcome != "ok" and not j._cancel_requested and kind != "none":
                 # Nothing but an injected fault or the scratch limit may fail a job.
-                assert isinstance(j.target, FaultDev) or "scratch_limit" in kw, (jid, kind, mode, j.error)
+                assert isinstance(j.target, FaultDev) or "scratch_limit" in kw, (job.id, kind, mode, j.error)
             skipped = {cl for cl in job.sync_set if st.ignored.get(cl) and not st.in_target.get(cl)}
             if outcome == "ok" and job.r0 is not None:
-                if isinstance(j.target, FaultDev):
-                    tb = bytearray(SIZE)
-                    j.target.inner.read_sync(memoryview(tb), 0)
-                    t = bytes(tb)
-                else:
-                    with open(job.target, "rb") as f:
-                        t = f.read()
+                t = rig.target_bytes(j, job)
                 if sync in ("full", "top"):
                     # top: a fresh target reads zeros where the source had no data.
-                    assert t == job.r0, f"target of {jid} ({sync}) is not the snapshot"
+                    assert t == job.r0, f"target of {job.id} ({sync}) is not the snapshot"
                 else:
                     for cl in job.sync_set - skipped:
-                        assert t[cl * cs:(cl + 1) * cs] == job.r0[cl * cs:(cl + 1) * cs], (jid, cl)
+                        assert t[cl * cs:(cl + 1) * cs] == job.r0[cl * cs:(cl + 1) * cs], (job.id, cl)
             # The backup chain's image (module docstring).
             covered: set[int] | None = None
             if kind == "full+clear":
                 if job.r0 is not None:
-                    base = job.r0
+                    rig.base = job.r0
             elif mode in ("on-success", "always") and outcome == "ok":
                 covered = (set(range(st.nclusters)) if sync in ("full", "top") else job.sync_set) - skipped
                 stats["skipped"] += len(skipped)
             elif mode == "always" and outcome != "ok":
                 covered = {cl for cl in range(st.nclusters) if st.in_target.get(cl)}
-            if covered and base is not None:
+            if covered and rig.base is not None:
                 if job.r0 is None:
-                    base = None  # R0 unknown: the snapshot broke
+                    rig.base = None  # R0 unknown: the snapshot broke
                     stats["base_lost"] += 1
                 else:
-                    img = bytearray(base)
+                    img = bytearray(rig.base)
                     for cl in covered:
                         img[cl * cs:(cl + 1) * cs] = job.r0[cl * cs:(cl + 1) * cs]
-                    base = bytes(img)
-            trace.append((jid, kind, mode, outcome, j.error, {k: v for k, v in kw.items() if k != "snapshot"},
+                    rig.base = bytes(img)
+            trace.append((job.id, kind, mode, outcome, j.error, {k: v for k, v in kw.items() if k != "snapshot"},
                           len(skipped), len(job.trim_done)))
-            if rng.random() < 0.5:
-                await _end(engine, job, rng, stats)
-            rstop[0] = True
-            await asyncio.gather(*readers)
-            if rng.random() < 0.5 or rnd == rounds - 1:
-                now = await quiet()
-                check_inv3(now)
-                go.set()
+            await rig.end_round(job, readers, rstop, stats, rnd == rounds - 1, why)
             prev = job
-        if prev is not None and not prev.dismissed:
-            await _end(engine, prev, rng, stats)
-        stop[0] = True
-        go.set()
-        await asyncio.gather(*writers)
-        with open(disk, "rb") as f:
-            check_inv3(f.read())
-        await engine.shutdown()
-        await server.shutdown()
+        await rig.finish(prev, stats, why)
 
     run(main(), timeout=180)
     print("hunt7 stats", seed, stats)
