@@ -320,3 +320,44 @@ def test_failed_tls_handshakes_cannot_flood_the_log(pki, short_tmp):
         assert r.returncode == 0, r.stderr
         n = p.log().count("TLS handshake failed")
         assert p.alive() and 1 <= n <= 20 * (took / 2 + 2), (n, took)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_of_a_wave_of_stalled_tls_handshakes_goes_back(pki):
+    """240 connections stall in the TLS handshake (~0.4 MiB of TLS state
+    each) until the handshake timeout closes them.  The server must give
+    that memory back once they are gone (a heap trim after a wave of closed
+    connections); before, glibc kept the freed heap: +28 MiB after one such
+    round, growing towards the round's peak with every further round
+    (docs/hunt6.md, "Left")."""
+    creds = pki["server"]
+    extra = ["--tls-creds", creds, "--max-connections-per-peer", "250", "--max-connections", "260",
+             "--handshake-timeout", "1"]
+    with peers.nbdbackup_serve("m=memory:4M", extra=extra) as p:
+        time.sleep(0.5)  # the readiness probe's connection is gone
+        pid = p.proc.pid
+        start = _rss_mib(pid)
+        hello = client_hello()
+        stallers = []
+        for _ in range(240):
+            s = starttls(p.socket)
+            s.sendall(hello)
+            stallers.append(s)
+        peak = _rss_mib(pid)
+        for s in stallers:
+            closed_by_server(s, 3)  # the handshake timeout
+            s.close()
+        time.sleep(2.0)  # the trim follows the wave's last close by HEAP_TRIM_QUIET (1 s)
+        after = _rss_mib(pid)
+        assert peak > start + 40, (start, peak)  # the wave did cost memory
+        assert after < start + 12, f"RSS {start:.1f} MiB at start, {peak:.1f} during, {after:.1f} after"
+        r = subprocess.run(["nbdinfo", "--size", tls_uri(p.socket, "m", creds)], capture_output=True, text=True,
+                           timeout=10)
+        assert r.returncode == 0 and p.alive(), r.stderr
