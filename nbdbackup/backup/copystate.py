@@ -151,6 +151,7 @@ from ..bitmap.core import Bitmap
 from ..blockdev.base import BASE_ALLOCATION, BlockDev, Extent, FilterDev, merge_extents
 from ..blockdev.file import FileDev
 from ..blockdev.writeback import WholeFileWriteBehind
+from ..nbd.wire import StateFlag
 
 Copier = Literal["pump", "cbw"]
 
@@ -345,6 +346,9 @@ class Readers:
                 fut = loop.create_future()
                 self._waiters.setdefault(c, []).append(fut)
                 await fut
+
+
+_ZERO = int(StateFlag.ZERO)
 
 
 def _or_end(found: int, end: int) -> int:
@@ -705,7 +709,7 @@ class CopyState:
         stop = off + length
         runs: list[tuple[int, int]] = []
         pos = off
-        cs, shift = self.cluster_size, self._shift
+        shift = self._shift
         inner = self._source_file
         if inner is not None and length <= INLINE_COPY:
             try:
@@ -724,20 +728,32 @@ class CopyState:
             else:
                 exts = await self.source.extents(pos, min(stop - pos, 1 << 31), BASE_ALLOCATION)
             before = pos
-            for e in exts:
-                e_end = min(e.offset + e.length, stop)
-                if e.flags & 2 and e_end > e.offset:
-                    first = (max(e.offset, off) + cs - 1) >> shift
-                    last = end if e_end == stop else e_end >> shift
-                    if last > first:
-                        if runs and runs[-1][1] == first:
-                            runs[-1] = (runs[-1][0], last)
-                        else:
-                            runs.append((first, last))
-                pos = max(pos, e_end)
+            pos = self.add_zero_runs(runs, exts, pos, stop)
             if pos <= before:
                 break
         return [(a, b - a) for a, b in runs]
+
+    def add_zero_runs(self, runs: list[tuple[int, int]], exts: list[Extent], pos: int, stop: int) -> int:
+        """Append to ``runs`` (cluster runs ``(first, end)``, the first merged
+        with the last run when they touch) the whole clusters of ``[pos,
+        stop)`` that ``exts`` (the source's extents from ``pos``) report as
+        ZERO; the disk's last cluster, maybe short, counts whole when a zero
+        extent reaches the disk's end.  Returns how far ``exts`` reached
+        (at most ``stop``; ``pos`` when they say nothing)."""
+        cs, shift = self.cluster_size, self._shift
+        lo = pos
+        for e in exts:
+            e_end = min(e.offset + e.length, stop)
+            if e.flags & _ZERO and e_end > e.offset:
+                first = (max(e.offset, lo) + cs - 1) >> shift
+                last = self.nclusters if e_end == self.size else e_end >> shift
+                if last > first:
+                    if runs and runs[-1][1] == first:
+                        runs[-1] = (runs[-1][0], last)
+                    else:
+                        runs.append((first, last))
+            pos = max(pos, e_end)
+        return pos
 
     async def _copy_to_scratch(self, start: int, count: int, marks: list, reserved: list[int]) -> None:
         """Read clusters from the source; all-zero ones are recorded zeroed,

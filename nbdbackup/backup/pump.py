@@ -41,7 +41,6 @@ import bisect
 from typing import Awaitable, Callable
 
 from ..blockdev.base import BASE_ALLOCATION
-from ..nbd.wire import StateFlag
 from .copystate import FROM_SOURCE, CopyError, CopyState
 
 #: Bytes of source extents asked for at a time (one query, or a few when the
@@ -52,7 +51,6 @@ ZERO_WINDOW = 64 << 30
 ZERO_CLAIM_MAX = 1 << 30
 #: Longest range asked in one extents query (NBD block status lengths are 32-bit).
 ZERO_QUERY_MAX = 1 << 31
-_ZERO = int(StateFlag.ZERO)
 
 
 class RateLimiter:
@@ -140,7 +138,6 @@ class Pump:
 
     async def _ask_window(self, w: int) -> None:
         st = self.state
-        cs, shift = st.cluster_size, st._shift
         pos, end = w * ZERO_WINDOW, min((w + 1) * ZERO_WINDOW, st.size)
         runs: list[tuple[int, int]] = []
         while pos < end:
@@ -149,18 +146,7 @@ class Pump:
             except OSError:
                 break  # no knowledge: the plain copy is always right
             before = pos
-            for e in exts:
-                e_end = min(e.offset + e.length, end)
-                if e.flags & _ZERO and e_end > e.offset:
-                    # Whole clusters only; the disk's last cluster may be short.
-                    first = (e.offset + cs - 1) >> shift
-                    last = st.nclusters if e_end == st.size else e_end >> shift
-                    if last > first:
-                        if runs and runs[-1][1] == first:
-                            runs[-1] = (runs[-1][0], last)
-                        else:
-                            runs.append((first, last))
-                pos = max(pos, e_end)
+            pos = st.add_zero_runs(runs, exts, pos, end)
             if pos <= before:
                 break  # no progress: leave the rest to the plain copy
         self._zero_runs = sorted(self._zero_runs + runs)
