@@ -40,7 +40,7 @@ import pytest
 
 import certs
 import peers
-from test_server_robustness import recv_exact
+from test_server_robustness import _rss_mib, recv_exact
 from test_tls import tls_uri
 
 from nbdbackup.nbd.wire import IHAVEOPT, NBDMAGIC, Opt, Rep
@@ -320,14 +320,6 @@ def test_failed_tls_handshakes_cannot_flood_the_log(pki, short_tmp):
         assert r.returncode == 0, r.stderr
         n = p.log().count("TLS handshake failed")
         assert p.alive() and 1 <= n <= 20 * (took / 2 + 2), (n, took)
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_memory_of_a_wave_of_stalled_tls_handshakes_goes_back(pki):
