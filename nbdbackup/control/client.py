@@ -34,6 +34,7 @@ import ssl as _ssl
 from typing import Any, AsyncIterator
 
 from ..errors import ConnectionClosed, RemoteProtocolError
+from ..nbd.logsafe import clip
 from . import framing
 from .schema import CommandError
 
@@ -100,6 +101,10 @@ class ControlClient:
                 self._reader, self._writer = await asyncio.open_connection(*self._tcp)
             try:
                 greeting = await self._recv()
+                if isinstance(greeting, dict) and isinstance(greeting.get("error"), dict):
+                    # A refusal instead of a greeting (our server at its session cap).
+                    raise ConnectionClosed(
+                        f"{self.path}: the server refused the session: {clip(str(greeting['error'].get('desc')), 200)}")
                 if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
                     raise RemoteProtocolError(f"{self.path}: not a QMP server (greeting {greeting!r:.200})")
                 self.greeting = greeting

@@ -37,8 +37,14 @@ that has not earned access (still in its TLS handshake, or admitted as
 the new connection is closed at once.  So peers without an authorized
 certificate -- anyone who can reach the port -- can neither exhaust the
 process's file descriptors (which the NBD listeners, the Unix control socket
-and the exports' files share) nor push out an admitted session.  The Unix
-socket has no cap (mode 0600: its clients are the operator).
+and the exports' files share) nor push out an admitted session.
+
+Local admission: at most `MAX_LOCAL_CLIENTS` sessions on the Unix socket(s)
+at once (mode 0600: the operator's own clients, trusted but maybe buggy);
+beyond, a new connection gets one ``GenericError`` line saying so and is
+closed -- no session is ever pushed out (an event listener holding a session
+for hours is legitimate), so a script that leaks connections locks out only
+further control clients, never the descriptors NBD clients need.
 
 Concurrency invariants:
 - Each client is a `_Session` with three tasks: the reader (parses input,
@@ -95,6 +101,8 @@ READ_CHUNK = 64 * 1024
 TLS_HANDSHAKE_TIMEOUT = 10.0
 #: Remote (TCP) control connections at once: in the TLS handshake or in a session.
 MAX_REMOTE_CLIENTS = 32
+#: Sessions on the Unix control socket(s) at once (see "Local admission").
+MAX_LOCAL_CLIENTS = 64
 #: Admission warnings (evictions, refusals at the cap) logged per `_LOG_PERIOD` s.
 _LOG_BUDGET = 10
 _LOG_PERIOD = 2.0
@@ -141,6 +149,8 @@ class QMPServer:
         self._tcp_servers: list[_TCPListener] = []
         #: Remote connections holding a slot, oldest first (see "Remote admission").
         self._remote: list[_RemoteSlot] = []
+        #: Sessions on the Unix socket(s) (see "Local admission").
+        self._local = 0
         #: (start of the current log period, admission warnings logged in it).
         self._admission_log = (0.0, 0)
         self._path: str | None = None
@@ -314,7 +324,7 @@ class QMPServer:
         await self.close()
 
     def _warn_admission(self, msg: str, *args) -> None:
-        """A remote eviction or refusal: at most `_LOG_BUDGET` per `_LOG_PERIOD` s."""
+        """An eviction or refusal: at most `_LOG_BUDGET` per `_LOG_PERIOD` s."""
         now = time.monotonic()
         start, n = self._admission_log
         if now - start > _LOG_PERIOD:
@@ -396,6 +406,16 @@ class QMPServer:
                           authorize: Callable[[dict | None], Access] | None = None,
                           slot: "_RemoteSlot | None" = None) -> None:
         access = FULL
+        if slot is None:
+            if self._local >= MAX_LOCAL_CLIENTS:
+                self._warn_admission("control client refused on the Unix socket: %d sessions already",
+                                     self._local)
+                with contextlib.suppress(Exception):
+                    writer.write(framing.encode(framing.reply_error(
+                        "GenericError", f"too many control connections ({MAX_LOCAL_CLIENTS}); "
+                        "close some and retry")))
+                    writer.close()
+                return
         if authorize is not None:
             access = authorize(writer.get_extra_info("peercert"))
             peer = writer.get_extra_info("peername")
@@ -409,6 +429,8 @@ class QMPServer:
             slot.admitted = access.level != "none"
         session.task = asyncio.current_task()
         self._sessions.add(session)
+        if slot is None:
+            self._local += 1
         try:
             await session.run()
         except asyncio.CancelledError:
@@ -417,6 +439,8 @@ class QMPServer:
             log.exception("control client session failed")
         finally:
             self._sessions.discard(session)
+            if slot is None:
+                self._local -= 1
             session.abort()
 
     # -- dispatch ---------------------------------------------------------

@@ -607,3 +607,40 @@ def test_client_tolerates_a_repeated_greeting(short_tmp):
     odd = [lambda req: [{"unexpected": 1, "id": req["id"]}]]
     with pytest.raises(Exception, match="capabilities negotiation failed"):
         run(main(odd))
+
+
+def test_unix_socket_sessions_are_capped_without_pushing_anyone_out(short_tmp, monkeypatch):
+    """A local client that leaks connections: past MAX_LOCAL_CLIENTS sessions a
+    new one is refused with a GenericError line and closed (the descriptors
+    NBD clients need stay free); the sessions already there keep working,
+    and once one closes a new client gets in."""
+    monkeypatch.setattr(qmp_mod, "MAX_LOCAL_CLIENTS", 8)
+
+    async def main():
+        server, engine, path = await started(short_tmp)
+        held = [await Raw.open(path) for _ in range(8)]
+        try:
+            r, w = await asyncio.open_unix_connection(path)
+            line = await asyncio.wait_for(r.readline(), 5)
+            assert json.loads(line)["error"]["desc"].startswith("too many control connections (8)"), line
+            assert await asyncio.wait_for(r.read(), 5) == b""  # closed
+            w.close()
+            with pytest.raises(ConnectionClosed, match="refused the session: 'too many control connections"):
+                await ControlClient(path).connect()
+            assert server.client_count == 8
+            assert "return" in await held[0].cmd('{"execute": "query-jobs"}')
+            await held.pop().close()
+            for _ in range(50):  # the server notices the close
+                if server.client_count < 8:
+                    break
+                await asyncio.sleep(0.02)
+            c = ControlClient(path)
+            await c.connect()
+            assert (await c.execute("query-jobs"))[0]["id"] == "j0"
+            await c.close()
+        finally:
+            for h in held:
+                await h.close()
+            await server.close()
+
+    run(main())
