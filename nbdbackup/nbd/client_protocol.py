@@ -37,10 +37,16 @@ Invariants:
   error, structured ERROR/ERROR_OFFSET chunks) are not protocol errors: they
   finish the request with a POSIX errno (`wire.nbd_to_errno`) and the
   connection goes on.
-- A structured READ reply is accepted only if its chunks stay inside the
-  request and, on success, their lengths add up to the request length
-  (overlaps are not detected: proto.md forbids them and tracking them would
-  cost a bitmap per request).
+- A structured READ reply is accepted only if its content chunks stay
+  inside the request, never overlap an earlier content chunk of the same
+  reply, and, on success, their lengths add up to the request length: so a
+  successful READ has written every byte of the caller's buffer exactly once
+  (proto.md: chunks MUST NOT overlap; a client MAY hard-disconnect).  Without
+  the overlap check a reply whose overlapping chunks add up to the length
+  left a gap holding whatever the buffer held before -- in a pull, the
+  previous chunk's bytes, stored as this one's (hunt 8).  The covered ranges
+  are kept only per multi-chunk reply (`_Pending.covered`), as a sorted flat
+  list of boundaries.
 - An abandoned request (`Transmission.abandon`: its caller was cancelled or
   timed out) never writes into the caller's buffer again; its reply is still
   parsed, then dropped.
@@ -48,6 +54,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import os
 from dataclasses import dataclass, field
@@ -546,10 +553,13 @@ class _Pending:
 
     Fields: ``cmd``, ``offset``, ``length`` as sent; ``buf``: the caller's
     buffer for READ (None once abandoned); ``received``: READ bytes covered
-    so far; ``error``/``message``: the first error reported; ``extents``.
+    so far; ``covered``: the content chunks seen so far as sorted, disjoint
+    ranges relative to ``offset``, flattened ``[start0, end0, start1, end1,
+    ...]`` (None before the first); ``error``/``message``: the first error
+    reported; ``extents``.
     """
 
-    __slots__ = ("cmd", "offset", "length", "buf", "received", "error", "message", "extents")
+    __slots__ = ("cmd", "offset", "length", "buf", "received", "covered", "error", "message", "extents")
 
     def __init__(self, cmd: int, offset: int, length: int, buf: memoryview | None) -> None:
         self.cmd = cmd
@@ -557,6 +567,7 @@ class _Pending:
         self.length = length
         self.buf = buf
         self.received = 0
+        self.covered: list[int] | None = None
         self.error = 0
         self.message = ""
         self.extents: dict[int, list[tuple[int, int]]] | None = None
@@ -865,13 +876,38 @@ class Transmission:
             )
         return start
 
+    def _cover(self, req: _Pending, offset: int, length: int) -> int:
+        """Record content chunk ``(offset, length)`` of ``req``; return its start in the request.
+
+        Raises `RemoteProtocolError` if it leaves the request or overlaps an
+        earlier content chunk (proto.md "Structured replies": MUST NOT)::
+
+            covered   [s0    e0)      [s1   e1)
+            chunk           [start    end)          bisect_right(start) is odd
+                                                    (inside), or end > s1: overlap
+        """
+        start = self._check_range(req, offset, length)
+        end = start + length
+        cov = req.covered
+        if cov is None:
+            req.covered = [start, end]
+        else:
+            i = bisect.bisect_right(cov, start)
+            if i & 1 or (i < len(cov) and end > cov[i]):
+                raise RemoteProtocolError(
+                    f"chunk ({offset}, {length}) overlaps an earlier chunk of the reply to "
+                    f"({req.offset}, {req.length})"
+                )
+            cov[i:i] = (start, end)
+        req.received += length
+        return start
+
     def _on_data_offset(self, offset: int) -> None:
         flags, _, cookie, length = self._chunk
         req = self._req
         assert req is not None
         n = length - 8
-        start = self._check_range(req, offset, n)
-        req.received += n
+        start = self._cover(req, offset, n)
         done = self._data_done
         if req.buf is not None:
             self._start_fill(req.buf[start : start + n], done, True)
@@ -892,8 +928,7 @@ class Transmission:
             offset, n = wire.OFFSET_HOLE.unpack(payload)
             if n == 0:
                 raise RemoteProtocolError("OFFSET_HOLE of length 0")
-            start = self._check_range(req, offset, n)
-            req.received += n
+            start = self._cover(req, offset, n)
             if req.buf is not None:
                 req.buf[start : start + n] = bytes(n)
         elif rtype == _T_BLOCK_STATUS:

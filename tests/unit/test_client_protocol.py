@@ -394,6 +394,39 @@ def test_reply_protocol_violations(make, match):
         tx.request(Cmd.FLUSH, 0, 0, 0)
 
 
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        # Each adds up to the 16-byte request but leaves a gap (proto.md: content chunks
+        # MUST NOT overlap); before hunt 8 the gap kept the buffer's old bytes.
+        [(0, "d", 8), (0, "d", 8)],  # the same range twice
+        [(0, "d", 8), (4, "d", 8)],  # starts inside an earlier chunk
+        [(8, "d", 8), (4, "d", 8)],  # ends inside an earlier chunk (out of order)
+        [(4, "h", 4), (0, "d", 12)],  # encloses an earlier hole
+        [(0, "d", 4), (12, "d", 4), (2, "h", 8)],  # between two, overlapping the first
+        [(0, "d", 4), (12, "d", 4), (6, "d", 8)],  # between two, overlapping the second
+    ],
+)
+def test_overlapping_content_chunks_are_a_violation(chunks):
+    tx = Transmission(structured=True)
+    cookie, buf = read_req(tx, 100, 16)
+    stream = b"".join(data_chunk(cookie, 100 + o, b"x" * n) if kind == "d" else hole_chunk(cookie, 100 + o, n)
+                      for o, kind, n in chunks) + none_chunk(cookie)
+    with pytest.raises(RemoteProtocolError, match="overlaps an earlier chunk"):
+        feed(tx, stream, 3)
+    assert tx.broken and not tx.events
+
+
+def test_adjacent_content_chunks_in_any_order_are_accepted():
+    tx = Transmission(structured=True)
+    cookie, buf = read_req(tx, 100, 16)
+    stream = (data_chunk(cookie, 108, b"c" * 4) + hole_chunk(cookie, 104, 4) + data_chunk(cookie, 112, b"d" * 4)
+              + data_chunk(cookie, 100, b"a" * 4) + none_chunk(cookie))
+    feed(tx, stream, 5)
+    assert [(e.cookie, e.error) for e in tx.events] == [(cookie, 0)]
+    assert buf == b"a" * 4 + bytes(4) + b"c" * 4 + b"d" * 4
+
+
 def test_structured_chunk_without_negotiation_is_a_violation():
     tx = Transmission(structured=False)
     cookie, _ = read_req(tx, 0, 4)
