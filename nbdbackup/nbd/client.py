@@ -70,6 +70,15 @@ _READ = int(Cmd.READ)
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
+#: `Client.block_status` keeps at most this many extents per call before it checks their
+#: density (see `MIN_AVG_EXTENT`).
+DENSE_EXTENTS = 1 << 16
+#: Past `DENSE_EXTENTS`, extents averaging under this many bytes fail the call (EOVERFLOW):
+#: a server sending 1-byte extents made a 16 MiB pull hold 16 M of them (3 GB, hunt 8),
+#: without bound for larger exports.  A file system's block (4 KiB) is the finest any
+#: real server reports in bulk; a fully 4 KiB-fragmented export passes (exactly this average).
+MIN_AVG_EXTENT = 4096
+
 __all__ = [
     "Client",
     "connect",
@@ -644,7 +653,9 @@ class Client:
 
         Short replies are continued with further requests; an extent running
         past the range (allowed for the last one) is clipped.  With
-        ``req_one`` only the first extent is returned.
+        ``req_one`` only the first extent is returned.  Memory is bounded:
+        more than `DENSE_EXTENTS` extents averaging under `MIN_AVG_EXTENT`
+        bytes raise ``OSError(EOVERFLOW)``.
 
         ::
 
@@ -681,6 +692,11 @@ class Client:
                         out[-1] = Extent(out[-1].offset, out[-1].length + e_end - e_start, f)
                     else:
                         out.append(Extent(e_start, e_end - e_start, f))
+                        if len(out) > DENSE_EXTENTS and len(out) * MIN_AVG_EXTENT > e_end - offset:
+                            raise OSError(errno.EOVERFLOW,
+                                          f"server reported {len(out)} extents of {context!r} in the "
+                                          f"{e_end - offset} bytes at {offset} (more than one per "
+                                          f"{MIN_AVG_EXTENT} bytes): refusing to track them")
                 if at >= end:
                     break
             if at <= pos:

@@ -24,7 +24,8 @@ and answers READ / BLOCK_STATUS correctly unless ``mode`` says otherwise:
 - ``bs-beyond``: BLOCK_STATUS extents summing past the request (allowed for the
   last one only when REQ_ONE... we send two past it); ``bs-zero``: extents of
   length 0 only; ``bs-ctx``: an unknown context id; ``bs-endless``: a reply of
-  ~1 M tiny extents;
+  ~1 M tiny extents; ``bs-tiny`` (legal): 1-byte extents alternating data /
+  hole, 32 MiB of descriptors per reply; ``bs-frag`` (legal): 4 KiB ones;
 - ``size-change``: the second and later connections see an export 1 MiB larger;
 - ``hole-overlap``: OFFSET_HOLE over the first half twice (sum = length).
 
@@ -271,6 +272,10 @@ class Server:
             descs = struct.pack(">II", n, 0) + struct.pack(">II", 1 << 20, 0) + struct.pack(">II", 1 << 20, 0)
         elif mode == "bs-zero":
             descs = struct.pack(">II", 0, 0) * 4
+        elif mode == "bs-tiny":  # legal: 1-byte extents, alternating data / hole+zero, up to 32 MiB of them
+            descs = struct.pack(">IIII", 1, 0, 1, 3) * min(n // 2, (32 << 20) // 16 - 1)
+        elif mode == "bs-frag":  # legal: 4 KiB extents, alternating data / hole+zero
+            descs = struct.pack(">IIII", 4096, 0, 4096, 3) * (n // 8192)
         elif mode == "bs-endless":
             descs = struct.pack(">II", 512, 0) * min(n // 512, 1 << 20)
         else:

@@ -7,7 +7,8 @@ good snapshot ``base`` (pulled from a correct `rawnbd` server); then one
 overlapping content chunks, short / long / foreign-cookie / huge / never-DONE
 READ replies, a stall mid-reply, an error chunk with an absurd message, an
 error reply, a foreign metadata context, zero-length or overrunning or
-endless extents, an export that grows between connections).  Checked for
+endless extents, 1-byte extents by the million, an export that grows
+between connections).  Checked for
 each: the pull fails with one clear line and no traceback (or, where the reply
 is legal, succeeds with exactly the server's bytes); the stall ends at
 ``--io-timeout``; no snapshot is recorded; ``repo verify`` passes; ``base``
@@ -74,6 +75,7 @@ FAILING = [
     ("bs-ctx", "BLOCK_STATUS for unknown context id 99"),
     ("bs-zero", "server made no progress in BLOCK_STATUS"),
     ("size-change", "connections disagree about the export"),
+    ("bs-tiny", "more than one per 4096 bytes): refusing to track them"),
 ]
 
 
@@ -97,15 +99,20 @@ def test_a_pull_from_a_broken_server_fails_with_one_line_and_records_nothing(sho
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode", ["bs-beyond", "bs-endless"])
-def test_extents_past_the_request_or_many_tiny_ones_give_the_exact_snapshot(short_tmp, repo, capsys, mode):
-    """Legal-but-odd BLOCK_STATUS replies (clipped; 16 K descriptors per request): the
-    snapshot is exactly the server's content."""
+@pytest.mark.parametrize("mode", ["bs-beyond", "bs-endless", "bs-frag"])
+def test_extents_past_the_request_or_many_small_ones_give_the_exact_snapshot(short_tmp, repo, capsys, mode):
+    """Legal-but-odd BLOCK_STATUS replies (clipped; 16 K descriptors per request; 4 KiB
+    extents alternating data and hole over the whole export, exactly the density limit):
+    the snapshot is exactly the server's content (zeros where it says hole+zero)."""
     with rawnbd.Server(str(short_tmp / "odd.sock"), mode, SIZE) as odd:
         assert main(["pull", uri(Path(odd.path)), "--repo", repo, "--snapshot", "s1"]) == 0
     out = short_tmp / "s1.raw"
     assert main(["restore", repo, "s1", str(out)]) == 0
-    assert out.read_bytes() == rawnbd.pattern(0, SIZE)
+    want = bytearray(rawnbd.pattern(0, SIZE))
+    if mode == "bs-frag":
+        for off in range(4096, SIZE, 8192):
+            want[off : off + 4096] = bytes(4096)
+    assert out.read_bytes() == want
 
 
 @pytest.mark.parametrize("mode", ["read-stall", "read-nodone"])
