@@ -26,7 +26,7 @@ import stat
 import sys
 
 from ..blockdev import parse_size
-from ..errors import ConfigError
+from ..errors import ConfigError, ConnectionClosed, RemoteProtocolError
 from . import add_io_timeout_option, io_timeout, run_async
 from ..progress import Progress, add_progress_option
 from .repoargs import add_repo_options
@@ -161,12 +161,14 @@ async def _open_source(args: argparse.Namespace):
 
 @contextlib.contextmanager
 def _stopped(consequence: str, what: str = "pull"):
-    """A failed pull or check (the server's error reply or timeout, the target's or
-    repository's OSError) is one `ConfigError` line saying what it left, not a traceback."""
+    """A failed pull or check (the server's error reply, timeout, closed connection or
+    protocol violation, the target's or repository's OSError) is one `ConfigError` line
+    saying what it left, not a traceback."""
     try:
         yield
-    except OSError as e:
-        raise ConfigError(f"{what} stopped: {e.strerror or e}; {consequence}") from e
+    except (OSError, ConnectionClosed, RemoteProtocolError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{what} stopped: {why}; {consequence}") from e
 
 
 async def _pull(args: argparse.Namespace, chunk: int) -> int:

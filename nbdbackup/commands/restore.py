@@ -26,7 +26,7 @@ import stat
 import sys
 
 from ..agent.restore import DIR_WORKERS, S3_WORKERS
-from ..errors import ConfigError
+from ..errors import ConfigError, ConnectionClosed, RemoteProtocolError
 from ..progress import Progress, add_progress_option
 from . import add_io_timeout_option, io_timeout, run_async
 from .repoargs import REPO_HELP, add_repo_options, open_repo
@@ -133,9 +133,10 @@ async def _restore(args: argparse.Namespace, repo, man) -> int:
                 stats = await restore(repo, man, dst, snapshot=args.snapshot, workers=args.workers,
                                       target_is_zero=zero, progress=prog.update, direct=not args.buffered,
                                       keep_going=args.keep_going)
-            except OSError as e:  # the target failed (ENOSPC, EIO, the NBD server went away)
-                raise ConfigError(f"{args.target}: {e.strerror or e} (restore stopped: the target is incomplete)"
-                                  ) from e
+            except (OSError, ConnectionClosed, RemoteProtocolError) as e:
+                # the target failed (ENOSPC, EIO, a timeout, the NBD server went away or broke the protocol)
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise ConfigError(f"{args.target}: {why} (restore stopped: the target is incomplete)") from e
     finally:
         await dst.close()
     out = stats.to_json()

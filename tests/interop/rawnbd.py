@@ -27,9 +27,11 @@ and answers READ / BLOCK_STATUS correctly unless ``mode`` says otherwise:
   ~1 M tiny extents; ``bs-tiny`` (legal): 1-byte extents alternating data /
   hole, 32 MiB of descriptors per reply; ``bs-frag`` (legal): 4 KiB ones;
 - ``size-change``: the second and later connections see an export 1 MiB larger;
-- ``hole-overlap``: OFFSET_HOLE over the first half twice (sum = length).
+- ``hole-overlap``: OFFSET_HOLE over the first half twice (sum = length);
+- ``write-close``: the connection is closed on a WRITE, unanswered (a restore
+  target going away).
 
-``after`` (count of READ replies answered correctly before misbehaving) lets a
+``after`` (count of READ replies -- WRITEs for ``write-close`` -- answered correctly before misbehaving) lets a
 pull get going first.  Run as a script: ``python rawnbd.py SOCKET MODE [SIZE]``.
 """
 
@@ -105,6 +107,7 @@ class Server:
         self.conns = 0
         self.reads = 0  # READ requests answered so far (all connections)
         self.requests = 0
+        self.writes = 0  # WRITE requests received so far (all connections)
         self.stalled = threading.Event()
         self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.lsock.bind(path)
@@ -208,6 +211,11 @@ class Server:
                     return
                 if cmd == CMD_WRITE:
                     _recv(s, n)
+                    with self.lock:
+                        self.writes += 1
+                        bad = self.writes > self.after
+                    if self.mode == "write-close" and bad:
+                        return  # the target goes away mid-restore, the write unanswered
                 if cmd == CMD_READ:
                     with self.lock:
                         self.reads += 1

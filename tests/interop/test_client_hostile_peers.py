@@ -13,7 +13,8 @@ each: the pull fails with one clear line and no traceback (or, where the reply
 is legal, succeeds with exactly the server's bytes); the stall ends at
 ``--io-timeout``; no snapshot is recorded; ``repo verify`` passes; ``base``
 still restores byte-exact.  Also: restore to an NBD target that stops
-answering writes ends at ``--io-timeout`` with one line; the three NBD
+answering writes ends at ``--io-timeout`` with one line, one that closes the
+connection mid-restore says the target is incomplete; the three NBD
 commands default to a finite ``--io-timeout``.
 
 The pulls run in-process through `nbdbackup.cli.main` (a traceback would be an
@@ -139,6 +140,17 @@ def test_restore_to_a_target_that_stops_answering_writes_ends_at_the_io_timeout(
     assert "timed out after 1.0 s (restore stopped: the target is incomplete)" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert took < 15, took
+
+
+def test_restore_to_a_target_that_closes_mid_restore_says_it_is_incomplete(short_tmp, repo, capsys):
+    with rawnbd.Server(str(short_tmp / "t.sock"), "write-close", SIZE, after=2) as t:
+        capsys.readouterr()
+        rc = main(["restore", repo, "base", uri(Path(t.path)), "--io-timeout", "5"])
+        err = capsys.readouterr().err
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("(restore stopped: the target is incomplete)"), err
+    assert "connection" in lines[0], err
 
 
 @pytest.mark.parametrize("argv", [["pull", "nbd://x/", "--repo", "r", "--snapshot", "s"],
