@@ -7,7 +7,7 @@ accepts it -- and body) to ``upstream`` and relays the answer, except where
 a rule matches.  Written with ``http.server`` and ``http.client`` only.
 
 A rule is ``(method, key_substring, fault, count)``: the next ``count``
-requests whose method and path match get ``fault`` instead of (or on top of)
+requests whose method (``"*"``: any) and path match get ``fault`` instead of (or on top of)
 the store's answer:
 
 - ``"503"`` / ``"500"``: that status with an S3 XML error, nothing forwarded;
@@ -18,7 +18,8 @@ the store's answer:
 - ``"truncate"`` (GET): the store's headers (its Content-Length), half the
   body, then the connection closed;
 - ``"stall"`` (GET): the store's headers, then silence until the proxy closes;
-- ``"garbage"``: a 200 with a body that is not XML (for LIST / the lease calls).
+- ``"garbage"``: a 200 with a body that is not XML (for LIST / the lease calls);
+- ``"reset"``: the connection closed with no answer (the store gone mid-run).
 
 ``counts`` says how many requests of each method went through, ``faults``
 how many faults were injected.
@@ -86,7 +87,7 @@ class Proxy:
         with self.lock:
             self.counts[method] = self.counts.get(method, 0) + 1
             for r in self.rules:
-                if r[3] > 0 and r[0] == method and r[1] in path:
+                if r[3] > 0 and r[0] in (method, "*") and r[1] in path:
                     r[3] -= 1
                     self.faults += 1
                     return r[2]
@@ -96,6 +97,10 @@ class Proxy:
         n = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(n) if n else b""
         fault = self._match(h.command, h.path)
+        if fault == "reset":
+            h.close_connection = True
+            h.connection.shutdown(2)  # socket.SHUT_RDWR: no answer at all
+            return
         if fault in ("503", "500", "412-dropped", "404-head", "garbage"):
             status = {"503": 503, "500": 500, "412-dropped": 412, "404-head": 404, "garbage": 200}[fault]
             code = {503: b"SlowDown", 500: b"InternalError", 412: b"PreconditionFailed", 404: b"NoSuchKey"}

@@ -11,7 +11,8 @@ reached through the proxy (``AWS_ENDPOINT_URL``); an 8 MiB `rawnbd` export
   whose chunk was missing: only a later ``repo verify`` found out);
 - 503 bursts on chunk PUTs and GETs: retried, the snapshot restores exactly;
 - a 500 on every chunk GET: the restore fails with one line after a bounded
-  number of requests;
+  number of requests; every chunk PUT's connection closed unanswered (the
+  store gone mid-pull): the pull fails the same way and records nothing;
 - a 200 chunk GET with one byte changed, or a changed snapshot manifest: the
   restore fails naming the chunk / the snapshot, never writes it as good.
 
@@ -110,3 +111,16 @@ def test_a_200_with_changed_bytes_is_caught(world, short_tmp, what, says):
     assert rc == 1 and not same and says in err, err
     rc, err, same = restored(repo, "s1", short_tmp / "out2.raw")  # the store itself was never damaged
     assert (rc, same) == (0, True), err
+
+
+def test_a_store_gone_mid_pull_fails_it_in_bounded_time_and_records_nothing(world):
+    """Every chunk PUT's connection closed unanswered (the store went away after the pull
+    took its lease): one line, bounded retries, no snapshot."""
+    px, repo, src = world
+    px.add("PUT", "/chunks/", "reset", 10_000)
+    t0 = time.monotonic()
+    rc, err = cli("pull", src, "--repo", repo, "--snapshot", "s1")
+    took = time.monotonic() - t0
+    assert rc == 1 and len(err.splitlines()) == 1 and "no snapshot was recorded" in err, err
+    assert px.faults < 200 and took < 60, (px.faults, took)
+    assert snapshots(repo) == []
