@@ -80,6 +80,12 @@ MAX_OPTION_REPLY = wire.MAX_OPTION_LENGTH
 #: Largest non-data structured chunk payload we accept (a BLOCK_STATUS chunk
 #: for a huge, fragmented range).
 MAX_CHUNK_PAYLOAD = wire.MAX_PAYLOAD
+#: Most REP_META_CONTEXT replies we take for one option: a server listing
+#: contexts without end (distinct 4000-byte names) grew a pull's memory to 9 GB
+#: before the 30 s connect timeout (hunt 8).  Each name is at most
+#: `wire.MAX_STRING` bytes (proto.md: strings MUST be no longer than 4096), so
+#: a listing holds at most ~64 MiB; qemu and nbdkit list a few.
+MAX_META_CONTEXTS = 16384
 #: Default maximum request size when the server gives no block sizes
 #: (proto.md "Block size constraints": clients SHOULD NOT exceed 32 MiB).
 DEFAULT_MAX_BLOCK = 32 * 1024 * 1024
@@ -405,6 +411,11 @@ class Handshake:
             if r.rep == Rep.META_CONTEXT:
                 if len(r.data) < 5:
                     raise RemoteProtocolError("short REP_META_CONTEXT")
+                if len(r.data) - 4 > wire.MAX_STRING:
+                    raise RemoteProtocolError(f"meta context name of {len(r.data) - 4} bytes (at most "
+                                              f"{wire.MAX_STRING})")
+                if len(got) == MAX_META_CONTEXTS:
+                    raise RemoteProtocolError(f"more than {MAX_META_CONTEXTS} meta contexts in one reply")
                 (cid,) = wire.META_CONTEXT_ID.unpack_from(r.data)
                 got.append((cid, _decode(r.data[4:], "meta context name")))
             elif wire.rep_is_error(r.rep):
@@ -424,7 +435,11 @@ class Handshake:
         queries = [q for q in self.plan.meta_contexts if q.endswith(":")]
         if queries:
             listed = yield from self._list_meta_context(queries)
-            wanted += [n for n in listed if n not in wanted]
+            known = set(wanted)
+            for n in listed:  # (a set: up to MAX_META_CONTEXTS names)
+                if n not in known:
+                    known.add(n)
+                    wanted.append(n)
         if not wanted:
             return
         self._send_option(Opt.SET_META_CONTEXT, self._meta_payload(wanted))

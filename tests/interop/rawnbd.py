@@ -27,6 +27,8 @@ and answers READ / BLOCK_STATUS correctly unless ``mode`` says otherwise:
   ~1 M tiny extents; ``bs-tiny`` (legal): 1-byte extents alternating data /
   hole, 32 MiB of descriptors per reply; ``bs-frag`` (legal): 4 KiB ones;
 - ``size-change``: the second and later connections see an export 1 MiB larger;
+- ``meta-flood``: OPT_LIST_META_CONTEXT answered by an endless stream of
+  distinct 4000-byte context names;
 - ``hole-overlap``: OFFSET_HOLE over the first half twice (sum = length);
 - ``write-close``: the connection is closed on a WRITE, unanswered (a restore
   target going away).
@@ -176,6 +178,13 @@ class Server:
                     (ql,) = struct.unpack_from(">I", data, pos)
                     names.append(data[pos + 4 : pos + 4 + ql].decode())
                     pos += 4 + ql
+                if self.mode == "meta-flood" and opt == OPT_LIST_META:
+                    k = 0
+                    while not self._stop:  # an endless list of distinct 4000-byte names
+                        k += 1
+                        s.sendall(_opt_reply(opt, REP_META, struct.pack(">I", 0)
+                                             + b"qemu:dirty-bitmap:%010d" % k + b"x" * 3972))
+                    return None
                 if (not names or "base:allocation" in names) and structured:
                     if opt == OPT_SET_META:
                         meta = True

@@ -8,7 +8,7 @@ overlapping content chunks, short / long / foreign-cookie / huge / never-DONE
 READ replies, a stall mid-reply, an error chunk with an absurd message, an
 error reply, a foreign metadata context, zero-length or overrunning or
 endless extents, 1-byte extents by the million, an export that grows
-between connections).  Checked for
+between connections, an endless metadata context listing).  Checked for
 each: the pull fails with one clear line and no traceback (or, where the reply
 is legal, succeeds with exactly the server's bytes); the stall ends at
 ``--io-timeout``; no snapshot is recorded; ``repo verify`` passes; ``base``
@@ -77,6 +77,7 @@ FAILING = [
     ("bs-zero", "server made no progress in BLOCK_STATUS"),
     ("size-change", "connections disagree about the export"),
     ("bs-tiny", "more than one per 4096 bytes): refusing to track them"),
+    ("meta-flood", "cannot connect: more than 16384 meta contexts in one reply"),
 ]
 
 

@@ -16,6 +16,7 @@ from nbdbackup.errors import ConnectionClosed, LocalProtocolError, OptionError, 
 from nbdbackup.nbd import wire
 from nbdbackup.nbd.client_protocol import (
     DIRECT_MIN,
+    MAX_META_CONTEXTS,
     Handshake,
     HandshakePlan,
     Mode,
@@ -182,6 +183,36 @@ def test_handshake_protocol_violations(server, match):
     with pytest.raises(RemoteProtocolError, match=match):
         feed(hs, server, 3)
     assert hs.broken
+
+
+@pytest.mark.parametrize("flood, match", [("long", "meta context name of 4097 bytes"),
+                                          ("many", "more than 16384 meta contexts")])
+def test_handshake_bounds_a_meta_context_listing(flood, match):
+    """A server listing contexts without end (hunt 8: 9 GB in 30 s) or with names past
+    proto.md's 4096-byte string limit is a protocol violation, at once."""
+    hs = Handshake(HandshakePlan(Mode.GO, "disk", ("qemu:dirty-bitmap:",)))
+    feed(hs, greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK), 1)
+    if flood == "long":
+        stream = rep(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT, meta(0, "qemu:dirty-bitmap:" + "x" * 4079))
+    else:
+        stream = b"".join(rep(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT, meta(0, f"qemu:dirty-bitmap:{k}"))
+                          for k in range(MAX_META_CONTEXTS + 1))
+    with pytest.raises(RemoteProtocolError, match=match):
+        hs.receive_data(stream)
+    assert hs.broken
+
+
+def test_handshake_takes_a_listing_at_the_bounds():
+    hs = Handshake(HandshakePlan(Mode.GO, "disk", ("qemu:dirty-bitmap:",)))
+    names = [f"qemu:dirty-bitmap:{k}" for k in range(MAX_META_CONTEXTS - 1)] + ["qemu:dirty-bitmap:" + "y" * 4078]
+    server = (greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK)
+              + b"".join(rep(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT, meta(0, n)) for n in names)
+              + rep(Opt.LIST_META_CONTEXT, Rep.ACK)
+              + rep(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, meta(5, names[-1]))
+              + rep(Opt.SET_META_CONTEXT, Rep.ACK)
+              + rep(Opt.GO, Rep.INFO, info_export(1 << 20, GO_FLAGS)) + rep(Opt.GO, Rep.ACK))
+    hs.receive_data(server)
+    assert hs.done and hs.result.meta_contexts == {names[-1]: 5}
 
 
 def test_handshake_eof_is_a_protocol_error():
