@@ -86,6 +86,9 @@ MAX_CHUNK_PAYLOAD = wire.MAX_PAYLOAD
 #: `wire.MAX_STRING` bytes (proto.md: strings MUST be no longer than 4096), so
 #: a listing holds at most ~64 MiB; qemu and nbdkit list a few.
 MAX_META_CONTEXTS = 16384
+#: Most REP_SERVER replies we take for OPT_LIST (the same reason; each names
+#: one export we then ask OPT_INFO about).
+MAX_EXPORTS = 16384
 #: Default maximum request size when the server gives no block sizes
 #: (proto.md "Block size constraints": clients SHOULD NOT exceed 32 MiB).
 DEFAULT_MAX_BLOCK = 32 * 1024 * 1024
@@ -518,6 +521,8 @@ class Handshake:
                 raise self._error(r)
             if r.rep != Rep.SERVER:
                 raise RemoteProtocolError(f"unexpected reply {r.rep:#x} to OPT_LIST")
+            if len(names) == MAX_EXPORTS:
+                raise RemoteProtocolError(f"more than {MAX_EXPORTS} exports listed")
             if len(r.data) < 4:
                 raise RemoteProtocolError("short REP_SERVER")
             (n,) = wire.U32.unpack_from(r.data)

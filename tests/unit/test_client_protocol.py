@@ -16,6 +16,7 @@ from nbdbackup.errors import ConnectionClosed, LocalProtocolError, OptionError, 
 from nbdbackup.nbd import wire
 from nbdbackup.nbd.client_protocol import (
     DIRECT_MIN,
+    MAX_EXPORTS,
     MAX_META_CONTEXTS,
     Handshake,
     HandshakePlan,
@@ -241,6 +242,14 @@ def test_handshake_list_exports():
     assert [(e.name, e.description, e.size, int(e.flags)) for e in ex] == [("a", "first", 100, 3), ("b", "", 200, 1)]
     _, opts = parse_options(hs.data_to_send())
     assert [o for o, _ in opts] == [Opt.LIST, Opt.INFO, Opt.INFO, Opt.ABORT]
+
+
+def test_handshake_bounds_an_export_listing():
+    hs = Handshake(HandshakePlan(Mode.LIST))
+    stream = greeting() + b"".join(rep(Opt.LIST, Rep.SERVER, wire.pack_string(f"e{k}"))
+                                   for k in range(MAX_EXPORTS + 1))
+    with pytest.raises(RemoteProtocolError, match="more than 16384 exports listed"):
+        hs.receive_data(stream)
 
 
 def test_handshake_list_meta_contexts():
