@@ -54,6 +54,7 @@ import errno
 import logging
 import socket
 import ssl
+import time
 from typing import Callable, Sequence
 
 from ..blockdev.base import BASE_ALLOCATION, Buffer, Extent
@@ -781,12 +782,26 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
     for an ``nbds`` URI, then ``ssl`` on the socket itself: an ``ssl.SSLSocket`` that
     decrypts in C with the GIL released, which a thread can own -- asyncio's TLS transport
     cannot be handed over).  Returns the socket (blocking, timeout None; the caller owns and
-    closes it), a fresh `Transmission` and the handshake's result.  Raises as `connect`.
+    closes it), a fresh `Transmission` and the handshake's result.  Raises as `connect`;
+    ``timeout`` bounds the connect and the whole handshake together (TimeoutError).
     ``on_socket(sock)`` is told each socket as soon as it exists (the plain one, then the TLS
     one), so another thread can shut it down to interrupt a connect that hangs.
     """
     plan, ctx = _with_tls(uri, HandshakePlan(Mode.GO, export, ()))
     hs = Handshake(plan)
+    # ``timeout`` bounds the whole connect and handshake (as `connect`'s wait_for), not
+    # each receive: a server trickling an endless valid handshake a byte at a time
+    # otherwise kept the thread for ever (hunt 8).
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float | None:
+        if deadline is None:
+            return None
+        rest = deadline - time.monotonic()
+        if rest <= 0:
+            raise socket.timeout
+        return rest
+
     if uri.transport == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if on_socket is not None:
@@ -814,6 +829,7 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
                 if on_socket is not None:
                     on_socket(sock)
                 try:
+                    sock.settimeout(left())
                     sock.do_handshake()
                 except (ssl.SSLError, ssl.CertificateError) as e:
                     raise ConnectionClosed(f"TLS handshake with the server failed: {e}") from e
@@ -821,6 +837,7 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
                 continue
             if hs.done:
                 break
+            sock.settimeout(left())
             hs.receive_data(sock.recv(65536))
         out = hs.data_to_send()
         if out:

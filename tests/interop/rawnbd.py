@@ -29,6 +29,8 @@ and answers READ / BLOCK_STATUS correctly unless ``mode`` says otherwise:
 - ``size-change``: the second and later connections see an export 1 MiB larger;
 - ``meta-flood``: OPT_LIST_META_CONTEXT answered by an endless stream of
   distinct 4000-byte context names;
+- ``trickle``: OPT_GO answered by endless (valid, ignorable) REP_INFO replies,
+  one byte every 0.1 s: no single receive ever waits long;
 - ``hole-overlap``: OFFSET_HOLE over the first half twice (sum = length);
 - ``write-close``: the connection is closed on a WRITE, unanswered (a restore
   target going away).
@@ -44,6 +46,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -191,6 +194,15 @@ class Server:
                     s.sendall(_opt_reply(opt, REP_META, struct.pack(">I", BASE_ALLOC_ID if opt == OPT_SET_META else 0)
                                          + b"base:allocation"))
                 s.sendall(_opt_reply(opt, REP_ACK))
+            elif opt == OPT_GO and self.mode == "trickle":
+                info = _opt_reply(opt, REP_INFO, struct.pack(">H", 99) + b"unknown info, ignored")
+                while not self._stop:  # valid, endless, one byte every 0.1 s
+                    for b in info:
+                        if self._stop:
+                            return None
+                        s.sendall(bytes([b]))
+                        time.sleep(0.1)
+                return None
             elif opt in (OPT_GO, OPT_INFO):
                 s.sendall(_opt_reply(opt, REP_INFO, struct.pack(">HQH", 0, size, self.flags)))
                 s.sendall(_opt_reply(opt, REP_ACK))

@@ -160,3 +160,19 @@ def test_restore_to_a_target_that_closes_mid_restore_says_it_is_incomplete(short
 def test_nbd_commands_have_a_finite_io_timeout_by_default(argv):
     args = build_parser(argv).parse_args(argv)
     assert args.io_timeout == 120.0
+
+
+@pytest.mark.timeout(30)
+def test_the_blocking_connect_has_a_deadline_not_only_a_receive_timeout(short_tmp):
+    """`connect_blocking` (a TLS pull's receive threads open their own connections with
+    it): a server trickling a valid, endless handshake one byte every 0.1 s never let one
+    receive time out, so the connect never ended; the timeout bounds the whole handshake."""
+    from nbdbackup.nbd.client import connect_blocking
+    from nbdbackup.nbd.uri import parse_uri
+
+    with rawnbd.Server(str(short_tmp / "slow.sock"), "trickle", SIZE) as slow:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="timed out after 1.0 s"):
+            connect_blocking(parse_uri(uri(Path(slow.path))), "", timeout=1.0)
+        took = time.monotonic() - t0
+    assert took < 3, took
