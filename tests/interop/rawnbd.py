@@ -20,6 +20,8 @@ and answers READ / BLOCK_STATUS correctly unless ``mode`` says otherwise:
 - ``read-huge``: a chunk header claiming a 4 GiB - 1 payload;
 - ``read-errmsg``: an ERROR chunk whose message length exceeds the chunk;
 - ``read-stall``: half of a READ reply, then silence (socket kept open);
+- ``read-trickle``: correct READ replies, 512 bytes every 0.05 s (no receive
+  ever waits long; a 1 MiB reply takes ~100 s);
 - ``read-error``: a proper ERROR chunk (EIO, a message);
 - ``bs-beyond``: BLOCK_STATUS extents summing past the request (allowed for the
   last one only when REQ_ONE... we send two past it); ``bs-zero``: extents of
@@ -242,6 +244,13 @@ class Server:
                         self.reads += 1
                         bad = self.reads > self.after
                     out = self._read(cookie, off, n, structured, bad)
+                    if self.mode == "read-trickle" and bad:
+                        for k in range(0, len(out), 512):  # the reply, 512 bytes every 0.05 s
+                            if self._stop:
+                                return
+                            s.sendall(out[k : k + 512])
+                            time.sleep(0.05)
+                        continue
                     if out is None:
                         self.stalled.set()
                         while not self._stop:  # stall: keep the socket open, say nothing more

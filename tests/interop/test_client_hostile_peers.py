@@ -117,10 +117,12 @@ def test_extents_past_the_request_or_many_small_ones_give_the_exact_snapshot(sho
     assert out.read_bytes() == want
 
 
-@pytest.mark.parametrize("mode", ["read-stall", "read-nodone"])
+@pytest.mark.parametrize("mode", ["read-stall", "read-nodone", "read-trickle"])
 def test_a_pull_from_a_server_that_stalls_mid_reply_ends_at_the_io_timeout(short_tmp, repo, capsys, mode):
     """Half a READ reply (or a data chunk without DONE), then silence on an open socket:
-    without a request timeout the pull waited for ever."""
+    without a request timeout the pull waited for ever.  A reply trickled 512 bytes every
+    0.05 s: the pull threads' socket timeout (per receive) never fired, the request
+    timeout is a deadline per request."""
     with rawnbd.Server(str(short_tmp / "stall.sock"), mode, SIZE, after=2) as bad:
         t0 = time.monotonic()
         r = nb("pull", uri(Path(bad.path)), "--repo", repo, "--snapshot", "s1", "--io-timeout", "1",
