@@ -50,9 +50,11 @@ threads to stop); ``lock`` guards ``failed`` and the ``take`` iterator.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import socket
 import threading
+import time
 from concurrent.futures import Future
 from typing import Callable, Iterator
 
@@ -246,6 +248,12 @@ def _thread(lent: _Lent, run: _Run, alloc: Callable[[], memoryview], nbuf: int,
             start, finish, complete) -> None:
     """One connection's loop: issue reads for free buffers, receive, finish, complete."""
     tx, sock = lent.tx, lent.sock
+    # The request timeout is a deadline per request, as on the event loop (`Client._submit`),
+    # not only the socket's per-receive timeout: a server trickling a reply (512 bytes every
+    # 0.05 s) never let one receive time out and a 1 MiB READ took ~100 s (hunt 8).
+    # ``sent``: (time sent, cookie) in sending order; the head is the oldest still due.
+    timeout = sock.gettimeout()
+    sent: collections.deque[tuple[float, int]] = collections.deque()
     free: list[memoryview] = []
     made = 0
     reading: dict[int, _Chunk] = {}  # cookie -> chunk
@@ -285,13 +293,25 @@ def _thread(lent: _Lent, run: _Run, alloc: Callable[[], memoryview], nbuf: int,
                     finishing.append((finish(ch.i, ch.base, ch.mv, ch.state), ch))
                     continue
                 hdrs = []
+                cookies = []
                 for p, n in pieces:
                     cookie, hdr = tx.request(_READ, 0, p, n, mv[p - base : p - base + n])
                     reading[cookie] = ch
                     hdrs.append(hdr)
+                    cookies.append(cookie)
                 ch.left = len(pieces)
                 sock.sendall(b"".join(hdrs))
+                if timeout is not None:
+                    now = time.monotonic()
+                    sent.extend((now, c) for c in cookies)
             if reading:
+                if timeout is not None:
+                    while sent[0][1] not in reading:
+                        sent.popleft()
+                    rest = sent[0][0] + timeout - time.monotonic()
+                    if rest <= 0:
+                        raise TimeoutError
+                    sock.settimeout(rest)
                 buf = tx.get_buffer(-1)
                 n = sock.recv_into(buf)
                 if not n:
@@ -325,8 +345,8 @@ def _thread(lent: _Lent, run: _Run, alloc: Callable[[], memoryview], nbuf: int,
             if exhausted:
                 break
     except BaseException as e:
-        if isinstance(e, TimeoutError) and lent.sock.gettimeout() is not None:
-            e = TimeoutError(f"NBD read timed out after {lent.sock.gettimeout()} s")
+        if isinstance(e, TimeoutError) and timeout is not None:
+            e = TimeoutError(f"NBD read timed out after {timeout} s")
         run.fail(e)
         # Replies still due are parsed and dropped by the asyncio side (abandoned);
         # a dead or out-of-step connection is failed there (`_Lent.give_back`).

@@ -70,9 +70,12 @@ through boto3 again (its retries, its errors: FileNotFoundError for a missing
 key).  ``NBDBACKUP_S3_RAW_GET=0`` turns it off.  Conditional PUTs (`S3Store.put_new`:
 chunks and snapshots) go the same way, the body's SHA-256 signed so the store
 rejects a damaged body (what botocore does over plain http); 200 means
-created, 412/409 "already there", anything else or a failure goes through
-boto3 (a retry there of a PUT that did land answers 412: "already there", as
-botocore's own retries would).  ``NBDBACKUP_S3_RAW_PUT=0`` turns that off.
+created, 412 "already there" (believed once a HEAD shows the key: a store
+answering 412 to a PUT it never stored would leave a snapshot's chunk
+missing), anything else or a failure goes through boto3 (a retry there of a
+PUT that did land answers 412: "already there", as botocore's own retries
+would; a 409 there, a concurrent conditional PUT in progress, counts as
+"already there" unchecked).  ``NBDBACKUP_S3_RAW_PUT=0`` turns that off.
 
 Invariants: keys are '/'-separated and relative to the prefix; `get` of a
 missing key raises FileNotFoundError (as the DirStore's open does); a chunk
@@ -227,8 +230,9 @@ class _RawS3:
     def put_new(self, bucket: str, key: str, body: memoryview) -> bool | None:
         """A conditional PUT (``If-None-Match: *``) of ``body``, its SHA-256 signed (the
         store rejects a body that does not match, as with botocore over plain http):
-        True if it was created, False if the key exists (412; 409: a concurrent
-        conditional PUT won); None for any other outcome: the caller asks boto3."""
+        True if it was created, False if the key exists (412); None for any other
+        outcome (409, a concurrent conditional PUT in progress, included): the caller
+        asks boto3."""
         import hashlib
         from urllib.parse import quote
 
@@ -242,7 +246,7 @@ class _RawS3:
             c.request("PUT", path, body=body, headers=h)
             r = c.getresponse()
             r.read()
-            if r.status not in (200, 409, 412):
+            if r.status not in (200, 412):
                 return None
             self.failures = 0
             return r.status == 200
@@ -383,6 +387,8 @@ class S3Store:
             if made is not None:
                 with self._count_lock:
                     self.requests["PutObject"] += 1
+                if not made:
+                    self._held_after_412(key)
                 return made
         kw = dict(Bucket=self.bucket, Key=self._key(key), Body=bytes(memoryview(data).cast("B")))
         try:
@@ -394,6 +400,7 @@ class S3Store:
         except ClientError as e:
             code, status = self._code(e)
             if status == 412 or code == "PreconditionFailed":
+                self._held_after_412(key)
                 return False
             if status == 409 or code == "ConditionalRequestConflict":  # a concurrent conditional PUT won
                 return False
@@ -401,6 +408,15 @@ class S3Store:
         except BotoCoreError as e:
             raise self._fail(e, f"put {key}") from e
         return True
+
+    def _held_after_412(self, key: str) -> None:
+        """A 412 ("already there") is believed only if the store then shows the key (one
+        HEAD; 412s are rare: `repo.ProbeGate` probes again after one).  A store or proxy
+        that answered 412 to a PUT it never stored made a pull record a snapshot whose
+        chunk was missing (hunt 8); now that pull fails."""
+        if not self.exists(key):
+            raise S3Error(errno.EIO, f"{self.root}: the store answered 412 (already there) to the PUT "
+                                     f"of {key} but does not hold it")
 
     @contextlib.contextmanager
     def _if_none_match(self):

@@ -19,3 +19,19 @@ def run_async(coro):
             pass
     with asyncio.Runner(**kw) as runner:
         return runner.run(coro)
+
+
+#: Default of ``--io-timeout`` (as ``agent backup``'s): a request to an NBD peer that
+#: takes longer fails the command instead of waiting for ever on a server that stalls.
+IO_TIMEOUT = 120.0
+
+
+def add_io_timeout_option(p, what: str) -> None:
+    """``--io-timeout SECONDS`` for a command that talks to an NBD server (0: no limit)."""
+    p.add_argument("--io-timeout", type=float, default=IO_TIMEOUT, metavar="SECONDS",
+                   help=f"an NBD request taking longer fails the {what} (default {IO_TIMEOUT:.0f}; 0: wait for ever)")
+
+
+def io_timeout(args) -> float | None:
+    """The request timeout ``--io-timeout`` asks for (None: none)."""
+    return args.io_timeout if args.io_timeout and args.io_timeout > 0 else None

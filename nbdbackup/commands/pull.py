@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import stat
 import sys
 
 from ..blockdev import parse_size
-from ..errors import ConfigError
-from . import run_async
+from ..errors import ConfigError, ConnectionClosed, RemoteProtocolError
+from . import add_io_timeout_option, io_timeout, run_async
 from ..progress import Progress, add_progress_option
 from .repoargs import add_repo_options
 
@@ -60,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--buffered", action="store_true",
                    help="write a file or block device through the page cache (default: O_DIRECT where the "
                         "file system allows it)")
+    add_io_timeout_option(p, "pull")
     add_progress_option(p)
     # Done, durable (fdatasync / the repository's own flushes, the manifest fsynced) and
     # reported when run_pull returns: the interpreter's teardown is skipped (cli._quick_exit;
@@ -72,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--manifest", required=True, metavar="FILE")
     v.add_argument("--connections", type=int, default=4)
     v.add_argument("--json", action="store_true")
+    add_io_timeout_option(v, "check")
     v.set_defaults(func=run_verify)
 
 
@@ -99,7 +102,6 @@ def run_pull(args: argparse.Namespace) -> int:
 async def _pull_repo(args: argparse.Namespace) -> int:
     from ..agent.pull import pull
     from ..agent.repo import BaseSnapshot, check_name
-    from ..blockdev.nbd import NBDDev
     from .repoargs import open_repo
 
     store, repo = open_repo(args, args.repo)
@@ -108,7 +110,7 @@ async def _pull_repo(args: argparse.Namespace) -> int:
         if repo.has_snapshot(args.snapshot):
             raise ConfigError(f"snapshot {args.snapshot!r} already exists in {args.repo}")
         base = repo.load_snapshot(args.base) if args.base else None
-        src = await NBDDev.open(args.uri, read_only=not args.trim_after_read, connections=args.connections)
+        src = await _open_source(args)
         new_chunks = 0
         seen: set[bytes] = set()  # stored (or found) by this pull: skip the same digest at once
 
@@ -123,7 +125,7 @@ async def _pull_repo(args: argparse.Namespace) -> int:
         try:
             if base is not None and base.size != src.size:
                 raise ConfigError(f"snapshot {args.base!r} is {base.size} bytes, the source {src.size}")
-            with Progress.for_args(args, f"pull {args.snapshot}") as prog:
+            with Progress.for_args(args, f"pull {args.snapshot}") as prog, _stopped("no snapshot was recorded"):
                 man, stats = await pull(src, BaseSnapshot(repo, base) if base else None, bitmap=args.bitmap,
                                         chunk_size=repo.chunk_size, workers=args.workers, base=base,
                                         sink=store_chunk, chunk_id=repo.chunk_id, zero_id=repo.zero_id,
@@ -146,14 +148,36 @@ async def _pull_repo(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _open_source(args: argparse.Namespace):
+    from ..blockdev.nbd import NBDDev
+
+    try:
+        return await NBDDev.open(args.uri, read_only=not args.trim_after_read, connections=args.connections,
+                                 request_timeout=io_timeout(args))
+    except OSError as e:  # an extra connection failed or disagreed about the export
+        msg = e.strerror or str(e)
+        raise ConfigError(msg if "://" in msg else f"{args.uri}: {msg}") from e
+
+
+@contextlib.contextmanager
+def _stopped(consequence: str, what: str = "pull"):
+    """A failed pull or check (the server's error reply, timeout, closed connection or
+    protocol violation, the target's or repository's OSError) is one `ConfigError` line
+    saying what it left, not a traceback."""
+    try:
+        yield
+    except (OSError, ConnectionClosed, RemoteProtocolError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{what} stopped: {why}; {consequence}") from e
+
+
 async def _pull(args: argparse.Namespace, chunk: int) -> int:
     from ..agent.manifest import Manifest
     from ..agent.pull import pull
     from ..blockdev.file import FileDev
-    from ..blockdev.nbd import NBDDev
 
     base = Manifest.load(args.base_manifest) if args.base_manifest else None
-    src = await NBDDev.open(args.uri, read_only=not args.trim_after_read, connections=args.connections)
+    src = await _open_source(args)
     try:
         fresh = False
         path = args.target
@@ -171,7 +195,7 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
         except OSError as e:
             raise ConfigError(f"{path}: {e.strerror or e}") from None
         try:
-            with Progress.for_args(args, "pull") as prog:
+            with Progress.for_args(args, "pull") as prog, _stopped(f"{path} is incomplete"):
                 man, stats = await pull(src, dst, bitmap=args.bitmap, fresh=fresh, chunk_size=chunk,
                                         workers=args.workers, base=base, progress=prog.update,
                                         trim_after_read=args.trim_after_read,
@@ -209,13 +233,15 @@ async def _verify(args: argparse.Namespace) -> int:
 
     want = Manifest.load(args.manifest)
     if is_nbd_uri(args.source):
-        dev = await NBDDev.open(args.source, read_only=True, connections=args.connections)
+        dev = await NBDDev.open(args.source, read_only=True, connections=args.connections,
+                                request_timeout=io_timeout(args))
     else:
         dev = await open_spec(args.source, read_only=True)
     try:
         if dev.size != want.size:
             raise ConfigError(f"{args.source} is {dev.size} bytes; the manifest describes {want.size}")
-        got = await manifest_of(dev, want.chunk_size)
+        with _stopped("nothing was compared", "verify"):
+            got = await manifest_of(dev, want.chunk_size)
     finally:
         await dev.close()
     bad = want.differences(got)

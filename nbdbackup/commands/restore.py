@@ -26,9 +26,9 @@ import stat
 import sys
 
 from ..agent.restore import DIR_WORKERS, S3_WORKERS
-from ..errors import ConfigError
+from ..errors import ConfigError, ConnectionClosed, RemoteProtocolError
 from ..progress import Progress, add_progress_option
-from . import run_async
+from . import add_io_timeout_option, io_timeout, run_async
 from .repoargs import REPO_HELP, add_repo_options, open_repo
 
 
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "file system allows it)")
     p.add_argument("--connections", type=_positive, default=4, metavar="N",
                    help="NBD connections to an NBD target (if it allows multi-conn; default 4)")
+    add_io_timeout_option(p, "restore (an NBD target)")
     p.add_argument("--target-is-zero", action="store_true",
                    help="the target already reads as zeroes: leave zero chunks alone")
     p.add_argument("--keep-going", action="store_true",
@@ -85,7 +86,7 @@ async def _open_target(args: argparse.Namespace, size: int):
     from ..blockdev.nbd import NBDDev
 
     if is_nbd_uri(args.target):
-        dev = await NBDDev.open(args.target, connections=args.connections)
+        dev = await NBDDev.open(args.target, connections=args.connections, request_timeout=io_timeout(args))
         if dev.capabilities().read_only:
             await dev.close()
             raise ConfigError(f"{args.target}: the NBD export is read-only")
@@ -132,9 +133,10 @@ async def _restore(args: argparse.Namespace, repo, man) -> int:
                 stats = await restore(repo, man, dst, snapshot=args.snapshot, workers=args.workers,
                                       target_is_zero=zero, progress=prog.update, direct=not args.buffered,
                                       keep_going=args.keep_going)
-            except OSError as e:  # the target failed (ENOSPC, EIO, the NBD server went away)
-                raise ConfigError(f"{args.target}: {e.strerror or e} (restore stopped: the target is incomplete)"
-                                  ) from e
+            except (OSError, ConnectionClosed, RemoteProtocolError) as e:
+                # the target failed (ENOSPC, EIO, a timeout, the NBD server went away or broke the protocol)
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise ConfigError(f"{args.target}: {why} (restore stopped: the target is incomplete)") from e
     finally:
         await dst.close()
     out = stats.to_json()

@@ -54,6 +54,7 @@ import errno
 import logging
 import socket
 import ssl
+import time
 from typing import Callable, Sequence
 
 from ..blockdev.base import BASE_ALLOCATION, Buffer, Extent
@@ -69,6 +70,15 @@ log = logging.getLogger(__name__)
 _READ = int(Cmd.READ)
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
+
+#: `Client.block_status` keeps at most this many extents per call before it checks their
+#: density (see `MIN_AVG_EXTENT`).
+DENSE_EXTENTS = 1 << 16
+#: Past `DENSE_EXTENTS`, extents averaging under this many bytes fail the call (EOVERFLOW):
+#: a server sending 1-byte extents made a 16 MiB pull hold 16 M of them (3 GB, hunt 8),
+#: without bound for larger exports.  A file system's block (4 KiB) is the finest any
+#: real server reports in bulk; a fully 4 KiB-fragmented export passes (exactly this average).
+MIN_AVG_EXTENT = 4096
 
 __all__ = [
     "Client",
@@ -644,7 +654,9 @@ class Client:
 
         Short replies are continued with further requests; an extent running
         past the range (allowed for the last one) is clipped.  With
-        ``req_one`` only the first extent is returned.
+        ``req_one`` only the first extent is returned.  Memory is bounded:
+        more than `DENSE_EXTENTS` extents averaging under `MIN_AVG_EXTENT`
+        bytes raise ``OSError(EOVERFLOW)``.
 
         ::
 
@@ -681,6 +693,11 @@ class Client:
                         out[-1] = Extent(out[-1].offset, out[-1].length + e_end - e_start, f)
                     else:
                         out.append(Extent(e_start, e_end - e_start, f))
+                        if len(out) > DENSE_EXTENTS and len(out) * MIN_AVG_EXTENT > e_end - offset:
+                            raise OSError(errno.EOVERFLOW,
+                                          f"server reported {len(out)} extents of {context!r} in the "
+                                          f"{e_end - offset} bytes at {offset} (more than one per "
+                                          f"{MIN_AVG_EXTENT} bytes): refusing to track them")
                 if at >= end:
                     break
             if at <= pos:
@@ -765,12 +782,26 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
     for an ``nbds`` URI, then ``ssl`` on the socket itself: an ``ssl.SSLSocket`` that
     decrypts in C with the GIL released, which a thread can own -- asyncio's TLS transport
     cannot be handed over).  Returns the socket (blocking, timeout None; the caller owns and
-    closes it), a fresh `Transmission` and the handshake's result.  Raises as `connect`.
+    closes it), a fresh `Transmission` and the handshake's result.  Raises as `connect`;
+    ``timeout`` bounds the connect and the whole handshake together (TimeoutError).
     ``on_socket(sock)`` is told each socket as soon as it exists (the plain one, then the TLS
     one), so another thread can shut it down to interrupt a connect that hangs.
     """
     plan, ctx = _with_tls(uri, HandshakePlan(Mode.GO, export, ()))
     hs = Handshake(plan)
+    # ``timeout`` bounds the whole connect and handshake (as `connect`'s wait_for), not
+    # each receive: a server trickling an endless valid handshake a byte at a time
+    # otherwise kept the thread for ever (hunt 8).
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float | None:
+        if deadline is None:
+            return None
+        rest = deadline - time.monotonic()
+        if rest <= 0:
+            raise socket.timeout
+        return rest
+
     if uri.transport == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if on_socket is not None:
@@ -798,6 +829,7 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
                 if on_socket is not None:
                     on_socket(sock)
                 try:
+                    sock.settimeout(left())
                     sock.do_handshake()
                 except (ssl.SSLError, ssl.CertificateError) as e:
                     raise ConnectionClosed(f"TLS handshake with the server failed: {e}") from e
@@ -805,6 +837,7 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
                 continue
             if hs.done:
                 break
+            sock.settimeout(left())
             hs.receive_data(sock.recv(65536))
         out = hs.data_to_send()
         if out:

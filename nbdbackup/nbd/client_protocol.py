@@ -37,10 +37,16 @@ Invariants:
   error, structured ERROR/ERROR_OFFSET chunks) are not protocol errors: they
   finish the request with a POSIX errno (`wire.nbd_to_errno`) and the
   connection goes on.
-- A structured READ reply is accepted only if its chunks stay inside the
-  request and, on success, their lengths add up to the request length
-  (overlaps are not detected: proto.md forbids them and tracking them would
-  cost a bitmap per request).
+- A structured READ reply is accepted only if its content chunks stay
+  inside the request, never overlap an earlier content chunk of the same
+  reply, and, on success, their lengths add up to the request length: so a
+  successful READ has written every byte of the caller's buffer exactly once
+  (proto.md: chunks MUST NOT overlap; a client MAY hard-disconnect).  Without
+  the overlap check a reply whose overlapping chunks add up to the length
+  left a gap holding whatever the buffer held before -- in a pull, the
+  previous chunk's bytes, stored as this one's (hunt 8).  The covered ranges
+  are kept only per multi-chunk reply (`_Pending.covered`), as a sorted flat
+  list of boundaries.
 - An abandoned request (`Transmission.abandon`: its caller was cancelled or
   timed out) never writes into the caller's buffer again; its reply is still
   parsed, then dropped.
@@ -48,6 +54,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import os
 from dataclasses import dataclass, field
@@ -73,6 +80,15 @@ MAX_OPTION_REPLY = wire.MAX_OPTION_LENGTH
 #: Largest non-data structured chunk payload we accept (a BLOCK_STATUS chunk
 #: for a huge, fragmented range).
 MAX_CHUNK_PAYLOAD = wire.MAX_PAYLOAD
+#: Most REP_META_CONTEXT replies we take for one option: a server listing
+#: contexts without end (distinct 4000-byte names) grew a pull's memory to 9 GB
+#: before the 30 s connect timeout (hunt 8).  Each name is at most
+#: `wire.MAX_STRING` bytes (proto.md: strings MUST be no longer than 4096), so
+#: a listing holds at most ~64 MiB; qemu and nbdkit list a few.
+MAX_META_CONTEXTS = 16384
+#: Most REP_SERVER replies we take for OPT_LIST (the same reason; each names
+#: one export we then ask OPT_INFO about).
+MAX_EXPORTS = 16384
 #: Default maximum request size when the server gives no block sizes
 #: (proto.md "Block size constraints": clients SHOULD NOT exceed 32 MiB).
 DEFAULT_MAX_BLOCK = 32 * 1024 * 1024
@@ -398,6 +414,11 @@ class Handshake:
             if r.rep == Rep.META_CONTEXT:
                 if len(r.data) < 5:
                     raise RemoteProtocolError("short REP_META_CONTEXT")
+                if len(r.data) - 4 > wire.MAX_STRING:
+                    raise RemoteProtocolError(f"meta context name of {len(r.data) - 4} bytes (at most "
+                                              f"{wire.MAX_STRING})")
+                if len(got) == MAX_META_CONTEXTS:
+                    raise RemoteProtocolError(f"more than {MAX_META_CONTEXTS} meta contexts in one reply")
                 (cid,) = wire.META_CONTEXT_ID.unpack_from(r.data)
                 got.append((cid, _decode(r.data[4:], "meta context name")))
             elif wire.rep_is_error(r.rep):
@@ -417,7 +438,11 @@ class Handshake:
         queries = [q for q in self.plan.meta_contexts if q.endswith(":")]
         if queries:
             listed = yield from self._list_meta_context(queries)
-            wanted += [n for n in listed if n not in wanted]
+            known = set(wanted)
+            for n in listed:  # (a set: up to MAX_META_CONTEXTS names)
+                if n not in known:
+                    known.add(n)
+                    wanted.append(n)
         if not wanted:
             return
         self._send_option(Opt.SET_META_CONTEXT, self._meta_payload(wanted))
@@ -496,6 +521,8 @@ class Handshake:
                 raise self._error(r)
             if r.rep != Rep.SERVER:
                 raise RemoteProtocolError(f"unexpected reply {r.rep:#x} to OPT_LIST")
+            if len(names) == MAX_EXPORTS:
+                raise RemoteProtocolError(f"more than {MAX_EXPORTS} exports listed")
             if len(r.data) < 4:
                 raise RemoteProtocolError("short REP_SERVER")
             (n,) = wire.U32.unpack_from(r.data)
@@ -546,10 +573,13 @@ class _Pending:
 
     Fields: ``cmd``, ``offset``, ``length`` as sent; ``buf``: the caller's
     buffer for READ (None once abandoned); ``received``: READ bytes covered
-    so far; ``error``/``message``: the first error reported; ``extents``.
+    so far; ``covered``: the content chunks seen so far as sorted, disjoint
+    ranges relative to ``offset``, flattened ``[start0, end0, start1, end1,
+    ...]`` (None before the first); ``error``/``message``: the first error
+    reported; ``extents``.
     """
 
-    __slots__ = ("cmd", "offset", "length", "buf", "received", "error", "message", "extents")
+    __slots__ = ("cmd", "offset", "length", "buf", "received", "covered", "error", "message", "extents")
 
     def __init__(self, cmd: int, offset: int, length: int, buf: memoryview | None) -> None:
         self.cmd = cmd
@@ -557,6 +587,7 @@ class _Pending:
         self.length = length
         self.buf = buf
         self.received = 0
+        self.covered: list[int] | None = None
         self.error = 0
         self.message = ""
         self.extents: dict[int, list[tuple[int, int]]] | None = None
@@ -865,13 +896,38 @@ class Transmission:
             )
         return start
 
+    def _cover(self, req: _Pending, offset: int, length: int) -> int:
+        """Record content chunk ``(offset, length)`` of ``req``; return its start in the request.
+
+        Raises `RemoteProtocolError` if it leaves the request or overlaps an
+        earlier content chunk (proto.md "Structured replies": MUST NOT)::
+
+            covered   [s0    e0)      [s1   e1)
+            chunk           [start    end)          bisect_right(start) is odd
+                                                    (inside), or end > s1: overlap
+        """
+        start = self._check_range(req, offset, length)
+        end = start + length
+        cov = req.covered
+        if cov is None:
+            req.covered = [start, end]
+        else:
+            i = bisect.bisect_right(cov, start)
+            if i & 1 or (i < len(cov) and end > cov[i]):
+                raise RemoteProtocolError(
+                    f"chunk ({offset}, {length}) overlaps an earlier chunk of the reply to "
+                    f"({req.offset}, {req.length})"
+                )
+            cov[i:i] = (start, end)
+        req.received += length
+        return start
+
     def _on_data_offset(self, offset: int) -> None:
         flags, _, cookie, length = self._chunk
         req = self._req
         assert req is not None
         n = length - 8
-        start = self._check_range(req, offset, n)
-        req.received += n
+        start = self._cover(req, offset, n)
         done = self._data_done
         if req.buf is not None:
             self._start_fill(req.buf[start : start + n], done, True)
@@ -892,8 +948,7 @@ class Transmission:
             offset, n = wire.OFFSET_HOLE.unpack(payload)
             if n == 0:
                 raise RemoteProtocolError("OFFSET_HOLE of length 0")
-            start = self._check_range(req, offset, n)
-            req.received += n
+            start = self._cover(req, offset, n)
             if req.buf is not None:
                 req.buf[start : start + n] = bytes(n)
         elif rtype == _T_BLOCK_STATUS:

@@ -16,6 +16,8 @@ from nbdbackup.errors import ConnectionClosed, LocalProtocolError, OptionError, 
 from nbdbackup.nbd import wire
 from nbdbackup.nbd.client_protocol import (
     DIRECT_MIN,
+    MAX_EXPORTS,
+    MAX_META_CONTEXTS,
     Handshake,
     HandshakePlan,
     Mode,
@@ -184,6 +186,36 @@ def test_handshake_protocol_violations(server, match):
     assert hs.broken
 
 
+@pytest.mark.parametrize("flood, match", [("long", "meta context name of 4097 bytes"),
+                                          ("many", "more than 16384 meta contexts")])
+def test_handshake_bounds_a_meta_context_listing(flood, match):
+    """A server listing contexts without end (hunt 8: 9 GB in 30 s) or with names past
+    proto.md's 4096-byte string limit is a protocol violation, at once."""
+    hs = Handshake(HandshakePlan(Mode.GO, "disk", ("qemu:dirty-bitmap:",)))
+    feed(hs, greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK), 1)
+    if flood == "long":
+        stream = rep(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT, meta(0, "qemu:dirty-bitmap:" + "x" * 4079))
+    else:
+        stream = b"".join(rep(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT, meta(0, f"qemu:dirty-bitmap:{k}"))
+                          for k in range(MAX_META_CONTEXTS + 1))
+    with pytest.raises(RemoteProtocolError, match=match):
+        hs.receive_data(stream)
+    assert hs.broken
+
+
+def test_handshake_takes_a_listing_at_the_bounds():
+    hs = Handshake(HandshakePlan(Mode.GO, "disk", ("qemu:dirty-bitmap:",)))
+    names = [f"qemu:dirty-bitmap:{k}" for k in range(MAX_META_CONTEXTS - 1)] + ["qemu:dirty-bitmap:" + "y" * 4078]
+    server = (greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK)
+              + b"".join(rep(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT, meta(0, n)) for n in names)
+              + rep(Opt.LIST_META_CONTEXT, Rep.ACK)
+              + rep(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, meta(5, names[-1]))
+              + rep(Opt.SET_META_CONTEXT, Rep.ACK)
+              + rep(Opt.GO, Rep.INFO, info_export(1 << 20, GO_FLAGS)) + rep(Opt.GO, Rep.ACK))
+    hs.receive_data(server)
+    assert hs.done and hs.result.meta_contexts == {names[-1]: 5}
+
+
 def test_handshake_eof_is_a_protocol_error():
     hs = Handshake(HandshakePlan(Mode.GO, ""))
     feed(hs, greeting()[:10])
@@ -210,6 +242,14 @@ def test_handshake_list_exports():
     assert [(e.name, e.description, e.size, int(e.flags)) for e in ex] == [("a", "first", 100, 3), ("b", "", 200, 1)]
     _, opts = parse_options(hs.data_to_send())
     assert [o for o, _ in opts] == [Opt.LIST, Opt.INFO, Opt.INFO, Opt.ABORT]
+
+
+def test_handshake_bounds_an_export_listing():
+    hs = Handshake(HandshakePlan(Mode.LIST))
+    stream = greeting() + b"".join(rep(Opt.LIST, Rep.SERVER, wire.pack_string(f"e{k}"))
+                                   for k in range(MAX_EXPORTS + 1))
+    with pytest.raises(RemoteProtocolError, match="more than 16384 exports listed"):
+        hs.receive_data(stream)
 
 
 def test_handshake_list_meta_contexts():
@@ -392,6 +432,39 @@ def test_reply_protocol_violations(make, match):
     assert tx.broken
     with pytest.raises(LocalProtocolError):
         tx.request(Cmd.FLUSH, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        # Each adds up to the 16-byte request but leaves a gap (proto.md: content chunks
+        # MUST NOT overlap); before hunt 8 the gap kept the buffer's old bytes.
+        [(0, "d", 8), (0, "d", 8)],  # the same range twice
+        [(0, "d", 8), (4, "d", 8)],  # starts inside an earlier chunk
+        [(8, "d", 8), (4, "d", 8)],  # ends inside an earlier chunk (out of order)
+        [(4, "h", 4), (0, "d", 12)],  # encloses an earlier hole
+        [(0, "d", 4), (12, "d", 4), (2, "h", 8)],  # between two, overlapping the first
+        [(0, "d", 4), (12, "d", 4), (6, "d", 8)],  # between two, overlapping the second
+    ],
+)
+def test_overlapping_content_chunks_are_a_violation(chunks):
+    tx = Transmission(structured=True)
+    cookie, buf = read_req(tx, 100, 16)
+    stream = b"".join(data_chunk(cookie, 100 + o, b"x" * n) if kind == "d" else hole_chunk(cookie, 100 + o, n)
+                      for o, kind, n in chunks) + none_chunk(cookie)
+    with pytest.raises(RemoteProtocolError, match="overlaps an earlier chunk"):
+        feed(tx, stream, 3)
+    assert tx.broken and not tx.events
+
+
+def test_adjacent_content_chunks_in_any_order_are_accepted():
+    tx = Transmission(structured=True)
+    cookie, buf = read_req(tx, 100, 16)
+    stream = (data_chunk(cookie, 108, b"c" * 4) + hole_chunk(cookie, 104, 4) + data_chunk(cookie, 112, b"d" * 4)
+              + data_chunk(cookie, 100, b"a" * 4) + none_chunk(cookie))
+    feed(tx, stream, 5)
+    assert [(e.cookie, e.error) for e in tx.events] == [(cookie, 0)]
+    assert buf == b"a" * 4 + bytes(4) + b"c" * 4 + b"d" * 4
 
 
 def test_structured_chunk_without_negotiation_is_a_violation():
