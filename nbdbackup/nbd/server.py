@@ -1097,6 +1097,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         self._last_active = time.monotonic()
         p = self.proto
+        if p.payload_received(nbytes):
+            # The middle of a large WRITE's payload: no event, not blocked,
+            # so `_pump_payload` and `_process_events` below would do nothing
+            # new (events held back before wait for what releases them).
+            return
         if self._handing:
             p.buffer_updated(nbytes)  # parsed, not started (`unconsumed` re-sends it)
             self._pump_payload()

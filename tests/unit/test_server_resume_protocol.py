@@ -134,3 +134,63 @@ def test_a_resumed_connection_answers_with_the_negotiated_reply_style(structured
     b.receive_data(req(Cmd.BLOCK_STATUS, 0, 4096, 3))
     (ev,) = [b.next_event()]
     assert isinstance(ev, Request) and (ev.error == 0) == structured
+
+
+def feed_fast(conn: ServerConnection, data: bytes, rng: random.Random,
+              whole: float = 0.5) -> tuple[list, int]:
+    """`feed` as `nbd.server` receives: `payload_received` first, then
+    `buffer_updated` when it declines; payloads granted in random steps
+    (paced: some receives end exactly at a grant).  Returns (events, how
+    many receives the fast path took).  ``whole``: how often a receive
+    fills all the memory `get_buffer` gave (else 1..50,000 bytes)."""
+    mv = memoryview(data)
+    out: list = []
+    fast = 0
+    while mv:
+        buf = conn.get_buffer(-1)
+        if not len(buf):
+            conn.allow_payload(conn.payload_need, None if conn._payload is not None
+                               else bytearray(conn.payload_length))
+            continue
+        n = min(len(buf), len(mv), len(buf) if rng.random() < whole else rng.randint(1, 50000))
+        buf[:n] = mv[:n]
+        mv = mv[n:]
+        if conn.payload_received(n):
+            fast += 1
+            assert not conn.payload_blocked and not conn.has_events
+        else:
+            conn.buffer_updated(n)
+        if conn.payload_blocked:
+            conn.allow_payload(conn.payload_need if rng.random() < 0.5 else min(conn.payload_need, 8192),
+                               None if conn._payload is not None else bytearray(conn.payload_length))
+        while (ev := conn.next_event()) is not None:
+            out.append(ev)
+    return out, fast
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), structured=st.booleans(), batching=st.booleans())
+def test_the_mid_payload_fast_path_yields_exactly_the_events_of_buffer_updated(seed, structured, batching):
+    """`payload_received` (what the server tries first on every receive)
+    changes nothing but the bytes counted: the same stream in the same
+    slices gives the same events, payloads byte for byte, as plain
+    `buffer_updated`; and it declines the receive that completes a payload
+    or fills its grant (else the request would never be parsed, or a
+    paced payload never granted more)."""
+    rng = random.Random(seed)
+    data = stream(rng, rng.randint(1, 30))
+    plain = connect(structured=structured, batching=batching)
+    want = [key(e) for e in feed(plain, data, random.Random(seed + 1)) + events(plain)]
+    fast = connect(structured=structured, batching=batching)
+    got, _ = feed_fast(fast, data, random.Random(seed + 1))
+    assert [key(e) for e in got + events(fast)] == want
+
+
+def test_the_mid_payload_fast_path_takes_the_middle_receives_of_a_large_write():
+    conn = connect()
+    payload = random.Random(3).randbytes(300000)
+    data = req(Cmd.WRITE, 0, len(payload), 7, 0, payload) + req(Cmd.FLUSH, 0, 0, 8)
+    got, fast = feed_fast(conn, data, random.Random(4), whole=0.0)
+    assert fast > 0
+    assert [key(e) for e in got + events(conn)] == [
+        ("req", 7, Cmd.WRITE, 0, 0, len(payload), payload, 0), ("req", 8, Cmd.FLUSH, 0, 0, 0, None, 0)]
