@@ -160,7 +160,7 @@ def add_io_engine_option(p: argparse.ArgumentParser) -> None:
                         "env NBDBACKUP_IO_ENGINE)")
 
 
-def resource_defaults(args: argparse.Namespace, limits=None) -> tuple[int, int]:
+def resource_defaults(args: argparse.Namespace, limits=None, report: list | None = None) -> tuple[int, int]:
     """``(request-buffer budget in bytes, worker processes)``: the options,
     else defaults sized to this process's cgroup (`nbdbackup.cgroup`; a
     container's ``--memory``/``--cpus``, a unit's ``MemoryMax=``/``CPUQuota=``).
@@ -177,7 +177,10 @@ def resource_defaults(args: argparse.Namespace, limits=None) -> tuple[int, int]:
     32 MiB WRITEs from one client OOM-killed a ``--memory 256m`` server with
     one CPU (PID 1: the container died) and both workers of a ``128m`` one.
     The choice is logged (``serve -v``); an explicit budget above half the
-    limit is warned about.
+    limit is warned about.  With ``report`` (a list) the log records are
+    appended there as ``(level, message, *args)`` instead, for the caller to
+    emit once the rest of the command line is known good (a refused command
+    line prints only its error).
     """
     from .. import cgroup
     from ..nbd.server import DEFAULT_BUFFER_MEMORY
@@ -205,14 +208,19 @@ def resource_defaults(args: argparse.Namespace, limits=None) -> tuple[int, int]:
         if n > cap:
             why.append(f"{n} CPU(s) but the memory limit leaves buffers for {cap}")
             n = cap
-    log.info("limits: %s; request buffers %d MiB (%s), %d worker process(es)%s", limits.describe(),
-             budget >> 20, "--max-buffer-memory" if explicit_budget else "default", n,
-             f" ({'; '.join(why)})" if why else "")
+    records: list = [(logging.INFO, "limits: %s; request buffers %d MiB (%s), %d worker process(es)%s",
+                      limits.describe(), budget >> 20, "--max-buffer-memory" if explicit_budget else "default",
+                      n, f" ({'; '.join(why)})" if why else "")]
     total = max(budget, (n + 1) * share_min) if n else budget
     if limits.memory is not None and total > limits.memory * cgroup.BUFFER_FRACTION:
-        log.warning("request buffers may take %d MiB (%d process(es)) of a %d MiB memory limit: "
-                    "a burst of large writes can get the server OOM-killed; lower --max-buffer-memory "
-                    "or --workers, or raise the limit", total >> 20, n + 1, limits.memory >> 20)
+        records.append((logging.WARNING, "request buffers may take %d MiB (%d process(es)) of a %d MiB memory "
+                        "limit: a burst of large writes can get the server OOM-killed; lower --max-buffer-memory "
+                        "or --workers, or raise the limit", total >> 20, n + 1, limits.memory >> 20))
+    if report is None:
+        for level, msg, *rest in records:
+            log.log(level, msg, *rest)
+    else:
+        report.extend(records)
     return budget, n
 
 
@@ -374,13 +382,16 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
     from .. import systemd
     from ..nbd.server import Server
 
-    budget, workers = resource_defaults(args)
+    choice: list = []
+    budget, workers = resource_defaults(args, report=choice)
     notifier = systemd.Notifier()
     server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                     tls=tls_config(args), access=access_policy(args),
                     max_connections_per_peer=args.max_connections_per_peer,
                     idle_timeout=args.idle_timeout, unix_idle_timeout=args.unix_idle_timeout,
                     max_buffer_memory=budget, workers=workers)
+    for level, msg, *rest in choice:  # the options are valid: say what the limits made of them
+        log.log(level, msg, *rest)
     app = daemon.App(server)
     metrics_srv = None
     where: list[str] = []
