@@ -36,7 +36,8 @@ Limits against hostile or broken clients (`nbd.server`, `nbd.budget`):
 ``--max-connections``, ``--max-connections-per-peer`` (quiet connections are
 evicted for new ones at a cap), ``--handshake-timeout``, ``--idle-timeout``
 (TCP) / ``--unix-idle-timeout``, ``--max-buffer-memory`` (all request
-buffers together).
+buffers together).  Its default and the ``--workers`` default follow the
+process's cgroup (a container's ``--memory``/``--cpus``): `resource_defaults`.
 
 Lifecycle: every argument is validated before anything listens (a missing
 file, a bad size, a duplicate name or a busy socket is one clear error line

@@ -235,8 +235,12 @@ def test_io_uring_blocked_by_seccomp(docker_engine, nbdbackup_image, short_tmp):
               "for i in $(seq 100); do nbdbackup info --list 'nbd+unix:///?socket=/tmp/x.sock' >/dev/null 2>&1 "
               "&& break; sleep 0.1; done; nbdbackup info --json 'nbd+unix:///m?socket=/tmp/x.sock'; "
               "kill $pid; wait $pid")
-    r = docker_engine.run("run", "--rm", "--security-opt", profile, "--entrypoint", "/bin/sh", img, "-c", script,
-                          timeout=60)
+    name = _name("iou")
+    try:
+        r = docker_engine.run("run", "--rm", "--name", name, "--security-opt", profile, "--entrypoint", "/bin/sh",
+                              img, "-c", script, timeout=60)
+    finally:  # (a timeout leaves the container running)
+        docker_engine.run("rm", "-f", name, check=False)
     assert json.loads(r.stdout)["size"] == MiB, r
     assert b"I/O engine: sync (auto: plain path (measured fastest); io_uring unavailable: io_uring_setup: EPERM" \
         in r.stderr, r.stderr
