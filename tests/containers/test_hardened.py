@@ -119,7 +119,7 @@ def test_kill9_then_start_keeps_the_bitmap_complete(docker_engine, nbdbackup_ima
         assert len(got) == len(expect)
         assert got == expect, "the incremental after kill -9 misses writes"
     finally:
-        docker_engine.run("rm", "-f", name, check=False)
+        docker_engine.run("rm", "-f", "-v", name, check=False)
 
 
 def _stallers(sock: str, n: int):
@@ -169,7 +169,7 @@ def test_memory_limit_sizes_the_defaults_and_stalled_writes_do_not_oom(docker_en
         st = _state(docker_engine, name)
         assert st["Running"] and not st["OOMKilled"], st
     finally:
-        docker_engine.run("rm", "-f", name, cpus, check=False)
+        docker_engine.run("rm", "-f", "-v", name, cpus, check=False)
 
 
 def test_read_only_root_no_caps_arbitrary_uid(docker_engine, nbdbackup_image):
@@ -210,7 +210,7 @@ def test_read_only_root_no_caps_arbitrary_uid(docker_engine, nbdbackup_image):
         assert "snapshot p1" in out, out
         assert "p1" in run("repo", "list", "/backup/repo")
     finally:
-        docker_engine.run("rm", "-f", name, check=False)
+        docker_engine.run("rm", "-f", "-v", name, check=False)
         docker_engine.run("volume", "rm", *vols, check=False)
 
 
@@ -240,7 +240,7 @@ def test_io_uring_blocked_by_seccomp(docker_engine, nbdbackup_image, short_tmp):
         r = docker_engine.run("run", "--rm", "--name", name, "--security-opt", profile, "--entrypoint", "/bin/sh",
                               img, "-c", script, timeout=60)
     finally:  # (a timeout leaves the container running)
-        docker_engine.run("rm", "-f", name, check=False)
+        docker_engine.run("rm", "-f", "-v", name, check=False)
     assert json.loads(r.stdout)["size"] == MiB, r
     assert b"I/O engine: sync (auto: plain path (measured fastest); io_uring unavailable: io_uring_setup: EPERM" \
         in r.stderr, r.stderr
