@@ -68,9 +68,13 @@ RUN apt-get update -q \
  && groupadd --system --gid 10809 nbdbackup \
  && useradd --system --uid 10809 --gid 10809 --home-dir /var/lib/nbdbackup --create-home \
         --shell /usr/sbin/nologin nbdbackup \
- && install -d -o nbdbackup -g nbdbackup -m 0755 /data /run/nbdbackup /backup
+ && install -d -o nbdbackup -g 0 -m 0775 /data /run/nbdbackup /backup \
+ && chgrp 0 /var/lib/nbdbackup && chmod 0775 /var/lib/nbdbackup
 COPY --from=builder /opt/nbdbackup/.venv /opt/nbdbackup/.venv
 
+# State directories: owner nbdbackup, group 0, group-writable, so an
+# arbitrary uid in group 0 (OpenShift's random uid, docker run --user
+# 12345:0) can use them and volumes made from them; README "Containers".
 # Non-root by default.  Serving a block device: docker run --device /dev/sdX
 # --group-add disk (or --user 0); see README "Containers".
 USER 10809:10809

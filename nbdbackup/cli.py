@@ -82,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     except NBDBackupError as e:
         print(f"nbdbackup: error: {e}", file=sys.stderr)
         return 1
+    except PermissionError as e:
+        # A directory this uid cannot write (a container's arbitrary --user,
+        # a volume owned by someone else): one line naming the fix, no traceback.
+        from .errors import permission_hint
+
+        print(f"nbdbackup: error: {e.strerror or 'Permission denied'}: {e.filename or ''} "
+              f"({permission_hint(e.filename)})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -197,7 +197,10 @@ async def start(server, args: argparse.Namespace | None = None, control_sock: An
     try:
         app.bitmaps = BitmapManager(getattr(args, "state_dir", None))
     except OSError as e:
-        raise ConfigError(f"--state-dir {args.state_dir}: {e.strerror or e}") from None
+        from .errors import permission_hint
+
+        hint = f" ({permission_hint(args.state_dir)})" if isinstance(e, PermissionError) else ""
+        raise ConfigError(f"--state-dir {args.state_dir}: {e.strerror or e}{hint}") from None
     control_path = getattr(args, "control", None)
     qmp = None
     if control_path or control_sock is not None or remote is not None:

@@ -13,6 +13,8 @@ Invariants:
 
 from __future__ import annotations
 
+import os
+
 
 class NBDBackupError(Exception):
     """Root of every error nbdbackup raises on purpose."""
@@ -50,3 +52,15 @@ class OptionError(NBDBackupError):
         self.reply = reply
         self.message = message
         super().__init__(f"option {option} refused with reply {reply:#x}: {message}")
+
+
+def permission_hint(path: str | None) -> str:
+    """What to say after "Permission denied" on ``path``: who we run as and
+    the usual fix (an arbitrary container uid, OpenShift-style, is in group
+    0; the image makes its directories group-0 writable, a volume or host
+    directory of your own must be too: README "Containers")."""
+    uid, gid = os.getuid(), os.getgid()
+    where = f" {path}" if path else ""
+    return (f"running as uid {uid} gid {gid}, which cannot write{where}: make it writable by that uid or "
+            f"group (e.g. chown {uid}:{gid} or chgrp {gid} + chmod g+rwX; a container's --user UID:0 "
+            f"needs group 0, see README 'Containers')")

@@ -277,8 +277,10 @@ class Engine:
         scratch_created: str | None = None
         if own_scratch_target:
             # A sparse file in the state directory (else the temp directory), removed at dismiss.
-            tdev, scratch_created = await self._open_scratch(job_id, None, os.path.join(tempfile.gettempdir(), "-"),
-                                                             size)
+            # (The temp directory is looked up only without a state directory:
+            # a read-only root with --state-dir on a volume has none, docs/hunt9.md.)
+            where = self.scratch_dir if self.scratch_dir is not None else _temp_dir()
+            tdev, scratch_created = await self._open_scratch(job_id, None, os.path.join(where, "-"), size)
         elif isinstance(target, str):
             from ..blockdev import is_nbd_uri, open_spec
 
@@ -347,7 +349,7 @@ class Engine:
             elif not is_nbd_uri(target):
                 where = os.path.dirname(os.path.abspath(target))
             else:
-                where = tempfile.gettempdir()
+                where = _temp_dir()
             try:
                 fd, path = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".raw", dir=where)
             except OSError as e:
@@ -623,6 +625,18 @@ def _same_file(a: str, b: str) -> bool:
         return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
     except OSError:
         return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _temp_dir() -> str:
+    """The temporary directory for a scratch file, or a `ConfigError` naming
+    the fixes (`tempfile.gettempdir` raises FileNotFoundError when none is
+    writable, as under a container's read-only root filesystem)."""
+    try:
+        return tempfile.gettempdir()
+    except OSError:
+        raise ConfigError("no writable temporary directory for the scratch file (a read-only root "
+                          "filesystem?): give serve --state-dir DIR on a writable volume, name the "
+                          "job's scratch (--scratch PATH), or mount a tmpfs on /tmp") from None
 
 
 def _unlink_quietly(path: str | None) -> None:

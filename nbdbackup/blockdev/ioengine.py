@@ -684,7 +684,11 @@ def probe_io_uring() -> str | None:
     try:
         ring = Ring(4)
     except OSError as e:
-        return f"io_uring_setup: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
+        hint = ""
+        if e.errno in (errno.EPERM, errno.ENOSYS):
+            # docker >= 25, podman and containerd block io_uring in their default profiles
+            hint = "; a seccomp profile blocks it, as container engines' defaults do: use the default engine or threads"
+        return f"io_uring_setup: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror}{hint})"
     try:
         ring.prep(_OP_NOP, 0, -1, 0, 0, 0, 0, 1)
         ring.submit(1, wait=1)

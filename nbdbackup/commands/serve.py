@@ -36,7 +36,8 @@ Limits against hostile or broken clients (`nbd.server`, `nbd.budget`):
 ``--max-connections``, ``--max-connections-per-peer`` (quiet connections are
 evicted for new ones at a cap), ``--handshake-timeout``, ``--idle-timeout``
 (TCP) / ``--unix-idle-timeout``, ``--max-buffer-memory`` (all request
-buffers together).
+buffers together).  Its default and the ``--workers`` default follow the
+process's cgroup (a container's ``--memory``/``--cpus``): `resource_defaults`.
 
 Lifecycle: every argument is validated before anything listens (a missing
 file, a bad size, a duplicate name or a busy socket is one clear error line
@@ -121,9 +122,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(0 = never; default 60)")
     p.add_argument("--unix-idle-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="the same for Unix socket connections (default 0 = never)")
-    p.add_argument("--max-buffer-memory", default="256M", metavar="SIZE",
+    p.add_argument("--max-buffer-memory", default=None, metavar="SIZE",
                    help="memory for request buffers of all connections together (WRITE payloads, "
-                        "READ replies); at least 64M (default 256M)")
+                        "READ replies); at least 64M (default 256M, or half the cgroup's memory "
+                        "limit when that is less, at least 64M; -v logs the choice)")
     p.add_argument("--tls-creds", metavar="DIR",
                    help="X.509 credentials directory (ca-cert.pem, server-cert.pem, server-key.pem)")
     p.add_argument("--tls", choices=["off", "on", "require"],
@@ -142,7 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="worker processes serving the data path of plain file exports with no backup "
                         "or bitmap attached (each its own core; docs/workers.md); 0 = none "
                         "(default: env NBDBACKUP_WORKERS, else one per CPU when there are at least 2, "
-                        "at most 8)")
+                        "at most 8; CPUs as the affinity mask and the cgroup's CPU quota allow, and "
+                        "under a cgroup memory limit only as many as get 64M of buffers each)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (use a loopback address)")
     from .repoargs import add_repo_options
@@ -158,17 +161,68 @@ def add_io_engine_option(p: argparse.ArgumentParser) -> None:
                         "env NBDBACKUP_IO_ENGINE)")
 
 
-def worker_count(args: argparse.Namespace) -> int:
-    """``--workers``, else its default (`nbd.worker.default_workers`)."""
-    from ..nbd.worker import default_workers
+def resource_defaults(args: argparse.Namespace, limits=None, report: list | None = None) -> tuple[int, int]:
+    """``(request-buffer budget in bytes, worker processes)``: the options,
+    else defaults sized to this process's cgroup (`nbdbackup.cgroup`; a
+    container's ``--memory``/``--cpus``, a unit's ``MemoryMax=``/``CPUQuota=``).
 
+    - budget: ``--max-buffer-memory``, else 256M, or half the memory limit
+      when less (at least 64M: twice the largest request);
+    - workers: ``--workers``, else ``$NBDBACKUP_WORKERS``, else one per CPU
+      (`nbd.worker.default_workers` over `cgroup.cpu_count`: the quota
+      rounded up counts), and under a memory limit no more than give every
+      process (owner and workers) its own 64M share of the budget
+      (`nbd.server.budget_share`), so that all together stay within it.
+
+    Measured reason (docs/hunt9.md): with the host's defaults, 24 stalled
+    32 MiB WRITEs from one client OOM-killed a ``--memory 256m`` server with
+    one CPU (PID 1: the container died) and both workers of a ``128m`` one.
+    The choice is logged (``serve -v``); an explicit budget above half the
+    limit is warned about.  With ``report`` (a list) the log records are
+    appended there as ``(level, message, *args)`` instead, for the caller to
+    emit once the rest of the command line is known good (a refused command
+    line prints only its error).
+    """
+    from .. import cgroup
+    from ..nbd.server import DEFAULT_BUFFER_MEMORY
+    from ..nbd.wire import MAX_PAYLOAD
+    from ..nbd.worker import ENV, default_workers
+
+    if limits is None:
+        limits = cgroup.read_limits()
+    share_min = 2 * MAX_PAYLOAD
+    explicit_budget = getattr(args, "max_buffer_memory", None) is not None
+    if explicit_budget:
+        budget = buffer_memory(args.max_buffer_memory)
+    else:
+        budget = cgroup.buffer_default(limits, DEFAULT_BUFFER_MEMORY, share_min)
+    why = []
+    explicit_workers = getattr(args, "workers", None) is not None
     try:
-        n = args.workers if getattr(args, "workers", None) is not None else default_workers()
+        n = args.workers if explicit_workers else default_workers(cgroup.cpu_count(limits))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if n < 0:
         raise ConfigError("--workers must not be negative")
-    return n  # (the pool logs "started N worker process(es)" with -v)
+    if not explicit_workers and not os.environ.get(ENV) and limits.memory is not None:
+        cap = cgroup.workers_for_memory(budget, share_min)
+        if n > cap:
+            why.append(f"{n} CPU(s) but the memory limit leaves buffers for {cap}")
+            n = cap
+    records: list = [(logging.INFO, "limits: %s; request buffers %d MiB (%s), %d worker process(es)%s",
+                      limits.describe(), budget >> 20, "--max-buffer-memory" if explicit_budget else "default",
+                      n, f" ({'; '.join(why)})" if why else "")]
+    total = max(budget, (n + 1) * share_min) if n else budget
+    if limits.memory is not None and total > limits.memory * cgroup.BUFFER_FRACTION:
+        records.append((logging.WARNING, "request buffers may take %d MiB (%d process(es)) of a %d MiB memory "
+                        "limit: a burst of large writes can get the server OOM-killed; lower --max-buffer-memory "
+                        "or --workers, or raise the limit", total >> 20, n + 1, limits.memory >> 20))
+    if report is None:
+        for level, msg, *rest in records:
+            log.log(level, msg, *rest)
+    else:
+        report.extend(records)
+    return budget, n
 
 
 def select_io_engine(args: argparse.Namespace) -> None:
@@ -178,7 +232,7 @@ def select_io_engine(args: argparse.Namespace) -> None:
     try:
         name, why = ioengine.select(getattr(args, "io_engine", None))
     except (ValueError, OSError) as e:
-        raise ConfigError(f"--io-engine: {e}") from None
+        raise ConfigError(f"--io-engine: {getattr(e, 'strerror', None) or e}") from None
     log.info("I/O engine: %s (%s)", name, why)
 
 
@@ -329,13 +383,16 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
     from .. import systemd
     from ..nbd.server import Server
 
+    choice: list = []
+    budget, workers = resource_defaults(args, report=choice)
     notifier = systemd.Notifier()
     server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                     tls=tls_config(args), access=access_policy(args),
                     max_connections_per_peer=args.max_connections_per_peer,
                     idle_timeout=args.idle_timeout, unix_idle_timeout=args.unix_idle_timeout,
-                    max_buffer_memory=buffer_memory(args.max_buffer_memory),
-                    workers=worker_count(args))
+                    max_buffer_memory=budget, workers=workers)
+    for level, msg, *rest in choice:  # the options are valid: say what the limits made of them
+        log.log(level, msg, *rest)
     app = daemon.App(server)
     metrics_srv = None
     where: list[str] = []

@@ -937,20 +937,23 @@ async def _main(fd: int) -> int:
 DEFAULT_MAX = 8
 
 
-def default_workers() -> int:
+def default_workers(cpus: int | None = None) -> int:
     """``serve --workers`` default: ``$NBDBACKUP_WORKERS``, else one per
     CPU this process may run on (at most `DEFAULT_MAX`) when there are at
-    least 2, else 0 (measured: docs/workers.md)."""
+    least 2, else 0 (measured: docs/workers.md).  ``cpus``: that count when
+    the caller knows better (``serve`` passes `cgroup.cpu_count`, which
+    also obeys a cgroup CPU quota); default the affinity mask."""
     v = os.environ.get(ENV)
     if v:
         try:
             return int(v)
         except ValueError:
             raise ValueError(f"{ENV}={v!r} is not a number") from None
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
     return min(cpus, DEFAULT_MAX) if cpus >= 2 else 0
 
 

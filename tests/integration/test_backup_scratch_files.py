@@ -290,3 +290,33 @@ def test_fleecing_into_a_scratch_target_of_the_servers_own(short_tmp):
         assert scratches(state) == [] and not os.path.exists(path)
         await live.close()
     run(main())
+
+
+def test_scratch_target_without_a_usable_temp_directory(short_tmp, monkeypatch):
+    """A read-only root filesystem (``docker run --read-only``) leaves no temporary directory:
+    `tempfile.gettempdir` raises.  With a state directory the server's own scratch target never
+    needs one (it asked for it anyway, and the agent's backup failed: docs/hunt9.md); without
+    one the refusal is one ConfigError naming the fixes."""
+    import tempfile
+
+    def no_temp_dir():
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp']")
+
+    async def main():
+        state = short_tmp / "state"
+        state.mkdir()
+        live, table, engine = await rig(short_tmp, scratch_dir=os.fspath(state))
+        monkeypatch.setattr(tempfile, "gettempdir", no_temp_dir)
+        await engine.backup_start("disk", "j", "none", "scratch:", snapshot="snap")
+        (path,) = scratches(state)
+        engine.jobs["j"].cancel()
+        await engine.jobs["j"].wait()
+        await engine.job_dismiss("j")
+        assert not os.path.exists(path)
+        await live.close()
+
+        live, table, engine = await rig(short_tmp)
+        with pytest.raises(ConfigError, match=r"no writable temporary directory .*--state-dir"):
+            await engine.backup_start("disk", "k", "none", "scratch:", snapshot="snap2")
+        await live.close()
+    run(main())
