@@ -31,20 +31,10 @@ import uuid
 import pytest
 
 import peers
+from test_image import UID, _wait
 
-UID = 10809
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown volume directories")
-
-
-def _wait(cond, timeout: float, what: str, poll: float = 0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def _dirs(parent, *names):
