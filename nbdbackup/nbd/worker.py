@@ -950,10 +950,9 @@ def default_workers(cpus: int | None = None) -> int:
         except ValueError:
             raise ValueError(f"{ENV}={v!r} is not a number") from None
     if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 1
+        from ..cgroup import Limits, cpu_count
+
+        cpus = cpu_count(Limits())  # the affinity mask alone
     return min(cpus, DEFAULT_MAX) if cpus >= 2 else 0
 
 
