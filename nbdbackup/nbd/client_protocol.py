@@ -553,19 +553,48 @@ def _tflags(flags: int) -> TransmissionFlag:
 # --------------------------------------------------------------------------
 
 
+class Descriptors:
+    """A BLOCK_STATUS chunk's ``(length, flags)`` descriptors, decoded as they
+    are iterated: a 32 MiB chunk holds 4 M of them, ~450 MB as a list of
+    tuples but 32 MiB as its payload -- the most a server can make us hold
+    for one reply, whose consumer (`client.Client.block_status`) merges them
+    as it goes and gives up on too many small ones (hunt 8).  Compares equal
+    to the list of those tuples."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: memoryview) -> None:
+        assert len(raw) % wire.BLOCK_DESCRIPTOR.size == 0
+        self._raw = raw
+
+    def __len__(self) -> int:
+        return len(self._raw) // wire.BLOCK_DESCRIPTOR.size
+
+    def __iter__(self):
+        return wire.BLOCK_DESCRIPTOR.iter_unpack(self._raw)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Descriptors):
+            return self._raw == other._raw
+        return isinstance(other, list) and list(self) == other
+
+    def __repr__(self) -> str:
+        return f"Descriptors({list(self)[:8]!r}{'...' if len(self) > 8 else ''})"
+
+
 @dataclass(slots=True)
 class Reply:
     """One finished request.
 
     ``error`` is a POSIX errno (0 = success) and ``message`` the server's
     text for it; ``extents`` (BLOCK_STATUS only) maps a context id to the
-    server's ``(length, flags)`` descriptors.
+    server's ``(length, flags)`` descriptors (`Descriptors`).
     """
 
     cookie: int
     error: int = 0
     message: str = ""
-    extents: dict[int, list[tuple[int, int]]] | None = None
+    extents: dict[int, Descriptors] | None = None
 
 
 class _Pending:
@@ -590,7 +619,7 @@ class _Pending:
         self.covered: list[int] | None = None
         self.error = 0
         self.message = ""
-        self.extents: dict[int, list[tuple[int, int]]] | None = None
+        self.extents: dict[int, Descriptors] | None = None
 
 
 class _St(enum.Enum):
@@ -959,8 +988,7 @@ class Transmission:
                 req.extents = {}
             if cid in req.extents:
                 raise RemoteProtocolError(f"two BLOCK_STATUS chunks for context id {cid}")
-            descs = list(wire.BLOCK_DESCRIPTOR.iter_unpack(memoryview(payload)[4:]))
-            req.extents[cid] = descs
+            req.extents[cid] = Descriptors(memoryview(payload)[4:])
         else:
             err, mlen = wire.ERROR_CHUNK.unpack_from(payload)
             if mlen > length - 6:

@@ -178,3 +178,34 @@ def test_the_blocking_connect_has_a_deadline_not_only_a_receive_timeout(short_tm
             connect_blocking(parse_uri(uri(Path(slow.path))), "", timeout=1.0)
         took = time.monotonic() - t0
     assert took < 3, took
+
+
+@pytest.mark.timeout(60)
+def test_a_reply_of_millions_of_tiny_extents_costs_its_payload_not_millions_of_objects(short_tmp):
+    """``bs-tiny``: one BLOCK_STATUS reply of 4 M 1-byte extents (32 MiB of descriptors).
+    The client refuses them (EOVERFLOW, finding 4); on the way it must hold no more than
+    the reply's payload and the extents it merged before giving up -- not 4 M decoded
+    descriptor tuples (hunt 8's "left": 372 MB RSS).  Traced peaks in this process, whose
+    server thread builds the 32 MiB reply twice (~64 MiB): 294 MiB with the descriptors
+    decoded into a list, 96 MiB decoded lazily (`client_protocol.Descriptors`)."""
+    import asyncio
+    import errno
+    import tracemalloc
+
+    from nbdbackup.nbd.client import connect
+
+    async def main_():
+        async with await connect(uri(Path(bad.path)), meta_contexts=["base:allocation"]) as c:
+            tracemalloc.start()
+            try:
+                with pytest.raises(OSError) as ei:
+                    await c.block_status(0, SIZE)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        assert ei.value.errno == errno.EOVERFLOW, ei.value
+        return peak
+
+    with rawnbd.Server(str(short_tmp / "tiny.sock"), "bs-tiny", SIZE) as bad:
+        peak = asyncio.run(main_())
+    assert peak < 160 << 20, f"{peak >> 20} MiB traced for one reply of tiny extents"
