@@ -322,8 +322,13 @@ def test_tls_pull_receives_on_threads_over_connections_of_their_own(pki, short_t
             """(the source reads after the pull, its connection is the one from before it)."""
             monkeypatch.setattr(pullthreads, "KEEPALIVE", keepalive)
 
+            one_at_a_time = asyncio.Lock()  # the threads hand up to nbuf chunks at once
+
             async def sink(i, d, chunk):
-                await asyncio.sleep(0.35)  # 7 chunks: ~2.5 s, past the 1 s idle timeout
+                async with one_at_a_time:
+                    # 6 data chunks: >= 2.1 s, safely past the 1 s idle timeout and the 0.5 s
+                    # tick (concurrent sinks made the pull ~1.5 s: a race, one CI failure)
+                    await asyncio.sleep(0.35)
                 return None
 
             src = await NBDDev.open(uri, read_only=True, connections=1)
