@@ -65,6 +65,17 @@ def test_dedup_zero_chunks_snapshots_and_image(tmp_path):
     assert repo.verify() == []
 
 
+def flip(path: str, offset: int, mask: int) -> None:
+    """XOR the byte at ``offset`` of ``path`` with ``mask`` (in place: the read moves the
+    position, so seek back -- writing at offset + 1 left the file unchanged whenever the
+    next byte already held the result, 1 time in 256: a CI failure)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))
+
+
 @pytest.mark.parametrize("encryption", ["none", "repokey"])
 def test_corruption_and_missing_chunks_are_reported(tmp_path, encryption):
     st = DirStore(str(tmp_path / "r"))
@@ -72,9 +83,7 @@ def test_corruption_and_missing_chunks_are_reported(tmp_path, encryption):
     m = store_image(repo, "s0", os.urandom(C) + os.urandom(C))
     key = f"chunks/{m.chunks[1].hex()[:2]}/{m.chunks[1].hex()}"
     path = os.path.join(st.root, *key.split("/"))
-    with open(path, "r+b") as f:
-        f.seek(100)
-        f.write(bytes([f.read(1)[0] ^ 1]))
+    flip(path, 100, 1)
     want = "does not match its blake3 digest" if encryption == "none" else \
         "fails authentication (damaged, or not this object)"
     assert repo.verify() == [("s0", 1, want)]
@@ -305,11 +314,7 @@ def test_base_snapshot_reads_whole_chunks_in_place_and_pieces(tmp_path, encrypti
         asyncio.run(base.pread(memoryview(buf), off))
         assert bytes(buf) == data[off:off + n], (off, n)
     path = os.path.join(st.root, "chunks", m.chunks[2].hex()[:2], m.chunks[2].hex())
-    with open(path, "r+b") as f:  # (a few dozen bytes: it compresses well)
-        f.seek(os.path.getsize(path) // 2)
-        b = f.read(1)[0]
-        f.seek(-1, 1)
-        f.write(bytes([b ^ 1]))
+    flip(path, os.path.getsize(path) // 2, 1)  # (a few dozen bytes: it compresses well)
     with pytest.raises(CorruptChunk, match=m.chunks[2].hex()):
         asyncio.run(base.pread(memoryview(bytearray(C)), 2 * C))
 
@@ -411,9 +416,7 @@ def test_a_damaged_chunk_is_not_reused_by_new_backups_after_verify_repair(tmp_pa
     m = store_image(repo, "s0", data)
     key = f"chunks/{m.chunks[1].hex()[:2]}/{m.chunks[1].hex()}"
     path = os.path.join(st.root, *key.split("/"))
-    with open(path, "r+b") as f:
-        f.seek(40)
-        f.write(bytes([f.read(1)[0] ^ 4]))
+    flip(path, 40, 4)
     store_image(repo, "s1", data)  # a new full backup of the same data
     assert {(p.snapshot, p.index) for p in verify(repo, ["s0", "s1"]).problems} == {("s0", 1), ("s1", 1)}
     rep = verify(repo, ["s0", "s1"], repair=True)
