@@ -5,6 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 
+from ..errors import ConnectionClosed, RemoteProtocolError
+
+#: How an NBD peer or a target fails a command: an error reply, a timeout or any OSError,
+#: a closed connection, a protocol violation (`failure_text` words each for one line).
+PEER_ERRORS = (OSError, ConnectionClosed, RemoteProtocolError)
+
+
+def failure_text(e: BaseException) -> str:
+    """One of `PEER_ERRORS` as the reason in a one-line error (an OSError's strerror)."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+
 
 def run_async(coro):
     """Run ``coro`` to completion on uvloop when it is installed (set

@@ -26,8 +26,8 @@ import stat
 import sys
 
 from ..blockdev import parse_size
-from ..errors import ConfigError, ConnectionClosed, RemoteProtocolError
-from . import add_io_timeout_option, io_timeout, run_async
+from ..errors import ConfigError
+from . import PEER_ERRORS, add_io_timeout_option, failure_text, io_timeout, run_async
 from ..progress import Progress, add_progress_option
 from .repoargs import add_repo_options
 
@@ -166,9 +166,8 @@ def _stopped(consequence: str, what: str = "pull"):
     saying what it left, not a traceback."""
     try:
         yield
-    except (OSError, ConnectionClosed, RemoteProtocolError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ConfigError(f"{what} stopped: {why}; {consequence}") from e
+    except PEER_ERRORS as e:
+        raise ConfigError(f"{what} stopped: {failure_text(e)}; {consequence}") from e
 
 
 async def _pull(args: argparse.Namespace, chunk: int) -> int:

@@ -26,9 +26,9 @@ import stat
 import sys
 
 from ..agent.restore import DIR_WORKERS, S3_WORKERS
-from ..errors import ConfigError, ConnectionClosed, RemoteProtocolError
+from ..errors import ConfigError
 from ..progress import Progress, add_progress_option
-from . import add_io_timeout_option, io_timeout, run_async
+from . import PEER_ERRORS, add_io_timeout_option, failure_text, io_timeout, run_async
 from .repoargs import REPO_HELP, add_repo_options, open_repo
 
 
@@ -133,10 +133,10 @@ async def _restore(args: argparse.Namespace, repo, man) -> int:
                 stats = await restore(repo, man, dst, snapshot=args.snapshot, workers=args.workers,
                                       target_is_zero=zero, progress=prog.update, direct=not args.buffered,
                                       keep_going=args.keep_going)
-            except (OSError, ConnectionClosed, RemoteProtocolError) as e:
+            except PEER_ERRORS as e:
                 # the target failed (ENOSPC, EIO, a timeout, the NBD server went away or broke the protocol)
-                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                raise ConfigError(f"{args.target}: {why} (restore stopped: the target is incomplete)") from e
+                raise ConfigError(f"{args.target}: {failure_text(e)} (restore stopped: the target is incomplete)"
+                                  ) from e
     finally:
         await dst.close()
     out = stats.to_json()
