@@ -90,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbdbackup: error: {e.strerror or 'Permission denied'}: {e.filename or ''} "
               f"({permission_hint(e.filename)})", file=sys.stderr)
         return 1
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as e:
+        # A path the user gave that does not fit (``pull SRC /no/such/dir/x.img``,
+        # ``repo init`` on a file): one line naming it.  Only errors that name a
+        # file; anything else is not the user's input and keeps its traceback.
+        if not e.filename:
+            raise
+        print(f"nbdbackup: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -35,6 +35,11 @@ from ..errors import ConfigError
 FORMAT = "nbdbackup-manifest"
 VERSION = 1
 DEFAULT_CHUNK = 4 << 20
+#: The largest chunk a manifest (and so a repository) may use.  A pull holds several chunks
+#: in memory per connection and a restore one per thread; restic and borg cut at most 8 MiB,
+#: Proxmox Backup Server 4 MiB (16 MiB dynamic).  Past this, ``--chunk-size 1T`` was accepted
+#: and the first pull died of MemoryError (or of the OOM killer, a little lower).
+MAX_CHUNK = 64 << 20
 
 _zero_cache: dict[int, bytes] = {}
 
@@ -66,9 +71,11 @@ class Manifest:
     chunks: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.size < 0 or self.chunk_size <= 0 or self.chunk_size % 4096:
-            raise ConfigError(f"bad manifest geometry: size {self.size}, chunk size {self.chunk_size} "
-                              "(a positive multiple of 4096)")
+        if self.size < 0:
+            raise ConfigError(f"bad manifest geometry: size {self.size}")
+        if not 0 < self.chunk_size <= MAX_CHUNK or self.chunk_size % 4096:
+            raise ConfigError(f"chunk size {self.chunk_size}: give a multiple of 4096 bytes from 4K to "
+                              f"{MAX_CHUNK >> 20}M")
         if not self.chunks:
             self.chunks = [b""] * self.count
 

@@ -308,8 +308,8 @@ def parse_descriptions(items: list[str], names: list[str]) -> dict[str, str]:
 
 def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"bad {option} {text!r}: expected HOST:PORT")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"bad {option} {text!r}: expected HOST:PORT (port 0-65535; 0 = any free one)")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 
@@ -406,7 +406,12 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
             where.append(systemd.describe(sock))
             await server.start_socket(sock)
         for path in args.socket:
-            await server.start_unix(path, socket_mode, socket_gid)
+            try:
+                await server.start_unix(path, socket_mode, socket_gid)
+            except PermissionError:
+                raise  # the CLI's one line with the uid/gid hint
+            except OSError as e:  # e.g. a missing directory (uvloop names no file)
+                raise ConfigError(f"cannot listen on unix:{path}: {e.strerror}") from None
             where.append(f"unix:{path}")
         for host, port in listens:
             try:

@@ -77,6 +77,45 @@ def test_nothing_to_listen_on():
     assert "listen" in line or "socket" in line, line
 
 
+@pytest.mark.parametrize("option", ["--listen", "--metrics"])
+def test_port_out_of_range_is_refused(short_tmp, option):
+    """``--listen 127.0.0.1:99999`` listened on port 34463 (99999 mod 65536) and said so only
+    in the log: the port is checked now."""
+    line = error_line(run_serve(str(short_tmp / "s.sock"), "a=memory:1M", extra=[option, "127.0.0.1:99999"]))
+    assert "99999" in line and "65535" in line, line
+
+
+def test_socket_in_a_missing_directory(short_tmp):
+    """A ``--socket`` in a directory that does not exist was a uvloop traceback naming no file."""
+    line = error_line(run_serve(str(short_tmp / "nodir" / "s.sock"), "a=memory:1M", extra=["--workers", "0"]))
+    assert "unix:" in line and "nodir/s.sock" in line and "no such file" in line, line
+
+
+def test_cli_paths_that_do_not_fit_are_one_line(short_tmp, serve):
+    """Paths the user gives that do not fit -- a pull target in a missing directory or that is a
+    directory, a repository created over a file -- were tracebacks; one line naming the path now.
+    A chunk size of 1T was accepted by ``repo init`` and the first pull died of MemoryError."""
+    cli = [str(peers.VENV_PYTHON), "-m", "nbdbackup.cli"]
+
+    def run(*args):
+        return subprocess.run(cli + list(args), capture_output=True, text=True, errors="replace", timeout=60,
+                              cwd=str(peers.REPO))
+
+    afile = short_tmp / "a.img"
+    afile.write_bytes(b"x")
+    line = error_line(run("repo", "init", str(afile), "--encryption", "none"))
+    assert "file exists" in line and str(afile).lower() in line, line
+    line = error_line(run("repo", "init", str(short_tmp / "r"), "--encryption", "none", "--chunk-size", "1T"))
+    assert "chunk size" in line and "64m" in line, line
+    assert not (short_tmp / "r" / "config.json").exists()
+    with serve("m=memory:1M") as srv:
+        line = error_line(run("pull", srv.uri_for("m"), str(short_tmp / "nodir" / "out.img")))
+        assert "no such file" in line and "nodir/out.img" in line, line
+        line = error_line(run("pull", srv.uri_for("m"), str(short_tmp)))
+        assert "is a directory" in line, line
+        assert srv.alive()
+
+
 def test_busy_socket_is_refused_and_first_server_unharmed(serve):
     with serve("a=memory:1M") as first:
         r = run_serve(first.socket, "b=memory:1M")
