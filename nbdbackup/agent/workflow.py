@@ -437,7 +437,7 @@ _CPU_POOL = None
 
 def _cpu_pool():
     """The process's pool for chunk jobs that are CPU work (hash, compress, encrypt, write
-    to the page cache): one thread per core plus one, shared by the disks pulled at once,
+    to the page cache): one thread per CPU this process may use plus one, shared by the disks pulled at once,
     never shut down (idle threads; joined at exit).  asyncio's default pool has cores + 4
     threads; on 2 cores, 6 threads compressing at once cost ~3% more CPU than 3 in
     interleaved runs (switches, GIL hand-overs, colder caches)."""
@@ -445,7 +445,10 @@ def _cpu_pool():
     if _CPU_POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _CPU_POOL = ThreadPoolExecutor((os.cpu_count() or 2) + 1, thread_name_prefix="nbdbackup-chunk")
+        from .. import cgroup
+
+        # The CPUs this process may use (affinity, a container's quota: ~0.8 ms), not the host's.
+        _CPU_POOL = ThreadPoolExecutor(cgroup.cpu_count(cgroup.read_limits()) + 1, thread_name_prefix="nbdbackup-chunk")
     return _CPU_POOL
 
 

@@ -123,3 +123,18 @@ def test_explicit_options_win_and_a_risky_budget_is_warned(monkeypatch, caplog):
     assert any("limits: memory 256 MiB (test)" in r.getMessage() for r in caplog.records)
     monkeypatch.setenv("NBDBACKUP_WORKERS", "2")
     assert serve.resource_defaults(args(), lim) == (128 * MiB, 2)  # the environment is explicit too
+
+
+def test_agent_chunk_pool_follows_the_cgroup(monkeypatch):
+    """The agent's chunk threads: one per CPU the process may use, plus one (it took the host's
+    CPU count: a `--cpus 1` container on a 64-core host compressed on 65 threads)."""
+    from nbdbackup.agent import workflow
+
+    monkeypatch.setattr(workflow, "_CPU_POOL", None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
+    monkeypatch.setattr(cgroup, "read_limits", lambda root="/": cgroup.Limits(cpus=1.0))
+    pool = workflow._cpu_pool()
+    try:
+        assert pool._max_workers == 2
+    finally:
+        pool.shutdown()
