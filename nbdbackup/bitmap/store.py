@@ -73,6 +73,10 @@ Why an acknowledged write's bit is never lost:
    new file (header + bits), fsync it, rename it over the old one, fsync the
    directory: after any failure there is either the old file or the new one.
    Remove unlinks and fsyncs the directory.
+6. Every file's blocks are reserved (`reserve`: posix_fallocate) before it is
+   mapped, so setting a bit never makes the file system allocate: a full file
+   system fails the create, clear or load with ENOSPC instead of killing the
+   server with SIGBUS at some guest's write (tests/interop/test_bitmaps_full_fs.py).
 
 Precisely, `load_all` marks a bitmap **inconsistent** (it is listed, keeps
 its file, can only be removed; incremental backups from it are refused) when
@@ -91,6 +95,8 @@ directory (flock).  `sync` and `before_set` block the loop for an msync.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -277,6 +283,40 @@ class _Handle:
         os.close(self.fd)
 
 
+def reserve(fd: int, size: int) -> None:
+    """Give the first ``size`` bytes of the file ``fd`` storage now (its content unchanged).
+
+    The bits are set through a ``MAP_SHARED`` map: a store into a page that is a
+    hole makes the file system allocate it at the fault, and when it cannot (a
+    full file system, a tmpfs at its size) the kernel answers with SIGBUS, which
+    kills the server -- every export and every client with it.  With the blocks
+    reserved, a full file system is an ``ENOSPC`` here, where creating, clearing or
+    loading the bitmap fails cleanly.  (On copy-on-write file systems -- btrfs,
+    ZFS -- an overwrite needs new space too; keep the state directory elsewhere.)
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    # No fallocate here: write zeros into the holes, which is what they read as.
+    off = 0
+    while off < size:
+        try:
+            data = min(os.lseek(fd, off, os.SEEK_DATA), size)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = size  # nothing but a hole up to the end
+        while off < data:
+            n = min(1 << 20, data - off)
+            os.pwrite(fd, bytes(n), off)
+            off += n
+        if off < size:
+            off = os.lseek(fd, off, os.SEEK_HOLE)
+
+
 def _bits_buffer(mm: mmap.mmap, nbits: int) -> memoryview:
     return memoryview(mm)[DATA_OFFSET : DATA_OFFSET + words_for(nbits) * 8]
 
@@ -400,6 +440,7 @@ class BitmapStore:
                                       "in use with unsynced bits when the machine went down")
         fd = os.open(path, os.O_RDWR)
         try:
+            reserve(fd, flen)  # a file left sparse (by an older nbdbackup) gets its blocks now
             mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -431,9 +472,14 @@ class BitmapStore:
                 data = bits.to_bytes()
                 os.pwrite(fd, data + bytes(nbytes - len(data)), DATA_OFFSET)
             os.ftruncate(fd, DATA_OFFSET + nbytes)
+            reserve(fd, DATA_OFFSET + nbytes)
             self.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
         os.rename(tmp, path)
         self._fsync_dir(os.path.dirname(path))
 

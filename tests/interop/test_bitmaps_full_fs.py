@@ -1,0 +1,108 @@
+"""Persistent dirty bitmaps on a state directory whose file system is full.
+
+Role: the bits of a persistent bitmap are set through a ``MAP_SHARED`` map of
+its file (`bitmap.store`).  When that file had holes, the first bit set in a
+hole page made the file system allocate at the page fault, and on a full file
+system the kernel answered with SIGBUS: the whole server died (every export,
+every client) -- on ``bitmap add`` of a bitmap larger than the free space, and
+on an ordinary guest write once the state directory had filled up after the
+bitmap was made.  Invariants checked: a bitmap that does not fit is a clean
+error and the server lives on; once made, a bitmap records every write however
+full its file system gets (invariant 3, and 4: nobody's write crashes the server).
+
+The state directory is a small file system mounted in a private mount namespace
+(``unshare --mount``) in which the server runs, so nothing outside sees it and it
+goes when the server does: a 1 MiB tmpfs (whose read faults on a shared map
+allocate too, so the big bitmap died at ``bitmap add``) and an 8 MiB ext4 on a
+loop device (where the holes stayed holes until a guest write faulted them in).
+That needs CAP_SYS_ADMIN (root here; an unprivileged container cannot): the test
+skips where the namespace or the mount cannot be made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+import peers
+
+pytestmark = pytest.mark.interop
+
+GiB = 1 << 30
+
+
+#: The state directory's file system, as shell: mount it on $1 (in the private namespace).
+MOUNTS = {
+    "tmpfs": "mount -t tmpfs -o size=1M tmpfs \"$1\"",
+    "ext4": "mkfs.ext4 -q -F \"$1.img\" 8M && mount -o loop \"$1.img\" \"$1\"",
+}
+
+
+def _mount_works(fs: str, where: str) -> str | None:
+    os.makedirs(where)
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNTS[fs], "sh", where],
+                       capture_output=True, text=True)
+    return None if r.returncode == 0 else r.stderr.strip() or f"exit {r.returncode}"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nbdbackup.cli", *args], cwd=peers.REPO, capture_output=True,
+                          text=True, errors="replace", timeout=60)
+
+
+@pytest.mark.parametrize("fs", ["tmpfs", "ext4"])
+def test_a_full_state_directory_is_an_error_never_a_crash(tmp_path, fs):
+    why = _mount_works(fs, str(tmp_path / "probe"))
+    if why:
+        pytest.skip(f"cannot mount a {fs} in a private mount namespace here ({why})")
+    d = peers.short_tempdir()
+    state, sock, ctl, trigger = (os.path.join(d, n) for n in ("state", "n.sock", "c.sock", "fill-now"))
+    os.mkdir(state)
+    small, big = tmp_path / "small.img", tmp_path / "big.img"
+    # small: 16 KiB of bits at 64 KiB granularity, fits; big: 16 MiB of bits, fits in neither.
+    for path, size in ((small, 8 * GiB), (big, 8192 * GiB)):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    serve = shlex.join(peers.nbdbackup_argv(sock, f"small={small}", f"big={big}", extra=[
+        "--workers", "0", "--control", ctl, "--state-dir", state]))
+    # When the test says so, a filler takes every byte left (`head` ends on ENOSPC).
+    filler = (f"(for i in $(seq 600); do [ -e {trigger} ] && break; sleep 0.1; done; "
+              f"head -c 64M /dev/zero > {state}/filler) &")
+    script = f"{MOUNTS[fs]} && {filler} exec {serve}"
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", state]
+    with peers.started(argv, sock, cwd=str(peers.REPO)) as p:
+        try:
+            r = _cli("bitmap", "add", "--control", ctl, "small", "b0", "--persistent")
+            assert r.returncode == 0, r.stderr
+            # A bitmap the file system cannot hold: one clear error, the server lives on.
+            r = _cli("bitmap", "add", "--control", ctl, "big", "b1", "--persistent")
+            assert r.returncode == 1 and "no space left" in r.stderr.lower(), (r.stderr, p.log())
+            assert p.proc.poll() is None, p.log()
+            # Fill what is left, then write all over the small disk: into each 4 KiB page of
+            # its bits (one page covers 2 GiB), several times.
+            open(trigger, "w").close()
+            time.sleep(1.0)
+            offsets = [i * (GiB // 4) + 65536 for i in range(32)]
+            cmds = [a for off in offsets for a in ("-c", f"write -P 7 {off} 4k")]
+            r = subprocess.run(["qemu-io", "-f", "raw", *cmds, p.uri_for("small")], capture_output=True,
+                               text=True, timeout=60)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a SIGBUS's core dump takes a moment
+                pytest.fail(f"the server died (exit {p.proc.wait(timeout=2.0)})\n{r.stderr}\n{p.log()}")
+            assert r.returncode == 0 and r.stdout.count("wrote 4096/4096") == len(offsets), (r.stdout, r.stderr)
+            # Every write is in the bitmap.
+            r = subprocess.run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:b0", p.uri_for("small")],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            dirty = [(e["offset"], e["length"]) for e in json.loads(r.stdout) if e["type"] & 1]
+            for off in offsets:
+                assert any(o <= off < o + n for o, n in dirty), (off, dirty)
+            assert sum(n for _o, n in dirty) == len(offsets) * 65536
+        finally:
+            open(trigger, "w").close()  # the filler ends either way
