@@ -307,7 +307,7 @@ async def backup_server(server: Server, store, repo, opts: Options, sem: asyncio
             actions += r.decision.actions(r.disk, r.own, opts.granularity)
             actions.append({"type": "backup-start", "data": {
                 "export": r.disk, "job-id": r.own, "sync": "none", "target": "scratch:",
-                "snapshot": r.own}})
+                "snapshot": r.own, "on-cbw-error": "break-snapshot"}})
         warm = asyncio.ensure_future(asyncio.to_thread(_warm_up, repo, runs))
         try:
             await ctl.call("transaction", {"actions": actions})

@@ -1,4 +1,5 @@
-"""Persistent dirty bitmaps on a state directory whose file system is full.
+"""A server whose state directory's file system is full: persistent bitmaps, and
+the agent's copy-before-write scratch.
 
 Role: the bits of a persistent bitmap are set through a ``MAP_SHARED`` map of
 its file (`bitmap.store`).  When that file had holes, the first bit set in a
@@ -9,6 +10,13 @@ on an ordinary guest write once the state directory had filled up after the
 bitmap was made.  Invariants checked: a bitmap that does not fit is a clean
 error and the server lives on; once made, a bitmap records every write however
 full its file system gets (invariant 3, and 4: nobody's write crashes the server).
+
+The agent's snapshot keeps its copy-before-write data in a ``scratch:`` file in
+the same directory.  With the engine's default policy (QEMU's
+``break-guest-write``) a full scratch failed the GUEST's writes with EIO for as
+long as the backup ran; the agent now asks for ``break-snapshot`` (as Proxmox
+VE's fleecing does): the guest's writes go on, the backup fails and says why,
+and the next run is correct (invariant 2 over the backup's own needs).
 
 The state directory is a small file system mounted in a private mount namespace
 (``unshare --mount``) in which the server runs, so nothing outside sees it and it
@@ -25,6 +33,8 @@ import contextlib
 import json
 import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,3 +116,70 @@ def test_a_full_state_directory_is_an_error_never_a_crash(tmp_path, fs):
             assert sum(n for _o, n in dirty) == len(offsets) * 65536
         finally:
             open(trigger, "w").close()  # the filler ends either way
+
+
+def _qmp(path: str):
+    """A raw QMP session on the control socket: (socket, its line reader)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(path)
+    f = s.makefile("rb")
+    assert "QMP" in json.loads(f.readline())
+    s.sendall(b'{"execute": "qmp_capabilities"}\n')
+    assert json.loads(f.readline()) == {"return": {}}
+    return s, f
+
+
+def test_a_full_scratch_fails_the_backup_not_the_guest(tmp_path):
+    why = _mount_works("ext4", str(tmp_path / "probe"))
+    if why:
+        pytest.skip(f"cannot mount an ext4 in a private mount namespace here ({why})")
+    d = peers.short_tempdir()
+    state, sock, ctl = (os.path.join(d, n) for n in ("state", "n.sock", "c.sock"))
+    os.mkdir(state)
+    disk, repo = tmp_path / "disk.img", tmp_path / "repo"
+    disk.write_bytes(os.urandom(64 << 20))
+    assert _cli("repo", "init", str(repo), "--encryption", "none").returncode == 0
+    serve = shlex.join(peers.nbdbackup_argv(sock, f"disk={disk}", extra=[
+        "--workers", "0", "--control", ctl, "--state-dir", state]))
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{MOUNTS['ext4']} && exec {serve}",
+            "sh", state]
+    agent = [sys.executable, "-m", "nbdbackup.cli", "agent", "backup", "--control", ctl,
+             "--nbd", f"nbd+unix:///?socket={sock}", "--disk", "disk", "--repo", str(repo), "--json"]
+    with peers.started(argv, sock, cwd=str(peers.REPO)) as p:
+        q, qf = _qmp(ctl)
+        a = subprocess.Popen(agent, cwd=peers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # Hold the agent as soon as its snapshot export exists (it is mid-pull or before it).
+            for _ in range(3000):
+                q.sendall(b'{"execute": "query-block-exports"}\n')
+                reply = json.loads(qf.readline())
+                while "event" in reply:
+                    reply = json.loads(qf.readline())
+                if any(e["id"].startswith("nbdbackup-agent.") for e in reply["return"]):
+                    break
+                assert a.poll() is None, a.communicate()
+                time.sleep(0.005)
+            else:
+                raise AssertionError("the agent never made its snapshot export")
+            a.send_signal(signal.SIGSTOP)
+            # The guest rewrites the whole disk: 64 MiB of copy-before-write into 8 MiB.
+            r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 7 0 64M", p.uri_for("disk")],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0 and "wrote 67108864/67108864" in r.stdout, (r.stdout, r.stderr, p.log())
+        finally:
+            a.send_signal(signal.SIGCONT)
+            out, err = a.communicate(timeout=120)
+            q.close()
+        assert a.returncode == 1, (out, err)
+        assert "no space left on device" in err.lower() and "copy-before-write" in err, err
+        assert _cli("repo", "list", str(repo), "--json").stdout.count('"name"') == 0
+        # The guest's data is all there, and the next run (its scratch gone, room again) backs it up.
+        assert disk.read_bytes() == b"\x07" * (64 << 20)
+        r = subprocess.run(agent, cwd=peers.REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (r.stdout, r.stderr, p.log())
+        snap = json.loads(r.stdout)["disks"][0]["snapshot"]
+        out_img = tmp_path / "restored.img"
+        r = _cli("restore", str(repo), snap, str(out_img))
+        assert r.returncode == 0, r.stderr
+        assert out_img.read_bytes() == disk.read_bytes()
