@@ -320,8 +320,8 @@ class BackupMachine(RuleBasedStateMachine):
         try:
             if self.job is None:
                 return
-            for t, *_ in self.pending:
-                self.run(t)
+            if self.pending:  # wait without raising: `_reap` judges each outcome (a limit may fail one)
+                self.run(asyncio.wait([t for t, *_ in self.pending]))
             self._reap()
             job = self.job
             if job.status.value == "paused":
