@@ -419,6 +419,20 @@ class DirStore:
         for key in keys:
             self.delete(key)
 
+    def discard_pending(self) -> int:
+        """Remove the chunks written but not committed (their temporary files; how many):
+        what a writer that stops without recording a snapshot leaves -- a pull that failed
+        on a full disk left the disk full, for every repository on it, until a gc.  Nothing
+        pending is referenced: a snapshot is saved only after `flush` committed everything
+        written before it (a chunk another disk's pull found pending went with that commit)."""
+        with self._lock:
+            group, self._pending, self._pending_bytes = self._pending, {}, 0
+        for fd, tmp, _, _ in group.values():
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return len(group)
+
     def sweep(self) -> int:
         """Remove temporary files left by writers that died (kill -9, a crash, a full
         disk); how many.  Only under the exclusive lock: no other writer is running."""
@@ -452,7 +466,10 @@ class DirStore:
             except BlockingIOError:
                 raise ConfigError(f"repository {self.root} is busy ({'in use' if exclusive else 'being cleaned'})"
                                   ) from None
-            yield
+            try:
+                yield
+            finally:
+                self.discard_pending()  # the session's writes no snapshot recorded
         finally:
             os.close(fd)
 

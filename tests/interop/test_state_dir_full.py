@@ -183,3 +183,38 @@ def test_a_full_scratch_fails_the_backup_not_the_guest(tmp_path):
         r = _cli("restore", str(repo), snap, str(out_img))
         assert r.returncode == 0, r.stderr
         assert out_img.read_bytes() == disk.read_bytes()
+
+
+def test_a_pull_that_fills_the_repository_disk_leaves_it_as_it_was(tmp_path):
+    """A pull into a local repository whose file system fills up: one clear error, no
+    snapshot, ``repo verify`` clean -- and the chunks it had written but not committed are
+    gone with it.  They were left as temporary files (the disk stayed full, for every
+    repository on it, until someone ran a gc), so the next pull failed too."""
+    why = _mount_works("ext4", str(tmp_path / "probe"))
+    if why:
+        pytest.skip(f"cannot mount an ext4 in a private mount namespace here ({why})")
+    big, small = tmp_path / "big.img", tmp_path / "small.img"
+    big.write_bytes(os.urandom(64 << 20))
+    small.write_bytes(os.urandom(4 << 20))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    nb = shlex.join([sys.executable, "-m", "nbdbackup.cli"])
+    with peers.nbdbackup_serve(f"big={big}", f"small={small}", extra=["--workers", "0"]) as p:
+        repo = f"{mnt}/repo"
+        script = f"""{MOUNTS['ext4'].replace('8M', '24M')} || exit 99
+cd {shlex.quote(str(peers.REPO))} && {nb} repo init {repo} --encryption none --compression none >/dev/null || exit 98
+{nb} pull {shlex.quote(p.uri_for('big'))} --repo {repo} --snapshot s1; echo "@@ pull $?"
+echo "@@ used $(du -sk {repo} | cut -f1)"
+{nb} repo verify {repo}; echo "@@ verify $?"
+{nb} pull {shlex.quote(p.uri_for('small'))} --repo {repo} --snapshot s2 >/dev/null; echo "@@ pull2 $?"
+{nb} restore {repo} s2 {tmp_path}/s2.img; echo "@@ restore $?"
+"""
+        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(mnt)],
+                           capture_output=True, text=True, errors="replace", timeout=300)
+    out = r.stdout + r.stderr
+    marks = {w[1]: w[2] if len(w) > 2 else "" for w in (line.split() for line in r.stdout.splitlines())
+             if w[:1] == ["@@"]}
+    assert marks.get("pull") == "1" and "no space left on device" in out.lower() and "Traceback" not in out, out
+    assert int(marks["used"]) < 2048, out  # KiB: config, keys, lock -- no 20 MiB of orphans
+    assert marks.get("verify") == "0" and marks.get("pull2") == "0" and marks.get("restore") == "0", out
+    assert (tmp_path / "s2.img").read_bytes() == small.read_bytes()
