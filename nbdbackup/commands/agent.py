@@ -189,9 +189,11 @@ def run_backup(args: argparse.Namespace) -> int:
     store, repo = open_repo(args, args.repo)
 
     async def main():
-        # SIGTERM (systemctl stop, a timeout) cancels the run: started disks are rolled back.
+        # SIGTERM (systemctl stop, a timeout) or SIGHUP (a closed terminal) cancels the run:
+        # started disks are rolled back.
         task = asyncio.current_task()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
         with store.lock(exclusive=False):
             return await workflow.run(servers, store, repo, opts, parallel=args.parallel)
 
@@ -200,9 +202,9 @@ def run_backup(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         if args.json:
             json.dump({"ok": False, "exit_code": EXIT_FAILED, "repository": args.repo,
-                       "error": "interrupted (SIGTERM): disks not yet recorded were rolled back"}, sys.stdout, indent=2)
+                       "error": "interrupted (SIGTERM or SIGHUP): disks not yet recorded were rolled back"}, sys.stdout, indent=2)
             print()
-        print("nbdbackup: error: interrupted (SIGTERM): disks not yet recorded were rolled back",
+        print("nbdbackup: error: interrupted (SIGTERM or SIGHUP): disks not yet recorded were rolled back",
               file=sys.stderr)
         return EXIT_FAILED
     ok = [r for r in results if r.status == "ok"]

@@ -41,8 +41,8 @@ process's cgroup (a container's ``--memory``/``--cpus``): `resource_defaults`.
 
 Lifecycle: every argument is validated before anything listens (a missing
 file, a bad size, a duplicate name or a busy socket is one clear error line
-and exit 1).  SIGINT/SIGTERM stop accepting, let in-flight requests finish,
-flush every writable export and exit 0.
+and exit 1).  SIGINT/SIGTERM/SIGHUP stop accepting, let in-flight requests
+finish, flush every writable export and exit 0.
 
 systemd (`nbdbackup.systemd`):
 - Socket activation: when LISTEN_PID is our pid and LISTEN_FDS > 0, the
@@ -431,7 +431,10 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too (a closed terminal or ssh session): a graceful stop, as qemu-nbd,
+    # qemu-storage-daemon and nbdkit do, not the default's abrupt death (no flush,
+    # bitmaps not closed clean).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     log.info("serving %d export(s); pid %d", len(exports), os.getpid())
     # Everything listens (a connection made now is accepted from the backlog)

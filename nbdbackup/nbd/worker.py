@@ -961,9 +961,9 @@ if __name__ == "__main__":
 
     import signal
 
-    # Ctrl-C reaches the whole process group, and systemd's stop SIGTERMs the
-    # whole cgroup: the owner stops us (shutdown: drain, flush, close), or we
-    # stop when its end of the channel closes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C and a terminal's hangup reach the whole process group, and systemd's
+    # stop SIGTERMs the whole cgroup: the owner stops us (shutdown: drain, flush,
+    # close), or we stop when its end of the channel closes.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     sys.exit(run_async(_main(int(sys.argv[1]))))

@@ -591,9 +591,23 @@ def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
             assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
             next_ok(None, seed=15)
 
+            # 7. SIGHUP (the terminal or ssh session it ran in closed): the same rollback (it
+            # was killed at once, leaving its job and bitmap for the next run to reclaim).
+            pending |= rig.burst(seed=16, count=20)
+            before = rig.snapshots()
+            rig.proxy.hold_after(128 * 1024)
+            a = rig.spawn_agent(via_proxy=True)
+            wait_stalled(rig, a)
+            a.send_signal(signal.SIGHUP)
+            rep = failed_run(rig, a, before)
+            rig.proxy.release()
+            assert rep is not None and "interrupted" in rep["error"], rep
+            assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
+            next_ok(None, seed=17)
+
             for s in rig.snapshots():
                 rig.restores_exactly(s)
-            assert len(rig.snapshots()) == (8 if immutable else 7)  # one per successful run
+            assert len(rig.snapshots()) == (9 if immutable else 8)  # one per successful run
     finally:
         if rig.proxy is not None:
             rig.proxy.close()

@@ -8,6 +8,7 @@ on stderr (no traceback); SIGTERM flushes and exits 0.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -174,6 +175,34 @@ def test_sigterm_flushes_and_exits_zero(short_tmp, serve):
     assert "Traceback" not in log, log
     assert image.read_bytes()[1 * MiB:1 * MiB + 65536] == b"\x42" * 65536
     assert not os.path.exists(srv.socket), "socket file left behind after a clean exit"
+
+
+def test_sighup_to_the_process_group_is_a_graceful_stop(short_tmp):
+    """A closed terminal or ssh session sends SIGHUP to the whole foreground process group.
+    It killed the server at once (exit 129: no flush, the persistent bitmap not closed clean)
+    and its workers with it; qemu-nbd, qemu-storage-daemon and nbdkit stop gracefully, so
+    now does `serve`, and its workers leave the stop to it (they close their clients)."""
+    from nbdbackup.bitmap.store import STATE_CLEAN, read_header
+
+    image, state, ctl, sock = short_tmp / "disk.img", short_tmp / "state", short_tmp / "c.sock", short_tmp / "n.sock"
+    image.write_bytes(bytes(2 * MiB))
+    # setsid: its own process group (exec'd in place: the pid is the server's).
+    argv = ["setsid", *peers.nbdbackup_argv(str(sock), f"disk={image}", extra=[
+        "--state-dir", str(state), "--control", str(ctl), "--workers", "2"])]
+    with peers.started(argv, str(sock), cwd=str(peers.REPO)) as p:
+        peers.nbdbackup_cli("bitmap", "add", "--control", str(ctl), "disk", "b0", "--persistent")
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///disk?socket={sock}")
+        h.pwrite(b"\x42" * 65536, 1 * MiB)  # no FUA, no FLUSH; served by a worker
+        os.killpg(p.proc.pid, signal.SIGHUP)
+        rc = p.proc.wait(timeout=30)
+        log = p.log()
+    assert rc == 0 and "stopping" in log and "Traceback" not in log, (rc, log)
+    assert re.search(r"worker \d INFO nbdbackup.server: connection .* closed", log), log
+    assert image.read_bytes()[1 * MiB:1 * MiB + 65536] == b"\x42" * 65536
+    (bitmap,) = state.glob("*/*.bitmap")
+    assert read_header(bitmap.read_bytes()[:4096]).state == STATE_CLEAN
+    assert not sock.exists()
 
 
 def test_sigint_exits_cleanly(serve):
