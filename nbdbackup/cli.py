@@ -67,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     if args.command == "serve":
         level = min(level, logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if args.command == "serve" and from_command_line:
+        from . import logqueue
+
+        logqueue.install(level, fmt)  # a stderr nobody reads must not stop the server (logqueue)
+    else:
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -80,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             _quick_exit(rc)
         return rc
     except NBDBackupError as e:
+        _flush_logs()
         print(f"nbdbackup: error: {e}", file=sys.stderr)
         return 1
     except PermissionError as e:
+        _flush_logs()
         # A directory this uid cannot write (a container's arbitrary --user,
         # a volume owned by someone else): one line naming the fix, no traceback.
         from .errors import permission_hint
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         # file; anything else is not the user's input and keeps its traceback.
         if not e.filename:
             raise
+        _flush_logs()
         print(f"nbdbackup: error: {e.strerror}: {e.filename}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -110,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 141
+
+
+def _flush_logs() -> None:
+    """Let ``serve``'s queued log lines out before the final error line (`logqueue`)."""
+    if "nbdbackup.logqueue" in sys.modules:
+        sys.modules["nbdbackup.logqueue"].flush(1.0)
 
 
 def _collect_for(args: argparse.Namespace) -> None:

@@ -800,8 +800,10 @@ class _Worker:
         if kind == "config":
             from .server import Server
 
-            logging.basicConfig(level=msg["log_level"],
-                                format=f"%(asctime)s worker {msg['index']} %(levelname)s %(name)s: %(message)s")
+            from .. import logqueue
+
+            # Through a queue and a writer thread: a stderr nobody reads must not stop us.
+            logqueue.install(msg["log_level"], f"%(asctime)s worker {msg['index']} %(levelname)s %(name)s: %(message)s")
             self.server = Server(idle_timeout=msg["idle_timeout"], unix_idle_timeout=msg["unix_idle_timeout"],
                                  max_inflight=msg["max_inflight"], max_buffer_memory=msg["max_buffer_memory"],
                                  batch=msg["batch"])

@@ -343,3 +343,38 @@ def test_export_names_with_spaces_and_unicode(serve):
             h.connect_uri(peers.nbd_uri(srv.socket, n))  # percent-encoded URI
             assert h.pread(len(n.encode()), 0) == n.encode()
             h.shutdown()
+
+
+def test_a_stderr_nobody_reads_does_not_stop_the_server(short_tmp):
+    """`serve`'s stderr is a pipe whose reader stopped reading (journald stalled, a docker log
+    driver in blocking mode, a terminal paused with Ctrl-S): clients drive the log's volume
+    (a line or two per connection), the pipe fills, and every log write blocked the event
+    loop -- 1500 connections froze the server until the reader went away.  Now records
+    beyond the queue are dropped, counted, and the count is logged once the reader is back."""
+    sock = str(short_tmp / "n.sock")
+    argv = peers.nbdbackup_argv(sock, "m=memory:1M", extra=["--workers", "2"])  # INFO: lines per connection
+    proc = subprocess.Popen(argv, cwd=str(peers.REPO), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # never read until the end
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        t = time.monotonic()
+        for _ in range(3000):  # ~2 log lines each: several times a 64 KiB pipe
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            s.connect(sock)
+            s.recv(18)
+            s.close()
+        took = time.monotonic() - t
+        r = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///m?socket={sock}"], capture_output=True,
+                           text=True, timeout=10)
+        assert r.returncode == 0 and r.stdout.strip() == str(1 << 20), r.stderr
+        assert took < 30, took
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1].decode(errors="replace")
+    assert proc.returncode == 0, err[-2000:]
+    assert "log record(s) dropped" in err or err.count("closed") >= 3000, err[-2000:]
