@@ -82,7 +82,7 @@ from typing import Any, Awaitable, Callable
 from .. import __version__
 from ..errors import ConfigError, NBDBackupError
 from ..nbd.logsafe import clip
-from ..sockets import prepare_unix_socket
+from ..sockets import prepare_unix_socket, set_dead_peer_timeout
 from . import framing, schema
 from .remote import FULL, Access
 from .schema import CommandError, Struct
@@ -364,6 +364,7 @@ class QMPServer:
             if not self._make_room(peer):
                 conn.close()
                 continue
+            set_dead_peer_timeout(conn)  # a controller on a dead link: its session ends
             try:
                 slot = _RemoteSlot(peer, conn)
             except OSError as e:  # no descriptor for its duplicate (evicted ones are still closing)

@@ -1,0 +1,205 @@
+"""Hostile networks (hunt 10): vanished peers, partitions, slow and lossy links.
+
+Every test runs our server and its peers in two private network namespaces
+joined by a veth pair (`netns.link`); a partition drops every packet of the
+client's veth silently (iptables DROP both ways: no FIN, no RST), as when a
+host dies or a cable is pulled.  Timeouts are short (``--dead-peer-timeout
+2``) so the suite stays quick.
+
+- An idle client that is alive (a real qemu-io) keeps its connection for
+  several times the dead-peer timeout and then reads its data: the live
+  export is an ordinary disk (there is no idle timeout by default).
+- A client that vanished is reset by TCP (keepalive while idle,
+  TCP_USER_TIMEOUT while a reply is unacknowledged, keepalive again in the
+  middle of a WRITE payload) within about the dead-peer timeout, in the
+  owner process and in a worker process (the options are set there too);
+  the server keeps serving others.
+- A server that vanished under a client (``pull`` with no request timeout):
+  our client sockets carry the same options, so the pull ends with one
+  error line in bounded time, records no snapshot, and the repository
+  verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import netns
+import peers
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+PORT = 10809
+DEAD = 2  # --dead-peer-timeout of these tests (s)
+
+
+@pytest.fixture
+def link():
+    why = netns.skip_reason()
+    if why:
+        pytest.skip(why)
+    with netns.link() as lk:
+        yield lk
+
+
+def py() -> str:
+    return str(peers.VENV_PYTHON) if peers.VENV_PYTHON.exists() else sys.executable
+
+
+def start_serve(lk: netns.Link, tmp, *exports: str, extra=(), env=None) -> subprocess.Popen:
+    """``nbdbackup serve`` on 10.77.0.1:PORT in the server namespace; waits until it listens."""
+    log = open(tmp / "serve.log", "wb")
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    p = lk.popen("server", [py(), "-m", "nbdbackup.cli", "-v", "serve", "--listen", f"{lk.server_addr}:{PORT}",
+                            *extra, *exports], stdout=log, stderr=subprocess.STDOUT, cwd=str(peers.REPO), env=e)
+    deadline = time.monotonic() + 30
+    while True:
+        out = lk.run("server", ["ss", "-Htln", f"( sport = :{PORT} )"]).stdout
+        if out.strip():
+            return p
+        assert p.poll() is None, (tmp / "serve.log").read_text()
+        assert time.monotonic() < deadline, "serve did not listen"
+        time.sleep(0.05)
+
+
+#: A raw NBD client (fixed newstyle, OPT_GO, simple replies) that gets into
+#: one state and then prints "ready" and sleeps: ``idle`` (nothing in
+#: flight), ``read`` (a 32 MiB READ whose reply it never reads), ``write``
+#: (a 1 MiB WRITE of which it sent 256 KiB).
+RAW_CLIENT = textwrap.dedent("""
+    import socket, struct, sys, time
+    host, port, state = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    s = socket.create_connection((host, port))
+    def recv(n):
+        b = b""
+        while len(b) < n:
+            c = s.recv(n - len(b))
+            if not c:
+                raise SystemExit("closed")
+            b += c
+        return b
+    recv(18)
+    s.sendall(struct.pack(">I", 3))
+    name = b"d"
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, 4 + len(name) + 2) + struct.pack(">I", len(name))
+              + name + struct.pack(">H", 0))
+    while True:
+        _, _, rep, n = struct.unpack(">QIII", recv(20))
+        recv(n)
+        if rep == 1:
+            break
+        if rep & 0x80000000:
+            raise SystemExit(f"option error {rep:#x}")
+    if state == "read":
+        s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 0, 32 << 20))
+    elif state == "write":
+        s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 1, 0, 1 << 20) + b"x" * (256 << 10))
+    print("ready", flush=True)
+    time.sleep(3600)
+""")
+
+
+def make_image(path, size=64 * MiB):
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(0)
+        f.write(os.urandom(4 * MiB))
+
+
+@pytest.mark.parametrize("state,workers", [("idle", 0), ("idle", 1), ("read", 0), ("read", 1), ("write", 0)])
+def test_vanished_client_is_reset_within_dead_peer_timeout(link, short_tmp, state, workers):
+    """Before hunt 10: no keepalive and no idle timeout -> the connection of
+    a vanished client stayed ESTABLISHED (slot, receive ring, a 32 MiB READ's
+    reply) until the kernel's ~15-minute retransmission limit, or for ever
+    while idle.  Now TCP resets it about DEAD s after the last ACK, also in a
+    worker process, and other clients are served meanwhile."""
+    img = short_tmp / "d.img"
+    make_image(img)
+    srv = start_serve(link, short_tmp, f"d={img}",
+                      extra=["--dead-peer-timeout", str(DEAD), "--workers", str(workers)])
+    cli = link.popen("client", [py(), "-c", RAW_CLIENT, link.server_addr, str(PORT), state],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert cli.stdout.readline().strip() == "ready", cli.stderr.read()
+    link.wait_established("server", PORT, lambda n: n == 1, 10)
+    if workers:
+        deadline = time.monotonic() + 10  # handed to the worker (it logs as "worker 0")
+        while "worker 0" not in (short_tmp / "serve.log").read_text():
+            assert time.monotonic() < deadline, (short_tmp / "serve.log").read_text()
+            time.sleep(0.05)
+    time.sleep(0.5)  # the READ's reply fills the windows
+    link.partition()
+    took = link.wait_established("server", PORT, lambda n: n == 0, 4 * DEAD + 4)
+    # Another client (from the server's own namespace) is served all along.
+    r = link.run("server", ["qemu-io", "-f", "raw", "-c", "read -v 0 16", f"nbd://{link.server_addr}:{PORT}/d"])
+    assert "read 16/16" in r.stdout, r
+    assert srv.poll() is None
+    assert "closed" in (short_tmp / "serve.log").read_text()
+    print(f"{state} workers={workers}: reset after {took:.1f} s")
+
+
+def test_idle_alive_client_keeps_its_connection(link, short_tmp):
+    """Finding 1: a QEMU idle for longer than the old 60 s idle timeout had
+    its disk closed under it (the next read: EIO).  Now there is no idle
+    timeout by default and keepalive is answered by an alive peer's kernel:
+    qemu-io idle for 4 x the dead-peer timeout (the first keepalive probe
+    goes after DEAD/2 s) still reads what it wrote, on the same connection."""
+    img = short_tmp / "d.img"
+    make_image(img, 16 * MiB)
+    srv = start_serve(link, short_tmp, f"d={img}", extra=["--dead-peer-timeout", str(DEAD), "--workers", "1"])
+    r = link.run("client", ["qemu-io", "-f", "raw", "-c", "write -P 5 0 4k", "-c", f"sleep {4 * DEAD * 1000}",
+                            "-c", "read -P 5 0 4k", f"nbd://{link.server_addr}:{PORT}/d"], timeout=60, check=False)
+    assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r
+    assert "read 4096/4096" in r.stdout, r
+    assert srv.poll() is None
+    log = (short_tmp / "serve.log").read_text()
+    # One connection, closed only when qemu-io exited (none closed and made again).
+    assert len(re.findall(r"connection [0-9.:]+: export 'd'", log)) == 1, log
+    closed = re.findall(r"(\d\d:\d\d:\d\d),\d+ .*connection [0-9.:]+ closed", log)
+    assert len(closed) == 1, log
+
+
+def test_pull_from_vanished_server_fails_in_bounded_time(link, short_tmp):
+    """The server's host vanishes mid-pull; ``--io-timeout 0`` (no request
+    timeout), so only the client sockets' keepalive / user timeout bounds it:
+    before hunt 10 the pull hung (~15 minutes of retransmissions).  Now one
+    error line within a few seconds, no snapshot recorded, repo verify clean."""
+    img = short_tmp / "d.img"
+    make_image(img, 48 * MiB)
+    with open(img, "r+b") as f:  # all data: the pull must move every byte
+        for i in range(12):
+            f.seek(i * 4 * MiB)
+            f.write(os.urandom(4 * MiB))
+    start_serve(link, short_tmp, f"d={img}")
+    link.shape(["tbf", "rate", "40mbit", "burst", "64kb", "latency", "100ms"], sides=("server",))  # ~10 s for 48 MiB: time to partition mid-pull
+    repo = short_tmp / "repo"
+    peers.nbdbackup_cli("repo", "init", str(repo), "--encryption", "none")
+    env = dict(os.environ, NBDBACKUP_DEAD_PEER_TIMEOUT=str(DEAD))
+    t0 = time.monotonic()
+    pull = link.popen("client", [py(), "-m", "nbdbackup.cli", "pull", "--io-timeout", "0",
+                                 f"nbd://{link.server_addr}:{PORT}/d", "--repo", str(repo), "--snapshot", "s1"],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(peers.REPO), env=env)
+    time.sleep(3)
+    assert pull.poll() is None, pull.communicate()
+    link.partition()
+    t1 = time.monotonic()
+    try:
+        out, err = pull.communicate(timeout=6 * DEAD + 10)
+    except subprocess.TimeoutExpired:
+        pull.kill()
+        out, err = pull.communicate()
+        pytest.fail(f"pull still running {time.monotonic() - t1:.0f} s after the partition: {err[-2000:]}")
+    print(f"pull ended {time.monotonic() - t1:.1f} s after the partition ({t1 - t0:.1f} s in): {err.strip()}")
+    assert pull.returncode != 0
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert lines and "Traceback" not in err, err
+    snaps = peers.nbdbackup_cli("repo", "list", str(repo)).stdout
+    assert "s1" not in snaps, snaps
+    peers.nbdbackup_cli("repo", "verify", str(repo))
