@@ -203,3 +203,76 @@ def test_pull_from_vanished_server_fails_in_bounded_time(link, short_tmp):
     snaps = peers.nbdbackup_cli("repo", "list", str(repo)).stdout
     assert "s1" not in snaps, snaps
     peers.nbdbackup_cli("repo", "verify", str(repo))
+
+
+@pytest.fixture(scope="module")
+def ns_pki():
+    """A CA, a server certificate for the server namespace's address, and a
+    client certificate (CN=backup-agent-1), all in one directory."""
+    import shutil
+    from pathlib import Path
+
+    import certs
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (scripts/setup installs it)")
+    d = Path(peers.short_tempdir("nbdnsk-"))
+    certs.make_ca(d, "hunt10 CA")
+    certs.make_cert(d, "server", "server", f"subjectAltName=IP:{netns.SERVER_ADDR}\nextendedKeyUsage=serverAuth\n")
+    certs.make_cert(d, "client", "backup-agent-1", "extendedKeyUsage=clientAuth\n")
+    yield str(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_vanished_tls_client_is_reset(link, short_tmp, ns_pki):
+    """A TLS client (nbdsh) idle in transmission vanishes: the options set
+    before STARTTLS stay with the socket under the TLS transport."""
+    img = short_tmp / "d.img"
+    make_image(img, 16 * MiB)
+    start_serve(link, short_tmp, f"d={img}", extra=["--dead-peer-timeout", str(DEAD), "--tls-creds", ns_pki])
+    uri = f"nbds://{link.server_addr}:{PORT}/d?tls-certificates={ns_pki}"
+    cli = link.popen("client", [py(), "-m", "nbd", "-c", f"import time; h.set_uri_allow_local_file(True); "
+                                f"h.connect_uri({uri!r}); print(len(h.pread(16, 0)) == 16, flush=True); "
+                                "time.sleep(3600)"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert cli.stdout.readline().strip() == "True", cli.stderr.read()
+    link.wait_established("server", PORT, lambda n: n == 1, 10)
+    assert "TLS" in (short_tmp / "serve.log").read_text()
+    link.partition()
+    took = link.wait_established("server", PORT, lambda n: n == 0, 4 * DEAD + 4)
+    print(f"TLS idle: reset after {took:.1f} s")
+
+
+#: A remote controller: mutual TLS, greeting, qmp_capabilities, "ready", then silence.
+CONTROLLER = textwrap.dedent("""
+    import json, socket, ssl, sys, time
+    host, port, creds = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    ctx = ssl.create_default_context(cafile=creds + "/ca-cert.pem")
+    ctx.load_cert_chain(creds + "/client-cert.pem", creds + "/client-key.pem")
+    s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname=host)
+    f = s.makefile("rwb")
+    assert b"QMP" in f.readline()
+    f.write(b'{"execute": "qmp_capabilities"}\\n'); f.flush()
+    assert b"return" in f.readline()
+    print("ready", flush=True)
+    time.sleep(3600)
+""")
+
+
+def test_vanished_controller_session_ends(link, short_tmp, ns_pki):
+    """A remote controller (``--control-listen`` with TLS) on a link that
+    died: before hunt 10 its session (one of `MAX_REMOTE_CLIENTS` = 32) was
+    held for ever; now TCP resets it within the dead-peer timeout."""
+    img = short_tmp / "d.img"
+    make_image(img, 16 * MiB)
+    cport = PORT + 1
+    start_serve(link, short_tmp, f"d={img}",
+                extra=["--dead-peer-timeout", str(DEAD), "--control-listen", f"{link.server_addr}:{cport}",
+                       "--control-tls-creds", ns_pki, "--control-authz", "CN=backup-agent-*"])
+    cli = link.popen("client", [py(), "-c", CONTROLLER, link.server_addr, str(cport), ns_pki],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert cli.stdout.readline().strip() == "ready", cli.stderr.read()
+    link.wait_established("server", cport, lambda n: n == 1, 10)
+    link.partition()
+    took = link.wait_established("server", cport, lambda n: n == 0, 4 * DEAD + 4)
+    print(f"controller: reset after {took:.1f} s")
