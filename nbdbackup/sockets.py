@@ -24,8 +24,11 @@ the peer's kernel whatever its application does.  Sending (a reply, a
 request, a payload the peer no longer acknowledges): TCP_USER_TIMEOUT.  One
 value sets both consistently: the connection is reset about ``timeout`` s
 after the peer last acknowledged anything (Linux: with TCP_USER_TIMEOUT set,
-a keepalive failure is also judged by it).  An alive peer that stops
-reading (zero window) answers the window probes and is not reset.
+a keepalive failure is also judged by it).  An idle peer cut off for less
+than about 5/8 of ``timeout`` keeps its connection (`dead_peer_options`).  A peer that is alive but keeps its
+receive window closed (stops reading our replies) for ``timeout`` s is reset
+too: since Linux 5.11 TCP_USER_TIMEOUT bounds zero-window probing as well
+(as the former idle timeout closed such a quiet connection).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def prepare_unix_socket(path: str, what: str = "socket") -> None:
 #: minute (the idle timeout's former default) from a vanished peer to its
 #: slot and buffers coming back, yet long enough that a route flap or a
 #: failover of some seconds does not cut a VM's disk.  Costs one keepalive
-#: probe per idle connection every ``timeout / 2`` s.
+#: probe (and its ACK) per idle connection every ``timeout / 4`` s.
 #: ``NBDBACKUP_DEAD_PEER_TIMEOUT`` overrides it (tests: a few seconds).
 DEAD_PEER_TIMEOUT = float(os.environ.get("NBDBACKUP_DEAD_PEER_TIMEOUT", "60"))
 
@@ -98,14 +101,20 @@ def dead_peer_options(timeout: float) -> list[tuple[int, int, int]]:
     """(level, option, value) for a dead-peer timeout of ``timeout`` s (0:
     keepalive and the user timeout off, the kernel's defaults).
 
-    First probe after ``timeout / 2`` s of silence, then one every
+    First probe after ``timeout / 4`` s of silence, then one every
     ``timeout / 8`` s, so the peer has had several probes when the user
     timeout (``timeout`` s since it last acknowledged anything) resets the
     connection; without TCP_USER_TIMEOUT the probe count gives the same
-    bound."""
+    bound.  An idle peer's last acknowledgement (of a probe) is at most
+    ``timeout / 4`` s old when a partition starts, and the reset comes at
+    the first keepalive timer ``timeout`` s after it, before that timer's
+    probe; so a partition shorter than ``timeout - idle - intvl`` (5/8 of
+    the timeout: 38 s of 60) never costs an idle connection (with
+    ``timeout / 2`` as the idle time, a quarter of the timeout could:
+    measured, tests/interop/test_hostile_network.py)."""
     if timeout <= 0:
         return [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0), (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)]
-    idle = max(1, int(timeout // 2))
+    idle = max(1, int(timeout // 4))
     intvl = max(1, int(timeout // 8))
     cnt = max(1, math.ceil((timeout - idle) / intvl))
     return [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -122,6 +123,13 @@ class Link:
         """TCP connections of ``side`` in ESTABLISHED state with local port ``port``."""
         out = self.run(side, ["ss", "-Htn", "state", "established", f"( sport = :{port} )"]).stdout
         return sum(1 for line in out.splitlines() if line.strip())
+
+    def last_ack(self, side: str, port: int) -> float:
+        """Seconds since the one ESTABLISHED connection of ``side`` on local port
+        ``port`` last received an ACK (``ss -i`` lastack; 0 if not shown yet)."""
+        out = self.run(side, ["ss", "-Htni", "state", "established", f"( sport = :{port} )"]).stdout
+        m = re.search(r"lastack:(\d+)", out)
+        return int(m.group(1)) / 1000 if m else 0.0
 
     def wait_established(self, side: str, port: int, want, timeout: float) -> float:
         """Poll until ``want(established(side, port))``; return the seconds it took

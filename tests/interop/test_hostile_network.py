@@ -155,7 +155,7 @@ def test_idle_alive_client_keeps_its_connection(link, short_tmp):
     its disk closed under it (the next read: EIO).  Now there is no idle
     timeout by default and keepalive is answered by an alive peer's kernel:
     qemu-io idle for 4 x the dead-peer timeout (the first keepalive probe
-    goes after DEAD/2 s) still reads what it wrote, on the same connection."""
+    goes after DEAD/4 s) still reads what it wrote, on the same connection."""
     img = short_tmp / "d.img"
     make_image(img, 16 * MiB)
     srv = start_serve(link, short_tmp, f"d={img}", extra=["--dead-peer-timeout", str(DEAD), "--workers", "1"])
@@ -300,3 +300,43 @@ def test_vanished_controller_session_ends(link, short_tmp, ns_pki):
     link.partition()
     took = link.wait_established("server", cport, lambda n: n == 0, 4 * DEAD + 4)
     print(f"controller: reset after {took:.1f} s")
+
+
+def test_alive_client_survives_silence_and_a_short_partition(link, short_tmp):
+    """Keepalive judges the peer's kernel, not its application: a client
+    idle for 3 x the dead-peer timeout keeps its connection, and so does one
+    cut off for 0.4 x the timeout (a route flap) at the worst moment: the
+    keepalive must not be tighter than that (with the first probe after
+    timeout / 2 s of silence it was: the last ACK can be that old when the
+    cut begins, and the reset comes before the probe of the timer that
+    finds it ``timeout`` s old).  (Not so a client that keeps its receive
+    window closed -- stops reading a reply -- that long: Linux >= 5.11
+    applies TCP_USER_TIMEOUT to zero-window probing too; see docs/hunt10.md.)"""
+    img = short_tmp / "d.img"
+    make_image(img)
+    dead = 2 * DEAD  # room for a partition shorter than it
+    start_serve(link, short_tmp, f"d={img}", extra=["--dead-peer-timeout", str(dead), "--workers", "0"])
+    cli = link.popen("client", [py(), "-c", RAW_CLIENT, link.server_addr, str(PORT), "idle"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert cli.stdout.readline().strip() == "ready", cli.stderr.read()
+    link.wait_established("server", PORT, lambda n: n == 1, 10)
+    time.sleep(3 * dead)
+    assert link.established("server", PORT) == 1
+    # Cut at the worst moment: just before the next keepalive ACK would come
+    # (the last one is then as old as it gets, the keepalive's idle time).
+    t0, prev, top, cycle = time.monotonic(), 0.0, 0.0, None
+    while time.monotonic() - t0 < dead:
+        age = link.last_ack("server", PORT)
+        if cycle is None and age < prev:
+            cycle = top  # one full cycle seen: its oldest age
+        elif cycle is not None and age >= cycle - 0.05:
+            break
+        top, prev = max(top, age), age
+        time.sleep(0.01)
+    assert cycle is not None, "no keepalive ACK seen"
+    link.partition()
+    time.sleep(0.4 * dead)  # < timeout - keepidle - keepintvl = 2 s (4 s: 1 + 1)
+    link.heal()
+    time.sleep(dead + 1)
+    assert link.established("server", PORT) == 1, (short_tmp / "serve.log").read_text()
+    assert cli.poll() is None

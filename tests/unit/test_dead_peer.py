@@ -28,7 +28,7 @@ def test_options_are_consistent(timeout):
     assert 1 <= idle < timeout or idle == 1
     # The first probe comes well before the user timeout, and the probes alone
     # (without TCP_USER_TIMEOUT) give up at about the same time.
-    assert idle <= max(1, timeout / 2)
+    assert idle <= max(1, timeout / 4)  # a partition < 3/4 timeout spares an idle connection
     assert timeout <= idle + cnt * intvl <= timeout + intvl + 1
 
 
@@ -42,7 +42,7 @@ def test_set_on_a_tcp_socket_and_not_on_unix():
         sockets.set_dead_peer_timeout(s, 6)
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 6000
-        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 3
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 1
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as u:
         sockets.set_dead_peer_timeout(u, 6)  # no error, nothing to set
     sockets.set_dead_peer_timeout(None, 6)
