@@ -93,7 +93,8 @@ def timed(lk: netns.Link, argv: list[str]) -> tuple[float, float, int]:
     return wall, ru.ru_utime + ru.ru_stime, p.returncode
 
 
-def run_case(case: str, size: int, pairs: int, tmp: Path, img: Path, pull_args: list[str] = ()) -> None:
+def run_case(case: str, size: int, pairs: int, tmp: Path, img: Path, pull_args: list[str] = (),
+             tools: tuple[str, str] = ("pull", "nbdcopy")) -> None:
     with netns.link() as lk:
         log = open(tmp / f"serve-{case}.log", "wb")
         lk.popen("server", [PY, "-m", "nbdbackup.cli", "serve", "--listen", f"127.0.0.1:{PORT}",
@@ -116,12 +117,13 @@ def run_case(case: str, size: int, pairs: int, tmp: Path, img: Path, pull_args: 
             port = RELAY_PORT
         uri = f"nbd://{lk.server_addr}:{port}/d"
         out = tmp / "out.img"
-        res: dict[str, list[tuple[float, float]]] = {"pull": [], "nbdcopy": []}
+        res: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
         for i in range(pairs):
-            for tool in ("pull", "nbdcopy") if i % 2 == 0 else ("nbdcopy", "pull"):
+            for tool in tools if i % 2 == 0 else tools[::-1]:
                 out.unlink(missing_ok=True)
-                if tool == "pull":
-                    argv = ["nice", "-n", "19", PY, "-m", "nbdbackup.cli", "pull", "--no-progress", *pull_args, uri, str(out)]
+                if tool.startswith("pull"):
+                    extra = tool.split(":")[1:] or list(pull_args)
+                    argv = ["nice", "-n", "19", PY, "-m", "nbdbackup.cli", "pull", "--no-progress", *extra, uri, str(out)]
                 else:
                     out.write_bytes(b"")
                     os.truncate(out, size)
@@ -138,8 +140,8 @@ def run_case(case: str, size: int, pairs: int, tmp: Path, img: Path, pull_args: 
             cpus = [c for _, c in v]
             line.append(f"{tool} {statistics.median(walls):.2f} s ({min(walls):.2f}-{max(walls):.2f}), "
                         f"{size / statistics.median(walls) / 1e6:.0f} MB/s, cpu {statistics.median(cpus) / gib:.2f} s/GiB")
-        ratio = statistics.median(w for w, _ in res["pull"]) / statistics.median(w for w, _ in res["nbdcopy"])
-        line.append(f"pull/nbdcopy wall {ratio:.2f}")
+        ratio = statistics.median(w for w, _ in res[tools[0]]) / statistics.median(w for w, _ in res[tools[1]])
+        line.append(f"{tools[0]}/{tools[1]} wall {ratio:.2f}")
         print("  ".join(line), flush=True)
 
 
@@ -152,6 +154,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--case", action="append", default=[])
     ap.add_argument("--pull-arg", action="append", default=[], help="extra argument of pull (repeatable)")
+    ap.add_argument("--tools", default="pull,nbdcopy",
+                    help="the pair to interleave: pull, nbdcopy, or pull:ARG:ARG (e.g. pull:--workers=32)")
     a = ap.parse_args()
     size = int(a.size[:-1]) << {"M": 20, "G": 30}[a.size[-1]]
     why = netns.skip_reason()
@@ -164,7 +168,7 @@ def main() -> None:
             for _ in range(size >> 22):
                 f.write(os.urandom(4 << 20))
         for case in a.case or ["plain"]:
-            run_case(case, size, a.pairs, tmp, img, a.pull_arg)
+            run_case(case, size, a.pairs, tmp, img, a.pull_arg, tuple(a.tools.split(",")))
 
 
 if __name__ == "__main__":
