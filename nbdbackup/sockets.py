@@ -88,13 +88,22 @@ def prepare_unix_socket(path: str, what: str = "socket") -> None:
     raise ConfigError(f"{what} {path}: already in use by a running server")
 
 
+def _env_timeout(default: float = 60.0) -> float:
+    """``NBDBACKUP_DEAD_PEER_TIMEOUT`` if it is a non-negative number, else ``default``."""
+    try:
+        value = float(os.environ.get("NBDBACKUP_DEAD_PEER_TIMEOUT", default))
+    except ValueError:
+        return default
+    return value if value >= 0 and math.isfinite(value) else default
+
+
 #: Default of ``--dead-peer-timeout`` and of our client sockets: about a
 #: minute (the idle timeout's former default) from a vanished peer to its
 #: slot and buffers coming back, yet long enough that a route flap or a
 #: failover of some seconds does not cut a VM's disk.  Costs one keepalive
 #: probe (and its ACK) per idle connection every ``timeout / 4`` s.
 #: ``NBDBACKUP_DEAD_PEER_TIMEOUT`` overrides it (tests: a few seconds).
-DEAD_PEER_TIMEOUT = float(os.environ.get("NBDBACKUP_DEAD_PEER_TIMEOUT", "60"))
+DEAD_PEER_TIMEOUT = _env_timeout()
 
 
 def dead_peer_options(timeout: float) -> list[tuple[int, int, int]]:

@@ -62,3 +62,11 @@ def test_negative_dead_peer_timeout_is_refused():
 
     with pytest.raises(ConfigError):
         Server(dead_peer_timeout=-1)
+
+
+@pytest.mark.parametrize("text,want", [("2.5", 2.5), ("0", 0.0), ("abc", 60.0), ("-1", 60.0), ("inf", 60.0),
+                                       ("nan", 60.0)])
+def test_environment_override(monkeypatch, text, want):
+    """A bad NBDBACKUP_DEAD_PEER_TIMEOUT is ignored (it is read at import, by every command)."""
+    monkeypatch.setenv("NBDBACKUP_DEAD_PEER_TIMEOUT", text)
+    assert sockets._env_timeout() == want
