@@ -22,6 +22,7 @@ host dies or a cable is pulled.  Timeouts are short (``--dead-peer-timeout
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -267,10 +268,12 @@ def test_vanished_tls_client_is_reset(link, short_tmp, ns_pki):
     print(f"TLS idle: reset after {took:.1f} s")
 
 
-#: A remote controller: mutual TLS, greeting, qmp_capabilities, "ready", then silence.
+#: A remote controller: mutual TLS, greeting, qmp_capabilities, optionally a
+#: snapshot backup job "j1" of export "d" (sync none: it runs until
+#: cancelled), "ready", then silence.
 CONTROLLER = textwrap.dedent("""
     import json, socket, ssl, sys, time
-    host, port, creds = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    host, port, creds, target = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     ctx = ssl.create_default_context(cafile=creds + "/ca-cert.pem")
     ctx.load_cert_chain(creds + "/client-cert.pem", creds + "/client-key.pem")
     s = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname=host)
@@ -278,6 +281,13 @@ CONTROLLER = textwrap.dedent("""
     assert b"QMP" in f.readline()
     f.write(b'{"execute": "qmp_capabilities"}\\n'); f.flush()
     assert b"return" in f.readline()
+    if target:
+        f.write(json.dumps({"execute": "backup-start", "arguments": {
+            "export": "d", "job-id": "j1", "sync": "none", "target": target, "snapshot": "pull"}}).encode() + b"\\n"); f.flush()
+        reply = f.readline()
+        while b'"event"' in reply:  # JOB_STATUS_CHANGE events come first
+            reply = f.readline()
+        assert b"return" in reply, reply
     print("ready", flush=True)
     time.sleep(3600)
 """)
@@ -286,20 +296,27 @@ CONTROLLER = textwrap.dedent("""
 def test_vanished_controller_session_ends(link, short_tmp, ns_pki):
     """A remote controller (``--control-listen`` with TLS) on a link that
     died: before hunt 10 its session (one of `MAX_REMOTE_CLIENTS` = 32) was
-    held for ever; now TCP resets it within the dead-peer timeout."""
+    held for ever; now TCP resets it within the dead-peer timeout.  The
+    backup job it started is still running afterwards (checked on the local
+    control socket): a session's end is not a job's."""
     img = short_tmp / "d.img"
     make_image(img, 16 * MiB)
     cport = PORT + 1
+    ctl = str(short_tmp / "ctl.sock")
+    target = short_tmp / "scratch.img"
     start_serve(link, short_tmp, f"d={img}",
                 extra=["--dead-peer-timeout", str(DEAD), "--control-listen", f"{link.server_addr}:{cport}",
-                       "--control-tls-creds", ns_pki, "--control-authz", "CN=backup-agent-*"])
-    cli = link.popen("client", [py(), "-c", CONTROLLER, link.server_addr, str(cport), ns_pki],
+                       "--control-tls-creds", ns_pki, "--control-authz", "CN=backup-agent-*", "--control", ctl])
+    cli = link.popen("client", [py(), "-c", CONTROLLER, link.server_addr, str(cport), ns_pki, str(target)],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert cli.stdout.readline().strip() == "ready", cli.stderr.read()
     link.wait_established("server", cport, lambda n: n == 1, 10)
     link.partition()
     took = link.wait_established("server", cport, lambda n: n == 0, 4 * DEAD + 4)
     print(f"controller: reset after {took:.1f} s")
+    time.sleep(0.5)
+    jobs = json.loads(peers.nbdbackup_cli("job", "list", "--json", "--control", ctl).stdout)
+    assert [(j["id"], j["status"]) for j in jobs] == [("j1", "running")], jobs
 
 
 def test_alive_client_survives_silence_and_a_short_partition(link, short_tmp):
