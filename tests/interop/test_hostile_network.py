@@ -357,3 +357,34 @@ def test_alive_client_survives_silence_and_a_short_partition(link, short_tmp):
     time.sleep(dead + 1)
     assert link.established("server", PORT) == 1, (short_tmp / "serve.log").read_text()
     assert cli.poll() is None
+
+
+def test_export_of_a_vanished_remote_fails_requests_in_bounded_time(link, short_tmp):
+    """``serve p=nbd://REMOTE/d`` (a re-export, no request timeout) whose
+    remote's host vanishes: before hunt 10 a read of the re-export waited for
+    the kernel's retransmission limit (~15 minutes) while the client sat on
+    it; now our client socket's user timeout fails it with EIO within a few
+    seconds, and the re-exporting server stays up."""
+    img = short_tmp / "d.img"
+    make_image(img, 16 * MiB)
+    start_serve(link, short_tmp, f"d={img}")
+    ppath = 10811
+    log = open(short_tmp / "proxy.log", "wb")
+    proxy = link.popen("client", [py(), "-m", "nbdbackup.cli", "-v", "serve", "--listen", f"127.0.0.1:{ppath}",
+                                  f"p=nbd://{link.server_addr}:{PORT}/d"],
+                       stdout=log, stderr=subprocess.STDOUT, cwd=str(peers.REPO),
+                       env=dict(os.environ, NBDBACKUP_DEAD_PEER_TIMEOUT=str(DEAD)))
+    deadline = time.monotonic() + 30
+    while not link.run("client", ["ss", "-Htln", f"( sport = :{ppath} )"]).stdout.strip():
+        assert proxy.poll() is None and time.monotonic() < deadline, (short_tmp / "proxy.log").read_text()
+        time.sleep(0.05)
+    uri = f"nbd://127.0.0.1:{ppath}/p"
+    r = link.run("client", ["qemu-io", "-f", "raw", "-c", "read 0 64k", uri], check=False)
+    assert "read 65536/65536" in r.stdout, r
+    link.partition()
+    t0 = time.monotonic()
+    r = link.run("client", ["qemu-io", "-f", "raw", "-c", "read 4M 64k", uri], check=False, timeout=6 * DEAD + 10)
+    took = time.monotonic() - t0
+    print(f"re-export read after the remote vanished: {took:.1f} s: {(r.stdout + r.stderr).strip()}")
+    assert "read failed" in r.stdout + r.stderr, r
+    assert proxy.poll() is None, (short_tmp / "proxy.log").read_text()
