@@ -206,7 +206,9 @@ async def start(server, args: argparse.Namespace | None = None, control_sock: An
     if control_path or control_sock is not None or remote is not None:
         from .control.qmp import QMPServer
 
-        qmp = QMPServer()
+        from .sockets import DEAD_PEER_TIMEOUT
+
+        qmp = QMPServer(dead_peer_timeout=getattr(server, "dead_peer_timeout", DEAD_PEER_TIMEOUT))
     app.engine = Engine(server, emit=qmp.emit if qmp else None,
                         bitmaps=RegistryBitmapSource(app.bitmaps.lookup))
     app.bitmaps.engine = app.engine

@@ -193,7 +193,8 @@ KEEPALIVE = 10.0
 
 async def _keepalive(clients) -> None:
     """While threads read over connections of their own, keep the asyncio clients' idle TLS
-    connections from a server's idle timeout (ours: 60 s on TCP by default) with a 1-byte READ."""
+    connections from a server's idle timeout (ours: none by default, ``serve --idle-timeout``) with a
+    1-byte READ."""
     buf = bytearray(1)
     while True:
         await asyncio.sleep(KEEPALIVE)

@@ -35,7 +35,8 @@ credentials or without any pattern it refuses to start.
 Limits against hostile or broken clients (`nbd.server`, `nbd.budget`):
 ``--max-connections``, ``--max-connections-per-peer`` (quiet connections are
 evicted for new ones at a cap), ``--handshake-timeout``, ``--idle-timeout``
-(TCP) / ``--unix-idle-timeout``, ``--max-buffer-memory`` (all request
+(TCP) / ``--unix-idle-timeout`` (both off by default), ``--dead-peer-timeout``
+(TCP keepalive and user timeout: vanished peers), ``--max-buffer-memory`` (all request
 buffers together).  Its default and the ``--workers`` default follow the
 process's cgroup (a container's ``--memory``/``--cpus``): `resource_defaults`.
 
@@ -67,6 +68,7 @@ import os
 import signal
 
 from ..errors import ConfigError
+from ..sockets import DEAD_PEER_TIMEOUT
 
 log = logging.getLogger("nbdbackup.serve")
 
@@ -117,9 +119,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "same eviction rule (default 64)")
     p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection still negotiating after this long (default 10)")
-    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="close a TCP connection with nothing in flight that sends nothing for this long "
-                        "(0 = never; default 60)")
+                        "(default 0 = never: an idle VM disk is a normal client; dead peers are "
+                        "found by --dead-peer-timeout)")
+    p.add_argument("--dead-peer-timeout", type=float, default=DEAD_PEER_TIMEOUT, metavar="SECONDS",
+                   help="reset a TCP connection whose peer has acknowledged nothing (data or keepalive "
+                        "probes) for this long: a vanished host or a partition (TCP keepalive and "
+                        "TCP_USER_TIMEOUT; 0 = the kernel's defaults; default %(default)g)")
     p.add_argument("--unix-idle-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="the same for Unix socket connections (default 0 = never)")
     p.add_argument("--max-buffer-memory", default=None, metavar="SIZE",
@@ -390,6 +397,7 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
                     tls=tls_config(args), access=access_policy(args),
                     max_connections_per_peer=args.max_connections_per_peer,
                     idle_timeout=args.idle_timeout, unix_idle_timeout=args.unix_idle_timeout,
+                    dead_peer_timeout=args.dead_peer_timeout,
                     max_buffer_memory=budget, workers=workers)
     for level, msg, *rest in choice:  # the options are valid: say what the limits made of them
         log.log(level, msg, *rest)

@@ -35,6 +35,7 @@ from typing import Any, AsyncIterator
 
 from ..errors import ConnectionClosed, RemoteProtocolError
 from ..nbd.logsafe import clip
+from ..sockets import set_dead_peer_timeout
 from . import framing
 from .schema import CommandError
 
@@ -99,6 +100,8 @@ class ControlClient:
                     *self._tcp, ssl=self.ssl, server_hostname=self.server_hostname or self._tcp[0])
             else:
                 self._reader, self._writer = await asyncio.open_connection(*self._tcp)
+            if self._tcp is not None:
+                set_dead_peer_timeout(self._writer.get_extra_info("socket"))
             try:
                 greeting = await self._recv()
                 if isinstance(greeting, dict) and isinstance(greeting.get("error"), dict):

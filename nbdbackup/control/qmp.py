@@ -37,7 +37,11 @@ that has not earned access (still in its TLS handshake, or admitted as
 the new connection is closed at once.  So peers without an authorized
 certificate -- anyone who can reach the port -- can neither exhaust the
 process's file descriptors (which the NBD listeners, the Unix control socket
-and the exports' files share) nor push out an admitted session.
+and the exports' files share) nor push out an admitted session.  An admitted
+controller whose link died (no FIN, no RST) would hold its slot for ever:
+every accepted connection gets TCP keepalive and TCP_USER_TIMEOUT
+(``dead_peer_timeout``, `sockets.set_dead_peer_timeout`), so its session
+ends about that long after the peer last acknowledged anything.
 
 Local admission: at most `MAX_LOCAL_CLIENTS` sessions on the Unix socket(s)
 at once (mode 0600: the operator's own clients, trusted but maybe buggy);
@@ -82,7 +86,7 @@ from typing import Any, Awaitable, Callable
 from .. import __version__
 from ..errors import ConfigError, NBDBackupError
 from ..nbd.logsafe import clip
-from ..sockets import prepare_unix_socket
+from ..sockets import DEAD_PEER_TIMEOUT, prepare_unix_socket, set_dead_peer_timeout
 from . import framing, schema
 from .remote import FULL, Access
 from .schema import CommandError, Struct
@@ -139,7 +143,11 @@ class QMPServer:
         await server.close()
     """
 
-    def __init__(self, *, version: str = __version__, package: str | None = None) -> None:
+    def __init__(self, *, version: str = __version__, package: str | None = None,
+                 dead_peer_timeout: float = DEAD_PEER_TIMEOUT) -> None:
+        #: TCP keepalive / user timeout of every accepted remote connection
+        #: (`sockets.set_dead_peer_timeout`; ``serve --dead-peer-timeout``).
+        self.dead_peer_timeout = dead_peer_timeout
         #: name -> registered command (built-ins included).
         self._commands: dict[str, _Command] = {}
         #: Live client sessions.
@@ -364,6 +372,7 @@ class QMPServer:
             if not self._make_room(peer):
                 conn.close()
                 continue
+            set_dead_peer_timeout(conn, self.dead_peer_timeout)  # a controller on a dead link: its session ends
             try:
                 slot = _RemoteSlot(peer, conn)
             except OSError as e:  # no descriptor for its duplicate (evicted ones are still closing)

@@ -58,6 +58,7 @@ import time
 from typing import Callable, Sequence
 
 from ..blockdev.base import BASE_ALLOCATION, Buffer, Extent
+from ..sockets import set_dead_peer_timeout
 from ..errors import ConnectionClosed, LocalProtocolError, NBDBackupError, OptionError, RemoteProtocolError
 from . import client_protocol as cp
 from .client_protocol import BlockSizes, ExportInfo, Handshake, HandshakePlan, Mode, Reply, Transmission
@@ -176,6 +177,7 @@ class _Conn(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_dead_peer_timeout(sock)  # a vanished server: reset, not a hang
         self._flush_handshake()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -817,6 +819,7 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
         if on_socket is not None:
             on_socket(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_dead_peer_timeout(sock)
     try:
         while not hs.done:
             out = hs.data_to_send()

@@ -80,8 +80,15 @@ held before the greeting (up to `ADMIT_QUEUE` of them, oldest first) until
 one is, or until its handshake timeout; beyond that queue it is refused
 (closed before the greeting).  A connection in transmission that
 stays quiet for ``idle_timeout`` s (TCP; ``unix_idle_timeout`` on Unix
-sockets, 0 = never) is closed, as is one still in the handshake after
-``handshake_timeout`` s.  When a request has waited `EVICT_QUIET` s for
+sockets; both 0 = never by default: an idle VM disk is a legitimate client)
+is closed, as is one still in the handshake after ``handshake_timeout`` s.
+A TCP peer that vanished (host down, partition: no FIN, no RST) is noticed
+by TCP keepalive and TCP_USER_TIMEOUT, set on every admitted TCP connection
+from ``dead_peer_timeout`` (`sockets.set_dead_peer_timeout`; the options stay
+with the socket when it is handed to a worker or upgraded to TLS): its
+connection is reset about that long after the peer last acknowledged
+anything, its slot and buffers come back, while an idle peer that is alive
+(its kernel answers the probes) keeps its connection.  When a request has waited `EVICT_QUIET` s for
 memory, every connection that holds budget and has been quiet that long is
 closed (a payload granted memory and not sent, replies not read); if the
 oldest request has waited `MEMORY_STALL` s and unfinished payloads waiting
@@ -140,7 +147,7 @@ from dataclasses import dataclass, field
 from ..blockdev.base import BASE_ALLOCATION, BlockDev
 from ..blockdev.live import LiveDev
 from ..errors import ConfigError
-from ..sockets import prepare_unix_socket, set_socket_access
+from ..sockets import DEAD_PEER_TIMEOUT, prepare_unix_socket, set_socket_access, set_dead_peer_timeout
 from . import protocol as proto
 from .budget import STEP, Charge, MemoryBudget, new_payload_buffer
 from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection, StartTLS
@@ -320,7 +327,8 @@ class Server:
     passed by systemd are not in it); ``stopping`` (set by
     `shutdown`); limits ``max_connections``, ``max_connections_per_peer``,
     ``handshake_timeout``, ``idle_timeout`` (TCP), ``unix_idle_timeout``,
-    ``max_inflight``; ``batch`` (small requests run in batches, see the
+    ``dead_peer_timeout`` (TCP keepalive and user timeout, 0: the kernel's
+    defaults), ``max_inflight``; ``batch`` (small requests run in batches, see the
     module docstring); ``budget`` (the `MemoryBudget` of every request
     buffer); ``_by_peer`` (peer key -> its live connections, see
     `NBDConnection.peer_key`); ``_waiting`` (connections accepted at a cap,
@@ -349,15 +357,15 @@ class Server:
     def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
                  max_inflight: int = 64, tls: ServerTLS | None = None,
                  access: AccessPolicy | None = None, max_connections_per_peer: int = 64,
-                 idle_timeout: float = 60.0, unix_idle_timeout: float = 0.0,
+                 idle_timeout: float = 0.0, unix_idle_timeout: float = 0.0,
                  max_buffer_memory: int = DEFAULT_BUFFER_MEMORY, batch: bool | None = None,
-                 workers: int = 0) -> None:
+                 workers: int = 0, dead_peer_timeout: float = DEAD_PEER_TIMEOUT) -> None:
         if max_connections < 1 or max_connections_per_peer < 1:
             raise ConfigError("connection limits must be at least 1")
         if max_buffer_memory < 2 * MAX_PAYLOAD:
             raise ConfigError(f"buffer memory must be at least {2 * MAX_PAYLOAD >> 20} MiB "
                               f"(twice the largest request)")
-        if min(handshake_timeout, idle_timeout, unix_idle_timeout) < 0:
+        if min(handshake_timeout, idle_timeout, unix_idle_timeout, dead_peer_timeout) < 0:
             raise ConfigError("timeouts must not be negative")
         if workers < 0:
             raise ConfigError("the number of workers must not be negative")
@@ -380,6 +388,7 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.unix_idle_timeout = unix_idle_timeout
+        self.dead_peer_timeout = dead_peer_timeout
         self.max_inflight = max_inflight
         self.batch = BATCH_DEFAULT if batch is None else batch
         self.stopping = False
@@ -1053,6 +1062,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+            set_dead_peer_timeout(sock, self.server.dead_peer_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._detached:

@@ -316,6 +316,7 @@ class WorkerPool:
         s = self.server
         h.chan.send({"t": "config", "index": index, "idle_timeout": s.idle_timeout,
                      "unix_idle_timeout": s.unix_idle_timeout, "max_inflight": s.max_inflight,
+                     "dead_peer_timeout": s.dead_peer_timeout,
                      "max_buffer_memory": s.budget.limit, "batch": s.batch,
                      "log_level": logging.getLogger("nbdbackup").getEffectiveLevel()})
         return h
@@ -806,7 +807,7 @@ class _Worker:
             logqueue.install(msg["log_level"], f"%(asctime)s worker {msg['index']} %(levelname)s %(name)s: %(message)s")
             self.server = Server(idle_timeout=msg["idle_timeout"], unix_idle_timeout=msg["unix_idle_timeout"],
                                  max_inflight=msg["max_inflight"], max_buffer_memory=msg["max_buffer_memory"],
-                                 batch=msg["batch"])
+                                 batch=msg["batch"], dead_peer_timeout=msg["dead_peer_timeout"])
             self.server.on_forget = self._closed
             self._tick_report()
             self.chan.send({"t": "ready"})
