@@ -450,6 +450,23 @@ def failed_run(rig: Rig, a: subprocess.Popen, before: list[str]) -> dict | None:
     return json.loads(out) if out.strip() else None
 
 
+def interrupted_run(rig: Rig, seed: int, interrupt) -> tuple[set[int], dict | None, float]:
+    """A burst of writes, then an agent run held mid-pull (after its transaction) and
+    ``interrupt(agent)``: the run must fail and record nothing.  Returns the clusters the
+    burst wrote, the run's report, and the seconds from the interruption to the agent's exit."""
+    pending = rig.burst(seed=seed, count=20)
+    before = rig.snapshots()
+    rig.proxy.hold_after(128 * 1024)
+    a = rig.spawn_agent(via_proxy=True)
+    wait_stalled(rig, a)
+    t = time.monotonic()
+    interrupt(a)
+    rep = failed_run(rig, a, before)
+    took = time.monotonic() - t
+    rig.proxy.release()
+    return pending, rep, took
+
+
 def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
     rig = Rig(short_tmp, pki, agent_creds["agent"])
     rig.proxy = None
@@ -477,26 +494,14 @@ def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
                 pending = set()
 
             # 1. kill -9 of the agent mid-pull: its job and snapshot export stay on the server.
-            pending |= rig.burst(seed=2, count=20)
-            before = rig.snapshots()
-            rig.proxy.hold_after(128 * 1024)
-            a = rig.spawn_agent(via_proxy=True)
-            wait_stalled(rig, a)
-            a.send_signal(signal.SIGKILL)
-            failed_run(rig, a, before)
-            rig.proxy.release()
+            burst, _, _ = interrupted_run(rig, 2, lambda a: a.send_signal(signal.SIGKILL))
+            pending |= burst
             assert len(rig.our_jobs()) == 1 and len(rig.ours()) == 2  # leftovers the next run must handle
             next_ok("reclaimed job", seed=3)
 
             # 2. the NBD connection cut mid-pull: the agent rolls back at once.
-            pending |= rig.burst(seed=4, count=20)
-            before = rig.snapshots()
-            rig.proxy.hold_after(128 * 1024)
-            a = rig.spawn_agent(via_proxy=True)
-            wait_stalled(rig, a)
-            rig.proxy.cut()
-            rep = failed_run(rig, a, before)
-            rig.proxy.release()
+            burst, rep, _ = interrupted_run(rig, 4, lambda a: rig.proxy.cut())
+            pending |= burst
             assert rep is not None and rep["exit_code"] == 1
             assert any("merged" in n for n in disk_report(rep)["notes"]), rep
             assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
@@ -539,14 +544,9 @@ def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
                               "machine refuses (no CAP_LINUX_IMMUTABLE): not run here")
 
             # 4. the server restarted (SIGTERM, then the same command) mid-pull.
-            pending |= rig.burst(seed=10, count=20)
-            before = rig.snapshots()
-            rig.proxy.hold_after(128 * 1024)
-            a = rig.spawn_agent(via_proxy=True)
-            wait_stalled(rig, a)
-            assert peers.stop(rig.peer) == 0
-            failed_run(rig, a, before)
-            rig.proxy.release()
+            burst, _, _ = interrupted_run(rig, 10, lambda a: peers.stop(rig.peer))
+            pending |= burst
+            assert rig.peer.returncode == 0
         with rig.serve():
             # The persistent bitmaps came back (the base disabled, the new one recording).
             assert sorted(b["recording"] for b in rig.ours()) == [False, True]
@@ -555,14 +555,8 @@ def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
 
             # 5. the server killed (kill -9) mid-pull and started again: the next run is
             # incremental if the bitmaps load complete, full if one loads inconsistent.
-            pending |= rig.burst(seed=12, count=20)
-            before = rig.snapshots()
-            rig.proxy.hold_after(128 * 1024)
-            a = rig.spawn_agent(via_proxy=True)
-            wait_stalled(rig, a)
-            peers.stop(rig.peer, signal.SIGKILL)
-            failed_run(rig, a, before)
-            rig.proxy.release()
+            burst, _, _ = interrupted_run(rig, 12, lambda a: peers.stop(rig.peer, signal.SIGKILL))
+            pending |= burst
         with rig.serve():
             pending |= rig.burst(seed=13, count=5)
             rig.reference("pending")
@@ -577,30 +571,17 @@ def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
             pending = set()
 
             # 6. SIGTERM (systemctl stop, a timeout) mid-pull: the agent rolls back before it exits.
-            pending |= rig.burst(seed=14, count=20)
-            before = rig.snapshots()
-            rig.proxy.hold_after(128 * 1024)
-            a = rig.spawn_agent(via_proxy=True)
-            wait_stalled(rig, a)
-            t = time.monotonic()
-            a.send_signal(signal.SIGTERM)
-            rep = failed_run(rig, a, before)
-            assert time.monotonic() - t < 10
-            rig.proxy.release()
+            burst, rep, took = interrupted_run(rig, 14, lambda a: a.send_signal(signal.SIGTERM))
+            pending |= burst
+            assert took < 10
             assert rep is not None and "interrupted" in rep["error"], rep
             assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
             next_ok(None, seed=15)
 
             # 7. SIGHUP (the terminal or ssh session it ran in closed): the same rollback (it
             # was killed at once, leaving its job and bitmap for the next run to reclaim).
-            pending |= rig.burst(seed=16, count=20)
-            before = rig.snapshots()
-            rig.proxy.hold_after(128 * 1024)
-            a = rig.spawn_agent(via_proxy=True)
-            wait_stalled(rig, a)
-            a.send_signal(signal.SIGHUP)
-            rep = failed_run(rig, a, before)
-            rig.proxy.release()
+            burst, rep, _ = interrupted_run(rig, 16, lambda a: a.send_signal(signal.SIGHUP))
+            pending |= burst
             assert rep is not None and "interrupted" in rep["error"], rep
             assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
             next_ok(None, seed=17)
