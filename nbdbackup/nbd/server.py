@@ -71,24 +71,36 @@ receive ring, the transport's send buffer up to its 4 MiB high-water mark
 Admission (`Server._admit`) and timers (`Server._housekeeping`, every
 `TICK` s): a connection is *quiet* when nothing of it runs (no request task,
 no parsed request waiting, not waiting for memory) and it has neither sent
-a byte nor had a reply byte drain for a while.  At the per-peer cap (IP
-address on TCP, uid on Unix sockets) the peer's own longest-quiet
-connection, quiet for at least `EVICT_QUIET` s, is closed to admit the new
-one; at the global cap the same among all connections, taken from the peer
-with the most connections first; with no such connection the newcomer is
-held before the greeting (up to `ADMIT_QUEUE` of them, oldest first) until
-one is, or until its handshake timeout; beyond that queue it is refused
-(closed before the greeting).  A connection in transmission that
-stays quiet for ``idle_timeout`` s (TCP; ``unix_idle_timeout`` on Unix
+a byte nor had a reply byte drain for a while.  Caps: ``max_connections``
+in all, ``max_connections_per_peer`` per IP address on TCP and
+``max_connections_per_uid`` per uid on Unix sockets (by default the global
+cap: on a libvirt or Proxmox host every QEMU connects as the same uid).  A
+connection in transmission (export chosen) is never closed to admit another:
+for a VM it is its live disk, and an idle disk is quiet (closing it gave the
+VM EIO on its next request; qemu-nbd and qemu-storage-daemon leave newcomers
+waiting at their limits instead).  At a cap, only a connection still in the
+handshake (plain or TLS) and quiet for at least `EVICT_QUIET` s may be
+closed for the newcomer: at the per-peer cap one of the peer's own, at the
+global cap the longest-quiet one of the peer with the most connections.
+With no such connection the newcomer is held before the greeting (up to
+`ADMIT_QUEUE` of them, oldest first) until a slot frees or such a
+connection appears, at most until its handshake timeout; then it is refused
+(closed before the greeting: the client fails at connect time, and the log
+says which cap and how many connections hold it).  Beyond that queue it is
+refused at once.  So what one peer can take is bounded by its cap, stalled
+handshakes cannot hold slots against a newcomer, and slots of vanished
+peers come back through their TCP timeouts.  A connection in transmission
+that stays quiet for ``idle_timeout`` s (TCP; ``unix_idle_timeout`` on Unix
 sockets, 0 = never) is closed, as is one still in the handshake after
 ``handshake_timeout`` s.  When a request has waited `EVICT_QUIET` s for
 memory, every connection that holds budget and has been quiet that long is
-closed (a payload granted memory and not sent, replies not read); if the
+closed (a payload granted memory and not sent, replies not read: an idle
+disk holds none and is never one); if the
 oldest request has waited `MEMORY_STALL` s and unfinished payloads waiting
 for more hold half the ordinary budget, they are shed, oldest payload first
 (`Server._relieve_memory`).  So idle,
 stalled-handshake and stalled-payload clients cannot lock a well-behaved
-client out: they are quiet, it is not.
+client of another peer out.
 
 TLS (``Server(tls=ServerTLS(...))``): on the protocol's `StartTLS` event the
 connection sends the ACK in clear, stops reading, and hands its transport
@@ -171,7 +183,8 @@ log = logging.getLogger("nbdbackup.server")
 #: Seconds between housekeeping passes (idle timeouts, memory-pressure
 #: eviction, pool decay).
 TICK = 0.5
-#: A connection must have been quiet this long to be evicted for a newcomer.
+#: A connection still in the handshake must have been quiet this long to be
+#: evicted for a newcomer; one holding budget, to be closed under memory pressure.
 EVICT_QUIET = 0.5
 #: A request waiting this long for memory makes the server shed unfinished
 #: payloads that wait for more (see `Server._relieve_memory`).
@@ -318,8 +331,9 @@ class Server:
     `NBDConnection`s); ``_servers`` (asyncio listeners); ``_unix_paths``
     (socket files `start_unix` created, unlinked at `shutdown`; sockets
     passed by systemd are not in it); ``stopping`` (set by
-    `shutdown`); limits ``max_connections``, ``max_connections_per_peer``,
-    ``handshake_timeout``, ``idle_timeout`` (TCP), ``unix_idle_timeout``,
+    `shutdown`); limits ``max_connections``, ``max_connections_per_peer``
+    (TCP, per IP address), ``max_connections_per_uid`` (Unix sockets, per
+    uid), ``handshake_timeout``, ``idle_timeout`` (TCP), ``unix_idle_timeout``,
     ``max_inflight``; ``batch`` (small requests run in batches, see the
     module docstring); ``budget`` (the `MemoryBudget` of every request
     buffer); ``_by_peer`` (peer key -> its live connections, see
@@ -346,13 +360,15 @@ class Server:
     may be pushed back to at the latest): see `HEAP_TRIM_CLOSES`.
     """
 
-    def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
+    def __init__(self, *, max_connections: int = 1024, handshake_timeout: float = 10.0,
                  max_inflight: int = 64, tls: ServerTLS | None = None,
                  access: AccessPolicy | None = None, max_connections_per_peer: int = 64,
                  idle_timeout: float = 60.0, unix_idle_timeout: float = 0.0,
                  max_buffer_memory: int = DEFAULT_BUFFER_MEMORY, batch: bool | None = None,
-                 workers: int = 0) -> None:
-        if max_connections < 1 or max_connections_per_peer < 1:
+                 workers: int = 0, max_connections_per_uid: int | None = None) -> None:
+        if max_connections_per_uid is None:
+            max_connections_per_uid = max_connections
+        if min(max_connections, max_connections_per_peer, max_connections_per_uid) < 1:
             raise ConfigError("connection limits must be at least 1")
         if max_buffer_memory < 2 * MAX_PAYLOAD:
             raise ConfigError(f"buffer memory must be at least {2 * MAX_PAYLOAD >> 20} MiB "
@@ -377,6 +393,7 @@ class Server:
         self._unix_paths: list[str] = []
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer
+        self.max_connections_per_uid = max_connections_per_uid
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.unix_idle_timeout = unix_idle_timeout
@@ -531,27 +548,29 @@ class Server:
     # --------------------------------------------------------- admission
 
     def _admit(self, conn: "NBDConnection") -> str | None:
-        """Make room for ``conn`` (evicting a quiet connection if a cap is
-        reached) and register it; the reason it is refused, or None."""
+        """Make room for ``conn`` (evicting a quiet connection still in the
+        handshake if a cap is reached) and register it; the reason it is
+        refused, or None.  Never closes a connection in transmission."""
         if self.stopping:
             return "server stopping"
         mine = self._by_peer.get(conn.peer_key, set())
         victim, which = None, ""
-        if len(mine) >= self.max_connections_per_peer:
+        unix = conn.peer_key is not None and conn.peer_key[0] == "uid"
+        cap = self.max_connections_per_uid if unix else self.max_connections_per_peer
+        if len(mine) >= cap and cap < self.max_connections:  # (else the global cap says it)
             victim, which = self._victim(mine), "peer"
             if victim is None:
-                return f"{len(mine)} connections from this peer already (--max-connections-per-peer)"
+                flag = "--max-connections-per-uid" if unix else "--max-connections-per-peer"
+                return (f"{len(mine)} connections from this {'uid' if unix else 'address'} already, "
+                        f"none of them evictable ({flag} {cap})")
         elif len(self.connections) >= self.max_connections:
             victim, which = self._victim(self.connections), "server"
             if victim is None:
-                return f"{len(self.connections)} connections already (--max-connections)"
+                return (f"{len(self.connections)} connections already, none of them evictable "
+                        f"(--max-connections {self.max_connections})")
         if victim is not None:
-            victim.evict(f"{which} connection limit reached: quiet connection evicted for a new one "
-                         f"from {conn.peer}")
-            if victim.remote is not None:
-                # Its slot frees when its worker has closed it (it may keep it
-                # instead, if it stopped being quiet): never above the cap.
-                return f"a quiet connection in worker process {victim.remote[0].index} is being evicted"
+            victim.evict(f"{which} connection limit reached: connection quiet in the handshake "
+                         f"evicted for a new one from {conn.peer}")
         self._register(conn)
         return None
 
@@ -573,20 +592,25 @@ class Server:
         for conn in list(self._waiting):
             if conn._closing:
                 self._waiting.remove(conn)
-            elif self._admit(conn) is None:
+                continue
+            why = self._admit(conn)
+            if why is None:
                 self._waiting.remove(conn)
                 conn._admitted()
+            else:
+                conn.held_why = why
 
     def _victim(self, among) -> "NBDConnection | None":
-        """The connection to evict: quiet for at least `EVICT_QUIET` s, from
-        the peer holding the most connections, quiet the longest.  While a
-        worker is evicting one of ``among``, that one (whose slot frees when
-        it has closed) is the answer: one eviction per admission."""
+        """The connection to evict for a newcomer: still in the handshake
+        (never one in transmission: an idle disk is quiet too, see the
+        module docstring), quiet for at least `EVICT_QUIET` s, from the peer
+        holding the most connections, quiet the longest.  A placeholder of a
+        worker connection is always in transmission: never a victim."""
         now = time.monotonic()
         best, best_key = None, None
         for c in among:
-            if c._evicting:
-                return c
+            if c.remote is not None or c.proto.in_transmission:
+                continue
             q = c.quiet(now)
             if q < EVICT_QUIET:
                 continue
@@ -795,7 +819,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     log; the rest are counted and summarised when it closes).
     Admission and memory: ``peer_key`` (what per-peer limits count: the IP
     address on TCP, the uid on Unix sockets); ``is_unix``; ``admitted``
-    (False while it waits in ``Server._waiting``); ``_creds`` (SO_PEERCRED
+    (False while it waits in ``Server._waiting``); ``held_why`` (why it
+    waits, logged if it is refused); ``_creds`` (SO_PEERCRED
     on Unix sockets); ``_last_active``
     (`time.monotonic` of the last byte received or reply byte drained; the
     loop's clock has only millisecond resolution under uvloop);
@@ -868,6 +893,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.peer_key: object = None
         self.is_unix = False
         self.admitted = False
+        #: Why admission holds it (`Server._admit`'s last answer), for the refusal.
+        self.held_why = ""
         self._creds: tuple[int, int, int] | None = None
         self._last_active = 0.0
         self._charge: Charge | None = None
@@ -910,6 +937,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             # evicted or a slot frees (`Server._admit_waiting`), at most
             # until the handshake timeout.
             log.info("connection from %s waits for admission: %s", self.peer, why)
+            self.held_why = why
             transport.pause_reading()
             self._reading_paused = True
         else:
@@ -1183,7 +1211,9 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _handshake_timeout(self) -> None:
         self._handshake_timer = None
         if not self.admitted and not self._closing:
-            self.evict("not admitted before the handshake timeout (server or peer limit reached)")
+            # Refused before the greeting: the client fails at connect time.
+            self.evict(f"refused after waiting {self.server.handshake_timeout:g} s for admission: "
+                       f"{self.held_why}")
         elif not self.proto.in_transmission and not self._closing:
             self._warn("connection %s: handshake timed out", self.peer)
             self.close("handshake timeout")
