@@ -132,9 +132,13 @@ Invariants:
   connection covers writes completed on every connection (one device object
   is shared by all connections of an export, so this holds for file and
   memory devices; a remote NBD device passes the remote server's promise on).
-- After `remove_export`, requests on connections to it get ESHUTDOWN; after
-  `shutdown` begins, new requests get ESHUTDOWN, in-flight ones finish, every
-  export is flushed, then connections close.
+- After `remove_export`, requests on connections to it get ESHUTDOWN.  After
+  `shutdown` begins no request is started any more: connections stop
+  reading, requests received and not started stay unanswered, in-flight ones
+  finish and are answered, every export is flushed, then connections close.
+  A client that reconnects (QEMU with ``reconnect-delay``, across a restart
+  of ``serve``) sends the unanswered ones again to the next server; an
+  ESHUTDOWN reply instead made QEMU fail them to its guest (hunt 11).
 """
 
 from __future__ import annotations
@@ -786,6 +790,8 @@ class Server:
             # Workers drain, flush and close theirs (and exit) first.
             await self.pool.shutdown(timeout)
         conns = [c for c in self.connections if c.remote is None]
+        for c in conns:
+            c._update_reading()  # stops: nothing new is read or started (see the module docstring)
         for c in self.connections - set(conns):
             self._forget(c, notify=False)
         if conns:
@@ -1183,7 +1189,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         if t is None or self._closing or self._tls_upgrading:
             return
         want_pause = (self._paused_writing or len(self.tasks) >= self.server.max_inflight
-                      or self.proto.has_events or self._mem_wait or self._handing)
+                      or self.proto.has_events or self._mem_wait or self._handing
+                      or self.server.stopping)
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             t.pause_reading()
@@ -1432,6 +1439,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             # socket stays paused meanwhile (`_update_reading`).
             if len(self.tasks) >= self.server.max_inflight or self._paused_writing:
                 break
+            if self.server.stopping and proto_.in_transmission:
+                break  # unanswered: a reconnecting client sends it again (`Server.shutdown`)
             ev = proto_.next_event()
             if ev is None:
                 break
@@ -1887,7 +1896,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 exp.stats.invalid += 1
             self._write(p.reply_error(req.cookie, req.error, req.message))
             return
-        if exp is None or exp.removed or self.server.stopping:
+        if exp is None or exp.removed:
+            # (Started before a `shutdown` began: it runs, the export stays open until the drain.)
             self._write(p.reply_error(req.cookie, errno.ESHUTDOWN, "export is shutting down"))
             return
         exp.begin()
