@@ -455,14 +455,19 @@ class Server:
     async def remove(self, name: str) -> None:
         await self.remove_export(name)
 
-    async def remove_export(self, name: str) -> None:
-        """Remove an export: its connections get ESHUTDOWN from now on."""
+    async def remove_export(self, name: str, disconnect: bool = False) -> None:
+        """Remove an export: its connections get ESHUTDOWN from now on; with
+        ``disconnect``, once their requests in flight have finished, they
+        are closed (QMP ``block-export-del`` mode ``hard``)."""
         exp = self.require(name)
         exp.removed = True
         del self.exports[name]
         if self.pool is not None:
             await self.pool.remove_export(name)
         await exp.wait_idle()
+        if disconnect:
+            for c in [c for c in self.connections if c.export is exp]:
+                c.close(f"export {name!r} removed (block-export-del mode hard)")
         if exp.owns_dev:
             await exp.dev.close()
         log.info("export %r removed", name)
