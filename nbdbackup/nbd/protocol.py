@@ -287,6 +287,14 @@ class ServerConnection:
       flags allowed or -1).
     """
 
+    def release_ring(self) -> None:
+        """The connection is served by another process now (its socket and
+        this state went there): free the receive ring.  Nothing is fed here
+        again; the object stays as a placeholder that admission counts."""
+        self._buf = bytearray()
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+
     def __init__(self, lookup: ExportLookup, lister: ExportLister, *, max_payload: int = wire.MAX_PAYLOAD,
                  tls: str = "off", paced_payloads: bool = False, batching: bool = False) -> None:
         assert tls in ("off", "on", "require")

@@ -994,6 +994,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         t = self.transport
         if t is not None:
             t.abort()
+        # Its 256 KiB receive ring went with the state: 300 idle VM disks in
+        # workers cost 522 KiB each before (the ring here and there), 263 after.
+        self.proto.release_ring()
 
     def _begin_handoff(self, rehand: bool = False) -> None:
         self._handing = True

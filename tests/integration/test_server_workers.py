@@ -655,3 +655,27 @@ def test_a_connection_whose_client_reads_no_replies_stays_until_it_drains(short_
         await server.shutdown()
 
     run(main())
+
+
+def test_a_placeholder_frees_its_receive_ring(short_tmp):
+    """A connection handed to a worker leaves a placeholder here that only
+    admission counts: its 256 KiB receive ring is freed (hunt 11: 300 idle
+    VM disks in workers cost 526-529 KiB each, the ring twice; 266-270 KiB
+    after).  The connection still works, and comes back on a recall."""
+    async def main():
+        server, exp, path = await serve(short_tmp, LiveDev(file_export(short_tmp)))
+        a = await Raw.connect(path, "disk", True)
+        await until(lambda: server.pool.handed == 1)
+        (ph,) = server.connections
+        assert ph.remote is not None and len(ph.proto._buf) == 0
+        a.send(a.read(1, 0, 4096))
+        assert (await a.replies(1))[1][0] == 0
+        await server._recall(exp)  # served here again, with a ring of its own
+        (back,) = server.connections
+        assert back.remote is None and len(back.proto._buf) > 0
+        a.send(a.read(2, 0, 4096))
+        assert (await a.replies(1))[2][0] == 0
+        await a.close()
+        await server.shutdown()
+
+    run(main())
