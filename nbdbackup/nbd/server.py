@@ -198,6 +198,10 @@ DEFAULT_BUFFER_MEMORY = 256 * 1024 * 1024
 STEP_MAX = 8 * 1024 * 1024
 #: Connections held for admission at a cap (beyond: refused at once).
 ADMIT_QUEUE = 64
+#: A connection in transmission quiet this long gives its empty receive ring
+#: back (`ServerConnection.release_ring`): a host's idle VM disks cost ~7 KiB
+#: each instead of ~263 KiB; the next receive allocates a new ring.
+RING_IDLE = 5.0
 #: An export must stay offloadable this long (no new offload signal) before
 #: the connections served here go back to worker processes: a hook that
 #: comes and goes does not move connections back and forth.
@@ -996,7 +1000,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             t.abort()
         # Its 256 KiB receive ring went with the state: 300 idle VM disks in
         # workers cost 522 KiB each before (the ring here and there), 263 after.
-        self.proto.release_ring()
+        self.proto.release_ring(force=True)
 
     def _begin_handoff(self, rehand: bool = False) -> None:
         self._handing = True
@@ -1318,10 +1322,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._tx_seen, self._tx_backlog = sent, backlog
         self._free_sent()
         timeout = self.server.unix_idle_timeout if self.is_unix else self.server.idle_timeout
-        if timeout > 0 and self.proto.in_transmission:
+        if self.proto.in_transmission:
             q = self.quiet(now)
-            if q >= timeout:
+            if timeout > 0 and q >= timeout:
                 self.evict(f"idle for {q:.0f} s (idle timeout {timeout:g} s)")
+            elif q >= RING_IDLE and not self._handing:
+                self.proto.release_ring()
 
     def _release_memory(self) -> None:
         """The connection is gone: every charge not owned by a running task comes back."""
