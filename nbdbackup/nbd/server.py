@@ -65,7 +65,8 @@ its request task waits (READ); the grant order and the reserve rule of
 back when a request ends or its connection dies; pooled free buffers are
 charged too and dropped when unused for 2-4 s (`MemoryBudget.decay`),
 so RSS falls after a burst.  Outside the budget, per connection: the 256 KiB
-receive ring, the transport's send buffer up to its 4 MiB high-water mark
+receive ring (given back after `RING_IDLE` s quiet, reallocated on the next
+receive: an idle VM disk costs a few KiB), the transport's send buffer up to its 4 MiB high-water mark
 (past it no new request starts), and small replies.
 
 Admission (`Server._admit`) and timers (`Server._housekeeping`, every
