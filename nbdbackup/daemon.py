@@ -130,16 +130,26 @@ def register_export_commands(qmp: Any, app: App) -> None:
         await add_export(app, name, spec, read_only, description)
         return {}
 
-    async def block_export_del(name: str) -> dict:
-        if app.server.get(name) is None:
+    async def block_export_del(name: str, mode: str = "safe") -> dict:
+        """QEMU's modes: ``safe`` (the default) refuses while clients are
+        connected; ``hard`` closes their connections (requests in flight
+        finish first).  Before hunt 11 the export went with clients attached,
+        which then got ESHUTDOWN on every request on a connection left open:
+        a VM's disk failing for good, where QEMU refuses."""
+        exp = app.server.get(name)
+        if exp is None:
             raise ConfigError(f"no export named {name!r}")
+        n = sum(1 for c in app.server.connections if c.export is exp)
+        if n and mode != "hard":
+            raise ConfigError(f"export {name!r} is still in use by {n} connection(s); "
+                              f"mode 'hard' disconnects them")
         if app.engine is not None and hasattr(app.engine, "export_in_use"):
             job = app.engine.export_in_use(name)
             if job:
                 raise ConfigError(f"export {name!r} is in use by job {job!r}; cancel and dismiss it first")
         if app.bitmaps is not None:
             app.bitmaps.check_removable(name)
-        await app.server.remove_export(name)
+        await app.server.remove_export(name, disconnect=True)
         app.specs.pop(name, None)
         return {}
 

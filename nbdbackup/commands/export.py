@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = esub.add_parser("del", help="remove an export (block-export-del)")
     d.add_argument("name", metavar="NAME", help="export name")
+    d.add_argument("--hard", action="store_true",
+                   help="disconnect its clients (default: refuse while any is connected, as QEMU's mode safe)")
     cliutil.add_control_arguments(d)
     d.set_defaults(func=cmd_del)
 
@@ -75,5 +77,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_del(args: argparse.Namespace) -> int:
-    result = cliutil.call(args, "block-export-del", {"name": args.name})
+    arguments = {"name": args.name}
+    if args.hard:
+        arguments["mode"] = "hard"
+    result = cliutil.call(args, "block-export-del", arguments)
     return cliutil.done(args, result, f"export {args.name} removed")

@@ -33,10 +33,16 @@ credentials or without any pattern it refuses to start.
 ``--metrics HOST:PORT`` serves Prometheus text at ``/metrics`` (`nbdbackup.metrics`).
 
 Limits against hostile or broken clients (`nbd.server`, `nbd.budget`):
-``--max-connections``, ``--max-connections-per-peer`` (quiet connections are
-evicted for new ones at a cap), ``--handshake-timeout``, ``--idle-timeout``
-(TCP) / ``--unix-idle-timeout`` (both off by default), ``--dead-peer-timeout``
-(TCP keepalive and user timeout: vanished peers), ``--max-buffer-memory`` (all request
+``--max-connections`` (default 1024), ``--max-connections-per-peer`` (one IP
+address on TCP, default 64) and ``--max-connections-per-uid`` (one uid on
+Unix sockets, default the global cap: every VM of a libvirt/Proxmox host is
+the same uid); at a cap only a connection quiet in the handshake is evicted
+for a newcomer, never one in transmission (a VM's idle disk), else the
+newcomer waits and is refused at its handshake timeout.  The soft
+RLIMIT_NOFILE is raised to the hard limit (`raise_fd_limit`).
+``--handshake-timeout``, ``--idle-timeout`` (TCP) / ``--unix-idle-timeout``
+(both off by default), ``--dead-peer-timeout`` (TCP keepalive and user
+timeout: vanished peers), ``--max-buffer-memory`` (all request
 buffers together).  Its default and the ``--workers`` default follow the
 process's cgroup (a container's ``--memory``/``--cpus``): `resource_defaults`.
 
@@ -111,12 +117,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="admit control clients whose certificate subject matches this glob to query-* "
                         "commands only (repeatable)")
     p.add_argument("--state-dir", metavar="DIR", help="directory for persistent state (dirty bitmaps)")
-    p.add_argument("--max-connections", type=int, default=256, metavar="N",
-                   help="connections at once; when full, the connection quiet the longest is evicted "
-                        "for a new one, else the new one is refused (default 256)")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="connections at once; when full, a connection quiet in the handshake is evicted "
+                        "for a new one (never one in transmission), else the new one waits and is refused "
+                        "at its handshake timeout (default 1024)")
     p.add_argument("--max-connections-per-peer", type=int, default=64, metavar="N",
-                   help="connections at once from one IP address (TCP) or one uid (Unix socket), "
-                        "same eviction rule (default 64)")
+                   help="connections at once from one IP address (TCP), same rule (default 64)")
+    p.add_argument("--max-connections-per-uid", type=int, default=None, metavar="N",
+                   help="connections at once from one uid (Unix sockets), same rule (default: "
+                        "--max-connections; on a hypervisor host every VM is the same uid)")
     p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection still negotiating after this long (default 10)")
     p.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
@@ -230,6 +239,44 @@ def resource_defaults(args: argparse.Namespace, limits=None, report: list | None
     else:
         report.extend(records)
     return budget, n
+
+
+#: Descriptors beyond one per connection: listeners, exports, bitmaps, the
+#: control socket, worker channels, backup scratch files.
+FD_MARGIN = 256
+
+
+def raise_fd_limit(max_connections: int, limits=None) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one (the server uses epoll,
+    never select, so a high limit costs nothing); ``(soft, hard)`` after.
+    systemd starts services with soft 1024: with hundreds of VM disks the
+    server hit EMFILE, where (measured, hunt 11) uvloop closes each new
+    connection at once (libuv's reserve-descriptor trick: the client fails at
+    connect), asyncio stops accepting for a second at a time and logs a
+    traceback each time (clients wait in the listen backlog, with no
+    greeting), and opening a file (an export, a bitmap, a backup's scratch)
+    fails; connections already open are not affected, and both recover once
+    descriptors free.  A limit still below
+    ``max_connections`` + `FD_MARGIN` is warned about.  ``limits``: the
+    ``resource`` module's getrlimit/setrlimit pair, for tests."""
+    import resource
+
+    get, put = limits if limits is not None else (resource.getrlimit, resource.setrlimit)
+    soft, hard = get(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            put(resource.RLIMIT_NOFILE, (want, hard))
+            log.info("file-descriptor limit raised from %d to %d", soft, want)
+            soft = want
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the file-descriptor limit from %d: %s", soft, e)
+    if soft != resource.RLIM_INFINITY and soft < max_connections + FD_MARGIN:
+        log.warning("file-descriptor limit %d is below --max-connections %d + %d: connections beyond it "
+                    "are closed at once (uvloop) or wait in the listen backlog (asyncio), and opening files "
+                    "fails (raise LimitNOFILE=)",
+                    soft, max_connections, FD_MARGIN)
+    return soft, hard
 
 
 def select_io_engine(args: argparse.Namespace) -> None:
@@ -393,9 +440,11 @@ async def _serve(args: argparse.Namespace, exports, listens, metrics_at, *, desc
     choice: list = []
     budget, workers = resource_defaults(args, report=choice)
     notifier = systemd.Notifier()
+    raise_fd_limit(args.max_connections)
     server = Server(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                     tls=tls_config(args), access=access_policy(args),
                     max_connections_per_peer=args.max_connections_per_peer,
+                    max_connections_per_uid=args.max_connections_per_uid,
                     idle_timeout=args.idle_timeout, unix_idle_timeout=args.unix_idle_timeout,
                     dead_peer_timeout=args.dead_peer_timeout,
                     max_buffer_memory=budget, workers=workers)

@@ -58,7 +58,7 @@ query-block-exports         (none)                                              
 query-export-stats          (none)                                                 [ExportStats]
 block-export-add            name: str, spec: str, *read-only: bool,                {}
                             *description: str (sent to NBD clients; default none)
-block-export-del            name: str                                              {}
+block-export-del            name: str, *mode: safe|hard                            {}
 block-dirty-bitmap-add      export: str, name: str, *granularity: uint64,          {}
                             *persistent: bool, *disabled: bool
 block-dirty-bitmap-remove,  export: str, name: str                                 {}
@@ -370,7 +370,7 @@ COMMANDS: dict[str, Struct] = {
     "query-block-exports": NO_ARGS,
     "query-export-stats": NO_ARGS,
     "block-export-add": struct({"name": STR, "spec": STR, "*read-only": BOOL, "*description": STR}),
-    "block-export-del": struct({"name": STR}),
+    "block-export-del": struct({"name": STR, "*mode": Enum("safe", "hard")}),
     "block-dirty-bitmap-add": BITMAP_ADD,
     "block-dirty-bitmap-remove": BITMAP_REF,
     "block-dirty-bitmap-clear": BITMAP_REF,

@@ -287,6 +287,20 @@ class ServerConnection:
       flags allowed or -1).
     """
 
+    def release_ring(self, force: bool = False) -> bool:
+        """Free the receive ring when it holds nothing (True if so); the next
+        `get_buffer` allocates a new one.  For an idle connection (a VM's disk
+        doing no I/O: 256 KiB each, mmap-backed, so it goes back to the OS)
+        and for a connection now served by another process (its socket and
+        this state went there: nothing is fed here again; ``force``)."""
+        if not force and (self._start != self._end or self._state is State.PAYLOAD or self._head_need):
+            return False
+        if self._buf:
+            self._buf = bytearray()
+            self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        return True
+
     def __init__(self, lookup: ExportLookup, lister: ExportLister, *, max_payload: int = wire.MAX_PAYLOAD,
                  tls: str = "off", paced_payloads: bool = False, batching: bool = False) -> None:
         assert tls in ("off", "on", "require")
@@ -422,6 +436,9 @@ class ServerConnection:
         self._into_payload = False
         if self._start == self._end:
             self._start = self._end = 0
+            if not self._buf:  # released while idle (`release_ring`)
+                self._buf = bytearray(_RECV_BUF)
+                self._view = memoryview(self._buf)
         elif len(self._buf) - self._end < 4096 or len(self._buf) - self._start < self._head_need:
             # Compact: move the unparsed tail to the front (a small WRITE
             # waiting for the rest of its payload then fits whole).

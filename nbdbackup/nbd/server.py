@@ -65,21 +65,33 @@ its request task waits (READ); the grant order and the reserve rule of
 back when a request ends or its connection dies; pooled free buffers are
 charged too and dropped when unused for 2-4 s (`MemoryBudget.decay`),
 so RSS falls after a burst.  Outside the budget, per connection: the 256 KiB
-receive ring, the transport's send buffer up to its 4 MiB high-water mark
+receive ring (given back after `RING_IDLE` s quiet, reallocated on the next
+receive: an idle VM disk costs a few KiB), the transport's send buffer up to its 4 MiB high-water mark
 (past it no new request starts), and small replies.
 
 Admission (`Server._admit`) and timers (`Server._housekeeping`, every
 `TICK` s): a connection is *quiet* when nothing of it runs (no request task,
 no parsed request waiting, not waiting for memory) and it has neither sent
-a byte nor had a reply byte drain for a while.  At the per-peer cap (IP
-address on TCP, uid on Unix sockets) the peer's own longest-quiet
-connection, quiet for at least `EVICT_QUIET` s, is closed to admit the new
-one; at the global cap the same among all connections, taken from the peer
-with the most connections first; with no such connection the newcomer is
-held before the greeting (up to `ADMIT_QUEUE` of them, oldest first) until
-one is, or until its handshake timeout; beyond that queue it is refused
-(closed before the greeting).  A connection in transmission that
-stays quiet for ``idle_timeout`` s (TCP; ``unix_idle_timeout`` on Unix
+a byte nor had a reply byte drain for a while.  Caps: ``max_connections``
+in all, ``max_connections_per_peer`` per IP address on TCP and
+``max_connections_per_uid`` per uid on Unix sockets (by default the global
+cap: on a libvirt or Proxmox host every QEMU connects as the same uid).  A
+connection in transmission (export chosen) is never closed to admit another:
+for a VM it is its live disk, and an idle disk is quiet (closing it gave the
+VM EIO on its next request; qemu-nbd and qemu-storage-daemon leave newcomers
+waiting at their limits instead).  At a cap, only a connection still in the
+handshake (plain or TLS) and quiet for at least `EVICT_QUIET` s may be
+closed for the newcomer: at the per-peer cap one of the peer's own, at the
+global cap the longest-quiet one of the peer with the most connections.
+With no such connection the newcomer is held before the greeting (up to
+`ADMIT_QUEUE` of them, oldest first) until a slot frees or such a
+connection appears, at most until its handshake timeout; then it is refused
+(closed before the greeting: the client fails at connect time, and the log
+says which cap and how many connections hold it).  Beyond that queue it is
+refused at once.  So what one peer can take is bounded by its cap, stalled
+handshakes cannot hold slots against a newcomer, and slots of vanished
+peers come back through their TCP timeouts.  A connection in transmission
+that stays quiet for ``idle_timeout`` s (TCP; ``unix_idle_timeout`` on Unix
 sockets; both 0 = never by default: an idle VM disk is a legitimate client)
 is closed, as is one still in the handshake after ``handshake_timeout`` s.
 A TCP peer that vanished (host down, partition: no FIN, no RST) is noticed
@@ -90,12 +102,13 @@ connection is reset about that long after the peer last acknowledged
 anything, its slot and buffers come back, while an idle peer that is alive
 (its kernel answers the probes) keeps its connection.  When a request has waited `EVICT_QUIET` s for
 memory, every connection that holds budget and has been quiet that long is
-closed (a payload granted memory and not sent, replies not read); if the
+closed (a payload granted memory and not sent, replies not read: an idle
+disk holds none and is never one); if the
 oldest request has waited `MEMORY_STALL` s and unfinished payloads waiting
 for more hold half the ordinary budget, they are shed, oldest payload first
 (`Server._relieve_memory`).  So idle,
 stalled-handshake and stalled-payload clients cannot lock a well-behaved
-client out: they are quiet, it is not.
+client of another peer out.
 
 TLS (``Server(tls=ServerTLS(...))``): on the protocol's `StartTLS` event the
 connection sends the ACK in clear, stops reading, and hands its transport
@@ -127,9 +140,13 @@ Invariants:
   connection covers writes completed on every connection (one device object
   is shared by all connections of an export, so this holds for file and
   memory devices; a remote NBD device passes the remote server's promise on).
-- After `remove_export`, requests on connections to it get ESHUTDOWN; after
-  `shutdown` begins, new requests get ESHUTDOWN, in-flight ones finish, every
-  export is flushed, then connections close.
+- After `remove_export`, requests on connections to it get ESHUTDOWN.  After
+  `shutdown` begins no request is started any more: connections stop
+  reading, requests received and not started stay unanswered, in-flight ones
+  finish and are answered, every export is flushed, then connections close.
+  A client that reconnects (QEMU with ``reconnect-delay``, across a restart
+  of ``serve``) sends the unanswered ones again to the next server; an
+  ESHUTDOWN reply instead made QEMU fail them to its guest (hunt 11).
 """
 
 from __future__ import annotations
@@ -178,7 +195,8 @@ log = logging.getLogger("nbdbackup.server")
 #: Seconds between housekeeping passes (idle timeouts, memory-pressure
 #: eviction, pool decay).
 TICK = 0.5
-#: A connection must have been quiet this long to be evicted for a newcomer.
+#: A connection still in the handshake must have been quiet this long to be
+#: evicted for a newcomer; one holding budget, to be closed under memory pressure.
 EVICT_QUIET = 0.5
 #: A request waiting this long for memory makes the server shed unfinished
 #: payloads that wait for more (see `Server._relieve_memory`).
@@ -188,6 +206,10 @@ DEFAULT_BUFFER_MEMORY = 256 * 1024 * 1024
 STEP_MAX = 8 * 1024 * 1024
 #: Connections held for admission at a cap (beyond: refused at once).
 ADMIT_QUEUE = 64
+#: A connection in transmission quiet this long gives its empty receive ring
+#: back (`ServerConnection.release_ring`): a host's idle VM disks cost ~7 KiB
+#: each instead of ~263 KiB; the next receive allocates a new ring.
+RING_IDLE = 5.0
 #: An export must stay offloadable this long (no new offload signal) before
 #: the connections served here go back to worker processes: a hook that
 #: comes and goes does not move connections back and forth.
@@ -325,8 +347,9 @@ class Server:
     `NBDConnection`s); ``_servers`` (asyncio listeners); ``_unix_paths``
     (socket files `start_unix` created, unlinked at `shutdown`; sockets
     passed by systemd are not in it); ``stopping`` (set by
-    `shutdown`); limits ``max_connections``, ``max_connections_per_peer``,
-    ``handshake_timeout``, ``idle_timeout`` (TCP), ``unix_idle_timeout``,
+    `shutdown`); limits ``max_connections``, ``max_connections_per_peer``
+    (TCP, per IP address), ``max_connections_per_uid`` (Unix sockets, per
+    uid), ``handshake_timeout``, ``idle_timeout`` (TCP), ``unix_idle_timeout``,
     ``dead_peer_timeout`` (TCP keepalive and user timeout, 0: the kernel's
     defaults), ``max_inflight``; ``batch`` (small requests run in batches, see the
     module docstring); ``budget`` (the `MemoryBudget` of every request
@@ -354,13 +377,16 @@ class Server:
     may be pushed back to at the latest): see `HEAP_TRIM_CLOSES`.
     """
 
-    def __init__(self, *, max_connections: int = 256, handshake_timeout: float = 10.0,
+    def __init__(self, *, max_connections: int = 1024, handshake_timeout: float = 10.0,
                  max_inflight: int = 64, tls: ServerTLS | None = None,
                  access: AccessPolicy | None = None, max_connections_per_peer: int = 64,
                  idle_timeout: float = 0.0, unix_idle_timeout: float = 0.0,
                  max_buffer_memory: int = DEFAULT_BUFFER_MEMORY, batch: bool | None = None,
-                 workers: int = 0, dead_peer_timeout: float = DEAD_PEER_TIMEOUT) -> None:
-        if max_connections < 1 or max_connections_per_peer < 1:
+                 workers: int = 0, dead_peer_timeout: float = DEAD_PEER_TIMEOUT,
+                 max_connections_per_uid: int | None = None) -> None:
+        if max_connections_per_uid is None:
+            max_connections_per_uid = max_connections
+        if min(max_connections, max_connections_per_peer, max_connections_per_uid) < 1:
             raise ConfigError("connection limits must be at least 1")
         if max_buffer_memory < 2 * MAX_PAYLOAD:
             raise ConfigError(f"buffer memory must be at least {2 * MAX_PAYLOAD >> 20} MiB "
@@ -385,6 +411,7 @@ class Server:
         self._unix_paths: list[str] = []
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer
+        self.max_connections_per_uid = max_connections_per_uid
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.unix_idle_timeout = unix_idle_timeout
@@ -443,14 +470,19 @@ class Server:
     async def remove(self, name: str) -> None:
         await self.remove_export(name)
 
-    async def remove_export(self, name: str) -> None:
-        """Remove an export: its connections get ESHUTDOWN from now on."""
+    async def remove_export(self, name: str, disconnect: bool = False) -> None:
+        """Remove an export: its connections get ESHUTDOWN from now on; with
+        ``disconnect``, once their requests in flight have finished, they
+        are closed (QMP ``block-export-del`` mode ``hard``)."""
         exp = self.require(name)
         exp.removed = True
         del self.exports[name]
         if self.pool is not None:
             await self.pool.remove_export(name)
         await exp.wait_idle()
+        if disconnect:
+            for c in [c for c in self.connections if c.export is exp]:
+                c.close(f"export {name!r} removed (block-export-del mode hard)")
         if exp.owns_dev:
             await exp.dev.close()
         log.info("export %r removed", name)
@@ -540,27 +572,29 @@ class Server:
     # --------------------------------------------------------- admission
 
     def _admit(self, conn: "NBDConnection") -> str | None:
-        """Make room for ``conn`` (evicting a quiet connection if a cap is
-        reached) and register it; the reason it is refused, or None."""
+        """Make room for ``conn`` (evicting a quiet connection still in the
+        handshake if a cap is reached) and register it; the reason it is
+        refused, or None.  Never closes a connection in transmission."""
         if self.stopping:
             return "server stopping"
         mine = self._by_peer.get(conn.peer_key, set())
         victim, which = None, ""
-        if len(mine) >= self.max_connections_per_peer:
+        unix = conn.peer_key is not None and conn.peer_key[0] == "uid"
+        cap = self.max_connections_per_uid if unix else self.max_connections_per_peer
+        if len(mine) >= cap and cap < self.max_connections:  # (else the global cap says it)
             victim, which = self._victim(mine), "peer"
             if victim is None:
-                return f"{len(mine)} connections from this peer already (--max-connections-per-peer)"
+                flag = "--max-connections-per-uid" if unix else "--max-connections-per-peer"
+                return (f"{len(mine)} connections from this {'uid' if unix else 'address'} already, "
+                        f"none of them evictable ({flag} {cap})")
         elif len(self.connections) >= self.max_connections:
             victim, which = self._victim(self.connections), "server"
             if victim is None:
-                return f"{len(self.connections)} connections already (--max-connections)"
+                return (f"{len(self.connections)} connections already, none of them evictable "
+                        f"(--max-connections {self.max_connections})")
         if victim is not None:
-            victim.evict(f"{which} connection limit reached: quiet connection evicted for a new one "
-                         f"from {conn.peer}")
-            if victim.remote is not None:
-                # Its slot frees when its worker has closed it (it may keep it
-                # instead, if it stopped being quiet): never above the cap.
-                return f"a quiet connection in worker process {victim.remote[0].index} is being evicted"
+            victim.evict(f"{which} connection limit reached: connection quiet in the handshake "
+                         f"evicted for a new one from {conn.peer}")
         self._register(conn)
         return None
 
@@ -582,20 +616,25 @@ class Server:
         for conn in list(self._waiting):
             if conn._closing:
                 self._waiting.remove(conn)
-            elif self._admit(conn) is None:
+                continue
+            why = self._admit(conn)
+            if why is None:
                 self._waiting.remove(conn)
                 conn._admitted()
+            else:
+                conn.held_why = why
 
     def _victim(self, among) -> "NBDConnection | None":
-        """The connection to evict: quiet for at least `EVICT_QUIET` s, from
-        the peer holding the most connections, quiet the longest.  While a
-        worker is evicting one of ``among``, that one (whose slot frees when
-        it has closed) is the answer: one eviction per admission."""
+        """The connection to evict for a newcomer: still in the handshake
+        (never one in transmission: an idle disk is quiet too, see the
+        module docstring), quiet for at least `EVICT_QUIET` s, from the peer
+        holding the most connections, quiet the longest.  A placeholder of a
+        worker connection is always in transmission: never a victim."""
         now = time.monotonic()
         best, best_key = None, None
         for c in among:
-            if c._evicting:
-                return c
+            if c.remote is not None or c.proto.in_transmission:
+                continue
             q = c.quiet(now)
             if q < EVICT_QUIET:
                 continue
@@ -771,6 +810,8 @@ class Server:
             # Workers drain, flush and close theirs (and exit) first.
             await self.pool.shutdown(timeout)
         conns = [c for c in self.connections if c.remote is None]
+        for c in conns:
+            c._update_reading()  # stops: nothing new is read or started (see the module docstring)
         for c in self.connections - set(conns):
             self._forget(c, notify=False)
         if conns:
@@ -804,7 +845,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     log; the rest are counted and summarised when it closes).
     Admission and memory: ``peer_key`` (what per-peer limits count: the IP
     address on TCP, the uid on Unix sockets); ``is_unix``; ``admitted``
-    (False while it waits in ``Server._waiting``); ``_creds`` (SO_PEERCRED
+    (False while it waits in ``Server._waiting``); ``held_why`` (why it
+    waits, logged if it is refused); ``_creds`` (SO_PEERCRED
     on Unix sockets); ``_last_active``
     (`time.monotonic` of the last byte received or reply byte drained; the
     loop's clock has only millisecond resolution under uvloop);
@@ -877,6 +919,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.peer_key: object = None
         self.is_unix = False
         self.admitted = False
+        #: Why admission holds it (`Server._admit`'s last answer), for the refusal.
+        self.held_why = ""
         self._creds: tuple[int, int, int] | None = None
         self._last_active = 0.0
         self._charge: Charge | None = None
@@ -919,6 +963,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             # evicted or a slot frees (`Server._admit_waiting`), at most
             # until the handshake timeout.
             log.info("connection from %s waits for admission: %s", self.peer, why)
+            self.held_why = why
             transport.pause_reading()
             self._reading_paused = True
         else:
@@ -964,6 +1009,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         t = self.transport
         if t is not None:
             t.abort()
+        # Its 256 KiB receive ring went with the state: 300 idle VM disks in
+        # workers cost 522 KiB each before (the ring here and there), 263 after.
+        self.proto.release_ring(force=True)
 
     def _begin_handoff(self, rehand: bool = False) -> None:
         self._handing = True
@@ -1165,7 +1213,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         if t is None or self._closing or self._tls_upgrading:
             return
         want_pause = (self._paused_writing or len(self.tasks) >= self.server.max_inflight
-                      or self.proto.has_events or self._mem_wait or self._handing)
+                      or self.proto.has_events or self._mem_wait or self._handing
+                      or self.server.stopping)
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             t.pause_reading()
@@ -1193,7 +1242,9 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _handshake_timeout(self) -> None:
         self._handshake_timer = None
         if not self.admitted and not self._closing:
-            self.evict("not admitted before the handshake timeout (server or peer limit reached)")
+            # Refused before the greeting: the client fails at connect time.
+            self.evict(f"refused after waiting {self.server.handshake_timeout:g} s for admission: "
+                       f"{self.held_why}")
         elif not self.proto.in_transmission and not self._closing:
             self._warn("connection %s: handshake timed out", self.peer)
             self.close("handshake timeout")
@@ -1283,10 +1334,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._tx_seen, self._tx_backlog = sent, backlog
         self._free_sent()
         timeout = self.server.unix_idle_timeout if self.is_unix else self.server.idle_timeout
-        if timeout > 0 and self.proto.in_transmission:
+        if self.proto.in_transmission:
             q = self.quiet(now)
-            if q >= timeout:
+            if timeout > 0 and q >= timeout:
                 self.evict(f"idle for {q:.0f} s (idle timeout {timeout:g} s)")
+            elif q >= RING_IDLE and not self._handing:
+                self.proto.release_ring()
 
     def _release_memory(self) -> None:
         """The connection is gone: every charge not owned by a running task comes back."""
@@ -1412,6 +1465,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             # socket stays paused meanwhile (`_update_reading`).
             if len(self.tasks) >= self.server.max_inflight or self._paused_writing:
                 break
+            if self.server.stopping and proto_.in_transmission:
+                break  # unanswered: a reconnecting client sends it again (`Server.shutdown`)
             ev = proto_.next_event()
             if ev is None:
                 break
@@ -1867,7 +1922,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 exp.stats.invalid += 1
             self._write(p.reply_error(req.cookie, req.error, req.message))
             return
-        if exp is None or exp.removed or self.server.stopping:
+        if exp is None or exp.removed:
+            # (Started before a `shutdown` began: it runs, the export stays open until the drain.)
             self._write(p.reply_error(req.cookie, errno.ESHUTDOWN, "export is shutting down"))
             return
         exp.begin()

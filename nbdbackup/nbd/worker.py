@@ -670,6 +670,13 @@ class _Worker:
     def _on_eof(self) -> None:
         # The owner is gone: nobody can account for our clients any more,
         # nor mark their writes: every ask fails (and none is done now).
+        # First the connections close unanswered (their unsent replies
+        # dropped): a client that reconnects (QEMU's reconnect-delay, to the
+        # restarted server) sends again what was not answered; an EIO reply
+        # for a write whose mark could not be asked for reached its guest.
+        if self.server is not None:
+            for c in list(self.server.connections):
+                c.evict("the server process is gone: closed, unanswered requests left to the client to retry")
         self.done.set()
         gone = OSError(errno.EIO, "the server process is gone")
         futs = list(self._asked.values()) + [b[2] for b in self._batch.values()]

@@ -17,7 +17,8 @@ completed), ``refused`` (closed by the server before or during the script),
 ``held`` (no greeting yet: the server holds them for admission).  The
 connections then stay open until stdin closes; a second JSON line tells
 how many of the completed ones the server closed meanwhile
-(``closed_by_server``) and how many are still open.
+(``closed_by_server``, and per kind ``closed_by_kind``) and how many are
+still open.
 
 A separate process so that its sockets do not count against the test's
 file-descriptor limit; it raises its own soft RLIMIT_NOFILE.  The wire
@@ -115,8 +116,14 @@ async def main() -> int:
     print(json.dumps(report), flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)
-    n_closed = sum(1 for r, _ in conns if closed(r))
-    print(json.dumps({"closed_by_server": n_closed, "still_open": len(conns) - n_closed}), flush=True)
+    ok_kinds = [kind for kind, (outcome, _) in zip(kinds, results) if outcome == "ok"]
+    by_kind: dict[str, int] = {}
+    for kind, (r, _) in zip(ok_kinds, conns):
+        if closed(r):
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+    n_closed = sum(by_kind.values())
+    print(json.dumps({"closed_by_server": n_closed, "still_open": len(conns) - n_closed,
+                      "closed_by_kind": by_kind}), flush=True)
     for _, w in conns:
         w.close()
     for w in held:

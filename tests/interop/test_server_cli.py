@@ -296,24 +296,40 @@ def test_sigterm_with_a_client_stuck_mid_payload(serve):
 
 
 def test_max_connections(serve):
-    """At the cap a new connection is held before the greeting until a
-    connection has been quiet for 0.5 s, then evicts the quietest one."""
-    with serve("a=memory:1M", extra=["--max-connections", "2"]) as srv:
+    """Invariant 2 at the global cap (hunt 11): connections in transmission are
+    never evicted for a newcomer, idle or not; the newcomer is held before the
+    greeting, then refused at its handshake timeout (libnbd fails at connect,
+    the log names the cap).  A connection quiet in the handshake is evicted
+    for it (invariant 4: a staller cannot hold a slot against a client)."""
+    with serve("a=memory:1M", extra=["--max-connections", "2", "--handshake-timeout", "1.5"]) as srv:
         h1, h2 = nbd.NBD(), nbd.NBD()
         h1.connect_uri(srv.uri_for("a"))
         h2.connect_uri(srv.uri_for("a"))
-        assert h2.pread(1, 0) == b"\0"  # h1 is now the one quiet longest
+        time.sleep(0.7)  # both quiet for longer than EVICT_QUIET
         t0 = time.monotonic()
         h3 = nbd.NBD()
-        h3.connect_uri(srv.uri_for("a"))
-        assert time.monotonic() - t0 < 3
-        assert h3.pread(1, 0) == b"\0"
         with pytest.raises(nbd.Error):
-            h1.pread(1, 0)  # evicted for h3
-        assert h2.pread(1, 0) == b"\0"
-        h3.shutdown()
+            h3.connect_uri(srv.uri_for("a"))
+        assert 1.0 < time.monotonic() - t0 < 5
+        assert h1.pread(1, 0) == b"\0" and h2.pread(1, 0) == b"\0"  # neither was evicted
+        assert "refused after waiting 1.5 s for admission" in srv.log()
+        assert "--max-connections 2" in srv.log()
+        # A connection stalled in the handshake takes h2's slot once h2 leaves ...
         h2.shutdown()
-        assert "server connection limit reached" in srv.log()
+        staller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        staller.settimeout(5)
+        staller.connect(srv.socket)
+        assert len(staller.recv(18)) == 18  # greeted, then silent
+        time.sleep(0.7)
+        # ... and is evicted for a newcomer: only it, never h1.
+        h3 = nbd.NBD()
+        h3.connect_uri(srv.uri_for("a"))
+        assert h3.pread(1, 0) == b"\0" and h1.pread(1, 0) == b"\0"
+        assert staller.recv(1) == b""
+        staller.close()
+        h3.shutdown()
+        h1.shutdown()
+        assert "server connection limit reached: connection quiet in the handshake evicted" in srv.log()
 
 
 def test_handshake_timeout(serve):

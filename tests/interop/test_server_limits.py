@@ -11,9 +11,12 @@ keep working.  Server memory is read from /proc/PID/status (VmRSS, VmHWM).
   payload (the budget is exhausted, the reserve and load shedding must keep
   the good client going).
 - Lock-out: 300 idle / stalled-handshake / stalled-payload connections from
-  127.0.0.1; a good client from the same address connects and reads within
-  5 s, with the default limits and with a global cap that binds.
-- Per-peer cap and idle timeout, observed on raw sockets.
+  127.0.0.1; a good client connects and reads within 5 s: from another
+  address at the default per-peer cap, from the same one (evicting a
+  handshake staller) at a global cap that binds.  None of the flood's
+  connections in transmission is evicted for it (hunt 11).
+- Per-peer cap (connections in transmission stay, the newcomer is refused)
+  and idle timeout, observed on raw sockets.
 """
 
 from __future__ import annotations
@@ -196,37 +199,54 @@ def test_stallers_that_exhaust_the_budget_are_shed(image, capsys):
 # ------------------------------------------------------------------ lock-out
 
 
-def _good_read(uri: str) -> float:
-    """Seconds for a fresh libnbd client to connect, write and read back 4 KiB."""
+def _good_read(uri: str, source: str | None = None) -> float:
+    """Seconds for a fresh libnbd client to connect, write and read back 4 KiB
+    (over a TCP socket bound to ``source`` when given: another peer)."""
     t = time.monotonic()
     h = nbd.NBD()
-    h.connect_uri(uri)
+    if source is None:
+        h.connect_uri(uri)
+    else:
+        host, port = uri.removeprefix("nbd://").split("/")[0].split(":")
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((source, 0))
+        s.connect((host, int(port)))
+        h.set_export_name(uri.rsplit("/", 1)[1])
+        h.connect_socket(s.detach())
     h.pwrite(b"\x5a" * 4096, 4096)
     assert h.pread(4096, 4096) == b"\x5a" * 4096
     h.shutdown()
     return time.monotonic() - t
 
 
-@pytest.mark.parametrize("extra,cap", [
-    pytest.param([], 64, id="defaults"),  # the per-peer cap (64) binds
-    pytest.param(["--max-connections-per-peer", "1000"], 256, id="global-cap-binds"),
-    pytest.param(["--max-connections-per-peer", "1000", "--max-connections", "400"], None, id="no-cap-reached"),
+@pytest.mark.parametrize("extra,kinds,cap,source", [
+    # The per-peer cap (64) binds the flood's address; the good client is another peer.
+    pytest.param([], dict(idle=100, handshake=100, payload=100), 64, "127.0.0.2", id="defaults"),
+    # One address may hold up to the global cap: the flood's stalled handshakes
+    # are what a newcomer (here from the same address) evicts.
+    pytest.param(["--max-connections-per-peer", "1000", "--max-connections", "256"],
+                 dict(idle=100, handshake=200, payload=50), 256, None, id="global-cap-binds"),
+    pytest.param(["--max-connections-per-peer", "1000", "--max-connections", "400"],
+                 dict(idle=100, handshake=100, payload=100), None, None, id="no-cap-reached"),
 ])
-def test_good_client_gets_in_past_300_hostile_connections(image, extra, cap, capsys):
-    """300 hostile connections from 127.0.0.1 (100 idle after the handshake,
-    100 stalled in it, 100 stalled in a 32 MiB WRITE payload); then a
-    well-behaved client from the same address must connect and read within
-    5 s.  At a cap, quiet hostile connections are evicted for it (and for
-    later hostile ones): never more than the cap stay open.  There is no idle
-    timeout (the default since hunt 10): the eviction alone keeps slots free."""
+def test_good_client_gets_in_past_300_hostile_connections(image, extra, kinds, cap, source, capsys):
+    """300-350 hostile connections from 127.0.0.1 (idle after the handshake,
+    stalled in it, stalled in a 32 MiB WRITE payload); then a well-behaved
+    client must connect and read within 5 s (invariant 4): from another
+    address when the flood fills its per-peer cap with connections in
+    transmission, else by evicting a handshake staller.  Invariant 2 (hunt
+    11): no connection in transmission (idle or stalled in a payload that
+    holds no memory others wait for) is ever closed to admit another; never
+    more than the cap stay open.  There is no idle timeout (the default since
+    hunt 10): none is needed to keep slots free."""
     port = peers.free_tcp_port()
     with peers.nbdbackup_serve(f"disk={image}", extra=["--listen", f"127.0.0.1:{port}", *extra]) as srv:
         peers.wait_for_tcp(port, lambda: srv.alive, srv.log)
         hostile = Hostile(["--tcp", f"127.0.0.1:{port}", "--export", "disk"],
-                          idle=100, handshake=100, payload=100, payload_size=32 * MiB, payload_sent=65536)
+                          **kinds, payload_size=32 * MiB, payload_sent=65536)
         try:
-            took = _good_read(f"nbd://127.0.0.1:{port}/disk")
-            again = _good_read(f"nbd://127.0.0.1:{port}/disk")
+            took = _good_read(f"nbd://127.0.0.1:{port}/disk", source)
+            again = _good_read(f"nbd://127.0.0.1:{port}/disk", source)
             closed = hostile.finish()
         finally:
             hostile.kill()
@@ -236,13 +256,16 @@ def test_good_client_gets_in_past_300_hostile_connections(image, extra, cap, cap
               f"then {again:.2f} s; afterwards {closed}")
     assert took < 5.0 and again < 5.0
     ok = sum(hostile.report["ok"].values())
-    assert ok + hostile.report["held"] + hostile.report["refused"] == 300
+    assert ok + hostile.report["held"] + hostile.report["refused"] == sum(kinds.values())
+    # Connections in transmission were never evicted (idle ones, stalled payloads).
+    assert closed["closed_by_kind"].get("idle", 0) == 0, closed
+    assert closed["closed_by_kind"].get("payload", 0) == 0, closed
     if cap is None:
         # Nobody was turned away.  ("held": no greeting within 3 s, which on
         # a loaded machine also happens when 300 SYNs overflow the backlog.)
         assert hostile.report["refused"] == 0 and closed["closed_by_server"] == 0
     else:
-        assert closed["still_open"] <= cap - 1  # one slot went to the good client
+        assert closed["still_open"] <= cap - (0 if source else 1)  # the good client's slot
 
 
 # ------------------------------------------------------ per-peer cap, idle
@@ -266,7 +289,7 @@ def greeted(s: socket.socket, timeout: float) -> bool:
             if not chunk:
                 return False
             data += chunk
-    except socket.timeout:
+    except (socket.timeout, ConnectionResetError):
         return False
     magic, opt, _ = struct.unpack(">QQH", data)
     return magic == NBDMAGIC and opt == IHAVEOPT
@@ -289,30 +312,51 @@ def closed_by_server(s: socket.socket, timeout: float) -> bool:
         return False
 
 
-def test_per_peer_cap_evicts_the_peers_own_quiet_connection(image):
+def test_per_peer_cap_never_evicts_a_connection_in_transmission(image):
+    """Invariant 2 (hunt 11): at the per-peer cap, the peer's idle connections
+    in transmission (a VM's idle disks) stay; a fifth from the same address is
+    held without a greeting, then refused at its handshake timeout (closed
+    before the greeting), with a log line naming the cap.  Invariant 4:
+    another address is another peer, admitted at once; and a connection of
+    the peer stalled in the handshake is evicted for a newcomer."""
     port = peers.free_tcp_port()
-    extra = ["--listen", f"127.0.0.1:{port}", "--max-connections-per-peer", "4"]
+    extra = ["--listen", f"127.0.0.1:{port}", "--max-connections-per-peer", "4", "--handshake-timeout", "2"]
     with peers.nbdbackup_serve(f"disk={image}", extra=extra) as srv:
         peers.wait_for_tcp(port, lambda: srv.alive, srv.log)
         time.sleep(0.3)  # the probe connection of wait_for_tcp is gone
         mine = [raw_connect(port) for _ in range(4)]
         for s in mine:
             handshake(s)
-        # Another address is another peer: admitted at once, nobody evicted.
         other = raw_connect(port, "127.0.0.2")
-        assert greeted(other, 1.0)
-        # A fifth from 127.0.0.1 right away: its peer's connections are not
-        # quiet long enough yet, so it is held without a greeting ...
+        handshake(other)  # another peer: not held
+        time.sleep(0.7)  # all quiet for longer than EVICT_QUIET
         fifth = raw_connect(port)
-        assert not greeted(fifth, 0.2)
-        # ... until the oldest quiet one is evicted for it.
-        assert greeted(fifth, 3.0)
-        states = [closed_by_server(s, 0.5) for s in mine + [other]]
-        # The oldest quiet one went; the other peer's connection stayed.
-        assert states == [True, False, False, False, False], (states, srv.log())
-        for s in mine + [other, fifth]:
+        assert not greeted(fifth, 1.0)  # held ...
+        assert closed_by_server(fifth, 3.0)  # ... then refused, never greeted
+        states = [closed_by_server(s, 0.2) for s in mine + [other]]
+        assert states == [False] * 5, (states, srv.log())
+        log = srv.log()
+        assert "refused after waiting 2 s for admission: 4 connections from this address already" in log
+        assert "--max-connections-per-peer 4" in log and "evicted" not in log
+        # The idle ones still answer.
+        for i, s in enumerate(mine):
+            s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, 512))
+            got = b""
+            while len(got) < 16 + 512:
+                got += s.recv(16 + 512 - len(got))
+        # A slot frees; a staller in the handshake takes it, and is evicted for the next.
+        mine.pop().close()
+        time.sleep(0.3)
+        staller = raw_connect(port)
+        assert greeted(staller, 2.0)
+        time.sleep(0.7)
+        sixth = raw_connect(port)
+        assert greeted(sixth, 3.0)
+        assert closed_by_server(staller, 1.0)
+        assert [closed_by_server(s, 0.1) for s in mine] == [False] * 3
+        for s in mine + [other, fifth, staller, sixth]:
             s.close()
-        assert "peer connection limit reached" in srv.log()
+        assert "peer connection limit reached: connection quiet in the handshake evicted" in srv.log()
 
 
 def test_idle_timeout_closes_quiet_tcp_connections_only(image):

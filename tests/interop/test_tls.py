@@ -29,6 +29,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -351,11 +352,15 @@ def test_tls_pull_receives_on_threads_over_connections_of_their_own(pki, short_t
         assert cli_pull(tls_uri(k.socket, "", creds), short_tmp / "c.raw")["receive"] == "threads"
 
 
-def test_tls_pull_at_a_per_peer_cap_reopens_the_connections_it_lost(pki, short_tmp):
-    """A TLS pull's threads open connections of their own; at a per-peer cap of 2 with 2
-    connections the server evicts the pull's idle asyncio connections for them.  The pull
-    still copies byte for byte, and afterwards the source reads on (the agent verifies
-    through it): the lost connections were reopened (`NBDDev.reopen_lost`)."""
+@pytest.mark.parametrize("cap", [4, 2])
+def test_tls_pull_at_a_per_uid_cap_never_loses_its_connections(pki, short_tmp, cap):
+    """A TLS pull's threads open connections of their own: a 2-connection pull holds 4.
+    Invariant 2 (hunt 11): the server never closes a connection in transmission to admit
+    another, so the pull's idle asyncio connections are never evicted for its threads.  At a
+    per-uid cap of 4 the pull copies byte for byte with nothing evicted; at a cap of 2 its
+    threads are held, then refused at their handshake timeout: the pull fails cleanly, and
+    the source's own connections still read (before hunt 11 they were evicted, and the
+    pull had to reopen them)."""
     from nbdbackup.agent.pull import pull
     from nbdbackup.blockdev.nbd import NBDDev
 
@@ -363,10 +368,11 @@ def test_tls_pull_at_a_per_peer_cap_reopens_the_connections_it_lost(pki, short_t
     disk = short_tmp / "disk.raw"
     data = os.urandom(12 * M)
     disk.write_bytes(data)
-    with peers.nbdbackup_serve(f"d={disk}", extra=["--tls-creds", creds, "--max-connections-per-peer", "2"]) as p:
+    extra = ["--tls-creds", creds, "--max-connections-per-uid", str(cap), "--handshake-timeout", "2"]
+    with peers.nbdbackup_serve(f"d={disk}", extra=extra) as p:
         uri = tls_uri(p.socket, "d", creds)
 
-        async def main() -> tuple[bytes, bytes, int]:
+        async def main() -> tuple[bytes | BaseException, bytes, int]:
             got = bytearray(len(data))
 
             async def sink(i, d, chunk):
@@ -375,19 +381,31 @@ def test_tls_pull_at_a_per_peer_cap_reopens_the_connections_it_lost(pki, short_t
 
             src = await NBDDev.open(uri, read_only=True, connections=2)
             try:
-                _, stats = await pull(src, None, chunk_size=4 * M, sink=sink)
-                assert stats.receive == "threads"
+                try:
+                    _, stats = await pull(src, None, chunk_size=4 * M, sink=sink)
+                    assert stats.receive == "threads"
+                    result: bytes | BaseException = bytes(got)
+                except Exception as e:  # noqa: BLE001 - checked by the caller
+                    result = e
                 after = bytearray(8 * 4096)
                 await asyncio.gather(*(src.pread(memoryview(after)[k * 4096:(k + 1) * 4096], k * M)
                                        for k in range(8)))  # round robin: both connections
-                return bytes(got), bytes(after), sum(c.closed for c in src.clients)
+                return result, bytes(after), sum(c.closed for c in src.clients)
             finally:
                 await src.close()
 
+        t = time.monotonic()
         got, after, closed = run(main())
-        assert got == data and closed == 0
+        took = time.monotonic() - t
+        assert closed == 0 and "evicted" not in p.log(), p.log()
         assert after == b"".join(data[k * M:k * M + 4096] for k in range(8))
-        assert "evicted" in p.log()  # the cap was reached: the test exercises the reopen
+        if cap == 4:
+            assert got == data
+        else:
+            assert isinstance(got, Exception), "the pull's threads got in past the cap"
+            assert took < 30, took
+            assert "refused after waiting 2 s for admission" in p.log()
+            assert "--max-connections-per-uid 2" in p.log()
 
 
 def test_many_concurrent_tls_clients_and_multiconn_nbddev(pki, short_tmp):

@@ -5,7 +5,7 @@ written out here from proto.md); a real peer (nbdinfo, libnbd) plays the
 well-behaved one that must keep getting in.  See docs/hunt6.md.
 
 - Stalled TLS handshakes (STARTTLS acknowledged, a ClientHello, then
-  nothing) at the per-peer cap: they are quiet like a stalled plain
+  nothing) at the per-uid cap: they are quiet like a stalled plain
   handshake, so a good TLS client is admitted within about a second, not
   after the stallers' handshake timeout.
 - Remote control (``--control-listen``): hundreds of TCP connections that
@@ -93,14 +93,14 @@ def closed_by_server(s: socket.socket, timeout: float) -> bool:
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_stalled_tls_handshakes_do_not_lock_out_a_good_client(pki, short_tmp, loop):
-    """4 connections (the per-peer cap) send STARTTLS and a ClientHello, then
+    """4 connections (the per-uid cap) send STARTTLS and a ClientHello, then
     nothing.  nbdinfo over TLS from the same peer (uid) must get in within a
     few seconds: a stalled TLS handshake is quiet and evictable like a stalled
     plain one.  (Before: never quiet while upgrading, so nbdinfo was held
     until the stallers' handshake timeout, 30 s here.)"""
     creds = pki["server"]
     env = {"NBDBACKUP_NO_UVLOOP": "1"} if loop == "asyncio" else None
-    extra = ["--tls-creds", creds, "--max-connections-per-peer", "4", "--handshake-timeout", "30"]
+    extra = ["--tls-creds", creds, "--max-connections-per-uid", "4", "--handshake-timeout", "30"]
     with peers.nbdbackup_serve("m=memory:4M", extra=extra, env=env) as p:
         time.sleep(0.3)  # the readiness probe's connection is gone
         hello = client_hello()
@@ -122,7 +122,7 @@ def test_stalled_tls_handshakes_do_not_lock_out_a_good_client(pki, short_tmp, lo
         assert states[0] and not all(states), states
         for s in stallers:
             s.close()
-        assert p.alive() and "quiet connection evicted" in p.log()
+        assert p.alive() and "connection quiet in the handshake evicted" in p.log()
 
 
 def _qmp_tls(port: int, creds: str) -> ssl.SSLSocket:

@@ -621,3 +621,22 @@ def test_denied_client_choosing_an_export_is_closed():
     feed(conn, wire.pack_option(Opt.EXPORT_NAME, b"disk"))
     evs = events(conn)
     assert len(evs) == 1 and isinstance(evs[0], ProtocolViolation) and "access denied" in evs[0].message
+
+
+def test_release_ring_only_when_empty_and_the_next_receive_gets_a_new_one():
+    """An idle connection gives its 256 KiB receive ring back (hunt 11); a
+    request in pieces keeps it; the next receive allocates a ring again."""
+    conn = to_transmission()
+    read = wire.REQUEST.pack(wire.REQUEST_MAGIC, 0, Cmd.READ, 7, 0, 512)
+    feed(conn, read[:10])  # half a request header waits in the ring
+    assert not conn.release_ring() and len(conn._buf) > 0
+    feed(conn, read[10:])
+    (req,) = events(conn)
+    assert isinstance(req, Request) and req.cookie == 7
+    assert conn.release_ring() and len(conn._buf) == 0
+    assert len(conn.get_buffer()) > 0  # a new ring
+    write = wire.REQUEST.pack(wire.REQUEST_MAGIC, 0, Cmd.WRITE, 8, 0, 8)
+    feed(conn, write + b"12345678")
+    (req,) = events(conn)
+    assert req.cookie == 8 and bytes(req.payload) == b"12345678"
+    assert conn.release_ring(force=True) and len(conn._buf) == 0
