@@ -447,6 +447,22 @@ async def wait_concluded(qmp, job_id: str, timeout: float = 60, poll: float = 0.
         await asyncio.sleep(poll)
 
 
+def data_extents(path: str) -> list[tuple[int, int]]:
+    """(offset, length) of the data regions of a sparse file (SEEK_DATA/SEEK_HOLE)."""
+    out = []
+    with open(path, "rb") as f:
+        fd, end, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < end:
+            try:
+                d = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            out.append((d, h - d))
+            pos = h
+    return out
+
+
 def nbdbackup_cli(*args: str, ok: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``nbdbackup ARGS...`` (this checkout, this venv) to completion; text
     output (undecodable bytes replaced).  With ``ok`` the exit code must be 0."""

@@ -34,7 +34,8 @@ from qemu.qmp import QMPClient
 import peers
 from peers import wait_concluded
 from qemutools import qemu_io
-from test_backup_top_qcow2 import CS, LIVE_WRITES, TOP_CLUSTERS, data_extents, make_chain, run_tool, runs
+from peers import data_extents
+from test_backup_top_qcow2 import CS, LIVE_WRITES, TOP_CLUSTERS, make_chain, run_tool, runs
 from test_incremental_backup import apply_clusters, dirty_clusters, writes_for
 from test_metrics import scrape
 

@@ -89,22 +89,6 @@ def run_tool(*argv: str) -> str:
     return r.stdout
 
 
-def data_extents(path: str) -> list[tuple[int, int]]:
-    """(offset, length) of the data regions of a sparse file (SEEK_DATA/SEEK_HOLE)."""
-    out = []
-    with open(path, "rb") as f:
-        fd, end, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
-        while pos < end:
-            try:
-                d = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            h = os.lseek(fd, d, os.SEEK_HOLE)
-            out.append((d, h - d))
-            pos = h
-    return out
-
-
 def runs(clusters: list[int]) -> list[tuple[int, int]]:
     """Adjacent clusters merged into (offset, length) byte ranges."""
     out: list[list[int]] = []
@@ -199,7 +183,7 @@ def test_top_copies_only_overlay_clusters(serve, qemu_nbd, short_tmp, make_image
                     assert info["bytes-copied-by-pump"] == len(TOP_CLUSTERS) * CS, info
                     assert info["bytes-copied-by-cbw"] == 0, info
                     assert info["current-progress"] == info["total-progress"] == len(TOP_CLUSTERS) * CS, info
-                    assert data_extents(os.fspath(t1)) == runs(TOP_CLUSTERS)
+                    assert peers.data_extents(os.fspath(t1)) == runs(TOP_CLUSTERS)
                     with open(t1, "rb") as ft, open(pit, "rb") as fp:
                         t, p = ft.read(), fp.read()
                     assert len(t) == SIZE

@@ -37,24 +37,6 @@ N = 400
 STRIDE = 640 * 1024
 
 
-def _extents(path: str) -> list[tuple[int, int]]:
-    out, off = [], 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        while off < size:
-            try:
-                data = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, hole - data))
-            off = hole
-    finally:
-        os.close(fd)
-    return out
-
-
 @pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, 0), (signal.SIGTERM, 2), (signal.SIGKILL, 2)],
                          ids=["term", "term-workers", "kill9-workers"])
 def test_qemu_with_reconnect_delay_writes_through_a_restart(short_tmp, sig, workers):
@@ -121,7 +103,7 @@ def test_qemu_with_reconnect_delay_writes_through_a_restart(short_tmp, sig, work
         cli("job", "dismiss", "b2")
         restored = bytearray(open(short_tmp / "full.img", "rb").read())
         with open(short_tmp / "inc.img", "rb") as f:
-            for off, n in _extents(str(short_tmp / "inc.img")):
+            for off, n in peers.data_extents(str(short_tmp / "inc.img")):
                 f.seek(off)
                 restored[off:off + n] = f.read(n)
         assert bytes(restored) == got, "full + incremental differs from the disk: the bitmap under-reported"
