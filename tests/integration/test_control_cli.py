@@ -78,7 +78,8 @@ class FakeEngine:
 
     async def _run(self, jid, target, auto_dismiss):
         job = self.jobs[jid]
-        steps = 2 if target != "slow" else 12
+        # "stuck": a job that does not end while a test waits for it (cancelled at the end).
+        steps = {"slow": 12, "stuck": 6000}.get(target, 2)
         for i in range(steps):
             await asyncio.sleep(0.1)
             job["current-progress"] = (i + 1) * job["total-progress"] // steps
@@ -215,7 +216,7 @@ def test_job_wait_outcomes(short_tmp):
         assert rc == 1 and "job quiet failed: Input/output error" in err
         # Timeout.
         engine.events = True
-        await start("long", "slow")
+        await start("long", "stuck")  # ("slow" ended before a CLI started under load could time out)
         rc, out, err = await cli("job", "wait", "long", "--control", path, "--timeout", "0.3")
         assert rc == 1 and "timed out waiting for job long" in err
 

@@ -117,12 +117,13 @@ def test_s3store_leases(s3env):
     assert list(a.list("locks")) == []
 
     # A holder that died leaves leases behind; once expired they are ignored and removed.
-    a.put("locks/shared-dead", json.dumps({"ttl": 1}).encode())
-    a.put("locks/exclusive", json.dumps({"ttl": 1}).encode())
+    # (ttl 4: with 1 s, a loaded machine could let them expire before the first check.)
+    a.put("locks/shared-dead", json.dumps({"ttl": 4}).encode())
+    a.put("locks/exclusive", json.dumps({"ttl": 4}).encode())
     with pytest.raises(ConfigError, match="busy"):
         with b.lock(exclusive=True):
             pass
-    time.sleep(3)
+    time.sleep(6)
     with b.lock(exclusive=True):
         assert set(b.list("locks")) == {"locks/exclusive"}
     assert list(b.list("locks")) == []
