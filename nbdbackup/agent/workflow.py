@@ -104,7 +104,7 @@ class Options:
     prefix: str = DEFAULT_PREFIX
     template: str = "{disk}.{time}"
     connections: int = 4
-    workers: int = 8
+    workers: int | None = None  # None: `pull.default_window` (by the link's round trip)
     verify: str = "full"
     sample: int = 8
     full: bool = False
@@ -567,7 +567,7 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
         res.bytes_read, res.chunks_worked = stats.bytes_read, stats.chunks_worked
         res.new_chunks, res.bytes_stored = len(sink.new), sum(sink.new.values())
         res.server_bytes_read = await _export_rd_bytes(ctl, r.own)
-        res.verify = await _verify(src, repo, man, sorted(sink.worked), sink.new, opts)
+        res.verify = await _verify(src, repo, man, sorted(sink.worked), sink.new, opts, stats.workers)
     finally:
         await src.close()
     res.root = man.root.hex()
@@ -602,14 +602,14 @@ async def _export_rd_bytes(ctl: _Control, export: str) -> int | None:
     return None
 
 
-async def _verify(src, repo, man, worked: list[int], new: dict[bytes, int], opts: Options) -> dict:
+async def _verify(src, repo, man, worked: list[int], new: dict[bytes, int], opts: Options, workers: int) -> dict:
     """Step 5: re-read chunks whole from the snapshot export; read new chunks back."""
     if opts.verify == "off":
         return {"mode": "off"}
     pick = worked if opts.verify == "full" else sorted(random.sample(worked, min(opts.sample, len(worked))))
     bad: list[int] = []
     read = 0
-    lim = asyncio.Semaphore(max(1, opts.workers))
+    lim = asyncio.Semaphore(max(1, opts.workers or workers))
 
     async def check(i: int) -> None:
         nonlocal read

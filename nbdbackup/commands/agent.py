@@ -79,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the repository (dirty: less read from the server, e.g. over a slow link)")
     b.add_argument("--granularity", type=size_arg, metavar="SIZE", help="granularity of new bitmaps")
     b.add_argument("--connections", type=int, default=4, help="NBD connections per disk")
-    b.add_argument("--workers", type=int, default=8, help="chunks in flight per disk")
+    b.add_argument("--workers", type=int, default=None,
+                   help="chunks in flight per disk (default 8; over a long link -- a round trip of 3 ms or more -- 32 MiB of chunks)")
     b.add_argument("--parallel", type=int, default=2, metavar="N", help="disks pulled at once (all servers)")
     b.add_argument("--io-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="an NBD request taking longer fails the backup (default 120)")
@@ -169,7 +170,7 @@ def run_backup(args: argparse.Namespace) -> int:
     try:
         servers = _servers(args)
         policy = _policy(args)
-        if args.parallel < 1 or args.connections < 1 or args.workers < 1 or args.verify_sample < 1:
+        if args.parallel < 1 or args.connections < 1 or (args.workers or 1) < 1 or args.verify_sample < 1:
             raise ConfigError("--parallel, --connections, --workers and --verify-sample must be >= 1")
         show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
         opts = workflow.Options(prefix=args.prefix, template=args.snapshot_name, connections=args.connections,

@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="incremental: copy only what qemu:dirty-bitmap:NAME marks dirty into TARGET, "
                         "which holds the previous backup")
     p.add_argument("--connections", type=int, default=4, help="NBD connections (if the server allows multi-conn)")
-    p.add_argument("--workers", type=int, default=8, help="chunks in flight")
+    p.add_argument("--workers", type=int, default=None,
+                   help="chunks in flight (default 8; over a long link -- a round trip of 3 ms or more -- 32 MiB of chunks, at least 8)")
     p.add_argument("--chunk-size", default="4M", help="manifest chunk size (default 4M)")
     p.add_argument("--manifest", metavar="OUT", help="write the blake3 chunk manifest of the result here")
     p.add_argument("--base-manifest", metavar="IN", help="incremental: the previous pull's manifest")

@@ -313,7 +313,7 @@ class Server:
         elif mode == "bs-tiny":  # legal: 1-byte extents, alternating data / hole+zero, up to 32 MiB of them
             descs = struct.pack(">IIII", 1, 0, 1, 3) * min(n // 2, (32 << 20) // 16 - 1)
         elif mode == "bs-frag":  # legal: 4 KiB extents, alternating data / hole+zero
-            descs = struct.pack(">IIII", 4096, 0, 4096, 3) * (n // 8192)
+            descs = b"".join(struct.pack(">II", 4096, 3 * (i & 1)) for i in range(max(1, n // 4096)))
         elif mode == "bs-endless":
             descs = struct.pack(">II", 512, 0) * min(n // 512, 1 << 20)
         else:
