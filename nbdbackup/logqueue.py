@@ -21,9 +21,8 @@ record the queue takes, or at the end).
 before printing its final error line and at exit.
 
 Fields of the shared state (module globals, set once by `install`):
-``_queue`` (records, then None to stop; at most `QUEUE_RECORDS`); ``_handler``
-(the caller-side handler, holding ``dropped``, under its own lock); ``_thread``
-(the writer).
+``_queue`` (records, then None to stop; at most `QUEUE_RECORDS`); ``_thread``
+(the writer, which holds the caller-side handler and its ``dropped`` count).
 """
 
 from __future__ import annotations
@@ -80,7 +79,6 @@ def _dropped_record(n: int) -> logging.LogRecord:
 
 
 _queue: queue.Queue | None = None
-_handler: _DroppingQueueHandler | None = None
 _thread: threading.Thread | None = None
 
 
@@ -111,7 +109,7 @@ def _shutdown() -> None:
 def install(level: int, fmt: str, stream=None) -> None:
     """Log records of ``level`` and above to ``stream`` (stderr) in format ``fmt``,
     through the queue and its writer thread (once per process)."""
-    global _queue, _handler, _thread
+    global _queue, _thread
     assert _thread is None, "logqueue.install called twice"
     stream = sys.stderr if stream is None else stream
     out = logging.StreamHandler(stream)
@@ -122,9 +120,9 @@ def install(level: int, fmt: str, stream=None) -> None:
         root.addHandler(out)
         return
     _queue = queue.Queue(QUEUE_RECORDS)
-    _handler = _DroppingQueueHandler(_queue)
-    root.addHandler(_handler)
-    _thread = threading.Thread(target=_write, args=(_queue, _handler, out), name="nbdbackup-log", daemon=True)
+    handler = _DroppingQueueHandler(_queue)
+    root.addHandler(handler)
+    _thread = threading.Thread(target=_write, args=(_queue, handler, out), name="nbdbackup-log", daemon=True)
     _thread.start()
     atexit.register(_shutdown)
 

@@ -424,8 +424,8 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                                   finish=t_finish, complete=t_complete,
                                   timeout=src.clients[0].request_timeout, max_read=MAX_READ)
             if any(c.uri.tls for c in src.clients):
-                # The threads read over TLS connections of their own; a server at its per-peer
-                # cap may have evicted the idle asyncio ones for them: the caller (the agent's
+                # The threads read over TLS connections of their own; the idle asyncio ones may
+                # have been closed meanwhile (a server's --idle-timeout): the caller (the agent's
                 # verification) reads on after the pull.
                 try:
                     await src.reopen_lost()

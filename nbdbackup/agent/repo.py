@@ -284,10 +284,7 @@ class DirStore:
             except BaseException:
                 with self._lock:
                     self._committing = {}
-                for fd, tmp, _, _ in group.values():
-                    os.close(fd)
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
+                _drop_files(group)
                 raise
             for key, (fd, tmp, path, _) in group.items():
                 os.close(fd)
@@ -427,10 +424,7 @@ class DirStore:
         written before it (a chunk another disk's pull found pending went with that commit)."""
         with self._lock:
             group, self._pending, self._pending_bytes = self._pending, {}, 0
-        for fd, tmp, _, _ in group.values():
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        _drop_files(group)
         return len(group)
 
     def sweep(self) -> int:
@@ -472,6 +466,14 @@ class DirStore:
                 self.discard_pending()  # the session's writes no snapshot recorded
         finally:
             os.close(fd)
+
+
+def _drop_files(group: dict[str, tuple[int, str, str, int]]) -> None:
+    """Close and remove the temporary files of uncommitted chunks (`DirStore._pending` entries)."""
+    for fd, tmp, _, _ in group.values():
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _on_threads(fn, items: list) -> None:

@@ -609,7 +609,7 @@ async def _verify(src, repo, man, worked: list[int], new: dict[bytes, int], opts
     pick = worked if opts.verify == "full" else sorted(random.sample(worked, min(opts.sample, len(worked))))
     bad: list[int] = []
     read = 0
-    lim = asyncio.Semaphore(max(1, opts.workers or workers))
+    lim = asyncio.Semaphore(max(1, workers))  # the pull's window
 
     async def check(i: int) -> None:
         nonlocal read

@@ -96,7 +96,6 @@ directory (flock).  `sync` and `before_set` block the loop for an msync.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import mmap
@@ -293,28 +292,10 @@ def reserve(fd: int, size: int) -> None:
     reserved, a full file system is an ``ENOSPC`` here, where creating, clearing or
     loading the bitmap fails cleanly.  (On copy-on-write file systems -- btrfs,
     ZFS -- an overwrite needs new space too; keep the state directory elsewhere.)
+    Where the file system has no fallocate, glibc's posix_fallocate writes the
+    holes itself.
     """
-    try:
-        os.posix_fallocate(fd, 0, size)
-        return
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    # No fallocate here: write zeros into the holes, which is what they read as.
-    off = 0
-    while off < size:
-        try:
-            data = min(os.lseek(fd, off, os.SEEK_DATA), size)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = size  # nothing but a hole up to the end
-        while off < data:
-            n = min(1 << 20, data - off)
-            os.pwrite(fd, bytes(n), off)
-            off += n
-        if off < size:
-            off = os.lseek(fd, off, os.SEEK_HOLE)
+    os.posix_fallocate(fd, 0, size)
 
 
 def _bits_buffer(mm: mmap.mmap, nbits: int) -> memoryview:

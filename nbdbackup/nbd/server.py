@@ -1459,13 +1459,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._handing:
             return  # the queued requests go with the socket
         proto_ = self.proto
+        stopping = self.server.stopping  # (set only by `Server.shutdown`, never from inside this loop)
         while True:
             # Bound: at most max_inflight requests run; the rest stay parsed
             # (small) in the protocol's queue until a task finishes, and the
             # socket stays paused meanwhile (`_update_reading`).
             if len(self.tasks) >= self.server.max_inflight or self._paused_writing:
                 break
-            if self.server.stopping and proto_.in_transmission:
+            if stopping and proto_.in_transmission:
                 break  # unanswered: a reconnecting client sends it again (`Server.shutdown`)
             ev = proto_.next_event()
             if ev is None:
