@@ -88,10 +88,10 @@ def prepare_unix_socket(path: str, what: str = "socket") -> None:
     raise ConfigError(f"{what} {path}: already in use by a running server")
 
 
-def _env_timeout(default: float = 60.0) -> float:
-    """``NBDBACKUP_DEAD_PEER_TIMEOUT`` if it is a non-negative number, else ``default``."""
+def env_seconds(name: str, default: float) -> float:
+    """The environment variable ``name`` if it is a non-negative number, else ``default``."""
     try:
-        value = float(os.environ.get("NBDBACKUP_DEAD_PEER_TIMEOUT", default))
+        value = float(os.environ.get(name, default))
     except ValueError:
         return default
     return value if value >= 0 and math.isfinite(value) else default
@@ -103,7 +103,7 @@ def _env_timeout(default: float = 60.0) -> float:
 #: failover of some seconds does not cut a VM's disk.  Costs one keepalive
 #: probe (and its ACK) per idle connection every ``timeout / 4`` s.
 #: ``NBDBACKUP_DEAD_PEER_TIMEOUT`` overrides it (tests: a few seconds).
-DEAD_PEER_TIMEOUT = _env_timeout()
+DEAD_PEER_TIMEOUT = env_seconds("NBDBACKUP_DEAD_PEER_TIMEOUT", 60.0)
 
 
 def dead_peer_options(timeout: float) -> list[tuple[int, int, int]]:

@@ -40,9 +40,9 @@ async def open_spec(spec: str, *, read_only: bool = False, create_size: int | No
         size = parse_size(spec[len("memory:"):])
         return MemoryDev(size, read_only=read_only)
     if is_nbd_uri(spec):
-        from .nbd import NBDDev  # provided by the NBD client work
+        from .nbd import RECONNECT_DELAY, NBDDev
 
-        return await NBDDev.open(spec, read_only=read_only)
+        return await NBDDev.open(spec, read_only=read_only, reconnect_delay=RECONNECT_DELAY)
     from .file import FileDev
 
     try:

@@ -20,8 +20,24 @@ support is a no-op.  Block sizes are the server's (minimum, preferred,
 maximum clamped to `wire.MAX_PAYLOAD`); see `nbd.client` for what happens to
 unaligned requests.
 
+Reconnection (``reconnect_delay`` not None: the devices `open_spec` opens, i.e.
+re-exports ``serve NAME=nbd://...`` and ``nbd://`` backup targets; one connection):
+a lost connection is replaced in the background (attempts with a growing pause,
+for as long as the device is open); requests wait up to ``reconnect_delay``
+seconds from the loss for the new connection and are rerun on it, later ones fail
+with EIO until it is back.  The new connection must reach an export of the same
+size and flags.  Without CAN_MULTI_CONN -- and even with it, when the server
+restarted -- a FLUSH on a new connection does not cover writes the server
+acknowledged on the lost one (they may have been in a cache that died with it), so
+the device keeps every write acknowledged since the last FLUSH that covered it (the
+*replay log*, at most `REPLAY_LOG_MAX` bytes: a write that takes it past that
+returns once a FLUSH brought it back under) and writes them again, in the order they were acknowledged, on the
+new connection before any other request uses it.  So what the server holds after a
+reconnection is what our callers were told was written: read-your-writes, and
+FLUSH still covers every completed write (invariant 2 through a re-export).
+
 Invariant: all connections reached the same export with the same size and
-flags (checked at open).
+flags (checked at open and at every reconnection).
 """
 
 from __future__ import annotations
@@ -29,12 +45,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-from typing import Sequence
+import logging
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 from ..errors import ConfigError, ConnectionClosed, OptionError, RemoteProtocolError
 from ..nbd.client import Client, connect
 from ..nbd.uri import NBDURI, parse_uri
 from ..nbd.wire import MAX_PAYLOAD, TransmissionFlag as TF
+from ..sockets import env_seconds
 from .base import (
     ALLOCATION_DEPTH,
     BASE_ALLOCATION,
@@ -47,8 +65,23 @@ from .base import (
     write_zeroes_slowly,
 )
 
+log = logging.getLogger(__name__)
+
 #: What NBDDev asks every server for.
 WANTED_CONTEXTS = (BASE_ALLOCATION, ALLOCATION_DEPTH, DIRTY_BITMAP_PREFIX)
+
+#: How long `open_spec`'s devices hold requests after a lost connection (seconds;
+#: QEMU's nbd driver calls it ``reconnect-delay``): long enough for a remote server's
+#: restart, short enough that a dead one fails a VM's I/O soon.
+#: ``NBDBACKUP_RECONNECT_DELAY`` overrides it (tests: shorter).
+RECONNECT_DELAY = env_seconds("NBDBACKUP_RECONNECT_DELAY", 10.0)
+#: Bytes of acknowledged, not yet flushed writes a reconnecting device keeps.
+REPLAY_LOG_MAX = 64 << 20
+#: Handshake timeout of one reconnection attempt, and the longest pause between two.
+RECONNECT_CONNECT_TIMEOUT = 5.0
+RECONNECT_PAUSE_MAX = 5.0
+
+_T = TypeVar("_T")
 
 
 class NBDDev(BlockDev):
@@ -58,7 +91,17 @@ class NBDDev(BlockDev):
     messages and "is this the same disk" checks); ``clients`` (connections, all to the same
     export); ``_rr`` (round-robin iterator over them); ``_read_only``
     (forced by the caller or by the server); ``_caps``; ``_connect_kw`` (what `open`
-    connected with, for `reopen_lost`; None when constructed directly).
+    connected with, for `reopen_lost` and reconnection; None when constructed directly).
+
+    Reconnection state (see the module docstring; unused when ``reconnect_delay`` is
+    None): ``reconnect_delay``; ``_down_since`` (loop time the connection was lost,
+    None while connected); ``_up`` (set while connected); ``_task`` (the reconnecting
+    task); ``_log`` (the replay log: ``(seq, kind, offset, data or length)`` of every
+    write acknowledged since the last FLUSH that covers it, in acknowledgement order;
+    kind ``"w"`` write, ``"z"`` zero keeping allocation, ``"h"`` zero that may punch,
+    ``"t"`` trim); ``_seq`` (sequence number of the last logged write);
+    ``_log_bytes`` (bytes held by ``_log``); ``_log_flush`` (a FLUSH started because
+    the log is full, which writers wait for); ``_closing``.
     """
 
     def __init__(self, uri: NBDURI, clients: list[Client], *, read_only: bool = False, spec: str | None = None) -> None:
@@ -68,6 +111,16 @@ class NBDDev(BlockDev):
         self.clients = clients
         self._rr = itertools.cycle(clients)
         self._connect_kw: dict | None = None
+        self.reconnect_delay: float | None = None
+        self._down_since: float | None = None
+        self._up = asyncio.Event()
+        self._up.set()
+        self._task: asyncio.Task | None = None
+        self._log: list[tuple[int, str, int, bytes | int]] = []
+        self._seq = 0
+        self._log_bytes = 0
+        self._log_flush: asyncio.Future | None = None
+        self._closing = False
         c = clients[0]
         self._read_only = read_only or c.read_only
         bs = c.block_sizes
@@ -102,8 +155,13 @@ class NBDDev(BlockDev):
         connect_timeout: float | None = 30.0,
         request_timeout: float | None = None,
         max_in_flight: int = 64,
+        reconnect_delay: float | None = None,
     ) -> "NBDDev":
         """Connect; ``connections`` (default 1) is honoured only with CAN_MULTI_CONN.
+
+        ``reconnect_delay``: None, a lost connection stays lost (its requests fail
+        with `ConnectionClosed`; see `reopen_lost`); a number of seconds: reconnect
+        (module docstring; one connection only).
 
         Raises `ConfigError` for a bad URI, a server that cannot be reached
         or that refuses the export (the first connection); failures of the
@@ -113,6 +171,7 @@ class NBDDev(BlockDev):
         n = 1 if connections is None else connections
         if n < 1:
             raise ConfigError("connections must be >= 1")
+        assert reconnect_delay is None or n == 1, "a reconnecting device has one connection"
         kw = dict(export=export, meta_contexts=meta_contexts, connect_timeout=connect_timeout,
                   request_timeout=request_timeout, max_in_flight=max_in_flight)
         try:
@@ -135,6 +194,9 @@ class NBDDev(BlockDev):
             raise
         dev = cls(u, clients, read_only=read_only, spec=uri if isinstance(uri, str) else None)
         dev._connect_kw = kw
+        if reconnect_delay is not None:
+            dev.reconnect_delay = reconnect_delay
+            dev._watch(first)
         return dev
 
     async def reopen_lost(self) -> int:
@@ -180,57 +242,205 @@ class NBDDev(BlockDev):
         if self._read_only:
             raise OSError(errno.EPERM, "read-only device")
 
+    # -- reconnection -------------------------------------------------------------
+
+    def _watch(self, c: Client) -> None:
+        """Start reconnecting as soon as ``c``'s connection is lost (not only at the next request)."""
+        c.add_lost_callback(lambda: self._lost(c))
+
+    def _lost(self, c: Client) -> None:
+        if self._closing or c is not self.clients[0] or self._task is not None:
+            return
+        self._down_since = asyncio.get_running_loop().time()
+        self._up.clear()
+        self._task = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        assert self._connect_kw is not None
+        kw = dict(self._connect_kw)
+        ct = kw.get("connect_timeout")
+        kw["connect_timeout"] = RECONNECT_CONNECT_TIMEOUT if ct is None else min(ct, RECONNECT_CONNECT_TIMEOUT)
+        ref = self.clients[0]
+        pause, told = 0.05, None
+        log.warning("%s: connection lost; reconnecting (%d bytes of unflushed writes to write again)",
+                    self.spec, self._log_bytes)
+        while not self._closing:
+            why = None
+            try:
+                c = await connect(self.uri, **kw)  # type: ignore[arg-type]
+            except (OptionError, OSError, TimeoutError, ConnectionClosed, RemoteProtocolError) as e:
+                why = f"cannot connect: {e}"
+            else:
+                if (c.size, c.flags) != (ref.size, ref.flags):
+                    why = (f"the export changed (size {c.size}, flags {int(c.flags):#x}; "
+                           f"was {ref.size}, {int(ref.flags):#x})")
+                else:
+                    try:
+                        await self._replay(c)
+                    except (OSError, TimeoutError, ConnectionClosed) as e:
+                        why = f"writing {self._log_bytes} bytes of unflushed writes again failed: {e}"
+                if why is None and not self._closing:
+                    self.clients[0] = c
+                    self._rr = itertools.cycle(self.clients)
+                    self._watch(c)
+                    self._task = None
+                    self._down_since = None
+                    self._up.set()
+                    log.warning("%s: reconnected", self.spec)
+                    return
+                await asyncio.gather(c.disconnect(), return_exceptions=True)
+            if why is not None and why != told:
+                log.warning("%s: %s; trying again", self.spec, why)
+                told = why
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RECONNECT_PAUSE_MAX)
+
+    async def _replay(self, c: Client) -> None:
+        """Write the replay log again on ``c`` (not yet visible to requests)."""
+        for _, kind, off, item in list(self._log):
+            if kind == "w":
+                assert isinstance(item, bytes)
+                await c.pwrite(item, off)
+            elif kind == "t":
+                assert isinstance(item, int)
+                await c.trim(off, item)
+            else:
+                assert isinstance(item, int)
+                await c.zero(off, item, no_hole=kind == "z")
+
+    async def _client(self) -> Client:
+        """A connected client; while reconnecting, wait for one up to ``reconnect_delay``
+        seconds from the loss, then fail with EIO."""
+        if self.reconnect_delay is None:
+            return self._next()
+        c = self.clients[0]
+        if c.closed:
+            self._lost(c)
+        if not self._up.is_set():
+            assert self._down_since is not None
+            left = self._down_since + self.reconnect_delay - asyncio.get_running_loop().time()
+            if left > 0:
+                try:
+                    await asyncio.wait_for(self._up.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+            if not self._up.is_set():
+                raise OSError(errno.EIO, f"{self.spec}: not connected (reconnecting)")
+            c = self.clients[0]
+        return c
+
+    async def _do(self, fn: Callable[[Client], Awaitable[_T]]) -> _T:
+        """Run ``fn`` on a connected client; on a reconnecting device, a request whose
+        connection is lost under it runs again on the next one (or fails with EIO)."""
+        while True:
+            c = await self._client()
+            try:
+                return await fn(c)
+            except ConnectionClosed:
+                if self.reconnect_delay is None or self._closing:
+                    raise
+                self._lost(c)
+
+    async def _logged(self, kind: str, offset: int, item: bytes | int) -> None:
+        """Record an acknowledged write in the replay log; a full log flushes first."""
+        if self.reconnect_delay is None or not self._caps.can_flush:
+            return  # without FLUSH the server promises nothing more after an acknowledgement
+        self._seq += 1
+        self._log.append((self._seq, kind, offset, item))
+        self._log_bytes += len(item) if isinstance(item, bytes) else 0
+        while self._log_bytes > REPLAY_LOG_MAX:  # one FLUSH at a time, shared by the writers waiting
+            if self._log_flush is None:
+                self._log_flush = asyncio.ensure_future(self._flush_log())
+            await asyncio.shield(self._log_flush)
+
+    async def _flush_log(self) -> None:
+        try:
+            await self._flush()
+        finally:
+            self._log_flush = None
+
+    async def _flush(self) -> None:
+        """FLUSH; then drop the writes it covers (those logged before it was sent) from the log."""
+        seq = self._seq
+        await self._do(lambda c: c.flush())
+        if self._log and self._log[0][0] <= seq:
+            keep = [e for e in self._log if e[0] > seq]
+            self._log = keep
+            self._log_bytes = sum(len(e[3]) for e in keep if isinstance(e[3], bytes))
+
+    # -- I/O ----------------------------------------------------------------------
+
     async def pread(self, buf: memoryview, offset: int) -> None:
-        await self._next().pread(buf, offset)
+        await self._do(lambda c: c.pread(buf, offset))
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
         self._writable()
-        c = self._next()
-        await c.pwrite(buf, offset, fua=fua and c.can(TF.SEND_FUA))
-        if fua and not c.can(TF.SEND_FUA) and c.can(TF.SEND_FLUSH):
-            await c.flush()
+        if self.reconnect_delay is not None:
+            buf = bytes(buf)  # the caller may reuse its buffer; the replay log keeps these bytes
+
+        async def run(c: Client) -> None:
+            await c.pwrite(buf, offset, fua=fua and c.can(TF.SEND_FUA))
+            if fua and not c.can(TF.SEND_FUA) and c.can(TF.SEND_FLUSH):
+                await c.flush()
+
+        await self._do(run)
+        await self._logged("w", offset, buf)  # type: ignore[arg-type]
 
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:
         self._writable()
-        c = self._next()
-        if not c.can(TF.SEND_WRITE_ZEROES):
+        if not self.clients[0].can(TF.SEND_WRITE_ZEROES):
             if fast:
                 raise OSError(errno.ENOTSUP, "fast zero not supported")
             await write_zeroes_slowly(self, offset, length, fua=fua)
             return
-        if fast and not c.can(TF.SEND_FAST_ZERO):
+        if fast and not self.clients[0].can(TF.SEND_FAST_ZERO):
             raise OSError(errno.ENOTSUP, "fast zero not supported")
-        await c.zero(offset, length, no_hole=not may_trim, fast=fast, fua=fua and c.can(TF.SEND_FUA))
-        if fua and not c.can(TF.SEND_FUA) and c.can(TF.SEND_FLUSH):
-            await c.flush()
+
+        async def run(c: Client) -> None:
+            await c.zero(offset, length, no_hole=not may_trim, fast=fast, fua=fua and c.can(TF.SEND_FUA))
+            if fua and not c.can(TF.SEND_FUA) and c.can(TF.SEND_FLUSH):
+                await c.flush()
+
+        await self._do(run)
+        await self._logged("h" if may_trim else "z", offset, length)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._writable()
-        c = self._next()
-        if c.can(TF.SEND_TRIM):
-            await c.trim(offset, length, fua=fua and c.can(TF.SEND_FUA))
+        if not self.clients[0].can(TF.SEND_TRIM):
+            return
+        await self._do(lambda c: c.trim(offset, length, fua=fua and c.can(TF.SEND_FUA)))
+        await self._logged("t", offset, length)
 
     async def flush(self) -> None:
-        c = self._next()
-        if c.can(TF.SEND_FLUSH):
-            if self._caps.can_multi_conn or len(self.clients) == 1:
-                await c.flush()
-            else:  # pragma: no cover - we never open several without multi-conn
-                await asyncio.gather(*(x.flush() for x in self.clients))
+        if not self.clients[0].can(TF.SEND_FLUSH):
+            return
+        if self._caps.can_multi_conn or len(self.clients) == 1:
+            await self._flush()
+        else:  # pragma: no cover - we never open several without multi-conn
+            await asyncio.gather(*(x.flush() for x in self.clients))
 
     async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
-        c = self._next()
-        if context not in c.meta_contexts:
-            if context == BASE_ALLOCATION:
-                return [Extent(offset, length, 0)]
-            raise OSError(errno.EINVAL, f"unknown meta context {context!r}")
-        return await c.block_status(offset, length, context)
+        async def run(c: Client) -> list[Extent]:
+            if context not in c.meta_contexts:
+                if context == BASE_ALLOCATION:
+                    return [Extent(offset, length, 0)]
+                raise OSError(errno.EINVAL, f"unknown meta context {context!r}")
+            return await c.block_status(offset, length, context)
+
+        return await self._do(run)
 
     async def cache(self, offset: int, length: int) -> None:
-        c = self._next()
-        if c.can(TF.SEND_CACHE):
-            await c.cache(offset, length)
+        async def run(c: Client) -> None:
+            if c.can(TF.SEND_CACHE):
+                await c.cache(offset, length)
+
+        await self._do(run)
 
     async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
         await asyncio.gather(*(c.disconnect() for c in self.clients), return_exceptions=True)

@@ -470,6 +470,10 @@ class Client:
     def closed(self) -> bool:
         return self._conn.error is not None or self._closing
 
+    def add_lost_callback(self, cb: Callable[[], None]) -> None:
+        """Call ``cb()`` (on the loop) once the connection is gone, for whatever reason."""
+        self._conn.closed.add_done_callback(lambda _: cb())
+
     # -- core -------------------------------------------------------------------
 
     def _check(self, offset: int, length: int) -> None:

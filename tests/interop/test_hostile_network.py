@@ -359,12 +359,15 @@ def test_alive_client_survives_silence_and_a_short_partition(link, short_tmp):
     assert cli.poll() is None
 
 
-def test_export_of_a_vanished_remote_fails_requests_in_bounded_time(link, short_tmp):
+def test_export_of_a_vanished_remote_fails_requests_in_bounded_time_then_reconnects(link, short_tmp):
     """``serve p=nbd://REMOTE/d`` (a re-export, no request timeout) whose
     remote's host vanishes: before hunt 10 a read of the re-export waited for
     the kernel's retransmission limit (~15 minutes) while the client sat on
-    it; now our client socket's user timeout fails it with EIO within a few
-    seconds, and the re-exporting server stays up."""
+    it; now our client socket's user timeout ends the connection within a few
+    seconds, the read fails with EIO after the reconnect delay, and the
+    re-exporting server stays up.  Once the link heals the re-export
+    reconnects by itself (before session 12 it failed every request until
+    ``serve`` restarted)."""
     img = short_tmp / "d.img"
     make_image(img, 16 * MiB)
     start_serve(link, short_tmp, f"d={img}")
@@ -373,7 +376,8 @@ def test_export_of_a_vanished_remote_fails_requests_in_bounded_time(link, short_
     proxy = link.popen("client", [py(), "-m", "nbdbackup.cli", "-v", "serve", "--listen", f"127.0.0.1:{ppath}",
                                   f"p=nbd://{link.server_addr}:{PORT}/d"],
                        stdout=log, stderr=subprocess.STDOUT, cwd=str(peers.REPO),
-                       env=dict(os.environ, NBDBACKUP_DEAD_PEER_TIMEOUT=str(DEAD)))
+                       env=dict(os.environ, NBDBACKUP_DEAD_PEER_TIMEOUT=str(DEAD),
+                                NBDBACKUP_RECONNECT_DELAY=str(DEAD)))
     deadline = time.monotonic() + 30
     while not link.run("client", ["ss", "-Htln", f"( sport = :{ppath} )"]).stdout.strip():
         assert proxy.poll() is None and time.monotonic() < deadline, (short_tmp / "proxy.log").read_text()
@@ -388,3 +392,13 @@ def test_export_of_a_vanished_remote_fails_requests_in_bounded_time(link, short_
     print(f"re-export read after the remote vanished: {took:.1f} s: {(r.stdout + r.stderr).strip()}")
     assert "read failed" in r.stdout + r.stderr, r
     assert proxy.poll() is None, (short_tmp / "proxy.log").read_text()
+    link.heal()
+    deadline = time.monotonic() + 30
+    while True:
+        r = link.run("client", ["qemu-io", "-f", "raw", "-c", "read 4M 64k", uri], check=False, timeout=30)
+        if "read 65536/65536" in r.stdout:
+            break
+        assert time.monotonic() < deadline, (r, (short_tmp / "proxy.log").read_text())
+        time.sleep(0.5)
+    print(f"re-export read again {time.monotonic() - t0:.1f} s after the cut")
+    assert "reconnected" in (short_tmp / "proxy.log").read_text()

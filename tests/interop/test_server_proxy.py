@@ -9,8 +9,11 @@ allocation map, dirty bitmap, and errors.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
+import shutil
 import struct
 import subprocess
 
@@ -156,3 +159,42 @@ def test_reexport_qemu_storage_daemon_export(short_tmp, make_image):
     with open(img, "rb") as f:
         f.seek(1 * MiB)
         assert f.read(4096) == b"\x62" * 4096
+
+
+def test_reexport_writes_again_what_a_killed_upstream_lost(short_tmp):
+    """The upstream is nbdkit with a write-back cache filter (unflushed writes live in
+    the filter's cache, gone with the process): kill -9 it under a re-export, start it
+    again on the same socket.  Before, every later request through the re-export failed
+    with EIO until ``serve`` restarted; now the re-export reconnects and writes again
+    what was acknowledged since the last FLUSH, so a client reads its writes and its
+    FLUSH makes them durable in the upstream's file."""
+    exe = peers.require("nbdkit")
+    img = short_tmp / "up.img"
+    img.write_bytes(bytes(4 * MiB))
+    d = peers.short_tempdir()
+    sock = peers._socket_path(d, "up.sock")
+    argv = [exe, "-U", sock, "-f", "--exit-with-parent", "--filter=cache", "file", str(img), "cache=writeback"]
+    ups = [peers._spawn(argv, d, sock)]
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, d, True)
+        stack.callback(lambda: [peers._stop(p) for p in ups])  # after the re-export's shutdown
+        up = ups[0]
+        peers.wait_until_listening(up)
+        srv = stack.enter_context(peers.nbdbackup_serve(f"p=nbd+unix:///?socket={sock}"))
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("p"))
+        h.pwrite(b"\x11" * 64 * KiB, 0)
+        h.flush()
+        h.pwrite(b"\x22" * 64 * KiB, 64 * KiB)  # acknowledged, in nbdkit's cache only
+        up.proc.kill()
+        up.proc.wait()
+        assert img.read_bytes()[64 * KiB:128 * KiB] == bytes(64 * KiB)  # really lost
+        os.unlink(sock)
+        up2 = peers._spawn(argv, d, sock)
+        ups.append(up2)
+        peers.wait_until_listening(up2)
+        assert h.pread(128 * KiB, 0) == b"\x11" * 64 * KiB + b"\x22" * 64 * KiB
+        h.flush()
+        assert img.read_bytes()[:128 * KiB] == b"\x11" * 64 * KiB + b"\x22" * 64 * KiB
+        h.shutdown()
+        assert "reconnected" in srv.log(), srv.log()

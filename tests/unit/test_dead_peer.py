@@ -69,4 +69,4 @@ def test_negative_dead_peer_timeout_is_refused():
 def test_environment_override(monkeypatch, text, want):
     """A bad NBDBACKUP_DEAD_PEER_TIMEOUT is ignored (it is read at import, by every command)."""
     monkeypatch.setenv("NBDBACKUP_DEAD_PEER_TIMEOUT", text)
-    assert sockets._env_timeout() == want
+    assert sockets.env_seconds("NBDBACKUP_DEAD_PEER_TIMEOUT", 60.0) == want

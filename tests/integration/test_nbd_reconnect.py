@@ -1,0 +1,221 @@
+"""A reconnecting `NBDDev` (re-exports, ``nbd://`` backup targets) against our server.
+
+Before: a re-export (``serve p=nbd://...``) whose remote connection was lost
+failed every later request with EIO until ``serve`` restarted (hunt 10).  Now
+the device reconnects, holds requests for ``reconnect_delay`` seconds, and
+writes again every write acknowledged since the last FLUSH before anything
+else uses the new connection: a remote that restarted having lost its cache
+still ends up holding what our callers were told was written.
+
+The remote's storage here is `VolatileDev`: a memory disk whose writes live
+in a cache until FLUSH; `crash()` throws the cache away, as a server host's
+power cut or a remote with a write-back cache that was killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+
+import pytest
+
+from nbdbackup.blockdev import nbd as nbdmod
+from nbdbackup.blockdev.memory import MemoryDev
+from nbdbackup.blockdev.nbd import NBDDev
+from nbdbackup.nbd.server import Server
+
+from test_server_batch import run
+
+MiB = 1 << 20
+SIZE = 4 * MiB
+
+
+class VolatileDev(MemoryDev):
+    """Writes are durable only after FLUSH; `crash` loses the rest.  ``flushes`` counts FLUSHes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.durable: dict[int, bytearray] = {}
+        self.flushes = 0
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        self.durable = {k: bytearray(v) for k, v in self.pages.items()}
+
+    def crash(self) -> None:
+        self.pages = {k: bytearray(v) for k, v in self.durable.items()}
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.read_sync(memoryview(buf), offset)
+        return bytes(buf)
+
+
+async def start(path: str, dev) -> Server:
+    server = Server(workers=0)
+    server.add_export("d", dev)
+    await server.start_unix(path)
+    return server
+
+
+async def crash(server: Server, vol: VolatileDev) -> None:
+    """The remote dies: its connections go, its unflushed writes are lost."""
+    flush = vol.flush
+    vol.flush = _nothing  # type: ignore[method-assign] - no last flush on the way down
+    await server.shutdown(timeout=1)
+    vol.flush = flush  # type: ignore[method-assign]
+    vol.crash()
+
+
+async def _nothing() -> None:
+    pass
+
+
+async def read(dev: NBDDev, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    await dev.pread(memoryview(buf), offset)
+    return bytes(buf)
+
+
+def test_unflushed_writes_are_written_again_after_the_remote_restarted(short_tmp, caplog):
+    caplog.set_level(logging.WARNING, logger="nbdbackup.blockdev.nbd")
+
+    async def main():
+        path = str(short_tmp / "s")
+        vol = VolatileDev(SIZE)
+        server = await start(path, vol)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10)
+        try:
+            await dev.pwrite(b"\x11" * 4096, 0)
+            await dev.flush()
+            await dev.pwrite(b"\x22" * 4096, 4096)  # acknowledged, not flushed
+            await dev.zero(8192, 4096)  # a zero over data that is durable
+            await dev.pwrite(b"\x33" * 4096, 65536, fua=True)
+            vol.durable[0][8192:12288] = b"\x44" * 4096  # (the durable copy had data there)
+            await crash(server, vol)
+            assert vol.read(4096, 4096) == bytes(4096)  # the remote lost it
+            assert vol.read(8192, 4096) == b"\x44" * 4096
+            server = await start(path, vol)
+            # The read waits for the reconnection, which writes the log again first.
+            assert await read(dev, 0, 12288) == b"\x11" * 4096 + b"\x22" * 4096 + bytes(4096)
+            assert vol.read(4096, 4096) == b"\x22" * 4096
+            assert await read(dev, 65536, 4096) == b"\x33" * 4096
+            await dev.flush()
+            assert bytes(vol.durable[0][4096:12288]) == b"\x22" * 4096 + bytes(4096)
+            assert dev._log == [] and dev._log_bytes == 0  # the FLUSH covered all of it
+        finally:
+            await dev.close()
+            await server.shutdown()
+
+    run(main())
+    assert "reconnected" in caplog.text
+
+
+def test_requests_wait_for_the_delay_then_fail_and_a_later_reconnection_serves_again(short_tmp):
+    async def main():
+        path = str(short_tmp / "s")
+        vol = VolatileDev(SIZE)
+        server = await start(path, vol)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=0.5)
+        try:
+            await dev.pwrite(b"\x55" * 4096, 0)
+            await crash(server, vol)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(OSError) as e:
+                await read(dev, 0, 4096)
+            assert e.value.errno == errno.EIO and "reconnecting" in str(e.value)
+            assert 0.3 < loop.time() - t0 < 3
+            with pytest.raises(OSError) as e:  # past the delay: at once
+                await read(dev, 0, 4096)
+            assert loop.time() - t0 < 3
+            # The device kept trying in the background: once the remote is back, it serves.
+            server = await start(path, vol)
+            while True:
+                try:
+                    got = await read(dev, 0, 4096)
+                    break
+                except OSError:
+                    assert loop.time() - t0 < 15
+                    await asyncio.sleep(0.05)
+            assert got == b"\x55" * 4096  # the unflushed write, written again
+        finally:
+            await dev.close()
+            await server.shutdown()
+
+    run(main())
+
+
+def test_a_remote_that_comes_back_with_another_disk_is_not_used(short_tmp, caplog):
+    caplog.set_level(logging.WARNING, logger="nbdbackup.blockdev.nbd")
+
+    async def main():
+        path = str(short_tmp / "s")
+        vol = VolatileDev(SIZE)
+        server = await start(path, vol)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=0.5)
+        try:
+            await dev.pwrite(b"\x66" * 4096, 0)
+            await crash(server, vol)
+            other = VolatileDev(2 * SIZE)
+            server = await start(path, other)
+            await asyncio.sleep(0.6)
+            with pytest.raises(OSError) as e:
+                await read(dev, 0, 4096)
+            assert e.value.errno == errno.EIO
+            assert other.read(0, 4096) == bytes(4096)  # nothing written to the other disk
+        finally:
+            await dev.close()
+            await server.shutdown()
+
+    run(main())
+    assert "the export changed" in caplog.text
+
+
+def test_a_full_replay_log_flushes_and_stays_bounded(short_tmp, monkeypatch):
+    monkeypatch.setattr(nbdmod, "REPLAY_LOG_MAX", 256 * 1024)
+
+    async def main():
+        path = str(short_tmp / "s")
+        vol = VolatileDev(SIZE)
+        server = await start(path, vol)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10)
+        try:
+            chunk = b"\x77" * 65536
+            await asyncio.gather(*(dev.pwrite(chunk, k * 65536) for k in range(16)))
+            assert vol.flushes >= 1
+            assert dev._log_bytes <= nbdmod.REPLAY_LOG_MAX
+            for k in range(16, 24):
+                await dev.pwrite(chunk, k * 65536)
+                assert dev._log_bytes <= nbdmod.REPLAY_LOG_MAX
+            await crash(server, vol)
+            server = await start(path, vol)
+            assert await read(dev, 0, 24 * 65536) == chunk * 24  # flushed or written again
+        finally:
+            await dev.close()
+            await server.shutdown()
+
+    run(main())
+
+
+def test_a_device_without_reconnection_still_fails_for_good(short_tmp):
+    """`pull` opens its source this way (it has `reopen_lost`): unchanged."""
+    from nbdbackup.errors import ConnectionClosed
+
+    async def main():
+        path = str(short_tmp / "s")
+        vol = VolatileDev(SIZE)
+        server = await start(path, vol)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}")
+        try:
+            await crash(server, vol)
+            server = await start(path, vol)
+            with pytest.raises(ConnectionClosed):
+                await read(dev, 0, 4096)
+            assert dev._log == []
+        finally:
+            await dev.close()
+            await server.shutdown()
+
+    run(main())
