@@ -62,8 +62,26 @@ from ..errors import ConfigError
 
 KEY_FORMAT = "nbdbackup-key"
 KEY_VERSION = 1
-#: scrypt cost: N = 2**LOG_N (128 MiB of memory with r=8), r, p.
-LOG_N, R, P = 17, 8, 1
+#: scrypt cost of the keys made from now on: N = 2**LOG_N (128 MiB of memory with
+#: r=8, ~0.3-0.6 s here), r, p.  A key records its own parameters, so opening a
+#: repository always uses the ones it was made with.  ``NBDBACKUP_SCRYPT_LOG_N``
+#: (10..20) overrides LOG_N: the test suite makes its repositories with 12 so that
+#: each of its ~hundreds of commands does not spend half a second deriving a key
+#: (the passphrase path is the same; the default's cost is covered by its own tests).
+#: Not meant for real repositories: a lower N makes a stolen key blob cheaper to attack.
+LOG_N_DEFAULT = 17
+R, P = 8, 1
+
+
+def _env_log_n() -> int:
+    try:
+        n = int(os.environ.get("NBDBACKUP_SCRYPT_LOG_N", LOG_N_DEFAULT))
+    except ValueError:
+        return LOG_N_DEFAULT
+    return n if 10 <= n <= 20 else LOG_N_DEFAULT
+
+
+LOG_N = _env_log_n()
 PASSPHRASE_ENV = "NBDBACKUP_PASSPHRASE"
 NEW_PASSPHRASE_ENV = "NBDBACKUP_NEW_PASSPHRASE"
 BAD_KEY = "wrong passphrase or damaged key"

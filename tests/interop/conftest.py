@@ -18,6 +18,7 @@ Fixtures (each returns the context manager of the same name in ``peers``):
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -27,6 +28,12 @@ import pytest
 import ceph_rgw
 import certs
 import peers
+
+
+# Repositories made by these tests wrap their keys with scrypt N=2**12, not 2**17: the
+# same code path at ~1/70 of the cost, paid by every command that opens an encrypted
+# repository (~0.5 s each, minutes over the suite).  Tests of the default cost unset it.
+os.environ.setdefault("NBDBACKUP_SCRYPT_LOG_N", "12")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -167,6 +167,20 @@ def test_encrypted_repository_from_our_snapshot_exports(short_tmp, make_image, m
     assert nb("repo", "verify", str(repo), "s0", *pw).stdout.strip().endswith("OK: 1 snapshot(s), 0 bad chunk(s)")
 
 
+def test_keys_are_made_at_the_default_scrypt_cost(short_tmp, monkeypatch):
+    """The suite makes cheaper keys (``NBDBACKUP_SCRYPT_LOG_N``, tests/interop/conftest.py);
+    without the override a key costs N = 2**17 and opens with its passphrase."""
+    monkeypatch.delenv("NBDBACKUP_SCRYPT_LOG_N")
+    monkeypatch.setenv("NBDBACKUP_PASSPHRASE", PASS)
+    repo = short_tmp / "repo"
+    nb("repo", "init", str(repo), "--encryption", "repokey")
+    assert json.loads((repo / "keys" / "repokey").read_text())["kdf"]["n"] == 1 << 17
+    assert nb("repo", "list", str(repo)).returncode == 0
+    monkeypatch.setenv("NBDBACKUP_PASSPHRASE", "not it")
+    r = nb("repo", "list", str(repo), ok=False)
+    assert r.returncode == 1 and "wrong passphrase or damaged key" in r.stderr
+
+
 def test_key_export_key_file_and_change_passphrase(short_tmp, monkeypatch):
     monkeypatch.setenv("NBDBACKUP_PASSPHRASE", PASS)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(short_tmp / "cfg"))

@@ -356,3 +356,10 @@ def test_a_downgraded_config_is_refused_when_a_key_was_expected(tmp_path):
     repo.store.flush()  # visible to another store object (another process) once committed
     with pytest.raises(CorruptChunk, match="encrypted, but the repository is not"):
         plain.get_chunk(d, C)
+
+
+@pytest.mark.parametrize("text,want", [("12", 12), ("10", 10), ("20", 20), ("9", 17), ("21", 17), ("x", 17), ("", 17)])
+def test_scrypt_cost_override_takes_only_sane_values(monkeypatch, text, want):
+    """``NBDBACKUP_SCRYPT_LOG_N`` (the suite's cheaper keys) is read at import; nonsense keeps the default."""
+    monkeypatch.setenv("NBDBACKUP_SCRYPT_LOG_N", text)
+    assert crypto._env_log_n() == want
