@@ -93,7 +93,7 @@ async def add_export(app: App, name: str, spec: str, read_only: bool = False, de
     if name in app.server.exports:
         raise ConfigError(f"export {name!r} already exists")
     check_description(name, description)
-    dev = await open_spec(spec, read_only=read_only)
+    dev = await open_spec(spec, read_only=read_only, replay=True)
     live = None
     try:
         live = wrap_live(dev, read_only, name, app.bitmaps)

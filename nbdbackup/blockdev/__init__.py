@@ -32,8 +32,12 @@ def is_nbd_uri(spec: str) -> bool:
     return spec.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+vsock://"))
 
 
-async def open_spec(spec: str, *, read_only: bool = False, create_size: int | None = None) -> BlockDev:
-    """Open SPEC as a block device, raising `ConfigError` with a clear message."""
+async def open_spec(spec: str, *, read_only: bool = False, create_size: int | None = None,
+                    replay: bool = False) -> BlockDev:
+    """Open SPEC as a block device, raising `ConfigError` with a clear message.
+
+    An NBD URI reconnects when its connection is lost; ``replay`` (exports served
+    to clients) keeps the writes a reconnection must write again (`blockdev.nbd`)."""
     if spec.startswith("memory:"):
         from .memory import MemoryDev
 
@@ -42,7 +46,7 @@ async def open_spec(spec: str, *, read_only: bool = False, create_size: int | No
     if is_nbd_uri(spec):
         from .nbd import RECONNECT_DELAY, NBDDev
 
-        return await NBDDev.open(spec, read_only=read_only, reconnect_delay=RECONNECT_DELAY)
+        return await NBDDev.open(spec, read_only=read_only, reconnect_delay=RECONNECT_DELAY, replay=replay)
     from .file import FileDev
 
     try:

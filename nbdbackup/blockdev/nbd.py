@@ -29,12 +29,17 @@ with EIO until it is back.  The new connection must reach an export of the same
 size and flags.  Without CAN_MULTI_CONN -- and even with it, when the server
 restarted -- a FLUSH on a new connection does not cover writes the server
 acknowledged on the lost one (they may have been in a cache that died with it), so
-the device keeps every write acknowledged since the last FLUSH that covered it (the
-*replay log*, at most `REPLAY_LOG_MAX` bytes: a write that takes it past that
-returns once a FLUSH brought it back under) and writes them again, in the order they were acknowledged, on the
-new connection before any other request uses it.  So what the server holds after a
-reconnection is what our callers were told was written: read-your-writes, and
-FLUSH still covers every completed write (invariant 2 through a re-export).
+a re-export (``replay``) keeps every write acknowledged since the last FLUSH that
+covered it (the *replay log*, at most `REPLAY_LOG_MAX` bytes: a write that takes it
+past that returns once a FLUSH brought it back under) and writes them again, in the
+order they were acknowledged, on the new connection before any other request uses
+it.  So what the server holds after a reconnection is what our callers were told
+was written: read-your-writes, and FLUSH still covers every completed write
+(invariant 2 through a re-export).  Other writers (backup targets: a copy and
+page faults per write would cost the pump ~35% more CPU) keep no log: the first
+FLUSH after a loss that may have dropped acknowledged writes fails with EIO, once
+(as Linux reports lost write-back), and the backup job fails instead of leaving a
+target with holes in it.
 
 Invariant: all connections reached the same export with the same size and
 flags (checked at open and at every reconnection).
@@ -101,7 +106,10 @@ class NBDDev(BlockDev):
     kind ``"w"`` write, ``"z"`` zero keeping allocation, ``"h"`` zero that may punch,
     ``"t"`` trim); ``_seq`` (sequence number of the last logged write);
     ``_log_bytes`` (bytes held by ``_log``); ``_log_flush`` (a FLUSH started because
-    the log is full, which writers wait for); ``_closing``.
+    the log is full, which writers wait for); ``replay`` (keep the log; else only
+    count: ``_seq`` then counts acknowledged writes, ``_flushed`` is the ``_seq`` a
+    completed FLUSH covered, ``_lost_writes`` says a loss may have dropped some and
+    the next FLUSH must fail); ``_closing``.
     """
 
     def __init__(self, uri: NBDURI, clients: list[Client], *, read_only: bool = False, spec: str | None = None) -> None:
@@ -120,6 +128,9 @@ class NBDDev(BlockDev):
         self._seq = 0
         self._log_bytes = 0
         self._log_flush: asyncio.Future | None = None
+        self.replay = False
+        self._flushed = 0
+        self._lost_writes = False
         self._closing = False
         c = clients[0]
         self._read_only = read_only or c.read_only
@@ -156,12 +167,14 @@ class NBDDev(BlockDev):
         request_timeout: float | None = None,
         max_in_flight: int = 64,
         reconnect_delay: float | None = None,
+        replay: bool = False,
     ) -> "NBDDev":
         """Connect; ``connections`` (default 1) is honoured only with CAN_MULTI_CONN.
 
         ``reconnect_delay``: None, a lost connection stays lost (its requests fail
         with `ConnectionClosed`; see `reopen_lost`); a number of seconds: reconnect
-        (module docstring; one connection only).
+        (module docstring; one connection only); ``replay``: keep a replay log
+        (else a FLUSH after a loss of acknowledged writes fails).
 
         Raises `ConfigError` for a bad URI, a server that cannot be reached
         or that refuses the export (the first connection); failures of the
@@ -196,6 +209,7 @@ class NBDDev(BlockDev):
         dev._connect_kw = kw
         if reconnect_delay is not None:
             dev.reconnect_delay = reconnect_delay
+            dev.replay = replay
             dev._watch(first)
         return dev
 
@@ -253,6 +267,8 @@ class NBDDev(BlockDev):
             return
         self._down_since = asyncio.get_running_loop().time()
         self._up.clear()
+        if not self.replay and self._seq > self._flushed:
+            self._lost_writes = True  # acknowledged, maybe only in a cache that is gone
         self._task = asyncio.ensure_future(self._reconnect())
 
     async def _reconnect(self) -> None:
@@ -262,8 +278,12 @@ class NBDDev(BlockDev):
         kw["connect_timeout"] = RECONNECT_CONNECT_TIMEOUT if ct is None else min(ct, RECONNECT_CONNECT_TIMEOUT)
         ref = self.clients[0]
         pause, told = 0.05, None
-        log.warning("%s: connection lost; reconnecting (%d bytes of unflushed writes to write again)",
-                    self.spec, self._log_bytes)
+        if self.replay:
+            log.warning("%s: connection lost; reconnecting (%d bytes of unflushed writes to write again)",
+                        self.spec, self._log_bytes)
+        else:
+            log.warning("%s: connection lost; reconnecting%s", self.spec,
+                        " (acknowledged writes may be lost: the next FLUSH fails)" if self._lost_writes else "")
         while not self._closing:
             why = None
             try:
@@ -346,6 +366,8 @@ class NBDDev(BlockDev):
         if self.reconnect_delay is None or not self._caps.can_flush:
             return  # without FLUSH the server promises nothing more after an acknowledgement
         self._seq += 1
+        if not self.replay:
+            return
         self._log.append((self._seq, kind, offset, item))
         self._log_bytes += len(item) if isinstance(item, bytes) else 0
         while self._log_bytes > REPLAY_LOG_MAX:  # one FLUSH at a time, shared by the writers waiting
@@ -363,6 +385,11 @@ class NBDDev(BlockDev):
         """FLUSH; then drop the writes it covers (those logged before it was sent) from the log."""
         seq = self._seq
         await self._do(lambda c: c.flush())
+        self._flushed = max(self._flushed, seq)
+        if self._lost_writes:
+            self._lost_writes = False
+            raise OSError(errno.EIO, f"{self.spec}: the connection was lost with writes acknowledged "
+                                     "but not flushed: they may be lost")
         if self._log and self._log[0][0] <= seq:
             keep = [e for e in self._log if e[0] > seq]
             self._log = keep
@@ -375,7 +402,7 @@ class NBDDev(BlockDev):
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
         self._writable()
-        if self.reconnect_delay is not None:
+        if self.replay:
             buf = bytes(buf)  # the caller may reuse its buffer; the replay log keeps these bytes
 
         async def run(c: Client) -> None:

@@ -165,7 +165,7 @@ async def _publish(app: Any, name: str, store, rep, man, *, repo: str, snapshot:
     tdev = None
     dev = None
     try:
-        tdev = await open_spec(target, create_size=None if existed else man.size)
+        tdev = await open_spec(target, create_size=None if existed else man.size, replay=True)
         identity = f"{store.root}#{snapshot}@{manifest_identity(man)} -> {ident_target}"
         dev = await build_restore(source, tdev, cluster_size=man.chunk_size, state_dir=state,
                                   identity=identity, fresh_target=not existed)

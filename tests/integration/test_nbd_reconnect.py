@@ -85,7 +85,7 @@ def test_unflushed_writes_are_written_again_after_the_remote_restarted(short_tmp
         path = str(short_tmp / "s")
         vol = VolatileDev(SIZE)
         server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10, replay=True)
         try:
             await dev.pwrite(b"\x11" * 4096, 0)
             await dev.flush()
@@ -117,7 +117,7 @@ def test_requests_wait_for_the_delay_then_fail_and_a_later_reconnection_serves_a
         path = str(short_tmp / "s")
         vol = VolatileDev(SIZE)
         server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=0.5)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=0.5, replay=True)
         try:
             await dev.pwrite(b"\x55" * 4096, 0)
             await crash(server, vol)
@@ -154,7 +154,7 @@ def test_a_remote_that_comes_back_with_another_disk_is_not_used(short_tmp, caplo
         path = str(short_tmp / "s")
         vol = VolatileDev(SIZE)
         server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=0.5)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=0.5, replay=True)
         try:
             await dev.pwrite(b"\x66" * 4096, 0)
             await crash(server, vol)
@@ -180,7 +180,7 @@ def test_a_full_replay_log_flushes_and_stays_bounded(short_tmp, monkeypatch):
         path = str(short_tmp / "s")
         vol = VolatileDev(SIZE)
         server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10, replay=True)
         try:
             chunk = b"\x77" * 65536
             await asyncio.gather(*(dev.pwrite(chunk, k * 65536) for k in range(16)))
@@ -197,6 +197,41 @@ def test_a_full_replay_log_flushes_and_stays_bounded(short_tmp, monkeypatch):
             await server.shutdown()
 
     run(main())
+
+
+def test_without_a_replay_log_the_next_flush_reports_the_loss_once(short_tmp, caplog):
+    """A backup target keeps no log (`open_spec` without ``replay``): it reconnects, but the
+    FLUSH after a loss that may have dropped acknowledged writes fails with EIO -- the job
+    fails rather than finish with a target missing what the remote lost."""
+    caplog.set_level(logging.WARNING, logger="nbdbackup.blockdev.nbd")
+
+    async def main():
+        path = str(short_tmp / "s")
+        vol = VolatileDev(SIZE)
+        server = await start(path, vol)
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10)
+        try:
+            await dev.pwrite(b"\x11" * 4096, 0)
+            await dev.flush()
+            await crash(server, vol)  # nothing unflushed: a clean reconnection
+            server = await start(path, vol)
+            assert await read(dev, 0, 4096) == b"\x11" * 4096
+            await dev.flush()
+            await dev.pwrite(b"\x22" * 4096, 4096)  # acknowledged, then lost
+            await crash(server, vol)
+            server = await start(path, vol)
+            assert await read(dev, 4096, 4096) == bytes(4096)  # no log: the remote's content
+            with pytest.raises(OSError) as e:
+                await dev.flush()
+            assert e.value.errno == errno.EIO and "may be lost" in str(e.value)
+            await dev.flush()  # reported once
+            assert dev._log == []
+        finally:
+            await dev.close()
+            await server.shutdown()
+
+    run(main())
+    assert "acknowledged writes may be lost" in caplog.text
 
 
 def test_a_device_without_reconnection_still_fails_for_good(short_tmp):
