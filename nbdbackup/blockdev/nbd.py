@@ -288,7 +288,7 @@ class NBDDev(BlockDev):
             why = None
             try:
                 c = await connect(self.uri, **kw)  # type: ignore[arg-type]
-            except (OptionError, OSError, TimeoutError, ConnectionClosed, RemoteProtocolError) as e:
+            except Exception as e:  # whatever it is, the next attempt may do better
                 why = f"cannot connect: {e}"
             else:
                 if (c.size, c.flags) != (ref.size, ref.flags):
@@ -297,7 +297,7 @@ class NBDDev(BlockDev):
                 else:
                     try:
                         await self._replay(c)
-                    except (OSError, TimeoutError, ConnectionClosed) as e:
+                    except Exception as e:
                         why = f"writing {self._log_bytes} bytes of unflushed writes again failed: {e}"
                 if why is None and not self._closing:
                     self.clients[0] = c
