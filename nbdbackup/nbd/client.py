@@ -891,11 +891,30 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
     except socket.timeout:
         sock.close()
         raise TimeoutError(f"{uri}: connect/handshake timed out after {timeout} s") from None
+    except OptionError:
+        _soft_close(sock, hs.data_to_send())
+        raise
     except BaseException:
         sock.close()
         raise
     res = hs.result
     return sock, Transmission(res.structured, res.meta_contexts.values()), res
+
+
+def _soft_close(sock: socket.socket, out: bytes) -> None:
+    """End a refused handshake on a blocking socket with a soft disconnect
+    (proto.md): send ``out`` (the NBD_OPT_ABORT the handshake queued), end
+    TLS if it runs, close; best effort, a second at most each."""
+    try:
+        sock.settimeout(1.0)
+        if out:
+            sock.sendall(out)
+        if isinstance(sock, ssl.SSLSocket):
+            sock = sock.unwrap()  # close_notify (the peer's answer ends the wait)
+    except (OSError, ValueError):
+        pass
+    finally:
+        sock.close()
 
 
 async def _close_and_wait(conn: _Conn) -> None:
