@@ -709,3 +709,29 @@ def test_a_non_fixed_newstyle_client_may_send_only_export_name_or_abort():
     greet(conn, flags=0)
     feed(conn, wire.pack_option(Opt.EXPORT_NAME, b"disk"))
     assert len(conn.data_to_send()) == 134 and isinstance(events(conn)[0], HandshakeDone)
+
+
+def test_requests_off_the_advertised_minimum_block_size_are_einval():
+    """proto.md "Size constraints": the server SHOULD answer EINVAL to a READ
+    or WRITE not aligned to the minimum it advertised (the device may not
+    be able to do it: a re-exported 4 KiB-sector NBD source)."""
+    aligned = ExportInfo("a", 1 << 20, RW_FLAGS, block_size=(512, 4096, 1 << 20))
+    conn = ServerConnection(lambda n: aligned if n == "a" else None, lambda: [aligned])
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.GO, go_payload("a")))
+    assert isinstance(events(conn)[-1], HandshakeDone)
+    feed(conn, req(Cmd.READ, 256, 512, cookie=1) + req(Cmd.WRITE, 0, 100, cookie=2, payload=bytes(100))
+         + req(Cmd.READ, 512, 1024, cookie=3))
+    assert [(e.cookie, e.error) for e in events(conn)] == [(1, errno.EINVAL), (2, errno.EINVAL), (3, 0)]
+
+
+def test_zero_length_requests_are_answered_not_a_reason_to_disconnect():
+    """proto.md READ/WRITE/TRIM/WRITE_ZEROES: a length of 0 is unspecified,
+    but the server SHOULD NOT disconnect (BLOCK_STATUS: EINVAL, see
+    test_request_validation); the server loop answers these with success."""
+    conn = to_transmission()
+    feed(conn, req(Cmd.READ, 4096, 0, cookie=1) + req(Cmd.WRITE, 4096, 0, cookie=2)
+         + req(Cmd.TRIM, 4096, 0, cookie=3) + req(Cmd.WRITE_ZEROES, 4096, 0, cookie=4) + req(Cmd.FLUSH, cookie=5))
+    evs = events(conn)
+    assert [(type(e), e.cookie, e.error) for e in evs] == [(Request, c, 0) for c in range(1, 6)]
+    assert evs[1].payload == b""
