@@ -29,6 +29,12 @@ Design (after qemu.qmp's protocol base):
   cancelled or timed-out request is abandoned (its reply is parsed and
   dropped; it never writes into the caller's buffer afterwards) and the
   connection stays usable.
+- Ending a session (proto.md): a refused option ends the handshake with a
+  soft disconnect (NBD_OPT_ABORT, then a graceful close), never a dropped
+  connection; an NBD_ESHUTDOWN reply starts a soft disconnect of the
+  transmission (new requests fail with `ConnectionClosed`, those in flight
+  finish, then CMD_DISC).  Hard disconnects (abort) are for the peer's
+  protocol violations and failed transports or TLS handshakes.
 
 TLS (``nbds://``, ``nbds+unix://``; see `nbd.uri` and `nbd.tls`): STARTTLS
 is the first option; on its ACK the connection pauses reading, hands its
