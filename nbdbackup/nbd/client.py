@@ -32,8 +32,8 @@ Design (after qemu.qmp's protocol base):
 - Ending a session (proto.md): a refused option ends the handshake with a
   soft disconnect (NBD_OPT_ABORT, then a graceful close), never a dropped
   connection; an NBD_ESHUTDOWN reply starts a soft disconnect of the
-  transmission (new requests fail with ``OSError(ESHUTDOWN)``, those in
-  flight finish, then CMD_DISC).  Hard disconnects (abort) are for the peer's
+  transmission (new requests fail with `ConnectionClosed`, those in flight
+  finish, then CMD_DISC).  Hard disconnects (abort) are for the peer's
   protocol violations and failed transports or TLS handshakes.
 
 TLS (``nbds://``, ``nbds+unix://``; see `nbd.uri` and `nbd.tls`): STARTTLS
@@ -369,10 +369,6 @@ def _noop() -> None:
     pass
 
 
-#: Why requests fail once the server answered NBD_ESHUTDOWN (`Client._server_shutdown`).
-_SHUTTING_DOWN = "the server is shutting down (NBD_ESHUTDOWN): this connection is closing"
-
-
 def _clone(err: BaseException) -> BaseException:
     """A fresh exception like ``err`` for each waiter (tracebacks don't pile up)."""
     if isinstance(err, ConnectionClosed):
@@ -512,9 +508,8 @@ class Client:
         if self._conn.error is not None:
             raise _clone(self._conn.error)
         if self._closing:
-            if self._tx.shutdown:
-                raise OSError(errno.ESHUTDOWN, _SHUTTING_DOWN)
-            raise ConnectionClosed("client disconnected")
+            raise ConnectionClosed("the server is shutting down (NBD_ESHUTDOWN)" if self._tx.shutdown
+                                   else "client disconnected")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OSError(errno.EINVAL, f"range ({offset}, {length}) outside the export of {self.size} bytes")
 
@@ -531,7 +526,7 @@ class Client:
             if conn.error is not None:
                 raise _clone(conn.error)
             if self._tx.shutdown:  # (queued on the slots before the ESHUTDOWN reply)
-                raise OSError(errno.ESHUTDOWN, _SHUTTING_DOWN)
+                raise ConnectionClosed("the server is shutting down (NBD_ESHUTDOWN)")
             if payload is not None and not conn._can_write.is_set():
                 await conn._can_write.wait()
                 if conn.error is not None:
@@ -751,11 +746,10 @@ class Client:
 
     def _server_shutdown(self) -> None:
         """A reply carried NBD_ESHUTDOWN: proto.md says the client MUST
-        initiate a soft disconnect.  New requests fail from now on with
-        ESHUTDOWN too (a server re-exporting this one passes it on; ``closed``
-        is true, so `blockdev.nbd.NBDDev.reopen_lost` may replace the
-        connection); the ones in flight finish; then CMD_DISC goes out and
-        the connection closes."""
+        initiate a soft disconnect.  New requests fail from now on
+        (`_check`: ConnectionClosed, so `blockdev.nbd.NBDDev.reopen_lost`
+        may replace the connection); the ones in flight finish; then
+        CMD_DISC goes out and the connection closes."""
         if not self._closing:
             self._closing = True
             self._shutdown_task = asyncio.ensure_future(self._soft_disconnect())
