@@ -29,6 +29,12 @@ Design (after qemu.qmp's protocol base):
   cancelled or timed-out request is abandoned (its reply is parsed and
   dropped; it never writes into the caller's buffer afterwards) and the
   connection stays usable.
+- Ending a session (proto.md): a refused option ends the handshake with a
+  soft disconnect (NBD_OPT_ABORT, then a graceful close), never a dropped
+  connection; an NBD_ESHUTDOWN reply starts a soft disconnect of the
+  transmission (new requests fail with `ConnectionClosed`, those in flight
+  finish, then CMD_DISC).  Hard disconnects (abort) are for the peer's
+  protocol violations and failed transports or TLS handshakes.
 
 TLS (``nbds://``, ``nbds+unix://``; see `nbd.uri` and `nbd.tls`): STARTTLS
 is the first option; on its ACK the connection pauses reading, hands its
@@ -144,7 +150,9 @@ class _Conn(asyncio.BufferedProtocol):
     (event, cleared while the transport pauses writing); ``orphans``
     (cookies of abandoned requests still on the wire, each holding a slot)
     and ``release_slot`` (called once per orphan when its reply arrives or
-    the connection is lost; set by `Client`); ``tls_context`` /
+    the connection is lost; set by `Client`); ``on_shutdown`` (called
+    after replies were dispatched once a reply carried NBD_ESHUTDOWN; set
+    by `Client`: it starts the soft disconnect); ``tls_context`` /
     ``tls_hostname`` (for the STARTTLS upgrade, None without TLS).
     """
 
@@ -166,6 +174,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._wq_scheduled = False
         self.orphans: set[int] = set()
         self.release_slot: Callable[[], None] = _noop
+        self.on_shutdown: Callable[[], None] = _noop
         self.tls_context = tls_context
         self.tls_hostname = tls_hostname
         self._tls_task: asyncio.Task | None = None
@@ -195,7 +204,11 @@ class _Conn(asyncio.BufferedProtocol):
         except (RemoteProtocolError, LocalProtocolError) as e:
             self._fail(e if isinstance(e, RemoteProtocolError) else RemoteProtocolError(str(e)))
             return
-        except NBDBackupError as e:  # OptionError during the handshake
+        except OptionError as e:  # a refusal: the handshake queued NBD_OPT_ABORT
+            self._flush_handshake()
+            self._fail(e, soft=True)
+            return
+        except NBDBackupError as e:
             self._fail(e)
             return
         if tx.events:
@@ -284,6 +297,8 @@ class _Conn(asyncio.BufferedProtocol):
             else:
                 fut.set_result(ev)
         events.clear()
+        if self.tx is not None and self.tx.shutdown:
+            self.on_shutdown()
 
     def _flush_handshake(self) -> None:
         assert self.hs is not None and self.transport is not None
@@ -322,6 +337,10 @@ class _Conn(asyncio.BufferedProtocol):
         self.transport = new  # type: ignore[assignment]
         try:
             hs.tls_started()
+        except OptionError as e:
+            self._flush_handshake()
+            self._fail(e, soft=True)
+            return
         except NBDBackupError as e:
             self._fail(e)
             return
@@ -329,14 +348,21 @@ class _Conn(asyncio.BufferedProtocol):
         if hs.done and not self.hs_done.done():
             self.hs_done.set_result(None)
 
-    def _fail(self, err: BaseException) -> None:
-        """The connection is unusable: remember why and close it."""
+    def _fail(self, err: BaseException, soft: bool = False) -> None:
+        """The connection is unusable: remember why and close it -- hard
+        (abort: the peer broke the protocol, or the transport failed), or,
+        ``soft``, after the bytes already written (NBD_OPT_ABORT after a
+        refused option: proto.md allows a client only a soft disconnect
+        there; closing an SSL transport also ends its TLS session)."""
         if self.error is None:
             self.error = err
         if not self.hs_done.done():
             self.hs_done.set_exception(_clone(err))
         if self.transport is not None:
-            self.transport.abort()
+            if soft:
+                self.transport.close()
+            else:
+                self.transport.abort()
 
 
 def _noop() -> None:
@@ -394,7 +420,8 @@ async def _open(uri: str | NBDURI, plan_export: str | None, make_plan, connect_t
         raise TimeoutError(f"{u}: connect/handshake timed out after {connect_timeout} s") from None
     except OptionError as e:
         for c in conn_holder:
-            if c.transport is not None:
+            # (already closing softly, `_Conn._fail`: an abort would drop the NBD_OPT_ABORT)
+            if c.transport is not None and not c.transport.is_closing():
                 c.transport.abort()
         if e.reply == Rep.ERR_TLS_REQD and not u.tls:
             raise OptionError(e.option, e.reply, f"{e.message or 'TLS required'} (the server requires TLS: use an nbds:// or "
@@ -416,7 +443,10 @@ class Client:
     ``meta_contexts`` (agreed context name -> id); ``listed_meta_contexts``
     (see `connect`); ``structured``; ``fallback`` (OPT_EXPORT_NAME used);
     ``request_timeout``; ``_conn``; ``_tx``; ``_slots`` (bounds requests
-    in flight); ``_loop``; ``_max`` (largest READ/WRITE/CACHE length); ``_closing``.
+    in flight); ``_loop``; ``_max`` (largest READ/WRITE/CACHE length); ``_closing``
+    (no new request: `disconnect` was called, or the server answered
+    NBD_ESHUTDOWN); ``_shutdown_task`` (the soft disconnect `_server_shutdown`
+    started, kept referenced until done).
     """
 
     def __init__(self, conn: _Conn, uri: NBDURI, hs: Handshake, request_timeout: float | None, max_in_flight: int) -> None:
@@ -435,6 +465,8 @@ class Client:
         conn.hs = None
         self._slots = _Slots(max_in_flight)
         conn.release_slot = self._slots.release
+        conn.on_shutdown = self._server_shutdown
+        self._shutdown_task: asyncio.Task | None = None
         self._loop = asyncio.get_running_loop()
         bs = self.export.block_sizes
         self._min = bs.minimum
@@ -480,7 +512,8 @@ class Client:
         if self._conn.error is not None:
             raise _clone(self._conn.error)
         if self._closing:
-            raise ConnectionClosed("client disconnected")
+            raise ConnectionClosed("the server is shutting down (NBD_ESHUTDOWN)" if self._tx.shutdown
+                                   else "client disconnected")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OSError(errno.EINVAL, f"range ({offset}, {length}) outside the export of {self.size} bytes")
 
@@ -496,6 +529,8 @@ class Client:
             conn = self._conn
             if conn.error is not None:
                 raise _clone(conn.error)
+            if self._tx.shutdown:  # (queued on the slots before the ESHUTDOWN reply)
+                raise ConnectionClosed("the server is shutting down (NBD_ESHUTDOWN)")
             if payload is not None and not conn._can_write.is_set():
                 await conn._can_write.wait()
                 if conn.error is not None:
@@ -713,12 +748,25 @@ class Client:
                 break
         return out
 
+    def _server_shutdown(self) -> None:
+        """A reply carried NBD_ESHUTDOWN: proto.md says the client MUST
+        initiate a soft disconnect.  New requests fail from now on
+        (`_check`: ConnectionClosed, so `blockdev.nbd.NBDDev.reopen_lost`
+        may replace the connection); the ones in flight finish; then
+        CMD_DISC goes out and the connection closes."""
+        if not self._closing:
+            self._closing = True
+            self._shutdown_task = asyncio.ensure_future(self._soft_disconnect())
+
     async def disconnect(self) -> None:
         """Wait for requests in flight, send CMD_DISC and close."""
         if self._closing:
             await self._conn.closed
             return
         self._closing = True
+        await self._soft_disconnect()
+
+    async def _soft_disconnect(self) -> None:
         conn = self._conn
         # New calls are refused from now on (`_check`), but calls already
         # queued on the semaphore still go out: wait until none is left.
@@ -853,11 +901,30 @@ def connect_blocking(uri: NBDURI, export: str, *, timeout: float | None = DEFAUL
     except socket.timeout:
         sock.close()
         raise TimeoutError(f"{uri}: connect/handshake timed out after {timeout} s") from None
+    except OptionError:
+        _soft_close(sock, hs.data_to_send())
+        raise
     except BaseException:
         sock.close()
         raise
     res = hs.result
     return sock, Transmission(res.structured, res.meta_contexts.values()), res
+
+
+def _soft_close(sock: socket.socket, out: bytes) -> None:
+    """End a refused handshake on a blocking socket with a soft disconnect
+    (proto.md): send ``out`` (the NBD_OPT_ABORT the handshake queued), end
+    TLS if it runs, close; best effort, a second at most each."""
+    try:
+        sock.settimeout(1.0)
+        if out:
+            sock.sendall(out)
+        if isinstance(sock, ssl.SSLSocket):
+            sock = sock.unwrap()  # close_notify (the peer's answer ends the wait)
+    except (OSError, ValueError):
+        pass
+    finally:
+        sock.close()
 
 
 async def _close_and_wait(conn: _Conn) -> None:

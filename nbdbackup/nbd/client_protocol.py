@@ -18,7 +18,9 @@ With ``plan.tls`` the first option is NBD_OPT_STARTTLS; on its ACK the
 handshake stops with ``tls_wanted`` set: the caller runs the TLS handshake
 on its transport, then calls `Handshake.tls_started` and feeds decrypted
 bytes from then on.  A refusal ends the handshake (no silent downgrade,
-proto.md: a client that requires TLS SHOULD terminate).
+proto.md: a client that requires TLS SHOULD terminate).  Any refusal that
+ends a handshake queues NBD_OPT_ABORT: the client's only allowed way to end
+option haggling is a soft disconnect.
 
 `Transmission` -- the transmission phase.  `request` allocates a cookie and
 returns the 28-byte request header; replies are parsed from bytes given to
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import errno
 import os
 from dataclasses import dataclass, field
 from typing import Generator, Iterable, Sequence
@@ -216,9 +219,12 @@ def parse_block_size(data: bytes) -> BlockSizes:
         raise RemoteProtocolError(f"minimum block size {mn} is not a power of 2 in 1..64K")
     if pref < 1 or pref & (pref - 1):
         raise RemoteProtocolError(f"preferred block size {pref} is not a power of 2")
-    if mx != MAX_LENGTH and (mx < mn or mx % mn):
-        raise RemoteProtocolError(f"maximum block size {mx} is not a multiple of minimum {mn}")
-    # Tolerated deviations: preferred below minimum or above maximum.
+    if mx < mn:
+        raise RemoteProtocolError(f"maximum block size {mx} is below the minimum {mn}")
+    # Tolerated deviations: preferred below minimum or above maximum.  A
+    # maximum that is not a multiple of the minimum is allowed (proto.md
+    # asks only that it be at least the preferred size): `client.Client`
+    # rounds it down.
     pref = max(pref, mn)
     return BlockSizes(mn, pref, mx, True)
 
@@ -234,7 +240,13 @@ class Handshake:
     ``broken`` (a RemoteProtocolError was raised); ``tls_wanted`` (the
     server ACKed STARTTLS: upgrade the transport, then `tls_started`);
     ``_out`` (bytes to send); ``_in`` (received, not yet consumed); ``_need``
-    (bytes the generator waits for, or ``_TLS_UPGRADE``); ``_gen`` (the steps).
+    (bytes the generator waits for, or ``_TLS_UPGRADE``); ``_gen`` (the steps);
+    ``_fixed`` (the server is fixed-newstyle: options, so NBD_OPT_ABORT, may
+    be sent).
+
+    A refusal that ends the handshake (`OptionError`) queues NBD_OPT_ABORT
+    in ``_out`` (a soft disconnect, proto.md): the caller sends it, then
+    closes the connection gracefully.
     """
 
     def __init__(self, plan: HandshakePlan) -> None:
@@ -245,6 +257,7 @@ class Handshake:
         self.tls_wanted = False
         self._out = bytearray()
         self._in = bytearray()
+        self._fixed = False
         self._gen: _Steps = self._steps()
         self._need = next(self._gen)
 
@@ -284,7 +297,18 @@ class Handshake:
             self._need = self._gen.send(chunk)
         except StopIteration:
             self.done = True
-        except (RemoteProtocolError, OptionError):
+        except OptionError:
+            self.broken = True
+            if self._fixed:
+                # proto.md "Termination of the session during option
+                # haggling": a client that ends the session MUST use a soft
+                # disconnect (NBD_OPT_ABORT, then close), and MUST on
+                # ERR_SHUTDOWN; only a peer's breach of a MUST (the
+                # RemoteProtocolError case) or a failed TLS handshake allows
+                # a hard one.  Not waiting for the ACK is allowed.
+                self._send_option(Opt.ABORT)
+            raise
+        except RemoteProtocolError:
             self.broken = True
             raise
         if self._need == _TLS_UPGRADE:
@@ -351,7 +375,7 @@ class Handshake:
         hflags = HandshakeFlag(flags & 0x3)
         self.result.server_flags = hflags
         cflags = ClientFlag(0)
-        fixed = bool(hflags & HandshakeFlag.FIXED_NEWSTYLE)
+        fixed = self._fixed = bool(hflags & HandshakeFlag.FIXED_NEWSTYLE)
         if fixed:
             cflags |= ClientFlag.C_FIXED_NEWSTYLE
         if fixed and hflags & HandshakeFlag.NO_ZEROES:
@@ -422,8 +446,8 @@ class Handshake:
                 (cid,) = wire.META_CONTEXT_ID.unpack_from(r.data)
                 got.append((cid, _decode(r.data[4:], "meta context name")))
             elif wire.rep_is_error(r.rep):
-                if got:
-                    raise RemoteProtocolError("error reply after REP_META_CONTEXT replies")
+                # proto.md: an error may follow META_CONTEXT replies; the
+                # client MUST then disregard them (a failed SET selects none).
                 return None
             else:
                 raise RemoteProtocolError(f"unexpected reply {r.rep:#x} to meta context option")
@@ -656,6 +680,7 @@ _T_ERROR_OFFSET = int(ReplyType.ERROR_OFFSET)
 _C_READ = int(Cmd.READ)
 _C_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
 _C_DISC = int(Cmd.DISC)
+_ESHUTDOWN = errno.ESHUTDOWN
 _HEADER = _St.HEADER
 _FILL = _St.FILL
 _DATA_OFFSET = _St.DATA_OFFSET
@@ -667,7 +692,11 @@ class Transmission:
     Fields: ``structured`` (structured replies negotiated); ``context_ids``
     (ids the server agreed to); ``pending`` (cookie -> `_Pending`);
     ``events`` (finished `Reply` objects, the caller drains it);
-    ``broken``; ``_next_cookie``; ``_disconnected`` (CMD_DISC sent).
+    ``broken``; ``_next_cookie``; ``_disconnected`` (CMD_DISC sent);
+    ``shutdown``: a reply carried NBD_ESHUTDOWN -- proto.md: the client
+    MUST then initiate a soft disconnect, so no request but CMD_DISC is
+    accepted any more (the caller waits for those in flight, then sends
+    CMD_DISC and closes: `nbd.client.Client`).
 
     Receive state: ``_rbuf[_rpos:_rend]`` holds received, unparsed bytes;
     ``_state``; in FILL, ``_fill[_fill_pos:]`` is the part of the target
@@ -684,6 +713,7 @@ class Transmission:
         self.broken = False
         self._next_cookie = 1
         self._disconnected = False
+        self.shutdown = False
         self._rbuf = bytearray(RBUF_SIZE)
         self._rmv = memoryview(self._rbuf)
         self._rpos = 0
@@ -709,6 +739,8 @@ class Transmission:
         """
         if self._disconnected:
             raise LocalProtocolError("request after NBD_CMD_DISC")
+        if self.shutdown and cmd != _C_DISC:
+            raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): only NBD_CMD_DISC may follow")
         if self.broken:
             raise LocalProtocolError("request on a broken connection")
         if not (0 <= offset < 1 << 64 and 0 <= length <= MAX_LENGTH and 0 <= flags < 1 << 16):
@@ -854,6 +886,8 @@ class Transmission:
 
     def _complete(self, cookie: int, req: _Pending) -> None:
         del self.pending[cookie]
+        if req.error == _ESHUTDOWN:
+            self.shutdown = True
         self.events.append(Reply(cookie, req.error, req.message, req.extents))
 
     def _on_simple(self, err: int, cookie: int) -> None:

@@ -187,6 +187,9 @@ _RECV_BUF = 256 * 1024
 #: being over-read into the ring and copied (small requests still batch).
 _RING_READ = 32 * 1024
 
+#: Most descriptors in one BLOCK_STATUS chunk (proto.md: SHOULD NOT exceed 2^20).
+MAX_EXTENTS = 1 << 20
+
 #: Largest READ or WRITE a batch takes (`peek_batch`).  A WRITE's payload
 #: must sit whole in the ring, so this is well under `_RECV_BUF`.
 BATCH_MAX = 64 * 1024
@@ -704,7 +707,11 @@ class ServerConnection:
             self._error(opt, Rep.ERR_UNKNOWN, f"unknown export {clip(name)}")
             return
         minimum, preferred, maximum = info.block_size
+        block_size = wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum)
         if minimum > 1 and Info.BLOCK_SIZE not in requests and opt == Opt.GO:
+            # proto.md: such a server SHOULD send INFO_BLOCK_SIZE first (the
+            # client then knows the constraints to acknowledge).
+            self._reply(opt, Rep.INFO, block_size)
             self._error(opt, Rep.ERR_BLOCK_SIZE_REQD, f"export needs {minimum}-byte aligned requests")
             return
         if Info.NAME in requests:
@@ -712,7 +719,7 @@ class ServerConnection:
         if Info.DESCRIPTION in requests and info.description:
             self._reply(opt, Rep.INFO, wire.U16.pack(Info.DESCRIPTION) + info.description.encode())
         # Always tell clients the constraints (QEMU and nbdkit do the same).
-        self._reply(opt, Rep.INFO, wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum))
+        self._reply(opt, Rep.INFO, block_size)
         self._reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, info.size, self._advertised(info)))
         self._reply(opt, Rep.ACK)
         if opt == Opt.GO:
@@ -751,6 +758,11 @@ class ServerConnection:
 
     def _opt_meta_context(self, opt: int, data: bytes) -> None:
         listing = opt == Opt.LIST_META_CONTEXT
+        if not listing:
+            # proto.md: SET_META_CONTEXT replaces every context selected
+            # before "including when this command fails".
+            self._meta_export = None
+            self._meta = []
         if not self.structured:
             self._error(opt, Rep.ERR_INVALID, "negotiate STRUCTURED_REPLY first")
             return
@@ -1076,12 +1088,17 @@ class ServerConnection:
         ) + wire.OFFSET_HOLE.pack(offset, length)
 
     def reply_block_status(self, cookie: int, chunks: list[tuple[int, list[tuple[int, int]]]]) -> bytes:
-        """One BLOCK_STATUS chunk per (context id, [(length, flags), ...]); DONE on the last."""
+        """One BLOCK_STATUS chunk per (context id, [(length, flags), ...]); DONE on the last.
+
+        At most `MAX_EXTENTS` descriptors go into a chunk, the first ones
+        (proto.md: a server SHOULD NOT send more than 2^20, and MAY answer a
+        shorter range; more than 4 M would exceed the 32 MiB maximum payload,
+        a MUST NOT).  The client asks again for the rest."""
         assert self.structured and chunks
         out = bytearray()
         for i, (cid, descs) in enumerate(chunks):
             body = bytearray(wire.BLOCK_STATUS_ID.pack(cid))
-            for length, flags in descs:
+            for length, flags in descs[:MAX_EXTENTS]:
                 body += wire.BLOCK_DESCRIPTOR.pack(length, flags)
             last = i == len(chunks) - 1
             out += wire.pack_structured_header(

@@ -167,7 +167,8 @@ from ..errors import ConfigError
 from ..sockets import DEAD_PEER_TIMEOUT, prepare_unix_socket, set_socket_access, set_dead_peer_timeout
 from . import protocol as proto
 from .budget import STEP, Charge, MemoryBudget, new_payload_buffer
-from .protocol import Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request, ServerConnection, StartTLS
+from .protocol import (MAX_EXTENTS, Disconnect, ExportInfo, HandshakeDone, ProtocolViolation, Request,
+                       ServerConnection, StartTLS)
 from .access import AccessPolicy, peer_credentials
 from .logsafe import WarningBudget, clip
 from .stats import ExportStats
@@ -2044,7 +2045,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 if n <= 0:
                     break
                 descs.append((n, e.flags))
-                if one:
+                if one or len(descs) == MAX_EXTENTS:  # (the rest: the client asks again)
                     break
             if not descs:
                 raise OSError(errno.EIO, f"device returned no extents for {ctx}")

@@ -36,7 +36,8 @@ import pytest
 
 import peers
 from nbdbackup.errors import ConnectionClosed, OptionError
-from nbdbackup.nbd.client import connect
+from nbdbackup.nbd.client import connect, connect_blocking
+from nbdbackup.nbd.uri import parse_uri
 
 M = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +143,31 @@ def test_our_client_against_qemu_nbd_and_nbdkit(pki, short_tmp):
             with pytest.raises(OptionError, match="requires TLS"):
                 await connect(k.uri)
         run(plain())
+
+
+def test_a_refused_export_over_tls_ends_with_opt_abort_and_a_clean_tls_close(pki, short_tmp):
+    """proto.md: a client ending option haggling uses a soft disconnect --
+    NBD_OPT_ABORT, then TLS shut down, then the close -- on both connect paths
+    (asyncio, and the pull threads' blocking one).  nbdkit -v says what it got;
+    before hunt 14 it logged "The TLS connection was non-properly terminated"."""
+    creds = pki["server"]
+    with peers.nbdkit("memory", "1M", "exportname=disk", "exportname-strict=true", filters=["exportname"],
+                      extra=["-v", "--tls=require", f"--tls-certificates={creds}"]) as k:
+        uri = tls_uri(k.socket, "nope", creds)
+
+        async def refused():
+            with pytest.raises(OptionError):
+                await connect(uri, connect_timeout=10)
+            u = parse_uri(uri)
+            with pytest.raises(OptionError):
+                await asyncio.to_thread(connect_blocking, u, u.export, timeout=10)
+        run(refused())
+        deadline = time.monotonic() + 5
+        while k.log().count("client sent NBD_OPT_ABORT") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = k.log()
+        assert log.count("client sent NBD_OPT_ABORT") == 2, log[-2000:]
+        assert "non-properly terminated" not in log
 
 
 def test_nbddev_reexports_a_tls_source(pki, short_tmp):

@@ -22,6 +22,7 @@ from nbdbackup.nbd.client_protocol import (
     HandshakePlan,
     Mode,
     Transmission,
+    parse_block_size,
 )
 from nbdbackup.nbd.wire import Cmd, CmdFlag, HandshakeFlag, Info, Opt, Rep, ReplyFlag, ReplyType, TransmissionFlag
 
@@ -617,3 +618,86 @@ def test_handshake_tls_needs_fixed_newstyle():
     hs = Handshake(HandshakePlan(Mode.GO, "disk", tls=True))
     with pytest.raises(OptionError, match="not fixed-newstyle"):
         feed(hs, greeting(0))
+
+
+# -- hunt 14: proto.md "Termination of the session during option haggling" --------
+
+
+@pytest.mark.parametrize("plan, server", [
+    (HandshakePlan(Mode.GO, "nope", structured=False), rep(Opt.GO, Rep.ERR_UNKNOWN, b"no such export")),
+    (HandshakePlan(Mode.GO, "d", structured=False), rep(Opt.GO, Rep.ERR_SHUTDOWN, b"stopping")),
+    (HandshakePlan(Mode.GO, "d", tls=True), rep(Opt.STARTTLS, Rep.ERR_POLICY, b"no TLS here")),
+    (HandshakePlan(Mode.LIST), rep(Opt.LIST, Rep.ERR_POLICY, b"denied")),
+])
+def test_a_refusal_ends_the_handshake_with_a_soft_disconnect(plan, server):
+    """A client ending option haggling MUST use NBD_OPT_ABORT (and MUST on
+    ERR_SHUTDOWN); a hard disconnect is only for a peer's breach of a MUST or
+    a failed TLS handshake."""
+    hs = Handshake(plan)
+    sent = hs.data_to_send()
+    with pytest.raises(OptionError):
+        feed(hs, greeting() + (rep(Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP) if plan.structured and not plan.tls
+                               and plan.mode is Mode.GO else b"") + server)
+    sent += hs.data_to_send()
+    _, opts = parse_options(sent)
+    assert opts[-1] == (Opt.ABORT, b"")
+
+
+def test_a_protocol_violation_or_a_non_fixed_server_gets_no_abort():
+    hs = Handshake(HandshakePlan(Mode.GO, "d", structured=False))
+    with pytest.raises(RemoteProtocolError):
+        feed(hs, greeting() + rep(Opt.GO, 0x77))  # not an error, not INFO/ACK
+    assert Opt.ABORT not in [o for o, _ in parse_options(hs.data_to_send())[1]]
+    hs = Handshake(HandshakePlan(Mode.LIST))
+    with pytest.raises(OptionError):
+        feed(hs, greeting(0))  # no options at all on a non-fixed server
+    assert hs.data_to_send() == wire.CLIENT_FLAGS.pack(0)
+
+
+def test_eshutdown_allows_only_disc_afterwards():
+    """proto.md: a client receiving NBD_ESHUTDOWN MUST initiate a soft disconnect."""
+    tx = Transmission(structured=True)
+    c1, _ = tx.request(Cmd.FLUSH, 0, 0, 0)
+    c2, _ = tx.request(Cmd.FLUSH, 0, 0, 0)
+    tx.receive_data(wire.pack_structured_error(c1, wire.Err.ESHUTDOWN, "bye"))
+    assert tx.shutdown and tx.events[0].error == errno.ESHUTDOWN
+    with pytest.raises(LocalProtocolError, match="ESHUTDOWN"):
+        tx.request(Cmd.READ, 0, 0, 1, memoryview(bytearray(1)))
+    tx.receive_data(wire.pack_simple_reply(c2, 0))  # the one in flight still completes
+    assert tx.events[1].error == 0
+    tx.request(Cmd.DISC, 0, 0, 0)
+    other = Transmission(structured=False)
+    c, _ = other.request(Cmd.FLUSH, 0, 0, 0)
+    other.receive_data(wire.pack_simple_reply(c, wire.Err.EIO))
+    assert not other.shutdown
+
+
+def test_an_error_after_meta_context_replies_is_disregarded_not_a_violation():
+    """proto.md LIST/SET_META_CONTEXT: replies are META_CONTEXTs "followed by
+    either a final ACK on success or by an error"; on an error the client
+    MUST disregard the contexts sent -- a failed SET selects none."""
+    hs = Handshake(HandshakePlan(Mode.GO, "disk", ("base:allocation",)))
+    feed(hs, greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK)
+         + rep(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, meta(1, "base:allocation"))
+         + rep(Opt.SET_META_CONTEXT, Rep.ERR_TOO_BIG, b"too many")
+         + rep(Opt.GO, Rep.INFO, info_export(4096, GO_FLAGS)) + rep(Opt.GO, Rep.ACK))
+    assert hs.done and not hs.broken and hs.result.meta_contexts == {}
+
+
+def test_a_maximum_block_size_that_is_no_multiple_of_the_minimum_is_accepted():
+    """proto.md: the maximum payload MAY be other than a power of 2 (at least
+    the preferred size); nothing asks for a multiple of the minimum."""
+    bs = parse_block_size(wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, 512, 4096, 1000 * 1000))
+    assert (bs.minimum, bs.maximum) == (512, 1000 * 1000)
+    with pytest.raises(RemoteProtocolError, match="below the minimum"):
+        parse_block_size(wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, 4096, 4096, 512))
+
+
+def test_an_oldstyle_server_is_refused_clearly():
+    """proto.md: oldstyle negotiation is not supported by us (a server SHOULD
+    NOT offer it on the newstyle port); its greeting is recognised, not misparsed."""
+    hs = Handshake(HandshakePlan(Mode.GO, ""))
+    oldstyle = struct.pack(">QQQI", wire.NBDMAGIC, 0x00420281861253, 1 << 20, 1) + bytes(124)
+    with pytest.raises(RemoteProtocolError, match="oldstyle"):
+        feed(hs, oldstyle)
+    assert hs.data_to_send() == b""  # not even client flags

@@ -640,3 +640,98 @@ def test_release_ring_only_when_empty_and_the_next_receive_gets_a_new_one():
     (req,) = events(conn)
     assert req.cookie == 8 and bytes(req.payload) == b"12345678"
     assert conn.release_ring(force=True) and len(conn._buf) == 0
+
+
+# -- hunt 14: proto.md requirements walked one by one (docs/spec-conformance.md) ---------
+
+
+def test_a_failed_set_meta_context_still_replaces_the_selection():
+    """proto.md SET_META_CONTEXT: it replaces every context selected before,
+    "including when this command fails" -- BLOCK_STATUS is then refused."""
+    for bad in (meta_payload("disk", ["base:allocation"])[:-3],   # truncated: ERR_INVALID
+                meta_payload("nope", ["base:allocation"])):       # unknown export: ERR_UNKNOWN
+        conn = make()
+        greet(conn)
+        feed(conn, wire.pack_option(Opt.STRUCTURED_REPLY)
+             + wire.pack_option(Opt.SET_META_CONTEXT, meta_payload("disk", ["base:allocation"]))
+             + wire.pack_option(Opt.SET_META_CONTEXT, bad)
+             + wire.pack_option(Opt.GO, go_payload("disk")))
+        reps = [r[1] for r in parse_option_replies(conn.data_to_send())]
+        assert reps[1:3] == [Rep.META_CONTEXT, Rep.ACK] and wire.rep_is_error(reps[3])
+        ev = events(conn)[-1]
+        assert isinstance(ev, HandshakeDone) and ev.contexts == {}
+        feed(conn, req(Cmd.BLOCK_STATUS, 0, 4096))
+        assert events(conn)[0].error == errno.EINVAL
+
+
+def test_block_size_reqd_comes_after_the_constraints_and_never_when_they_were_asked():
+    """proto.md INFO/GO: ERR_BLOCK_SIZE_REQD MUST NOT answer a GO that asked
+    for INFO_BLOCK_SIZE, and SHOULD follow an INFO_BLOCK_SIZE reply; INFO
+    (no commitment) is answered."""
+    aligned = ExportInfo("a", 1 << 20, RW_FLAGS, block_size=(4096, 4096, 1 << 20))
+    conn = ServerConnection(lambda n: aligned if n == "a" else None, lambda: [aligned])
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.INFO, go_payload("a", ())) + wire.pack_option(Opt.GO, go_payload("a", ())))
+    reps = parse_option_replies(conn.data_to_send())
+    assert [r[1] for r in reps] == [Rep.INFO, Rep.INFO, Rep.ACK, Rep.INFO, Rep.ERR_BLOCK_SIZE_REQD]
+    assert wire.INFO_BLOCK_SIZE.unpack(reps[3][2])[1:] == (4096, 4096, 1 << 20)
+    feed(conn, wire.pack_option(Opt.GO, go_payload("a")))
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [Rep.INFO, Rep.INFO, Rep.ACK]
+    assert isinstance(events(conn)[-1], HandshakeDone)
+
+
+def test_block_status_chunks_hold_at_most_max_extents_descriptors(monkeypatch):
+    """proto.md BLOCK_STATUS: a server SHOULD NOT send more than 2^20
+    descriptors in a chunk (and MAY answer less than asked)."""
+    from nbdbackup.nbd import protocol
+    assert protocol.MAX_EXTENTS == 1 << 20
+    monkeypatch.setattr(protocol, "MAX_EXTENTS", 3)
+    conn = to_transmission(contexts=("base:allocation", "qemu:dirty-bitmap:b0"))
+    out = conn.reply_block_status(7, [(0, [(512, 0)] * 5), (1, [(4096, 1)])])
+    _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack_from(out)
+    assert (flags, rtype, length) == (0, wire.ReplyType.BLOCK_STATUS, 4 + 3 * 8)
+    second = out[wire.STRUCTURED_REPLY_SIZE + length:]
+    assert wire.STRUCTURED_REPLY.unpack_from(second)[1:] == (wire.ReplyFlag.DONE, wire.ReplyType.BLOCK_STATUS, 7, 12)
+
+
+def test_a_non_fixed_newstyle_client_may_send_only_export_name_or_abort():
+    """proto.md: in non-fixed newstyle EXPORT_NAME is the only valid option
+    (no option reply exists there, so anything else ends the session)."""
+    conn = make()
+    greet(conn, flags=0)
+    feed(conn, wire.pack_option(Opt.LIST))
+    assert isinstance(events(conn)[0], ProtocolViolation) and conn.data_to_send() == b""
+    conn = make()
+    greet(conn, flags=0)
+    feed(conn, wire.pack_option(Opt.ABORT))
+    assert isinstance(events(conn)[0], Disconnect) and conn.data_to_send() == b""  # no ACK format to use
+    conn = make()
+    greet(conn, flags=0)
+    feed(conn, wire.pack_option(Opt.EXPORT_NAME, b"disk"))
+    assert len(conn.data_to_send()) == 134 and isinstance(events(conn)[0], HandshakeDone)
+
+
+def test_requests_off_the_advertised_minimum_block_size_are_einval():
+    """proto.md "Size constraints": the server SHOULD answer EINVAL to a READ
+    or WRITE not aligned to the minimum it advertised (the device may not
+    be able to do it: a re-exported 4 KiB-sector NBD source)."""
+    aligned = ExportInfo("a", 1 << 20, RW_FLAGS, block_size=(512, 4096, 1 << 20))
+    conn = ServerConnection(lambda n: aligned if n == "a" else None, lambda: [aligned])
+    greet(conn)
+    feed(conn, wire.pack_option(Opt.GO, go_payload("a")))
+    assert isinstance(events(conn)[-1], HandshakeDone)
+    feed(conn, req(Cmd.READ, 256, 512, cookie=1) + req(Cmd.WRITE, 0, 100, cookie=2, payload=bytes(100))
+         + req(Cmd.READ, 512, 1024, cookie=3))
+    assert [(e.cookie, e.error) for e in events(conn)] == [(1, errno.EINVAL), (2, errno.EINVAL), (3, 0)]
+
+
+def test_zero_length_requests_are_answered_not_a_reason_to_disconnect():
+    """proto.md READ/WRITE/TRIM/WRITE_ZEROES: a length of 0 is unspecified,
+    but the server SHOULD NOT disconnect (BLOCK_STATUS: EINVAL, see
+    test_request_validation); the server loop answers these with success."""
+    conn = to_transmission()
+    feed(conn, req(Cmd.READ, 4096, 0, cookie=1) + req(Cmd.WRITE, 4096, 0, cookie=2)
+         + req(Cmd.TRIM, 4096, 0, cookie=3) + req(Cmd.WRITE_ZEROES, 4096, 0, cookie=4) + req(Cmd.FLUSH, cookie=5))
+    evs = events(conn)
+    assert [(type(e), e.cookie, e.error) for e in evs] == [(Request, c, 0) for c in range(1, 6)]
+    assert evs[1].payload == b""
