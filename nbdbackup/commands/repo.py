@@ -353,7 +353,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.dry_run:
             if args.gc:  # what gc would free: chunks only the removed snapshots use
                 keep = repo.referenced(retention.kept(decisions))
-                gc = {"removed": len(repo.stored() - keep), "kept": len(keep)}
+                gc = {"removed": sum(1 for _ in repo.unreferenced(keep)), "kept": len(keep)}
         else:
             with Progress.for_args(args, "prune: deleting", len(remove), unit="snapshots") as prog:
                 for k, name in enumerate(remove):
