@@ -10,7 +10,7 @@ Synthesises repositories through the repository's own API (no pull, no NBD), fas
   chunks/xx/: only gc's listing and deletion see them).
 
 Then each operation runs in a fresh process (``python -c``), timed, with its peak RSS
-(``ru_maxrss``) and CPU: ``list`` (what ``repo list`` reads), ``load`` (the newest snapshot's
+(``VmHWM``) and CPU: ``list`` (what ``repo list`` reads), ``load`` (the newest snapshot's
 manifest), ``referenced`` (gc's mark phase), ``gc``, ``verify``, ``prune-dry`` (``prune --dry-run
 --gc``'s reads), ``restore`` (the newest, to a sparse file), ``meta`` (the snapshot object's size).
 
@@ -47,6 +47,10 @@ OPS = {
     "verify-sample": ("from nbdbackup.agent.verify import verify\n"
                       "r = verify(repo, repo.snapshots(), sample=1, seed=1, workers=4)\n"
                       "out['n'] = (r.chunks_checked, len(r.problems))"),
+    "prune": ("from nbdbackup.cli import main\nimport contextlib, io\n"
+              "with contextlib.redirect_stdout(io.StringIO()):\n"
+              "    out['n'] = main(['repo', 'prune', '--keep-last', '10', os.environ['REPO']])\n"
+              "out['left'] = len(repo.snapshots())"),
     "prune-dry": ("names = repo.snapshots()\nkeep = repo.referenced(names[len(names) // 2:])\n"
                   "out['n'] = len(repo.stored() - keep)"),
     "restore": ("from nbdbackup.cli import main\n"
@@ -54,6 +58,9 @@ OPS = {
                 "rc = main(['restore', os.environ['REPO'], repo.snapshots()[-1], p])\n"
                 "out['n'] = (rc, os.stat(p).st_size, os.stat(p).st_blocks * 512)\nos.unlink(p)"),
 }
+
+#: Ops that change the repository: with several interpreters each runs on its own copy.
+DESTRUCTIVE = ("gc", "prune")
 
 RUNNER = """
 import os, resource, sys, time, json
@@ -66,7 +73,8 @@ t0 = time.monotonic(); c0 = time.process_time()
 %s
 out['wall'] = time.monotonic() - t0
 out['cpu'] = time.process_time() - c0
-out['rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec (the bench itself)
+out['rss_mb'] = [int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
 print(json.dumps(out, default=str))
 """
 
@@ -222,6 +230,198 @@ def e2e(a, python: str, src: str, tmp: str) -> None:
     print(json.dumps(res), flush=True)
 
 
+RGW_RUNNER = """
+import os, resource, sys, time, json, datetime
+from concurrent.futures import ThreadPoolExecutor
+sys.path.insert(0, os.environ['SRC'])
+from nbdbackup.agent.manifest import Manifest
+from nbdbackup.agent.repo import Repository, _chunk_key
+from nbdbackup.agent.s3store import S3Store
+ttl = float(os.environ['TTL'])
+store = S3Store(os.environ['URL'], lease_ttl=ttl, gc_grace=0)
+repo = Repository.init(store, compression=1)
+n = int(os.environ['GARBAGE'])
+keep = []
+for k in range(4):  # a snapshot of 4 data chunks
+    b = bytes([k + 1]) * repo.chunk_size
+    keep.append(repo.chunk_id(b)); repo.put_chunk(keep[-1], b)
+man = Manifest(64 * repo.chunk_size, repo.chunk_size)
+man.chunks = keep + [repo.zero_id(repo.chunk_size)] * 60
+repo.save_snapshot('s0', man)
+with ThreadPoolExecutor(16) as pool:  # garbage: small objects under chunk keys
+    list(pool.map(lambda g: store.put(_chunk_key(g.to_bytes(8, 'big') + bytes(24)), b'x'), range(n)))
+store.requests.clear()
+out = {}
+t0 = time.monotonic(); c0 = time.process_time()
+try:
+    with store.lock(exclusive=True):
+        out['gc'] = repo.gc(0)
+except Exception as e:
+    out['error'] = f'{type(e).__name__}: {e}'
+out['wall'] = round(time.monotonic() - t0, 2)
+out['cpu'] = round(time.process_time() - c0, 2)
+out['rss_mb'] = [int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
+out['requests'] = dict(store.requests)
+out['left'] = sum(1 for _ in store.list('chunks'))
+out['locks_left'] = sorted(store.list('locks'))
+out['verify'] = Repository.open(store).verify()
+print(json.dumps(out, default=str))
+"""
+
+
+RGW_SNAPS = """
+import os, sys, datetime
+from concurrent.futures import ThreadPoolExecutor
+sys.path.insert(0, os.environ['SRC'])
+from nbdbackup.agent.manifest import Manifest
+from nbdbackup.agent.repo import Repository
+from nbdbackup.agent.s3store import S3Store
+store = S3Store(os.environ['URL'])
+repo = Repository.init(store, compression=1)
+b = bytes([1]) * repo.chunk_size
+d = repo.chunk_id(b); repo.put_chunk(d, b)
+man = Manifest(1 << 30, repo.chunk_size)
+man.chunks = [d] + [repo.zero_id(repo.chunk_size)] * (man.count - 1)
+t0 = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+with ThreadPoolExecutor(16) as pool:
+    list(pool.map(lambda k: repo.save_snapshot(f's{k:05d}', man, created=t0 + datetime.timedelta(hours=k)),
+                  range(int(os.environ['N']))))
+"""
+
+
+def rgw_snaps(a, pythons, tmp: str) -> None:
+    """``repo list`` and ``repo prune --keep-last 10`` of ``--snapshots`` snapshots on a real Ceph RGW
+    (each checkout on its own bucket, built by this checkout's API)."""
+    import uuid
+
+    sys.path.insert(0, os.path.join(HERE, "tests", "interop"))
+    import ceph_rgw
+
+    rgw = ceph_rgw.start(os.path.join(tmp, "rgw"))
+    try:
+        for _ in range(a.repeat):
+            for py, src in pythons:
+                bucket = f"snaps-{uuid.uuid4().hex[:12]}"
+                rgw.client().create_bucket(Bucket=bucket)
+                url = f"s3://{bucket}/r"
+                env = dict(os.environ, **rgw.env(), SRC=src, URL=url, N=str(a.snapshots), PYTHONPATH=src,
+                           AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
+                subprocess.run([sys.executable, "-c", RGW_SNAPS], env=dict(env, SRC=HERE), check=True, cwd=HERE)
+                out = {"op": "rgw-snaps", "src": src, "snapshots": a.snapshots}
+                for name, argv in (("list", ["repo", "list", url]),
+                                   ("prune", ["repo", "prune", "--keep-last", "10", url])):
+                    r = timed([py, "-m", "nbdbackup.cli", *argv], env, src)
+                    out[name] = {k: r[k] for k in ("wall", "cpu", "rss_mb")}
+                print(json.dumps(out), flush=True)
+    finally:
+        rgw.stop()
+
+
+def rgw_gc(a, pythons, tmp: str) -> None:
+    """gc of ``--garbage`` unreferenced objects on a real Ceph RGW (tests/interop/ceph_rgw.py): list
+    pagination past 1000 keys, DeleteObjects in batches of 1000, lease renewal through a gc that
+    outlives ``--ttl``; a snapshot's 4 chunks must survive, no lock object may be left."""
+    import uuid
+
+    sys.path.insert(0, os.path.join(HERE, "tests", "interop"))
+    import ceph_rgw
+
+    rgw = ceph_rgw.start(os.path.join(tmp, "rgw"))
+    try:
+        for _ in range(a.repeat):
+            for py, src in pythons:
+                bucket = f"scale-{uuid.uuid4().hex[:12]}"
+                rgw.client().create_bucket(Bucket=bucket)
+                env = dict(os.environ, **rgw.env(), SRC=src, URL=f"s3://{bucket}/r", TTL=str(a.ttl),
+                           GARBAGE=str(a.garbage), AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
+                r = subprocess.run(["nice", "-n", "19", py, "-c", RGW_RUNNER], env=env, capture_output=True, text=True,
+                                   cwd=src)
+                line = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else json.dumps({"error": r.stderr[-800:]})
+                print(json.dumps({"op": "rgw-gc", "src": src, "garbage": a.garbage, "ttl": a.ttl, **json.loads(line)}),
+                      flush=True)
+    finally:
+        rgw.stop()
+
+
+def writers(a, python: str, src: str, tmp: str, url: str | None, env_extra: dict) -> dict:
+    """``--writers`` pulls at once into one repository (``url``: s3://..., else a directory), each
+    of its own 32 MiB disk (half of it the same bytes in every disk: dedup between writers) served
+    by nbdkit, while ``repo gc`` and ``repo prune --keep-within 1d`` (four old snapshots to remove)
+    are tried in a loop; then gc and prune once more, and every pulled snapshot restored and
+    compared (``qemu-img compare``), ``repo verify``, the lock objects left (S3) counted."""
+    import random
+
+    work = tempfile.mkdtemp(prefix="writers.", dir=tmp)
+    env = dict(os.environ, PYTHONPATH=src, **env_extra)
+    py = [python, "-m", "nbdbackup.cli"]
+    repo = url or os.path.join(work, "repo")
+    rnd = random.Random(2)
+    shared = rnd.randbytes(16 << 20)
+    subprocess.run([*py, "repo", "init", repo], env=env, cwd=src, check=True, capture_output=True)
+    # four old snapshots for prune to remove (written through the API: created in 2020)
+    seed = (f"import sys; sys.path.insert(0, {src!r}); import datetime\n"
+            "from nbdbackup.agent.repo import Repository, open_store\nfrom nbdbackup.agent.manifest import Manifest\n"
+            f"r = Repository.open(open_store({repo!r}))\n"
+            "b = bytes([9]) * r.chunk_size; d = r.chunk_id(b); r.put_chunk(d, b)\n"
+            "m = Manifest(r.chunk_size, r.chunk_size); m.chunks = [d]\n"
+            "for k in range(4): r.save_snapshot(f'old{k}', m, created=datetime.datetime(2020, 1, 1 + k, "
+            "tzinfo=datetime.timezone.utc))\n")
+    subprocess.run([python, "-c", seed], env=env, cwd=src, check=True, capture_output=True)
+    procs, imgs = [], []
+    try:
+        for k in range(a.writers):
+            img = os.path.join(work, f"d{k}.img")
+            with open(img, "wb") as f:
+                f.write(shared + rnd.randbytes(16 << 20))
+            imgs.append(img)
+            sock = os.path.join(work, f"n{k}.sock")
+            procs.append(subprocess.Popen(["nbdkit", "-f", "-r", "-U", sock, "file", img],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait(sock)
+        t0 = time.monotonic()
+        pulls = [subprocess.Popen(["nice", "-n", "19", *py, "pull", f"nbd+unix:///?socket={work}/n{k}.sock",
+                                   "--repo", repo, "--snapshot", f"w{k}", "--connections", "2"], env=env, cwd=src,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k in range(a.writers)]
+        tries = {"gc": [0, 0], "prune": [0, 0]}  # [ran, refused busy]
+        while any(p.poll() is None for p in pulls):
+            for name, argv in (("gc", ["repo", "gc", repo, "--grace", "0"]),
+                               ("prune", ["repo", "prune", repo, "--keep-within", "1d"])):
+                r = subprocess.run([*py, *argv], env=env, cwd=src, capture_output=True, text=True)
+                tries[name][0 if r.returncode == 0 else 1] += 1
+                if r.returncode and "busy" not in r.stderr:
+                    raise RuntimeError(f"{name}: {r.stderr[-400:]}")
+        wall = time.monotonic() - t0
+        rcs = [(p.returncode, p.stderr.read()[-200:] if p.returncode else "") for p in pulls]
+        for argv in (["repo", "gc", repo, "--grace", "0"], ["repo", "prune", repo, "--keep-within", "1d"]):
+            subprocess.run([*py, *argv], env=env, cwd=src, check=True, capture_output=True)
+        same = 0
+        for k, img in enumerate(imgs):
+            out = os.path.join(work, "r.img")
+            subprocess.run([*py, "restore", repo, f"w{k}", out], env=env, cwd=src, check=True, capture_output=True)
+            c = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", img, out], capture_output=True)
+            same += c.returncode == 0
+            os.unlink(out)
+        v = subprocess.run([*py, "repo", "verify", repo], env=env, cwd=src, capture_output=True, text=True)
+        lst = subprocess.run([*py, "repo", "list", "--json", repo], env=env, cwd=src, capture_output=True, text=True)
+        names = [r["name"] for r in json.loads(lst.stdout)]
+        locks = None
+        if url:
+            sys.path.insert(0, src)
+            from nbdbackup.agent.s3store import S3Store
+
+            os.environ.update(env_extra)
+            locks = sorted(S3Store(url).list("locks"))
+        return {"op": "writers", "store": "rgw" if url else "dir", "writers": a.writers, "src": src,
+                "pulls_wall": round(wall, 1), "pull_rcs": rcs, "gc_prune_tries": tries, "restored_identical": same,
+                "verify_rc": v.returncode, "snapshots": names, "locks_left": locks}
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _wait(path: str, timeout: float = 120.0) -> bool:
     t = time.monotonic() + timeout
     while time.monotonic() < t:
@@ -245,9 +445,45 @@ def main() -> None:
     ap.add_argument("--keep", metavar="DIR", help="build into DIR (kept) instead of a temporary directory")
     ap.add_argument("--e2e", action="store_true",
                     help="the end-to-end run instead (`e2e`; --data is then MiB of data in the disk)")
+    ap.add_argument("--rgw", action="store_true", help="gc of --garbage objects on a Ceph RGW instead (`rgw_gc`)")
+    ap.add_argument("--writers", type=int, default=0,
+                    help="N pulls at once into one repository instead (`writers`; with --rgw: on RGW)")
+    ap.add_argument("--rgw-snapshots", action="store_true",
+                    help="with --rgw: repo list and prune of --snapshots snapshots instead (`rgw_snaps`)")
+    ap.add_argument("--ttl", type=float, default=60.0, help="with --rgw: the lease ttl (s)")
     a = ap.parse_args()
     pythons = [(p.split("=", 1) + [HERE])[:2] for p in (a.python or [sys.executable])]
     tmp = tempfile.mkdtemp(prefix="repo_scale.", dir="/tmp")
+    if a.writers:
+        try:
+            rgw = None
+            if a.rgw:
+                import uuid
+
+                sys.path.insert(0, os.path.join(HERE, "tests", "interop"))
+                import ceph_rgw
+
+                rgw = ceph_rgw.start(os.path.join(tmp, "rgw"))
+            for _ in range(a.repeat):
+                for py, src in pythons:
+                    url, extra = None, {}
+                    if rgw is not None:
+                        bucket = f"w-{uuid.uuid4().hex[:12]}"
+                        rgw.client().create_bucket(Bucket=bucket)
+                        url = f"s3://{bucket}/r"
+                        extra = dict(rgw.env(), AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
+                    print(json.dumps(writers(a, py, src, tmp, url, extra)), flush=True)
+        finally:
+            if rgw is not None:
+                rgw.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if a.rgw:
+        try:
+            rgw_snaps(a, pythons, tmp) if a.rgw_snapshots else rgw_gc(a, pythons, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     if a.e2e:
         try:
             for _ in range(a.repeat):
@@ -266,10 +502,10 @@ def main() -> None:
         for op in a.ops.split(","):
             for _ in range(a.repeat):
                 for py, src in pythons:
-                    if op == "gc" and len(pythons) > 1:
-                        continue  # destructive: measured once, last
+                    if op in DESTRUCTIVE and len(pythons) > 1:
+                        continue  # measured on copies, below
                     print(json.dumps({"op": op, "src": src, **run(op, py, src, path, tmp)}), flush=True)
-            if op == "gc" and len(pythons) > 1:
+            if op in DESTRUCTIVE and len(pythons) > 1:
                 for py, src in pythons:
                     shutil.copytree(path, path + ".gc", symlinks=True)
                     print(json.dumps({"op": op, "src": src, **run(op, py, src, path + ".gc", tmp)}), flush=True)

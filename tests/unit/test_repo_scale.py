@@ -221,3 +221,57 @@ def test_chunk_ids_match_the_manifest(tmp_path, monkeypatch, virtual, numpy_ids)
         want = {d: man.chunk_range(i)[1] for i, d in enumerate(man.chunks)
                 if d != repo.zero_id(man.chunk_range(i)[1])}
         assert repo.chunk_ids("t") == want
+
+
+def test_snapshot_infos_reads_a_remote_stores_snapshots_at_once_in_order(tmp_path, monkeypatch):
+    """``repo list``, ``prune`` and the agent's retention read every snapshot's metadata: on a
+    remote store (one round trip each) several at once, the answers in order, a failure raised."""
+    import threading
+    import time
+
+    from nbdbackup.errors import ConfigError
+
+    repo, _ = _sparse_repo(tmp_path / "r", 12, virtual=1 << 20)
+    repo.store.remote = True  # as S3Store
+    real = repo.snapshot_info
+    lock, now, most = threading.Lock(), [0], [0]
+
+    def slow_info(name):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.02)  # a round trip
+        with lock:
+            now[0] -= 1
+        if name == "s010":
+            raise ConfigError("damaged")
+        return real(name)
+
+    monkeypatch.setattr(repo, "snapshot_info", slow_info)
+    names = repo.snapshots()
+    got = []
+    with pytest.raises(ConfigError, match="damaged"):
+        for name, info in repo.snapshot_infos(names):
+            got.append((name, info["name"]))
+    assert got == [(n, n) for n in names[:10]]
+    assert most[0] > 4, most[0]  # one at a time: 1
+
+
+def test_prune_deletes_snapshots_in_batches_with_one_directory_fsync(tmp_path, monkeypatch, capsys):
+    """Removing 28 of 30 snapshots: the snapshots directory is fsynced once, after the unlinks (the
+    removals durable before any gc that follows), not once per snapshot; the right ones are gone."""
+    from nbdbackup.cli import main
+
+    repo, _ = _sparse_repo(tmp_path / "r", 30, virtual=1 << 20)
+    synced = []
+    real = repomod._fsync_dir
+
+    def fsync_dir(d):
+        synced.append((d, sorted(os.listdir(d))))
+        real(d)
+
+    monkeypatch.setattr(repomod, "_fsync_dir", fsync_dir)
+    assert main(["repo", "prune", "--keep-last", "2", str(tmp_path / "r")]) == 0
+    snaps = os.path.join(repo.store.root, "snapshots")
+    assert [s for d, s in synced if d == snaps] == [["s028", "s029"]]
+    assert repo.snapshots() == ["s028", "s029"]
