@@ -12,7 +12,7 @@ Synthesises repositories through the repository's own API (no pull, no NBD), fas
 Then each operation runs in a fresh process (``python -c``), timed, with its peak RSS
 (``VmHWM``) and CPU: ``list`` (what ``repo list`` reads), ``load`` (the newest snapshot's
 manifest), ``referenced`` (gc's mark phase), ``gc``, ``verify``, ``prune-dry`` (``prune --dry-run
---gc``'s reads), ``restore`` (the newest, to a sparse file), ``meta`` (the snapshot object's size).
+--gc --keep-last 5``), ``restore`` (the newest, to a sparse file), ``meta`` (the snapshot object's size).
 
     python bench/repo_scale.py --virtual 1T --snapshots 10 --data 200 --churn 20 \
         --ops list,load,referenced,verify,restore,gc --python .venv/bin/python
@@ -51,8 +51,10 @@ OPS = {
               "with contextlib.redirect_stdout(io.StringIO()):\n"
               "    out['n'] = main(['repo', 'prune', '--keep-last', '10', os.environ['REPO']])\n"
               "out['left'] = len(repo.snapshots())"),
-    "prune-dry": ("names = repo.snapshots()\nkeep = repo.referenced(names[len(names) // 2:])\n"
-                  "out['n'] = len(repo.stored() - keep)"),
+    "prune-dry": ("from nbdbackup.cli import main\nimport contextlib, io\nbuf = io.StringIO()\n"
+                  "with contextlib.redirect_stdout(buf):\n"
+                  "    main(['repo', 'prune', '--dry-run', '--gc', '--keep-last', '5', '--json', os.environ['REPO']])\n"
+                  "out['n'] = json.loads(buf.getvalue())['gc']"),
     "restore": ("from nbdbackup.cli import main\n"
                 "p = os.environ['OUT']\n"
                 "rc = main(['restore', os.environ['REPO'], repo.snapshots()[-1], p])\n"
@@ -69,6 +71,8 @@ from nbdbackup.agent.repo import DirStore, Repository
 store = DirStore(os.environ['REPO'])
 repo = Repository.open(store)
 out = {}
+with open('/proc/self/clear_refs', 'w') as f:  # peak RSS from here on (VmHWM): the op's, not the imports'
+    f.write('5')
 t0 = time.monotonic(); c0 = time.process_time()
 %s
 out['wall'] = time.monotonic() - t0
@@ -120,7 +124,7 @@ def build(path: str, virtual: int, snapshots: int, data: int, churn: int, garbag
         repo.save_snapshot(f"s{k:05d}", man, source="bench", parent=f"s{k - 1:05d}" if k else None,
                            created=t0 + datetime.timedelta(hours=k))
     for g in range(garbage):  # unreferenced objects: listing and deletion only
-        key = _chunk_key(g.to_bytes(8, "big") + bytes(24))
+        key = _chunk_key(g.to_bytes(8, "little") + bytes(24))  # spread over the 256 chunks/xx, as real ids
         p = os.path.join(path, *key.split("/"))
         os.makedirs(os.path.dirname(p), exist_ok=True)
         os.close(os.open(p, os.O_WRONLY | os.O_CREAT, 0o644))
@@ -249,8 +253,10 @@ man = Manifest(64 * repo.chunk_size, repo.chunk_size)
 man.chunks = keep + [repo.zero_id(repo.chunk_size)] * 60
 repo.save_snapshot('s0', man)
 with ThreadPoolExecutor(16) as pool:  # garbage: small objects under chunk keys
-    list(pool.map(lambda g: store.put(_chunk_key(g.to_bytes(8, 'big') + bytes(24)), b'x'), range(n)))
+    list(pool.map(lambda g: store.put(_chunk_key(g.to_bytes(8, 'little') + bytes(24)), b'x'), range(n)))
 store.requests.clear()
+with open('/proc/self/clear_refs', 'w') as f:  # peak RSS from here on (VmHWM)
+    f.write('5')
 out = {}
 t0 = time.monotonic(); c0 = time.process_time()
 try:
@@ -379,12 +385,22 @@ def writers(a, python: str, src: str, tmp: str, url: str | None, env_extra: dict
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             _wait(sock)
         t0 = time.monotonic()
-        pulls = [subprocess.Popen(["nice", "-n", "19", *py, "pull", f"nbd+unix:///?socket={work}/n{k}.sock",
-                                   "--repo", repo, "--snapshot", f"w{k}", "--connections", "2"], env=env, cwd=src,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for k in range(a.writers)]
+
+        def start(k: int) -> subprocess.Popen:
+            return subprocess.Popen(["nice", "-n", "19", *py, "pull", f"nbd+unix:///?socket={work}/n{k}.sock",
+                                     "--repo", repo, "--snapshot", f"w{k}", "--connections", "2"], env=env, cwd=src,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        pulls = [start(k) for k in range(a.writers)]
+        refused = 0  # pulls refused at their start because a gc or prune held the lock: started again
         tries = {"gc": [0, 0], "prune": [0, 0]}  # [ran, refused busy]
-        while any(p.poll() is None for p in pulls):
+        while any(p.poll() is None for p in pulls) or any(p.returncode for p in pulls):
+            for k, p in enumerate(pulls):
+                if p.poll() and "busy" in (err := p.stderr.read()):
+                    refused += 1
+                    pulls[k] = start(k)
+                elif p.returncode:
+                    raise RuntimeError(f"pull w{k}: {err[-400:]}")
             for name, argv in (("gc", ["repo", "gc", repo, "--grace", "0"]),
                                ("prune", ["repo", "prune", repo, "--keep-within", "1d"])):
                 r = subprocess.run([*py, *argv], env=env, cwd=src, capture_output=True, text=True)
@@ -392,13 +408,16 @@ def writers(a, python: str, src: str, tmp: str, url: str | None, env_extra: dict
                 if r.returncode and "busy" not in r.stderr:
                     raise RuntimeError(f"{name}: {r.stderr[-400:]}")
         wall = time.monotonic() - t0
-        rcs = [(p.returncode, p.stderr.read()[-200:] if p.returncode else "") for p in pulls]
+        rcs = [p.returncode for p in pulls]
         for argv in (["repo", "gc", repo, "--grace", "0"], ["repo", "prune", repo, "--keep-within", "1d"]):
             subprocess.run([*py, *argv], env=env, cwd=src, check=True, capture_output=True)
-        same = 0
+        same, bad = 0, []
         for k, img in enumerate(imgs):
             out = os.path.join(work, "r.img")
-            subprocess.run([*py, "restore", repo, f"w{k}", out], env=env, cwd=src, check=True, capture_output=True)
+            r = subprocess.run([*py, "restore", repo, f"w{k}", out], env=env, cwd=src, capture_output=True, text=True)
+            if r.returncode:
+                bad.append(f"w{k}: {r.stderr.strip()[-300:]}")
+                continue
             c = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", img, out], capture_output=True)
             same += c.returncode == 0
             os.unlink(out)
@@ -413,7 +432,8 @@ def writers(a, python: str, src: str, tmp: str, url: str | None, env_extra: dict
             os.environ.update(env_extra)
             locks = sorted(S3Store(url).list("locks"))
         return {"op": "writers", "store": "rgw" if url else "dir", "writers": a.writers, "src": src,
-                "pulls_wall": round(wall, 1), "pull_rcs": rcs, "gc_prune_tries": tries, "restored_identical": same,
+                "pulls_wall": round(wall, 1), "pull_rcs": rcs, "pulls_refused_busy": refused, "gc_prune_tries": tries,
+                "restored_identical": same, "restore_failures": bad,
                 "verify_rc": v.returncode, "snapshots": names, "locks_left": locks}
     finally:
         for p in procs:
