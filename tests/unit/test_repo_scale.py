@@ -275,3 +275,19 @@ def test_prune_deletes_snapshots_in_batches_with_one_directory_fsync(tmp_path, m
     snaps = os.path.join(repo.store.root, "snapshots")
     assert [s for d, s in synced if d == snaps] == [["s028", "s029"]]
     assert repo.snapshots() == ["s028", "s029"]
+
+
+def test_packing_a_manifests_ids_costs_about_their_size():
+    """`Manifest.packed` (saving a snapshot, its root): ~32 bytes per id of memory, not the ~112 of one
+    ``b"".join`` over every id (an 80-byte buffer descriptor each), 112 MB for a 1 TiB disk."""
+    n = 1 << 19
+    m = Manifest(n * C, C)
+    m.chunks = [os.urandom(32) for _ in range(64)] * (n // 64)
+    tracemalloc.start()
+    try:
+        packed = m.packed()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert packed == b"".join(m.chunks) and m.root == digest(packed)
+    assert peak < 40 * n, peak  # one join of all: ~112 * n
