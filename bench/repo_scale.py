@@ -531,8 +531,7 @@ def main() -> None:
                     print(json.dumps({"op": op, "src": src, **run(op, py, src, path + ".gc", tmp)}), flush=True)
                     shutil.rmtree(path + ".gc")
     finally:
-        if not a.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # (a --keep repository is outside it)
 
 
 if __name__ == "__main__":
