@@ -24,6 +24,7 @@ field and raises `ConfigError` naming the problem.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ DEFAULT_CHUNK = 4 << 20
 #: Proxmox Backup Server 4 MiB (16 MiB dynamic).  Past this, ``--chunk-size 1T`` was accepted
 #: and the first pull died of MemoryError (or of the OOM killer, a little lower).
 MAX_CHUNK = 64 << 20
+
+#: `Manifest.packed` joins this many ids at a time.
+PACK_RUN = 1 << 12
 
 _zero_cache: dict[int, bytes] = {}
 
@@ -95,8 +99,7 @@ class Manifest:
 
     @property
     def root(self) -> bytes:
-        assert all(len(c) == 32 for c in self.chunks), "manifest incomplete"
-        return digest(b"".join(self.chunks))
+        return digest(self.packed())
 
     def differences(self, other: "Manifest") -> list[int]:
         """Indexes of chunks whose digests differ (geometry must match)."""
@@ -108,18 +111,38 @@ class Manifest:
     # -- binary form (repository snapshots) -----------------------------------
 
     def packed(self) -> bytes:
-        """The digests as one string of 32-byte values (what `root` hashes)."""
-        assert all(len(c) == 32 for c in self.chunks), "manifest incomplete"
-        return b"".join(self.chunks)
+        """The digests as one string of 32-byte values (what `root` hashes; a bytearray).  Every
+        digest is checked to be 32 bytes by C code (a generator per chunk was ~0.3 s per 10^6
+        chunks).  Joined `PACK_RUN` ids at a time into the result: one ``b"".join`` of all of them
+        holds an 80-byte buffer descriptor per item on top of the result (112 MB for a 1 TiB disk's
+        32 MB of ids, docs/hunt13.md)."""
+        assert not any(map((32).__ne__, map(len, self.chunks))), "manifest incomplete"
+        out = bytearray(32 * len(self.chunks))
+        for i in range(0, len(self.chunks), PACK_RUN):
+            run = self.chunks[i:i + PACK_RUN]
+            out[32 * i:32 * (i + len(run))] = b"".join(run)
+        return out
 
     @classmethod
-    def from_packed(cls, size: int, chunk_size: int, packed, where: str = "manifest") -> "Manifest":
-        """The manifest of ``size`` bytes whose digests are ``packed`` (see `packed`)."""
+    def from_packed(cls, size: int, chunk_size: int, packed, where: str = "manifest",
+                    common: tuple[bytes, ...] = ()) -> "Manifest":
+        """The manifest of ``size`` bytes whose digests are ``packed`` (see `packed`).
+
+        ``common``: digests to share, one object each, wherever they occur (the repository's
+        zero-chunk id: a 1 TiB disk that is mostly holes has ~10^6 of them, 80 MB as separate
+        objects, 8 MB as references to one; docs/hunt13.md).  Built by C-level ``map``s, not a
+        Python loop per chunk (0.5 -> 0.2 s for 10^6 chunks)."""
         m = cls(size, chunk_size)
-        mv = memoryview(packed).cast("B")
-        if len(mv) != 32 * m.count:
-            raise ConfigError(f"{where}: {len(mv)} bytes of digests for {m.count} chunks")
-        m.chunks = [bytes(mv[o:o + 32]) for o in range(0, len(mv), 32)]
+        b = bytes(packed)
+        if len(b) != 32 * m.count:
+            raise ConfigError(f"{where}: {len(b)} bytes of digests for {m.count} chunks")
+        ids = map(b.__getitem__, map(slice, range(0, len(b), 32), range(32, len(b) + 32, 32)))
+        if common:
+            share = {c: c for c in common}
+            a, c = itertools.tee(ids)  # consumed in step: tee holds one item at a time
+            m.chunks = list(map(share.get, a, c))  # share.get(d, d): the shared object, else d
+        else:
+            m.chunks = list(ids)
         return m
 
     # -- files ----------------------------------------------------------------

@@ -698,17 +698,16 @@ def apply_retention(store, repo, policy, results: list[DiskResult], grace: float
     out: dict = {"policy": policy.to_json(), "removed": [], "gc": None}
     with store.lock(exclusive=True):
         groups: dict[tuple[str, str], list] = {}
-        for name in repo.snapshots():
-            info = repo.snapshot_info(name)
+        for name, info in repo.snapshot_infos(repo.snapshots()):
             meta = info.get("meta") or {}
             key = (meta.get("server"), meta.get("disk"))
             if meta.get("agent") and key in wanted:
                 groups.setdefault(key, []).append((name, repo.snapshot_time(name, info)[0]))
         now = datetime.datetime.now(datetime.timezone.utc)
         for key, snaps in sorted(groups.items()):
-            for name in retention.removed(retention.plan(snaps, policy, now=now)):
-                repo.delete_snapshot(name)
-                out["removed"].append(name)
+            doomed = retention.removed(retention.plan(snaps, policy, now=now))
+            repo.delete_snapshots(doomed)
+            out["removed"] += doomed
         freed, in_use = repo.gc(grace)
         out["gc"] = {"removed": freed, "kept": in_use}
     return out

@@ -80,8 +80,7 @@ def _int(name: str, text: Any) -> int:
 def manifest_identity(man) -> str:
     h = hashlib.sha256()
     h.update(f"{man.size}:{man.chunk_size}:".encode())
-    for d in man.chunks:
-        h.update(d)
+    h.update(man.packed())  # (the ids in order: one call, not one per chunk)
     return h.hexdigest()
 
 

@@ -260,8 +260,7 @@ def cmd_key_change(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     _, repo = _open(args)
     rows = []
-    for name in repo.snapshots():
-        info = repo.snapshot_info(name)
+    for name, info in repo.snapshot_infos(repo.snapshots()):
         rows.append({"name": name, "created": info.get("created"), "size": info["size"],
                      "parent": info.get("parent"), "root": info["root"]})
     _emit(args, rows, "\n".join(f"{r['name']}  {r['created']}  {r['size']} bytes  parent={r['parent'] or '-'}  "
@@ -353,12 +352,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.dry_run:
             if args.gc:  # what gc would free: chunks only the removed snapshots use
                 keep = repo.referenced(retention.kept(decisions))
-                gc = {"removed": len(repo.stored() - keep), "kept": len(keep)}
+                gc = {"removed": sum(1 for _ in repo.unreferenced(keep)), "kept": len(keep)}
         else:
             with Progress.for_args(args, "prune: deleting", len(remove), unit="snapshots") as prog:
-                for k, name in enumerate(remove):
-                    repo.delete_snapshot(name)
-                    prog.update(k + 1)
+                for k in range(0, len(remove), 100):  # (one batch: one fsync / DeleteObjects)
+                    repo.delete_snapshots(remove[k:k + 100])
+                    prog.update(min(len(remove), k + 100))
             if args.gc:
                 freed, in_use = repo.gc(args.grace)
                 gc = {"removed": freed, "kept": in_use}
@@ -378,8 +377,8 @@ def _snapshot_times(args: argparse.Namespace, repo) -> dict:
     names = repo.snapshots()
     out = {}
     with Progress.for_args(args, "prune: reading", len(names), unit="snapshots") as prog:
-        for k, name in enumerate(names):
-            out[name] = repo.snapshot_time(name)
+        for k, (name, info) in enumerate(repo.snapshot_infos(names)):
+            out[name] = repo.snapshot_time(name, info)
             prog.update(k + 1)
     return out
 

@@ -27,7 +27,7 @@ import pytest
 
 from nbdbackup import progress
 from nbdbackup.agent.manifest import Manifest, digest, zero_digest
-from nbdbackup.agent.restore import ChunkCache, segments, zero_runs
+from nbdbackup.agent.restore import ChunkCache, data_chunks, segments, zero_runs
 from nbdbackup.agent.verify import sample_ids
 
 K, M = 1 << 10, 1 << 20
@@ -158,8 +158,13 @@ def test_segments_and_zero_runs():
     assert [n for _, n, z in s] == [M, M, M, 100] and not any(z for *_, z in s)
     assert segments(bytes(4 * M)) == [(0, 4 * M, True)]
     assert segments(b"") == []
-    assert zero_runs([True, True, False, True, False, False, True]) == [(0, 2), (3, 1), (6, 1)]
-    assert zero_runs([]) == [] and zero_runs([False]) == []
+    def runs(flags):  # zero_runs takes the data chunks' indexes (O(data), docs/hunt13.md)
+        return zero_runs(data_chunks(flags), len(flags))
+
+    assert data_chunks([True, True, False, True, False, False, True]) == [2, 4, 5]
+    assert runs([True, True, False, True, False, False, True]) == [(0, 2), (3, 1), (6, 1)]
+    assert runs([]) == [] and runs([False]) == [] and runs([True] * 3) == [(0, 3)]
+    assert runs([False, True, True, False]) == [(1, 2)]
 
 
 # -- ChunkCache ------------------------------------------------------------------
