@@ -295,9 +295,9 @@ with ThreadPoolExecutor(16) as pool:
 """
 
 
-def rgw_snaps(a, pythons, tmp: str) -> None:
-    """``repo list`` and ``repo prune --keep-last 10`` of ``--snapshots`` snapshots on a real Ceph RGW
-    (each checkout on its own bucket, built by this checkout's API)."""
+def rgw_buckets(a, pythons, tmp: str, prefix: str):
+    """A real Ceph RGW (tests/interop/ceph_rgw.py) for the run; yields ``(python, src, bucket env)``
+    ``--repeat`` times per checkout, each with a bucket of its own (``URL``: s3://BUCKET/r)."""
     import uuid
 
     sys.path.insert(0, os.path.join(HERE, "tests", "interop"))
@@ -307,46 +307,39 @@ def rgw_snaps(a, pythons, tmp: str) -> None:
     try:
         for _ in range(a.repeat):
             for py, src in pythons:
-                bucket = f"snaps-{uuid.uuid4().hex[:12]}"
+                bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
                 rgw.client().create_bucket(Bucket=bucket)
-                url = f"s3://{bucket}/r"
-                env = dict(os.environ, **rgw.env(), SRC=src, URL=url, N=str(a.snapshots), PYTHONPATH=src,
-                           AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
-                subprocess.run([sys.executable, "-c", RGW_SNAPS], env=dict(env, SRC=HERE), check=True, cwd=HERE)
-                out = {"op": "rgw-snaps", "src": src, "snapshots": a.snapshots}
-                for name, argv in (("list", ["repo", "list", url]),
-                                   ("prune", ["repo", "prune", "--keep-last", "10", url])):
-                    r = timed([py, "-m", "nbdbackup.cli", *argv], env, src)
-                    out[name] = {k: r[k] for k in ("wall", "cpu", "rss_mb")}
-                print(json.dumps(out), flush=True)
+                yield py, src, dict(os.environ, **rgw.env(), SRC=src, URL=f"s3://{bucket}/r",
+                                    AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
     finally:
         rgw.stop()
+
+
+def rgw_snaps(a, pythons, tmp: str) -> None:
+    """``repo list`` and ``repo prune --keep-last 10`` of ``--snapshots`` snapshots on a real Ceph RGW
+    (each checkout on its own bucket, built by this checkout's API)."""
+    for py, src, env in rgw_buckets(a, pythons, tmp, "snaps"):
+        env = dict(env, N=str(a.snapshots), PYTHONPATH=src)
+        subprocess.run([sys.executable, "-c", RGW_SNAPS], env=dict(env, SRC=HERE), check=True, cwd=HERE)
+        out = {"op": "rgw-snaps", "src": src, "snapshots": a.snapshots}
+        for name, argv in (("list", ["repo", "list", env["URL"]]),
+                           ("prune", ["repo", "prune", "--keep-last", "10", env["URL"]])):
+            r = timed([py, "-m", "nbdbackup.cli", *argv], env, src)
+            out[name] = {k: r[k] for k in ("wall", "cpu", "rss_mb")}
+        print(json.dumps(out), flush=True)
 
 
 def rgw_gc(a, pythons, tmp: str) -> None:
     """gc of ``--garbage`` unreferenced objects on a real Ceph RGW (tests/interop/ceph_rgw.py): list
     pagination past 1000 keys, DeleteObjects in batches of 1000, lease renewal through a gc that
     outlives ``--ttl``; a snapshot's 4 chunks must survive, no lock object may be left."""
-    import uuid
-
-    sys.path.insert(0, os.path.join(HERE, "tests", "interop"))
-    import ceph_rgw
-
-    rgw = ceph_rgw.start(os.path.join(tmp, "rgw"))
-    try:
-        for _ in range(a.repeat):
-            for py, src in pythons:
-                bucket = f"scale-{uuid.uuid4().hex[:12]}"
-                rgw.client().create_bucket(Bucket=bucket)
-                env = dict(os.environ, **rgw.env(), SRC=src, URL=f"s3://{bucket}/r", TTL=str(a.ttl),
-                           GARBAGE=str(a.garbage), AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
-                r = subprocess.run(["nice", "-n", "19", py, "-c", RGW_RUNNER], env=env, capture_output=True, text=True,
-                                   cwd=src)
-                line = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else json.dumps({"error": r.stderr[-800:]})
-                print(json.dumps({"op": "rgw-gc", "src": src, "garbage": a.garbage, "ttl": a.ttl, **json.loads(line)}),
-                      flush=True)
-    finally:
-        rgw.stop()
+    for py, src, env in rgw_buckets(a, pythons, tmp, "scale"):
+        env = dict(env, TTL=str(a.ttl), GARBAGE=str(a.garbage))
+        r = subprocess.run(["nice", "-n", "19", py, "-c", RGW_RUNNER], env=env, capture_output=True, text=True,
+                           cwd=src)
+        line = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else json.dumps({"error": r.stderr[-800:]})
+        print(json.dumps({"op": "rgw-gc", "src": src, "garbage": a.garbage, "ttl": a.ttl, **json.loads(line)}),
+              flush=True)
 
 
 def writers(a, python: str, src: str, tmp: str, url: str | None, env_extra: dict) -> dict:

@@ -407,14 +407,7 @@ class DirStore:
         when this returns: its directory is fsynced, so a power loss after a `gc` that
         followed can never bring back a snapshot whose chunks that gc removed (chunk
         unlinks need no such order: a chunk that reappears is only unreferenced)."""
-        self._commit()
-        path = self._path(key)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        if not key.startswith("chunks/"):
-            _fsync_dir(os.path.dirname(path))
+        self.delete_many((key,))
 
     def delete_many(self, keys) -> None:
         """`delete` of each of ``keys``, the directories of the non-chunks fsynced once at the end

@@ -96,6 +96,16 @@ def test_a_refused_go_is_followed_by_opt_abort(blocking, refusal):
     assert seen[-2:] == [Opt.GO, Opt.ABORT]
 
 
+def _go_answer(size: int):
+    """Option answers of a server that has one export of ``size`` bytes: GO accepted, the rest unsupported."""
+    def answer(opt):
+        if opt == Opt.GO:
+            return (wire.pack_option_reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, size, 1))
+                    + wire.pack_option_reply(opt, Rep.ACK))
+        return wire.pack_option_reply(opt, Rep.ERR_UNSUP)
+    return answer
+
+
 def test_eshutdown_makes_the_client_finish_in_flight_requests_then_send_disc():
     """Two READs in flight; the first is answered ESHUTDOWN: the second still
     gets its data, new requests fail at once, and the next thing on the wire is
@@ -103,11 +113,7 @@ def test_eshutdown_makes_the_client_finish_in_flight_requests_then_send_disc():
     size = 1 << 20
 
     async def server(r, w):
-        def answer(opt):
-            if opt == Opt.GO:
-                return (wire.pack_option_reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, size, 1))
-                        + wire.pack_option_reply(opt, Rep.ACK))
-            return wire.pack_option_reply(opt, Rep.ERR_UNSUP)
+        answer = _go_answer(size)
         if (await _options(r, w, answer, last=Opt.GO))[-1:] != [Opt.GO]:
             return ["no GO"]
         reqs = [wire.REQUEST.unpack(await r.readexactly(wire.REQUEST_SIZE)) for _ in range(2)]
@@ -141,11 +147,7 @@ def test_requests_queued_for_a_slot_when_eshutdown_arrives_fail_as_closed():
     size = 1 << 20
 
     async def server(r, w):
-        def answer(opt):
-            if opt == Opt.GO:
-                return (wire.pack_option_reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, size, 1))
-                        + wire.pack_option_reply(opt, Rep.ACK))
-            return wire.pack_option_reply(opt, Rep.ERR_UNSUP)
+        answer = _go_answer(size)
         await _options(r, w, answer, last=Opt.GO)
         _, _, _, c1, _, _ = wire.REQUEST.unpack(await r.readexactly(wire.REQUEST_SIZE))
         await asyncio.sleep(0.1)

@@ -15,6 +15,7 @@ power cut or a remote with a write-back cache that was killed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 
@@ -62,24 +63,44 @@ class VolatileDev(MemoryDev):
         return bytes(buf)
 
 
-async def start(path: str, dev) -> Server:
-    server = Server(workers=0)
-    server.add_export("d", dev)
-    await server.start_unix(path)
-    return server
+class Remote:
+    """Our server exporting ``vol`` as "d" on the Unix socket ``path``; `crash` kills it the
+    way a power cut would (connections gone, unflushed writes lost), `start` starts a new one."""
 
+    def __init__(self, path: str, vol: VolatileDev) -> None:
+        self.path, self.vol = path, vol
+        self.server: Server | None = None
 
-async def crash(server: Server, vol: VolatileDev) -> None:
-    """The remote dies: its connections go, its unflushed writes are lost."""
-    flush = vol.flush
-    vol.flush = _nothing  # type: ignore[method-assign] - no last flush on the way down
-    await server.shutdown(timeout=1)
-    vol.flush = flush  # type: ignore[method-assign]
-    vol.crash()
+    async def start(self, vol: VolatileDev | None = None) -> None:
+        self.vol = vol or self.vol
+        self.server = Server(workers=0)
+        self.server.add_export("d", self.vol)
+        await self.server.start_unix(self.path)
+
+    async def crash(self) -> None:
+        assert self.server is not None
+        flush = self.vol.flush
+        self.vol.flush = _nothing  # type: ignore[method-assign] - no last flush on the way down
+        await self.server.shutdown(timeout=1)
+        self.vol.flush = flush  # type: ignore[method-assign]
+        self.vol.crash()
 
 
 async def _nothing() -> None:
     pass
+
+
+@contextlib.asynccontextmanager
+async def remote_and_device(tmp, **open_kw):
+    """A `Remote` and an `NBDDev` opened on it with ``open_kw``; both closed at the end."""
+    r = Remote(str(tmp / "s"), VolatileDev(SIZE))
+    await r.start()
+    dev = await NBDDev.open(f"nbd+unix:///d?socket={r.path}", **open_kw)
+    try:
+        yield r, dev
+    finally:
+        await dev.close()
+        await r.server.shutdown()
 
 
 async def read(dev: NBDDev, offset: int, length: int) -> bytes:
@@ -92,21 +113,18 @@ def test_unflushed_writes_are_written_again_after_the_remote_restarted(short_tmp
     caplog.set_level(logging.WARNING, logger="nbdbackup.blockdev.nbd")
 
     async def main():
-        path = str(short_tmp / "s")
-        vol = VolatileDev(SIZE)
-        server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10, replay=True)
-        try:
+        async with remote_and_device(short_tmp, reconnect_delay=10, replay=True) as (remote, dev):
+            vol = remote.vol
             await dev.pwrite(b"\x11" * 4096, 0)
             await dev.flush()
             await dev.pwrite(b"\x22" * 4096, 4096)  # acknowledged, not flushed
             await dev.zero(8192, 4096)  # a zero over data that is durable
             await dev.pwrite(b"\x33" * 4096, 65536, fua=True)
             vol.durable[0][8192:12288] = b"\x44" * 4096  # (the durable copy had data there)
-            await crash(server, vol)
+            await remote.crash()
             assert vol.read(4096, 4096) == bytes(4096)  # the remote lost it
             assert vol.read(8192, 4096) == b"\x44" * 4096
-            server = await start(path, vol)
+            await remote.start()
             # The read waits for the reconnection, which writes the log again first.
             assert await read(dev, 0, 12288) == b"\x11" * 4096 + b"\x22" * 4096 + bytes(4096)
             assert vol.read(4096, 4096) == b"\x22" * 4096
@@ -114,9 +132,6 @@ def test_unflushed_writes_are_written_again_after_the_remote_restarted(short_tmp
             await dev.flush()
             assert bytes(vol.durable[0][4096:12288]) == b"\x22" * 4096 + bytes(4096)
             assert dev._log == [] and dev._log_bytes == 0  # the FLUSH covered all of it
-        finally:
-            await dev.close()
-            await server.shutdown()
 
     run(main())
     assert "reconnected" in caplog.text
@@ -124,13 +139,9 @@ def test_unflushed_writes_are_written_again_after_the_remote_restarted(short_tmp
 
 def test_requests_wait_for_the_delay_then_fail_and_a_later_reconnection_serves_again(short_tmp):
     async def main():
-        path = str(short_tmp / "s")
-        vol = VolatileDev(SIZE)
-        server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=0.5, replay=True)
-        try:
+        async with remote_and_device(short_tmp, reconnect_delay=0.5, replay=True) as (remote, dev):
             await dev.pwrite(b"\x55" * 4096, 0)
-            await crash(server, vol)
+            await remote.crash()
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             with pytest.raises(OSError) as e:
@@ -141,7 +152,7 @@ def test_requests_wait_for_the_delay_then_fail_and_a_later_reconnection_serves_a
                 await read(dev, 0, 4096)
             assert loop.time() - t0 < 3
             # The device kept trying in the background: once the remote is back, it serves.
-            server = await start(path, vol)
+            await remote.start()
             while True:
                 try:
                     got = await read(dev, 0, 4096)
@@ -150,9 +161,6 @@ def test_requests_wait_for_the_delay_then_fail_and_a_later_reconnection_serves_a
                     assert loop.time() - t0 < 15
                     await asyncio.sleep(0.05)
             assert got == b"\x55" * 4096  # the unflushed write, written again
-        finally:
-            await dev.close()
-            await server.shutdown()
 
     run(main())
 
@@ -161,23 +169,16 @@ def test_a_remote_that_comes_back_with_another_disk_is_not_used(short_tmp, caplo
     caplog.set_level(logging.WARNING, logger="nbdbackup.blockdev.nbd")
 
     async def main():
-        path = str(short_tmp / "s")
-        vol = VolatileDev(SIZE)
-        server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=0.5, replay=True)
-        try:
+        async with remote_and_device(short_tmp, reconnect_delay=0.5, replay=True) as (remote, dev):
             await dev.pwrite(b"\x66" * 4096, 0)
-            await crash(server, vol)
+            await remote.crash()
             other = VolatileDev(2 * SIZE)
-            server = await start(path, other)
+            await remote.start(other)
             await asyncio.sleep(0.6)
             with pytest.raises(OSError) as e:
                 await read(dev, 0, 4096)
             assert e.value.errno == errno.EIO
             assert other.read(0, 4096) == bytes(4096)  # nothing written to the other disk
-        finally:
-            await dev.close()
-            await server.shutdown()
 
     run(main())
     assert "the export changed" in caplog.text
@@ -187,11 +188,8 @@ def test_a_full_replay_log_flushes_and_stays_bounded(short_tmp, monkeypatch):
     monkeypatch.setattr(nbdmod, "REPLAY_LOG_MAX", 256 * 1024)
 
     async def main():
-        path = str(short_tmp / "s")
-        vol = VolatileDev(SIZE)
-        server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10, replay=True)
-        try:
+        async with remote_and_device(short_tmp, reconnect_delay=10, replay=True) as (remote, dev):
+            vol = remote.vol
             chunk = b"\x77" * 65536
             await asyncio.gather(*(dev.pwrite(chunk, k * 65536) for k in range(16)))
             assert vol.flushes >= 1
@@ -199,12 +197,9 @@ def test_a_full_replay_log_flushes_and_stays_bounded(short_tmp, monkeypatch):
             for k in range(16, 24):
                 await dev.pwrite(chunk, k * 65536)
                 assert dev._log_bytes <= nbdmod.REPLAY_LOG_MAX
-            await crash(server, vol)
-            server = await start(path, vol)
+            await remote.crash()
+            await remote.start()
             assert await read(dev, 0, 24 * 65536) == chunk * 24  # flushed or written again
-        finally:
-            await dev.close()
-            await server.shutdown()
 
     run(main())
 
@@ -216,29 +211,22 @@ def test_without_a_replay_log_the_next_flush_reports_the_loss_once(short_tmp, ca
     caplog.set_level(logging.WARNING, logger="nbdbackup.blockdev.nbd")
 
     async def main():
-        path = str(short_tmp / "s")
-        vol = VolatileDev(SIZE)
-        server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10)
-        try:
+        async with remote_and_device(short_tmp, reconnect_delay=10) as (remote, dev):
             await dev.pwrite(b"\x11" * 4096, 0)
             await dev.flush()
-            await crash(server, vol)  # nothing unflushed: a clean reconnection
-            server = await start(path, vol)
+            await remote.crash()  # nothing unflushed: a clean reconnection
+            await remote.start()
             assert await read(dev, 0, 4096) == b"\x11" * 4096
             await dev.flush()
             await dev.pwrite(b"\x22" * 4096, 4096)  # acknowledged, then lost
-            await crash(server, vol)
-            server = await start(path, vol)
+            await remote.crash()
+            await remote.start()
             assert await read(dev, 4096, 4096) == bytes(4096)  # no log: the remote's content
             with pytest.raises(OSError) as e:
                 await dev.flush()
             assert e.value.errno == errno.EIO and "may be lost" in str(e.value)
             await dev.flush()  # reported once
             assert dev._log == []
-        finally:
-            await dev.close()
-            await server.shutdown()
 
     run(main())
     assert "acknowledged writes may be lost" in caplog.text
@@ -249,19 +237,12 @@ def test_a_device_without_reconnection_still_fails_for_good(short_tmp):
     from nbdbackup.errors import ConnectionClosed
 
     async def main():
-        path = str(short_tmp / "s")
-        vol = VolatileDev(SIZE)
-        server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}")
-        try:
-            await crash(server, vol)
-            server = await start(path, vol)
+        async with remote_and_device(short_tmp) as (remote, dev):
+            await remote.crash()
+            await remote.start()
             with pytest.raises(ConnectionClosed):
                 await read(dev, 0, 4096)
             assert dev._log == []
-        finally:
-            await dev.close()
-            await server.shutdown()
 
     run(main())
 
@@ -279,17 +260,14 @@ def test_random_writes_flushes_and_remote_crashes_lose_nothing_acknowledged(shor
     blocks = SIZE // 4096
 
     async def main():
-        path = str(short_tmp / "s")
-        vol = VolatileDev(SIZE)
-        server = await start(path, vol)
-        dev = await NBDDev.open(f"nbd+unix:///d?socket={path}", reconnect_delay=10, replay=True)
-        model = bytearray(SIZE)
-        try:
+        async with remote_and_device(short_tmp, reconnect_delay=10, replay=True) as (remote, dev):
+            vol = remote.vol
+            model = bytearray(SIZE)
             for step in range(40):
                 r = rng.random()
                 if r < 0.15:
-                    await crash(server, vol)
-                    server = await start(path, vol)
+                    await remote.crash()
+                    await remote.start()
                 elif r < 0.3:
                     await dev.flush()
                 else:
@@ -315,8 +293,5 @@ def test_random_writes_flushes_and_remote_crashes_lose_nothing_acknowledged(shor
             await dev.flush()
             vol.crash()  # only what is durable remains
             assert vol.read(0, SIZE) == bytes(model)
-        finally:
-            await dev.close()
-            await server.shutdown()
 
     run(main())
