@@ -351,13 +351,19 @@ class NBDDev(BlockDev):
 
     async def _do(self, fn: Callable[[Client], Awaitable[_T]]) -> _T:
         """Run ``fn`` on a connected client; on a reconnecting device, a request whose
-        connection is lost under it runs again on the next one (or fails with EIO)."""
+        connection is lost under it, or that the server answered NBD_ESHUTDOWN (it is
+        going away; the client then disconnects), runs again on the next connection (or
+        fails with EIO)."""
         while True:
             c = await self._client()
             try:
                 return await fn(c)
             except ConnectionClosed:
                 if self.reconnect_delay is None or self._closing:
+                    raise
+                self._lost(c)
+            except OSError as e:
+                if e.errno != errno.ESHUTDOWN or self.reconnect_delay is None or self._closing:
                     raise
                 self._lost(c)
 

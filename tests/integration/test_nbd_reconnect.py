@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 
 import pytest
 
@@ -293,5 +294,55 @@ def test_random_writes_flushes_and_remote_crashes_lose_nothing_acknowledged(shor
             await dev.flush()
             vol.crash()  # only what is durable remains
             assert vol.read(0, SIZE) == bytes(model)
+
+    run(main())
+
+
+def test_a_request_answered_eshutdown_runs_again_on_the_next_connection(short_tmp):
+    """A remote going away may answer requests NBD_ESHUTDOWN (nbdkit and qemu-nbd do on
+    SIGTERM) instead of doing them: a reconnecting device runs such a request again once the
+    remote is back, rather than failing it (hunt 14's open question).  The remotes here are
+    raw servers: the first answers the READ ESHUTDOWN, the second with data."""
+    from nbdbackup.nbd import wire
+    from nbdbackup.nbd.wire import Opt
+
+    from test_client_soft_disconnect import _go_answer, _options
+
+    path = str(short_tmp / "s")
+
+    async def main():
+        answered = asyncio.Event()
+
+        async def first(r, w):
+            await _options(r, w, _go_answer(SIZE), last=Opt.GO)
+            _, _, _, cookie, _, _ = wire.REQUEST.unpack(await r.readexactly(wire.REQUEST_SIZE))
+            w.write(wire.pack_simple_reply(cookie, wire.Err.ESHUTDOWN))
+            answered.set()
+            while await r.read(4096):  # until the client's CMD_DISC and close
+                pass
+            w.close()
+
+        async def second(r, w):
+            await _options(r, w, _go_answer(SIZE), last=Opt.GO)
+            _, _, _, cookie, off, n = wire.REQUEST.unpack(await r.readexactly(wire.REQUEST_SIZE))
+            w.write(wire.pack_simple_reply(cookie, 0) + b"r" * n)
+            while await r.read(4096):
+                pass
+            w.close()
+
+        srv = await asyncio.start_unix_server(first, path)
+        dev = await NBDDev.open(f"nbd+unix:///disk?socket={path}", reconnect_delay=10, replay=True)
+        try:
+            pending = asyncio.ensure_future(read(dev, 0, 4096))
+            await asyncio.wait_for(answered.wait(), 10)
+            srv.close()
+            await srv.wait_closed()
+            os.unlink(path)
+            srv = await asyncio.start_unix_server(second, path)
+            assert await asyncio.wait_for(pending, 10) == b"r" * 4096
+        finally:
+            await dev.close()
+            srv.close()
+            await srv.wait_closed()
 
     run(main())
