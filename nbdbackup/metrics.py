@@ -29,12 +29,12 @@ TIMEOUT = 5.0
 
 def render(app: Any) -> str:
     jobs = app.engine.query_jobs() if app.engine is not None else []
-    from .blockdev import ioengine
+    from .blockdev import ioengine, nbd
 
     pool = getattr(app.server, "pool", None)
     return (prometheus_text(app.server.exports.values(), app.server.connections, jobs,
                             getattr(app.server, "budget", None), getattr(app.server, "budget_total", None))
-            + ioengine.prometheus_text()
+            + ioengine.prometheus_text() + nbd.prometheus_text()
             + (pool.prometheus_text() if pool is not None else ""))
 
 

@@ -51,6 +51,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import weakref
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 from ..errors import ConfigError, ConnectionClosed, OptionError, RemoteProtocolError
@@ -88,6 +89,9 @@ RECONNECT_PAUSE_MAX = 5.0
 
 _T = TypeVar("_T")
 
+#: The open reconnecting devices, for `prometheus_text` (weak: closing one is enough).
+_reconnecting: "weakref.WeakSet[NBDDev]" = weakref.WeakSet()
+
 
 class NBDDev(BlockDev):
     """A remote export over one or more NBD connections.
@@ -109,7 +113,8 @@ class NBDDev(BlockDev):
     the log is full, which writers wait for); ``replay`` (keep the log; else only
     count: ``_seq`` then counts acknowledged writes, ``_flushed`` is the ``_seq`` a
     completed FLUSH covered, ``_lost_writes`` says a loss may have dropped some and
-    the next FLUSH must fail); ``_closing``.
+    the next FLUSH must fail); ``reconnects`` and ``replayed`` (counters: reconnections
+    made, bytes written again); ``_closing``.
     """
 
     def __init__(self, uri: NBDURI, clients: list[Client], *, read_only: bool = False, spec: str | None = None) -> None:
@@ -131,6 +136,8 @@ class NBDDev(BlockDev):
         self.replay = False
         self._flushed = 0
         self._lost_writes = False
+        self.reconnects = 0
+        self.replayed = 0
         self._closing = False
         c = clients[0]
         self._read_only = read_only or c.read_only
@@ -211,6 +218,7 @@ class NBDDev(BlockDev):
             dev.reconnect_delay = reconnect_delay
             dev.replay = replay
             dev._watch(first)
+            _reconnecting.add(dev)
         return dev
 
     async def reopen_lost(self) -> int:
@@ -306,6 +314,7 @@ class NBDDev(BlockDev):
                     self._task = None
                     self._down_since = None
                     self._up.set()
+                    self.reconnects += 1
                     log.warning("%s: reconnected", self.spec)
                     return
                 await asyncio.gather(c.disconnect(), return_exceptions=True)
@@ -321,6 +330,7 @@ class NBDDev(BlockDev):
             if kind == "w":
                 assert isinstance(item, bytes)
                 await c.pwrite(item, off)
+                self.replayed += len(item)
             elif kind == "t":
                 assert isinstance(item, int)
                 await c.trim(off, item)
@@ -472,8 +482,33 @@ class NBDDev(BlockDev):
 
     async def close(self) -> None:
         self._closing = True
+        _reconnecting.discard(self)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await asyncio.gather(*(c.disconnect() for c in self.clients), return_exceptions=True)
+
+
+def prometheus_text() -> str:
+    """Gauges and counters of the open reconnecting devices (re-exports, ``nbd://`` targets),
+    labelled with the remote's URI: connected or not, reconnections, bytes written again,
+    bytes in the replay log; empty when there are none."""
+    devs = sorted(_reconnecting, key=lambda d: str(d.uri))
+    if not devs:
+        return ""
+    out = []
+    for name, kind, help_, get in (
+            ("nbdbackup_remote_connected", "gauge", "1 while the connection to the remote NBD server is up.",
+             lambda d: int(d._up.is_set())),
+            ("nbdbackup_remote_reconnects_total", "counter", "Reconnections to the remote NBD server.",
+             lambda d: d.reconnects),
+            ("nbdbackup_remote_replayed_bytes_total", "counter",
+             "Bytes of acknowledged, unflushed writes written again after a reconnection.", lambda d: d.replayed),
+            ("nbdbackup_remote_replay_log_bytes", "gauge",
+             "Bytes of acknowledged writes kept until a FLUSH covers them.", lambda d: d._log_bytes)):
+        out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n")
+        for d in devs:
+            remote = str(d.uri).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+            out.append(f'{name}{{remote="{remote}"}} {get(d)}\n')
+    return "".join(out)

@@ -133,6 +133,12 @@ def test_unflushed_writes_are_written_again_after_the_remote_restarted(short_tmp
             await dev.flush()
             assert bytes(vol.durable[0][4096:12288]) == b"\x22" * 4096 + bytes(4096)
             assert dev._log == [] and dev._log_bytes == 0  # the FLUSH covered all of it
+            text = nbdmod.prometheus_text()  # (serve --metrics)
+            remote = f'{{remote="{dev.uri}"}}'
+            assert f"nbdbackup_remote_connected{remote} 1\n" in text
+            assert f"nbdbackup_remote_reconnects_total{remote} 1\n" in text
+            assert f"nbdbackup_remote_replayed_bytes_total{remote} 8192\n" in text  # 0x22 and the FUA 0x33
+            assert f"nbdbackup_remote_replay_log_bytes{remote} 0\n" in text
 
     run(main())
     assert "reconnected" in caplog.text
@@ -149,6 +155,7 @@ def test_requests_wait_for_the_delay_then_fail_and_a_later_reconnection_serves_a
                 await read(dev, 0, 4096)
             assert e.value.errno == errno.EIO and "reconnecting" in str(e.value)
             assert 0.3 < loop.time() - t0 < 3
+            assert f'nbdbackup_remote_connected{{remote="{dev.uri}"}} 0\n' in nbdmod.prometheus_text()
             with pytest.raises(OSError) as e:  # past the delay: at once
                 await read(dev, 0, 4096)
             assert loop.time() - t0 < 3
