@@ -82,11 +82,25 @@ WANTED_CONTEXTS = (BASE_ALLOCATION, ALLOCATION_DEPTH, DIRTY_BITMAP_PREFIX)
 RECONNECT_DELAY = env_seconds("NBDBACKUP_RECONNECT_DELAY", 10.0)
 #: Bytes of acknowledged, not yet flushed writes a reconnecting device keeps.
 REPLAY_LOG_MAX = 64 << 20
+#: What one entry of the log counts against `REPLAY_LOG_MAX` at least: a zero or a trim
+#: holds no data, a small write little, but each costs memory and a round trip of the
+#: replay (without it a client zeroing without FLUSH grew the log without bound; hunt 15).
+#: 16 KiB: at most 4096 entries.
+REPLAY_ENTRY_COST = 16 << 10
 #: Handshake timeout of one reconnection attempt, and the longest pause between two.
 RECONNECT_CONNECT_TIMEOUT = 5.0
 RECONNECT_PAUSE_MAX = 5.0
+#: The longest pause between two attempts while requests may still wait (within
+#: ``reconnect_delay`` of the loss): a remote back within the delay serves them (hunt 15:
+#: with pauses doubling to 5 s, one back at 1.7 s of a 3 s delay was tried at 3.15 s).
+RECONNECT_PAUSE_WAITING = 0.25
 
 _T = TypeVar("_T")
+
+
+def _cost(item: bytes | int) -> int:
+    """What a replay log entry (a write's bytes, or a zero's or trim's length) counts."""
+    return max(len(item), REPLAY_ENTRY_COST) if isinstance(item, bytes) else REPLAY_ENTRY_COST
 
 
 class NBDDev(BlockDev):
@@ -105,7 +119,7 @@ class NBDDev(BlockDev):
     write acknowledged since the last FLUSH that covers it, in acknowledgement order;
     kind ``"w"`` write, ``"z"`` zero keeping allocation, ``"h"`` zero that may punch,
     ``"t"`` trim); ``_seq`` (sequence number of the last logged write);
-    ``_log_bytes`` (bytes held by ``_log``); ``_log_flush`` (a FLUSH started because
+    ``_log_bytes`` (what ``_log`` counts: `_cost` of each entry); ``_log_flush`` (a FLUSH started because
     the log is full, which writers wait for); ``replay`` (keep the log; else only
     count: ``_seq`` then counts acknowledged writes, ``_flushed`` is the ``_seq`` a
     completed FLUSH covered, ``_lost_writes`` says a loss may have dropped some and
@@ -279,8 +293,8 @@ class NBDDev(BlockDev):
         ref = self.clients[0]
         pause, told = 0.05, None
         if self.replay:
-            log.warning("%s: connection lost; reconnecting (%d bytes of unflushed writes to write again)",
-                        self.spec, self._log_bytes)
+            log.warning("%s: connection lost; reconnecting (%d unflushed writes to write again)",
+                        self.spec, len(self._log))
         else:
             log.warning("%s: connection lost; reconnecting%s", self.spec,
                         " (acknowledged writes may be lost: the next FLUSH fails)" if self._lost_writes else "")
@@ -298,7 +312,7 @@ class NBDDev(BlockDev):
                     try:
                         await self._replay(c)
                     except Exception as e:
-                        why = f"writing {self._log_bytes} bytes of unflushed writes again failed: {e}"
+                        why = f"writing {len(self._log)} unflushed writes again failed: {e}"
                 if why is None and not self._closing:
                     self.clients[0] = c
                     self._rr = itertools.cycle(self.clients)
@@ -312,7 +326,10 @@ class NBDDev(BlockDev):
             if why is not None and why != told:
                 log.warning("%s: %s; trying again", self.spec, why)
                 told = why
-            await asyncio.sleep(pause)
+            loop = asyncio.get_running_loop()
+            waiting = (self._down_since is not None and self.reconnect_delay is not None
+                       and loop.time() < self._down_since + self.reconnect_delay)
+            await asyncio.sleep(min(pause, RECONNECT_PAUSE_WAITING) if waiting else pause)
             pause = min(pause * 2, RECONNECT_PAUSE_MAX)
 
     async def _replay(self, c: Client) -> None:
@@ -375,7 +392,7 @@ class NBDDev(BlockDev):
         if not self.replay:
             return
         self._log.append((self._seq, kind, offset, item))
-        self._log_bytes += len(item) if isinstance(item, bytes) else 0
+        self._log_bytes += _cost(item)
         while self._log_bytes > REPLAY_LOG_MAX:  # one FLUSH at a time, shared by the writers waiting
             if self._log_flush is None:
                 self._log_flush = asyncio.ensure_future(self._flush_log())
@@ -399,7 +416,7 @@ class NBDDev(BlockDev):
         if self._log and self._log[0][0] <= seq:
             keep = [e for e in self._log if e[0] > seq]
             self._log = keep
-            self._log_bytes = sum(len(e[3]) for e in keep if isinstance(e[3], bytes))
+            self._log_bytes = sum(_cost(e[3]) for e in keep)
 
     # -- I/O ----------------------------------------------------------------------
 

@@ -346,3 +346,49 @@ def test_a_request_answered_eshutdown_runs_again_on_the_next_connection(short_tm
             await srv.wait_closed()
 
     run(main())
+
+
+def test_zeroes_and_trims_without_flush_keep_the_replay_log_bounded(short_tmp, monkeypatch):
+    """Hunt 15: a zero or a trim held no bytes, so it cost the log nothing: a client
+    zeroing or discarding without FLUSH (mkfs, fstrim, qemu-img convert of a sparse
+    image) grew it without bound -- memory, and a replay of one round trip per entry
+    longer than the delay.  Each entry now counts at least `REPLAY_ENTRY_COST` bytes."""
+    monkeypatch.setattr(nbdmod, "REPLAY_LOG_MAX", 64 * 1024)
+
+    async def main():
+        async with remote_and_device(short_tmp, reconnect_delay=10, replay=True) as (remote, dev):
+            vol = remote.vol
+            for k in range(200):
+                off = (k % 512) * 4096
+                if k % 2:
+                    await dev.zero(off, 4096)
+                else:
+                    await dev.trim(off, 4096)
+            assert vol.flushes >= 1
+            assert len(dev._log) * nbdmod.REPLAY_ENTRY_COST <= nbdmod.REPLAY_LOG_MAX
+            await dev.pwrite(b"\x12" * 512, 0)  # a small write costs a whole entry too
+            assert dev._log_bytes <= nbdmod.REPLAY_LOG_MAX
+
+    run(main())
+
+
+def test_a_remote_back_within_the_delay_serves_the_waiting_requests(short_tmp):
+    """Hunt 15: the pause between attempts doubled up to 5 s even while requests were
+    waiting, so a remote back within ``reconnect_delay`` could be tried only after it:
+    with a 3 s delay, attempts at ~1.55 s and ~3.15 s after the loss, a remote back at
+    1.7 s failed the waiting read with EIO.  While requests may wait, attempts now come
+    at most `RECONNECT_PAUSE_WAITING` apart."""
+
+    async def main():
+        async with remote_and_device(short_tmp, reconnect_delay=3, replay=True) as (remote, dev):
+            await dev.pwrite(b"\x21" * 4096, 0)
+            loop = asyncio.get_running_loop()
+            await remote.crash()
+            while dev._down_since is None:
+                await asyncio.sleep(0.01)
+            pending = asyncio.ensure_future(read(dev, 0, 4096))
+            await asyncio.sleep(dev._down_since + 1.7 - loop.time())
+            await remote.start()
+            assert await pending == b"\x21" * 4096
+
+    run(main())
