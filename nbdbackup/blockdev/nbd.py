@@ -39,7 +39,9 @@ was written: read-your-writes, and FLUSH still covers every completed write
 page faults per write would cost the pump ~35% more CPU) keep no log: the first
 FLUSH after a loss that may have dropped acknowledged writes fails with EIO, once
 (as Linux reports lost write-back), and the backup job fails instead of leaving a
-target with holes in it.
+target with holes in it; and every READ after such a loss fails with EIO (a target
+or scratch is read back: snapshot reads of copied clusters, the pump moving scratch
+to target -- reading what the remote kept would be a silently wrong snapshot).
 
 Invariant: all connections reached the same export with the same size and
 flags (checked at open and at every reconnection).
@@ -123,7 +125,10 @@ class NBDDev(BlockDev):
     the log is full, which writers wait for); ``replay`` (keep the log; else only
     count: ``_seq`` then counts acknowledged writes, ``_flushed`` is the ``_seq`` a
     completed FLUSH covered, ``_lost_writes`` says a loss may have dropped some and
-    the next FLUSH must fail); ``_closing``.
+    the next FLUSH must fail; ``_unreadable``: set with it and never cleared, every later
+    read fails with EIO: a backup target or scratch is read back -- snapshot reads of
+    the clusters copied before a write, the pump moving scratch to target -- and the
+    remote may have lost what they would read, hunt 15); ``_closing``.
     """
 
     def __init__(self, uri: NBDURI, clients: list[Client], *, read_only: bool = False, spec: str | None = None) -> None:
@@ -145,6 +150,7 @@ class NBDDev(BlockDev):
         self.replay = False
         self._flushed = 0
         self._lost_writes = False
+        self._unreadable = False
         self._closing = False
         c = clients[0]
         self._read_only = read_only or c.read_only
@@ -283,6 +289,7 @@ class NBDDev(BlockDev):
         self._up.clear()
         if not self.replay and self._seq > self._flushed:
             self._lost_writes = True  # acknowledged, maybe only in a cache that is gone
+            self._unreadable = True
         self._task = asyncio.ensure_future(self._reconnect())
 
     async def _reconnect(self) -> None:
@@ -421,7 +428,14 @@ class NBDDev(BlockDev):
     # -- I/O ----------------------------------------------------------------------
 
     async def pread(self, buf: memoryview, offset: int) -> None:
+        self._check_readable()
         await self._do(lambda c: c.pread(buf, offset))
+        self._check_readable()  # (lost while it ran: rerun on a remote that may lack writes)
+
+    def _check_readable(self) -> None:
+        if self._unreadable:
+            raise OSError(errno.EIO, f"{self.spec}: the connection was lost with writes acknowledged "
+                                     "but not flushed: what it reads may not be what was written")
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
         self._writable()

@@ -222,7 +222,7 @@ def test_without_a_replay_log_the_next_flush_reports_the_loss_once(short_tmp, ca
             await dev.pwrite(b"\x22" * 4096, 4096)  # acknowledged, then lost
             await remote.crash()
             await remote.start()
-            assert await read(dev, 4096, 4096) == bytes(4096)  # no log: the remote's content
+            assert remote.vol.read(4096, 4096) == bytes(4096)  # no log: the remote lost it
             with pytest.raises(OSError) as e:
                 await dev.flush()
             assert e.value.errno == errno.EIO and "may be lost" in str(e.value)
@@ -390,5 +390,35 @@ def test_a_remote_back_within_the_delay_serves_the_waiting_requests(short_tmp):
             await asyncio.sleep(dev._down_since + 1.7 - loop.time())
             await remote.start()
             assert await pending == b"\x21" * 4096
+
+    run(main())
+
+
+def test_without_a_replay_log_reads_after_a_lossy_reconnection_fail(short_tmp):
+    """Hunt 15: a backup target or scratch (no replay log) is read back -- snapshot reads of
+    the clusters copy-before-write put there, the pump moving scratch to target.  After a
+    remote lost acknowledged writes, the reconnected device read what the remote kept
+    (zeros here): a silently wrong snapshot, or a wrong target the final FLUSH of another
+    device would not report.  Every read fails with EIO from then on; a loss with nothing
+    unflushed changes nothing."""
+
+    async def main():
+        async with remote_and_device(short_tmp, reconnect_delay=10) as (remote, dev):
+            await dev.pwrite(b"\x31" * 4096, 0)
+            await dev.flush()
+            await remote.crash()  # nothing unflushed: reads go on
+            await remote.start()
+            assert await read(dev, 0, 4096) == b"\x31" * 4096
+            await dev.pwrite(b"\x32" * 4096, 4096)  # acknowledged, then lost
+            await remote.crash()
+            await remote.start()
+            for _ in range(2):
+                with pytest.raises(OSError) as e:
+                    await read(dev, 4096, 4096)
+                assert e.value.errno == errno.EIO and "may not be what was written" in str(e.value)
+            with pytest.raises(OSError):
+                await dev.flush()  # (and the FLUSH reports the loss, once)
+            with pytest.raises(OSError):
+                await read(dev, 0, 4096)  # still: the device stays unreadable
 
     run(main())
