@@ -320,6 +320,9 @@ class NBDDev(BlockDev):
                         await self._replay(c)
                     except Exception as e:
                         why = f"writing {len(self._log)} unflushed writes again failed: {e}"
+                    except BaseException:  # cancelled (`close`): never leave it open (hunt 15)
+                        c.abort()
+                        raise
                 if why is None and not self._closing:
                     self.clients[0] = c
                     self._rr = itertools.cycle(self.clients)

@@ -422,3 +422,59 @@ def test_without_a_replay_log_reads_after_a_lossy_reconnection_fail(short_tmp):
                 await read(dev, 0, 4096)  # still: the device stays unreadable
 
     run(main())
+
+
+def test_closing_during_the_replay_drops_the_new_connection(short_tmp):
+    """Hunt 15: `close` (``block-export-del``, ``serve`` stopping) cancels the reconnecting
+    task; cancelled while writing the log again, it left the new connection open for the
+    life of the process (a qemu-nbd, one client by default, then refuses the next one).
+    Raw servers: the first acknowledges a WRITE and drops the connection; the second takes
+    the replayed WRITE, never answers, and must see the connection close."""
+    from nbdbackup.nbd import wire
+    from nbdbackup.nbd.wire import Info, Opt, Rep, TransmissionFlag as TFl
+
+    from test_client_soft_disconnect import _options
+
+    path = str(short_tmp / "s")
+    flags = int(TFl.HAS_FLAGS | TFl.SEND_FLUSH)
+
+    def answer(opt):
+        if opt == Opt.GO:
+            return (wire.pack_option_reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, SIZE, flags))
+                    + wire.pack_option_reply(opt, Rep.ACK))
+        return wire.pack_option_reply(opt, Rep.ERR_UNSUP)
+
+    async def main():
+        n = 0
+        replaying, eof = asyncio.Event(), asyncio.Event()
+
+        async def serve(r, w):
+            nonlocal n
+            n += 1
+            await _options(r, w, answer, last=Opt.GO)
+            _, _, _, cookie, _, length = wire.REQUEST.unpack(await r.readexactly(wire.REQUEST_SIZE))
+            await r.readexactly(length)
+            if n == 1:
+                w.write(wire.pack_simple_reply(cookie, 0))
+                await w.drain()
+                w.close()
+                return
+            replaying.set()
+            while await r.read(4096):
+                pass
+            eof.set()
+            w.close()
+
+        srv = await asyncio.start_unix_server(serve, path)
+        dev = await NBDDev.open(f"nbd+unix:///disk?socket={path}", reconnect_delay=10, replay=True)
+        try:
+            await dev.pwrite(b"\x41" * 4096, 0)
+            await asyncio.wait_for(replaying.wait(), 10)
+            await dev.close()
+            await asyncio.wait_for(eof.wait(), 3)
+        finally:
+            await dev.close()
+            srv.close()
+            await srv.wait_closed()
+
+    run(main())
