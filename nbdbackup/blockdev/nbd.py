@@ -170,6 +170,7 @@ class NBDDev(BlockDev):
             can_cache=True,
             can_multi_conn=c.can(TF.CAN_MULTI_CONN),
             can_extents=BASE_ALLOCATION in c.meta_contexts,
+            sparse_reads=False,
             rotational=c.can(TF.ROTATIONAL),
             block_size=BlockSize(bs.minimum, pref, mx),
         )

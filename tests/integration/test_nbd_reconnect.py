@@ -478,3 +478,39 @@ def test_closing_during_the_replay_drops_the_new_connection(short_tmp):
             await srv.wait_closed()
 
     run(main())
+
+
+def test_a_reexport_reads_what_was_written_when_the_remote_allocation_lags(short_tmp):
+    """Hunt 15 (found with libnbd -> serve -> nbdkit 1.32 ``--filter=cache cache=writeback``):
+    nbdkit's cache filter answers ``base:allocation`` from the file underneath, so data
+    written and not yet flushed is "hole, zero" there.  Our server answered READs of 64 KiB
+    and more from ``base:allocation`` (sparse reads), so a client of the re-export read
+    zeros where it had just written; libnbd on nbdkit directly read the data.  A remote
+    device's READs are now always read (`Capabilities.sparse_reads`)."""
+    from nbdbackup.blockdev.base import Extent
+    from nbdbackup.nbd.client import connect
+    from nbdbackup.nbd.wire import StateFlag
+
+    class LaggingAllocation(MemoryDev):
+        async def extents(self, offset, length, context="base:allocation"):
+            return [Extent(offset, length, int(StateFlag.HOLE | StateFlag.ZERO))]
+
+    async def main():
+        remote = Server(workers=0)
+        remote.add_export("d", LaggingAllocation(SIZE))
+        await remote.start_unix(str(short_tmp / "r"))
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={short_tmp / 'r'}", reconnect_delay=10, replay=True)
+        front = Server(workers=0)
+        front.add_export("p", dev)
+        await front.start_unix(str(short_tmp / "f"))
+        try:
+            c = await connect(f"nbd+unix:///p?socket={short_tmp / 'f'}")
+            data = b"\x5a" * (128 * 1024)
+            await c.pwrite(data, 65536)
+            assert bytes(await c.pread(128 * 1024, 65536)) == data
+            await c.disconnect()
+        finally:
+            await front.shutdown()
+            await remote.shutdown()
+
+    run(main())
