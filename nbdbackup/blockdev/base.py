@@ -70,6 +70,12 @@ class Capabilities:
     can_multi_conn: bool = True
     #: `extents` gives real information (else everything is data).
     can_extents: bool = True
+    #: The server may answer a READ from `extents` (a hole that reads as zeros is not
+    #: read: `nbd.server` sparse reads).  False for a remote NBD device: that costs it a
+    #: round trip, and a remote's ``base:allocation`` may lag its writes -- nbdkit 1.32's
+    #: cache filter (writeback) says "hole, zero" for data written and not yet flushed,
+    #: so a re-export read zeros where its client had just written (hunt 15).
+    sparse_reads: bool = True
     rotational: bool = False
     block_size: BlockSize = field(default_factory=BlockSize)
 

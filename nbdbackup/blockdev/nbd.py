@@ -39,7 +39,9 @@ was written: read-your-writes, and FLUSH still covers every completed write
 page faults per write would cost the pump ~35% more CPU) keep no log: the first
 FLUSH after a loss that may have dropped acknowledged writes fails with EIO, once
 (as Linux reports lost write-back), and the backup job fails instead of leaving a
-target with holes in it.
+target with holes in it; and every READ after such a loss fails with EIO (a target
+or scratch is read back: snapshot reads of copied clusters, the pump moving scratch
+to target -- reading what the remote kept would be a silently wrong snapshot).
 
 Invariant: all connections reached the same export with the same size and
 flags (checked at open and at every reconnection).
@@ -83,14 +85,28 @@ WANTED_CONTEXTS = (BASE_ALLOCATION, ALLOCATION_DEPTH, DIRTY_BITMAP_PREFIX)
 RECONNECT_DELAY = env_seconds("NBDBACKUP_RECONNECT_DELAY", 10.0)
 #: Bytes of acknowledged, not yet flushed writes a reconnecting device keeps.
 REPLAY_LOG_MAX = 64 << 20
+#: What one entry of the log counts against `REPLAY_LOG_MAX` at least: a zero or a trim
+#: holds no data, a small write little, but each costs memory and a round trip of the
+#: replay (without it a client zeroing without FLUSH grew the log without bound; hunt 15).
+#: 16 KiB: at most 4096 entries.
+REPLAY_ENTRY_COST = 16 << 10
 #: Handshake timeout of one reconnection attempt, and the longest pause between two.
 RECONNECT_CONNECT_TIMEOUT = 5.0
 RECONNECT_PAUSE_MAX = 5.0
+#: The longest pause between two attempts while requests may still wait (within
+#: ``reconnect_delay`` of the loss): a remote back within the delay serves them (hunt 15:
+#: with pauses doubling to 5 s, one back at 1.7 s of a 3 s delay was tried at 3.15 s).
+RECONNECT_PAUSE_WAITING = 0.25
 
 _T = TypeVar("_T")
 
 #: The open reconnecting devices, for `prometheus_text` (weak: closing one is enough).
 _reconnecting: "weakref.WeakSet[NBDDev]" = weakref.WeakSet()
+
+
+def _cost(item: bytes | int) -> int:
+    """What a replay log entry (a write's bytes, or a zero's or trim's length) counts."""
+    return max(len(item), REPLAY_ENTRY_COST) if isinstance(item, bytes) else REPLAY_ENTRY_COST
 
 
 class NBDDev(BlockDev):
@@ -109,12 +125,15 @@ class NBDDev(BlockDev):
     write acknowledged since the last FLUSH that covers it, in acknowledgement order;
     kind ``"w"`` write, ``"z"`` zero keeping allocation, ``"h"`` zero that may punch,
     ``"t"`` trim); ``_seq`` (sequence number of the last logged write);
-    ``_log_bytes`` (bytes held by ``_log``); ``_log_flush`` (a FLUSH started because
+    ``_log_bytes`` (what ``_log`` counts: `_cost` of each entry); ``_log_flush`` (a FLUSH started because
     the log is full, which writers wait for); ``replay`` (keep the log; else only
     count: ``_seq`` then counts acknowledged writes, ``_flushed`` is the ``_seq`` a
     completed FLUSH covered, ``_lost_writes`` says a loss may have dropped some and
-    the next FLUSH must fail); ``reconnects`` and ``replayed`` (counters: reconnections
-    made, bytes written again); ``_closing``.
+    the next FLUSH must fail; ``_unreadable``: set with it and never cleared, every later
+    read fails with EIO: a backup target or scratch is read back -- snapshot reads of
+    the clusters copied before a write, the pump moving scratch to target -- and the
+    remote may have lost what they would read, hunt 15); ``reconnects`` and ``replayed``
+    (counters: reconnections made, bytes written again); ``_closing``.
     """
 
     def __init__(self, uri: NBDURI, clients: list[Client], *, read_only: bool = False, spec: str | None = None) -> None:
@@ -136,6 +155,7 @@ class NBDDev(BlockDev):
         self.replay = False
         self._flushed = 0
         self._lost_writes = False
+        self._unreadable = False
         self.reconnects = 0
         self.replayed = 0
         self._closing = False
@@ -157,6 +177,7 @@ class NBDDev(BlockDev):
             can_cache=True,
             can_multi_conn=c.can(TF.CAN_MULTI_CONN),
             can_extents=BASE_ALLOCATION in c.meta_contexts,
+            sparse_reads=False,
             rotational=c.can(TF.ROTATIONAL),
             block_size=BlockSize(bs.minimum, pref, mx),
         )
@@ -277,6 +298,7 @@ class NBDDev(BlockDev):
         self._up.clear()
         if not self.replay and self._seq > self._flushed:
             self._lost_writes = True  # acknowledged, maybe only in a cache that is gone
+            self._unreadable = True
         self._task = asyncio.ensure_future(self._reconnect())
 
     async def _reconnect(self) -> None:
@@ -287,8 +309,8 @@ class NBDDev(BlockDev):
         ref = self.clients[0]
         pause, told = 0.05, None
         if self.replay:
-            log.warning("%s: connection lost; reconnecting (%d bytes of unflushed writes to write again)",
-                        self.spec, self._log_bytes)
+            log.warning("%s: connection lost; reconnecting (%d unflushed writes to write again)",
+                        self.spec, len(self._log))
         else:
             log.warning("%s: connection lost; reconnecting%s", self.spec,
                         " (acknowledged writes may be lost: the next FLUSH fails)" if self._lost_writes else "")
@@ -306,7 +328,10 @@ class NBDDev(BlockDev):
                     try:
                         await self._replay(c)
                     except Exception as e:
-                        why = f"writing {self._log_bytes} bytes of unflushed writes again failed: {e}"
+                        why = f"writing {len(self._log)} unflushed writes again failed: {e}"
+                    except BaseException:  # cancelled (`close`): never leave it open (hunt 15)
+                        c.abort()
+                        raise
                 if why is None and not self._closing:
                     self.clients[0] = c
                     self._rr = itertools.cycle(self.clients)
@@ -321,7 +346,10 @@ class NBDDev(BlockDev):
             if why is not None and why != told:
                 log.warning("%s: %s; trying again", self.spec, why)
                 told = why
-            await asyncio.sleep(pause)
+            loop = asyncio.get_running_loop()
+            waiting = (self._down_since is not None and self.reconnect_delay is not None
+                       and loop.time() < self._down_since + self.reconnect_delay)
+            await asyncio.sleep(min(pause, RECONNECT_PAUSE_WAITING) if waiting else pause)
             pause = min(pause * 2, RECONNECT_PAUSE_MAX)
 
     async def _replay(self, c: Client) -> None:
@@ -385,7 +413,7 @@ class NBDDev(BlockDev):
         if not self.replay:
             return
         self._log.append((self._seq, kind, offset, item))
-        self._log_bytes += len(item) if isinstance(item, bytes) else 0
+        self._log_bytes += _cost(item)
         while self._log_bytes > REPLAY_LOG_MAX:  # one FLUSH at a time, shared by the writers waiting
             if self._log_flush is None:
                 self._log_flush = asyncio.ensure_future(self._flush_log())
@@ -409,12 +437,19 @@ class NBDDev(BlockDev):
         if self._log and self._log[0][0] <= seq:
             keep = [e for e in self._log if e[0] > seq]
             self._log = keep
-            self._log_bytes = sum(len(e[3]) for e in keep if isinstance(e[3], bytes))
+            self._log_bytes = sum(_cost(e[3]) for e in keep)
 
     # -- I/O ----------------------------------------------------------------------
 
     async def pread(self, buf: memoryview, offset: int) -> None:
+        self._check_readable()
         await self._do(lambda c: c.pread(buf, offset))
+        self._check_readable()  # (lost while it ran: rerun on a remote that may lack writes)
+
+    def _check_readable(self) -> None:
+        if self._unreadable:
+            raise OSError(errno.EIO, f"{self.spec}: the connection was lost with writes acknowledged "
+                                     "but not flushed: what it reads may not be what was written")
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
         self._writable()
@@ -506,7 +541,8 @@ def prometheus_text() -> str:
             ("nbdbackup_remote_replayed_bytes_total", "counter",
              "Bytes of acknowledged, unflushed writes written again after a reconnection.", lambda d: d.replayed),
             ("nbdbackup_remote_replay_log_bytes", "gauge",
-             "Bytes of acknowledged writes kept until a FLUSH covers them.", lambda d: d._log_bytes)):
+             "What the replay log of acknowledged, unflushed writes counts against its bound (bytes).",
+             lambda d: d._log_bytes)):
         out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n")
         for d in devs:
             remote = str(d.uri).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")

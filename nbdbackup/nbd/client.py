@@ -790,6 +790,13 @@ class Client:
 
     close = disconnect
 
+    def abort(self) -> None:
+        """Drop the connection now: no CMD_DISC, requests in flight fail with
+        `ConnectionClosed` (for a caller being cancelled, which cannot wait for them)."""
+        self._closing = True
+        if self._conn.transport is not None:
+            self._conn.transport.abort()
+
     async def __aenter__(self) -> "Client":
         return self
 

@@ -307,7 +307,8 @@ class Export:
         )
         bs = caps.block_size
         self._block_size = (bs.minimum, bs.preferred, bs.maximum)
-        self.can_extents = caps.can_extents
+        #: READs may be answered from base:allocation (`SPARSE_READ_MIN`; `Capabilities.sparse_reads`)
+        self.sparse_reads = caps.can_extents and caps.sparse_reads
 
     def info(self) -> ExportInfo:
         """What the handshake advertises (meta contexts are read live)."""
@@ -1606,7 +1607,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         budget = self._budget
         # Same limits as the task-free paths: a structured READ long enough
         # to be sent sparse needs its extents (`_read_now`), so it is not taken.
-        read_max = SPARSE_READ_MIN - 1 if p.structured and exp.can_extents else MAX_PAYLOAD
+        read_max = SPARSE_READ_MIN - 1 if p.structured and exp.sparse_reads else MAX_PAYLOAD
         ran = False
         while not self._paused_writing and not self._closing:
             items, out_len, read_len = p.peek_batch(read_max, proto.BATCH_MAX, BATCH_REPLY_MAX)
@@ -1734,7 +1735,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         dev = exp.dev
         offset, length = req.offset, req.length
         p = self.proto
-        if (p.structured and not req.flags & _DF and exp.can_extents
+        if (p.structured and not req.flags & _DF and exp.sparse_reads
                 and length >= SPARSE_READ_MIN):
             extents = dev.extents_now(offset, length, BASE_ALLOCATION)
             if extents is None or sum(e.length for e in extents) < length or any(
@@ -1989,7 +1990,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if length == 0:
             self._write(p.reply_ok(req.cookie))
             return
-        if (p.structured and not req.flags & _DF and exp.can_extents
+        if (p.structured and not req.flags & _DF and exp.sparse_reads
                 and length >= SPARSE_READ_MIN):
             extents = await _extents_covering(dev, offset, length, BASE_ALLOCATION)
             if any(e.flags & HOLE and e.flags & _ZERO for e in extents):

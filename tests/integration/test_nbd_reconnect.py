@@ -229,7 +229,7 @@ def test_without_a_replay_log_the_next_flush_reports_the_loss_once(short_tmp, ca
             await dev.pwrite(b"\x22" * 4096, 4096)  # acknowledged, then lost
             await remote.crash()
             await remote.start()
-            assert await read(dev, 4096, 4096) == bytes(4096)  # no log: the remote's content
+            assert remote.vol.read(4096, 4096) == bytes(4096)  # no log: the remote lost it
             with pytest.raises(OSError) as e:
                 await dev.flush()
             assert e.value.errno == errno.EIO and "may be lost" in str(e.value)
@@ -351,5 +351,173 @@ def test_a_request_answered_eshutdown_runs_again_on_the_next_connection(short_tm
             await dev.close()
             srv.close()
             await srv.wait_closed()
+
+    run(main())
+
+
+def test_zeroes_and_trims_without_flush_keep_the_replay_log_bounded(short_tmp, monkeypatch):
+    """Hunt 15: a zero or a trim held no bytes, so it cost the log nothing: a client
+    zeroing or discarding without FLUSH (mkfs, fstrim, qemu-img convert of a sparse
+    image) grew it without bound -- memory, and a replay of one round trip per entry
+    longer than the delay.  Each entry now counts at least `REPLAY_ENTRY_COST` bytes."""
+    monkeypatch.setattr(nbdmod, "REPLAY_LOG_MAX", 64 * 1024)
+
+    async def main():
+        async with remote_and_device(short_tmp, reconnect_delay=10, replay=True) as (remote, dev):
+            vol = remote.vol
+            for k in range(200):
+                off = (k % 512) * 4096
+                if k % 2:
+                    await dev.zero(off, 4096)
+                else:
+                    await dev.trim(off, 4096)
+            assert vol.flushes >= 1
+            assert len(dev._log) * nbdmod.REPLAY_ENTRY_COST <= nbdmod.REPLAY_LOG_MAX
+            await dev.pwrite(b"\x12" * 512, 0)  # a small write costs a whole entry too
+            assert dev._log_bytes <= nbdmod.REPLAY_LOG_MAX
+
+    run(main())
+
+
+def test_a_remote_back_within_the_delay_serves_the_waiting_requests(short_tmp):
+    """Hunt 15: the pause between attempts doubled up to 5 s even while requests were
+    waiting, so a remote back within ``reconnect_delay`` could be tried only after it:
+    with a 3 s delay, attempts at ~1.55 s and ~3.15 s after the loss, a remote back at
+    1.7 s failed the waiting read with EIO.  While requests may wait, attempts now come
+    at most `RECONNECT_PAUSE_WAITING` apart."""
+
+    async def main():
+        async with remote_and_device(short_tmp, reconnect_delay=3, replay=True) as (remote, dev):
+            await dev.pwrite(b"\x21" * 4096, 0)
+            loop = asyncio.get_running_loop()
+            await remote.crash()
+            while dev._down_since is None:
+                await asyncio.sleep(0.01)
+            pending = asyncio.ensure_future(read(dev, 0, 4096))
+            await asyncio.sleep(dev._down_since + 1.7 - loop.time())
+            await remote.start()
+            assert await pending == b"\x21" * 4096
+
+    run(main())
+
+
+def test_without_a_replay_log_reads_after_a_lossy_reconnection_fail(short_tmp):
+    """Hunt 15: a backup target or scratch (no replay log) is read back -- snapshot reads of
+    the clusters copy-before-write put there, the pump moving scratch to target.  After a
+    remote lost acknowledged writes, the reconnected device read what the remote kept
+    (zeros here): a silently wrong snapshot, or a wrong target the final FLUSH of another
+    device would not report.  Every read fails with EIO from then on; a loss with nothing
+    unflushed changes nothing."""
+
+    async def main():
+        async with remote_and_device(short_tmp, reconnect_delay=10) as (remote, dev):
+            await dev.pwrite(b"\x31" * 4096, 0)
+            await dev.flush()
+            await remote.crash()  # nothing unflushed: reads go on
+            await remote.start()
+            assert await read(dev, 0, 4096) == b"\x31" * 4096
+            await dev.pwrite(b"\x32" * 4096, 4096)  # acknowledged, then lost
+            await remote.crash()
+            await remote.start()
+            for _ in range(2):
+                with pytest.raises(OSError) as e:
+                    await read(dev, 4096, 4096)
+                assert e.value.errno == errno.EIO and "may not be what was written" in str(e.value)
+            with pytest.raises(OSError):
+                await dev.flush()  # (and the FLUSH reports the loss, once)
+            with pytest.raises(OSError):
+                await read(dev, 0, 4096)  # still: the device stays unreadable
+
+    run(main())
+
+
+def test_closing_during_the_replay_drops_the_new_connection(short_tmp):
+    """Hunt 15: `close` (``block-export-del``, ``serve`` stopping) cancels the reconnecting
+    task; cancelled while writing the log again, it left the new connection open for the
+    life of the process (a qemu-nbd, one client by default, then refuses the next one).
+    Raw servers: the first acknowledges a WRITE and drops the connection; the second takes
+    the replayed WRITE, never answers, and must see the connection close."""
+    from nbdbackup.nbd import wire
+    from nbdbackup.nbd.wire import Info, Opt, Rep, TransmissionFlag as TFl
+
+    from test_client_soft_disconnect import _options
+
+    path = str(short_tmp / "s")
+    flags = int(TFl.HAS_FLAGS | TFl.SEND_FLUSH)
+
+    def answer(opt):
+        if opt == Opt.GO:
+            return (wire.pack_option_reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, SIZE, flags))
+                    + wire.pack_option_reply(opt, Rep.ACK))
+        return wire.pack_option_reply(opt, Rep.ERR_UNSUP)
+
+    async def main():
+        n = 0
+        replaying, eof = asyncio.Event(), asyncio.Event()
+
+        async def serve(r, w):
+            nonlocal n
+            n += 1
+            await _options(r, w, answer, last=Opt.GO)
+            _, _, _, cookie, _, length = wire.REQUEST.unpack(await r.readexactly(wire.REQUEST_SIZE))
+            await r.readexactly(length)
+            if n == 1:
+                w.write(wire.pack_simple_reply(cookie, 0))
+                await w.drain()
+                w.close()
+                return
+            replaying.set()
+            while await r.read(4096):
+                pass
+            eof.set()
+            w.close()
+
+        srv = await asyncio.start_unix_server(serve, path)
+        dev = await NBDDev.open(f"nbd+unix:///disk?socket={path}", reconnect_delay=10, replay=True)
+        try:
+            await dev.pwrite(b"\x41" * 4096, 0)
+            await asyncio.wait_for(replaying.wait(), 10)
+            await dev.close()
+            await asyncio.wait_for(eof.wait(), 3)
+        finally:
+            await dev.close()
+            srv.close()
+            await srv.wait_closed()
+
+    run(main())
+
+
+def test_a_reexport_reads_what_was_written_when_the_remote_allocation_lags(short_tmp):
+    """Hunt 15 (found with libnbd -> serve -> nbdkit 1.32 ``--filter=cache cache=writeback``):
+    nbdkit's cache filter answers ``base:allocation`` from the file underneath, so data
+    written and not yet flushed is "hole, zero" there.  Our server answered READs of 64 KiB
+    and more from ``base:allocation`` (sparse reads), so a client of the re-export read
+    zeros where it had just written; libnbd on nbdkit directly read the data.  A remote
+    device's READs are now always read (`Capabilities.sparse_reads`)."""
+    from nbdbackup.blockdev.base import Extent
+    from nbdbackup.nbd.client import connect
+    from nbdbackup.nbd.wire import StateFlag
+
+    class LaggingAllocation(MemoryDev):
+        async def extents(self, offset, length, context="base:allocation"):
+            return [Extent(offset, length, int(StateFlag.HOLE | StateFlag.ZERO))]
+
+    async def main():
+        remote = Server(workers=0)
+        remote.add_export("d", LaggingAllocation(SIZE))
+        await remote.start_unix(str(short_tmp / "r"))
+        dev = await NBDDev.open(f"nbd+unix:///d?socket={short_tmp / 'r'}", reconnect_delay=10, replay=True)
+        front = Server(workers=0)
+        front.add_export("p", dev)
+        await front.start_unix(str(short_tmp / "f"))
+        try:
+            c = await connect(f"nbd+unix:///p?socket={short_tmp / 'f'}")
+            data = b"\x5a" * (128 * 1024)
+            await c.pwrite(data, 65536)
+            assert bytes(await c.pread(128 * 1024, 65536)) == data
+            await c.disconnect()
+        finally:
+            await front.shutdown()
+            await remote.shutdown()
 
     run(main())
