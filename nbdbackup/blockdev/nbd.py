@@ -396,12 +396,9 @@ class NBDDev(BlockDev):
             c = await self._client()
             try:
                 return await fn(c)
-            except ConnectionClosed:
-                if self.reconnect_delay is None or self._closing:
-                    raise
-                self._lost(c)
-            except OSError as e:
-                if e.errno != errno.ESHUTDOWN or self.reconnect_delay is None or self._closing:
+            except (ConnectionClosed, OSError) as e:
+                if (self.reconnect_delay is None or self._closing
+                        or isinstance(e, OSError) and e.errno != errno.ESHUTDOWN):
                     raise
                 self._lost(c)
 
@@ -453,7 +450,7 @@ class NBDDev(BlockDev):
 
     async def pwrite(self, buf: Buffer, offset: int, *, fua: bool = False) -> None:
         self._writable()
-        if self.replay:
+        if self.replay and self._caps.can_flush:  # (what `_logged` keeps)
             buf = bytes(buf)  # the caller may reuse its buffer; the replay log keeps these bytes
 
         async def run(c: Client) -> None:

@@ -180,7 +180,9 @@ def test_reexport_writes_again_what_a_killed_upstream_lost(short_tmp):
         stack.callback(lambda: [peers._stop(p) for p in ups])  # after the re-export's shutdown
         up = ups[0]
         peers.wait_until_listening(up)
-        srv = stack.enter_context(peers.nbdbackup_serve(f"p=nbd+unix:///?socket={sock}"))
+        port = peers.free_tcp_port()
+        srv = stack.enter_context(peers.nbdbackup_serve(f"p=nbd+unix:///?socket={sock}",
+                                                        extra=["--metrics", f"127.0.0.1:{port}"]))
         h = nbd.NBD()
         h.connect_uri(srv.uri_for("p"))
         h.pwrite(b"\x11" * 64 * KiB, 0)
@@ -198,3 +200,10 @@ def test_reexport_writes_again_what_a_killed_upstream_lost(short_tmp):
         assert img.read_bytes()[:128 * KiB] == b"\x11" * 64 * KiB + b"\x22" * 64 * KiB
         h.shutdown()
         assert "reconnected" in srv.log(), srv.log()
+        from test_metrics import scrape
+
+        got = {k: v for k, v in scrape(port).items() if k.startswith("nbdbackup_remote_")}
+        remote = f'{{remote="nbd+unix:///?socket={sock}"}}'
+        assert got == {f"nbdbackup_remote_connected{remote}": 1, f"nbdbackup_remote_reconnects_total{remote}": 1,
+                       f"nbdbackup_remote_replayed_bytes_total{remote}": 64 * KiB,
+                       f"nbdbackup_remote_replay_log_bytes{remote}": 0}, got
