@@ -59,6 +59,7 @@ from dataclasses import dataclass
 
 from ..blockdev.base import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, HOLE_ZERO, BlockDev, Extent
 from ..errors import ConfigError
+from ..ratelimit import Bucket
 from .manifest import DEFAULT_CHUNK, Manifest, digest, zero_digest
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                trim_after_read: bool = False,
                write_behind: int | None = None, direct: bool = True,
                sink_ids: bool = False, threads: bool | None = None,
-               inline: bool | None = None) -> tuple[Manifest, PullStats]:
+               inline: bool | None = None, limit: Bucket | None = None) -> tuple[Manifest, PullStats]:
     """Copy ``src`` into ``dst`` (see the module doc); return the manifest and stats.
 
     ``dirty``: incremental with the dirty ranges given (sorted, disjoint
@@ -241,7 +242,9 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     `pullthreads.unsuitable`; False: on the event loop); ``stats.receive``
     says which ran.  ``inline``: with threads and a `FileDev` target, hash
     and write each chunk on its receiving thread instead of the writer
-    pool (None: `INLINE`).
+    pool (None: `INLINE`).  ``limit``: the source's data reads are charged
+    to this `ratelimit.Bucket` (``--limit-rate``) before each chunk's reads
+    are sent, and its debt slept off first (holes and zeros are free).
     """
     if workers is None:
         workers = await default_window(src, chunk_size)
@@ -307,6 +310,8 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         patch = incremental and not read_whole
         if patch and _gaps(sorted(pieces + zeros), c_off, c_end):
             await dst.pread(mv, c_off)
+        if limit is not None:
+            await limit.take_async(sum(n for _, n in pieces))
         await _read_into(src, mv, c_off, pieces)
         # The chunk buffer is reused: every byte not read must be set.
         _blank(mv, c_off, zeros if patch else _gaps(pieces, c_off, c_end), zero_chunk)
@@ -384,6 +389,8 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
             zeros = _split(wanted_zero, c_off, c_off + c_len)
             if patch and _gaps(sorted(pieces + zeros), c_off, c_off + c_len):
                 blocking(dst.pread(mv, c_off))
+            if limit is not None:
+                limit.take(sum(n for _, n in pieces))
             return c_off, mv, pieces, (pieces, zeros)
 
         def t_finish(i: int, c_off: int, mv: memoryview, state):

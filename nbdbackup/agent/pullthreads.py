@@ -288,7 +288,15 @@ def _thread(lent: _Lent, run: _Run, alloc: Callable[[], memoryview], nbuf: int,
                 else:
                     whole = alloc()
                     made += 1
+                t_start = time.monotonic()
                 base, mv, pieces, state = start(i, whole)
+                if sent:
+                    # Time ``start`` spent waiting (a rate limit, reading the previous backup)
+                    # is this thread's, not the server's: the replies it left unread meanwhile
+                    # get that time back.
+                    spent = time.monotonic() - t_start
+                    if spent > 0.01:
+                        sent = collections.deque((t + spent, c) for t, c in sent)
                 ch = _Chunk(i, whole, base, mv, pieces, state)
                 if not pieces:
                     finishing.append((finish(ch.i, ch.base, ch.mv, ch.state), ch))
@@ -373,7 +381,9 @@ async def run(clients, take: Iterator[int], *, alloc: Callable[[], memoryview], 
     ``mv`` (which holds the source from ``base``).  ``finish(i, base, mv,
     state)``: the reads are in; returns a `concurrent.futures.Future` (the
     buffer is busy until it is done) or a value.  ``complete(i, value,
-    state)``: the chunk is done (on the receiving thread).
+    state)``: the chunk is done (on the receiving thread).  ``start`` may
+    block (a rate limit sleeps there): the time it takes does not count
+    against the ``timeout`` of the reads already in flight.
     """
     loop = asyncio.get_running_loop()
     r = _Run(take)

@@ -61,6 +61,7 @@ from typing import Callable
 
 from ..blockdev.base import BlockDev
 from ..errors import NBDBackupError
+from ..ratelimit import Bucket
 from .filewriter import MAX_WRITE, FileWriter
 from .manifest import Manifest
 
@@ -199,7 +200,7 @@ def default_workers(store) -> int:
 
 async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", workers: int | None = None,
                   target_is_zero: bool = False, progress: Callable[[int, int], None] | None = None,
-                  direct: bool = True, keep_going: bool = False) -> RestoreStats:
+                  direct: bool = True, keep_going: bool = False, limit: Bucket | None = None) -> RestoreStats:
     """Write snapshot ``man`` of ``repo`` into ``dst`` (see the module doc).
 
     ``workers``: chunks in flight (default `default_workers` of the store).
@@ -208,6 +209,8 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
     ``direct``: write a `FileDev` target with ``O_DIRECT`` where possible
     (`FileWriter`); False: through the page cache.
     ``keep_going``: restore past damaged chunks, listed in ``stats.damaged`` (module doc).
+    ``limit``: each data chunk's length is charged to this `ratelimit.Bucket`
+    (``--limit-rate``) before it is fetched; zero chunks are free.
     """
     t0 = time.monotonic()
     if workers is None:
@@ -287,6 +290,8 @@ async def restore(repo, man: Manifest, dst: BlockDev, *, snapshot: str = "", wor
             if buf is None:  # one buffer per worker, reused (page-aligned for O_DIRECT)
                 buf = FileWriter.alloc(man.chunk_size)
             off, n = man.chunk_range(i)
+            if limit is not None:
+                await limit.take_async(n)
             got = await loop.run_in_executor(pool, fetch, i, buf)
             if got is None:  # damaged, skipped (keep_going)
                 advance(n)

@@ -62,6 +62,7 @@ from typing import Any, Callable
 
 from ..blockdev.base import DIRTY_BITMAP_PREFIX
 from ..errors import ConfigError, NBDBackupError
+from ..ratelimit import Bucket
 from .decide import DEFAULT_PREFIX, Decision, decide, own_name, snapshot_of
 
 log = logging.getLogger("nbdbackup.agent")
@@ -99,6 +100,8 @@ class Options:
     (all of it, from the snapshot export) or "dirty" (its dirty ranges, the rest
     from the base snapshot in the repository: less from the server, more from
     the repository);
+    ``limit``: a `ratelimit.Bucket` every disk's reads from the server are
+    charged to (``--limit-rate``: one limit for the whole run), or None;
     ``progress(disk, done, total)``: called as chunks finish (or None)."""
 
     prefix: str = DEFAULT_PREFIX
@@ -111,6 +114,7 @@ class Options:
     granularity: int | None = None
     io_timeout: float = 120.0
     read: str = "whole"
+    limit: Bucket | None = None
     progress: Callable[[str, int, int], None] | None = None
 
 
@@ -560,7 +564,8 @@ async def _pull_disk(server: Server, ctl: _Control, store, repo, opts: Options, 
             man, stats = await pull(src, dst, dirty=dirty, read_whole=whole and dirty is not None,
                                     chunk_size=repo.chunk_size, workers=opts.workers,
                                     base=base_man, sink=sink, progress=progress,
-                                    chunk_id=repo.chunk_id, zero_id=repo.zero_id, sink_ids=True)
+                                    chunk_id=repo.chunk_id, zero_id=repo.zero_id, sink_ids=True,
+                                    limit=opts.limit)
         except CorruptChunk as e:  # only the base snapshot's chunks are read from the repository
             raise DiskFailed(f"the base snapshot {dec.base} is damaged ({e.strerror}): "
                              f"run once with --full") from e
@@ -617,6 +622,8 @@ async def _verify(src, repo, man, worked: list[int], new: dict[bytes, int], opts
         buf = bytearray(n)
         mv = memoryview(buf)
         async with lim:
+            if opts.limit is not None:
+                await opts.limit.take_async(n)
             await asyncio.gather(*(src.pread(mv[p:p + min(VERIFY_READ, n - p)], off + p)
                                    for p in range(0, n, VERIFY_READ)))
             read += n

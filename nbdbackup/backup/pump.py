@@ -41,6 +41,7 @@ import bisect
 from typing import Awaitable, Callable
 
 from ..blockdev.base import BASE_ALLOCATION
+from ..ratelimit import Bucket
 from .copystate import FROM_SOURCE, CopyError, CopyState
 
 #: Bytes of source extents asked for at a time (one query, or a few when the
@@ -54,36 +55,34 @@ ZERO_QUERY_MAX = 1 << 31
 
 
 class RateLimiter:
-    """A token bucket in bytes/s (0 = unlimited) that sleeps between chunks.
+    """The job's ``speed``: a `ratelimit.Bucket` (0 = unlimited) whose debt
+    the pump sleeps off between chunks, woken early when the speed changes.
 
-    Fields: ``speed`` (bytes/s; change with `set_speed`, which wakes
-    sleepers so a new speed applies at once); ``_next`` (loop time at which
-    the bytes accounted so far are "paid"); ``_changed`` (event set on speed
-    change).  Bursts are bounded by ``slice`` seconds of credit.
+    Fields: ``bucket`` (the byte arithmetic; its ``rate`` is the speed);
+    ``_changed`` (event set on speed change, so a new speed applies at once).
+    Bursts are bounded by ``slice`` seconds of credit.
     """
 
     def __init__(self, speed: int = 0, slice: float = 0.1) -> None:
         assert speed >= 0
-        self.speed = speed
-        self.slice = slice
-        self._next = 0.0
+        self.bucket = Bucket(speed, slice)
         self._changed = asyncio.Event()
+
+    @property
+    def speed(self) -> int:
+        return self.bucket.rate
 
     def set_speed(self, speed: int) -> None:
         assert speed >= 0
-        self.speed = speed
+        self.bucket.rate = speed
         self._changed.set()
 
     def account(self, nbytes: int) -> None:
         """Record ``nbytes`` transferred."""
-        if self.speed:
-            now = asyncio.get_running_loop().time()
-            self._next = max(self._next, now - self.slice) + nbytes / self.speed
+        self.bucket.charge(nbytes, asyncio.get_running_loop().time())
 
     def delay(self) -> float:
-        if not self.speed:
-            return 0.0
-        return self._next - asyncio.get_running_loop().time()
+        return self.bucket.debt(asyncio.get_running_loop().time())
 
     async def wait(self) -> None:
         """Sleep until the bytes accounted so far fit in the speed."""

@@ -46,3 +46,23 @@ def add_io_timeout_option(p, what: str) -> None:
 def io_timeout(args) -> float | None:
     """The request timeout ``--io-timeout`` asks for (None: none)."""
     return args.io_timeout if args.io_timeout and args.io_timeout > 0 else None
+
+
+def add_limit_rate_option(p, what: str) -> None:
+    """``--limit-rate RATE`` (bytes/s; K/M/G suffixes; 0: unlimited) for a command that moves data."""
+    p.add_argument("--limit-rate", default="0", metavar="RATE",
+                   help=f"at most RATE bytes per second {what} (suffixes K, M, G: 1024-based; "
+                        "default 0: no limit)")
+
+
+def limit_rate(args):
+    """The `ratelimit.Bucket` ``--limit-rate`` asks for, or None (no limit)."""
+    from ..blockdev import parse_size
+    from ..errors import ConfigError
+    from ..ratelimit import bucket
+
+    try:
+        return bucket(parse_size(args.limit_rate))
+    except ConfigError:
+        raise ConfigError(f"--limit-rate: expected bytes per second with an optional K/M/G suffix, "
+                          f"got {args.limit_rate!r}") from None

@@ -30,7 +30,7 @@ import time
 
 from ..control.cliutil import ENV_CONTROL, ENV_CONTROL_TLS_CREDS, fmt_size, size_arg
 from ..errors import ConfigError, NBDBackupError
-from . import run_async
+from . import add_limit_rate_option, limit_rate, run_async
 from .repoargs import REPO_HELP, add_repo_options, open_repo
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_RETENTION = 0, 1, 2, 3, 4
@@ -84,6 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--parallel", type=int, default=2, metavar="N", help="disks pulled at once (all servers)")
     b.add_argument("--io-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="an NBD request taking longer fails the backup (default 120)")
+    add_limit_rate_option(b, "read from the servers (all disks of the run together; the pull and "
+                             "--verify's reads)")
     from .repo import _count, _duration
 
     b.add_argument("--keep-last", type=_count, default=0, metavar="N",
@@ -176,7 +178,7 @@ def run_backup(args: argparse.Namespace) -> int:
         opts = workflow.Options(prefix=args.prefix, template=args.snapshot_name, connections=args.connections,
                                 workers=args.workers, verify=args.verify, sample=args.verify_sample,
                                 full=args.full, granularity=args.granularity, io_timeout=args.io_timeout,
-                                read=args.read,
+                                read=args.read, limit=limit_rate(args),
                                 progress=_Progress() if show else None)
         # Fail on a bad template now, not per disk.
         import datetime

@@ -27,7 +27,8 @@ import sys
 
 from ..blockdev import parse_size
 from ..errors import ConfigError
-from . import PEER_ERRORS, add_io_timeout_option, failure_text, io_timeout, run_async
+from . import (PEER_ERRORS, add_io_timeout_option, add_limit_rate_option, failure_text, io_timeout, limit_rate,
+               run_async)
 from ..progress import Progress, add_progress_option
 from .repoargs import add_repo_options
 
@@ -63,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write a file or block device through the page cache (default: O_DIRECT where the "
                         "file system allows it)")
     add_io_timeout_option(p, "pull")
+    add_limit_rate_option(p, "read from the export (data only; holes are free)")
     add_progress_option(p)
     # Done, durable (fdatasync / the repository's own flushes, the manifest fsynced) and
     # reported when run_pull returns: the interpreter's teardown is skipped (cli._quick_exit;
@@ -81,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_pull(args: argparse.Namespace) -> int:
     chunk = parse_size(args.chunk_size)
+    args.limit = limit_rate(args)  # checked before anything connects
     if args.base_manifest and not args.bitmap:
         raise ConfigError("--base-manifest is for incremental pulls (--bitmap NAME)")
     if args.repo:
@@ -130,7 +133,8 @@ async def _pull_repo(args: argparse.Namespace) -> int:
                 man, stats = await pull(src, BaseSnapshot(repo, base) if base else None, bitmap=args.bitmap,
                                         chunk_size=repo.chunk_size, workers=args.workers, base=base,
                                         sink=store_chunk, chunk_id=repo.chunk_id, zero_id=repo.zero_id,
-                                        progress=prog.update, trim_after_read=args.trim_after_read)
+                                        progress=prog.update, trim_after_read=args.trim_after_read,
+                                        limit=args.limit)
         finally:
             await src.close()
         # new_only: another pull may have saved this name since the check above (several writers
@@ -200,7 +204,7 @@ async def _pull(args: argparse.Namespace, chunk: int) -> int:
                                         workers=args.workers, base=base, progress=prog.update,
                                         trim_after_read=args.trim_after_read,
                                         write_behind=parse_size(args.write_behind),
-                                        direct=not args.buffered)
+                                        direct=not args.buffered, limit=args.limit)
         finally:
             await dst.close()
     finally:

@@ -28,7 +28,7 @@ import sys
 from ..agent.restore import DIR_WORKERS, S3_WORKERS
 from ..errors import ConfigError
 from ..progress import Progress, add_progress_option
-from . import PEER_ERRORS, add_io_timeout_option, failure_text, io_timeout, run_async
+from . import PEER_ERRORS, add_io_timeout_option, add_limit_rate_option, failure_text, io_timeout, limit_rate, run_async
 from .repoargs import REPO_HELP, add_repo_options, open_repo
 
 
@@ -55,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-going", action="store_true",
                    help="restore past missing or damaged chunks, then name each one's byte range and exit 1 "
                         "(default: stop at the first)")
+    add_limit_rate_option(p, "restored (chunk data; zero chunks are free)")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     add_progress_option(p)
     p.set_defaults(func=run_restore, quick_exit=True)
@@ -74,6 +75,7 @@ def run_restore(args: argparse.Namespace) -> int:
     from ..agent.repo import check_name
 
     check_name(args.snapshot)
+    args.limit = limit_rate(args)  # checked before anything is opened
     _, repo = open_repo(args, args.repo)
     man = repo.load_snapshot(args.snapshot)
     return run_async(_restore(args, repo, man))
@@ -132,7 +134,7 @@ async def _restore(args: argparse.Namespace, repo, man) -> int:
             try:
                 stats = await restore(repo, man, dst, snapshot=args.snapshot, workers=args.workers,
                                       target_is_zero=zero, progress=prog.update, direct=not args.buffered,
-                                      keep_going=args.keep_going)
+                                      keep_going=args.keep_going, limit=args.limit)
             except PEER_ERRORS as e:
                 # the target failed (ENOSPC, EIO, a timeout, the NBD server went away or broke the protocol)
                 raise ConfigError(f"{args.target}: {failure_text(e)} (restore stopped: the target is incomplete)"

@@ -386,6 +386,29 @@ def test_fallbacks_say_why(tmp_path):
     run(main())
 
 
+def test_limit_rate_on_the_event_loop_path():
+    """``limit`` on the asyncio path (a non-NBD source): the data read takes at least
+    its bytes at the rate, less one 0.1 s burst."""
+    import time
+
+    from nbdbackup.ratelimit import Bucket
+
+    data, alloc = _disk(6)
+
+    async def main() -> None:
+        mem = MemoryDev(SIZE)
+        mem.write_sync(data, 0)
+        rate = 24 * MiB
+        t0 = time.monotonic()
+        man, st = await pull(mem, MemoryDev(SIZE), chunk_size=CHUNK, limit=Bucket(rate))
+        took = time.monotonic() - t0
+        assert st.receive == "asyncio" and man.chunks == _manifest_of(data)
+        paced = st.bytes_read / rate - 0.1
+        assert paced >= 0.5 and took >= paced, (took, st)
+
+    run(main())
+
+
 def test_a_stalled_server_times_out_and_a_cancel_wakes_the_threads(tmp_path):
     data, alloc = _disk(7)
 

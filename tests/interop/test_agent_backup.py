@@ -725,16 +725,26 @@ def test_s3_repository_and_a_bucket_policy_refusing_writes(pki, agent_creds, sho
 
 def test_encrypted_repository(pki, agent_creds, short_tmp, monkeypatch):
     """The agent into a repokey-encrypted repository (--passphrase-file): full, incremental,
-    each restored exactly (the restore plugin takes NBDBACKUP_PASSPHRASE from its environment)."""
+    each restored exactly (the restore plugin takes NBDBACKUP_PASSPHRASE from its environment).
+    The incremental runs with ``--limit-rate 8M``: its reads from the server -- the pull's
+    and the verification's, over TLS on the receiving threads -- take at least their bytes
+    at 8 MiB/s (less one 0.1 s burst)."""
     rig = Rig(short_tmp, pki, agent_creds["agent"], passphrase="correct horse battery staple")
     monkeypatch.setenv("NBDBACKUP_PASSPHRASE", rig.passphrase)
     with rig.serve():
         for kind, seed in (("full", 1), ("incremental", 2)):
             dirty = rig.burst(seed=seed, count=10)
             rig.reference("pending")
-            _, rep, _ = rig.agent()
+            limit = ("--limit-rate", "8M") if kind == "incremental" else ()
+            t0 = time.monotonic()
+            _, rep, _ = rig.agent(*limit)
+            took = time.monotonic() - t0
             rig.refs[disk_report(rep)["snapshot"]] = rig.refs.pop("pending")
             check_ok_run(rig, rep, kind, dirty if kind == "incremental" else None)
+            if limit:
+                d = disk_report(rep)
+                paced = (d["bytes_read"] + d["verify"]["bytes_read"]) / (8 * M) - 0.1
+                assert paced >= 0.8 and took >= paced, (took, d)
     # Without the passphrase the agent cannot open it: exit 1, nothing started.
     monkeypatch.delenv("NBDBACKUP_PASSPHRASE")
     r = subprocess.run([a for a in rig.agent_argv() if a not in rig.repo_opts], cwd=ROOT, capture_output=True,

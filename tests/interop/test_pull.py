@@ -205,3 +205,26 @@ def _pull_quick_exit(short_tmp, monkeypatch, cli) -> None:
         assert cli.main() == 0 and called == [0]
         assert (short_tmp / "b.raw").read_bytes() == ref.read_bytes()
         assert nb("verify", str(short_tmp / "b.raw"), "--manifest", str(short_tmp / "b.json")).returncode == 0
+
+
+def test_limit_rate_paces_the_reads_and_its_waits_are_no_timeouts(short_tmp):
+    """``--limit-rate 4M`` on 12 MiB of data in 4 MiB chunks: the pull takes >= 2.9 s
+    (the first chunk waits 0.9 s: one burst of credit) and copies exactly what
+    nbdcopy does.  Each chunk's wait (1 s) leaves the chunks already sent unread for
+    longer than ``--io-timeout 1``: that wait is the receiving thread's own, not a
+    server that stopped answering."""
+    import time
+
+    ref, got = short_tmp / "ref.raw", short_tmp / "got.raw"
+    with peers.nbdkit("pattern", "12M") as k:
+        subprocess.run(["nbdcopy", k.uri, str(ref)], check=True)
+        t0 = time.monotonic()
+        st = pull_json(k.uri, str(got), "--chunk-size", "4M", "--connections", "1",
+                       "--limit-rate", "4M", "--io-timeout", "1")
+        took = time.monotonic() - t0
+        assert st["receive"] == "threads" and st["bytes_read"] == 12 * M
+        assert took >= 2.9, took
+        assert got.read_bytes() == ref.read_bytes()
+        r = nb("pull", k.uri, str(short_tmp / "x.raw"), "--limit-rate", "fast", ok=False)
+        assert r.returncode == 1 and "--limit-rate" in r.stderr and "'fast'" in r.stderr, r.stderr
+        assert not (short_tmp / "x.raw").exists()

@@ -363,3 +363,21 @@ def test_restore_target_full_is_one_line(short_tmp, target):
     assert "No space left on device" in r.stderr, r.stderr
     assert r.stderr.rstrip().endswith("(restore stopped: the target is incomplete)"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_restore_limit_rate(short_tmp):
+    """``restore --limit-rate 4M``: 8 MiB of chunk data take >= 1.9 s (one 0.1 s burst of
+    credit), the zero chunks nothing; the copy is exact."""
+    import time
+
+    disk, repo, out = short_tmp / "disk.raw", short_tmp / "repo", short_tmp / "out.raw"
+    with open(disk, "wb") as f:
+        f.truncate(64 * M)
+        f.write(os.urandom(8 * M))
+    nb("repo", "init", str(repo), "--chunk-size", "1M")
+    pull_into(str(repo), disk, "s0")
+    t0 = time.monotonic()
+    st = json.loads(nb("restore", str(repo), "s0", str(out), "--limit-rate", "4M", "--json").stdout)
+    took = time.monotonic() - t0
+    assert st["bytes_fetched"] == 8 * M and took >= 1.9, (took, st)
+    assert same(disk, out)
