@@ -268,7 +268,7 @@ class ServerConnection:
     - ``no_zeroes``, ``structured``, ``fixed``: negotiated handshake state.
     - ``tls_mode`` ("off", "on", "require"; fixed); ``tls_active`` (STARTTLS
       was accepted: everything after it runs over TLS).
-    - ``_denied``: why access control refused this client (see `deny`), or None.
+    - ``_denied``: the text every option gets once this client is refused (see `deny`), or None.
     - ``_meta_export``/``_meta``: the export named by the last
       SET_META_CONTEXT and the contexts it selected (ids are indexes).
     - ``export``: the export of the transmission phase; ``tflags``: the
@@ -582,18 +582,19 @@ class ServerConnection:
     def _error(self, opt: int, rep: Rep, message: str) -> None:
         self._reply(opt, rep, message.encode("utf-8")[: wire.MAX_STRING])
 
-    def deny(self, reason: str) -> None:
-        """Access control refused this client: from now on every option but
-        ABORT gets ERR_POLICY with ``reason`` (EXPORT_NAME, which cannot be
-        refused, closes the connection)."""
-        self._denied = reason
+    def deny(self, reason: str, what: str = "access denied") -> None:
+        """Refuse this client (access control; ``what="server busy"`` at a
+        connection cap): from now on every option but ABORT gets ERR_POLICY
+        with ``what: reason`` (EXPORT_NAME, which cannot be refused, closes
+        the connection)."""
+        self._denied = f"{what}: {reason}"
 
     def _option(self, opt: int, data: bytes) -> None:
         if self._denied is not None and opt != Opt.ABORT:
             if opt == Opt.EXPORT_NAME or not self.fixed:
-                self._violation(f"access denied: {self._denied}")
+                self._violation(self._denied)
             else:
-                self._error(opt, Rep.ERR_POLICY, f"access denied: {self._denied}")
+                self._error(opt, Rep.ERR_POLICY, self._denied)
             return
         tls_missing = self.tls_mode == "require" and not self.tls_active
         if opt == Opt.EXPORT_NAME:

@@ -85,10 +85,13 @@ closed for the newcomer: at the per-peer cap one of the peer's own, at the
 global cap the longest-quiet one of the peer with the most connections.
 With no such connection the newcomer is held before the greeting (up to
 `ADMIT_QUEUE` of them, oldest first) until a slot frees or such a
-connection appears, at most until its handshake timeout; then it is refused
-(closed before the greeting: the client fails at connect time, and the log
-says which cap and how many connections hold it).  Beyond that queue it is
-refused at once.  So what one peer can take is bounded by its cap, stalled
+connection appears, at most until its handshake timeout; then it is refused:
+greeted, every option answered ERR_POLICY naming the cap and how many
+connections hold it (qemu and libnbd print it: "server busy: refused after
+waiting 10 s for admission: ..."), closed after `REFUSE_LINGER` s at the latest, and logged.
+It stays in the queue (counted, never admitted) until it is gone, so the
+queue still bounds what refusals cost.  Beyond that queue a newcomer is
+refused at once (closed before the greeting).  So what one peer can take is bounded by its cap, stalled
 handshakes cannot hold slots against a newcomer, and slots of vanished
 peers come back through their TCP timeouts.  A connection in transmission
 that stays quiet for ``idle_timeout`` s (TCP; ``unix_idle_timeout`` on Unix
@@ -207,6 +210,9 @@ DEFAULT_BUFFER_MEMORY = 256 * 1024 * 1024
 STEP_MAX = 8 * 1024 * 1024
 #: Connections held for admission at a cap (beyond: refused at once).
 ADMIT_QUEUE = 64
+#: Seconds a held connection refused at its handshake timeout has to read
+#: why (the greeting, then ERR_POLICY for its options) before it is closed.
+REFUSE_LINGER = 2.0
 #: A connection in transmission quiet this long gives its empty receive ring
 #: back (`ServerConnection.release_ring`): a host's idle VM disks cost ~7 KiB
 #: each instead of ~263 KiB; the next receive allocates a new ring.
@@ -619,6 +625,8 @@ class Server:
             if conn._closing:
                 self._waiting.remove(conn)
                 continue
+            if conn.refusing:
+                continue
             why = self._admit(conn)
             if why is None:
                 self._waiting.remove(conn)
@@ -848,7 +856,9 @@ class NBDConnection(asyncio.BufferedProtocol):
     Admission and memory: ``peer_key`` (what per-peer limits count: the IP
     address on TCP, the uid on Unix sockets); ``is_unix``; ``admitted``
     (False while it waits in ``Server._waiting``); ``held_why`` (why it
-    waits, logged if it is refused); ``_creds`` (SO_PEERCRED
+    waits, logged and told to the client if it is refused); ``refusing``
+    (refused while held: greeted and denied, closed within `REFUSE_LINGER`
+    s; still in ``_waiting``, never admitted); ``_creds`` (SO_PEERCRED
     on Unix sockets); ``_last_active``
     (`time.monotonic` of the last byte received or reply byte drained; the
     loop's clock has only millisecond resolution under uvloop);
@@ -923,6 +933,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.admitted = False
         #: Why admission holds it (`Server._admit`'s last answer), for the refusal.
         self.held_why = ""
+        #: Refused at its handshake timeout: telling the client why (`_refuse`).
+        self.refusing = False
         self._creds: tuple[int, int, int] | None = None
         self._last_active = 0.0
         self._charge: Charge | None = None
@@ -1243,13 +1255,27 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _handshake_timeout(self) -> None:
         self._handshake_timer = None
-        if not self.admitted and not self._closing:
-            # Refused before the greeting: the client fails at connect time.
-            self.evict(f"refused after waiting {self.server.handshake_timeout:g} s for admission: "
-                       f"{self.held_why}")
+        if self.refusing and not self._closing:
+            self.evict("refused, and still connected after it was told why")
+        elif not self.admitted and not self._closing:
+            self._refuse(f"refused after waiting {self.server.handshake_timeout:g} s for admission: "
+                         f"{self.held_why}")
         elif not self.proto.in_transmission and not self._closing:
             self._warn("connection %s: handshake timed out", self.peer)
             self.close("handshake timeout")
+
+    def _refuse(self, why: str) -> None:
+        """A held connection's handshake timeout: greet it and answer every
+        option ERR_POLICY with ``why`` (the client reports the cap instead of
+        an EOF before the greeting), then close it within `REFUSE_LINGER` s."""
+        self.server.warn_admission("connection %s %s", self.peer, why)
+        self.refusing = True
+        self.proto.deny(why, "server busy")
+        self._flush_handshake()
+        self._handshake_timer = asyncio.get_running_loop().call_later(REFUSE_LINGER, self._handshake_timeout)
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def _flush_handshake(self) -> None:
         data = self.proto.data_to_send()

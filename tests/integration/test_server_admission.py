@@ -18,9 +18,9 @@ import time
 import pytest
 
 from nbdbackup.blockdev.memory import MemoryDev
-from nbdbackup.nbd.server import Server
+from nbdbackup.nbd.server import REFUSE_LINGER, Server
 
-from test_server_batch import WRITE, Raw, req, run
+from test_server_batch import IHAVEOPT, OPT_GO, OPT_REPLY_MAGIC, REP_ERR_POLICY, WRITE, Raw, req, run
 
 MiB = 1 << 20
 
@@ -48,15 +48,33 @@ def test_idle_disks_are_never_evicted_for_a_newcomer(short_tmp, caps, caplog):
         await asyncio.sleep(0.8)  # both quiet past EVICT_QUIET
         t = time.monotonic()
         r, w = await asyncio.open_unix_connection(path)
-        with pytest.raises(asyncio.IncompleteReadError):
-            await r.readexactly(18)  # held without a greeting, then refused
+        assert len(await r.readexactly(18)) == 18  # held without a greeting until its timeout ...
         assert time.monotonic() - t >= 0.9
-        w.close()
+        # ... then greeted and told why: every option gets ERR_POLICY with the cap.
+        name = b"disk"
+        w.write(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, OPT_GO, len(name) + 6)
+                + struct.pack(">I", len(name)) + name + b"\0\0")
+        magic, opt, rep, n = struct.unpack(">QIII", await r.readexactly(20))
+        text = (await r.readexactly(n)).decode()
+        assert (magic, opt, rep) == (OPT_REPLY_MAGIC, OPT_GO, REP_ERR_POLICY), (hex(magic), opt, hex(rep))
+        flag = "--max-connections-per-uid 2" if "max_connections_per_uid" in caps else "--max-connections 2"
+        assert text.startswith("server busy: refused after waiting 1 s for admission: 2 connections ")
+        assert text.endswith(f"none of them evictable ({flag})"), text
+        t = time.monotonic()
         await read_ok(a, 1)
         await read_ok(b, 2)
-        # A connection quiet in the handshake is evicted for a newcomer.
+        # A slot freed while the refused one lingers goes to the next newcomer (greeted at
+        # once), never to the refused one.
         await b.close()
         await asyncio.sleep(0.1)
+        r2, w2 = await asyncio.open_unix_connection(path)
+        assert len(await asyncio.wait_for(r2.readexactly(18), 0.5)) == 18
+        w2.close()
+        # The refused one does not stay: closed within REFUSE_LINGER.
+        assert await asyncio.wait_for(r.read(1), 5) == b""
+        assert time.monotonic() - t < REFUSE_LINGER + 0.5
+        w.close()
+        # A connection quiet in the handshake is evicted for a newcomer.
         r, w = await asyncio.open_unix_connection(path)
         assert len(await r.readexactly(18)) == 18
         await asyncio.sleep(0.7)

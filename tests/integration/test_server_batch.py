@@ -38,6 +38,7 @@ SIMPLE_MAGIC = 0x67446698
 STRUCTURED_MAGIC = 0x668E33EF
 OPT_GO, OPT_STRUCTURED_REPLY = 7, 8
 REP_ACK, REP_INFO = 1, 3
+REP_ERR_POLICY = 0x80000002
 READ, WRITE, DISC, FLUSH, TRIM, WRITE_ZEROES = 0, 1, 2, 3, 4, 6
 FUA = 1
 T_NONE, T_DATA, T_HOLE, T_ERROR = 0, 1, 2, 32769
@@ -88,6 +89,24 @@ class Raw:
                 break
             assert rep < 0x80000000, body
         return cls(r, w, structured, size, tflags)
+
+    @staticmethod
+    async def refusal(path: str, export: str = "disk") -> str:
+        """Connect and ask for ``export`` with OPT_GO; a refused connection's
+        ERR_POLICY text (asserted: greeted, then ERR_POLICY)."""
+        r, w = await asyncio.open_unix_connection(path)
+        try:
+            magic, opt, _ = struct.unpack(">QQH", await r.readexactly(18))
+            assert magic == NBDMAGIC and opt == IHAVEOPT
+            name = export.encode()
+            data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+            w.write(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+            magic, opt, rep, n = struct.unpack(">QIII", await r.readexactly(20))
+            text = (await r.readexactly(n)).decode()
+            assert (magic, opt, rep) == (OPT_REPLY_MAGIC, OPT_GO, REP_ERR_POLICY), (hex(magic), opt, hex(rep), text)
+            return text
+        finally:
+            w.close()
 
     def send(self, data: bytes) -> None:
         self.w.write(data)

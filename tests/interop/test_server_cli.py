@@ -299,7 +299,7 @@ def test_max_connections(serve):
     """Invariant 2 at the global cap (hunt 11): connections in transmission are
     never evicted for a newcomer, idle or not; the newcomer is held before the
     greeting, then refused at its handshake timeout (libnbd fails at connect,
-    the log names the cap).  A connection quiet in the handshake is evicted
+    qemu-img prints the server's reason naming the cap, so does the log).  A connection quiet in the handshake is evicted
     for it (invariant 4: a staller cannot hold a slot against a client)."""
     with serve("a=memory:1M", extra=["--max-connections", "2", "--handshake-timeout", "1.5"]) as srv:
         h1, h2 = nbd.NBD(), nbd.NBD()
@@ -311,6 +311,10 @@ def test_max_connections(serve):
         with pytest.raises(nbd.Error):
             h3.connect_uri(srv.uri_for("a"))
         assert 1.0 < time.monotonic() - t0 < 5
+        # qemu says why: the refusal's ERR_POLICY names the cap.
+        r = subprocess.run(["qemu-img", "info", srv.uri_for("a")], capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and ("server reported: server busy: refused after waiting 1.5 s for admission: "
+                                      "2 connections already") in r.stderr, r.stderr
         assert h1.pread(1, 0) == b"\0" and h2.pread(1, 0) == b"\0"  # neither was evicted
         assert "refused after waiting 1.5 s for admission" in srv.log()
         assert "--max-connections 2" in srv.log()

@@ -315,8 +315,8 @@ def closed_by_server(s: socket.socket, timeout: float) -> bool:
 def test_per_peer_cap_never_evicts_a_connection_in_transmission(image):
     """Invariant 2 (hunt 11): at the per-peer cap, the peer's idle connections
     in transmission (a VM's idle disks) stay; a fifth from the same address is
-    held without a greeting, then refused at its handshake timeout (closed
-    before the greeting), with a log line naming the cap.  Invariant 4:
+    held without a greeting, then refused at its handshake timeout (greeted,
+    its options refused naming the cap, closed), with a log line naming the cap.  Invariant 4:
     another address is another peer, admitted at once; and a connection of
     the peer stalled in the handshake is evicted for a newcomer."""
     port = peers.free_tcp_port()
@@ -332,7 +332,8 @@ def test_per_peer_cap_never_evicts_a_connection_in_transmission(image):
         time.sleep(0.7)  # all quiet for longer than EVICT_QUIET
         fifth = raw_connect(port)
         assert not greeted(fifth, 1.0)  # held ...
-        assert closed_by_server(fifth, 3.0)  # ... then refused, never greeted
+        assert greeted(fifth, 3.0)  # ... then greeted to be told why (ERR_POLICY: test_server_admission.py)
+        assert closed_by_server(fifth, 3.0)  # ... and closed, never admitted
         states = [closed_by_server(s, 0.2) for s in mine + [other]]
         assert states == [False] * 5, (states, srv.log())
         log = srv.log()
