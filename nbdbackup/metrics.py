@@ -5,17 +5,24 @@ one request per connection, ``GET /metrics`` answers the text of
 `nbd.stats.prometheus_text` for the app's exports, connections and jobs;
 other paths get 404 and other methods 405.  Requests are read with a size
 limit (8 KiB of head) and a timeout (5 s), so a slow or hostile client only
-costs one small task.  Bind it to loopback (or put it behind a proxy): it
-has no authentication, like most exporters.
+costs one small task, and at most `MAX_CLIENTS` connections are open at
+once: a newcomer beyond that closes the oldest (a scraper sends its request
+at once and is answered in milliseconds; what lingers is a staller), so a
+flood of connections can neither pin the server's memory and descriptors
+nor lock the scraper out for longer than it keeps flooding.  Bind it to
+loopback (or put it behind a proxy): it has no authentication, like most
+exporters.
 
 Invariant: building the text only reads in-memory state; it never blocks
-the event loop on I/O.
+the event loop on I/O.  ``_open`` (per endpoint: the writers of its open
+connections, oldest first) holds at most `MAX_CLIENTS` entries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from .nbd.stats import prometheus_text
@@ -25,6 +32,8 @@ log = logging.getLogger("nbdbackup.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HEAD_LIMIT = 8192
 TIMEOUT = 5.0
+#: Connections open at once per endpoint; a newcomer beyond closes the oldest.
+MAX_CLIENTS = 16
 
 
 def render(app: Any) -> str:
@@ -44,7 +53,12 @@ def _response(status: str, body: bytes, ctype: str = "text/plain; charset=utf-8"
     return head.encode() + body
 
 
-async def _handle(app: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _handle(app: Any, open_: "OrderedDict[asyncio.StreamWriter, None]",
+                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while len(open_) >= MAX_CLIENTS:
+        oldest, _ = open_.popitem(last=False)
+        oldest.transport.abort()  # its handler's read or drain fails, and it ends
+    open_[writer] = None
     try:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
@@ -68,9 +82,11 @@ async def _handle(app: Any, reader: asyncio.StreamReader, writer: asyncio.Stream
         except (asyncio.TimeoutError, ConnectionError):
             pass
         writer.close()
+        open_.pop(writer, None)
 
 
 async def start(app: Any, host: str, port: int) -> asyncio.base_events.Server:
-    srv = await asyncio.start_server(lambda r, w: _handle(app, r, w), host, port, limit=HEAD_LIMIT)
+    open_: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()
+    srv = await asyncio.start_server(lambda r, w: _handle(app, open_, r, w), host, port, limit=HEAD_LIMIT)
     log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
     return srv

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -114,3 +115,39 @@ def test_stats_and_metrics_count_exactly(short_tmp):
             urllib.request.urlopen(req, timeout=10)
         assert ei.value.code == 405
         assert p.alive()
+
+
+def test_a_flood_of_idle_connections_neither_piles_up_nor_locks_out_a_scrape():
+    """Invariant 4 on the metrics port: 300 connections that never send a request
+    hold at most `metrics.MAX_CLIENTS` descriptors of the server (each newcomer
+    closes the oldest), a scrape made during the flood is answered at once, and
+    the NBD side never notices."""
+    from nbdbackup.metrics import MAX_CLIENTS
+
+    port = peers.free_tcp_port()
+    with peers.nbdbackup_serve("m=memory:1M", extra=["--metrics", f"127.0.0.1:{port}"]) as p:
+        scrape(port)
+        base = len(os.listdir(f"/proc/{p.pid}/fd"))
+        socks = []
+        try:
+            for _ in range(300):
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            assert "nbdbackup_worker_restarts_total" in scrape(port)  # answered amid the flood
+            held = len(os.listdir(f"/proc/{p.pid}/fd")) - base
+            assert held <= MAX_CLIENTS, held
+            time.sleep(0.3)
+            closed = 0
+            for s in socks:
+                s.setblocking(False)
+                try:
+                    closed += s.recv(1) == b""
+                except ConnectionResetError:
+                    closed += 1
+                except BlockingIOError:
+                    pass  # still open
+            assert closed >= len(socks) - MAX_CLIENTS, closed
+        finally:
+            for s in socks:
+                s.close()
+        r = subprocess.run(["nbdinfo", "--size", p.uri_for("m")], capture_output=True, text=True, timeout=30)
+        assert r.stdout.strip() == str(M), r.stderr
