@@ -371,6 +371,7 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     if why is not None and threads:
         raise ConfigError(f"threaded receive not possible: {why}")
     stats.receive_note = why or ""
+    fallback = False  # the threads could not start (`pullthreads.Unavailable`): the event loop reads
     if why is None:
         stats.receive = "threads"
         loop = asyncio.get_running_loop()
@@ -438,23 +439,30 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
                     await src.reopen_lost()
                 except Exception as e:  # noqa: BLE001 - the pull is done; later use fails loudly
                     log.warning("could not reopen NBD connections lost during the pull: %s", e)
+        except pullthreads.Unavailable as e:
+            if threads:
+                raise ConfigError(f"threaded receive not possible: {e}") from None
+            fallback = True
+            stats.receive, stats.receive_note = "asyncio", str(e)
+            log.info("pull: receiving on the event loop: %s", e)
         finally:
-            if writer is not None:
+            if writer is not None and not fallback:
                 stats.direct_io = writer.out.direct
                 await asyncio.to_thread(writer.close)
-    elif writer is None:
-        await asyncio.gather(*(worker() for _ in range(max(1, workers))))
-    else:
-        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            # On failure the other workers stop before the writer's threads do.
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            stats.direct_io = writer.out.direct
-            await asyncio.to_thread(writer.close)
+    if why is not None or fallback:  # the event loop receives
+        if writer is None:
+            await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+        else:
+            tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                # On failure the other workers stop before the writer's threads do.
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                stats.direct_io = writer.out.direct
+                await asyncio.to_thread(writer.close)
     stats.chunks_worked = len(work)
     stats.chunks_skipped = man.count - len(work)
     # Digests of the chunks not read from the source: the zero id (full) or the base's (incremental),

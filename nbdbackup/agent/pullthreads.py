@@ -18,7 +18,9 @@ socket goes back to the asyncio transport, which resumes reading.  A TLS
 connection cannot be lent (asyncio keeps its TLS state in the transport): its
 thread opens a connection of its own instead (`_Own`: `nbd.client.connect_blocking`,
 an ``ssl.SSLSocket``) and closes it afterwards, while `_keepalive` keeps the idle
-asyncio one from a server's idle timeout.
+asyncio one from a server's idle timeout.  Those connections are opened before any
+chunk is taken; if the server refuses one (a per-uid or per-address cap the asyncio
+ones already fill), `run` raises `Unavailable` and the pull reads on the event loop.
 
 Why: the asyncio path drains all connections on the one event-loop thread
 (recv copy, per-request Python, waking the server's senders) while nbdcopy
@@ -384,6 +386,10 @@ async def run(clients, take: Iterator[int], *, alloc: Callable[[], memoryview], 
     state)``: the chunk is done (on the receiving thread).  ``start`` may
     block (a rate limit sleeps there): the time it takes does not count
     against the ``timeout`` of the reads already in flight.
+
+    Raises `Unavailable` before taking anything when a TLS thread cannot open
+    its own connection (refused at a cap, say); the caller falls back to the
+    event loop.
     """
     loop = asyncio.get_running_loop()
     r = _Run(take)
@@ -392,22 +398,27 @@ async def run(clients, take: Iterator[int], *, alloc: Callable[[], memoryview], 
     try:
         for c in clients:
             lent.append(_Own(c, timeout) if c.uri.tls else _Lent(c, timeout))
-        owned = [x.client for x in lent if isinstance(x, _Own)]
+        owned = [x for x in lent if isinstance(x, _Own)]
         if owned:
-            keepalive = asyncio.ensure_future(_keepalive(owned))
+            # Every thread's own connection first, before any chunk is taken: where the
+            # server refuses them (a per-uid or per-address cap that the asyncio ones
+            # fill), the caller reads on the event loop instead (`Unavailable`).
+            try:
+                failed = [e for e in await asyncio.gather(*(asyncio.to_thread(_open, x, max_read)
+                                                            for x in owned)) if e is not None]
+            except asyncio.CancelledError:
+                for x in owned:
+                    x.cancel()
+                raise
+            if failed:
+                raise Unavailable(f"no TLS connection of its own for {len(failed)} of the "
+                                  f"{len(owned)} receiving threads: {failed[0]}")
+            keepalive = asyncio.ensure_future(_keepalive([x.client for x in owned]))
         done = [loop.create_future() for _ in lent]
 
         def body(k: int) -> None:
             try:
-                x = lent[k]
-                if isinstance(x, _Own):
-                    try:
-                        x.open(max_read)
-                    except BaseException as e:  # noqa: BLE001 - the run fails with it
-                        x.broken = e
-                        r.fail(e)
-                        return
-                _thread(x, r, alloc, nbuf, start, finish, complete)
+                _thread(lent[k], r, alloc, nbuf, start, finish, complete)
             finally:
                 loop.call_soon_threadsafe(_set, done[k])
 
@@ -436,6 +447,21 @@ async def run(clients, take: Iterator[int], *, alloc: Callable[[], memoryview], 
             x.give_back()
     if r.failed is not None:
         raise r.failed
+
+
+class Unavailable(Exception):
+    """`run` cannot use threads here (a TLS thread's own connection was refused);
+    nothing was taken from ``take``: read on the event loop instead."""
+
+
+def _open(x: _Own, max_read: int) -> BaseException | None:
+    """On a worker thread: open ``x``'s connection; the error, or None."""
+    try:
+        x.open(max_read)
+        return None
+    except Exception as e:  # noqa: BLE001 - reported through `Unavailable`
+        x.broken = e
+        return e
 
 
 def _set(f: asyncio.Future) -> None:
