@@ -90,6 +90,11 @@ async def add_export(app: App, name: str, spec: str, read_only: bool = False, de
 
         await add_restore_spec(app, name, spec, read_only, description)
         return
+    if spec.startswith("repo:"):  # a repository snapshot, read-only (commands/instant.py)
+        from .commands.instant import add_repo_spec
+
+        await add_repo_spec(app, name, spec, True, description)
+        return
     if name in app.server.exports:
         raise ConfigError(f"export {name!r} already exists")
     check_description(name, description)

@@ -425,13 +425,25 @@ class ChunkCache:
         touches load in parallel (and the next `readahead` start loading).
         A chunk that fails raises its error (`CorruptChunk`: an
         ``OSError(EIO)``) with ``chunk_index`` set to the chunk's index."""
-        mv = memoryview(buf).cast("B")
-        end = offset + len(mv)
-        idx = self.man.chunks_of(offset, len(mv))
+        futs = self.loads_for(offset, len(memoryview(buf).cast("B")))
+        self.fill(buf, offset, {i: f.result for i, f in futs.items()})
+
+    def loads_for(self, offset: int, length: int) -> dict[int, concurrent.futures.Future]:
+        """The loads (futures) of the data chunks ``(offset, length)`` touches,
+        started where needed; the next `readahead` data chunks start loading."""
+        idx = self.man.chunks_of(offset, length)
         futs = {i: self.future(i) for i in idx if not self._zero[i]}
         for j in range(idx.stop, idx.stop + self.readahead) if len(idx) else ():
             self.prefetch(j)
-        for i in idx:
+        return futs
+
+    def fill(self, buf, offset: int, futs: dict) -> None:
+        """Copy the snapshot's bytes at ``offset`` into ``buf`` from ``futs``
+        (`loads_for`'s, index -> a callable returning the chunk's bytes);
+        zero chunks are zeroes.  A failed load raises as `read_into` says."""
+        mv = memoryview(buf).cast("B")
+        end = offset + len(mv)
+        for i in self.man.chunks_of(offset, len(mv)):
             c_off, c_len = self.man.chunk_range(i)
             s, e = max(offset, c_off), min(end, c_off + c_len)
             dst = mv[s - offset : e - offset]
@@ -439,7 +451,7 @@ class ChunkCache:
                 _fill_zero(dst)
             else:
                 try:
-                    data = futs[i].result()
+                    data = futs[i]()
                 except OSError as err:
                     err.chunk_index = i  # type: ignore[attr-defined]
                     raise

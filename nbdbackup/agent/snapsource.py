@@ -1,6 +1,6 @@
-"""A repository snapshot as an asynchronous source (instant recovery).
+"""A repository snapshot as an asynchronous device: a restore's source, or an export.
 
-Role: `SnapshotSource` is `repo.SnapshotImage` whose reads run in worker
+Role: `SnapshotSource` (instant recovery's source) is `repo.SnapshotImage` whose reads run in worker
 threads: a chunk read is a blocking store read (a file, or an S3 GET of tens
 of milliseconds), which must not stall the event loop that serves the
 restoring export.  Each read fetches its chunks with `Repository.get_chunk`
@@ -10,14 +10,29 @@ once anyway.
 
 Fields: those of `SnapshotImage` plus ``_pool`` (its own thread pool of
 ``threads`` workers, so fetches do not queue behind unrelated executor work).
+
+`ServedSnapshot` is a snapshot served read-only as an export (``serve
+NAME=repo:REPO#SNAPSHOT``: file-level restore through nbdfuse or a loop
+mount, a read-only disk for a VM, ``qemu-img convert`` to any format).  Its
+readers are random and small (a file system's 4 KiB blocks), so reads go
+through a `restore.ChunkCache`: each chunk is fetched, checked and decoded
+once while it stays among the ``capacity`` most recently used, loads of
+different chunks run at once on its threads, and a read starts loading the
+next ``readahead`` data chunks.  The event loop never blocks: a read awaits
+its chunks' loads, then copies.  A damaged or missing chunk fails the reads
+that touch it with EIO (`repo.CorruptChunk`); everything else reads on.
+Fields: those of `SnapshotImage` plus ``cache`` (the `ChunkCache`, owned) and
+``on_close`` (callables run once when it closes: the repository lock).
 """
 
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 from .repo import SnapshotImage
+from .restore import ChunkCache
 
 
 class SnapshotSource(SnapshotImage):
@@ -41,3 +56,31 @@ class SnapshotSource(SnapshotImage):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ServedSnapshot(SnapshotImage):
+    def __init__(self, repo, man, *, capacity: int = 64, threads: int = 8, readahead: int = 4,
+                 on_close: Sequence[Callable[[], None]] = ()) -> None:
+        super().__init__(repo, man)
+        self.cache = ChunkCache(repo, man, capacity=capacity, workers=threads, readahead=readahead)
+        self.on_close = list(on_close)
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        futs = self.cache.loads_for(offset, len(buf))
+        for f in futs.values():
+            if not f.done():
+                await asyncio.wrap_future(f)
+        self.cache.fill(buf, offset, {i: f.result for i, f in futs.items()})
+
+    async def cache(self, offset: int, length: int) -> None:
+        """NBD_CMD_CACHE: start loading the range's first chunks (at most half
+        the cache's capacity, so it cannot push out what readers use)."""
+        idx = self.man.chunks_of(offset, length)
+        for i in range(idx.start, min(idx.stop, idx.start + self.cache.capacity // 2)):
+            self.cache.prefetch(i)
+
+    async def close(self) -> None:
+        self.cache.close()
+        calls, self.on_close = self.on_close, []
+        for call in calls:
+            call()

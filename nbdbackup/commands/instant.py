@@ -1,4 +1,5 @@
-"""Instant recovery: a restoring export (``serve NAME=restore:...``, QMP ``restore-start``).
+"""Repository snapshots as exports: instant recovery (``serve NAME=restore:...``, QMP
+``restore-start``) and read-only snapshots (``serve NAME=repo:REPO#SNAPSHOT``).
 
 Role: the edge between the user and the restore engine
 (`backup.restorejob`): parse the arguments, open the repository (through
@@ -24,6 +25,12 @@ SPEC::
   then records exactly what the guest changed relative to the snapshot, so
   ``pull --repo R --base SNAPSHOT --bitmap NAME`` is a correct first
   incremental after the restore.
+
+``repo:REPO#SNAPSHOT`` (`add_repo_spec`) serves the snapshot itself,
+read-only, straight from the repository (`agent.snapsource.ServedSnapshot`:
+chunks checked and cached as read; a damaged one fails its reads with EIO),
+with the repository's shared lock (a lease on S3) held while it is exported,
+so ``repo delete/prune/gc`` refuse meanwhile.
 """
 
 from __future__ import annotations
@@ -254,6 +261,46 @@ async def add_restore_spec(app: Any, name: str, spec: str, read_only: bool = Fal
                                     workers=o.get("workers", 4), on_error=o.get("on-error", "report"),
                                     bitmap=o.get("bitmap"), description=description,
                                     args=getattr(app, "args", None))
+
+
+REPO_PREFIX = "repo:"
+
+
+async def add_repo_spec(app: Any, name: str, spec: str, read_only: bool = True,
+                        description: str = "") -> None:
+    """`daemon.add_export` for a ``repo:REPO#SNAPSHOT`` SPEC: the snapshot as a
+    read-only export (``read_only`` is implied)."""
+    from ..agent.repo import check_name
+    from ..agent.snapsource import ServedSnapshot
+    from ..daemon import check_description
+    from .repoargs import open_repo
+
+    assert spec.startswith(REPO_PREFIX)
+    repo, sep, snapshot = spec[len(REPO_PREFIX):].rpartition("#")
+    if not sep or not repo or not snapshot:
+        raise ConfigError(f"bad repository SPEC {spec!r}: expected repo:REPO#SNAPSHOT")
+    if name in app.server.exports:
+        raise ConfigError(f"export {name!r} already exists")
+    check_description(name, description)
+    check_name(snapshot)
+    args = getattr(app, "args", None)
+    store, rep = open_repo(args if args is not None else argparse.Namespace(), repo)
+    lock = contextlib.ExitStack()
+    lock.enter_context(store.lock(False))
+    try:
+        man = rep.load_snapshot(snapshot)
+        dev = ServedSnapshot(rep, man, on_close=[lock.close])
+    except BaseException:
+        lock.close()
+        raise
+    try:
+        app.server.add_export(name, dev, read_only=True, description=description)
+    except BaseException:
+        await dev.close()
+        raise
+    app.specs[name] = spec
+    log.info("export %r: snapshot %s of %s, read-only (%d bytes, %d chunks of %d)", name, snapshot,
+             repo, man.size, man.count, man.chunk_size)
 
 
 RESTORE_START_ARGS = {

@@ -89,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="export NAME serving SPEC: a raw file or block device path, memory:SIZE, "
                         "or an NBD URI; prefix SPEC with ro: for a read-only export; "
                         "restore:REPO#SNAPSHOT,target=SPEC[,state=DIR,speed=N,...] serves a snapshot "
-                        "while it is restored onto SPEC (instant recovery, docs/instant.md)")
+                        "while it is restored onto SPEC (instant recovery, docs/instant.md); "
+                        "repo:REPO#SNAPSHOT serves a snapshot read-only, straight from the repository")
     p.add_argument("--socket", "-k", action="append", default=[], metavar="PATH",
                    help="listen on this Unix socket (repeatable)")
     p.add_argument("--socket-mode", metavar="MODE",
@@ -166,7 +167,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (use a loopback address)")
     from .repoargs import add_repo_options
 
-    add_repo_options(p)  # for NAME=restore:REPO#SNAPSHOT,target=SPEC (commands/instant.py)
+    add_repo_options(p)  # for NAME=restore:... and NAME=repo:REPO#SNAPSHOT (commands/instant.py)
     p.set_defaults(func=run)
 
 
