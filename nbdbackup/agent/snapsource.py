@@ -31,6 +31,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
+from ..blockdev.base import BASE_ALLOCATION, Extent
 from .repo import SnapshotImage
 from .restore import ChunkCache
 
@@ -71,6 +72,19 @@ class ServedSnapshot(SnapshotImage):
             if not f.done():
                 await asyncio.wrap_future(f)
         self.cache.fill(buf, offset, {i: f.result for i, f in futs.items()})
+
+    def pread_now(self, buf: memoryview, offset: int) -> bool:
+        """The server's task-free READ: only when every chunk of the range is
+        loaded already (their loads start here either way)."""
+        futs = self.cache.loads_for(offset, len(buf))
+        for f in futs.values():
+            if not f.done() or f.exception() is not None:
+                return False
+        self.cache.fill(buf, offset, {i: f.result for i, f in futs.items()})
+        return True
+
+    def extents_now(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent] | None:
+        return self.extents_sync(offset, length) if context == BASE_ALLOCATION else None
 
     async def cache(self, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: start loading the range's first chunks (at most half
