@@ -326,6 +326,9 @@ def _thread(lent: _Lent, run: _Run, alloc: Callable[[], memoryview], nbuf: int,
                 buf = tx.get_buffer(-1)
                 n = sock.recv_into(buf)
                 if not n:
+                    if _lost(sock):
+                        raise ConnectionClosed(f"the connection to the server was lost (timed out or reset) "
+                                               f"with {len(reading)} read requests in flight")
                     tx.receive_eof()
                     raise ConnectionClosed(f"the server closed the connection with {len(reading)} "
                                            f"read requests in flight")
@@ -447,6 +450,22 @@ async def run(clients, take: Iterator[int], *, alloc: Callable[[], memoryview], 
             x.give_back()
     if r.failed is not None:
         raise r.failed
+
+
+#: ``tcpi_state`` of a TCP socket the kernel gave up on (timeout, reset); a peer's FIN
+#: leaves it in CLOSE_WAIT (8) instead.
+_TCP_CLOSE = 7
+
+
+def _lost(sock: socket.socket) -> bool:
+    """After an end of stream: True when the kernel dropped the TCP connection
+    (a keepalive or user timeout, a reset) rather than the server closing it.
+    An ``ssl.SSLSocket`` reports such an ETIMEDOUT as an end of stream (hunt 10)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:  # not TCP (a Unix socket): an end of stream is the server's
+        return False
+    return bool(info) and info[0] == _TCP_CLOSE
 
 
 class Unavailable(Exception):
