@@ -16,7 +16,8 @@ NAME=repo:REPO#SNAPSHOT``: file-level restore through nbdfuse or a loop
 mount, a read-only disk for a VM, ``qemu-img convert`` to any format).  Its
 readers are random and small (a file system's 4 KiB blocks), so reads go
 through a `restore.ChunkCache`: each chunk is fetched, checked and decoded
-once while it stays among the ``capacity`` most recently used, loads of
+once while it stays among the most recently used (`SERVED_CACHE` bytes of
+them, so a repository of big chunks does not pin more memory), loads of
 different chunks run at once on its threads, and a read starts loading the
 next ``readahead`` data chunks.  The event loop never blocks: a read awaits
 its chunks' loads, then copies.  A damaged or missing chunk fails the reads
@@ -59,10 +60,15 @@ class SnapshotSource(SnapshotImage):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+#: Bytes of decoded chunks a `ServedSnapshot` keeps (64 chunks of the default 1 MiB).
+SERVED_CACHE = 64 << 20
+
+
 class ServedSnapshot(SnapshotImage):
-    def __init__(self, repo, man, *, capacity: int = 64, threads: int = 8, readahead: int = 4,
+    def __init__(self, repo, man, *, cache_bytes: int = SERVED_CACHE, threads: int = 8, readahead: int = 4,
                  on_close: Sequence[Callable[[], None]] = ()) -> None:
         super().__init__(repo, man)
+        capacity = max(2 * readahead + 2, cache_bytes // man.chunk_size)
         self.cache = ChunkCache(repo, man, capacity=capacity, workers=threads, readahead=readahead)
         self.on_close = list(on_close)
 
