@@ -76,7 +76,10 @@ class ServedSnapshot(SnapshotImage):
         futs = self.cache.loads_for(offset, len(buf))
         for f in futs.values():
             if not f.done():
-                await asyncio.wrap_future(f)
+                try:
+                    await asyncio.wrap_future(f)
+                except Exception:  # noqa: BLE001 - `fill` raises it, naming the chunk
+                    pass
         self.cache.fill(buf, offset, {i: f.result for i, f in futs.items()})
 
     def pread_now(self, buf: memoryview, offset: int) -> bool:

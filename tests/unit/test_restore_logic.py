@@ -382,3 +382,60 @@ def test_restore_bounded_and_names_the_bad_range():
 
     with pytest.raises(NBDBackupError, match=r"chunk 0 at \(0, 65536\): cannot read it: Permission denied"):
         asyncio.run(restore(Broken(repo.chunks), man, RecordingDev(man.size), snapshot="s7", workers=1))
+
+
+# -- ServedSnapshot (serve NAME=repo:REPO#SNAPSHOT) ------------------------------
+
+
+def test_served_snapshot_random_concurrent_reads_under_eviction():
+    """64 reads at once at random offsets and lengths (crossing chunks, zero chunks
+    included) through a cache of only 6 chunks: every read returns the snapshot's
+    bytes; the task-free path answers only from loaded chunks; a damaged chunk fails
+    exactly the reads that touch it with EIO, and only those."""
+    import asyncio
+    import random
+
+    from nbdbackup.agent.snapsource import ServedSnapshot
+
+    rng = random.Random(7)
+    man = Manifest(24 * 4096, 4096)
+    chunks = [rng.randbytes(4096) if i % 4 != 3 else bytes(4096) for i in range(24)]  # every 4th zero
+    for i, data in enumerate(chunks):
+        man.chunks[i] = digest(data)
+    repo = FakeRepo({d: c for d, c in zip(man.chunks, chunks)}, delay=0.002)
+    image = b"".join(chunks)
+    repo.bad.add(man.chunks[10])
+
+    async def main():
+        dev = ServedSnapshot(repo, man, cache_bytes=6 * 4096, threads=4, readahead=2)
+        assert dev.cache.capacity == 6
+
+        async def one():
+            off = rng.randrange(0, len(image) - 1)
+            n = rng.randrange(1, min(3 * 4096, len(image) - off) + 1)
+            buf = memoryview(bytearray(n))
+            touches_bad = off < 11 * 4096 and off + n > 10 * 4096
+            try:
+                if not dev.pread_now(buf, off):
+                    await dev.pread(buf, off)
+            except OSError as e:
+                assert touches_bad and e.errno == errno.EIO and e.chunk_index == 10, (off, n, e)
+                return "eio"
+            assert not touches_bad and bytes(buf) == image[off:off + n], (off, n)
+            return "ok"
+
+        got = []
+        for _ in range(10):
+            got += await asyncio.gather(*(one() for _ in range(64)))
+        assert got.count("eio") > 0 and got.count("ok") > 500
+        # The task-free path never answers from a chunk that is not loaded.
+        fresh = ServedSnapshot(repo, man, cache_bytes=6 * 4096, threads=4, readahead=0)
+        assert not fresh.pread_now(memoryview(bytearray(4096)), 0)
+        await asyncio.sleep(0.05)  # the load pread_now started is done now
+        buf = memoryview(bytearray(4096))
+        assert fresh.pread_now(buf, 0) and bytes(buf) == image[:4096]
+        assert dev.extents_now(0, len(image)) == dev.extents_sync(0, len(image))
+        await fresh.close()
+        await dev.close()
+
+    asyncio.run(main())
