@@ -272,6 +272,63 @@ def test_group_commit_when_the_batch_is_full(tmp_path, monkeypatch):
     assert not st._pending and len(repo.stored()) == 4
 
 
+def test_group_commits_reuse_one_pool_of_fsync_threads(tmp_path, monkeypatch):
+    """The fsyncs of a flush (its chunks', then its directories') fan out over one kept pool of
+    at most 16 threads, not a pool started and joined per fan-out (~30 threads per incremental);
+    a child made by fork() makes its own pool (its parent's threads do not exist there)."""
+    import threading
+
+    import nbdbackup.agent.repo as repo_mod
+
+    monkeypatch.setattr(repo_mod, "_FSYNC_POOL", None)
+    used: set[int] = set()
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (used.add(threading.get_ident()), real_fsync(fd))[1])
+    started = []
+    real_start = threading.Thread.start
+
+    def start(self):
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    for _ in range(3):
+        for _ in range(40):
+            c = os.urandom(C)
+            repo.put_chunk(repo.chunk_id(c), c)
+        st.flush()
+    assert len(repo.stored()) == 120 and not st._pending
+    assert 1 < len(started) <= 16 and all(n.startswith("nbdbackup-fsync") for n in started), started
+    assert len(used) <= 17  # (the caller's own thread: the config's and small groups' fsyncs)
+    pid = os.fork()
+    if pid == 0:  # the child: a flush must not wait forever on the parent's (absent) threads
+        try:
+            c = os.urandom(C)
+            repo.put_chunk(repo.chunk_id(c), c)
+            for _ in range(3):
+                c = os.urandom(C)
+                repo.put_chunk(repo.chunk_id(c), c)
+            st.flush()
+            os._exit(0 if len(repo.stored()) == 124 else 1)
+        except BaseException:  # noqa: BLE001
+            os._exit(2)
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("a forked child's flush hung on its parent's fsync pool")
+
+
 def test_unbatched_store_names_each_chunk_at_once(tmp_path):
     st = DirStore(str(tmp_path / "r"), batch=False)
     repo = Repository.init(st, C)
