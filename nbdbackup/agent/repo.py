@@ -52,7 +52,8 @@ next `DirStore.flush` (or when `BATCH_FILES` / `BATCH_BYTES` are pending), all
 together -- one journal commit for the group instead of one per chunk.  On
 Linux >= 5.8 with little other dirty data on the machine, the group commit is
 two ``syncfs`` of the repository's file system instead (one before the renames,
-one after: `DirStore._whole_fs_commit`; ``NBDBACKUP_SYNCFS=0`` turns it off).  A
+one after: `DirStore._whole_fs_commit`; only on ext2/3/4, XFS, Btrfs, F2FS and
+tmpfs, whose syncfs is known to be complete; ``NBDBACKUP_SYNCFS=0`` turns it off).  A
 file under a chunk's name is therefore always complete and durable; a crash
 leaves at worst temporary files, which `Repository.gc` removes.  Its lock is ``flock`` on ``<dir>/lock``:
 pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
@@ -208,8 +209,11 @@ class DirStore:
         self._flush_lock = threading.Lock()
         #: A descriptor of ``root``, opened before the first chunk is written and kept: the
         #: group commit's ``syncfs`` reports the file system's write-back errors since it was
-        #: opened (`_whole_fs_commit`); None until then (or when syncfs is not used).
+        #: opened (`_whole_fs_commit`); None until then (or when syncfs is not used: off, or
+        #: ``root``'s file system is not one whose syncfs is known to be complete).
         self._fs_fd: int | None = None
+        #: Whether `_open_fs_fd` looked already (it does once).
+        self._fs_checked = False
 
     def __del__(self) -> None:
         fd, self._fs_fd = getattr(self, "_fs_fd", None), None
@@ -263,7 +267,7 @@ class DirStore:
         path = self._path(key)
         mv = memoryview(data).cast("B")
         batched = self.batch and key.startswith("chunks/")
-        if batched and self._fs_fd is None and SYNCFS:
+        if batched and not self._fs_checked and SYNCFS:
             self._open_fs_fd()
         fd, tmp = self._write_tmp(path, mv, sync=not batched)
         if not batched:
@@ -294,12 +298,17 @@ class DirStore:
                 d = os.path.dirname(d)
 
     def _open_fs_fd(self) -> None:
-        """Open `_fs_fd` (once; before the first chunk's file is written)."""
+        """Open `_fs_fd` (once; before the first chunk's file is written) if ``root`` is on a
+        file system whose syncfs is known to be complete (`writeback.SYNCFS_FILE_SYSTEMS`)."""
+        from ..blockdev import writeback
+
         with self._lock:
-            if self._fs_fd is not None:
+            if self._fs_checked:
                 return
+            self._fs_checked = True
             os.makedirs(self.root, exist_ok=True)
-            self._fs_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if writeback.fs_type(self.root) in writeback.SYNCFS_FILE_SYSTEMS:
+                self._fs_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _whole_fs_commit(self, nbytes: int) -> bool:
         """Whether this group commit makes its files durable with two ``syncfs`` of the

@@ -79,6 +79,30 @@ def syncfs(fd: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+#: File systems whose ``syncfs`` is known to write back and commit everything (their
+#: ``statfs`` f_type): ext2/3/4, XFS, Btrfs, F2FS, tmpfs.  Elsewhere it may not be (a FUSE
+#: file system whose daemon does not implement FUSE_SYNCFS returns 0 having done nothing;
+#: network and 9p/virtio file systems differ): callers fsync instead.
+SYNCFS_FILE_SYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0xF2F52010, 0x01021994})
+
+
+class _StatFS(ctypes.Structure):
+    # struct statfs begins with f_type (__fsword_t: a C long on Linux); the rest is not read.
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
+
+
+def fs_type(path: str) -> int | None:
+    """The ``statfs(2)`` f_type of the file system ``path`` is on; None if unknown."""
+    try:
+        fn = _libc.statfs
+    except AttributeError:
+        return None
+    buf = _StatFS()
+    if fn(os.fsencode(path), ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
 def dirty_bytes() -> int:
     """Dirty and under-write-back page-cache bytes of the whole machine (/proc/meminfo);
     -1 if unknown."""

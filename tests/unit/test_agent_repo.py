@@ -386,6 +386,7 @@ def test_whole_fs_group_commit_names_chunks_between_two_syncfs_before_the_snapsh
     assert len(named) == 5 and first < min(named) and max(named) < second < snap, log
     assert not [e for e in log if e.startswith("fsync") and "chunks" in e], log  # two syncfs did it
     assert Repository.open(DirStore(st.root)).verify() == [] and len(repo.stored()) == 5
+    assert st._fs_fd is not None  # (the test's file system is one of SYNCFS_FILE_SYSTEMS)
 
 
 @pytest.mark.parametrize("which", [1, 2])
@@ -410,12 +411,13 @@ def test_whole_fs_group_commit_failing_saves_no_snapshot(tmp_path, monkeypatch, 
 
 def test_whole_fs_group_commit_only_on_a_quiet_file_system(tmp_path, monkeypatch):
     """syncfs writes back everything of the file system: with more than SYNCFS_OTHER_DIRTY of
-    other dirty data on the machine, or a kernel whose syncfs does not report errors, or
-    NBDBACKUP_SYNCFS=0, the group is fsynced file by file as before."""
+    other dirty data on the machine, a kernel whose syncfs does not report errors, a file system
+    whose syncfs may do nothing (FUSE), or NBDBACKUP_SYNCFS=0, the group is fsynced file by file
+    as before."""
     import nbdbackup.agent.repo as repo_mod
     from nbdbackup.blockdev import writeback
 
-    for setting in ("busy", "old-kernel", "off"):
+    for setting in ("busy", "old-kernel", "fuse", "off"):
         st = DirStore(str(tmp_path / setting))
         repo = Repository.init(st, C)
         log = _durability_log(monkeypatch, st)
@@ -423,6 +425,8 @@ def test_whole_fs_group_commit_only_on_a_quiet_file_system(tmp_path, monkeypatch
             monkeypatch.setattr(writeback, "dirty_bytes", lambda: repo_mod.SYNCFS_OTHER_DIRTY + 10 * C)
         elif setting == "old-kernel":
             monkeypatch.setattr(writeback, "syncfs_reports_errors", lambda: False)
+        elif setting == "fuse":
+            monkeypatch.setattr(writeback, "fs_type", lambda path: 0x65735546)
         else:
             monkeypatch.setattr(repo_mod, "SYNCFS", False)
         for _ in range(2):
