@@ -14,7 +14,8 @@ run, the bytes the incremental stored; medians and ranges; and per round which
 side used less agent CPU.
 
 Usage: .venv/bin/python bench/agent_ab.py [--a DIR] [--b DIR] [--a-compression zstd]
-       [--b-compression zstd] [--size 1G] [--dataset fs] [--rounds 10] [--json FILE]
+       [--b-compression zstd] [--a-env NAME=VALUE] [--b-env NAME=VALUE] [--size 1G] [--dataset fs]
+       [--rounds 10] [--json FILE]
 (--a default: this checkout; --b default: /work/main.)
 """
 
@@ -40,9 +41,10 @@ ROOT = rb.ROOT
 class Side:
     """One checkout's server, image copy, repository and key file."""
 
-    def __init__(self, name: str, checkout: str, compression: str, image: str, work: str, procs) -> None:
+    def __init__(self, name: str, checkout: str, compression: str, image: str, work: str, procs,
+                 extra_env: dict | None = None) -> None:
         self.name, self.checkout, self.work = name, checkout, work
-        self.env = dict(os.environ, PYTHONPATH=checkout, NBDBACKUP_PASSPHRASE=rb.PASS)
+        self.env = dict(os.environ, PYTHONPATH=checkout, NBDBACKUP_PASSPHRASE=rb.PASS, **(extra_env or {}))
         self.image = image
         self.repo = os.path.join(work, f"repo-{name}")
         self.ctl = os.path.join(work, f"ctl-{name}")
@@ -86,6 +88,9 @@ def main() -> int:
     ap.add_argument("--b", default="/work/main", metavar="DIR")
     ap.add_argument("--a-compression", default="zstd")
     ap.add_argument("--b-compression", default="zstd")
+    ap.add_argument("--a-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for side A's server and agent (repeat): A/B of a setting")
+    ap.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--size", default="1G")
     ap.add_argument("--dataset", default="fs", choices=("fs", "random"))
     ap.add_argument("--rounds", type=int, default=10)
@@ -104,10 +109,10 @@ def main() -> int:
         else:
             rb.make_fs_image(image, size, work)
         sides = []
-        for name, checkout, comp in (("A", a.a, a.a_compression), ("B", a.b, a.b_compression)):
+        for name, checkout, comp, env in (("A", a.a, a.a_compression, a.a_env), ("B", a.b, a.b_compression, a.b_env)):
             img = os.path.join(work, f"disk-{name}.raw")
             subprocess.run(["cp", "--reflink=auto", "--sparse=always", image, img], check=True)
-            sides.append(Side(name, checkout, comp, img, work, procs))
+            sides.append(Side(name, checkout, comp, img, work, procs, dict(kv.split("=", 1) for kv in env)))
         for s in sides:
             full = s.backup()
             print(f"# {s.name} ({s.checkout}, {full['compression']}): full {full['wall']:.2f} s, "

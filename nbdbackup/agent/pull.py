@@ -223,7 +223,11 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
     ``sink(i, None, chunk)`` and returns the chunk's id (the backup agent
     hashes a chunk in the same thread job that compresses, encrypts and
     stores it: one hand-off to a thread per chunk instead of two);
-    ``chunk_id`` is then not called for worked chunks.
+    ``chunk_id`` is then not called for worked chunks.  Such a sink may also have
+    ``submit(i, chunk)``, callable from any thread, returning a
+    `concurrent.futures.Future` of the id or None: the threaded receive then hands
+    it each chunk straight from the receiving thread (no trip through the event
+    loop and back: two thread wake-ups per chunk instead of four).
     ``progress(done_bytes, total_bytes)`` is called as chunks finish.
     ``chunk_id(data)`` / ``zero_id(length)``: how the manifest names a
     chunk (default plain blake3; a repository's `Repository.chunk_id` /
@@ -383,6 +387,8 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
         def blocking(coro):
             return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
+        direct = getattr(sink, "submit", None) if sink is not None and sink_ids else None
+
         def t_start(i: int, whole: memoryview):
             c_off, c_len = man.chunk_range(i)
             mv = whole[:c_len]
@@ -398,7 +404,8 @@ async def pull(src: BlockDev, dst: BlockDev | None, *, bitmap: str | None = None
             pieces, zeros = state
             _blank(mv, c_off, zeros if patch else _gaps(pieces, c_off, c_off + len(mv)), zero_chunk)
             if sink is not None and sink_ids:
-                return asyncio.run_coroutine_threadsafe(sink(i, None, mv), loop)
+                fut = direct(i, mv) if direct is not None else None
+                return fut if fut is not None else asyncio.run_coroutine_threadsafe(sink(i, None, mv), loop)
             if sink is not None:
                 d = chunk_id(mv)
                 return asyncio.run_coroutine_threadsafe(_then(sink(i, d, mv), d), loop)

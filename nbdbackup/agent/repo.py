@@ -49,7 +49,11 @@ snapshot is written, so a crash cannot keep a snapshot and lose its chunks).
 Chunks are committed in groups: a chunk's temporary file is written and its
 write-back started at once, but fsynced and renamed to its name only at the
 next `DirStore.flush` (or when `BATCH_FILES` / `BATCH_BYTES` are pending), all
-together -- one journal commit for the group instead of one per chunk.  A
+together -- one journal commit for the group instead of one per chunk.  On
+Linux >= 5.8 with little other dirty data on the machine, the group commit is
+two ``syncfs`` of the repository's file system instead (one before the renames,
+one after: `DirStore._whole_fs_commit`; only on ext2/3/4, XFS, Btrfs, F2FS and
+tmpfs, whose syncfs is known to be complete; ``NBDBACKUP_SYNCFS=0`` turns it off).  A
 file under a chunk's name is therefore always complete and durable; a crash
 leaves at worst temporary files, which `Repository.gc` removes.  Its lock is ``flock`` on ``<dir>/lock``:
 pulls take it shared, ``gc``, ``delete`` and ``prune`` exclusive (without
@@ -132,6 +136,11 @@ _PUT_MAX = 1 << 20
 #: (fsynced and renamed) at a time, and at most this many bytes in them.
 BATCH_FILES = 256
 BATCH_BYTES = 256 << 20
+#: Group commits by ``syncfs`` where `DirStore._whole_fs_commit` allows it (``NBDBACKUP_SYNCFS=0``:
+#: never, fsyncs only) ...
+SYNCFS = os.environ.get("NBDBACKUP_SYNCFS", "1") != "0"
+#: ... and the most dirty page-cache data besides the group's own for which it does (64 MiB).
+SYNCFS_OTHER_DIRTY = 64 << 20
 #: Temporary names: unique in this process even when two puts hand the same buffer object.
 _tmp_seq = itertools.count()
 
@@ -198,6 +207,19 @@ class DirStore:
         #: must not write its snapshot before the first's directory fsyncs, which may cover its
         #: chunks, are done).
         self._flush_lock = threading.Lock()
+        #: A descriptor of ``root``, opened before the first chunk is written and kept: the
+        #: group commit's ``syncfs`` reports the file system's write-back errors since it was
+        #: opened (`_whole_fs_commit`); None until then (or when syncfs is not used: off, or
+        #: ``root``'s file system is not one whose syncfs is known to be complete).
+        self._fs_fd: int | None = None
+        #: Whether `_open_fs_fd` looked already (it does once).
+        self._fs_checked = False
+
+    def __del__(self) -> None:
+        fd, self._fs_fd = getattr(self, "_fs_fd", None), None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _path(self, key: str) -> str:
         assert ".." not in key.split("/") and not key.startswith("/"), key
@@ -245,6 +267,8 @@ class DirStore:
         path = self._path(key)
         mv = memoryview(data).cast("B")
         batched = self.batch and key.startswith("chunks/")
+        if batched and not self._fs_checked and SYNCFS:
+            self._open_fs_fd()
         fd, tmp = self._write_tmp(path, mv, sync=not batched)
         if not batched:
             os.close(fd)
@@ -273,18 +297,60 @@ class DirStore:
                     break
                 d = os.path.dirname(d)
 
+    def _open_fs_fd(self) -> None:
+        """Open `_fs_fd` (once; before the first chunk's file is written) if ``root`` is on a
+        file system whose syncfs is known to be complete (`writeback.SYNCFS_FILE_SYSTEMS`)."""
+        from ..blockdev import writeback
+
+        with self._lock:
+            if self._fs_checked:
+                return
+            self._fs_checked = True
+            os.makedirs(self.root, exist_ok=True)
+            if writeback.fs_type(self.root) in writeback.SYNCFS_FILE_SYSTEMS:
+                self._fs_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _whole_fs_commit(self, nbytes: int) -> bool:
+        """Whether this group commit makes its files durable with two ``syncfs`` of the
+        repository's file system instead of an fsync per file and per directory: only when
+        syncfs reports write-back errors (Linux >= 5.8; `_fs_fd` was opened before the
+        group's files were written, so none of their errors can pass unseen) and the
+        machine holds little dirty data besides the group's own (`SYNCFS_OTHER_DIRTY`:
+        syncfs writes back *everything* of the file system, another program's too, and
+        waits for it)."""
+        if self._fs_fd is None or not SYNCFS:
+            return False
+        from ..blockdev import writeback
+
+        if not writeback.syncfs_reports_errors():
+            return False
+        dirty = writeback.dirty_bytes()
+        return 0 <= dirty <= nbytes + SYNCFS_OTHER_DIRTY
+
     def _commit(self) -> None:
         """Make the pending chunks durable and give them their names: fsync them all
         (on threads at once: the file system commits them together), then rename.
-        On a failure none of the group is renamed: their temporary files are removed."""
+        On a failure none of the group is renamed: their temporary files are removed.
+
+        When `_whole_fs_commit` says so, ``syncfs`` instead: one before the renames (every
+        file of the group durable, its errors reported), one after (the renames and the
+        directories that hold them durable, so those directories need no fsync of their
+        own at `flush`).  ~90 chunks in ~80 directories: 2 calls instead of ~170 fsyncs,
+        ~13 -> ~4 ms."""
+        from ..blockdev import writeback
+
         with self._commit_lock:
             with self._lock:
-                group, self._pending, self._pending_bytes = self._pending, {}, 0
+                group, nbytes, self._pending, self._pending_bytes = self._pending, self._pending_bytes, {}, 0
                 self._committing = dict(group)
             if not group:
                 return
+            whole_fs = self._whole_fs_commit(nbytes)
             try:
-                _on_threads(os.fsync, [fd for fd, _, _, _ in group.values()])
+                if whole_fs:
+                    writeback.syncfs(self._fs_fd)
+                else:
+                    _on_threads(os.fsync, [fd for fd, _, _, _ in group.values()])
             except BaseException:
                 with self._lock:
                     self._committing = {}
@@ -296,6 +362,15 @@ class DirStore:
                 self._dirtied(path)
                 with self._lock:
                     del self._committing[key]
+            if whole_fs:
+                with self._lock:  # entries made after this are not covered: left to `flush`
+                    dirs, self._dirty_dirs = self._dirty_dirs, set()
+                try:
+                    writeback.syncfs(self._fs_fd)
+                except BaseException:
+                    with self._lock:
+                        self._dirty_dirs |= dirs
+                    raise
 
     def put_new(self, key: str, data: Buffer) -> bool:
         """Write ``key`` unless it exists; True if this call wrote it.
@@ -492,10 +567,26 @@ def _on_threads(fn, items: list) -> None:
         for it in items:
             fn(it)
         return
-    from concurrent.futures import ThreadPoolExecutor
+    list(_fsync_pool().map(fn, items))  # list(): re-raises the first failure
 
-    with ThreadPoolExecutor(min(16, len(items))) as pool:
-        list(pool.map(fn, items))  # list(): re-raises the first failure
+
+#: The threads of `_on_threads`: 16, made at the first fan-out and kept (idle ones cost
+#: nothing; joined at exit).  A pool per call started and joined ~30 threads in an
+#: incremental's flush (its chunks' fsyncs, then its directories'): 19 -> 13 ms for 90
+#: chunks in 80 directories (docs/incr10.md).
+#: ``(pid, pool)``: a child made by fork() has none of its parent's threads, so it makes its own.
+_FSYNC_POOL: tuple | None = None
+_FSYNC_POOL_LOCK = threading.Lock()
+
+
+def _fsync_pool():
+    global _FSYNC_POOL
+    with _FSYNC_POOL_LOCK:
+        if _FSYNC_POOL is None or _FSYNC_POOL[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            _FSYNC_POOL = (os.getpid(), ThreadPoolExecutor(16, thread_name_prefix="nbdbackup-fsync"))
+        return _FSYNC_POOL[1]
 
 
 def _start_writeback(fd: int) -> None:

@@ -57,6 +57,7 @@ import os
 import random
 import re
 import time
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -469,7 +470,8 @@ class _RepoSink:
     network).
 
     Fields (shared by the worker threads; each update is one atomic dict/set
-    operation under the GIL): ``worked`` (indexes of the chunks handed in);
+    operation under the GIL, but ``res.bytes_processed``, under ``_count_lock``):
+    ``worked`` (indexes of the chunks handed in);
     ``new`` (id -> length of the chunks this run stored as new); ``seen`` (id ->
     the first chunk of this run that had it: a second chunk with the same bytes is
     not stored again).  A chunk whose id equals the base snapshot's chunk at the
@@ -481,6 +483,8 @@ class _RepoSink:
         self.worked: set[int] = set()
         self.new: dict[bytes, int] = {}
         self.seen: dict[bytes, int] = {}
+        #: Guards ``res.bytes_processed`` (a read-modify-write) when `submit` runs on threads.
+        self._count_lock = threading.Lock()
 
     def store(self, i: int, data) -> tuple[bytes, bool]:
         """On a worker thread: chunk ``i``'s id, and whether this call stored it as new."""
@@ -494,9 +498,27 @@ class _RepoSink:
         incremental = self.base_man is not None
         return d, self.repo.put_chunk(d, data, probe=not incremental, incremental=incremental)
 
+    def submit(self, i: int, data: memoryview):
+        """From any thread (the pull's receiving threads): chunk ``i``'s job on ``pool``, a
+        `concurrent.futures.Future` of its id; None without a pool of our own (a remote
+        store's jobs go through `__call__` on the event loop, as before)."""
+        if self.pool is None:
+            return None
+        self.worked.add(i)
+        with self._count_lock:
+            self.res.bytes_processed += len(data)
+        return self.pool.submit(self._store_and_count, i, data)
+
+    def _store_and_count(self, i: int, data) -> bytes:
+        d, is_new = self.store(i, data)
+        if is_new:
+            self.new[d] = len(data)
+        return d
+
     async def __call__(self, i: int, _: None, data: memoryview) -> bytes:
         self.worked.add(i)
-        self.res.bytes_processed += len(data)
+        with self._count_lock:
+            self.res.bytes_processed += len(data)
         if self.pool is None:
             d, is_new = await asyncio.to_thread(self.store, i, data)
         else:

@@ -44,8 +44,79 @@ except AttributeError:  # not Linux
     _sfr = None
 
 
+try:
+    _syncfs = _libc.syncfs
+    _syncfs.argtypes = [ctypes.c_int]
+    _syncfs.restype = ctypes.c_int
+except AttributeError:  # not Linux (glibc >= 2.14)
+    _syncfs = None
+
+
 def available() -> bool:
     return _sfr is not None
+
+
+def syncfs_reports_errors() -> bool:
+    """Whether ``syncfs(2)`` is here and reports write-back errors: Linux >= 5.8
+    returns the errors of the file system's write-back since the descriptor
+    given to it was opened (before, it returned 0 whatever failed)."""
+    if _syncfs is None:
+        return False
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+def syncfs(fd: int) -> None:
+    """``syncfs(2)``: write back and commit everything of the file system ``fd`` is on,
+    and wait; OSError on failure (see `syncfs_reports_errors`)."""
+    if _syncfs is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available")
+    if _syncfs(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+#: File systems whose ``syncfs`` is known to write back and commit everything (their
+#: ``statfs`` f_type): ext2/3/4, XFS, Btrfs, F2FS, tmpfs.  Elsewhere it may not be (a FUSE
+#: file system whose daemon does not implement FUSE_SYNCFS returns 0 having done nothing;
+#: network and 9p/virtio file systems differ): callers fsync instead.
+SYNCFS_FILE_SYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0xF2F52010, 0x01021994})
+
+
+class _StatFS(ctypes.Structure):
+    # struct statfs begins with f_type (__fsword_t: a C long on Linux); the rest is not read.
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
+
+
+def fs_type(path: str) -> int | None:
+    """The ``statfs(2)`` f_type of the file system ``path`` is on; None if unknown."""
+    try:
+        fn = _libc.statfs
+    except AttributeError:
+        return None
+    buf = _StatFS()
+    if fn(os.fsencode(path), ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
+def dirty_bytes() -> int:
+    """Dirty and under-write-back page-cache bytes of the whole machine (/proc/meminfo);
+    -1 if unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            text = f.read()
+    except OSError:
+        return -1
+    total = found = 0
+    for line in text.split(b"\n"):
+        if line.startswith((b"Dirty:", b"Writeback:")):
+            total += int(line.split()[1]) * 1024
+            found += 1
+    return total if found == 2 else -1
 
 
 def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:

@@ -227,7 +227,11 @@ def _files(root) -> list[str]:
 
 def test_chunks_are_committed_in_groups_named_only_once_durable(tmp_path, monkeypatch):
     """A chunk's file gets its name only at the group commit (flush), after its fsync;
-    until then this process reads it from its temporary file; a snapshot write commits first."""
+    until then this process reads it from its temporary file; a snapshot write commits first.
+    (The fsync path: the syncfs one is `test_whole_fs_group_commit_...`.)"""
+    import nbdbackup.agent.repo as repo_mod
+
+    monkeypatch.setattr(repo_mod, "SYNCFS", False)
     st = DirStore(str(tmp_path / "r"))
     repo = Repository.init(st, C)
     synced: list[str] = []
@@ -270,6 +274,168 @@ def test_group_commit_when_the_batch_is_full(tmp_path, monkeypatch):
     assert len([f for f in _files(os.path.join(st.root, "chunks")) if ".tmp." not in f]) == 3
     st.flush()
     assert not st._pending and len(repo.stored()) == 4
+
+
+def test_group_commits_reuse_one_pool_of_fsync_threads(tmp_path, monkeypatch):
+    """The fsyncs of a flush (its chunks', then its directories') fan out over one kept pool of
+    at most 16 threads, not a pool started and joined per fan-out (~30 threads per incremental);
+    a child made by fork() makes its own pool (its parent's threads do not exist there)."""
+    import threading
+
+    import nbdbackup.agent.repo as repo_mod
+
+    monkeypatch.setattr(repo_mod, "_FSYNC_POOL", None)
+    monkeypatch.setattr(repo_mod, "SYNCFS", False)  # (the fan-outs of the fsync path)
+    used: set[int] = set()
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (used.add(threading.get_ident()), real_fsync(fd))[1])
+    started = []
+    real_start = threading.Thread.start
+
+    def start(self):
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    for _ in range(3):
+        for _ in range(40):
+            c = os.urandom(C)
+            repo.put_chunk(repo.chunk_id(c), c)
+        st.flush()
+    assert len(repo.stored()) == 120 and not st._pending
+    assert 1 < len(started) <= 16 and all(n.startswith("nbdbackup-fsync") for n in started), started
+    assert len(used) <= 17  # (the caller's own thread: the config's and small groups' fsyncs)
+    pid = os.fork()
+    if pid == 0:  # the child: a flush must not wait forever on the parent's (absent) threads
+        try:
+            c = os.urandom(C)
+            repo.put_chunk(repo.chunk_id(c), c)
+            for _ in range(3):
+                c = os.urandom(C)
+                repo.put_chunk(repo.chunk_id(c), c)
+            st.flush()
+            os._exit(0 if len(repo.stored()) == 124 else 1)
+        except BaseException:  # noqa: BLE001
+            os._exit(2)
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("a forked child's flush hung on its parent's fsync pool")
+
+
+def _durability_log(monkeypatch, st, fail_syncfs: int | None = None) -> list[str]:
+    """Record, in order, what makes a DirStore's writes durable or named: each syncfs, each
+    fsync (of what), each rename and hard link (to what); syncfs number ``fail_syncfs`` fails."""
+    import errno as errno_mod
+
+    from nbdbackup.blockdev import writeback
+
+    log: list[str] = []
+    real = {n: getattr(os, n) for n in ("fsync", "replace", "link")}
+    real_syncfs = writeback.syncfs
+
+    def rel(p) -> str:
+        return os.path.relpath(str(p), st.root)
+
+    def syncfs(fd):
+        log.append("syncfs")
+        if fail_syncfs is not None and log.count("syncfs") == fail_syncfs:
+            raise OSError(errno_mod.EIO, "injected write-back error")
+        real_syncfs(fd)
+
+    monkeypatch.setattr(writeback, "syncfs", syncfs)
+    monkeypatch.setattr(writeback, "dirty_bytes", lambda: 0)  # a quiet machine: syncfs allowed
+    monkeypatch.setattr(writeback, "syncfs_reports_errors", lambda: True)
+    monkeypatch.setattr(os, "fsync", lambda fd: (log.append("fsync " + rel(os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real["fsync"](fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (log.append("name " + rel(b)), real["replace"](a, b))[1])
+    monkeypatch.setattr(os, "link", lambda a, b: (log.append("name " + rel(b)), real["link"](a, b))[1])
+    return log
+
+
+def test_whole_fs_group_commit_names_chunks_between_two_syncfs_before_the_snapshot(tmp_path, monkeypatch):
+    """With syncfs (Linux >= 5.8, little other dirty data): the group's files are made durable by
+    one syncfs, only then named, the names made durable by a second syncfs, and only then is the
+    snapshot that references them written -- no fsync per chunk file or chunk directory."""
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    chunks = [os.urandom(C) for _ in range(5)]
+    log = _durability_log(monkeypatch, st)
+    m = Manifest(5 * C, C)
+    m.chunks = []
+    for c in chunks:
+        d = repo.chunk_id(c)
+        repo.put_chunk(d, c)
+        m.chunks.append(d)
+    assert log == []  # written, nothing durable or named yet
+    repo.save_snapshot("s0", m)
+    first, second = (i for i, e in enumerate(log) if e == "syncfs")
+    named = [i for i, e in enumerate(log) if e.startswith("name chunks/")]
+    snap = next(i for i, e in enumerate(log) if e.startswith("name snapshots/s0"))
+    assert len(named) == 5 and first < min(named) and max(named) < second < snap, log
+    assert not [e for e in log if e.startswith("fsync") and "chunks" in e], log  # two syncfs did it
+    assert Repository.open(DirStore(st.root)).verify() == [] and len(repo.stored()) == 5
+    assert st._fs_fd is not None  # (the test's file system is one of SYNCFS_FILE_SYSTEMS)
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_whole_fs_group_commit_failing_saves_no_snapshot(tmp_path, monkeypatch, which):
+    """A write-back error reported by the first syncfs: no chunk of the group is named (their
+    files removed); by the second: the names may exist but the snapshot is not written."""
+    st = DirStore(str(tmp_path / "r"))
+    repo = Repository.init(st, C)
+    c = os.urandom(C)
+    d = repo.chunk_id(c)
+    log = _durability_log(monkeypatch, st, fail_syncfs=which)
+    repo.put_chunk(d, c)
+    m = Manifest(C, C)
+    m.chunks = [d]
+    with pytest.raises(OSError, match="injected"):
+        repo.save_snapshot("s0", m)
+    assert not os.path.exists(os.path.join(st.root, "snapshots", "s0"))
+    assert not [e for e in log if "snapshots" in e]
+    if which == 1:
+        assert not [e for e in log if e.startswith("name chunks/")] and not _files(os.path.join(st.root, "chunks"))
+
+
+def test_whole_fs_group_commit_only_on_a_quiet_file_system(tmp_path, monkeypatch):
+    """syncfs writes back everything of the file system: with more than SYNCFS_OTHER_DIRTY of
+    other dirty data on the machine, a kernel whose syncfs does not report errors, a file system
+    whose syncfs may do nothing (FUSE), or NBDBACKUP_SYNCFS=0, the group is fsynced file by file
+    as before."""
+    import nbdbackup.agent.repo as repo_mod
+    from nbdbackup.blockdev import writeback
+
+    for setting in ("busy", "old-kernel", "fuse", "off"):
+        st = DirStore(str(tmp_path / setting))
+        repo = Repository.init(st, C)
+        log = _durability_log(monkeypatch, st)
+        if setting == "busy":
+            monkeypatch.setattr(writeback, "dirty_bytes", lambda: repo_mod.SYNCFS_OTHER_DIRTY + 10 * C)
+        elif setting == "old-kernel":
+            monkeypatch.setattr(writeback, "syncfs_reports_errors", lambda: False)
+        elif setting == "fuse":
+            monkeypatch.setattr(writeback, "fs_type", lambda path: 0x65735546)
+        else:
+            monkeypatch.setattr(repo_mod, "SYNCFS", False)
+        for _ in range(2):
+            c = os.urandom(C)
+            repo.put_chunk(repo.chunk_id(c), c)
+        st.flush()
+        assert "syncfs" not in log, setting
+        assert len([e for e in log if e.startswith("fsync chunks/") and ".tmp." in e]) == 2, (setting, log)
+        monkeypatch.undo()
 
 
 def test_unbatched_store_names_each_chunk_at_once(tmp_path):
