@@ -749,17 +749,26 @@ class Soak:
                     self.step_agent_finish(kill=True)
                 else:
                     getattr(self, "step_" + name)()
-            # Wind down: finish everything; one more QMP incremental (read while writes go on), one
-            # last agent run; every snapshot restores.
-            self.step_qmp_finish()
-            self.step_qmp_start("incremental")
-            self.step_write()
-            self.step_snap_read()
-            self.step_write()
+            # Wind down: finish everything; then writes on a worker connection (handed out again
+            # REOFFLOAD_DELAY = 1 s after the last job), an agent run, the same again and a QMP
+            # incremental read while writes go on; every snapshot restores.
             self.step_qmp_finish()
             self.step_agent_finish()
-            self.step_agent_start()
-            self.step_agent_finish()
+            while self.stall:
+                self.stall.pop().close()
+            for what in ("agent", "qmp"):
+                time.sleep(2)
+                self.w.burst(40)
+                if what == "agent":
+                    self.step_agent_start()
+                    self.step_write()
+                    self.step_agent_finish()
+                else:
+                    self.step_qmp_start("incremental")
+                    self.step_write()
+                    self.step_snap_read()
+                    self.step_write()
+                    self.step_qmp_finish()
             self.cli("repo", "verify", str(self.repo), *self.popts)
             self.n["verify"] += 1
             for s in sorted(self.snaps):
