@@ -357,7 +357,8 @@ class Soak:
                                  "target_checks", "crash_checks", "crash_blocks_not_last_acked", "restores_checked",
                                  "verify", "prune", "gc", "stalls", "bitmap_inconsistent",
                                  "pulls_checked", "pulls_failed", "agent_kill_too_late",
-                                 "agent_term", "qmp_start_max_ms", "qmp_start_slow", "qmp_start_refused")}
+                                 "agent_term", "qmp_start_max_ms", "qmp_start_slow", "qmp_start_refused", "worker_kill9",
+                                 "worker_kill_lost_writer")}
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -671,6 +672,48 @@ class Soak:
         elif self.stall:
             self.stall.pop(0).close()
 
+    def _workers(self) -> list[int]:
+        """PIDs of serve's worker processes (its children)."""
+        try:
+            with open(f"/proc/{self.srv.proc.pid}/task/{self.srv.proc.pid}/children") as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+    def step_worker_kill(self) -> None:
+        """kill -9 of one worker process (serve starts another) while the writer is mid-burst;
+        then (2) on the live disk, without a restart of serve."""
+        pids = self._workers()
+        if not pids:
+            return
+        victims = self.rng.sample(pids, self.rng.randrange(1, len(pids) + 1))
+        if self.job is None and (self.agent is None or self.agent["proc"].poll() is not None):
+            time.sleep(1.5)  # no job: the writer's connection goes back to a worker (REOFFLOAD_DELAY 1 s)
+        if self.w.h is None:
+            self.w.connect()
+
+        def kill() -> None:
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        t = threading.Timer(self.rng.random() * 0.05, kill)
+        t.start()
+        self.w.burst(200)
+        t.join()
+        self.n["worker_kill9"] += len(victims)
+        self.n["worker_kill_lost_writer"] += self.w.h is None
+        self.log(f"workers {victims} killed; writer {'lost' if self.w.h is None else 'kept'} its connection")
+        for b in self.model.hist:
+            self.model._h(b, "<wkill>")
+        self.w.drop()
+        self.w.connect()
+        seen = [d for off in range(0, self.size, 16 * M) for d in digests(self.w.h.pread(min(16 * M, self.size - off), off))]
+        self.n["crash_blocks_not_last_acked"] += self.model.crash_check(seen)
+        self.n["crash_checks"] += 1
+
     def step_serve_fault(self) -> None:
         sig = self.rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGTERM])
         job = self.job
@@ -727,7 +770,7 @@ class Soak:
 
     STEPS = [("write", 40), ("flush", 4), ("qmp_start", 8), ("snap_read", 4), ("qmp_finish", 6),
              ("qmp_cancel", 3), ("agent_start", 8), ("agent_finish", 6), ("agent_kill", 5),
-             ("serve_fault", 5), ("stall", 3), ("repo", 4), ("restore_any", 2)]
+             ("serve_fault", 5), ("worker_kill", 3), ("stall", 3), ("repo", 4), ("restore_any", 2)]
 
     def run(self, steps: int, deadline: float) -> None:
         self.srv.start()
