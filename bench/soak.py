@@ -98,6 +98,8 @@ class Model:
         #: ``tentative[name]``: blocks of requests never answered -- added to ``since[name]`` by
         #: `crash_check` if the disk changed there (a bitmap may miss a write that never happened)
         self.tentative: dict[str, set[int]] = {}
+        #: blocks of requests never answered since the last `crash_check` (for its counts)
+        self.unanswered: set[int] = set()
         #: (diagnostics only) the last events per block: "w"/"W" (FUA) + digest prefix, "a" attempted, "F" flush
         self.hist: dict[int, list[str]] = {}
 
@@ -122,16 +124,19 @@ class Model:
         in a bitmap only if it reached the disk (`crash_check` decides, from what it finds)."""
         for name, s in self.since.items():
             (s if acked else self.tentative.setdefault(name, set())).add(b)
+        if not acked:
+            self.unanswered.add(b)
         self.maybe.setdefault(b, {self.cur[b]}).add(d)
         self._h(b, "a" + d.hex()[:6])
 
     def flushed(self) -> None:
         self.maybe.clear()
 
-    def crash_check(self, seen: list[bytes]) -> int:
-        """Check (2) against the disk read after a restart; adopt it.  Returns
-        how many unflushed blocks came back with an older value."""
-        older = 0
+    def crash_check(self, seen: list[bytes]) -> tuple[int, int]:
+        """Check (2) against the disk read after a restart; adopt it.  Returns how many
+        blocks differ from the last acknowledged value: (an unanswered request's value
+        landed, an acknowledged value lost -- only an unflushed one may be)."""
+        landed = lost = 0
         for name, blocks in self.tentative.items():
             if name in self.since:
                 self.since[name] |= {b for b in blocks if seen[b] != self.cur[b]}
@@ -143,10 +148,14 @@ class Model:
                                 f"{' (zeroes)' if d == ZERO else ''}, never written there since its last FLUSH "
                                 f"(allowed {[x.hex()[:6] for x in ok]}; history {self.hist.get(b)})")
             if d != self.cur[b]:
-                older += 1
+                if b in self.unanswered:
+                    landed += 1
+                else:
+                    lost += 1
             self.cur[b] = d
         self.maybe.clear()
-        return older
+        self.unanswered.clear()
+        return landed, lost
 
 
 def compare(what: str, want: list[bytes], got: list[bytes], blocks=None, hist: dict | None = None) -> None:
@@ -354,7 +363,7 @@ class Soak:
         self.n = {k: 0 for k in ("steps", "serve_kill9", "serve_term", "agent_kill9", "agent_ok", "agent_failed",
                                  "agent_full", "agent_incr", "agent_full_inconsistent", "qmp_jobs", "qmp_cancel",
                                  "qmp_ok", "qmp_failed", "snap_reads_checked", "snap_reads_failed",
-                                 "target_checks", "crash_checks", "crash_blocks_not_last_acked", "restores_checked",
+                                 "target_checks", "crash_checks", "crash_unanswered_landed", "crash_unflushed_lost", "restores_checked",
                                  "verify", "prune", "gc", "stalls", "bitmap_inconsistent",
                                  "pulls_checked", "pulls_failed", "agent_kill_too_late",
                                  "agent_term", "qmp_start_max_ms", "qmp_start_slow", "qmp_start_refused", "worker_kill9",
@@ -711,7 +720,9 @@ class Soak:
         self.w.drop()
         self.w.connect()
         seen = [d for off in range(0, self.size, 16 * M) for d in digests(self.w.h.pread(min(16 * M, self.size - off), off))]
-        self.n["crash_blocks_not_last_acked"] += self.model.crash_check(seen)
+        landed, lost = self.model.crash_check(seen)
+        self.n["crash_unanswered_landed"] += landed
+        self.n["crash_unflushed_lost"] += lost
         self.n["crash_checks"] += 1
 
     def step_serve_fault(self) -> None:
@@ -759,7 +770,9 @@ class Soak:
         self.w.connect()
         seen = digests(self.w.h.pread(self.size, 0)) if self.size <= 32 * M else \
             [d for off in range(0, self.size, 32 * M) for d in digests(self.w.h.pread(32 * M, off))]
-        self.n["crash_blocks_not_last_acked"] += self.model.crash_check(seen)
+        landed, lost = self.model.crash_check(seen)
+        self.n["crash_unanswered_landed"] += landed
+        self.n["crash_unflushed_lost"] += lost
         self.n["crash_checks"] += 1
         if self.have_bitmap:
             bms = {b["name"]: b for b in self.srv.qmp("query-bitmaps", {"export": "disk"})}
