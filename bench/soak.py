@@ -360,6 +360,8 @@ class Soak:
         #: the agent run in flight: dict(proc, want (model at its transaction or None yet), before (job ids))
         self.agent: dict | None = None
         self.stall: list[socket.socket] = []
+        #: a forged power loss left the agent's bitmaps inconsistent: its next successful run must be full
+        self.agent_must_full = False
         self.n = {k: 0 for k in ("steps", "serve_kill9", "serve_term", "agent_kill9", "agent_ok", "agent_failed",
                                  "agent_full", "agent_incr", "agent_full_inconsistent", "qmp_jobs", "qmp_cancel",
                                  "qmp_ok", "qmp_failed", "snap_reads_checked", "snap_reads_failed",
@@ -367,7 +369,7 @@ class Soak:
                                  "verify", "prune", "gc", "stalls", "bitmap_inconsistent",
                                  "pulls_checked", "pulls_failed", "agent_kill_too_late",
                                  "agent_term", "qmp_start_max_ms", "qmp_start_slow", "qmp_start_refused", "worker_kill9",
-                                 "worker_kill_lost_writer")}
+                                 "worker_kill_lost_writer", "power_loss_forged", "incremental_refused")}
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -629,6 +631,9 @@ class Soak:
             self.log(f"agent {d['kind']} {d.get('reason', '')!r} {d['snapshot']}")
             if new != {d["snapshot"]}:
                 raise Violation(f"agent ok but new snapshots {sorted(new)} != {d['snapshot']}")
+            if self.agent_must_full and d["kind"] != "full":
+                raise Violation(f"agent {d['kind']} after its bitmap was left inconsistent: {d}")
+            self.agent_must_full = False
         else:
             self.n["agent_failed"] += 1
         if new and a["want"] is None:
@@ -765,6 +770,9 @@ class Soak:
             self.job = None
         if self.agent is not None:
             self.step_agent_finish()
+        forged = sig == signal.SIGKILL and self.rng.random() < 0.25
+        if forged:
+            self.forge_power_loss()
         self.srv.start()
         # (2): read the whole live disk through the restarted server.
         self.w.connect()
@@ -774,12 +782,44 @@ class Soak:
         self.n["crash_unanswered_landed"] += landed
         self.n["crash_unflushed_lost"] += lost
         self.n["crash_checks"] += 1
+        bms = {b["name"]: b for b in self.srv.qmp("query-bitmaps", {"export": "disk"})}
+        if forged:
+            if not all(b.get("inconsistent") for b in bms.values()):
+                raise Violation(f"bitmaps left in use by another boot load consistent: {bms}")
+            self.agent_must_full |= any(name.startswith(PREFIX + ".") for name in bms)
         if self.have_bitmap:
-            bms = {b["name"]: b for b in self.srv.qmp("query-bitmaps", {"export": "disk"})}
             if "soak" not in bms:
                 raise Violation("the persistent bitmap vanished after a restart")
             if bms["soak"].get("inconsistent"):
+                # (3): an incremental from it is refused, never silently incomplete.
+                try:
+                    self.srv.qmp("backup-start", {"export": "disk", "job-id": "refused", "sync": "incremental",
+                                                  "bitmap": "soak", "target": f"memory:{self.size}"})
+                except Exception as e:
+                    if "inconsistent" not in str(e):
+                        raise Violation(f"incremental from an inconsistent bitmap refused for another reason: {e}")
+                    self.n["incremental_refused"] += 1
+                else:
+                    raise Violation("an incremental from an inconsistent bitmap was accepted")
                 self.bitmap_lost()
+
+    def forge_power_loss(self) -> None:
+        """Every bitmap file as a power loss leaves it: in-use-dirty, written by another boot
+        (as test_bitmaps_crash's `forge_foreign_boot`).  Such bitmaps must load inconsistent:
+        QMP incrementals refused, the agent's next run a full one."""
+        from nbdbackup.bitmap.store import SLOTS, STATE_DIRTY, read_header
+
+        n = 0
+        for path in self.srv.state.glob("*/*.bitmap"):
+            with open(path, "r+b") as f:
+                h = read_header(f.read(4096))
+                h.state = STATE_DIRTY
+                h.boot_id = bytes(b ^ 0xFF for b in h.boot_id) if any(h.boot_id) else b"\x01" * 16
+                f.seek(SLOTS[h.slot])
+                f.write(h.pack())
+                n += 1
+        self.n["power_loss_forged"] += 1
+        self.log(f"forged a power loss on {n} bitmap file(s)")
 
     STEPS = [("write", 40), ("flush", 4), ("qmp_start", 8), ("snap_read", 4), ("qmp_finish", 6),
              ("qmp_cancel", 3), ("agent_start", 8), ("agent_finish", 6), ("agent_kill", 5),
