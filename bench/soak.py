@@ -362,6 +362,8 @@ class Soak:
         self.stall: list[socket.socket] = []
         #: a forged power loss left the agent's bitmaps inconsistent: its next successful run must be full
         self.agent_must_full = False
+        #: the kind of the last agent run ("full", "incremental"; None: it failed)
+        self.last_agent_kind: str | None = None
         self.n = {k: 0 for k in ("steps", "serve_kill9", "serve_term", "agent_kill9", "agent_ok", "agent_failed",
                                  "agent_full", "agent_incr", "agent_full_inconsistent", "qmp_jobs", "qmp_cancel",
                                  "qmp_ok", "qmp_failed", "snap_reads_checked", "snap_reads_failed",
@@ -634,8 +636,10 @@ class Soak:
             if self.agent_must_full and d["kind"] != "full":
                 raise Violation(f"agent {d['kind']} after its bitmap was left inconsistent: {d}")
             self.agent_must_full = False
+            self.last_agent_kind = d["kind"]
         else:
             self.n["agent_failed"] += 1
+            self.last_agent_kind = None
         if new and a["want"] is None:
             raise Violation(f"snapshot {sorted(new)} recorded but no transaction was seen")
         for s in new:
@@ -807,14 +811,19 @@ class Soak:
         """Every bitmap file as a power loss leaves it: in-use-dirty, written by another boot
         (as test_bitmaps_crash's `forge_foreign_boot`).  Such bitmaps must load inconsistent:
         QMP incrementals refused, the agent's next run a full one."""
-        from nbdbackup.bitmap.store import SLOTS, STATE_DIRTY, read_header
+        from nbdbackup.bitmap.store import SLOTS, STATE_DIRTY, current_boot_id, read_header
 
+        # Another boot's id: this boot's inverted.  (Not the file's own id inverted, as
+        # test_bitmaps_crash does once: a second forge would turn a foreign id back into this
+        # boot's -- a kill -9 in this boot, which loads consistent by design.)
+        me = current_boot_id()
+        foreign = bytes(b ^ 0xFF for b in me) if any(me) else b"\x01" * 16
         n = 0
         for path in self.srv.state.glob("*/*.bitmap"):
             with open(path, "r+b") as f:
                 h = read_header(f.read(4096))
                 h.state = STATE_DIRTY
-                h.boot_id = bytes(b ^ 0xFF for b in h.boot_id) if any(h.boot_id) else b"\x01" * 16
+                h.boot_id = foreign
                 f.seek(SLOTS[h.slot])
                 f.write(h.pack())
                 n += 1
@@ -852,14 +861,21 @@ class Soak:
             self.step_agent_finish()
             while self.stall:
                 self.stall.pop().close()
-            for what in ("agent", "qmp"):
+            for what in ("agent", "agent", "qmp"):
                 time.sleep(2)
                 self.w.burst(40)
                 if what == "agent":
                     self.step_agent_start()
                     self.step_write()
                     self.step_agent_finish()
+                    if self.last_agent_kind is None:
+                        raise Violation("the agent failed with no fault")
                 else:
+                    # No fault since the first of the two agent runs: the second must have been
+                    # incremental (a full one would hide a bitmap that misses writes from check 3).
+                    if self.last_agent_kind != "incremental":
+                        raise Violation(f"the agent's second run in a row without faults was "
+                                        f"{self.last_agent_kind}")
                     self.step_qmp_start("incremental")
                     self.step_write()
                     self.step_snap_read()
