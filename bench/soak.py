@@ -98,8 +98,11 @@ class Model:
         #: ``tentative[name]``: blocks of requests never answered -- added to ``since[name]`` by
         #: `crash_check` if the disk changed there (a bitmap may miss a write that never happened)
         self.tentative: dict[str, set[int]] = {}
-        #: blocks of requests never answered since the last `crash_check` (for its counts)
+        #: blocks whose last request's result is unknown (never answered, or a TRIM not read
+        #: back) since the last `crash_check` (for its counts)
         self.unanswered: set[int] = set()
+        #: (diagnostics) acknowledged unflushed values a crash lost: (block, found, history)
+        self.lost_log: list = []
         #: (diagnostics only) the last events per block: "w"/"W" (FUA) + digest prefix, "a" attempted, "F" flush
         self.hist: dict[int, list[str]] = {}
 
@@ -124,8 +127,7 @@ class Model:
         in a bitmap only if it reached the disk (`crash_check` decides, from what it finds)."""
         for name, s in self.since.items():
             (s if acked else self.tentative.setdefault(name, set())).add(b)
-        if not acked:
-            self.unanswered.add(b)
+        self.unanswered.add(b)  # (an acknowledged TRIM read back as neither: its result is unknown too)
         self.maybe.setdefault(b, {self.cur[b]}).add(d)
         self._h(b, "a" + d.hex()[:6])
 
@@ -152,6 +154,7 @@ class Model:
                     landed += 1
                 else:
                     lost += 1
+                    self.lost_log.append((b, d.hex()[:6], list(self.hist.get(b, []))))
             self.cur[b] = d
         self.maybe.clear()
         self.unanswered.clear()
@@ -364,6 +367,7 @@ class Soak:
         self.agent_must_full = False
         #: the kind of the last agent run ("full", "incremental"; None: it failed)
         self.last_agent_kind: str | None = None
+        self.agent_seq = 0
         self.n = {k: 0 for k in ("steps", "serve_kill9", "serve_term", "agent_kill9", "agent_ok", "agent_failed",
                                  "agent_full", "agent_incr", "agent_full_inconsistent", "qmp_jobs", "qmp_cancel",
                                  "qmp_ok", "qmp_failed", "snap_reads_checked", "snap_reads_failed",
@@ -571,16 +575,20 @@ class Soak:
         -- recalling worker connections -- and writes go on until then.)"""
         return {e["name"] for e in self.srv.qmp("query-block-exports") if e["name"].startswith(PREFIX + ".")}
 
-    def step_agent_start(self) -> None:
+    def step_agent_start(self, full: bool | None = None) -> None:
         if self.agent is not None:
             return
+        self.agent_seq += 1
+        bms = [(b["name"], b.get("recording"), b.get("inconsistent")) for b in
+               self.srv.qmp("query-bitmaps", {"export": "disk"}) if b["name"].startswith(PREFIX + ".")]
+        self.log(f"agent bitmaps before run a{self.agent_seq}: {bms}")
         before = self._agent_exports()
         snaps_before = set(self._repo_snaps())
         argv = [PY, "-m", "nbdbackup.cli", "agent", "backup", "--control", self.srv.ctl, "--nbd", self.srv.uri(""),
                 "--disk", "disk", "--repo", str(self.repo), *self.popts, "--json", "--io-timeout", "30",
                 "--connections", str(self.rng.choice([1, 2])), "--read", self.rng.choice(["whole", "dirty"]),
-                "--verify", self.rng.choice(["full", "sample", "off"]), "--snapshot-name", "{disk}.s%d" % self.n["steps"]]
-        if self.rng.random() < 0.1:
+                "--verify", self.rng.choice(["full", "sample", "off"]), "--snapshot-name", "{disk}.a%d" % self.agent_seq]
+        if self.rng.random() < 0.1 if full is None else full:
             argv.append("--full")
         p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         # No writes until the agent's transaction (its job appears) or its end: the model then is its instant.
@@ -594,7 +602,8 @@ class Soak:
                 break
             time.sleep(0.01)
         self.agent = {"proc": p, "want": want, "snaps_before": snaps_before}
-        self.log(f"agent start pid={p.pid} transaction_seen={want is not None}")
+        self.log(f"agent start a{self.agent_seq} pid={p.pid} transaction_seen={want is not None} "
+                 f"{' '.join(a for a in argv[argv.index('--connections'):] if not a.startswith('{'))}")
 
     def _repo_snaps(self) -> list[str]:
         from nbdbackup.agent.repo import Repository, open_store
@@ -630,7 +639,7 @@ class Soak:
             self.n["agent_" + ("incr" if d["kind"] == "incremental" else "full")] += 1
             if d["kind"] == "full" and "inconsistent" in d.get("reason", ""):
                 self.n["agent_full_inconsistent"] += 1
-            self.log(f"agent {d['kind']} {d.get('reason', '')!r} {d['snapshot']}")
+            self.log(f"agent {d['kind']} {d.get('reason', '')!r} {d['snapshot']} notes={d.get('notes')}")
             if new != {d["snapshot"]}:
                 raise Violation(f"agent ok but new snapshots {sorted(new)} != {d['snapshot']}")
             if self.agent_must_full and d["kind"] != "full":
@@ -732,6 +741,8 @@ class Soak:
         landed, lost = self.model.crash_check(seen)
         self.n["crash_unanswered_landed"] += landed
         self.n["crash_unflushed_lost"] += lost
+        if lost:
+            self.log(f"acknowledged unflushed blocks lost: {self.model.lost_log[-lost:][:8]}")
         self.n["crash_checks"] += 1
 
     def step_serve_fault(self) -> None:
@@ -785,6 +796,8 @@ class Soak:
         landed, lost = self.model.crash_check(seen)
         self.n["crash_unanswered_landed"] += landed
         self.n["crash_unflushed_lost"] += lost
+        if lost:
+            self.log(f"acknowledged unflushed blocks lost: {self.model.lost_log[-lost:][:8]}")
         self.n["crash_checks"] += 1
         bms = {b["name"]: b for b in self.srv.qmp("query-bitmaps", {"export": "disk"})}
         if forged:
@@ -865,7 +878,7 @@ class Soak:
                 time.sleep(2)
                 self.w.burst(40)
                 if what == "agent":
-                    self.step_agent_start()
+                    self.step_agent_start(full=False)
                     self.step_write()
                     self.step_agent_finish()
                     if self.last_agent_kind is None:
