@@ -54,9 +54,6 @@ from pathlib import Path
 
 import nbd
 
-# The repository's key is wrapped with scrypt N=2**12, as in the test suite (same code path, ~1/70
-# of the cost each command that opens the repository pays); export it to measure the default.
-os.environ.setdefault("NBDBACKUP_SCRYPT_LOG_N", "12")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
@@ -924,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="work directory (default: a new one under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args(argv)
+    # The repository's key is wrapped with scrypt N=2**12, as in the test suite (same code path,
+    # ~1/70 of the cost each command that opens the repository pays); set it to 17 for the default.
+    os.environ.setdefault("NBDBACKUP_SCRYPT_LOG_N", "12")
     size = int(a.size[:-1]) * M if a.size.upper().endswith("M") else int(a.size)
     d = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix=f"soak{a.seed}-", dir="/tmp"))
     d.mkdir(parents=True, exist_ok=True)
