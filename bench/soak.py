@@ -773,6 +773,8 @@ class Soak:
         self.stall = []
         self.n["serve_kill9" if sig == signal.SIGKILL else "serve_term"] += 1
         self.log(f"serve signal {sig} rc={rc}")
+        if sig == signal.SIGTERM and rc != 0:
+            raise Violation(f"serve exited {rc} on SIGTERM (a clean stop)")
         for b in self.model.hist:
             self.model._h(b, f"<kill{int(sig)}>")
         if job is not None:
