@@ -1,12 +1,15 @@
 """A seeded chaos soak of the whole system (hunt 16): live writes, backups, pulls and kills at random.
 
-Role: one driver that runs, in a random order fixed by ``--seed``, everything a
-host does to a disk at once -- a live writer (libnbd), QMP backups with snapshot
-exports read by nbdcopy / qemu-img, ``nbdbackup agent backup`` into an encrypted
+Role: one driver that runs, in a random order fixed by ``--seed`` (what a kill
+hits still depends on timing), everything a host does to a disk at once -- a
+live writer (libnbd), QMP backups with snapshot exports read by nbdcopy /
+qemu-img / ``pull --repo``, ``nbdbackup agent backup`` into an encrypted
 repository, ``repo verify/prune/gc`` and ``restore`` -- and faults: ``kill -9``
-and SIGTERM of ``serve`` (restarted on the same ``--state-dir``), ``kill -9`` of
-the agent mid-pull, QMP jobs cancelled, a client that stops reading.  After
-every step it checks the invariants against a model:
+and SIGTERM of ``serve`` (restarted on the same ``--state-dir``; after some
+kills a forged power loss on the bitmap files), ``kill -9`` of its worker
+processes, ``kill -9`` / SIGTERM of the agent mid-pull, QMP jobs cancelled, a
+client that stops reading.  After every step it checks the invariants against
+a model:
 
 1. a snapshot export's content == the model's disk at the backup's start
    (``snap`` checks; also a ``sync full`` target, and a ``sync incremental``
@@ -14,8 +17,9 @@ every step it checks the invariants against a model:
 2. after a restart the live disk holds, per 4 KiB block, the last FLUSHed/FUA
    value or a value written after it -- nothing else (``crash`` checks);
 3. an incremental contains every block written since the last one: the QMP
-   bitmap's target (above) and every agent snapshot restored (5) -- an
-   inconsistent bitmap must make the agent take a full backup instead;
+   bitmap's target (above) and every agent snapshot restored (5); a bitmap left
+   inconsistent (forged power loss) must refuse incrementals and make the
+   agent's next run a full one;
 5. every repository snapshot restores (``nbdbackup restore``) to exactly the
    model's disk at its backup start; ``repo verify`` is clean; after ``prune``
    and ``gc`` every kept snapshot still restores.
@@ -26,6 +30,13 @@ last FLUSH the set of digests a crash may leave (``maybe``).  Every write is
 4 KiB-aligned and synchronous (one request in flight; a kill's timer thread
 may fire mid-request, and that request's blocks may then be old or new).
 TRIM: the range is read back at once; each block must be old or zeros.
+A request never answered goes into a bitmap's must-have set only if the disk
+read after the restart shows it landed (``tentative``).
+
+The run ends with a wind-down that makes every run cover the worker path: 2 s
+without a job (the writer's connection goes back to a worker), writes, an agent
+run; again (this second run must be incremental); again with a QMP incremental;
+then ``repo verify`` and a restore of every snapshot left.
 
 Usage: ``python bench/soak.py --seed 1 --steps 200 [--size 16M] [--keep]``;
 prints one JSON line of counts; exit 1 with the seed, step and the failed check
