@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-NOT_BENCHES = {"run_all.py", "common.py", "__init__.py"}
+#: soak.py checks invariants under faults (docs/hunt16.md): not a benchmark.
+NOT_BENCHES = {"run_all.py", "common.py", "__init__.py", "soak.py"}
 
 
 def bench_scripts(directory: Path = common.BENCH_DIR) -> list[Path]:
