@@ -259,6 +259,16 @@ class Writer:
                 pass
         self.h = None
 
+    def _send(self, call, b0: int, ds: list) -> None:
+        """Run request ``call`` on blocks ``b0..`` meant to become ``ds``; if it fails,
+        the blocks are recorded as attempted (they may hold the old or the new bytes)."""
+        try:
+            call()
+        except nbd.Error:
+            for i, d in enumerate(ds):
+                self.model.attempted(b0 + i, d)
+            raise
+
     def one(self) -> bool:
         """One random request; False if the connection failed (the server died)."""
         rng, m = self.rng, self.model
@@ -277,30 +287,15 @@ class Writer:
             if kind == "write":
                 data = rng.randbytes(n)
                 ds = digests(data)
-                try:
-                    self.h.pwrite(data, off, flags)
-                except nbd.Error:
-                    for i, d in enumerate(ds):
-                        m.attempted(b0 + i, d)
-                    raise
+                self._send(lambda: self.h.pwrite(data, off, flags), b0, ds)
                 for i, d in enumerate(ds):
                     m.wrote(b0 + i, d, fua)
             elif kind == "zero":
-                try:
-                    self.h.zero(n, off, flags)
-                except nbd.Error:
-                    for i in range(nb):
-                        m.attempted(b0 + i, ZERO)
-                    raise
+                self._send(lambda: self.h.zero(n, off, flags), b0, [ZERO] * nb)
                 for i in range(nb):
                     m.wrote(b0 + i, ZERO, fua)
             else:
-                try:
-                    self.h.trim(n, off, flags)
-                except nbd.Error:
-                    for i in range(nb):
-                        m.attempted(b0 + i, ZERO)
-                    raise
+                self._send(lambda: self.h.trim(n, off, flags), b0, [ZERO] * nb)
                 try:
                     got = digests(self.h.pread(n, off))
                 except nbd.Error:  # the TRIM was acknowledged; its blocks are old or zeroes
@@ -749,8 +744,13 @@ class Soak:
         for b in self.model.hist:
             self.model._h(b, "<wkill>")
         self.w.drop()
+        self.crash_check()
+
+    def crash_check(self) -> None:
+        """Check (2) after a crash: reconnect the writer and read the whole live disk."""
         self.w.connect()
-        seen = [d for off in range(0, self.size, 16 * M) for d in digests(self.w.h.pread(min(16 * M, self.size - off), off))]
+        seen = [d for off in range(0, self.size, 16 * M)
+                for d in digests(self.w.h.pread(min(16 * M, self.size - off), off))]
         landed, lost = self.model.crash_check(seen)
         self.n["crash_unanswered_landed"] += landed
         self.n["crash_unflushed_lost"] += lost
@@ -805,15 +805,7 @@ class Soak:
             self.forge_power_loss()
         self.srv.start()
         # (2): read the whole live disk through the restarted server.
-        self.w.connect()
-        seen = digests(self.w.h.pread(self.size, 0)) if self.size <= 32 * M else \
-            [d for off in range(0, self.size, 32 * M) for d in digests(self.w.h.pread(32 * M, off))]
-        landed, lost = self.model.crash_check(seen)
-        self.n["crash_unanswered_landed"] += landed
-        self.n["crash_unflushed_lost"] += lost
-        if lost:
-            self.log(f"acknowledged unflushed blocks lost: {self.model.lost_log[-lost:][:8]}")
-        self.n["crash_checks"] += 1
+        self.crash_check()
         bms = {b["name"]: b for b in self.srv.qmp("query-bitmaps", {"export": "disk"})}
         if forged:
             if not all(b.get("inconsistent") for b in bms.values()):
