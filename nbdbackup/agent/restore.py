@@ -425,8 +425,9 @@ class ChunkCache:
         touches load in parallel (and the next `readahead` start loading).
         A chunk that fails raises its error (`CorruptChunk`: an
         ``OSError(EIO)``) with ``chunk_index`` set to the chunk's index."""
-        futs = self.loads_for(offset, len(memoryview(buf).cast("B")))
-        self.fill(buf, offset, {i: f.result for i, f in futs.items()})
+        mv = memoryview(buf).cast("B")
+        futs = self.loads_for(offset, len(mv))
+        self.fill(mv, offset, {i: f.result for i, f in futs.items()})
 
     def loads_for(self, offset: int, length: int) -> dict[int, concurrent.futures.Future]:
         """The loads (futures) of the data chunks ``(offset, length)`` touches,

@@ -103,7 +103,6 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
     export (no repository needed) and None is returned."""
     from ..blockdev import is_nbd_uri
     from ..daemon import check_description
-    from .repoargs import open_repo
 
     if name in app.server.exports:
         raise ConfigError(f"export {name!r} already exists")
@@ -140,19 +139,30 @@ async def add_restore_export(app: Any, name: str, *, repo: str, snapshot: str, t
         log.info("export %r: the restore of %s#%s onto %s completed before; serving the target",
                  name, repo, snapshot, target)
         return None
-    ns = args if args is not None else argparse.Namespace()
-    store, rep = open_repo(ns, repo)
-    man = rep.load_snapshot(snapshot)
-    # A shared lock (a lease on S3) while the snapshot's chunks may still be
-    # read: `repo delete/prune/gc` refuse meanwhile, as during a pull.
-    lock = contextlib.ExitStack()
-    lock.enter_context(store.lock(False))
+    store, rep, man, release = _open_locked(args, repo, snapshot)
     try:
         return await _publish(app, name, store, rep, man, repo=repo, snapshot=snapshot, target=target,
                               state=state, job_id=job_id, speed=speed, workers=workers, on_error=on_error,
                               bitmap=bitmap, description=description, auto_dismiss=auto_dismiss,
                               existed=existed, memory=memory, nbd=nbd, ident_target=ident_target,
-                              release=lock.close)
+                              release=release)
+    except BaseException:
+        release()
+        raise
+
+
+def _open_locked(args: argparse.Namespace | None, repo: str, snapshot: str):
+    """``(store, repository, manifest, release)``: ``snapshot`` loaded under the
+    repository's shared lock (a lease on S3), held while its chunks may still be
+    read -- `repo delete/prune/gc` refuse meanwhile, as during a pull -- until
+    ``release()``."""
+    from .repoargs import open_repo
+
+    store, rep = open_repo(args if args is not None else argparse.Namespace(), repo)
+    lock = contextlib.ExitStack()
+    lock.enter_context(store.lock(False))
+    try:
+        return store, rep, rep.load_snapshot(snapshot), lock.close
     except BaseException:
         lock.close()
         raise
@@ -273,7 +283,6 @@ async def add_repo_spec(app: Any, name: str, spec: str, read_only: bool = True,
     from ..agent.repo import check_name
     from ..agent.snapsource import ServedSnapshot
     from ..daemon import check_description
-    from .repoargs import open_repo
 
     assert spec.startswith(REPO_PREFIX)
     repo, sep, snapshot = spec[len(REPO_PREFIX):].rpartition("#")
@@ -283,15 +292,11 @@ async def add_repo_spec(app: Any, name: str, spec: str, read_only: bool = True,
         raise ConfigError(f"export {name!r} already exists")
     check_description(name, description)
     check_name(snapshot)
-    args = getattr(app, "args", None)
-    store, rep = open_repo(args if args is not None else argparse.Namespace(), repo)
-    lock = contextlib.ExitStack()
-    lock.enter_context(store.lock(False))
+    _, rep, man, release = _open_locked(getattr(app, "args", None), repo, snapshot)
     try:
-        man = rep.load_snapshot(snapshot)
-        dev = ServedSnapshot(rep, man, on_close=[lock.close])
+        dev = ServedSnapshot(rep, man, on_close=[release])
     except BaseException:
-        lock.close()
+        release()
         raise
     try:
         app.server.add_export(name, dev, read_only=True, description=description)
