@@ -49,6 +49,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import inspect
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ from .copystate import CopyState
 from .job import ERROR_POLICIES, SYNC_MODES, BackupJob, Emit, JobStatus
 from ..blockdev.live import LiveDev, quiesce_all
 from .snapshot import ExtentProvider
+
+log = logging.getLogger(__name__)
 
 BITMAP_MODES = ("on-success", "never", "always")
 #: The default copy granule (``cluster-size`` not given): a live write of
@@ -330,6 +333,9 @@ class Engine:
                 raise ConfigError(f"cluster-size {cs} is larger than the largest request the source "
                                   f"or target accepts ({limit} bytes)")
             max_chunk = max(cs, min(max_chunk, limit) // cs * cs)
+            # serve --verbose: the copy granule (query-jobs says it too).
+            log.info("backup %s of %s: sync=%s, cluster-size %d (%s)", job_id, export, sync, cs,
+                     "asked" if cluster_size is not None else "default")
             if job_id in self.jobs:  # another prepare got there during our await
                 raise ConfigError(f"a job with id {job_id!r} already exists")
             # The target is probed for "reads as zeros" (copystate rule 11):
