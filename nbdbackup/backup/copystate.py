@@ -54,9 +54,10 @@ Shared state (all mutated only on the event loop thread; the steps marked
   the error and the cluster is again neither done nor in flight (rule 4), so
   the waiter may retry.
 - ``readers`` (`Readers`: the cluster runs of the snapshot reads currently
-  reading the SOURCE; ``c in readers`` when one covers cluster c).  A live write waits for it to drop to
-  0.  ``scratch_readers``: the same for reads from the scratch; a discard of
-  scratch clusters (rules 8, 9) waits for them.
+  reading the SOURCE; ``c in readers`` when one covers cluster c).  A live
+  write waits until no run covers its clusters.  ``scratch_readers``: the
+  same for reads from the scratch; a discard of scratch clusters (rules 8,
+  9) waits for them.
 
 Rules:
 1. copy-before-write (`protect`): before a live write to ``(offset, length)``
@@ -303,13 +304,13 @@ def reads_zero(dev: BlockDev, size: int) -> bool:
 class Readers:
     """Snapshot reads in progress, as cluster runs, and waiters for them to end.
 
-    Fields: ``_runs`` (registration -> ``[first, end)``: one entry per read
-    in progress, a list per distinct run since two reads may register the
-    same one; a run's length costs nothing, so registering a 2 MiB read of
-    4 KiB clusters is one entry, not 512); ``_waiters`` (futures of `wait`
-    calls, each with the run it waits on, woken when a run overlapping it
-    ends; the waiter then looks again).  There are as many runs as reads in
-    flight (tens), so the overlap tests scan them.
+    Fields: ``_runs`` (``(first, end)`` -> number of reads in progress
+    registered over exactly that run of clusters, > 0; a run's length costs
+    nothing, so a 2 MiB read of 4 KiB clusters is one entry, not 512);
+    ``_waiters`` (``(first, end, future)`` of each `wait` call, woken when
+    a run overlapping ``[first, end)`` ends; the waiter then looks again).
+    There are as many runs as reads in flight (tens), so the overlap tests
+    scan them.
     """
 
     def __init__(self) -> None:

@@ -333,11 +333,11 @@ class Engine:
                 raise ConfigError(f"cluster-size {cs} is larger than the largest request the source "
                                   f"or target accepts ({limit} bytes)")
             max_chunk = max(cs, min(max_chunk, limit) // cs * cs)
-            # serve --verbose: the copy granule (query-jobs says it too).
-            log.info("backup %s of %s: sync=%s, cluster-size %d (%s)", job_id, export, sync, cs,
-                     "asked" if cluster_size is not None else "default")
             if job_id in self.jobs:  # another prepare got there during our await
                 raise ConfigError(f"a job with id {job_id!r} already exists")
+            # serve's log: the copy granule (query-jobs says it too).
+            log.info("backup %s of %s: sync=%s, cluster-size %d (%s)", job_id, export, sync, cs,
+                     "asked" if cluster_size is not None else "default")
             # The target is probed for "reads as zeros" (copystate rule 11):
             # one SEEK_DATA, true for a file created here.
             state = CopyState(src, tdev, cs, scratch=sdev, discard_source=discard_source,
@@ -509,8 +509,8 @@ class Engine:
         asked once checked (a power of two >= 512, at most `MAX_CLUSTER`, not
         below the target's minimum block size).  Else the default:
         `_default_granule` (`DEFAULT_CLUSTER`, 4 KiB) raised to the target's
-        and a separate scratch's preferred block size (a qcow2-over-NBD
-        target preferring 64 KiB gets 64 KiB copies), to the minimum block
+        and a separate scratch's preferred block size (an NBD target
+        advertising 64 KiB as preferred gets 64 KiB copies), to the minimum block
         size of the target, source and scratch, and to ``size /
         MAX_DEFAULT_CLUSTERS`` rounded up to a power of two (bitmaps stay
         small: 64 KiB from 1 TiB up); capped at `MAX_CLUSTER`."""
