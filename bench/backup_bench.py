@@ -134,6 +134,8 @@ EXPORT = "disk"
 SNAP = "snap"
 CLUSTER = 64 * 1024
 OURS_CMD = [common.VENV_PYTHON, "-m", "nbdbackup.cli"]
+#: ``--cluster-size N``: backup-start's ``cluster-size`` for our backups (empty: the server's default).
+OURS_CLUSTER: list[int] = []
 
 LIVE = ("live-seq-first", "live-4k-uncopied", "live-seq-copied")
 GOALS = {"live-seq-first": 0.5, "live-4k-uncopied": 0.4, "live-seq-copied": 1.0,
@@ -324,6 +326,8 @@ def rm(*paths: str) -> None:
 
 def ours_backup(s: Session, sync: str, target: str, snapshot: str | None = SNAP, job: str = "j") -> None:
     args = {"export": EXPORT, "job-id": job, "sync": sync, "target": target}
+    if OURS_CLUSTER:
+        args["cluster-size"] = OURS_CLUSTER[0]
     if snapshot:
         args["snapshot"] = snapshot
     s.qmp("backup-start", args)
@@ -659,7 +663,7 @@ class Bench:
                          "qemu-img": common.tool_version(["qemu-img", "--version"]),
                          "nbdcopy": common.tool_version(["nbdcopy", "--version"])},
             "qsd_argv_fleecing": qsd_argv(Path("WS"), "IMG", "TGT"),
-            "ours_cmd": OURS_CMD,
+            "ours_cmd": OURS_CMD, "ours_cluster_size": OURS_CLUSTER[0] if OURS_CLUSTER else None,
             "loadavg_start": os.getloadavg(), "loadavg_rounds": [],
         }
         img = str(self.ws / "work.img")
@@ -789,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qemu-img-sync", action="store_true",
                     help="(default now, kept for old command lines) pump groups: 'qemu-img convert -t "
                          "writeback' is always timed next to the plain one")
+    ap.add_argument("--cluster-size", metavar="N",
+                    help="backup-start's cluster-size for nbdbackup's backups (default: the server's own); "
+                         "QEMU keeps its 64 KiB")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
@@ -801,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     args.sparse_data = common.parse_size(args.sparse_data)
     if args.ours_cmd:
         OURS_CMD[:] = args.ours_cmd.split()
+    if args.cluster_size:
+        OURS_CLUSTER[:] = [common.parse_size(args.cluster_size)]
     if args.baseline:
         base = os.path.abspath(args.baseline)
         BASELINE_DIR[:] = [base]

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where to copy: a raw file path, memory:SIZE or an NBD URI")
     s.add_argument("--snapshot", metavar="NAME", help="name of the snapshot export (default: EXPORT@JOB-ID)")
     s.add_argument("--speed", type=cliutil.size_arg, metavar="BPS", help="rate limit, bytes/s (64M; 0 = unlimited)")
-    s.add_argument("--cluster-size", type=cliutil.size_arg, metavar="N", help="copy granularity (64K)")
+    s.add_argument("--cluster-size", type=cliutil.size_arg, metavar="N", help="copy granularity (default 4K; more for a target preferring larger blocks, and 64K from 1 TiB up: at most 2^24 clusters)")
     s.add_argument("--compress", action=argparse.BooleanOptionalAction, default=None,
                    help="compress the target, if it can")
     s.add_argument("--max-workers", type=cliutil.uint_arg, metavar="N", help="parallel copy requests")

@@ -88,7 +88,14 @@ def test_top_backup_copies_only_allocated(short_tmp, make_image, blake3_file):
     tgt = short_tmp / "tgt.raw"
     job, info, _ = run(backup(src, tgt, sync="top"))
     assert info["status"] == "concluded" and "error" not in info
-    # Data extents of the source, in 64 KiB clusters: 1 MiB + 64K + 128K + 64K (the last 4K).
+    # Data extents of the source, in the default 4 KiB clusters: exactly the data.
+    assert info["cluster-size"] == 4096
+    assert info["total-progress"] == MiB + 64 * 1024 + 128 * 1024 + 4096
+    assert blake3_file(tgt) == blake3_file(src)
+    # In 64 KiB clusters: 1 MiB + 64K + 128K + 64K (the last 4K's cluster).
+    tgt.unlink()
+    job, info, _ = run(backup(src, tgt, sync="top", cluster_size=64 * 1024))
+    assert info["status"] == "concluded" and "error" not in info
     assert info["total-progress"] == MiB + 64 * 1024 + 128 * 1024 + 64 * 1024
     assert blake3_file(tgt) == blake3_file(src)
 

@@ -528,7 +528,7 @@ def test_cluster_size_rules():
     async def main():
         r = Rig()
         await r.engine.backup_start("disk", "a", "none", MemoryDev(SIZE), snapshot="s1")
-        assert r.engine.jobs["a"].state.cluster_size == 64 * KiB
+        assert r.engine.jobs["a"].state.cluster_size == 4 * KiB  # DEFAULT_CLUSTER (docs/cbwsub.md)
         await r.engine.backup_start("disk", "b", "none", BigBlocks(MemoryDev(SIZE)), snapshot="s2")
         assert r.engine.jobs["b"].state.cluster_size == 128 * KiB
         for bad in (1000, 256, 0, -4096, True, "65536"):
@@ -725,3 +725,38 @@ def test_prepare_commit_start_and_abort():
         await e.shutdown()
         assert r.live.hooks == ()
     run(main())
+
+
+def test_default_cluster_size_policy(monkeypatch):
+    """The default copy granule (docs/cbwsub.md): 4 KiB, raised to the
+    target's and the scratch's preferred block size, to every device's
+    minimum, and so that a bitmap has at most 2^24 bits; an explicit size
+    is honoured as asked."""
+    monkeypatch.delenv("NBDBACKUP_DEFAULT_CLUSTER", raising=False)
+    cs = Engine._cluster_size
+    m = MemoryDev(SIZE)
+    GiB = 1 << 30
+    assert cs(m, None, size=GiB) == 4 * KiB
+    assert cs(m, None, size=64 * GiB) == 4 * KiB  # 2^24 clusters exactly
+    assert cs(m, None, size=64 * GiB + 1) == 8 * KiB
+    assert cs(m, None, size=100 * GiB) == 8 * KiB
+    assert cs(m, None, size=1 << 40) == 64 * KiB
+    assert cs(m, None, size=(1 << 40) + 1) == 128 * KiB
+    assert cs(m, None, size=1 << 60) == 64 << 20  # MAX_CLUSTER
+    assert cs(m, 4 * KiB, size=1 << 40) == 4 * KiB  # asked: honoured
+    # A target preferring (or requiring) more gets it.
+    assert cs(BigBlocks(m, preferred=64 * KiB), None, size=GiB) == 64 * KiB
+    assert cs(BigBlocks(m, minimum=8 * KiB, preferred=8 * KiB), None, size=GiB) == 8 * KiB
+    # The source's minimum counts, its preferred size does not; a separate
+    # scratch's both do.
+    assert cs(m, None, size=GiB, source=BigBlocks(m, minimum=16 * KiB, preferred=16 * KiB)) == 16 * KiB
+    assert cs(m, None, size=GiB, source=BigBlocks(m, preferred=128 * KiB)) == 4 * KiB
+    assert cs(m, None, size=GiB, scratch=BigBlocks(m, preferred=32 * KiB)) == 32 * KiB
+    # The A/B switch.
+    monkeypatch.setenv("NBDBACKUP_DEFAULT_CLUSTER", "65536")
+    assert cs(m, None, size=GiB) == 64 * KiB
+    assert cs(m, 4 * KiB, size=GiB) == 4 * KiB
+    for bad in ("1000", "256", "x"):
+        monkeypatch.setenv("NBDBACKUP_DEFAULT_CLUSTER", bad)
+        with pytest.raises(ConfigError, match="NBDBACKUP_DEFAULT_CLUSTER"):
+            cs(m, None, size=GiB)
