@@ -72,6 +72,17 @@ def short_tmp() -> Iterable[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture
+def clusters_of_64k(monkeypatch):
+    """For tests whose expectations count 64 KiB clusters (the default cluster
+    size before session 14): backup jobs started without a cluster-size get
+    64 KiB, also in servers the test starts (they inherit the environment).
+    Use it file-wide: ``pytestmark = pytest.mark.usefixtures("clusters_of_64k")``.
+    The 4 KiB default itself: test_backup_engine.py, test_backup_granule.py,
+    test_backup_concurrency_server.py."""
+    monkeypatch.setenv("NBDBACKUP_DEFAULT_CLUSTER", str(64 * 1024))
+
+
 @pytest.fixture(name="make_image", scope="session")
 def make_image_fixture():
     return make_image

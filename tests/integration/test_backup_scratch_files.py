@@ -22,13 +22,8 @@ SIZE = 4 * MiB
 CS = 64 * 1024
 
 
-@pytest.fixture(autouse=True)
-def _clusters_of_cs(monkeypatch):
-    """These tests count clusters of ``CS`` (64 KiB, the default cluster size
-    before session 14): jobs started without a cluster-size get CS.  The
-    4 KiB default is covered by test_backup_engine.py and
-    test_backup_granule.py."""
-    monkeypatch.setenv("NBDBACKUP_DEFAULT_CLUSTER", str(CS))
+# Expectations count 64 KiB clusters (the default before session 14).
+pytestmark = pytest.mark.usefixtures("clusters_of_64k")
 
 
 def run(coro):

@@ -28,13 +28,8 @@ from peers import wait_concluded
 from qemutools import qemu_io
 
 
-@pytest.fixture(autouse=True)
-def _clusters_of_64k(monkeypatch):
-    """This file's expectations count 64 KiB clusters (the default cluster
-    size before session 14): servers started here get it as their default
-    (they inherit the environment).  The 4 KiB default through the real
-    server: test_backup_granule.py, test_backup_concurrency_server.py."""
-    monkeypatch.setenv("NBDBACKUP_DEFAULT_CLUSTER", str(64 * 1024))
+# Expectations count 64 KiB clusters (the default before session 14).
+pytestmark = pytest.mark.usefixtures("clusters_of_64k")
 
 
 KiB = 1024
