@@ -28,7 +28,8 @@ The model (`Model`) is deliberately dumb: one digest per 4 KiB block of what the
 last acknowledged request left there (``cur``), and per block written since the
 last FLUSH the set of digests a crash may leave (``maybe``).  Every write is
 4 KiB-aligned and synchronous (one request in flight; a kill's timer thread
-may fire mid-request, and that request's blocks may then be old or new).
+may fire mid-request, and that request's blocks may then be old or new) --
+except the batches of dims ``aio`` (`Model.settle`, below).
 TRIM: the range is read back at once; each block must be old or zeros.
 A request never answered goes into a bitmap's must-have set only if the disk
 read after the restart shows it landed (``tentative``).
@@ -38,7 +39,32 @@ without a job (the writer's connection goes back to a worker), writes, an agent
 run; again (this second run must be incremental); again with a QMP incremental;
 then ``repo verify`` and a restore of every snapshot left.
 
-Usage: ``python bench/soak.py --seed 1 --steps 200 [--size 16M] [--keep]``;
+Hunt 17's dimensions (``--dims``, each on or off per run; ``random`` draws them
+from the seed), with the same checks:
+
+- ``aio``: half the writer's requests go in pipelined batches (libnbd aio, 2-32
+  in flight, half of them inside a window of 1-16 blocks so ranges overlap,
+  FLUSH and FUA among them); `Model.settle` accepts any order of the requests
+  in flight together (old/new per request), credits a FLUSH only with what was
+  answered before it was sent, and reads every touched block back;
+- ``modes``: QMP ``sync top`` and ``sync bitmap`` (bitmap-mode on-success /
+  never / always) and ``full``/``top`` with a bitmap; after every job that used
+  the bitmap it is read back (``qemu:dirty-bitmap:soak`` on the live export):
+  it marks every block the model says it must; cleared after a success with
+  on-success/always; after a failed ``always`` job every block it forgot must
+  be in the target with the snapshot's content;
+- ``disks2``: a second export ``disk2`` with its own writer and model; the
+  agent backs up both disks in one run (one transaction: one instant); crash
+  checks read both;
+- ``tls``: ``serve --tls-creds --tls on``; the writers, the snapshot readers
+  (nbdcopy, qemu-img, ``pull``), the bitmap reader and the agent over TLS
+  (X.509); the stalled client stays plain.  (TLS connections are never handed
+  to worker processes: docs/workers.md.)
+- ``s3``: the repository on a Ceph RGW started for the run
+  (tests/interop/ceph_rgw.py); a prune/gc refused "busy" is allowed only
+  within a lease's life after an agent's kill -9 (`Soak._lease_busy`).
+
+Usage: ``python bench/soak.py --seed 1 --steps 200 [--size 16M] [--dims random] [--keep]``;
 prints one JSON line of counts; exit 1 with the seed, step and the failed check
 on the first violation (the log of steps is in the work directory, kept then).
 """
@@ -575,6 +601,8 @@ class Soak:
         #: the kind of the last agent run ("full", "incremental"; None: it failed)
         self.last_agent_kind: str | None = None
         self.agent_seq = 0
+        #: time.monotonic() of the last kill -9 of an agent (its S3 lease outlives it: `_lease_busy`)
+        self.last_agent_kill9 = -1e9
         self.n = {k: 0 for k in ("steps", "serve_kill9", "serve_term", "agent_kill9", "agent_ok", "agent_failed",
                                  "agent_full", "agent_incr", "agent_full_inconsistent", "qmp_jobs", "qmp_cancel",
                                  "qmp_ok", "qmp_failed", "snap_reads_checked", "snap_reads_failed",
@@ -585,7 +613,8 @@ class Soak:
                                  "worker_kill_lost_writer", "power_loss_forged", "incremental_refused",
                                  "agent_multi_ok", "agent_multi_failed", "agent_partial", "qmp_top_ok",
                                  "qmp_bitmap_ok", "qmp_bitmap_failed", "bitmap_checks", "bitmap_cleared_checked",
-                                 "always_cleared_blocks", "crash_checks_disk2", "restores_disk2")}
+                                 "always_cleared_blocks", "crash_checks_disk2", "restores_disk2",
+                                 "s3_busy_after_kill9")}
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -938,6 +967,8 @@ class Soak:
                 sig = self.rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGTERM])
                 os.kill(p.pid, sig)
                 self.n["agent_kill9" if sig == signal.SIGKILL else "agent_term"] += 1
+                if sig == signal.SIGKILL:
+                    self.last_agent_kill9 = time.monotonic()
             else:
                 self.n["agent_kill_too_late"] += 1
         try:
@@ -945,7 +976,7 @@ class Soak:
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()
-            raise Violation("agent hung for 180 s")
+            raise Violation(f"agent hung for 180 s; its stderr: {err.decode(errors='replace')[-1500:]!r}")
         new = {s for s in set(self._repo_snaps()) - a["snaps_before"] if s.split(".")[0] in self.disks}
         self.agent = None
         self.log(f"agent end rc={p.returncode} new={sorted(new)} err={err.decode(errors='replace')[-400:]!r}")
@@ -1008,8 +1039,13 @@ class Soak:
                 raise Violation(f"repo verify: {r.stdout[-1000:]} {r.stderr[-1000:]}")
         elif op == "prune":
             keep = self.rng.randrange(1, 4)
-            self.cli("repo", "prune", str(self.repo), *self.popts, "--keep-last", str(keep), "--gc",
-                     "--grace", "0")
+            before = set(self._repo_snaps())
+            r = self.cli("repo", "prune", str(self.repo), *self.popts, "--keep-last", str(keep), "--gc",
+                         "--grace", "0", ok=False)
+            if self._lease_busy(r):
+                if set(self._repo_snaps()) != before:
+                    raise Violation("prune refused (busy) but removed snapshots")
+                return
             left = set(self._repo_snaps())
             if not left <= set(self.snaps) or len(left) != min(keep, len(self.snaps)):
                 raise Violation(f"prune --keep-last {keep}: left {sorted(left)} of {sorted(self.snaps)}")
@@ -1017,8 +1053,23 @@ class Soak:
             for s in sorted(left):
                 self.check_restore(s)
         else:
-            self.cli("repo", "gc", str(self.repo), *self.popts, "--grace", "0")
+            if self._lease_busy(self.cli("repo", "gc", str(self.repo), *self.popts, "--grace", "0", ok=False)):
+                return
         self.n[op] += 1
+
+    def _lease_busy(self, r: subprocess.CompletedProcess) -> bool:
+        """A prune/gc refused because the repository is in use.  Allowed only on S3 within a
+        lease's life (60 s past its last renewal, the store's clock; 75 s here) after an agent
+        was killed -9: its shared lease outlives it (README, "The lock is made of objects with
+        expiry"); a directory's flock dies with its holder.  Any other failure is a violation."""
+        if r.returncode == 0:
+            return False
+        if (self.rgw is not None and "busy (in use)" in r.stderr
+                and time.monotonic() - self.last_agent_kill9 < 75):
+            self.n["s3_busy_after_kill9"] += 1
+            self.log(f"repo {r.args[4]} refused: {r.stderr.strip()[-200:]}")
+            return True
+        raise Violation(f"nbdbackup {' '.join(r.args[3:5])} exit {r.returncode}: {r.stderr[-2000:]}")
 
     def step_stall(self) -> None:
         if len(self.stall) < 2 and self.rng.random() < 0.7:
@@ -1196,7 +1247,10 @@ class Soak:
     def run(self, steps: int, deadline: float) -> None:
         self.srv.start()
         self.w.connect()
-        names, weights = zip(*self.STEPS)
+        # With dims modes, QMP jobs twice as often (most of them then use the bitmap).
+        steps_w = [(n, w * 2 if "modes" in self.dims and n in ("qmp_start", "qmp_finish") else w)
+                   for n, w in self.STEPS]
+        names, weights = zip(*steps_w)
         try:
             for i in range(steps):
                 if time.monotonic() > deadline:
@@ -1235,7 +1289,10 @@ class Soak:
                     if self.last_agent_kind != "incremental":
                         raise Violation(f"the agent's second run in a row without faults was "
                                         f"{self.last_agent_kind}")
-                    self.step_qmp_start("incremental")
+                    # (dims modes: as often sync=bitmap, any bitmap-mode -- its target is checked
+                    # on the same blocks, and the bitmap read back)
+                    self.step_qmp_start("bitmap" if "modes" in self.dims and self.rng.random() < 0.5
+                                        else "incremental")
                     self.step_write()
                     self.step_snap_read()
                     self.step_write()
