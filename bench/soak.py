@@ -549,6 +549,7 @@ class Soak:
     def __init__(self, seed: int, size: int, d: Path, log, dims: set[str] = frozenset()) -> None:
         self.rng = random.Random(seed)
         self.seed, self.size, self.d, self.logf = seed, size, d, log
+        #: hunt 17's dimensions of this run (`DIMS`)
         self.dims = set(dims)
         #: export name -> its raw file, model and writer (``disk`` always; ``disk2`` with dims disks2)
         self.disks = {n: d / f"{n}.img" for n in (["disk", "disk2"] if "disks2" in dims else ["disk"])}
@@ -558,6 +559,7 @@ class Soak:
         self.disk = self.disks["disk"]
         self.models = {n: Model(size // BS) for n in self.disks}
         self.model = self.models["disk"]
+        #: dims tls: the credentials directory (server and client certificates), else None
         self.tls = None
         if "tls" in dims:
             sys.path.insert(0, str(ROOT / "tests" / "interop"))
@@ -569,6 +571,7 @@ class Soak:
         self.writers = {n: Writer(self.srv, self.models[n], random.Random(seed * 7919 + 1 + i), size, n,
                                   aio="aio" in dims) for i, n in enumerate(self.disks)}
         self.w = self.writers["disk"]
+        #: dims s3: the running `ceph_rgw.RGW` (stopped at the end of `run`), else None
         self.rgw = None
         if "s3" in dims:
             sys.path.insert(0, str(ROOT / "tests" / "interop"))
@@ -582,8 +585,13 @@ class Soak:
             self.repo = d / "repo"
         (d / "pass").write_text(PASS + "\n")
         self.popts = ["--passphrase-file", str(d / "pass")]
-        self.cli("repo", "init", str(self.repo), "--chunk-size", str(256 * 1024), "--encryption", "repokey",
-                 *self.popts)
+        try:
+            self.cli("repo", "init", str(self.repo), "--chunk-size", str(256 * 1024), "--encryption", "repokey",
+                     *self.popts)
+        except BaseException:
+            if self.rgw is not None:
+                self.rgw.stop()  # (`run` stops it otherwise)
+            raise
         #: repository snapshot -> model digests at its backup start
         self.snaps: dict[str, list[bytes]] = {}
         #: repository snapshot -> its export (absent: ``disk``)
