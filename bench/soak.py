@@ -28,7 +28,8 @@ The model (`Model`) is deliberately dumb: one digest per 4 KiB block of what the
 last acknowledged request left there (``cur``), and per block written since the
 last FLUSH the set of digests a crash may leave (``maybe``).  Every write is
 4 KiB-aligned and synchronous (one request in flight; a kill's timer thread
-may fire mid-request, and that request's blocks may then be old or new).
+may fire mid-request, and that request's blocks may then be old or new) --
+except the batches of dims ``aio`` (`Model.settle`, below).
 TRIM: the range is read back at once; each block must be old or zeros.
 A request never answered goes into a bitmap's must-have set only if the disk
 read after the restart shows it landed (``tentative``).
@@ -38,7 +39,32 @@ without a job (the writer's connection goes back to a worker), writes, an agent
 run; again (this second run must be incremental); again with a QMP incremental;
 then ``repo verify`` and a restore of every snapshot left.
 
-Usage: ``python bench/soak.py --seed 1 --steps 200 [--size 16M] [--keep]``;
+Hunt 17's dimensions (``--dims``, each on or off per run; ``random`` draws them
+from the seed), with the same checks:
+
+- ``aio``: half the writer's requests go in pipelined batches (libnbd aio, 2-32
+  in flight, half of them inside a window of 1-16 blocks so ranges overlap,
+  FLUSH and FUA among them); `Model.settle` accepts any order of the requests
+  in flight together (old/new per request), credits a FLUSH only with what was
+  answered before it was sent, and reads every touched block back;
+- ``modes``: QMP ``sync top`` and ``sync bitmap`` (bitmap-mode on-success /
+  never / always) and ``full``/``top`` with a bitmap; after every job that used
+  the bitmap it is read back (``qemu:dirty-bitmap:soak`` on the live export):
+  it marks every block the model says it must; cleared after a success with
+  on-success/always; after a failed ``always`` job every block it forgot must
+  be in the target with the snapshot's content;
+- ``disks2``: a second export ``disk2`` with its own writer and model; the
+  agent backs up both disks in one run (one transaction: one instant); crash
+  checks read both;
+- ``tls``: ``serve --tls-creds --tls on``; the writers, the snapshot readers
+  (nbdcopy, qemu-img, ``pull``), the bitmap reader and the agent over TLS
+  (X.509); the stalled client stays plain.  (TLS connections are never handed
+  to worker processes: docs/workers.md.)
+- ``s3``: the repository on a Ceph RGW started for the run
+  (tests/interop/ceph_rgw.py); a prune/gc refused "busy" is allowed only
+  within a lease's life after an agent's kill -9 (`Soak._lease_busy`).
+
+Usage: ``python bench/soak.py --seed 1 --steps 200 [--size 16M] [--dims random] [--keep]``;
 prints one JSON line of counts; exit 1 with the seed, step and the failed check
 on the first violation (the log of steps is in the work directory, kept then).
 """
@@ -111,6 +137,9 @@ class Model:
         self.unanswered: set[int] = set()
         #: (diagnostics) acknowledged unflushed values a crash lost: (block, found, history)
         self.lost_log: list = []
+        #: blocks any request was sent to since `touched` was last cleared (a QMP job's start):
+        #: a bitmap cleared by a successful backup must be clean everywhere else
+        self.touched: set[int] = set()
         #: (diagnostics only) the last events per block: "w"/"W" (FUA) + digest prefix, "a" attempted, "F" flush
         self.hist: dict[int, list[str]] = {}
 
@@ -122,6 +151,7 @@ class Model:
     def wrote(self, b: int, d: bytes, durable: bool) -> None:
         for s in self.since.values():
             s.add(b)
+        self.touched.add(b)
         if durable:
             self.maybe.pop(b, None)
         else:
@@ -135,12 +165,66 @@ class Model:
         in a bitmap only if it reached the disk (`crash_check` decides, from what it finds)."""
         for name, s in self.since.items():
             (s if acked else self.tentative.setdefault(name, set())).add(b)
+        self.touched.add(b)
         self.unanswered.add(b)  # (an acknowledged TRIM read back as neither: its result is unknown too)
         self.maybe.setdefault(b, {self.cur[b]}).add(d)
         self._h(b, "a" + d.hex()[:6])
 
     def flushed(self) -> None:
         self.maybe.clear()
+
+    def settle(self, reqs: list[tuple[int, list, bool]], seen: dict[int, bytes] | None, flushed: bool) -> None:
+        """A batch of requests that were in flight together (the pipelined writer).
+
+        ``reqs``: ``(first block, digests, acknowledged)`` per WRITE / WRITE_ZEROES / TRIM, a
+        TRIM's digests being None; ``seen``: the touched blocks read back once every request
+        was answered (None: the connection died -- `crash_check` settles them later);
+        ``flushed``: a FLUSH sent in the batch was acknowledged.  The rules:
+
+        - the server may run requests in flight together in any order, so a block holds the
+          value of ANY request of the batch that touches it; the value it had before the
+          batch only if a TRIM (old or zeroes) or a request that was not acknowledged (old
+          or new) touches it;
+        - a crash may leave every one of those, and every value it could leave before (FUA
+          is not credited in a batch: a FUA write's value is durable when it is answered,
+          but a later request of the batch may overwrite it with a value that is not);
+        - a FLUSH in the batch makes durable what was acknowledged before it was sent: every
+          block the batch does not touch (the batch was sent after the last one was
+          settled); the batch's own blocks keep their crash sets;
+        - acknowledged requests go into every bitmap's must-have set; unanswered ones are
+          ``tentative`` (as `attempted`).
+        """
+        cand: dict[int, set[bytes]] = {}
+        old_too: set[int] = set()
+        for b0, ds, acked in reqs:
+            for i, d in enumerate(ds):
+                b = b0 + i
+                cand.setdefault(b, set()).add(ZERO if d is None else d)
+                if d is None or not acked:
+                    old_too.add(b)
+                if acked:
+                    for s in self.since.values():
+                        s.add(b)
+                else:
+                    for name in self.since:
+                        self.tentative.setdefault(name, set()).add(b)
+                    self.unanswered.add(b)
+                self.touched.add(b)
+                self._h(b, ("t" if d is None else ("b" if acked else "a") + d.hex()[:6]))
+        if flushed:
+            for b in [b for b in self.maybe if b not in cand]:
+                del self.maybe[b]
+        if seen is None:
+            self.unanswered |= cand.keys()  # (results unknown until `crash_check` reads them)
+        for b, c in cand.items():
+            allowed = c | ({self.cur[b]} if b in old_too else set())
+            self.maybe[b] = self.maybe.get(b, {self.cur[b]}) | allowed
+            if seen is not None:
+                if seen[b] not in allowed:
+                    raise Violation(f"pipelined batch: block {b} ({b * BS:#x}) reads {seen[b].hex()[:6]}"
+                                    f"{' (zeroes)' if seen[b] == ZERO else ''}, no request of the batch wrote it "
+                                    f"(allowed {sorted(x.hex()[:6] for x in allowed)}; history {self.hist.get(b)})")
+                self.cur[b] = seen[b]
 
     def crash_check(self, seen: list[bytes]) -> tuple[int, int]:
         """Check (2) against the disk read after a restart; adopt it.  Returns how many
@@ -185,8 +269,11 @@ class Server:
     """``nbdbackup serve`` on a Unix socket with a control socket and a state dir
     (worker processes: the default).  Started, killed and restarted by PID."""
 
-    def __init__(self, d: Path, disk: Path) -> None:
-        self.d, self.disk = d, disk
+    def __init__(self, d: Path, disks: dict[str, Path], tls: str | None = None) -> None:
+        #: ``disks``: export name -> raw file; ``tls``: a credentials directory (certs.make_pki's
+        #: layout): ``--tls-creds DIR --tls on`` -- every client of the soak uses TLS except the
+        #: stalled raw client (plain: ``on`` serves both)
+        self.d, self.disks, self.tls = d, disks, tls
         self.sock, self.ctl = str(d / "nbd.sock"), str(d / "ctl.sock")
         self.state = d / "state"
         self.state.mkdir(exist_ok=True)
@@ -194,7 +281,17 @@ class Server:
         self.starts = 0
 
     def uri(self, name: str = "disk") -> str:
+        if self.tls:
+            return f"nbds+unix:///{name}?socket={self.sock}&tls-certificates={self.tls}"
         return f"nbd+unix:///{name}?socket={self.sock}"
+
+    def qemu_opts(self, name: str) -> list[str]:
+        """qemu-img's options for export ``name`` (its URIs carry no TLS credentials)."""
+        if not self.tls:
+            return ["-f", "raw", self.uri(name)]
+        return ["--object", f"tls-creds-x509,id=tls0,dir={self.tls},endpoint=client", "--image-opts",
+                f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={self.sock},"
+                f"file.export={name},file.tls-creds=tls0,file.tls-hostname=localhost"]
 
     def start(self) -> None:
         for p in (self.sock, self.ctl):
@@ -204,7 +301,9 @@ class Server:
         log.write(f"--- start {self.starts}\n".encode())
         log.flush()
         self.proc = subprocess.Popen([PY, "-m", "nbdbackup.cli", "serve", "--socket", self.sock, "--control",
-                                      self.ctl, "--state-dir", str(self.state), f"disk={self.disk}"],
+                                      self.ctl, "--state-dir", str(self.state),
+                                      *(["--tls-creds", self.tls, "--tls", "on"] if self.tls else []),
+                                      *(f"{n}={p}" for n, p in self.disks.items())],
                                      cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
         self.starts += 1
@@ -242,14 +341,19 @@ class Writer:
     """The live writer: one libnbd connection, synchronous requests, the model
     updated on each reply.  Reconnects after the server was restarted."""
 
-    def __init__(self, srv: Server, model: Model, rng: random.Random, size: int) -> None:
+    def __init__(self, srv: Server, model: Model, rng: random.Random, size: int, export: str = "disk",
+                 aio: bool = False) -> None:
         self.srv, self.model, self.rng, self.size = srv, model, rng, size
+        #: the export written; ``aio``: half the requests go in pipelined batches (`batch`)
+        self.export, self.aio = export, aio
         self.h: nbd.NBD | None = None
-        self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "flushes": 0, "fua": 0, "failed": 0}
+        self.stats = {"writes": 0, "zeroes": 0, "trims": 0, "flushes": 0, "fua": 0, "failed": 0,
+                      "batches": 0, "batch_reqs": 0, "batch_overlap": 0, "batch_flush": 0, "batch_max_inflight": 0}
 
     def connect(self) -> None:
         self.h = nbd.NBD()
-        self.h.connect_uri(self.srv.uri())
+        self.h.set_uri_allow_local_file(True)  # (tls-certificates=DIR)
+        self.h.connect_uri(self.srv.uri(self.export))
 
     def drop(self) -> None:
         if self.h is not None:
@@ -314,11 +418,88 @@ class Writer:
             self.drop()
             return False
 
+    def batch(self) -> tuple[bool, int]:
+        """2-32 requests in flight at once (libnbd aio): WRITE / WRITE_ZEROES / TRIM, 15 % FUA,
+        FLUSHes among them; half the batches inside a window of 1-16 blocks (overlapping
+        ranges).  Once all are answered, the touched blocks are read back and `Model.settle`
+        checks them.  Returns (connection still up, requests sent)."""
+        rng, m, h = self.rng, self.model, self.h
+        k = rng.choice([2, 4, 8, 16, 32])
+        nblocks = len(m.cur)
+        win = (0, nblocks)
+        if rng.random() < 0.5:
+            w = min(nblocks, rng.choice([1, 4, 16]))
+            lo = rng.randrange(nblocks - w + 1)
+            win = (lo, w)
+            self.stats["batch_overlap"] += 1
+        reqs, flushes, bufs = [], [], []
+        dead = False
+        try:
+            for _ in range(k):
+                kind = rng.choices(["write", "zero", "trim", "flush"], [70, 12, 8, 10])[0]
+                if kind == "flush":
+                    flushes.append(h.aio_flush())
+                    continue
+                nb = min(win[1], rng.choice([1, 1, 2, 3, 8, 16, 33]))
+                b0 = win[0] + rng.randrange(win[1] - nb + 1)
+                off, n = b0 * BS, nb * BS
+                flags = nbd.CMD_FLAG_FUA if rng.random() < 0.15 else 0
+                self.stats["fua"] += bool(flags)
+                if kind == "write":
+                    data = rng.randbytes(n)
+                    buf = nbd.Buffer.from_bytearray(bytearray(data))
+                    bufs.append(buf)  # (valid until answered)
+                    reqs.append((b0, digests(data), h.aio_pwrite(buf, off, flags=flags)))
+                elif kind == "zero":
+                    reqs.append((b0, [ZERO] * nb, h.aio_zero(n, off, flags=flags)))
+                else:
+                    reqs.append((b0, [None] * nb, h.aio_trim(n, off, flags=flags)))
+                self.stats[{"write": "writes", "zero": "zeroes", "trim": "trims"}[kind]] += 1
+            self.stats["batch_max_inflight"] = max(self.stats["batch_max_inflight"], h.aio_in_flight())
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+        except nbd.Error:
+            dead = True
+
+        def ok(cookie: int) -> bool:
+            try:
+                return bool(h.aio_command_completed(cookie))
+            except nbd.Error:
+                return False
+
+        done = [(b0, ds, ok(c)) for b0, ds, c in reqs]
+        flushed = bool(flushes) and all(ok(c) for c in flushes)
+        self.stats["batches"] += 1
+        self.stats["batch_reqs"] += len(reqs) + len(flushes)
+        self.stats["batch_flush"] += flushed
+        self.stats["flushes"] += len(flushes)
+        seen = None
+        if not dead:
+            try:
+                seen = {}
+                for b0, ds, _ in done:
+                    for i, d in enumerate(digests(h.pread(len(ds) * BS, b0 * BS))):
+                        seen[b0 + i] = d
+            except nbd.Error:
+                dead, seen = True, None
+        self.stats["failed"] += sum(not a for _, _, a in done)
+        m.settle(done, seen, flushed)
+        if dead:
+            self.drop()
+        return not dead, len(reqs) + len(flushes)
+
     def burst(self, count: int) -> None:
         if self.h is None:
             self.connect()
-        for _ in range(count):
-            if not self.one():
+        sent = 0
+        while sent < count:
+            if self.aio and self.rng.random() < 0.5:
+                up, k = self.batch()
+                sent += k
+            else:
+                up = self.one()
+                sent += 1
+            if not up:
                 return
 
 
@@ -341,23 +522,80 @@ def raw_stall(sock_path: str, export: str) -> socket.socket:
     return s
 
 
+#: hunt 17's dimensions (``--dims``): ``aio`` the pipelined writer (`Writer.batch`), ``modes``
+#: QMP ``sync top`` / ``sync bitmap`` and full/top with a bitmap, ``disks2`` a second export
+#: (``disk2``: its own writer; the agent backs up both in one run), ``tls`` every NBD client
+#: over TLS (X.509), ``s3`` the repository on a Ceph RGW started for the run.
+DIMS = ("aio", "modes", "disks2", "tls", "s3")
+
+
+def pick_dims(spec: str, seed: int) -> set[str]:
+    """``random``: each dimension with probability 1/2 from the seed (its own RNG: the steps'
+    sequence does not depend on it); ``none``; ``all``; or a comma list."""
+    if spec == "random":
+        r = random.Random(seed * 104729 + 17)
+        return {x for x in DIMS if r.random() < 0.5}
+    if spec in ("none", ""):
+        return set()
+    if spec == "all":
+        return set(DIMS)
+    got = set(spec.split(","))
+    if not got <= set(DIMS):
+        raise SystemExit(f"unknown dims {sorted(got - set(DIMS))}: choose from {', '.join(DIMS)}")
+    return got
+
+
 class Soak:
-    def __init__(self, seed: int, size: int, d: Path, log) -> None:
+    def __init__(self, seed: int, size: int, d: Path, log, dims: set[str] = frozenset()) -> None:
         self.rng = random.Random(seed)
         self.seed, self.size, self.d, self.logf = seed, size, d, log
-        self.disk = d / "disk.img"
-        with open(self.disk, "wb") as f:
-            f.truncate(size)
-        self.model = Model(size // BS)
-        self.srv = Server(d, self.disk)
-        self.w = Writer(self.srv, self.model, random.Random(seed * 7919 + 1), size)
-        self.repo = d / "repo"
+        #: hunt 17's dimensions of this run (`DIMS`)
+        self.dims = set(dims)
+        #: export name -> its raw file, model and writer (``disk`` always; ``disk2`` with dims disks2)
+        self.disks = {n: d / f"{n}.img" for n in (["disk", "disk2"] if "disks2" in dims else ["disk"])}
+        for path in self.disks.values():
+            with open(path, "wb") as f:
+                f.truncate(size)
+        self.disk = self.disks["disk"]
+        self.models = {n: Model(size // BS) for n in self.disks}
+        self.model = self.models["disk"]
+        #: dims tls: the credentials directory (server and client certificates), else None
+        self.tls = None
+        if "tls" in dims:
+            sys.path.insert(0, str(ROOT / "tests" / "interop"))
+            import certs
+
+            (d / "pki").mkdir(exist_ok=True)
+            self.tls = certs.make_pki(d / "pki")["server"]
+        self.srv = Server(d, self.disks, self.tls)
+        self.writers = {n: Writer(self.srv, self.models[n], random.Random(seed * 7919 + 1 + i), size, n,
+                                  aio="aio" in dims) for i, n in enumerate(self.disks)}
+        self.w = self.writers["disk"]
+        #: dims s3: the running `ceph_rgw.RGW` (stopped at the end of `run`), else None
+        self.rgw = None
+        if "s3" in dims:
+            sys.path.insert(0, str(ROOT / "tests" / "interop"))
+            import ceph_rgw
+
+            self.rgw = ceph_rgw.start(str(d / "rgw"), memstore_bytes=1 << 30)
+            os.environ.update(self.rgw.env(), AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
+            self.rgw.client().create_bucket(Bucket=f"soak{seed}")
+            self.repo = f"s3://soak{seed}/backups/soak"
+        else:
+            self.repo = d / "repo"
         (d / "pass").write_text(PASS + "\n")
         self.popts = ["--passphrase-file", str(d / "pass")]
-        self.cli("repo", "init", str(self.repo), "--chunk-size", str(256 * 1024), "--encryption", "repokey",
-                 *self.popts)
+        try:
+            self.cli("repo", "init", str(self.repo), "--chunk-size", str(256 * 1024), "--encryption", "repokey",
+                     *self.popts)
+        except BaseException:
+            if self.rgw is not None:
+                self.rgw.stop()  # (`run` stops it otherwise)
+            raise
         #: repository snapshot -> model digests at its backup start
         self.snaps: dict[str, list[bytes]] = {}
+        #: repository snapshot -> its export (absent: ``disk``)
+        self.snap_disk: dict[str, str] = {}
         #: the QMP job in flight: dict(id, sync, want, dirty (blocks to check in the target), target, readers)
         self.job: dict | None = None
         self.jobs_seq = 0
@@ -367,10 +605,12 @@ class Soak:
         self.agent: dict | None = None
         self.stall: list[socket.socket] = []
         #: a forged power loss left the agent's bitmaps inconsistent: its next successful run must be full
-        self.agent_must_full = False
+        self.agent_must_full: set[str] = set()
         #: the kind of the last agent run ("full", "incremental"; None: it failed)
         self.last_agent_kind: str | None = None
         self.agent_seq = 0
+        #: time.monotonic() of the last kill -9 of an agent (its S3 lease outlives it: `_lease_busy`)
+        self.last_agent_kill9 = -1e9
         self.n = {k: 0 for k in ("steps", "serve_kill9", "serve_term", "agent_kill9", "agent_ok", "agent_failed",
                                  "agent_full", "agent_incr", "agent_full_inconsistent", "qmp_jobs", "qmp_cancel",
                                  "qmp_ok", "qmp_failed", "snap_reads_checked", "snap_reads_failed",
@@ -378,7 +618,11 @@ class Soak:
                                  "verify", "prune", "gc", "stalls", "bitmap_inconsistent",
                                  "pulls_checked", "pulls_failed", "agent_kill_too_late",
                                  "agent_term", "qmp_start_max_ms", "qmp_start_slow", "qmp_start_refused", "worker_kill9",
-                                 "worker_kill_lost_writer", "power_loss_forged", "incremental_refused")}
+                                 "worker_kill_lost_writer", "power_loss_forged", "incremental_refused",
+                                 "agent_multi_ok", "agent_multi_failed", "agent_partial", "qmp_top_ok",
+                                 "qmp_bitmap_ok", "qmp_bitmap_failed", "bitmap_checks", "bitmap_cleared_checked",
+                                 "always_cleared_blocks", "crash_checks_disk2", "restores_disk2",
+                                 "s3_busy_after_kill9")}
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -397,24 +641,32 @@ class Soak:
     def read_export(self, name: str, out: Path, tool: str) -> subprocess.Popen:
         uri = self.srv.uri(name)
         argv = (["nbdcopy", uri, str(out)] if tool == "nbdcopy"
-                else ["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out)])
+                else ["qemu-img", "convert", *self.srv.qemu_opts(name), "-O", "raw", str(out)])
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     # -- steps ---------------------------------------------------------------------
 
+    def _pick_writer(self) -> Writer:
+        if len(self.writers) == 1:
+            return self.w
+        return self.writers[self.rng.choice(["disk", "disk", "disk2"])]
+
     def step_write(self) -> None:
-        self.w.burst(self.rng.randrange(5, 60))
+        w = self._pick_writer()
+        w.burst(self.rng.randrange(5, 60))
 
     def step_flush(self) -> None:
-        if self.w.h is None:
-            self.w.connect()
-        self.w.h.flush()
-        self.model.flushed()
+        w = self._pick_writer()
+        if w.h is None:
+            w.connect()
+        w.h.flush()
+        w.model.flushed()
 
     def step_qmp_start(self, sync: str | None = None) -> None:
         if self.job is not None:
             return
-        sync = sync or self.rng.choice(["full", "incremental", "none"])
+        modes = "modes" in self.dims
+        sync = sync or self.rng.choice(["full", "incremental", "none"] + (["top", "bitmap", "bitmap", "top"] if modes else []))
         self.jobs_seq += 1
         jid = f"soak{self.jobs_seq}"
         target = self.d / f"target-{jid}.raw"
@@ -422,14 +674,22 @@ class Soak:
             f.truncate(self.size)
         args = {"export": "disk", "job-id": jid, "sync": sync, "target": str(target), "auto-dismiss": False,
                 "speed": self.rng.choice([0, 4 * M, 16 * M])}
-        if sync == "incremental" and not self.have_bitmap:
+        if sync in ("incremental", "bitmap") and not self.have_bitmap:
             sync = args["sync"] = "full"
         actions = []
-        if sync == "full" and not self.have_bitmap:
+        if sync in ("full", "top") and not self.have_bitmap:
             actions.append({"type": "block-dirty-bitmap-add",
                             "data": {"export": "disk", "name": "soak", "persistent": True}})
+        #: the bitmap-mode of a job that uses bitmap "soak" (None: it does not)
+        bmode = None
         if sync == "incremental":
-            args.update(bitmap="soak", **{"bitmap-mode": "on-success"})
+            bmode = "on-success"
+        elif sync == "bitmap":
+            bmode = self.rng.choice(["on-success", "never", "always"])
+        elif modes and sync in ("full", "top") and self.have_bitmap and self.rng.random() < 0.4:
+            bmode = self.rng.choice(["on-success", "always"])  # (never: refused with full/top, as QEMU)
+        if bmode:
+            args.update(bitmap="soak", **{"bitmap-mode": bmode})
         actions.append({"type": "backup-start", "data": args})
         t0 = time.monotonic()
         try:
@@ -447,13 +707,14 @@ class Soak:
             self.have_bitmap = True
             self.model.since["soak"] = set()
         want = list(self.model.cur)
-        dirty = set(self.model.since.get("soak", ())) if sync == "incremental" else None
+        dirty = set(self.model.since.get("soak", ())) if sync in ("incremental", "bitmap") else None
         self.job = {"id": jid, "sync": sync, "want": want, "dirty": dirty, "target": target, "readers": [],
-                    "since_at_start": set(self.model.since.get("soak", ()))}
-        if sync == "incremental":
-            self.model.since["soak"] = set()  # writes from now; merged back unless the job succeeds
+                    "since_at_start": set(self.model.since.get("soak", ())), "bmode": bmode}
+        if bmode:
+            self.model.since["soak"] = set()  # writes from now; merged back unless the job clears the bitmap
+            self.model.touched = set()
         self.n["qmp_jobs"] += 1
-        self.log(f"qmp start {jid} {sync}")
+        self.log(f"qmp start {jid} {sync} bitmap-mode={bmode}")
         for b in self.model.hist:
             self.model._h(b, f"<{jid}>")
         self.step_snap_read()
@@ -516,10 +777,87 @@ class Soak:
         return None
 
     def _job_failed(self) -> None:
-        """The QMP job did not succeed: its bitmap keeps what it had and what came since."""
-        if self.job["sync"] == "incremental" and self.have_bitmap:
+        """The QMP job did not succeed: its bitmap keeps what it had and what came since
+        (bitmap-mode on-success or never; ``always``: `_always_failed`, after the job ended)."""
+        if self.job["bmode"] in ("on-success", "never") and self.have_bitmap:
             self.model.since["soak"] |= self.job["since_at_start"]
 
+    def read_bitmap(self, name: str = "soak") -> set[int]:
+        """The blocks bitmap ``name`` of the live export ``disk`` marks dirty: its
+        ``qemu:dirty-bitmap:NAME`` context (a granule dirty = every block in it)."""
+        ctx = "qemu:dirty-bitmap:" + name
+        h = nbd.NBD()
+        try:
+            h.add_meta_context(ctx)
+            h.set_uri_allow_local_file(True)
+            h.connect_uri(self.srv.uri("disk"))
+            if not h.can_meta_context(ctx):
+                raise Violation(f"the live export does not offer {ctx}")
+            dirty: set[int] = set()
+            off = 0
+            while off < self.size:
+                got: list[tuple[int, list[int]]] = []
+
+                def cb(meta, o, entries, err, got=got):
+                    if meta == ctx:
+                        got.append((o, list(entries)))
+                    return 0
+
+                h.block_status(self.size - off, off, cb)
+                pos = off
+                for o, ents in got:
+                    pos = o
+                    for i in range(0, len(ents), 2):
+                        if ents[i + 1] & 1:
+                            dirty.update(range(pos // BS, min(self.size, pos + ents[i]) // BS))
+                        pos += ents[i]
+                if pos <= off:
+                    raise Violation(f"{ctx}: no extent at {off}")
+                off = pos
+            return dirty
+        finally:
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+            del h
+
+    def check_bitmap(self, job: dict, success: bool) -> None:
+        """After a job that used bitmap "soak" (QEMU's bitmap-mode rules): the bitmap marks every
+        block of the model's must-have set (never under-reports); after a success with
+        on-success / always it was cleared: a granule of the job's start set no request has
+        touched since the start is clean."""
+        if not self.have_bitmap:
+            return
+        dirty = self.read_bitmap()
+        miss = sorted(self.model.since["soak"] - dirty)
+        if miss:
+            raise Violation(f"bitmap soak after {job['id']} ({job['sync']}, {job['bmode']}, success={success}) "
+                            f"misses {len(miss)} written blocks, first {miss[:8]}: "
+                            f"{[(b, self.model.hist.get(b)) for b in miss[:3]]}")
+        self.n["bitmap_checks"] += 1
+        if success and job["bmode"] in ("on-success", "always"):
+            gran = next(b["granularity"] for b in self.srv.qmp("query-bitmaps", {"export": "disk"})
+                        if b["name"] == "soak") // BS
+            busy = {b // gran for b in self.model.touched}
+            stale = sorted(b for b in job["since_at_start"] if b // gran not in busy and b in dirty)
+            if stale:
+                raise Violation(f"bitmap soak after {job['id']} ({job['sync']}, {job['bmode']}) succeeded "
+                                f"but still marks {len(stale)} blocks untouched since its start: {stale[:8]}")
+            self.n["bitmap_cleared_checked"] += 1
+
+    def _always_failed(self, job: dict) -> None:
+        """A bitmap-mode ``always`` job failed: the bitmap forgot the clusters it copied to the
+        target.  Every block of the start set the bitmap no longer marks (and nobody wrote since)
+        must hold the snapshot's content in the target; the rest stays must-have."""
+        dirty = self.read_bitmap()
+        old = job["since_at_start"]
+        cleared = {b for b in old if b not in dirty}
+        if cleared:
+            compare(f"target of {job['id']} (always, failed) on the blocks its bitmap forgot", job["want"],
+                    file_digests(job["target"]), cleared, self.model.hist)
+            self.n["always_cleared_blocks"] += len(cleared)
+        self.model.since["soak"] |= old - cleared
     def step_qmp_finish(self, cancel: bool = False) -> None:
         job = self.job
         if job is None:
@@ -546,15 +884,25 @@ class Soak:
         if err is None and job["sync"] != "none":
             # Succeeded (also a cancel that came too late: a cancelled job reports an error).
             tgt = file_digests(job["target"])
-            if job["sync"] == "full":
-                compare(f"full target of {job['id']}", job["want"], tgt, None, self.model.hist)
+            if job["sync"] in ("full", "top"):  # (top: unallocated blocks read zeroes, as the fresh target)
+                compare(f"{job['sync']} target of {job['id']}", job["want"], tgt, None, self.model.hist)
             else:
-                compare(f"incremental target of {job['id']}", job["want"], tgt, job["dirty"], self.model.hist)
+                compare(f"{job['sync']} target of {job['id']}", job["want"], tgt, job["dirty"], self.model.hist)
             self.n["target_checks"] += 1
             self.n["qmp_ok"] += 1
+            self.n["qmp_top_ok"] += job["sync"] == "top"
+            self.n["qmp_bitmap_ok"] += job["sync"] == "bitmap"
+            if job["bmode"] == "never":
+                self.model.since["soak"] |= job["since_at_start"]
         elif job["sync"] != "none":
             self.n["qmp_failed"] += 1
-            self._job_failed()
+            self.n["qmp_bitmap_failed"] += job["sync"] == "bitmap"
+            if job["bmode"] == "always":
+                self._always_failed(job)
+            else:
+                self._job_failed()
+        if job["bmode"] and job["sync"] != "none":
+            self.check_bitmap(job, err is None)
         self.srv.qmp("job-dismiss", {"id": job["id"]})
         job["target"].unlink(missing_ok=True)
         self.log(f"qmp finish {job['id']} cancel={cancel} error={err}")
@@ -588,7 +936,7 @@ class Soak:
         before = self._agent_exports()
         snaps_before = set(self._repo_snaps())
         argv = [PY, "-m", "nbdbackup.cli", "agent", "backup", "--control", self.srv.ctl, "--nbd", self.srv.uri(""),
-                "--disk", "disk", "--repo", str(self.repo), *self.popts, "--json", "--io-timeout", "30",
+                *(x for n in self.disks for x in ("--disk", n)), "--repo", str(self.repo), *self.popts, "--json", "--io-timeout", "30",
                 "--connections", str(self.rng.choice([1, 2])), "--read", self.rng.choice(["whole", "dirty"]),
                 "--verify", self.rng.choice(["full", "sample", "off"]), "--snapshot-name", "{disk}.a%d" % self.agent_seq]
         if self.rng.random() < 0.1 if full is None else full:
@@ -598,8 +946,8 @@ class Soak:
         end = time.monotonic() + 60
         want = None
         while time.monotonic() < end:
-            if self._agent_exports() - before:
-                want = list(self.model.cur)
+            if self._agent_exports() - before:  # (one transaction for all disks: one instant)
+                want = {n: list(m.cur) for n, m in self.models.items()}
                 break
             if p.poll() is not None:
                 break
@@ -627,6 +975,8 @@ class Soak:
                 sig = self.rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGTERM])
                 os.kill(p.pid, sig)
                 self.n["agent_kill9" if sig == signal.SIGKILL else "agent_term"] += 1
+                if sig == signal.SIGKILL:
+                    self.last_agent_kill9 = time.monotonic()
             else:
                 self.n["agent_kill_too_late"] += 1
         try:
@@ -634,22 +984,29 @@ class Soak:
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()
-            raise Violation("agent hung for 180 s")
-        new = {s for s in set(self._repo_snaps()) - a["snaps_before"] if s.startswith("disk.")}
+            raise Violation(f"agent hung for 180 s; its stderr: {err.decode(errors='replace')[-1500:]!r}")
+        new = {s for s in set(self._repo_snaps()) - a["snaps_before"] if s.split(".")[0] in self.disks}
         self.agent = None
         self.log(f"agent end rc={p.returncode} new={sorted(new)} err={err.decode(errors='replace')[-400:]!r}")
         if p.returncode == 0:
             self.n["agent_ok"] += 1
             rep = json.loads(out)
-            (d,) = rep["disks"]
-            self.n["agent_" + ("incr" if d["kind"] == "incremental" else "full")] += 1
-            if d["kind"] == "full" and "inconsistent" in d.get("reason", ""):
-                self.n["agent_full_inconsistent"] += 1
-            self.log(f"agent {d['kind']} {d.get('reason', '')!r} {d['snapshot']} notes={d.get('notes')}")
-            if new != {d["snapshot"]}:
-                raise Violation(f"agent ok but new snapshots {sorted(new)} != {d['snapshot']}")
-            self.last_agent_kind = d["kind"]
+            if sorted(d["disk"] for d in rep["disks"]) != sorted(self.disks):
+                raise Violation(f"agent ok but its report names disks {[d['disk'] for d in rep['disks']]}")
+            for d in rep["disks"]:
+                self.n["agent_" + ("incr" if d["kind"] == "incremental" else "full")] += 1
+                if d["kind"] == "full" and "inconsistent" in d.get("reason", ""):
+                    self.n["agent_full_inconsistent"] += 1
+                self.log(f"agent {d['disk']} {d['kind']} {d.get('reason', '')!r} {d['snapshot']} "
+                         f"notes={d.get('notes')}")
+            if new != {d["snapshot"] for d in rep["disks"]}:
+                raise Violation(f"agent ok but new snapshots {sorted(new)} != {[d['snapshot'] for d in rep['disks']]}")
+            kinds = {d["kind"] for d in rep["disks"]}
+            self.last_agent_kind = kinds.pop() if len(kinds) == 1 else "mixed"
+            self.n["agent_multi_ok"] += len(rep["disks"]) > 1
         else:
+            self.n["agent_multi_failed"] += len(self.disks) > 1
+            self.n["agent_partial"] += p.returncode == 3
             self.n["agent_failed"] += 1
             self.last_agent_kind = None
         if new and a["want"] is None:
@@ -657,19 +1014,24 @@ class Soak:
         for s in new:
             # The first snapshot recorded after a forged power loss (by any run: one stopped by
             # SIGTERM after recording exits 1) must be a full one.
-            if self.agent_must_full and (self._repo().snapshot_info(s).get("meta") or {}).get("base") is not None:
+            disk = s.split(".")[0]
+            if disk in self.agent_must_full and \
+                    (self._repo().snapshot_info(s).get("meta") or {}).get("base") is not None:
                 raise Violation(f"snapshot {s} is an incremental after the agent's bitmap was left inconsistent")
-            self.agent_must_full = False
-            self.snaps[s] = a["want"]
+            self.agent_must_full.discard(disk)
+            self.snaps[s] = a["want"][disk]
+            self.snap_disk[s] = disk
             self.check_restore(s)
 
     def check_restore(self, snap: str) -> None:
         out = self.d / "restored.raw"
         out.unlink(missing_ok=True)
         self.cli("restore", str(self.repo), snap, str(out), *self.popts)
-        compare(f"restore of {snap}", self.snaps[snap], file_digests(out), None, self.model.hist)
+        compare(f"restore of {snap}", self.snaps[snap], file_digests(out), None,
+                self.models[self.snap_disk.get(snap, "disk")].hist)
         out.unlink()
         self.n["restores_checked"] += 1
+        self.n["restores_disk2"] += self.snap_disk.get(snap) == "disk2"
 
     def step_restore_any(self) -> None:
         if self.snaps:
@@ -685,8 +1047,13 @@ class Soak:
                 raise Violation(f"repo verify: {r.stdout[-1000:]} {r.stderr[-1000:]}")
         elif op == "prune":
             keep = self.rng.randrange(1, 4)
-            self.cli("repo", "prune", str(self.repo), *self.popts, "--keep-last", str(keep), "--gc",
-                     "--grace", "0")
+            before = set(self._repo_snaps())
+            r = self.cli("repo", "prune", str(self.repo), *self.popts, "--keep-last", str(keep), "--gc",
+                         "--grace", "0", ok=False)
+            if self._lease_busy(r):
+                if set(self._repo_snaps()) != before:
+                    raise Violation("prune refused (busy) but removed snapshots")
+                return
             left = set(self._repo_snaps())
             if not left <= set(self.snaps) or len(left) != min(keep, len(self.snaps)):
                 raise Violation(f"prune --keep-last {keep}: left {sorted(left)} of {sorted(self.snaps)}")
@@ -694,8 +1061,23 @@ class Soak:
             for s in sorted(left):
                 self.check_restore(s)
         else:
-            self.cli("repo", "gc", str(self.repo), *self.popts, "--grace", "0")
+            if self._lease_busy(self.cli("repo", "gc", str(self.repo), *self.popts, "--grace", "0", ok=False)):
+                return
         self.n[op] += 1
+
+    def _lease_busy(self, r: subprocess.CompletedProcess) -> bool:
+        """A prune/gc refused because the repository is in use.  Allowed only on S3 within a
+        lease's life (60 s past its last renewal, the store's clock; 75 s here) after an agent
+        was killed -9: its shared lease outlives it (README, "The lock is made of objects with
+        expiry"); a directory's flock dies with its holder.  Any other failure is a violation."""
+        if r.returncode == 0:
+            return False
+        if (self.rgw is not None and "busy (in use)" in r.stderr
+                and time.monotonic() - self.last_agent_kill9 < 75):
+            self.n["s3_busy_after_kill9"] += 1
+            self.log(f"repo {r.args[4]} refused: {r.stderr.strip()[-200:]}")
+            return True
+        raise Violation(f"nbdbackup {' '.join(r.args[3:5])} exit {r.returncode}: {r.stderr[-2000:]}")
 
     def step_stall(self) -> None:
         if len(self.stall) < 2 and self.rng.random() < 0.7:
@@ -741,22 +1123,25 @@ class Soak:
         self.n["worker_kill9"] += len(victims)
         self.n["worker_kill_lost_writer"] += self.w.h is None
         self.log(f"workers {victims} killed; writer {'lost' if self.w.h is None else 'kept'} its connection")
-        for b in self.model.hist:
-            self.model._h(b, "<wkill>")
-        self.w.drop()
+        for m in self.models.values():
+            for b in m.hist:
+                m._h(b, "<wkill>")
         self.crash_check()
 
     def crash_check(self) -> None:
-        """Check (2) after a crash: reconnect the writer and read the whole live disk."""
-        self.w.connect()
-        seen = [d for off in range(0, self.size, 16 * M)
-                for d in digests(self.w.h.pread(min(16 * M, self.size - off), off))]
-        landed, lost = self.model.crash_check(seen)
-        self.n["crash_unanswered_landed"] += landed
-        self.n["crash_unflushed_lost"] += lost
-        if lost:
-            self.log(f"acknowledged unflushed blocks lost: {self.model.lost_log[-lost:][:8]}")
-        self.n["crash_checks"] += 1
+        """Check (2) after a crash: reconnect the writers and read every whole live disk."""
+        for w in self.writers.values():
+            w.drop()
+            w.connect()
+            seen = [d for off in range(0, self.size, 16 * M)
+                    for d in digests(w.h.pread(min(16 * M, self.size - off), off))]
+            landed, lost = w.model.crash_check(seen)
+            self.n["crash_unanswered_landed"] += landed
+            self.n["crash_unflushed_lost"] += lost
+            if lost:
+                self.log(f"{w.export}: acknowledged unflushed blocks lost: {w.model.lost_log[-lost:][:8]}")
+            self.n["crash_checks"] += 1
+            self.n["crash_checks_disk2"] += w.export == "disk2"
 
     def step_serve_fault(self) -> None:
         sig = self.rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGTERM])
@@ -783,7 +1168,8 @@ class Soak:
             rc = self.srv.wait(30)
         except subprocess.TimeoutExpired:
             raise Violation(f"serve did not exit on signal {sig}")
-        self.w.drop()
+        for w in self.writers.values():
+            w.drop()
         for s in self.stall:
             s.close()
         self.stall = []
@@ -791,12 +1177,17 @@ class Soak:
         self.log(f"serve signal {sig} rc={rc}")
         if sig == signal.SIGTERM and rc != 0:
             raise Violation(f"serve exited {rc} on SIGTERM (a clean stop)")
-        for b in self.model.hist:
-            self.model._h(b, f"<kill{int(sig)}>")
+        for m in self.models.values():
+            for b in m.hist:
+                m._h(b, f"<kill{int(sig)}>")
+        always = None  # a bitmap-mode always job: what its bitmap forgot is known after the restart
         if job is not None:
             self._reap_readers(job)  # they fail (or finished: then they must be right)
-            job["target"].unlink(missing_ok=True)
-            self._job_failed()
+            if job["bmode"] == "always":
+                always = job
+            else:
+                job["target"].unlink(missing_ok=True)
+                self._job_failed()
             self.job = None
         if self.agent is not None:
             self.step_agent_finish()
@@ -806,11 +1197,18 @@ class Soak:
         self.srv.start()
         # (2): read the whole live disk through the restarted server.
         self.crash_check()
-        bms = {b["name"]: b for b in self.srv.qmp("query-bitmaps", {"export": "disk"})}
+        if always is not None:
+            if not forged and self.have_bitmap:
+                self._always_failed(always)
+            always["target"].unlink(missing_ok=True)
+        allbms = {n: {b["name"]: b for b in self.srv.qmp("query-bitmaps", {"export": n})} for n in self.disks}
+        bms = allbms["disk"]
         if forged:
-            if not all(b.get("inconsistent") for b in bms.values()):
-                raise Violation(f"bitmaps left in use by another boot load consistent: {bms}")
-            self.agent_must_full |= any(name.startswith(PREFIX + ".") for name in bms)
+            for n, bm in allbms.items():
+                if not all(b.get("inconsistent") for b in bm.values()):
+                    raise Violation(f"bitmaps of {n} left in use by another boot load consistent: {bm}")
+                if any(name.startswith(PREFIX + ".") for name in bm):
+                    self.agent_must_full.add(n)
         if self.have_bitmap:
             if "soak" not in bms:
                 raise Violation("the persistent bitmap vanished after a restart")
@@ -857,7 +1255,10 @@ class Soak:
     def run(self, steps: int, deadline: float) -> None:
         self.srv.start()
         self.w.connect()
-        names, weights = zip(*self.STEPS)
+        # With dims modes, QMP jobs twice as often (most of them then use the bitmap).
+        steps_w = [(n, w * 2 if "modes" in self.dims and n in ("qmp_start", "qmp_finish") else w)
+                   for n, w in self.STEPS]
+        names, weights = zip(*steps_w)
         try:
             for i in range(steps):
                 if time.monotonic() > deadline:
@@ -896,7 +1297,10 @@ class Soak:
                     if self.last_agent_kind != "incremental":
                         raise Violation(f"the agent's second run in a row without faults was "
                                         f"{self.last_agent_kind}")
-                    self.step_qmp_start("incremental")
+                    # (dims modes: as often sync=bitmap, any bitmap-mode -- its target is checked
+                    # on the same blocks, and the bitmap read back)
+                    self.step_qmp_start("bitmap" if "modes" in self.dims and self.rng.random() < 0.5
+                                        else "incremental")
                     self.step_write()
                     self.step_snap_read()
                     self.step_write()
@@ -912,7 +1316,8 @@ class Soak:
             if self.agent is not None:
                 self.agent["proc"].kill()
                 self.agent["proc"].wait()
-            self.w.drop()
+            for w in self.writers.values():
+                w.drop()
             if self.srv.proc and self.srv.proc.poll() is None:
                 self.srv.signal(signal.SIGTERM)
                 try:
@@ -920,6 +1325,8 @@ class Soak:
                 except subprocess.TimeoutExpired:
                     self.srv.signal(signal.SIGKILL)
                     self.srv.wait()
+            if self.rgw is not None:
+                self.rgw.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -930,7 +1337,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="16M")
     ap.add_argument("--dir", help="work directory (default: a new one under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--dims", default="none",
+                    help=f"hunt 17's dimensions: random (each 1/2, from the seed), none, all, or a comma list "
+                         f"of {', '.join(DIMS)} (default none: hunt 16's mix)")
     a = ap.parse_args(argv)
+    dims = pick_dims(a.dims, a.seed)
     # The repository's key is wrapped with scrypt N=2**12, as in the test suite (same code path,
     # ~1/70 of the cost each command that opens the repository pays); set it to 17 for the default.
     os.environ.setdefault("NBDBACKUP_SCRYPT_LOG_N", "12")
@@ -939,15 +1350,16 @@ def main(argv: list[str] | None = None) -> int:
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with open(d / "steps.log", "w") as log:
-        s = Soak(a.seed, size, d, log)
+        s = Soak(a.seed, size, d, log, dims)
         try:
             s.run(a.steps, t0 + a.time)
         except Violation as e:
-            print(json.dumps({"seed": a.seed, "violation": str(e), "step": s.n["steps"], "dir": str(d),
-                              "counts": s.n, "writer": s.w.stats}), flush=True)
+            print(json.dumps({"seed": a.seed, "dims": sorted(dims), "violation": str(e), "step": s.n["steps"],
+                              "dir": str(d), "counts": s.n, "writer": s.w.stats}), flush=True)
             return 1
-    print(json.dumps({"seed": a.seed, "ok": True, "seconds": round(time.monotonic() - t0, 1), "counts": s.n,
-                      "writer": s.w.stats, "snapshots_left": len(s.snaps)}), flush=True)
+    print(json.dumps({"seed": a.seed, "dims": sorted(dims), "ok": True, "seconds": round(time.monotonic() - t0, 1), "counts": s.n,
+                      "writer": s.w.stats, **({"writer2": s.writers["disk2"].stats} if "disk2" in s.writers else {}),
+                      "snapshots_left": len(s.snaps)}), flush=True)
     if not a.keep:
         shutil.rmtree(d, ignore_errors=True)
     return 0

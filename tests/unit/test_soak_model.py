@@ -91,3 +91,77 @@ def test_a_fua_write_over_unflushed_ones_is_the_only_value_left(soak):
     assert 0 not in m.maybe
     with pytest.raises(soak.Violation):
         m.crash_check([A])
+
+
+# -- the pipelined writer's batches (hunt 17: `Model.settle`) ----------------------------
+
+
+def test_batch_block_holds_any_request_of_the_batch_never_the_old_value(soak):
+    # Two acknowledged writes in flight together over block 1: either order is fine, but once
+    # both are answered block 1 cannot read its value from before the batch.
+    for seen in (B, C):
+        m = soak.Model(3)
+        m.wrote(1, A, durable=True)
+        m.settle([(0, [B, B], True), (1, [C, C], True)], {0: B, 1: seen, 2: C}, flushed=False)
+        assert m.cur == [B, seen, C]
+    m = soak.Model(3)
+    m.wrote(1, A, durable=True)
+    with pytest.raises(soak.Violation, match="block 1"):
+        m.settle([(0, [B, B], True), (1, [C, C], True)], {0: B, 1: A, 2: C}, flushed=False)
+    m = soak.Model(3)
+    with pytest.raises(soak.Violation, match="block 2"):
+        m.settle([(0, [B, B], True), (1, [C, C], True)], {0: B, 1: B, 2: D}, flushed=False)
+
+
+def test_batch_trim_or_failed_request_may_leave_the_old_value(soak):
+    m = soak.Model(2)
+    m.wrote(0, A, durable=True)
+    m.wrote(1, A, durable=True)
+    # block 0: a TRIM and a write in flight: old, zeroes or the write; block 1: a failed write.
+    m.settle([(0, [None], True), (0, [B], True), (1, [C], False)], {0: A, 1: A}, flushed=False)
+    assert m.cur == [A, A]
+    for seen0 in (soak.ZERO, B):
+        m2 = soak.Model(2)
+        m2.settle([(0, [None], True), (0, [B], True)], {0: seen0, 1: soak.ZERO}, flushed=False)
+        assert m2.cur[0] == seen0
+
+
+def test_batch_flush_makes_only_earlier_acknowledged_blocks_durable(soak):
+    m = soak.Model(3)
+    m.wrote(0, A, durable=False)  # acknowledged before the batch was sent
+    m.wrote(1, A, durable=False)  # ditto, but the batch writes block 1 again
+    m.settle([(1, [B], True), (2, [C], True)], {1: B, 2: C}, flushed=True)
+    assert 0 not in m.maybe  # the FLUSH was sent after its write was answered
+    assert m.maybe[1] == {soak.ZERO, A, B} and m.maybe[2] == {soak.ZERO, C}
+    with pytest.raises(soak.Violation, match="block 0"):
+        m.crash_check([soak.ZERO, A, C])
+    # (a batch whose FLUSH failed or that had none makes nothing durable)
+    m2 = soak.Model(1)
+    m2.wrote(0, A, durable=False)
+    m2.settle([], {}, flushed=False)
+    assert m2.maybe[0] == {soak.ZERO, A}
+
+
+def test_batch_fua_is_not_credited_when_another_request_shares_the_block(soak):
+    # A FUA write answered first may be overwritten by a concurrent unflushed one: a crash may
+    # then leave either, or the old value -- settle never shrinks the crash set on FUA.
+    m = soak.Model(1)
+    m.settle([(0, [A], True), (0, [B], True)], {0: B}, flushed=False)
+    assert m.maybe[0] == {soak.ZERO, A, B}
+    assert m.crash_check([soak.ZERO]) == (0, 1)
+
+
+def test_batch_bitmap_sets_and_dead_connection(soak):
+    m = soak.Model(4)
+    m.since["b"] = set()
+    m.wrote(3, D, durable=True)
+    # The connection died: block 0's write was answered, block 1's not; nothing read back.
+    m.settle([(0, [A], True), (1, [B], False)], None, flushed=False)
+    assert m.since["b"] == {0, 3} and m.tentative["b"] == {1}
+    assert m.cur[0] == soak.ZERO  # unknown until the crash check reads it
+    assert m.crash_check([A, B, soak.ZERO, D]) == (2, 0)  # both landed: results unknown, not lost
+    assert m.since["b"] == {0, 1, 3}
+    with pytest.raises(soak.Violation):
+        m2 = soak.Model(2)
+        m2.settle([(0, [A], True)], None, flushed=False)
+        m2.crash_check([C, soak.ZERO])
