@@ -330,11 +330,6 @@ class Readers:
                 return True
         return False
 
-    def get(self, c: int, default: int = 0) -> int:
-        """Reads in progress of cluster ``c``."""
-        n = sum(k for (a, b), k in self._runs.items() if a <= c < b)
-        return n or default
-
     @property
     def counts(self) -> dict[int, int]:
         """cluster -> reads in progress (> 0): a view for tests and debugging."""
