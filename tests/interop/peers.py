@@ -39,7 +39,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import pytest
 
@@ -431,6 +431,30 @@ def stop(peer: Peer, sig: int = signal.SIGTERM, timeout: float | None = None) ->
     return _stop(peer, sig, timeout)
 
 
+def run_tool(*argv: str, timeout: float = 120) -> str:
+    """Run a peer's command line; fail the test with its output unless it exits 0."""
+    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}"
+    return r.stdout
+
+
+def assert_target_saved(orig: str | os.PathLike, target: str | os.PathLike, blocks: Iterable[int],
+                        size: int, *, whole: bool) -> None:
+    """After a backup of an image whose point-in-time copy is ``orig``: the
+    target equals it everywhere (``whole``: qemu-img compare), or at least on
+    the ``blocks`` of ``size`` bytes that copy-before-write had to save."""
+    if whole:
+        run_tool("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", os.fspath(orig), os.fspath(target))
+        return
+    with open(orig, "rb") as f:
+        o = f.read()
+    with open(target, "rb") as f:
+        t = f.read()
+    for b in blocks:
+        assert t[b * size:(b + 1) * size] == o[b * size:(b + 1) * size], \
+            f"block {b} ({size} bytes at {b * size:#x}) not saved by CBW"
+
+
 async def wait_concluded(qmp, job_id: str, timeout: float = 60, poll: float = 0.02) -> dict:
     """Poll ``query-jobs`` over a QMP client (``qemu.qmp.QMPClient`` or our
     ``ControlClient``: anything with ``await execute(name)``) until JOB_ID is
@@ -445,6 +469,19 @@ async def wait_concluded(qmp, job_id: str, timeout: float = 60, poll: float = 0.
             return jobs[job_id]
         assert time.monotonic() < end, f"job still {jobs[job_id]}"
         await asyncio.sleep(poll)
+
+
+async def finish_job(qmp, job_id: str, sync: str) -> dict:
+    """End a backup job the test throttled: a ``sync=none`` job is cancelled
+    (it never ends by itself), any other runs on at full speed; wait until it
+    is concluded, without error; return its JobInfo."""
+    if sync == "none":
+        await qmp.execute("job-cancel", {"id": job_id})
+    else:
+        await qmp.execute("job-set-speed", {"id": job_id, "speed": 0})
+    info = await wait_concluded(qmp, job_id)
+    assert "error" not in info, info
+    return info
 
 
 def data_extents(path: str) -> list[tuple[int, int]]:

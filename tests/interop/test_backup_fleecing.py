@@ -24,7 +24,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 import peers
-from peers import wait_concluded
+from peers import assert_target_saved, finish_job, run_tool, wait_concluded
 from qemutools import qemu_io
 
 
@@ -67,11 +67,6 @@ def original_checks() -> list[str]:
 qio = qemu_io  # on an NBD URI; fails the test on any qemu-io error
 
 
-def run_tool(*argv: str) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=120)
-    assert r.returncode == 0, f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}"
-    return r.stdout
-
 
 async def qmp_session(path: str):
     qmp = QMPClient("fleecing-test")
@@ -110,12 +105,7 @@ def test_fleecing(sync, serve, short_tmp, make_image, qemu_io, blake3_file):
                 assert blake3_file(copy) == blake3_file(orig)
                 jobs = await qmp.execute("query-jobs")
                 assert jobs[0]["status"] == "running", jobs
-                if sync == "none":
-                    await qmp.execute("job-cancel", {"id": "j"})
-                else:
-                    await qmp.execute("job-set-speed", {"id": "j", "speed": 0})
-                info = await wait_concluded(qmp, "j")
-                assert "error" not in info, info
+                info = await finish_job(qmp, "j", sync)
                 if sync != "none":
                     assert info["current-progress"] == info["total-progress"] > 0
                 # Concluded, not dismissed: the snapshot export is still there and right.
@@ -135,15 +125,7 @@ def test_fleecing(sync, serve, short_tmp, make_image, qemu_io, blake3_file):
         assert r.returncode != 0 or "error" in (r.stdout + r.stderr).lower() \
             or "fail" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
 
-    if sync in ("full", "top"):
-        run_tool("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", os.fspath(orig), os.fspath(target))
-    else:
-        with open(orig, "rb") as f:
-            o = f.read()
-        with open(target, "rb") as f:
-            t = f.read()
-        for c in TOUCHED:
-            assert t[c * CS:(c + 1) * CS] == o[c * CS:(c + 1) * CS], f"cluster {c} not saved by CBW"
+    assert_target_saved(orig, target, TOUCHED, CS, whole=sync in ("full", "top"))
 
 
 @pytest.mark.timeout(120)

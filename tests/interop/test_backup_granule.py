@@ -23,14 +23,13 @@ import asyncio
 import os
 import random
 import shutil
-import subprocess
 import time
 
 import pytest
 from qemu.qmp import QMPClient
 
 import peers
-from peers import wait_concluded
+from peers import assert_target_saved, finish_job, run_tool, wait_concluded
 from qemutools import qemu_io as qio
 
 KiB = 1024
@@ -38,11 +37,6 @@ MiB = 1 << 20
 G = 4 * KiB
 SIZE = 16 * MiB
 
-
-def run_tool(*argv: str) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=120)
-    assert r.returncode == 0, f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}"
-    return r.stdout
 
 
 def small_writes(seed: int) -> tuple[list[str], set[int]]:
@@ -103,12 +97,7 @@ def test_small_writes_copy_only_their_granules(sync, serve, short_tmp):
                 # 1 B/s, copied at most its first cluster before them).
                 copied = job["bytes-copied-by-cbw"] + job["bytes-copied-by-pump"]
                 assert job["bytes-copied-by-cbw"] <= len(touched) * G <= copied + G, (job, len(touched))
-                if sync == "none":
-                    await qmp.execute("job-cancel", {"id": "j"})
-                else:
-                    await qmp.execute("job-set-speed", {"id": "j", "speed": 0})
-                info = await wait_concluded(qmp, "j")
-                assert "error" not in info, info
+                await finish_job(qmp, "j", sync)
                 run_tool("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", os.fspath(orig), snap_uri)
                 await qmp.execute("job-dismiss", {"id": "j"})
             finally:
@@ -122,15 +111,7 @@ def test_small_writes_copy_only_their_granules(sync, serve, short_tmp):
                 break
             time.sleep(0.05)
         assert "cluster-size 4096 (default)" in peer.log(), peer.log()
-    if sync == "full":
-        run_tool("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", os.fspath(orig), os.fspath(target))
-    else:
-        with open(orig, "rb") as f:
-            o = f.read()
-        with open(target, "rb") as f:
-            t = f.read()
-        for g in touched:
-            assert t[g * G:(g + 1) * G] == o[g * G:(g + 1) * G], f"granule {g} not saved by CBW"
+    assert_target_saved(orig, target, touched, G, whole=sync == "full")
 
 
 @pytest.mark.timeout(120)
