@@ -405,7 +405,18 @@ class DirStore:
         return True
 
     def create(self) -> None:
+        """Make the repository's directory and any missing parent, each one's entry durable in
+        its parent (an fsync of the parent): the repository's own `flush` fsyncs ``root`` and
+        below only, so without this a power loss after ``repo init`` (and after pulls that
+        reported success) could lose the whole repository (tests/interop/test_powercut.py)."""
+        made = []
+        d = os.path.abspath(self.root)
+        while not os.path.isdir(d) and os.path.dirname(d) != d:
+            made.append(d)
+            d = os.path.dirname(d)
         os.makedirs(self.root, exist_ok=True)
+        for d in made:  # deepest first; the last one's parent existed before
+            _fsync_dir(os.path.dirname(d))
 
     def check_lock(self) -> None:
         """An flock cannot be lost while held: nothing to check."""

@@ -623,3 +623,18 @@ def test_a_deleted_snapshot_is_durably_gone_before_gc_can_follow(tmp_path, monke
     assert not os.path.exists(os.path.join(str(tmp_path / "r"), "snapshots", "a"))
     st.delete("snapshots/a")  # gone already: nothing to sync
     assert len(synced) == 1
+
+
+def test_init_makes_the_new_repository_directories_durable_in_their_parents(tmp_path, monkeypatch):
+    """A directory's entry is durable only once its parent is fsynced: `repo init` of a new
+    ``a/b/r`` fsyncs ``a/b``, ``a`` and ``tmp_path`` (the repository's flush covers ``r`` and
+    below only).  tests/interop/test_powercut.py loses the repository on a power cut without."""
+    import nbdbackup.agent.repo as repo_mod
+
+    synced: list[str] = []
+    real = repo_mod._fsync_dir
+    monkeypatch.setattr(repo_mod, "_fsync_dir", lambda d: (synced.append(os.path.abspath(d)), real(d)))
+    root = tmp_path / "a" / "b" / "r"
+    Repository.init(DirStore(str(root)), C)
+    for d in (tmp_path, tmp_path / "a", tmp_path / "a" / "b", root):
+        assert str(d) in synced, (d, synced)
