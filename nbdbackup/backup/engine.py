@@ -557,7 +557,7 @@ class Engine:
         ctx = ALLOCATION_DEPTH if ALLOCATION_DEPTH in src.meta_contexts() else BASE_ALLOCATION
         pos, size, cs = 0, state.size, state.cluster_size
         while pos < size:
-            exts = await src.extents(pos, min(size - pos, 1 << 30), ctx)
+            exts = await state.source_extents(pos, min(size - pos, 1 << 30), ctx)
             if not exts:
                 raise OSError(errno.EIO, "source returned no extents")
             for e in exts:

@@ -42,8 +42,9 @@ somewhere is reported ZERO on a device's word unless that device's
 allocation is exact; clusters known to be zeros (``zeroed``) are HOLE|ZERO
 without asking anyone.  The source's answer is trusted as it is for the
 live export (and as QEMU does): a not-done cluster has not been written
-since the start, and a remote source that misreports its own allocation
-misleads every reader of it alike.  Further
+since the start -- once a source whose allocation may lag its writes has
+been flushed (`CopyState.source_extents`, which the task-free path never
+needs: such a remote has no `extents_now`).  Further
 contexts (e.g. ``qemu:dirty-bitmap:NAME`` for the job's frozen bitmap) are
 plugged in with `add_context(name, provider)`, ``provider(offset, length) ->
 awaitable list[Extent]``.
@@ -223,8 +224,9 @@ class SnapshotDev(BlockDev):
                     out.append(Extent(off, ln, 0))  # copied there; its allocation is not to be trusted
                     continue
                 pos, end = off, off + ln
+                ask = st.source_extents if where == "source" else dev.extents  # (a lagging source: flushed first)
                 while pos < end:
-                    pos = _clip(await dev.extents(pos, end - pos, BASE_ALLOCATION), pos, end, out)
+                    pos = _clip(await ask(pos, end - pos, BASE_ALLOCATION), pos, end, out)
         finally:
             st.end_read(segs)
         self._check()

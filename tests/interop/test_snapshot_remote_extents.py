@@ -93,3 +93,56 @@ def test_snapshot_over_a_writeback_cached_nbdkit_target_reads_the_point_in_time(
         remote_zero = asyncio.run(asyncio.wait_for(scenario(), 150))
     # The premise held: without it this test would prove nothing about trusting the remote.
     assert remote_zero > 0
+
+
+@pytest.mark.timeout(180)
+def test_backup_of_a_reexported_writeback_cached_nbdkit_source_keeps_unflushed_data(serve, short_tmp, blake3_file):
+    """The source side: ``serve p=nbd+unix://(nbdkit cache=writeback)``, data written
+    through ``serve`` and not flushed -- nbdkit then calls it "hole, zero" (and ``qemu-img
+    convert`` straight from nbdkit copies zeros: the premise).  A ``sync full`` backup
+    skipped every such cluster as zeros (``clusters-skipped-zero``) and its snapshot
+    export called them zero: the source is now flushed once before its allocation is
+    trusted (`CopyState.source_extents`), and target and snapshot hold the data."""
+    import nbd
+
+    size = 8 * MiB
+    src = short_tmp / "src.raw"
+    with open(src, "wb") as f:
+        f.truncate(size)
+    data = os.urandom(size)
+    ctl = os.path.join(peers.short_tempdir(), "ctl.sock")
+    target = short_tmp / "target.raw"
+    with peers.nbdkit("file", os.fspath(src), "cache=writeback", filters=["cache"]) as kit, \
+            serve(f"p={kit.uri}", extra=["--control", ctl]) as peer:
+        h = nbd.NBD()
+        h.connect_uri(peer.uri_for("p"))
+        for off in range(0, size, MiB):
+            h.pwrite(data[off:off + MiB], off)
+        h.shutdown()  # no FLUSH
+        premise = map_zero_bytes(kit.uri)
+        snap_copy = short_tmp / "snap.raw"
+
+        async def scenario():
+            qmp = QMPClient("doubts18")
+            await qmp.connect(ctl)
+            try:
+                assert await qmp.execute("backup-start", {
+                    "export": "p", "job-id": "j", "sync": "full", "target": os.fspath(target),
+                    "snapshot": "snap", "speed": 1}) == {}
+                zero_in_snapshot = map_zero_bytes(peer.uri_for("snap"))
+                run_tool(peers.require("nbdcopy"), peer.uri_for("snap"), os.fspath(snap_copy))
+                await qmp.execute("job-set-speed", {"id": "j", "speed": 0})
+                info = await wait_concluded(qmp, "j")
+                await qmp.execute("job-dismiss", {"id": "j"})
+                return zero_in_snapshot, info
+            finally:
+                await qmp.disconnect()
+
+        zero_in_snapshot, info = asyncio.run(asyncio.wait_for(scenario(), 150))
+    assert premise == size, premise  # nbdkit called all the unflushed data zero
+    assert zero_in_snapshot == 0
+    assert "error" not in info and info.get("clusters-skipped-zero", 0) == 0, info
+    with open(target, "rb") as f:
+        assert f.read() == data
+    with open(snap_copy, "rb") as f:
+        assert f.read() == data

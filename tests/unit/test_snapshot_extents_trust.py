@@ -86,3 +86,48 @@ def test_copied_clusters_on_an_inexact_device_are_data(kind, exact, slow_source)
                 assert [e for e in got if e.offset <= 2 * CS < e.end][0].flags == 0
         assert (lying.asked > 0) == exact
     asyncio.run(main())
+
+
+class LaggingSource(FilterDev):
+    """A source whose allocation lags its writes (``sparse_reads`` False): records the
+    order of its FLUSHes and extents queries.  (Not ``same_bytes``: the FLUSH goes to the
+    device below the live export's filters, `copystate._innermost`, here this one.)"""
+
+    same_bytes = False
+
+    def __init__(self, inner: MemoryDev, exact: bool) -> None:
+        super().__init__(inner)
+        self.exact = exact
+        self.calls: list[str] = []
+
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(self.inner.capabilities(), sparse_reads=self.exact)
+
+    async def flush(self) -> None:
+        self.calls.append("flush")
+        await asyncio.sleep(0.01)
+        self.calls.append("flushed")
+
+    async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
+        self.calls.append("extents")
+        return [Extent(offset, length, 0)]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_lagging_source_is_flushed_once_before_its_allocation_is_trusted(exact):
+    """`CopyState.source_extents`: one FLUSH, completed before the first answer, shared
+    by concurrent askers (CBW, the pump, the snapshot); none for an exact source."""
+    async def main():
+        src = LaggingSource(MemoryDev(N * CS), exact)
+        st = CopyState(src, MemoryDev(N * CS), CS)
+        await asyncio.gather(*(st.source_extents(i * CS, CS) for i in range(4)))
+        await st.source_extents(0, N * CS)
+        if exact:
+            assert src.calls == ["extents"] * 5
+        else:
+            assert src.calls == ["flush", "flushed"] + ["extents"] * 5
+        # The snapshot's block status of source clusters goes through it too.
+        src.calls.clear()
+        await SnapshotDev(st).extents(0, N * CS)
+        assert src.calls == ["extents"]
+    asyncio.run(main())
