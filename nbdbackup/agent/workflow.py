@@ -280,16 +280,22 @@ class _DiskRun:
 
 
 async def backup_server(server: Server, store, repo, opts: Options, sem: asyncio.Semaphore,
-                        now: datetime.datetime, taken: set[str] | None = None) -> list[DiskResult]:
+                        now: datetime.datetime, taken: set[str] | None = None,
+                        sink: list[DiskResult] | None = None) -> list[DiskResult]:
     """Back up every disk of ``server`` at one point in time (see the module doc).
 
     Never raises for a failure of the server or a disk: each `DiskResult`
     says ok or failed and why.  The caller holds the repository lock shared.
     ``taken``: snapshot names already chosen by this run (shared by the
     servers of one run, so two servers never pick the same name).
+    ``sink``: gets every `DiskResult` at once, so that a caller whose run is
+    cancelled (SIGTERM) can still tell which disks were recorded (status
+    ``ok``: set right after step 6) and which were rolled back.
     """
     t0 = time.monotonic()
     results = {d: DiskResult(server.name, d) for d in server.disks}
+    if sink is not None:
+        sink.extend(results.values())
 
     def fail_all(msg: str) -> list[DiskResult]:
         for r in results.values():
@@ -705,8 +711,10 @@ async def _finish(ctl: _Control, r: _DiskRun) -> None:
             res.notes.append(f"could not remove {dec.base_bitmap} ({_why(e)}): the next run will")
 
 
-async def run(servers: list[Server], store, repo, opts: Options, parallel: int = 2) -> list[DiskResult]:
-    """Back up every server (concurrently; at most ``parallel`` disks pulled at once)."""
+async def run(servers: list[Server], store, repo, opts: Options, parallel: int = 2,
+              sink: list[DiskResult] | None = None) -> list[DiskResult]:
+    """Back up every server (concurrently; at most ``parallel`` disks pulled at once).
+    ``sink``: see `backup_server`."""
     if opts.verify not in ("full", "sample", "off"):
         raise ConfigError(f"--verify {opts.verify!r}: full, sample or off")
     if opts.read not in ("whole", "dirty"):
@@ -714,7 +722,7 @@ async def run(servers: list[Server], store, repo, opts: Options, parallel: int =
     now = datetime.datetime.now(datetime.timezone.utc)
     sem = asyncio.Semaphore(max(1, parallel))
     taken: set[str] = set()
-    groups = await asyncio.gather(*(backup_server(s, store, repo, opts, sem, now, taken) for s in servers))
+    groups = await asyncio.gather(*(backup_server(s, store, repo, opts, sem, now, taken, sink) for s in servers))
     return [r for g in groups for r in g]
 
 

@@ -440,6 +440,11 @@ class CopyState:
         self.discard_source = discard_source
         self.scratch_limit = scratch_limit
         self.cbw_extents = source.capabilities().can_extents
+        #: The source's allocation answers may lag its writes (``Capabilities.sparse_reads``
+        #: False: a remote NBD source): `source_extents` flushes it once before trusting them.
+        self._source_exact = source.capabilities().sparse_reads
+        #: That one FLUSH of the source (started by the first `source_extents`), or None.
+        self._source_flushed: asyncio.Future | None = None
         self.target_zero = reads_zero(target, self.size) if target_zero is None else target_zero
         from ..blockdev.file import FileDev
 
@@ -722,6 +727,29 @@ class CopyState:
                     c = e
             pos = zs + zn
 
+    async def source_extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[Extent]:
+        """The source's extents, as trusted by rules 3 and 7 (a ZERO or hole
+        there is not read) and by the snapshot's block status.
+
+        A source whose allocation may lag its writes (``sparse_reads`` False:
+        nbdkit 1.32's cache filter in writeback mode answers from the plugin
+        underneath, so data written and not yet flushed is "hole, zero") is
+        FLUSHed once, the first time, before it is asked.  That makes its
+        answers exact for every cluster that is not done: such a cluster has
+        not been written since the point in time (rule 1), and every write
+        before it had completed when the FLUSH started (quiescing), so the
+        FLUSH wrote it back.  Measured (doubts18 item 1): 16 MiB written
+        through ``serve`` to such an nbdkit and not flushed, then a ``sync
+        full`` backup: all 16 MiB skipped as zeros and wrong in the target
+        without the FLUSH, none with it.  A FLUSH that fails raises OSError
+        here (and again later): callers then copy without skipping, or fail."""
+        if not self._source_exact:
+            if self._source_flushed is None:
+                # The device below the live export's hooks: nothing else needs this FLUSH.
+                self._source_flushed = asyncio.ensure_future(_innermost(self.source).flush())
+            await asyncio.shield(self._source_flushed)
+        return await self.source.extents(offset, length, context)
+
     async def _source_zero_runs(self, start: int, end: int) -> list[tuple[int, int]]:
         """Whole-cluster runs of ``[start, end)`` the source reports as ZERO.
 
@@ -750,7 +778,7 @@ class CopyState:
             if inner is not None:
                 exts = inner.extents_sync(pos, stop - pos)
             else:
-                exts = await self.source.extents(pos, min(stop - pos, 1 << 31), BASE_ALLOCATION)
+                exts = await self.source_extents(pos, min(stop - pos, 1 << 31), BASE_ALLOCATION)
             before = pos
             pos = self.add_zero_runs(runs, exts, pos, stop)
             if pos <= before:

@@ -231,7 +231,9 @@ class Engine:
         if not isinstance(job_id, str) or not job_id:
             raise ConfigError("job-id must be a non-empty string")
         if job_id in self.jobs:
-            raise ConfigError(f"a job with id {job_id!r} already exists")
+            starting = not getattr(self.jobs[job_id], "committed", True)
+            raise ConfigError(f"a job with id {job_id!r} already exists"
+                              + (" (it is being started)" if starting else ""))
         exp = self.exports.get(export)
         if exp is None:
             raise ConfigError(f"unknown export {export!r}")
@@ -361,6 +363,9 @@ class Engine:
                            else None)
         job.scratch_spec = (scratch if isinstance(scratch, str)  # type: ignore[attr-defined]
                             else job.scratch_path)
+        # Listed (query-jobs) and reachable by the job verbs only from its commit on: the
+        # id is taken now, the job is seen once its point in time is (`PreparedBackup.commit`).
+        job.committed = False  # type: ignore[attr-defined]
         self.jobs[job_id] = job
         return PreparedBackup(self, job, export=export, bitmap=bitmap,
                               bitmap_mode=bitmap_mode or "on-success", created=created)
@@ -552,7 +557,7 @@ class Engine:
         ctx = ALLOCATION_DEPTH if ALLOCATION_DEPTH in src.meta_contexts() else BASE_ALLOCATION
         pos, size, cs = 0, state.size, state.cluster_size
         while pos < size:
-            exts = await src.extents(pos, min(size - pos, 1 << 30), ctx)
+            exts = await state.source_extents(pos, min(size - pos, 1 << 30), ctx)
             if not exts:
                 raise OSError(errno.EIO, "source returned no extents")
             for e in exts:
@@ -583,7 +588,7 @@ class Engine:
 
     def _job(self, job_id: str) -> BackupJob:
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or not getattr(job, "committed", True):
             raise ConfigError(f"no job with id {job_id!r}")
         return job
 
@@ -602,7 +607,14 @@ class Engine:
         return None
 
     def query_jobs(self) -> list[dict]:
-        return [j.query() for j in self.jobs.values()]
+        """Every job whose point in time is taken.  A backup being started
+        (prepared, its export's connections being recalled and quiesced: up
+        to `RECALL_TIMEOUT` s) is not listed yet, as in QEMU, where a
+        ``transaction`` runs under the big lock and no ``query-jobs`` sees
+        its jobs before they start: a listed backup job always has its
+        point in time (docs/doubts18.md item 5).  Its JOB_STATUS_CHANGE
+        ``created`` event is sent at prepare, as QEMU's is."""
+        return [j.query() for j in self.jobs.values() if getattr(j, "committed", True)]
 
     def job_pause(self, job_id: str) -> dict:
         self._job(job_id).pause()
@@ -735,6 +747,7 @@ class PreparedBackup:
             job.on_end = self.lease.end
         job.attach()
         self.committed = True
+        job.committed = True  # type: ignore[attr-defined]  # listed from now on (`Engine.query_jobs`)
 
     async def start(self) -> None:
         """Compute what the pump copies, publish the snapshot export, run the job."""

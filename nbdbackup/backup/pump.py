@@ -141,7 +141,7 @@ class Pump:
         runs: list[tuple[int, int]] = []
         while pos < end:
             try:
-                exts = await st.source.extents(pos, min(end - pos, ZERO_QUERY_MAX), BASE_ALLOCATION)
+                exts = await st.source_extents(pos, min(end - pos, ZERO_QUERY_MAX), BASE_ALLOCATION)
             except OSError:
                 break  # no knowledge: the plain copy is always right
             before = pos

@@ -30,7 +30,21 @@ call fails with EIO, because the point-in-time content may be lost); closed
 (the job was dismissed: every call fails with ESHUTDOWN).
 
 Extents: `base:allocation` describes the point-in-time image (source extents
-for not-done clusters, target extents for done ones, merged).  Further
+for not-done clusters, target extents for done ones, merged).  A done
+cluster's device is asked only when its answer can be trusted
+(``Capabilities.sparse_reads``: a local file, memory); on any other (a
+remote NBD target or scratch) a copied segment is reported as data, never
+asked: nbdkit 1.32's cache filter in writeback mode says "hole, zero" for
+data written and not yet flushed, and a reader that skips zero extents
+(nbdcopy, qemu-img convert) would copy zeros for the point-in-time content
+(docs/doubts18.md item 1).  Invariant: no segment the engine copied
+somewhere is reported ZERO on a device's word unless that device's
+allocation is exact; clusters known to be zeros (``zeroed``) are HOLE|ZERO
+without asking anyone.  The source's answer is trusted as it is for the
+live export (and as QEMU does): a not-done cluster has not been written
+since the start -- once a source whose allocation may lag its writes has
+been flushed (`CopyState.source_extents`, which the task-free path never
+needs: such a remote has no `extents_now`).  Further
 contexts (e.g. ``qemu:dirty-bitmap:NAME`` for the job's frozen bitmap) are
 plugged in with `add_context(name, provider)`, ``provider(offset, length) ->
 awaitable list[Extent]``.
@@ -62,7 +76,11 @@ class SnapshotDev(BlockDev):
 
     Fields: ``state`` (the job's `CopyState`); ``trim_ok`` (TRIM accepted,
     see the module docstring); ``_contexts`` (extra meta context name ->
-    provider); ``_closed`` (set by `close_view`).
+    provider); ``_closed`` (set by `close_view`); ``_ask`` (per `Where`
+    kind with a device: True when that device's ``base:allocation`` is
+    asked for the segments there, False when they are reported as data --
+    see "Extents" in the module docstring; fixed at creation, as the
+    job's devices are).
     """
 
     def __init__(self, state: CopyState, *, trim: bool = False) -> None:
@@ -70,6 +88,10 @@ class SnapshotDev(BlockDev):
         self.trim_ok = trim
         self._contexts: dict[str, ExtentProvider] = {}
         self._closed = False
+        self._ask: dict[Where, bool] = {"source": True}
+        for where in ("target", "scratch"):
+            dev = state.device(where)
+            self._ask[where] = dev is not None and dev.capabilities().sparse_reads
 
     @property
     def size(self) -> int:
@@ -198,9 +220,13 @@ class SnapshotDev(BlockDev):
                     # zeros stored nowhere; trimmed: unallocated, content unspecified
                     out.append(Extent(off, ln, HOLE_ZERO if where == "zero" else int(StateFlag.HOLE)))
                     continue
+                if not self._ask[where]:
+                    out.append(Extent(off, ln, 0))  # copied there; its allocation is not to be trusted
+                    continue
                 pos, end = off, off + ln
+                ask = st.source_extents if where == "source" else dev.extents  # (a lagging source: flushed first)
                 while pos < end:
-                    pos = _clip(await dev.extents(pos, end - pos, BASE_ALLOCATION), pos, end, out)
+                    pos = _clip(await ask(pos, end - pos, BASE_ALLOCATION), pos, end, out)
         finally:
             st.end_read(segs)
         self._check()
@@ -232,6 +258,9 @@ class SnapshotDev(BlockDev):
             dev = st.device(where)
             if dev is None:
                 out.append(Extent(off, ln, HOLE_ZERO if where == "zero" else int(StateFlag.HOLE)))
+                continue
+            if not self._ask[where]:
+                out.append(Extent(off, ln, 0))  # copied there; its allocation is not to be trusted
                 continue
             pos, end = off, off + ln
             while pos < end:

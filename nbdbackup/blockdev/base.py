@@ -74,7 +74,10 @@ class Capabilities:
     #: read: `nbd.server` sparse reads).  False for a remote NBD device: that costs it a
     #: round trip, and a remote's ``base:allocation`` may lag its writes -- nbdkit 1.32's
     #: cache filter (writeback) says "hole, zero" for data written and not yet flushed,
-    #: so a re-export read zeros where its client had just written (hunt 15).
+    #: so a re-export read zeros where its client had just written (hunt 15).  The same
+    #: flag says whether anything may skip reading on the word of this device's
+    #: ``base:allocation``: a backup's snapshot export reports what it copied to a target or
+    #: scratch without it as data, never asking it (`backup.snapshot`, doubts18 item 1).
     sparse_reads: bool = True
     rotational: bool = False
     block_size: BlockSize = field(default_factory=BlockSize)

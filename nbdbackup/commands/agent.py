@@ -191,29 +191,43 @@ def run_backup(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     store, repo = open_repo(args, args.repo)
 
+    seen: list = []  # every disk's result as soon as its server's run starts (workflow.backup_server)
+    got: list[int] = []  # the signal that interrupted the run
+
+    def interrupt(sig: int) -> None:
+        got.append(sig)
+        task.cancel()
+
     async def main():
         # SIGTERM (systemctl stop, a timeout) or SIGHUP (a closed terminal) cancels the run:
         # started disks are rolled back.
+        nonlocal task
         task = asyncio.current_task()
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+            asyncio.get_running_loop().add_signal_handler(sig, interrupt, sig)
         with store.lock(exclusive=False):
-            return await workflow.run(servers, store, repo, opts, parallel=args.parallel)
+            return await workflow.run(servers, store, repo, opts, parallel=args.parallel, sink=seen)
 
+    task = None
+    interrupted: str | None = None
     try:
         results = run_async(main())
     except asyncio.CancelledError:
-        if args.json:
-            json.dump({"ok": False, "exit_code": EXIT_FAILED, "repository": args.repo,
-                       "error": "interrupted (SIGTERM or SIGHUP): disks not yet recorded were rolled back"}, sys.stdout, indent=2)
-            print()
-        print("nbdbackup: error: interrupted (SIGTERM or SIGHUP): disks not yet recorded were rolled back",
-              file=sys.stderr)
-        return EXIT_FAILED
+        results = seen
+        signum = got[0] if got else signal.SIGTERM
+        interrupted = signal.Signals(signum).name
+        for r in results:
+            if r.status != "ok":
+                r.error = f"interrupted by {interrupted}: not recorded (rolled back where started)"
     ok = [r for r in results if r.status == "ok"]
     code = EXIT_OK if len(ok) == len(results) else EXIT_PARTIAL if ok else EXIT_FAILED
+    if interrupted is not None and not (results and code == EXIT_OK):
+        code = 128 + signal.Signals[interrupted].value  # as a shell reports a command a signal ended
     retention: dict | None = None
-    if policy is not None and code == EXIT_OK:
+    if interrupted is not None:
+        if policy is not None:
+            retention = {"skipped": f"interrupted by {interrupted}"}
+    elif policy is not None and code == EXIT_OK:
         try:
             retention = workflow.apply_retention(store, repo, policy, results, args.grace)
         except (NBDBackupError, OSError) as e:
@@ -224,6 +238,9 @@ def run_backup(args: argparse.Namespace) -> int:
     report = {"ok": code == EXIT_OK, "exit_code": code, "repository": args.repo,
               "seconds": round(time.monotonic() - t0, 3), "disks": [r.to_json() for r in results],
               "retention": retention}
+    if interrupted is not None:
+        report["interrupted"] = interrupted
+        report["error"] = _interrupted_text(interrupted, results)
     if getattr(store, "requests", None) is not None:  # S3: API calls of this run, by operation
         report["store_requests"] = dict(sorted(store.requests.items()))
     if args.json:  # one write (with PYTHONUNBUFFERED, json.dump to stdout was ~180 write calls)
@@ -246,7 +263,24 @@ def run_backup(args: argparse.Namespace) -> int:
     for r in results:
         if r.status != "ok":
             print(f"nbdbackup: error: {r.server} {r.disk}: {r.error}", file=sys.stderr)
+    if interrupted is not None:
+        print(f"nbdbackup: {'note' if code == EXIT_OK else 'error'}: {_interrupted_text(interrupted, results)}",
+              file=sys.stderr)
     return code
+
+
+def _interrupted_text(sig: str, results) -> str:
+    """What an interrupted run says: which disks were recorded before the signal, which
+    were rolled back (docs/agent.md "Exit codes")."""
+    done = [f"{r.server} {r.disk}" for r in results if r.status == "ok"]
+    back = [f"{r.server} {r.disk}" for r in results if r.status != "ok"]
+    if results and not back:
+        return (f"interrupted by {sig} after every disk was recorded ({', '.join(done)}); "
+                "the next run finishes the clean-up (job, superseded bitmap)")
+    text = f"interrupted by {sig}: "
+    if done:
+        text += f"recorded: {', '.join(done)}; "
+    return text + f"not recorded (rolled back where started): {', '.join(back) or 'none started'}"
 
 
 def _line(r) -> str:

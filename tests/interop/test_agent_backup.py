@@ -447,7 +447,9 @@ def failed_run(rig: Rig, a: subprocess.Popen, before: list[str]) -> dict | None:
     out, err = a.communicate(timeout=120)
     assert a.returncode not in (0, 3), (out, err)
     assert rig.snapshots() == before, "a failed run recorded a snapshot"
-    return json.loads(out) if out.strip() else None
+    rep = json.loads(out) if out.strip() else None
+    assert rep is None or rep["exit_code"] == a.returncode, (rep, a.returncode)
+    return rep
 
 
 def interrupted_run(rig: Rig, seed: int, interrupt) -> tuple[set[int], dict | None, float]:
@@ -575,6 +577,10 @@ def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
             pending |= burst
             assert took < 10
             assert rep is not None and "interrupted" in rep["error"], rep
+            # As a shell reports a command SIGTERM ended (doubts18 item 4), naming the disk.
+            assert rep["exit_code"] == 143 and rep["interrupted"] == "SIGTERM", rep
+            assert "rolled back" in rep["error"], rep
+            assert disk_report(rep)["status"] == "failed" and "SIGTERM" in disk_report(rep)["error"], rep
             assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
             next_ok(None, seed=15)
 
@@ -583,6 +589,7 @@ def test_faults_leave_a_correct_next_backup(pki, agent_creds, short_tmp):
             burst, rep, _ = interrupted_run(rig, 16, lambda a: a.send_signal(signal.SIGHUP))
             pending |= burst
             assert rep is not None and "interrupted" in rep["error"], rep
+            assert rep["exit_code"] == 129 and rep["interrupted"] == "SIGHUP", rep
             assert rig.our_jobs() == [] and [b["recording"] for b in rig.ours()] == [True]
             next_ok(None, seed=17)
 

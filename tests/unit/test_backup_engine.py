@@ -696,12 +696,18 @@ def test_prepare_commit_start_and_abort():
         e = r.engine
         p1 = await e.prepare_backup("disk", "a", "full", MemoryDev(SIZE), snapshot="sa", cluster_size=CS)
         p2 = await e.prepare_backup("disk", "b", "none", MemoryDev(SIZE), snapshot="sb", cluster_size=CS)
-        assert {j["id"]: j["status"] for j in e.query_jobs()} == {"a": "created", "b": "created"}
+        # Prepared (status created, the ids taken) but not listed before their point in
+        # time, nor reachable by the job verbs (doubts18 item 5: as in QEMU's transactions).
+        assert e.query_jobs() == []
+        assert {j.id: j.status.value for j in e.jobs.values()} == {"a": "created", "b": "created"}
+        with pytest.raises(ConfigError, match="no job with id"):
+            e.job_cancel("a")
         assert r.live.hooks == ()  # nothing touches the live disk before commit
-        with pytest.raises(ConfigError, match="already exists"):
+        with pytest.raises(ConfigError, match="already exists .it is being started"):
             await e.prepare_backup("disk", "a", "full", MemoryDev(SIZE))
         p1.commit()
         p2.commit()  # same instant: no await in between
+        assert {j["id"]: j["status"] for j in e.query_jobs()} == {"a": "created", "b": "created"}
         await r.write(0, 10)  # both snapshots must keep the old data
         await p1.start()
         await p2.start()
