@@ -231,7 +231,7 @@ class Engine:
         if not isinstance(job_id, str) or not job_id:
             raise ConfigError("job-id must be a non-empty string")
         if job_id in self.jobs:
-            starting = not getattr(self.jobs[job_id], "committed", True)
+            starting = not self.jobs[job_id].committed
             raise ConfigError(f"a job with id {job_id!r} already exists"
                               + (" (it is being started)" if starting else ""))
         exp = self.exports.get(export)
@@ -365,7 +365,7 @@ class Engine:
                             else job.scratch_path)
         # Listed (query-jobs) and reachable by the job verbs only from its commit on: the
         # id is taken now, the job is seen once its point in time is (`PreparedBackup.commit`).
-        job.committed = False  # type: ignore[attr-defined]
+        job.committed = False
         self.jobs[job_id] = job
         return PreparedBackup(self, job, export=export, bitmap=bitmap,
                               bitmap_mode=bitmap_mode or "on-success", created=created)
@@ -588,7 +588,7 @@ class Engine:
 
     def _job(self, job_id: str) -> BackupJob:
         job = self.jobs.get(job_id)
-        if job is None or not getattr(job, "committed", True):
+        if job is None or not job.committed:
             raise ConfigError(f"no job with id {job_id!r}")
         return job
 
@@ -614,7 +614,7 @@ class Engine:
         its jobs before they start: a listed backup job always has its
         point in time (docs/doubts18.md item 5).  Its JOB_STATUS_CHANGE
         ``created`` event is sent at prepare, as QEMU's is."""
-        return [j.query() for j in self.jobs.values() if getattr(j, "committed", True)]
+        return [j.query() for j in self.jobs.values() if j.committed]
 
     def job_pause(self, job_id: str) -> dict:
         self._job(job_id).pause()
@@ -747,7 +747,7 @@ class PreparedBackup:
             job.on_end = self.lease.end
         job.attach()
         self.committed = True
-        job.committed = True  # type: ignore[attr-defined]  # listed from now on (`Engine.query_jobs`)
+        job.committed = True  # listed from now on (`Engine.query_jobs`)
 
     async def start(self) -> None:
         """Compute what the pump copies, publish the snapshot export, run the job."""

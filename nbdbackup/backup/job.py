@@ -113,6 +113,9 @@ class BackupJob:
     - ``_user_paused``, ``_error_paused``, ``_unpaused`` (event set while
       neither); ``_cancel_requested``; ``_failure`` (a JobFailure set by CBW
       break-snapshot before cancelling the task); ``_task``;
+    - ``committed`` (listed by ``query-jobs`` and reachable by the job verbs;
+      False from a backup's prepare until its commit, its point in time:
+      `Engine.query_jobs`, docs/doubts18.md item 5);
     - ``scratch_path`` (a scratch file the engine created: removed when the
       scratch is closed at dismiss, or None; the scratch device itself is
       ``state.scratch``, owned by the job unless it is the target);
@@ -150,6 +153,7 @@ class BackupJob:
         self.hook = CBWHook(state, on_cbw_error=on_cbw_error, cbw_timeout=cbw_timeout,
                             on_break=self._on_cbw_break)
         self.snapshot = SnapshotDev(state, trim=snapshot_trim)
+        self.committed = True
         self.scratch_path: str | None = None
         self.pump = Pump(state, max_workers=max_workers,
                          max_chunk_clusters=max(1, max_chunk // state.cluster_size),
