@@ -24,6 +24,11 @@ Transaction (``actions`` in order; QEMU's three phases):
    bitmap actions are checked against the registries as they will be
    (an ``add`` earlier in the list counts).  Any error: abort every prepared
    backup; nothing else has changed.
+   Then the exports are quiesced (writes held, the ones in flight finished),
+   and every export that has or gets a persistent bitmap is flushed, once
+   before the quiesce and once inside it (`_durable_point_lives`): the point
+   in time is durable, so a bitmap counting from it stays complete across a
+   power loss.
 2. *commit* (synchronous, NO ``await``): bitmap actions are applied and the
    backups committed (bitmap frozen, copy-before-write attached) in action
    order.  With no await, no NBD request runs in between, so every action
@@ -244,7 +249,12 @@ class BitmapManager:
     async def add(self, export: str, name: str, granularity: int | None = None,
                   persistent: bool = False, disabled: bool = False) -> dict:
         self._check_add(export, name, granularity, persistent)
+        live = self.lives.get(export) if persistent else None
+        if live is not None:  # the point in time durable (`_durable_point_lives`)
+            await live.flush()
         async with self._quiet(export):
+            if live is not None:
+                await live.flush()
             # Checked again: the quiesce awaited.
             reg = self._check_add(export, name, granularity, persistent)
             reg.add(name, granularity, persistent=persistent, disabled=disabled)
@@ -257,8 +267,12 @@ class BitmapManager:
         return {}
 
     async def clear(self, export: str, name: str) -> dict:
-        self._registry(export).get(name)
+        live = self.lives.get(export) if self._registry(export).get(name).persistent else None
+        if live is not None:  # the point in time durable (`_durable_point_lives`)
+            await live.flush()
         async with self._quiet(export):
+            if live is not None:
+                await live.flush()
             self._registry(export).clear(name)
         return {}
 
@@ -320,6 +334,9 @@ class BitmapManager:
             lives = [p.job.live for _, _, p in steps if p is not None and p.job.live is not None]
             lives += [self.lives[d["export"]] for k, d, _ in steps
                       if k.startswith("block-dirty-bitmap-") and d.get("export") in self.lives]
+            durable = self._durable_point_lives(steps)
+            for live in durable:  # most of the dirty page cache, before writes are held
+                await live.flush()
             quiesced = quiesce_all(lives)
             await quiesced.__aenter__()
         except BaseException:  # writes in flight never finished: nothing was committed
@@ -328,6 +345,14 @@ class BitmapManager:
                     await p.abort()
             raise
         try:
+            try:
+                for live in durable:  # the point in time durable (`_durable_point_lives`)
+                    await live.flush()
+            except BaseException:
+                for _, _, p in steps:
+                    if p is not None:
+                        await p.abort()
+                raise
             undo: list[Callable[[], None]] = []
             removals: list[tuple[str, str]] = []
             failed: BaseException | None = None
@@ -391,6 +416,30 @@ class BitmapManager:
                         pass
                 raise
         return {}
+
+    def _durable_point_lives(self, steps: list[tuple[str, dict, Any]]) -> list[BitmapLiveDev]:
+        """The live devices to flush (quiesced) before a transaction's point in time T.
+
+        A persistent bitmap added or cleared at T, and a persistent bitmap a backup at T
+        freezes (its successor counts from T), claim: "what changed since the disk was as
+        it is at T".  After a power loss that claim is only true if the disk's content at
+        T was durable: a write made before T and never flushed may be lost, which changes
+        the disk back, and no bitmap counts that change -- a bitmap that loads consistent
+        (nothing marked since T, or a FLUSH since) then under-reports against the
+        snapshot taken at T (tests/interop/test_powercut_agent.py).  So every export of
+        the transaction that has a persistent bitmap (or gets one) is flushed once before
+        the writes are held (most of the page cache) and once after (the rest)."""
+        out: dict[str, BitmapLiveDev] = {}
+        for kind, data, _ in steps:
+            export = data.get("export")
+            live = self.lives.get(export)
+            reg = self.registries.get(export)
+            if live is None or reg is None or export in out:
+                continue
+            if ((kind == "block-dirty-bitmap-add" and data.get("persistent"))
+                    or any(bm.persistent and not bm.inconsistent for bm in reg)):
+                out[export] = live
+        return list(out.values())
 
     async def _prepare(self, kind: str, data: dict, added: set) -> Any:
         """Phase 1 of one action: a PreparedBackup for backup-start, else None (checked)."""
