@@ -182,7 +182,8 @@ def register_engine_commands(qmp: Any, engine: Any, bitmaps: Any = None) -> None
 
     async def backup_start(export: str, job_id: str, sync: str, target: str, **kw: Any) -> dict:
         bitmaps.check_backup(export, sync, kw.get("bitmap"), kw.get("bitmap_mode"))
-        return await engine.backup_start(export, job_id, sync, target, **kw)
+        return await engine.backup_start(export, job_id, sync, target,
+                                         durable_point=bitmaps.durable_point(export, kw.get("bitmap")), **kw)
 
     qmp.register("backup-start", backup_start)
 

@@ -188,18 +188,29 @@ class Engine:
     # -- backup-start -------------------------------------------------------
 
     async def backup_start(self, export: str, job_id: str, sync: str, target: str | BlockDev,
-                           **kw: Any) -> dict:
+                           durable_point: bool = False, **kw: Any) -> dict:
         """Start a backup of ``export`` to ``target`` (QMP ``backup-start``).
 
         `prepare_backup` (every check, every await that can fail), then
         `PreparedBackup.commit` (the point in time) and `PreparedBackup.start`;
         any failure undoes everything.  Returns ``{}`` once the snapshot export
         (if ``snapshot``) is published and the job is running.
+
+        ``durable_point`` (the caller's decision: the job's bitmap is persistent,
+        `bitmap.manager.BitmapManager.durable_point`): the disk is flushed once
+        before its writes are held and once while they are, before the commit, so
+        the content at the point in time -- what the snapshot shows and the
+        bitmap counts from -- survives a power loss (docs/powercut.md).
         """
         prepared = await self.prepare_backup(export, job_id, sync, target, **kw)
+        live = prepared.job.live if durable_point else None
         try:
+            if live is not None:
+                await live.flush()  # most of the dirty page cache, before writes are held
             # No write may straddle the point in time (blockdev.live, "Quiescing").
             async with quiesce_all([prepared.job.live] if prepared.job.live is not None else []):
+                if live is not None:
+                    await live.flush()
                 prepared.commit()
             await prepared.start()
         except BaseException:

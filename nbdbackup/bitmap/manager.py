@@ -215,6 +215,15 @@ class BitmapManager:
                 f"Bitmap '{bitmap}' is inconsistent{why}: it may miss writes, so no backup can use it; "
                 f"remove it, add a new bitmap and take a full backup")
 
+    def durable_point(self, export: str, bitmap: str | None) -> bool:
+        """Whether a backup of ``export`` using ``bitmap`` needs its point in time durable
+        (the disk flushed while its writes are held, `Engine.backup_start`): the bitmap is
+        persistent, so what it will count from that instant must survive a power loss
+        (`_durable_point_lives`)."""
+        reg = self.registries.get(export)
+        return (bitmap is not None and reg is not None and bitmap in reg
+                and reg.get(bitmap).persistent and export in self.lives)
+
     def _registry(self, export: str) -> BitmapRegistry:
         reg = self.registries.get(export)
         if reg is None:

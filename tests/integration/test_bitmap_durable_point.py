@@ -89,3 +89,58 @@ def test_add_and_clear_commands_flush_while_quiesced_only_for_persistent_bitmaps
 
     run(go())
 
+
+
+def test_backup_start_with_a_persistent_bitmap_flushes_while_quiesced_before_its_point_in_time(tmp_path):
+    """The standalone QMP ``backup-start`` (not in a transaction) with a persistent bitmap: the
+    bitmap's successor counts from the job's point in time, so the disk is flushed while its
+    writes are held, before the job is committed (`Engine.backup_start` ``durable_point``, the
+    daemon asks `BitmapManager.durable_point`); with a bitmap that is not persistent, no flush."""
+    from nbdbackup.backup.bitmaps import RegistryBitmapSource
+    from nbdbackup.backup.engine import Engine, MemoryExportTable
+    from nbdbackup.daemon import register_engine_commands
+
+    mgr, dev = rig(tmp_path)
+    table = MemoryExportTable()
+    table.add("disk", dev.live, read_only=False)
+    engine = Engine(table, bitmaps=RegistryBitmapSource(mgr.lookup))
+    mgr.engine = engine
+    commands: dict = {}
+
+    class QMP:
+        @staticmethod
+        def register(name, fn, **_):
+            commands[name] = fn
+
+    register_engine_commands(QMP, engine, mgr)
+    listed: list[set[str]] = []  # per flush: the jobs query-jobs lists (committed ones)
+    recorded = RecordingFileDev.flush
+
+    async def flush_and_list(self):
+        await recorded(self)
+        listed.append({j["id"] for j in engine.query_jobs()})
+
+    async def go():
+        try:
+            await mgr.add("disk", "volatile")
+            await mgr.add("disk", "p", persistent=True)
+            dev.flushes.clear()
+            listed.clear()
+            await commands["backup-start"]("disk", "j1", "incremental", str(tmp_path / "t1.raw"),
+                                           bitmap="volatile")
+            await engine.jobs["j1"].wait()
+            assert dev.flushes == [], "a bitmap that does not outlive a power loss needs no flush"
+            await commands["backup-start"]("disk", "j2", "incremental", str(tmp_path / "t2.raw"),
+                                           bitmap="p")
+            await engine.jobs["j2"].wait()
+            assert len(dev.flushes) >= 2 and dev.flushes[0][0] is False and dev.flushes[-1][0] is True, \
+                f"one flush before the writes are held, one while they are: {dev.flushes}"
+            assert "j2" not in listed[-1], "the flush comes before the point in time (the commit)"
+            for j in ("j1", "j2"):
+                await engine.job_dismiss(j)
+        finally:
+            await dev.live.close()
+
+    import unittest.mock
+    with unittest.mock.patch.object(RecordingFileDev, "flush", flush_and_list):
+        run(go())
