@@ -58,6 +58,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import durable
 from ..errors import ConfigError
 
 KEY_FORMAT = "nbdbackup-key"
@@ -232,14 +233,6 @@ def default_key_path(repo_id: str) -> str:
     return os.path.join(base, "nbdbackup", "keys", repo_id)
 
 
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_private(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably, readable by its owner only.
 
@@ -249,14 +242,7 @@ def write_private(path: str, data: bytes) -> None:
     and without the directory fsyncs a power loss right after could lose it
     (tests/interop/test_powercut_agent.py)."""
     d = os.path.dirname(os.path.abspath(path))
-    made = []
-    p = d
-    while not os.path.isdir(p) and os.path.dirname(p) != p:
-        made.append(p)
-        p = os.path.dirname(p)
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    for m in made:  # deepest first; the last one's parent existed before
-        _fsync_dir(os.path.dirname(m))
+    durable.makedirs_durable(d, mode=0o700)
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -265,7 +251,7 @@ def write_private(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(d)
+    durable.fsync_dir(d)
 
 
 #: A passphrase, or a function that obtains one when (and only if) it is needed.

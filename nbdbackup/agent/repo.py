@@ -96,6 +96,7 @@ import blake3
 
 from . import crypto
 from ..blockdev.base import BASE_ALLOCATION, HOLE_ZERO, BlockDev, Buffer, BlockSize, Capabilities, Extent
+from .. import durable
 from ..errors import ConfigError
 from .codec import Codec, CodecError, Compression, parse_compression
 from .crypto import MasterKey, Passphrase
@@ -409,14 +410,7 @@ class DirStore:
         its parent (an fsync of the parent): the repository's own `flush` fsyncs ``root`` and
         below only, so without this a power loss after ``repo init`` (and after pulls that
         reported success) could lose the whole repository (tests/interop/test_powercut.py)."""
-        made = []
-        d = os.path.abspath(self.root)
-        while not os.path.isdir(d) and os.path.dirname(d) != d:
-            made.append(d)
-            d = os.path.dirname(d)
-        os.makedirs(self.root, exist_ok=True)
-        for d in made:  # deepest first; the last one's parent existed before
-            _fsync_dir(os.path.dirname(d))
+        durable.makedirs_durable(self.root)
 
     def check_lock(self) -> None:
         """An flock cannot be lost while held: nothing to check."""
@@ -609,12 +603,7 @@ def _start_writeback(fd: int) -> None:
         writeback.sync_file_range(fd, 0, 0, writeback.SYNC_FILE_RANGE_WRITE)
 
 
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = durable.fsync_dir  # (the name this module and its tests use)
 
 
 #: What `Repository` needs of a store: `DirStore` or `agent.s3store.S3Store`.

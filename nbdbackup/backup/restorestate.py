@@ -83,6 +83,7 @@ import os
 
 from ..bitmap.core import Bitmap
 from ..blockdev.base import BASE_ALLOCATION, BlockDev
+from ..durable import fsync_dir, makedirs_durable
 from ..errors import ConfigError
 from ..nbd.wire import StateFlag
 from .copystate import CopyState, _retrieve
@@ -152,7 +153,7 @@ class ProgressMap:
         from ..bitmap.dirty import BitmapError, DirtyBitmap
         from ..bitmap.store import BitmapStore
 
-        os.makedirs(state_dir, exist_ok=True)
+        makedirs_durable(state_dir)  # its entry durable: a restart without the map would restore over the guest's writes
         meta_path = os.path.join(state_dir, META)
         want = {"format": FORMAT, "version": VERSION, "identity": identity, "size": size,
                 "chunk-size": granularity, "complete": False}
@@ -261,11 +262,7 @@ def _write_json(path: str, doc: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 class RestoreState(CopyState):

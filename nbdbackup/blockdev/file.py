@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from . import ioengine
+from ..durable import fsync_dir
 from .base import (
     BASE_ALLOCATION,
     HOLE_ZERO,
@@ -121,9 +122,15 @@ class FileDev(BlockDev):
         self._engine_ops = 0
         self._engine_idle: asyncio.Event | None = None
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        created = False
         if create_size is not None and not read_only:
-            flags |= os.O_CREAT
-        self.fd = os.open(path, flags, 0o644)
+            try:
+                self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+                created = True
+            except FileExistsError:
+                self.fd = os.open(path, flags, 0o644)
+        else:
+            self.fd = os.open(path, flags, 0o644)
         try:
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)
@@ -136,6 +143,11 @@ class FileDev(BlockDev):
                 if create_size is not None and st.st_size == 0 and create_size:
                     os.ftruncate(self.fd, create_size)
                 self._size = os.fstat(self.fd).st_size
+            if created:
+                # The new file's name durable before anything is written to it: a FLUSH
+                # makes its data durable, not its directory entry (a power loss would lose
+                # the whole file: tests/interop/test_powercut.py, a restore's target).
+                fsync_dir(os.path.dirname(os.path.abspath(path)))
         except BaseException:
             os.close(self.fd)
             raise

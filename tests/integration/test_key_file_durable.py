@@ -12,11 +12,12 @@ def test_write_private_makes_the_key_file_name_and_new_directories_durable(tmp_p
     """`crypto.write_private` (key files outside the repository): the file's directory is fsynced
     after the rename, and each directory it creates in its parent (a power cut right after
     ``repo key export`` lost the key file before: tests/interop/test_powercut_agent.py)."""
+    from nbdbackup import durable
     from nbdbackup.agent import crypto
 
     synced: list[str] = []
-    real = crypto._fsync_dir
-    monkeypatch.setattr(crypto, "_fsync_dir", lambda d: (synced.append(str(d)), real(d)))
+    real = durable.fsync_dir
+    monkeypatch.setattr(durable, "fsync_dir", lambda d: (synced.append(str(d)), real(d)))
     key = tmp_path / "a" / "b" / "key"
     crypto.write_private(str(key), b"secret")
     assert key.read_bytes() == b"secret"

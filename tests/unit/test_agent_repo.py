@@ -631,9 +631,13 @@ def test_init_makes_the_new_repository_directories_durable_in_their_parents(tmp_
     below only).  tests/interop/test_powercut.py loses the repository on a power cut without."""
     import nbdbackup.agent.repo as repo_mod
 
+    from nbdbackup import durable
+
     synced: list[str] = []
-    real = repo_mod._fsync_dir
-    monkeypatch.setattr(repo_mod, "_fsync_dir", lambda d: (synced.append(os.path.abspath(d)), real(d)))
+    real = durable.fsync_dir
+    record = lambda d: (synced.append(os.path.abspath(d)), real(d))  # noqa: E731
+    monkeypatch.setattr(repo_mod, "_fsync_dir", record)  # the repository's own flush
+    monkeypatch.setattr(durable, "fsync_dir", record)  # the directories init makes
     root = tmp_path / "a" / "b" / "r"
     Repository.init(DirStore(str(root)), C)
     for d in (tmp_path, tmp_path / "a", tmp_path / "a" / "b", root):
