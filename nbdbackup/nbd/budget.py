@@ -190,7 +190,9 @@ class MemoryBudget:
         if (self._waiters and self._queued_ahead(charge)) or not self._room(n, self.ordinary_limit):
             return False
         self.used += n
-        self._charge(charge, n)
+        charge.held += n  # (`_charge` inlined: the per-request path)
+        by_owner = self.by_owner
+        by_owner[charge.owner] = by_owner.get(charge.owner, 0) + n
         return True
 
     def take_pooled(self, charge: Charge, n: int, *, mapped: bool = False):
@@ -208,7 +210,9 @@ class MemoryBudget:
         if not free:
             del self._pool[key]
         self.pooled -= n
-        self._charge(charge, n)
+        charge.held += n  # (`_charge` inlined: the per-request path)
+        by_owner = self.by_owner
+        by_owner[charge.owner] = by_owner.get(charge.owner, 0) + n
         self._reused += 1
         return buf
 
@@ -238,12 +242,12 @@ class MemoryBudget:
         charge.held = 0
         self.used -= n
         if n:
-            owner = charge.owner
-            left = self.by_owner.get(owner, 0) - n
+            by_owner = self.by_owner
+            left = by_owner.get(charge.owner, 0) - n
             if left > 0:
-                self.by_owner[owner] = left
+                by_owner[charge.owner] = left
             else:
-                self.by_owner.pop(owner, None)
+                by_owner.pop(charge.owner, None)
         if charge.finisher:
             charge.finisher = False
             if self._finisher is charge:
