@@ -24,7 +24,12 @@ is split into an *ordinary* part (``limit - reserve``) and a *reserve* of
   ordinary part, and only when no queued request holds as little as it does;
 - queued requests get ordinary memory least-held first (a request holding
   nothing, such as a READ, is never stuck behind partial payloads that wait
-  for more), in arrival order among equals;
+  for more), then the one whose owner (connection) holds least in all, in
+  arrival order among equals.  The owner rule keeps grants fair across
+  connections: a client that reads its replies holds little, so its READ is
+  not queued behind the dozens of READs another connection queued earlier,
+  which would each keep their memory while their client does not read
+  (docs/fairmem.md: 24 stalled readers delayed another client 8-11 s);
 - when that request does not fit in the ordinary part and no charge holds
   the reserve, the *oldest* queued request becomes the *finisher*: it is
   granted its whole remaining need (``whole``, at most ``reserve`` bytes) at
@@ -43,7 +48,9 @@ and is served.  A peer that stalls while holding memory is the server's
 to evict (see `nbd.server`: memory-pressure eviction).
 
 Fields of `MemoryBudget`: ``limit`` (bytes), ``reserve`` (bytes kept for the
-finisher), ``used`` (charged to live charges plus ``pooled``), ``pooled``
+finisher), ``used`` (charged to live charges plus ``pooled``), ``by_owner``
+(owner -> bytes its live charges hold, owners holding nothing absent; sums
+to ``used - pooled``), ``pooled``
 (bytes of free buffers in ``_pool``), ``pool_max`` (bound on ``pooled``),
 ``_pool`` ((size, mapped) -> free buffers, most recently returned last;
 mapped: mmap-backed, which only payloads take), ``_waiters``
@@ -126,6 +133,7 @@ class MemoryBudget:
         self.reserve = reserve
         self.pool_max = limit // 4 if pool_max is None else pool_max
         self.used = 0
+        self.by_owner: dict[Any, int] = {}
         self.pooled = 0
         self._pool: dict[tuple[int, bool], list] = {}
         self._waiters: deque[_Wait] = deque()
@@ -156,6 +164,12 @@ class MemoryBudget:
 
     # ------------------------------------------------------------- taking
 
+    def _charge(self, charge: Charge, n: int) -> None:
+        """``n`` more bytes held by ``charge`` (already counted in ``used``)."""
+        charge.held += n
+        owner = charge.owner
+        self.by_owner[owner] = self.by_owner.get(owner, 0) + n
+
     def _room(self, n: int, bound: int) -> bool:
         """True when ``n`` more bytes fit under ``bound`` besides what the
         finisher holds from the reserve, dropping pooled buffers if needed."""
@@ -176,7 +190,9 @@ class MemoryBudget:
         if (self._waiters and self._queued_ahead(charge)) or not self._room(n, self.ordinary_limit):
             return False
         self.used += n
-        charge.held += n
+        charge.held += n  # (`_charge` inlined: the per-request path)
+        by_owner = self.by_owner
+        by_owner[charge.owner] = by_owner.get(charge.owner, 0) + n
         return True
 
     def take_pooled(self, charge: Charge, n: int, *, mapped: bool = False):
@@ -194,7 +210,9 @@ class MemoryBudget:
         if not free:
             del self._pool[key]
         self.pooled -= n
-        charge.held += n
+        charge.held += n  # (`_charge` inlined: the per-request path)
+        by_owner = self.by_owner
+        by_owner[charge.owner] = by_owner.get(charge.owner, 0) + n
         self._reused += 1
         return buf
 
@@ -223,6 +241,13 @@ class MemoryBudget:
         n = charge.held
         charge.held = 0
         self.used -= n
+        if n:
+            by_owner = self.by_owner
+            left = by_owner.get(charge.owner, 0) - n
+            if left > 0:
+                by_owner[charge.owner] = left
+            else:
+                by_owner.pop(charge.owner, None)
         if charge.finisher:
             charge.finisher = False
             if self._finisher is charge:
@@ -272,9 +297,11 @@ class MemoryBudget:
             return
         self._granting = True
         try:
+            by_owner = self.by_owner
             while self._waiters:
-                # Least held first, oldest among equals (min keeps the first).
-                w = min(self._waiters, key=lambda w: w.charge.held)
+                # Least held first, then the least-holding owner, oldest among
+                # equals (min keeps the first).
+                w = min(self._waiters, key=lambda w: (w.charge.held, by_owner.get(w.charge.owner, 0)))
                 if self._room(w.n, self.ordinary_limit):
                     granted = w.n
                 elif self._finisher is None:
@@ -289,7 +316,7 @@ class MemoryBudget:
                     break
                 self._waiters.remove(w)
                 self.used += granted
-                w.charge.held += granted
+                self._charge(w.charge, granted)
                 w.callback(granted)
         finally:
             self._granting = False

@@ -109,7 +109,15 @@ closed (a payload granted memory and not sent, replies not read: an idle
 disk holds none and is never one; an evicted TCP connection the kernel
 still holds unsent bytes for is reset, not closed gracefully, so they are
 freed now rather than probing a closed window until the dead-peer timeout:
-`_reset_if_unsent`); if the
+`_reset_if_unsent`).  A connection whose requests all wait for memory
+while reply bytes of it sit unsent in its transport counts as quiet (it is
+not reading; `NBDConnection.quiet`) from the tick its replies began to queue
+or last drained, above its high-water mark or below it: with the budget's
+owner-fair grants (`nbd.budget`: a READ of a connection holding little goes
+before one of a connection holding more) many stalled readers share the
+budget out below their high-water marks, and all of them are evicted in the
+same pass (docs/fairmem.md: 24 stalled readers used to be evicted one per
+`EVICT_QUIET` s, delaying another peer's client 8-11 s).  If the
 oldest request has waited `MEMORY_STALL` s and unfinished payloads waiting
 for more hold half the ordinary budget, they are shed, oldest payload first
 (`Server._relieve_memory`).  So idle,
@@ -1350,7 +1358,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         for buffer memory while the client does not read its replies (the
         memory they wait for is held, in part, by those very replies) do not
         count as running either: such a connection would otherwise never be
-        quiet, never time out and never give its memory back."""
+        quiet, never time out and never give its memory back.  That holds
+        whenever reply bytes of it are unsent (`_replies_unsent`), not only
+        above the high-water mark (docs/fairmem.md); ``_pending_bufs`` is
+        current here as `housekeeping` ran `_free_sent` just before."""
         if self.remote is not None:
             return self.server.pool.quiet(self, now)
         if self._closing or self._mem_wait:
@@ -1362,11 +1373,19 @@ class NBDConnection(asyncio.BufferedProtocol):
             # stalled plain handshake, or it holds its slot until the
             # handshake timeout (hunt 6).
             return now - self._last_active
-        if self.tasks and not (self._paused_writing and len(self._mem_futures) >= len(self.tasks)):
+        stalled = bool(self.tasks) and len(self._mem_futures) >= len(self.tasks) and self._replies_unsent()
+        if self.tasks and not stalled:
             return -1.0
-        if self.proto.has_events and not self._paused_writing:
+        if self.proto.has_events and not (self._paused_writing or stalled):
             return -1.0
         return now - self._last_active
+
+    def _replies_unsent(self) -> bool:
+        """Reply bytes wait in the transport (the client has not taken them
+        yet): above the high-water mark, or below it with replies that hold
+        budget.  Many such connections can share the budget out below their
+        high-water marks (docs/fairmem.md), so "paused" alone is not the test."""
+        return self._paused_writing or bool(self._pending_bufs)
 
     def partial_payload_waiting(self) -> bool:
         """Holds part of a WRITE payload and waits for memory for the rest."""
@@ -1385,6 +1404,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         backlog = t.get_write_buffer_size()
         sent = self._tx_total - backlog
         if sent > self._tx_seen and self._tx_backlog:  # the client read queued replies
+            self._last_active = now
+        elif backlog and not self._tx_backlog:
+            # Replies began to queue: judge the client's reading from now on, not
+            # from its last request (a busy reader's backlog drains by the next tick).
             self._last_active = now
         self._tx_seen, self._tx_backlog = sent, backlog
         self._free_sent()

@@ -139,6 +139,32 @@ def test_a_request_holding_nothing_goes_before_partial_payloads():
     assert b.try_take(Charge("new"), 1)
 
 
+def test_equal_requests_go_to_the_connection_holding_least_first():
+    """docs/fairmem.md: a connection that queued many READs and holds memory
+    (replies its client does not read) does not get every freed byte before
+    a READ of another connection queued after them; owners holding nothing
+    alike are served in turn, not one connection's whole queue first."""
+    b = budget()
+    hog, s_old, fin = Charge("hog"), Charge("s"), Charge("fin")
+    assert b.try_take(hog, 28 * MiB) and b.try_take(s_old, 4 * MiB)
+    b.wait(fin, 32 * MiB, lambda n: None)
+    assert fin.finisher and b.by_owner == {"hog": 28 * MiB, "s": 4 * MiB, "fin": 32 * MiB}
+    got = []
+    reads = {}
+    for name in ("s1", "s2", "s3", "g1", "t1", "t2", "g2"):
+        reads[name] = Charge(name[0])
+        b.wait(reads[name], MiB, lambda n, name=name: got.append(name))
+    assert got == [] and b.waiting == 7
+    b.release(hog)  # 28 MiB back: every READ fits
+    # g and t hold nothing: served in turn (arrival order among owners holding
+    # alike: t2 came before g2), then s, which holds 4 MiB already.
+    assert got == ["g1", "t1", "t2", "g2", "s1", "s2", "s3"]
+    assert b.by_owner["s"] == 7 * MiB and b.by_owner["g"] == b.by_owner["t"] == 2 * MiB
+    for ch in (*reads.values(), s_old, fin):
+        b.release(ch)
+    assert b.used == 0 and b.by_owner == {}
+
+
 def test_cancel_drops_the_waits_of_a_dead_connection():
     b = budget()
     hog, fin = Charge("hog"), Charge("fin")
