@@ -34,6 +34,7 @@ Checks:
   nothing; a full + clear transaction makes R0 the image.
 
 Hunting knobs (not for CI): ``NBDBACKUP_HUNT_SEED``, ``NBDBACKUP_HUNT_ROUNDS``.
+The fresh-machine check runs the first quarter of the rounds (tests/scaled.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import asyncio
 import os
 import random
 
+import scaled
 from test_backup_hunt3 import G, SIZE, Job, Racing, _end, _run_job
 from test_server_batch import run
 
@@ -63,7 +65,7 @@ def _pick(rng: random.Random) -> tuple[str, str | None]:
 
 def test_backup_options_racing_writes_reads_trims_and_dismissals(short_tmp):
     seed = int(os.environ.get("NBDBACKUP_HUNT_SEED", "7"))
-    rounds = int(os.environ.get("NBDBACKUP_HUNT_ROUNDS", "8"))
+    rounds = int(os.environ.get("NBDBACKUP_HUNT_ROUNDS", "0")) or scaled.rounds(8)
     rig = Racing(short_tmp, seed)
     rng = rig.rng
     stats = {"reads": 0, "errors": 0, "trims": 0, "ok": 0, "failed": 0, "cancelled": 0, "inv3": 0,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -332,10 +333,17 @@ def test_s3_gc_during_a_third_pull_loses_nothing(s3env, short_tmp):
         outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e.decode(errors="replace") for _, e in outs]
     nb("repo", "delete", url, "p1")  # p1's own chunks are now garbage, old enough for --grace 0
-    # The third pull reads slowly (every read delayed), so the cleaners run while it is under way;
+    # The third pull's source is paused (nbdkit's pause filter: its requests wait) until the
+    # cleaners have run, so they run while it is under way, however slow this machine is;
     # its disk shares p1's chunks: exactly the ones a gc would like to delete.
     qemu_io(disks[2], *[f"write -P {0x80 + 0x10 + i:#x} {12 + i}M 1M" for i in range(4)], fmt="raw")
-    with peers.nbdkit("file", str(disks[2]), "rdelay=1500ms", filters=["delay"]) as slow:
+    ctl = os.path.join(peers.short_tempdir(), "pause.sock")
+    with peers.nbdkit("file", str(disks[2]), f"pause-control={ctl}", filters=["pause"]) as slow, \
+            socket.socket(socket.AF_UNIX) as pause:
+        pause.settimeout(30)
+        pause.connect(ctl)
+        pause.sendall(b"p")
+        assert pause.recv(1) == b"P"
         third = subprocess.Popen([sys.executable, "-m", "nbdbackup.cli", "pull", slow.uri, "--repo", url,
                                   "--snapshot", "p2", "--json", "--workers", "2", "--connections", "1"],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -348,6 +356,8 @@ def test_s3_gc_during_a_third_pull_loses_nothing(s3env, short_tmp):
             r = nb(*argv, ok=False)
             assert r.returncode == 1 and "busy (in use)" in r.stderr, (argv, r.returncode, r.stderr)
         assert third.poll() is None, "the cleaners ran after the pull, not during it"
+        pause.sendall(b"r")
+        assert pause.recv(1) == b"R"
         out, err = third.communicate(timeout=180)
     assert third.returncode == 0, err.decode(errors="replace")
     doc = nb("repo", "gc", url, "--grace", "0", "--json").stdout

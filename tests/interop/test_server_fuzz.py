@@ -19,6 +19,9 @@ Knobs (environment):
   that replays alone with ``NBDBACKUP_FUZZ_ONLY=i``;
 - ``NBDBACKUP_CHURN_CYCLES``: connect/disconnect cycles (default 5000).
 
+The fresh-machine check runs the first quarter of the cases and cycles
+(tests/scaled.py: ``NBDBACKUP_HUNT_FACTOR=0.25`` there); the host run all.
+
 Measured on the shared 2-core test machine: 24000 handshake cases in 4-7 s,
 6000 transmission cases in 7-14 s, 5000 churn cycles in 1-1.5 s; with
 ``NBDBACKUP_FUZZ_CASES=40000 NBDBACKUP_CHURN_CYCLES=30000`` 43 s, 94 s and 7 s.
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import peers
+from scaled import rounds
 from test_server_robustness import (
     IHAVEOPT,
     NBDMAGIC,
@@ -53,12 +57,12 @@ from test_server_robustness import (
 
 nbd = pytest.importorskip("nbd")
 
-CASES = int(os.environ.get("NBDBACKUP_FUZZ_CASES", "6000"))
+CASES = rounds(int(os.environ.get("NBDBACKUP_FUZZ_CASES", "6000")))
 #: Handshake cases are cheaper (no transmission): this many per transmission case.
 HANDSHAKE_FACTOR = 4
 SEED = os.environ.get("NBDBACKUP_FUZZ_SEED", "1")
 ONLY = os.environ.get("NBDBACKUP_FUZZ_ONLY")
-CHURN = int(os.environ.get("NBDBACKUP_CHURN_CYCLES", "5000"))
+CHURN = rounds(int(os.environ.get("NBDBACKUP_CHURN_CYCLES", "5000")))
 WORKERS = 6
 BATCH = 250
 #: Seconds a case may take from its last byte sent to the server's close.
