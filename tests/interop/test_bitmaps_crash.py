@@ -35,8 +35,8 @@ import pytest
 
 import peers
 from nbdbackup.bitmap.store import SLOTS, STATE_DIRTY, read_header
-from test_incremental_backup import (CS, MiB, apply_clusters, bitmap_info, ctl_path, dirty_clusters, qmp_connect,
-                                     refused, run_tool, wait_job)
+from test_incremental_backup import (CS, MiB, apply_clusters, bitmap_info, ctl_path, dirty_clusters, inconsistent_and_refused,
+                                     qmp_connect, refused, run_tool, wait_job)
 
 SIZE = 8 * MiB
 TRIALS = 12
@@ -129,12 +129,8 @@ def test_kill9_then_clean_restart(serve, short_tmp, make_image):
             async def check():
                 qmp = await qmp_connect(ctl)
                 try:
-                    info = await bitmap_info(qmp, "disk", "b")
-                    if info["inconsistent"]:
-                        msg = await refused(qmp, "backup-start", {
-                            "export": "disk", "job-id": "x", "sync": "incremental", "bitmap": "b",
-                            "target": f"memory:{SIZE}"})
-                        assert "full backup" in msg, msg
+                    inconsistent, info = await inconsistent_and_refused(qmp, "disk", "b", SIZE)
+                    if inconsistent:
                         return False
                     assert info["persistent"] and info["recording"] and not info["busy"], info
                     if trials % 3 == 2:

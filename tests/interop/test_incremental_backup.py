@@ -114,6 +114,18 @@ async def refused(qmp: QMPClient, cmd: str, args: dict) -> str:
     raise AssertionError(f"{cmd} {args} was accepted: {r}")
 
 
+async def inconsistent_and_refused(qmp: QMPClient, export: str, bitmap: str, size: int) -> tuple[bool, dict]:
+    """(whether ``bitmap`` loaded inconsistent, its query-bitmaps entry); an inconsistent one
+    must refuse an incremental backup-start with a message that says to take a full backup."""
+    info = await bitmap_info(qmp, export, bitmap)
+    if info["inconsistent"]:
+        msg = await refused(qmp, "backup-start", {
+            "export": export, "job-id": "x", "sync": "incremental", "bitmap": bitmap,
+            "target": f"memory:{size}"})
+        assert "full backup" in msg, msg
+    return info["inconsistent"], info
+
+
 def list_contexts(uri: str, query: str) -> list[str]:
     """NBD_OPT_LIST_META_CONTEXT with one query (libnbd)."""
     import nbd

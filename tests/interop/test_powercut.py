@@ -317,7 +317,7 @@ def serve_argv_with_boot_id(boot_file: Path, argv: list[str]) -> list[str]:
 
 @pytest.mark.timeout(120)
 def test_persistent_bitmap_after_power_cut(powerfs, short_tmp):
-    from test_incremental_backup import bitmap_info, ctl_path, dirty_clusters, qmp_connect, refused
+    from test_incremental_backup import bitmap_info, ctl_path, dirty_clusters, inconsistent_and_refused, qmp_connect
 
     size = 16 * MiB
     disk = powerfs.backing / "disk.raw"
@@ -325,13 +325,19 @@ def test_persistent_bitmap_after_power_cut(powerfs, short_tmp):
     original = short_tmp / "orig.raw"
     shutil.copyfile(disk, original)
     state = powerfs.mnt / "state"
+
+    def serve_on_boot(boot: Path) -> tuple[str, str, list[str]]:
+        """(control socket, NBD socket, argv) of `serve` with its state on powerfs, seeing the
+        boot id in ``boot``."""
+        ctl = ctl_path()
+        sock = os.path.join(peers.short_tempdir(), "nbd.sock")
+        return ctl, sock, serve_argv_with_boot_id(boot, peers.nbdbackup_argv(
+            sock, f"disk={powerfs.mnt / 'disk.raw'}", extra=["--state-dir", str(state), "--control", ctl]))
+
     for trial, p in enumerate([0.5, 0.0, 0.7]):
         boot = short_tmp / f"boot{trial}"
         boot.write_text(f"{trial:08x}-0000-4000-8000-{os.getpid():012x}\n")
-        ctl = ctl_path()
-        sock = os.path.join(peers.short_tempdir(), "nbd.sock")
-        argv = serve_argv_with_boot_id(boot, peers.nbdbackup_argv(
-            sock, f"disk={powerfs.mnt / 'disk.raw'}", extra=["--state-dir", str(state), "--control", ctl]))
+        ctl, sock, argv = serve_on_boot(boot)
         with peers.started(argv, sock, cwd=str(ROOT)) as peer:
             uri = peers.nbd_uri(sock, "disk")
 
@@ -366,21 +372,12 @@ def test_persistent_bitmap_after_power_cut(powerfs, short_tmp):
             changed = {i for i in range(size // gran) if a.read(gran) != b.read(gran)}
         # Restart as after a reboot: another boot id.
         boot.write_text(f"{trial:08x}-1111-4000-8000-{os.getpid():012x}\n")
-        ctl = ctl_path()
-        sock = os.path.join(peers.short_tempdir(), "nbd.sock")
-        argv = serve_argv_with_boot_id(boot, peers.nbdbackup_argv(
-            sock, f"disk={powerfs.mnt / 'disk.raw'}", extra=["--state-dir", str(state), "--control", ctl]))
+        ctl, sock, argv = serve_on_boot(boot)
         with peers.started(argv, sock, cwd=str(ROOT)) as peer:
             async def check():
                 qmp = await qmp_connect(ctl)
                 try:
-                    info = await bitmap_info(qmp, "disk", "b")
-                    if info["inconsistent"]:
-                        msg = await refused(qmp, "backup-start", {
-                            "export": "disk", "job-id": "x", "sync": "incremental", "bitmap": "b",
-                            "target": f"memory:{size}"})
-                        assert "full backup" in msg, msg
-                    return info["inconsistent"]
+                    return (await inconsistent_and_refused(qmp, "disk", "b", size))[0]
                 finally:
                     await qmp.disconnect()
 
