@@ -370,11 +370,7 @@ def nbd_write(uri: str, offsets: list[int], length: int, qd: int, seed: int = 1,
             raise RuntimeError(f"{errors[0]} of {n} writes failed")
         return dt, n
     finally:
-        try:
-            h.shutdown()
-        except nbd.Error:
-            pass
-        del h
+        common.nbd_shutdown_quietly(h)
 
 
 def seq_offsets(size: int, block: int = 1 << 20) -> list[int]:

@@ -105,10 +105,7 @@ def drive(uri: str, offsets: list[int], duration: float, qd: int = 32) -> tuple[
             raise RuntimeError(f"{errors[0]} writes failed")
         return ops / elapsed, done[0]
     finally:
-        try:
-            h.shutdown()
-        except nbd.Error:
-            pass
+        common.nbd_shutdown_quietly(h)
 
 
 def drive_many(uri: str, offsets: list[int], duration: float, conns: int) -> tuple[float, int]:

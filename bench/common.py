@@ -79,6 +79,17 @@ def sigterm_as_interrupt() -> None:
 _interrupted: list[int] = []
 
 
+def nbd_shutdown_quietly(h) -> None:
+    """End a libnbd handle's connection (NBD_CMD_DISC), ignoring a connection already gone
+    (a bench's ``finally``: the server may have died or closed it first)."""
+    import nbd
+
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
+
+
 def check_interrupted() -> None:
     """Raise KeyboardInterrupt if a stop signal arrived (even if swallowed)."""
     if _interrupted:

@@ -264,11 +264,7 @@ def rand_io(uri: str, size: int, write: bool, qd: int = 32, duration: float = 3.
             raise RuntimeError(f"{errors[0]} requests failed")
         return ops / elapsed, done[0]
     finally:
-        try:
-            h.shutdown()
-        except nbd.Error:
-            pass
-        del h
+        common.nbd_shutdown_quietly(h)
 
 
 def measure(metric: str, uri: str, size: int, src: str, img: str, duration: float) -> tuple[float, float]:

@@ -93,6 +93,9 @@ import nbd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402  (bench/common.py)
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 BS = 4096
 M = 1 << 20
@@ -816,11 +819,7 @@ class Soak:
                 off = pos
             return dirty
         finally:
-            try:
-                h.shutdown()
-            except nbd.Error:
-                pass
-            del h
+            common.nbd_shutdown_quietly(h)
 
     def check_bitmap(self, job: dict, success: bool) -> None:
         """After a job that used bitmap "soak" (QEMU's bitmap-mode rules): the bitmap marks every
